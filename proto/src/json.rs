@@ -1,0 +1,178 @@
+//! proto3 JSON / YAML → typed Envoy messages.
+//!
+//! YAML is read into a JSON value first (Envoy does the same), `TypedStruct`
+//! wrappers are replaced by the message they describe, and the value is then
+//! deserialized with the descriptor pool so `Any` fields resolve by type URL.
+//! Errors name the field path, e.g. `static_resources.listeners[0].address`.
+
+use crate::{pool, type_name, ProtoError, TYPED_STRUCT_URLS};
+use prost_reflect::{DeserializeOptions, DynamicMessage, MessageDescriptor};
+use serde_json::Value;
+
+/// Parses YAML (a superset of JSON) into a JSON value.
+pub fn parse_yaml(text: &str) -> Result<Value, ProtoError> {
+    let yaml: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| ProtoError::Yaml(e.to_string()))?;
+    let mut json = serde_json::to_value(yaml).map_err(|e| ProtoError::Yaml(e.to_string()))?;
+    // An empty document is an empty message, as in Envoy.
+    if json.is_null() {
+        json = Value::Object(Default::default());
+    }
+    Ok(json)
+}
+
+/// Rewrites every `{"@type": ".../TypedStruct", "type_url": T, "value": {...}}`
+/// into `{"@type": T, ...value}`: a TypedStruct *is* that message in JSON form.
+pub fn expand_typed_structs(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            let is_ts = map
+                .get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| TYPED_STRUCT_URLS.contains(&type_name(t)));
+            if is_ts {
+                let url = map
+                    .get("type_url")
+                    .or_else(|| map.get("typeUrl"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let mut inner = match map.remove("value") {
+                    Some(Value::Object(o)) => o,
+                    _ => Default::default(),
+                };
+                inner.insert("@type".into(), Value::String(url));
+                *map = inner;
+            }
+            for (_, child) in map.iter_mut() {
+                expand_typed_structs(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(expand_typed_structs),
+        _ => {}
+    }
+}
+
+/// Looks up a message descriptor by full name.
+pub fn descriptor(full_name: &str) -> Result<MessageDescriptor, ProtoError> {
+    pool()
+        .get_message_by_name(full_name)
+        .ok_or_else(|| ProtoError::UnknownType(full_name.to_string()))
+}
+
+/// Decodes a JSON value into a dynamic message of `full_name`.
+/// With `deny_unknown`, unknown fields are errors naming their path.
+pub fn to_dynamic(
+    mut value: Value,
+    full_name: &str,
+    deny_unknown: bool,
+) -> Result<DynamicMessage, ProtoError> {
+    expand_typed_structs(&mut value);
+    let desc = descriptor(full_name)?;
+    let opts = DeserializeOptions::new().deny_unknown_fields(deny_unknown);
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(value, &mut track);
+    DynamicMessage::deserialize_with_options(desc, de, &opts).map_err(|e| ProtoError::Json {
+        path: track.path().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Decodes JSON into the typed message `M` (whose proto name is `full_name`).
+pub fn to_message<M: prost::Message + Default>(
+    value: Value,
+    full_name: &str,
+    deny_unknown: bool,
+) -> Result<M, ProtoError> {
+    let dynamic = to_dynamic(value, full_name, deny_unknown)?;
+    M::decode(prost::Message::encode_to_vec(&dynamic).as_slice()).map_err(|e| ProtoError::Binary {
+        path: String::new(),
+        type_name: full_name.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Protobuf `MergeFrom` of `overlay` into `base`, as Envoy merges
+/// `--config-yaml` over the config file: scalars replace, messages merge,
+/// repeated fields append. Concatenating two encodings is exactly that.
+pub fn merge<M: prost::Message + Default>(base: &M, overlay: &M) -> M {
+    let mut bytes = base.encode_to_vec();
+    bytes.extend(overlay.encode_to_vec());
+    M::decode(bytes.as_slice()).expect("concatenated encodings decode")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+
+    const BOOT: &str = "envoy.config.bootstrap.v3.Bootstrap";
+
+    #[test]
+    fn yaml_bootstrap_with_any_and_typed_struct() {
+        let v = parse_yaml(
+            r#"
+static_resources:
+  listeners:
+  - name: l0
+    address: {socket_address: {address: 127.0.0.1, port_value: 10000}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          value: {stat_prefix: ingress, codec_type: AUTO}
+"#,
+        )
+        .unwrap();
+        let b: Bootstrap = to_message(v, BOOT, true).unwrap();
+        let any = b.static_resources.unwrap().listeners[0].filter_chains[0].filters[0]
+            .config_type
+            .clone()
+            .unwrap();
+        let envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any) =
+            any
+        else {
+            panic!("expected typed_config")
+        };
+        assert!(any.type_url.ends_with("HttpConnectionManager"));
+        assert!(!any.value.is_empty());
+    }
+
+    #[test]
+    fn unknown_field_error_names_path() {
+        let v = parse_yaml("static_resources:\n  listeners:\n  - name: a\n    bogus: 1\n").unwrap();
+        let err = to_message::<Bootstrap>(v, BOOT, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("static_resources.listeners[0]"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn merge_appends_repeated_and_replaces_scalars() {
+        let a: Bootstrap = to_message(
+            parse_yaml("node: {id: a}\nstatic_resources: {clusters: [{name: c1}]}").unwrap(),
+            BOOT,
+            true,
+        )
+        .unwrap();
+        let b: Bootstrap = to_message(
+            parse_yaml("node: {id: b}\nstatic_resources: {clusters: [{name: c2}]}").unwrap(),
+            BOOT,
+            true,
+        )
+        .unwrap();
+        let m = merge(&a, &b);
+        assert_eq!(m.node.unwrap().id, "b");
+        let names: Vec<_> = m
+            .static_resources
+            .unwrap()
+            .clusters
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["c1", "c2"]);
+    }
+}

@@ -1,0 +1,85 @@
+//! Walks every field that is set in a message, recursing into `Any` by type
+//! URL, and reports each with its path. The config validator uses this to
+//! check every set field against the registry of what Legate supports, so no
+//! field that changes traffic is silently ignored.
+
+use crate::{pool, type_name, ProtoError};
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, ReflectMessage, Value};
+
+/// One set field met during a walk.
+pub struct Visit<'a> {
+    /// The field path, e.g. `static_resources.listeners[0].name`.
+    pub path: &'a str,
+    /// Full name of the message that holds the field.
+    pub message: &'a str,
+    pub field: &'a FieldDescriptor,
+}
+
+/// Decodes an `Any` payload with the pool.
+pub fn decode_any(type_url: &str, bytes: &[u8], path: &str) -> Result<DynamicMessage, ProtoError> {
+    let name = type_name(type_url);
+    let desc = pool()
+        .get_message_by_name(name)
+        .ok_or_else(|| ProtoError::UnknownType(name.to_string()))?;
+    DynamicMessage::decode(desc, bytes).map_err(|e| ProtoError::Binary {
+        path: path.to_string(),
+        type_name: name.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Calls `f` for every set field of `msg` (depth first). `Any` values are
+/// decoded and walked as the message they hold; an `Any` whose type is not in
+/// the pool is an error naming its path.
+pub fn walk(
+    msg: &DynamicMessage,
+    path: &str,
+    f: &mut dyn FnMut(&Visit) -> Result<(), String>,
+) -> Result<(), String> {
+    let desc = msg.descriptor();
+    if desc.full_name() == "google.protobuf.Any" {
+        let url = msg
+            .get_field_by_name("type_url")
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let bytes = msg
+            .get_field_by_name("value")
+            .and_then(|v| v.as_bytes().cloned())
+            .unwrap_or_default();
+        let inner = decode_any(&url, &bytes, path).map_err(|e| format!("{path}: {e}"))?;
+        return walk(&inner, path, f);
+    }
+    for (field, value) in msg.fields() {
+        let p = if path.is_empty() {
+            field.name().to_string()
+        } else {
+            format!("{path}.{}", field.name())
+        };
+        f(&Visit {
+            path: &p,
+            message: desc.full_name(),
+            field: &field,
+        })?;
+        match value {
+            Value::Message(m) => walk(m, &p, f)?,
+            Value::List(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Value::Message(m) = item {
+                        walk(m, &format!("{p}[{i}]"), f)?;
+                    }
+                }
+            }
+            Value::Map(entries) => {
+                if let Kind::Message(_) = field.kind() {
+                    for (k, v) in entries {
+                        if let Value::Message(m) = v {
+                            walk(m, &format!("{p}[{k:?}]"), f)?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

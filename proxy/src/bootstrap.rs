@@ -1,0 +1,242 @@
+//! Loading the bootstrap: file and `--config-yaml`, decoded with the Envoy
+//! descriptor pool, merged, checked against the field registry and
+//! translated into the validated [`Config`].
+
+use crate::cli::Cli;
+use crate::config::{self, cluster::ClusterConfig, listener::Listener, Config, ConfigError, Node};
+use crate::registry;
+use legate_proto::envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+use legate_proto::json;
+use legate_proto::prost_reflect::{DynamicMessage, ReflectMessage};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+pub const BOOTSTRAP: &str = "envoy.config.bootstrap.v3.Bootstrap";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("unable to read file: {0}")]
+    Read(String),
+    #[error(transparent)]
+    Proto(#[from] legate_proto::ProtoError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("At least one of --config-path or --config-yaml or Options::configProto() should be non-empty")]
+    Empty,
+}
+
+/// The loaded bootstrap with what validation found.
+pub struct Loaded {
+    pub bootstrap: Bootstrap,
+    pub ignored: Vec<registry::Ignored>,
+    pub config: Config,
+}
+
+fn decode_text(text: &str, allow_unknown: bool) -> Result<Bootstrap, LoadError> {
+    let value = json::parse_yaml(text)?;
+    match json::to_message::<Bootstrap>(value.clone(), BOOTSTRAP, true) {
+        Ok(b) => Ok(b),
+        Err(e) if allow_unknown => {
+            tracing::warn!(error = %e, "unknown static fields ignored (--allow-unknown-static-fields)");
+            Ok(json::to_message::<Bootstrap>(value, BOOTSTRAP, false)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads and merges the bootstrap sources named on the command line.
+pub fn read(cli: &Cli) -> Result<Bootstrap, LoadError> {
+    if cli.config_path.is_empty() && cli.config_yaml.is_empty() {
+        return Err(LoadError::Empty);
+    }
+    let mut boot = Bootstrap::default();
+    if !cli.config_path.is_empty() {
+        let bytes = std::fs::read(&cli.config_path)
+            .map_err(|e| LoadError::Read(format!("{}: {e}", cli.config_path)))?;
+        boot = if cli.config_path.ends_with(".pb") {
+            prost::Message::decode(bytes.as_slice()).map_err(|e| LoadError::Read(e.to_string()))?
+        } else {
+            decode_text(
+                &String::from_utf8_lossy(&bytes),
+                cli.allow_unknown_static_fields,
+            )?
+        };
+    }
+    if !cli.config_yaml.is_empty() {
+        let overlay = decode_text(&cli.config_yaml, cli.allow_unknown_static_fields)?;
+        boot = json::merge(&boot, &overlay);
+    }
+    Ok(boot)
+}
+
+/// Reads, checks and translates the bootstrap.
+pub fn load(cli: &Cli) -> Result<Loaded, LoadError> {
+    let bootstrap = read(cli)?;
+    let dynamic = DynamicMessage::decode(
+        json::descriptor(BOOTSTRAP)?,
+        prost::Message::encode_to_vec(&bootstrap).as_slice(),
+    )
+    .map_err(|e| LoadError::Read(e.to_string()))?;
+    let _ = dynamic.descriptor();
+    let ignored = registry::validate(&dynamic)?;
+    for i in &ignored {
+        tracing::warn!(path = %i.path, reason = i.reason, "config field accepted but not applied");
+        crate::stats::counter("legate.config.fields_ignored".into()).increment(1);
+    }
+    let config = translate(&bootstrap, cli)?;
+    Ok(Loaded {
+        bootstrap,
+        ignored,
+        config,
+    })
+}
+
+fn struct_to_json(s: &crate::config::wkt::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: &crate::config::wkt::Value) -> serde_json::Value {
+    use crate::config::wkt::value::Kind;
+    match &v.kind {
+        Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::json!(n),
+        Some(Kind::StringValue(s)) => serde_json::json!(s),
+        Some(Kind::BoolValue(b)) => serde_json::json!(b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.iter().map(value_to_json).collect())
+        }
+    }
+}
+
+/// Bootstrap → validated model.
+pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
+    let node_pb = b.node.clone().unwrap_or_default();
+    let node = Node {
+        id: if cli.service_node.is_empty() {
+            node_pb.id
+        } else {
+            cli.service_node.clone()
+        },
+        cluster: if cli.service_cluster.is_empty() {
+            node_pb.cluster
+        } else {
+            cli.service_cluster.clone()
+        },
+        zone: if cli.service_zone.is_empty() {
+            node_pb.locality.map(|l| l.zone).unwrap_or_default()
+        } else {
+            cli.service_zone.clone()
+        },
+    };
+    if b.dynamic_resources.is_some() {
+        return Err(ConfigError::new(
+            "dynamic_resources",
+            "xDS is not supported yet",
+        ));
+    }
+    let admin = match b.admin.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(a) => Some(config::socket_addr(a, "admin.address")?),
+        None => None,
+    };
+    let sr = b.static_resources.clone().unwrap_or_default();
+    let mut clusters = Vec::new();
+    let mut names = HashSet::new();
+    for (i, c) in sr.clusters.iter().enumerate() {
+        let p = config::index("static_resources", "clusters", i);
+        let cc = ClusterConfig::from_proto(c, &p)?;
+        if !names.insert(cc.name.clone()) {
+            return Err(ConfigError::new(
+                config::join(&p, "name"),
+                format!("cluster manager: duplicate cluster '{}'", cc.name),
+            ));
+        }
+        clusters.push(Arc::new(cc));
+    }
+    let mut listeners = Vec::new();
+    let mut lnames = HashSet::new();
+    let mut addrs = HashSet::new();
+    for (i, l) in sr.listeners.iter().enumerate() {
+        let p = config::index("static_resources", "listeners", i);
+        let lc = Listener::from_proto(l, &p)?;
+        if !lnames.insert(lc.name.clone()) {
+            return Err(ConfigError::new(
+                config::join(&p, "name"),
+                format!("error adding listener: '{}' has a duplicate name", lc.name),
+            ));
+        }
+        if lc.address.port() != 0 && !addrs.insert(lc.address) {
+            return Err(ConfigError::new(
+                config::join(&p, "address"),
+                format!(
+                    "error adding listener '{}': duplicate address {}",
+                    lc.name, lc.address
+                ),
+            ));
+        }
+        // Static route tables are checked against the clusters (Envoy's
+        // validate_clusters defaults to true for inline route configs).
+        check_route_clusters(
+            &lc,
+            &names,
+            &config::join(&p, "filter_chains[0].filters[0].typed_config.route_config"),
+        )?;
+        listeners.push(Arc::new(lc));
+    }
+    let layers: Vec<serde_json::Value> = b
+        .layered_runtime
+        .as_ref()
+        .map(|lr| {
+            lr.layers
+                .iter()
+                .filter_map(|l| match &l.layer_specifier {
+                    Some(legate_proto::envoy_types::pb::envoy::config::bootstrap::v3::runtime_layer::LayerSpecifier::StaticLayer(s)) => {
+                        Some(struct_to_json(s))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Config {
+        node,
+        admin,
+        listeners,
+        clusters,
+        runtime: crate::runtime::Runtime::from_layers(&layers),
+    })
+}
+
+fn check_route_clusters(
+    l: &Listener,
+    clusters: &HashSet<String>,
+    path: &str,
+) -> Result<(), ConfigError> {
+    use crate::config::route::{Action, ClusterSpec};
+    for (vi, vh) in l.chain.route_config.virtual_hosts.iter().enumerate() {
+        for (ri, r) in vh.routes.iter().enumerate() {
+            let Action::Forward(ra) = &r.action else {
+                continue;
+            };
+            let names: Vec<&String> = match &ra.cluster {
+                ClusterSpec::Name(n) => vec![n],
+                ClusterSpec::Weighted(w) => w.clusters.iter().map(|c| &c.name).collect(),
+                ClusterSpec::Header(_) => vec![],
+            };
+            for n in names {
+                if !clusters.contains(n) {
+                    return Err(ConfigError::new(
+                        format!("{path}.virtual_hosts[{vi}].routes[{ri}].route"),
+                        format!("route: unknown cluster '{n}'"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,453 @@
+//! Runtime clusters: resolved hosts, per-priority load balancers and stats.
+//!
+//! Each cluster publishes an immutable [`HostSnapshot`] through `ArcSwap`;
+//! DNS refreshes (and later EDS) build a new snapshot and swap it in, so a
+//! pick never sees a half-updated host set. Per-host request counters live
+//! in cells keyed by address and survive rebuilds, so least-request keeps
+//! its view across updates.
+
+use crate::config::cluster::{ClusterConfig, Discovery, DnsFamily, EndpointConfig};
+use crate::lb::{self, LbHost, PickContext};
+use crate::stats;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+/// One resolved upstream host.
+#[derive(Debug)]
+pub struct UpstreamHost {
+    pub addr: SocketAddr,
+    pub hostname: String,
+    pub weight: u32,
+    pub healthy: bool,
+    pub active_requests: Arc<AtomicU64>,
+}
+
+struct Priority {
+    /// Hosts the balancer picks from (healthy ones, or all in panic mode).
+    hosts: Vec<Arc<UpstreamHost>>,
+    balancer: Box<dyn lb::LoadBalancer>,
+}
+
+/// An immutable view of a cluster's hosts.
+pub struct HostSnapshot {
+    priorities: Vec<Priority>,
+    /// Percentage of traffic per priority (sums to 100 when any host exists).
+    loads: Vec<u32>,
+    pub all_hosts: Vec<Arc<UpstreamHost>>,
+}
+
+/// Envoy's priority load: each priority's health is
+/// `min(100, overprovisioning * healthy / total)`; traffic fills priorities in
+/// order, scaled up when the total health is below 100.
+pub fn priority_loads(healthy_total: &[(usize, usize)], overprovisioning: u32) -> Vec<u32> {
+    let health: Vec<u32> = healthy_total
+        .iter()
+        .map(|&(h, t)| {
+            if t == 0 {
+                0
+            } else {
+                ((overprovisioning as u64 * h as u64 / t as u64).min(100)) as u32
+            }
+        })
+        .collect();
+    let total: u32 = health.iter().sum::<u32>().min(100);
+    if total == 0 {
+        // Nothing healthy: Envoy sends everything to the first priority that
+        // has hosts, and panic mode there uses all of them.
+        let mut loads = vec![0; healthy_total.len()];
+        if let Some(i) = healthy_total.iter().position(|&(_, t)| t > 0) {
+            loads[i] = 100;
+        }
+        return loads;
+    }
+    let mut remaining = 100u32;
+    let mut loads: Vec<u32> = health
+        .iter()
+        .map(|h| {
+            let l = (h * 100 / total).min(remaining);
+            remaining -= l;
+            l
+        })
+        .collect();
+    // Integer rounding can leave a few percent unassigned: they go to the
+    // first priority that has load.
+    if let Some(l) = loads.iter_mut().find(|l| **l > 0) {
+        *l += remaining;
+    }
+    loads
+}
+
+/// Envoy's default healthy panic threshold (50 %).
+const PANIC_THRESHOLD_PCT: usize = 50;
+
+impl HostSnapshot {
+    pub fn build(
+        policy: &lb::LbPolicy,
+        by_priority: Vec<Vec<Arc<UpstreamHost>>>,
+        overprovisioning: u32,
+    ) -> Self {
+        let counts: Vec<(usize, usize)> = by_priority
+            .iter()
+            .map(|p| (p.iter().filter(|h| h.healthy).count(), p.len()))
+            .collect();
+        let loads = priority_loads(&counts, overprovisioning);
+        let all_hosts = by_priority.iter().flatten().cloned().collect();
+        let priorities = by_priority
+            .into_iter()
+            .zip(&counts)
+            .map(|(hosts, &(healthy, total))| {
+                let panic = total > 0 && healthy * 100 < total * PANIC_THRESHOLD_PCT;
+                let chosen: Vec<_> = if panic {
+                    hosts
+                } else {
+                    hosts.into_iter().filter(|h| h.healthy).collect()
+                };
+                let lb_hosts: Arc<[LbHost]> = chosen
+                    .iter()
+                    .map(|h| LbHost {
+                        hash_key: h.addr.to_string(),
+                        weight: h.weight.max(1),
+                        active_requests: h.active_requests.clone(),
+                    })
+                    .collect();
+                Priority {
+                    balancer: lb::build(policy, lb_hosts),
+                    hosts: chosen,
+                }
+            })
+            .collect();
+        Self {
+            priorities,
+            loads,
+            all_hosts,
+        }
+    }
+
+    /// Picks a host: a priority by load, then the priority's balancer.
+    pub fn pick(
+        &self,
+        hash: Option<u64>,
+        random: u64,
+        exclude: &dyn Fn(SocketAddr) -> bool,
+    ) -> Option<Arc<UpstreamHost>> {
+        let mut roll = (random % 100) as u32;
+        let mut chosen = None;
+        for (i, l) in self.loads.iter().enumerate() {
+            if roll < *l {
+                chosen = Some(i);
+                break;
+            }
+            roll -= l;
+        }
+        let p = &self.priorities[chosen?];
+        let hosts = &p.hosts;
+        let ex = |i: usize| exclude(hosts[i].addr);
+        let idx = p.balancer.pick(&PickContext {
+            hash,
+            exclude: &ex,
+            random: random >> 8,
+        })?;
+        hosts.get(idx).cloned()
+    }
+}
+
+/// Envoy's per-cluster stats that Legate records.
+pub struct ClusterStats {
+    pub upstream_rq_total: metrics::Counter,
+    pub upstream_rq_completed: metrics::Counter,
+    pub upstream_rq_retry: metrics::Counter,
+    pub upstream_rq_timeout: metrics::Counter,
+    pub upstream_rq_active: metrics::Gauge,
+    pub upstream_cx_total: metrics::Counter,
+    pub upstream_cx_connect_fail: metrics::Counter,
+    pub upstream_cx_none_healthy: metrics::Counter,
+    pub membership_healthy: metrics::Gauge,
+    pub membership_total: metrics::Gauge,
+    prefix: String,
+}
+
+impl ClusterStats {
+    fn new(name: &str) -> Self {
+        let p = format!("cluster.{name}.");
+        let c = |s: &str| stats::counter(format!("{p}{s}"));
+        let g = |s: &str| stats::gauge(format!("{p}{s}"));
+        Self {
+            upstream_rq_total: c("upstream_rq_total"),
+            upstream_rq_completed: c("upstream_rq_completed"),
+            upstream_rq_retry: c("upstream_rq_retry"),
+            upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_active: g("upstream_rq_active"),
+            upstream_cx_total: c("upstream_cx_total"),
+            upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
+            upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            membership_healthy: g("membership_healthy"),
+            membership_total: g("membership_total"),
+            prefix: p,
+        }
+    }
+
+    /// `upstream_rq_2xx` and `upstream_rq_<code>`.
+    pub fn record_status(&self, status: u16) {
+        stats::counter(format!("{}upstream_rq_{}xx", self.prefix, status / 100)).increment(1);
+        stats::counter(format!("{}upstream_rq_{status}", self.prefix)).increment(1);
+    }
+}
+
+/// A runtime cluster.
+pub struct Cluster {
+    pub config: Arc<ClusterConfig>,
+    snapshot: ArcSwap<HostSnapshot>,
+    cells: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
+    pub stats: ClusterStats,
+    /// Distinguishes this cluster's pooled connections from every other's.
+    pub pool_key: u64,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .finish()
+    }
+}
+
+impl Cluster {
+    pub fn new(config: Arc<ClusterConfig>) -> Self {
+        let stats = ClusterStats::new(&config.name);
+        let pool_key = xxhash_rust::xxh64::xxh64(config.name.as_bytes(), 0);
+        let c = Self {
+            snapshot: ArcSwap::from_pointee(HostSnapshot::build(
+                &config.lb,
+                Vec::new(),
+                config.overprovisioning_factor,
+            )),
+            config,
+            cells: Mutex::new(HashMap::new()),
+            stats,
+            pool_key,
+        };
+        if c.config.discovery == Discovery::Static {
+            let resolved = c
+                .config
+                .localities
+                .iter()
+                .map(|l| {
+                    (
+                        l.priority,
+                        l.endpoints
+                            .iter()
+                            .map(|e| {
+                                (
+                                    e.clone(),
+                                    vec![format!("{}:{}", e.host, e.port).parse().unwrap()],
+                                )
+                            })
+                            .collect(),
+                    )
+                })
+                .collect();
+            c.set_hosts(resolved);
+        }
+        c
+    }
+
+    pub fn snapshot(&self) -> Arc<HostSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Publishes a new host set: (priority, [(endpoint, its addresses)]).
+    pub fn set_hosts(&self, resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>) {
+        let max_p = resolved
+            .iter()
+            .map(|(p, _)| *p as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut by_priority: Vec<Vec<Arc<UpstreamHost>>> = vec![Vec::new(); max_p];
+        let mut cells = self.cells.lock().unwrap();
+        let mut live = HashMap::new();
+        for (p, eps) in resolved {
+            for (e, addrs) in eps {
+                for addr in addrs {
+                    let cell = cells.get(&addr).cloned().unwrap_or_default();
+                    live.insert(addr, cell.clone());
+                    by_priority[p as usize].push(Arc::new(UpstreamHost {
+                        addr,
+                        hostname: if e.hostname.is_empty() {
+                            e.host.clone()
+                        } else {
+                            e.hostname.clone()
+                        },
+                        weight: e.weight,
+                        healthy: e.healthy,
+                        active_requests: cell,
+                    }));
+                }
+            }
+        }
+        *cells = live;
+        let snap = HostSnapshot::build(
+            &self.config.lb,
+            by_priority,
+            self.config.overprovisioning_factor,
+        );
+        self.stats.membership_total.set(snap.all_hosts.len() as f64);
+        self.stats
+            .membership_healthy
+            .set(snap.all_hosts.iter().filter(|h| h.healthy).count() as f64);
+        self.snapshot.store(Arc::new(snap));
+    }
+
+    /// Resolves DNS endpoints once and publishes them.
+    pub async fn resolve(&self) {
+        let mut resolved = Vec::new();
+        for l in &self.config.localities {
+            let mut eps = Vec::new();
+            for e in &l.endpoints {
+                let addrs = resolve_host(&e.host, e.port, self.config.dns_family).await;
+                if addrs.is_empty() {
+                    tracing::warn!(cluster = %self.config.name, host = %e.host, "DNS resolution returned no addresses");
+                }
+                let addrs = if self.config.discovery == Discovery::LogicalDns {
+                    addrs.into_iter().take(1).collect()
+                } else {
+                    addrs
+                };
+                eps.push((e.clone(), addrs));
+            }
+            resolved.push((l.priority, eps));
+        }
+        self.set_hosts(resolved);
+    }
+}
+
+/// Resolves with the system resolver (so /etc/hosts and `localhost` work
+/// offline), filtered by Envoy's `dns_lookup_family`.
+pub async fn resolve_host(host: &str, port: u16, family: DnsFamily) -> Vec<SocketAddr> {
+    let all: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
+        Ok(it) => it.collect(),
+        Err(e) => {
+            tracing::warn!(%host, error = %e, "DNS lookup failed");
+            return Vec::new();
+        }
+    };
+    let v4: Vec<_> = all.iter().copied().filter(SocketAddr::is_ipv4).collect();
+    let v6: Vec<_> = all.iter().copied().filter(SocketAddr::is_ipv6).collect();
+    let mut out = match family {
+        DnsFamily::V4Only => v4,
+        DnsFamily::V6Only => v6,
+        DnsFamily::Auto => {
+            if v6.is_empty() {
+                v4
+            } else {
+                v6
+            }
+        }
+        DnsFamily::V4Preferred => {
+            if v4.is_empty() {
+                v6
+            } else {
+                v4
+            }
+        }
+        DnsFamily::All => all,
+    };
+    out.dedup();
+    out
+}
+
+/// All clusters, swapped as a whole when the set changes.
+#[derive(Default)]
+pub struct ClusterManager {
+    clusters: ArcSwap<HashMap<String, Arc<Cluster>>>,
+}
+
+impl ClusterManager {
+    /// Builds the clusters, resolving DNS ones before returning (Envoy's
+    /// init waits for their first resolution), then refreshes them.
+    pub async fn start(configs: &[Arc<ClusterConfig>]) -> Arc<Self> {
+        let mut map = HashMap::new();
+        for c in configs {
+            let cluster = Arc::new(Cluster::new(c.clone()));
+            if c.discovery != Discovery::Static {
+                cluster.resolve().await;
+                let weak = Arc::downgrade(&cluster);
+                let every = c.dns_refresh;
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let Some(c) = weak.upgrade() else { break };
+                        c.resolve().await;
+                    }
+                });
+            }
+            map.insert(c.name.clone(), cluster);
+        }
+        stats::gauge("cluster_manager.active_clusters".into()).set(map.len() as f64);
+        Arc::new(Self {
+            clusters: ArcSwap::from_pointee(map),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters.load().get(name).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Cluster>> {
+        let mut v: Vec<_> = self.clusters.load().values().cloned().collect();
+        v.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_load_spills_over() {
+        assert_eq!(priority_loads(&[(4, 4), (4, 4)], 140), vec![100, 0]);
+        // 2/4 healthy * 1.4 = 70 % to P0, 30 % spills to P1.
+        assert_eq!(priority_loads(&[(2, 4), (4, 4)], 140), vec![70, 30]);
+        // Total health 35 + 0: scaled up to 100 on P0.
+        assert_eq!(priority_loads(&[(1, 4), (0, 4)], 140), vec![100, 0]);
+        assert_eq!(priority_loads(&[(0, 4), (0, 2)], 140), vec![100, 0]);
+        assert_eq!(priority_loads(&[(0, 0), (1, 1)], 140), vec![0, 100]);
+    }
+
+    fn host(port: u16, healthy: bool) -> Arc<UpstreamHost> {
+        Arc::new(UpstreamHost {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            hostname: String::new(),
+            weight: 1,
+            healthy,
+            active_requests: Default::default(),
+        })
+    }
+
+    #[test]
+    fn unhealthy_hosts_are_skipped_unless_panicking() {
+        let snap = HostSnapshot::build(
+            &lb::LbPolicy::RoundRobin,
+            vec![vec![host(1, true), host(2, true), host(3, false)]],
+            140,
+        );
+        for r in 0..30u64 {
+            assert_ne!(
+                snap.pick(None, r * 7919, &|_| false).unwrap().addr.port(),
+                3
+            );
+        }
+        let panic = HostSnapshot::build(
+            &lb::LbPolicy::RoundRobin,
+            vec![vec![host(1, true), host(2, false), host(3, false)]],
+            140,
+        );
+        let ports: std::collections::HashSet<_> = (0..60u64)
+            .map(|r| panic.pick(None, r * 7919, &|_| false).unwrap().addr.port())
+            .collect();
+        assert_eq!(ports.len(), 3, "panic mode balances over all hosts");
+    }
+}

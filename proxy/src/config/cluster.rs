@@ -1,0 +1,377 @@
+//! Clusters: discovery type, endpoints, load-balancing policy and upstream
+//! protocol options.
+
+use super::{duration, host_port, index, join, ConfigError, Result, Wrapped};
+use crate::lb::LbPolicy;
+use legate_proto::envoy_types::pb::envoy::config::cluster::v3 as pb;
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
+use legate_proto::envoy_types::pb::envoy::config::endpoint::v3 as ep;
+use std::time::Duration;
+
+pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Discovery {
+    Static,
+    StrictDns,
+    LogicalDns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DnsFamily {
+    Auto,
+    V4Only,
+    V6Only,
+    V4Preferred,
+    All,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+}
+
+/// One configured endpoint: a host name or IP literal, before resolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub healthy: bool,
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalityConfig {
+    pub priority: u32,
+    pub weight: u32,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub discovery: Discovery,
+    pub connect_timeout: Duration,
+    pub lb: LbPolicy,
+    pub localities: Vec<LocalityConfig>,
+    pub overprovisioning_factor: u32,
+    pub dns_family: DnsFamily,
+    pub dns_refresh: Duration,
+    pub protocol: UpstreamProtocol,
+    pub max_requests_per_connection: Option<u32>,
+    pub per_connection_buffer_limit: u32,
+    pub upstream_idle_timeout: Option<Duration>,
+    pub max_concurrent_streams: u32,
+}
+
+impl ClusterConfig {
+    pub fn from_proto(c: &pb::Cluster, path: &str) -> Result<Self> {
+        use pb::cluster::{ClusterDiscoveryType, DiscoveryType as D, LbPolicy as L};
+        if c.name.is_empty() {
+            return Err(ConfigError::new(
+                join(path, "name"),
+                "cluster name is required",
+            ));
+        }
+        let discovery = match &c.cluster_discovery_type {
+            None => Discovery::Static,
+            Some(ClusterDiscoveryType::Type(t)) => match D::try_from(*t) {
+                Ok(D::Static) => Discovery::Static,
+                Ok(D::StrictDns) => Discovery::StrictDns,
+                Ok(D::LogicalDns) => Discovery::LogicalDns,
+                Ok(D::Eds) => {
+                    return Err(ConfigError::new(
+                        join(path, "type"),
+                        "EDS clusters need xDS, which is not supported yet",
+                    ))
+                }
+                _ => {
+                    return Err(ConfigError::new(
+                        join(path, "type"),
+                        "ORIGINAL_DST clusters are not supported yet",
+                    ))
+                }
+            },
+            Some(ClusterDiscoveryType::ClusterType(_)) => {
+                return Err(ConfigError::new(
+                    join(path, "cluster_type"),
+                    "custom cluster types are not supported",
+                ))
+            }
+        };
+        let lb = match L::try_from(c.lb_policy)
+            .map_err(|_| ConfigError::new(join(path, "lb_policy"), "unknown policy"))?
+        {
+            L::RoundRobin => LbPolicy::RoundRobin,
+            L::LeastRequest => {
+                let cfg = match &c.lb_config {
+                    Some(pb::cluster::LbConfig::LeastRequestLbConfig(l)) => l.clone(),
+                    _ => Default::default(),
+                };
+                let choice_count = cfg.choice_count.val().unwrap_or(2);
+                if choice_count < 2 {
+                    return Err(ConfigError::new(
+                        join(path, "least_request_lb_config.choice_count"),
+                        "must be at least 2",
+                    ));
+                }
+                let bias = cfg
+                    .active_request_bias
+                    .as_ref()
+                    .map_or(1.0, |b| b.default_value);
+                LbPolicy::LeastRequest {
+                    choice_count,
+                    active_request_bias: bias,
+                }
+            }
+            L::Random => LbPolicy::Random,
+            L::RingHash => {
+                let cfg = match &c.lb_config {
+                    Some(pb::cluster::LbConfig::RingHashLbConfig(r)) => r.clone(),
+                    _ => Default::default(),
+                };
+                if cfg.hash_function != 0 {
+                    return Err(ConfigError::new(
+                        join(path, "ring_hash_lb_config.hash_function"),
+                        "only XX_HASH is supported",
+                    ));
+                }
+                let min = cfg.minimum_ring_size.val().unwrap_or(1024);
+                let max = cfg.maximum_ring_size.val().unwrap_or(8 * 1024 * 1024);
+                if min > max {
+                    return Err(ConfigError::new(
+                        join(path, "ring_hash_lb_config.minimum_ring_size"),
+                        "must not exceed maximum_ring_size",
+                    ));
+                }
+                LbPolicy::RingHash {
+                    min_ring_size: min,
+                    max_ring_size: max,
+                }
+            }
+            L::Maglev => {
+                let size = match &c.lb_config {
+                    Some(pb::cluster::LbConfig::MaglevLbConfig(m)) => {
+                        m.table_size.val().unwrap_or(65537)
+                    }
+                    _ => 65537,
+                };
+                if !is_prime(size) {
+                    return Err(ConfigError::new(
+                        join(path, "maglev_lb_config.table_size"),
+                        format!("{size} is not a prime number"),
+                    ));
+                }
+                LbPolicy::Maglev { table_size: size }
+            }
+            other => {
+                return Err(ConfigError::new(
+                    join(path, "lb_policy"),
+                    format!("{} is not supported", other.as_str_name()),
+                ))
+            }
+        };
+        if matches!(
+            c.lb_config,
+            Some(pb::cluster::LbConfig::OriginalDstLbConfig(_))
+        ) {
+            return Err(ConfigError::new(
+                join(path, "original_dst_lb_config"),
+                "not supported",
+            ));
+        }
+        let (localities, overprovisioning_factor) = match &c.load_assignment {
+            Some(la) => load_assignment(la, &join(path, "load_assignment"), discovery)?,
+            None => (Vec::new(), 140),
+        };
+        if discovery == Discovery::LogicalDns {
+            let n: usize = localities.iter().map(|l| l.endpoints.len()).sum();
+            if n != 1 {
+                return Err(ConfigError::new(
+                    join(path, "load_assignment"),
+                    "LOGICAL_DNS clusters must have exactly one endpoint",
+                ));
+            }
+        }
+        use pb::cluster::DnsLookupFamily as F;
+        let dns_family = match F::try_from(c.dns_lookup_family).unwrap_or(F::Auto) {
+            F::Auto => DnsFamily::Auto,
+            F::V4Only => DnsFamily::V4Only,
+            F::V6Only => DnsFamily::V6Only,
+            F::V4Preferred => DnsFamily::V4Preferred,
+            F::All => DnsFamily::All,
+        };
+        let mut protocol = if c.http2_protocol_options.is_some() {
+            UpstreamProtocol::Http2
+        } else {
+            UpstreamProtocol::Http1
+        };
+        let mut max_requests_per_connection = c.max_requests_per_connection.val();
+        let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
+        let mut max_concurrent_streams = c
+            .http2_protocol_options
+            .as_ref()
+            .and_then(|h| h.max_concurrent_streams.val())
+            .unwrap_or(2147483647);
+        for (key, any) in &c.typed_extension_protocol_options {
+            let p = format!(
+                "{}[{key:?}]",
+                join(path, "typed_extension_protocol_options")
+            );
+            let tn = legate_proto::type_name(&any.type_url);
+            if tn != HTTP_PROTOCOL_OPTIONS {
+                return Err(ConfigError::new(
+                    p,
+                    format!("protocol options {tn} are not supported"),
+                ));
+            }
+            use legate_proto::envoy_types::pb::envoy::extensions::upstreams::http::v3 as up;
+            let o: up::HttpProtocolOptions = prost::Message::decode(any.value.as_slice())
+                .map_err(|e| ConfigError::new(&p, e.to_string()))?;
+            use up::http_protocol_options::{
+                explicit_http_config::ProtocolConfig, UpstreamProtocolOptions as U,
+            };
+            match &o.upstream_protocol_options {
+                Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
+                    Some(ProtocolConfig::HttpProtocolOptions(_)) => {
+                        protocol = UpstreamProtocol::Http1
+                    }
+                    Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
+                        protocol = UpstreamProtocol::Http2;
+                        if let Some(m) = h2.max_concurrent_streams.val() {
+                            max_concurrent_streams = m;
+                        }
+                    }
+                    _ => {
+                        return Err(ConfigError::new(
+                            join(&p, "explicit_http_config"),
+                            "HTTP/3 upstreams are not supported",
+                        ))
+                    }
+                },
+                Some(_) => {
+                    return Err(ConfigError::new(
+                        join(&p, "upstream_protocol_options"),
+                        "only explicit_http_config is supported",
+                    ))
+                }
+                None => {}
+            }
+            if let Some(common) = &o.common_http_protocol_options {
+                if let Some(m) = common.max_requests_per_connection.val() {
+                    max_requests_per_connection = Some(m);
+                }
+                if let Some(t) = &common.idle_timeout {
+                    let d = duration(t, &join(&p, "common_http_protocol_options.idle_timeout"))?;
+                    upstream_idle_timeout = (!d.is_zero()).then_some(d);
+                }
+            }
+        }
+        let connect_timeout = match &c.connect_timeout {
+            Some(d) => duration(d, &join(path, "connect_timeout"))?,
+            None => Duration::from_secs(5),
+        };
+        if connect_timeout.is_zero() {
+            return Err(ConfigError::new(
+                join(path, "connect_timeout"),
+                "must be greater than zero",
+            ));
+        }
+        let dns_refresh = match &c.dns_refresh_rate {
+            Some(d) => duration(d, &join(path, "dns_refresh_rate"))?,
+            None => Duration::from_secs(5),
+        };
+        Ok(Self {
+            name: c.name.clone(),
+            discovery,
+            connect_timeout,
+            lb,
+            localities,
+            overprovisioning_factor,
+            dns_family,
+            dns_refresh,
+            protocol,
+            max_requests_per_connection,
+            per_connection_buffer_limit: c
+                .per_connection_buffer_limit_bytes
+                .val()
+                .unwrap_or(1024 * 1024),
+            upstream_idle_timeout,
+            max_concurrent_streams,
+        })
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+fn load_assignment(
+    la: &ep::ClusterLoadAssignment,
+    path: &str,
+    discovery: Discovery,
+) -> Result<(Vec<LocalityConfig>, u32)> {
+    let mut out = Vec::new();
+    for (i, l) in la.endpoints.iter().enumerate() {
+        let lp = index(path, "endpoints", i);
+        let mut endpoints = Vec::new();
+        for (j, e) in l.lb_endpoints.iter().enumerate() {
+            let p = index(&lp, "lb_endpoints", j);
+            use ep::lb_endpoint::HostIdentifier as H;
+            let endpoint = match &e.host_identifier {
+                Some(H::Endpoint(ep)) => ep,
+                _ => {
+                    return Err(ConfigError::new(
+                        join(&p, "endpoint"),
+                        "an endpoint is required",
+                    ))
+                }
+            };
+            let addr = endpoint.address.as_ref().ok_or_else(|| {
+                ConfigError::new(join(&p, "endpoint.address"), "address is required")
+            })?;
+            let (host, port) = host_port(addr, &join(&p, "endpoint.address"))?;
+            if discovery == Discovery::Static && host.parse::<std::net::IpAddr>().is_err() {
+                return Err(ConfigError::new(
+                    join(&p, "endpoint.address.socket_address.address"),
+                    format!("'{host}' is not an IP address (STATIC clusters need IPs)"),
+                ));
+            }
+            let weight = e.load_balancing_weight.val().unwrap_or(1);
+            if weight == 0 {
+                return Err(ConfigError::new(
+                    join(&p, "load_balancing_weight"),
+                    "must be at least 1",
+                ));
+            }
+            let hs = core::HealthStatus::try_from(e.health_status)
+                .unwrap_or(core::HealthStatus::Unknown);
+            let healthy = matches!(
+                hs,
+                core::HealthStatus::Unknown
+                    | core::HealthStatus::Healthy
+                    | core::HealthStatus::Degraded
+            );
+            endpoints.push(EndpointConfig {
+                host,
+                port,
+                weight,
+                healthy,
+                hostname: endpoint.hostname.clone(),
+            });
+        }
+        out.push(LocalityConfig {
+            priority: l.priority,
+            weight: l.load_balancing_weight.val().unwrap_or(1),
+            endpoints,
+        });
+    }
+    let opf = la
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.val())
+        .unwrap_or(140);
+    Ok((out, opf))
+}

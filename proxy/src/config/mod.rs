@@ -1,0 +1,179 @@
+//! The validated configuration model.
+//!
+//! Protos (from the bootstrap today, from xDS later) are translated here with
+//! `TryFrom`-style functions into plain Rust types that the data plane uses.
+//! Every error names the field path, so `--mode validate` and NACKs can say
+//! exactly what is wrong. Fields the translation does not understand never
+//! reach this module: [`crate::registry`] rejects them first.
+
+pub mod cluster;
+pub mod listener;
+pub mod matcher;
+pub mod route;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use legate_proto::envoy_types;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A config error, with the path of the offending field.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Joins a field name onto a path.
+pub fn join(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+/// `path[i]`.
+pub fn index(path: &str, field: &str, i: usize) -> String {
+    format!("{}[{i}]", join(path, field))
+}
+
+/// Envoy-types' well-known types (its own, not `prost_types`).
+pub use legate_proto::envoy_types::pb::google::protobuf as wkt;
+
+/// Reads a protobuf wrapper (`UInt32Value`, `BoolValue`, ...) field.
+pub trait Wrapped<T> {
+    fn val(&self) -> Option<T>;
+}
+
+macro_rules! wrapped {
+    ($($w:ident => $t:ty),*) => {$(
+        impl Wrapped<$t> for Option<wkt::$w> {
+            fn val(&self) -> Option<$t> {
+                self.as_ref().map(|v| v.value)
+            }
+        }
+    )*};
+}
+wrapped!(UInt32Value => u32, UInt64Value => u64, BoolValue => bool, DoubleValue => f64);
+
+/// A protobuf Duration as a std Duration; negative values are errors.
+pub fn duration(d: &wkt::Duration, path: &str) -> Result<Duration> {
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(ConfigError::new(path, "duration must not be negative"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// Optional duration where an explicit 0 means "disabled" (Envoy's convention
+/// for most timeouts): `None` when unset uses `default`.
+pub fn timeout_or(
+    d: Option<&wkt::Duration>,
+    default: Option<Duration>,
+    path: &str,
+) -> Result<Option<Duration>> {
+    match d {
+        None => Ok(default),
+        Some(d) => {
+            let d = duration(d, path)?;
+            Ok(if d.is_zero() { None } else { Some(d) })
+        }
+    }
+}
+
+/// A socket address that must be a literal IP (listeners, STATIC endpoints).
+pub fn socket_addr(addr: &core::Address, path: &str) -> Result<SocketAddr> {
+    let (host, port) = host_port(addr, path)?;
+    let ip: IpAddr = host.parse().map_err(|_| {
+        ConfigError::new(
+            join(path, "socket_address.address"),
+            format!("'{host}' is not an IP address"),
+        )
+    })?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Host and port of a `socket_address` (the host may be a DNS name).
+pub fn host_port(addr: &core::Address, path: &str) -> Result<(String, u16)> {
+    use core::address::Address as A;
+    use core::socket_address::PortSpecifier;
+    match &addr.address {
+        Some(A::SocketAddress(sa)) => {
+            let sa_path = join(path, "socket_address");
+            if sa.protocol != core::socket_address::Protocol::Tcp as i32 {
+                return Err(ConfigError::new(
+                    join(&sa_path, "protocol"),
+                    "only TCP is supported",
+                ));
+            }
+            if !sa.resolver_name.is_empty() {
+                return Err(ConfigError::new(
+                    join(&sa_path, "resolver_name"),
+                    "custom resolvers are not supported",
+                ));
+            }
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) if p <= 65535 => p as u16,
+                Some(PortSpecifier::PortValue(p)) => {
+                    return Err(ConfigError::new(
+                        join(&sa_path, "port_value"),
+                        format!("{p} is not a valid port"),
+                    ))
+                }
+                Some(PortSpecifier::NamedPort(_)) => {
+                    return Err(ConfigError::new(
+                        join(&sa_path, "named_port"),
+                        "named ports are not supported",
+                    ))
+                }
+                None => 0,
+            };
+            if sa.address.is_empty() {
+                return Err(ConfigError::new(
+                    join(&sa_path, "address"),
+                    "address is required",
+                ));
+            }
+            Ok((sa.address.clone(), port))
+        }
+        Some(A::Pipe(_)) => Err(ConfigError::new(
+            join(path, "pipe"),
+            "unix socket addresses are not supported yet",
+        )),
+        Some(A::EnvoyInternalAddress(_)) => Err(ConfigError::new(
+            join(path, "envoy_internal_address"),
+            "internal addresses are not supported",
+        )),
+        None => Err(ConfigError::new(path, "an address is required")),
+    }
+}
+
+/// The whole validated configuration: one immutable snapshot.
+#[derive(Debug)]
+pub struct Config {
+    pub node: Node,
+    pub admin: Option<SocketAddr>,
+    pub listeners: Vec<Arc<listener::Listener>>,
+    pub clusters: Vec<Arc<cluster::ClusterConfig>>,
+    pub runtime: crate::runtime::Runtime,
+}
+
+/// The node identity, from the bootstrap and the command line.
+#[derive(Debug, Clone, Default)]
+pub struct Node {
+    pub id: String,
+    pub cluster: String,
+    pub zone: String,
+}

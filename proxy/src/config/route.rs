@@ -1,0 +1,814 @@
+//! Route configuration: virtual hosts, routes and their actions.
+
+use super::matcher::{FullRegex, HeaderMatcher, QueryMatcher};
+use super::{duration, index, join, ConfigError, Result, Wrapped};
+use crate::headers::HeaderOps;
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
+use legate_proto::envoy_types::pb::envoy::config::route::v3 as pb;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+    pub headers: HeaderOps,
+    pub ignore_port_in_host_matching: bool,
+    pub most_specific_header_mutations_wins: bool,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+    pub headers: HeaderOps,
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub matcher: RouteMatch,
+    pub action: Action,
+    pub headers: HeaderOps,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Prefix(String),
+    Path(String),
+    Regex(FullRegex),
+    SeparatedPrefix(String),
+    /// uri_template path_match_policy, compiled to a regex.
+    Template(FullRegex),
+}
+
+#[derive(Debug)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub case_sensitive: bool,
+    pub headers: Vec<HeaderMatcher>,
+    pub query: Vec<QueryMatcher>,
+    pub grpc: bool,
+    /// (runtime key, default numerator per million).
+    pub runtime_fraction: Option<(String, u32)>,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Forward(RouteAction),
+    Redirect(Redirect),
+    Direct(DirectResponse),
+}
+
+#[derive(Debug)]
+pub enum ClusterSpec {
+    Name(String),
+    Header(http::HeaderName),
+    Weighted(WeightedClusters),
+}
+
+#[derive(Debug)]
+pub struct WeightedClusters {
+    pub clusters: Vec<WeightedCluster>,
+    pub total: u64,
+}
+
+#[derive(Debug)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u64,
+    pub headers: HeaderOps,
+    pub host_rewrite_literal: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum HostRewrite {
+    Literal(String),
+    Auto,
+    Header(http::HeaderName),
+}
+
+#[derive(Debug)]
+pub struct RouteAction {
+    pub cluster: ClusterSpec,
+    pub cluster_not_found_code: u16,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(FullRegex, String)>,
+    pub host_rewrite: Option<HostRewrite>,
+    /// Upstream timeout; `None` = disabled. Envoy's default is 15 s.
+    pub timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub retry_policy: Option<RetryPolicy>,
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+#[derive(Debug, Clone)]
+pub enum HashPolicy {
+    Header {
+        name: http::HeaderName,
+        terminal: bool,
+    },
+    SourceIp {
+        terminal: bool,
+    },
+    Query {
+        name: String,
+        terminal: bool,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RetryOn {
+    pub r5xx: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub retriable_4xx: bool,
+    pub refused_stream: bool,
+    pub retriable_status_codes: bool,
+    pub retriable_headers: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+    pub retriable_status_codes: Vec<u16>,
+    pub retriable_headers: Vec<HeaderMatcher>,
+    pub previous_hosts: bool,
+}
+
+#[derive(Debug)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(FullRegex, String)>,
+    pub code: u16,
+    pub strip_query: bool,
+}
+
+#[derive(Debug)]
+pub struct DirectResponse {
+    pub status: u16,
+    pub body: Option<bytes::Bytes>,
+}
+
+fn header_ops(
+    add: &[core::HeaderValueOption],
+    remove: &[String],
+    resp_add: &[core::HeaderValueOption],
+    resp_remove: &[String],
+    path: &str,
+) -> Result<HeaderOps> {
+    HeaderOps::from_proto(add, remove, resp_add, resp_remove, path)
+}
+
+impl RouteConfig {
+    pub fn from_proto(rc: &pb::RouteConfiguration, path: &str) -> Result<Self> {
+        let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
+        let mut seen_domains = std::collections::HashSet::new();
+        for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+            let p = index(path, "virtual_hosts", i);
+            let v = VirtualHost::from_proto(vh, &p)?;
+            for (j, d) in v.domains.iter().enumerate() {
+                // Envoy rejects a domain that appears in two virtual hosts.
+                if !seen_domains.insert(d.clone()) {
+                    return Err(ConfigError::new(
+                        index(&p, "domains", j),
+                        format!("only unique values for domains are permitted: duplicate '{d}'"),
+                    ));
+                }
+            }
+            virtual_hosts.push(v);
+        }
+        Ok(Self {
+            name: rc.name.clone(),
+            virtual_hosts,
+            headers: header_ops(
+                &rc.request_headers_to_add,
+                &rc.request_headers_to_remove,
+                &rc.response_headers_to_add,
+                &rc.response_headers_to_remove,
+                path,
+            )?,
+            ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+            most_specific_header_mutations_wins: rc.most_specific_header_mutations_wins,
+        })
+    }
+}
+
+impl VirtualHost {
+    fn from_proto(vh: &pb::VirtualHost, path: &str) -> Result<Self> {
+        if vh.domains.is_empty() {
+            return Err(ConfigError::new(
+                join(path, "domains"),
+                "at least one domain is required",
+            ));
+        }
+        let mut domains = Vec::new();
+        for (i, d) in vh.domains.iter().enumerate() {
+            let d = d.to_ascii_lowercase();
+            if d.is_empty() || (d.len() > 1 && d[1..].contains('*') && !d.ends_with('*')) {
+                return Err(ConfigError::new(
+                    index(path, "domains", i),
+                    format!("invalid domain '{d}'"),
+                ));
+            }
+            domains.push(d);
+        }
+        let routes = vh
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Route::from_proto(r, &index(path, "routes", i)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            name: vh.name.clone(),
+            domains,
+            routes,
+            headers: header_ops(
+                &vh.request_headers_to_add,
+                &vh.request_headers_to_remove,
+                &vh.response_headers_to_add,
+                &vh.response_headers_to_remove,
+                path,
+            )?,
+            retry_policy: vh
+                .retry_policy
+                .as_ref()
+                .map(|r| RetryPolicy::from_proto(r, &join(path, "retry_policy")))
+                .transpose()?,
+        })
+    }
+}
+
+impl Route {
+    fn from_proto(r: &pb::Route, path: &str) -> Result<Self> {
+        let m = r
+            .r#match
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(join(path, "match"), "match is required"))?;
+        let matcher = RouteMatch::from_proto(m, &join(path, "match"))?;
+        use pb::route::Action as A;
+        let action = match &r.action {
+            Some(A::Route(ra)) => {
+                Action::Forward(RouteAction::from_proto(ra, &join(path, "route"))?)
+            }
+            Some(A::Redirect(rd)) => {
+                Action::Redirect(Redirect::from_proto(rd, &join(path, "redirect"))?)
+            }
+            Some(A::DirectResponse(dr)) => Action::Direct(DirectResponse::from_proto(
+                dr,
+                &join(path, "direct_response"),
+            )?),
+            Some(_) => return Err(ConfigError::new(path, "this route action is not supported")),
+            None => {
+                return Err(ConfigError::new(
+                    path,
+                    "one of route, redirect or direct_response is required",
+                ))
+            }
+        };
+        Ok(Self {
+            name: r.name.clone(),
+            matcher,
+            action,
+            headers: header_ops(
+                &r.request_headers_to_add,
+                &r.request_headers_to_remove,
+                &r.response_headers_to_add,
+                &r.response_headers_to_remove,
+                path,
+            )?,
+        })
+    }
+}
+
+/// Compiles a uri_template (`/a/{name}/{rest=**}`) to a full regex, per
+/// Envoy's `envoy.path.match.uri_template`: `*` is one segment, `**` any
+/// number of segments, `{var}` = `*`, `{var=...}` the given pattern.
+pub fn uri_template_regex(t: &str, path: &str) -> Result<FullRegex> {
+    let err = |m: &str| {
+        ConfigError::new(
+            join(path, "path_template"),
+            format!("invalid uri template '{t}': {m}"),
+        )
+    };
+    if !t.starts_with('/') {
+        return Err(err("must start with '/'"));
+    }
+    let seg = "[a-zA-Z0-9\\-._~%!$&'()+,;:@=]+";
+    let mut out = String::new();
+    let mut rest = &t[1..];
+    let mut first = true;
+    while !rest.is_empty() || first {
+        first = false;
+        let (part, tail) = match rest.find('/') {
+            Some(i) if !rest.starts_with('{') || rest[..i].contains('}') => {
+                (&rest[..i], Some(&rest[i + 1..]))
+            }
+            _ => (rest, None),
+        };
+        out.push('/');
+        let inner = part
+            .strip_prefix('{')
+            .and_then(|p| p.strip_suffix('}'))
+            .map(|v| v.split_once('=').map_or("*", |(_, pat)| pat));
+        let pat = inner.unwrap_or(part);
+        for (k, piece) in pat.split('/').enumerate() {
+            if k > 0 {
+                out.push('/');
+            }
+            match piece {
+                "**" => out.push_str(&format!("{seg}(?:/{seg})*")),
+                "*" => out.push_str(seg),
+                lit if lit.contains(['{', '}', '*']) => return Err(err("bad segment")),
+                lit => out.push_str(&regex::escape(lit)),
+            }
+        }
+        match tail {
+            Some(t) => rest = t,
+            None => break,
+        }
+    }
+    FullRegex::new(&out, path)
+}
+
+impl RouteMatch {
+    fn from_proto(m: &pb::RouteMatch, path: &str) -> Result<Self> {
+        use pb::route_match::PathSpecifier as P;
+        let case_sensitive = m.case_sensitive.val().unwrap_or(true);
+        let lower = |s: &String| {
+            if case_sensitive {
+                s.clone()
+            } else {
+                s.to_ascii_lowercase()
+            }
+        };
+        let path_match = match &m.path_specifier {
+            Some(P::Prefix(p)) => PathMatch::Prefix(lower(p)),
+            Some(P::Path(p)) => PathMatch::Path(lower(p)),
+            Some(P::SafeRegex(r)) => {
+                PathMatch::Regex(super::matcher::regex(r, &join(path, "safe_regex"))?)
+            }
+            Some(P::PathSeparatedPrefix(p)) => {
+                if p.contains(['?', '#']) || p.ends_with('/') {
+                    return Err(ConfigError::new(
+                        join(path, "path_separated_prefix"),
+                        "must not contain ?/# or end with /",
+                    ));
+                }
+                PathMatch::SeparatedPrefix(lower(p))
+            }
+            Some(P::PathMatchPolicy(ext)) => {
+                let any = ext.typed_config.as_ref().ok_or_else(|| {
+                    ConfigError::new(join(path, "path_match_policy"), "typed_config is required")
+                })?;
+                let url = legate_proto::type_name(&any.type_url);
+                if url != "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig" {
+                    return Err(ConfigError::new(
+                        join(path, "path_match_policy.typed_config"),
+                        format!("unsupported path matcher {url}"),
+                    ));
+                }
+                let cfg: legate_proto::envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig =
+                    prost::Message::decode(any.value.as_slice()).map_err(|e| ConfigError::new(join(path, "path_match_policy"), e.to_string()))?;
+                PathMatch::Template(uri_template_regex(
+                    &cfg.path_template,
+                    &join(path, "path_match_policy.typed_config"),
+                )?)
+            }
+            Some(P::ConnectMatcher(_)) => {
+                return Err(ConfigError::new(
+                    join(path, "connect_matcher"),
+                    "CONNECT matching is not supported",
+                ))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    path,
+                    "a path specifier (prefix, path, safe_regex, ...) is required",
+                ))
+            }
+        };
+        let headers = m
+            .headers
+            .iter()
+            .enumerate()
+            .map(|(i, h)| HeaderMatcher::from_proto(h, &index(path, "headers", i)))
+            .collect::<Result<_>>()?;
+        let query = m
+            .query_parameters
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueryMatcher::from_proto(q, &index(path, "query_parameters", i)))
+            .collect::<Result<_>>()?;
+        let runtime_fraction = match &m.runtime_fraction {
+            None => None,
+            Some(rf) => {
+                let d = rf.default_value.clone().unwrap_or_default();
+                Some((rf.runtime_key.clone(), crate::runtime::per_million(&d)))
+            }
+        };
+        Ok(Self {
+            path: path_match,
+            case_sensitive,
+            headers,
+            query,
+            grpc: m.grpc.is_some(),
+            runtime_fraction,
+        })
+    }
+}
+
+impl RetryPolicy {
+    pub fn from_proto(r: &pb::RetryPolicy, path: &str) -> Result<Self> {
+        let mut on = RetryOn::default();
+        for cond in r
+            .retry_on
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            match cond {
+                "5xx" => on.r5xx = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" | "reset-before-request" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                "refused-stream" => on.refused_stream = true,
+                "retriable-status-codes" => on.retriable_status_codes = true,
+                "retriable-headers" => on.retriable_headers = true,
+                // gRPC conditions and http3 need features Legate lacks yet.
+                other => {
+                    return Err(ConfigError::new(
+                        join(path, "retry_on"),
+                        format!("retry condition '{other}' is not supported"),
+                    ))
+                }
+            }
+        }
+        let mut previous_hosts = false;
+        for (i, p) in r.retry_host_predicate.iter().enumerate() {
+            if p.name == "envoy.retry_host_predicates.previous_hosts" {
+                previous_hosts = true;
+            } else {
+                return Err(ConfigError::new(
+                    index(path, "retry_host_predicate", i),
+                    format!("unsupported predicate '{}'", p.name),
+                ));
+            }
+        }
+        let (base, max) = match &r.retry_back_off {
+            Some(b) => {
+                let base = b
+                    .base_interval
+                    .as_ref()
+                    .map(|d| duration(d, &join(path, "retry_back_off.base_interval")))
+                    .transpose()?
+                    .unwrap_or(Duration::from_millis(25));
+                if base.is_zero() {
+                    return Err(ConfigError::new(
+                        join(path, "retry_back_off.base_interval"),
+                        "must be greater than zero",
+                    ));
+                }
+                let max = b
+                    .max_interval
+                    .as_ref()
+                    .map(|d| duration(d, &join(path, "retry_back_off.max_interval")))
+                    .transpose()?
+                    .unwrap_or(base * 10);
+                if max < base {
+                    return Err(ConfigError::new(
+                        join(path, "retry_back_off.max_interval"),
+                        "must be >= base_interval",
+                    ));
+                }
+                (base, max)
+            }
+            None => (Duration::from_millis(25), Duration::from_millis(250)),
+        };
+        Ok(Self {
+            retry_on: on,
+            num_retries: r.num_retries.val().unwrap_or(1),
+            per_try_timeout: super::timeout_or(
+                r.per_try_timeout.as_ref(),
+                None,
+                &join(path, "per_try_timeout"),
+            )?,
+            base_interval: base,
+            max_interval: max,
+            retriable_status_codes: r.retriable_status_codes.iter().map(|c| *c as u16).collect(),
+            retriable_headers: r
+                .retriable_headers
+                .iter()
+                .enumerate()
+                .map(|(i, h)| HeaderMatcher::from_proto(h, &index(path, "retriable_headers", i)))
+                .collect::<Result<_>>()?,
+            previous_hosts,
+        })
+    }
+}
+
+impl RouteAction {
+    fn from_proto(ra: &pb::RouteAction, path: &str) -> Result<Self> {
+        use pb::route_action::ClusterSpecifier as C;
+        let cluster = match &ra.cluster_specifier {
+            Some(C::Cluster(c)) if !c.is_empty() => ClusterSpec::Name(c.clone()),
+            Some(C::ClusterHeader(h)) => ClusterSpec::Header(
+                http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    ConfigError::new(join(path, "cluster_header"), "invalid header name")
+                })?,
+            ),
+            Some(C::WeightedClusters(wc)) => {
+                ClusterSpec::Weighted(weighted(wc, &join(path, "weighted_clusters"))?)
+            }
+            Some(C::Cluster(_)) => {
+                return Err(ConfigError::new(join(path, "cluster"), "must not be empty"))
+            }
+            Some(_) => {
+                return Err(ConfigError::new(
+                    path,
+                    "cluster specifier plugins are not supported",
+                ))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    path,
+                    "one of cluster, cluster_header or weighted_clusters is required",
+                ))
+            }
+        };
+        use pb::route_action::HostRewriteSpecifier as H;
+        let host_rewrite = match &ra.host_rewrite_specifier {
+            None => None,
+            Some(H::HostRewriteLiteral(s)) => Some(HostRewrite::Literal(s.clone())),
+            Some(H::AutoHostRewrite(b)) if b.value => Some(HostRewrite::Auto),
+            Some(H::AutoHostRewrite(_)) => None,
+            Some(H::HostRewriteHeader(h)) => Some(HostRewrite::Header(
+                http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    ConfigError::new(join(path, "host_rewrite_header"), "invalid header name")
+                })?,
+            )),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    join(path, "host_rewrite_path_regex"),
+                    "not supported",
+                ))
+            }
+        };
+        let regex_rewrite =
+            ra.regex_rewrite
+                .as_ref()
+                .map(|r| {
+                    let p = join(path, "regex_rewrite");
+                    let re = r.pattern.as_ref().ok_or_else(|| {
+                        ConfigError::new(join(&p, "pattern"), "pattern is required")
+                    })?;
+                    // Rewrites search (not full-match), so compile as-is.
+                    let compiled = regex::Regex::new(&re.regex)
+                        .map_err(|e| ConfigError::new(join(&p, "pattern.regex"), e.to_string()))?;
+                    Ok::<_, ConfigError>((FullRegex(compiled), envoy_substitution(&r.substitution)))
+                })
+                .transpose()?;
+        if !ra.prefix_rewrite.is_empty() && regex_rewrite.is_some() {
+            return Err(ConfigError::new(
+                join(path, "regex_rewrite"),
+                "cannot be combined with prefix_rewrite",
+            ));
+        }
+        let mut hash_policy = Vec::new();
+        for (i, h) in ra.hash_policy.iter().enumerate() {
+            use pb::route_action::hash_policy::PolicySpecifier as S;
+            let p = index(path, "hash_policy", i);
+            hash_policy.push(match &h.policy_specifier {
+                Some(S::Header(hd)) => HashPolicy::Header {
+                    name: http::HeaderName::from_bytes(
+                        hd.header_name.to_ascii_lowercase().as_bytes(),
+                    )
+                    .map_err(|_| {
+                        ConfigError::new(join(&p, "header.header_name"), "invalid header name")
+                    })?,
+                    terminal: h.terminal,
+                },
+                Some(S::ConnectionProperties(c)) if c.source_ip => HashPolicy::SourceIp {
+                    terminal: h.terminal,
+                },
+                Some(S::QueryParameter(q)) => HashPolicy::Query {
+                    name: q.name.clone(),
+                    terminal: h.terminal,
+                },
+                _ => {
+                    return Err(ConfigError::new(
+                        p,
+                        "only header, source_ip and query_parameter hash policies are supported",
+                    ))
+                }
+            });
+        }
+        let code = match pb::route_action::ClusterNotFoundResponseCode::try_from(
+            ra.cluster_not_found_response_code,
+        ) {
+            Ok(pb::route_action::ClusterNotFoundResponseCode::NotFound) => 404,
+            Ok(pb::route_action::ClusterNotFoundResponseCode::InternalServerError) => 500,
+            _ => 503,
+        };
+        Ok(Self {
+            cluster,
+            cluster_not_found_code: code,
+            prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
+            regex_rewrite,
+            host_rewrite,
+            timeout: super::timeout_or(
+                ra.timeout.as_ref(),
+                Some(Duration::from_secs(15)),
+                &join(path, "timeout"),
+            )?,
+            idle_timeout: super::timeout_or(
+                ra.idle_timeout.as_ref(),
+                None,
+                &join(path, "idle_timeout"),
+            )?,
+            retry_policy: ra
+                .retry_policy
+                .as_ref()
+                .map(|r| RetryPolicy::from_proto(r, &join(path, "retry_policy")))
+                .transpose()?,
+            hash_policy,
+        })
+    }
+}
+
+/// Envoy substitutions use `\1`; the regex crate wants `${1}`.
+fn envoy_substitution(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                out.push_str(&format!("${{{}}}", chars.next().unwrap()));
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn weighted(wc: &pb::WeightedCluster, path: &str) -> Result<WeightedClusters> {
+    if wc.clusters.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "clusters"),
+            "at least one cluster is required",
+        ));
+    }
+    let mut clusters = Vec::new();
+    for (i, c) in wc.clusters.iter().enumerate() {
+        let p = index(path, "clusters", i);
+        if c.name.is_empty() {
+            return Err(ConfigError::new(
+                join(&p, "name"),
+                "name is required (cluster_header is not supported)",
+            ));
+        }
+        use pb::weighted_cluster::cluster_weight::HostRewriteSpecifier as H;
+        clusters.push(WeightedCluster {
+            name: c.name.clone(),
+            weight: c.weight.val().unwrap_or(0) as u64,
+            headers: header_ops(
+                &c.request_headers_to_add,
+                &c.request_headers_to_remove,
+                &c.response_headers_to_add,
+                &c.response_headers_to_remove,
+                &p,
+            )?,
+            host_rewrite_literal: c
+                .host_rewrite_specifier
+                .as_ref()
+                .map(|H::HostRewriteLiteral(s)| s.clone()),
+        });
+    }
+    let sum: u64 = clusters.iter().map(|c| c.weight).sum();
+    let total = match wc.total_weight.val() {
+        Some(t) if t as u64 != sum => {
+            return Err(ConfigError::new(
+                join(path, "total_weight"),
+                format!("sum of weights {sum} does not equal total_weight {t}"),
+            ))
+        }
+        _ => sum,
+    };
+    if total == 0 {
+        return Err(ConfigError::new(
+            join(path, "clusters"),
+            "the sum of weights must be greater than 0",
+        ));
+    }
+    Ok(WeightedClusters { clusters, total })
+}
+
+impl Redirect {
+    fn from_proto(r: &pb::RedirectAction, path: &str) -> Result<Self> {
+        use pb::redirect_action::{
+            PathRewriteSpecifier as P, RedirectResponseCode as C, SchemeRewriteSpecifier as S,
+        };
+        let code = match C::try_from(r.response_code)
+            .map_err(|_| ConfigError::new(join(path, "response_code"), "unknown code"))?
+        {
+            C::MovedPermanently => 301,
+            C::Found => 302,
+            C::SeeOther => 303,
+            C::TemporaryRedirect => 307,
+            C::PermanentRedirect => 308,
+        };
+        let scheme = match &r.scheme_rewrite_specifier {
+            Some(S::HttpsRedirect(true)) => Some("https".to_string()),
+            Some(S::HttpsRedirect(false)) | None => None,
+            Some(S::SchemeRedirect(s)) => Some(s.to_ascii_lowercase()),
+        };
+        let (path_redirect, prefix_rewrite, regex_rewrite) = match &r.path_rewrite_specifier {
+            None => (None, None, None),
+            Some(P::PathRedirect(p)) => (Some(p.clone()), None, None),
+            Some(P::PrefixRewrite(p)) => (None, Some(p.clone()), None),
+            Some(P::RegexRewrite(rr)) => {
+                let re = rr.pattern.as_ref().ok_or_else(|| {
+                    ConfigError::new(join(path, "regex_rewrite.pattern"), "required")
+                })?;
+                let compiled = regex::Regex::new(&re.regex).map_err(|e| {
+                    ConfigError::new(join(path, "regex_rewrite.pattern.regex"), e.to_string())
+                })?;
+                (
+                    None,
+                    None,
+                    Some((FullRegex(compiled), envoy_substitution(&rr.substitution))),
+                )
+            }
+            Some(P::PathRewrite(_)) => {
+                return Err(ConfigError::new(
+                    join(path, "path_rewrite"),
+                    "not supported",
+                ))
+            }
+        };
+        Ok(Self {
+            scheme,
+            host: (!r.host_redirect.is_empty()).then(|| r.host_redirect.clone()),
+            port: (r.port_redirect != 0).then_some(r.port_redirect as u16),
+            path: path_redirect,
+            prefix_rewrite,
+            regex_rewrite,
+            code,
+            strip_query: r.strip_query,
+        })
+    }
+}
+
+impl DirectResponse {
+    fn from_proto(d: &pb::DirectResponseAction, path: &str) -> Result<Self> {
+        if !(200..600).contains(&d.status) {
+            return Err(ConfigError::new(
+                join(path, "status"),
+                format!("{} is not a valid HTTP status", d.status),
+            ));
+        }
+        let body = match &d.body {
+            None => None,
+            Some(ds) => Some(crate::datasource::read(ds, &join(path, "body"))?),
+        };
+        Ok(Self {
+            status: d.status as u16,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_templates() {
+        let r = uri_template_regex("/api/{version}/users/{rest=**}", "p").unwrap();
+        assert!(r.is_match("/api/v1/users/a/b/c"));
+        assert!(!r.is_match("/api/v1/users"));
+        assert!(!r.is_match("/api/v1/x/users/a"));
+        let r = uri_template_regex("/f/*.txt", "p");
+        assert!(
+            r.is_err(),
+            "partial-segment globs are not a valid template segment here"
+        );
+    }
+
+    #[test]
+    fn substitution() {
+        assert_eq!(envoy_substitution("/x/\\1/\\2$"), "/x/${1}/${2}$$");
+    }
+}

@@ -1,0 +1,400 @@
+//! Header mutations (`request_headers_to_add` and friends) and Envoy's
+//! `%COMMAND%` header value formatters.
+
+use crate::config::{index, join, ConfigError, Result};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
+use std::net::SocketAddr;
+
+/// Facts a header value may refer to.
+#[derive(Default)]
+pub struct FormatContext<'a> {
+    pub downstream_remote: Option<SocketAddr>,
+    pub downstream_direct_remote: Option<SocketAddr>,
+    pub downstream_local: Option<SocketAddr>,
+    pub upstream_remote: Option<SocketAddr>,
+    pub upstream_cluster: &'a str,
+    pub protocol: &'a str,
+    pub request_headers: Option<&'a HeaderMap>,
+    pub response_headers: Option<&'a HeaderMap>,
+    pub hostname: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Lit(String),
+    RemoteAddr { port: bool },
+    DirectRemoteAddr { port: bool },
+    LocalAddr { port: bool },
+    LocalPort,
+    UpstreamRemoteAddr,
+    UpstreamCluster,
+    Protocol,
+    Hostname,
+    StartTime,
+    Req(HeaderName),
+    Resp(HeaderName),
+}
+
+/// A parsed header value: literal text and `%COMMAND%` pieces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderValueFormat(Vec<Piece>);
+
+impl HeaderValueFormat {
+    pub fn parse(s: &str, path: &str) -> Result<Self> {
+        let mut pieces = Vec::new();
+        let mut lit = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find('%') {
+            lit.push_str(&rest[..i]);
+            rest = &rest[i + 1..];
+            if let Some(r) = rest.strip_prefix('%') {
+                lit.push('%');
+                rest = r;
+                continue;
+            }
+            let end = rest
+                .find('%')
+                .ok_or_else(|| ConfigError::new(path, format!("unterminated '%' in '{s}'")))?;
+            let cmd = &rest[..end];
+            rest = &rest[end + 1..];
+            if !lit.is_empty() {
+                pieces.push(Piece::Lit(std::mem::take(&mut lit)));
+            }
+            let arg = |name: &str| -> Result<HeaderName> {
+                let a = cmd
+                    .strip_prefix(name)
+                    .and_then(|a| a.strip_prefix('('))
+                    .and_then(|a| a.split(')').next())
+                    .unwrap_or("");
+                let a = a.split(['?', ':']).next().unwrap_or(a);
+                HeaderName::from_bytes(a.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| ConfigError::new(path, format!("invalid header name in %{cmd}%")))
+            };
+            pieces.push(match cmd {
+                "DOWNSTREAM_REMOTE_ADDRESS" => Piece::RemoteAddr { port: true },
+                "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Piece::RemoteAddr { port: false },
+                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => Piece::DirectRemoteAddr { port: true },
+                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
+                    Piece::DirectRemoteAddr { port: false }
+                }
+                "DOWNSTREAM_LOCAL_ADDRESS" => Piece::LocalAddr { port: true },
+                "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Piece::LocalAddr { port: false },
+                "DOWNSTREAM_LOCAL_PORT" => Piece::LocalPort,
+                "UPSTREAM_REMOTE_ADDRESS" => Piece::UpstreamRemoteAddr,
+                "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
+                "PROTOCOL" => Piece::Protocol,
+                "HOSTNAME" => Piece::Hostname,
+                "START_TIME" => Piece::StartTime,
+                c if c.starts_with("REQ(") => Piece::Req(arg("REQ")?),
+                c if c.starts_with("RESP(") => Piece::Resp(arg("RESP")?),
+                other => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("unsupported header formatter %{other}%"),
+                    ))
+                }
+            });
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(lit));
+        }
+        Ok(Self(pieces))
+    }
+
+    pub fn literal(&self) -> Option<&str> {
+        match self.0.as_slice() {
+            [] => Some(""),
+            [Piece::Lit(s)] => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn render(&self, ctx: &FormatContext) -> String {
+        let mut out = String::new();
+        let addr = |a: Option<SocketAddr>, port: bool| match (a, port) {
+            (Some(a), true) => a.to_string(),
+            (Some(a), false) => a.ip().to_string(),
+            (None, _) => String::new(),
+        };
+        let hdr = |m: Option<&HeaderMap>, n: &HeaderName| {
+            m.and_then(|m| m.get(n))
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default()
+        };
+        for p in &self.0 {
+            match p {
+                Piece::Lit(s) => out.push_str(s),
+                Piece::RemoteAddr { port } => out.push_str(&addr(ctx.downstream_remote, *port)),
+                Piece::DirectRemoteAddr { port } => {
+                    out.push_str(&addr(ctx.downstream_direct_remote, *port))
+                }
+                Piece::LocalAddr { port } => out.push_str(&addr(ctx.downstream_local, *port)),
+                Piece::LocalPort => out.push_str(
+                    &ctx.downstream_local
+                        .map(|a| a.port().to_string())
+                        .unwrap_or_default(),
+                ),
+                Piece::UpstreamRemoteAddr => out.push_str(&addr(ctx.upstream_remote, true)),
+                Piece::UpstreamCluster => out.push_str(ctx.upstream_cluster),
+                Piece::Protocol => out.push_str(ctx.protocol),
+                Piece::Hostname => out.push_str(ctx.hostname),
+                Piece::StartTime => {
+                    out.push_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
+                }
+                Piece::Req(n) => out.push_str(&hdr(ctx.request_headers, n)),
+                Piece::Resp(n) => out.push_str(&hdr(ctx.response_headers, n)),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AppendAction {
+    AppendIfExistsOrAdd,
+    AddIfAbsent,
+    OverwriteIfExistsOrAdd,
+    OverwriteIfExists,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderAdd {
+    pub name: HeaderName,
+    pub value: HeaderValueFormat,
+    pub action: AppendAction,
+    pub keep_empty: bool,
+}
+
+/// The header mutations of one level (route config, vhost, route, weighted cluster).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    pub request_add: Vec<HeaderAdd>,
+    pub request_remove: Vec<HeaderName>,
+    pub response_add: Vec<HeaderAdd>,
+    pub response_remove: Vec<HeaderName>,
+}
+
+fn header_name(s: &str, path: &str) -> Result<HeaderName> {
+    HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
+        .map_err(|_| ConfigError::new(path, format!("'{s}' is not a valid header name")))
+}
+
+fn adds(list: &[core::HeaderValueOption], path: &str, field: &str) -> Result<Vec<HeaderAdd>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let p = index(path, field, i);
+            let h = o
+                .header
+                .as_ref()
+                .ok_or_else(|| ConfigError::new(join(&p, "header"), "header is required"))?;
+            let name = header_name(&h.key, &join(&p, "header.key"))?;
+            // Envoy forbids mutating pseudo-headers and `host` this way.
+            if h.key.starts_with(':') || name == http::header::HOST {
+                return Err(ConfigError::new(
+                    join(&p, "header.key"),
+                    format!("'{}' may not be modified", h.key),
+                ));
+            }
+            let raw = if h.raw_value.is_empty() {
+                h.value.clone()
+            } else {
+                String::from_utf8_lossy(&h.raw_value).into_owned()
+            };
+            let value = HeaderValueFormat::parse(&raw, &join(&p, "header.value"))?;
+            use core::header_value_option::HeaderAppendAction as A;
+            let action = match o.append.as_ref().map(|b| b.value) {
+                Some(true) => AppendAction::AppendIfExistsOrAdd,
+                Some(false) => AppendAction::OverwriteIfExistsOrAdd,
+                None => match A::try_from(o.append_action).unwrap_or(A::AppendIfExistsOrAdd) {
+                    A::AppendIfExistsOrAdd => AppendAction::AppendIfExistsOrAdd,
+                    A::AddIfAbsent => AppendAction::AddIfAbsent,
+                    A::OverwriteIfExistsOrAdd => AppendAction::OverwriteIfExistsOrAdd,
+                    A::OverwriteIfExists => AppendAction::OverwriteIfExists,
+                },
+            };
+            Ok(HeaderAdd {
+                name,
+                value,
+                action,
+                keep_empty: o.keep_empty_value,
+            })
+        })
+        .collect()
+}
+
+fn removes(list: &[String], path: &str, field: &str) -> Result<Vec<HeaderName>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| header_name(s, &index(path, field, i)))
+        .collect()
+}
+
+impl HeaderOps {
+    pub fn from_proto(
+        req_add: &[core::HeaderValueOption],
+        req_remove: &[String],
+        resp_add: &[core::HeaderValueOption],
+        resp_remove: &[String],
+        path: &str,
+    ) -> Result<Self> {
+        Ok(Self {
+            request_add: adds(req_add, path, "request_headers_to_add")?,
+            request_remove: removes(req_remove, path, "request_headers_to_remove")?,
+            response_add: adds(resp_add, path, "response_headers_to_add")?,
+            response_remove: removes(resp_remove, path, "response_headers_to_remove")?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+}
+
+/// Something whose headers can be mutated (pingora's request and response
+/// headers keep a case map, so they must be changed through their methods).
+pub trait HeaderSink {
+    fn map(&self) -> &HeaderMap;
+    fn set(&mut self, name: HeaderName, value: HeaderValue);
+    fn append(&mut self, name: HeaderName, value: HeaderValue);
+    fn remove(&mut self, name: &HeaderName);
+}
+
+impl HeaderSink for HeaderMap {
+    fn map(&self) -> &HeaderMap {
+        self
+    }
+    fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        self.insert(name, value);
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        HeaderMap::append(self, name, value);
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        HeaderMap::remove(self, name);
+    }
+}
+
+impl HeaderSink for pingora_http::RequestHeader {
+    fn map(&self) -> &HeaderMap {
+        &self.headers
+    }
+    fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        let _ = self.insert_header(name, value);
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        let _ = self.append_header(name, value);
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        let _ = self.remove_header(name);
+    }
+}
+
+impl HeaderSink for pingora_http::ResponseHeader {
+    fn map(&self) -> &HeaderMap {
+        &self.headers
+    }
+    fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        let _ = self.insert_header(name, value);
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) {
+        let _ = self.append_header(name, value);
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        let _ = self.remove_header(name);
+    }
+}
+
+/// Applies removals, then additions, as Envoy's HeaderParser does.
+pub fn apply(
+    adds: &[HeaderAdd],
+    removes: &[HeaderName],
+    sink: &mut dyn HeaderSink,
+    ctx: &FormatContext,
+) {
+    for name in removes {
+        sink.remove(name);
+    }
+    for a in adds {
+        let rendered = a.value.render(ctx);
+        // Envoy drops a header whose formatted value is empty unless asked.
+        if rendered.is_empty() && !a.keep_empty {
+            continue;
+        }
+        let Ok(value) = HeaderValue::from_str(&rendered) else {
+            continue;
+        };
+        let exists = sink.map().contains_key(&a.name);
+        match a.action {
+            AppendAction::AppendIfExistsOrAdd => sink.append(a.name.clone(), value),
+            AppendAction::AddIfAbsent if !exists => sink.set(a.name.clone(), value),
+            AppendAction::AddIfAbsent => {}
+            AppendAction::OverwriteIfExistsOrAdd => sink.set(a.name.clone(), value),
+            AppendAction::OverwriteIfExists if exists => sink.set(a.name.clone(), value),
+            AppendAction::OverwriteIfExists => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatter_parses_and_renders() {
+        let f = HeaderValueFormat::parse(
+            "ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% 100%% %REQ(X-A)%",
+            "v",
+        )
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "aa".parse().unwrap());
+        let ctx = FormatContext {
+            downstream_remote: Some("10.0.0.1:5".parse().unwrap()),
+            request_headers: Some(&h),
+            ..Default::default()
+        };
+        assert_eq!(f.render(&ctx), "ip=10.0.0.1 100% aa");
+        assert!(HeaderValueFormat::parse("%NOPE%", "v")
+            .unwrap_err()
+            .to_string()
+            .contains("NOPE"));
+    }
+
+    #[test]
+    fn append_actions() {
+        let mk = |action| HeaderAdd {
+            name: HeaderName::from_static("x"),
+            value: HeaderValueFormat::parse("n", "").unwrap(),
+            action,
+            keep_empty: false,
+        };
+        let ctx = FormatContext::default();
+        let mut h = HeaderMap::new();
+        h.insert("x", "o".parse().unwrap());
+        apply(&[mk(AppendAction::AppendIfExistsOrAdd)], &[], &mut h, &ctx);
+        assert_eq!(h.get_all("x").iter().count(), 2);
+        apply(
+            &[mk(AppendAction::OverwriteIfExistsOrAdd)],
+            &[],
+            &mut h,
+            &ctx,
+        );
+        assert_eq!(h.get_all("x").iter().collect::<Vec<_>>(), ["n"]);
+        let mut empty = HeaderMap::new();
+        apply(
+            &[mk(AppendAction::OverwriteIfExists)],
+            &[],
+            &mut empty,
+            &ctx,
+        );
+        assert!(empty.is_empty());
+        apply(&[mk(AppendAction::AddIfAbsent)], &[], &mut empty, &ctx);
+        assert_eq!(empty.get("x").unwrap(), "n");
+    }
+}

@@ -1,0 +1,28 @@
+//! Legate: an Envoy-compatible data plane on pingora.
+//!
+//! Config flows one way: bootstrap proto → [`registry`] check → validated
+//! [`config`] model → runtime ([`cluster_manager`], [`server`]).
+
+// Envoy still honours its deprecated fields (append, exact_match, cluster
+// http2_protocol_options, ...), so Legate reads them too.
+#![allow(deprecated)]
+
+pub mod admin;
+pub mod bootstrap;
+pub mod cli;
+pub mod cluster_manager;
+pub mod config;
+pub mod datasource;
+pub mod headers;
+pub mod lb;
+pub mod logging;
+pub mod registry;
+pub mod routing;
+pub mod runtime;
+pub mod server;
+pub mod stats;
+
+/// The version reported by `--version` and `/server_info`.
+pub fn version_string() -> String {
+    format!("legate/{}/Clean/RELEASE/Rustls", env!("CARGO_PKG_VERSION"))
+}

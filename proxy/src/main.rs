@@ -1,0 +1,169 @@
+//! The `legate` binary: Envoy's command line, bootstrap, and serving.
+
+use clap::Parser;
+use legate::admin::{Admin, AdminState, STATE_LIVE};
+use legate::bootstrap;
+use legate::cli::{Cli, Mode};
+use legate::cluster_manager::ClusterManager;
+use legate::server::hcm::{HcmProxy, Shared};
+use legate::server::ListenerManager;
+use legate::stats;
+use pingora_core::apps::{HttpServerOptions, ServerApp};
+use pingora_core::server::configuration::ServerConf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.version {
+        println!("legate version: {}", legate::version_string());
+        return ExitCode::SUCCESS;
+    }
+    let set_level = match legate::logging::init(&cli.log_level) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.mode == Mode::Validate {
+        // Validation opens no sockets and starts nothing.
+        return match bootstrap::load(&cli) {
+            Ok(_) => {
+                println!("configuration '{}' OK", cli.config_path);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "error initializing configuration '{}': {e}",
+                    cli.config_path
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let workers = if cli.concurrency == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cli.concurrency
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(serve(cli, set_level))
+}
+
+async fn serve(
+    cli: Cli,
+    set_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+) -> ExitCode {
+    for f in cli.inert_flags() {
+        tracing::info!(
+            flag = f,
+            "flag accepted for compatibility; it has no effect yet"
+        );
+    }
+    let loaded = match bootstrap::load(&cli) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "error initializing configuration '{}': {e}",
+                cli.config_path
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = loaded.config;
+    stats::gauge("server.state".into()).set(3.0); // INITIALIZING
+    let clusters = ClusterManager::start(&config.clusters).await;
+    let runtime = Arc::new(config.runtime.clone());
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let shared = Arc::new(Shared {
+        clusters: clusters.clone(),
+        runtime: runtime.clone(),
+        hostname,
+    });
+    let conf = Arc::new(ServerConf::default());
+    let mut proxy = pingora_proxy::http_proxy(&conf, HcmProxy { shared });
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = true;
+    proxy.server_options = Some(opts);
+    let listeners = Arc::new(ListenerManager::new(Arc::new(proxy)));
+    for l in &config.listeners {
+        if let Err(e) = listeners.add(l.clone()) {
+            eprintln!(
+                "error initializing configuration '{}': listener '{}': cannot bind '{}': {e}",
+                cli.config_path, l.name, l.address
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    let state = Arc::new(AdminState {
+        clusters,
+        listeners: listeners.clone(),
+        bootstrap: loaded.bootstrap,
+        runtime,
+        state: Default::default(),
+        started: std::time::SystemTime::now(),
+        command_line: serde_json::json!({
+            "concurrency": cli.concurrency, "log_level": cli.log_level, "drain_time": format!("{}s", cli.drain_time_s),
+            "service_node": cli.service_node, "service_cluster": cli.service_cluster, "mode": format!("{:?}", cli.mode),
+        }),
+        node: config.node.clone(),
+        set_log_level: set_level,
+        log_level: std::sync::Mutex::new(cli.log_level.clone()),
+        quit: tokio::sync::Notify::new(),
+    });
+    if let Some(addr) = config.admin {
+        let admin_proxy = Arc::new(pingora_proxy::http_proxy(
+            &conf,
+            Admin {
+                state: state.clone(),
+            },
+        ));
+        let tcp = match tokio::net::TcpListener::bind(addr).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("cannot bind admin address {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(address = %tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
+        tokio::spawn(async move {
+            let (_tx, rx) = tokio::sync::watch::channel(false);
+            loop {
+                let Ok((sock, _)) = tcp.accept().await else {
+                    continue;
+                };
+                let p = admin_proxy.clone();
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let stream: pingora_core::protocols::l4::stream::Stream = sock.into();
+                    p.process_new(Box::new(stream), &rx).await;
+                });
+            }
+        });
+    }
+    state.set_state(STATE_LIVE);
+    stats::gauge("listener_manager.workers_started".into()).set(1.0);
+    tracing::info!("all listeners started; server is LIVE");
+    if cli.mode == Mode::InitOnly {
+        return ExitCode::SUCCESS;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = state.quit.notified() => tracing::info!("/quitquitquit: shutting down"),
+    }
+    listeners.drain_all();
+    // Let the admin reply to /quitquitquit flush before exiting.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    ExitCode::SUCCESS
+}

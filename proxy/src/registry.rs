@@ -1,0 +1,747 @@
+//! What Legate supports, field by field.
+//!
+//! Every field set in a config is checked here before translation (see
+//! [`validate`]): a field listed as supported is translated by `config::*`
+//! with Envoy's semantics; a field listed with a warning cannot change
+//! traffic and is accepted with a log line and a counter; any other field is
+//! an error naming its path. The compatibility report is generated from this
+//! table, so it cannot drift from what the code does.
+
+use legate_proto::prost_reflect::DynamicMessage;
+use legate_proto::walk;
+
+/// One message's supported fields.
+pub struct MessageSupport {
+    pub message: &'static str,
+    pub supported: &'static [&'static str],
+    /// Accepted with a warning: (field, why it cannot change traffic).
+    pub warn: &'static [(&'static str, &'static str)],
+}
+
+const fn m(
+    message: &'static str,
+    supported: &'static [&'static str],
+    warn: &'static [(&'static str, &'static str)],
+) -> MessageSupport {
+    MessageSupport {
+        message,
+        supported,
+        warn,
+    }
+}
+
+const NO_LOG: &str = "access logging is not implemented yet; it changes no traffic";
+const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
+
+/// The registry. Messages whose names start with `google.protobuf.` are
+/// plain values and always accepted.
+pub static REGISTRY: &[MessageSupport] = &[
+    m(
+        "envoy.config.bootstrap.v3.Bootstrap",
+        &["node", "static_resources", "admin", "layered_runtime"],
+        &[
+            ("stats_config", NO_STATS_TAGS),
+            (
+                "stats_flush_interval",
+                "stats are pulled from the admin API, not flushed",
+            ),
+            (
+                "stats_sinks",
+                "stats sinks are not implemented; they change no traffic",
+            ),
+            ("watchdogs", "watchdogs change no traffic"),
+            (
+                "hds_config",
+                "health discovery reporting is not implemented",
+            ),
+            (
+                "overload_manager",
+                "overload actions are not implemented yet",
+            ),
+            ("enable_dispatcher_stats", "only adds stats"),
+            (
+                "header_prefix",
+                "x-envoy- prefix customisation is not implemented",
+            ),
+        ],
+    ),
+    m(
+        "envoy.config.core.v3.Node",
+        &[
+            "id",
+            "cluster",
+            "metadata",
+            "locality",
+            "user_agent_name",
+            "user_agent_version",
+            "user_agent_build_version",
+            "extensions",
+            "client_features",
+            "listening_addresses",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.Locality",
+        &["region", "zone", "sub_zone"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.Metadata",
+        &["filter_metadata", "typed_filter_metadata"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.BuildVersion",
+        &["version", "metadata"],
+        &[],
+    ),
+    m(
+        "envoy.type.v3.SemanticVersion",
+        &["major_number", "minor_number", "patch"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.Extension",
+        &["name", "category", "type_urls", "disabled", "version"],
+        &[],
+    ),
+    m(
+        "envoy.config.bootstrap.v3.Admin",
+        &["address"],
+        &[
+            ("access_log", NO_LOG),
+            ("access_log_path", NO_LOG),
+            ("profile_path", "CPU profiling is not implemented"),
+            ("socket_options", "admin socket options are not applied"),
+            ("ignore_global_conn_limit", "no global connection limit yet"),
+        ],
+    ),
+    m(
+        "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
+        &["listeners", "clusters"],
+        &[],
+    ),
+    m("envoy.config.bootstrap.v3.LayeredRuntime", &["layers"], &[]),
+    m(
+        "envoy.config.bootstrap.v3.RuntimeLayer",
+        &["name", "static_layer", "admin_layer"],
+        &[],
+    ),
+    m(
+        "envoy.config.bootstrap.v3.RuntimeLayer.AdminLayer",
+        &[],
+        &[],
+    ),
+    m(
+        "envoy.config.metrics.v3.StatsConfig",
+        &[],
+        &[
+            ("stats_tags", NO_STATS_TAGS),
+            ("use_all_default_tags", NO_STATS_TAGS),
+            (
+                "stats_matcher",
+                "stat inclusion only changes which stats exist",
+            ),
+            (
+                "histogram_bucket_settings",
+                "histogram buckets change no traffic",
+            ),
+        ],
+    ),
+    m("envoy.config.core.v3.Address", &["socket_address"], &[]),
+    m(
+        "envoy.config.core.v3.SocketAddress",
+        &["protocol", "address", "port_value", "ipv4_compat"],
+        &[],
+    ),
+    // Listeners.
+    m(
+        "envoy.config.listener.v3.Listener",
+        &[
+            "name",
+            "address",
+            "filter_chains",
+            "per_connection_buffer_limit_bytes",
+            "stat_prefix",
+        ],
+        &[
+            ("traffic_direction", "only informational"),
+            ("metadata", "only informational"),
+            (
+                "drain_type",
+                "drain is per listener; both types drain the same way here",
+            ),
+            (
+                "continue_on_listener_filters_timeout",
+                "no listener filters are supported yet",
+            ),
+        ],
+    ),
+    m(
+        "envoy.config.listener.v3.FilterChain",
+        &["filters", "name"],
+        &[("metadata", "only informational")],
+    ),
+    m(
+        "envoy.config.listener.v3.Filter",
+        &["name", "typed_config"],
+        &[],
+    ),
+    // HTTP connection manager.
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        &[
+            "codec_type",
+            "stat_prefix",
+            "route_config",
+            "http_filters",
+            "use_remote_address",
+            "xff_num_trusted_hops",
+            "skip_xff_append",
+            "server_name",
+            "server_header_transformation",
+            "strip_matching_host_port",
+            "strip_any_host_port",
+            "normalize_path",
+            "merge_slashes",
+            "path_with_escaped_slashes_action",
+            "common_http_protocol_options",
+            "max_request_headers_kb",
+            "request_timeout",
+            "stream_idle_timeout",
+            "request_headers_timeout",
+            "generate_request_id",
+            "preserve_external_request_id",
+            "always_set_request_id_in_response",
+            "http2_protocol_options",
+            "http_protocol_options",
+        ],
+        &[
+            ("access_log", NO_LOG),
+            (
+                "tracing",
+                "tracing is not implemented; it changes no traffic",
+            ),
+            ("drain_timeout", "drain uses --drain-time-s"),
+            ("delayed_close_timeout", "close timing only"),
+        ],
+    ),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
+        &["name", "typed_config", "is_optional"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.filters.http.router.v3.Router",
+        &[],
+        &[
+            ("dynamic_stats", "only changes stats"),
+            (
+                "suppress_envoy_headers",
+                "x-envoy-* response headers are not added yet",
+            ),
+            ("start_child_span", "tracing is not implemented"),
+        ],
+    ),
+    m(
+        "envoy.config.core.v3.HttpProtocolOptions",
+        &[
+            "idle_timeout",
+            "max_headers_count",
+            "headers_with_underscores_action",
+            "max_requests_per_connection",
+        ],
+        &[],
+    ),
+    m("envoy.config.core.v3.Http1ProtocolOptions", &[], &[]),
+    m(
+        "envoy.config.core.v3.Http2ProtocolOptions",
+        &["max_concurrent_streams"],
+        &[
+            (
+                "initial_stream_window_size",
+                "window sizes are pingora's defaults (64 KiB) for now",
+            ),
+            (
+                "initial_connection_window_size",
+                "window sizes are pingora's defaults for now",
+            ),
+        ],
+    ),
+    // Routes.
+    m(
+        "envoy.config.route.v3.RouteConfiguration",
+        &[
+            "name",
+            "virtual_hosts",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "ignore_port_in_host_matching",
+            "most_specific_header_mutations_wins",
+        ],
+        &[(
+            "validate_clusters",
+            "clusters are always checked at request time",
+        )],
+    ),
+    m(
+        "envoy.config.route.v3.VirtualHost",
+        &[
+            "name",
+            "domains",
+            "routes",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "retry_policy",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.Route",
+        &[
+            "name",
+            "match",
+            "route",
+            "redirect",
+            "direct_response",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+        ],
+        &[
+            ("decorator", "tracing is not implemented"),
+            ("metadata", "only informational"),
+        ],
+    ),
+    m(
+        "envoy.config.route.v3.RouteMatch",
+        &[
+            "prefix",
+            "path",
+            "safe_regex",
+            "path_separated_prefix",
+            "path_match_policy",
+            "case_sensitive",
+            "headers",
+            "query_parameters",
+            "grpc",
+            "runtime_fraction",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RouteMatch.GrpcRouteMatchOptions",
+        &[],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.TypedExtensionConfig",
+        &["name", "typed_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+        &["path_template"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.RuntimeFractionalPercent",
+        &["default_value", "runtime_key"],
+        &[],
+    ),
+    m(
+        "envoy.type.v3.FractionalPercent",
+        &["numerator", "denominator"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.HeaderMatcher",
+        &[
+            "name",
+            "exact_match",
+            "safe_regex_match",
+            "range_match",
+            "present_match",
+            "prefix_match",
+            "suffix_match",
+            "contains_match",
+            "string_match",
+            "invert_match",
+            "treat_missing_header_as_empty",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.QueryParameterMatcher",
+        &["name", "string_match", "present_match"],
+        &[],
+    ),
+    m(
+        "envoy.type.matcher.v3.StringMatcher",
+        &[
+            "exact",
+            "prefix",
+            "suffix",
+            "safe_regex",
+            "contains",
+            "ignore_case",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.type.matcher.v3.RegexMatcher",
+        &["regex", "google_re2"],
+        &[],
+    ),
+    m(
+        "envoy.type.matcher.v3.RegexMatcher.GoogleRE2",
+        &[],
+        &[(
+            "max_program_size",
+            "deprecated; program size is not limited",
+        )],
+    ),
+    m(
+        "envoy.type.matcher.v3.RegexMatchAndSubstitute",
+        &["pattern", "substitution"],
+        &[],
+    ),
+    m("envoy.type.v3.Int64Range", &["start", "end"], &[]),
+    m(
+        "envoy.config.route.v3.RouteAction",
+        &[
+            "cluster",
+            "cluster_header",
+            "weighted_clusters",
+            "cluster_not_found_response_code",
+            "prefix_rewrite",
+            "regex_rewrite",
+            "host_rewrite_literal",
+            "auto_host_rewrite",
+            "host_rewrite_header",
+            "timeout",
+            "idle_timeout",
+            "retry_policy",
+            "hash_policy",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.WeightedCluster",
+        &["clusters", "total_weight"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.WeightedCluster.ClusterWeight",
+        &[
+            "name",
+            "weight",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "response_headers_to_add",
+            "response_headers_to_remove",
+            "host_rewrite_literal",
+        ],
+        &[(
+            "metadata_match",
+            "subset load balancing is not implemented, and without subsets Envoy ignores it too",
+        )],
+    ),
+    m(
+        "envoy.config.route.v3.RouteAction.HashPolicy",
+        &[
+            "header",
+            "connection_properties",
+            "query_parameter",
+            "terminal",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RouteAction.HashPolicy.Header",
+        &["header_name"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RouteAction.HashPolicy.ConnectionProperties",
+        &["source_ip"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RouteAction.HashPolicy.QueryParameter",
+        &["name"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RetryPolicy",
+        &[
+            "retry_on",
+            "num_retries",
+            "per_try_timeout",
+            "retry_back_off",
+            "retry_host_predicate",
+            "retriable_status_codes",
+            "retriable_headers",
+            "host_selection_retry_max_attempts",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RetryPolicy.RetryBackOff",
+        &["base_interval", "max_interval"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RetryPolicy.RetryHostPredicate",
+        &["name", "typed_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate",
+        &[],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RedirectAction",
+        &[
+            "https_redirect",
+            "scheme_redirect",
+            "host_redirect",
+            "port_redirect",
+            "path_redirect",
+            "prefix_rewrite",
+            "regex_rewrite",
+            "response_code",
+            "strip_query",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.DirectResponseAction",
+        &["status", "body"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.DataSource",
+        &[
+            "filename",
+            "inline_bytes",
+            "inline_string",
+            "environment_variable",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.HeaderValueOption",
+        &["header", "append", "append_action", "keep_empty_value"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.HeaderValue",
+        &["key", "value", "raw_value"],
+        &[],
+    ),
+    // Clusters.
+    m(
+        "envoy.config.cluster.v3.Cluster",
+        &[
+            "name",
+            "type",
+            "connect_timeout",
+            "lb_policy",
+            "load_assignment",
+            "dns_lookup_family",
+            "dns_refresh_rate",
+            "http2_protocol_options",
+            "http_protocol_options",
+            "typed_extension_protocol_options",
+            "max_requests_per_connection",
+            "per_connection_buffer_limit_bytes",
+            "ring_hash_lb_config",
+            "maglev_lb_config",
+            "least_request_lb_config",
+        ],
+        &[
+            ("alt_stat_name", "only changes stat names"),
+            ("metadata", "only informational"),
+            (
+                "respect_dns_ttl",
+                "DNS is re-resolved every dns_refresh_rate",
+            ),
+            (
+                "upstream_connection_options",
+                "TCP keepalive settings are not applied yet",
+            ),
+        ],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
+        &["choice_count", "active_request_bias"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.RuntimeDouble",
+        &["default_value"],
+        &[("runtime_key", "runtime overrides of the bias are not read")],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.RingHashLbConfig",
+        &["minimum_ring_size", "maximum_ring_size", "hash_function"],
+        &[],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.MaglevLbConfig",
+        &["table_size"],
+        &[],
+    ),
+    m(
+        "envoy.config.endpoint.v3.ClusterLoadAssignment",
+        &["cluster_name", "endpoints", "policy"],
+        &[],
+    ),
+    m(
+        "envoy.config.endpoint.v3.ClusterLoadAssignment.Policy",
+        &["overprovisioning_factor"],
+        &[],
+    ),
+    m(
+        "envoy.config.endpoint.v3.LocalityLbEndpoints",
+        &[
+            "locality",
+            "lb_endpoints",
+            "load_balancing_weight",
+            "priority",
+        ],
+        &[("metadata", "only informational")],
+    ),
+    m(
+        "envoy.config.endpoint.v3.LbEndpoint",
+        &["endpoint", "health_status", "load_balancing_weight"],
+        &[("metadata", "only informational")],
+    ),
+    m(
+        "envoy.config.endpoint.v3.Endpoint",
+        &["address", "hostname"],
+        &[(
+            "health_check_config",
+            "active health checking is not implemented",
+        )],
+    ),
+    m(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        &["explicit_http_config", "common_http_protocol_options"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
+        &[],
+    ),
+];
+
+/// Finds a message's entry.
+pub fn lookup(message: &str) -> Option<&'static MessageSupport> {
+    REGISTRY.iter().find(|m| m.message == message)
+}
+
+/// A field that was accepted with a warning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ignored {
+    pub path: String,
+    pub reason: &'static str,
+}
+
+/// Checks every set field of `msg`. Returns the fields accepted with a
+/// warning, or the first unsupported field as an error naming its path.
+pub fn validate(msg: &DynamicMessage) -> Result<Vec<Ignored>, crate::config::ConfigError> {
+    let mut ignored = Vec::new();
+    walk::walk(msg, "", &mut |v| {
+        if v.message.starts_with("google.protobuf.") {
+            return Ok(());
+        }
+        let name = v.field.name();
+        let entry = lookup(v.message)
+            .ok_or_else(|| format!("{}: {} is not supported by Legate", v.path, v.message))?;
+        if entry.supported.contains(&name) {
+            return Ok(());
+        }
+        if let Some((_, reason)) = entry.warn.iter().find(|(f, _)| *f == name) {
+            ignored.push(Ignored {
+                path: v.path.to_string(),
+                reason,
+            });
+            return Ok(());
+        }
+        Err(format!(
+            "{}: field '{}' of {} is not supported by Legate",
+            v.path, name, v.message
+        ))
+    })
+    .map_err(|e| {
+        let (path, message) = e.split_once(": ").unwrap_or(("", &e));
+        crate::config::ConfigError::new(path, message)
+    })?;
+    Ok(ignored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registry_entry_names_a_real_message_and_fields() {
+        let pool = legate_proto::pool();
+        for e in REGISTRY {
+            let d = pool
+                .get_message_by_name(e.message)
+                .unwrap_or_else(|| panic!("{} is not a known message", e.message));
+            for f in e.supported.iter().chain(e.warn.iter().map(|(f, _)| f)) {
+                assert!(
+                    d.get_field_by_name(f).is_some(),
+                    "{}.{} does not exist",
+                    e.message,
+                    f
+                );
+            }
+        }
+    }
+
+    fn dynamic(yaml: &str) -> DynamicMessage {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        legate_proto::json::to_dynamic(v, "envoy.config.bootstrap.v3.Bootstrap", true).unwrap()
+    }
+
+    #[test]
+    fn unsupported_field_is_named() {
+        let err = validate(&dynamic(
+            "static_resources: {clusters: [{name: a, outlier_detection: {}}]}",
+        ))
+        .unwrap_err();
+        assert_eq!(err.path, "static_resources.clusters[0].outlier_detection");
+    }
+
+    #[test]
+    fn fields_inside_any_are_checked() {
+        let err = validate(&dynamic(
+            r#"static_resources: {listeners: [{name: l, filter_chains: [{filters: [{name: h, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: s, add_user_agent: true}}]}]}]}"#,
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.path,
+            "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.add_user_agent"
+        );
+    }
+
+    #[test]
+    fn warned_fields_are_reported() {
+        let ignored = validate(&dynamic("stats_flush_interval: 5s")).unwrap();
+        assert_eq!(ignored.len(), 1);
+        assert_eq!(ignored[0].path, "stats_flush_interval");
+    }
+}

@@ -1,0 +1,275 @@
+//! Route selection as pure functions over a `RouteConfig` snapshot, so it
+//! can be unit-, property- and bench-tested without sockets.
+
+use crate::config::route::{PathMatch, Route, RouteConfig, RouteMatch, VirtualHost};
+use crate::runtime::Runtime;
+use http::HeaderMap;
+
+/// What route matching may look at.
+pub struct RequestView<'a> {
+    /// The `:path` as received, query included.
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    /// A random value in [0, u64::MAX] for runtime_fraction.
+    pub random: u64,
+    pub runtime: &'a Runtime,
+}
+
+/// The path without query string and fragment.
+pub fn path_only(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+/// Decoded query parameters in order.
+pub fn query_params(path: &str) -> Vec<(String, String)> {
+    let Some((_, q)) = path.split_once('?') else {
+        return Vec::new();
+    };
+    let q = q.split('#').next().unwrap_or(q);
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Envoy's virtual host search: exact domains, then `*suffix` wildcards
+/// (longest first), then `prefix*` wildcards (longest first), then `*`.
+pub fn find_virtual_host<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
+    let mut host = host.to_ascii_lowercase();
+    if rc.ignore_port_in_host_matching {
+        host = strip_port(&host).to_string();
+    }
+    let mut best_suffix: Option<(usize, &VirtualHost)> = None;
+    let mut best_prefix: Option<(usize, &VirtualHost)> = None;
+    let mut default = None;
+    for vh in &rc.virtual_hosts {
+        for d in &vh.domains {
+            if d == "*" {
+                default = default.or(Some(vh));
+            } else if let Some(suffix) = d.strip_prefix('*') {
+                // The wildcard must match at least one character.
+                if host.len() > suffix.len()
+                    && host.ends_with(suffix)
+                    && best_suffix.is_none_or(|(l, _)| suffix.len() > l)
+                {
+                    best_suffix = Some((suffix.len(), vh));
+                }
+            } else if let Some(prefix) = d.strip_suffix('*') {
+                if host.len() > prefix.len()
+                    && host.starts_with(prefix)
+                    && best_prefix.is_none_or(|(l, _)| prefix.len() > l)
+                {
+                    best_prefix = Some((prefix.len(), vh));
+                }
+            } else if *d == host {
+                return Some(vh);
+            }
+        }
+    }
+    best_suffix.or(best_prefix).map(|(_, v)| v).or(default)
+}
+
+/// Removes a `:port` suffix (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|c| c.is_ascii_digit()) && !h.contains(':') => h,
+        _ => host,
+    }
+}
+
+/// The first route of `vh` that matches.
+pub fn find_route<'a>(vh: &'a VirtualHost, req: &RequestView) -> Option<&'a Route> {
+    let mut query = None;
+    vh.routes
+        .iter()
+        .find(|r| route_matches(&r.matcher, req, &mut query))
+}
+
+fn route_matches(
+    m: &RouteMatch,
+    req: &RequestView,
+    query: &mut Option<Vec<(String, String)>>,
+) -> bool {
+    let lowered;
+    let full = if m.case_sensitive {
+        req.path
+    } else {
+        lowered = req.path.to_ascii_lowercase();
+        lowered.as_str()
+    };
+    let path = path_only(full);
+    let path_ok = match &m.path {
+        PathMatch::Prefix(p) => full.starts_with(p.as_str()),
+        PathMatch::Path(p) => path == p,
+        PathMatch::Regex(r) => r.is_match(path_only(req.path)),
+        PathMatch::SeparatedPrefix(p) => {
+            path == p
+                || (path.starts_with(p.as_str()) && path.as_bytes().get(p.len()) == Some(&b'/'))
+        }
+        PathMatch::Template(r) => r.is_match(path_only(req.path)),
+    };
+    if !path_ok {
+        return false;
+    }
+    if m.grpc
+        && !req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"))
+    {
+        return false;
+    }
+    if !m.headers.iter().all(|h| h.matches(req.headers)) {
+        return false;
+    }
+    if !m.query.is_empty() {
+        let q = query.get_or_insert_with(|| query_params(req.path));
+        if !m.query.iter().all(|qm| qm.matches(q)) {
+            return false;
+        }
+    }
+    if let Some((key, default)) = &m.runtime_fraction {
+        let threshold = req.runtime.fraction_per_million(key, *default) as u64;
+        if req.random % 1_000_000 >= threshold {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use legate_proto::envoy_types::pb::envoy::config::route::v3 as pb;
+
+    fn rc(yaml: &str) -> RouteConfig {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        let p: pb::RouteConfiguration =
+            legate_proto::json::to_message(v, "envoy.config.route.v3.RouteConfiguration", true)
+                .unwrap();
+        RouteConfig::from_proto(&p, "rc").unwrap()
+    }
+
+    #[test]
+    fn domain_search_order() {
+        let c = rc(r#"
+virtual_hosts:
+- {name: exact, domains: ["api.example.com"]}
+- {name: suffix_long, domains: ["*.example.com"]}
+- {name: suffix_short, domains: ["*.com"]}
+- {name: prefix, domains: ["api.*"]}
+- {name: any, domains: ["*"]}
+- {name: port, domains: ["p.example.org:8080"]}
+"#);
+        let name = |h: &str| find_virtual_host(&c, h).map(|v| v.name.clone()).unwrap();
+        assert_eq!(name("api.example.com"), "exact");
+        assert_eq!(name("API.Example.com"), "exact");
+        assert_eq!(name("www.example.com"), "suffix_long");
+        assert_eq!(name("x.com"), "suffix_short");
+        assert_eq!(name("api.example.net"), "prefix");
+        assert_eq!(name("other"), "any");
+        assert_eq!(name("p.example.org:8080"), "port");
+        assert_eq!(name("p.example.org"), "any");
+        assert_eq!(
+            name(".com"),
+            "any",
+            "a wildcard matches at least one character"
+        );
+    }
+
+    #[test]
+    fn path_matchers() {
+        let c = rc(r#"
+virtual_hosts:
+- name: v
+  domains: ["*"]
+  routes:
+  - {name: exact, match: {path: /exact}, direct_response: {status: 200}}
+  - {name: sep, match: {path_separated_prefix: /sep}, direct_response: {status: 200}}
+  - {name: re, match: {safe_regex: {regex: "/re/[0-9]+"}}, direct_response: {status: 200}}
+  - {name: ci, match: {prefix: /CI, case_sensitive: false}, direct_response: {status: 200}}
+  - {name: hdr, match: {prefix: /h, headers: [{name: x-v, string_match: {exact: "1"}}]}, direct_response: {status: 200}}
+  - {name: q, match: {prefix: /q, query_parameters: [{name: a, string_match: {exact: "b c"}}]}, direct_response: {status: 200}}
+  - {name: grpc, match: {prefix: /g, grpc: {}}, direct_response: {status: 200}}
+  - {name: tmpl, match: {path_match_policy: {name: t, typed_config: {"@type": type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig, path_template: "/t/{id}/x"}}}, direct_response: {status: 200}}
+  - {name: fallback, match: {prefix: /}, direct_response: {status: 404}}
+"#);
+        let rt = Runtime::default();
+        let vh = &c.virtual_hosts[0];
+        let pick = |p: &str, h: &[(&str, &str)]| {
+            let mut hm = HeaderMap::new();
+            for (k, v) in h {
+                hm.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            find_route(
+                vh,
+                &RequestView {
+                    path: p,
+                    headers: &hm,
+                    random: 0,
+                    runtime: &rt,
+                },
+            )
+            .unwrap()
+            .name
+            .clone()
+        };
+        assert_eq!(pick("/exact?x=1", &[]), "exact");
+        assert_eq!(pick("/exact/", &[]), "fallback");
+        assert_eq!(pick("/sep", &[]), "sep");
+        assert_eq!(pick("/sep/a", &[]), "sep");
+        assert_eq!(pick("/separate", &[]), "fallback");
+        assert_eq!(pick("/re/123?q", &[]), "re");
+        assert_eq!(pick("/re/12a", &[]), "fallback");
+        assert_eq!(pick("/ci/x", &[]), "ci");
+        assert_eq!(pick("/h", &[("x-v", "1")]), "hdr");
+        assert_eq!(pick("/h", &[("x-v", "2")]), "fallback");
+        assert_eq!(pick("/q?z=1&a=b%20c", &[]), "q");
+        assert_eq!(pick("/q?a=bc", &[]), "fallback");
+        assert_eq!(
+            pick("/g", &[("content-type", "application/grpc+proto")]),
+            "grpc"
+        );
+        assert_eq!(pick("/g", &[]), "fallback");
+        assert_eq!(pick("/t/42/x", &[]), "tmpl");
+        assert_eq!(pick("/t/42/y", &[]), "fallback");
+    }
+
+    #[test]
+    fn strip_ports() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("a.b"), "a.b");
+    }
+}

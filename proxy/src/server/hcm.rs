@@ -1,0 +1,930 @@
+//! The HTTP connection manager and router as a pingora `ProxyHttp`.
+//!
+//! Phases (see pingora's `proxy_trait.rs` for the hook contracts):
+//! - `request_filter`: header limits, path normalization, forwarding
+//!   headers, route selection; local replies (404, redirects, direct
+//!   responses) end the request here.
+//! - `upstream_peer`: once per attempt: retry back-off, host pick (skipping
+//!   previous hosts when asked), per-attempt timeouts.
+//! - `upstream_request_filter`: host rewrite and Envoy's upstream headers.
+//! - `upstream_response_filter`: retry-on-status decisions.
+//! - `response_filter`: response header mutations, `server` header.
+//! - `fail_to_connect` / `error_while_proxy` / `fail_to_proxy`: retry
+//!   decisions and Envoy's 503/504 local replies.
+//! - `logging`: stats and releasing per-host request counts.
+
+use super::request::{self as rq, SlashOutcome};
+use super::ConnMeta;
+use crate::cluster_manager::{Cluster, ClusterManager, UpstreamHost};
+use crate::config::listener::{Hcm, ServerHeader, UnderscoreAction};
+use crate::config::route::{
+    Action, ClusterSpec, HashPolicy, HostRewrite, RetryPolicy, Route, RouteConfig, VirtualHost,
+};
+use crate::headers::{self, FormatContext, HeaderOps};
+use crate::routing;
+use crate::runtime::Runtime;
+use crate::stats;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderName;
+use pingora_core::protocols::ALPN;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// State shared by every request.
+pub struct Shared {
+    pub clusters: Arc<ClusterManager>,
+    pub runtime: Arc<Runtime>,
+    pub hostname: String,
+}
+
+pub struct HcmProxy {
+    pub shared: Arc<Shared>,
+}
+
+/// Where the selected route lives in its (immutable) route config.
+struct Selected {
+    config: Arc<RouteConfig>,
+    vhost: usize,
+    route: usize,
+}
+
+impl Selected {
+    fn vhost(&self) -> &VirtualHost {
+        &self.config.virtual_hosts[self.vhost]
+    }
+    fn route(&self) -> &Route {
+        &self.vhost().routes[self.route]
+    }
+}
+
+/// A reply Legate makes itself instead of the upstream's.
+struct LocalReply {
+    status: u16,
+    body: &'static str,
+}
+
+#[derive(Default)]
+pub struct Ctx {
+    hcm: Option<Arc<Hcm>>,
+    downstream_remote: Option<SocketAddr>,
+    downstream_local: Option<SocketAddr>,
+    selected: Option<Selected>,
+    cluster: Option<Arc<Cluster>>,
+    weighted_index: Option<usize>,
+    hash: Option<u64>,
+    retry: Option<RetryPolicy>,
+    attempts: u32,
+    tried: Vec<SocketAddr>,
+    host: Option<Arc<UpstreamHost>>,
+    pending_reply: Option<LocalReply>,
+    request_id: Option<String>,
+    upstream_started: Option<Instant>,
+    status: u16,
+    original_host: String,
+    http_prefix: String,
+}
+
+fn hdr(name: &'static str) -> HeaderName {
+    HeaderName::from_static(name)
+}
+
+fn conn_meta(session: &Session) -> Option<&ConnMeta> {
+    session
+        .as_downstream()
+        .digest()?
+        .proxy_digest
+        .as_ref()?
+        .user_data
+        .as_ref()?
+        .downcast_ref::<ConnMeta>()
+}
+
+fn inet(a: Option<&pingora_core::protocols::l4::socket::SocketAddr>) -> Option<SocketAddr> {
+    a.and_then(|a| a.as_inet()).copied()
+}
+
+impl HcmProxy {
+    /// Writes a complete local reply, with Envoy's framing and headers.
+    /// `route_headers`: apply the selected route's response header mutations
+    /// (Envoy does for direct responses and redirects).
+    async fn local_reply(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        body: Bytes,
+        extra: Vec<(HeaderName, String)>,
+        route_headers: bool,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(4))?;
+        if !body.is_empty() {
+            resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+        }
+        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        for (k, v) in extra {
+            resp.insert_header(k, v)?;
+        }
+        {
+            let levels = if route_headers {
+                Self::header_levels(ctx)
+            } else {
+                Vec::new()
+            };
+            self.decorate_response(&mut resp, ctx, &levels, session);
+        }
+        ctx.status = status;
+        let end = body.is_empty() || session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(resp), end).await?;
+        if !end {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    /// Response-side header work shared by proxied and local replies.
+    fn decorate_response(
+        &self,
+        resp: &mut ResponseHeader,
+        ctx: &Ctx,
+        ops: &[&HeaderOps],
+        session: &Session,
+    ) {
+        let req_headers = session.req_header().headers.clone();
+        let resp_headers = resp.headers.clone();
+        let fctx = FormatContext {
+            downstream_remote: ctx.downstream_remote,
+            downstream_direct_remote: ctx.downstream_remote,
+            downstream_local: ctx.downstream_local,
+            upstream_remote: ctx.host.as_ref().map(|h| h.addr),
+            upstream_cluster: ctx.cluster.as_ref().map_or("", |c| c.config.name.as_str()),
+            protocol: protocol(session),
+            request_headers: Some(&req_headers),
+            response_headers: Some(&resp_headers),
+            hostname: &self.shared.hostname,
+        };
+        for o in ops {
+            headers::apply(&o.response_add, &o.response_remove, resp, &fctx);
+        }
+        if let Some(hcm) = &ctx.hcm {
+            match hcm.server_header {
+                ServerHeader::Overwrite => {
+                    let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
+                }
+                ServerHeader::AppendIfAbsent
+                    if !resp.headers.contains_key(http::header::SERVER) =>
+                {
+                    let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
+                }
+                _ => {}
+            }
+            if hcm.always_set_request_id_in_response {
+                if let Some(id) = &ctx.request_id {
+                    let _ = resp.insert_header(hdr("x-request-id"), id.as_str());
+                }
+            }
+        }
+    }
+
+    /// Header mutation levels for the selected route, in Envoy's order: the
+    /// most specific first, so less specific levels win, unless
+    /// `most_specific_header_mutations_wins`.
+    fn header_levels<'a>(ctx: &'a Ctx) -> Vec<&'a HeaderOps> {
+        let Some(sel) = &ctx.selected else {
+            return Vec::new();
+        };
+        let mut v = Vec::with_capacity(4);
+        if let (Some(i), Action::Forward(ra)) = (ctx.weighted_index, &sel.route().action) {
+            if let ClusterSpec::Weighted(w) = &ra.cluster {
+                v.push(&w.clusters[i].headers);
+            }
+        }
+        v.push(&sel.route().headers);
+        v.push(&sel.vhost().headers);
+        v.push(&sel.config.headers);
+        if sel.config.most_specific_header_mutations_wins {
+            v.reverse();
+        }
+        v
+    }
+
+    fn retry_allows(ctx: &Ctx) -> bool {
+        ctx.retry
+            .as_ref()
+            .is_some_and(|r| ctx.attempts <= r.num_retries)
+    }
+}
+
+fn protocol(session: &Session) -> &'static str {
+    match session.req_header().version {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for HcmProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(meta) = conn_meta(session) else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "connection has no listener metadata",
+            );
+        };
+        let hcm = meta.hcm.clone();
+        ctx.http_prefix = format!("http.{}.", hcm.stat_prefix);
+        stats::counter(format!("{}downstream_rq_total", ctx.http_prefix)).increment(1);
+        ctx.downstream_remote = inet(session.client_addr());
+        ctx.downstream_local = inet(session.server_addr());
+        ctx.hcm = Some(hcm.clone());
+
+        // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
+        let (count, size) = {
+            let h = &session.req_header().headers;
+            (
+                h.len(),
+                h.iter()
+                    .map(|(k, v)| k.as_str().len() + v.len())
+                    .sum::<usize>(),
+            )
+        };
+        if count > hcm.max_headers_count as usize
+            || size > hcm.max_request_headers_kb as usize * 1024
+        {
+            session.set_keepalive(None);
+            self.local_reply(
+                session,
+                ctx,
+                431,
+                Bytes::from_static(b"Request Header Fields Too Large"),
+                vec![],
+                false,
+            )
+            .await?;
+            return Ok(true);
+        }
+        let underscored: Vec<HeaderName> = session
+            .req_header()
+            .headers
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .cloned()
+            .collect();
+        if !underscored.is_empty() {
+            match hcm.underscores {
+                UnderscoreAction::Allow => {}
+                UnderscoreAction::DropHeader => {
+                    for k in underscored {
+                        session.req_header_mut().remove_header(&k);
+                    }
+                }
+                UnderscoreAction::RejectRequest => {
+                    session.set_keepalive(None);
+                    self.local_reply(session, ctx, 400, Bytes::new(), vec![], false)
+                        .await?;
+                    return Ok(true);
+                }
+            }
+        }
+
+        // Path checks and normalization happen before routing, as in Envoy.
+        let raw_path = session
+            .req_header()
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if !raw_path.starts_with('/') {
+            self.local_reply(session, ctx, 400, Bytes::new(), vec![], false)
+                .await?;
+            return Ok(true);
+        }
+        let mut path = raw_path.clone();
+        match rq::escaped_slashes(&path, hcm.escaped_slashes) {
+            SlashOutcome::Keep => {}
+            SlashOutcome::Reject => {
+                self.local_reply(session, ctx, 400, Bytes::new(), vec![], false)
+                    .await?;
+                return Ok(true);
+            }
+            SlashOutcome::Redirect(p) => {
+                let p = rq::normalized(&p, hcm.normalize_path, hcm.merge_slashes);
+                self.local_reply(
+                    session,
+                    ctx,
+                    307,
+                    Bytes::new(),
+                    vec![(http::header::LOCATION, p)],
+                    false,
+                )
+                .await?;
+                return Ok(true);
+            }
+            SlashOutcome::Rewrite(p) => path = p,
+        }
+        if hcm.normalize_path || hcm.merge_slashes {
+            path = rq::normalized(&path, hcm.normalize_path, hcm.merge_slashes);
+        }
+        if path != raw_path {
+            set_path(session.req_header_mut(), &path)?;
+        }
+
+        // Host: HTTP/2 :authority or HTTP/1 Host.
+        let mut host = session
+            .req_header()
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                session
+                    .req_header()
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        if hcm.strip_any_host_port
+            || (hcm.strip_matching_host_port
+                && ctx
+                    .downstream_local
+                    .is_some_and(|l| host.ends_with(&format!(":{}", l.port()))))
+        {
+            host = routing::strip_port(&host).to_string();
+            let _ = session
+                .req_header_mut()
+                .insert_header(http::header::HOST, host.as_str());
+        }
+        ctx.original_host = host.clone();
+
+        // Forwarding headers.
+        let peer_ip = ctx.downstream_remote.map(|a| a.ip());
+        if let Some(ip) = peer_ip {
+            let req = session.req_header_mut();
+            let xff = req
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let client = rq::trusted_client(
+                ip,
+                xff.as_deref(),
+                hcm.use_remote_address,
+                hcm.xff_num_trusted_hops,
+            );
+            let had_xff = xff.is_some();
+            if hcm.use_remote_address {
+                if !hcm.skip_xff_append {
+                    let v = match xff {
+                        Some(x) if !x.is_empty() => format!("{x},{ip}"),
+                        _ => ip.to_string(),
+                    };
+                    req.insert_header(hdr("x-forwarded-for"), v)?;
+                }
+                req.insert_header(hdr("x-forwarded-proto"), "http")?;
+                if rq::is_internal(client) && !had_xff {
+                    req.insert_header(hdr("x-envoy-internal"), "true")?;
+                } else {
+                    req.remove_header("x-envoy-internal");
+                }
+            } else if !req.headers.contains_key("x-forwarded-proto") {
+                req.insert_header(hdr("x-forwarded-proto"), "http")?;
+            }
+            // Request id: kept when present (unless an external edge request),
+            // generated when missing.
+            let existing = req
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let external = hcm.use_remote_address && !rq::is_internal(client);
+            let id = match existing {
+                Some(id) if !external || hcm.preserve_external_request_id => Some(id),
+                _ if hcm.generate_request_id => {
+                    let id = rq::uuid4(rand::random());
+                    req.insert_header(hdr("x-request-id"), id.as_str())?;
+                    Some(id)
+                }
+                _ => None,
+            };
+            ctx.request_id = id;
+        }
+
+        // Route selection.
+        let rc = hcm.route_config.clone();
+        let random: u64 = rand::random();
+        let found = routing::find_virtual_host(&rc, &host).and_then(|vh| {
+            let vi = rc.virtual_hosts.iter().position(|v| std::ptr::eq(v, vh))?;
+            let view = routing::RequestView {
+                path: &path,
+                headers: &session.req_header().headers,
+                random,
+                runtime: &self.shared.runtime,
+            };
+            let r = routing::find_route(vh, &view)?;
+            let ri = vh.routes.iter().position(|x| std::ptr::eq(x, r))?;
+            Some((vi, ri))
+        });
+        let Some((vi, ri)) = found else {
+            stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
+                .await?;
+            return Ok(true);
+        };
+        ctx.selected = Some(Selected {
+            config: rc.clone(),
+            vhost: vi,
+            route: ri,
+        });
+        let route = &rc.virtual_hosts[vi].routes[ri];
+        match &route.action {
+            Action::Direct(d) => {
+                let body = d.body.clone().unwrap_or_default();
+                self.local_reply(session, ctx, d.status, body, vec![], true)
+                    .await?;
+                Ok(true)
+            }
+            Action::Redirect(r) => {
+                let loc = rq::redirect_location(r, &route.matcher, "http", &host, &path);
+                self.local_reply(
+                    session,
+                    ctx,
+                    r.code,
+                    Bytes::new(),
+                    vec![(http::header::LOCATION, loc)],
+                    true,
+                )
+                .await?;
+                Ok(true)
+            }
+            Action::Forward(ra) => {
+                let name = match &ra.cluster {
+                    ClusterSpec::Name(n) => n.clone(),
+                    ClusterSpec::Header(h) => session
+                        .req_header()
+                        .headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string(),
+                    ClusterSpec::Weighted(w) => {
+                        let mut roll = random % w.total;
+                        let mut pick = 0;
+                        for (i, c) in w.clusters.iter().enumerate() {
+                            if roll < c.weight {
+                                pick = i;
+                                break;
+                            }
+                            roll -= c.weight;
+                        }
+                        ctx.weighted_index = Some(pick);
+                        w.clusters[pick].name.clone()
+                    }
+                };
+                let Some(cluster) = self.shared.clusters.get(&name) else {
+                    stats::counter(format!("{}no_cluster", ctx.http_prefix)).increment(1);
+                    self.local_reply(
+                        session,
+                        ctx,
+                        ra.cluster_not_found_code,
+                        Bytes::new(),
+                        vec![],
+                        false,
+                    )
+                    .await?;
+                    return Ok(true);
+                };
+                ctx.cluster = Some(cluster);
+                ctx.retry = ra
+                    .retry_policy
+                    .clone()
+                    .or_else(|| rc.virtual_hosts[vi].retry_policy.clone());
+                ctx.hash = hash_for(&ra.hash_policy, session, ctx.downstream_remote);
+
+                // Path rewrites; Envoy keeps the original in x-envoy-original-path.
+                let new_path = if let Some(pr) = &ra.prefix_rewrite {
+                    Some(rq::prefix_rewrite(&path, &route.matcher, pr))
+                } else {
+                    ra.regex_rewrite
+                        .as_ref()
+                        .map(|(re, sub)| rq::regex_rewrite(&path, &re.0, sub))
+                };
+                if let Some(np) = new_path {
+                    let req = session.req_header_mut();
+                    req.insert_header(hdr("x-envoy-original-path"), path.as_str())?;
+                    set_path(req, &np)?;
+                }
+                let wc_host = ctx.weighted_index.and_then(|i| match &ra.cluster {
+                    ClusterSpec::Weighted(w) => w.clusters[i].host_rewrite_literal.clone(),
+                    _ => None,
+                });
+                match (&ra.host_rewrite, wc_host) {
+                    (_, Some(h)) => set_host(session.req_header_mut(), &h)?,
+                    (Some(HostRewrite::Literal(h)), None) => set_host(session.req_header_mut(), h)?,
+                    (Some(HostRewrite::Header(hn)), None) => {
+                        if let Some(v) = session
+                            .req_header()
+                            .headers
+                            .get(hn)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                        {
+                            set_host(session.req_header_mut(), &v)?;
+                        }
+                    }
+                    _ => {}
+                }
+                if let Some(t) = ra.timeout {
+                    session.req_header_mut().insert_header(
+                        hdr("x-envoy-expected-rq-timeout-ms"),
+                        t.as_millis().to_string(),
+                    )?;
+                }
+                // Request header mutations.
+                let levels = Self::header_levels(ctx);
+                let snapshot = session.req_header().headers.clone();
+                let fctx = FormatContext {
+                    downstream_remote: ctx.downstream_remote,
+                    downstream_direct_remote: ctx.downstream_remote,
+                    downstream_local: ctx.downstream_local,
+                    upstream_cluster: &name,
+                    protocol: protocol(session),
+                    request_headers: Some(&snapshot),
+                    hostname: &self.shared.hostname,
+                    ..Default::default()
+                };
+                for o in levels {
+                    headers::apply(
+                        &o.request_add,
+                        &o.request_remove,
+                        session.req_header_mut(),
+                        &fctx,
+                    );
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        // pingora #935: an HTTP/2 downstream's empty final DATA frame would
+        // make an HTTP/1 chunked upstream see the terminating chunk twice.
+        if end_of_stream && body.as_ref().is_some_and(|b| b.is_empty()) {
+            *body = None;
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let cluster = ctx
+            .cluster
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no cluster selected"))?;
+        if ctx.attempts > 0 {
+            cluster.stats.upstream_rq_retry.increment(1);
+            if let Some(r) = &ctx.retry {
+                // Envoy's fully jittered exponential back-off.
+                let exp = r
+                    .base_interval
+                    .saturating_mul(1 << (ctx.attempts - 1).min(16))
+                    .min(r.max_interval);
+                let jitter =
+                    Duration::from_nanos(rand::random::<u64>() % (exp.as_nanos() as u64).max(1));
+                tokio::time::sleep(jitter).await;
+            }
+            if let Some(h) = ctx.host.take() {
+                h.active_requests.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        ctx.attempts += 1;
+        let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
+        let tried = ctx.tried.clone();
+        let snap = cluster.snapshot();
+        let host = snap.pick(ctx.hash, rand::random(), &|a| {
+            avoid_previous && tried.contains(&a)
+        });
+        let Some(host) = host else {
+            cluster.stats.upstream_cx_none_healthy.increment(1);
+            ctx.pending_reply = Some(LocalReply {
+                status: 503,
+                body: "no healthy upstream",
+            });
+            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream");
+        };
+        host.active_requests.fetch_add(1, Ordering::Relaxed);
+        ctx.tried.push(host.addr);
+        ctx.host = Some(host.clone());
+        cluster.stats.upstream_rq_total.increment(1);
+        cluster.stats.upstream_rq_active.increment(1.0);
+        ctx.upstream_started = Some(Instant::now());
+
+        let mut peer = HttpPeer::new(host.addr, false, String::new());
+        let cfg = &cluster.config;
+        peer.group_key = cluster.pool_key;
+        peer.options.connection_timeout = Some(cfg.connect_timeout);
+        let route_timeout = match ctx.selected.as_ref().map(|s| &s.route().action) {
+            Some(Action::Forward(ra)) => ra.timeout,
+            _ => None,
+        };
+        let per_try = ctx.retry.as_ref().and_then(|r| r.per_try_timeout);
+        let t = match (per_try, route_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        peer.options.read_timeout = t;
+        peer.options.write_timeout = Some(t.unwrap_or(Duration::from_secs(60)));
+        peer.options.idle_timeout = cfg.upstream_idle_timeout;
+        if cfg.protocol == crate::config::cluster::UpstreamProtocol::Http2 {
+            peer.options.alpn = ALPN::H2;
+            peer.options.max_h2_streams = (cfg.max_concurrent_streams as usize).clamp(1, 1000);
+        }
+        let _ = session;
+        Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if !reused {
+            if let Some(c) = &ctx.cluster {
+                c.stats.upstream_cx_total.increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if req.headers.get(http::header::HOST).is_none() {
+            if let Some(a) = req.uri.authority().map(|a| a.as_str().to_string()) {
+                req.insert_header(http::header::HOST, a)?;
+            }
+        }
+        if let (Some(Action::Forward(ra)), Some(h)) =
+            (ctx.selected.as_ref().map(|s| &s.route().action), &ctx.host)
+        {
+            if matches!(ra.host_rewrite, Some(HostRewrite::Auto)) {
+                set_host(req, &h.hostname)?;
+            }
+        }
+        // Hop-by-hop headers never go upstream.
+        for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
+            req.remove_header(h);
+        }
+        if req
+            .headers
+            .get("te")
+            .is_some_and(|v| v.as_bytes() != b"trailers")
+        {
+            req.remove_header("te");
+        }
+        let _ = session;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        if let Some(r) = &ctx.retry {
+            let on = &r.retry_on;
+            let retriable = (on.r5xx && status >= 500)
+                || (on.gateway_error && matches!(status, 502..=504))
+                || (on.retriable_4xx && status == 409)
+                || (on.retriable_status_codes && r.retriable_status_codes.contains(&status))
+                || (on.retriable_headers
+                    && r.retriable_headers.iter().any(|h| h.matches(&resp.headers)));
+            if retriable && Self::retry_allows(ctx) {
+                if let Some(c) = &ctx.cluster {
+                    c.stats.record_status(status);
+                }
+                let mut e =
+                    Error::explain(ErrorType::HTTPStatus(status), "retriable upstream status");
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
+        if let Some(t) = ctx.upstream_started {
+            resp.insert_header(
+                hdr("x-envoy-upstream-service-time"),
+                t.elapsed().as_millis().to_string(),
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.status = resp.status.as_u16();
+        let levels = Self::header_levels(ctx);
+        self.decorate_response(resp, ctx, &levels, session);
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(c) = &ctx.cluster {
+            c.stats.upstream_cx_connect_fail.increment(1);
+        }
+        let on = ctx.retry.as_ref().map(|r| &r.retry_on);
+        let wants = on.is_some_and(|o| o.connect_failure || o.r5xx || o.gateway_error || o.reset);
+        e.set_retry(wants && Self::retry_allows(ctx));
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.retry() {
+            return e; // our own retry-on-status decision
+        }
+        let on = ctx.retry.as_ref().map(|r| &r.retry_on);
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let wants = on.is_some_and(|o| o.r5xx || o.gateway_error || (o.reset && !timed_out));
+        let truncated = session.as_ref().retry_buffer_truncated();
+        e.set_retry(wants && !truncated && Self::retry_allows(ctx));
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let reply = ctx.pending_reply.take().unwrap_or_else(|| match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                if let Some(c) = &ctx.cluster {
+                    c.stats.upstream_rq_timeout.increment(1);
+                }
+                LocalReply { status: 504, body: "upstream request timeout" }
+            }
+            ErrorType::HTTPStatus(s) if *s >= 400 => LocalReply { status: *s, body: "" },
+            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => LocalReply {
+                status: 503,
+                body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            },
+            _ => match e.esource() {
+                pingora_error::ErrorSource::Downstream => LocalReply { status: 0, body: "" },
+                _ => LocalReply { status: 503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination" },
+            },
+        });
+        if reply.status > 0 && session.response_written().is_none() {
+            let _ = self
+                .local_reply(
+                    session,
+                    ctx,
+                    reply.status,
+                    Bytes::from_static(reply.body.as_bytes()),
+                    vec![],
+                    false,
+                )
+                .await;
+        }
+        FailToProxy {
+            error_code: reply.status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(h) = ctx.host.take() {
+            h.active_requests.fetch_sub(1, Ordering::Relaxed);
+        }
+        let status = session
+            .response_written()
+            .map_or(ctx.status, |r| r.status.as_u16());
+        if let Some(c) = &ctx.cluster {
+            if ctx.upstream_started.is_some() {
+                c.stats.upstream_rq_active.decrement(1.0);
+                c.stats.upstream_rq_completed.increment(1);
+                if status > 0 {
+                    c.stats.record_status(status);
+                }
+            }
+        }
+        if !ctx.http_prefix.is_empty() && status > 0 {
+            stats::counter(format!(
+                "{}downstream_rq_{}xx",
+                ctx.http_prefix,
+                status / 100
+            ))
+            .increment(1);
+            stats::counter(format!("{}downstream_rq_completed", ctx.http_prefix)).increment(1);
+        }
+    }
+}
+
+fn set_path(req: &mut RequestHeader, path_and_query: &str) -> Result<()> {
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad path"))?,
+    );
+    let uri = http::Uri::from_parts(parts)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad uri"))?;
+    req.set_uri(uri);
+    Ok(())
+}
+
+fn set_host(req: &mut RequestHeader, host: &str) -> Result<()> {
+    req.insert_header(http::header::HOST, host)?;
+    if req.uri.authority().is_some() {
+        let mut parts = req.uri.clone().into_parts();
+        parts.authority = host.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            req.set_uri(uri);
+        }
+    }
+    Ok(())
+}
+
+/// Envoy's hash policy evaluation: each policy that yields a value is mixed
+/// in; a terminal one that yields a value ends the walk.
+fn hash_for(policies: &[HashPolicy], session: &Session, remote: Option<SocketAddr>) -> Option<u64> {
+    let mut hash: Option<u64> = None;
+    for p in policies {
+        let (value, terminal) = match p {
+            HashPolicy::Header { name, terminal } => (
+                session
+                    .req_header()
+                    .headers
+                    .get(name)
+                    .map(|v| xxhash_rust::xxh64::xxh64(v.as_bytes(), 0)),
+                *terminal,
+            ),
+            HashPolicy::SourceIp { terminal } => (
+                remote.map(|a| xxhash_rust::xxh64::xxh64(a.ip().to_string().as_bytes(), 0)),
+                *terminal,
+            ),
+            HashPolicy::Query { name, terminal } => {
+                let path = session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("", |p| p.as_str());
+                let q = routing::query_params(path);
+                (
+                    q.iter()
+                        .find(|(k, _)| k == name)
+                        .map(|(_, v)| xxhash_rust::xxh64::xxh64(v.as_bytes(), 0)),
+                    *terminal,
+                )
+            }
+        };
+        if let Some(v) = value {
+            // Envoy: hash = ((hash << 1) | (hash >> 63)) ^ new.
+            hash = Some(hash.map_or(v, |h| h.rotate_left(1) ^ v));
+            if terminal {
+                break;
+            }
+        }
+    }
+    hash
+}

@@ -1,0 +1,207 @@
+//! Listeners: Legate's own accept loops feeding one shared pingora
+//! `HttpProxy`, so listeners can be added and removed at run time (pingora
+//! itself binds only at start-up) while every listener shares one upstream
+//! connection pool, as Envoy's cluster manager does.
+
+pub mod hcm;
+pub mod request;
+
+use crate::config::listener::{Codec, Hcm, Listener};
+use crate::stats;
+use pingora_core::apps::{HttpServerApp, ServerApp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{GetProxyDigest, GetSocketDigest, SocketDigest};
+use pingora_http::ResponseHeader;
+use pingora_proxy::HttpProxy;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Per-connection facts handed to the connection manager through pingora's
+/// proxy digest (the one per-connection slot pingora carries for us, on
+/// HTTP/1 and HTTP/2 alike).
+pub struct ConnMeta {
+    pub listener: String,
+    pub hcm: Arc<Hcm>,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+struct Running {
+    config: Arc<Listener>,
+    local_addr: SocketAddr,
+    /// Flipped to start draining: H2 GOAWAY, H1 `Connection: close`.
+    drain: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+/// Owns the running listeners.
+pub struct ListenerManager {
+    proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+impl ListenerManager {
+    pub fn new(proxy: Arc<HttpProxy<hcm::HcmProxy>>) -> Self {
+        Self {
+            proxy,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Binds and starts a listener; returns the bound address.
+    pub fn add(&self, config: Arc<Listener>) -> std::io::Result<SocketAddr> {
+        let tcp = bind(config.address)?;
+        let local_addr = tcp.local_addr()?;
+        let (drain, drain_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(
+            tcp,
+            config.clone(),
+            self.proxy.clone(),
+            drain_rx,
+        ));
+        tracing::info!(listener = %config.name, address = %local_addr, "listener started");
+        stats::counter("listener_manager.listener_added".into()).increment(1);
+        let mut running = self.running.lock().unwrap();
+        running.insert(
+            config.name.clone(),
+            Running {
+                config,
+                local_addr,
+                drain,
+                accept,
+            },
+        );
+        stats::gauge("listener_manager.total_listeners_active".into()).set(running.len() as f64);
+        Ok(local_addr)
+    }
+
+    /// Stops accepting on every listener and asks open connections to finish.
+    pub fn drain_all(&self) {
+        for r in self.running.lock().unwrap().values() {
+            r.accept.abort();
+            let _ = r.drain.send(true);
+        }
+    }
+
+    /// (name, bound address) of every listener.
+    pub fn list(&self) -> Vec<(String, SocketAddr)> {
+        let mut v: Vec<_> = self
+            .running
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| (r.config.name.clone(), r.local_addr))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+async fn accept_loop(
+    tcp: tokio::net::TcpListener,
+    config: Arc<Listener>,
+    proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+    drain: watch::Receiver<bool>,
+) {
+    let cx_total = stats::counter(format!("{}.downstream_cx_total", config.stat_prefix));
+    let http_cx_total = stats::counter(format!(
+        "http.{}.downstream_cx_total",
+        config.chain.stat_prefix
+    ));
+    loop {
+        let (sock, peer) = match tcp.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = %config.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        cx_total.increment(1);
+        http_cx_total.increment(1);
+        let _ = sock.set_nodelay(true);
+        let proxy = proxy.clone();
+        let config = config.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let codec = config.chain.codec;
+            if codec == Codec::Http2 {
+                // An HTTP/2-only listener refuses anything but the preface.
+                let mut buf = [0u8; 24];
+                let ok = tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        let n = sock.peek(&mut buf).await.ok()?;
+                        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+                            return None;
+                        }
+                        if n == H2_PREFACE.len() {
+                            return Some(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                })
+                .await;
+                if !matches!(ok, Ok(Some(()))) {
+                    tracing::debug!(%peer, "not an HTTP/2 connection on an HTTP2 codec listener");
+                    return;
+                }
+            }
+            let fd = sock.as_raw_fd();
+            let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
+            stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            let meta = ConnMeta {
+                listener: config.name.clone(),
+                hcm: config.chain.clone(),
+            };
+            let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
+            stream.set_proxy_digest(ProxyDigest::new(dummy, Some(Box::new(meta))));
+            let stream: pingora_core::protocols::Stream = Box::new(stream);
+            if codec == Codec::Http1 {
+                http1_loop(&proxy, stream, &drain).await;
+            } else {
+                proxy.process_new(stream, &drain).await;
+            }
+        });
+    }
+}
+
+/// HTTP/1-only connections: pingora's H1 path without its h2c sniffing.
+async fn http1_loop(
+    proxy: &Arc<HttpProxy<hcm::HcmProxy>>,
+    stream: pingora_core::protocols::Stream,
+    drain: &watch::Receiver<bool>,
+) {
+    let mut session = ServerSession::new_http1(stream);
+    session.set_keepalive(if *drain.borrow() { None } else { Some(60) });
+    let mut result = proxy.process_new_http(session, drain).await;
+    while let Some((stream, persistent)) = result.map(|r| r.consume()) {
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(p) = persistent {
+            p.apply_to_session(&mut session);
+        }
+        result = proxy.process_new_http(session, drain).await;
+    }
+}

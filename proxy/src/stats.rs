@@ -1,0 +1,133 @@
+//! Envoy-named stats, recorded through the `metrics` crate.
+//!
+//! [`Store`] is the process's `metrics::Recorder`: counters and gauges are
+//! atomics keyed by their full Envoy name (`cluster.web.upstream_rq_total`),
+//! so the admin API can list them in Envoy's text, JSON and Prometheus forms.
+//! Hot paths keep the returned `metrics::Counter` handles instead of looking
+//! names up per request.
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+#[derive(Default)]
+pub struct Store {
+    counters: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    /// Gauges hold f64 bits, as `metrics` stores them.
+    gauges: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+}
+
+static STORE: OnceLock<&'static Store> = OnceLock::new();
+
+/// Installs the store as the global recorder (once per process).
+pub fn store() -> &'static Store {
+    STORE.get_or_init(|| {
+        let s: &'static Store = Box::leak(Box::default());
+        // A second recorder can only exist in tests; they still use `s`.
+        let _ = metrics::set_global_recorder(StoreRecorder(s));
+        s
+    })
+}
+
+struct StoreRecorder(&'static Store);
+
+impl Recorder for StoreRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.0.counter_cell(key.name()))
+    }
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(self.0.gauge_cell(key.name()))
+    }
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+impl Store {
+    fn counter_cell(&self, name: &str) -> Arc<AtomicU64> {
+        self.counters
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+    fn gauge_cell(&self, name: &str) -> Arc<AtomicU64> {
+        self.gauges
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(AtomicU64::new(0f64.to_bits())))
+            .clone()
+    }
+
+    /// All stats, sorted by name: (name, value, is_counter).
+    pub fn snapshot(&self) -> Vec<(String, u64, bool)> {
+        let mut out: Vec<_> = self
+            .counters
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed), true))
+            .collect();
+        out.extend(self.gauges.lock().unwrap().iter().map(|(k, v)| {
+            (
+                k.clone(),
+                f64::from_bits(v.load(Ordering::Relaxed)).max(0.0) as u64,
+                false,
+            )
+        }));
+        out.sort();
+        out
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.snapshot()
+            .into_iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, v, _)| v)
+    }
+}
+
+/// A counter handle by full name.
+pub fn counter(name: String) -> Counter {
+    store();
+    metrics::counter!(name)
+}
+
+/// A gauge handle by full name.
+pub fn gauge(name: String) -> Gauge {
+    store();
+    metrics::gauge!(name)
+}
+
+/// Envoy's Prometheus name: `envoy_` prefix, non-alphanumerics to `_`.
+pub fn prometheus_name(name: &str) -> String {
+    let mut s = String::from("envoy_");
+    s.extend(
+        name.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_gauges_are_recorded_by_name() {
+        counter("test.a_total".into()).increment(3);
+        gauge("test.g".into()).set(7.0);
+        assert_eq!(store().get("test.a_total"), Some(3));
+        assert_eq!(store().get("test.g"), Some(7));
+        assert_eq!(
+            prometheus_name("cluster.a-b.upstream_rq"),
+            "envoy_cluster_a_b_upstream_rq"
+        );
+    }
+}

@@ -1,0 +1,116 @@
+//! A real HTTP/1.1 + HTTP/2 (h2c) upstream that answers every request with a
+//! JSON description of what it received and which server answered.
+//!
+//! Special paths: `/status/<code>` answers with that status, `/delay/<ms>`
+//! waits before answering, `/size/<n>` answers with n bytes.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A running echo server.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(
+    name: Arc<String>,
+    hits: Arc<AtomicU64>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    hits.fetch_add(1, Ordering::Relaxed);
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let version = format!("{:?}", req.version());
+    let mut headers = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).to_string();
+        match headers.get_mut(k.as_str()) {
+            Some(serde_json::Value::String(prev)) => *prev = format!("{prev},{v}"),
+            _ => {
+                headers.insert(k.to_string(), serde_json::Value::String(v));
+            }
+        }
+    }
+    if let Some(auth) = req.uri().authority() {
+        headers
+            .entry(":authority")
+            .or_insert(serde_json::Value::String(auth.to_string()));
+    }
+    let body = req.into_body().collect().await?.to_bytes();
+    let mut status = 200u16;
+    let mut seg = path.split('?').next().unwrap_or("").split('/').skip(1);
+    match (seg.next(), seg.next().and_then(|s| s.parse::<u64>().ok())) {
+        (Some("status"), Some(code)) => status = code as u16,
+        (Some("delay"), Some(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        (Some("size"), Some(n)) => {
+            return Ok(Response::builder()
+                .header("x-echo-server", name.as_str())
+                .body(Full::new(Bytes::from(vec![b'x'; n as usize])))
+                .unwrap());
+        }
+        _ => {}
+    }
+    let json = serde_json::json!({
+        "server": name.as_str(),
+        "method": method,
+        "path": path,
+        "version": version,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-echo-server", name.as_str())
+        .body(Full::new(Bytes::from(json.to_string())))
+        .unwrap())
+}
+
+/// Starts an echo server on `addr` (port 0 = any free port).
+pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<Echo> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let name_arc = Arc::new(name.to_string());
+    let hits = Arc::new(AtomicU64::new(0));
+    let (n, h) = (name_arc.clone(), hits.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let (n, h) = (n.clone(), h.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| handle(n.clone(), h.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(sock), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(Echo {
+        addr,
+        name: name.to_string(),
+        hits,
+        task,
+    })
+}

@@ -1,0 +1,179 @@
+//! Running the real `legate` binary from tests.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `legate` binary built by cargo for this workspace.
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("LEGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    // tests/ → workspace target dir, same profile as this test binary.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile dir");
+    profile_dir.join("legate")
+}
+
+/// A free loopback port (bound and released; good enough on loopback).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Writes `yaml` to a temporary file and returns its path.
+pub fn write_config(yaml: &str) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::new(yaml)
+}
+
+pub mod tempfile_path {
+    use super::*;
+    /// A file removed on drop.
+    pub struct TempPath(pub PathBuf);
+    impl TempPath {
+        pub fn new(content: &str) -> Self {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p =
+                std::env::temp_dir().join(format!("legate-test-{}-{n}.yaml", std::process::id()));
+            std::fs::File::create(&p)
+                .unwrap()
+                .write_all(content.as_bytes())
+                .unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Runs `legate --mode validate` on a config.
+pub fn validate(yaml: &str) -> Output {
+    let cfg = write_config(yaml);
+    Command::new(binary())
+        .args(["--mode", "validate", "-c"])
+        .arg(&cfg.0)
+        .output()
+        .expect("run legate")
+}
+
+/// A running `legate` process, killed on drop.
+pub struct Legate {
+    pub child: Child,
+    _cfg: tempfile_path::TempPath,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Drop for Legate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Legate {
+    /// Starts legate and waits until every port in `wait_ports` accepts.
+    pub fn start(yaml: &str, wait_ports: &[u16], admin: Option<u16>) -> Legate {
+        let cfg = write_config(yaml);
+        let child = Command::new(binary())
+            .args(["--concurrency", "1", "-l", "warning", "-c"])
+            .arg(&cfg.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn legate");
+        let mut l = Legate {
+            child,
+            _cfg: cfg,
+            admin: admin.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for p in wait_ports.iter().chain(admin.iter()) {
+            while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
+                if let Ok(Some(status)) = l.child.try_wait() {
+                    panic!("legate exited early: {status}");
+                }
+                assert!(Instant::now() < deadline, "legate did not open port {p}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        l
+    }
+}
+
+/// What curl saw.
+#[derive(Debug)]
+pub struct CurlResult {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl CurlResult {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The echo upstream's JSON body.
+    pub fn echo(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not echo JSON ({e}): {}", self.body))
+    }
+}
+
+/// Runs real curl; `args` are extra curl arguments (e.g. `-H`, `--http2-prior-knowledge`).
+pub fn curl(url: &str, args: &[&str]) -> CurlResult {
+    let out = Command::new("curl")
+        .args(["-s", "-S", "-D", "-", "--max-time", "10"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl must be installed");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_curl(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_curl(raw: &str) -> CurlResult {
+    // With -D - the header block(s) come first; the last block wins (1xx).
+    let mut rest = raw;
+    let mut status = 0;
+    let mut headers = Vec::new();
+    while rest.starts_with("HTTP/") {
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+        let mut lines = head.lines();
+        status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        headers = lines
+            .filter_map(|l| {
+                l.split_once(':')
+                    .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            })
+            .collect();
+        rest = body;
+    }
+    CurlResult {
+        status,
+        headers,
+        body: rest.to_string(),
+    }
+}

@@ -1,0 +1,5 @@
+//! Test kit shared by Legate's integration tests and the conformance
+//! harness: a real HTTP echo upstream and helpers to run the real binary.
+
+pub mod echo;
+pub mod legate;
