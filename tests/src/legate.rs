@@ -6,20 +6,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `legate` binary built by cargo for this workspace.
-pub fn binary() -> PathBuf {
-    if let Ok(p) = std::env::var("LEGATE_BIN") {
-        return PathBuf::from(p);
-    }
-    // tests/ → workspace target dir, same profile as this test binary.
-    let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target profile dir");
-    profile_dir.join("legate")
-}
-
 /// A free loopback port (bound and released; good enough on loopback).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -59,9 +45,9 @@ pub mod tempfile_path {
 }
 
 /// Runs `legate --mode validate` on a config.
-pub fn validate(yaml: &str) -> Output {
+pub fn validate(bin: &str, yaml: &str) -> Output {
     let cfg = write_config(yaml);
-    Command::new(binary())
+    Command::new(bin)
         .args(["--mode", "validate", "-c"])
         .arg(&cfg.0)
         .output()
@@ -84,11 +70,23 @@ impl Drop for Legate {
 
 impl Legate {
     /// Starts legate and waits until every port in `wait_ports` accepts.
-    pub fn start(yaml: &str, wait_ports: &[u16], admin: Option<u16>) -> Legate {
+    pub fn start(bin: &str, yaml: &str, wait_ports: &[u16], admin: Option<u16>) -> Legate {
+        Self::start_with_args(bin, yaml, &[], wait_ports, admin)
+    }
+
+    /// As [`Legate::start`], with extra command-line arguments.
+    pub fn start_with_args(
+        bin: &str,
+        yaml: &str,
+        args: &[&str],
+        wait_ports: &[u16],
+        admin: Option<u16>,
+    ) -> Legate {
         let cfg = write_config(yaml);
-        let child = Command::new(binary())
+        let child = Command::new(bin)
             .args(["--concurrency", "1", "-l", "warning", "-c"])
             .arg(&cfg.0)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -237,6 +237,14 @@ impl ProxyHttp for HcmProxy {
         Ctx::default()
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // Envoy answers pipelined HTTP/1.1 requests one after another, in
+        // order; pingora drops them unless asked (the setting then persists
+        // across the connection's reuses).
+        session.as_downstream_mut().set_pipelining_enabled(true);
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let Some(meta) = conn_meta(session) else {
             return Error::e_explain(
