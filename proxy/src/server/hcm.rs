@@ -840,6 +840,22 @@ impl ProxyHttp for HcmProxy {
         }
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error) -> bool {
+        // Upstream failures are counted in stats and answered as Envoy does;
+        // Envoy logs them at debug level, not per request at error level.
+        !tracing::enabled!(tracing::Level::DEBUG)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Ctx,
+        _error: &Error,
+        _c: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        !tracing::enabled!(tracing::Level::DEBUG)
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         if let Some(h) = ctx.host.take() {
             h.active_requests.fetch_sub(1, Ordering::Relaxed);
