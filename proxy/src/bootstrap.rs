@@ -218,6 +218,9 @@ fn check_route_clusters(
     path: &str,
 ) -> Result<(), ConfigError> {
     use crate::config::route::{Action, ClusterSpec};
+    if !l.chain.route_config.validate_clusters {
+        return Ok(());
+    }
     for (vi, vh) in l.chain.route_config.virtual_hosts.iter().enumerate() {
         for (ri, r) in vh.routes.iter().enumerate() {
             let Action::Forward(ra) = &r.action else {

@@ -158,13 +158,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     // Listeners.
     m(
         "envoy.config.listener.v3.Listener",
-        &[
-            "name",
-            "address",
-            "filter_chains",
-            "per_connection_buffer_limit_bytes",
-            "stat_prefix",
-        ],
+        &["name", "address", "filter_chains", "stat_prefix"],
         &[
             ("traffic_direction", "only informational"),
             ("metadata", "only informational"),
@@ -208,9 +202,6 @@ pub static REGISTRY: &[MessageSupport] = &[
             "path_with_escaped_slashes_action",
             "common_http_protocol_options",
             "max_request_headers_kb",
-            "request_timeout",
-            "stream_idle_timeout",
-            "request_headers_timeout",
             "generate_request_id",
             "preserve_external_request_id",
             "always_set_request_id_in_response",
@@ -281,11 +272,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "response_headers_to_remove",
             "ignore_port_in_host_matching",
             "most_specific_header_mutations_wins",
-        ],
-        &[(
             "validate_clusters",
-            "clusters are always checked at request time",
-        )],
+        ],
+        &[],
     ),
     m(
         "envoy.config.route.v3.VirtualHost",
@@ -561,8 +550,6 @@ pub static REGISTRY: &[MessageSupport] = &[
             "http2_protocol_options",
             "http_protocol_options",
             "typed_extension_protocol_options",
-            "max_requests_per_connection",
-            "per_connection_buffer_limit_bytes",
             "ring_hash_lb_config",
             "maglev_lb_config",
             "least_request_lb_config",
@@ -690,9 +677,58 @@ pub fn validate(msg: &DynamicMessage) -> Result<Vec<Ignored>, crate::config::Con
     Ok(ignored)
 }
 
+/// The per-field support table of `docs/compatibility.md`, generated from
+/// [`REGISTRY`] and the descriptor pool (so every field of every listed
+/// message appears, supported or not).
+pub fn compatibility_markdown() -> String {
+    let pool = legate_proto::pool();
+    let mut out = String::from(
+        "# Compatibility\n\nGenerated from `proxy/src/registry.rs` by `UPDATE_DOCS=1 cargo test -p legate compatibility_doc`; \
+         do not edit by hand.\n\n\
+         - **supported**: translated with Envoy's semantics.\n\
+         - **accepted (warning)**: cannot change traffic; accepted with a log line and the `legate.config.fields_ignored` counter.\n\
+         - **rejected**: any other field; config setting it fails validation (exit 1 in `--mode validate`) naming the field.\n\
+         - A message that is not listed is rejected as a whole.\n",
+    );
+    let mut entries: Vec<&MessageSupport> = REGISTRY.iter().collect();
+    entries.sort_by_key(|e| e.message);
+    for e in entries {
+        out.push_str(&format!(
+            "\n## `{}`\n\n| field | status |\n|---|---|\n",
+            e.message
+        ));
+        let Some(d) = pool.get_message_by_name(e.message) else {
+            continue;
+        };
+        for f in d.fields() {
+            let name = f.name();
+            let status = if e.supported.contains(&name) {
+                "supported".to_string()
+            } else if let Some((_, why)) = e.warn.iter().find(|(n, _)| *n == name) {
+                format!("accepted (warning): {why}")
+            } else {
+                "rejected".to_string()
+            };
+            out.push_str(&format!("| `{name}` | {status} |\n"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compatibility_doc_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/compatibility.md");
+        let want = compatibility_markdown();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(have == want, "docs/compatibility.md is stale: run UPDATE_DOCS=1 cargo test -p legate compatibility_doc");
+    }
 
     #[test]
     fn every_registry_entry_names_a_real_message_and_fields() {

@@ -60,8 +60,6 @@ pub struct ClusterConfig {
     pub dns_family: DnsFamily,
     pub dns_refresh: Duration,
     pub protocol: UpstreamProtocol,
-    pub max_requests_per_connection: Option<u32>,
-    pub per_connection_buffer_limit: u32,
     pub upstream_idle_timeout: Option<Duration>,
     pub max_concurrent_streams: u32,
 }
@@ -208,7 +206,6 @@ impl ClusterConfig {
         } else {
             UpstreamProtocol::Http1
         };
-        let mut max_requests_per_connection = c.max_requests_per_connection.val();
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
         let mut max_concurrent_streams = c
             .http2_protocol_options
@@ -260,8 +257,15 @@ impl ClusterConfig {
                 None => {}
             }
             if let Some(common) = &o.common_http_protocol_options {
-                if let Some(m) = common.max_requests_per_connection.val() {
-                    max_requests_per_connection = Some(m);
+                if common.max_requests_per_connection.is_some() {
+                    // pingora's pools cannot cap requests per connection yet.
+                    return Err(ConfigError::new(
+                        join(
+                            &p,
+                            "common_http_protocol_options.max_requests_per_connection",
+                        ),
+                        "not supported yet",
+                    ));
                 }
                 if let Some(t) = &common.idle_timeout {
                     let d = duration(t, &join(&p, "common_http_protocol_options.idle_timeout"))?;
@@ -293,11 +297,6 @@ impl ClusterConfig {
             dns_family,
             dns_refresh,
             protocol,
-            max_requests_per_connection,
-            per_connection_buffer_limit: c
-                .per_connection_buffer_limit_bytes
-                .val()
-                .unwrap_or(1024 * 1024),
             upstream_idle_timeout,
             max_concurrent_streams,
         })

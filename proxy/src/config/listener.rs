@@ -1,12 +1,11 @@
 //! Listeners, filter chains and the HTTP connection manager.
 
 use super::route::RouteConfig;
-use super::{index, join, socket_addr, timeout_or, ConfigError, Result, Wrapped};
+use super::{index, join, socket_addr, ConfigError, Result, Wrapped};
 use legate_proto::envoy_types::pb::envoy::config::listener::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -19,7 +18,6 @@ pub struct Listener {
     /// Stat prefix: `listener.<address>.` unless `stat_prefix` is set.
     pub stat_prefix: String,
     pub chain: Arc<Hcm>,
-    pub per_connection_buffer_limit: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,14 +68,9 @@ pub struct Hcm {
     pub max_request_headers_kb: u32,
     pub max_headers_count: u32,
     pub underscores: UnderscoreAction,
-    pub request_timeout: Option<Duration>,
-    pub stream_idle_timeout: Option<Duration>,
-    pub request_headers_timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
     pub generate_request_id: bool,
     pub preserve_external_request_id: bool,
     pub always_set_request_id_in_response: bool,
-    pub max_concurrent_streams: u32,
 }
 
 impl Listener {
@@ -139,10 +132,6 @@ impl Listener {
             address,
             stat_prefix,
             chain,
-            per_connection_buffer_limit: l
-                .per_connection_buffer_limit_bytes
-                .val()
-                .unwrap_or(1024 * 1024),
         })
     }
 }
@@ -243,6 +232,20 @@ impl Hcm {
         };
         let common = h.common_http_protocol_options.clone().unwrap_or_default();
         let cp = join(path, "common_http_protocol_options");
+        // Shared with clusters (where they are applied); downstream they are
+        // not applied yet, so they are rejected here rather than ignored.
+        if common.idle_timeout.is_some() {
+            return Err(ConfigError::new(
+                join(&cp, "idle_timeout"),
+                "downstream idle_timeout is not supported yet",
+            ));
+        }
+        if common.max_requests_per_connection.is_some() {
+            return Err(ConfigError::new(
+                join(&cp, "max_requests_per_connection"),
+                "downstream max_requests_per_connection is not supported yet",
+            ));
+        }
         use legate_proto::envoy_types::pb::envoy::config::core::v3::http_protocol_options::HeadersWithUnderscoresAction as U;
         let underscores =
             match U::try_from(common.headers_with_underscores_action).unwrap_or(U::Allow) {
@@ -257,7 +260,15 @@ impl Hcm {
                 "must be between 1 and 8192",
             ));
         }
-        let h2 = h.http2_protocol_options.clone().unwrap_or_default();
+        if h.http2_protocol_options
+            .as_ref()
+            .is_some_and(|o| o.max_concurrent_streams.is_some())
+        {
+            return Err(ConfigError::new(
+                join(path, "http2_protocol_options.max_concurrent_streams"),
+                "downstream max_concurrent_streams is not supported yet",
+            ));
+        }
         Ok(Self {
             stat_prefix: h.stat_prefix.clone(),
             codec,
@@ -282,30 +293,9 @@ impl Hcm {
             max_request_headers_kb: max_kb,
             max_headers_count: common.max_headers_count.val().unwrap_or(100),
             underscores,
-            request_timeout: timeout_or(
-                h.request_timeout.as_ref(),
-                None,
-                &join(path, "request_timeout"),
-            )?,
-            stream_idle_timeout: timeout_or(
-                h.stream_idle_timeout.as_ref(),
-                Some(Duration::from_secs(300)),
-                &join(path, "stream_idle_timeout"),
-            )?,
-            request_headers_timeout: timeout_or(
-                h.request_headers_timeout.as_ref(),
-                None,
-                &join(path, "request_headers_timeout"),
-            )?,
-            idle_timeout: timeout_or(
-                common.idle_timeout.as_ref(),
-                Some(Duration::from_secs(3600)),
-                &join(&cp, "idle_timeout"),
-            )?,
             generate_request_id: h.generate_request_id.val().unwrap_or(true),
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
-            max_concurrent_streams: h2.max_concurrent_streams.val().unwrap_or(2147483647),
         })
     }
 }

@@ -14,6 +14,9 @@ pub struct RouteConfig {
     pub headers: HeaderOps,
     pub ignore_port_in_host_matching: bool,
     pub most_specific_header_mutations_wins: bool,
+    /// Whether routes to unknown clusters fail config loading (Envoy's
+    /// default for inline route configs) or answer 503 at request time.
+    pub validate_clusters: bool,
 }
 
 #[derive(Debug)]
@@ -98,7 +101,6 @@ pub struct RouteAction {
     pub host_rewrite: Option<HostRewrite>,
     /// Upstream timeout; `None` = disabled. Envoy's default is 15 s.
     pub timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
     pub retry_policy: Option<RetryPolicy>,
     pub hash_policy: Vec<HashPolicy>,
 }
@@ -200,6 +202,7 @@ impl RouteConfig {
             )?,
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
             most_specific_header_mutations_wins: rc.most_specific_header_mutations_wins,
+            validate_clusters: rc.validate_clusters.val().unwrap_or(true),
         })
     }
 }
@@ -579,6 +582,12 @@ impl RouteAction {
                     Ok::<_, ConfigError>((FullRegex(compiled), envoy_substitution(&r.substitution)))
                 })
                 .transpose()?;
+        if ra.idle_timeout.is_some() {
+            return Err(ConfigError::new(
+                join(path, "idle_timeout"),
+                "route idle_timeout is not supported yet",
+            ));
+        }
         if !ra.prefix_rewrite.is_empty() && regex_rewrite.is_some() {
             return Err(ConfigError::new(
                 join(path, "regex_rewrite"),
@@ -631,11 +640,6 @@ impl RouteAction {
                 ra.timeout.as_ref(),
                 Some(Duration::from_secs(15)),
                 &join(path, "timeout"),
-            )?,
-            idle_timeout: super::timeout_or(
-                ra.idle_timeout.as_ref(),
-                None,
-                &join(path, "idle_timeout"),
             )?,
             retry_policy: ra
                 .retry_policy
