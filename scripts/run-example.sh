@@ -18,9 +18,14 @@ for _ in $(seq 1 100); do
   curl -sf http://127.0.0.1:9901/ready >/dev/null 2>&1 && break
   sleep 0.1
 done
+for pid in $UPSTREAM $LEGATE; do
+  kill -0 "$pid" 2>/dev/null || { echo "run-example: a process failed to start (ports 8080, 10000 and 9901 must be free)" >&2; exit 1; }
+done
 echo
 echo "Legate is serving examples/basic.yaml. One request through it:"
-curl -s -i http://127.0.0.1:10000/hello
+reply=$(curl -s -i http://127.0.0.1:10000/hello)
+echo "$reply"
+grep -q '"server":"example-upstream"' <<<"$reply" || { echo "run-example: the reply did not come from this example's upstream" >&2; exit 1; }
 echo
 echo
 echo "Try:   curl -i http://127.0.0.1:10000/anything"
