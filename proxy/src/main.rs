@@ -92,6 +92,9 @@ async fn serve(
     let mut proxy = pingora_proxy::http_proxy(&conf, HcmProxy { shared });
     let mut opts = HttpServerOptions::default();
     opts.h2c = true;
+    // CONNECT reaches the router (which answers 404, as Envoy does without
+    // a connect_matcher route) instead of pingora's 405.
+    opts.allow_connect_method_proxying = true;
     proxy.server_options = Some(opts);
     let listeners = Arc::new(ListenerManager::new(Arc::new(proxy)));
     for l in &config.listeners {

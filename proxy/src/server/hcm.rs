@@ -259,6 +259,21 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
 
+        if session.req_header().version != http::Version::HTTP_2 {
+            if let Some((status, body)) = rq::http1_codec_check(session.req_header()) {
+                session.set_keepalive(None);
+                self.local_reply(
+                    session,
+                    ctx,
+                    status,
+                    Bytes::from_static(body.as_bytes()),
+                    vec![],
+                    false,
+                )
+                .await?;
+                return Ok(true);
+            }
+        }
         // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
         let (count, size) = {
             let h = &session.req_header().headers;
@@ -315,6 +330,15 @@ impl ProxyHttp for HcmProxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
+        // CONNECT needs a connect_matcher route, which Legate does not
+        // support (and rejects in config): so no route matches, as in Envoy.
+        let asterisk = raw_path == "*" && session.req_header().method == http::Method::OPTIONS;
+        if session.req_header().method == http::Method::CONNECT || asterisk {
+            stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
+                .await?;
+            return Ok(true);
+        }
         if !raw_path.starts_with('/') {
             self.local_reply(session, ctx, 400, Bytes::new(), vec![], false)
                 .await?;
@@ -817,6 +841,7 @@ impl ProxyHttp for HcmProxy {
                 status: 503,
                 body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
             },
+            ErrorType::Custom(c) if *c == "InvalidChunk" => LocalReply { status: 400, body: "Bad Request" },
             _ => match e.esource() {
                 pingora_error::ErrorSource::Downstream => LocalReply { status: 0, body: "" },
                 _ => LocalReply { status: 503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination" },

@@ -148,26 +148,15 @@ async fn accept_loop(
         let drain = drain.clone();
         tokio::spawn(async move {
             let codec = config.chain.codec;
-            if codec == Codec::Http2 {
-                // An HTTP/2-only listener refuses anything but the preface.
-                let mut buf = [0u8; 24];
-                let ok = tokio::time::timeout(Duration::from_secs(10), async {
-                    loop {
-                        let n = sock.peek(&mut buf).await.ok()?;
-                        if n == 0 || buf[..n] != H2_PREFACE[..n] {
-                            return None;
-                        }
-                        if n == H2_PREFACE.len() {
-                            return Some(());
-                        }
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                })
-                .await;
-                if !matches!(ok, Ok(Some(()))) {
-                    tracing::debug!(%peer, "not an HTTP/2 connection on an HTTP2 codec listener");
-                    return;
-                }
+            // Decide the protocol ourselves: pingora's own h2c check waits
+            // for 24 bytes, which hangs a shorter HTTP/1.1 request.
+            let is_h2 = match sniff_h2(&sock).await {
+                Some(h2) => h2,
+                None => return,
+            };
+            if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
+                tracing::debug!(%peer, ?codec, "protocol not allowed by codec_type");
+                return;
             }
             let fd = sock.as_raw_fd();
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
@@ -179,7 +168,7 @@ async fn accept_loop(
             let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
             stream.set_proxy_digest(ProxyDigest::new(dummy, Some(Box::new(meta))));
             let stream: pingora_core::protocols::Stream = Box::new(stream);
-            if codec == Codec::Http1 {
+            if !is_h2 {
                 http1_loop(&proxy, stream, &drain).await;
             } else {
                 proxy.process_new(stream, &drain).await;
@@ -188,7 +177,33 @@ async fn accept_loop(
     }
 }
 
-/// HTTP/1-only connections: pingora's H1 path without its h2c sniffing.
+/// Peeks until the bytes either diverge from the HTTP/2 preface (HTTP/1) or
+/// complete it (h2c). `None`: the client closed or stayed silent.
+async fn sniff_h2(sock: &tokio::net::TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let sniff = async {
+        loop {
+            let n = sock.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+            // A partial preface: wait for more bytes.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), sniff)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// HTTP/1 connections: pingora's H1 path without its h2c sniffing.
 async fn http1_loop(
     proxy: &Arc<HttpProxy<hcm::HcmProxy>>,
     stream: pingora_core::protocols::Stream,

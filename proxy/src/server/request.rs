@@ -6,6 +6,67 @@ use crate::config::route::{PathMatch, Redirect, RouteMatch};
 use crate::routing::{path_only, strip_port};
 use std::net::IpAddr;
 
+/// The request methods Envoy's HTTP/1 codec knows (http_parser's list);
+/// any other method is a 400 there.
+pub const HTTP1_METHODS: &[&str] = &[
+    "DELETE",
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "COPY",
+    "LOCK",
+    "MKCOL",
+    "MOVE",
+    "PROPFIND",
+    "PROPPATCH",
+    "SEARCH",
+    "UNLOCK",
+    "BIND",
+    "REBIND",
+    "UNBIND",
+    "ACL",
+    "REPORT",
+    "MKACTIVITY",
+    "CHECKOUT",
+    "MERGE",
+    "M-SEARCH",
+    "NOTIFY",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PATCH",
+    "PURGE",
+    "MKCALENDAR",
+    "LINK",
+    "UNLINK",
+    "SOURCE",
+];
+
+/// Envoy's HTTP/1 codec checks that pingora's parser does not make: the
+/// (status, body) of the refusal, if any.
+pub fn http1_codec_check(req: &pingora_http::RequestHeader) -> Option<(u16, &'static str)> {
+    if req.version == http::Version::HTTP_10 || req.version == http::Version::HTTP_09 {
+        // Envoy's default (accept_http_10: false).
+        return Some((426, "Upgrade Required"));
+    }
+    if !HTTP1_METHODS.contains(&req.method.as_str()) {
+        return Some((400, "Bad Request"));
+    }
+    let h = &req.headers;
+    if h.contains_key(http::header::CONTENT_LENGTH)
+        && h.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return Some((400, "Bad Request"));
+    }
+    if !h.contains_key(http::header::HOST) && req.uri.authority().is_none() {
+        return Some((400, ""));
+    }
+    None
+}
+
 /// RFC 3986 §5.2.4 dot-segment removal, with `\` treated as `/` as Envoy's
 /// `normalize_path` does. Works on the path part only.
 pub fn normalize_path(path: &str) -> String {

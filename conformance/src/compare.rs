@@ -1,0 +1,198 @@
+//! Comparing what a client and the upstreams observed through Envoy and
+//! through Legate. The tolerated differences are listed here, each with the
+//! reason it cannot reflect a behavioural difference.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Response headers whose values legitimately differ between two runs.
+pub const TOLERATED_RESPONSE_HEADERS: &[(&str, &str)] = &[
+    ("date", "the wall-clock time of the response"),
+    ("x-envoy-upstream-service-time", "a measured latency"),
+];
+
+/// `connection: keep-alive` on one side only: pingora states HTTP/1.1's
+/// default explicitly, Envoy omits it; both keep the connection open.
+pub const KEEP_ALIVE_REASON: &str =
+    "HTTP/1.1 keep-alive is the default; stating it changes nothing";
+
+/// Random request ids (UUID v4) are replaced by `<uuid>` everywhere before
+/// comparing: their values are random by design, their presence and place
+/// are still compared.
+pub fn normalize(s: &str) -> String {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| {
+        regex::Regex::new("[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+            .unwrap()
+    })
+    .replace_all(s, "<uuid>")
+    .into_owned()
+}
+
+/// What one request observed through one proxy.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub status: u16,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body: String,
+    /// The echo upstream's JSON view of the request, when an upstream answered.
+    pub upstream: Option<Value>,
+    pub served_by: String,
+}
+
+impl Observation {
+    pub fn from_curl(r: &legate_tests::legate::CurlResult) -> Self {
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in &r.headers {
+            headers
+                .entry(k.to_ascii_lowercase())
+                .or_default()
+                .push(normalize(v));
+        }
+        let served_by = r.header("x-echo-server").unwrap_or("none").to_string();
+        let upstream = if served_by != "none" {
+            serde_json::from_str::<Value>(&normalize(&r.body)).ok()
+        } else {
+            None
+        };
+        Self {
+            status: r.status,
+            headers,
+            body: normalize(&r.body),
+            upstream,
+            served_by,
+        }
+    }
+}
+
+/// Field-by-field differences (empty = the same).
+pub fn diff(envoy: &Observation, legate: &Observation) -> Vec<String> {
+    let mut out = Vec::new();
+    if envoy.status != legate.status {
+        out.push(format!(
+            "status: envoy {} / legate {}",
+            envoy.status, legate.status
+        ));
+    }
+    if envoy.served_by != legate.served_by {
+        out.push(format!(
+            "served_by: envoy {} / legate {}",
+            envoy.served_by, legate.served_by
+        ));
+    }
+    let names: std::collections::BTreeSet<&String> =
+        envoy.headers.keys().chain(legate.headers.keys()).collect();
+    for n in names {
+        if TOLERATED_RESPONSE_HEADERS.iter().any(|(t, _)| t == n) {
+            continue;
+        }
+        let (e, l) = (envoy.headers.get(n), legate.headers.get(n));
+        if n == "connection" {
+            let ka = |v: Option<&Vec<String>>| {
+                v.is_none_or(|v| v.iter().all(|x| x.eq_ignore_ascii_case("keep-alive")))
+            };
+            if ka(e) && ka(l) {
+                continue;
+            }
+        }
+        if e != l {
+            out.push(format!("response header {n}: envoy {e:?} / legate {l:?}"));
+        }
+    }
+    match (&envoy.upstream, &legate.upstream) {
+        (Some(e), Some(l)) => {
+            for key in ["method", "path", "body", "version"] {
+                if e[key] != l[key] {
+                    out.push(format!(
+                        "upstream {key}: envoy {} / legate {}",
+                        e[key], l[key]
+                    ));
+                }
+            }
+            let empty = serde_json::Map::new();
+            let eh = e["headers"].as_object().unwrap_or(&empty);
+            let lh = l["headers"].as_object().unwrap_or(&empty);
+            let names: std::collections::BTreeSet<&String> = eh.keys().chain(lh.keys()).collect();
+            for n in names {
+                if eh.get(n) != lh.get(n) {
+                    out.push(format!(
+                        "upstream header {n}: envoy {:?} / legate {:?}",
+                        eh.get(n),
+                        lh.get(n)
+                    ));
+                }
+            }
+        }
+        _ => {
+            if envoy.body != legate.body {
+                out.push(format!(
+                    "body: envoy {:?} / legate {:?}",
+                    envoy.body, legate.body
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(status: u16, headers: &[(&str, &str)], body: &str) -> Observation {
+        let r = legate_tests::legate::CurlResult {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_string(),
+        };
+        Observation::from_curl(&r)
+    }
+
+    #[test]
+    fn tolerated_fields_are_ignored_and_others_reported() {
+        let a = obs(
+            200,
+            &[
+                ("date", "x"),
+                ("x-request-id", "0f8b3a2e-1c4d-4e5f-9a6b-7c8d9e0f1a2b"),
+                ("a", "1"),
+            ],
+            "",
+        );
+        let b = obs(
+            200,
+            &[
+                ("date", "y"),
+                ("connection", "keep-alive"),
+                ("x-request-id", "11111111-2222-4333-8444-555555555555"),
+                ("a", "1"),
+            ],
+            "",
+        );
+        assert!(diff(&a, &b).is_empty(), "{:?}", diff(&a, &b));
+        let c = obs(404, &[("a", "2")], "");
+        let d = diff(&a, &c);
+        assert!(
+            d.iter().any(|x| x.starts_with("status"))
+                && d.iter().any(|x| x.starts_with("response header a")),
+            "{d:?}"
+        );
+        let e = obs(
+            200,
+            &[
+                ("date", "x"),
+                ("connection", "close"),
+                ("a", "1"),
+                ("x-request-id", "0f8b3a2e-1c4d-4e5f-9a6b-7c8d9e0f1a2b"),
+            ],
+            "",
+        );
+        assert!(
+            !diff(&a, &e).is_empty(),
+            "connection: close is a real difference"
+        );
+    }
+}

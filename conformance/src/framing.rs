@@ -1,0 +1,108 @@
+//! The http tier's raw HTTP/1.1 framing cases: bytes that clients and
+//! smugglers send, written to a raw socket; Legate must answer as strictly
+//! as Envoy (same status, or the same refusal).
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::Result;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+pub const CASES: &[(&str, &str)] = &[
+    ("plain-get", "GET / HTTP/1.1\r\nhost: a\r\n\r\n"),
+    ("http10", "GET / HTTP/1.0\r\nhost: a\r\n\r\n"),
+    ("cl-and-te", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ("two-different-cl", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd"),
+    ("cl-plus-sign", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: +3\r\n\r\nabc"),
+    ("cl-not-a-number", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0x3\r\n\r\nabc"),
+    ("te-gzip-last", "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+    ("te-unknown", "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: xchunked\r\n\r\n0\r\n\r\n"),
+    ("bad-chunk-size", "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+    ("chunked-ok", "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    ("obs-fold", "GET / HTTP/1.1\r\nhost: a\r\nx-a: b\r\n c\r\n\r\n"),
+    ("space-before-colon", "GET / HTTP/1.1\r\nhost: a\r\nx-a : b\r\n\r\n"),
+    ("nul-in-value", "GET / HTTP/1.1\r\nhost: a\r\nx-a: b\u{0}c\r\n\r\n"),
+    ("bad-version", "GET / HTTP/9.9\r\nhost: a\r\n\r\n"),
+    ("lowercase-method", "get / HTTP/1.1\r\nhost: a\r\n\r\n"),
+    ("no-host-http11", "GET / HTTP/1.1\r\n\r\n"),
+    ("absolute-uri", "GET http://a/x HTTP/1.1\r\nhost: a\r\n\r\n"),
+    ("asterisk-options", "OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n"),
+    ("connect", "CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n"),
+    ("bare-lf", "GET / HTTP/1.1\nhost: a\n\n"),
+];
+
+/// The status line's code, or "closed" when the proxy sent nothing.
+fn send_raw(port: u16, bytes: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return "connect failed".into();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.write_all(bytes.as_bytes());
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map_or("closed".into(), str::to_string)
+}
+
+pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
+    let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
+    let (port, admin) = (
+        legate_tests::legate::free_port(),
+        legate_tests::legate::free_port(),
+    );
+    let cfg = format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: l
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: framing
+          route_config:
+            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: a}}}}]}}]
+          http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: a
+    load_assignment: {{cluster_name: a, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]}}
+"#,
+        up.addr.port()
+    );
+    let path = work.join("framing.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut answers = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &path, admin, work)?;
+        answers.push(tokio::task::block_in_place(|| {
+            CASES
+                .iter()
+                .map(|(_, b)| send_raw(port, b))
+                .collect::<Vec<_>>()
+        }));
+    }
+    for (i, (name, _)) in CASES.iter().enumerate() {
+        let (e, l) = (&answers[0][i], &answers[1][i]);
+        let o = if e == l {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(vec![format!("envoy answered {e} / legate answered {l}")])
+        };
+        report.add("http", "http1-framing", name, o);
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! `legate-conformance [TIER...]`: runs each scenario against the real Envoy
+//! 1.40 and against Legate with identical inputs, and reports differences.
+//! Tiers: routing, validate, http, xds. Closing line: `N passed, N failed`.
+
+mod compare;
+mod framing;
+mod gaps;
+mod proxies;
+mod report;
+mod routing;
+mod validate;
+
+use anyhow::{Context, Result};
+use report::{Outcome, Report};
+use std::path::PathBuf;
+
+const ALL_TIERS: &[&str] = &["routing", "validate", "http", "xds"];
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bins = proxies::Binaries {
+        envoy: std::env::var("ENVOY")
+            .map(PathBuf::from)
+            .context("ENVOY must name the Envoy 1.40 binary (conformance/run sets it)")?,
+        legate: std::env::var("LEGATE")
+            .map(PathBuf::from)
+            .context("LEGATE must name the legate binary")?,
+    };
+    let mut tiers: Vec<String> = std::env::args().skip(1).collect();
+    if tiers.is_empty() {
+        tiers = ALL_TIERS.iter().map(|s| s.to_string()).collect();
+    }
+    let work = root.join("../target/conformance/work");
+    std::fs::create_dir_all(&work)?;
+    println!("tolerated differences (not compared):");
+    for (what, why) in compare::TOLERATED_RESPONSE_HEADERS.iter().chain(
+        [
+            ("connection: keep-alive vs none", compare::KEEP_ALIVE_REASON),
+            ("UUID values", "request ids are random; compared as <uuid>"),
+        ]
+        .iter(),
+    ) {
+        println!("  {what}: {why}");
+    }
+    let mut report = Report::default();
+    for tier in &tiers {
+        match tier.as_str() {
+            "routing" => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("scenarios/routing"))?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+                    .collect();
+                files.sort();
+                for f in files {
+                    if let Err(e) = routing::run_file(&bins, &f, &work, &mut report).await {
+                        report.add(
+                            "routing",
+                            &f.file_stem().unwrap().to_string_lossy(),
+                            "*",
+                            Outcome::Mismatch(vec![format!("{e:#}")]),
+                        );
+                    }
+                }
+            }
+            "validate" => validate::run(&bins, &root.join("scenarios/validate"), &mut report)?,
+            "http" => framing::run(&bins, &work, &mut report).await?,
+            "xds" => {
+                for mode in ["ads", "xds", "rest", "delta", "delta-ads", "mux", "tls"] {
+                    report.add(
+                        "xds",
+                        "go-control-plane",
+                        mode,
+                        Outcome::Mismatch(vec!["not run".into()]),
+                    );
+                }
+            }
+            other => anyhow::bail!("unknown tier '{other}' (tiers: {})", ALL_TIERS.join(", ")),
+        }
+    }
+    let c = report.print();
+    if tiers.len() == ALL_TIERS.len() {
+        write_compatibility_section(&root.join("../docs/compatibility.md"), &report.markdown())?;
+    }
+    println!("{} known gaps reported as NOT YET SUPPORTED above (listed with reasons in conformance/src/gaps.rs)", c.gaps);
+    println!("conformance: {} passed, {} failed", c.passed, c.failed);
+    if c.failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Replaces the conformance section of docs/compatibility.md (after the
+/// marker), leaving the generated field tables before it untouched.
+fn write_compatibility_section(path: &std::path::Path, section: &str) -> Result<()> {
+    const MARK: &str = "<!-- conformance results -->";
+    let doc = std::fs::read_to_string(path).unwrap_or_default();
+    let head = doc.split(MARK).next().unwrap_or("");
+    std::fs::write(path, format!("{head}{MARK}\n{section}"))?;
+    Ok(())
+}

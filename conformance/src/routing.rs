@@ -1,0 +1,170 @@
+//! The routing tier: scenario bootstraps with real echo upstreams, every
+//! request sent with real curl through Envoy, then through Legate.
+
+use crate::compare::{diff, Observation};
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub description: String,
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    pub bootstrap: String,
+    pub requests: Vec<Request>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub name: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    pub path: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub http2: bool,
+    #[serde(default)]
+    pub expect: Option<Expect>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    pub status: Option<u16>,
+    pub served_by: Option<String>,
+}
+
+fn send(port: u16, r: &Request) -> Observation {
+    let mut args: Vec<String> = vec!["--path-as-is".into()];
+    if let Some(m) = &r.method {
+        args.extend(["-X".into(), m.clone()]);
+    }
+    if !r.headers.keys().any(|k| k.eq_ignore_ascii_case("host")) {
+        args.extend(["-H".into(), "host: conformance.test".into()]);
+    }
+    for (k, v) in &r.headers {
+        args.extend(["-H".into(), format!("{k}: {v}")]);
+    }
+    if let Some(b) = &r.body {
+        args.extend(["--data-binary".into(), b.clone()]);
+    }
+    if r.http2 {
+        args.push("--http2-prior-knowledge".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let res = legate_tests::legate::curl(&format!("http://127.0.0.1:{port}{}", r.path), &args);
+    Observation::from_curl(&res)
+}
+
+fn check_expect(e: &Option<Expect>, o: &Observation) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = e {
+        if let Some(s) = e.status {
+            if s != o.status {
+                out.push(format!("expected status {s}, got {}", o.status));
+            }
+        }
+        if let Some(s) = &e.served_by {
+            if *s != o.served_by {
+                out.push(format!("expected served_by {s}, got {}", o.served_by));
+            }
+        }
+    }
+    out
+}
+
+/// Runs one scenario file; appends one outcome per request.
+pub async fn run_file(
+    bins: &Binaries,
+    file: &Path,
+    work: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let stem = file.file_stem().unwrap().to_string_lossy().to_string();
+    let sc: Scenario = serde_yaml::from_str(&std::fs::read_to_string(file)?)
+        .with_context(|| format!("parsing {}", file.display()))?;
+    let _ = &sc.description;
+    let mut ups = Vec::new();
+    let mut text = sc.bootstrap.clone();
+    for name in &sc.upstreams {
+        let u = legate_tests::echo::start(name, "127.0.0.1:0".parse().unwrap()).await?;
+        text = text.replace(
+            &format!("{{{{UPSTREAM_{name}}}}}"),
+            &u.addr.port().to_string(),
+        );
+        ups.push(u);
+    }
+    let (port, admin) = (
+        legate_tests::legate::free_port(),
+        legate_tests::legate::free_port(),
+    );
+    text = text
+        .replace("{{LISTENER}}", &port.to_string())
+        .replace("{{ADMIN}}", &admin.to_string());
+    let cfg = work.join(format!("{stem}.yaml"));
+    std::fs::write(&cfg, &text)?;
+
+    let mut seen: BTreeMap<Kind, Vec<Observation>> = BTreeMap::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let started = proxies::start(bins, kind, &cfg, admin, work);
+        let running = match started {
+            Ok(r) => r,
+            Err(e) => {
+                for r in &sc.requests {
+                    report.add(
+                        "routing",
+                        &stem,
+                        &r.name,
+                        Outcome::Mismatch(vec![format!("{} did not start: {e:#}", kind.name())]),
+                    );
+                }
+                return Ok(());
+            }
+        };
+        let obs: Vec<Observation> =
+            tokio::task::block_in_place(|| sc.requests.iter().map(|r| send(port, r)).collect());
+        drop(running);
+        seen.insert(kind, obs);
+    }
+    let (envoy, legate) = (&seen[&Kind::Envoy], &seen[&Kind::Legate]);
+    for (i, r) in sc.requests.iter().enumerate() {
+        let mut problems: Vec<String> = check_expect(&r.expect, &envoy[i])
+            .into_iter()
+            .map(|p| format!("envoy: {p} (scenario is wrong)"))
+            .collect();
+        problems.extend(diff(&envoy[i], &legate[i]));
+        report.add(
+            "routing",
+            &stem,
+            &r.name,
+            if problems.is_empty() {
+                Outcome::Match
+            } else {
+                Outcome::Mismatch(problems)
+            },
+        );
+    }
+    drop(ups);
+    Ok(())
+}
+
+impl PartialOrd for Kind {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Kind {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (*self as u8).cmp(&(*other as u8))
+    }
+}
+impl Eq for Kind {}

@@ -1,0 +1,92 @@
+//! The validate tier: `--mode validate` must accept and reject exactly what
+//! Envoy does, over our corpus and go-control-plane's sample bootstraps.
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+fn check(bins: &Binaries, tier_case: &str, file: &Path, report: &mut Report) -> Result<()> {
+    let (e_ok, e_out) = proxies::validate(bins, Kind::Envoy, file)?;
+    let (l_ok, l_out) = proxies::validate(bins, Kind::Legate, file)?;
+    let outcome = if e_ok == l_ok {
+        Outcome::Match
+    } else {
+        let first = |s: &str| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .chars()
+                .take(300)
+                .collect::<String>()
+        };
+        Outcome::Mismatch(vec![format!(
+            "envoy {} / legate {}: envoy said {:?}; legate said {:?}",
+            if e_ok { "accepts" } else { "rejects" },
+            if l_ok { "accepts" } else { "rejects" },
+            first(&e_out),
+            first(&l_out)
+        )])
+    };
+    report.add(
+        "validate",
+        tier_case,
+        &file.file_name().unwrap().to_string_lossy(),
+        outcome,
+    );
+    Ok(())
+}
+
+/// go-control-plane v0.14.0's `sample/` bootstraps, from the Go module cache.
+pub fn go_control_plane_samples() -> Result<Vec<PathBuf>> {
+    let out = std::process::Command::new("go")
+        .args([
+            "mod",
+            "download",
+            "-json",
+            "github.com/envoyproxy/go-control-plane@v0.14.0",
+        ])
+        .env("GOFLAGS", "-mod=mod")
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "go mod download failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let dir = PathBuf::from(v["Dir"].as_str().unwrap_or_default()).join("sample");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub fn run(bins: &Binaries, corpus: &Path, report: &mut Report) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        check(bins, "corpus", &f, report)?;
+    }
+    match go_control_plane_samples() {
+        Ok(samples) => {
+            for f in samples {
+                check(bins, "go-control-plane-sample", &f, report)?;
+            }
+        }
+        Err(e) => report.add(
+            "validate",
+            "go-control-plane-sample",
+            "*",
+            Outcome::Mismatch(vec![format!("could not read the samples: {e:#}")]),
+        ),
+    }
+    Ok(())
+}
