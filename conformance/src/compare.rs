@@ -65,6 +65,19 @@ impl Observation {
     }
 }
 
+/// `x-envoy-expected-rq-timeout-ms` is what remains of the route timeout
+/// when an attempt starts, so after a retry it depends on elapsed time:
+/// values within 100 ms of each other are the same behaviour.
+pub const EXPECTED_TIMEOUT_REASON: &str = "the remaining route timeout when an attempt starts depends on elapsed time; compared within 100 ms";
+
+fn close_millis(a: Option<&Value>, b: Option<&Value>) -> bool {
+    let n = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .and_then(|s| s.parse::<i64>().ok())
+    };
+    matches!((n(a), n(b)), (Some(x), Some(y)) if (x - y).abs() <= 100)
+}
+
 /// Field-by-field differences (empty = the same).
 pub fn diff(envoy: &Observation, legate: &Observation) -> Vec<String> {
     let mut out = Vec::new();
@@ -114,6 +127,9 @@ pub fn diff(envoy: &Observation, legate: &Observation) -> Vec<String> {
             let lh = l["headers"].as_object().unwrap_or(&empty);
             let names: std::collections::BTreeSet<&String> = eh.keys().chain(lh.keys()).collect();
             for n in names {
+                if n == "x-envoy-expected-rq-timeout-ms" && close_millis(eh.get(n), lh.get(n)) {
+                    continue;
+                }
                 if eh.get(n) != lh.get(n) {
                     out.push(format!(
                         "upstream header {n}: envoy {:?} / legate {:?}",

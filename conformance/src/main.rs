@@ -38,6 +38,10 @@ async fn main() -> Result<()> {
         [
             ("connection: keep-alive vs none", compare::KEEP_ALIVE_REASON),
             ("UUID values", "request ids are random; compared as <uuid>"),
+            (
+                "upstream x-envoy-expected-rq-timeout-ms",
+                compare::EXPECTED_TIMEOUT_REASON,
+            ),
         ]
         .iter(),
     ) {

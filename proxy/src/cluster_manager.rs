@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct UpstreamHost {
     pub addr: SocketAddr,
+    /// What ring hash and Maglev hash: `envoy.lb` `hash_key` metadata, or
+    /// the address.
+    pub hash_key: String,
     pub hostname: String,
     pub weight: u32,
     pub healthy: bool,
@@ -108,7 +111,7 @@ impl HostSnapshot {
                 let lb_hosts: Arc<[LbHost]> = chosen
                     .iter()
                     .map(|h| LbHost {
-                        hash_key: h.addr.to_string(),
+                        hash_key: h.hash_key.clone(),
                         weight: h.weight.max(1),
                         active_requests: h.active_requests.clone(),
                     })
@@ -275,10 +278,15 @@ impl Cluster {
                     live.insert(addr, cell.clone());
                     by_priority[p as usize].push(Arc::new(UpstreamHost {
                         addr,
-                        hostname: if e.hostname.is_empty() {
+                        hash_key: e.hash_key.clone().unwrap_or_else(|| addr.to_string()),
+                        // Envoy's host name: the endpoint's `hostname`, else the DNS
+                        // name it was resolved from; a STATIC IP has none.
+                        hostname: if !e.hostname.is_empty() {
+                            e.hostname.clone()
+                        } else if self.config.discovery != Discovery::Static {
                             e.host.clone()
                         } else {
-                            e.hostname.clone()
+                            String::new()
                         },
                         weight: e.weight,
                         healthy: e.healthy,
@@ -420,6 +428,7 @@ mod tests {
     fn host(port: u16, healthy: bool) -> Arc<UpstreamHost> {
         Arc::new(UpstreamHost {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            hash_key: format!("127.0.0.1:{port}"),
             hostname: String::new(),
             weight: 1,
             healthy,

@@ -18,14 +18,21 @@ pub struct FormatContext<'a> {
     pub request_headers: Option<&'a HeaderMap>,
     pub response_headers: Option<&'a HeaderMap>,
     pub hostname: &'a str,
+    pub pseudo: crate::config::matcher::Pseudo<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 enum Piece {
     Lit(String),
-    RemoteAddr { port: bool },
-    DirectRemoteAddr { port: bool },
-    LocalAddr { port: bool },
+    RemoteAddr {
+        port: bool,
+    },
+    DirectRemoteAddr {
+        port: bool,
+    },
+    LocalAddr {
+        port: bool,
+    },
     LocalPort,
     UpstreamRemoteAddr,
     UpstreamCluster,
@@ -33,6 +40,8 @@ enum Piece {
     Hostname,
     StartTime,
     Req(HeaderName),
+    /// `%REQ(:path)%` and the other request pseudo-headers.
+    ReqPseudo(&'static str),
     Resp(HeaderName),
 }
 
@@ -86,6 +95,26 @@ impl HeaderValueFormat {
                 "PROTOCOL" => Piece::Protocol,
                 "HOSTNAME" => Piece::Hostname,
                 "START_TIME" => Piece::StartTime,
+                c if c.to_ascii_lowercase().starts_with("req(:") => {
+                    let lower = c.to_ascii_lowercase();
+                    let name = lower
+                        .trim_start_matches("req(")
+                        .split([')', '?'])
+                        .next()
+                        .unwrap_or("");
+                    Piece::ReqPseudo(match name {
+                        ":path" => ":path",
+                        ":method" => ":method",
+                        ":authority" => ":authority",
+                        ":scheme" => ":scheme",
+                        other => {
+                            return Err(ConfigError::new(
+                                path,
+                                format!("unsupported pseudo-header {other} in %{cmd}%"),
+                            ))
+                        }
+                    })
+                }
                 c if c.starts_with("REQ(") => Piece::Req(arg("REQ")?),
                 c if c.starts_with("RESP(") => Piece::Resp(arg("RESP")?),
                 other => {
@@ -144,6 +173,12 @@ impl HeaderValueFormat {
                     out.push_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
                 }
                 Piece::Req(n) => out.push_str(&hdr(ctx.request_headers, n)),
+                Piece::ReqPseudo(p) => out.push_str(match *p {
+                    ":path" => ctx.pseudo.path,
+                    ":method" => ctx.pseudo.method,
+                    ":authority" => ctx.pseudo.authority,
+                    _ => ctx.pseudo.scheme,
+                }),
                 Piece::Resp(n) => out.push_str(&hdr(ctx.response_headers, n)),
             }
         }

@@ -87,6 +87,7 @@ async fn serve(
         clusters: clusters.clone(),
         runtime: runtime.clone(),
         hostname,
+        local_ip: legate::server::request::local_ip(),
     });
     let conf = Arc::new(ServerConf::default());
     let mut proxy = pingora_proxy::http_proxy(&conf, HcmProxy { shared });

@@ -13,6 +13,8 @@ pub struct RequestView<'a> {
     /// A random value in [0, u64::MAX] for runtime_fraction.
     pub random: u64,
     pub runtime: &'a Runtime,
+    /// `:method`, `:authority`, ... for header matchers that name them.
+    pub pseudo: crate::config::matcher::Pseudo<'a>,
 }
 
 /// The path without query string and fragment.
@@ -20,7 +22,7 @@ pub fn path_only(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or(path)
 }
 
-/// Decoded query parameters in order.
+/// Query parameters in order, not percent-decoded: Envoy matches the raw values.
 pub fn query_params(path: &str) -> Vec<(String, String)> {
     let Some((_, q)) = path.split_once('?') else {
         return Vec::new();
@@ -30,27 +32,15 @@ pub fn query_params(path: &str) -> Vec<(String, String)> {
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
+            (k.to_string(), v.to_string())
         })
         .collect()
 }
 
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Envoy's gRPC check: `application/grpc` or `application/grpc+<codec>`
+/// (so `application/grpc-web` is not gRPC).
+pub fn is_grpc_content_type(ct: &str) -> bool {
+    ct == "application/grpc" || ct.starts_with("application/grpc+")
 }
 
 /// Envoy's virtual host search: exact domains, then `*suffix` wildcards
@@ -143,11 +133,15 @@ fn route_matches(
             .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("application/grpc"))
+            .is_some_and(is_grpc_content_type)
     {
         return false;
     }
-    if !m.headers.iter().all(|h| h.matches(req.headers)) {
+    if !m
+        .headers
+        .iter()
+        .all(|h| h.matches_with(req.headers, &req.pseudo))
+    {
         return false;
     }
     if !m.query.is_empty() {
@@ -239,6 +233,7 @@ virtual_hosts:
                     headers: &hm,
                     random: 0,
                     runtime: &rt,
+                    pseudo: Default::default(),
                 },
             )
             .unwrap()
@@ -255,7 +250,12 @@ virtual_hosts:
         assert_eq!(pick("/ci/x", &[]), "ci");
         assert_eq!(pick("/h", &[("x-v", "1")]), "hdr");
         assert_eq!(pick("/h", &[("x-v", "2")]), "fallback");
-        assert_eq!(pick("/q?z=1&a=b%20c", &[]), "q");
+        assert_eq!(pick("/q?z=1&a=b c", &[]), "q");
+        assert_eq!(
+            pick("/q?a=b%20c", &[]),
+            "fallback",
+            "values are matched undecoded, as in Envoy"
+        );
         assert_eq!(pick("/q?a=bc", &[]), "fallback");
         assert_eq!(
             pick("/g", &[("content-type", "application/grpc+proto")]),

@@ -45,7 +45,7 @@ impl Runtime {
                 .as_f64()
                 .map_or(default, |p| (p * 10_000.0).clamp(0.0, 1e6) as u32),
             Some(serde_json::Value::Object(o)) => {
-                let num = o.get("numerator").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+                let num = o.get("numerator").and_then(|v| v.as_f64()).unwrap_or(0.0) as u32;
                 let den = match o.get("denominator").and_then(|v| v.as_str()) {
                     Some("TEN_THOUSAND") => 1,
                     Some("MILLION") => 2,

@@ -40,6 +40,9 @@ pub struct EndpointConfig {
     pub weight: u32,
     pub healthy: bool,
     pub hostname: String,
+    /// `filter_metadata["envoy.lb"]["hash_key"]`: the key ring hash and
+    /// Maglev hash instead of the address, as in Envoy.
+    pub hash_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -353,12 +356,22 @@ fn load_assignment(
                     | core::HealthStatus::Healthy
                     | core::HealthStatus::Degraded
             );
+            let hash_key = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("envoy.lb"))
+                .and_then(|s| s.fields.get("hash_key"))
+                .and_then(|v| match &v.kind {
+                    Some(super::wkt::value::Kind::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                });
             endpoints.push(EndpointConfig {
                 host,
                 port,
                 weight,
                 healthy,
                 hostname: endpoint.hostname.clone(),
+                hash_key,
             });
         }
         out.push(LocalityConfig {

@@ -123,10 +123,27 @@ enum HeaderTest {
     Range(i64, i64),
 }
 
+/// The request pseudo-headers a matcher may name (`:method`, ...), which
+/// HTTP/1 and pingora keep outside the header map.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pseudo<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub scheme: &'a str,
+    pub status: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MatchName {
+    Header(http::HeaderName),
+    Pseudo(&'static str),
+}
+
 /// Envoy's `HeaderMatcher`.
 #[derive(Debug, Clone)]
 pub struct HeaderMatcher {
-    pub name: http::HeaderName,
+    pub name: MatchName,
     test: HeaderTest,
     invert: bool,
     treat_missing_as_empty: bool,
@@ -135,13 +152,22 @@ pub struct HeaderMatcher {
 impl HeaderMatcher {
     pub fn from_proto(h: &route::HeaderMatcher, path: &str) -> Result<Self> {
         use route::header_matcher::HeaderMatchSpecifier as S;
-        let name =
-            http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                ConfigError::new(
-                    join(path, "name"),
-                    format!("'{}' is not a valid header name", h.name),
-                )
-            })?;
+        let lower = h.name.to_ascii_lowercase();
+        let name = match lower.as_str() {
+            ":method" => MatchName::Pseudo(":method"),
+            ":path" => MatchName::Pseudo(":path"),
+            ":authority" | "host" => MatchName::Pseudo(":authority"),
+            ":scheme" => MatchName::Pseudo(":scheme"),
+            ":status" => MatchName::Pseudo(":status"),
+            _ => {
+                MatchName::Header(http::HeaderName::from_bytes(lower.as_bytes()).map_err(|_| {
+                    ConfigError::new(
+                        join(path, "name"),
+                        format!("'{}' is not a valid header name", h.name),
+                    )
+                })?)
+            }
+        };
         let sm = |p: m::string_matcher::MatchPattern| m::StringMatcher {
             match_pattern: Some(p),
             ignore_case: false,
@@ -187,14 +213,41 @@ impl HeaderMatcher {
     /// Matches against all values of the header; several values are joined
     /// with "," first, as Envoy does.
     pub fn matches(&self, headers: &http::HeaderMap) -> bool {
+        self.matches_with(headers, &Pseudo::default())
+    }
+
+    /// As [`Self::matches`], with the request's pseudo-headers.
+    pub fn matches_with(&self, headers: &http::HeaderMap, pseudo: &Pseudo) -> bool {
+        let name = match &self.name {
+            MatchName::Header(n) => n,
+            MatchName::Pseudo(p) => {
+                let status;
+                let v = match *p {
+                    ":method" => Some(pseudo.method),
+                    ":path" => Some(pseudo.path),
+                    ":authority" => Some(pseudo.authority),
+                    ":scheme" => Some(pseudo.scheme),
+                    _ => {
+                        status = pseudo.status.map(|s| s.to_string());
+                        status.as_deref()
+                    }
+                };
+                let v = v.filter(|v| !v.is_empty()).map(str::to_string);
+                return self.test_value(v);
+            }
+        };
         let mut values = headers
-            .get_all(&self.name)
+            .get_all(name)
             .iter()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let joined: Option<String> = values
             .next()
             .map(|first| values.fold(first, |acc, v| acc + "," + &v));
-        let value = match (joined, self.treat_missing_as_empty) {
+        self.test_value(joined)
+    }
+
+    fn test_value(&self, value: Option<String>) -> bool {
+        let value = match (value, self.treat_missing_as_empty) {
             (Some(v), _) => Some(v),
             (None, true) => Some(String::new()),
             (None, false) => None,

@@ -295,8 +295,10 @@ impl Route {
 }
 
 /// Compiles a uri_template (`/a/{name}/{rest=**}`) to a full regex, per
-/// Envoy's `envoy.path.match.uri_template`: `*` is one segment, `**` any
-/// number of segments, `{var}` = `*`, `{var=...}` the given pattern.
+/// Envoy's `envoy.path.match.uri_template`: `*` and `{var}` match one or more
+/// characters of one path segment (and may sit beside literals, as in
+/// `/{name}.css`), `**` matches any characters including `/`, possibly none,
+/// and `{var=pattern}` matches `pattern`.
 pub fn uri_template_regex(t: &str, path: &str) -> Result<FullRegex> {
     let err = |m: &str| {
         ConfigError::new(
@@ -307,41 +309,42 @@ pub fn uri_template_regex(t: &str, path: &str) -> Result<FullRegex> {
     if !t.starts_with('/') {
         return Err(err("must start with '/'"));
     }
-    let seg = "[a-zA-Z0-9\\-._~%!$&'()+,;:@=]+";
+    let out = template_to_regex(t, false).map_err(|m| err(&m))?;
+    FullRegex::new(&out, path)
+}
+
+const SEGMENT_CHARS: &str = "[a-zA-Z0-9\\-._~%!$&'()+,;:@=]";
+
+fn template_to_regex(t: &str, in_variable: bool) -> std::result::Result<String, String> {
     let mut out = String::new();
-    let mut rest = &t[1..];
-    let mut first = true;
-    while !rest.is_empty() || first {
-        first = false;
-        let (part, tail) = match rest.find('/') {
-            Some(i) if !rest.starts_with('{') || rest[..i].contains('}') => {
-                (&rest[..i], Some(&rest[i + 1..]))
+    let mut rest = t;
+    while let Some(c) = rest.chars().next() {
+        if let Some(r) = rest.strip_prefix("**") {
+            out.push_str(&format!("(?:{SEGMENT_CHARS}|/)*"));
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix('*') {
+            out.push_str(&format!("{SEGMENT_CHARS}+"));
+            rest = r;
+        } else if c == '{' {
+            if in_variable {
+                return Err("nested variables".into());
             }
-            _ => (rest, None),
-        };
-        out.push('/');
-        let inner = part
-            .strip_prefix('{')
-            .and_then(|p| p.strip_suffix('}'))
-            .map(|v| v.split_once('=').map_or("*", |(_, pat)| pat));
-        let pat = inner.unwrap_or(part);
-        for (k, piece) in pat.split('/').enumerate() {
-            if k > 0 {
-                out.push('/');
+            let end = rest.find('}').ok_or("unterminated variable")?;
+            let var = &rest[1..end];
+            let (name, pattern) = var.split_once('=').unwrap_or((var, "*"));
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("bad variable name '{name}'"));
             }
-            match piece {
-                "**" => out.push_str(&format!("{seg}(?:/{seg})*")),
-                "*" => out.push_str(seg),
-                lit if lit.contains(['{', '}', '*']) => return Err(err("bad segment")),
-                lit => out.push_str(&regex::escape(lit)),
-            }
-        }
-        match tail {
-            Some(t) => rest = t,
-            None => break,
+            out.push_str(&format!("(?:{})", template_to_regex(pattern, true)?));
+            rest = &rest[end + 1..];
+        } else if c == '}' {
+            return Err("unbalanced '}'".into());
+        } else {
+            out.push_str(&regex::escape(&c.to_string()));
+            rest = &rest[c.len_utf8()..];
         }
     }
-    FullRegex::new(&out, path)
+    Ok(out)
 }
 
 impl RouteMatch {
@@ -431,7 +434,41 @@ impl RouteMatch {
     }
 }
 
+impl RetryOn {
+    /// Adds the conditions of an `x-envoy-retry-on` value (unknown ones are
+    /// ignored, as Envoy ignores them in the header).
+    pub fn add(&mut self, list: &str) {
+        for c in list.split(',').map(str::trim) {
+            match c {
+                "5xx" => self.r5xx = true,
+                "gateway-error" => self.gateway_error = true,
+                "reset" | "reset-before-request" => self.reset = true,
+                "connect-failure" => self.connect_failure = true,
+                "retriable-4xx" => self.retriable_4xx = true,
+                "refused-stream" => self.refused_stream = true,
+                "retriable-status-codes" => self.retriable_status_codes = true,
+                "retriable-headers" => self.retriable_headers = true,
+                _ => {}
+            }
+        }
+    }
+}
+
 impl RetryPolicy {
+    /// No retries: the base that request headers may extend.
+    pub fn none() -> Self {
+        Self {
+            retry_on: RetryOn::default(),
+            num_retries: 1,
+            per_try_timeout: None,
+            base_interval: Duration::from_millis(25),
+            max_interval: Duration::from_millis(250),
+            retriable_status_codes: Vec::new(),
+            retriable_headers: Vec::new(),
+            previous_hosts: false,
+        }
+    }
+
     pub fn from_proto(r: &pb::RetryPolicy, path: &str) -> Result<Self> {
         let mut on = RetryOn::default();
         for cond in r
@@ -804,11 +841,14 @@ mod tests {
         assert!(r.is_match("/api/v1/users/a/b/c"));
         assert!(!r.is_match("/api/v1/users"));
         assert!(!r.is_match("/api/v1/x/users/a"));
-        let r = uri_template_regex("/f/*.txt", "p");
-        assert!(
-            r.is_err(),
-            "partial-segment globs are not a valid template segment here"
-        );
+        let r = uri_template_regex("/static/*/{name}.css", "p").unwrap();
+        assert!(r.is_match("/static/theme/main.css"));
+        assert!(!r.is_match("/static/a/b/main.css"));
+        let r = uri_template_regex("/files/{path=**}", "p").unwrap();
+        assert!(r.is_match("/files/"), "** may match nothing");
+        assert!(r.is_match("/files/a/b.txt"));
+        assert!(!r.is_match("/files"));
+        assert!(uri_template_regex("/a/{x", "p").is_err());
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct Shared {
     pub clusters: Arc<ClusterManager>,
     pub runtime: Arc<Runtime>,
     pub hostname: String,
+    /// This host's first non-loopback address (Envoy's local address),
+    /// appended to XFF for loopback peers.
+    pub local_ip: std::net::IpAddr,
 }
 
 pub struct HcmProxy {
@@ -89,6 +92,12 @@ pub struct Ctx {
     status: u16,
     original_host: String,
     http_prefix: String,
+    /// The route timeout.
+    timeout: Option<Duration>,
+    /// The trusted client address (from XFF or the peer), Envoy's
+    /// "downstream remote address".
+    client_addr: Option<SocketAddr>,
+    started: Option<Instant>,
 }
 
 fn hdr(name: &'static str) -> HeaderName {
@@ -123,11 +132,39 @@ impl HcmProxy {
         extra: Vec<(HeaderName, String)>,
         route_headers: bool,
     ) -> Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(4))?;
-        if !body.is_empty() {
-            resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
-        }
-        resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+        // A gRPC client gets Envoy's gRPC form of the local reply: HTTP 200
+        // with the status mapped into `grpc-status`.
+        let grpc = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(routing::is_grpc_content_type);
+        let mut resp = if grpc {
+            let mut r = ResponseHeader::build(200, Some(4))?;
+            r.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
+            r.insert_header("grpc-status", rq::grpc_status_for_http(status).to_string())?;
+            if !body.is_empty() {
+                r.insert_header("grpc-message", rq::grpc_percent_encode(&body))?;
+            }
+            if session.req_header().version != http::Version::HTTP_2 {
+                r.insert_header(http::header::CONTENT_LENGTH, "0")?;
+            }
+            r
+        } else {
+            let mut r = ResponseHeader::build(status, Some(4))?;
+            if !body.is_empty() {
+                r.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
+            }
+            // Envoy states no length for 1xx/204/304, nor for an empty
+            // HTTP/2 reply (END_STREAM on the headers says it).
+            let h2 = session.req_header().version == http::Version::HTTP_2;
+            if !(status < 200 || status == 204 || status == 304 || (h2 && body.is_empty())) {
+                r.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            }
+            r
+        };
+        let body = if grpc { Bytes::new() } else { body };
         for (k, v) in extra {
             resp.insert_header(k, v)?;
         }
@@ -159,7 +196,7 @@ impl HcmProxy {
         let req_headers = session.req_header().headers.clone();
         let resp_headers = resp.headers.clone();
         let fctx = FormatContext {
-            downstream_remote: ctx.downstream_remote,
+            downstream_remote: ctx.client_addr.or(ctx.downstream_remote),
             downstream_direct_remote: ctx.downstream_remote,
             downstream_local: ctx.downstream_local,
             upstream_remote: ctx.host.as_ref().map(|h| h.addr),
@@ -168,6 +205,17 @@ impl HcmProxy {
             request_headers: Some(&req_headers),
             response_headers: Some(&resp_headers),
             hostname: &self.shared.hostname,
+            pseudo: crate::config::matcher::Pseudo {
+                method: session.req_header().method.as_str(),
+                path: session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map_or("", |p| p.as_str()),
+                authority: &ctx.original_host,
+                scheme: "http",
+                status: None,
+            },
         };
         for o in ops {
             headers::apply(&o.response_add, &o.response_remove, resp, &fctx);
@@ -402,57 +450,19 @@ impl ProxyHttp for HcmProxy {
         }
         ctx.original_host = host.clone();
 
-        // Forwarding headers.
-        let peer_ip = ctx.downstream_remote.map(|a| a.ip());
-        if let Some(ip) = peer_ip {
-            let req = session.req_header_mut();
-            let xff = req
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let client = rq::trusted_client(
-                ip,
-                xff.as_deref(),
-                hcm.use_remote_address,
-                hcm.xff_num_trusted_hops,
-            );
-            let had_xff = xff.is_some();
-            if hcm.use_remote_address {
-                if !hcm.skip_xff_append {
-                    let v = match xff {
-                        Some(x) if !x.is_empty() => format!("{x},{ip}"),
-                        _ => ip.to_string(),
-                    };
-                    req.insert_header(hdr("x-forwarded-for"), v)?;
-                }
-                req.insert_header(hdr("x-forwarded-proto"), "http")?;
-                if rq::is_internal(client) && !had_xff {
-                    req.insert_header(hdr("x-envoy-internal"), "true")?;
+        // Forwarding headers, as Envoy's ConnectionManagerUtility.
+        if let Some(peer) = ctx.downstream_remote {
+            let local_ip = self.shared.local_ip;
+            let fwd = rq::forwarding(&hcm, peer.ip(), local_ip, session.req_header_mut())?;
+            ctx.client_addr = Some(SocketAddr::new(
+                fwd.client,
+                if fwd.client == peer.ip() {
+                    peer.port()
                 } else {
-                    req.remove_header("x-envoy-internal");
-                }
-            } else if !req.headers.contains_key("x-forwarded-proto") {
-                req.insert_header(hdr("x-forwarded-proto"), "http")?;
-            }
-            // Request id: kept when present (unless an external edge request),
-            // generated when missing.
-            let existing = req
-                .headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let external = hcm.use_remote_address && !rq::is_internal(client);
-            let id = match existing {
-                Some(id) if !external || hcm.preserve_external_request_id => Some(id),
-                _ if hcm.generate_request_id => {
-                    let id = rq::uuid4(rand::random());
-                    req.insert_header(hdr("x-request-id"), id.as_str())?;
-                    Some(id)
-                }
-                _ => None,
-            };
-            ctx.request_id = id;
+                    0
+                },
+            ));
+            ctx.request_id = fwd.request_id;
         }
 
         // Route selection.
@@ -465,6 +475,13 @@ impl ProxyHttp for HcmProxy {
                 headers: &session.req_header().headers,
                 random,
                 runtime: &self.shared.runtime,
+                pseudo: crate::config::matcher::Pseudo {
+                    method: session.req_header().method.as_str(),
+                    path: &path,
+                    authority: &host,
+                    scheme: "http",
+                    status: None,
+                },
             };
             let r = routing::find_route(vh, &view)?;
             let ri = vh.routes.iter().position(|x| std::ptr::eq(x, r))?;
@@ -485,12 +502,22 @@ impl ProxyHttp for HcmProxy {
         match &route.action {
             Action::Direct(d) => {
                 let body = d.body.clone().unwrap_or_default();
-                self.local_reply(session, ctx, d.status, body, vec![], true)
+                // A 201 or 3xx direct response points back at the request's URL.
+                let extra = if d.status == 201 || (300..400).contains(&d.status) {
+                    vec![(
+                        http::header::LOCATION,
+                        format!("{}://{host}{path}", request_scheme(session)),
+                    )]
+                } else {
+                    vec![]
+                };
+                self.local_reply(session, ctx, d.status, body, extra, true)
                     .await?;
                 Ok(true)
             }
             Action::Redirect(r) => {
-                let loc = rq::redirect_location(r, &route.matcher, "http", &host, &path);
+                let scheme = request_scheme(session);
+                let loc = rq::redirect_location(r, &route.matcher, &scheme, &host, &path);
                 self.local_reply(
                     session,
                     ctx,
@@ -564,7 +591,13 @@ impl ProxyHttp for HcmProxy {
                     _ => None,
                 });
                 match (&ra.host_rewrite, wc_host) {
-                    (_, Some(h)) => set_host(session.req_header_mut(), &h)?,
+                    // Envoy keeps no x-envoy-original-host for a weighted
+                    // cluster's own host rewrite.
+                    (_, Some(h)) => {
+                        session
+                            .req_header_mut()
+                            .insert_header(http::header::HOST, h.as_str())?;
+                    }
                     (Some(HostRewrite::Literal(h)), None) => set_host(session.req_header_mut(), h)?,
                     (Some(HostRewrite::Header(hn)), None) => {
                         if let Some(v) = session
@@ -579,17 +612,22 @@ impl ProxyHttp for HcmProxy {
                     }
                     _ => {}
                 }
-                if let Some(t) = ra.timeout {
-                    session.req_header_mut().insert_header(
-                        hdr("x-envoy-expected-rq-timeout-ms"),
-                        t.as_millis().to_string(),
-                    )?;
-                }
+                ctx.timeout = ra.timeout;
+                ctx.started = Some(Instant::now());
                 // Request header mutations.
                 let levels = Self::header_levels(ctx);
                 let snapshot = session.req_header().headers.clone();
+                let method = session.req_header().method.clone();
                 let fctx = FormatContext {
-                    downstream_remote: ctx.downstream_remote,
+                    // Envoy evaluates these before its path rewrite.
+                    pseudo: crate::config::matcher::Pseudo {
+                        method: method.as_str(),
+                        path: &path,
+                        authority: &host,
+                        scheme: "http",
+                        status: None,
+                    },
+                    downstream_remote: ctx.client_addr.or(ctx.downstream_remote),
                     downstream_direct_remote: ctx.downstream_remote,
                     downstream_local: ctx.downstream_local,
                     upstream_cluster: &name,
@@ -673,15 +711,7 @@ impl ProxyHttp for HcmProxy {
         let cfg = &cluster.config;
         peer.group_key = cluster.pool_key;
         peer.options.connection_timeout = Some(cfg.connect_timeout);
-        let route_timeout = match ctx.selected.as_ref().map(|s| &s.route().action) {
-            Some(Action::Forward(ra)) => ra.timeout,
-            _ => None,
-        };
-        let per_try = ctx.retry.as_ref().and_then(|r| r.per_try_timeout);
-        let t = match (per_try, route_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let t = attempt_timeout(ctx);
         peer.options.read_timeout = t;
         peer.options.write_timeout = Some(t.unwrap_or(Duration::from_secs(60)));
         peer.options.idle_timeout = cfg.upstream_idle_timeout;
@@ -724,9 +754,28 @@ impl ProxyHttp for HcmProxy {
         if let (Some(Action::Forward(ra)), Some(h)) =
             (ctx.selected.as_ref().map(|s| &s.route().action), &ctx.host)
         {
-            if matches!(ra.host_rewrite, Some(HostRewrite::Auto)) {
+            // Envoy rewrites only to a host that has a name.
+            if matches!(ra.host_rewrite, Some(HostRewrite::Auto)) && !h.hostname.is_empty() {
                 set_host(req, &h.hostname)?;
             }
+        }
+        // The time this attempt is expected to get, as Envoy tells upstreams.
+        if let Some(t) = attempt_timeout(ctx) {
+            req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
+        }
+        // Envoy's HTTP/1 codec states an empty body explicitly for methods
+        // that may carry one.
+        let http1_upstream = ctx
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.config.protocol == crate::config::cluster::UpstreamProtocol::Http1);
+        if http1_upstream
+            && !matches!(req.method, http::Method::GET | http::Method::HEAD)
+            && !req.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && session.as_downstream_mut().is_body_empty()
+        {
+            req.insert_header(http::header::CONTENT_LENGTH, "0")?;
         }
         // Hop-by-hop headers never go upstream.
         for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
@@ -757,7 +806,13 @@ impl ProxyHttp for HcmProxy {
                 || (on.retriable_4xx && status == 409)
                 || (on.retriable_status_codes && r.retriable_status_codes.contains(&status))
                 || (on.retriable_headers
-                    && r.retriable_headers.iter().any(|h| h.matches(&resp.headers)));
+                    && r.retriable_headers.iter().any(|h| {
+                        let pseudo = crate::config::matcher::Pseudo {
+                            status: Some(status),
+                            ..Default::default()
+                        };
+                        h.matches_with(&resp.headers, &pseudo)
+                    }));
             if retriable && Self::retry_allows(ctx) {
                 if let Some(c) = &ctx.cluster {
                     c.stats.record_status(status);
@@ -839,7 +894,7 @@ impl ProxyHttp for HcmProxy {
             ErrorType::HTTPStatus(s) if *s >= 400 => LocalReply { status: *s, body: "" },
             ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => LocalReply {
                 status: 503,
-                body: "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                body: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
             },
             ErrorType::Custom(c) if *c == "InvalidChunk" => LocalReply { status: 400, body: "Bad Request" },
             _ => match e.esource() {
@@ -909,6 +964,33 @@ impl ProxyHttp for HcmProxy {
     }
 }
 
+/// This attempt's timeout: the per-try timeout, bounded by what remains of
+/// the route timeout.
+fn attempt_timeout(ctx: &Ctx) -> Option<Duration> {
+    // The first attempt gets the whole route timeout; retries what is left.
+    let elapsed = if ctx.attempts <= 1 {
+        Duration::ZERO
+    } else {
+        ctx.started.map_or(Duration::ZERO, |s| s.elapsed())
+    };
+    let remaining = ctx.timeout.map(|t| t.saturating_sub(elapsed));
+    let per_try = ctx.retry.as_ref().and_then(|r| r.per_try_timeout);
+    match (per_try, remaining) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The request's scheme as Envoy's router sees it: x-forwarded-proto.
+fn request_scheme(session: &Session) -> String {
+    session
+        .req_header()
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .map_or("http".to_string(), |s| s.to_ascii_lowercase())
+}
+
 fn set_path(req: &mut RequestHeader, path_and_query: &str) -> Result<()> {
     let mut parts = req.uri.clone().into_parts();
     parts.path_and_query = Some(
@@ -922,7 +1004,17 @@ fn set_path(req: &mut RequestHeader, path_and_query: &str) -> Result<()> {
     Ok(())
 }
 
+/// Rewrites the host, keeping the original in `x-envoy-original-host` as
+/// Envoy's router does.
 fn set_host(req: &mut RequestHeader, host: &str) -> Result<()> {
+    let original = req
+        .headers
+        .get(http::header::HOST)
+        .map(|v| v.to_str().unwrap_or("").to_string())
+        .or_else(|| req.uri.authority().map(|a| a.to_string()));
+    if let Some(o) = original {
+        req.insert_header("x-envoy-original-host", o)?;
+    }
     req.insert_header(http::header::HOST, host)?;
     if req.uri.authority().is_some() {
         let mut parts = req.uri.clone().into_parts();

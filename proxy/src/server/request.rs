@@ -3,7 +3,7 @@
 
 use crate::config::listener::EscapedSlashes;
 use crate::config::route::{PathMatch, Redirect, RouteMatch};
-use crate::routing::{path_only, strip_port};
+use crate::routing::path_only;
 use std::net::IpAddr;
 
 /// The request methods Envoy's HTTP/1 codec knows (http_parser's list);
@@ -65,6 +65,31 @@ pub fn http1_codec_check(req: &pingora_http::RequestHeader) -> Option<(u16, &'st
         return Some((400, ""));
     }
     None
+}
+
+/// Envoy's `Grpc::Utility::httpToGrpcStatus`.
+pub fn grpc_status_for_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+/// gRPC's percent-encoding of `grpc-message`.
+pub fn grpc_percent_encode(b: &[u8]) -> String {
+    b.iter()
+        .map(|&c| {
+            if (0x20..0x7f).contains(&c) && c != b'%' {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect()
 }
 
 /// RFC 3986 §5.2.4 dot-segment removal, with `\` treated as `/` as Envoy's
@@ -174,7 +199,32 @@ pub fn regex_rewrite(path: &str, re: &regex::Regex, sub: &str) -> String {
     format!("{}{}", re.replace_all(p, sub), &path[p.len()..])
 }
 
-/// The `Location` of a redirect route.
+/// Envoy's `processRequestHost`: the request host, without its port when
+/// a new port is set, or when the scheme changes and the port is the old
+/// scheme's default.
+fn redirect_host(host: &str, new_scheme: &str, old_scheme: &str, new_port: bool) -> String {
+    let port_at = if host.starts_with('[') {
+        host.rfind("]:").map(|i| i + 1)
+    } else {
+        host.rfind(':')
+    };
+    let Some(i) = port_at else {
+        return host.to_string();
+    };
+    let port = &host[i..];
+    let remove = new_port
+        || (new_scheme != old_scheme
+            && ((old_scheme == "https" && port == ":443")
+                || (old_scheme == "http" && port == ":80")));
+    if remove {
+        host[..i].to_string()
+    } else {
+        host.to_string()
+    }
+}
+
+/// The `Location` of a redirect route, as Envoy's `Utility::newUri`.
+/// `scheme` is the request's scheme as Envoy sees it (x-forwarded-proto).
 pub fn redirect_location(
     r: &Redirect,
     m: &RouteMatch,
@@ -183,15 +233,18 @@ pub fn redirect_location(
     path: &str,
 ) -> String {
     let new_scheme = r.scheme.as_deref().unwrap_or(scheme);
-    let mut new_host = r.host.clone().unwrap_or_else(|| host.to_string());
-    if let Some(port) = r.port {
-        new_host = format!("{}:{port}", strip_port(&new_host));
-    } else if new_scheme != scheme {
-        // Changing scheme drops the old (now wrong) port, as Envoy does.
-        new_host = strip_port(&new_host).to_string();
-    }
+    let new_port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
+    let new_host = match &r.host {
+        Some(h) => h.clone(),
+        None => redirect_host(host, new_scheme, scheme, r.port.is_some()),
+    };
+    let mut path_has_query = false;
     let mut new_path = if let Some(p) = &r.path {
-        p.clone()
+        path_has_query = p.contains('?');
+        match path.find('?') {
+            Some(q) if !path_has_query => format!("{p}{}", &path[q..]),
+            _ => p.clone(),
+        }
     } else if let Some(pr) = &r.prefix_rewrite {
         prefix_rewrite(path, m, pr)
     } else if let Some((re, sub)) = &r.regex_rewrite {
@@ -199,16 +252,13 @@ pub fn redirect_location(
     } else {
         path.to_string()
     };
-    if r.path.is_some() && !new_path.contains('?') {
-        // path_redirect without its own query keeps the original query.
-        if let Some((_, q)) = path.split_once('?') {
-            new_path = format!("{new_path}?{q}");
-        }
+    if !new_path.starts_with('/') {
+        new_path.insert(0, '/');
     }
-    if r.strip_query {
+    if r.strip_query && !path_has_query {
         new_path = path_only(&new_path).to_string();
     }
-    format!("{new_scheme}://{new_host}{new_path}")
+    format!("{new_scheme}://{new_host}{new_port}{new_path}")
 }
 
 /// A random UUID v4, as Envoy's request id extension generates.
@@ -233,31 +283,146 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
-/// The trusted client address: with `use_remote_address` the peer itself,
-/// otherwise the XFF entry `xff_num_trusted_hops` from the right.
-pub fn trusted_client(
-    peer: IpAddr,
-    xff: Option<&str>,
-    use_remote: bool,
-    trusted_hops: u32,
-) -> IpAddr {
-    if use_remote && trusted_hops == 0 {
-        return peer;
-    }
+/// The `n`th address from the right of XFF (0 = last), as Envoy's
+/// `getLastAddressFromXFF`; also whether XFF held a single address.
+pub fn xff_from_right(xff: &str, n: usize) -> (Option<IpAddr>, bool) {
     let entries: Vec<&str> = xff
-        .map(|x| x.split(',').map(str::trim).collect())
-        .unwrap_or_default();
-    let skip = if use_remote {
-        trusted_hops as usize - 1
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let single = entries.len() == 1;
+    (
+        entries.iter().rev().nth(n).and_then(|s| s.parse().ok()),
+        single,
+    )
+}
+
+/// What the forwarding-header step decided.
+pub struct Forwarding {
+    /// Envoy's final remote address: the trusted client.
+    pub client: IpAddr,
+    pub request_id: Option<String>,
+}
+
+/// Client `x-envoy-*` control headers that Envoy removes from requests that
+/// are not internal (with Envoy 1.40's default internal-address config no
+/// request is internal, so they are always removed).
+const ENVOY_CONTROL_HEADERS: &[&str] = &[
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Envoy's `ConnectionManagerUtility::mutateRequestHeaders` for forwarding
+/// headers: XFF, x-forwarded-proto, internal/edge status, request id.
+pub fn forwarding(
+    hcm: &crate::config::listener::Hcm,
+    peer: IpAddr,
+    local_ip: IpAddr,
+    req: &mut pingora_http::RequestHeader,
+) -> pingora_error::Result<Forwarding> {
+    req.remove_header("x-envoy-internal");
+    let xff = req
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut final_addr = None;
+    let mut allow_trusted_checks = false;
+    if hcm.use_remote_address {
+        allow_trusted_checks = xff.is_none();
+        if hcm.xff_num_trusted_hops > 0 {
+            final_addr = xff
+                .as_deref()
+                .and_then(|x| xff_from_right(x, hcm.xff_num_trusted_hops as usize - 1).0);
+        }
+        final_addr = final_addr.or(Some(peer));
+        if !hcm.skip_xff_append {
+            let append = if peer.is_loopback() { local_ip } else { peer };
+            let v = match &xff {
+                Some(x) if !x.is_empty() => format!("{x},{append}"),
+                _ => append.to_string(),
+            };
+            req.insert_header("x-forwarded-for", v)?;
+        }
+        if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key("x-forwarded-proto") {
+            req.insert_header("x-forwarded-proto", "http")?;
+        }
+    } else if let Some(x) = &xff {
+        let (addr, single) = xff_from_right(x, hcm.xff_num_trusted_hops as usize);
+        if addr.is_some() {
+            final_addr = addr;
+            allow_trusted_checks = single;
+        }
+    }
+    if !req.headers.contains_key("x-forwarded-proto") {
+        req.insert_header("x-forwarded-proto", "http")?;
+    }
+    let internal = allow_trusted_checks && final_addr.is_some_and(configured_internal);
+    let client = final_addr.unwrap_or(peer);
+    let edge = !internal && hcm.use_remote_address;
+    if !internal {
+        for h in ENVOY_CONTROL_HEADERS {
+            req.remove_header(*h);
+        }
+    }
+    if edge {
+        req.insert_header("x-envoy-external-address", client.to_string())?;
+    }
+    let existing = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let request_id = if hcm.generate_request_id {
+        let force = !hcm.preserve_external_request_id && edge;
+        match existing {
+            Some(id) if !force => Some(id),
+            _ => {
+                let id = uuid4(rand::random());
+                req.insert_header("x-request-id", id.as_str())?;
+                Some(id)
+            }
+        }
     } else {
-        trusted_hops as usize
+        existing
     };
-    entries
-        .iter()
-        .rev()
-        .nth(skip)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(peer)
+    Ok(Forwarding { client, request_id })
+}
+
+/// Envoy 1.40's default internal address config lists no addresses (the
+/// `internal_address_config` field, which would add some, is rejected by
+/// Legate), so no client is internal.
+fn configured_internal(_ip: IpAddr) -> bool {
+    false
+}
+
+/// This host's first non-loopback IPv4 address, else loopback: Envoy's
+/// local address (`--local-address-ip-version v4`).
+pub fn local_ip() -> IpAddr {
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for ifa in addrs {
+            if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+                let ip = sin.ip();
+                if !ip.is_loopback() {
+                    return IpAddr::V4(ip);
+                }
+            }
+        }
+    }
+    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 }
 
 #[cfg(test)]
@@ -283,19 +448,19 @@ mod tests {
     }
 
     #[test]
-    fn xff_trust() {
-        let peer: IpAddr = "10.0.0.9".parse().unwrap();
+    fn xff_from_the_right() {
         assert_eq!(
-            trusted_client(peer, Some("1.1.1.1, 2.2.2.2"), true, 0),
-            peer
+            xff_from_right("1.1.1.1, 2.2.2.2", 0),
+            (Some("2.2.2.2".parse().unwrap()), false)
         );
         assert_eq!(
-            trusted_client(peer, Some("1.1.1.1, 2.2.2.2"), false, 0).to_string(),
-            "2.2.2.2"
+            xff_from_right("1.1.1.1, 2.2.2.2", 1),
+            (Some("1.1.1.1".parse().unwrap()), false)
         );
         assert_eq!(
-            trusted_client(peer, Some("1.1.1.1, 2.2.2.2"), false, 1).to_string(),
-            "1.1.1.1"
+            xff_from_right("1.1.1.1", 0),
+            (Some("1.1.1.1".parse().unwrap()), true)
         );
+        assert_eq!(xff_from_right("junk", 0).0, None);
     }
 }

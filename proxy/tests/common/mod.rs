@@ -1,6 +1,6 @@
 //! Bootstrap builders for the integration tests. Configs are built as JSON
 //! (valid YAML), so tests state only what they are about.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub use legate_tests::echo;
 pub use legate_tests::legate::{curl, free_port, validate, CurlResult, Legate};
