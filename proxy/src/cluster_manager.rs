@@ -25,62 +25,96 @@ pub struct UpstreamHost {
     pub hostname: String,
     pub weight: u32,
     pub healthy: bool,
+    pub degraded: bool,
     pub active_requests: Arc<AtomicU64>,
 }
 
-struct Priority {
-    /// Hosts the balancer picks from (healthy ones, or all in panic mode).
+/// One set of hosts with its balancer.
+struct Pool {
     hosts: Vec<Arc<UpstreamHost>>,
     balancer: Box<dyn lb::LoadBalancer>,
+}
+
+impl Pool {
+    fn new(policy: &lb::LbPolicy, hosts: Vec<Arc<UpstreamHost>>) -> Self {
+        let lb_hosts: Arc<[LbHost]> = hosts
+            .iter()
+            .map(|h| LbHost {
+                hash_key: h.hash_key.clone(),
+                weight: h.weight.max(1),
+                active_requests: h.active_requests.clone(),
+            })
+            .collect();
+        Pool {
+            balancer: lb::build(policy, lb_hosts),
+            hosts,
+        }
+    }
+}
+
+struct Priority {
+    healthy: Pool,
+    degraded: Pool,
+    /// Every host: used in panic mode.
+    all: Pool,
+    panic: bool,
 }
 
 /// An immutable view of a cluster's hosts.
 pub struct HostSnapshot {
     priorities: Vec<Priority>,
-    /// Percentage of traffic per priority (sums to 100 when any host exists).
-    loads: Vec<u32>,
+    /// Percent of traffic per priority to healthy, then to degraded hosts.
+    healthy_loads: Vec<u32>,
+    degraded_loads: Vec<u32>,
     pub all_hosts: Vec<Arc<UpstreamHost>>,
 }
 
-/// Envoy's priority load: each priority's health is
-/// `min(100, overprovisioning * healthy / total)`; traffic fills priorities in
-/// order, scaled up when the total health is below 100.
-pub fn priority_loads(healthy_total: &[(usize, usize)], overprovisioning: u32) -> Vec<u32> {
-    let health: Vec<u32> = healthy_total
-        .iter()
-        .map(|&(h, t)| {
-            if t == 0 {
-                0
-            } else {
-                ((overprovisioning as u64 * h as u64 / t as u64).min(100)) as u32
-            }
-        })
-        .collect();
-    let total: u32 = health.iter().sum::<u32>().min(100);
-    if total == 0 {
-        // Nothing healthy: Envoy sends everything to the first priority that
-        // has hosts, and panic mode there uses all of them.
-        let mut loads = vec![0; healthy_total.len()];
-        if let Some(i) = healthy_total.iter().position(|&(_, t)| t > 0) {
-            loads[i] = 100;
+/// Per priority: (healthy, degraded, total) host counts.
+pub type PriorityCounts = (usize, usize, usize);
+
+/// Envoy's priority load (`recalculatePerPriorityState`): each priority's
+/// healthy and degraded availability is `min(100, overprovisioning * n /
+/// total)`; healthy load is filled in priority order, then degraded load,
+/// scaled by the total availability (at most 100).
+pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> (Vec<u32>, Vec<u32>) {
+    let avail = |n: usize, t: usize| {
+        if t == 0 {
+            0
+        } else {
+            (overprovisioning as u64 * n as u64 / t as u64).min(100) as u32
         }
-        return loads;
+    };
+    let health: Vec<u32> = counts.iter().map(|&(h, _, t)| avail(h, t)).collect();
+    let degraded: Vec<u32> = counts.iter().map(|&(_, d, t)| avail(d, t)).collect();
+    let total = (health.iter().sum::<u32>() + degraded.iter().sum::<u32>()).min(100);
+    let mut hl = vec![0; counts.len()];
+    let mut dl = vec![0; counts.len()];
+    if total == 0 {
+        // Nothing available: everything to the first priority with hosts,
+        // where panic mode uses all of them.
+        if let Some(i) = counts.iter().position(|&(_, _, t)| t > 0) {
+            hl[i] = 100;
+        }
+        return (hl, dl);
     }
     let mut remaining = 100u32;
-    let mut loads: Vec<u32> = health
-        .iter()
-        .map(|h| {
-            let l = (h * 100 / total).min(remaining);
-            remaining -= l;
-            l
-        })
-        .collect();
-    // Integer rounding can leave a few percent unassigned: they go to the
-    // first priority that has load.
-    if let Some(l) = loads.iter_mut().find(|l| **l > 0) {
-        *l += remaining;
+    for (i, h) in health.iter().enumerate() {
+        hl[i] = (h * 100 / total).min(remaining);
+        remaining -= hl[i];
     }
-    loads
+    for (i, d) in degraded.iter().enumerate() {
+        dl[i] = (d * 100 / total).min(remaining);
+        remaining -= dl[i];
+    }
+    // Rounding leftovers go to the first priority that has any load.
+    if remaining > 0 {
+        if let Some(i) = (0..counts.len()).find(|&i| hl[i] > 0) {
+            hl[i] += remaining;
+        } else if let Some(i) = (0..counts.len()).find(|&i| dl[i] > 0) {
+            dl[i] += remaining;
+        }
+    }
+    (hl, dl)
 }
 
 /// Envoy's default healthy panic threshold (50 %).
@@ -92,44 +126,44 @@ impl HostSnapshot {
         by_priority: Vec<Vec<Arc<UpstreamHost>>>,
         overprovisioning: u32,
     ) -> Self {
-        let counts: Vec<(usize, usize)> = by_priority
+        let counts: Vec<PriorityCounts> = by_priority
             .iter()
-            .map(|p| (p.iter().filter(|h| h.healthy).count(), p.len()))
+            .map(|p| {
+                (
+                    p.iter().filter(|h| h.healthy).count(),
+                    p.iter().filter(|h| h.degraded).count(),
+                    p.len(),
+                )
+            })
             .collect();
-        let loads = priority_loads(&counts, overprovisioning);
+        let (healthy_loads, degraded_loads) = priority_loads(&counts, overprovisioning);
         let all_hosts = by_priority.iter().flatten().cloned().collect();
         let priorities = by_priority
             .into_iter()
             .zip(&counts)
-            .map(|(hosts, &(healthy, total))| {
-                let panic = total > 0 && healthy * 100 < total * PANIC_THRESHOLD_PCT;
-                let chosen: Vec<_> = if panic {
-                    hosts
-                } else {
-                    hosts.into_iter().filter(|h| h.healthy).collect()
-                };
-                let lb_hosts: Arc<[LbHost]> = chosen
-                    .iter()
-                    .map(|h| LbHost {
-                        hash_key: h.hash_key.clone(),
-                        weight: h.weight.max(1),
-                        active_requests: h.active_requests.clone(),
-                    })
-                    .collect();
-                Priority {
-                    balancer: lb::build(policy, lb_hosts),
-                    hosts: chosen,
-                }
+            .map(|(hosts, &(healthy, degraded, total))| Priority {
+                panic: total > 0 && (healthy + degraded) * 100 < total * PANIC_THRESHOLD_PCT,
+                healthy: Pool::new(
+                    policy,
+                    hosts.iter().filter(|h| h.healthy).cloned().collect(),
+                ),
+                degraded: Pool::new(
+                    policy,
+                    hosts.iter().filter(|h| h.degraded).cloned().collect(),
+                ),
+                all: Pool::new(policy, hosts),
             })
             .collect();
         Self {
             priorities,
-            loads,
+            healthy_loads,
+            degraded_loads,
             all_hosts,
         }
     }
 
-    /// Picks a host: a priority by load, then the priority's balancer.
+    /// Picks a host: a priority (healthy, then degraded) by load, then that
+    /// set's balancer (all hosts when the priority is in panic).
     pub fn pick(
         &self,
         hash: Option<u64>,
@@ -138,17 +172,32 @@ impl HostSnapshot {
     ) -> Option<Arc<UpstreamHost>> {
         let mut roll = (random % 100) as u32;
         let mut chosen = None;
-        for (i, l) in self.loads.iter().enumerate() {
-            if roll < *l {
-                chosen = Some(i);
+        for (i, l) in self
+            .healthy_loads
+            .iter()
+            .map(|l| (false, *l))
+            .chain(self.degraded_loads.iter().map(|l| (true, *l)))
+            .enumerate()
+        {
+            let (degraded, load) = l;
+            if roll < load {
+                chosen = Some((i % self.healthy_loads.len(), degraded));
                 break;
             }
-            roll -= l;
+            roll -= load;
         }
-        let p = &self.priorities[chosen?];
-        let hosts = &p.hosts;
+        let (p, degraded) = chosen?;
+        let prio = &self.priorities[p];
+        let pool = if prio.panic {
+            &prio.all
+        } else if degraded {
+            &prio.degraded
+        } else {
+            &prio.healthy
+        };
+        let hosts = &pool.hosts;
         let ex = |i: usize| exclude(hosts[i].addr);
-        let idx = p.balancer.pick(&PickContext {
+        let idx = pool.balancer.pick(&PickContext {
             hash,
             exclude: &ex,
             random: random >> 8,
@@ -290,6 +339,7 @@ impl Cluster {
                         },
                         weight: e.weight,
                         healthy: e.healthy,
+                        degraded: e.degraded,
                         active_requests: cell,
                     }));
                 }
@@ -416,19 +466,34 @@ mod tests {
 
     #[test]
     fn priority_load_spills_over() {
-        assert_eq!(priority_loads(&[(4, 4), (4, 4)], 140), vec![100, 0]);
+        let h = |c: &[PriorityCounts]| priority_loads(c, 140).0;
+        assert_eq!(h(&[(4, 0, 4), (4, 0, 4)]), vec![100, 0]);
         // 2/4 healthy * 1.4 = 70 % to P0, 30 % spills to P1.
-        assert_eq!(priority_loads(&[(2, 4), (4, 4)], 140), vec![70, 30]);
+        assert_eq!(h(&[(2, 0, 4), (4, 0, 4)]), vec![70, 30]);
         // Total health 35 + 0: scaled up to 100 on P0.
-        assert_eq!(priority_loads(&[(1, 4), (0, 4)], 140), vec![100, 0]);
-        assert_eq!(priority_loads(&[(0, 4), (0, 2)], 140), vec![100, 0]);
-        assert_eq!(priority_loads(&[(0, 0), (1, 1)], 140), vec![0, 100]);
+        assert_eq!(h(&[(1, 0, 4), (0, 0, 4)]), vec![100, 0]);
+        assert_eq!(h(&[(0, 0, 4), (0, 0, 2)]), vec![100, 0]);
+        assert_eq!(h(&[(0, 0, 0), (1, 0, 1)]), vec![0, 100]);
+    }
+
+    #[test]
+    fn degraded_hosts_take_only_what_healthy_ones_cannot() {
+        // P0 all degraded, P1 healthy: everything goes to P1's healthy hosts.
+        assert_eq!(
+            priority_loads(&[(0, 3, 3), (3, 0, 3)], 140),
+            (vec![0, 100], vec![0, 0])
+        );
+        // Only degraded hosts anywhere: they take the load.
+        assert_eq!(priority_loads(&[(0, 3, 3)], 140), (vec![0], vec![100]));
+        // 1 of 4 healthy (35 %) and 3 of 4 degraded in one priority.
+        assert_eq!(priority_loads(&[(1, 3, 4)], 140), (vec![35], vec![65]));
     }
 
     fn host(port: u16, healthy: bool) -> Arc<UpstreamHost> {
         Arc::new(UpstreamHost {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             hash_key: format!("127.0.0.1:{port}"),
+            degraded: false,
             hostname: String::new(),
             weight: 1,
             healthy,

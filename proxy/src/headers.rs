@@ -19,6 +19,7 @@ pub struct FormatContext<'a> {
     pub response_headers: Option<&'a HeaderMap>,
     pub hostname: &'a str,
     pub pseudo: crate::config::matcher::Pseudo<'a>,
+    pub response_code: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,7 +40,9 @@ enum Piece {
     Protocol,
     Hostname,
     StartTime,
-    Req(HeaderName),
+    ResponseCode,
+    /// `%REQ(a?b):N%`: header `a`, else `b`, at most N characters.
+    Req(HeaderName, Option<HeaderName>, Option<usize>),
     /// `%REQ(:path)%` and the other request pseudo-headers.
     ReqPseudo(&'static str),
     Resp(HeaderName),
@@ -95,6 +98,7 @@ impl HeaderValueFormat {
                 "PROTOCOL" => Piece::Protocol,
                 "HOSTNAME" => Piece::Hostname,
                 "START_TIME" => Piece::StartTime,
+                "RESPONSE_CODE" => Piece::ResponseCode,
                 c if c.to_ascii_lowercase().starts_with("req(:") => {
                     let lower = c.to_ascii_lowercase();
                     let name = lower
@@ -115,7 +119,28 @@ impl HeaderValueFormat {
                         }
                     })
                 }
-                c if c.starts_with("REQ(") => Piece::Req(arg("REQ")?),
+                c if c.starts_with("REQ(") => {
+                    let inner = c.trim_start_matches("REQ(");
+                    let (names, rest) = inner
+                        .split_once(')')
+                        .ok_or_else(|| ConfigError::new(path, format!("bad %{cmd}%")))?;
+                    let (a, b) = names
+                        .split_once('?')
+                        .map_or((names, None), |(a, b)| (a, Some(b)));
+                    let hn = |n: &str| {
+                        HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                            ConfigError::new(path, format!("invalid header name in %{cmd}%"))
+                        })
+                    };
+                    let max = match rest.strip_prefix(':') {
+                        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+                            ConfigError::new(path, format!("bad length in %{cmd}%"))
+                        })?),
+                        None if rest.is_empty() => None,
+                        None => return Err(ConfigError::new(path, format!("bad %{cmd}%"))),
+                    };
+                    Piece::Req(hn(a)?, b.map(hn).transpose()?, max)
+                }
                 c if c.starts_with("RESP(") => Piece::Resp(arg("RESP")?),
                 other => {
                     return Err(ConfigError::new(
@@ -169,10 +194,24 @@ impl HeaderValueFormat {
                 Piece::UpstreamCluster => out.push_str(ctx.upstream_cluster),
                 Piece::Protocol => out.push_str(ctx.protocol),
                 Piece::Hostname => out.push_str(ctx.hostname),
+                Piece::ResponseCode => {
+                    out.push_str(&ctx.response_code.map_or("0".to_string(), |c| c.to_string()))
+                }
                 Piece::StartTime => {
                     out.push_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
                 }
-                Piece::Req(n) => out.push_str(&hdr(ctx.request_headers, n)),
+                Piece::Req(a, b, max) => {
+                    let mut v = hdr(ctx.request_headers, a);
+                    if v.is_empty() {
+                        if let Some(b) = b {
+                            v = hdr(ctx.request_headers, b);
+                        }
+                    }
+                    if let Some(m) = max {
+                        v = v.chars().take(*m).collect();
+                    }
+                    out.push_str(&v);
+                }
                 Piece::ReqPseudo(p) => out.push_str(match *p {
                     ":path" => ctx.pseudo.path,
                     ":method" => ctx.pseudo.method,
@@ -233,11 +272,9 @@ fn adds(list: &[core::HeaderValueOption], path: &str, field: &str) -> Result<Vec
                     format!("'{}' may not be modified", h.key),
                 ));
             }
-            let raw = if h.raw_value.is_empty() {
-                h.value.clone()
-            } else {
-                String::from_utf8_lossy(&h.raw_value).into_owned()
-            };
+            // Envoy's route header parser reads `value` only: a `raw_value` alone
+            // makes an empty value (dropped unless keep_empty_value).
+            let raw = h.value.clone();
             let value = HeaderValueFormat::parse(&raw, &join(&p, "header.value"))?;
             use core::header_value_option::HeaderAppendAction as A;
             let action = match o.append.as_ref().map(|b| b.value) {

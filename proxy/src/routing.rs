@@ -48,7 +48,11 @@ pub fn is_grpc_content_type(ct: &str) -> bool {
 pub fn find_virtual_host<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
     let mut host = host.to_ascii_lowercase();
     if rc.ignore_port_in_host_matching {
-        host = strip_port(&host).to_string();
+        // Envoy drops whatever follows the last ':' here, numeric or not.
+        host = match host.rfind(':') {
+            Some(i) if !host.starts_with('[') || host[..i].ends_with(']') => host[..i].to_string(),
+            _ => host,
+        };
     }
     let mut best_suffix: Option<(usize, &VirtualHost)> = None;
     let mut best_prefix: Option<(usize, &VirtualHost)> = None;

@@ -39,6 +39,8 @@ pub struct EndpointConfig {
     pub port: u16,
     pub weight: u32,
     pub healthy: bool,
+    /// DEGRADED: used only when healthy hosts cannot take all the load.
+    pub degraded: bool,
     pub hostname: String,
     /// `filter_metadata["envoy.lb"]["hash_key"]`: the key ring hash and
     /// Maglev hash instead of the address, as in Envoy.
@@ -352,10 +354,9 @@ fn load_assignment(
                 .unwrap_or(core::HealthStatus::Unknown);
             let healthy = matches!(
                 hs,
-                core::HealthStatus::Unknown
-                    | core::HealthStatus::Healthy
-                    | core::HealthStatus::Degraded
+                core::HealthStatus::Unknown | core::HealthStatus::Healthy
             );
+            let degraded = hs == core::HealthStatus::Degraded;
             let hash_key = e
                 .metadata
                 .as_ref()
@@ -370,6 +371,7 @@ fn load_assignment(
                 port,
                 weight,
                 healthy,
+                degraded,
                 hostname: endpoint.hostname.clone(),
                 hash_key,
             });

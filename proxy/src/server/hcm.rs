@@ -92,6 +92,8 @@ pub struct Ctx {
     status: u16,
     original_host: String,
     http_prefix: String,
+    /// The client asked for trailers (`te` contained `trailers`).
+    te_trailers: bool,
     /// The route timeout.
     timeout: Option<Duration>,
     /// The trusted client address (from XFF or the peer), Envoy's
@@ -153,9 +155,6 @@ impl HcmProxy {
             r
         } else {
             let mut r = ResponseHeader::build(status, Some(4))?;
-            if !body.is_empty() {
-                r.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
-            }
             // Envoy states no length for 1xx/204/304, nor for an empty
             // HTTP/2 reply (END_STREAM on the headers says it).
             let h2 = session.req_header().version == http::Version::HTTP_2;
@@ -175,6 +174,11 @@ impl HcmProxy {
                 Vec::new()
             };
             self.decorate_response(&mut resp, ctx, &levels, session);
+        }
+        // Set after the route's header mutations when they left none (so a
+        // route can choose the type but not remove it), as Envoy does.
+        if !grpc && !body.is_empty() && !resp.headers.contains_key(http::header::CONTENT_TYPE) {
+            resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
         }
         ctx.status = status;
         let end = body.is_empty() || session.req_header().method == http::Method::HEAD;
@@ -216,6 +220,7 @@ impl HcmProxy {
                 scheme: "http",
                 status: None,
             },
+            response_code: Some(resp.status.as_u16()),
         };
         for o in ops {
             headers::apply(&o.response_add, &o.response_remove, resp, &fctx);
@@ -306,6 +311,12 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_remote = inet(session.client_addr());
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
+        ctx.te_trailers = session.req_header().headers.get_all("te").iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
 
         if session.req_header().version != http::Version::HTTP_2 {
             if let Some((status, body)) = rq::http1_codec_check(session.req_header()) {
@@ -323,13 +334,18 @@ impl ProxyHttp for HcmProxy {
             }
         }
         // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
+        // Envoy counts the request line's path and method in the header size.
         let (count, size) = {
-            let h = &session.req_header().headers;
+            let r = session.req_header();
+            let h = &r.headers;
+            let pseudo =
+                r.uri.path_and_query().map_or(0, |p| p.as_str().len()) + r.method.as_str().len();
             (
                 h.len(),
-                h.iter()
-                    .map(|(k, v)| k.as_str().len() + v.len())
-                    .sum::<usize>(),
+                pseudo
+                    + h.iter()
+                        .map(|(k, v)| k.as_str().len() + v.len())
+                        .sum::<usize>(),
             )
         };
         if count > hcm.max_headers_count as usize
@@ -364,8 +380,15 @@ impl ProxyHttp for HcmProxy {
                 }
                 UnderscoreAction::RejectRequest => {
                     session.set_keepalive(None);
-                    self.local_reply(session, ctx, 400, Bytes::new(), vec![], false)
-                        .await?;
+                    self.local_reply(
+                        session,
+                        ctx,
+                        400,
+                        Bytes::from_static(b"Bad Request"),
+                        vec![],
+                        false,
+                    )
+                    .await?;
                     return Ok(true);
                 }
             }
@@ -396,6 +419,7 @@ impl ProxyHttp for HcmProxy {
         match rq::escaped_slashes(&path, hcm.escaped_slashes) {
             SlashOutcome::Keep => {}
             SlashOutcome::Reject => {
+                session.set_keepalive(None);
                 self.local_reply(session, ctx, 400, Bytes::new(), vec![], false)
                     .await?;
                 return Ok(true);
@@ -444,9 +468,7 @@ impl ProxyHttp for HcmProxy {
                     .is_some_and(|l| host.ends_with(&format!(":{}", l.port()))))
         {
             host = routing::strip_port(&host).to_string();
-            let _ = session
-                .req_header_mut()
-                .insert_header(http::header::HOST, host.as_str());
+            set_host_only(session.req_header_mut(), &host)?;
         }
         ctx.original_host = host.clone();
 
@@ -593,11 +615,7 @@ impl ProxyHttp for HcmProxy {
                 match (&ra.host_rewrite, wc_host) {
                     // Envoy keeps no x-envoy-original-host for a weighted
                     // cluster's own host rewrite.
-                    (_, Some(h)) => {
-                        session
-                            .req_header_mut()
-                            .insert_header(http::header::HOST, h.as_str())?;
-                    }
+                    (_, Some(h)) => set_host_only(session.req_header_mut(), &h)?,
                     (Some(HostRewrite::Literal(h)), None) => set_host(session.req_header_mut(), h)?,
                     (Some(HostRewrite::Header(hn)), None) => {
                         if let Some(v) = session
@@ -614,6 +632,13 @@ impl ProxyHttp for HcmProxy {
                 }
                 ctx.timeout = ra.timeout;
                 ctx.started = Some(Instant::now());
+                // Set before the header mutations, which may remove it.
+                if let Some(t) = attempt_timeout(ctx) {
+                    session.req_header_mut().insert_header(
+                        hdr("x-envoy-expected-rq-timeout-ms"),
+                        t.as_millis().to_string(),
+                    )?;
+                }
                 // Request header mutations.
                 let levels = Self::header_levels(ctx);
                 let snapshot = session.req_header().headers.clone();
@@ -760,8 +785,10 @@ impl ProxyHttp for HcmProxy {
             }
         }
         // The time this attempt is expected to get, as Envoy tells upstreams.
-        if let Some(t) = attempt_timeout(ctx) {
-            req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
+        if ctx.attempts > 1 && req.headers.contains_key("x-envoy-expected-rq-timeout-ms") {
+            if let Some(t) = attempt_timeout(ctx) {
+                req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
+            }
         }
         // Envoy's HTTP/1 codec states an empty body explicitly for methods
         // that may carry one.
@@ -770,7 +797,14 @@ impl ProxyHttp for HcmProxy {
             .as_ref()
             .is_some_and(|c| c.config.protocol == crate::config::cluster::UpstreamProtocol::Http1);
         if http1_upstream
-            && !matches!(req.method, http::Method::GET | http::Method::HEAD)
+            && !matches!(
+                req.method,
+                http::Method::GET
+                    | http::Method::HEAD
+                    | http::Method::DELETE
+                    | http::Method::TRACE
+                    | http::Method::CONNECT
+            )
             && !req.headers.contains_key(http::header::CONTENT_LENGTH)
             && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
             && session.as_downstream_mut().is_body_empty()
@@ -781,12 +815,10 @@ impl ProxyHttp for HcmProxy {
         for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
             req.remove_header(h);
         }
-        if req
-            .headers
-            .get("te")
-            .is_some_and(|v| v.as_bytes() != b"trailers")
-        {
-            req.remove_header("te");
+        // `te` travels only as `trailers`, as Envoy sends it on.
+        req.remove_header("te");
+        if ctx.te_trailers {
+            req.insert_header("te", "trailers")?;
         }
         let _ = session;
         Ok(())
@@ -894,7 +926,11 @@ impl ProxyHttp for HcmProxy {
             ErrorType::HTTPStatus(s) if *s >= 400 => LocalReply { status: *s, body: "" },
             ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => LocalReply {
                 status: 503,
-                body: "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure",
+                body: if ctx.attempts > 1 {
+                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
+                } else {
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
+                },
             },
             ErrorType::Custom(c) if *c == "InvalidChunk" => LocalReply { status: 400, body: "Bad Request" },
             _ => match e.esource() {
@@ -1001,6 +1037,19 @@ fn set_path(req: &mut RequestHeader, path_and_query: &str) -> Result<()> {
     let uri = http::Uri::from_parts(parts)
         .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad uri"))?;
     req.set_uri(uri);
+    Ok(())
+}
+
+/// Sets `Host` (and the HTTP/2 authority) without recording the original.
+fn set_host_only(req: &mut RequestHeader, host: &str) -> Result<()> {
+    req.insert_header(http::header::HOST, host)?;
+    if req.uri.authority().is_some() {
+        let mut parts = req.uri.clone().into_parts();
+        parts.authority = host.parse().ok();
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            req.set_uri(uri);
+        }
+    }
     Ok(())
 }
 

@@ -95,7 +95,7 @@ pub fn grpc_percent_encode(b: &[u8]) -> String {
 /// RFC 3986 §5.2.4 dot-segment removal, with `\` treated as `/` as Envoy's
 /// `normalize_path` does. Works on the path part only.
 pub fn normalize_path(path: &str) -> String {
-    let path = path.replace('\\', "/");
+    let path = decode_unreserved(&path.replace('\\', "/"));
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let n = segments.len();
@@ -116,6 +116,32 @@ pub fn normalize_path(path: &str) -> String {
         }
     }
     format!("/{}", out.join("/"))
+}
+
+/// URL canonicalization as Envoy's `normalize_path` does it: percent-encoded
+/// unreserved characters (ALPHA, DIGIT, `-._~`) are decoded, and the hex of
+/// every other escape is upper-cased.
+pub fn decode_unreserved(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&path[i + 1..i + 3], 16) {
+                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                    out.push(v as char);
+                } else {
+                    out.push('%');
+                    out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
 }
 
 /// Collapses runs of `/`.
@@ -379,6 +405,13 @@ pub fn forwarding(
         }
     }
     if edge {
+        for h in [
+            "x-envoy-decorator-operation",
+            "x-envoy-downstream-service-cluster",
+            "x-envoy-downstream-service-node",
+        ] {
+            req.remove_header(h);
+        }
         req.insert_header("x-envoy-external-address", client.to_string())?;
     }
     let existing = req
@@ -435,6 +468,7 @@ mod tests {
         assert_eq!(normalize_path("/../a"), "/a");
         assert_eq!(normalize_path("/a/.."), "/");
         assert_eq!(normalize_path("/a\\b"), "/a/b");
+        assert_eq!(normalize_path("/b/%7e/%2e%2e/c%2f"), "/b/c%2F");
         assert_eq!(normalized("/a/../b?x=/../", true, false), "/b?x=/../");
         assert_eq!(merge_slashes("//a///b/"), "/a/b/");
     }
