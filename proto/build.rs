@@ -116,8 +116,9 @@ fn main() {
         }
     }
     println!("cargo:warning=envoy descriptor set: {} files compiled, {skipped} skipped (missing imports)", files.len() - skipped);
-    let fds = compiler.file_descriptor_set();
-    let bytes = prost::Message::encode_to_vec(&fds);
+    // Encoded by protox itself, so custom options (protoc-gen-validate's
+    // `validate.rules`) survive for the validator to read.
+    let bytes = compiler.encode_file_descriptor_set();
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("envoy_descriptor.bin");
     std::fs::write(out, bytes).unwrap();
     println!("cargo:rerun-if-changed=build.rs");

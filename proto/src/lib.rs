@@ -7,6 +7,7 @@
 //! message walked field by field (see [`walk`]).
 
 pub mod json;
+pub mod pgv;
 pub mod walk;
 
 pub use envoy_types;

@@ -78,6 +78,14 @@ pub fn load(cli: &Cli) -> Result<Loaded, LoadError> {
     )
     .map_err(|e| LoadError::Read(e.to_string()))?;
     let _ = dynamic.descriptor();
+    // Envoy's own constraints (protoc-gen-validate rules in its protos).
+    legate_proto::pgv::validate(&dynamic, "").map_err(|e| {
+        let (path, message) = e.split_once(": ").unwrap_or(("", &e));
+        ConfigError::new(
+            path,
+            format!("proto constraint validation failed: {message}"),
+        )
+    })?;
     let ignored = registry::validate(&dynamic)?;
     for i in &ignored {
         tracing::warn!(path = %i.path, reason = i.reason, "config field accepted but not applied");
@@ -165,10 +173,9 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         let p = config::index("static_resources", "listeners", i);
         let lc = Listener::from_proto(l, &p)?;
         if !lnames.insert(lc.name.clone()) {
-            return Err(ConfigError::new(
-                config::join(&p, "name"),
-                format!("error adding listener: '{}' has a duplicate name", lc.name),
-            ));
+            // Envoy keeps the first listener of a name and ignores the rest.
+            tracing::warn!(path = %p, name = %lc.name, "duplicate listener name: keeping the first, as Envoy does");
+            continue;
         }
         if lc.address.port() != 0 && !addrs.insert(lc.address) {
             return Err(ConfigError::new(
@@ -187,6 +194,17 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             &config::join(&p, "filter_chains[0].filters[0].typed_config.route_config"),
         )?;
         listeners.push(Arc::new(lc));
+    }
+    if let Some(lr) = &b.layered_runtime {
+        let mut seen = HashSet::new();
+        for (i, l) in lr.layers.iter().enumerate() {
+            if !seen.insert(l.name.clone()) {
+                return Err(ConfigError::new(
+                    format!("layered_runtime.layers[{i}].name"),
+                    format!("Duplicate layer name: {}", l.name),
+                ));
+            }
+        }
     }
     let layers: Vec<serde_json::Value> = b
         .layered_runtime

@@ -300,7 +300,16 @@ fn adds(list: &[core::HeaderValueOption], path: &str, field: &str) -> Result<Vec
 fn removes(list: &[String], path: &str, field: &str) -> Result<Vec<HeaderName>> {
     list.iter()
         .enumerate()
-        .map(|(i, s)| header_name(s, &index(path, field, i)))
+        .map(|(i, s)| {
+            let p = index(path, field, i);
+            if s.starts_with(':') || s.eq_ignore_ascii_case("host") {
+                return Err(ConfigError::new(
+                    p,
+                    ":-prefixed or host headers may not be removed",
+                ));
+            }
+            header_name(s, &p)
+        })
         .collect()
 }
 

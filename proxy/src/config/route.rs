@@ -218,7 +218,8 @@ impl VirtualHost {
         let mut domains = Vec::new();
         for (i, d) in vh.domains.iter().enumerate() {
             let d = d.to_ascii_lowercase();
-            if d.is_empty() || (d.len() > 1 && d[1..].contains('*') && !d.ends_with('*')) {
+            // A '*' inside a domain is a literal character in Envoy.
+            if d.is_empty() {
                 return Err(ConfigError::new(
                     index(path, "domains", i),
                     format!("invalid domain '{d}'"),
@@ -486,12 +487,22 @@ impl RetryPolicy {
                 "refused-stream" => on.refused_stream = true,
                 "retriable-status-codes" => on.retriable_status_codes = true,
                 "retriable-headers" => on.retriable_headers = true,
-                // gRPC conditions and http3 need features Legate lacks yet.
-                other => {
+                // Conditions Envoy knows but Legate cannot honour yet.
+                other @ ("envoy-ratelimited"
+                | "http3-post-connect-failure"
+                | "cancelled"
+                | "deadline-exceeded"
+                | "internal"
+                | "resource-exhausted"
+                | "unavailable") => {
                     return Err(ConfigError::new(
                         join(path, "retry_on"),
                         format!("retry condition '{other}' is not supported"),
                     ))
+                }
+                // Envoy logs and ignores tokens it does not know.
+                other => {
+                    tracing::warn!(path = %join(path, "retry_on"), token = other, "unknown retry_on token ignored, as Envoy does")
                 }
             }
         }
@@ -738,15 +749,9 @@ fn weighted(wc: &pb::WeightedCluster, path: &str) -> Result<WeightedClusters> {
         });
     }
     let sum: u64 = clusters.iter().map(|c| c.weight).sum();
-    let total = match wc.total_weight.val() {
-        Some(t) if t as u64 != sum => {
-            return Err(ConfigError::new(
-                join(path, "total_weight"),
-                format!("sum of weights {sum} does not equal total_weight {t}"),
-            ))
-        }
-        _ => sum,
-    };
+    // total_weight is deprecated and not enforced by Envoy 1.40: the split
+    // follows the weights themselves.
+    let total = sum;
     if total == 0 {
         return Err(ConfigError::new(
             join(path, "clusters"),
