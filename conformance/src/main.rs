@@ -9,6 +9,7 @@ mod proxies;
 mod report;
 mod routing;
 mod validate;
+mod xds;
 
 use anyhow::{Context, Result};
 use report::{Outcome, Report};
@@ -71,12 +72,12 @@ async fn main() -> Result<()> {
             "validate" => validate::run(&bins, &root.join("scenarios/validate"), &mut report)?,
             "http" => framing::run(&bins, &work, &mut report).await?,
             "xds" => {
-                for mode in ["ads", "xds", "rest", "delta", "delta-ads", "mux", "tls"] {
+                if let Err(e) = xds::run(&bins, &root, &work, &mut report) {
                     report.add(
                         "xds",
                         "go-control-plane",
-                        mode,
-                        Outcome::Mismatch(vec!["not run".into()]),
+                        "*",
+                        Outcome::Mismatch(vec![format!("{e:#}")]),
                     );
                 }
             }

@@ -5,6 +5,9 @@ use crate::gaps;
 pub enum Outcome {
     Match,
     Mismatch(Vec<String>),
+    /// The oracle itself failed (Envoy did not do what the scenario says):
+    /// the harness or scenario is wrong. Always a failure, never a gap.
+    HarnessError(Vec<String>),
 }
 
 pub struct Entry {
@@ -49,6 +52,10 @@ impl Report {
             (Outcome::Match, _) => ("PASS", String::new()),
             (Outcome::Mismatch(_), Some(g)) => ("NOT YET SUPPORTED", g.reason.to_string()),
             (Outcome::Mismatch(d), None) => ("FAIL", d.join("\n      ")),
+            (Outcome::HarnessError(d), _) => (
+                "FAIL",
+                format!("harness/oracle error: {}", d.join("\n      ")),
+            ),
         }
     }
 

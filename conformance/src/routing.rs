@@ -137,21 +137,19 @@ pub async fn run_file(
     }
     let (envoy, legate) = (&seen[&Kind::Envoy], &seen[&Kind::Legate]);
     for (i, r) in sc.requests.iter().enumerate() {
-        let mut problems: Vec<String> = check_expect(&r.expect, &envoy[i])
+        let oracle: Vec<String> = check_expect(&r.expect, &envoy[i])
             .into_iter()
-            .map(|p| format!("envoy: {p} (scenario is wrong)"))
+            .map(|p| format!("envoy: {p}"))
             .collect();
-        problems.extend(diff(&envoy[i], &legate[i]));
-        report.add(
-            "routing",
-            &stem,
-            &r.name,
-            if problems.is_empty() {
-                Outcome::Match
-            } else {
-                Outcome::Mismatch(problems)
-            },
-        );
+        let problems = diff(&envoy[i], &legate[i]);
+        let outcome = if !oracle.is_empty() {
+            Outcome::HarnessError(oracle)
+        } else if problems.is_empty() {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(problems)
+        };
+        report.add("routing", &stem, &r.name, outcome);
     }
     drop(ups);
     Ok(())

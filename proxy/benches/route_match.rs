@@ -43,6 +43,7 @@ fn bench(c: &mut Criterion) {
                         headers: &headers,
                         random: 0,
                         runtime: &rt,
+                        pseudo: Default::default(),
                     };
                     black_box(find_route(vh, &view).is_some())
                 })

@@ -169,6 +169,7 @@ impl HostSnapshot {
         hash: Option<u64>,
         random: u64,
         exclude: &dyn Fn(SocketAddr) -> bool,
+        attempts: Option<u32>,
     ) -> Option<Arc<UpstreamHost>> {
         let mut roll = (random % 100) as u32;
         let mut chosen = None;
@@ -201,6 +202,7 @@ impl HostSnapshot {
             hash,
             exclude: &ex,
             random: random >> 8,
+            attempts,
         })?;
         hosts.get(idx).cloned()
     }
@@ -510,7 +512,10 @@ mod tests {
         );
         for r in 0..30u64 {
             assert_ne!(
-                snap.pick(None, r * 7919, &|_| false).unwrap().addr.port(),
+                snap.pick(None, r * 7919, &|_| false, None)
+                    .unwrap()
+                    .addr
+                    .port(),
                 3
             );
         }
@@ -520,7 +525,13 @@ mod tests {
             140,
         );
         let ports: std::collections::HashSet<_> = (0..60u64)
-            .map(|r| panic.pick(None, r * 7919, &|_| false).unwrap().addr.port())
+            .map(|r| {
+                panic
+                    .pick(None, r * 7919, &|_| false, None)
+                    .unwrap()
+                    .addr
+                    .port()
+            })
             .collect();
         assert_eq!(ports.len(), 3, "panic mode balances over all hosts");
     }

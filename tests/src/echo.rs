@@ -88,6 +88,19 @@ async fn handle(
 
 /// Starts an echo server on `addr` (port 0 = any free port).
 pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<Echo> {
+    start_inner(name, addr, None).await
+}
+
+/// Starts a server answering every request with exactly `message`.
+pub async fn start_fixed(name: &str, addr: SocketAddr, message: String) -> std::io::Result<Echo> {
+    start_inner(name, addr, Some(Arc::new(message))).await
+}
+
+async fn start_inner(
+    name: &str,
+    addr: SocketAddr,
+    fixed: Option<Arc<String>>,
+) -> std::io::Result<Echo> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let name_arc = Arc::new(name.to_string());
@@ -98,9 +111,22 @@ pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<Echo> {
             let Ok((sock, _)) = listener.accept().await else {
                 continue;
             };
-            let (n, h) = (n.clone(), h.clone());
+            let (n, h, f) = (n.clone(), h.clone(), fixed.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| handle(n.clone(), h.clone(), req));
+                let svc = hyper::service::service_fn(move |req| {
+                    let (n, h, f) = (n.clone(), h.clone(), f.clone());
+                    async move {
+                        match f {
+                            Some(m) => {
+                                h.fetch_add(1, Ordering::Relaxed);
+                                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(
+                                    m.as_bytes().to_vec(),
+                                ))))
+                            }
+                            None => handle(n, h, req).await,
+                        }
+                    }
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(sock), svc)
                     .await;

@@ -142,6 +142,9 @@ pub struct RetryPolicy {
     pub retriable_status_codes: Vec<u16>,
     pub retriable_headers: Vec<HeaderMatcher>,
     pub previous_hosts: bool,
+    /// Host selection attempts with the previous_hosts predicate:
+    /// `host_selection_retry_max_attempts` (default 1) + 1, as in Envoy.
+    pub host_selection_attempts: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -467,6 +470,7 @@ impl RetryPolicy {
             retriable_status_codes: Vec::new(),
             retriable_headers: Vec::new(),
             previous_hosts: false,
+            host_selection_attempts: None,
         }
     }
 
@@ -565,6 +569,8 @@ impl RetryPolicy {
                 .map(|(i, h)| HeaderMatcher::from_proto(h, &index(path, "retriable_headers", i)))
                 .collect::<Result<_>>()?,
             previous_hosts,
+            host_selection_attempts: previous_hosts
+                .then(|| (r.host_selection_retry_max_attempts.max(1) as u32).saturating_add(1)),
         })
     }
 }

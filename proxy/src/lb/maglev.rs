@@ -213,10 +213,8 @@ impl LoadBalancer for MaglevLb {
     fn pick(&self, ctx: &PickContext) -> Option<usize> {
         let hash = ctx.hash.unwrap_or(ctx.random);
         pick_with_retries(
-            self.table.len(),
             ctx.exclude,
-            self.attempts,
-            false,
+            ctx.attempts.unwrap_or(self.attempts),
             |attempt| self.choose(hash, attempt),
         )
     }
@@ -243,6 +241,7 @@ mod tests {
             hash: Some(hash),
             exclude: &|_| false,
             random: 0,
+            attempts: None,
         }
     }
 
@@ -289,6 +288,7 @@ mod tests {
             hash: Some(10),
             exclude,
             random: 0,
+            attempts: None,
         };
         assert_eq!(lb.pick(&ctx(&|_| false)), Some(1));
         assert_eq!(lb.pick(&ctx(&|i| i == 1)), Some(0));

@@ -14,12 +14,9 @@
 //! Retries with a host predicate (Envoy's `previous_hosts`): Envoy calls the
 //! algorithm up to `host_selection_retry_max_attempts + 1` times (default 2)
 //! and returns the last host even if the predicate still rejects it. Legate does
-//! the same loop ([`DEFAULT_HOST_SELECTION_ATTEMPTS`]); for the non-hashing
-//! balancers (round robin, least request, random) it then falls back to a scan
-//! for any non-excluded host, because the data plane contract
-//! ([`PickContext::exclude`]) asks for an allowed host whenever one exists. The
-//! hashing balancers (ring hash, Maglev) keep Envoy's exact rehash sequence and
-//! no scan, so retries stay consistent with Envoy's choice of alternate host.
+//! exactly that ([`DEFAULT_HOST_SELECTION_ATTEMPTS`], or the route's value via
+//! [`PickContext::attempts`]); the hashing balancers (ring hash, Maglev) keep
+//! Envoy's exact rehash sequence, so retries land on Envoy's alternate host.
 
 pub mod edf;
 pub mod least_request;
@@ -50,6 +47,10 @@ pub struct PickContext<'a> {
     pub exclude: &'a dyn Fn(usize) -> bool,
     /// A random number source value supplied by the caller (so picks are deterministic in tests).
     pub random: u64,
+    /// Host selection attempts for this request: the route's
+    /// `host_selection_retry_max_attempts` + 1 when a retry host predicate
+    /// is active; `None` uses Envoy's default.
+    pub attempts: Option<u32>,
 }
 
 /// A load balancer over one immutable host list (rebuilt when the host set changes).
@@ -157,14 +158,10 @@ impl RandomStream {
 
 /// Envoy's `chooseHost` retry loop (`LoadBalancerBase`/`ThreadAwareLoadBalancerBase`):
 /// try `attempts` picks, return the first one the predicate accepts, else the
-/// last one. With `scan_fallback`, an exhausted loop additionally walks the host
-/// list from the last pick for any allowed host (see the module docs for why
-/// only the non-hashing balancers do this).
+/// last one, as Envoy does.
 pub(crate) fn pick_with_retries(
-    num_hosts: usize,
     exclude: &dyn Fn(usize) -> bool,
     attempts: u32,
-    scan_fallback: bool,
     mut choose: impl FnMut(u32) -> Option<usize>,
 ) -> Option<usize> {
     let mut last = None;
@@ -176,14 +173,6 @@ pub(crate) fn pick_with_retries(
         last = Some(host);
     }
     let last = last?;
-    if scan_fallback {
-        if let Some(allowed) = (1..num_hosts)
-            .map(|step| (last + step) % num_hosts)
-            .find(|&i| !exclude(i))
-        {
-            return Some(allowed);
-        }
-    }
     Some(last)
 }
 
@@ -249,6 +238,7 @@ pub(crate) mod test_support {
             hash: None,
             exclude: &|_| false,
             random,
+            attempts: None,
         }
     }
 }
@@ -302,6 +292,7 @@ mod tests {
                     hash: Some(mix64(r)),
                     exclude: &|_| false,
                     random: mix64(r + 1000),
+                    attempts: None,
                 };
                 let i = lb.pick(&c).expect("hosts exist");
                 assert!(i < hs.len(), "{policy:?}");
@@ -310,21 +301,20 @@ mod tests {
     }
 
     #[test]
-    fn retry_loop_returns_last_pick_without_scan_and_allowed_host_with_scan() {
+    fn retry_loop_returns_the_last_pick_when_attempts_run_out() {
         let exclude = |i: usize| i != 3;
         // The chooser always lands on host 0, which is excluded.
         let mut calls = 0;
-        let without = pick_with_retries(4, &exclude, 2, false, |_| {
+        let picked = pick_with_retries(&exclude, 2, |_| {
             calls += 1;
             Some(0)
         });
-        assert_eq!(without, Some(0));
-        assert_eq!(calls, 2);
-        let with = pick_with_retries(4, &exclude, 2, true, |_| Some(0));
-        assert_eq!(with, Some(3));
-        // Everything excluded: any host (the last pick) is returned.
-        let all = pick_with_retries(4, &|_| true, 2, true, |a| Some(a as usize));
-        assert_eq!(all, Some(1));
+        assert_eq!((picked, calls), (Some(0), 2));
+        // An allowed host found on the second attempt is returned.
+        assert_eq!(
+            pick_with_retries(&exclude, 2, |a| Some(if a == 1 { 3 } else { 0 })),
+            Some(3)
+        );
     }
 
     #[test]

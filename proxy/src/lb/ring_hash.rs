@@ -140,10 +140,8 @@ impl LoadBalancer for RingHashLb {
     fn pick(&self, ctx: &PickContext) -> Option<usize> {
         let hash = ctx.hash.unwrap_or(ctx.random);
         pick_with_retries(
-            self.ring.len(),
             ctx.exclude,
-            self.attempts,
-            false,
+            ctx.attempts.unwrap_or(self.attempts),
             |attempt| self.choose(hash, attempt),
         )
     }
@@ -171,6 +169,7 @@ mod tests {
             hash: Some(hash),
             exclude: &|_| false,
             random: 0,
+            attempts: None,
         }
     }
 
@@ -205,6 +204,7 @@ mod tests {
             hash: None,
             exclude: &|_| false,
             random: 16117243373044804880,
+            attempts: None,
         };
         assert_eq!(lb.pick(&no_hash), Some(0));
     }
@@ -220,6 +220,7 @@ mod tests {
             hash: Some(0),
             exclude,
             random: 0,
+            attempts: None,
         };
         // retry count 2 => 3 attempts.
         assert_eq!(lb(3).pick(&ctx(&|_| false)), Some(4));

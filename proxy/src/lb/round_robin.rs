@@ -62,7 +62,7 @@ impl RoundRobinLb {
     }
 
     /// Overrides how many scheduled picks a retry predicate may reject before
-    /// falling back to scanning (Envoy: `host_selection_retry_max_attempts + 1`).
+    /// then keeping the last pick (Envoy: `host_selection_retry_max_attempts + 1`).
     pub fn with_host_selection_attempts(mut self, attempts: u32) -> Self {
         self.attempts = attempts.max(1);
         self
@@ -91,7 +91,7 @@ impl RoundRobinLb {
 
 impl LoadBalancer for RoundRobinLb {
     fn pick(&self, ctx: &PickContext) -> Option<usize> {
-        pick_with_retries(self.hosts.len(), ctx.exclude, self.attempts, true, |_| {
+        pick_with_retries(ctx.exclude, ctx.attempts.unwrap_or(self.attempts), |_| {
             self.next_host()
         })
     }
@@ -192,26 +192,35 @@ mod tests {
             hash: None,
             exclude: &|i| i == 0,
             random: 0,
+            attempts: None,
         };
         assert_eq!(lb.pick(&c), Some(1));
 
-        // Weighted: the heavy host keeps coming up from the schedule, so the
-        // retries are exhausted and the scan fallback finds the light host.
+        // Weighted: the heavy host keeps coming up from the schedule. Envoy
+        // makes 2 attempts and then keeps the last pick; more attempts reach
+        // the light host.
         let lb = RoundRobinLb::new(hosts(&[1, 50]), 0);
         let c = PickContext {
             hash: None,
             exclude: &|i| i == 1,
             random: 0,
+            attempts: None,
         };
-        for _ in 0..20 {
-            assert_eq!(lb.pick(&c), Some(0));
-        }
+        assert_eq!(lb.pick(&c), Some(1));
+        let c = PickContext {
+            hash: None,
+            exclude: &|i| i == 1,
+            random: 0,
+            attempts: Some(60),
+        };
+        assert_eq!(lb.pick(&c), Some(0));
 
         // Everything excluded: still returns a host.
         let c = PickContext {
             hash: None,
             exclude: &|_| true,
             random: 0,
+            attempts: None,
         };
         assert!(lb.pick(&c).is_some());
     }

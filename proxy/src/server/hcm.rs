@@ -714,9 +714,13 @@ impl ProxyHttp for HcmProxy {
         let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
         let tried = ctx.tried.clone();
         let snap = cluster.snapshot();
-        let host = snap.pick(ctx.hash, rand::random(), &|a| {
-            avoid_previous && tried.contains(&a)
-        });
+        let attempts = ctx.retry.as_ref().and_then(|r| r.host_selection_attempts);
+        let host = snap.pick(
+            ctx.hash,
+            rand::random(),
+            &|a| avoid_previous && tried.contains(&a),
+            attempts,
+        );
         let Some(host) = host else {
             cluster.stats.upstream_cx_none_healthy.increment(1);
             ctx.pending_reply = Some(LocalReply {
@@ -909,7 +913,11 @@ impl ProxyHttp for HcmProxy {
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         );
-        let wants = on.is_some_and(|o| o.r5xx || o.gateway_error || (o.reset && !timed_out));
+        // An HTTP/2 upstream refusing the stream before processing it.
+        let refused = format!("{e:?}").contains("REFUSED_STREAM");
+        let wants = on.is_some_and(|o| {
+            o.r5xx || o.gateway_error || (o.reset && !timed_out) || (o.refused_stream && refused)
+        });
         let truncated = session.as_ref().retry_buffer_truncated();
         e.set_retry(wants && !truncated && Self::retry_allows(ctx));
         e

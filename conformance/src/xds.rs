@@ -1,0 +1,205 @@
+//! The xds tier: go-control-plane v0.14.0's own integration driver
+//! (`pkg/test/main`) in each of its modes, first against Envoy (which proves
+//! the driver and this harness), then against Legate. Each run happens in a
+//! network namespace of its own (`unshare -rn`), so the driver's fixed ports
+//! never collide with anything.
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::{ensure, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const GCP_VERSION: &str = "v0.14.0";
+const GCP_ENVOY_VERSION: &str = "v1.40.0";
+const MESSAGE: &str = "Hi, there!\n";
+
+/// (mode name, --xds value, extra driver flags), as the Makefile's targets.
+pub const MODES: &[(&str, &str, &[&str])] = &[
+    ("ads", "ads", &[]),
+    ("xds", "xds", &[]),
+    ("rest", "rest", &[]),
+    ("delta", "delta", &[]),
+    ("delta-ads", "delta-ads", &[]),
+    ("mux", "xds", &["-mux"]),
+    ("tls", "ads", &["-tls"]),
+];
+
+fn go() -> Command {
+    let mut c = Command::new("go");
+    c.env(
+        "PATH",
+        format!(
+            "{}:/usr/local/go/bin",
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    c.env("GOFLAGS", "-mod=mod");
+    c
+}
+
+/// Builds the driver in a scratch module under target/ (`go install`
+/// refuses modules with replace directives).
+fn build_driver(dir: &Path) -> Result<PathBuf> {
+    let bin = dir.join("bin/test");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(dir)?;
+    if !dir.join("go.mod").exists() {
+        ensure!(
+            go().args(["mod", "init", "gcp-peer"])
+                .current_dir(dir)
+                .status()?
+                .success(),
+            "go mod init failed"
+        );
+    }
+    let get = go()
+        .args([
+            "get",
+            &format!("github.com/envoyproxy/go-control-plane@{GCP_VERSION}"),
+            &format!("github.com/envoyproxy/go-control-plane/envoy@{GCP_ENVOY_VERSION}"),
+            &format!("github.com/envoyproxy/go-control-plane/pkg/test/main@{GCP_VERSION}"),
+        ])
+        .current_dir(dir)
+        .output()?;
+    ensure!(
+        get.status.success(),
+        "go get failed: {}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let build = go()
+        .args([
+            "build",
+            "-o",
+            "bin/test",
+            "github.com/envoyproxy/go-control-plane/pkg/test/main",
+        ])
+        .current_dir(dir)
+        .output()?;
+    ensure!(
+        build.status.success(),
+        "building the driver failed: {}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    Ok(bin)
+}
+
+fn sample_dir() -> Result<PathBuf> {
+    let out = go()
+        .args([
+            "mod",
+            "download",
+            "-json",
+            &format!("github.com/envoyproxy/go-control-plane@{GCP_VERSION}"),
+        ])
+        .output()?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("go mod download output")?;
+    Ok(PathBuf::from(v["Dir"].as_str().unwrap_or_default()).join("sample"))
+}
+
+/// Runs one mode against one proxy; Ok(log tail) when the driver passed.
+fn run_mode(
+    bins: &Binaries,
+    kind: Kind,
+    driver: &Path,
+    echo: &Path,
+    bootstrap: &Path,
+    xds: &str,
+    extra: &[&str],
+    work: &Path,
+) -> Result<std::result::Result<(), String>> {
+    let runtimes = if xds == "ads" { "2" } else { "1" };
+    let log = work.join(format!("xds-{}-{xds}{}.log", kind.name(), extra.join("")));
+    let script = r#"
+set -u
+ip link set lo up
+"$ECHO" --listen 127.0.0.1:18080 --name upstream --message "$MESSAGE" 2>/dev/null &
+UP=$!
+"$PROXY" -c "$BOOTSTRAP" --drain-time-s 1 -l debug --disable-hot-restart --concurrency 1 2>"$PROXY_LOG" &
+PX=$!
+timeout 150 "$DRIVER" --xds="$XDS" --runtimes="$RUNTIMES" -debug -message="$MESSAGE" "$@"
+rc=$?
+kill $PX $UP 2>/dev/null
+wait 2>/dev/null
+exit $rc
+"#;
+    let out = Command::new("unshare")
+        .args(["-rn", "bash", "-c", script, "xds-run"])
+        .args(extra)
+        .env("ECHO", echo)
+        .env("PROXY", bins.path(kind))
+        .env("BOOTSTRAP", bootstrap)
+        .env("PROXY_LOG", &log)
+        .env("DRIVER", driver)
+        .env("XDS", xds)
+        .env("RUNTIMES", runtimes)
+        .env("MESSAGE", MESSAGE)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && text.contains("passed!") {
+        Ok(Ok(()))
+    } else {
+        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        Ok(Err(format!(
+            "driver exit {:?}: {}",
+            out.status.code(),
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )))
+    }
+}
+
+pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
+    let driver = build_driver(&root.join("../target/conformance/gcp"))?;
+    let samples = sample_dir()?;
+    let echo = bins.legate.with_file_name("echo-upstream");
+    for (mode, xds, extra) in MODES {
+        let bootstrap = samples.join(format!("bootstrap-{xds}.yaml"));
+        let envoy = run_mode(
+            bins,
+            Kind::Envoy,
+            &driver,
+            &echo,
+            &bootstrap,
+            xds,
+            extra,
+            work,
+        )?;
+        let outcome = match envoy {
+            Err(e) => Outcome::HarnessError(vec![format!("envoy failed its own driver run: {e}")]),
+            Ok(()) => {
+                // A bootstrap Legate rejects cannot pass: say why without
+                // waiting for the driver's timeout.
+                let (ok, why) = proxies::validate(bins, Kind::Legate, &bootstrap)?;
+                if !ok {
+                    Outcome::Mismatch(vec![format!(
+                        "legate rejects the bootstrap: {}",
+                        why.lines().last().unwrap_or("")
+                    )])
+                } else {
+                    match run_mode(
+                        bins,
+                        Kind::Legate,
+                        &driver,
+                        &echo,
+                        &bootstrap,
+                        xds,
+                        extra,
+                        work,
+                    )? {
+                        Ok(()) => Outcome::Match,
+                        Err(e) => Outcome::Mismatch(vec![format!("legate failed the driver: {e}")]),
+                    }
+                }
+            }
+        };
+        report.add("xds", "go-control-plane", mode, outcome);
+    }
+    Ok(())
+}
