@@ -29,6 +29,9 @@ pub const CASES: &[(&str, &str)] = &[
     ("asterisk-options", "OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n"),
     ("connect", "CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n"),
     ("bare-lf", "GET / HTTP/1.1\nhost: a\n\n"),
+    ("websocket-without-upgrade-configs", "GET /chat HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"),
+    ("h2c-upgrade-ignored", "GET / HTTP/1.1\r\nhost: a\r\nupgrade: h2c\r\nconnection: Upgrade, HTTP2-Settings\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n"),
+    ("expect-100-continue", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\nabc"),
 ];
 
 /// The status line's code, or "closed" when the proxy sent nothing.

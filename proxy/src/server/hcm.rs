@@ -333,6 +333,28 @@ impl ProxyHttp for HcmProxy {
                 return Ok(true);
             }
         }
+        // Upgrades: Legate has no upgrade_configs (they are rejected in
+        // config), so Envoy's answer applies: 403 for any upgrade but h2c,
+        // which Envoy's HTTP/1 codec drops before proxying normally.
+        if let Some(up) = session
+            .req_header()
+            .headers
+            .get(http::header::UPGRADE)
+            .map(|v| v.as_bytes().to_ascii_lowercase())
+        {
+            if up == b"h2c" {
+                let req = session.req_header_mut();
+                req.remove_header(&http::header::UPGRADE);
+                req.remove_header("http2-settings");
+            } else if connection_tokens(session.req_header())
+                .iter()
+                .any(|t| t == "upgrade")
+            {
+                self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
+                    .await?;
+                return Ok(true);
+            }
+        }
         // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
         // Envoy counts the request line's path and method in the header size.
         let (count, size) = {
@@ -815,7 +837,13 @@ impl ProxyHttp for HcmProxy {
         {
             req.insert_header(http::header::CONTENT_LENGTH, "0")?;
         }
-        // Hop-by-hop headers never go upstream.
+        // Hop-by-hop headers, and those the client's Connection header
+        // names, never go upstream.
+        for t in connection_tokens(req) {
+            if t != "te" {
+                req.remove_header(t.as_str());
+            }
+        }
         for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
             req.remove_header(h);
         }
@@ -1006,6 +1034,22 @@ impl ProxyHttp for HcmProxy {
             stats::counter(format!("{}downstream_rq_completed", ctx.http_prefix)).increment(1);
         }
     }
+}
+
+/// The lower-cased tokens of the Connection header(s).
+fn connection_tokens(req: &RequestHeader) -> Vec<String> {
+    req.headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// This attempt's timeout: the per-try timeout, bounded by what remains of
