@@ -350,6 +350,8 @@ impl ProxyHttp for HcmProxy {
                 .iter()
                 .any(|t| t == "upgrade")
             {
+                // Envoy closes the connection after refusing an upgrade.
+                session.set_keepalive(None);
                 self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
                     .await?;
                 return Ok(true);
