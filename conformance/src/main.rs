@@ -5,6 +5,7 @@
 mod compare;
 mod framing;
 mod gaps;
+mod h2spec;
 mod proxies;
 mod report;
 mod routing;
@@ -70,7 +71,19 @@ async fn main() -> Result<()> {
                 }
             }
             "validate" => validate::run(&bins, &root.join("scenarios/validate"), &mut report)?,
-            "http" => framing::run(&bins, &work, &mut report).await?,
+            "http" => {
+                framing::run(&bins, &work, &mut report).await?;
+                if let Err(e) =
+                    tokio::task::block_in_place(|| h2spec::run(&bins, &root, &work, &mut report))
+                {
+                    report.add(
+                        "http",
+                        "h2spec",
+                        "*",
+                        Outcome::HarnessError(vec![format!("{e:#}")]),
+                    );
+                }
+            }
             "xds" => {
                 if let Err(e) = xds::run(&bins, &root, &work, &mut report) {
                     report.add(

@@ -1,0 +1,180 @@
+//! h2spec (v2.2.1, from the Go module proxy) against an h2c listener of
+//! Envoy and of Legate. A case Legate fails where Envoy passes is run again
+//! alone against both before it counts as a difference, because some cases
+//! depend on timing (Envoy's own results vary between runs).
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::{ensure, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const H2SPEC: &str = "github.com/summerwind/h2spec/cmd/h2spec@v2.2.1";
+
+fn install(dir: &Path) -> Result<PathBuf> {
+    let bin = dir.join("h2spec");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    std::fs::create_dir_all(dir)?;
+    let out = Command::new("go")
+        .args(["install", H2SPEC])
+        .env("GOBIN", dir)
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/local/go/bin",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "installing h2spec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(bin)
+}
+
+/// Test id (`http2/3.5/2`) → passed, from h2spec's text report.
+pub fn parse(report: &str) -> BTreeMap<String, bool> {
+    let mut out = BTreeMap::new();
+    let (mut spec, mut section) = (String::new(), String::new());
+    for line in report.lines() {
+        // Each test line is redrawn after a carriage return; keep the last.
+        let line = line.rsplit('\r').next().unwrap_or(line);
+        if line.starts_with("Failures:") {
+            break;
+        }
+        let t = line.trim();
+        if !line.starts_with(' ') && !t.is_empty() {
+            spec = if t.starts_with("Generic") {
+                "generic".into()
+            } else if t.starts_with("HPACK") {
+                "hpack".into()
+            } else {
+                "http2".into()
+            };
+            continue;
+        }
+        let (mark, rest) = match t.chars().next() {
+            Some('✔') => (Some(true), &t['✔'.len_utf8()..]),
+            Some('×') => (Some(false), &t['×'.len_utf8()..]),
+            _ => (None, t),
+        };
+        match mark {
+            Some(passed) => {
+                if let Some((n, _)) = rest.trim().split_once(':') {
+                    out.insert(format!("{spec}/{section}/{}", n.trim()), passed);
+                }
+            }
+            None => {
+                // A section heading: "3.5. HTTP/2 Connection Preface".
+                if let Some((num, _)) = t.split_once(' ') {
+                    if num.ends_with('.')
+                        && num
+                            .trim_end_matches('.')
+                            .split('.')
+                            .all(|p| p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty())
+                    {
+                        section = num.trim_end_matches('.').to_string();
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn run_h2spec(h2spec: &Path, port: u16, only: Option<&str>) -> Result<BTreeMap<String, bool>> {
+    let mut c = Command::new("timeout");
+    c.args(["300"]).arg(h2spec).args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-P",
+        "/",
+        "-o",
+        "2",
+    ]);
+    if let Some(id) = only {
+        c.arg(id);
+    }
+    let out = c.output()?;
+    Ok(parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
+    let h2spec = install(&root.join("../target/conformance/h2spec"))?;
+    let (port, admin) = (
+        legate_tests::legate::free_port(),
+        legate_tests::legate::free_port(),
+    );
+    let cfg = format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: h2c
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: h2spec
+          route_config:
+            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: ok}}}}}}]}}]
+          http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+"#
+    );
+    let path = work.join("h2spec.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut results = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _running = proxies::start(bins, kind, &path, admin, work)?;
+        results.push(run_h2spec(&h2spec, port, None)?);
+    }
+    let (envoy, legate) = (&results[0], &results[1]);
+    ensure!(
+        !envoy.is_empty() && !legate.is_empty(),
+        "h2spec produced no results"
+    );
+    for (id, e_pass) in envoy {
+        let l_pass = legate.get(id).copied().unwrap_or(false);
+        let outcome = if l_pass || !e_pass {
+            Outcome::Match
+        } else {
+            // Confirm alone, against both, before calling it a difference.
+            let again = |kind| -> Result<bool> {
+                let _r = proxies::start(bins, kind, &path, admin, work)?;
+                Ok(run_h2spec(&h2spec, port, Some(id))?
+                    .get(id)
+                    .copied()
+                    .unwrap_or(false))
+            };
+            let (e2, l2) = (again(Kind::Envoy)?, again(Kind::Legate)?);
+            if l2 || !e2 {
+                Outcome::Match
+            } else {
+                Outcome::Mismatch(vec![format!("h2spec {id}: envoy passes, legate fails")])
+            }
+        };
+        report.add("http", "h2spec", id, outcome);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_h2specs_text_report() {
+        let text = "Hypertext Transfer Protocol Version 2 (HTTP/2)\n  3. Starting HTTP/2\n    3.5. HTTP/2 Connection Preface\n        1: Sends client connection preface\r      \u{2714} 1: Sends client connection preface\n      \u{00d7} 2: Sends invalid connection preface\n\nHPACK: Header Compression for HTTP/2\n  2. Compression Process Overview\n    2.3. Indexing Tables\n      2.3.3. Index Address Space\n        \u{2714} 1: Sends a indexed header field representation with invalid index\n\nFailures: \n  \u{00d7} 2: ignored\n";
+        let r = super::parse(text);
+        assert_eq!(r.get("http2/3.5/1"), Some(&true));
+        assert_eq!(r.get("http2/3.5/2"), Some(&false));
+        assert_eq!(r.get("hpack/2.3.3/1"), Some(&true));
+        assert_eq!(r.len(), 3);
+    }
+}
