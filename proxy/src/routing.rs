@@ -277,3 +277,81 @@ virtual_hosts:
         assert_eq!(strip_port("a.b"), "a.b");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use legate_proto::envoy_types::pb::envoy::config::route::v3 as pb;
+    use proptest::prelude::*;
+
+    fn rc(json: serde_json::Value) -> RouteConfig {
+        let p: pb::RouteConfiguration =
+            legate_proto::json::to_message(json, "envoy.config.route.v3.RouteConfiguration", true)
+                .unwrap();
+        RouteConfig::from_proto(&p, "rc").unwrap()
+    }
+
+    fn view<'a>(path: &'a str, h: &'a HeaderMap, rt: &'a Runtime) -> RequestView<'a> {
+        RequestView {
+            path,
+            headers: h,
+            random: 0,
+            runtime: rt,
+            pseudo: Default::default(),
+        }
+    }
+
+    proptest! {
+        /// A prefix route matches exactly the paths that start with it, and
+        /// a path route exactly its path (ignoring the query).
+        #[test]
+        fn prefix_and_path_semantics(prefix in "/[a-z]{0,4}", path in "/[a-z/]{0,8}", query in "(\\?[a-z=]{0,5})?") {
+            let c = rc(serde_json::json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                {"name": "path", "match": {"path": prefix.clone()}, "direct_response": {"status": 200}},
+                {"name": "prefix", "match": {"prefix": prefix.clone()}, "direct_response": {"status": 200}},
+            ]}]}));
+            let (h, rt) = (HeaderMap::new(), Runtime::default());
+            let full = format!("{path}{query}");
+            let got = find_route(&c.virtual_hosts[0], &view(&full, &h, &rt)).map(|r| r.name.clone());
+            let want = if path == prefix { Some("path".to_string()) } else if full.starts_with(&prefix) { Some("prefix".to_string()) } else { None };
+            prop_assert_eq!(got, want);
+        }
+
+        /// An exact domain always beats any wildcard, and a longer suffix
+        /// wildcard beats a shorter one, whatever the order of the hosts.
+        #[test]
+        fn domain_precedence_is_order_independent(labels in prop::collection::vec("[a-z]{1,5}", 2..4), rotate in 0usize..4) {
+            let host = labels.join(".");
+            let suffix_long = format!("*.{}", labels[1..].join("."));
+            let suffix_short = format!("*.{}", labels[labels.len() - 1]);
+            let mut vhosts = vec![
+                serde_json::json!({"name": "any", "domains": ["*"]}),
+                serde_json::json!({"name": "short", "domains": [suffix_short]}),
+                serde_json::json!({"name": "long", "domains": [suffix_long]}),
+                serde_json::json!({"name": "exact", "domains": [host.clone()]}),
+            ];
+            if labels.len() == 2 {
+                vhosts.remove(1); // the two suffixes are the same domain
+            }
+            let n = vhosts.len();
+            vhosts.rotate_left(rotate % n);
+            let c = rc(serde_json::json!({"virtual_hosts": vhosts}));
+            prop_assert_eq!(find_virtual_host(&c, &host).unwrap().name.as_str(), "exact");
+            let other = format!("zz.{}", labels[1..].join("."));
+            prop_assert_eq!(find_virtual_host(&c, &other).unwrap().name.as_str(), "long");
+        }
+
+        /// Route matching never panics on arbitrary request paths.
+        #[test]
+        fn arbitrary_paths_do_not_panic(path in "\\PC{0,40}") {
+            let c = rc(serde_json::json!({"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                {"match": {"safe_regex": {"regex": "/a.*"}}, "direct_response": {"status": 200}},
+                {"match": {"path_separated_prefix": "/b"}, "direct_response": {"status": 200}},
+                {"match": {"prefix": "/C", "case_sensitive": false, "query_parameters": [{"name": "q"}]}, "direct_response": {"status": 200}},
+            ]}]}));
+            let (h, rt) = (HeaderMap::new(), Runtime::default());
+            let _ = find_route(&c.virtual_hosts[0], &view(&path, &h, &rt));
+            let _ = find_virtual_host(&c, &path);
+        }
+    }
+}

@@ -255,3 +255,20 @@ async fn admin_endpoints_in_envoys_formats() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_listeners_stops_accepting_and_reports_draining() {
+    let rc = routes(json!([{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]));
+    let (_l, url, admin) = start(hcm(rc, json!({})), vec![]);
+    assert_eq!(curl(&format!("{url}/"), &[]).status, 200);
+    assert_eq!(admin_post(admin, "/drain_listeners?graceful").status, 200);
+    assert_eq!(admin_get(admin, "/ready").status, 503);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(url.trim_start_matches("http://")).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drained listener still accepts connections"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

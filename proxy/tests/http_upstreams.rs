@@ -309,3 +309,22 @@ async fn codec_type_restricts_protocols() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_dns_cluster_resolves_offline() {
+    let up = upstream("logical").await;
+    let logical = json!({"name": "ldns", "type": "LOGICAL_DNS", "connect_timeout": "1s", "dns_lookup_family": "V4_ONLY",
+        "load_assignment": {"cluster_name": "ldns", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr("localhost", up.addr.port())}}]}]}});
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "ldns"}}]));
+    let (_l, url, admin) = start(hcm(rc, json!({})), vec![logical]);
+    assert_eq!(
+        curl(&format!("{url}/"), &[]).header("x-echo-server"),
+        Some("logical")
+    );
+    assert_eq!(stat(admin, "cluster.ldns.membership_total"), Some(1));
+    // LOGICAL_DNS takes exactly one endpoint, as Envoy requires.
+    let two = json!({"name": "ldns", "type": "LOGICAL_DNS", "load_assignment": {"cluster_name": "ldns", "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": addr("localhost", 1)}}, {"endpoint": {"address": addr("localhost", 2)}}]}]}});
+    let out = validate(BIN, &bootstrap(1, vec![], vec![two]));
+    assert_eq!(out.status.code(), Some(1));
+}
