@@ -5,6 +5,7 @@
 mod compare;
 mod framing;
 mod gaps;
+mod grpc;
 mod h2spec;
 mod proxies;
 mod report;
@@ -73,6 +74,16 @@ async fn main() -> Result<()> {
             "validate" => validate::run(&bins, &root.join("scenarios/validate"), &mut report)?,
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
+                if let Err(e) =
+                    tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))
+                {
+                    report.add(
+                        "http",
+                        "grpc-interop",
+                        "*",
+                        Outcome::HarnessError(vec![format!("{e:#}")]),
+                    );
+                }
                 if let Err(e) =
                     tokio::task::block_in_place(|| h2spec::run(&bins, &root, &work, &mut report))
                 {

@@ -38,12 +38,11 @@ fn go() -> Command {
     c
 }
 
-/// Builds the driver in a scratch module under target/ (`go install`
-/// refuses modules with replace directives).
-fn build_driver(dir: &Path) -> Result<PathBuf> {
-    let bin = dir.join("bin/test");
-    if bin.exists() {
-        return Ok(bin);
+/// The scratch Go module under target/ that pins go-control-plane (and so
+/// grpc-go) at the versions under test.
+pub fn ensure_module(dir: &Path) -> Result<()> {
+    if dir.join("go.sum").exists() {
+        return Ok(());
     }
     std::fs::create_dir_all(dir)?;
     if !dir.join("go.mod").exists() {
@@ -69,6 +68,17 @@ fn build_driver(dir: &Path) -> Result<PathBuf> {
         "go get failed: {}",
         String::from_utf8_lossy(&get.stderr)
     );
+    Ok(())
+}
+
+/// Builds the driver in the scratch module (`go install` refuses modules
+/// with replace directives).
+fn build_driver(dir: &Path) -> Result<PathBuf> {
+    let bin = dir.join("bin/test");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    ensure_module(dir)?;
     let build = go()
         .args([
             "build",

@@ -1,0 +1,148 @@
+//! grpc-go's interop server and client (built from the Go module proxy in
+//! the scratch module the xds tier uses), with the proxy in between over
+//! h2c: Envoy first, then Legate.
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::{ensure, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub const CASES: &[&str] = &[
+    "empty_unary",
+    "large_unary",
+    "client_streaming",
+    "server_streaming",
+    "ping_pong",
+    "empty_stream",
+    "timeout_on_sleeping_server",
+    "cancel_after_begin",
+    "cancel_after_first_response",
+    "status_code_and_message",
+    "special_status_message",
+    "custom_metadata",
+    "unimplemented_method",
+    "unimplemented_service",
+];
+
+fn build(dir: &Path, name: &str, pkg: &str) -> Result<PathBuf> {
+    let bin = dir.join("bin").join(name);
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let out = Command::new("go")
+        .args(["build", "-o", &format!("bin/{name}"), pkg])
+        .current_dir(dir)
+        .env("GOFLAGS", "-mod=mod")
+        .env(
+            "PATH",
+            format!(
+                "{}:/usr/local/go/bin",
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "building {pkg} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(bin)
+}
+
+pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
+    // The scratch module (and its go.mod) comes from the xds tier's driver build.
+    let dir = root.join("../target/conformance/gcp");
+    crate::xds::ensure_module(&dir)?;
+    let server = build(
+        &dir,
+        "interop-server",
+        "google.golang.org/grpc/interop/server",
+    )?;
+    let client = build(
+        &dir,
+        "interop-client",
+        "google.golang.org/grpc/interop/client",
+    )?;
+    let backend = legate_tests::legate::free_port();
+    let mut srv = Command::new(&server)
+        .args(["-port", &backend.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let (port, admin) = (
+        legate_tests::legate::free_port(),
+        legate_tests::legate::free_port(),
+    );
+    let cfg = format!(
+        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+static_resources:
+  listeners:
+  - name: grpc
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: grpc
+          route_config:
+            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: interop, timeout: 0s}}}}]}}]
+          http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+  clusters:
+  - name: interop
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: interop
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend}}}}}}}}}]}}]
+"#
+    );
+    let path = work.join("grpc-interop.yaml");
+    std::fs::write(&path, cfg)?;
+    let mut results = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _running = proxies::start(bins, kind, &path, admin, work)?;
+        let mut r = Vec::new();
+        for case in CASES {
+            let out = Command::new("timeout")
+                .args(["30"])
+                .arg(&client)
+                .args([
+                    "-server_host",
+                    "127.0.0.1",
+                    "-server_port",
+                    &port.to_string(),
+                    "-test_case",
+                    case,
+                ])
+                .output()?;
+            let tail = String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string();
+            r.push((out.status.success(), tail));
+        }
+        results.push(r);
+    }
+    let _ = srv.kill();
+    let _ = srv.wait();
+    for (i, case) in CASES.iter().enumerate() {
+        let ((e_ok, e_msg), (l_ok, l_msg)) = (&results[0][i], &results[1][i]);
+        let outcome = match (e_ok, l_ok) {
+            (true, true) => Outcome::Match,
+            (true, false) => {
+                Outcome::Mismatch(vec![format!("envoy passes, legate fails: {l_msg}")])
+            }
+            (false, _) => {
+                Outcome::HarnessError(vec![format!("envoy fails the interop case: {e_msg}")])
+            }
+        };
+        report.add("http", "grpc-interop", case, outcome);
+    }
+    Ok(())
+}
