@@ -29,7 +29,7 @@ pub const CASES: &[(&str, &str)] = &[
     ("asterisk-options", "OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n"),
     ("connect", "CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n"),
     ("bare-lf", "GET / HTTP/1.1\nhost: a\n\n"),
-    ("websocket-without-upgrade-configs", "GET /chat HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"),
+    ("websocket-upgrade-status", "GET /chat HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"),
     ("h2c-upgrade-ignored", "GET / HTTP/1.1\r\nhost: a\r\nupgrade: h2c\r\nconnection: Upgrade, HTTP2-Settings\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n"),
     ("expect-100-continue", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\nabc"),
 ];
@@ -59,6 +59,37 @@ fn send_raw(port: u16, bytes: &str) -> String {
         .map_or("closed".into(), str::to_string)
 }
 
+/// A WebSocket upgrade, then bytes through the tunnel: "<status> <echoed>".
+fn websocket_roundtrip(port: u16) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return "connect failed".into();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.write_all(b"GET /ws HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("closed")
+        .to_string();
+    let accept = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase() == "sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=");
+    let _ = s.write_all(b"through-the-tunnel");
+    let mut got = vec![0u8; 18];
+    let echoed = s.read_exact(&mut got).is_ok() && got == b"through-the-tunnel";
+    format!("{status} accept={accept} echoed={echoed}")
+}
+
 pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
     let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
     let (port, admin) = (
@@ -77,6 +108,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: framing
+          upgrade_configs: [{{upgrade_type: websocket}}]
           route_config:
             virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: a}}}}]}}]
           http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
@@ -107,5 +139,12 @@ static_resources:
         };
         report.add("http", "http1-framing", name, o);
     }
+    let (e, l) = (answers[0].last().unwrap(), answers[1].last().unwrap());
+    let o = if e == l {
+        Outcome::Match
+    } else {
+        Outcome::Mismatch(vec![format!("envoy: {e} / legate: {l}")])
+    };
+    report.add("http", "websocket", "upgrade-and-tunnel", o);
     Ok(())
 }

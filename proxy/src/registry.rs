@@ -207,6 +207,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "always_set_request_id_in_response",
             "http2_protocol_options",
             "http_protocol_options",
+            "upgrade_configs",
         ],
         &[
             ("access_log", NO_LOG),
@@ -217,6 +218,11 @@ pub static REGISTRY: &[MessageSupport] = &[
             ("drain_timeout", "drain uses --drain-time-s"),
             ("delayed_close_timeout", "close timing only"),
         ],
+    ),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+        &["upgrade_type", "enabled"],
+        &[],
     ),
     m(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",

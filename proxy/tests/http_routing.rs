@@ -411,3 +411,47 @@ async fn pipelined_http1_requests_are_answered_in_order() {
     let _ = s.read_to_string(&mut out);
     assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_follow_upgrade_configs() {
+    use std::io::{Read, Write};
+    let up = upstream("ws").await;
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "a"}}]));
+    let (_l1, allowed, _) = start(
+        hcm(
+            rc.clone(),
+            json!({"upgrade_configs": [{"upgrade_type": "websocket"}]}),
+        ),
+        vec![cluster("a", &[up.addr], json!({}))],
+    );
+    let (_l2, refused, _) = start(
+        hcm(rc, json!({})),
+        vec![cluster("a", &[up.addr], json!({}))],
+    );
+    let handshake = b"GET /ws HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n";
+    let open = |url: &str| {
+        let mut s = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(handshake).unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+            head.push(b[0]);
+        }
+        (s, String::from_utf8_lossy(&head).to_string())
+    };
+    let (mut s, head) = open(&allowed);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    s.write_all(b"frames both ways").unwrap();
+    let mut got = [0u8; 16];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"frames both ways");
+    let (_, head) = open(&refused);
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+}

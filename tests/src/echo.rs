@@ -28,12 +28,48 @@ impl Drop for Echo {
     }
 }
 
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+fn websocket_accept(key: &[u8]) -> String {
+    use base64::Engine;
+    let mut h = sha1_smol::Sha1::new();
+    h.update(key);
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(h.digest().bytes())
+}
+
 async fn handle(
     name: Arc<String>,
     hits: Arc<AtomicU64>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     hits.fetch_add(1, Ordering::Relaxed);
+    // A WebSocket upgrade: answer 101, then echo whatever the tunnel carries.
+    if req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
+        let accept = websocket_accept(
+            req.headers()
+                .get("sec-websocket-key")
+                .map_or(&b""[..], |v| v.as_bytes()),
+        );
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        return Ok(Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-accept", accept)
+            .header("x-echo-server", name.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
     let method = req.method().to_string();
     let path = req
         .uri()
@@ -128,7 +164,7 @@ async fn start_inner(
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(sock), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(sock), svc)
                     .await;
             });
         }
@@ -139,4 +175,15 @@ async fn start_inner(
         hits,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn websocket_accept_matches_rfc6455_example() {
+        assert_eq!(
+            super::websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }

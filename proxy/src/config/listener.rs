@@ -71,6 +71,8 @@ pub struct Hcm {
     pub generate_request_id: bool,
     pub preserve_external_request_id: bool,
     pub always_set_request_id_in_response: bool,
+    /// Upgrade types allowed through (lower case), from `upgrade_configs`.
+    pub upgrades: Vec<String>,
 }
 
 impl Listener {
@@ -296,6 +298,12 @@ impl Hcm {
             generate_request_id: h.generate_request_id.val().unwrap_or(true),
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
+            upgrades: h
+                .upgrade_configs
+                .iter()
+                .filter(|u| u.enabled.as_ref().is_none_or(|e| e.value))
+                .map(|u| u.upgrade_type.to_ascii_lowercase())
+                .collect(),
         })
     }
 }

@@ -92,6 +92,9 @@ pub struct Ctx {
     status: u16,
     original_host: String,
     http_prefix: String,
+    /// An upgrade the listener allows (`upgrade_configs`): its value, kept
+    /// on the upstream request so pingora tunnels after the upstream's 101.
+    upgrade: Option<String>,
     /// The client asked for trailers (`te` contained `trailers`).
     te_trailers: bool,
     /// The route timeout.
@@ -333,9 +336,9 @@ impl ProxyHttp for HcmProxy {
                 return Ok(true);
             }
         }
-        // Upgrades: Legate has no upgrade_configs (they are rejected in
-        // config), so Envoy's answer applies: 403 for any upgrade but h2c,
-        // which Envoy's HTTP/1 codec drops before proxying normally.
+        // Upgrades: those in upgrade_configs go through; Envoy answers 403 to
+
+        // any other, except h2c, which its HTTP/1 codec drops before proxying.
         if let Some(up) = session
             .req_header()
             .headers
@@ -350,11 +353,15 @@ impl ProxyHttp for HcmProxy {
                 .iter()
                 .any(|t| t == "upgrade")
             {
-                // Envoy closes the connection after refusing an upgrade.
-                session.set_keepalive(None);
-                self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
-                    .await?;
-                return Ok(true);
+                if hcm.upgrades.iter().any(|u| u.as_bytes() == up.as_slice()) {
+                    ctx.upgrade = Some(String::from_utf8_lossy(&up).into_owned());
+                } else {
+                    // Envoy closes the connection after refusing an upgrade.
+                    session.set_keepalive(None);
+                    self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
+                        .await?;
+                    return Ok(true);
+                }
             }
         }
         // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
@@ -848,6 +855,10 @@ impl ProxyHttp for HcmProxy {
         }
         for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
             req.remove_header(h);
+        }
+        if let Some(up) = &ctx.upgrade {
+            req.insert_header(http::header::CONNECTION, "upgrade")?;
+            req.insert_header(http::header::UPGRADE, up.as_str())?;
         }
         // `te` travels only as `trailers`, as Envoy sends it on.
         req.remove_header("te");
