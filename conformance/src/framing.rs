@@ -124,10 +124,9 @@ static_resources:
     for kind in [Kind::Envoy, Kind::Legate] {
         let _r = proxies::start(bins, kind, &path, admin, work)?;
         answers.push(tokio::task::block_in_place(|| {
-            CASES
-                .iter()
-                .map(|(_, b)| send_raw(port, b))
-                .collect::<Vec<_>>()
+            let mut a: Vec<String> = CASES.iter().map(|(_, b)| send_raw(port, b)).collect();
+            a.push(websocket_roundtrip(port));
+            a
         }));
     }
     for (i, (name, _)) in CASES.iter().enumerate() {

@@ -337,7 +337,8 @@ mod properties {
             vhosts.rotate_left(rotate % n);
             let c = rc(serde_json::json!({"virtual_hosts": vhosts}));
             prop_assert_eq!(find_virtual_host(&c, &host).unwrap().name.as_str(), "exact");
-            let other = format!("zz.{}", labels[1..].join("."));
+            // Another host under the long suffix (never equal to `host`).
+            let other = format!("{}x.{}", labels[0], labels[1..].join("."));
             prop_assert_eq!(find_virtual_host(&c, &other).unwrap().name.as_str(), "long");
         }
 
