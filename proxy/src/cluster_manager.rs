@@ -255,6 +255,8 @@ pub struct Cluster {
     pub config: Arc<ClusterConfig>,
     snapshot: ArcSwap<HostSnapshot>,
     cells: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
+    /// The last successful resolution of each DNS endpoint.
+    last_resolved: Mutex<HashMap<(String, u16), Vec<SocketAddr>>>,
     pub stats: ClusterStats,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
@@ -280,6 +282,7 @@ impl Cluster {
             )),
             config,
             cells: Mutex::new(HashMap::new()),
+            last_resolved: Mutex::new(HashMap::new()),
             stats,
             pool_key,
         };
@@ -296,7 +299,10 @@ impl Cluster {
                             .map(|e| {
                                 (
                                     e.clone(),
-                                    vec![format!("{}:{}", e.host, e.port).parse().unwrap()],
+                                    e.host
+                                        .parse::<std::net::IpAddr>()
+                                        .map(|ip| vec![SocketAddr::new(ip, e.port)])
+                                        .unwrap_or_default(),
                                 )
                             })
                             .collect(),
@@ -366,9 +372,23 @@ impl Cluster {
         for l in &self.config.localities {
             let mut eps = Vec::new();
             for e in &l.endpoints {
-                let addrs = resolve_host(&e.host, e.port, self.config.dns_family).await;
+                let mut addrs = resolve_host(&e.host, e.port, self.config.dns_family).await;
+                let key = (e.host.clone(), e.port);
                 if addrs.is_empty() {
-                    tracing::warn!(cluster = %self.config.name, host = %e.host, "DNS resolution returned no addresses");
+                    // As Envoy: a failed resolution keeps the last good hosts.
+                    addrs = self
+                        .last_resolved
+                        .lock()
+                        .unwrap()
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_default();
+                    tracing::warn!(cluster = %self.config.name, host = %e.host, kept = addrs.len(), "DNS resolution failed; keeping the previous addresses");
+                } else {
+                    self.last_resolved
+                        .lock()
+                        .unwrap()
+                        .insert(key, addrs.clone());
                 }
                 let addrs = if self.config.discovery == Discovery::LogicalDns {
                     addrs.into_iter().take(1).collect()
@@ -476,6 +496,20 @@ mod tests {
         assert_eq!(h(&[(1, 0, 4), (0, 0, 4)]), vec![100, 0]);
         assert_eq!(h(&[(0, 0, 4), (0, 0, 2)]), vec![100, 0]);
         assert_eq!(h(&[(0, 0, 0), (1, 0, 1)]), vec![0, 100]);
+    }
+
+    #[test]
+    fn ipv6_static_endpoints_are_hosts() {
+        use legate_proto::envoy_types::pb::envoy::config::cluster::v3::Cluster as Pb;
+        let v = serde_json::json!({"name": "v6", "load_assignment": {"cluster_name": "v6", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "::1", "port_value": 8080}}}}]}]}});
+        let pb: Pb =
+            legate_proto::json::to_message(v, "envoy.config.cluster.v3.Cluster", true).unwrap();
+        let c = Cluster::new(Arc::new(ClusterConfig::from_proto(&pb, "c").unwrap()));
+        assert_eq!(
+            c.snapshot().all_hosts[0].addr,
+            "[::1]:8080".parse().unwrap()
+        );
     }
 
     #[test]

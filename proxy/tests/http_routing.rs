@@ -455,3 +455,35 @@ async fn websocket_upgrades_follow_upgrade_configs() {
     let (_, head) = open(&refused);
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_header_cannot_strip_what_legate_adds() {
+    let up = upstream("a").await;
+    let rc = routes(
+        json!([{"match": {"prefix": "/"}, "route": {"cluster": "a", "host_rewrite_literal": "rewritten.example"},
+        "request_headers_to_add": [{"header": {"key": "x-added", "value": "by-route"}}]}]),
+    );
+    let (_l, url, _) = start(
+        hcm(rc, json!({})),
+        vec![cluster("a", &[up.addr], json!({}))],
+    );
+    let h = curl(
+        &format!("{url}/"),
+        &[
+            "-H",
+            "connection: host, x-added, x-forwarded-proto, x-request-id, x-hop",
+            "-H",
+            "x-hop: 1",
+        ],
+    )
+    .echo()["headers"]
+        .clone();
+    assert_eq!(h["host"], "rewritten.example");
+    assert_eq!(h["x-added"], "by-route");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(h.get("x-request-id").is_some());
+    assert!(
+        h.get("x-hop").is_none(),
+        "a client header named in Connection is hop-by-hop"
+    );
+}

@@ -123,6 +123,8 @@ pub enum HashPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct RetryOn {
     pub r5xx: bool,
+    /// Only resets before the request was sent (connection failures here).
+    pub reset_before_request: bool,
     pub gateway_error: bool,
     pub reset: bool,
     pub connect_failure: bool,
@@ -446,7 +448,8 @@ impl RetryOn {
             match c {
                 "5xx" => self.r5xx = true,
                 "gateway-error" => self.gateway_error = true,
-                "reset" | "reset-before-request" => self.reset = true,
+                "reset" => self.reset = true,
+                "reset-before-request" => self.reset_before_request = true,
                 "connect-failure" => self.connect_failure = true,
                 "retriable-4xx" => self.retriable_4xx = true,
                 "refused-stream" => self.refused_stream = true,
@@ -485,7 +488,8 @@ impl RetryPolicy {
             match cond {
                 "5xx" => on.r5xx = true,
                 "gateway-error" => on.gateway_error = true,
-                "reset" | "reset-before-request" => on.reset = true,
+                "reset" => on.reset = true,
+                "reset-before-request" => on.reset_before_request = true,
                 "connect-failure" => on.connect_failure = true,
                 "retriable-4xx" => on.retriable_4xx = true,
                 "refused-stream" => on.refused_stream = true,

@@ -364,6 +364,18 @@ impl ProxyHttp for HcmProxy {
                 }
             }
         }
+        // Headers the client's Connection header names are hop-by-hop: drop
+        // them now, before Legate adds its own (so a client can never strip
+        // those), keeping the ones the proxy itself interprets.
+        for t in connection_tokens(session.req_header()) {
+            if !matches!(
+                t.as_str(),
+                "host" | "te" | "upgrade" | "connection" | "close" | "keep-alive"
+            ) && !t.starts_with(':')
+            {
+                session.req_header_mut().remove_header(t.as_str());
+            }
+        }
         // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
         // Envoy counts the request line's path and method in the header size.
         let (count, size) = {
@@ -624,7 +636,11 @@ impl ProxyHttp for HcmProxy {
                     .retry_policy
                     .clone()
                     .or_else(|| rc.virtual_hosts[vi].retry_policy.clone());
-                ctx.hash = hash_for(&ra.hash_policy, session, ctx.downstream_remote);
+                ctx.hash = hash_for(
+                    &ra.hash_policy,
+                    session,
+                    ctx.client_addr.or(ctx.downstream_remote),
+                );
 
                 // Path rewrites; Envoy keeps the original in x-envoy-original-path.
                 let new_path = if let Some(pr) = &ra.prefix_rewrite {
@@ -846,13 +862,8 @@ impl ProxyHttp for HcmProxy {
         {
             req.insert_header(http::header::CONTENT_LENGTH, "0")?;
         }
-        // Hop-by-hop headers, and those the client's Connection header
-        // names, never go upstream.
-        for t in connection_tokens(req) {
-            if t != "te" {
-                req.remove_header(t.as_str());
-            }
-        }
+        // Hop-by-hop headers never go upstream (those the client's
+        // Connection header named were removed when the request arrived).
         for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
             req.remove_header(h);
         }
@@ -871,7 +882,7 @@ impl ProxyHttp for HcmProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -890,7 +901,9 @@ impl ProxyHttp for HcmProxy {
                         };
                         h.matches_with(&resp.headers, &pseudo)
                     }));
-            if retriable && Self::retry_allows(ctx) {
+            // A body pingora could not keep (over 64 KiB) cannot be replayed:
+            // then the response passes through, as when retries run out.
+            if retriable && Self::retry_allows(ctx) && !session.as_ref().retry_buffer_truncated() {
                 if let Some(c) = &ctx.cluster {
                     c.stats.record_status(status);
                 }
@@ -932,7 +945,9 @@ impl ProxyHttp for HcmProxy {
             c.stats.upstream_cx_connect_fail.increment(1);
         }
         let on = ctx.retry.as_ref().map(|r| &r.retry_on);
-        let wants = on.is_some_and(|o| o.connect_failure || o.r5xx || o.gateway_error || o.reset);
+        let wants = on.is_some_and(|o| {
+            o.connect_failure || o.r5xx || o.gateway_error || o.reset || o.reset_before_request
+        });
         e.set_retry(wants && Self::retry_allows(ctx));
         e
     }
@@ -949,15 +964,30 @@ impl ProxyHttp for HcmProxy {
         if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.retry() {
             return e; // our own retry-on-status decision
         }
+        // Envoy never retries once response bytes went downstream, nor for
+        // the client's own errors.
+        if session.response_written().is_some()
+            || e.esource() != &pingora_error::ErrorSource::Upstream
+        {
+            e.set_retry(false);
+            return e;
+        }
         let on = ctx.retry.as_ref().map(|r| &r.retry_on);
         let timed_out = matches!(
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         );
+        // A timeout is retried only when it was the per-try timeout that
+        // fired; the route's own timeout ends the request, as in Envoy.
+        let per_try_fired = timed_out && per_try_is_binding(ctx);
         // An HTTP/2 upstream refusing the stream before processing it.
         let refused = format!("{e:?}").contains("REFUSED_STREAM");
         let wants = on.is_some_and(|o| {
-            o.r5xx || o.gateway_error || (o.reset && !timed_out) || (o.refused_stream && refused)
+            if timed_out {
+                per_try_fired && (o.r5xx || o.gateway_error || o.reset)
+            } else {
+                o.r5xx || o.gateway_error || o.reset || (o.refused_stream && refused)
+            }
         });
         let truncated = session.as_ref().retry_buffer_truncated();
         e.set_retry(wants && !truncated && Self::retry_allows(ctx));
@@ -1063,6 +1093,21 @@ fn connection_tokens(req: &RequestHeader) -> Vec<String> {
         })
         .filter(|t| !t.is_empty())
         .collect()
+}
+
+/// Whether this attempt's deadline is its per-try timeout (shorter than
+/// what remains of the route timeout).
+fn per_try_is_binding(ctx: &Ctx) -> bool {
+    let Some(per_try) = ctx.retry.as_ref().and_then(|r| r.per_try_timeout) else {
+        return false;
+    };
+    match ctx.timeout {
+        None => true,
+        Some(t) => {
+            let elapsed = ctx.started.map_or(Duration::ZERO, |s| s.elapsed());
+            per_try < t.saturating_sub(elapsed)
+        }
+    }
 }
 
 /// This attempt's timeout: the per-try timeout, bounded by what remains of

@@ -123,25 +123,42 @@ pub fn normalize_path(path: &str) -> String {
 /// every other escape is upper-cased.
 pub fn decode_unreserved(path: &str) -> String {
     let b = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out: Vec<u8> = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&path[i + 1..i + 3], 16) {
-                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
-                    out.push(v as char);
-                } else {
-                    out.push('%');
-                    out.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
+        // Work on bytes: the path may hold raw UTF-8, and `%` may sit
+        // before one.
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && b[i + 1].is_ascii_hexdigit()
+            && b[i + 2].is_ascii_hexdigit()
+        {
+            let v = (hex(b[i + 1]) << 4) | hex(b[i + 2]);
+            if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                out.push(v);
+            } else {
+                out.extend([
+                    b'%',
+                    b[i + 1].to_ascii_uppercase(),
+                    b[i + 2].to_ascii_uppercase(),
+                ]);
             }
+            i += 3;
+            continue;
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    // Only ASCII bytes were produced from escapes, so UTF-8 stays valid.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+fn hex(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => c - b'A' + 10,
+    }
 }
 
 /// Collapses runs of `/`.
@@ -469,6 +486,9 @@ mod tests {
         assert_eq!(normalize_path("/a/.."), "/");
         assert_eq!(normalize_path("/a\\b"), "/a/b");
         assert_eq!(normalize_path("/b/%7e/%2e%2e/c%2f"), "/b/c%2F");
+        // Escapes next to raw UTF-8 and incomplete escapes are left intact.
+        assert_eq!(decode_unreserved("/%a€/é/%"), "/%a€/é/%");
+        assert_eq!(decode_unreserved("/%41%e2%82%ac"), "/A%E2%82%AC");
         assert_eq!(normalized("/a/../b?x=/../", true, false), "/b?x=/../");
         assert_eq!(merge_slashes("//a///b/"), "/a/b/");
     }
