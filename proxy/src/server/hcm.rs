@@ -367,13 +367,46 @@ impl ProxyHttp for HcmProxy {
         // Headers the client's Connection header names are hop-by-hop: drop
         // them now, before Legate adds its own (so a client can never strip
         // those), keeping the ones the proxy itself interprets.
-        for t in connection_tokens(session.req_header()) {
+        let tokens = connection_tokens(session.req_header());
+        // Envoy refuses a Connection header naming the headers it relies on
+        // (with an empty body for `host`: the request then has none).
+        let names_host = tokens.iter().any(|t| t == "host");
+        let names_protected = tokens.iter().any(|t| {
+            t.starts_with(':')
+                || matches!(
+                    t.as_str(),
+                    "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+                )
+        });
+        if names_host || names_protected {
+            session.set_keepalive(None);
+            let body = if names_host {
+                Bytes::new()
+            } else {
+                Bytes::from_static(b"Bad Request")
+            };
+            self.local_reply(session, ctx, 400, body, vec![], false)
+                .await?;
+            return Ok(true);
+        }
+        for t in &tokens {
             if !matches!(
                 t.as_str(),
-                "host" | "te" | "upgrade" | "connection" | "close" | "keep-alive"
-            ) && !t.starts_with(':')
-            {
+                "te" | "upgrade" | "connection" | "close" | "keep-alive"
+            ) {
                 session.req_header_mut().remove_header(t.as_str());
+            }
+        }
+        // The nominations are handled: pingora must not apply them again to
+        // the upstream request Legate builds (it would strip route-added
+        // headers). An allowed upgrade keeps `connection: upgrade`.
+        if !tokens.is_empty() {
+            let req = session.req_header_mut();
+            req.remove_header(&http::header::CONNECTION);
+            if ctx.upgrade.is_some() {
+                req.insert_header(http::header::CONNECTION, "upgrade")?;
+            } else if tokens.iter().any(|t| t == "close") {
+                req.insert_header(http::header::CONNECTION, "close")?;
             }
         }
         // Header limits (Envoy: 60 KiB and 100 headers by default → 431).
