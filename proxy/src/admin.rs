@@ -236,9 +236,7 @@ impl Admin {
                 text(200, "OK\n")
             }
             "/drain_listeners" => {
-                // `inboundonly`: Legate has no traffic direction yet, so every
-                // listener is drained, as Envoy does for unmarked listeners.
-                s.listeners.drain_all();
+                s.listeners.drain_all(params.iter().any(|(k, _)| k == "inboundonly"));
                 s.set_state(STATE_DRAINING);
                 text(200, "OK\n")
             }
@@ -264,17 +262,15 @@ impl Admin {
             .iter()
             .map(|c| json!({"cluster": with_type(to_json(c, "envoy.config.cluster.v3.Cluster"), "envoy.config.cluster.v3.Cluster"), "last_updated": last_updated}))
             .collect();
+        // Envoy's field mask: comma-separated dotted paths kept from each
+        // resource (e.g. `cluster.name`).
         let apply_mask = |v: serde_json::Value| match &mask {
             Some(m) => {
-                let fields: Vec<&str> = m.split(',').collect();
-                match v {
-                    serde_json::Value::Object(o) => serde_json::Value::Object(
-                        o.into_iter()
-                            .filter(|(k, _)| k == "@type" || fields.contains(&k.as_str()))
-                            .collect(),
-                    ),
-                    other => other,
+                let mut out = serde_json::Value::Object(Default::default());
+                for path in m.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    copy_path(&v, &mut out, &path.split('.').collect::<Vec<_>>());
                 }
+                out
             }
             None => v,
         };
@@ -294,6 +290,26 @@ impl Admin {
             {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters},
             {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners},
         ]}))
+    }
+}
+
+/// Copies the value at `path` from `src` into `dst`, creating parents.
+fn copy_path(src: &serde_json::Value, dst: &mut serde_json::Value, path: &[&str]) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    let Some(v) = src.get(*first) else { return };
+    let obj = match dst {
+        serde_json::Value::Object(o) => o,
+        _ => return,
+    };
+    if rest.is_empty() {
+        obj.insert(first.to_string(), v.clone());
+    } else {
+        let child = obj
+            .entry(first.to_string())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        copy_path(v, child, rest);
     }
 }
 

@@ -276,6 +276,14 @@ fn adds(list: &[core::HeaderValueOption], path: &str, field: &str) -> Result<Vec
             // makes an empty value (dropped unless keep_empty_value).
             let raw = h.value.clone();
             let value = HeaderValueFormat::parse(&raw, &join(&p, "header.value"))?;
+            if let Some(lit) = value.literal() {
+                if HeaderValue::from_str(lit).is_err() {
+                    return Err(ConfigError::new(
+                        join(&p, "header.value"),
+                        "not a valid header value",
+                    ));
+                }
+            }
             use core::header_value_option::HeaderAppendAction as A;
             let action = match o.append.as_ref().map(|b| b.value) {
                 Some(true) => AppendAction::AppendIfExistsOrAdd,

@@ -166,7 +166,7 @@ async fn serve(
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = state.quit.notified() => tracing::info!("/quitquitquit: shutting down"),
     }
-    listeners.drain_all();
+    listeners.drain_all(false);
     // Let the admin reply to /quitquitquit flush before exiting.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     ExitCode::SUCCESS

@@ -59,10 +59,6 @@ pub static REGISTRY: &[MessageSupport] = &[
                 "overload actions are not implemented yet",
             ),
             ("enable_dispatcher_stats", "only adds stats"),
-            (
-                "header_prefix",
-                "x-envoy- prefix customisation is not implemented",
-            ),
         ],
     ),
     m(
@@ -152,19 +148,20 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.config.core.v3.Address", &["socket_address"], &[]),
     m(
         "envoy.config.core.v3.SocketAddress",
-        &["protocol", "address", "port_value", "ipv4_compat"],
+        // ipv4_compat is rejected: listeners bind IPv6 sockets v6-only.
+        &["protocol", "address", "port_value"],
         &[],
     ),
     // Listeners.
     m(
         "envoy.config.listener.v3.Listener",
-        &["name", "address", "filter_chains", "stat_prefix"],
+        // traffic_direction: /drain_listeners?inboundonly drains INBOUND ones.
+        &["name", "address", "filter_chains", "stat_prefix", "traffic_direction"],
         &[
-            ("traffic_direction", "only informational"),
             ("metadata", "only informational"),
             (
                 "drain_type",
-                "drain is per listener; both types drain the same way here",
+                "Legate never drains on /healthcheck/fail, as MODIFY_ONLY; DEFAULT's drain there is not implemented (see notes)",
             ),
             (
                 "continue_on_listener_filters_timeout",
@@ -234,10 +231,6 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[],
         &[
             ("dynamic_stats", "only changes stats"),
-            (
-                "suppress_envoy_headers",
-                "x-envoy-* response headers are not added yet",
-            ),
             ("start_child_span", "tracing is not implemented"),
         ],
     ),

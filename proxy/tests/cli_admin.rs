@@ -218,10 +218,18 @@ async fn admin_endpoints_in_envoys_formats() {
     );
     assert_eq!(dump["configs"][0]["bootstrap"]["node"]["id"], "node-1");
     let only: serde_json::Value = serde_json::from_str(
-        &admin_get(admin, "/config_dump?resource=static_clusters&mask=name").body,
+        &admin_get(
+            admin,
+            "/config_dump?resource=static_clusters&mask=cluster.name",
+        )
+        .body,
     )
     .unwrap();
-    assert_eq!(only["configs"][0]["cluster"], json!(null));
+    assert_eq!(
+        only["configs"][0],
+        json!({"cluster": {"name": "a"}}),
+        "the mask keeps exactly cluster.name"
+    );
     assert!(only["configs"].as_array().unwrap().len() == 1);
 
     let rt: serde_json::Value = serde_json::from_str(&admin_get(admin, "/runtime").body).unwrap();

@@ -262,6 +262,16 @@ impl ClusterConfig {
                 None => {}
             }
             if let Some(common) = &o.common_http_protocol_options {
+                if common.max_headers_count.is_some()
+                    || common.headers_with_underscores_action != 0
+                    || common.max_stream_duration.is_some()
+                {
+                    // Applied downstream only; upstream responses are not checked.
+                    return Err(ConfigError::new(
+                        join(&p, "common_http_protocol_options"),
+                        "only idle_timeout is supported for upstreams",
+                    ));
+                }
                 if common.max_requests_per_connection.is_some() {
                     // pingora's pools cannot cap requests per connection yet.
                     return Err(ConfigError::new(

@@ -18,6 +18,8 @@ pub struct Listener {
     /// Stat prefix: `listener.<address>.` unless `stat_prefix` is set.
     pub stat_prefix: String,
     pub chain: Arc<Hcm>,
+    /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
+    pub inbound: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,6 +136,9 @@ impl Listener {
             address,
             stat_prefix,
             chain,
+            inbound: l.traffic_direction
+                == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
+                    as i32,
         })
     }
 }
@@ -202,7 +207,7 @@ impl Hcm {
                 }
             };
             if tn != ROUTER_TYPE {
-                if f.is_optional {
+                if f.is_optional && legate_proto::pool().get_message_by_name(&tn).is_none() {
                     tracing::warn!(path = %p, filter = %tn, "optional HTTP filter is not supported; skipped as Envoy skips unknown optional filters");
                     continue;
                 }
@@ -256,10 +261,11 @@ impl Hcm {
                 U::DropHeader => UnderscoreAction::DropHeader,
             };
         let max_kb = h.max_request_headers_kb.val().unwrap_or(60);
-        if !(1..=8192).contains(&max_kb) {
+        if !(1..=64).contains(&max_kb) {
+            // pingora's HTTP/2 server caps the header list at 64 KiB.
             return Err(ConfigError::new(
                 join(path, "max_request_headers_kb"),
-                "must be between 1 and 8192",
+                "values above 64 are not supported (pingora's HTTP/2 limit)",
             ));
         }
         if h.http2_protocol_options
@@ -293,7 +299,17 @@ impl Hcm {
             merge_slashes: h.merge_slashes,
             escaped_slashes,
             max_request_headers_kb: max_kb,
-            max_headers_count: common.max_headers_count.val().unwrap_or(100),
+            max_headers_count: {
+                let n = common.max_headers_count.val().unwrap_or(100);
+                if n > 256 {
+                    // pingora's HTTP/1 parser stops at 256 headers.
+                    return Err(ConfigError::new(
+                        join(&cp, "max_headers_count"),
+                        "values above 256 are not supported (pingora's HTTP/1 limit)",
+                    ));
+                }
+                n
+            },
             underscores,
             generate_request_id: h.generate_request_id.val().unwrap_or(true),
             preserve_external_request_id: h.preserve_external_request_id,

@@ -659,7 +659,8 @@ impl ProxyHttp for HcmProxy {
                         ra.cluster_not_found_code,
                         Bytes::new(),
                         vec![],
-                        false,
+                        // Router local replies get the route's response headers (Envoy's modify_headers).
+                        ctx.selected.is_some(),
                     )
                     .await?;
                     return Ok(true);
@@ -1058,7 +1059,8 @@ impl ProxyHttp for HcmProxy {
                     reply.status,
                     Bytes::from_static(reply.body.as_bytes()),
                     vec![],
-                    false,
+                    // Router local replies get the route's response headers (Envoy's modify_headers).
+                    ctx.selected.is_some(),
                 )
                 .await;
         }

@@ -97,9 +97,16 @@ impl ListenerManager {
         Ok(local_addr)
     }
 
-    /// Stops accepting on every listener and asks open connections to finish.
-    pub fn drain_all(&self) {
-        for r in self.running.lock().unwrap().values() {
+    /// Stops accepting on every listener (or only INBOUND ones) and asks
+    /// open connections to finish.
+    pub fn drain_all(&self, inbound_only: bool) {
+        for r in self
+            .running
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| !inbound_only || r.config.inbound)
+        {
             r.accept.abort();
             let _ = r.drain.send(true);
         }
@@ -181,6 +188,7 @@ async fn accept_loop(
 /// complete it (h2c). `None`: the client closed or stayed silent.
 async fn sniff_h2(sock: &tokio::net::TcpStream) -> Option<bool> {
     let mut buf = [0u8; 24];
+    let mut delay = Duration::from_millis(1);
     let sniff = async {
         loop {
             let n = sock.peek(&mut buf).await.ok()?;
@@ -193,11 +201,14 @@ async fn sniff_h2(sock: &tokio::net::TcpStream) -> Option<bool> {
             if n == H2_PREFACE.len() {
                 return Some(true);
             }
-            // A partial preface: wait for more bytes.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // A partial preface: wait for more bytes, backing off so a slow
+            // sender costs little.
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), sniff)
+    // Envoy's default listener_filters_timeout.
+    tokio::time::timeout(Duration::from_secs(15), sniff)
         .await
         .ok()
         .flatten()
