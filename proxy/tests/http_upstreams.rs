@@ -328,3 +328,28 @@ async fn logical_dns_cluster_resolves_offline() {
     let out = validate(BIN, &bootstrap(1, vec![], vec![two]));
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_timeout_bounds_the_whole_response() {
+    let up = upstream("drip").await;
+    let rc = routes(json!([
+        {"match": {"prefix": "/short"}, "route": {"cluster": "a", "timeout": "0.5s", "prefix_rewrite": "/drip/6"}},
+        {"match": {"prefix": "/long"}, "route": {"cluster": "a", "timeout": "3s", "prefix_rewrite": "/drip/6"}},
+    ]));
+    let (_l, url, admin) = start(
+        hcm(rc, json!({})),
+        vec![cluster("a", &[up.addr], json!({}))],
+    );
+    // Six chunks 200 ms apart: every read is well inside 0.5 s, the whole
+    // response is not, so Envoy's (and Legate's) route timeout cuts it.
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "5", &format!("{url}/short")])
+        .output()
+        .unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "the stream must be cut");
+    assert!(body.matches("drip-drip").count() < 6, "{body}");
+    assert_eq!(stat(admin, "cluster.a.upstream_rq_timeout"), Some(1));
+    let full = curl(&format!("{url}/long"), &[]);
+    assert_eq!(full.body.matches("drip-drip").count(), 6);
+}

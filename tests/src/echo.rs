@@ -2,13 +2,16 @@
 //! JSON description of what it received and which server answered.
 //!
 //! Special paths: `/status/<code>` answers with that status, `/delay/<ms>`
-//! waits before answering, `/size/<n>` answers with n bytes.
+//! waits before answering, `/size/<n>` answers with n bytes, `/drip/<n>`
+//! streams n chunks 200 ms apart.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +31,29 @@ impl Drop for Echo {
     }
 }
 
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// `n` chunks of 10 bytes, 200 ms apart (a slowly streaming upstream).
+fn drip(n: u64) -> Body {
+    let chunks = futures_util::stream::unfold(0u64, move |i| async move {
+        if i == n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"drip-drip\n"))),
+            i + 1,
+        ))
+    });
+    BodyExt::boxed(StreamBody::new(chunks))
+}
+
 /// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
 fn websocket_accept(key: &[u8]) -> String {
     use base64::Engine;
@@ -41,7 +67,7 @@ async fn handle(
     name: Arc<String>,
     hits: Arc<AtomicU64>,
     mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+) -> Result<Response<Body>, hyper::Error> {
     hits.fetch_add(1, Ordering::Relaxed);
     // A WebSocket upgrade: answer 101, then echo whatever the tunnel carries.
     if req
@@ -67,7 +93,7 @@ async fn handle(
             .header("connection", "Upgrade")
             .header("sec-websocket-accept", accept)
             .header("x-echo-server", name.as_str())
-            .body(Full::new(Bytes::new()))
+            .body(full(Bytes::new()))
             .unwrap());
     }
     let method = req.method().to_string();
@@ -101,7 +127,13 @@ async fn handle(
         (Some("size"), Some(n)) => {
             return Ok(Response::builder()
                 .header("x-echo-server", name.as_str())
-                .body(Full::new(Bytes::from(vec![b'x'; n as usize])))
+                .body(full(vec![b'x'; n as usize]))
+                .unwrap());
+        }
+        (Some("drip"), Some(n)) => {
+            return Ok(Response::builder()
+                .header("x-echo-server", name.as_str())
+                .body(drip(n))
                 .unwrap());
         }
         _ => {}
@@ -118,7 +150,7 @@ async fn handle(
         .status(status)
         .header("content-type", "application/json")
         .header("x-echo-server", name.as_str())
-        .body(Full::new(Bytes::from(json.to_string())))
+        .body(full(Bytes::from(json.to_string())))
         .unwrap())
 }
 
@@ -155,9 +187,7 @@ async fn start_inner(
                         match f {
                             Some(m) => {
                                 h.fetch_add(1, Ordering::Relaxed);
-                                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(
-                                    m.as_bytes().to_vec(),
-                                ))))
+                                Ok::<_, hyper::Error>(Response::new(full(m.as_bytes().to_vec())))
                             }
                             None => handle(n, h, req).await,
                         }

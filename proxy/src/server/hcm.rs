@@ -956,6 +956,28 @@ impl ProxyHttp for HcmProxy {
         Ok(())
     }
 
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        // Envoy's route timeout covers the whole response, not each read:
+        // a response still streaming when it expires is cut (every read is
+        // already bounded by what remains, see `attempt_timeout`).
+        if let (Some(t), Some(start), false) = (ctx.timeout, ctx.started, end_of_stream) {
+            if start.elapsed() > t {
+                // Counted in upstream_rq_timeout by fail_to_proxy.
+                return Error::e_explain(
+                    ErrorType::ReadTimedout,
+                    "route timeout expired while the response was streaming",
+                );
+            }
+        }
+        Ok(None)
+    }
+
     async fn response_filter(
         &self,
         session: &mut Session,
