@@ -72,30 +72,60 @@ pub struct HostSnapshot {
 /// Per priority: (healthy, degraded, total) host counts.
 pub type PriorityCounts = (usize, usize, usize);
 
-/// Envoy's priority load (`recalculatePerPriorityState`): each priority's
-/// healthy and degraded availability is `min(100, overprovisioning * n /
-/// total)`; healthy load is filled in priority order, then degraded load,
-/// scaled by the total availability (at most 100).
-pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> (Vec<u32>, Vec<u32>) {
-    let avail = |n: usize, t: usize| {
+/// Envoy's default healthy panic threshold (50 %).
+const PANIC_THRESHOLD_PCT: usize = 50;
+
+/// Priority loads and panic flags, as Envoy's `LoadBalancerBase`.
+#[derive(Debug, PartialEq)]
+pub struct Loads {
+    pub healthy: Vec<u32>,
+    pub degraded: Vec<u32>,
+    pub panic: Vec<bool>,
+}
+
+/// Envoy's `recalculatePerPriorityState` and `recalculatePerPriorityPanic`:
+/// each priority's healthy and degraded availability is `min(100,
+/// overprovisioning * n / total)`; healthy load is filled in priority order,
+/// then degraded load, scaled by the total availability (at most 100). No
+/// priority panics when the total availability is 100; when every priority
+/// panics, the load follows host counts (`recalculateLoadInTotalPanic`).
+pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> Loads {
+    let n = counts.len();
+    let avail = |k: usize, t: usize| {
         if t == 0 {
             0
         } else {
-            (overprovisioning as u64 * n as u64 / t as u64).min(100) as u32
+            (overprovisioning as u64 * k as u64 / t as u64).min(100) as u32
         }
     };
     let health: Vec<u32> = counts.iter().map(|&(h, _, t)| avail(h, t)).collect();
     let degraded: Vec<u32> = counts.iter().map(|&(_, d, t)| avail(d, t)).collect();
     let total = (health.iter().sum::<u32>() + degraded.iter().sum::<u32>()).min(100);
-    let mut hl = vec![0; counts.len()];
-    let mut dl = vec![0; counts.len()];
-    if total == 0 {
-        // Nothing available: everything to the first priority with hosts,
-        // where panic mode uses all of them.
-        if let Some(i) = counts.iter().position(|&(_, _, t)| t > 0) {
-            hl[i] = 100;
+    let panic: Vec<bool> = counts
+        .iter()
+        .map(|&(h, d, t)| total != 100 && (t == 0 || (h + d) * 100 < t * PANIC_THRESHOLD_PCT))
+        .collect();
+    let mut hl = vec![0; n];
+    let mut dl = vec![0; n];
+    if n > 0 && panic.iter().all(|p| *p) {
+        let hosts: usize = counts.iter().map(|&(_, _, t)| t).sum();
+        if hosts == 0 {
+            hl[0] = 100;
+        } else {
+            let mut remaining = 100u32;
+            for (i, &(_, _, t)) in counts.iter().enumerate() {
+                hl[i] = (100 * t / hosts) as u32;
+                remaining -= hl[i];
+            }
+            if let Some(i) = counts.iter().position(|&(_, _, t)| t > 0) {
+                hl[i] += remaining;
+            }
         }
-        return (hl, dl);
+        return Loads {
+            healthy: hl,
+            degraded: dl,
+            panic,
+        };
     }
     let mut remaining = 100u32;
     for (i, h) in health.iter().enumerate() {
@@ -108,17 +138,18 @@ pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> (Vec<
     }
     // Rounding leftovers go to the first priority that has any load.
     if remaining > 0 {
-        if let Some(i) = (0..counts.len()).find(|&i| hl[i] > 0) {
+        if let Some(i) = (0..n).find(|&i| hl[i] > 0) {
             hl[i] += remaining;
-        } else if let Some(i) = (0..counts.len()).find(|&i| dl[i] > 0) {
+        } else if let Some(i) = (0..n).find(|&i| dl[i] > 0) {
             dl[i] += remaining;
         }
     }
-    (hl, dl)
+    Loads {
+        healthy: hl,
+        degraded: dl,
+        panic,
+    }
 }
-
-/// Envoy's default healthy panic threshold (50 %).
-const PANIC_THRESHOLD_PCT: usize = 50;
 
 impl HostSnapshot {
     pub fn build(
@@ -136,13 +167,13 @@ impl HostSnapshot {
                 )
             })
             .collect();
-        let (healthy_loads, degraded_loads) = priority_loads(&counts, overprovisioning);
+        let loads = priority_loads(&counts, overprovisioning);
         let all_hosts = by_priority.iter().flatten().cloned().collect();
         let priorities = by_priority
             .into_iter()
-            .zip(&counts)
-            .map(|(hosts, &(healthy, degraded, total))| Priority {
-                panic: total > 0 && (healthy + degraded) * 100 < total * PANIC_THRESHOLD_PCT,
+            .zip(&loads.panic)
+            .map(|(hosts, &panic)| Priority {
+                panic,
                 healthy: Pool::new(
                     policy,
                     hosts.iter().filter(|h| h.healthy).cloned().collect(),
@@ -156,8 +187,8 @@ impl HostSnapshot {
             .collect();
         Self {
             priorities,
-            healthy_loads,
-            degraded_loads,
+            healthy_loads: loads.healthy,
+            degraded_loads: loads.degraded,
             all_hosts,
         }
     }
@@ -488,14 +519,30 @@ mod tests {
 
     #[test]
     fn priority_load_spills_over() {
-        let h = |c: &[PriorityCounts]| priority_loads(c, 140).0;
+        let h = |c: &[PriorityCounts]| priority_loads(c, 140).healthy;
         assert_eq!(h(&[(4, 0, 4), (4, 0, 4)]), vec![100, 0]);
         // 2/4 healthy * 1.4 = 70 % to P0, 30 % spills to P1.
         assert_eq!(h(&[(2, 0, 4), (4, 0, 4)]), vec![70, 30]);
-        // Total health 35 + 0: scaled up to 100 on P0.
-        assert_eq!(h(&[(1, 0, 4), (0, 0, 4)]), vec![100, 0]);
-        assert_eq!(h(&[(0, 0, 4), (0, 0, 2)]), vec![100, 0]);
         assert_eq!(h(&[(0, 0, 0), (1, 0, 1)]), vec![0, 100]);
+    }
+
+    #[test]
+    fn panic_follows_envoy() {
+        // Total availability 100: no priority panics, even a weak P0.
+        let l = priority_loads(&[(1, 0, 3), (3, 0, 3)], 140);
+        assert_eq!((l.healthy, l.panic), (vec![46, 54], vec![false, false]));
+        // Every priority in panic: the load follows host counts.
+        assert_eq!(
+            priority_loads(&[(1, 0, 4), (0, 0, 4)], 140).healthy,
+            vec![50, 50]
+        );
+        assert_eq!(
+            priority_loads(&[(0, 0, 4), (0, 0, 2)], 140).healthy,
+            vec![67, 33]
+        );
+        // One priority in panic while the total (28 + 70) is below 100.
+        let l = priority_loads(&[(1, 0, 5), (1, 0, 2)], 140);
+        assert_eq!(l.panic, vec![true, false]);
     }
 
     #[test]
@@ -514,15 +561,16 @@ mod tests {
 
     #[test]
     fn degraded_hosts_take_only_what_healthy_ones_cannot() {
+        let hd = |c: &[PriorityCounts]| {
+            let l = priority_loads(c, 140);
+            (l.healthy, l.degraded)
+        };
         // P0 all degraded, P1 healthy: everything goes to P1's healthy hosts.
-        assert_eq!(
-            priority_loads(&[(0, 3, 3), (3, 0, 3)], 140),
-            (vec![0, 100], vec![0, 0])
-        );
+        assert_eq!(hd(&[(0, 3, 3), (3, 0, 3)]), (vec![0, 100], vec![0, 0]));
         // Only degraded hosts anywhere: they take the load.
-        assert_eq!(priority_loads(&[(0, 3, 3)], 140), (vec![0], vec![100]));
+        assert_eq!(hd(&[(0, 3, 3)]), (vec![0], vec![100]));
         // 1 of 4 healthy (35 %) and 3 of 4 degraded in one priority.
-        assert_eq!(priority_loads(&[(1, 3, 4)], 140), (vec![35], vec![65]));
+        assert_eq!(hd(&[(1, 3, 4)]), (vec![35], vec![65]));
     }
 
     fn host(port: u16, healthy: bool) -> Arc<UpstreamHost> {
