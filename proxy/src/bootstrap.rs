@@ -221,12 +221,27 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
                 .collect()
         })
         .unwrap_or_default();
+    let runtime = crate::runtime::Runtime::from_layers(&layers);
+    // Legate reads runtime keys only through route runtime_fraction; any
+    // other key (Envoy reads many) is reported, never silently dropped.
+    let used: HashSet<&str> = listeners
+        .iter()
+        .flat_map(|l| l.chain.route_config.virtual_hosts.iter())
+        .flat_map(|v| v.routes.iter())
+        .filter_map(|r| r.matcher.runtime_fraction.as_ref().map(|(k, _)| k.as_str()))
+        .collect();
+    for (key, _) in runtime.entries() {
+        if !used.contains(key.as_str()) {
+            tracing::warn!(%key, "runtime key is not read by Legate (only route runtime_fraction keys are)");
+            crate::stats::counter("legate.config.runtime_keys_ignored".into()).increment(1);
+        }
+    }
     Ok(Config {
         node,
         admin,
         listeners,
         clusters,
-        runtime: crate::runtime::Runtime::from_layers(&layers),
+        runtime,
     })
 }
 
