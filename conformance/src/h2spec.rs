@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const H2SPEC: &str = "github.com/summerwind/h2spec/cmd/h2spec@v2.2.1";
+const H2SPEC: &str = "github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible";
 
 fn install(dir: &Path) -> Result<PathBuf> {
     let bin = dir.join("h2spec");
