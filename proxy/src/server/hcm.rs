@@ -95,6 +95,9 @@ pub struct Ctx {
     /// An upgrade the listener allows (`upgrade_configs`): its value, kept
     /// on the upstream request so pingora tunnels after the upstream's 101.
     upgrade: Option<String>,
+    /// Request headers Envoy forwards but pingora's upstream writer strips
+    /// as hop-by-hop (`proxy-authorization`, `trailer`); put back upstream.
+    kept_hop_headers: Vec<(HeaderName, http::HeaderValue)>,
     /// The client asked for trailers (`te` contained `trailers`).
     te_trailers: bool,
     /// The route timeout.
@@ -261,12 +264,18 @@ impl HcmProxy {
                 v.push(&w.clusters[i].headers);
             }
         }
-        v.push(&sel.route().headers);
-        v.push(&sel.vhost().headers);
-        v.push(&sel.config.headers);
+        // The weighted cluster's mutations always come first (Envoy's
+        // cluster entry); most_specific_header_mutations_wins reverses only
+        // the route, virtual host and route configuration levels.
+        let mut levels = [
+            &sel.route().headers,
+            &sel.vhost().headers,
+            &sel.config.headers,
+        ];
         if sel.config.most_specific_header_mutations_wins {
-            v.reverse();
+            levels.reverse();
         }
+        v.extend(levels);
         v
     }
 
@@ -314,6 +323,18 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_remote = inet(session.client_addr());
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
+        ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
+            .into_iter()
+            .flat_map(|n| {
+                session
+                    .req_header()
+                    .headers
+                    .get_all(&n)
+                    .iter()
+                    .map(move |v| (n.clone(), v.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         ctx.te_trailers = session.req_header().headers.get_all("te").iter().any(|v| {
             v.to_str()
                 .unwrap_or("")
@@ -395,6 +416,7 @@ impl ProxyHttp for HcmProxy {
                 "te" | "upgrade" | "connection" | "close" | "keep-alive"
             ) {
                 session.req_header_mut().remove_header(t.as_str());
+                ctx.kept_hop_headers.retain(|(n, _)| n.as_str() != t);
             }
         }
         // The nominations are handled: pingora must not apply them again to
@@ -909,6 +931,9 @@ impl ProxyHttp for HcmProxy {
         req.remove_header("te");
         if ctx.te_trailers {
             req.insert_header("te", "trailers")?;
+        }
+        for (name, value) in &ctx.kept_hop_headers {
+            req.append_header(name.clone(), value.clone())?;
         }
         let _ = session;
         Ok(())
