@@ -96,27 +96,13 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         legate_tests::legate::free_port(),
         legate_tests::legate::free_port(),
     );
-    let cfg = format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: framing
-          upgrade_configs: [{{upgrade_type: websocket}}]
-          route_config:
-            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: a}}}}]}}]
-          http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
-  clusters:
-  - name: a
-    load_assignment: {{cluster_name: a, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]}}
-"#,
-        up.addr.port()
+    let cfg = crate::bootstrap::single_listener(
+        admin,
+        port,
+        "framing",
+        "upgrade_configs: [{upgrade_type: websocket}]",
+        "route: {cluster: a}",
+        Some(("a", up.addr.port(), "")),
     );
     let path = work.join("framing.yaml");
     std::fs::write(&path, cfg)?;

@@ -112,22 +112,13 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
         legate_tests::legate::free_port(),
         legate_tests::legate::free_port(),
     );
-    let cfg = format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: h2c
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: h2spec
-          route_config:
-            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, direct_response: {{status: 200, body: {{inline_string: ok}}}}}}]}}]
-          http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
-"#
+    let cfg = crate::bootstrap::single_listener(
+        admin,
+        port,
+        "h2spec",
+        "",
+        "direct_response: {status: 200, body: {inline_string: ok}}",
+        None,
     );
     let path = work.join("h2spec.yaml");
     std::fs::write(&path, cfg)?;

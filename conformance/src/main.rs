@@ -2,6 +2,7 @@
 //! 1.40 and against Legate with identical inputs, and reports differences.
 //! Tiers: routing, validate, http, xds. Closing line: `N passed, N failed`.
 
+mod bootstrap;
 mod compare;
 mod framing;
 mod gaps;

@@ -2,7 +2,7 @@
 //! whole message tree (into `Any` by type URL), as Envoy checks every config
 //! it loads. Errors name the field path.
 
-use crate::{pool, type_name};
+use crate::pool;
 use prost_reflect::{
     DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, MapKey, ReflectMessage, Value,
 };
@@ -33,21 +33,10 @@ type Check = Result<(), String>;
 /// Checks every rule in `msg`'s tree.
 pub fn validate(msg: &DynamicMessage, path: &str) -> Check {
     let desc = msg.descriptor();
-    if desc.full_name() == "google.protobuf.Any" {
-        let url = msg
-            .get_field_by_name("type_url")
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let bytes = msg
-            .get_field_by_name("value")
-            .and_then(|v| v.as_bytes().cloned())
-            .unwrap_or_default();
-        if let Some(d) = pool().get_message_by_name(type_name(&url)) {
-            if let Ok(inner) = DynamicMessage::decode(d, bytes.as_ref()) {
-                return validate(&inner, path);
-            }
-        }
-        return Ok(());
+    if let Some(inner) = crate::walk::unpack_any(msg, path) {
+        // A type outside the pool has no rules to check here (the registry
+        // rejects it).
+        return inner.map_or(Ok(()), |m| validate(&m, path));
     }
     if let Some(req) = required_ext() {
         for oneof in desc.oneofs() {

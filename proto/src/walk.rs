@@ -28,6 +28,22 @@ pub fn decode_any(type_url: &str, bytes: &[u8], path: &str) -> Result<DynamicMes
     })
 }
 
+/// If `msg` is a `google.protobuf.Any`, the message it holds.
+pub fn unpack_any(msg: &DynamicMessage, path: &str) -> Option<Result<DynamicMessage, ProtoError>> {
+    if msg.descriptor().full_name() != "google.protobuf.Any" {
+        return None;
+    }
+    let url = msg
+        .get_field_by_name("type_url")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let bytes = msg
+        .get_field_by_name("value")
+        .and_then(|v| v.as_bytes().cloned())
+        .unwrap_or_default();
+    Some(decode_any(&url, &bytes, path))
+}
+
 /// Calls `f` for every set field of `msg` (depth first). `Any` values are
 /// decoded and walked as the message they hold; an `Any` whose type is not in
 /// the pool is an error naming its path.
@@ -37,16 +53,8 @@ pub fn walk(
     f: &mut dyn FnMut(&Visit) -> Result<(), String>,
 ) -> Result<(), String> {
     let desc = msg.descriptor();
-    if desc.full_name() == "google.protobuf.Any" {
-        let url = msg
-            .get_field_by_name("type_url")
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
-        let bytes = msg
-            .get_field_by_name("value")
-            .and_then(|v| v.as_bytes().cloned())
-            .unwrap_or_default();
-        let inner = decode_any(&url, &bytes, path).map_err(|e| format!("{path}: {e}"))?;
+    if let Some(inner) = unpack_any(msg, path) {
+        let inner = inner.map_err(|e| format!("{path}: {e}"))?;
         return walk(&inner, path, f);
     }
     for (field, value) in msg.fields() {

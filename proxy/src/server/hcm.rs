@@ -1256,15 +1256,7 @@ fn set_host(req: &mut RequestHeader, host: &str) -> Result<()> {
     if let Some(o) = original {
         req.insert_header("x-envoy-original-host", o)?;
     }
-    req.insert_header(http::header::HOST, host)?;
-    if req.uri.authority().is_some() {
-        let mut parts = req.uri.clone().into_parts();
-        parts.authority = host.parse().ok();
-        if let Ok(uri) = http::Uri::from_parts(parts) {
-            req.set_uri(uri);
-        }
-    }
-    Ok(())
+    set_host_only(req, host)
 }
 
 /// Envoy's hash policy evaluation: each policy that yields a value is mixed
