@@ -4,7 +4,7 @@
 
 use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -30,23 +30,12 @@ fn build(dir: &Path, name: &str, pkg: &str) -> Result<PathBuf> {
     if bin.exists() {
         return Ok(bin);
     }
-    let out = Command::new("go")
-        .args(["build", "-o", &format!("bin/{name}"), pkg])
-        .current_dir(dir)
-        .env("GOFLAGS", "-mod=mod")
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/local/go/bin",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "building {pkg} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::tools::output_ok(
+        crate::tools::go()
+            .args(["build", "-o", &format!("bin/{name}"), pkg])
+            .current_dir(dir),
+        &format!("building {pkg}"),
+    )?;
     Ok(bin)
 }
 

@@ -18,22 +18,12 @@ fn install(dir: &Path) -> Result<PathBuf> {
         return Ok(bin);
     }
     std::fs::create_dir_all(dir)?;
-    let out = Command::new("go")
-        .args(["install", H2SPEC])
-        .env("GOBIN", dir)
-        .env(
-            "PATH",
-            format!(
-                "{}:/usr/local/go/bin",
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "installing h2spec failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::tools::output_ok(
+        crate::tools::go()
+            .args(["install", H2SPEC])
+            .env("GOBIN", dir),
+        "installing h2spec",
+    )?;
     Ok(bin)
 }
 

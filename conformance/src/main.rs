@@ -11,6 +11,7 @@ mod h2spec;
 mod proxies;
 mod report;
 mod routing;
+mod tools;
 mod validate;
 mod xds;
 
@@ -55,12 +56,7 @@ async fn main() -> Result<()> {
     for tier in &tiers {
         match tier.as_str() {
             "routing" => {
-                let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("scenarios/routing"))?
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-                    .collect();
-                files.sort();
+                let files = tools::yaml_files(&root.join("scenarios/routing"))?;
                 for f in files {
                     if let Err(e) = routing::run_file(&bins, &f, &work, &mut report).await {
                         report.add(

@@ -38,40 +38,13 @@ fn check(bins: &Binaries, tier_case: &str, file: &Path, report: &mut Report) -> 
     Ok(())
 }
 
-/// go-control-plane v0.14.0's `sample/` bootstraps, from the Go module cache.
+/// go-control-plane's `sample/` bootstraps, from the Go module cache.
 pub fn go_control_plane_samples() -> Result<Vec<PathBuf>> {
-    let out = std::process::Command::new("go")
-        .args([
-            "mod",
-            "download",
-            "-json",
-            "github.com/envoyproxy/go-control-plane@v0.14.0",
-        ])
-        .env("GOFLAGS", "-mod=mod")
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "go mod download failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let dir = PathBuf::from(v["Dir"].as_str().unwrap_or_default()).join("sample");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    Ok(files)
+    crate::tools::yaml_files(&crate::tools::gcp_module_dir()?.join("sample"))
 }
 
 pub fn run(bins: &Binaries, corpus: &Path, report: &mut Report) -> Result<()> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
+    let files = crate::tools::yaml_files(corpus)?;
     for f in files {
         check(bins, "corpus", &f, report)?;
     }

@@ -6,11 +6,11 @@
 
 use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
-use anyhow::{ensure, Context, Result};
+use crate::tools::{go, output_ok, GCP_VERSION};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GCP_VERSION: &str = "v0.14.0";
 const GCP_ENVOY_VERSION: &str = "v1.40.0";
 const MESSAGE: &str = "Hi, there!\n";
 
@@ -25,19 +25,6 @@ pub const MODES: &[(&str, &str, &[&str])] = &[
     ("tls", "ads", &["-tls"]),
 ];
 
-fn go() -> Command {
-    let mut c = Command::new("go");
-    c.env(
-        "PATH",
-        format!(
-            "{}:/usr/local/go/bin",
-            std::env::var("PATH").unwrap_or_default()
-        ),
-    );
-    c.env("GOFLAGS", "-mod=mod");
-    c
-}
-
 /// The scratch Go module under target/ that pins go-control-plane (and so
 /// grpc-go) at the versions under test.
 pub fn ensure_module(dir: &Path) -> Result<()> {
@@ -46,28 +33,21 @@ pub fn ensure_module(dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir)?;
     if !dir.join("go.mod").exists() {
-        ensure!(
-            go().args(["mod", "init", "gcp-peer"])
-                .current_dir(dir)
-                .status()?
-                .success(),
-            "go mod init failed"
-        );
+        output_ok(
+            go().args(["mod", "init", "gcp-peer"]).current_dir(dir),
+            "go mod init",
+        )?;
     }
-    let get = go()
-        .args([
+    output_ok(
+        go().args([
             "get",
             &format!("github.com/envoyproxy/go-control-plane@{GCP_VERSION}"),
             &format!("github.com/envoyproxy/go-control-plane/envoy@{GCP_ENVOY_VERSION}"),
             &format!("github.com/envoyproxy/go-control-plane/pkg/test/main@{GCP_VERSION}"),
         ])
-        .current_dir(dir)
-        .output()?;
-    ensure!(
-        get.status.success(),
-        "go get failed: {}",
-        String::from_utf8_lossy(&get.stderr)
-    );
+        .current_dir(dir),
+        "go get",
+    )?;
     Ok(())
 }
 
@@ -79,35 +59,17 @@ fn build_driver(dir: &Path) -> Result<PathBuf> {
         return Ok(bin);
     }
     ensure_module(dir)?;
-    let build = go()
-        .args([
+    output_ok(
+        go().args([
             "build",
             "-o",
             "bin/test",
             "github.com/envoyproxy/go-control-plane/pkg/test/main",
         ])
-        .current_dir(dir)
-        .output()?;
-    ensure!(
-        build.status.success(),
-        "building the driver failed: {}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+        .current_dir(dir),
+        "building the driver",
+    )?;
     Ok(bin)
-}
-
-fn sample_dir() -> Result<PathBuf> {
-    let out = go()
-        .args([
-            "mod",
-            "download",
-            "-json",
-            &format!("github.com/envoyproxy/go-control-plane@{GCP_VERSION}"),
-        ])
-        .output()?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("go mod download output")?;
-    Ok(PathBuf::from(v["Dir"].as_str().unwrap_or_default()).join("sample"))
 }
 
 /// Runs one mode against one proxy; Ok(log tail) when the driver passed.
@@ -167,7 +129,7 @@ exit $rc
 
 pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
     let driver = build_driver(&root.join("../target/conformance/gcp"))?;
-    let samples = sample_dir()?;
+    let samples = crate::tools::gcp_module_dir()?.join("sample");
     let echo = bins.legate.with_file_name("echo-upstream");
     for (mode, xds, extra) in MODES {
         let bootstrap = samples.join(format!("bootstrap-{xds}.yaml"));
