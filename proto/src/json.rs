@@ -53,6 +53,67 @@ pub fn expand_typed_structs(v: &mut Value) {
     }
 }
 
+/// Envoy's JSON reader (protobuf's C++ converter) is lenient where
+/// prost-reflect is strict; go-control-plane's sample bootstraps rely on it.
+/// This rewrites, guided by the descriptor: a single value given for a
+/// repeated field becomes a one-element list, and a Duration written as
+/// `{seconds, nanos}` becomes its string form.
+pub fn lenient(v: &mut Value, desc: &MessageDescriptor) {
+    use prost_reflect::Kind;
+    let Value::Object(map) = v else { return };
+    if desc.full_name() == "google.protobuf.Any" {
+        if let Some(inner) = map
+            .get("@type")
+            .and_then(Value::as_str)
+            .and_then(|t| pool().get_message_by_name(type_name(t)))
+        {
+            lenient(v, &inner);
+        }
+        return;
+    }
+    if desc.full_name().starts_with("google.protobuf.") {
+        return;
+    }
+    for (key, child) in map.iter_mut() {
+        let Some(field) = desc
+            .get_field_by_json_name(key)
+            .or_else(|| desc.get_field_by_name(key))
+        else {
+            continue;
+        };
+        if field.is_list() && !child.is_array() && !child.is_null() {
+            *child = Value::Array(vec![child.take()]);
+        }
+        let Kind::Message(m) = field.kind() else {
+            continue;
+        };
+        if field.is_map() {
+            if let Value::Object(entries) = child {
+                let value_desc = m.map_entry_value_field();
+                if let Kind::Message(vm) = value_desc.kind() {
+                    entries.values_mut().for_each(|e| lenient(e, &vm));
+                }
+            }
+            continue;
+        }
+        let fix = |c: &mut Value| {
+            if m.full_name() == "google.protobuf.Duration" {
+                if let Value::Object(d) = c {
+                    let secs = d.get("seconds").and_then(Value::as_i64).unwrap_or(0);
+                    let nanos = d.get("nanos").and_then(Value::as_i64).unwrap_or(0);
+                    *c = Value::String(format!("{}s", secs as f64 + nanos as f64 / 1e9));
+                }
+            } else {
+                lenient(c, &m);
+            }
+        };
+        match child {
+            Value::Array(items) => items.iter_mut().for_each(fix),
+            c => fix(c),
+        }
+    }
+}
+
 /// Looks up a message descriptor by full name.
 pub fn descriptor(full_name: &str) -> Result<MessageDescriptor, ProtoError> {
     pool()
@@ -69,6 +130,7 @@ pub fn to_dynamic(
 ) -> Result<DynamicMessage, ProtoError> {
     expand_typed_structs(&mut value);
     let desc = descriptor(full_name)?;
+    lenient(&mut value, &desc);
     let opts = DeserializeOptions::new().deny_unknown_fields(deny_unknown);
     let mut track = serde_path_to_error::Track::new();
     let de = serde_path_to_error::Deserializer::new(value, &mut track);
@@ -104,6 +166,21 @@ pub fn merge<M: prost::Message + Default>(base: &M, overlay: &M) -> M {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lenient_like_envoy_single_values_and_duration_objects() {
+        let v = serde_json::json!({"dynamic_resources": {"cds_config": {"api_config_source": {
+            "api_type": "REST", "cluster_names": "xds", "refresh_delay": {"nanos": 500000000}}}}});
+        let b: Bootstrap = to_message(v, BOOT, true).unwrap();
+        let a = b.dynamic_resources.unwrap().cds_config.unwrap();
+        let Some(envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier::ApiConfigSource(a)) =
+            a.config_source_specifier
+        else {
+            panic!("api_config_source")
+        };
+        assert_eq!(a.cluster_names, vec!["xds".to_string()]);
+        assert_eq!(a.refresh_delay.unwrap().nanos, 500_000_000);
+    }
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 
     const BOOT: &str = "envoy.config.bootstrap.v3.Bootstrap";

@@ -20,12 +20,23 @@ use std::time::SystemTime;
 /// Envoy's `server.state` values.
 pub const STATE_LIVE: u8 = 0;
 pub const STATE_DRAINING: u8 = 1;
+pub const STATE_INITIALIZING: u8 = 3;
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        STATE_LIVE => "LIVE",
+        STATE_INITIALIZING => "INITIALIZING",
+        _ => "DRAINING",
+    }
+}
 
 pub struct AdminState {
     pub clusters: Arc<ClusterManager>,
     pub listeners: Arc<ListenerManager>,
     pub bootstrap: Bootstrap,
-    pub runtime: Arc<Runtime>,
+    pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+    /// The xDS applier, once started (for /config_dump).
+    pub xds: std::sync::Mutex<Option<Arc<crate::xds::Applier>>>,
     pub state: AtomicU8,
     pub started: SystemTime,
     pub command_line: serde_json::Value,
@@ -112,13 +123,10 @@ impl Admin {
             "/" => text(200, "admin commands are:\n  /ready\n  /server_info\n  /config_dump\n  /clusters\n  /listeners\n  /stats\n  /stats/prometheus\n  /runtime\n  /logging\n  /healthcheck/fail\n  /healthcheck/ok\n  /drain_listeners\n  /quitquitquit\n"),
             "/ready" => match s.state.load(Ordering::SeqCst) {
                 STATE_LIVE => text(200, "LIVE\n"),
-                _ => text(503, "DRAINING\n"),
+                other => text(503, format!("{}\n", state_name(other))),
             },
             "/server_info" => {
-                let state = match s.state.load(Ordering::SeqCst) {
-                    STATE_LIVE => "LIVE",
-                    _ => "DRAINING",
-                };
+                let state = state_name(s.state.load(Ordering::SeqCst));
                 let up = s.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
                 json_reply(json!({
                     "version": crate::version_string(),
@@ -209,7 +217,7 @@ impl Admin {
             "/config_dump" => self.config_dump(param("resource"), param("mask")),
             "/runtime" => {
                 let mut entries = serde_json::Map::new();
-                for (k, v) in s.runtime.entries() {
+                for (k, v) in s.runtime.load().entries() {
                     let fv = match v {
                         serde_json::Value::String(x) => x.clone(),
                         other => other.to_string(),
@@ -274,10 +282,23 @@ impl Admin {
             }
             None => v,
         };
+        let dynamic = self.dynamic_dump();
+        let dyn_items = |k: &str| -> Vec<serde_json::Value> {
+            dynamic
+                .get(k)
+                .and_then(|v| v.as_array())
+                .cloned()
+                .unwrap_or_default()
+        };
         if let Some(r) = resource {
             let items: Vec<serde_json::Value> = match r.as_str() {
                 "static_listeners" => listeners,
                 "static_clusters" => clusters,
+                "dynamic_listeners"
+                | "dynamic_active_clusters"
+                | "dynamic_warming_clusters"
+                | "dynamic_route_configs"
+                | "dynamic_scoped_route_configs" => dyn_items(&r),
                 _ => return text(404, format!("unknown resource {r}\n")),
             };
             return json_reply(
@@ -287,10 +308,102 @@ impl Admin {
         json_reply(json!({"configs": [
             {"@type": "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump",
              "bootstrap": to_json(b, "envoy.config.bootstrap.v3.Bootstrap"), "last_updated": last_updated},
-            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters},
-            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "static_clusters": clusters,
+             "dynamic_active_clusters": dyn_items("dynamic_active_clusters"),
+             "dynamic_warming_clusters": dyn_items("dynamic_warming_clusters")},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "static_listeners": listeners,
+             "dynamic_listeners": dyn_items("dynamic_listeners")},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ScopedRoutesConfigDump",
+             "dynamic_scoped_route_configs": dyn_items("dynamic_scoped_route_configs")},
+            {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+             "dynamic_route_configs": dyn_items("dynamic_route_configs")},
         ]}))
     }
+
+    /// xDS resources in Envoy's config_dump shapes, keyed by section.
+    fn dynamic_dump(&self) -> serde_json::Map<String, serde_json::Value> {
+        use legate_xds_client::types as t;
+        let mut out = serde_json::Map::new();
+        let Some(xds) = self.state.xds.lock().unwrap().clone() else {
+            return out;
+        };
+        let mut push = |k: &str, v: serde_json::Value| {
+            out.entry(k.to_string())
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+                .expect("array")
+                .push(v);
+        };
+        let errors = xds.errors();
+        for (type_url, name, a, active) in xds.dump() {
+            let body = any_json(&a.body);
+            let updated = epoch_str(a.last_updated);
+            match type_url {
+                t::LISTENER => {
+                    let state = json!({"version_info": a.version, "listener": body, "last_updated": updated});
+                    let mut l = json!({"name": name});
+                    l[if active {
+                        "active_state"
+                    } else {
+                        "warming_state"
+                    }] = state;
+                    if let Some((_, e)) = errors
+                        .iter()
+                        .find(|((tu, n), _)| tu == t::LISTENER && *n == name)
+                    {
+                        l["error_state"] = json!({"details": e});
+                    }
+                    push("dynamic_listeners", l);
+                }
+                t::CLUSTER => push(
+                    if active {
+                        "dynamic_active_clusters"
+                    } else {
+                        "dynamic_warming_clusters"
+                    },
+                    json!({"version_info": a.version, "cluster": body, "last_updated": updated}),
+                ),
+                t::ROUTE => push(
+                    "dynamic_route_configs",
+                    json!({"version_info": a.version, "route_config": body, "last_updated": updated}),
+                ),
+                t::SCOPED_ROUTE => push(
+                    "dynamic_scoped_route_configs",
+                    json!({"name": name, "version_info": a.version, "scoped_route_configs": [body], "last_updated": updated}),
+                ),
+                _ => {}
+            }
+        }
+        // Rejected listeners that never applied still show their error.
+        let shown: std::collections::HashSet<String> = xds
+            .dump()
+            .into_iter()
+            .filter(|(tu, ..)| *tu == t::LISTENER)
+            .map(|(_, n, ..)| n)
+            .collect();
+        for ((tu, name), e) in &errors {
+            if tu == t::LISTENER && !shown.contains(name) {
+                push(
+                    "dynamic_listeners",
+                    json!({"name": name, "error_state": {"details": e}}),
+                );
+            }
+        }
+        out
+    }
+}
+
+fn any_json(a: &legate_xds_client::Any) -> serde_json::Value {
+    let name = legate_proto::type_name(&a.type_url);
+    let Ok(d) = legate_proto::walk::decode_any(&a.type_url, &a.value, "") else {
+        return json!({});
+    };
+    let opts = legate_proto::prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+    with_type(
+        d.serialize_with_options(serde_json::value::Serializer, &opts)
+            .unwrap_or(json!({})),
+        name,
+    )
 }
 
 /// Copies the value at `path` from `src` into `dst`, creating parents.

@@ -99,7 +99,7 @@ pub fn load(cli: &Cli) -> Result<Loaded, LoadError> {
     })
 }
 
-fn struct_to_json(s: &crate::config::wkt::Struct) -> serde_json::Value {
+pub fn struct_to_json(s: &crate::config::wkt::Struct) -> serde_json::Value {
     serde_json::Value::Object(
         s.fields
             .iter()
@@ -142,12 +142,10 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             cli.service_zone.clone()
         },
     };
-    if b.dynamic_resources.is_some() {
-        return Err(ConfigError::new(
-            "dynamic_resources",
-            "xDS is not supported yet",
-        ));
-    }
+    let dynamic = match &b.dynamic_resources {
+        Some(d) => Some(config::Dynamic::from_proto(d, "dynamic_resources")?),
+        None => None,
+    };
     let admin = match b.admin.as_ref().and_then(|a| a.address.as_ref()) {
         Some(a) => Some(config::socket_addr(a, "admin.address")?),
         None => None,
@@ -206,27 +204,49 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             }
         }
     }
-    let layers: Vec<serde_json::Value> = b
-        .layered_runtime
-        .as_ref()
-        .map(|lr| {
-            lr.layers
-                .iter()
-                .filter_map(|l| match &l.layer_specifier {
-                    Some(legate_proto::envoy_types::pb::envoy::config::bootstrap::v3::runtime_layer::LayerSpecifier::StaticLayer(s)) => {
-                        Some(struct_to_json(s))
-                    }
-                    _ => None,
-                })
-                .collect()
+    let mut runtime_layers = Vec::new();
+    if let Some(lr) = &b.layered_runtime {
+        use legate_proto::envoy_types::pb::envoy::config::bootstrap::v3::runtime_layer::LayerSpecifier as L;
+        for (i, l) in lr.layers.iter().enumerate() {
+            let p = format!("layered_runtime.layers[{i}]");
+            match &l.layer_specifier {
+                Some(L::StaticLayer(s)) => {
+                    runtime_layers.push(config::RuntimeLayer::Static(struct_to_json(s)))
+                }
+                Some(L::RtdsLayer(r)) => {
+                    let cs = r.rtds_config.as_ref().ok_or_else(|| {
+                        ConfigError::new(
+                            format!("{p}.rtds_layer.rtds_config"),
+                            "rtds_config is required",
+                        )
+                    })?;
+                    runtime_layers.push(config::RuntimeLayer::Rtds {
+                        name: r.name.clone(),
+                        source: config::source::XdsSource::from_proto(
+                            cs,
+                            &format!("{p}.rtds_layer.rtds_config"),
+                        )?,
+                    });
+                }
+                // The admin layer is empty until /runtime_modify (unsupported).
+                _ => {}
+            }
+        }
+    }
+    let layers: Vec<serde_json::Value> = runtime_layers
+        .iter()
+        .filter_map(|l| match l {
+            config::RuntimeLayer::Static(v) => Some(v.clone()),
+            config::RuntimeLayer::Rtds { .. } => None,
         })
-        .unwrap_or_default();
+        .collect();
     let runtime = crate::runtime::Runtime::from_layers(&layers);
     // Legate reads runtime keys only through route runtime_fraction; any
     // other key (Envoy reads many) is reported, never silently dropped.
     let used: HashSet<&str> = listeners
         .iter()
-        .flat_map(|l| l.chain.route_config.virtual_hosts.iter())
+        .filter_map(|l| l.hcm().and_then(|h| h.static_routes()))
+        .flat_map(|rc| rc.virtual_hosts.iter())
         .flat_map(|v| v.routes.iter())
         .filter_map(|r| r.matcher.runtime_fraction.as_ref().map(|(k, _)| k.as_str()))
         .collect();
@@ -242,6 +262,8 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         listeners,
         clusters,
         runtime,
+        runtime_layers,
+        dynamic,
     })
 }
 
@@ -251,10 +273,13 @@ fn check_route_clusters(
     path: &str,
 ) -> Result<(), ConfigError> {
     use crate::config::route::{Action, ClusterSpec};
-    if !l.chain.route_config.validate_clusters {
+    let Some(rc) = l.hcm().and_then(|h| h.static_routes()) else {
+        return Ok(());
+    };
+    if !rc.validate_clusters {
         return Ok(());
     }
-    for (vi, vh) in l.chain.route_config.virtual_hosts.iter().enumerate() {
+    for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
         for (ri, r) in vh.routes.iter().enumerate() {
             let Action::Forward(ra) = &r.action else {
                 continue;

@@ -6,7 +6,7 @@
 //! in cells keyed by address and survive rebuilds, so least-request keeps
 //! its view across updates.
 
-use crate::config::cluster::{ClusterConfig, Discovery, DnsFamily, EndpointConfig};
+use crate::config::cluster::{ClusterConfig, Discovery, DnsFamily, EndpointConfig, LocalityConfig};
 use crate::lb::{self, LbHost, PickContext};
 use crate::stats;
 use arc_swap::ArcSwap;
@@ -318,31 +318,35 @@ impl Cluster {
             pool_key,
         };
         if c.config.discovery == Discovery::Static {
-            let resolved = c
-                .config
-                .localities
-                .iter()
-                .map(|l| {
-                    (
-                        l.priority,
-                        l.endpoints
-                            .iter()
-                            .map(|e| {
-                                (
-                                    e.clone(),
-                                    e.host
-                                        .parse::<std::net::IpAddr>()
-                                        .map(|ip| vec![SocketAddr::new(ip, e.port)])
-                                        .unwrap_or_default(),
-                                )
-                            })
-                            .collect(),
-                    )
-                })
-                .collect();
-            c.set_hosts(resolved);
+            let localities = c.config.localities.clone();
+            c.set_localities(&localities, c.config.overprovisioning_factor);
         }
         c
+    }
+
+    /// Publishes endpoints given as IP literals (STATIC clusters, EDS).
+    pub fn set_localities(&self, localities: &[LocalityConfig], overprovisioning: u32) {
+        let resolved = localities
+            .iter()
+            .map(|l| {
+                (
+                    l.priority,
+                    l.endpoints
+                        .iter()
+                        .map(|e| {
+                            (
+                                e.clone(),
+                                e.host
+                                    .parse::<std::net::IpAddr>()
+                                    .map(|ip| vec![SocketAddr::new(ip, e.port)])
+                                    .unwrap_or_default(),
+                            )
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        self.publish(resolved, overprovisioning);
     }
 
     pub fn snapshot(&self) -> Arc<HostSnapshot> {
@@ -351,6 +355,14 @@ impl Cluster {
 
     /// Publishes a new host set: (priority, [(endpoint, its addresses)]).
     pub fn set_hosts(&self, resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>) {
+        self.publish(resolved, self.config.overprovisioning_factor);
+    }
+
+    fn publish(
+        &self,
+        resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>,
+        overprovisioning: u32,
+    ) {
         let max_p = resolved
             .iter()
             .map(|(p, _)| *p as usize + 1)
@@ -371,7 +383,10 @@ impl Cluster {
                         // name it was resolved from; a STATIC IP has none.
                         hostname: if !e.hostname.is_empty() {
                             e.hostname.clone()
-                        } else if self.config.discovery != Discovery::Static {
+                        } else if matches!(
+                            self.config.discovery,
+                            Discovery::StrictDns | Discovery::LogicalDns
+                        ) {
                             e.host.clone()
                         } else {
                             String::new()
@@ -385,11 +400,7 @@ impl Cluster {
             }
         }
         *cells = live;
-        let snap = HostSnapshot::build(
-            &self.config.lb,
-            by_priority,
-            self.config.overprovisioning_factor,
-        );
+        let snap = HostSnapshot::build(&self.config.lb, by_priority, overprovisioning);
         self.stats.membership_total.set(snap.all_hosts.len() as f64);
         self.stats
             .membership_healthy
@@ -481,25 +492,55 @@ impl ClusterManager {
     pub async fn start(configs: &[Arc<ClusterConfig>]) -> Arc<Self> {
         let mut map = HashMap::new();
         for c in configs {
-            let cluster = Arc::new(Cluster::new(c.clone()));
-            if c.discovery != Discovery::Static {
-                cluster.resolve().await;
-                let weak = Arc::downgrade(&cluster);
-                let every = c.dns_refresh;
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        let Some(c) = weak.upgrade() else { break };
-                        c.resolve().await;
-                    }
-                });
-            }
-            map.insert(c.name.clone(), cluster);
+            map.insert(c.name.clone(), Self::build(c.clone()).await);
         }
         stats::gauge("cluster_manager.active_clusters".into()).set(map.len() as f64);
         Arc::new(Self {
             clusters: ArcSwap::from_pointee(map),
         })
+    }
+
+    /// A runtime cluster; a DNS one is resolved once before it is returned
+    /// and then refreshed every `dns_refresh_rate` while it exists.
+    pub async fn build(c: Arc<ClusterConfig>) -> Arc<Cluster> {
+        let cluster = Arc::new(Cluster::new(c.clone()));
+        if matches!(c.discovery, Discovery::StrictDns | Discovery::LogicalDns) {
+            cluster.resolve().await;
+            let weak = Arc::downgrade(&cluster);
+            let every = c.dns_refresh;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(c) = weak.upgrade() else { break };
+                    c.resolve().await;
+                }
+            });
+        }
+        cluster
+    }
+
+    /// Adds or replaces a cluster. Requests already holding the old one
+    /// finish on it.
+    pub fn insert(&self, cluster: Arc<Cluster>) {
+        self.clusters.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(cluster.config.name.clone(), cluster.clone());
+            m
+        });
+        stats::gauge("cluster_manager.active_clusters".into())
+            .set(self.clusters.load().len() as f64);
+    }
+
+    pub fn remove(&self, name: &str) -> bool {
+        let mut found = false;
+        self.clusters.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            found = m.remove(name).is_some();
+            m
+        });
+        stats::gauge("cluster_manager.active_clusters".into())
+            .set(self.clusters.load().len() as f64);
+        found
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {

@@ -17,10 +17,12 @@ pub mod headers;
 pub mod lb;
 pub mod logging;
 pub mod registry;
+pub mod route_tables;
 pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod stats;
+pub mod xds;
 
 /// The version reported by `--version` and `/server_info`.
 pub fn version_string() -> String {

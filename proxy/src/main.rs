@@ -76,9 +76,11 @@ async fn serve(
         }
     };
     let config = loaded.config;
+    let loaded_node = loaded.bootstrap.node.clone().unwrap_or_default();
     stats::gauge("server.state".into()).set(3.0); // INITIALIZING
     let clusters = ClusterManager::start(&config.clusters).await;
-    let runtime = Arc::new(config.runtime.clone());
+    let runtime = Arc::new(arc_swap::ArcSwap::from_pointee(config.runtime.clone()));
+    let routes = Arc::new(legate::route_tables::RouteTables::default());
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()
@@ -86,6 +88,7 @@ async fn serve(
     let shared = Arc::new(Shared {
         clusters: clusters.clone(),
         runtime: runtime.clone(),
+        routes: routes.clone(),
         hostname,
         local_ip: legate::server::request::local_ip(),
     });
@@ -97,7 +100,12 @@ async fn serve(
     // a connect_matcher route) instead of pingora's 405.
     opts.allow_connect_method_proxying = true;
     proxy.server_options = Some(opts);
-    let listeners = Arc::new(ListenerManager::new(Arc::new(proxy)));
+    let drain_time = std::time::Duration::from_secs(cli.drain_time_s);
+    let listeners = Arc::new(ListenerManager::new(
+        Arc::new(proxy),
+        clusters.clone(),
+        drain_time,
+    ));
     for l in &config.listeners {
         if let Err(e) = listeners.add(l.clone()) {
             eprintln!(
@@ -108,11 +116,12 @@ async fn serve(
         }
     }
     let state = Arc::new(AdminState {
-        clusters,
+        clusters: clusters.clone(),
         listeners: listeners.clone(),
         bootstrap: loaded.bootstrap,
-        runtime,
-        state: Default::default(),
+        runtime: runtime.clone(),
+        xds: Default::default(),
+        state: std::sync::atomic::AtomicU8::new(legate::admin::STATE_INITIALIZING),
         started: std::time::SystemTime::now(),
         command_line: serde_json::json!({
             "concurrency": cli.concurrency, "log_level": cli.log_level, "drain_time": format!("{}s", cli.drain_time_s),
@@ -153,6 +162,24 @@ async fn serve(
             }
         });
     }
+    let applier = legate::xds::Applier::new(
+        clusters.clone(),
+        listeners.clone(),
+        routes,
+        runtime.clone(),
+        &config,
+        drain_time,
+    );
+    if let Err(e) = applier.start(xds_node(&loaded_node, &config.node)) {
+        eprintln!(
+            "error initializing configuration '{}': {e}",
+            cli.config_path
+        );
+        return ExitCode::FAILURE;
+    }
+    *state.xds.lock().unwrap() = Some(applier.clone());
+    // Envoy's init: LIVE once the first xDS fetches are answered and warmed.
+    applier.initialized().await;
     state.set_state(STATE_LIVE);
     stats::gauge("listener_manager.workers_started".into()).set(1.0);
     tracing::info!("all listeners started; server is LIVE");
@@ -170,4 +197,25 @@ async fn serve(
     // Let the admin reply to /quitquitquit flush before exiting.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     ExitCode::SUCCESS
+}
+
+/// The node sent to management servers: the bootstrap's, with the command
+/// line's overrides, and Legate's user agent.
+fn xds_node(
+    boot: &legate_proto::envoy_types::pb::envoy::config::core::v3::Node,
+    node: &legate::config::Node,
+) -> legate_xds_client::Node {
+    let mut n = boot.clone();
+    n.id = node.id.clone();
+    n.cluster = node.cluster.clone();
+    if !node.zone.is_empty() {
+        n.locality.get_or_insert_with(Default::default).zone = node.zone.clone();
+    }
+    n.user_agent_name = "legate".into();
+    n.user_agent_version_type = Some(
+        legate_proto::envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(
+            env!("CARGO_PKG_VERSION").into(),
+        ),
+    );
+    n
 }

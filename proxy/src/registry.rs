@@ -38,7 +38,7 @@ const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
 pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["node", "static_resources", "admin", "layered_runtime"],
+        &["dynamic_resources", "node", "static_resources", "admin", "layered_runtime"],
         &[
             ("stats_config", NO_STATS_TAGS),
             (
@@ -121,7 +121,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.config.bootstrap.v3.LayeredRuntime", &["layers"], &[]),
     m(
         "envoy.config.bootstrap.v3.RuntimeLayer",
-        &["name", "static_layer", "admin_layer"],
+        &["rtds_layer", "name", "static_layer", "admin_layer"],
         &[],
     ),
     m(
@@ -156,7 +156,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.listener.v3.Listener",
         // traffic_direction: /drain_listeners?inboundonly drains INBOUND ones.
-        &["name", "address", "filter_chains", "stat_prefix", "traffic_direction"],
+        &["default_filter_chain", "name", "address", "filter_chains", "stat_prefix", "traffic_direction"],
         &[
             ("metadata", "only informational"),
             (
@@ -182,7 +182,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     // HTTP connection manager.
     m(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        &[
+        &["rds", "scoped_routes", 
             "codec_type",
             "stat_prefix",
             "route_config",
@@ -262,7 +262,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     // Routes.
     m(
         "envoy.config.route.v3.RouteConfiguration",
-        &[
+        &["vhds", 
             "name",
             "virtual_hosts",
             "request_headers_to_add",
@@ -535,10 +535,98 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["key", "value", "raw_value"],
         &[],
     ),
+    // xDS: config sources and dynamic resources.
+    m(
+        "envoy.config.bootstrap.v3.Bootstrap.DynamicResources",
+        &["lds_config", "cds_config", "ads_config"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.ConfigSource",
+        &["ads", "api_config_source", "resource_api_version", "initial_fetch_timeout"],
+        &[],
+    ),
+    m("envoy.config.core.v3.AggregatedConfigSource", &[], &[]),
+    m(
+        "envoy.config.core.v3.ApiConfigSource",
+        &[
+            "api_type",
+            "transport_api_version",
+            "cluster_names",
+            "grpc_services",
+            "refresh_delay",
+            "set_node_on_first_message_only",
+        ],
+        &[("request_timeout", "REST requests use their own timeout")],
+    ),
+    m("envoy.config.core.v3.GrpcService", &["envoy_grpc"], &[]),
+    m("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name"], &[]),
+    m(
+        "envoy.config.bootstrap.v3.RuntimeLayer.RtdsLayer",
+        &["name", "rtds_config"],
+        &[],
+    ),
+    m("envoy.service.runtime.v3.Runtime", &["name", "layer"], &[]),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.Rds",
+        &["config_source", "route_config_name"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.ScopedRoutes",
+        &[
+            "name",
+            "scope_key_builder",
+            "rds_config_source",
+            "scoped_rds",
+            "scoped_route_configurations_list",
+        ],
+        &[],
+    ),
+    m("envoy.extensions.filters.network.http_connection_manager.v3.ScopedRoutes.ScopeKeyBuilder", &["fragments"], &[]),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder",
+        &["header_value_extractor"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.ScopedRoutes.ScopeKeyBuilder.FragmentBuilder.HeaderValueExtractor",
+        &["name", "element_separator", "index"],
+        &[],
+    ),
+    m("envoy.extensions.filters.network.http_connection_manager.v3.ScopedRds", &["scoped_rds_config_source"], &[]),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.ScopedRouteConfigurationsList",
+        &["scoped_route_configurations"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.ScopedRouteConfiguration",
+        &["name", "route_configuration_name", "key", "on_demand"],
+        &[],
+    ),
+    m("envoy.config.route.v3.ScopedRouteConfiguration.Key", &["fragments"], &[]),
+    m(
+        "envoy.config.route.v3.ScopedRouteConfiguration.Key.Fragment",
+        &["string_key"],
+        &[],
+    ),
+    m("envoy.config.route.v3.Vhds", &["config_source"], &[]),
+    m(
+        "envoy.config.cluster.v3.Cluster.EdsClusterConfig",
+        &["eds_config", "service_name"],
+        &[],
+    ),
+    // L4.
+    m(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        &["stat_prefix", "cluster"],
+        &[("access_log", NO_LOG)],
+    ),
     // Clusters.
     m(
         "envoy.config.cluster.v3.Cluster",
-        &[
+        &["eds_cluster_config", 
             "name",
             "type",
             "connect_timeout",
@@ -654,9 +742,17 @@ pub struct Ignored {
 /// Checks every set field of `msg`. Returns the fields accepted with a
 /// warning, or the first unsupported field as an error naming its path.
 pub fn validate(msg: &DynamicMessage) -> Result<Vec<Ignored>, crate::config::ConfigError> {
-    let mut ignored = Vec::new();
+    let mut ignored: Vec<Ignored> = Vec::new();
     walk::walk(msg, "", &mut |v| {
         if v.message.starts_with("google.protobuf.") {
+            return Ok(());
+        }
+        // A field accepted with a warning is ignored whole, with its subtree.
+        if ignored.iter().any(|i| {
+            v.path
+                .strip_prefix(i.path.as_str())
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        }) {
             return Ok(());
         }
         let name = v.field.name();

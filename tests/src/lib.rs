@@ -3,3 +3,4 @@
 
 pub mod echo;
 pub mod legate;
+pub mod xds_server;

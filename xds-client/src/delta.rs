@@ -140,10 +140,13 @@ impl Delta {
             return None;
         }
         let errors = match self.unpack(&type_url, &resp) {
-            Err(e) => vec![ResourceError {
-                name: String::new(),
-                message: e,
-            }],
+            Err(e) => {
+                handler.rejected(&type_url, &e);
+                vec![ResourceError {
+                    name: String::new(),
+                    message: e,
+                }]
+            }
             Ok(update) => {
                 let updated: Vec<(String, String)> = update
                     .updated

@@ -61,6 +61,9 @@ pub struct ResourceError {
 /// Envoy's LDS/CDS do).
 pub trait Handler: Send + Sync + 'static {
     fn apply(&self, update: Update) -> Vec<ResourceError>;
+    /// A response was rejected whole before any of it applied (wrong type,
+    /// duplicate names, undecodable): for stats and logs.
+    fn rejected(&self, _type_url: &str, _error: &str) {}
     /// A stream to the management server went up or down.
     fn connected(&self, _up: bool) {}
 }

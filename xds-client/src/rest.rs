@@ -51,6 +51,14 @@ async fn post(target: &Target, path: &str, body: Vec<u8>) -> Result<(u16, Vec<u8
     Ok((status, body.to_vec()))
 }
 
+/// A changed subscription polls with no version: a REST server compares
+/// only versions (go-control-plane answers 304 to a known one), and Envoy's
+/// REST subscriptions are per resource, each starting from no version.
+fn fresh(mut r: DiscoveryRequest) -> DiscoveryRequest {
+    r.version_info.clear();
+    r
+}
+
 pub(crate) async fn run(
     mut core: Sotw,
     target: Target,
@@ -66,7 +74,7 @@ pub(crate) async fn run(
     loop {
         while let Ok((t, i)) = cmds.try_recv() {
             if let Some(r) = core.set_interest(&t, i) {
-                request = Some(r);
+                request = Some(fresh(r));
             }
         }
         if let Some(req) = &request {
@@ -122,7 +130,7 @@ pub(crate) async fn run(
                 c = cmds.recv() => match c {
                     Some((t, i)) => {
                         if let Some(r) = core.set_interest(&t, i) {
-                            request = Some(r);
+                            request = Some(fresh(r));
                         }
                     }
                     None => return,

@@ -173,10 +173,13 @@ impl Sotw {
         }
         t.nonce = resp.nonce.clone();
         let errors = match unpack(&type_url, resp.resources, &resp.version_info) {
-            Err(e) => vec![ResourceError {
-                name: String::new(),
-                message: e,
-            }],
+            Err(e) => {
+                handler.rejected(&type_url, &e);
+                vec![ResourceError {
+                    name: String::new(),
+                    message: e,
+                }]
+            }
             Ok((resources, heartbeats)) => {
                 // Resources nobody asked for are ignored.
                 let resources: Vec<Resource> = resources

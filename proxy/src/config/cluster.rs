@@ -15,6 +15,16 @@ pub enum Discovery {
     Static,
     StrictDns,
     LogicalDns,
+    /// Endpoints from EDS.
+    Eds,
+}
+
+/// Where an EDS cluster's endpoints come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdsConfig {
+    /// The ClusterLoadAssignment name: `service_name`, else the cluster's.
+    pub service_name: String,
+    pub source: super::source::XdsSource,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -67,6 +77,7 @@ pub struct ClusterConfig {
     pub protocol: UpstreamProtocol,
     pub upstream_idle_timeout: Option<Duration>,
     pub max_concurrent_streams: u32,
+    pub eds: Option<EdsConfig>,
 }
 
 impl ClusterConfig {
@@ -84,12 +95,7 @@ impl ClusterConfig {
                 Ok(D::Static) => Discovery::Static,
                 Ok(D::StrictDns) => Discovery::StrictDns,
                 Ok(D::LogicalDns) => Discovery::LogicalDns,
-                Ok(D::Eds) => {
-                    return Err(ConfigError::new(
-                        join(path, "type"),
-                        "EDS clusters need xDS, which is not supported yet",
-                    ))
-                }
+                Ok(D::Eds) => Discovery::Eds,
                 _ => {
                     return Err(ConfigError::new(
                         join(path, "type"),
@@ -186,8 +192,43 @@ impl ClusterConfig {
             ));
         }
         let (localities, overprovisioning_factor) = match &c.load_assignment {
+            Some(_) if discovery == Discovery::Eds => {
+                return Err(ConfigError::new(
+                    join(path, "load_assignment"),
+                    "EDS clusters take their endpoints from EDS",
+                ))
+            }
             Some(la) => load_assignment(la, &join(path, "load_assignment"), discovery)?,
             None => (Vec::new(), 140),
+        };
+        let eds = match (&c.eds_cluster_config, discovery) {
+            (Some(e), Discovery::Eds) => {
+                let p = join(path, "eds_cluster_config");
+                let source = e.eds_config.as_ref().ok_or_else(|| {
+                    ConfigError::new(join(&p, "eds_config"), "eds_config is required")
+                })?;
+                Some(EdsConfig {
+                    service_name: if e.service_name.is_empty() {
+                        c.name.clone()
+                    } else {
+                        e.service_name.clone()
+                    },
+                    source: super::source::XdsSource::from_proto(source, &join(&p, "eds_config"))?,
+                })
+            }
+            (None, Discovery::Eds) => {
+                return Err(ConfigError::new(
+                    join(path, "eds_cluster_config"),
+                    "EDS clusters need eds_cluster_config",
+                ))
+            }
+            (Some(_), _) => {
+                return Err(ConfigError::new(
+                    join(path, "eds_cluster_config"),
+                    "only EDS clusters take eds_cluster_config",
+                ))
+            }
+            (None, _) => None,
         };
         if discovery == Discovery::LogicalDns {
             let n: usize = localities.iter().map(|l| l.endpoints.len()).sum();
@@ -314,6 +355,7 @@ impl ClusterConfig {
             protocol,
             upstream_idle_timeout,
             max_concurrent_streams,
+            eds,
         })
     }
 }
@@ -322,7 +364,9 @@ fn is_prime(n: u64) -> bool {
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
 
-fn load_assignment(
+/// The localities of a ClusterLoadAssignment (EDS resources and inline
+/// `load_assignment`), with its overprovisioning factor.
+pub fn load_assignment(
     la: &ep::ClusterLoadAssignment,
     path: &str,
     discovery: Discovery,

@@ -1,6 +1,7 @@
 //! Listeners, filter chains and the HTTP connection manager.
 
 use super::route::RouteConfig;
+use super::source::XdsSource;
 use super::{index, join, socket_addr, ConfigError, Result, Wrapped};
 use legate_proto::envoy_types::pb::envoy::config::listener::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
@@ -10,6 +11,54 @@ use std::sync::Arc;
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 pub const ROUTER_TYPE: &str = "envoy.extensions.filters.http.router.v3.Router";
+pub const TCP_PROXY_TYPE: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+
+/// The network filter that terminates a listener's filter chain.
+#[derive(Debug, Clone)]
+pub enum NetworkFilter {
+    Http(Arc<Hcm>),
+    Tcp(Arc<TcpProxy>),
+}
+
+/// `tcp_proxy`: bytes both ways to one cluster.
+#[derive(Debug)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub cluster: String,
+}
+
+/// Where an HTTP connection manager's routes come from.
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    Static(Arc<RouteConfig>),
+    Rds { name: String, source: XdsSource },
+    Scoped(Arc<Scoped>),
+}
+
+/// One fragment of a scope key: a header's value, split by `separator`,
+/// element `index` (Envoy's HeaderValueExtractor with `index`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyFragment {
+    pub header: String,
+    pub separator: String,
+    pub index: u32,
+}
+
+/// Scoped routes: a key built from the request picks a scope, whose route
+/// configuration comes from RDS.
+#[derive(Debug)]
+pub struct Scoped {
+    pub fragments: Vec<KeyFragment>,
+    pub rds_source: XdsSource,
+    /// Scopes from SRDS, or listed inline.
+    pub scopes: ScopeList,
+}
+
+#[derive(Debug)]
+pub enum ScopeList {
+    Srds(XdsSource),
+    Inline(Vec<super::scoped::Scope>),
+}
 
 #[derive(Debug)]
 pub struct Listener {
@@ -17,7 +66,7 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Stat prefix: `listener.<address>.` unless `stat_prefix` is set.
     pub stat_prefix: String,
-    pub chain: Arc<Hcm>,
+    pub filter: NetworkFilter,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
 }
@@ -56,7 +105,7 @@ pub enum EscapedSlashes {
 pub struct Hcm {
     pub stat_prefix: String,
     pub codec: Codec,
-    pub route_config: Arc<RouteConfig>,
+    pub routes: RouteSource,
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,
@@ -90,18 +139,28 @@ impl Listener {
             .as_ref()
             .ok_or_else(|| ConfigError::new(join(path, "address"), "address is required"))?;
         let address = socket_addr(addr, &join(path, "address"))?;
-        if l.filter_chains.len() != 1 {
+        // One chain without a filter_chain_match (or only a default chain)
+        // until filter_chain_match lands.
+        let (fc, fc_path) = match (l.filter_chains.as_slice(), &l.default_filter_chain) {
+            ([fc], None) => (fc, index(path, "filter_chains", 0)),
+            ([], Some(fc)) => (fc, join(path, "default_filter_chain")),
+            _ => {
+                return Err(ConfigError::new(
+                    join(path, "filter_chains"),
+                    "exactly one filter chain is supported until filter_chain_match lands",
+                ))
+            }
+        };
+        if fc.filter_chain_match.is_some() {
             return Err(ConfigError::new(
-                join(path, "filter_chains"),
-                "exactly one filter chain is supported until filter_chain_match lands",
+                join(&fc_path, "filter_chain_match"),
+                "filter_chain_match is not supported yet",
             ));
         }
-        let fc = &l.filter_chains[0];
-        let fc_path = index(path, "filter_chains", 0);
         if fc.filters.len() != 1 {
             return Err(ConfigError::new(
                 join(&fc_path, "filters"),
-                "exactly one network filter (http_connection_manager) is supported",
+                "exactly one network filter (http_connection_manager or tcp_proxy) is supported",
             ));
         }
         let f = &fc.filters[0];
@@ -117,15 +176,26 @@ impl Listener {
             }
         };
         let tn = legate_proto::type_name(&any.type_url);
-        if tn != HCM_TYPE {
-            return Err(ConfigError::new(
-                join(&f_path, "typed_config"),
-                format!("network filter {tn} is not supported"),
-            ));
-        }
-        let h: hcm::HttpConnectionManager = prost::Message::decode(any.value.as_slice())
-            .map_err(|e| ConfigError::new(join(&f_path, "typed_config"), e.to_string()))?;
-        let chain = Arc::new(Hcm::from_proto(&h, &join(&f_path, "typed_config"))?);
+        let tc_path = join(&f_path, "typed_config");
+        let filter = match tn {
+            HCM_TYPE => {
+                let h: hcm::HttpConnectionManager = prost::Message::decode(any.value.as_slice())
+                    .map_err(|e| ConfigError::new(&tc_path, e.to_string()))?;
+                NetworkFilter::Http(Arc::new(Hcm::from_proto(&h, &tc_path)?))
+            }
+            TCP_PROXY_TYPE => {
+                use legate_proto::envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+                let t: tcp::TcpProxy = prost::Message::decode(any.value.as_slice())
+                    .map_err(|e| ConfigError::new(&tc_path, e.to_string()))?;
+                NetworkFilter::Tcp(Arc::new(TcpProxy::from_proto(&t, &tc_path)?))
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    tc_path,
+                    format!("network filter {tn} is not supported"),
+                ))
+            }
+        };
         let stat_prefix = if l.stat_prefix.is_empty() {
             format!("listener.{address}")
         } else {
@@ -135,7 +205,7 @@ impl Listener {
             name: l.name.clone(),
             address,
             stat_prefix,
-            chain,
+            filter,
             inbound: l.traffic_direction
                 == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
                     as i32,
@@ -166,22 +236,23 @@ impl Hcm {
                 ))
             }
         };
-        let route_config = match &h.route_specifier {
-            Some(RouteSpecifier::RouteConfig(rc)) => {
-                Arc::new(RouteConfig::from_proto(rc, &join(path, "route_config"))?)
+        let routes = match &h.route_specifier {
+            Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Static(Arc::new(
+                RouteConfig::from_proto(rc, &join(path, "route_config"))?,
+            )),
+            Some(RouteSpecifier::Rds(rds)) => {
+                let p = join(path, "rds");
+                let source = rds.config_source.as_ref().ok_or_else(|| {
+                    ConfigError::new(join(&p, "config_source"), "config_source is required")
+                })?;
+                RouteSource::Rds {
+                    name: rds.route_config_name.clone(),
+                    source: XdsSource::from_proto(source, &join(&p, "config_source"))?,
+                }
             }
-            Some(RouteSpecifier::Rds(_)) => {
-                return Err(ConfigError::new(
-                    join(path, "rds"),
-                    "RDS is not supported yet (needs xDS)",
-                ))
-            }
-            Some(_) => {
-                return Err(ConfigError::new(
-                    join(path, "scoped_routes"),
-                    "scoped routes are not supported yet",
-                ))
-            }
+            Some(RouteSpecifier::ScopedRoutes(sr)) => RouteSource::Scoped(Arc::new(
+                Scoped::from_proto(sr, &join(path, "scoped_routes"))?,
+            )),
             None => return Err(ConfigError::new(path, "route_config is required")),
         };
         // The filter list must end in the router, and be only the router:
@@ -280,7 +351,7 @@ impl Hcm {
         Ok(Self {
             stat_prefix: h.stat_prefix.clone(),
             codec,
-            route_config,
+            routes,
             use_remote_address: h.use_remote_address.val().unwrap_or(false),
             xff_num_trusted_hops: h.xff_num_trusted_hops,
             skip_xff_append: h.skip_xff_append,
@@ -320,6 +391,152 @@ impl Hcm {
                 .filter(|u| u.enabled.as_ref().is_none_or(|e| e.value))
                 .map(|u| u.upgrade_type.to_ascii_lowercase())
                 .collect(),
+        })
+    }
+}
+
+impl Hcm {
+    /// The inline route table, when routes are not dynamic.
+    pub fn static_routes(&self) -> Option<&Arc<RouteConfig>> {
+        match &self.routes {
+            RouteSource::Static(rc) => Some(rc),
+            _ => None,
+        }
+    }
+}
+
+impl Listener {
+    /// The HTTP connection manager, when the chain ends in one.
+    pub fn hcm(&self) -> Option<&Arc<Hcm>> {
+        match &self.filter {
+            NetworkFilter::Http(h) => Some(h),
+            NetworkFilter::Tcp(_) => None,
+        }
+    }
+}
+
+impl TcpProxy {
+    pub fn from_proto(
+        t: &legate_proto::envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy,
+        path: &str,
+    ) -> Result<Self> {
+        use legate_proto::envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier;
+        if t.stat_prefix.is_empty() {
+            return Err(ConfigError::new(
+                join(path, "stat_prefix"),
+                "stat_prefix is required",
+            ));
+        }
+        let cluster = match &t.cluster_specifier {
+            Some(ClusterSpecifier::Cluster(c)) => c.clone(),
+            Some(ClusterSpecifier::WeightedClusters(_)) => {
+                return Err(ConfigError::new(
+                    join(path, "weighted_clusters"),
+                    "weighted clusters are not supported yet",
+                ))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    join(path, "cluster"),
+                    "cluster is required",
+                ))
+            }
+        };
+        Ok(Self {
+            stat_prefix: t.stat_prefix.clone(),
+            cluster,
+        })
+    }
+}
+
+impl Scoped {
+    pub fn from_proto(sr: &hcm::ScopedRoutes, path: &str) -> Result<Self> {
+        use hcm::scoped_routes::scope_key_builder::fragment_builder::{
+            header_value_extractor::ExtractType, Type,
+        };
+        use hcm::scoped_routes::ConfigSpecifier;
+        let kb = sr.scope_key_builder.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                join(path, "scope_key_builder"),
+                "scope_key_builder is required",
+            )
+        })?;
+        let mut fragments = Vec::new();
+        for (i, f) in kb.fragments.iter().enumerate() {
+            let p = index(&join(path, "scope_key_builder"), "fragments", i);
+            let Some(Type::HeaderValueExtractor(h)) = &f.r#type else {
+                return Err(ConfigError::new(
+                    join(&p, "header_value_extractor"),
+                    "a header_value_extractor is required",
+                ));
+            };
+            let index = match &h.extract_type {
+                Some(ExtractType::Index(i)) => *i,
+                None => 0,
+                Some(ExtractType::Element(_)) => {
+                    return Err(ConfigError::new(
+                        join(&p, "header_value_extractor.element"),
+                        "key-value elements are not supported yet",
+                    ))
+                }
+            };
+            fragments.push(KeyFragment {
+                header: h.name.to_ascii_lowercase(),
+                separator: if h.element_separator.is_empty() {
+                    ",".into()
+                } else {
+                    h.element_separator.clone()
+                },
+                index,
+            });
+        }
+        let rds = sr.rds_config_source.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                join(path, "rds_config_source"),
+                "rds_config_source is required",
+            )
+        })?;
+        let rds_source = XdsSource::from_proto(rds, &join(path, "rds_config_source"))?;
+        let scopes = match &sr.config_specifier {
+            Some(ConfigSpecifier::ScopedRds(s)) => {
+                let cs = s.scoped_rds_config_source.as_ref().ok_or_else(|| {
+                    ConfigError::new(
+                        join(path, "scoped_rds.scoped_rds_config_source"),
+                        "scoped_rds_config_source is required",
+                    )
+                })?;
+                ScopeList::Srds(XdsSource::from_proto(
+                    cs,
+                    &join(path, "scoped_rds.scoped_rds_config_source"),
+                )?)
+            }
+            Some(ConfigSpecifier::ScopedRouteConfigurationsList(l)) => ScopeList::Inline(
+                l.scoped_route_configurations
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        super::scoped::Scope::from_proto(
+                            c,
+                            &index(
+                                &join(path, "scoped_route_configurations_list"),
+                                "scoped_route_configurations",
+                                i,
+                            ),
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            None => {
+                return Err(ConfigError::new(
+                    join(path, "scoped_rds"),
+                    "scoped_rds or scoped_route_configurations_list is required",
+                ))
+            }
+        };
+        Ok(Self {
+            fragments,
+            rds_source,
+            scopes,
         })
     }
 }

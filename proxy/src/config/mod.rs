@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod listener;
 pub mod matcher;
 pub mod route;
+pub mod scoped;
+pub mod source;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types;
@@ -168,6 +170,59 @@ pub struct Config {
     pub listeners: Vec<Arc<listener::Listener>>,
     pub clusters: Vec<Arc<cluster::ClusterConfig>>,
     pub runtime: crate::runtime::Runtime,
+    /// The bootstrap's runtime layers in order (RTDS layers are filled in
+    /// by xDS).
+    pub runtime_layers: Vec<RuntimeLayer>,
+    pub dynamic: Option<Dynamic>,
+}
+
+#[derive(Debug, Clone)]
+pub enum RuntimeLayer {
+    Static(serde_json::Value),
+    Rtds {
+        name: String,
+        source: source::XdsSource,
+    },
+}
+
+/// `dynamic_resources`: where listeners and clusters come from.
+#[derive(Debug, Clone)]
+pub struct Dynamic {
+    pub lds: Option<source::XdsSource>,
+    pub cds: Option<source::XdsSource>,
+    pub ads: Option<source::ApiSource>,
+}
+
+impl Dynamic {
+    pub fn from_proto(
+        d: &legate_proto::envoy_types::pb::envoy::config::bootstrap::v3::bootstrap::DynamicResources,
+        path: &str,
+    ) -> Result<Self> {
+        let opt = |cs: &Option<core::ConfigSource>, f: &str| -> Result<Option<source::XdsSource>> {
+            cs.as_ref()
+                .map(|c| source::XdsSource::from_proto(c, &join(path, f)))
+                .transpose()
+        };
+        let ads = d
+            .ads_config
+            .as_ref()
+            .map(|a| source::ApiSource::from_proto(a, &join(path, "ads_config")))
+            .transpose()?;
+        if ads
+            .as_ref()
+            .is_some_and(|a| a.kind == source::ApiKind::Rest)
+        {
+            return Err(ConfigError::new(
+                join(path, "ads_config.api_type"),
+                "ADS is a gRPC stream; REST is not allowed",
+            ));
+        }
+        Ok(Self {
+            lds: opt(&d.lds_config, "lds_config")?,
+            cds: opt(&d.cds_config, "cds_config")?,
+            ads,
+        })
+    }
 }
 
 /// The node identity, from the bootstrap and the command line.

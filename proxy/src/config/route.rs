@@ -179,6 +179,14 @@ fn header_ops(
 
 impl RouteConfig {
     pub fn from_proto(rc: &pb::RouteConfiguration, path: &str) -> Result<Self> {
+        if rc.vhds.is_some() {
+            // The xDS layer merges VHDS virtual hosts in before translation;
+            // an inline route_config cannot use VHDS.
+            return Err(ConfigError::new(
+                join(path, "vhds"),
+                "VHDS needs a route configuration delivered by RDS",
+            ));
+        }
         let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
         let mut seen_domains = std::collections::HashSet::new();
         for (i, vh) in rc.virtual_hosts.iter().enumerate() {

@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 /// State shared by every request.
 pub struct Shared {
     pub clusters: Arc<ClusterManager>,
-    pub runtime: Arc<Runtime>,
+    pub runtime: Arc<arc_swap::ArcSwap<Runtime>>,
+    pub routes: Arc<crate::route_tables::RouteTables>,
     pub hostname: String,
     /// This host's first non-loopback address (Envoy's local address),
     /// appended to XFF for loopback peers.
@@ -586,7 +587,26 @@ impl ProxyHttp for HcmProxy {
         }
 
         // Route selection.
-        let rc = hcm.route_config.clone();
+        let rc = {
+            let req = session.req_header();
+            let header = |name: &str| -> Option<String> {
+                if name == "host" || name == ":authority" {
+                    return Some(host.clone());
+                }
+                req.headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            self.shared.routes.resolve(&hcm.routes, &header)
+        };
+        let Some(rc) = rc else {
+            stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
+                .await?;
+            return Ok(true);
+        };
+        let runtime = self.shared.runtime.load();
         let random: u64 = rand::random();
         let found = routing::find_virtual_host(&rc, &host).and_then(|vh| {
             let vi = rc.virtual_hosts.iter().position(|v| std::ptr::eq(v, vh))?;
@@ -594,7 +614,7 @@ impl ProxyHttp for HcmProxy {
                 path: &path,
                 headers: &session.req_header().headers,
                 random,
-                runtime: &self.shared.runtime,
+                runtime: &runtime,
                 pseudo: crate::config::matcher::Pseudo {
                     method: session.req_header().method.as_str(),
                     path: &path,

@@ -5,8 +5,10 @@
 
 pub mod hcm;
 pub mod request;
+pub mod tcp_proxy;
 
-use crate::config::listener::{Codec, Hcm, Listener};
+use crate::cluster_manager::ClusterManager;
+use crate::config::listener::{Codec, Hcm, Listener, NetworkFilter};
 use crate::stats;
 use pingora_core::apps::{HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
@@ -31,17 +33,35 @@ pub struct ConnMeta {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// One version of a listener: its config and the drain signal of the
+/// connections it accepted.
+struct Generation {
+    config: Arc<Listener>,
+    drain: watch::Receiver<bool>,
+}
+
 struct Running {
     config: Arc<Listener>,
     local_addr: SocketAddr,
-    /// Flipped to start draining: H2 GOAWAY, H1 `Connection: close`.
+    /// Flipped to start draining: H2 GOAWAY, H1 `Connection: close`, and
+    /// after the drain time the connections are closed.
     drain: watch::Sender<bool>,
+    /// What the accept loop hands new connections.
+    current: Arc<arc_swap::ArcSwap<Generation>>,
     accept: tokio::task::JoinHandle<()>,
+}
+
+/// What the accept loops share.
+#[derive(Clone)]
+struct Ctx {
+    proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+    clusters: Arc<ClusterManager>,
+    drain_time: Duration,
 }
 
 /// Owns the running listeners.
 pub struct ListenerManager {
-    proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+    ctx: Ctx,
     running: Mutex<HashMap<String, Running>>,
 }
 
@@ -62,10 +82,25 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(s.into())
 }
 
+impl Running {
+    fn stop(self) {
+        self.accept.abort();
+        let _ = self.drain.send(true);
+    }
+}
+
 impl ListenerManager {
-    pub fn new(proxy: Arc<HttpProxy<hcm::HcmProxy>>) -> Self {
+    pub fn new(
+        proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+        clusters: Arc<ClusterManager>,
+        drain_time: Duration,
+    ) -> Self {
         Self {
-            proxy,
+            ctx: Ctx {
+                proxy,
+                clusters,
+                drain_time,
+            },
             running: Mutex::new(HashMap::new()),
         }
     }
@@ -75,26 +110,67 @@ impl ListenerManager {
         let tcp = bind(config.address)?;
         let local_addr = tcp.local_addr()?;
         let (drain, drain_rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(
-            tcp,
-            config.clone(),
-            self.proxy.clone(),
-            drain_rx,
-        ));
+        let current = Arc::new(arc_swap::ArcSwap::from_pointee(Generation {
+            config: config.clone(),
+            drain: drain_rx,
+        }));
+        let accept = tokio::spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
         tracing::info!(listener = %config.name, address = %local_addr, "listener started");
         stats::counter("listener_manager.listener_added".into()).increment(1);
         let mut running = self.running.lock().unwrap();
-        running.insert(
+        let old = running.insert(
             config.name.clone(),
             Running {
                 config,
                 local_addr,
                 drain,
+                current,
                 accept,
             },
         );
+        if let Some(old) = old {
+            old.stop();
+        }
         stats::gauge("listener_manager.total_listeners_active".into()).set(running.len() as f64);
         Ok(local_addr)
+    }
+
+    /// Adds a listener or updates one in place. On the same address the
+    /// socket stays open: new connections get the new config while the old
+    /// connections drain (`--drain-time-s`). A new address is bound first,
+    /// so a failure leaves the old listener serving.
+    pub fn upsert(&self, config: Arc<Listener>) -> std::io::Result<SocketAddr> {
+        {
+            let mut running = self.running.lock().unwrap();
+            if let Some(r) = running.get_mut(&config.name) {
+                if r.config.address == config.address {
+                    let (drain, drain_rx) = watch::channel(false);
+                    r.current.store(Arc::new(Generation {
+                        config: config.clone(),
+                        drain: drain_rx,
+                    }));
+                    let _ = std::mem::replace(&mut r.drain, drain).send(true);
+                    r.config = config;
+                    stats::counter("listener_manager.listener_modified".into()).increment(1);
+                    tracing::info!(listener = %r.config.name, "listener updated in place; old connections drain");
+                    return Ok(r.local_addr);
+                }
+            }
+        }
+        self.add(config)
+    }
+
+    /// Stops a listener: no new connections; open ones drain.
+    pub fn remove(&self, name: &str) -> bool {
+        let mut running = self.running.lock().unwrap();
+        let Some(r) = running.remove(name) else {
+            return false;
+        };
+        r.stop();
+        stats::counter("listener_manager.listener_removed".into()).increment(1);
+        stats::gauge("listener_manager.total_listeners_active".into()).set(running.len() as f64);
+        tracing::info!(listener = %name, "listener removed; its connections drain");
+        true
     }
 
     /// Stops accepting on every listener (or only INBOUND ones) and asks
@@ -110,6 +186,16 @@ impl ListenerManager {
             r.accept.abort();
             let _ = r.drain.send(true);
         }
+    }
+
+    /// The running listener configs.
+    pub fn configs(&self) -> Vec<Arc<Listener>> {
+        self.running
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| r.config.clone())
+            .collect()
     }
 
     /// (name, bound address) of every listener.
@@ -128,59 +214,87 @@ impl ListenerManager {
 
 async fn accept_loop(
     tcp: tokio::net::TcpListener,
-    config: Arc<Listener>,
-    proxy: Arc<HttpProxy<hcm::HcmProxy>>,
-    drain: watch::Receiver<bool>,
+    current: Arc<arc_swap::ArcSwap<Generation>>,
+    ctx: Ctx,
 ) {
-    let cx_total = stats::counter(format!("{}.downstream_cx_total", config.stat_prefix));
-    let http_cx_total = stats::counter(format!(
-        "http.{}.downstream_cx_total",
-        config.chain.stat_prefix
-    ));
     loop {
         let (sock, peer) = match tcp.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = %config.name, error = %e, "accept failed");
+                tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        cx_total.increment(1);
-        http_cx_total.increment(1);
+        let gen = current.load_full();
+        let config = gen.config.clone();
+        let drain = gen.drain.clone();
+        stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)).increment(1);
         let _ = sock.set_nodelay(true);
-        let proxy = proxy.clone();
-        let config = config.clone();
-        let drain = drain.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            let codec = config.chain.codec;
-            // Decide the protocol ourselves: pingora's own h2c check waits
-            // for 24 bytes, which hangs a shorter HTTP/1.1 request.
-            let is_h2 = match sniff_h2(&sock).await {
-                Some(h2) => h2,
-                None => return,
-            };
-            if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
-                tracing::debug!(%peer, ?codec, "protocol not allowed by codec_type");
-                return;
-            }
-            let fd = sock.as_raw_fd();
-            let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
-            stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-            let meta = ConnMeta {
-                listener: config.name.clone(),
-                hcm: config.chain.clone(),
-            };
-            let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
-            stream.set_proxy_digest(ProxyDigest::new(dummy, Some(Box::new(meta))));
-            let stream: pingora_core::protocols::Stream = Box::new(stream);
-            if !is_h2 {
-                http1_loop(&proxy, stream, &drain).await;
-            } else {
-                proxy.process_new(stream, &drain).await;
+            let work = serve_connection(sock, peer, config, &ctx, &drain);
+            // After a drain starts, connections get the drain time to finish
+            // and are then closed, as Envoy closes them.
+            tokio::select! {
+                _ = work => {}
+                _ = drain_deadline(drain.clone(), ctx.drain_time) => {
+                    tracing::debug!(%peer, "drain time over; closing the connection");
+                }
             }
         });
+    }
+}
+
+async fn drain_deadline(mut drain: watch::Receiver<bool>, drain_time: Duration) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        // The listener is gone without draining (process exit): never fire.
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(drain_time).await;
+}
+
+async fn serve_connection(
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    config: Arc<Listener>,
+    ctx: &Ctx,
+    drain: &watch::Receiver<bool>,
+) {
+    let hcm = match &config.filter {
+        NetworkFilter::Tcp(t) => {
+            tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await;
+            return;
+        }
+        NetworkFilter::Http(h) => h.clone(),
+    };
+    stats::counter(format!("http.{}.downstream_cx_total", hcm.stat_prefix)).increment(1);
+    let codec = hcm.codec;
+    // Decide the protocol ourselves: pingora's own h2c check waits
+    // for 24 bytes, which hangs a shorter HTTP/1.1 request.
+    let is_h2 = match sniff_h2(&sock).await {
+        Some(h2) => h2,
+        None => return,
+    };
+    if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
+        tracing::debug!(%peer, ?codec, "protocol not allowed by codec_type");
+        return;
+    }
+    let fd = sock.as_raw_fd();
+    let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
+    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+    let meta = ConnMeta {
+        listener: config.name.clone(),
+        hcm,
+    };
+    let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
+    stream.set_proxy_digest(ProxyDigest::new(dummy, Some(Box::new(meta))));
+    let stream: pingora_core::protocols::Stream = Box::new(stream);
+    if !is_h2 {
+        http1_loop(&ctx.proxy, stream, drain).await;
+    } else {
+        ctx.proxy.process_new(stream, drain).await;
     }
 }
 

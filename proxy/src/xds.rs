@@ -1,0 +1,916 @@
+//! Applying xDS to the data plane.
+//!
+//! The [`Applier`] is the xDS client's [`Handler`]: every resource is
+//! decoded, checked against Envoy's proto constraints and Legate's field
+//! registry, translated into the validated model, and only then applied. A
+//! bad resource is named in the NACK while the rest of its batch applies and
+//! the last good config keeps serving.
+//!
+//! Dependencies follow Envoy's rules: listeners reference route tables
+//! (RDS) and scopes (SRDS); clusters reference endpoints (EDS). A new or
+//! changed listener warms until its route tables are present, and a new or
+//! changed EDS cluster until its endpoints are, bounded by the source's
+//! `initial_fetch_timeout`; meanwhile the previous version keeps serving.
+//! RDS and EDS subscriptions follow the references, and a route table, scope
+//! or endpoint set that nothing references any more is dropped.
+
+use crate::cluster_manager::{Cluster, ClusterManager};
+use crate::config::cluster::{ClusterConfig, Discovery};
+use crate::config::listener::{Listener, NetworkFilter, RouteSource, ScopeList};
+use crate::config::route::RouteConfig;
+use crate::config::scoped::Scope;
+use crate::config::source::{ApiKind, Spec, XdsSource};
+use crate::config::{RuntimeLayer, Wrapped};
+use crate::route_tables::RouteTables;
+use crate::runtime::Runtime;
+use crate::server::ListenerManager;
+use crate::{registry, stats};
+use arc_swap::ArcSwap;
+use legate_proto::envoy_types::pb::envoy::config::cluster::v3 as cluster_pb;
+use legate_proto::envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use legate_proto::envoy_types::pb::envoy::config::listener::v3 as listener_pb;
+use legate_proto::envoy_types::pb::envoy::config::route::v3 as route_pb;
+use legate_proto::envoy_types::pb::envoy::service::runtime::v3::Runtime as RuntimePb;
+use legate_xds_client::client::{Source, Target, Transport, Via, XdsClient};
+use legate_xds_client::types as t;
+use legate_xds_client::{Any, Handler, Interest, ResourceError, Update};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A dynamic resource as applied (or rejected), for `/config_dump`.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    pub version: String,
+    pub last_updated: SystemTime,
+    pub body: Any,
+}
+
+struct LdsEntry {
+    config: Arc<Listener>,
+    applied: Applied,
+    active: bool,
+    /// When it started warming (for `initial_fetch_timeout`).
+    since: Instant,
+}
+
+struct CdsEntry {
+    config: Arc<ClusterConfig>,
+    applied: Applied,
+    active: bool,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    listeners: BTreeMap<String, LdsEntry>,
+    clusters: BTreeMap<String, CdsEntry>,
+    /// Route tables as received (VHDS virtual hosts are merged in on use).
+    routes: BTreeMap<String, (route_pb::RouteConfiguration, Applied)>,
+    vhosts: BTreeMap<String, BTreeMap<String, route_pb::VirtualHost>>,
+    endpoints: BTreeMap<String, (ClusterLoadAssignment, Applied)>,
+    scopes: BTreeMap<String, (Scope, Applied)>,
+    scopes_received: bool,
+    rtds: HashMap<String, serde_json::Value>,
+    /// Route names that draining listeners still use, until the deadline.
+    draining: Vec<(Instant, Vec<String>)>,
+    /// How each type is fetched (the last source that referenced it).
+    via: HashMap<&'static str, Via>,
+    /// Last rejection per (type, name), for `/config_dump` error_state.
+    errors: BTreeMap<(String, String), String>,
+    lds_received: bool,
+    cds_received: bool,
+}
+
+pub struct Applier {
+    clusters: Arc<ClusterManager>,
+    listeners: Arc<ListenerManager>,
+    routes: Arc<RouteTables>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    runtime_layers: Vec<RuntimeLayer>,
+    /// Static clusters, which name the management servers.
+    statics: HashMap<String, Arc<ClusterConfig>>,
+    drain_time: Duration,
+    dynamic: Option<crate::config::Dynamic>,
+    client: OnceLock<Arc<XdsClient>>,
+    state: Mutex<State>,
+    initialized: tokio::sync::watch::Sender<bool>,
+    me: Weak<Applier>,
+}
+
+/// A resource decoded and checked against Envoy's constraints and the
+/// field registry.
+fn check<M: prost::Message + Default>(any: &Any) -> Result<M, String> {
+    let dynamic =
+        legate_proto::walk::decode_any(&any.type_url, &any.value, "").map_err(|e| e.to_string())?;
+    legate_proto::pgv::validate(&dynamic, "")
+        .map_err(|e| format!("proto constraint validation failed: {e}"))?;
+    for i in registry::validate(&dynamic).map_err(|e| e.to_string())? {
+        tracing::warn!(path = %i.path, reason = i.reason, "config field accepted but not applied");
+        stats::counter("legate.config.fields_ignored".into()).increment(1);
+    }
+    M::decode(any.value.as_slice()).map_err(|e| e.to_string())
+}
+
+fn target_of(cluster: &ClusterConfig) -> Option<Target> {
+    let ep = cluster
+        .localities
+        .iter()
+        .flat_map(|l| l.endpoints.iter())
+        .next()?;
+    let ip: std::net::IpAddr =
+        ep.host.parse().ok().or_else(|| {
+            (ep.host == "localhost").then_some(std::net::IpAddr::from([127, 0, 0, 1]))
+        })?;
+    Some(Target::Tcp(SocketAddr::new(ip, ep.port)))
+}
+
+/// The route tables a listener needs before it can serve.
+fn route_deps(l: &Listener) -> (Vec<String>, bool) {
+    match &l.filter {
+        NetworkFilter::Http(h) => match &h.routes {
+            RouteSource::Static(_) => (vec![], false),
+            RouteSource::Rds { name, .. } => (vec![name.clone()], false),
+            RouteSource::Scoped(s) => match &s.scopes {
+                ScopeList::Inline(list) => (list.iter().map(|s| s.route.clone()).collect(), false),
+                ScopeList::Srds(_) => (vec![], true),
+            },
+        },
+        NetworkFilter::Tcp(_) => (vec![], false),
+    }
+}
+
+impl Applier {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        clusters: Arc<ClusterManager>,
+        listeners: Arc<ListenerManager>,
+        routes: Arc<RouteTables>,
+        runtime: Arc<ArcSwap<Runtime>>,
+        config: &crate::config::Config,
+        drain_time: Duration,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            clusters,
+            listeners,
+            routes,
+            runtime,
+            runtime_layers: config.runtime_layers.clone(),
+            statics: config
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect(),
+            drain_time,
+            dynamic: config.dynamic.clone(),
+            client: OnceLock::new(),
+            state: Mutex::new(State::default()),
+            initialized: tokio::sync::watch::channel(false).0,
+            me: me.clone(),
+        })
+    }
+
+    /// How a config source is reached.
+    pub fn via(&self, source: &XdsSource) -> Result<Via, String> {
+        match &source.spec {
+            Spec::Ads => Ok(Via::Ads),
+            Spec::Api(a) => Ok(Via::Source(self.api_source(a)?)),
+        }
+    }
+
+    fn api_source(&self, a: &crate::config::source::ApiSource) -> Result<Source, String> {
+        let c = self
+            .statics
+            .get(&a.cluster)
+            .ok_or_else(|| format!("xDS cluster '{}' is not a static cluster", a.cluster))?;
+        let target = target_of(c)
+            .ok_or_else(|| format!("xDS cluster '{}' has no IP endpoint", a.cluster))?;
+        let transport = match a.kind {
+            ApiKind::Grpc => Transport::Grpc { delta: false },
+            ApiKind::DeltaGrpc => Transport::Grpc { delta: true },
+            ApiKind::Rest => Transport::Rest {
+                refresh: a.refresh_delay,
+            },
+        };
+        Ok(Source {
+            target,
+            transport,
+            node_first_only: a.node_first_only,
+        })
+    }
+
+    /// Starts the xDS client: CDS first, then LDS and the RTDS layers (the
+    /// order of Envoy's initialization).
+    pub fn start(&self, node: legate_xds_client::Node) -> Result<(), String> {
+        let Some(d) = self.dynamic.clone() else {
+            self.initialized.send_replace(true);
+            return Ok(());
+        };
+        let ads = d.ads.as_ref().map(|a| self.api_source(a)).transpose()?;
+        let me = self.me.upgrade().expect("applier is alive");
+        let client = XdsClient::new(node, me, ads);
+        let _ = self.client.set(client.clone());
+        {
+            let mut st = self.state.lock().unwrap();
+            st.cds_received = d.cds.is_none();
+            st.lds_received = d.lds.is_none();
+        }
+        if let Some(cds) = &d.cds {
+            let via = self.via(cds)?;
+            client
+                .watch(t::CLUSTER, &via, Interest::wildcard())
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(lds) = &d.lds {
+            let via = self.via(lds)?;
+            client
+                .watch(t::LISTENER, &via, Interest::wildcard())
+                .map_err(|e| e.to_string())?;
+        }
+        let layers: Vec<(String, Via)> = self
+            .runtime_layers
+            .iter()
+            .filter_map(|l| match l {
+                RuntimeLayer::Rtds { name, source } => Some((name.clone(), source)),
+                RuntimeLayer::Static(_) => None,
+            })
+            .map(|(n, s)| self.via(s).map(|v| (n, v)))
+            .collect::<Result<_, _>>()?;
+        if let Some((_, via)) = layers.first() {
+            client
+                .watch(
+                    t::RUNTIME,
+                    via,
+                    Interest::names(layers.iter().map(|(n, _)| n.clone())),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        // Warming deadlines are checked once a second.
+        let weak = self.me.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(a) = weak.upgrade() else { break };
+                let mut st = a.state.lock().unwrap();
+                a.reconcile(&mut st, &mut Vec::new());
+            }
+        });
+        Ok(())
+    }
+
+    /// Resolves when initialization is over (every first fetch answered and
+    /// warmed, or timed out).
+    pub async fn initialized(&self) {
+        let mut rx = self.initialized.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    fn fetch_timeout(&self) -> Option<Duration> {
+        self.dynamic
+            .as_ref()
+            .and_then(|d| d.lds.as_ref().or(d.cds.as_ref()))
+            .and_then(|s| s.initial_fetch_timeout)
+    }
+
+    fn timed_out(&self, since: Instant) -> bool {
+        self.fetch_timeout().is_some_and(|t| since.elapsed() >= t)
+    }
+
+    fn apply_listeners(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        st.lds_received = true;
+        stats::counter("listener_manager.lds.update_attempt".into()).increment(1);
+        for r in &u.updated {
+            if st
+                .listeners
+                .get(&r.name)
+                .is_some_and(|e| e.applied.body == r.body)
+            {
+                continue; // unchanged, as Envoy ignores an identical listener
+            }
+            let parsed = check::<listener_pb::Listener>(&r.body)
+                .and_then(|pb| Listener::from_proto(&pb, "").map_err(|e| e.to_string()));
+            let config = match parsed {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    errors.push(ResourceError {
+                        name: r.name.clone(),
+                        message: e,
+                    });
+                    continue;
+                }
+            };
+            st.listeners.insert(
+                r.name.clone(),
+                LdsEntry {
+                    config,
+                    applied: Applied {
+                        version: r.version.clone(),
+                        last_updated: SystemTime::now(),
+                        body: r.body.clone(),
+                    },
+                    active: false,
+                    since: Instant::now(),
+                },
+            );
+        }
+        for name in &u.removed {
+            if let Some(e) = st.listeners.remove(name) {
+                self.retire_routes(st, &e.config);
+                self.listeners.remove(name);
+            }
+        }
+    }
+
+    /// Keeps a replaced or removed listener's route tables while its
+    /// connections drain.
+    fn retire_routes(&self, st: &mut State, l: &Listener) {
+        let (names, _) = route_deps(l);
+        if !names.is_empty() {
+            st.draining.push((
+                Instant::now() + self.drain_time + Duration::from_millis(500),
+                names,
+            ));
+        }
+    }
+
+    fn apply_routes(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        for r in &u.updated {
+            match check::<route_pb::RouteConfiguration>(&r.body) {
+                Ok(pb) => {
+                    let applied = Applied {
+                        version: r.version.clone(),
+                        last_updated: SystemTime::now(),
+                        body: r.body.clone(),
+                    };
+                    match self.translate_route(&pb, st.vhosts.get(&r.name)) {
+                        Ok(rc) => {
+                            self.publish_route(&r.name, Some(rc));
+                            st.routes.insert(r.name.clone(), (pb, applied));
+                        }
+                        Err(e) => errors.push(ResourceError {
+                            name: r.name.clone(),
+                            message: e,
+                        }),
+                    }
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            st.routes.remove(name);
+            self.publish_route(name, None);
+        }
+    }
+
+    /// A route table with its VHDS virtual hosts merged in.
+    fn translate_route(
+        &self,
+        pb: &route_pb::RouteConfiguration,
+        vhosts: Option<&BTreeMap<String, route_pb::VirtualHost>>,
+    ) -> Result<RouteConfig, String> {
+        let mut pb = pb.clone();
+        if pb.vhds.take().is_some() {
+            pb.virtual_hosts
+                .extend(vhosts.into_iter().flat_map(|m| m.values().cloned()));
+        }
+        RouteConfig::from_proto(&pb, "").map_err(|e| e.to_string())
+    }
+
+    fn publish_route(&self, name: &str, rc: Option<RouteConfig>) {
+        let rc = rc.map(Arc::new);
+        self.routes.rds.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            match &rc {
+                Some(rc) => m.insert(name.to_string(), rc.clone()),
+                None => m.remove(name),
+            };
+            m
+        });
+    }
+
+    fn apply_vhosts(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        let mut touched = BTreeSet::new();
+        for r in &u.updated {
+            let Some((route, _)) = r.name.split_once('/') else {
+                errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: "VHDS names are <route configuration>/<host>".into(),
+                });
+                continue;
+            };
+            match check::<route_pb::VirtualHost>(&r.body) {
+                Ok(vh) => {
+                    st.vhosts
+                        .entry(route.to_string())
+                        .or_default()
+                        .insert(r.name.clone(), vh);
+                    touched.insert(route.to_string());
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            if let Some((route, _)) = name.split_once('/') {
+                if let Some(m) = st.vhosts.get_mut(route) {
+                    m.remove(name);
+                }
+                touched.insert(route.to_string());
+            }
+        }
+        for route in touched {
+            if let Some((pb, _)) = st.routes.get(&route) {
+                match self.translate_route(pb, st.vhosts.get(&route)) {
+                    Ok(rc) => self.publish_route(&route, Some(rc)),
+                    Err(e) => errors.push(ResourceError {
+                        name: route,
+                        message: e,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn apply_clusters(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        st.cds_received = true;
+        stats::counter("cluster_manager.cds.update_attempt".into()).increment(1);
+        for r in &u.updated {
+            if st
+                .clusters
+                .get(&r.name)
+                .is_some_and(|e| e.applied.body == r.body)
+            {
+                continue;
+            }
+            if self.statics.contains_key(&r.name) {
+                errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: format!(
+                        "cluster '{}' is static and cannot be updated by CDS",
+                        r.name
+                    ),
+                });
+                continue;
+            }
+            let parsed = check::<cluster_pb::Cluster>(&r.body)
+                .and_then(|pb| ClusterConfig::from_proto(&pb, "").map_err(|e| e.to_string()))
+                .and_then(|c| {
+                    if let Some(eds) = &c.eds {
+                        self.via(&eds.source)?;
+                    }
+                    Ok(c)
+                });
+            match parsed {
+                Ok(c) => {
+                    st.clusters.insert(
+                        r.name.clone(),
+                        CdsEntry {
+                            config: Arc::new(c),
+                            applied: Applied {
+                                version: r.version.clone(),
+                                last_updated: SystemTime::now(),
+                                body: r.body.clone(),
+                            },
+                            active: false,
+                            since: Instant::now(),
+                        },
+                    );
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            if st.clusters.remove(name).is_some() {
+                self.clusters.remove(name);
+                stats::counter("cluster_manager.cluster_removed".into()).increment(1);
+            }
+        }
+    }
+
+    fn apply_endpoints(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        for r in &u.updated {
+            let parsed = check::<ClusterLoadAssignment>(&r.body).and_then(|cla| {
+                crate::config::cluster::load_assignment(&cla, "", Discovery::Eds)
+                    .map(|_| cla)
+                    .map_err(|e| e.to_string())
+            });
+            match parsed {
+                Ok(cla) => {
+                    // Active clusters take new endpoints at once.
+                    for c in self.clusters.all() {
+                        if c.config
+                            .eds
+                            .as_ref()
+                            .is_some_and(|e| e.service_name == r.name)
+                        {
+                            set_endpoints(&c, &cla);
+                        }
+                    }
+                    st.endpoints.insert(
+                        r.name.clone(),
+                        (
+                            cla,
+                            Applied {
+                                version: r.version.clone(),
+                                last_updated: SystemTime::now(),
+                                body: r.body.clone(),
+                            },
+                        ),
+                    );
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            st.endpoints.remove(name);
+            for c in self.clusters.all() {
+                if c.config
+                    .eds
+                    .as_ref()
+                    .is_some_and(|e| &e.service_name == name)
+                {
+                    set_endpoints(&c, &ClusterLoadAssignment::default());
+                }
+            }
+        }
+    }
+
+    fn apply_scopes(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        st.scopes_received = true;
+        for r in &u.updated {
+            match check::<route_pb::ScopedRouteConfiguration>(&r.body)
+                .and_then(|pb| Scope::from_proto(&pb, "").map_err(|e| e.to_string()))
+            {
+                Ok(s) => {
+                    st.scopes.insert(
+                        r.name.clone(),
+                        (
+                            s,
+                            Applied {
+                                version: r.version.clone(),
+                                last_updated: SystemTime::now(),
+                                body: r.body.clone(),
+                            },
+                        ),
+                    );
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            st.scopes.remove(name);
+        }
+        self.routes.scopes.store(Arc::new(
+            st.scopes.values().map(|(s, _)| s.clone()).collect(),
+        ));
+    }
+
+    fn apply_runtime(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        for r in &u.updated {
+            match check::<RuntimePb>(&r.body) {
+                Ok(pb) => {
+                    let v = pb
+                        .layer
+                        .as_ref()
+                        .map(crate::bootstrap::struct_to_json)
+                        .unwrap_or_default();
+                    st.rtds.insert(r.name.clone(), v);
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            st.rtds.remove(name);
+        }
+        let layers: Vec<serde_json::Value> = self
+            .runtime_layers
+            .iter()
+            .filter_map(|l| match l {
+                RuntimeLayer::Static(v) => Some(v.clone()),
+                RuntimeLayer::Rtds { name, .. } => st.rtds.get(name).cloned(),
+            })
+            .collect();
+        self.runtime.store(Arc::new(Runtime::from_layers(&layers)));
+    }
+
+    /// Brings the data plane in line with the state: activates what has
+    /// warmed, follows references with subscriptions, drops what nothing
+    /// references.
+    fn reconcile(&self, st: &mut State, errors: &mut Vec<ResourceError>) {
+        let Some(client) = self.client.get() else {
+            return;
+        };
+        // Clusters.
+        let mut eds_names = BTreeSet::new();
+        let mut eds_via = None;
+        let mut warming_clusters = 0;
+        for (name, e) in st.clusters.iter_mut() {
+            if let Some(eds) = &e.config.eds {
+                eds_names.insert(eds.service_name.clone());
+                eds_via = eds_via.or_else(|| self.via(&eds.source).ok());
+            }
+            if e.active {
+                continue;
+            }
+            let ready = match &e.config.eds {
+                None => true,
+                Some(eds) => {
+                    st.endpoints.contains_key(&eds.service_name) || self.timed_out(e.since)
+                }
+            };
+            if !ready {
+                warming_clusters += 1;
+                continue;
+            }
+            e.active = true;
+            stats::counter("cluster_manager.cluster_added".into()).increment(1);
+            let config = e.config.clone();
+            match config.discovery {
+                Discovery::StrictDns | Discovery::LogicalDns => {
+                    let cm = self.clusters.clone();
+                    tokio::spawn(async move {
+                        cm.insert(ClusterManager::build(config).await);
+                    });
+                }
+                _ => {
+                    let c = Arc::new(Cluster::new(config.clone()));
+                    if let Some(eds) = &config.eds {
+                        if let Some((cla, _)) = st.endpoints.get(&eds.service_name) {
+                            set_endpoints(&c, cla);
+                        }
+                    }
+                    tracing::info!(cluster = %name, "cluster active");
+                    self.clusters.insert(c);
+                }
+            }
+        }
+        for c in self.statics.values() {
+            if let Some(eds) = &c.eds {
+                eds_names.insert(eds.service_name.clone());
+                eds_via = eds_via.or_else(|| self.via(&eds.source).ok());
+            }
+        }
+        st.endpoints.retain(|n, _| eds_names.contains(n));
+        stats::gauge("cluster_manager.warming_clusters".into()).set(warming_clusters as f64);
+        if let Some(via) = eds_via.or_else(|| st.via.get(t::ENDPOINT).cloned()) {
+            st.via.insert(t::ENDPOINT, via.clone());
+            let _ = client.watch(t::ENDPOINT, &via, Interest::names(eds_names));
+        }
+
+        // Listeners and what they reference.
+        let now = Instant::now();
+        st.draining.retain(|(deadline, _)| *deadline > now);
+        let mut rds_names: BTreeSet<String> = st
+            .draining
+            .iter()
+            .flat_map(|(_, n)| n.iter().cloned())
+            .collect();
+        let mut rds_via = None;
+        let mut srds_via = None;
+        for e in st.listeners.values() {
+            if let NetworkFilter::Http(h) = &e.config.filter {
+                match &h.routes {
+                    RouteSource::Rds { name, source } => {
+                        rds_names.insert(name.clone());
+                        rds_via = rds_via.or_else(|| self.via(source).ok());
+                    }
+                    RouteSource::Scoped(s) => {
+                        rds_via = rds_via.or_else(|| self.via(&s.rds_source).ok());
+                        match &s.scopes {
+                            ScopeList::Inline(list) => {
+                                rds_names.extend(list.iter().map(|s| s.route.clone()))
+                            }
+                            ScopeList::Srds(src) => {
+                                srds_via = srds_via.or_else(|| self.via(src).ok());
+                            }
+                        }
+                    }
+                    RouteSource::Static(_) => {}
+                }
+            }
+        }
+        if srds_via.is_some() {
+            rds_names.extend(st.scopes.values().map(|(s, _)| s.route.clone()));
+        }
+        let mut warming_listeners = 0;
+        let names: Vec<String> = st.listeners.keys().cloned().collect();
+        for name in names {
+            let e = &st.listeners[&name];
+            if e.active {
+                continue;
+            }
+            let (deps, needs_scopes) = route_deps(&e.config);
+            let ready = (deps.iter().all(|d| st.routes.contains_key(d))
+                && (!needs_scopes || st.scopes_received))
+                || self.timed_out(e.since);
+            if !ready {
+                warming_listeners += 1;
+                continue;
+            }
+            let config = e.config.clone();
+            let old = self
+                .listeners
+                .configs()
+                .into_iter()
+                .find(|l| l.name == name);
+            match self.listeners.upsert(config) {
+                Ok(addr) => {
+                    tracing::info!(listener = %name, %addr, "listener active");
+                    if let Some(old) = old {
+                        self.retire_routes(st, &old);
+                    }
+                    st.listeners.get_mut(&name).expect("present").active = true;
+                }
+                Err(e) => {
+                    stats::counter("listener_manager.listener_create_failure".into()).increment(1);
+                    errors.push(ResourceError {
+                        name: name.clone(),
+                        message: format!(
+                            "cannot bind '{}': {e}",
+                            st.listeners[&name].config.address
+                        ),
+                    });
+                    st.listeners.remove(&name);
+                }
+            }
+        }
+        stats::gauge("listener_manager.total_listeners_warming".into())
+            .set(warming_listeners as f64);
+        for (_, names) in &st.draining {
+            rds_names.extend(names.iter().cloned());
+        }
+        // Route tables nothing references any more go.
+        let gone: Vec<String> = st
+            .routes
+            .keys()
+            .filter(|n| !rds_names.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            st.routes.remove(&n);
+            st.vhosts.remove(&n);
+            self.publish_route(&n, None);
+        }
+        if let Some(via) = rds_via.or_else(|| st.via.get(t::ROUTE).cloned()) {
+            st.via.insert(t::ROUTE, via.clone());
+            let _ = client.watch(t::ROUTE, &via, Interest::names(rds_names));
+        }
+        if let Some(via) = srds_via
+            .clone()
+            .or_else(|| st.via.get(t::SCOPED_ROUTE).cloned())
+        {
+            st.via.insert(t::SCOPED_ROUTE, via.clone());
+            let interest = if srds_via.is_some() {
+                Interest::wildcard()
+            } else {
+                Interest::default()
+            };
+            let _ = client.watch(t::SCOPED_ROUTE, &via, interest);
+        }
+        // VHDS: every route table with `vhds` subscribes (Delta, wildcard).
+        let vhds = st.routes.values().find_map(|(pb, _)| {
+            pb.vhds
+                .as_ref()
+                .and_then(|v| v.config_source.as_ref())
+                .and_then(|cs| XdsSource::from_proto(cs, "").ok())
+                .and_then(|s| self.via(&s).ok())
+        });
+        if let Some(via) = vhds
+            .clone()
+            .or_else(|| st.via.get(t::VIRTUAL_HOST).cloned())
+        {
+            st.via.insert(t::VIRTUAL_HOST, via.clone());
+            let interest = if vhds.is_some() {
+                Interest::wildcard()
+            } else {
+                Interest::default()
+            };
+            let _ = client.watch(t::VIRTUAL_HOST, &via, interest);
+        }
+        if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
+            self.initialized
+                .send_if_modified(|v| !std::mem::replace(v, true));
+        }
+    }
+
+    /// Dynamic resources for `/config_dump`: (type URL, name, applied).
+    pub fn dump(&self) -> Vec<(&'static str, String, Applied, bool)> {
+        let st = self.state.lock().unwrap();
+        let mut out = Vec::new();
+        for (n, e) in &st.listeners {
+            out.push((t::LISTENER, n.clone(), e.applied.clone(), e.active));
+        }
+        for (n, e) in &st.clusters {
+            out.push((t::CLUSTER, n.clone(), e.applied.clone(), e.active));
+        }
+        for (n, (_, a)) in &st.routes {
+            out.push((t::ROUTE, n.clone(), a.clone(), true));
+        }
+        for (n, (_, a)) in &st.scopes {
+            out.push((t::SCOPED_ROUTE, n.clone(), a.clone(), true));
+        }
+        for (n, (_, a)) in &st.endpoints {
+            out.push((t::ENDPOINT, n.clone(), a.clone(), true));
+        }
+        out
+    }
+
+    /// Rejections for `/config_dump` error_state: ((type, name), message).
+    pub fn errors(&self) -> Vec<((String, String), String)> {
+        let st = self.state.lock().unwrap();
+        st.errors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Envoy's stat prefix of a subscription type.
+fn stat_prefix(type_url: &str) -> Option<&'static str> {
+    match type_url {
+        t::LISTENER => Some("listener_manager.lds"),
+        t::CLUSTER => Some("cluster_manager.cds"),
+        _ => None,
+    }
+}
+
+fn set_endpoints(c: &Cluster, cla: &ClusterLoadAssignment) {
+    let (localities, opf) = crate::config::cluster::load_assignment(cla, "", Discovery::Eds)
+        .unwrap_or_else(|_| (Vec::new(), 140));
+    let opf = cla
+        .policy
+        .as_ref()
+        .and_then(|p| p.overprovisioning_factor.val())
+        .unwrap_or(opf);
+    c.set_localities(&localities, opf);
+}
+
+impl Handler for Applier {
+    fn apply(&self, update: Update) -> Vec<ResourceError> {
+        let span = tracing::info_span!("xds_update", type_url = %update.type_url, version = %update.version_info, updated = update.updated.len(), removed = update.removed.len());
+        let _g = span.enter();
+        let mut errors = Vec::new();
+        let mut st = self.state.lock().unwrap();
+        match update.type_url.as_str() {
+            t::LISTENER => self.apply_listeners(&mut st, &update, &mut errors),
+            t::ROUTE => self.apply_routes(&mut st, &update, &mut errors),
+            t::VIRTUAL_HOST => self.apply_vhosts(&mut st, &update, &mut errors),
+            t::CLUSTER => self.apply_clusters(&mut st, &update, &mut errors),
+            t::ENDPOINT => self.apply_endpoints(&mut st, &update, &mut errors),
+            t::SCOPED_ROUTE => self.apply_scopes(&mut st, &update, &mut errors),
+            t::RUNTIME => self.apply_runtime(&mut st, &update, &mut errors),
+            other => errors.push(ResourceError {
+                name: String::new(),
+                message: format!("resource type {other} is not supported by Legate"),
+            }),
+        }
+        self.reconcile(&mut st, &mut errors);
+        if let Some(p) = stat_prefix(&update.type_url) {
+            if errors.is_empty() {
+                stats::counter(format!("{p}.update_success")).increment(1);
+            } else {
+                stats::counter(format!("{p}.update_rejected")).increment(1);
+            }
+        }
+        for e in &errors {
+            tracing::warn!(resource = %e.name, error = %e.message, "xDS resource rejected");
+            st.errors
+                .insert((update.type_url.clone(), e.name.clone()), e.message.clone());
+        }
+        for r in &update.updated {
+            if !errors.iter().any(|e| e.name == r.name) {
+                st.errors.remove(&(update.type_url.clone(), r.name.clone()));
+            }
+        }
+        errors
+    }
+
+    fn rejected(&self, type_url: &str, error: &str) {
+        tracing::warn!(%type_url, %error, "xDS response rejected whole");
+        if let Some(p) = stat_prefix(type_url) {
+            stats::counter(format!("{p}.update_rejected")).increment(1);
+        }
+    }
+
+    fn connected(&self, up: bool) {
+        stats::gauge("control_plane.connected_state".into()).set(if up { 1.0 } else { 0.0 });
+    }
+}
