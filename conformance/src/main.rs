@@ -14,12 +14,13 @@ mod routing;
 mod tools;
 mod validate;
 mod xds;
+mod xds_wire;
 
 use anyhow::{Context, Result};
 use report::{Outcome, Report};
 use std::path::PathBuf;
 
-const ALL_TIERS: &[&str] = &["routing", "validate", "http", "xds"];
+const ALL_TIERS: &[&str] = &["routing", "validate", "http", "xds", "xds-wire"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -92,6 +93,7 @@ async fn main() -> Result<()> {
                     );
                 }
             }
+            "xds-wire" => xds_wire::run(&bins, &work, &mut report).await?,
             "xds" => {
                 if let Err(e) = xds::run(&bins, &root, &work, &mut report) {
                     report.add(

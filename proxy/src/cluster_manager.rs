@@ -522,25 +522,33 @@ impl ClusterManager {
     /// Adds or replaces a cluster. Requests already holding the old one
     /// finish on it.
     pub fn insert(&self, cluster: Arc<Cluster>) {
-        self.clusters.rcu(|m| {
-            let mut m = HashMap::clone(m);
-            m.insert(cluster.config.name.clone(), cluster.clone());
-            m
-        });
-        stats::gauge("cluster_manager.active_clusters".into())
-            .set(self.clusters.load().len() as f64);
+        self.update(vec![cluster], &[]);
     }
 
     pub fn remove(&self, name: &str) -> bool {
-        let mut found = false;
+        let found = self.clusters.load().contains_key(name);
+        self.update(Vec::new(), &[name.to_string()]);
+        found
+    }
+
+    /// Adds, replaces and removes clusters in one swap (one copy of the
+    /// table however many change: CDS pushes thousands at once).
+    pub fn update(&self, add: Vec<Arc<Cluster>>, remove: &[String]) {
+        if add.is_empty() && remove.is_empty() {
+            return;
+        }
         self.clusters.rcu(|m| {
             let mut m = HashMap::clone(m);
-            found = m.remove(name).is_some();
+            for n in remove {
+                m.remove(n);
+            }
+            for c in &add {
+                m.insert(c.config.name.clone(), c.clone());
+            }
             m
         });
         stats::gauge("cluster_manager.active_clusters".into())
             .set(self.clusters.load().len() as f64);
-        found
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Cluster>> {

@@ -488,15 +488,28 @@ impl Applier {
                 }),
             }
         }
-        for name in &u.removed {
-            if st.clusters.remove(name).is_some() {
-                self.clusters.remove(name);
-                stats::counter("cluster_manager.cluster_removed".into()).increment(1);
-            }
-        }
+        let removed: Vec<String> = u
+            .removed
+            .iter()
+            .filter(|n| st.clusters.remove(*n).is_some())
+            .cloned()
+            .collect();
+        stats::counter("cluster_manager.cluster_removed".into()).increment(removed.len() as u64);
+        self.clusters.update(Vec::new(), &removed);
     }
 
     fn apply_endpoints(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        // Active clusters by the endpoint set they use (one pass, not one
+        // per resource: EDS pushes can carry thousands).
+        let mut users: HashMap<String, Vec<Arc<Cluster>>> = HashMap::new();
+        for c in self.clusters.all() {
+            if let Some(e) = &c.config.eds {
+                users
+                    .entry(e.service_name.clone())
+                    .or_default()
+                    .push(c.clone());
+            }
+        }
         for r in &u.updated {
             let parsed = check::<ClusterLoadAssignment>(&r.body).and_then(|cla| {
                 crate::config::cluster::load_assignment(&cla, "", Discovery::Eds)
@@ -506,14 +519,8 @@ impl Applier {
             match parsed {
                 Ok(cla) => {
                     // Active clusters take new endpoints at once.
-                    for c in self.clusters.all() {
-                        if c.config
-                            .eds
-                            .as_ref()
-                            .is_some_and(|e| e.service_name == r.name)
-                        {
-                            set_endpoints(&c, &cla);
-                        }
+                    for c in users.get(&r.name).into_iter().flatten() {
+                        set_endpoints(c, &cla);
                     }
                     st.endpoints.insert(
                         r.name.clone(),
@@ -535,14 +542,8 @@ impl Applier {
         }
         for name in &u.removed {
             st.endpoints.remove(name);
-            for c in self.clusters.all() {
-                if c.config
-                    .eds
-                    .as_ref()
-                    .is_some_and(|e| &e.service_name == name)
-                {
-                    set_endpoints(&c, &ClusterLoadAssignment::default());
-                }
+            for c in users.get(name).into_iter().flatten() {
+                set_endpoints(c, &ClusterLoadAssignment::default());
             }
         }
     }
@@ -622,6 +623,7 @@ impl Applier {
         let mut eds_names = BTreeSet::new();
         let mut eds_via = None;
         let mut warming_clusters = 0;
+        let mut activated = Vec::new();
         for (name, e) in st.clusters.iter_mut() {
             if let Some(eds) = &e.config.eds {
                 eds_names.insert(eds.service_name.clone());
@@ -657,11 +659,15 @@ impl Applier {
                             set_endpoints(&c, cla);
                         }
                     }
-                    tracing::info!(cluster = %name, "cluster active");
-                    self.clusters.insert(c);
+                    tracing::debug!(cluster = %name, "cluster active");
+                    activated.push(c);
                 }
             }
         }
+        if !activated.is_empty() {
+            tracing::info!(clusters = activated.len(), "clusters active");
+        }
+        self.clusters.update(activated, &[]);
         for c in self.statics.values() {
             if let Some(eds) = &c.eds {
                 eds_names.insert(eds.service_name.clone());

@@ -1,0 +1,220 @@
+//! The xds wire tier: our scripted ADS server (`legate_tests::xds_server`)
+//! drives Envoy 1.40, then Legate, through the same steps, and the requests
+//! each sent are compared type by type: versions, resource names, whether a
+//! nonce, an error_detail and the node were present. Envoy's trace is the
+//! reference; across types only the order within a type is compared (ADS
+//! lets types interleave freely).
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::{bail, Result};
+use legate_tests::legate::free_port;
+use legate_tests::xds_server::{any, ScriptedAds, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// step → type → normalized requests.
+type Trace = BTreeMap<&'static str, BTreeMap<String, Vec<String>>>;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn addr(ip: &str, port: u16) -> Value {
+    json!({"socket_address": {"address": ip, "port_value": port}})
+}
+
+fn bootstrap(xds: SocketAddr, admin: u16) -> String {
+    json!({
+        "node": {"id": "wire", "cluster": "wire"},
+        "admin": {"address": addr("127.0.0.1", admin)},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": true,
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds", "type": "STATIC", "connect_timeout": "1s", "http2_protocol_options": {},
+            "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": addr("127.0.0.1", xds.port())}}]}]},
+        }]},
+    })
+    .to_string()
+}
+
+fn listener(port: u16) -> Value {
+    json!({
+        "name": "l1",
+        "address": addr("127.0.0.1", port),
+        "filter_chains": [{"filters": [{"name": "hcm", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "wire",
+            "rds": {"route_config_name": "r1", "config_source": {"ads": {}, "resource_api_version": "V3"}},
+            "http_filters": [{"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        }}]}],
+    })
+}
+
+fn normalize(
+    r: &legate_proto::envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest,
+) -> String {
+    let mut names = r.resource_names.clone();
+    names.sort();
+    format!(
+        "version={:?} names={names:?} nonce={} error={} node={}",
+        r.version_info,
+        if r.response_nonce.is_empty() {
+            "none"
+        } else {
+            "set"
+        },
+        r.error_detail.is_some(),
+        r.node.is_some(),
+    )
+}
+
+async fn settle(ads: &ScriptedAds, stream: u64, types: &[&str], version: &str) -> Result<()> {
+    for t in types {
+        let ok = ads
+            .wait_for(WAIT, |s, r| {
+                s == stream
+                    && r.type_url == *t
+                    && r.version_info == version
+                    && r.error_detail.is_none()
+            })
+            .await;
+        if ok.is_none() {
+            bail!("no ACK of {t} version {version} on stream {stream}");
+        }
+    }
+    // Let stragglers arrive before the step is cut.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+async fn scenario(bins: &Binaries, kind: Kind, work: &std::path::Path) -> Result<Trace> {
+    let up = legate_tests::echo::start("up", "127.0.0.1:0".parse()?).await?;
+    let mut ads = ScriptedAds::start("127.0.0.1:0".parse()?).await;
+    let (port, admin) = (free_port(), free_port());
+    let eds = json!({"name": "c1", "type": "EDS", "connect_timeout": "1s",
+                     "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}});
+    let cla = json!({"cluster_name": "c1", "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": addr(&up.addr.ip().to_string(), up.addr.port())}}]}]});
+    let route = json!({"name": "r1", "virtual_hosts": [{"name": "all", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c1"}}]}]});
+    ads.set(CLUSTER, "1", vec![any(CLUSTER, eds)]);
+    ads.set(ENDPOINT, "1", vec![any(ENDPOINT, cla)]);
+    ads.set(ROUTE, "1", vec![any(ROUTE, route)]);
+    ads.set(LISTENER, "1", vec![any(LISTENER, listener(port))]);
+    let cfg = work.join(format!("xds-wire-{}.yaml", kind.name()));
+    std::fs::write(&cfg, bootstrap(ads.addr, admin))?;
+    let proxy = tokio::task::block_in_place(|| proxies::start(bins, kind, &cfg, admin, work))?;
+    let all = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+    settle(&ads, 1, &all, "1").await?;
+    let mut trace = Trace::new();
+    let mut cut = 0;
+    let mut record = |step: &'static str, ads: &ScriptedAds, cut: &mut usize| {
+        let reqs = ads.requests();
+        let entry = trace.entry(step).or_default();
+        for (_, r) in &reqs[*cut..] {
+            entry
+                .entry(r.type_url.clone())
+                .or_default()
+                .push(normalize(r));
+        }
+        *cut = reqs.len();
+    };
+    record("initial", &ads, &mut cut);
+
+    // A listener both reject (its port is out of range): NACKed with the
+    // last accepted version, and the rest keeps serving.
+    let mut bad = listener(port);
+    bad["address"]["socket_address"]["port_value"] = json!(70000);
+    ads.set(LISTENER, "2", vec![any(LISTENER, bad)]);
+    let nonce = ads.last_nonce();
+    if ads
+        .wait_for(WAIT, |_, r| {
+            r.response_nonce == nonce && r.error_detail.is_some()
+        })
+        .await
+        .is_none()
+    {
+        bail!("no NACK of the bad listener");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    record("nack", &ads, &mut cut);
+
+    // The control plane goes away and comes back: a new stream re-requests
+    // every type with the last accepted versions.
+    ads.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ads.restart().await;
+    for t in all {
+        if ads
+            .wait_for(Duration::from_secs(40), |s, r| s == 2 && r.type_url == t)
+            .await
+            .is_none()
+        {
+            bail!("{t} was not re-requested after the reconnect");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    record("reconnect", &ads, &mut cut);
+    drop(proxy);
+    // Kept for reading: what each proxy sent, step by step.
+    std::fs::write(
+        work.join(format!("xds-wire-{}.json", kind.name())),
+        serde_json::to_string_pretty(&trace)?,
+    )?;
+    Ok(trace)
+}
+
+pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
+    let envoy = match scenario(bins, Kind::Envoy, work).await {
+        Ok(t) => t,
+        Err(e) => {
+            report.add(
+                "xds",
+                "wire",
+                "*",
+                Outcome::HarnessError(vec![format!("envoy: {e:#}")]),
+            );
+            return Ok(());
+        }
+    };
+    let legate = scenario(bins, Kind::Legate, work).await;
+    for step in ["initial", "nack", "reconnect"] {
+        let outcome = match &legate {
+            Err(e) => Outcome::Mismatch(vec![format!("legate: {e:#}")]),
+            Ok(l) => {
+                let (e, l) = (
+                    envoy.get(step).cloned().unwrap_or_default(),
+                    l.get(step).cloned().unwrap_or_default(),
+                );
+                let mut diffs = Vec::new();
+                for t in e
+                    .keys()
+                    .chain(l.keys())
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
+                    let (ev, lv) = (
+                        e.get(t).cloned().unwrap_or_default(),
+                        l.get(t).cloned().unwrap_or_default(),
+                    );
+                    if ev != lv {
+                        let short = t.rsplit('.').next().unwrap_or(t);
+                        diffs.push(format!("{short}: envoy {ev:?} legate {lv:?}"));
+                    }
+                }
+                if diffs.is_empty() {
+                    Outcome::Match
+                } else {
+                    Outcome::Mismatch(diffs)
+                }
+            }
+        };
+        report.add("xds", "wire", step, outcome);
+    }
+    Ok(())
+}
