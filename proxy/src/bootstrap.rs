@@ -191,6 +191,20 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             &names,
             &config::join(&p, "filter_chains[0].filters[0].typed_config.route_config"),
         )?;
+        let statics: std::collections::HashMap<String, Arc<ClusterConfig>> = clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.clone()))
+            .collect();
+        let mut used: Vec<String> = lc
+            .hcm()
+            .and_then(|h| h.static_routes())
+            .map(|rc| rc.cluster_names().map(str::to_string).collect())
+            .unwrap_or_default();
+        if let crate::config::listener::NetworkFilter::Tcp(t) = &lc.filter {
+            used.push(t.cluster.clone());
+        }
+        crate::xds::pipe_cluster_use(used.iter().map(String::as_str), &statics)
+            .map_err(|e| ConfigError::new(&p, e))?;
         listeners.push(Arc::new(lc));
     }
     if let Some(lr) = &b.layered_runtime {

@@ -145,7 +145,12 @@ pub static REGISTRY: &[MessageSupport] = &[
             ),
         ],
     ),
-    m("envoy.config.core.v3.Address", &["socket_address"], &[]),
+    m("envoy.config.core.v3.Address", &["socket_address", "pipe"], &[]),
+    m(
+        "envoy.config.core.v3.Pipe",
+        &["path"],
+        &[("mode", "the socket is the management server's; its mode is not Legate's to set")],
+    ),
     m(
         "envoy.config.core.v3.SocketAddress",
         // ipv4_compat is rejected: listeners bind IPv6 sockets v6-only.
@@ -559,7 +564,12 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[("request_timeout", "REST requests use their own timeout")],
     ),
-    m("envoy.config.core.v3.GrpcService", &["envoy_grpc"], &[]),
+    m("envoy.config.core.v3.GrpcService", &["envoy_grpc", "google_grpc"], &[("timeout", "xDS streams are long-lived; a per-call timeout does not apply")]),
+    m(
+        "envoy.config.core.v3.GrpcService.GoogleGrpc",
+        &["target_uri", "stat_prefix"],
+        &[],
+    ),
     m("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name"], &[]),
     m(
         "envoy.config.bootstrap.v3.RuntimeLayer.RtdsLayer",

@@ -119,11 +119,53 @@ fn target_of(cluster: &ClusterConfig) -> Option<Target> {
         .iter()
         .flat_map(|l| l.endpoints.iter())
         .next()?;
+    if let Some(path) = &ep.pipe {
+        return Some(Target::Unix(path.into()));
+    }
     let ip: std::net::IpAddr =
         ep.host.parse().ok().or_else(|| {
             (ep.host == "localhost").then_some(std::net::IpAddr::from([127, 0, 0, 1]))
         })?;
     Some(Target::Tcp(SocketAddr::new(ip, ep.port)))
+}
+
+/// A google_grpc `target_uri`: `unix:path`, `unix:///path`, `dns:///host:port`,
+/// `ipv4:addr:port` or plain `host:port` (resolved once, at start-up).
+pub fn parse_target_uri(uri: &str) -> Result<Target, String> {
+    if let Some(path) = uri
+        .strip_prefix("unix://")
+        .or_else(|| uri.strip_prefix("unix:"))
+    {
+        return Ok(Target::Unix(path.into()));
+    }
+    let hostport = uri
+        .strip_prefix("dns:///")
+        .or_else(|| uri.strip_prefix("ipv4:"))
+        .or_else(|| uri.strip_prefix("ipv6:"))
+        .unwrap_or(uri);
+    use std::net::ToSocketAddrs;
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("google_grpc target_uri '{uri}': {e}"))?
+        .next()
+        .map(Target::Tcp)
+        .ok_or_else(|| format!("google_grpc target_uri '{uri}' resolves to nothing"))
+}
+
+/// Clusters with Unix-socket endpoints reach management servers only: a
+/// route or tcp_proxy that sends traffic to one is refused, not left to fail.
+pub fn pipe_cluster_use<'a>(
+    names: impl Iterator<Item = &'a str>,
+    statics: &HashMap<String, Arc<ClusterConfig>>,
+) -> Result<(), String> {
+    for n in names {
+        if statics.get(n).is_some_and(|c| c.has_pipe()) {
+            return Err(format!(
+                "cluster '{n}' has Unix-socket (pipe) endpoints, which Legate uses only to reach management servers; it cannot carry proxied traffic yet"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The route tables a listener needs before it can serve.
@@ -180,12 +222,19 @@ impl Applier {
     }
 
     fn api_source(&self, a: &crate::config::source::ApiSource) -> Result<Source, String> {
-        let c = self
-            .statics
-            .get(&a.cluster)
-            .ok_or_else(|| format!("xDS cluster '{}' is not a static cluster", a.cluster))?;
-        let target = target_of(c)
-            .ok_or_else(|| format!("xDS cluster '{}' has no IP endpoint", a.cluster))?;
+        use crate::config::source::ApiTarget;
+        let target = match &a.target {
+            ApiTarget::Cluster(name) => {
+                let c = self
+                    .statics
+                    .get(name)
+                    .ok_or_else(|| format!("xDS cluster '{name}' is not a static cluster"))?;
+                target_of(c).ok_or_else(|| {
+                    format!("xDS cluster '{name}' has no IP or Unix-socket endpoint")
+                })?
+            }
+            ApiTarget::Uri(uri) => parse_target_uri(uri)?,
+        };
         let transport = match a.kind {
             ApiKind::Grpc => Transport::Grpc { delta: false },
             ApiKind::DeltaGrpc => Transport::Grpc { delta: true },
@@ -289,7 +338,19 @@ impl Applier {
                 continue; // unchanged, as Envoy ignores an identical listener
             }
             let parsed = check::<listener_pb::Listener>(&r.body)
-                .and_then(|pb| Listener::from_proto(&pb, "").map_err(|e| e.to_string()));
+                .and_then(|pb| Listener::from_proto(&pb, "").map_err(|e| e.to_string()))
+                .and_then(|l| {
+                    let mut names: Vec<String> = l
+                        .hcm()
+                        .and_then(|h| h.static_routes())
+                        .map(|rc| rc.cluster_names().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    if let NetworkFilter::Tcp(t) = &l.filter {
+                        names.push(t.cluster.clone());
+                    }
+                    pipe_cluster_use(names.iter().map(String::as_str), &self.statics)?;
+                    Ok(l)
+                });
             let config = match parsed {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
@@ -377,7 +438,9 @@ impl Applier {
             pb.virtual_hosts
                 .extend(vhosts.into_iter().flat_map(|m| m.values().cloned()));
         }
-        RouteConfig::from_proto(&pb, "").map_err(|e| e.to_string())
+        let rc = RouteConfig::from_proto(&pb, "").map_err(|e| e.to_string())?;
+        pipe_cluster_use(rc.cluster_names(), &self.statics)?;
+        Ok(rc)
     }
 
     fn publish_route(&self, name: &str, rc: Option<RouteConfig>) {
@@ -461,6 +524,11 @@ impl Applier {
             let parsed = check::<cluster_pb::Cluster>(&r.body)
                 .and_then(|pb| ClusterConfig::from_proto(&pb, "").map_err(|e| e.to_string()))
                 .and_then(|c| {
+                    if c.has_pipe() {
+                        return Err(
+                            "pipe endpoints are supported in static clusters only".to_string()
+                        );
+                    }
                     if let Some(eds) = &c.eds {
                         self.via(&eds.source)?;
                     }
@@ -918,5 +986,31 @@ impl Handler for Applier {
 
     fn connected(&self, up: bool) {
         stats::gauge("control_plane.connected_state".into()).set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn google_grpc_target_uris() {
+        assert_eq!(
+            parse_target_uri("unix:///run/xds.sock").unwrap(),
+            Target::Unix("/run/xds.sock".into())
+        );
+        assert_eq!(
+            parse_target_uri("unix:rel.sock").unwrap(),
+            Target::Unix("rel.sock".into())
+        );
+        assert_eq!(
+            parse_target_uri("ipv4:127.0.0.1:18000").unwrap(),
+            Target::Tcp("127.0.0.1:18000".parse().unwrap())
+        );
+        assert_eq!(
+            parse_target_uri("dns:///localhost:18000").unwrap(),
+            parse_target_uri("localhost:18000").unwrap()
+        );
+        assert!(parse_target_uri("no-port").is_err());
     }
 }

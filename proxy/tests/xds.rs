@@ -439,3 +439,77 @@ async fn a_hundred_updates_under_load_fail_no_request() {
     assert!(ok1 > 100 && ok2 > 100);
     assert!(stat(admin, "listener_manager.listener_modified").unwrap() >= 20);
 }
+
+fn with_ads_source(boot: &str, grpc_service: Value, clusters: Vec<Value>) -> String {
+    let mut b: Value = serde_json::from_str(boot).unwrap();
+    b["dynamic_resources"]["ads_config"]["grpc_services"] = json!([grpc_service]);
+    b["static_resources"]["clusters"] = json!(clusters);
+    b.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_servers_on_unix_sockets_and_google_grpc_targets() {
+    let up = upstream("a").await;
+    // Istio's shape: the xDS cluster's endpoint is a Unix socket.
+    let sock = std::env::temp_dir().join(format!("legate-xds-{}.sock", std::process::id()));
+    let ads = ScriptedAds::start_unix(&sock).await;
+    let (port, admin) = (free_port(), free_port());
+    ads.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
+    );
+    ads.set(
+        LISTENER,
+        "1",
+        vec![any(LISTENER, tagged_listener("l1", port, "c1", "uds"))],
+    );
+    let pipe_cluster = json!({"name": "xds", "type": "STATIC", "connect_timeout": "1s", "http2_protocol_options": {},
+        "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": sock.to_string_lossy()}}}}]}]}});
+    let boot = with_ads_source(
+        &ads_bootstrap("127.0.0.1:1".parse().unwrap(), admin),
+        json!({"envoy_grpc": {"cluster_name": "xds"}}),
+        vec![pipe_cluster.clone()],
+    );
+    let l = Legate::start(BIN, &boot, &[], Some(admin));
+    wait_port(port, true);
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{port}/"), &[]).header("x-version"),
+        Some("uds")
+    );
+    drop(l);
+
+    // A route may not send traffic to a pipe cluster: refused, naming it.
+    let mut b: Value = serde_json::from_str(&boot).unwrap();
+    b["static_resources"]["listeners"] = json!([tagged_listener("s", free_port(), "xds", "x")]);
+    let out = validate(BIN, &b.to_string());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster 'xds' has Unix-socket"));
+
+    // google_grpc with a target URI, no cluster involved.
+    let tcp = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let (port2, admin2) = (free_port(), free_port());
+    tcp.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
+    );
+    tcp.set(
+        LISTENER,
+        "1",
+        vec![any(LISTENER, tagged_listener("l1", port2, "c1", "google"))],
+    );
+    let boot = with_ads_source(
+        &ads_bootstrap("127.0.0.1:1".parse().unwrap(), admin2),
+        json!({"google_grpc": {"target_uri": tcp.addr.to_string(), "stat_prefix": "xds"}}),
+        vec![],
+    );
+    let _l = Legate::start(BIN, &boot, &[], Some(admin2));
+    wait_port(port2, true);
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{port2}/"), &[]).header("x-version"),
+        Some("google")
+    );
+    let _ = std::fs::remove_file(&sock);
+}

@@ -136,6 +136,33 @@ impl ScriptedAds {
         Self::serve(addr, Service::default()).await
     }
 
+    /// Starts on a Unix socket (Istio's `pipe` xDS clusters). The returned
+    /// `addr` is meaningless; restarts are not supported.
+    pub async fn start_unix(path: &std::path::Path) -> Self {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).expect("bind xDS socket");
+        let service = Service::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let svc = AggregatedDiscoveryServiceServer::new(service.clone());
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await;
+        });
+        Self {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            service,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
     async fn serve(addr: SocketAddr, service: Service) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind xDS");
         let addr = listener.local_addr().unwrap();

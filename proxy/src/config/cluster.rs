@@ -55,6 +55,9 @@ pub struct EndpointConfig {
     /// `filter_metadata["envoy.lb"]["hash_key"]`: the key ring hash and
     /// Maglev hash instead of the address, as in Envoy.
     pub hash_key: Option<String>,
+    /// A Unix socket (`pipe`) endpoint: STATIC clusters only, and only to
+    /// reach management servers (the data plane proxies over TCP).
+    pub pipe: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +84,15 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
+    /// Whether any endpoint is a Unix socket: such a cluster can reach a
+    /// management server but carries no proxied traffic.
+    pub fn has_pipe(&self) -> bool {
+        self.localities
+            .iter()
+            .flat_map(|l| l.endpoints.iter())
+            .any(|e| e.pipe.is_some())
+    }
+
     pub fn from_proto(c: &pb::Cluster, path: &str) -> Result<Self> {
         use pb::cluster::{ClusterDiscoveryType, DiscoveryType as D, LbPolicy as L};
         if c.name.is_empty() {
@@ -390,8 +402,27 @@ pub fn load_assignment(
             let addr = endpoint.address.as_ref().ok_or_else(|| {
                 ConfigError::new(join(&p, "endpoint.address"), "address is required")
             })?;
-            let (host, port) = host_port(addr, &join(&p, "endpoint.address"))?;
-            if discovery == Discovery::Static && host.parse::<std::net::IpAddr>().is_err() {
+            let pipe = match &addr.address {
+                Some(core::address::Address::Pipe(pipe)) => {
+                    if discovery != Discovery::Static {
+                        return Err(ConfigError::new(
+                            join(&p, "endpoint.address.pipe"),
+                            "pipe endpoints are supported in STATIC clusters only",
+                        ));
+                    }
+                    Some(pipe.path.clone())
+                }
+                _ => None,
+            };
+            let (host, port) = if pipe.is_some() {
+                (String::new(), 0)
+            } else {
+                host_port(addr, &join(&p, "endpoint.address"))?
+            };
+            if pipe.is_none()
+                && discovery == Discovery::Static
+                && host.parse::<std::net::IpAddr>().is_err()
+            {
                 return Err(ConfigError::new(
                     join(&p, "endpoint.address.socket_address.address"),
                     format!("'{host}' is not an IP address (STATIC clusters need IPs)"),
@@ -428,6 +459,7 @@ pub fn load_assignment(
                 degraded,
                 hostname: endpoint.hostname.clone(),
                 hash_key,
+                pipe,
             });
         }
         out.push(LocalityConfig {

@@ -19,6 +19,25 @@ pub struct RouteConfig {
     pub validate_clusters: bool,
 }
 
+impl RouteConfig {
+    /// Every cluster named by a route (plain and weighted; not header-chosen).
+    pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
+        self.virtual_hosts
+            .iter()
+            .flat_map(|v| v.routes.iter())
+            .flat_map(|r| match &r.action {
+                Action::Forward(ra) => match &ra.cluster {
+                    ClusterSpec::Name(n) => vec![n.as_str()],
+                    ClusterSpec::Weighted(w) => {
+                        w.clusters.iter().map(|c| c.name.as_str()).collect()
+                    }
+                    ClusterSpec::Header(_) => vec![],
+                },
+                _ => vec![],
+            })
+    }
+}
+
 #[derive(Debug)]
 pub struct VirtualHost {
     pub name: String,

@@ -16,9 +16,19 @@ pub enum ApiKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiSource {
     pub kind: ApiKind,
-    pub cluster: String,
+    pub target: ApiTarget,
     pub refresh_delay: Duration,
     pub node_first_only: bool,
+}
+
+/// How the management server is reached.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiTarget {
+    /// `envoy_grpc` (or REST `cluster_names`): a static cluster.
+    Cluster(String),
+    /// `google_grpc` `target_uri`: `host:port`, `dns:///host:port`,
+    /// `ipv4:addr:port` or `unix:path`.
+    Uri(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,7 +65,7 @@ impl ApiSource {
                 "only the V3 transport is supported",
             ));
         }
-        let cluster = if kind == ApiKind::Rest {
+        let target = if kind == ApiKind::Rest {
             if !a.grpc_services.is_empty() {
                 return Err(ConfigError::new(
                     join(path, "grpc_services"),
@@ -63,7 +73,7 @@ impl ApiSource {
                 ));
             }
             match a.cluster_names.as_slice() {
-                [one] => one.clone(),
+                [one] => ApiTarget::Cluster(one.clone()),
                 _ => {
                     return Err(ConfigError::new(
                         join(path, "cluster_names"),
@@ -86,11 +96,25 @@ impl ApiSource {
             };
             use core::grpc_service::TargetSpecifier;
             match &g.target_specifier {
-                Some(TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name.clone(),
-                _ => {
+                Some(TargetSpecifier::EnvoyGrpc(e)) => ApiTarget::Cluster(e.cluster_name.clone()),
+                Some(TargetSpecifier::GoogleGrpc(gg)) => {
+                    let p = join(path, "grpc_services[0].google_grpc");
+                    if gg.channel_credentials.is_some()
+                        || !gg.call_credentials.is_empty()
+                        || !gg.channel_credentials_plugin.is_empty()
+                        || !gg.call_credentials_plugin.is_empty()
+                    {
+                        return Err(ConfigError::new(
+                            join(&p, "channel_credentials"),
+                            "only insecure google_grpc channels are supported",
+                        ));
+                    }
+                    ApiTarget::Uri(gg.target_uri.clone())
+                }
+                None => {
                     return Err(ConfigError::new(
-                        join(path, "grpc_services[0].google_grpc"),
-                        "only envoy_grpc services are supported",
+                        join(path, "grpc_services[0]"),
+                        "envoy_grpc or google_grpc is required",
                     ))
                 }
             }
@@ -101,7 +125,7 @@ impl ApiSource {
         };
         Ok(Self {
             kind,
-            cluster,
+            target,
             refresh_delay,
             node_first_only: a.set_node_on_first_message_only,
         })
