@@ -24,12 +24,13 @@ fn addr(ip: &str, port: u16) -> Value {
     json!({"socket_address": {"address": ip, "port_value": port}})
 }
 
-fn bootstrap(xds: SocketAddr, admin: u16) -> String {
+fn bootstrap(xds: SocketAddr, admin: u16, delta: bool) -> String {
+    let api = if delta { "DELTA_GRPC" } else { "GRPC" };
     json!({
         "node": {"id": "wire", "cluster": "wire"},
         "admin": {"address": addr("127.0.0.1", admin)},
         "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": true,
+            "ads_config": {"api_type": api, "transport_api_version": "V3", "set_node_on_first_message_only": true,
                            "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
@@ -74,17 +75,99 @@ fn normalize(
     )
 }
 
-async fn settle(ads: &ScriptedAds, stream: u64, types: &[&str], version: &str) -> Result<()> {
+fn normalize_delta(
+    r: &legate_proto::envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest,
+) -> String {
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    let mut initial: Vec<String> = r
+        .initial_resource_versions
+        .iter()
+        .map(|(k, v)| format!("{k}@{v}"))
+        .collect();
+    initial.sort();
+    format!(
+        "subscribe={:?} unsubscribe={:?} initial={initial:?} nonce={} error={} node={}",
+        sorted(&r.resource_names_subscribe),
+        sorted(&r.resource_names_unsubscribe),
+        if r.response_nonce.is_empty() {
+            "none"
+        } else {
+            "set"
+        },
+        r.error_detail.is_some(),
+        r.node.is_some(),
+    )
+}
+
+/// Every request so far, normalized: (stream, type, text).
+fn requests(ads: &ScriptedAds, delta: bool) -> Vec<(u64, String, String)> {
+    if delta {
+        ads.delta_requests()
+            .iter()
+            .map(|(s, r)| (*s, r.type_url.clone(), normalize_delta(r)))
+            .collect()
+    } else {
+        ads.requests()
+            .iter()
+            .map(|(s, r)| (*s, r.type_url.clone(), normalize(r)))
+            .collect()
+    }
+}
+
+/// Waits for a request matching `pred` (over normalized text for Delta,
+/// the raw SotW request otherwise).
+async fn wait_any(
+    ads: &ScriptedAds,
+    delta: bool,
+    timeout: Duration,
+    sotw: impl Fn(
+        u64,
+        &legate_proto::envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest,
+    ) -> bool,
+    dlt: impl Fn(
+        u64,
+        &legate_proto::envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest,
+    ) -> bool,
+) -> bool {
+    if delta {
+        ads.wait_for_delta(timeout, dlt).await.is_some()
+    } else {
+        ads.wait_for(timeout, sotw).await.is_some()
+    }
+}
+
+/// Waits until every type has an ACK on `stream` (SotW: of `version`).
+async fn settle(
+    ads: &ScriptedAds,
+    stream: u64,
+    types: &[&str],
+    version: &str,
+    delta: bool,
+) -> Result<()> {
     for t in types {
-        let ok = ads
-            .wait_for(WAIT, |s, r| {
+        let ok = wait_any(
+            ads,
+            delta,
+            WAIT,
+            |s, r| {
                 s == stream
                     && r.type_url == *t
                     && r.version_info == version
                     && r.error_detail.is_none()
-            })
-            .await;
-        if ok.is_none() {
+            },
+            |s, r| {
+                s == stream
+                    && r.type_url == *t
+                    && !r.response_nonce.is_empty()
+                    && r.error_detail.is_none()
+            },
+        )
+        .await;
+        if !ok {
             bail!("no ACK of {t} version {version} on stream {stream}");
         }
     }
@@ -93,7 +176,12 @@ async fn settle(ads: &ScriptedAds, stream: u64, types: &[&str], version: &str) -
     Ok(())
 }
 
-async fn scenario(bins: &Binaries, kind: Kind, work: &std::path::Path) -> Result<Trace> {
+async fn scenario(
+    bins: &Binaries,
+    kind: Kind,
+    work: &std::path::Path,
+    delta: bool,
+) -> Result<Trace> {
     let up = legate_tests::echo::start("up", "127.0.0.1:0".parse()?).await?;
     let mut ads = ScriptedAds::start("127.0.0.1:0".parse()?).await;
     let (port, admin) = (free_port(), free_port());
@@ -107,21 +195,18 @@ async fn scenario(bins: &Binaries, kind: Kind, work: &std::path::Path) -> Result
     ads.set(ENDPOINT, "1", vec![any(ENDPOINT, cla)]);
     ads.set(ROUTE, "1", vec![any(ROUTE, route)]);
     ads.set(LISTENER, "1", vec![any(LISTENER, listener(port))]);
-    let cfg = work.join(format!("xds-wire-{}.yaml", kind.name()));
-    std::fs::write(&cfg, bootstrap(ads.addr, admin))?;
+    let cfg = work.join(format!("xds-wire-{}-{delta}.yaml", kind.name()));
+    std::fs::write(&cfg, bootstrap(ads.addr, admin, delta))?;
     let proxy = tokio::task::block_in_place(|| proxies::start(bins, kind, &cfg, admin, work))?;
     let all = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
-    settle(&ads, 1, &all, "1").await?;
+    settle(&ads, 1, &all, "1", delta).await?;
     let mut trace = Trace::new();
     let mut cut = 0;
     let mut record = |step: &'static str, ads: &ScriptedAds, cut: &mut usize| {
-        let reqs = ads.requests();
+        let reqs = requests(ads, delta);
         let entry = trace.entry(step).or_default();
-        for (_, r) in &reqs[*cut..] {
-            entry
-                .entry(r.type_url.clone())
-                .or_default()
-                .push(normalize(r));
+        for (_, t, r) in &reqs[*cut..] {
+            entry.entry(t.clone()).or_default().push(r.clone());
         }
         *cut = reqs.len();
     };
@@ -133,13 +218,15 @@ async fn scenario(bins: &Binaries, kind: Kind, work: &std::path::Path) -> Result
     bad["address"]["socket_address"]["port_value"] = json!(70000);
     ads.set(LISTENER, "2", vec![any(LISTENER, bad)]);
     let nonce = ads.last_nonce();
-    if ads
-        .wait_for(WAIT, |_, r| {
-            r.response_nonce == nonce && r.error_detail.is_some()
-        })
-        .await
-        .is_none()
-    {
+    let nacked = wait_any(
+        &ads,
+        delta,
+        WAIT,
+        |_, r| r.response_nonce == nonce && r.error_detail.is_some(),
+        |_, r| r.response_nonce == nonce && r.error_detail.is_some(),
+    )
+    .await;
+    if !nacked {
         bail!("no NACK of the bad listener");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -151,11 +238,15 @@ async fn scenario(bins: &Binaries, kind: Kind, work: &std::path::Path) -> Result
     tokio::time::sleep(Duration::from_secs(1)).await;
     ads.restart().await;
     for t in all {
-        if ads
-            .wait_for(Duration::from_secs(40), |s, r| s == 2 && r.type_url == t)
-            .await
-            .is_none()
-        {
+        let again = wait_any(
+            &ads,
+            delta,
+            Duration::from_secs(40),
+            |s, r| s == 2 && r.type_url == t,
+            |s, r| s == 2 && r.type_url == t,
+        )
+        .await;
+        if !again {
             bail!("{t} was not re-requested after the reconnect");
         }
     }
@@ -164,57 +255,64 @@ async fn scenario(bins: &Binaries, kind: Kind, work: &std::path::Path) -> Result
     drop(proxy);
     // Kept for reading: what each proxy sent, step by step.
     std::fs::write(
-        work.join(format!("xds-wire-{}.json", kind.name())),
+        work.join(format!(
+            "xds-wire-{}-{}.json",
+            kind.name(),
+            if delta { "delta" } else { "sotw" }
+        )),
         serde_json::to_string_pretty(&trace)?,
     )?;
     Ok(trace)
 }
 
 pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
-    let envoy = match scenario(bins, Kind::Envoy, work).await {
-        Ok(t) => t,
-        Err(e) => {
-            report.add(
-                "xds",
-                "wire",
-                "*",
-                Outcome::HarnessError(vec![format!("envoy: {e:#}")]),
-            );
-            return Ok(());
-        }
-    };
-    let legate = scenario(bins, Kind::Legate, work).await;
-    for step in ["initial", "nack", "reconnect"] {
-        let outcome = match &legate {
-            Err(e) => Outcome::Mismatch(vec![format!("legate: {e:#}")]),
-            Ok(l) => {
-                let (e, l) = (
-                    envoy.get(step).cloned().unwrap_or_default(),
-                    l.get(step).cloned().unwrap_or_default(),
+    for delta in [false, true] {
+        let name = if delta { "wire-delta" } else { "wire-sotw" };
+        let envoy = match scenario(bins, Kind::Envoy, work, delta).await {
+            Ok(t) => t,
+            Err(e) => {
+                report.add(
+                    "xds",
+                    name,
+                    "*",
+                    Outcome::HarnessError(vec![format!("envoy: {e:#}")]),
                 );
-                let mut diffs = Vec::new();
-                for t in e
-                    .keys()
-                    .chain(l.keys())
-                    .collect::<std::collections::BTreeSet<_>>()
-                {
-                    let (ev, lv) = (
-                        e.get(t).cloned().unwrap_or_default(),
-                        l.get(t).cloned().unwrap_or_default(),
-                    );
-                    if ev != lv {
-                        let short = t.rsplit('.').next().unwrap_or(t);
-                        diffs.push(format!("{short}: envoy {ev:?} legate {lv:?}"));
-                    }
-                }
-                if diffs.is_empty() {
-                    Outcome::Match
-                } else {
-                    Outcome::Mismatch(diffs)
-                }
+                continue;
             }
         };
-        report.add("xds", "wire", step, outcome);
+        let legate = scenario(bins, Kind::Legate, work, delta).await;
+        for step in ["initial", "nack", "reconnect"] {
+            let outcome = match &legate {
+                Err(e) => Outcome::Mismatch(vec![format!("legate: {e:#}")]),
+                Ok(l) => compare(
+                    &envoy.get(step).cloned().unwrap_or_default(),
+                    &l.get(step).cloned().unwrap_or_default(),
+                ),
+            };
+            report.add("xds", name, step, outcome);
+        }
     }
     Ok(())
+}
+
+/// Per type, Envoy's requests against Legate's.
+fn compare(e: &BTreeMap<String, Vec<String>>, l: &BTreeMap<String, Vec<String>>) -> Outcome {
+    let mut diffs = Vec::new();
+    for t in e
+        .keys()
+        .chain(l.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let ev = e.get(t).cloned().unwrap_or_default();
+        let lv = l.get(t).cloned().unwrap_or_default();
+        if ev != lv {
+            let short = t.rsplit('.').next().unwrap_or(t);
+            diffs.push(format!("{short}: envoy {ev:?} legate {lv:?}"));
+        }
+    }
+    if diffs.is_empty() {
+        Outcome::Match
+    } else {
+        Outcome::Mismatch(diffs)
+    }
 }

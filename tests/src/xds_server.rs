@@ -1,4 +1,4 @@
-//! A scripted ADS control plane (SotW) for tests: a real gRPC server that
+//! A scripted ADS control plane (SotW and Delta) for tests: a real gRPC server that
 //! records every request it receives and answers each type with the
 //! resources the test set for it, as a snapshot cache does. It can be shut
 //! down and restarted on the same port to test reconnects.
@@ -36,6 +36,30 @@ pub fn any(type_url: &str, value: serde_json::Value) -> Any {
 }
 
 type Tx = mpsc::UnboundedSender<Result<DiscoveryResponse, Status>>;
+type DeltaTx = mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, Status>>;
+
+/// One type's subscription on a Delta stream.
+#[derive(Default)]
+struct DeltaSub {
+    wildcard: bool,
+    names: HashSet<String>,
+    /// What the client holds: name → encoded resource.
+    sent: HashMap<String, Vec<u8>>,
+}
+
+/// A resource's name, read with the Envoy descriptor pool.
+fn name_of(a: &Any) -> String {
+    legate_proto::walk::decode_any(&a.type_url, &a.value, "")
+        .ok()
+        .and_then(|m| {
+            ["name", "cluster_name"].iter().find_map(|f| {
+                m.get_field_by_name(f)
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .filter(|s| !s.is_empty())
+            })
+        })
+        .unwrap_or_default()
+}
 
 #[derive(Default)]
 struct Shared {
@@ -44,6 +68,9 @@ struct Shared {
     /// What each type should hold: (version, resources).
     snapshot: HashMap<String, (String, Vec<Any>)>,
     stream: Option<(u64, Tx, HashSet<String>)>,
+    /// Delta requests, in order, with their stream.
+    delta_requests: Vec<(u64, DeltaDiscoveryRequest)>,
+    delta: Option<(u64, DeltaTx, HashMap<String, DeltaSub>)>,
     streams: u64,
     nonce: u64,
 }
@@ -66,6 +93,61 @@ fn respond(s: &mut Shared, type_url: &str) {
             ..Default::default()
         }));
     }
+}
+
+/// Sends a Delta client what changed for a type since it last heard.
+fn respond_delta(s: &mut Shared, type_url: &str) {
+    let Some((version, resources)) = s.snapshot.get(type_url).cloned() else {
+        return;
+    };
+    let next_nonce = (s.nonce + 1).to_string();
+    let Some((_, tx, subs)) = &mut s.delta else {
+        return;
+    };
+    let Some(sub) = subs.get_mut(type_url) else {
+        return;
+    };
+    let mut out = Vec::new();
+    let mut present = HashSet::new();
+    for a in resources {
+        let name = name_of(&a);
+        if !(sub.wildcard || sub.names.contains(&name)) {
+            continue;
+        }
+        present.insert(name.clone());
+        if sub.sent.get(&name) != Some(&a.value) {
+            sub.sent.insert(name.clone(), a.value.clone());
+            out.push(
+                legate_proto::envoy_types::pb::envoy::service::discovery::v3::Resource {
+                    name,
+                    version: version.clone(),
+                    resource: Some(a),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    let removed: Vec<String> = sub
+        .sent
+        .keys()
+        .filter(|n| !present.contains(*n))
+        .cloned()
+        .collect();
+    for n in &removed {
+        sub.sent.remove(n);
+    }
+    if out.is_empty() && removed.is_empty() {
+        return;
+    }
+    let _ = tx.send(Ok(DeltaDiscoveryResponse {
+        system_version_info: version,
+        resources: out,
+        type_url: type_url.to_string(),
+        removed_resources: removed,
+        nonce: next_nonce,
+        ..Default::default()
+    }));
+    s.nonce += 1;
 }
 
 #[tonic::async_trait]
@@ -116,9 +198,73 @@ impl AggregatedDiscoveryService for Service {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented("the scripted server speaks SotW"))
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = {
+            let mut s = self.0.lock().unwrap();
+            s.streams += 1;
+            let id = s.streams;
+            s.delta = Some((id, tx, HashMap::new()));
+            id
+        };
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = inbound.message().await {
+                let mut s = shared.lock().unwrap();
+                let type_url = req.type_url.clone();
+                let version = s.snapshot.get(&type_url).map(|(v, _)| v.clone());
+                let snapshot: Vec<Any> = s
+                    .snapshot
+                    .get(&type_url)
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or_default();
+                let changed = match &mut s.delta {
+                    Some((sid, _, subs)) if *sid == id => {
+                        let first = !subs.contains_key(&type_url);
+                        let sub = subs.entry(type_url.clone()).or_default();
+                        if first {
+                            sub.wildcard = req.resource_names_subscribe.is_empty();
+                            // What the client already holds at the current
+                            // version is not sent again.
+                            for a in &snapshot {
+                                let n = name_of(a);
+                                if version.is_some()
+                                    && req.initial_resource_versions.get(&n) == version.as_ref()
+                                {
+                                    sub.sent.insert(n, a.value.clone());
+                                }
+                            }
+                        }
+                        for n in &req.resource_names_subscribe {
+                            if n == "*" {
+                                sub.wildcard = true;
+                            } else {
+                                sub.names.insert(n.clone());
+                            }
+                        }
+                        for n in &req.resource_names_unsubscribe {
+                            if n == "*" {
+                                sub.wildcard = false;
+                            } else {
+                                sub.names.remove(n);
+                                sub.sent.remove(n);
+                            }
+                        }
+                        first || !req.resource_names_subscribe.is_empty()
+                    }
+                    _ => false,
+                };
+                s.delta_requests.push((id, req));
+                if changed {
+                    respond_delta(&mut s, &type_url);
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -189,7 +335,11 @@ impl ScriptedAds {
 
     /// Kills the server (the stream breaks); its state is kept for a restart.
     pub async fn shutdown(&mut self) {
-        self.service.0.lock().unwrap().stream = None;
+        {
+            let mut s = self.service.0.lock().unwrap();
+            s.stream = None;
+            s.delta = None;
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -217,6 +367,30 @@ impl ScriptedAds {
             .is_some_and(|(_, _, seen)| seen.contains(type_url));
         if subscribed {
             respond(&mut s, type_url);
+        }
+        respond_delta(&mut s, type_url);
+    }
+
+    /// Every Delta request so far: (stream number, request).
+    pub fn delta_requests(&self) -> Vec<(u64, DeltaDiscoveryRequest)> {
+        self.service.0.lock().unwrap().delta_requests.clone()
+    }
+
+    /// Waits for a Delta request matching `pred`.
+    pub async fn wait_for_delta(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(u64, &DeltaDiscoveryRequest) -> bool,
+    ) -> Option<DeltaDiscoveryRequest> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((_, r)) = self.delta_requests().into_iter().find(|(s, r)| pred(*s, r)) {
+                return Some(r);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
