@@ -228,7 +228,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
-        &["name", "typed_config", "is_optional"],
+        &["name", "typed_config", "is_optional", "config_discovery"],
         &[],
     ),
     m(
@@ -622,6 +622,16 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[],
     ),
     m("envoy.config.route.v3.Vhds", &["config_source"], &[]),
+    m(
+        "envoy.config.core.v3.ExtensionConfigSource",
+        &[
+            "config_source",
+            "type_urls",
+            "default_config",
+            "apply_default_config_without_warming",
+        ],
+        &[],
+    ),
     m(
         "envoy.config.cluster.v3.Cluster.EdsClusterConfig",
         &["eds_config", "service_name"],

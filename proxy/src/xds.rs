@@ -72,6 +72,8 @@ struct State {
     endpoints: BTreeMap<String, (ClusterLoadAssignment, Applied)>,
     scopes: BTreeMap<String, (Scope, Applied)>,
     scopes_received: bool,
+    /// ECDS filter configs (the router's: the only HTTP filter there is).
+    extensions: BTreeMap<String, Applied>,
     rtds: HashMap<String, serde_json::Value>,
     /// Route names that draining listeners still use, until the deadline.
     draining: Vec<(Instant, Vec<String>)>,
@@ -166,6 +168,11 @@ pub fn pipe_cluster_use<'a>(
         }
     }
     Ok(())
+}
+
+/// The ECDS filter configs a listener needs before it can serve.
+fn extension_deps(l: &Listener) -> Vec<(String, XdsSource)> {
+    l.hcm().map(|h| h.ecds.clone()).unwrap_or_default()
 }
 
 /// The route tables a listener needs before it can serve.
@@ -649,6 +656,43 @@ impl Applier {
         ));
     }
 
+    fn apply_extensions(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        use legate_proto::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
+        for r in &u.updated {
+            let parsed = check::<TypedExtensionConfig>(&r.body).and_then(|tec| {
+                let tn = tec
+                    .typed_config
+                    .as_ref()
+                    .map(|a| legate_proto::type_name(&a.type_url).to_string())
+                    .unwrap_or_default();
+                if tn == crate::config::listener::ROUTER_TYPE {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP filter {tn} is not supported"))
+                }
+            });
+            match parsed {
+                Ok(()) => {
+                    st.extensions.insert(
+                        r.name.clone(),
+                        Applied {
+                            version: r.version.clone(),
+                            last_updated: SystemTime::now(),
+                            body: r.body.clone(),
+                        },
+                    );
+                }
+                Err(e) => errors.push(ResourceError {
+                    name: r.name.clone(),
+                    message: e,
+                }),
+            }
+        }
+        for name in &u.removed {
+            st.extensions.remove(name);
+        }
+    }
+
     fn apply_runtime(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         for r in &u.updated {
             match check::<RuntimePb>(&r.body) {
@@ -793,7 +837,10 @@ impl Applier {
             }
             let (deps, needs_scopes) = route_deps(&e.config);
             let ready = (deps.iter().all(|d| st.routes.contains_key(d))
-                && (!needs_scopes || st.scopes_received))
+                && (!needs_scopes || st.scopes_received)
+                && extension_deps(&e.config)
+                    .iter()
+                    .all(|(n, _)| st.extensions.contains_key(n)))
                 || self.timed_out(e.since);
             if !ready {
                 warming_listeners += 1;
@@ -879,6 +926,19 @@ impl Applier {
             };
             let _ = client.watch(t::VIRTUAL_HOST, &via, interest);
         }
+        let mut ecds_names = BTreeSet::new();
+        let mut ecds_via = None;
+        for e in st.listeners.values() {
+            for (n, src) in extension_deps(&e.config) {
+                ecds_names.insert(n);
+                ecds_via = ecds_via.or_else(|| self.via(&src).ok());
+            }
+        }
+        st.extensions.retain(|n, _| ecds_names.contains(n));
+        if let Some(via) = ecds_via.or_else(|| st.via.get(t::EXTENSION_CONFIG).cloned()) {
+            st.via.insert(t::EXTENSION_CONFIG, via.clone());
+            let _ = client.watch(t::EXTENSION_CONFIG, &via, Interest::names(ecds_names));
+        }
         if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
             self.initialized
                 .send_if_modified(|v| !std::mem::replace(v, true));
@@ -951,6 +1011,7 @@ impl Handler for Applier {
             t::ENDPOINT => self.apply_endpoints(&mut st, &update, &mut errors),
             t::SCOPED_ROUTE => self.apply_scopes(&mut st, &update, &mut errors),
             t::RUNTIME => self.apply_runtime(&mut st, &update, &mut errors),
+            t::EXTENSION_CONFIG => self.apply_extensions(&mut st, &update, &mut errors),
             other => errors.push(ResourceError {
                 name: String::new(),
                 message: format!("resource type {other} is not supported by Legate"),

@@ -513,3 +513,66 @@ async fn management_servers_on_unix_sockets_and_google_grpc_targets() {
     );
     let _ = std::fs::remove_file(&sock);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecds_router_config_gates_its_listener() {
+    const EXT: &str = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig";
+    let up = upstream("a").await;
+    let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let (port, admin) = (free_port(), free_port());
+    let mut l = tagged_listener("l1", port, "c1", "ecds");
+    l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"] = json!([{
+        "name": "the-router",
+        "config_discovery": {
+            "config_source": {"ads": {}, "resource_api_version": "V3"},
+            "type_urls": [ROUTER],
+        },
+    }]);
+    ads.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
+    );
+    ads.set(LISTENER, "1", vec![any(LISTENER, l)]);
+    let _l = Legate::start(BIN, &ads_bootstrap(ads.addr, admin), &[], Some(admin));
+    let sub = ads
+        .wait_for(WAIT, |_, r| {
+            r.type_url == EXT && r.resource_names == ["the-router"]
+        })
+        .await;
+    assert!(
+        sub.is_some(),
+        "ECDS subscribes to the filter's config by its name"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "warming"
+    );
+    // A config of another filter type is refused: the listener stays warming.
+    ads.set(
+        EXT,
+        "1",
+        vec![any(EXT, json!({"name": "the-router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer", "max_request_bytes": 10}}))],
+    );
+    let (_, message) = nacked(&ads, EXT, &ads.last_nonce()).await;
+    assert!(message.contains("Buffer"), "{message}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still warming"
+    );
+    ads.set(
+        EXT,
+        "2",
+        vec![any(
+            EXT,
+            json!({"name": "the-router", "typed_config": {"@type": ROUTER}}),
+        )],
+    );
+    wait_port(port, true);
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{port}/"), &[]).header("x-version"),
+        Some("ecds")
+    );
+}

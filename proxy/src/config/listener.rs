@@ -122,6 +122,9 @@ pub struct Hcm {
     pub generate_request_id: bool,
     pub preserve_external_request_id: bool,
     pub always_set_request_id_in_response: bool,
+    /// HTTP filters whose config comes from ECDS: (filter name = resource
+    /// name, source). The listener warms until each has arrived.
+    pub ecds: Vec<(String, XdsSource)>,
     /// Upgrade types allowed through (lower case), from `upgrade_configs`.
     pub upgrades: Vec<String>,
 }
@@ -263,6 +266,7 @@ impl Hcm {
                 "the router filter is required",
             ));
         }
+        let mut ecds = Vec::new();
         for (i, f) in h.http_filters.iter().enumerate() {
             let p = index(path, "http_filters", i);
             use hcm::http_filter::ConfigType;
@@ -270,7 +274,39 @@ impl Hcm {
                 Some(ConfigType::TypedConfig(a)) => {
                     legate_proto::type_name(&a.type_url).to_string()
                 }
-                _ => {
+                Some(ConfigType::ConfigDiscovery(cd)) => {
+                    let cp = join(&p, "config_discovery");
+                    // The router is the only HTTP filter Legate has, so it is
+                    // the only one whose config can be discovered.
+                    let only_router = !cd.type_urls.is_empty()
+                        && cd
+                            .type_urls
+                            .iter()
+                            .all(|u| legate_proto::type_name(u) == ROUTER_TYPE);
+                    if !only_router {
+                        return Err(ConfigError::new(
+                            join(&cp, "type_urls"),
+                            "only the router filter's config can be discovered (ECDS)",
+                        ));
+                    }
+                    if let Some(d) = &cd.default_config {
+                        if legate_proto::type_name(&d.type_url) != ROUTER_TYPE {
+                            return Err(ConfigError::new(
+                                join(&cp, "default_config"),
+                                "the default config must be the router's",
+                            ));
+                        }
+                    }
+                    let source = cd.config_source.as_ref().ok_or_else(|| {
+                        ConfigError::new(join(&cp, "config_source"), "config_source is required")
+                    })?;
+                    let source = XdsSource::from_proto(source, &join(&cp, "config_source"))?;
+                    if !(cd.apply_default_config_without_warming && cd.default_config.is_some()) {
+                        ecds.push((f.name.clone(), source));
+                    }
+                    ROUTER_TYPE.to_string()
+                }
+                None => {
                     return Err(ConfigError::new(
                         join(&p, "typed_config"),
                         "typed_config is required",
@@ -385,6 +421,7 @@ impl Hcm {
             generate_request_id: h.generate_request_id.val().unwrap_or(true),
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
+            ecds,
             upgrades: h
                 .upgrade_configs
                 .iter()
