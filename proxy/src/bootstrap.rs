@@ -195,14 +195,7 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             .iter()
             .map(|c| (c.name.clone(), c.clone()))
             .collect();
-        let mut used: Vec<String> = lc
-            .hcm()
-            .and_then(|h| h.static_routes())
-            .map(|rc| rc.cluster_names().map(str::to_string).collect())
-            .unwrap_or_default();
-        if let crate::config::listener::NetworkFilter::Tcp(t) = &lc.filter {
-            used.push(t.cluster.clone());
-        }
+        let used = lc.static_cluster_refs();
         crate::xds::pipe_cluster_use(used.iter().map(String::as_str), &statics)
             .map_err(|e| ConfigError::new(&p, e))?;
         listeners.push(Arc::new(lc));
@@ -259,7 +252,7 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
     // other key (Envoy reads many) is reported, never silently dropped.
     let used: HashSet<&str> = listeners
         .iter()
-        .filter_map(|l| l.hcm().and_then(|h| h.static_routes()))
+        .flat_map(|l| l.hcms().filter_map(|h| h.static_routes()))
         .flat_map(|rc| rc.virtual_hosts.iter())
         .flat_map(|v| v.routes.iter())
         .filter_map(|r| r.matcher.runtime_fraction.as_ref().map(|(k, _)| k.as_str()))
@@ -286,10 +279,18 @@ fn check_route_clusters(
     clusters: &HashSet<String>,
     path: &str,
 ) -> Result<(), ConfigError> {
+    for rc in l.hcms().filter_map(|h| h.static_routes()) {
+        check_table_clusters(rc, clusters, path)?;
+    }
+    Ok(())
+}
+
+fn check_table_clusters(
+    rc: &crate::config::route::RouteConfig,
+    clusters: &HashSet<String>,
+    path: &str,
+) -> Result<(), ConfigError> {
     use crate::config::route::{Action, ClusterSpec};
-    let Some(rc) = l.hcm().and_then(|h| h.static_routes()) else {
-        return Ok(());
-    };
     if !rc.validate_clusters {
         return Ok(());
     }

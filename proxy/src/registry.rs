@@ -176,9 +176,25 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.listener.v3.FilterChain",
-        &["filters", "name"],
+        &["filters", "name", "filter_chain_match"],
         &[("metadata", "only informational")],
     ),
+    m(
+        "envoy.config.listener.v3.FilterChainMatch",
+        &[
+            "destination_port",
+            "prefix_ranges",
+            "server_names",
+            "transport_protocol",
+            "application_protocols",
+            "direct_source_prefix_ranges",
+            "source_type",
+            "source_prefix_ranges",
+            "source_ports",
+        ],
+        &[],
+    ),
+    m("envoy.config.core.v3.CidrRange", &["address_prefix", "prefix_len"], &[]),
     m(
         "envoy.config.listener.v3.Filter",
         &["name", "typed_config"],

@@ -16,7 +16,7 @@
 
 use crate::cluster_manager::{Cluster, ClusterManager};
 use crate::config::cluster::{ClusterConfig, Discovery};
-use crate::config::listener::{Listener, NetworkFilter, RouteSource, ScopeList};
+use crate::config::listener::{Listener, RouteSource, ScopeList};
 use crate::config::route::RouteConfig;
 use crate::config::scoped::Scope;
 use crate::config::source::{ApiKind, Spec, XdsSource};
@@ -172,22 +172,23 @@ pub fn pipe_cluster_use<'a>(
 
 /// The ECDS filter configs a listener needs before it can serve.
 fn extension_deps(l: &Listener) -> Vec<(String, XdsSource)> {
-    l.hcm().map(|h| h.ecds.clone()).unwrap_or_default()
+    l.hcms().flat_map(|h| h.ecds.iter().cloned()).collect()
 }
 
 /// The route tables a listener needs before it can serve.
 fn route_deps(l: &Listener) -> (Vec<String>, bool) {
-    match &l.filter {
-        NetworkFilter::Http(h) => match &h.routes {
-            RouteSource::Static(_) => (vec![], false),
-            RouteSource::Rds { name, .. } => (vec![name.clone()], false),
+    let (mut names, mut scopes) = (Vec::new(), false);
+    for h in l.hcms() {
+        match &h.routes {
+            RouteSource::Static(_) => {}
+            RouteSource::Rds { name, .. } => names.push(name.clone()),
             RouteSource::Scoped(s) => match &s.scopes {
-                ScopeList::Inline(list) => (list.iter().map(|s| s.route.clone()).collect(), false),
-                ScopeList::Srds(_) => (vec![], true),
+                ScopeList::Inline(list) => names.extend(list.iter().map(|s| s.route.clone())),
+                ScopeList::Srds(_) => scopes = true,
             },
-        },
-        NetworkFilter::Tcp(_) => (vec![], false),
+        }
     }
+    (names, scopes)
 }
 
 impl Applier {
@@ -347,14 +348,7 @@ impl Applier {
             let parsed = check::<listener_pb::Listener>(&r.body)
                 .and_then(|pb| Listener::from_proto(&pb, "").map_err(|e| e.to_string()))
                 .and_then(|l| {
-                    let mut names: Vec<String> = l
-                        .hcm()
-                        .and_then(|h| h.static_routes())
-                        .map(|rc| rc.cluster_names().map(str::to_string).collect())
-                        .unwrap_or_default();
-                    if let NetworkFilter::Tcp(t) = &l.filter {
-                        names.push(t.cluster.clone());
-                    }
+                    let names = l.static_cluster_refs();
                     pipe_cluster_use(names.iter().map(String::as_str), &self.statics)?;
                     Ok(l)
                 });
@@ -804,7 +798,7 @@ impl Applier {
         let mut rds_via = None;
         let mut srds_via = None;
         for e in st.listeners.values() {
-            if let NetworkFilter::Http(h) = &e.config.filter {
+            for h in e.config.hcms() {
                 match &h.routes {
                     RouteSource::Rds { name, source } => {
                         rds_names.insert(name.clone());

@@ -1,5 +1,6 @@
 //! Listeners, filter chains and the HTTP connection manager.
 
+use super::filter_chain::ChainMatch;
 use super::route::RouteConfig;
 use super::source::XdsSource;
 use super::{index, join, socket_addr, ConfigError, Result, Wrapped};
@@ -66,7 +67,9 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Stat prefix: `listener.<address>.` unless `stat_prefix` is set.
     pub stat_prefix: String,
-    pub filter: NetworkFilter,
+    /// Filter chains with their `filter_chain_match`, in config order.
+    pub chains: Vec<(ChainMatch, NetworkFilter)>,
+    pub default_chain: Option<NetworkFilter>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
 }
@@ -142,63 +145,27 @@ impl Listener {
             .as_ref()
             .ok_or_else(|| ConfigError::new(join(path, "address"), "address is required"))?;
         let address = socket_addr(addr, &join(path, "address"))?;
-        // One chain without a filter_chain_match (or only a default chain)
-        // until filter_chain_match lands.
-        let (fc, fc_path) = match (l.filter_chains.as_slice(), &l.default_filter_chain) {
-            ([fc], None) => (fc, index(path, "filter_chains", 0)),
-            ([], Some(fc)) => (fc, join(path, "default_filter_chain")),
-            _ => {
-                return Err(ConfigError::new(
-                    join(path, "filter_chains"),
-                    "exactly one filter chain is supported until filter_chain_match lands",
-                ))
-            }
+        let mut chains = Vec::with_capacity(l.filter_chains.len());
+        for (i, fc) in l.filter_chains.iter().enumerate() {
+            let p = index(path, "filter_chains", i);
+            let m = match &fc.filter_chain_match {
+                Some(m) => ChainMatch::from_proto(m, &join(&p, "filter_chain_match"))?,
+                None => ChainMatch::default(),
+            };
+            chains.push((m, chain_filter(fc, &p)?));
+        }
+        let matches: Vec<ChainMatch> = chains.iter().map(|(m, _)| m.clone()).collect();
+        super::filter_chain::check_unique(&matches, path)?;
+        let default_chain = match &l.default_filter_chain {
+            Some(fc) => Some(chain_filter(fc, &join(path, "default_filter_chain"))?),
+            None => None,
         };
-        if fc.filter_chain_match.is_some() {
+        if chains.is_empty() && default_chain.is_none() {
             return Err(ConfigError::new(
-                join(&fc_path, "filter_chain_match"),
-                "filter_chain_match is not supported yet",
+                join(path, "filter_chains"),
+                "a listener needs a filter chain or a default_filter_chain",
             ));
         }
-        if fc.filters.len() != 1 {
-            return Err(ConfigError::new(
-                join(&fc_path, "filters"),
-                "exactly one network filter (http_connection_manager or tcp_proxy) is supported",
-            ));
-        }
-        let f = &fc.filters[0];
-        let f_path = index(&fc_path, "filters", 0);
-        use pb::filter::ConfigType;
-        let any = match &f.config_type {
-            Some(ConfigType::TypedConfig(a)) => a,
-            _ => {
-                return Err(ConfigError::new(
-                    join(&f_path, "typed_config"),
-                    "typed_config is required",
-                ))
-            }
-        };
-        let tn = legate_proto::type_name(&any.type_url);
-        let tc_path = join(&f_path, "typed_config");
-        let filter = match tn {
-            HCM_TYPE => {
-                let h: hcm::HttpConnectionManager = prost::Message::decode(any.value.as_slice())
-                    .map_err(|e| ConfigError::new(&tc_path, e.to_string()))?;
-                NetworkFilter::Http(Arc::new(Hcm::from_proto(&h, &tc_path)?))
-            }
-            TCP_PROXY_TYPE => {
-                use legate_proto::envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
-                let t: tcp::TcpProxy = prost::Message::decode(any.value.as_slice())
-                    .map_err(|e| ConfigError::new(&tc_path, e.to_string()))?;
-                NetworkFilter::Tcp(Arc::new(TcpProxy::from_proto(&t, &tc_path)?))
-            }
-            _ => {
-                return Err(ConfigError::new(
-                    tc_path,
-                    format!("network filter {tn} is not supported"),
-                ))
-            }
-        };
         let stat_prefix = if l.stat_prefix.is_empty() {
             format!("listener.{address}")
         } else {
@@ -208,7 +175,8 @@ impl Listener {
             name: l.name.clone(),
             address,
             stat_prefix,
-            filter,
+            chains,
+            default_chain,
             inbound: l.traffic_direction
                 == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
                     as i32,
@@ -443,13 +411,92 @@ impl Hcm {
 }
 
 impl Listener {
-    /// The HTTP connection manager, when the chain ends in one.
-    pub fn hcm(&self) -> Option<&Arc<Hcm>> {
-        match &self.filter {
+    /// Every chain's network filter, the default chain's last.
+    pub fn filters(&self) -> impl Iterator<Item = &NetworkFilter> {
+        self.chains
+            .iter()
+            .map(|(_, f)| f)
+            .chain(self.default_chain.iter())
+    }
+
+    /// Every HTTP connection manager of the listener.
+    pub fn hcms(&self) -> impl Iterator<Item = &Arc<Hcm>> {
+        self.filters().filter_map(|f| match f {
             NetworkFilter::Http(h) => Some(h),
             NetworkFilter::Tcp(_) => None,
+        })
+    }
+
+    /// The chain a new connection gets (Envoy's filter_chain_match), else
+    /// the default chain; None: the connection is closed.
+    pub fn select(&self, conn: &super::filter_chain::ConnInfo) -> Option<&NetworkFilter> {
+        let matches: Vec<ChainMatch> = self.chains.iter().map(|(m, _)| m.clone()).collect();
+        match super::filter_chain::select(&matches, conn) {
+            Some(i) => Some(&self.chains[i].1),
+            None => self.default_chain.as_ref(),
         }
     }
+
+    /// Clusters named by the listener's inline routes and tcp_proxy filters.
+    pub fn static_cluster_refs(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for f in self.filters() {
+            match f {
+                NetworkFilter::Http(h) => {
+                    if let Some(rc) = h.static_routes() {
+                        out.extend(rc.cluster_names().map(str::to_string));
+                    }
+                }
+                NetworkFilter::Tcp(t) => out.push(t.cluster.clone()),
+            }
+        }
+        out
+    }
+}
+
+/// The network filter a filter chain ends in.
+fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<NetworkFilter> {
+    let fc_path = fc_path.to_string();
+    if fc.filters.len() != 1 {
+        return Err(ConfigError::new(
+            join(&fc_path, "filters"),
+            "exactly one network filter (http_connection_manager or tcp_proxy) is supported",
+        ));
+    }
+    let f = &fc.filters[0];
+    let f_path = index(&fc_path, "filters", 0);
+    use pb::filter::ConfigType;
+    let any = match &f.config_type {
+        Some(ConfigType::TypedConfig(a)) => a,
+        _ => {
+            return Err(ConfigError::new(
+                join(&f_path, "typed_config"),
+                "typed_config is required",
+            ))
+        }
+    };
+    let tn = legate_proto::type_name(&any.type_url);
+    let tc_path = join(&f_path, "typed_config");
+    let filter = match tn {
+        HCM_TYPE => {
+            let h: hcm::HttpConnectionManager = prost::Message::decode(any.value.as_slice())
+                .map_err(|e| ConfigError::new(&tc_path, e.to_string()))?;
+            NetworkFilter::Http(Arc::new(Hcm::from_proto(&h, &tc_path)?))
+        }
+        TCP_PROXY_TYPE => {
+            use legate_proto::envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp;
+            let t: tcp::TcpProxy = prost::Message::decode(any.value.as_slice())
+                .map_err(|e| ConfigError::new(&tc_path, e.to_string()))?;
+            NetworkFilter::Tcp(Arc::new(TcpProxy::from_proto(&t, &tc_path)?))
+        }
+        _ => {
+            return Err(ConfigError::new(
+                tc_path,
+                format!("network filter {tn} is not supported"),
+            ))
+        }
+    };
+    Ok(filter)
 }
 
 impl TcpProxy {

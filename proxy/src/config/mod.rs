@@ -7,6 +7,7 @@
 //! reach this module: [`crate::registry`] rejects them first.
 
 pub mod cluster;
+pub mod filter_chain;
 pub mod listener;
 pub mod matcher;
 pub mod route;

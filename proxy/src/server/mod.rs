@@ -262,7 +262,20 @@ async fn serve_connection(
     ctx: &Ctx,
     drain: &watch::Receiver<bool>,
 ) {
-    let hcm = match &config.filter {
+    let conn = crate::config::filter_chain::ConnInfo {
+        local: sock.local_addr().unwrap_or(config.address),
+        peer,
+        // No TLS inspector yet: no SNI or ALPN, and the transport is raw.
+        server_name: "",
+        transport_protocol: "raw_buffer",
+        application_protocols: &[],
+    };
+    let Some(filter) = config.select(&conn) else {
+        stats::counter(format!("{}.no_filter_chain_match", config.stat_prefix)).increment(1);
+        tracing::debug!(%peer, listener = %config.name, "no filter chain matches; closing");
+        return;
+    };
+    let hcm = match filter {
         NetworkFilter::Tcp(t) => {
             tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await;
             return;

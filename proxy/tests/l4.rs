@@ -1,0 +1,142 @@
+//! L4 through the real binary: filter chain selection by Envoy's
+//! `filter_chain_match` rules and `tcp_proxy` with half-close.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn chain(m: serde_json::Value, filter: serde_json::Value) -> serde_json::Value {
+    json!({"filter_chain_match": m, "filters": [filter]})
+}
+
+fn http(cluster: &str) -> serde_json::Value {
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]));
+    json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm(rc, json!({}))})
+}
+
+fn tcp(cluster: &str) -> serde_json::Value {
+    json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "tcp", "cluster": cluster}})
+}
+
+fn start_listener(
+    chains: Vec<serde_json::Value>,
+    clusters: Vec<serde_json::Value>,
+) -> (Legate, u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({"name": "l", "address": addr("127.0.0.1", port), "filter_chains": chains});
+    let cfg = bootstrap(admin, vec![l], clusters);
+    (Legate::start(BIN, &cfg, &[port], Some(admin)), port, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_chains_are_chosen_by_source_address_most_specific_first() {
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
+    let (_l, port, _admin) = start_listener(
+        vec![
+            chain(json!({}), http("a")),
+            chain(
+                json!({"source_prefix_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]}),
+                http("b"),
+            ),
+            chain(
+                json!({"source_prefix_ranges": [{"address_prefix": "127.0.0.3", "prefix_len": 32}]}),
+                http("c"),
+            ),
+        ],
+        vec![
+            cluster("a", &[a.addr], json!({})),
+            cluster("b", &[b.addr], json!({})),
+            cluster("c", &[c.addr], json!({})),
+        ],
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let from = |ip: &str| {
+        curl(&url, &["--interface", ip])
+            .header("x-echo-server")
+            .map(str::to_string)
+    };
+    assert_eq!(from("127.0.0.3").as_deref(), Some("c"), "/32 beats /8");
+    assert_eq!(from("127.0.0.2").as_deref(), Some("b"), "/8 beats no range");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_matching_chain_closes_the_connection_and_counts_it() {
+    let a = upstream("a").await;
+    let (_l, port, admin) = start_listener(
+        vec![chain(json!({"source_ports": [1]}), http("a"))],
+        vec![cluster("a", &[a.addr], json!({}))],
+    );
+    let name = format!("listener.127.0.0.1:{port}.no_filter_chain_match");
+    // Start-up probes connect too: count from here.
+    let before = stat(admin, &name).unwrap_or(0);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let n = s.read_to_end(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = stat(admin, &name);
+        if seen == Some(before + 1) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(seen, Some(before + 1));
+}
+
+/// A TCP upstream that reads until the client half-closes, then answers
+/// with the byte count and a checksum, and closes.
+async fn counting_upstream() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                break;
+            };
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                s.read_to_end(&mut data).await.unwrap();
+                let sum: u64 = data.iter().map(|b| *b as u64).sum();
+                s.write_all(format!("{} {sum}", data.len()).as_bytes())
+                    .await
+                    .unwrap();
+                s.shutdown().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_carries_a_half_close_both_ways() {
+    let up = counting_upstream().await;
+    let (_l, port, _admin) = start_listener(
+        vec![chain(json!({}), tcp("t"))],
+        vec![cluster("t", &[up], json!({}))],
+    );
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = payload.iter().map(|b| *b as u64).sum();
+    s.write_all(&payload).await.unwrap();
+    // Half-close: the upstream sees EOF, and its answer still comes back.
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, format!("{} {sum}", payload.len()));
+}
