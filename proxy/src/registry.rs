@@ -656,8 +656,24 @@ pub static REGISTRY: &[MessageSupport] = &[
     // L4.
     m(
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        &["stat_prefix", "cluster"],
+        &[
+            "stat_prefix",
+            "cluster",
+            "weighted_clusters",
+            "idle_timeout",
+            "max_connect_attempts",
+        ],
         &[("access_log", NO_LOG)],
+    ),
+    m(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster",
+        &["clusters"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight",
+        &["name", "weight"],
+        &[],
     ),
     // Clusters.
     m(

@@ -140,3 +140,100 @@ async fn tcp_proxy_carries_a_half_close_both_ways() {
     s.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer, format!("{} {sum}", payload.len()));
 }
+
+fn tcp_with(extra: serde_json::Value) -> serde_json::Value {
+    let mut f = tcp("t");
+    let tc = f["typed_config"].as_object_mut().unwrap();
+    for (k, v) in extra.as_object().unwrap() {
+        tc.insert(k.clone(), v.clone());
+    }
+    if tc.contains_key("weighted_clusters") {
+        tc.remove("cluster");
+    }
+    f
+}
+
+/// A TCP upstream that writes its name and closes.
+async fn naming_upstream(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(name.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    addr
+}
+
+async fn read_all(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_weighted_clusters_and_connect_attempts() {
+    let (a, b) = (naming_upstream("a").await, naming_upstream("b").await);
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (_l, port, _) = start_listener(
+        vec![chain(
+            json!({}),
+            tcp_with(json!({"weighted_clusters": {"clusters": [
+                {"name": "ca", "weight": 1}, {"name": "cb", "weight": 5}]}})),
+        )],
+        vec![
+            cluster("ca", &[a], json!({})),
+            cluster("cb", &[b], json!({})),
+        ],
+    );
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..60 {
+        *seen.entry(read_all(port).await).or_insert(0) += 1;
+    }
+    let (na, nb) = (
+        seen.get("a").copied().unwrap_or(0),
+        seen.get("b").copied().unwrap_or(0),
+    );
+    assert_eq!(na + nb, 60, "{seen:?}");
+    assert!(na > 0 && nb > na, "weights 1:5 gave {na}:{nb}");
+
+    // Every other host refuses (round robin): with two attempts every
+    // connection gets through.
+    let (_l2, port2, admin2) = start_listener(
+        vec![chain(
+            json!({}),
+            tcp_with(json!({"max_connect_attempts": 2})),
+        )],
+        vec![cluster("t", &[dead, a], json!({}))],
+    );
+    for _ in 0..20 {
+        assert_eq!(read_all(port2).await, "a");
+    }
+    assert!(stat(admin2, "cluster.t.upstream_cx_connect_fail").unwrap_or(0) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_closes_idle_connections() {
+    let up = counting_upstream().await;
+    let (_l, port, admin) = start_listener(
+        vec![chain(json!({}), tcp_with(json!({"idle_timeout": "0.3s"})))],
+        vec![cluster("t", &[up], json!({}))],
+    );
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The upstream waits for EOF that never comes: only the idle timeout
+    // ends the connection.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed by the idle timeout");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    assert_eq!(stat(admin, "tcp.tcp.idle_timeout"), Some(1));
+}

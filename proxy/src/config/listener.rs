@@ -21,11 +21,30 @@ pub enum NetworkFilter {
     Tcp(Arc<TcpProxy>),
 }
 
-/// `tcp_proxy`: bytes both ways to one cluster.
+/// `tcp_proxy`: bytes both ways to one cluster (or one of weighted ones).
 #[derive(Debug)]
 pub struct TcpProxy {
     pub stat_prefix: String,
-    pub cluster: String,
+    /// (cluster, weight); one entry with weight 1 for `cluster`.
+    pub clusters: Vec<(String, u32)>,
+    /// Envoy's default is 1 h; None: disabled (an explicit 0).
+    pub idle_timeout: Option<std::time::Duration>,
+    pub max_connect_attempts: u32,
+}
+
+impl TcpProxy {
+    /// The cluster for a connection, by weight (`random` is uniform).
+    pub fn pick_cluster(&self, random: u64) -> &str {
+        let total: u64 = self.clusters.iter().map(|(_, w)| *w as u64).sum();
+        let mut roll = random % total.max(1);
+        for (name, w) in &self.clusters {
+            if roll < *w as u64 {
+                return name;
+            }
+            roll -= *w as u64;
+        }
+        &self.clusters[0].0
+    }
 }
 
 /// Where an HTTP connection manager's routes come from.
@@ -447,7 +466,7 @@ impl Listener {
                         out.extend(rc.cluster_names().map(str::to_string));
                     }
                 }
-                NetworkFilter::Tcp(t) => out.push(t.cluster.clone()),
+                NetworkFilter::Tcp(t) => out.extend(t.clusters.iter().map(|(c, _)| c.clone())),
             }
         }
         out
@@ -511,13 +530,19 @@ impl TcpProxy {
                 "stat_prefix is required",
             ));
         }
-        let cluster = match &t.cluster_specifier {
-            Some(ClusterSpecifier::Cluster(c)) => c.clone(),
-            Some(ClusterSpecifier::WeightedClusters(_)) => {
-                return Err(ConfigError::new(
-                    join(path, "weighted_clusters"),
-                    "weighted clusters are not supported yet",
-                ))
+        let clusters = match &t.cluster_specifier {
+            Some(ClusterSpecifier::Cluster(c)) => vec![(c.clone(), 1)],
+            Some(ClusterSpecifier::WeightedClusters(w)) => {
+                if w.clusters.is_empty() {
+                    return Err(ConfigError::new(
+                        join(path, "weighted_clusters.clusters"),
+                        "at least one cluster is required",
+                    ));
+                }
+                w.clusters
+                    .iter()
+                    .map(|c| (c.name.clone(), c.weight))
+                    .collect()
             }
             None => {
                 return Err(ConfigError::new(
@@ -526,9 +551,16 @@ impl TcpProxy {
                 ))
             }
         };
+        let idle_timeout = super::timeout_or(
+            t.idle_timeout.as_ref(),
+            Some(std::time::Duration::from_secs(3600)),
+            &join(path, "idle_timeout"),
+        )?;
         Ok(Self {
             stat_prefix: t.stat_prefix.clone(),
-            cluster,
+            clusters,
+            idle_timeout,
+            max_connect_attempts: t.max_connect_attempts.val().unwrap_or(1).max(1),
         })
     }
 }

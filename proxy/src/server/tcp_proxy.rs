@@ -1,59 +1,120 @@
 //! `tcp_proxy`: one upstream connection per downstream connection, bytes
 //! copied both ways. A half-close is passed on (`shutdown(SHUT_WR)`) and the
-//! other direction keeps flowing, as Envoy does.
+//! other direction keeps flowing, as Envoy does. A connection with no bytes
+//! either way for `idle_timeout` (Envoy's default: 1 h) is closed.
 
 use crate::cluster_manager::ClusterManager;
 use crate::config::listener::TcpProxy;
 use crate::stats;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub async fn serve(
-    mut down: TcpStream,
+    down: TcpStream,
     peer: SocketAddr,
     t: Arc<TcpProxy>,
     clusters: Arc<ClusterManager>,
 ) {
     let prefix = format!("tcp.{}.", t.stat_prefix);
     stats::counter(format!("{prefix}downstream_cx_total")).increment(1);
-    let Some(cluster) = clusters.get(&t.cluster) else {
+    let name = t.pick_cluster(rand::random());
+    let Some(cluster) = clusters.get(name) else {
         // Envoy closes the connection when the cluster does not exist.
         stats::counter(format!("{prefix}downstream_cx_no_route")).increment(1);
-        tracing::debug!(%peer, cluster = %t.cluster, "tcp_proxy: unknown cluster");
+        tracing::debug!(%peer, cluster = %name, "tcp_proxy: unknown cluster");
         return;
     };
     let snap = cluster.snapshot();
-    let Some(host) = snap.pick(None, rand::random(), &|_| false, None) else {
-        stats::counter(format!("cluster.{}.upstream_cx_none_healthy", t.cluster)).increment(1);
+    let mut up = None;
+    // Each failed attempt picks again (max_connect_attempts, default 1); as
+    // in Envoy's tcp_proxy the balancer is not told which hosts failed.
+    for _ in 0..t.max_connect_attempts {
+        let Some(host) = snap.pick(None, rand::random(), &|_| false, None) else {
+            stats::counter(format!("cluster.{name}.upstream_cx_none_healthy")).increment(1);
+            return;
+        };
+        let connect = tokio::time::timeout(
+            cluster.config.connect_timeout,
+            TcpStream::connect(host.addr),
+        );
+        match connect.await {
+            Ok(Ok(s)) => {
+                up = Some((s, host));
+                break;
+            }
+            Ok(Err(e)) => {
+                stats::counter(format!("cluster.{name}.upstream_cx_connect_fail")).increment(1);
+                tracing::debug!(%peer, upstream = %host.addr, error = %e, "tcp_proxy: connect failed");
+            }
+            Err(_) => {
+                stats::counter(format!("cluster.{name}.upstream_cx_connect_timeout")).increment(1);
+            }
+        }
+    }
+    let Some((up, host)) = up else {
         return;
     };
-    let connect = tokio::time::timeout(
-        cluster.config.connect_timeout,
-        TcpStream::connect(host.addr),
-    );
-    let mut up = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            stats::counter(format!("cluster.{}.upstream_cx_connect_fail", t.cluster)).increment(1);
-            tracing::debug!(%peer, upstream = %host.addr, error = %e, "tcp_proxy: connect failed");
-            return;
-        }
-        Err(_) => {
-            stats::counter(format!("cluster.{}.upstream_cx_connect_timeout", t.cluster))
-                .increment(1);
-            return;
-        }
-    };
-    stats::counter(format!("cluster.{}.upstream_cx_total", t.cluster)).increment(1);
+    stats::counter(format!("cluster.{name}.upstream_cx_total")).increment(1);
     let _ = up.set_nodelay(true);
-    host.active_requests
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let result = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-    host.active_requests
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    if let Ok((rx, tx)) = result {
-        stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(rx);
-        stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(tx);
+    host.active_requests.fetch_add(1, Ordering::Relaxed);
+    let (rx, tx, idle) = pipe(down, up, t.idle_timeout).await;
+    host.active_requests.fetch_sub(1, Ordering::Relaxed);
+    stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(rx);
+    stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(tx);
+    if idle {
+        stats::counter(format!("{prefix}idle_timeout")).increment(1);
     }
+}
+
+/// Copies both ways until both directions have ended (an end is passed on
+/// as a half-close), an error, or `idle` with no bytes. Returns the bytes
+/// received from and sent to downstream, and whether the idle timer fired.
+async fn pipe(down: TcpStream, up: TcpStream, idle: Option<Duration>) -> (u64, u64, bool) {
+    let (mut dr, mut dw) = down.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    let (mut b1, mut b2) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut down_open, mut up_open) = (true, true);
+    let (mut rx, mut tx) = (0u64, 0u64);
+    // A day stands in for "never" when the idle timeout is disabled.
+    let idle_for = idle.unwrap_or(Duration::from_secs(86_400));
+    let timer = tokio::time::sleep(idle_for);
+    tokio::pin!(timer);
+    while down_open || up_open {
+        tokio::select! {
+            r = dr.read(&mut b1), if down_open => match r {
+                Ok(0) => {
+                    down_open = false;
+                    let _ = uw.shutdown().await;
+                }
+                Ok(n) => {
+                    if uw.write_all(&b1[..n]).await.is_err() {
+                        break;
+                    }
+                    rx += n as u64;
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle_for);
+                }
+                Err(_) => break,
+            },
+            r = ur.read(&mut b2), if up_open => match r {
+                Ok(0) => {
+                    up_open = false;
+                    let _ = dw.shutdown().await;
+                }
+                Ok(n) => {
+                    if dw.write_all(&b2[..n]).await.is_err() {
+                        break;
+                    }
+                    tx += n as u64;
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle_for);
+                }
+                Err(_) => break,
+            },
+            _ = &mut timer, if idle.is_some() => return (rx, tx, true),
+        }
+    }
+    (rx, tx, false)
 }
