@@ -655,6 +655,11 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     // L4.
     m(
+        "envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+        &["stat_prefix", "max_connections", "delay"],
+        &[],
+    ),
+    m(
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         &[
             "stat_prefix",

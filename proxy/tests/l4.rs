@@ -237,3 +237,48 @@ async fn tcp_proxy_closes_idle_connections() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(250));
     assert_eq!(stat(admin, "tcp.tcp.idle_timeout"), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_closes_connections_over_the_limit() {
+    let up = counting_upstream().await;
+    let limit = json!({"name": "envoy.filters.network.connection_limit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+        "stat_prefix": "cl", "max_connections": 1}});
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({"name": "l", "address": addr("127.0.0.1", port),
+        "filter_chains": [{"filters": [limit, tcp("t")]}]});
+    let cfg = bootstrap(admin, vec![l], vec![cluster("t", &[up], json!({}))]);
+    let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
+    let before = stat(admin, "connection_limit.cl.limited_connections").unwrap_or(0);
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    first.write_all(b"hold").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Over the limit: closed without an upstream.
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _ = second.write_all(b"x").await;
+    let mut buf = Vec::new();
+    let _ = second.read_to_end(&mut buf).await;
+    assert!(buf.is_empty());
+    assert_eq!(
+        stat(admin, "connection_limit.cl.limited_connections"),
+        Some(before + 1)
+    );
+    // The first still works, and its end frees the slot.
+    first.shutdown().await.unwrap();
+    let mut answer = String::new();
+    first.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "4 423");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    third.write_all(b"ok").await.unwrap();
+    third.shutdown().await.unwrap();
+    let mut answer = String::new();
+    third.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "2 218");
+}

@@ -21,6 +21,92 @@ pub enum NetworkFilter {
     Tcp(Arc<TcpProxy>),
 }
 
+pub const CONNECTION_LIMIT_TYPE: &str =
+    "envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit";
+
+/// A filter chain: connection limits, then the terminal network filter.
+#[derive(Debug, Clone)]
+pub struct FilterChain {
+    pub limits: Vec<Arc<ConnectionLimit>>,
+    pub filter: NetworkFilter,
+}
+
+/// `connection_limit`: at most `max` connections at once through this
+/// filter; beyond that a connection is closed, after `delay`.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    pub stat_prefix: String,
+    pub max: u64,
+    pub delay: Option<std::time::Duration>,
+    pub active: std::sync::atomic::AtomicU64,
+}
+
+/// Holds one of a limit's slots; gives it back on drop.
+pub struct LimitSlot(Arc<ConnectionLimit>);
+
+impl Drop for LimitSlot {
+    fn drop(&mut self) {
+        let now = self
+            .0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            - 1;
+        crate::stats::gauge(format!(
+            "connection_limit.{}.active_connections",
+            self.0.stat_prefix
+        ))
+        .set(now as f64);
+    }
+}
+
+impl ConnectionLimit {
+    pub fn from_proto(
+        c: &legate_proto::envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit,
+        path: &str,
+    ) -> Result<Self> {
+        if c.runtime_enabled.is_some() {
+            return Err(ConfigError::new(
+                join(path, "runtime_enabled"),
+                "runtime switches for filters are not supported",
+            ));
+        }
+        let max = c.max_connections.val().ok_or_else(|| {
+            ConfigError::new(join(path, "max_connections"), "max_connections is required")
+        })?;
+        let delay = match &c.delay {
+            Some(d) => Some(super::duration(d, &join(path, "delay"))?).filter(|d| !d.is_zero()),
+            None => None,
+        };
+        Ok(Self {
+            stat_prefix: c.stat_prefix.clone(),
+            max,
+            delay,
+            active: Default::default(),
+        })
+    }
+
+    /// A slot for a new connection, or None when the limit is reached.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<LimitSlot> {
+        use std::sync::atomic::Ordering;
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.max {
+            self.active.fetch_sub(1, Ordering::AcqRel);
+            crate::stats::counter(format!(
+                "connection_limit.{}.limited_connections",
+                self.stat_prefix
+            ))
+            .increment(1);
+            return None;
+        }
+        crate::stats::gauge(format!(
+            "connection_limit.{}.active_connections",
+            self.stat_prefix
+        ))
+        .set((prev + 1) as f64);
+        Some(LimitSlot(self.clone()))
+    }
+}
+
 /// `tcp_proxy`: bytes both ways to one cluster (or one of weighted ones).
 #[derive(Debug)]
 pub struct TcpProxy {
@@ -87,8 +173,8 @@ pub struct Listener {
     /// Stat prefix: `listener.<address>.` unless `stat_prefix` is set.
     pub stat_prefix: String,
     /// Filter chains with their `filter_chain_match`, in config order.
-    pub chains: Vec<(ChainMatch, NetworkFilter)>,
-    pub default_chain: Option<NetworkFilter>,
+    pub chains: Vec<(ChainMatch, FilterChain)>,
+    pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
 }
@@ -434,8 +520,8 @@ impl Listener {
     pub fn filters(&self) -> impl Iterator<Item = &NetworkFilter> {
         self.chains
             .iter()
-            .map(|(_, f)| f)
-            .chain(self.default_chain.iter())
+            .map(|(_, c)| &c.filter)
+            .chain(self.default_chain.iter().map(|c| &c.filter))
     }
 
     /// Every HTTP connection manager of the listener.
@@ -448,7 +534,7 @@ impl Listener {
 
     /// The chain a new connection gets (Envoy's filter_chain_match), else
     /// the default chain; None: the connection is closed.
-    pub fn select(&self, conn: &super::filter_chain::ConnInfo) -> Option<&NetworkFilter> {
+    pub fn select(&self, conn: &super::filter_chain::ConnInfo) -> Option<&FilterChain> {
         let matches: Vec<ChainMatch> = self.chains.iter().map(|(m, _)| m.clone()).collect();
         match super::filter_chain::select(&matches, conn) {
             Some(i) => Some(&self.chains[i].1),
@@ -474,16 +560,41 @@ impl Listener {
 }
 
 /// The network filter a filter chain ends in.
-fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<NetworkFilter> {
+fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
     let fc_path = fc_path.to_string();
-    if fc.filters.len() != 1 {
+    let Some(last) = fc.filters.len().checked_sub(1) else {
         return Err(ConfigError::new(
             join(&fc_path, "filters"),
-            "exactly one network filter (http_connection_manager or tcp_proxy) is supported",
+            "a network filter (http_connection_manager or tcp_proxy) is required",
         ));
+    };
+    let mut limits = Vec::new();
+    for (i, f) in fc.filters[..last].iter().enumerate() {
+        let f_path = join(&index(&fc_path, "filters", i), "typed_config");
+        let any = match &f.config_type {
+            Some(pb::filter::ConfigType::TypedConfig(a)) => a,
+            _ => return Err(ConfigError::new(f_path, "typed_config is required")),
+        };
+        let tn = legate_proto::type_name(&any.type_url);
+        if tn != CONNECTION_LIMIT_TYPE {
+            return Err(ConfigError::new(
+                f_path,
+                format!("network filter {tn} is not supported before the terminal filter"),
+            ));
+        }
+        let c: legate_proto::envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit =
+            prost::Message::decode(any.value.as_slice())
+                .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
+        limits.push(Arc::new(ConnectionLimit::from_proto(&c, &f_path)?));
     }
-    let f = &fc.filters[0];
-    let f_path = index(&fc_path, "filters", 0);
+    let filter = terminal_filter(fc, &fc_path, last)?;
+    Ok(FilterChain { limits, filter })
+}
+
+fn terminal_filter(fc: &pb::FilterChain, fc_path: &str, last: usize) -> Result<NetworkFilter> {
+    let fc_path = fc_path.to_string();
+    let f = &fc.filters[last];
+    let f_path = index(&fc_path, "filters", last);
     use pb::filter::ConfigType;
     let any = match &f.config_type {
         Some(ConfigType::TypedConfig(a)) => a,

@@ -275,7 +275,21 @@ async fn serve_connection(
         tracing::debug!(%peer, listener = %config.name, "no filter chain matches; closing");
         return;
     };
-    let hcm = match filter {
+    // Connection limits first: a connection over a limit is closed (after
+    // the filter's delay) without being read.
+    let mut _slots = Vec::with_capacity(filter.limits.len());
+    for l in &filter.limits {
+        match l.try_acquire() {
+            Some(slot) => _slots.push(slot),
+            None => {
+                if let Some(d) = l.delay {
+                    tokio::time::sleep(d).await;
+                }
+                return;
+            }
+        }
+    }
+    let hcm = match &filter.filter {
         NetworkFilter::Tcp(t) => {
             tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await;
             return;
