@@ -164,6 +164,10 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         }
         clusters.push(Arc::new(cc));
     }
+    let statics: std::collections::HashMap<String, Arc<ClusterConfig>> = clusters
+        .iter()
+        .map(|c| (c.name.clone(), c.clone()))
+        .collect();
     let mut listeners = Vec::new();
     let mut lnames = HashSet::new();
     let mut addrs = HashSet::new();
@@ -191,10 +195,6 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             &names,
             &config::join(&p, "filter_chains[0].filters[0].typed_config.route_config"),
         )?;
-        let statics: std::collections::HashMap<String, Arc<ClusterConfig>> = clusters
-            .iter()
-            .map(|c| (c.name.clone(), c.clone()))
-            .collect();
         let used = lc.static_cluster_refs();
         crate::xds::pipe_cluster_use(used.iter().map(String::as_str), &statics)
             .map_err(|e| ConfigError::new(&p, e))?;

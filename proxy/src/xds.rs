@@ -33,7 +33,7 @@ use legate_proto::envoy_types::pb::envoy::config::route::v3 as route_pb;
 use legate_proto::envoy_types::pb::envoy::service::runtime::v3::Runtime as RuntimePb;
 use legate_xds_client::client::{Source, Target, Transport, Via, XdsClient};
 use legate_xds_client::types as t;
-use legate_xds_client::{Any, Handler, Interest, ResourceError, Update};
+use legate_xds_client::{Any, Handler, Interest, Resource, ResourceError, Update};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -99,6 +99,36 @@ pub struct Applier {
     state: Mutex<State>,
     initialized: tokio::sync::watch::Sender<bool>,
     me: Weak<Applier>,
+}
+
+impl Applied {
+    fn of(r: &Resource) -> Self {
+        Self {
+            version: r.version.clone(),
+            last_updated: SystemTime::now(),
+            body: r.body.clone(),
+        }
+    }
+}
+
+/// Parses each resource; a failure becomes that resource's error (so the
+/// NACK names it) and the others go on to be applied.
+fn parse_each<'u, T>(
+    resources: impl IntoIterator<Item = &'u Resource>,
+    errors: &mut Vec<ResourceError>,
+    mut parse: impl FnMut(&Resource) -> Result<T, String>,
+) -> Vec<(&'u Resource, T)> {
+    let mut out = Vec::new();
+    for r in resources {
+        match parse(r) {
+            Ok(v) => out.push((r, v)),
+            Err(message) => errors.push(ResourceError {
+                name: r.name.clone(),
+                message,
+            }),
+        }
+    }
+    out
 }
 
 /// A resource decoded and checked against Envoy's constraints and the
@@ -337,40 +367,27 @@ impl Applier {
     fn apply_listeners(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         st.lds_received = true;
         stats::counter("listener_manager.lds.update_attempt".into()).increment(1);
-        for r in &u.updated {
-            if st
-                .listeners
+        // An unchanged listener is left alone, as Envoy ignores it.
+        let changed = u.updated.iter().filter(|r| {
+            st.listeners
                 .get(&r.name)
-                .is_some_and(|e| e.applied.body == r.body)
-            {
-                continue; // unchanged, as Envoy ignores an identical listener
-            }
-            let parsed = check::<listener_pb::Listener>(&r.body)
-                .and_then(|pb| Listener::from_proto(&pb, "").map_err(|e| e.to_string()))
-                .and_then(|l| {
-                    let names = l.static_cluster_refs();
-                    pipe_cluster_use(names.iter().map(String::as_str), &self.statics)?;
-                    Ok(l)
-                });
-            let config = match parsed {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    errors.push(ResourceError {
-                        name: r.name.clone(),
-                        message: e,
-                    });
-                    continue;
-                }
-            };
+                .is_none_or(|e| e.applied.body != r.body)
+        });
+        let parsed = parse_each(changed, errors, |r| {
+            let l = Listener::from_proto(&check::<listener_pb::Listener>(&r.body)?, "")
+                .map_err(|e| e.to_string())?;
+            pipe_cluster_use(
+                l.static_cluster_refs().iter().map(String::as_str),
+                &self.statics,
+            )?;
+            Ok(l)
+        });
+        for (r, l) in parsed {
             st.listeners.insert(
                 r.name.clone(),
                 LdsEntry {
-                    config,
-                    applied: Applied {
-                        version: r.version.clone(),
-                        last_updated: SystemTime::now(),
-                        body: r.body.clone(),
-                    },
+                    config: Arc::new(l),
+                    applied: Applied::of(r),
                     active: false,
                     since: Instant::now(),
                 },
@@ -397,30 +414,14 @@ impl Applier {
     }
 
     fn apply_routes(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
-        for r in &u.updated {
-            match check::<route_pb::RouteConfiguration>(&r.body) {
-                Ok(pb) => {
-                    let applied = Applied {
-                        version: r.version.clone(),
-                        last_updated: SystemTime::now(),
-                        body: r.body.clone(),
-                    };
-                    match self.translate_route(&pb, st.vhosts.get(&r.name)) {
-                        Ok(rc) => {
-                            self.publish_route(&r.name, Some(rc));
-                            st.routes.insert(r.name.clone(), (pb, applied));
-                        }
-                        Err(e) => errors.push(ResourceError {
-                            name: r.name.clone(),
-                            message: e,
-                        }),
-                    }
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
-            }
+        let parsed = parse_each(&u.updated, errors, |r| {
+            let pb = check::<route_pb::RouteConfiguration>(&r.body)?;
+            let rc = self.translate_route(&pb, st.vhosts.get(&r.name))?;
+            Ok((pb, rc))
+        });
+        for (r, (pb, rc)) in parsed {
+            self.publish_route(&r.name, Some(rc));
+            st.routes.insert(r.name.clone(), (pb, Applied::of(r)));
         }
         for name in &u.removed {
             st.routes.remove(name);
@@ -458,27 +459,19 @@ impl Applier {
 
     fn apply_vhosts(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         let mut touched = BTreeSet::new();
-        for r in &u.updated {
-            let Some((route, _)) = r.name.split_once('/') else {
-                errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: "VHDS names are <route configuration>/<host>".into(),
-                });
-                continue;
-            };
-            match check::<route_pb::VirtualHost>(&r.body) {
-                Ok(vh) => {
-                    st.vhosts
-                        .entry(route.to_string())
-                        .or_default()
-                        .insert(r.name.clone(), vh);
-                    touched.insert(route.to_string());
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
-            }
+        let parsed = parse_each(&u.updated, errors, |r| {
+            let (route, _) = r
+                .name
+                .split_once('/')
+                .ok_or("VHDS names are <route configuration>/<host>")?;
+            Ok((route.to_string(), check::<route_pb::VirtualHost>(&r.body)?))
+        });
+        for (r, (route, vh)) in parsed {
+            st.vhosts
+                .entry(route.clone())
+                .or_default()
+                .insert(r.name.clone(), vh);
+            touched.insert(route);
         }
         for name in &u.removed {
             if let Some((route, _)) = name.split_once('/') {
@@ -504,58 +497,38 @@ impl Applier {
     fn apply_clusters(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         st.cds_received = true;
         stats::counter("cluster_manager.cds.update_attempt".into()).increment(1);
-        for r in &u.updated {
-            if st
-                .clusters
+        let changed = u.updated.iter().filter(|r| {
+            st.clusters
                 .get(&r.name)
-                .is_some_and(|e| e.applied.body == r.body)
-            {
-                continue;
-            }
+                .is_none_or(|e| e.applied.body != r.body)
+        });
+        let parsed = parse_each(changed, errors, |r| {
             if self.statics.contains_key(&r.name) {
-                errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: format!(
-                        "cluster '{}' is static and cannot be updated by CDS",
-                        r.name
-                    ),
-                });
-                continue;
+                return Err(format!(
+                    "cluster '{}' is static and cannot be updated by CDS",
+                    r.name
+                ));
             }
-            let parsed = check::<cluster_pb::Cluster>(&r.body)
-                .and_then(|pb| ClusterConfig::from_proto(&pb, "").map_err(|e| e.to_string()))
-                .and_then(|c| {
-                    if c.has_pipe() {
-                        return Err(
-                            "pipe endpoints are supported in static clusters only".to_string()
-                        );
-                    }
-                    if let Some(eds) = &c.eds {
-                        self.via(&eds.source)?;
-                    }
-                    Ok(c)
-                });
-            match parsed {
-                Ok(c) => {
-                    st.clusters.insert(
-                        r.name.clone(),
-                        CdsEntry {
-                            config: Arc::new(c),
-                            applied: Applied {
-                                version: r.version.clone(),
-                                last_updated: SystemTime::now(),
-                                body: r.body.clone(),
-                            },
-                            active: false,
-                            since: Instant::now(),
-                        },
-                    );
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
+            let c = ClusterConfig::from_proto(&check::<cluster_pb::Cluster>(&r.body)?, "")
+                .map_err(|e| e.to_string())?;
+            if c.has_pipe() {
+                return Err("pipe endpoints are supported in static clusters only".into());
             }
+            if let Some(eds) = &c.eds {
+                self.via(&eds.source)?;
+            }
+            Ok(c)
+        });
+        for (r, c) in parsed {
+            st.clusters.insert(
+                r.name.clone(),
+                CdsEntry {
+                    config: Arc::new(c),
+                    applied: Applied::of(r),
+                    active: false,
+                    since: Instant::now(),
+                },
+            );
         }
         let removed: Vec<String> = u
             .removed
@@ -579,35 +552,18 @@ impl Applier {
                     .push(c.clone());
             }
         }
-        for r in &u.updated {
-            let parsed = check::<ClusterLoadAssignment>(&r.body).and_then(|cla| {
-                crate::config::cluster::load_assignment(&cla, "", Discovery::Eds)
-                    .map(|_| cla)
-                    .map_err(|e| e.to_string())
-            });
-            match parsed {
-                Ok(cla) => {
-                    // Active clusters take new endpoints at once.
-                    for c in users.get(&r.name).into_iter().flatten() {
-                        set_endpoints(c, &cla);
-                    }
-                    st.endpoints.insert(
-                        r.name.clone(),
-                        (
-                            cla,
-                            Applied {
-                                version: r.version.clone(),
-                                last_updated: SystemTime::now(),
-                                body: r.body.clone(),
-                            },
-                        ),
-                    );
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
+        let parsed = parse_each(&u.updated, errors, |r| {
+            let cla = check::<ClusterLoadAssignment>(&r.body)?;
+            crate::config::cluster::load_assignment(&cla, "", Discovery::Eds)
+                .map_err(|e| e.to_string())?;
+            Ok(cla)
+        });
+        for (r, cla) in parsed {
+            // Active clusters take new endpoints at once.
+            for c in users.get(&r.name).into_iter().flatten() {
+                set_endpoints(c, &cla);
             }
+            st.endpoints.insert(r.name.clone(), (cla, Applied::of(r)));
         }
         for name in &u.removed {
             st.endpoints.remove(name);
@@ -619,28 +575,12 @@ impl Applier {
 
     fn apply_scopes(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         st.scopes_received = true;
-        for r in &u.updated {
-            match check::<route_pb::ScopedRouteConfiguration>(&r.body)
-                .and_then(|pb| Scope::from_proto(&pb, "").map_err(|e| e.to_string()))
-            {
-                Ok(s) => {
-                    st.scopes.insert(
-                        r.name.clone(),
-                        (
-                            s,
-                            Applied {
-                                version: r.version.clone(),
-                                last_updated: SystemTime::now(),
-                                body: r.body.clone(),
-                            },
-                        ),
-                    );
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
-            }
+        let parsed = parse_each(&u.updated, errors, |r| {
+            let pb = check::<route_pb::ScopedRouteConfiguration>(&r.body)?;
+            Scope::from_proto(&pb, "").map_err(|e| e.to_string())
+        });
+        for (r, s) in parsed {
+            st.scopes.insert(r.name.clone(), (s, Applied::of(r)));
         }
         for name in &u.removed {
             st.scopes.remove(name);
@@ -652,35 +592,20 @@ impl Applier {
 
     fn apply_extensions(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         use legate_proto::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig;
-        for r in &u.updated {
-            let parsed = check::<TypedExtensionConfig>(&r.body).and_then(|tec| {
-                let tn = tec
-                    .typed_config
-                    .as_ref()
-                    .map(|a| legate_proto::type_name(&a.type_url).to_string())
-                    .unwrap_or_default();
-                if tn == crate::config::listener::ROUTER_TYPE {
-                    Ok(())
-                } else {
-                    Err(format!("HTTP filter {tn} is not supported"))
-                }
-            });
-            match parsed {
-                Ok(()) => {
-                    st.extensions.insert(
-                        r.name.clone(),
-                        Applied {
-                            version: r.version.clone(),
-                            last_updated: SystemTime::now(),
-                            body: r.body.clone(),
-                        },
-                    );
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
+        let parsed = parse_each(&u.updated, errors, |r| {
+            let tec = check::<TypedExtensionConfig>(&r.body)?;
+            let tn = tec
+                .typed_config
+                .as_ref()
+                .map(|a| legate_proto::type_name(&a.type_url).to_string())
+                .unwrap_or_default();
+            if tn != crate::config::listener::ROUTER_TYPE {
+                return Err(format!("HTTP filter {tn} is not supported"));
             }
+            Ok(())
+        });
+        for (r, ()) in parsed {
+            st.extensions.insert(r.name.clone(), Applied::of(r));
         }
         for name in &u.removed {
             st.extensions.remove(name);
@@ -688,21 +613,14 @@ impl Applier {
     }
 
     fn apply_runtime(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
-        for r in &u.updated {
-            match check::<RuntimePb>(&r.body) {
-                Ok(pb) => {
-                    let v = pb
-                        .layer
-                        .as_ref()
-                        .map(crate::bootstrap::struct_to_json)
-                        .unwrap_or_default();
-                    st.rtds.insert(r.name.clone(), v);
-                }
-                Err(e) => errors.push(ResourceError {
-                    name: r.name.clone(),
-                    message: e,
-                }),
-            }
+        let parsed = parse_each(&u.updated, errors, |r| check::<RuntimePb>(&r.body));
+        for (r, pb) in parsed {
+            let v = pb
+                .layer
+                .as_ref()
+                .map(crate::bootstrap::struct_to_json)
+                .unwrap_or_default();
+            st.rtds.insert(r.name.clone(), v);
         }
         for name in &u.removed {
             st.rtds.remove(name);
@@ -782,10 +700,7 @@ impl Applier {
         }
         st.endpoints.retain(|n, _| eds_names.contains(n));
         stats::gauge("cluster_manager.warming_clusters".into()).set(warming_clusters as f64);
-        if let Some(via) = eds_via.or_else(|| st.via.get(t::ENDPOINT).cloned()) {
-            st.via.insert(t::ENDPOINT, via.clone());
-            let _ = client.watch(t::ENDPOINT, &via, Interest::names(eds_names));
-        }
+        follow(st, client, t::ENDPOINT, eds_via, Interest::names(eds_names));
 
         // Listeners and what they reference.
         let now = Instant::now();
@@ -841,11 +756,7 @@ impl Applier {
                 continue;
             }
             let config = e.config.clone();
-            let old = self
-                .listeners
-                .configs()
-                .into_iter()
-                .find(|l| l.name == name);
+            let old = self.listeners.get(&name);
             match self.listeners.upsert(config) {
                 Ok(addr) => {
                     tracing::info!(listener = %name, %addr, "listener active");
@@ -884,22 +795,9 @@ impl Applier {
             st.vhosts.remove(&n);
             self.publish_route(&n, None);
         }
-        if let Some(via) = rds_via.or_else(|| st.via.get(t::ROUTE).cloned()) {
-            st.via.insert(t::ROUTE, via.clone());
-            let _ = client.watch(t::ROUTE, &via, Interest::names(rds_names));
-        }
-        if let Some(via) = srds_via
-            .clone()
-            .or_else(|| st.via.get(t::SCOPED_ROUTE).cloned())
-        {
-            st.via.insert(t::SCOPED_ROUTE, via.clone());
-            let interest = if srds_via.is_some() {
-                Interest::wildcard()
-            } else {
-                Interest::default()
-            };
-            let _ = client.watch(t::SCOPED_ROUTE, &via, interest);
-        }
+        follow(st, client, t::ROUTE, rds_via, Interest::names(rds_names));
+        let interest = wildcard_if(srds_via.is_some());
+        follow(st, client, t::SCOPED_ROUTE, srds_via, interest);
         // VHDS: every route table with `vhds` subscribes (Delta, wildcard).
         let vhds = st.routes.values().find_map(|(pb, _)| {
             pb.vhds
@@ -908,18 +806,8 @@ impl Applier {
                 .and_then(|cs| XdsSource::from_proto(cs, "").ok())
                 .and_then(|s| self.via(&s).ok())
         });
-        if let Some(via) = vhds
-            .clone()
-            .or_else(|| st.via.get(t::VIRTUAL_HOST).cloned())
-        {
-            st.via.insert(t::VIRTUAL_HOST, via.clone());
-            let interest = if vhds.is_some() {
-                Interest::wildcard()
-            } else {
-                Interest::default()
-            };
-            let _ = client.watch(t::VIRTUAL_HOST, &via, interest);
-        }
+        let interest = wildcard_if(vhds.is_some());
+        follow(st, client, t::VIRTUAL_HOST, vhds, interest);
         let mut ecds_names = BTreeSet::new();
         let mut ecds_via = None;
         for e in st.listeners.values() {
@@ -929,10 +817,13 @@ impl Applier {
             }
         }
         st.extensions.retain(|n, _| ecds_names.contains(n));
-        if let Some(via) = ecds_via.or_else(|| st.via.get(t::EXTENSION_CONFIG).cloned()) {
-            st.via.insert(t::EXTENSION_CONFIG, via.clone());
-            let _ = client.watch(t::EXTENSION_CONFIG, &via, Interest::names(ecds_names));
-        }
+        follow(
+            st,
+            client,
+            t::EXTENSION_CONFIG,
+            ecds_via,
+            Interest::names(ecds_names),
+        );
         if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
             self.initialized
                 .send_if_modified(|v| !std::mem::replace(v, true));
@@ -968,6 +859,33 @@ impl Applier {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+/// Sets what a referenced type subscribes to, over the source the
+/// references name (or, once nothing references it, the one used before,
+/// so the now-smaller interest reaches the server).
+fn follow(
+    st: &mut State,
+    client: &XdsClient,
+    type_url: &'static str,
+    via: Option<Via>,
+    interest: Interest,
+) {
+    let Some(via) = via.or_else(|| st.via.get(type_url).cloned()) else {
+        return;
+    };
+    st.via.insert(type_url, via.clone());
+    if let Err(e) = client.watch(type_url, &via, interest) {
+        tracing::warn!(%type_url, error = %e, "cannot subscribe");
+    }
+}
+
+fn wildcard_if(on: bool) -> Interest {
+    if on {
+        Interest::wildcard()
+    } else {
+        Interest::default()
     }
 }
 

@@ -268,6 +268,20 @@ impl AggregatedDiscoveryService for Service {
     }
 }
 
+/// Polls `find` until it finds a request or `timeout` passes.
+async fn poll<R>(timeout: Duration, find: impl Fn() -> Option<(u64, R)>) -> Option<R> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some((_, r)) = find() {
+            return Some(r);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The running server.
 pub struct ScriptedAds {
     pub addr: SocketAddr,
@@ -287,42 +301,42 @@ impl ScriptedAds {
     pub async fn start_unix(path: &std::path::Path) -> Self {
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path).expect("bind xDS socket");
-        let service = Service::default();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let svc = AggregatedDiscoveryServiceServer::new(service.clone());
-        let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                )
-                .await;
-        });
-        Self {
-            addr: "0.0.0.0:0".parse().unwrap(),
-            service,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Self::run(
+            "0.0.0.0:0".parse().unwrap(),
+            Service::default(),
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+        )
     }
 
     async fn serve(addr: SocketAddr, service: Service) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind xDS");
         let addr = listener.local_addr().unwrap();
+        Self::run(
+            addr,
+            service,
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+        )
+    }
+
+    /// Serves ADS on `incoming` until shut down.
+    fn run<S, IO>(addr: SocketAddr, service: Service, incoming: S) -> Self
+    where
+        S: Stream<Item = std::io::Result<IO>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+    {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let svc = AggregatedDiscoveryServiceServer::new(service.clone());
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                )
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
                 .await;
         });
         Self {
@@ -382,16 +396,10 @@ impl ScriptedAds {
         timeout: Duration,
         pred: impl Fn(u64, &DeltaDiscoveryRequest) -> bool,
     ) -> Option<DeltaDiscoveryRequest> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((_, r)) = self.delta_requests().into_iter().find(|(s, r)| pred(*s, r)) {
-                return Some(r);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll(timeout, || {
+            self.delta_requests().into_iter().find(|(s, r)| pred(*s, r))
+        })
+        .await
     }
 
     /// Every request so far: (stream number, request).
@@ -405,16 +413,10 @@ impl ScriptedAds {
         timeout: Duration,
         pred: impl Fn(u64, &DiscoveryRequest) -> bool,
     ) -> Option<DiscoveryRequest> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((_, r)) = self.requests().into_iter().find(|(s, r)| pred(*s, r)) {
-                return Some(r);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        poll(timeout, || {
+            self.requests().into_iter().find(|(s, r)| pred(*s, r))
+        })
+        .await
     }
 
     /// The nonce of the last response sent.

@@ -100,6 +100,36 @@ impl Interest {
     }
 }
 
+/// The node on a stream's first request, and on every one unless
+/// `set_node_on_first_message_only`.
+#[derive(Debug)]
+pub(crate) struct NodeOnce {
+    node: Node,
+    first_only: bool,
+    sent: bool,
+}
+
+impl NodeOnce {
+    pub(crate) fn new(node: Node, first_only: bool) -> Self {
+        Self {
+            node,
+            first_only,
+            sent: false,
+        }
+    }
+
+    /// The node for the next request.
+    pub(crate) fn next(&mut self) -> Option<Node> {
+        let send = !(self.sent && self.first_only);
+        self.sent = true;
+        send.then(|| self.node.clone())
+    }
+
+    pub(crate) fn new_stream(&mut self) {
+        self.sent = false;
+    }
+}
+
 /// `google.rpc.Code.INTERNAL`, which Envoy puts in every NACK.
 pub const NACK_CODE: i32 = 13;
 

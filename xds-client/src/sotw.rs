@@ -32,9 +32,7 @@ struct TypeState {
 
 #[derive(Debug)]
 pub struct Sotw {
-    node: Node,
-    node_first_only: bool,
-    node_sent: bool,
+    node: crate::NodeOnce,
     types: BTreeMap<String, TypeState>,
 }
 
@@ -88,20 +86,13 @@ pub(crate) fn unpack(
 impl Sotw {
     pub fn new(node: Node, node_first_only: bool) -> Self {
         Self {
-            node,
-            node_first_only,
-            node_sent: false,
+            node: crate::NodeOnce::new(node, node_first_only),
             types: BTreeMap::new(),
         }
     }
 
     fn request(&mut self, type_url: &str) -> DiscoveryRequest {
-        let node = if self.node_sent && self.node_first_only {
-            None
-        } else {
-            Some(self.node.clone())
-        };
-        self.node_sent = true;
+        let node = self.node.next();
         let t = self.types.get(type_url).expect("type is watched");
         let mut names: Vec<String> = t.interest.names.iter().cloned().collect();
         if t.interest.wildcard && !names.is_empty() {
@@ -146,7 +137,7 @@ impl Sotw {
     /// A new stream: forget nonces (they never cross streams) and re-request
     /// every watched type with its last accepted version and full names.
     pub fn on_connect(&mut self) -> Vec<DiscoveryRequest> {
-        self.node_sent = false;
+        self.node.new_stream();
         let urls: Vec<String> = self
             .types
             .iter_mut()

@@ -239,9 +239,12 @@ fn scores(m: &ChainMatch, c: &ConnInfo) -> [Option<u32>; 9] {
 
 /// The index of the chain a connection gets, or None (then the listener's
 /// default chain, if any).
-pub fn select(chains: &[ChainMatch], conn: &ConnInfo) -> Option<usize> {
-    let scored: Vec<[Option<u32>; 9]> = chains.iter().map(|m| scores(m, conn)).collect();
-    let mut candidates: Vec<usize> = (0..chains.len()).collect();
+pub fn select<'a>(
+    chains: impl IntoIterator<Item = &'a ChainMatch>,
+    conn: &ConnInfo,
+) -> Option<usize> {
+    let scored: Vec<[Option<u32>; 9]> = chains.into_iter().map(|m| scores(m, conn)).collect();
+    let mut candidates: Vec<usize> = (0..scored.len()).collect();
     for level in 0..9 {
         let best = candidates.iter().filter_map(|&i| scored[i][level]).max()?;
         candidates.retain(|&i| scored[i][level] == Some(best));

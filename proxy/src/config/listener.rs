@@ -535,8 +535,8 @@ impl Listener {
     /// The chain a new connection gets (Envoy's filter_chain_match), else
     /// the default chain; None: the connection is closed.
     pub fn select(&self, conn: &super::filter_chain::ConnInfo) -> Option<&FilterChain> {
-        let matches: Vec<ChainMatch> = self.chains.iter().map(|(m, _)| m.clone()).collect();
-        match super::filter_chain::select(&matches, conn) {
+        // Runs on every accepted connection: scores the chains in place.
+        match super::filter_chain::select(self.chains.iter().map(|(m, _)| m), conn) {
             Some(i) => Some(&self.chains[i].1),
             None => self.default_chain.as_ref(),
         }

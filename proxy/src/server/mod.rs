@@ -188,14 +188,13 @@ impl ListenerManager {
         }
     }
 
-    /// The running listener configs.
-    pub fn configs(&self) -> Vec<Arc<Listener>> {
+    /// A running listener's config.
+    pub fn get(&self, name: &str) -> Option<Arc<Listener>> {
         self.running
             .lock()
             .unwrap()
-            .values()
+            .get(name)
             .map(|r| r.config.clone())
-            .collect()
     }
 
     /// (name, bound address) of every listener.
