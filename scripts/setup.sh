@@ -24,3 +24,22 @@ if ! command -v cargo >/dev/null; then
     exit 1
   fi
 fi
+
+# The kernel load balancer's eBPF programs build on stable Rust with the
+# rust-src component and bpf-linker (built against the system's LLVM 22,
+# which matches rustc's). Without them the build still succeeds, but the
+# binary carries no eBPF object and the kernel tests would say "skipped".
+if command -v rustup >/dev/null && ! rustup component list --installed 2>/dev/null | grep -q '^rust-src'; then
+  echo "setup: adding the rust-src component" >&2
+  rustup component add rust-src >/dev/null
+fi
+if ! command -v bpf-linker >/dev/null; then
+  if ! dpkg -s llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev >/dev/null 2>&1; then
+    echo "setup: installing LLVM 22 development files for bpf-linker" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq llvm-22-dev libpolly-22-dev zlib1g-dev libzstd-dev >/dev/null
+  fi
+  echo "setup: building bpf-linker 0.13.0 (a few minutes, once)" >&2
+  LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@0.13.0 --no-default-features --features llvm-22 --locked --quiet
+fi

@@ -1,0 +1,188 @@
+//! Legate's socket-level load balancer.
+//!
+//! `connect4`/`connect6` run when a process in the attached cgroup calls
+//! connect(). If the destination is a service VIP in `SERVICES`, a random
+//! slot of the service's Maglev table (`MAGLEV`, one inner array per service,
+//! swapped atomically by the loader) names the backend, and the socket
+//! connects straight to it: no proxy hop, no per-packet NAT. The choice is
+//! recorded by socket cookie in `REVNAT`, so `getpeername4/6` can answer
+//! with the address the application dialled.
+//!
+//! Every program returns 1 ("allow"): a miss or a map error leaves the
+//! connect() untouched, so the worst case is the path without kernel LB.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use legate_bpf_common::{
+    Addr, Backend, Config, RevNat, Service, ServiceKey, FAMILY_V4, FAMILY_V6, MAGLEV_SIZE,
+    MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MODE_DIRECT, PROTO_TCP,
+};
+
+const SOCK_STREAM: u32 = 1;
+const ALLOW: i32 = 1;
+
+#[btf_map]
+static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize }> = HashMap::new();
+
+#[btf_map]
+static MAGLEV: HashOfMaps<u32, Array<u32, { MAGLEV_SIZE as usize }>, { MAX_SERVICES as usize }> =
+    HashOfMaps::new();
+
+#[btf_map]
+static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map]
+static REVNAT: LruHashMap<u64, RevNat, { MAX_REVNAT as usize }> = LruHashMap::new();
+
+/// Connections made to each backend id (summed over CPUs by the loader).
+#[btf_map]
+static BACKEND_CX: PerCpuArray<u64, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static CONFIG: Array<Config, 1> = Array::new();
+
+#[cgroup_sock_addr(connect4)]
+pub fn legate_connect4(ctx: SockAddrContext) -> i32 {
+    let _ = connect(&ctx, FAMILY_V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn legate_connect6(ctx: SockAddrContext) -> i32 {
+    let _ = connect(&ctx, FAMILY_V6);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn legate_getpeername4(ctx: SockAddrContext) -> i32 {
+    let _ = getpeername(&ctx, FAMILY_V4);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn legate_getpeername6(ctx: SockAddrContext) -> i32 {
+    let _ = getpeername(&ctx, FAMILY_V6);
+    ALLOW
+}
+
+#[inline(always)]
+fn read_addr(ctx: &SockAddrContext, family: u8) -> Addr {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &*ctx.sock_addr };
+    let ip = if family == FAMILY_V4 {
+        [sa.user_ip4, 0, 0, 0]
+    } else {
+        sa.user_ip6
+    };
+    Addr {
+        ip,
+        port: sa.user_port as u16,
+        family,
+        _pad: 0,
+    }
+}
+
+/// `family` is the program's own (a constant after inlining): the verifier
+/// rejects a v6 store in a v4 program even on a branch never taken, so the
+/// branch must not depend on map data.
+#[inline(always)]
+fn write_addr(ctx: &SockAddrContext, family: u8, addr: &Addr) {
+    // SAFETY: as in read_addr; the verifier allows these stores in
+    // connect and getpeername programs.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if family == FAMILY_V4 {
+        sa.user_ip4 = addr.ip[0];
+    } else {
+        sa.user_ip6[0] = addr.ip[0];
+        sa.user_ip6[1] = addr.ip[1];
+        sa.user_ip6[2] = addr.ip[2];
+        sa.user_ip6[3] = addr.ip[3];
+    }
+    sa.user_port = addr.port as u32;
+}
+
+#[inline(always)]
+fn is_self() -> bool {
+    match CONFIG.get(0) {
+        Some(c) => c.self_tgid != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 == c.self_tgid,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
+    // SAFETY: valid context, see read_addr.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || is_self() {
+        return None;
+    }
+    let vip = read_addr(ctx, family);
+    let key = ServiceKey {
+        addr: vip,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    };
+    // SAFETY: values are plain data; a concurrent update at worst yields
+    // the old or the new service, both valid.
+    let svc = unsafe { SERVICES.get(&key) }?;
+    if svc.mode != MODE_DIRECT || svc.count == 0 {
+        return None;
+    }
+    // SAFETY: no side effects.
+    let slot = unsafe { bpf_get_prandom_u32() } % MAGLEV_SIZE;
+    // SAFETY: inner tables are only ever replaced whole, never resized.
+    let id = *unsafe { MAGLEV.get_value(&svc.id, &slot) }?;
+    // SAFETY: plain data, see above.
+    let backend = unsafe { BACKENDS.get(&id) }?;
+    if backend.addr.family != family {
+        return None;
+    }
+    // SAFETY: the context pointer is what the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = REVNAT.insert(
+        &cookie,
+        &RevNat {
+            vip,
+            backend: backend.addr,
+        },
+        0,
+    );
+    write_addr(ctx, family, &backend.addr);
+    if let Some(n) = BACKEND_CX.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot, no other writer on this CPU.
+        unsafe { *n += 1 };
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn getpeername(ctx: &SockAddrContext, family: u8) -> Option<()> {
+    // SAFETY: the context pointer is what the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data.
+    let rev = unsafe { REVNAT.get(&cookie) }?;
+    let peer = read_addr(ctx, family);
+    if rev.backend != peer || rev.vip.family != family {
+        return None;
+    }
+    write_addr(ctx, family, &rev.vip);
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// Helpers such as bpf_get_socket_cookie are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
