@@ -44,6 +44,8 @@ pub struct AdminState {
     pub set_log_level: Box<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>,
     pub log_level: std::sync::Mutex<String>,
     pub quit: tokio::sync::Notify,
+    /// The kernel load balancer, once started (for /kernel_lb).
+    pub kernel_lb: std::sync::Mutex<Option<Arc<crate::kernel_lb::Agent>>>,
 }
 
 impl AdminState {
@@ -120,7 +122,7 @@ impl Admin {
             return text(405, "This endpoint requires POST.\n");
         }
         match path {
-            "/" => text(200, "admin commands are:\n  /ready\n  /server_info\n  /config_dump\n  /clusters\n  /listeners\n  /stats\n  /stats/prometheus\n  /runtime\n  /logging\n  /healthcheck/fail\n  /healthcheck/ok\n  /drain_listeners\n  /quitquitquit\n"),
+            "/" => text(200, "admin commands are:\n  /ready\n  /server_info\n  /config_dump\n  /kernel_lb\n  /clusters\n  /listeners\n  /stats\n  /stats/prometheus\n  /runtime\n  /logging\n  /healthcheck/fail\n  /healthcheck/ok\n  /drain_listeners\n  /quitquitquit\n"),
             "/ready" => match s.state.load(Ordering::SeqCst) {
                 STATE_LIVE => text(200, "LIVE\n"),
                 other => text(503, format!("{}\n", state_name(other))),
@@ -215,6 +217,10 @@ impl Admin {
                 }
             }
             "/config_dump" => self.config_dump(param("resource"), param("mask")),
+            "/kernel_lb" => match s.kernel_lb.lock().unwrap().as_ref() {
+                Some(a) => json_reply(a.status_json()),
+                None => text(503, "the kernel LB is not started\n"),
+            },
             "/runtime" => {
                 let mut entries = serde_json::Map::new();
                 for (k, v) in s.runtime.load().entries() {

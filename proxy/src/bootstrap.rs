@@ -248,8 +248,8 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         })
         .collect();
     let runtime = crate::runtime::Runtime::from_layers(&layers);
-    // Legate reads runtime keys only through route runtime_fraction; any
-    // other key (Envoy reads many) is reported, never silently dropped.
+    // Legate reads runtime keys only through route runtime_fraction and its
+    // own kernel LB settings; any other key (Envoy reads many) is reported, never silently dropped.
     let used: HashSet<&str> = listeners
         .iter()
         .flat_map(|l| l.hcms().filter_map(|h| h.static_routes()))
@@ -258,8 +258,8 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         .filter_map(|r| r.matcher.runtime_fraction.as_ref().map(|(k, _)| k.as_str()))
         .collect();
     for (key, _) in runtime.entries() {
-        if !used.contains(key.as_str()) {
-            tracing::warn!(%key, "runtime key is not read by Legate (only route runtime_fraction keys are)");
+        if !used.contains(key.as_str()) && !crate::kernel_lb::RUNTIME_KEYS.contains(&key.as_str()) {
+            tracing::warn!(%key, "runtime key is not read by Legate (only route runtime_fraction and legate.kernel_lb keys are)");
             crate::stats::counter("legate.config.runtime_keys_ignored".into()).increment(1);
         }
     }

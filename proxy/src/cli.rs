@@ -84,6 +84,16 @@ pub struct Cli {
     pub socket_mode: String,
     #[arg(long = "version")]
     pub version: bool,
+    /// Kernel load balancing (Legate's own flag): auto falls back to
+    /// userspace when BPF cannot load, required refuses to start without
+    /// it, off never loads it. Default: the bootstrap runtime key
+    /// `legate.kernel_lb.mode`, else auto.
+    #[arg(long = "kernel-lb", value_enum)]
+    pub kernel_lb: Option<crate::kernel_lb::Mode>,
+    /// The cgroup v2 directory whose processes' connects are balanced.
+    /// Default: `legate.kernel_lb.cgroup`, else the hierarchy's root.
+    #[arg(long = "kernel-lb-cgroup", default_value = "")]
+    pub kernel_lb_cgroup: String,
 }
 
 impl Cli {
@@ -106,8 +116,9 @@ impl Cli {
             "--parent-shutdown-time-s",
         );
         note(
-            self.base_id != 0 || self.use_dynamic_base_id || !self.base_id_path.is_empty(),
-            "--base-id",
+            // --base-id itself names the kernel LB's pin directory.
+            self.use_dynamic_base_id || !self.base_id_path.is_empty(),
+            "--use-dynamic-base-id",
         );
         note(self.restart_epoch != 0, "--restart-epoch");
         note(

@@ -193,6 +193,42 @@ impl HostSnapshot {
         }
     }
 
+    /// Each host's expected share of picks (summing to 1 when any host
+    /// exists), as [`Self::pick`] spreads them: priority loads to healthy,
+    /// then degraded hosts (every host of a priority in panic), then by
+    /// weight within that set. The kernel LB encodes these shares as
+    /// weights, so connect()-time balancing follows the same snapshot.
+    pub fn effective_shares(&self) -> Vec<(SocketAddr, f64)> {
+        let mut shares: Vec<(SocketAddr, f64)> = Vec::new();
+        for (p, prio) in self.priorities.iter().enumerate() {
+            let sets: [(&Pool, u32); 2] = if prio.panic {
+                [
+                    (&prio.all, self.healthy_loads[p] + self.degraded_loads[p]),
+                    (&prio.all, 0),
+                ]
+            } else {
+                [
+                    (&prio.healthy, self.healthy_loads[p]),
+                    (&prio.degraded, self.degraded_loads[p]),
+                ]
+            };
+            for (pool, load) in sets {
+                let total: u64 = pool.hosts.iter().map(|h| u64::from(h.weight.max(1))).sum();
+                if load == 0 || total == 0 {
+                    continue;
+                }
+                for h in &pool.hosts {
+                    let share = f64::from(load) / 100.0 * h.weight.max(1) as f64 / total as f64;
+                    match shares.iter_mut().find(|(a, _)| *a == h.addr) {
+                        Some((_, s)) => *s += share,
+                        None => shares.push((h.addr, share)),
+                    }
+                }
+            }
+        }
+        shares
+    }
+
     /// Picks a host: a priority (healthy, then degraded) by load, then that
     /// set's balancer (all hosts when the priority is in panic).
     pub fn pick(
@@ -632,6 +668,71 @@ mod tests {
             healthy,
             active_requests: Default::default(),
         })
+    }
+
+    #[test]
+    fn effective_shares_are_what_picks_do() {
+        let weighted = |port: u16, healthy: bool, weight: u32| {
+            let mut h = Arc::try_unwrap(host(port, healthy)).unwrap();
+            h.weight = weight;
+            Arc::new(h)
+        };
+        // P0: 2 of 4 healthy (70 % at overprovisioning 1.4), weights 1:3;
+        // P1 takes the 30 % that spills over.
+        // Round robin honours weights (Envoy's RANDOM does not).
+        let snap = HostSnapshot::build(
+            &lb::LbPolicy::RoundRobin,
+            vec![
+                vec![
+                    weighted(1, true, 1),
+                    weighted(2, true, 3),
+                    host(3, false),
+                    host(4, false),
+                ],
+                vec![weighted(5, true, 2)],
+            ],
+            140,
+        );
+        let shares: HashMap<u16, f64> = snap
+            .effective_shares()
+            .into_iter()
+            .map(|(a, s)| (a.port(), s))
+            .collect();
+        assert_eq!(shares.len(), 3);
+        for (port, want) in [(1, 0.175), (2, 0.525), (5, 0.3)] {
+            assert!(
+                (shares[&port] - want).abs() < 1e-9,
+                "{port}: {}",
+                shares[&port]
+            );
+        }
+        // And the userspace picker spreads picks the same way.
+        let mut seen: HashMap<u16, u32> = HashMap::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let n = 200_000;
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let h = snap.pick(None, x, &|_| false, None).unwrap();
+            *seen.entry(h.addr.port()).or_default() += 1;
+        }
+        for (port, share) in &shares {
+            let got = f64::from(seen[port]) / f64::from(n);
+            assert!(
+                (got - share).abs() < 0.01,
+                "{port}: picked {got:.3}, share {share:.3}"
+            );
+        }
+        // In panic every host of the priority shares its load.
+        let panic = HostSnapshot::build(
+            &lb::LbPolicy::Random,
+            vec![vec![host(1, true), host(2, false), host(3, false)]],
+            140,
+        );
+        let s = panic.effective_shares();
+        assert_eq!(s.len(), 3);
+        assert!(s.iter().all(|(_, v)| (v - 1.0 / 3.0).abs() < 1e-9));
     }
 
     #[test]

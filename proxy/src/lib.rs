@@ -14,6 +14,7 @@ pub mod cluster_manager;
 pub mod config;
 pub mod datasource;
 pub mod headers;
+pub mod kernel_lb;
 pub mod lb;
 pub mod logging;
 pub mod registry;

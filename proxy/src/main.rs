@@ -131,6 +131,7 @@ async fn serve(
         set_log_level: set_level,
         log_level: std::sync::Mutex::new(cli.log_level.clone()),
         quit: tokio::sync::Notify::new(),
+        kernel_lb: Default::default(),
     });
     if let Some(addr) = config.admin {
         let admin_proxy = Arc::new(pingora_proxy::http_proxy(
@@ -178,6 +179,28 @@ async fn serve(
         return ExitCode::FAILURE;
     }
     *state.xds.lock().unwrap() = Some(applier.clone());
+    let kernel_settings = match legate::kernel_lb::Settings::resolve(
+        cli.kernel_lb,
+        &cli.kernel_lb_cgroup,
+        &runtime.load(),
+        cli.base_id,
+    ) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!(
+                "error initializing configuration '{}': {e}",
+                cli.config_path
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    match legate::kernel_lb::Agent::start(kernel_settings, listeners.clone(), clusters.clone()) {
+        Ok(a) => *state.kernel_lb.lock().unwrap() = Some(a),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     // Envoy's init: LIVE once the first xDS fetches are answered and warmed.
     applier.initialized().await;
     state.set_state(STATE_LIVE);

@@ -161,7 +161,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.listener.v3.Listener",
         // traffic_direction: /drain_listeners?inboundonly drains INBOUND ones.
-        &["default_filter_chain", "name", "address", "filter_chains", "stat_prefix", "traffic_direction"],
+        &["default_filter_chain", "name", "address", "filter_chains", "stat_prefix", "traffic_direction", "bind_to_port"],
         &[
             ("metadata", "only informational"),
             (

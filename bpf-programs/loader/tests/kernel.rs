@@ -5,130 +5,44 @@
 //! failure).
 
 use legate_bpf::{KernelLb, Options, ServiceSpec, MAGLEV_SIZE};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use legate_tests::cgroup::{Cgroup, TagServer};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
-fn skip_reason() -> Option<String> {
-    let why = if !legate_bpf::built_with_ebpf() {
-        Some("built without eBPF programs (no bpf-linker)".to_string())
-    } else if std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            !s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(true)
-    {
-        Some("not running as root".to_string())
-    } else {
-        None
-    };
-    if let Some(w) = &why {
-        assert!(
-            std::env::var("LEGATE_REQUIRE_BPF").is_err(),
-            "LEGATE_REQUIRE_BPF is set but the kernel tests cannot run: {w}"
-        );
-        eprintln!("skipped: {w}");
-    }
-    why
+fn skip() -> bool {
+    legate_tests::cgroup::skip_reason(legate_bpf::built_with_ebpf()).is_some()
 }
 
-/// A cgroup made for one test, removed (with the pins) on drop.
+/// A cgroup and a pin directory for one test, both removed on drop.
 struct Sandbox {
-    cgroup: PathBuf,
+    cgroup: Cgroup,
     pins: PathBuf,
 }
 
 impl Sandbox {
     fn new(name: &str) -> Self {
-        let root = legate_bpf::cgroup2_root().expect("cgroup v2");
-        let tag = format!("legate-test-{name}-{}", std::process::id());
-        let cgroup = root.join(&tag);
-        std::fs::create_dir_all(&cgroup).expect("mkdir cgroup");
-        let pins = PathBuf::from("/sys/fs/bpf/legate").join(&tag);
+        let cgroup = Cgroup::new(&legate_bpf::cgroup2_root().expect("cgroup v2"), name);
+        let pins = PathBuf::from("/sys/fs/bpf/legate").join(cgroup.path.file_name().unwrap());
         Sandbox { cgroup, pins }
     }
 
     fn options(&self) -> Options {
         Options {
-            cgroup: self.cgroup.clone(),
+            cgroup: self.cgroup.path.clone(),
             pin_dir: self.pins.clone(),
             self_tgid: 0,
         }
     }
 
-    /// Runs `connections` connects to `vip` from a process inside the
-    /// cgroup; returns per connection (peer name, the byte the server sent),
-    /// or "refused".
-    fn connect(&self, vip: SocketAddr, connections: usize) -> Vec<String> {
-        let script = format!(
-            r#"
-import socket, sys
-for _ in range({connections}):
-    s = socket.socket()
-    try:
-        s.connect(("{ip}", {port}))
-    except OSError as e:
-        print("refused"); continue
-    s.sendall(b"x")
-    b = s.recv(1)
-    peer = s.getpeername()
-    print("%s:%d %s" % (peer[0], peer[1], b.decode()))
-    s.close()
-"#,
-            ip = vip.ip(),
-            port = vip.port()
-        );
-        // The shell moves itself into the cgroup, then becomes the client:
-        // the test harness itself never joins it.
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\"",
-                self.cgroup.display()
-            ))
-            .arg(script)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "client failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect()
+    fn connect(&self, vip: SocketAddr, n: usize) -> Vec<String> {
+        self.cgroup.connect(vip, n)
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = legate_bpf::unpin(&self.pins);
-        let _ = std::fs::remove_dir(&self.cgroup);
     }
-}
-
-/// An echo server that answers each connection's first byte with `tag`.
-fn backend(tag: char) -> (SocketAddr, Arc<AtomicU64>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let n = Arc::new(AtomicU64::new(0));
-    let count = n.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            count.fetch_add(1, Ordering::Relaxed);
-            let mut b = [0u8; 1];
-            if s.read_exact(&mut b).is_ok() {
-                let _ = s.write_all(&[tag as u8]);
-            }
-        }
-    });
-    (addr, n)
 }
 
 /// A table giving `a` one slot in four and `b` the rest.
@@ -140,14 +54,16 @@ fn one_to_three(vip: SocketAddr, a: SocketAddr, b: SocketAddr) -> ServiceSpec {
     }
 }
 
-#[test]
-fn connect_is_balanced_by_the_table_and_getpeername_shows_the_vip() {
-    if skip_reason().is_some() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_balanced_by_the_table_and_getpeername_shows_the_vip() {
+    if skip() {
         return;
     }
     let sb = Sandbox::new("balance");
-    let (a, na) = backend('a');
-    let (b, nb) = backend('b');
+    let a_srv = TagServer::start('a').await;
+    let a = a_srv.addr;
+    let b_srv = TagServer::start('b').await;
+    let b = b_srv.addr;
     let vip: SocketAddr = "127.100.0.1:80".parse().unwrap();
     // Loading runs the verifier on every program.
     let mut lb = KernelLb::load(&sb.options()).expect("load and attach");
@@ -166,10 +82,7 @@ fn connect_is_balanced_by_the_table_and_getpeername_shows_the_vip() {
         (share_a - 0.25).abs() < 0.04,
         "a got {share_a:.3} of connections, want 0.25 ({per:?})"
     );
-    assert_eq!(
-        na.load(Ordering::Relaxed) + nb.load(Ordering::Relaxed),
-        2000
-    );
+    assert_eq!(a_srv.accepted() + b_srv.accepted(), 2000);
 
     // The kernel's per-backend counters agree with what the servers saw.
     let counted: std::collections::HashMap<SocketAddr, u64> = lb
@@ -177,22 +90,24 @@ fn connect_is_balanced_by_the_table_and_getpeername_shows_the_vip() {
         .into_iter()
         .map(|(_, be, n)| (be, n))
         .collect();
-    assert_eq!(counted[&a], na.load(Ordering::Relaxed));
-    assert_eq!(counted[&b], nb.load(Ordering::Relaxed));
+    assert_eq!(counted[&a], a_srv.accepted());
+    assert_eq!(counted[&b], b_srv.accepted());
 
     // A process outside the cgroup (this one) is not rewritten: nothing
     // listens on the VIP itself.
     assert!(std::net::TcpStream::connect(vip).is_err());
 }
 
-#[test]
-fn swaps_and_removal_take_effect_for_new_connects() {
-    if skip_reason().is_some() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_and_removal_take_effect_for_new_connects() {
+    if skip() {
         return;
     }
     let sb = Sandbox::new("swap");
-    let (a, _) = backend('a');
-    let (b, _) = backend('b');
+    let a_srv = TagServer::start('a').await;
+    let a = a_srv.addr;
+    let b_srv = TagServer::start('b').await;
+    let b = b_srv.addr;
     let vip: SocketAddr = "127.100.0.2:80".parse().unwrap();
     let mut lb = KernelLb::load(&sb.options()).unwrap();
     lb.sync(&[one_to_three(vip, a, b)]).unwrap();
@@ -211,14 +126,16 @@ fn swaps_and_removal_take_effect_for_new_connects() {
     assert!(lines.iter().all(|l| l == "refused"), "{lines:?}");
 }
 
-#[test]
-fn a_restart_adopts_pinned_maps_and_links() {
-    if skip_reason().is_some() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_adopts_pinned_maps_and_links() {
+    if skip() {
         return;
     }
     let sb = Sandbox::new("adopt");
-    let (a, _) = backend('a');
-    let (b, _) = backend('b');
+    let a_srv = TagServer::start('a').await;
+    let a = a_srv.addr;
+    let b_srv = TagServer::start('b').await;
+    let b = b_srv.addr;
     let vip: SocketAddr = "127.100.0.3:80".parse().unwrap();
     let mut lb = KernelLb::load(&sb.options()).unwrap();
     lb.sync(&[one_to_three(vip, a, b)]).unwrap();

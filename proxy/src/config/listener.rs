@@ -177,6 +177,11 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `bind_to_port` (default true). An unbound listener accepts nothing
+    /// itself: in Envoy it gets connections another listener hands over
+    /// (`use_original_dst`); in Legate its address is a VIP the kernel load
+    /// balancer may serve (see `kernel_lb`).
+    pub bind_to_port: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -282,6 +287,7 @@ impl Listener {
             stat_prefix,
             chains,
             default_chain,
+            bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
             inbound: l.traffic_direction
                 == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
                     as i32,

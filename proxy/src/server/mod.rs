@@ -43,6 +43,9 @@ struct Generation {
 struct Running {
     config: Arc<Listener>,
     local_addr: SocketAddr,
+    /// Whether an accept loop runs: a `bind_to_port: false` listener gets
+    /// one only as the kernel LB's userspace fallback.
+    bound: bool,
     /// Flipped to start draining: H2 GOAWAY, H1 `Connection: close`, and
     /// after the drain time the connections are closed.
     drain: watch::Sender<bool>,
@@ -65,7 +68,7 @@ pub struct ListenerManager {
     running: Mutex<HashMap<String, Running>>,
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<tokio::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -77,6 +80,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
         s.set_only_v6(true)?;
     }
     s.set_nonblocking(true)?;
+    if freebind {
+        // A VIP need not be a local address.
+        if addr.is_ipv4() {
+            s.set_freebind(true)?;
+        } else {
+            s.set_freebind_ipv6(true)?;
+        }
+    }
     s.bind(&addr.into())?;
     s.listen(1024)?;
     tokio::net::TcpListener::from_std(s.into())
@@ -107,20 +118,27 @@ impl ListenerManager {
 
     /// Binds and starts a listener; returns the bound address.
     pub fn add(&self, config: Arc<Listener>) -> std::io::Result<SocketAddr> {
-        let tcp = bind(config.address)?;
-        let local_addr = tcp.local_addr()?;
         let (drain, drain_rx) = watch::channel(false);
         let current = Arc::new(arc_swap::ArcSwap::from_pointee(Generation {
             config: config.clone(),
             drain: drain_rx,
         }));
-        let accept = tokio::spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
-        tracing::info!(listener = %config.name, address = %local_addr, "listener started");
+        let (local_addr, accept) = if config.bind_to_port {
+            let tcp = bind(config.address, false)?;
+            let local_addr = tcp.local_addr()?;
+            let accept = tokio::spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
+            (local_addr, accept)
+        } else {
+            // As Envoy: registered, never bound, so nothing is accepted here.
+            (config.address, tokio::spawn(async {}))
+        };
+        tracing::info!(listener = %config.name, address = %local_addr, bound = config.bind_to_port, "listener started");
         stats::counter("listener_manager.listener_added".into()).increment(1);
         let mut running = self.running.lock().unwrap();
         let old = running.insert(
             config.name.clone(),
             Running {
+                bound: config.bind_to_port,
                 config,
                 local_addr,
                 drain,
@@ -143,7 +161,9 @@ impl ListenerManager {
         {
             let mut running = self.running.lock().unwrap();
             if let Some(r) = running.get_mut(&config.name) {
-                if r.config.address == config.address {
+                if r.config.address == config.address
+                    && r.config.bind_to_port == config.bind_to_port
+                {
                     let (drain, drain_rx) = watch::channel(false);
                     r.current.store(Arc::new(Generation {
                         config: config.clone(),
@@ -158,6 +178,26 @@ impl ListenerManager {
             }
         }
         self.add(config)
+    }
+
+    /// Starts accepting on a `bind_to_port: false` listener (binding its
+    /// address even if it is not local): the kernel LB's fallback when it
+    /// cannot serve the VIP. Returns false if there is no such listener or
+    /// it already accepts.
+    pub fn serve_unbound(&self, name: &str) -> std::io::Result<bool> {
+        let mut running = self.running.lock().unwrap();
+        let Some(r) = running.get_mut(name) else {
+            return Ok(false);
+        };
+        if r.bound {
+            return Ok(false);
+        }
+        let tcp = bind(r.config.address, true)?;
+        r.local_addr = tcp.local_addr()?;
+        r.accept = tokio::spawn(accept_loop(tcp, r.current.clone(), self.ctx.clone()));
+        r.bound = true;
+        tracing::info!(listener = %name, address = %r.local_addr, "unbound listener now accepts in userspace (kernel LB fallback)");
+        Ok(true)
     }
 
     /// Stops a listener: no new connections; open ones drain.
@@ -195,6 +235,16 @@ impl ListenerManager {
             .unwrap()
             .get(name)
             .map(|r| r.config.clone())
+    }
+
+    /// Every listener's config.
+    pub fn configs(&self) -> Vec<Arc<Listener>> {
+        self.running
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| r.config.clone())
+            .collect()
     }
 
     /// (name, bound address) of every listener.

@@ -1,0 +1,349 @@
+//! The thread that keeps the kernel maps in step with listeners and
+//! endpoints, and reports what is offloaded.
+//!
+//! Every [`TICK`] it classifies the listeners, rebuilds the table of a
+//! service only when its cluster published a new endpoint snapshot (so EDS
+//! bursts are debounced per cluster, latest wins), and syncs the maps; map
+//! updates are syscalls, so this runs on its own thread, off the proxy's
+//! runtime. Once a second it folds the kernel's per-backend connection
+//! counters into `cluster.<name>.upstream_cx_total`.
+
+use super::offload::{classify, service_spec, Decision};
+use super::Mode;
+use crate::cluster_manager::{ClusterManager, HostSnapshot};
+use crate::server::ListenerManager;
+use crate::stats;
+use legate_bpf::{KernelLb, ServiceSpec};
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TICK: Duration = Duration::from_millis(100);
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// `None`: the root of the cgroup v2 hierarchy.
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+}
+
+impl Settings {
+    /// The command line wins over the bootstrap's runtime keys; the default
+    /// is `auto` on the root cgroup.
+    pub fn resolve(
+        cli_mode: Option<Mode>,
+        cli_cgroup: &str,
+        runtime: &crate::runtime::Runtime,
+        base_id: u64,
+    ) -> Result<Self, String> {
+        let mode = match cli_mode {
+            Some(m) => m,
+            None => match runtime.get(super::RUNTIME_KEYS[0]) {
+                None => Mode::Auto,
+                Some(v) => v.as_str().and_then(Mode::parse).ok_or_else(|| {
+                    format!("runtime key legate.kernel_lb.mode: {v} is not auto, required or off")
+                })?,
+            },
+        };
+        let cgroup = if !cli_cgroup.is_empty() {
+            Some(PathBuf::from(cli_cgroup))
+        } else {
+            runtime
+                .get(super::RUNTIME_KEYS[1])
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
+        };
+        Ok(Self {
+            mode,
+            cgroup,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/legate/{base_id}")),
+        })
+    }
+}
+
+/// One listener as the admin API shows it.
+#[derive(Debug, Clone)]
+struct ListenerStatus {
+    listener: String,
+    address: SocketAddr,
+    decision: Decision,
+    /// Why a DIRECT listener is not in the kernel after all, if it is not.
+    not_offloaded: Option<String>,
+    backends: Vec<(SocketAddr, u32)>,
+}
+
+struct Loaded {
+    lb: KernelLb,
+    /// Last connection count per (VIP, backend), to add deltas to stats.
+    counted: HashMap<(SocketAddr, SocketAddr), u64>,
+}
+
+/// The kernel LB's state, shared with the admin API.
+pub struct Agent {
+    settings: Settings,
+    /// `Some(reason)` once loading failed (auto) or when off.
+    unavailable: Mutex<Option<String>>,
+    loaded: Mutex<Option<Loaded>>,
+    status: Mutex<Vec<ListenerStatus>>,
+    enabled: metrics::Gauge,
+    offloaded: metrics::Gauge,
+}
+
+impl Agent {
+    /// Starts the agent. With `required`, loads now and fails if the kernel
+    /// refuses; with `off`, removes pins an earlier run left.
+    pub fn start(
+        settings: Settings,
+        listeners: Arc<ListenerManager>,
+        clusters: Arc<ClusterManager>,
+    ) -> Result<Arc<Self>, String> {
+        let agent = Arc::new(Agent {
+            unavailable: Mutex::new(None),
+            loaded: Mutex::new(None),
+            status: Mutex::new(Vec::new()),
+            enabled: stats::gauge("kernel_lb.enabled".into()),
+            offloaded: stats::gauge("kernel_lb.services_offloaded".into()),
+            settings,
+        });
+        agent.enabled.set(0.0);
+        match agent.settings.mode {
+            Mode::Off => {
+                if let Ok(true) = legate_bpf::unpin(&agent.settings.pin_dir) {
+                    tracing::info!(dir = %agent.settings.pin_dir.display(), "kernel LB off: removed what an earlier run pinned");
+                }
+                *agent.unavailable.lock().unwrap() = Some("--kernel-lb off".into());
+                return Ok(agent);
+            }
+            Mode::Required => agent
+                .load()
+                .map_err(|e| format!("--kernel-lb required: {e}"))?,
+            Mode::Auto => {}
+        }
+        let a = agent.clone();
+        // The fallback starts accept loops, which are tokio tasks.
+        let rt = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("kernel-lb".into())
+            .spawn(move || {
+                let _rt = rt.enter();
+                a.run(&listeners, &clusters)
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(agent)
+    }
+
+    fn load(&self) -> Result<(), String> {
+        let cgroup = match &self.settings.cgroup {
+            Some(c) => c.clone(),
+            None => legate_bpf::cgroup2_root().map_err(|e| e.to_string())?,
+        };
+        let opts = legate_bpf::Options {
+            cgroup: cgroup.clone(),
+            pin_dir: self.settings.pin_dir.clone(),
+            self_tgid: std::process::id(),
+        };
+        let lb = KernelLb::load(&opts).map_err(|e| e.to_string())?;
+        tracing::info!(cgroup = %cgroup.display(), pins = %opts.pin_dir.display(), "kernel LB loaded and attached");
+        self.enabled.set(1.0);
+        *self.loaded.lock().unwrap() = Some(Loaded {
+            lb,
+            counted: HashMap::new(),
+        });
+        Ok(())
+    }
+
+    fn run(&self, listeners: &ListenerManager, clusters: &ClusterManager) {
+        // Per VIP: the snapshot its spec was built from, and the spec.
+        let mut built: HashMap<SocketAddr, (Arc<HostSnapshot>, Option<(ServiceSpec, Vec<u32>)>)> =
+            HashMap::new();
+        let mut last_counters = Instant::now();
+        loop {
+            std::thread::sleep(TICK);
+            let mut status = Vec::new();
+            let mut specs = Vec::new();
+            let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+            for l in listeners.configs() {
+                let decision = classify(&l);
+                let mut s = ListenerStatus {
+                    listener: l.name.clone(),
+                    address: l.address,
+                    decision: decision.clone(),
+                    not_offloaded: None,
+                    backends: Vec::new(),
+                };
+                if let Decision::Direct { cluster } = &decision {
+                    match clusters.get(cluster) {
+                        None => {
+                            s.not_offloaded = Some(format!("cluster '{cluster}' does not exist"))
+                        }
+                        Some(c) if c.config.has_pipe() => {
+                            s.not_offloaded = Some("pipe endpoints are not IP addresses".into())
+                        }
+                        Some(c) => {
+                            let snap = c.snapshot();
+                            let entry = built
+                                .entry(l.address)
+                                .or_insert_with(|| (snap.clone(), None));
+                            if !Arc::ptr_eq(&entry.0, &snap) || entry.1.is_none() {
+                                *entry = (snap.clone(), service_spec(l.address, &snap));
+                            }
+                            match &entry.1 {
+                                Some((spec, weights)) => {
+                                    s.backends = spec
+                                        .backends
+                                        .iter()
+                                        .copied()
+                                        .zip(weights.iter().copied())
+                                        .collect();
+                                    specs.push(spec.clone());
+                                    owners.insert(l.address, cluster.clone());
+                                }
+                                None => {
+                                    s.not_offloaded = Some(
+                                        "no healthy endpoint of the VIP's address family".into(),
+                                    )
+                                }
+                            }
+                        }
+                    }
+                }
+                status.push(s);
+            }
+            built.retain(|vip, _| owners.contains_key(vip));
+            status.sort_by(|a, b| a.listener.cmp(&b.listener));
+
+            let unavailable = self.unavailable.lock().unwrap().clone();
+            if unavailable.is_none() && !specs.is_empty() && self.loaded.lock().unwrap().is_none() {
+                if let Err(e) = self.load() {
+                    tracing::warn!(error = %e, "kernel LB unavailable; serving every listener from userspace");
+                    *self.unavailable.lock().unwrap() = Some(e);
+                }
+            }
+            let mut loaded = self.loaded.lock().unwrap();
+            match loaded.as_mut() {
+                Some(l) => {
+                    if let Err(e) = l.lb.sync(&specs) {
+                        tracing::warn!(error = %e, "kernel LB: sync failed; retrying next tick");
+                        for s in status
+                            .iter_mut()
+                            .filter(|s| owners.contains_key(&s.address))
+                        {
+                            s.not_offloaded = Some(format!("map update failed: {e}"));
+                        }
+                    }
+                    if last_counters.elapsed() >= COUNTERS_EVERY {
+                        last_counters = Instant::now();
+                        fold_counters(l, &owners, clusters);
+                    }
+                    self.offloaded.set(specs.len() as f64);
+                }
+                None => {
+                    let why = self
+                        .unavailable
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or_else(|| "not loaded".into());
+                    let failed = self.unavailable.lock().unwrap().is_some();
+                    for s in status
+                        .iter_mut()
+                        .filter(|s| owners.contains_key(&s.address))
+                    {
+                        s.not_offloaded = Some(if failed {
+                            // auto's fallback: Legate's own tcp_proxy serves
+                            // the VIP, from the same endpoints.
+                            match listeners.serve_unbound(&s.listener) {
+                                Ok(_) => {
+                                    format!("served in userspace: kernel LB unavailable: {why}")
+                                }
+                                Err(e) => format!(
+                                    "kernel LB unavailable ({why}) and binding the VIP failed: {e}"
+                                ),
+                            }
+                        } else {
+                            format!("kernel LB {why}")
+                        });
+                    }
+                    self.offloaded.set(0.0);
+                }
+            }
+            drop(loaded);
+            *self.status.lock().unwrap() = status;
+        }
+    }
+
+    /// `/kernel_lb`: the mode, whether the programs are loaded (or why not),
+    /// and per listener whether the kernel serves it, and why not.
+    pub fn status_json(&self) -> serde_json::Value {
+        let loaded = self.loaded.lock().unwrap();
+        let counts: HashMap<(SocketAddr, SocketAddr), u64> = loaded
+            .as_ref()
+            .map(|l| {
+                l.lb.connections()
+                    .into_iter()
+                    .map(|(v, b, n)| ((v, b), n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let listeners: Vec<serde_json::Value> = self
+            .status
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let (offloaded, reason, cluster) = match (&s.decision, &s.not_offloaded) {
+                    (Decision::Direct { cluster }, None) if loaded.is_some() => {
+                        (true, None, Some(cluster.clone()))
+                    }
+                    (Decision::Direct { cluster }, why) => (
+                        false,
+                        Some(
+                            why.clone()
+                                .unwrap_or_else(|| "kernel LB not loaded yet".into()),
+                        ),
+                        Some(cluster.clone()),
+                    ),
+                    (Decision::Pass(why), _) => (false, Some(why.to_string()), None),
+                };
+                json!({
+                    "listener": s.listener,
+                    "address": s.address.to_string(),
+                    "mode": if offloaded { "DIRECT" } else { "PASS" },
+                    "offloaded": offloaded,
+                    "reason": reason,
+                    "cluster": cluster,
+                    "backends": s.backends.iter().map(|(a, w)| json!({
+                        "address": a.to_string(),
+                        "weight": w,
+                        "connections": counts.get(&(s.address, *a)).copied().unwrap_or(0),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        json!({
+            "mode": self.settings.mode.as_str(),
+            "loaded": loaded.is_some(),
+            "unavailable_reason": self.unavailable.lock().unwrap().clone(),
+            "pin_dir": self.settings.pin_dir.display().to_string(),
+            "listeners": listeners,
+        })
+    }
+}
+
+/// Adds the kernel's new connections per backend to the owning cluster's
+/// `upstream_cx_total`, so the stat counts kernel-balanced connections too.
+fn fold_counters(l: &mut Loaded, owners: &HashMap<SocketAddr, String>, clusters: &ClusterManager) {
+    for (vip, backend, n) in l.lb.connections() {
+        let prev = l.counted.insert((vip, backend), n).unwrap_or(0);
+        if n > prev {
+            if let Some(c) = owners.get(&vip).and_then(|name| clusters.get(name)) {
+                c.stats.upstream_cx_total.increment(n - prev);
+            }
+        }
+    }
+}
