@@ -149,6 +149,59 @@ async fn a_vip_listener_is_balanced_in_the_kernel_with_the_cluster_weights() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_vip_is_redirected_to_legate_which_serves_it_with_that_listener() {
+    if skip() {
+        return;
+    }
+    let cg = Cgroup::new(&legate_bpf::cgroup2_root().unwrap(), "proxy-redirect");
+    let up = upstream("web").await;
+    let vip: SocketAddr = "127.100.1.4:80".parse().unwrap();
+    let admin = free_port();
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "web"}}]));
+    let mut l = listener("http-vip", vip.port(), hcm(rc, json!({})));
+    l["address"] = addr(&vip.ip().to_string(), vip.port());
+    l["bind_to_port"] = json!(false);
+    let cfg = bootstrap(admin, vec![l], vec![cluster("web", &[up.addr], json!({}))]);
+    let id = base_id();
+    let _pins = Pins(id.clone());
+    let cgroup = cg.path.display().to_string();
+    let _l = Legate::start_with_args(
+        BIN,
+        &cfg,
+        &[
+            "--kernel-lb",
+            "required",
+            "--kernel-lb-cgroup",
+            &cgroup,
+            "--base-id",
+            &id,
+        ],
+        &[],
+        Some(admin),
+    );
+    let s = wait_status(admin, |s| s["listeners"][0]["redirected"] == true);
+    assert_eq!(s["listeners"][0]["mode"], "REDIRECT");
+    // curl inside the cgroup dials the VIP; nothing listens there, the
+    // kernel sends it to Legate, which routes it with that listener.
+    let out = cg.run(
+        "curl",
+        &["-s", "-i", "--max-time", "5", "http://127.100.1.4/hello"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("x-echo-server: web"),
+        "{text}"
+    );
+    assert_eq!(
+        stat(admin, "listener.127.100.1.4:80.downstream_cx_total"),
+        Some(1)
+    );
+    // Outside the cgroup nothing is rewritten: the VIP has no listener.
+    assert!(std::net::TcpStream::connect(vip).is_err());
+}
+
 fn eds_bootstrap(xds: SocketAddr, admin: u16) -> String {
     json!({
         "node": {"id": "kernel-lb", "cluster": "test"},

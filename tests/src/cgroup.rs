@@ -55,6 +55,21 @@ impl Cgroup {
         c
     }
 
+    /// Runs `program` inside the cgroup and waits for it.
+    pub fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.path.display()
+            ))
+            .arg("sh")
+            .arg(program)
+            .args(args)
+            .output()
+            .expect("spawn in cgroup")
+    }
+
     /// `n` connects to `vip` from inside the cgroup, one after another: for
     /// each, "peer-address reply-byte", or "refused".
     pub fn connect(&self, vip: SocketAddr, n: usize) -> Vec<String> {

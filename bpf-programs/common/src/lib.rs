@@ -25,6 +25,9 @@ pub const PROTO_TCP: u8 = 6;
 
 /// The kernel picks a backend and the client connects to it directly.
 pub const MODE_DIRECT: u8 = 1;
+/// The client connects to Legate's redirect listener on 127.0.0.1 instead;
+/// the VIP it dialled is recorded in `ORIG_DST` for Legate to read.
+pub const MODE_REDIRECT: u8 = 2;
 
 /// An IPv4 or IPv6 address and port as the kernel's `bpf_sock_addr` holds
 /// them: `ip[0]` is `user_ip4` for IPv4, all four words are `user_ip6` for
@@ -53,10 +56,13 @@ pub struct ServiceKey {
 pub struct Service {
     /// Key of this service's Maglev table in `MAGLEV`.
     pub id: u32,
-    /// Backends in the table; 0 means "leave the connect alone".
+    /// Backends in the table; 0 means "leave the connect alone" (DIRECT).
     pub count: u32,
     pub mode: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// REDIRECT: Legate's redirect listener port on 127.0.0.1, network
+    /// byte order.
+    pub proxy_port: u16,
 }
 
 /// `BACKENDS` value, keyed by backend id.
@@ -73,6 +79,9 @@ pub struct Backend {
 pub struct RevNat {
     pub vip: Addr,
     pub backend: Addr,
+    /// 1 when `backend` is Legate's redirect listener: the sock_ops program
+    /// then records the client's address in `ORIG_DST`.
+    pub redirected: u32,
 }
 
 /// `CONFIG[0]`.
@@ -109,5 +118,5 @@ const _: () = assert!(core::mem::size_of::<Addr>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Service>() == 12);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
-const _: () = assert!(core::mem::size_of::<RevNat>() == 40);
+const _: () = assert!(core::mem::size_of::<RevNat>() == 44);
 const _: () = assert!(core::mem::size_of::<Config>() == 8);

@@ -8,6 +8,11 @@
 //! recorded by socket cookie in `REVNAT`, so `getpeername4/6` can answer
 //! with the address the application dialled.
 //!
+//! A REDIRECT service's connects go to Legate's redirect listener on
+//! 127.0.0.1 instead (the L7 path, replacing iptables capture); once the
+//! connection is established, `sock_ops` records the client's address →
+//! the VIP in `ORIG_DST`, where Legate reads the original destination.
+//!
 //! Every program returns 1 ("allow"): a miss or a map error leaves the
 //! connect() untouched, so the worst case is the path without kernel LB.
 #![no_std]
@@ -16,13 +21,13 @@
 use aya_ebpf::{
     btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use legate_bpf_common::{
     Addr, Backend, Config, RevNat, Service, ServiceKey, FAMILY_V4, FAMILY_V6, MAGLEV_SIZE,
-    MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MODE_DIRECT, PROTO_TCP,
+    MAX_BACKENDS, MAX_REVNAT, MAX_SERVICES, MODE_DIRECT, MODE_REDIRECT, PROTO_TCP,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -47,6 +52,14 @@ static BACKEND_CX: PerCpuArray<u64, { MAX_BACKENDS as usize }> = PerCpuArray::ne
 
 #[btf_map]
 static CONFIG: Array<Config, 1> = Array::new();
+
+/// Client address (as Legate's redirect listener sees the peer) → the VIP
+/// it dialled.
+#[btf_map]
+static ORIG_DST: LruHashMap<Addr, Addr, { MAX_REVNAT as usize }> = LruHashMap::new();
+
+const AF_INET: u32 = 2;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 
 #[cgroup_sock_addr(connect4)]
 pub fn legate_connect4(ctx: SockAddrContext) -> i32 {
@@ -132,6 +145,27 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
     // SAFETY: values are plain data; a concurrent update at worst yields
     // the old or the new service, both valid.
     let svc = unsafe { SERVICES.get(&key) }?;
+    // SAFETY: the context pointer is what the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if svc.mode == MODE_REDIRECT && family == FAMILY_V4 {
+        let proxy = Addr {
+            ip: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
+            port: svc.proxy_port,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        let _ = REVNAT.insert(
+            &cookie,
+            &RevNat {
+                vip,
+                backend: proxy,
+                redirected: 1,
+            },
+            0,
+        );
+        write_addr(ctx, family, &proxy);
+        return Some(());
+    }
     if svc.mode != MODE_DIRECT || svc.count == 0 {
         return None;
     }
@@ -144,13 +178,12 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
     if backend.addr.family != family {
         return None;
     }
-    // SAFETY: the context pointer is what the helper expects.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = REVNAT.insert(
         &cookie,
         &RevNat {
             vip,
             backend: backend.addr,
+            redirected: 0,
         },
         0,
     );
@@ -174,6 +207,31 @@ fn getpeername(ctx: &SockAddrContext, family: u8) -> Option<()> {
     }
     write_addr(ctx, family, &rev.vip);
     Some(())
+}
+
+/// On the client side of a redirected connection, once established (the
+/// client's port is known, and the redirect listener has not accepted it
+/// yet): record client address → VIP.
+#[sock_ops]
+pub fn legate_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == AF_INET {
+        // SAFETY: the context pointer is what the helper expects.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        // SAFETY: plain data.
+        if let Some(rev) = unsafe { REVNAT.get(&cookie) } {
+            if rev.redirected == 1 {
+                let client = Addr {
+                    ip: [ctx.local_ip4(), 0, 0, 0],
+                    // local_port is in host byte order here.
+                    port: (ctx.local_port() as u16).to_be(),
+                    family: FAMILY_V4,
+                    _pad: 0,
+                };
+                let _ = ORIG_DST.insert(&client, &rev.vip, 0);
+            }
+        }
+    }
+    1
 }
 
 #[cfg(not(test))]

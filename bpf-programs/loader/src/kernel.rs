@@ -1,12 +1,13 @@
 //! Loading the programs, attaching them to a cgroup, pinning, and applying
 //! [`MapOp`]s to the live maps.
 
-use crate::plan::{MapOp, ServiceSpec, State};
+use crate::addr::{from_kernel, to_kernel};
+use crate::plan::{MapOp, Redirect, ServiceSpec, State};
 use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use legate_bpf_common::{Backend, Config, Service, ServiceKey, MAGLEV_SIZE};
+use legate_bpf_common::{Addr, Backend, Config, Service, ServiceKey, MAGLEV_SIZE};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -17,13 +18,15 @@ const PROGRAMS: [&str; 4] = [
     "legate_getpeername4",
     "legate_getpeername6",
 ];
-const MAPS: [&str; 6] = [
+const SOCKOPS: &str = "legate_sockops";
+const MAPS: [&str; 7] = [
     "SERVICES",
     "MAGLEV",
     "BACKENDS",
     "REVNAT",
     "BACKEND_CX",
     "CONFIG",
+    "ORIG_DST",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,22 @@ impl KernelLb {
     /// replaces any links pinned there before, so there is no moment
     /// without a program attached.
     pub fn load(opts: &Options) -> Result<Self, LoadError> {
+        match Self::load_once(opts) {
+            Err(e)
+                if opts.pin_dir.exists()
+                    && !matches!(e, LoadError::NotBuilt | LoadError::Cgroup(..)) =>
+            {
+                // Maps pinned by another version may not match this
+                // object's layout: drop them and start clean.
+                tracing::warn!(error = %e, dir = %opts.pin_dir.display(), "kernel LB: cannot adopt the pinned maps; removing them");
+                let _ = unpin(&opts.pin_dir);
+                Self::load_once(opts)
+            }
+            other => other,
+        }
+    }
+
+    fn load_once(opts: &Options) -> Result<Self, LoadError> {
         let object = object()?;
         let cgroup = std::fs::File::open(&opts.cgroup)
             .map_err(|e| LoadError::Cgroup(opts.cgroup.clone(), e))?;
@@ -141,30 +160,35 @@ impl KernelLb {
             );
         }
 
-        let mut links = Vec::new();
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
+        // A cgroup bpf_link is always multi-attach; the kernel rejects
+        // explicit attach flags on link_create, and aya sends the mode as
+        // those flags, so Single (0) it is.
+        let mode = CgroupAttachMode::Single;
+        let mut attached: Vec<(&'static str, FdLink)> = Vec::new();
+        for name in PROGRAMS.into_iter().chain([SOCKOPS]) {
+            let err = |e| LoadError::Program(name, e);
+            let prog = ebpf
                 .program_mut(name)
-                .ok_or(LoadError::Program(
-                    name,
-                    aya::programs::ProgramError::NotLoaded,
-                ))?
-                .try_into()
-                .map_err(|e| LoadError::Program(name, e))?;
-            prog.load().map_err(|e| LoadError::Program(name, e))?;
-            let id = prog
-                // A cgroup bpf_link is always multi-attach; the kernel rejects
-                // explicit attach flags on link_create, and aya sends the
-                // mode as those flags, so Single (0) it is.
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|e| LoadError::Program(name, e))?;
-            let link = FdLink::try_from(
-                prog.take_link(id)
-                    .map_err(|e| LoadError::Program(name, e))?,
-            )
-            .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?;
+                .ok_or(err(aya::programs::ProgramError::NotLoaded))?;
+            let link = if name == SOCKOPS {
+                let prog: &mut SockOps = prog.try_into().map_err(err)?;
+                prog.load().map_err(err)?;
+                let id = prog.attach(&cgroup, mode).map_err(err)?;
+                FdLink::try_from(prog.take_link(id).map_err(err)?)
+                    .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?
+            } else {
+                let prog: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
+                prog.load().map_err(err)?;
+                let id = prog.attach(&cgroup, mode).map_err(err)?;
+                FdLink::try_from(prog.take_link(id).map_err(err)?)
+                    .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?
+            };
+            attached.push((name, link));
+        }
+        let mut links = Vec::new();
+        for (name, link) in attached {
             // The new program is attached; only now drop the one a previous
-            // process pinned (both rewrite from the same maps meanwhile).
+            // process pinned (both act on the same maps meanwhile).
             let path = opts.pin_dir.join(format!("link_{name}"));
             if let Ok(old) = PinnedLink::from_pin(&path) {
                 let _ = old.unpin();
@@ -188,8 +212,12 @@ impl KernelLb {
 
     /// Brings the maps to `desired`; returns how many map operations ran.
     /// On a failed update the next sync rewrites every service.
-    pub fn sync(&mut self, desired: &[ServiceSpec]) -> Result<usize, SyncError> {
-        let ops = match self.state.plan(desired) {
+    pub fn sync(
+        &mut self,
+        desired: &[ServiceSpec],
+        redirects: &[Redirect],
+    ) -> Result<usize, SyncError> {
+        let ops = match self.state.plan(desired, redirects) {
             Ok(ops) => ops,
             Err(e) => {
                 self.state.invalidate();
@@ -250,6 +278,33 @@ impl KernelLb {
             }
         }
         out
+    }
+}
+
+/// Reads the original destinations of redirected connections, through its
+/// own handle on the pinned `ORIG_DST` map (so the accept path needs no
+/// lock shared with the map updates).
+pub struct OrigDst {
+    map: HashMap<MapData, Addr, Addr>,
+}
+
+impl OrigDst {
+    pub fn open(pin_dir: &Path) -> Result<Self, LoadError> {
+        let err = |e| LoadError::Map("ORIG_DST", e);
+        let data = MapData::from_pin(pin_dir.join("ORIG_DST")).map_err(err)?;
+        let map = aya::maps::Map::from_map_data(data).map_err(err)?;
+        Ok(Self {
+            map: HashMap::try_from(map).map_err(err)?,
+        })
+    }
+
+    /// The VIP a redirected client dialled, by the client's address as the
+    /// redirect listener sees it; the entry is consumed.
+    pub fn take(&mut self, client: SocketAddr) -> Option<SocketAddr> {
+        let key = to_kernel(client);
+        let vip = self.map.get(&key, 0).ok()?;
+        let _ = self.map.remove(&key);
+        Some(from_kernel(&vip))
     }
 }
 

@@ -10,6 +10,8 @@ pub mod addr;
 pub mod kernel;
 pub mod plan;
 
-pub use kernel::{built_with_ebpf, cgroup2_root, unpin, KernelLb, LoadError, Options, SyncError};
+pub use kernel::{
+    built_with_ebpf, cgroup2_root, unpin, KernelLb, LoadError, Options, OrigDst, SyncError,
+};
 pub use legate_bpf_common::MAGLEV_SIZE;
-pub use plan::{MapOp, PlanError, ServiceSpec, State};
+pub use plan::{MapOp, PlanError, Redirect, ServiceSpec, State};

@@ -13,7 +13,8 @@
 
 use crate::addr::to_kernel;
 use legate_bpf_common::{
-    Addr, Service, ServiceKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DIRECT, PROTO_TCP,
+    Addr, Service, ServiceKey, MAGLEV_SIZE, MAX_BACKENDS, MAX_SERVICES, MODE_DIRECT, MODE_REDIRECT,
+    PROTO_TCP,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -27,6 +28,14 @@ pub struct ServiceSpec {
     /// For each of the [`MAGLEV_SIZE`] slots, an index into `backends`:
     /// the weighted Maglev table the userspace balancer uses too.
     pub table: Arc<[u32]>,
+}
+
+/// A VIP whose connects go to Legate's redirect listener on
+/// 127.0.0.1:`port` (IPv4 only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Redirect {
+    pub vip: SocketAddr,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +80,10 @@ pub enum PlanError {
         vip: SocketAddr,
         backend: SocketAddr,
     },
+    #[error("redirect {0}: only IPv4 VIPs can be redirected")]
+    RedirectFamily(SocketAddr),
+    #[error("{0} is both a DIRECT and a REDIRECT service")]
+    Conflict(SocketAddr),
     #[error("more than {MAX_SERVICES} services")]
     TooManyServices,
     #[error("more than {MAX_BACKENDS} backends")]
@@ -120,6 +133,8 @@ struct Programmed {
 #[derive(Debug, Default)]
 pub struct State {
     services: BTreeMap<ServiceKey, Programmed>,
+    /// REDIRECT services: key → redirect port.
+    redirects: BTreeMap<ServiceKey, u16>,
     /// Backend ids found in adopted maps whose owner is not known yet:
     /// deleted after the first plan has given every service fresh tables.
     orphans: BTreeSet<u32>,
@@ -142,6 +157,11 @@ impl State {
     pub fn restore(services: &[(ServiceKey, Service)], backends: &[u32]) -> Self {
         let mut s = State::default();
         for (key, svc) in services {
+            if svc.mode == MODE_REDIRECT {
+                // Rewritten by the first plan if still wanted, else deleted.
+                s.redirects.insert(*key, 0);
+                continue;
+            }
             s.service_ids.mark_used(svc.id);
             s.services.insert(
                 *key,
@@ -179,15 +199,37 @@ impl State {
         for p in self.services.values_mut() {
             p.slots = Arc::from([]);
         }
+        for port in self.redirects.values_mut() {
+            *port = 0;
+        }
     }
 
     /// The operations that bring the maps from this state to `desired`,
     /// updating the state as if they were applied. A service with no
     /// backends is removed: connects to it then proceed unchanged.
-    pub fn plan(&mut self, desired: &[ServiceSpec]) -> Result<Vec<MapOp>, PlanError> {
+    pub fn plan(
+        &mut self,
+        desired: &[ServiceSpec],
+        redirects: &[Redirect],
+    ) -> Result<Vec<MapOp>, PlanError> {
         for spec in desired {
             validate(spec)?;
         }
+        let redirect_keys: BTreeMap<ServiceKey, u16> = redirects
+            .iter()
+            .map(|r| {
+                if !r.vip.is_ipv4() {
+                    return Err(PlanError::RedirectFamily(r.vip));
+                }
+                if desired
+                    .iter()
+                    .any(|d| d.vip == r.vip && !d.backends.is_empty())
+                {
+                    return Err(PlanError::Conflict(r.vip));
+                }
+                Ok((service_key(r.vip), r.port))
+            })
+            .collect::<Result<_, _>>()?;
         let mut upserts = Vec::new();
         let mut swaps = Vec::new();
         let mut freed: Vec<u32> = Vec::new();
@@ -245,7 +287,8 @@ impl State {
                         id,
                         count,
                         mode: MODE_DIRECT,
-                        _pad: [0; 3],
+                        _pad: 0,
+                        proxy_port: 0,
                     },
                 });
             }
@@ -258,6 +301,20 @@ impl State {
                 },
             );
         }
+        for (key, port) in &redirect_keys {
+            if self.redirects.get(key) != Some(port) {
+                swaps.push(MapOp::UpsertService {
+                    key: *key,
+                    value: Service {
+                        id: 0,
+                        count: 0,
+                        mode: MODE_REDIRECT,
+                        _pad: 0,
+                        proxy_port: port.to_be(),
+                    },
+                });
+            }
+        }
 
         let mut removals = Vec::new();
         let gone: Vec<ServiceKey> = self
@@ -268,11 +325,20 @@ impl State {
             .collect();
         for key in gone {
             let p = self.services.remove(&key).expect("listed above");
-            removals.push(MapOp::DeleteService { key });
+            // A VIP that turned REDIRECT was overwritten above: keep it.
+            if !redirect_keys.contains_key(&key) {
+                removals.push(MapOp::DeleteService { key });
+            }
             removals.push(MapOp::DeleteTable { service: p.id });
             self.service_ids.give_back(p.id);
             freed.extend(p.backends.into_values());
         }
+        for key in self.redirects.keys() {
+            if !redirect_keys.contains_key(key) && !wanted.contains_key(key) {
+                removals.push(MapOp::DeleteService { key: *key });
+            }
+        }
+        self.redirects = redirect_keys;
         freed.append(&mut std::mem::take(&mut self.orphans).into_iter().collect());
         freed.sort_unstable();
         freed.dedup();
@@ -348,7 +414,8 @@ mod tests {
             id,
             count,
             mode: MODE_DIRECT,
-            _pad: [0; 3],
+            _pad: 0,
+            proxy_port: 0,
         }
     }
 
@@ -360,10 +427,13 @@ mod tests {
     fn first_push_adds_backends_then_table_then_service() {
         let mut st = State::default();
         let ops = st
-            .plan(&[spec(
-                "127.100.0.1:80",
-                &["127.0.0.1:8001", "127.0.0.1:8002"],
-            )])
+            .plan(
+                &[spec(
+                    "127.100.0.1:80",
+                    &["127.0.0.1:8001", "127.0.0.1:8002"],
+                )],
+                &[],
+            )
             .unwrap();
         assert_eq!(
             ops,
@@ -388,10 +458,13 @@ mod tests {
         );
         // The same push again changes nothing.
         assert_eq!(
-            st.plan(&[spec(
-                "127.100.0.1:80",
-                &["127.0.0.1:8001", "127.0.0.1:8002"]
-            )])
+            st.plan(
+                &[spec(
+                    "127.100.0.1:80",
+                    &["127.0.0.1:8001", "127.0.0.1:8002"]
+                )],
+                &[]
+            )
             .unwrap(),
             vec![]
         );
@@ -400,16 +473,22 @@ mod tests {
     #[test]
     fn removing_a_backend_swaps_the_table_before_deleting_it() {
         let mut st = State::default();
-        st.plan(&[spec(
-            "127.100.0.1:80",
-            &["127.0.0.1:8001", "127.0.0.1:8002"],
-        )])
+        st.plan(
+            &[spec(
+                "127.100.0.1:80",
+                &["127.0.0.1:8001", "127.0.0.1:8002"],
+            )],
+            &[],
+        )
         .unwrap();
         let ops = st
-            .plan(&[spec(
-                "127.100.0.1:80",
-                &["127.0.0.1:8002", "127.0.0.1:8003"],
-            )])
+            .plan(
+                &[spec(
+                    "127.100.0.1:80",
+                    &["127.0.0.1:8002", "127.0.0.1:8003"],
+                )],
+                &[],
+            )
             .unwrap();
         assert_eq!(
             ops,
@@ -431,10 +510,13 @@ mod tests {
         );
         // The freed id is reused only by a later plan.
         let ops = st
-            .plan(&[spec(
-                "127.100.0.1:80",
-                &["127.0.0.1:8002", "127.0.0.1:8003", "127.0.0.1:8004"],
-            )])
+            .plan(
+                &[spec(
+                    "127.100.0.1:80",
+                    &["127.0.0.1:8002", "127.0.0.1:8003", "127.0.0.1:8004"],
+                )],
+                &[],
+            )
             .unwrap();
         assert_eq!(
             ops[0],
@@ -448,12 +530,15 @@ mod tests {
     #[test]
     fn a_service_without_backends_or_config_is_removed() {
         let mut st = State::default();
-        st.plan(&[
-            spec("127.100.0.1:80", &["127.0.0.1:8001"]),
-            spec("127.100.0.2:80", &["127.0.0.1:8002"]),
-        ])
+        st.plan(
+            &[
+                spec("127.100.0.1:80", &["127.0.0.1:8001"]),
+                spec("127.100.0.2:80", &["127.0.0.1:8002"]),
+            ],
+            &[],
+        )
         .unwrap();
-        let ops = st.plan(&[spec("127.100.0.2:80", &[])]).unwrap();
+        let ops = st.plan(&[spec("127.100.0.2:80", &[])], &[]).unwrap();
         assert_eq!(
             ops,
             vec![
@@ -477,7 +562,7 @@ mod tests {
         let key = service_key("127.100.0.1:80".parse().unwrap());
         let mut st = State::restore(&[(key, svc(7, 1))], &[3, 9]);
         let ops = st
-            .plan(&[spec("127.100.0.1:80", &["127.0.0.1:8001"])])
+            .plan(&[spec("127.100.0.1:80", &["127.0.0.1:8001"])], &[])
             .unwrap();
         assert_eq!(
             ops,
@@ -501,19 +586,76 @@ mod tests {
     }
 
     #[test]
+    fn redirects_are_services_without_tables_and_can_turn_direct() {
+        let mut st = State::default();
+        let vip: SocketAddr = "127.100.0.5:80".parse().unwrap();
+        let r = Redirect { vip, port: 15001 };
+        let redirect = MapOp::UpsertService {
+            key: service_key(vip),
+            value: Service {
+                id: 0,
+                count: 0,
+                mode: MODE_REDIRECT,
+                _pad: 0,
+                proxy_port: 15001u16.to_be(),
+            },
+        };
+        assert_eq!(st.plan(&[], &[r]).unwrap(), vec![redirect.clone()]);
+        assert_eq!(st.plan(&[], &[r]).unwrap(), vec![]);
+        // REDIRECT -> DIRECT: the service entry is overwritten, not deleted.
+        let ops = st
+            .plan(&[spec("127.100.0.5:80", &["127.0.0.1:8001"])], &[])
+            .unwrap();
+        assert!(
+            !ops.iter().any(|o| matches!(o, MapOp::DeleteService { .. })),
+            "{ops:?}"
+        );
+        // DIRECT -> REDIRECT: the table and backend go, the key stays.
+        let ops = st.plan(&[], &[r]).unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                redirect,
+                MapOp::DeleteTable { service: 0 },
+                MapOp::DeleteBackend { id: 0 }
+            ]
+        );
+        // Gone.
+        assert_eq!(
+            st.plan(&[], &[]).unwrap(),
+            vec![MapOp::DeleteService {
+                key: service_key(vip)
+            }]
+        );
+        assert!(matches!(
+            st.plan(
+                &[],
+                &[Redirect {
+                    vip: "[::1]:80".parse().unwrap(),
+                    port: 1
+                }]
+            ),
+            Err(PlanError::RedirectFamily(_))
+        ));
+    }
+
+    #[test]
     fn bad_tables_are_rejected_before_anything_changes() {
         let mut st = State::default();
         let mut s = spec("127.100.0.1:80", &["127.0.0.1:8001"]);
         s.table = Arc::from(vec![0u32; 10]);
-        assert!(matches!(st.plan(&[s]), Err(PlanError::TableSize { .. })));
+        assert!(matches!(
+            st.plan(&[s], &[]),
+            Err(PlanError::TableSize { .. })
+        ));
         let mut s = spec("127.100.0.1:80", &["127.0.0.1:8001"]);
         s.table = Arc::from(vec![1u32; MAGLEV_SIZE as usize]);
         assert!(matches!(
-            st.plan(&[s]),
+            st.plan(&[s], &[]),
             Err(PlanError::SlotOutOfRange { .. })
         ));
         let s = spec("127.100.0.1:80", &["[::1]:8001"]);
-        assert!(matches!(st.plan(&[s]), Err(PlanError::Family { .. })));
+        assert!(matches!(st.plan(&[s], &[]), Err(PlanError::Family { .. })));
         assert_eq!(st.services().count(), 0);
     }
 }

@@ -4,7 +4,7 @@
 //! and there they must run (`LEGATE_REQUIRE_BPF=1` turns a skip into a
 //! failure).
 
-use legate_bpf::{KernelLb, Options, ServiceSpec, MAGLEV_SIZE};
+use legate_bpf::{KernelLb, Options, OrigDst, Redirect, ServiceSpec, MAGLEV_SIZE};
 use legate_tests::cgroup::{Cgroup, TagServer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,7 +67,7 @@ async fn connect_is_balanced_by_the_table_and_getpeername_shows_the_vip() {
     let vip: SocketAddr = "127.100.0.1:80".parse().unwrap();
     // Loading runs the verifier on every program.
     let mut lb = KernelLb::load(&sb.options()).expect("load and attach");
-    lb.sync(&[one_to_three(vip, a, b)]).unwrap();
+    lb.sync(&[one_to_three(vip, a, b)], &[]).unwrap();
 
     let lines = sb.connect(vip, 2000);
     assert_eq!(lines.len(), 2000);
@@ -110,18 +110,21 @@ async fn swaps_and_removal_take_effect_for_new_connects() {
     let b = b_srv.addr;
     let vip: SocketAddr = "127.100.0.2:80".parse().unwrap();
     let mut lb = KernelLb::load(&sb.options()).unwrap();
-    lb.sync(&[one_to_three(vip, a, b)]).unwrap();
+    lb.sync(&[one_to_three(vip, a, b)], &[]).unwrap();
     // Only b remains.
-    lb.sync(&[ServiceSpec {
-        vip,
-        backends: vec![b],
-        table: vec![0; MAGLEV_SIZE as usize].into(),
-    }])
+    lb.sync(
+        &[ServiceSpec {
+            vip,
+            backends: vec![b],
+            table: vec![0; MAGLEV_SIZE as usize].into(),
+        }],
+        &[],
+    )
     .unwrap();
     let lines = sb.connect(vip, 200);
     assert!(lines.iter().all(|l| l.ends_with(" b")), "{lines:?}");
     // Removed: connects go to the VIP itself, where nothing listens.
-    lb.sync(&[]).unwrap();
+    lb.sync(&[], &[]).unwrap();
     let lines = sb.connect(vip, 5);
     assert!(lines.iter().all(|l| l == "refused"), "{lines:?}");
 }
@@ -138,7 +141,7 @@ async fn a_restart_adopts_pinned_maps_and_links() {
     let b = b_srv.addr;
     let vip: SocketAddr = "127.100.0.3:80".parse().unwrap();
     let mut lb = KernelLb::load(&sb.options()).unwrap();
-    lb.sync(&[one_to_three(vip, a, b)]).unwrap();
+    lb.sync(&[one_to_three(vip, a, b)], &[]).unwrap();
     drop(lb);
     // The process that loaded the programs is gone (as after kill -9): the
     // pinned links and maps keep balancing.
@@ -157,11 +160,14 @@ async fn a_restart_adopts_pinned_maps_and_links() {
         "backends of adopted services are re-learned on sync"
     );
     let ops = lb
-        .sync(&[ServiceSpec {
-            vip,
-            backends: vec![a],
-            table: vec![0; MAGLEV_SIZE as usize].into(),
-        }])
+        .sync(
+            &[ServiceSpec {
+                vip,
+                backends: vec![a],
+                table: vec![0; MAGLEV_SIZE as usize].into(),
+            }],
+            &[],
+        )
         .unwrap();
     assert!(
         ops >= 3,
@@ -175,4 +181,40 @@ async fn a_restart_adopts_pinned_maps_and_links() {
     legate_bpf::unpin(&sb.pins).unwrap();
     let lines = sb.connect(vip, 3);
     assert!(lines.iter().all(|l| l == "refused"), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_sends_connects_to_the_proxy_and_records_the_original_destination() {
+    if skip() {
+        return;
+    }
+    let sb = Sandbox::new("redirect");
+    // Stands in for Legate's redirect listener.
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    let vip: SocketAddr = "127.100.0.4:443".parse().unwrap();
+    let mut lb = KernelLb::load(&sb.options()).unwrap();
+    lb.sync(&[], &[Redirect { vip, port }]).unwrap();
+    let mut orig = OrigDst::open(&sb.pins).unwrap();
+    let accepted = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, peer) = proxy.accept().unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        s.write_all(b"p").unwrap();
+        peer
+    });
+    let lines = sb.connect(vip, 1);
+    let peer = accepted.join().unwrap();
+    assert_eq!(
+        lines,
+        vec!["127.100.0.4:443 p".to_string()],
+        "reached the proxy; getpeername shows the VIP"
+    );
+    assert_eq!(
+        orig.take(peer),
+        Some(vip),
+        "the proxy learns the original destination"
+    );
+    assert_eq!(orig.take(peer), None, "consumed");
 }

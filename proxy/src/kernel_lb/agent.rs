@@ -13,7 +13,7 @@ use super::Mode;
 use crate::cluster_manager::{ClusterManager, HostSnapshot};
 use crate::server::ListenerManager;
 use crate::stats;
-use legate_bpf::{KernelLb, ServiceSpec};
+use legate_bpf::{KernelLb, OrigDst, Redirect, ServiceSpec};
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,6 +79,9 @@ struct ListenerStatus {
 
 struct Loaded {
     lb: KernelLb,
+    /// Legate's redirect listener on 127.0.0.1, where REDIRECT services'
+    /// connects arrive.
+    redirect_port: u16,
     /// Last connection count per (VIP, backend), to add deltas to stats.
     counted: HashMap<(SocketAddr, SocketAddr), u64>,
 }
@@ -120,7 +123,7 @@ impl Agent {
                 return Ok(agent);
             }
             Mode::Required => agent
-                .load()
+                .load(&listeners)
                 .map_err(|e| format!("--kernel-lb required: {e}"))?,
             Mode::Auto => {}
         }
@@ -137,7 +140,7 @@ impl Agent {
         Ok(agent)
     }
 
-    fn load(&self) -> Result<(), String> {
+    fn load(&self, listeners: &Arc<ListenerManager>) -> Result<(), String> {
         let cgroup = match &self.settings.cgroup {
             Some(c) => c.clone(),
             None => legate_bpf::cgroup2_root().map_err(|e| e.to_string())?,
@@ -148,16 +151,22 @@ impl Agent {
             self_tgid: std::process::id(),
         };
         let lb = KernelLb::load(&opts).map_err(|e| e.to_string())?;
+        let redirect_port = start_redirect_listener(
+            OrigDst::open(&opts.pin_dir).map_err(|e| e.to_string())?,
+            listeners.clone(),
+        )
+        .map_err(|e| format!("redirect listener: {e}"))?;
         tracing::info!(cgroup = %cgroup.display(), pins = %opts.pin_dir.display(), "kernel LB loaded and attached");
         self.enabled.set(1.0);
         *self.loaded.lock().unwrap() = Some(Loaded {
             lb,
+            redirect_port,
             counted: HashMap::new(),
         });
         Ok(())
     }
 
-    fn run(&self, listeners: &ListenerManager, clusters: &ClusterManager) {
+    fn run(&self, listeners: &Arc<ListenerManager>, clusters: &ClusterManager) {
         // Per VIP: the snapshot its spec was built from, and the spec.
         let mut built: HashMap<SocketAddr, (Arc<HostSnapshot>, Option<(ServiceSpec, Vec<u32>)>)> =
             HashMap::new();
@@ -167,6 +176,7 @@ impl Agent {
             let mut status = Vec::new();
             let mut specs = Vec::new();
             let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+            let mut redirect_vips: Vec<SocketAddr> = Vec::new();
             for l in listeners.configs() {
                 let decision = classify(&l);
                 let mut s = ListenerStatus {
@@ -176,6 +186,9 @@ impl Agent {
                     not_offloaded: None,
                     backends: Vec::new(),
                 };
+                if let Decision::Redirect(_) = &decision {
+                    redirect_vips.push(l.address);
+                }
                 if let Decision::Direct { cluster } = &decision {
                     match clusters.get(cluster) {
                         None => {
@@ -218,8 +231,9 @@ impl Agent {
             status.sort_by(|a, b| a.listener.cmp(&b.listener));
 
             let unavailable = self.unavailable.lock().unwrap().clone();
-            if unavailable.is_none() && !specs.is_empty() && self.loaded.lock().unwrap().is_none() {
-                if let Err(e) = self.load() {
+            let wanted = !specs.is_empty() || !redirect_vips.is_empty();
+            if unavailable.is_none() && wanted && self.loaded.lock().unwrap().is_none() {
+                if let Err(e) = self.load(listeners) {
                     tracing::warn!(error = %e, "kernel LB unavailable; serving every listener from userspace");
                     *self.unavailable.lock().unwrap() = Some(e);
                 }
@@ -227,12 +241,18 @@ impl Agent {
             let mut loaded = self.loaded.lock().unwrap();
             match loaded.as_mut() {
                 Some(l) => {
-                    if let Err(e) = l.lb.sync(&specs) {
+                    let redirects: Vec<Redirect> = redirect_vips
+                        .iter()
+                        .map(|vip| Redirect {
+                            vip: *vip,
+                            port: l.redirect_port,
+                        })
+                        .collect();
+                    if let Err(e) = l.lb.sync(&specs, &redirects) {
                         tracing::warn!(error = %e, "kernel LB: sync failed; retrying next tick");
-                        for s in status
-                            .iter_mut()
-                            .filter(|s| owners.contains_key(&s.address))
-                        {
+                        for s in status.iter_mut().filter(|s| {
+                            owners.contains_key(&s.address) || redirect_vips.contains(&s.address)
+                        }) {
                             s.not_offloaded = Some(format!("map update failed: {e}"));
                         }
                     }
@@ -240,7 +260,8 @@ impl Agent {
                         last_counters = Instant::now();
                         fold_counters(l, &owners, clusters);
                     }
-                    self.offloaded.set(specs.len() as f64);
+                    self.offloaded
+                        .set((specs.len() + redirect_vips.len()) as f64);
                 }
                 None => {
                     let why = self
@@ -250,12 +271,11 @@ impl Agent {
                         .clone()
                         .unwrap_or_else(|| "not loaded".into());
                     let failed = self.unavailable.lock().unwrap().is_some();
-                    for s in status
-                        .iter_mut()
-                        .filter(|s| owners.contains_key(&s.address))
-                    {
+                    for s in status.iter_mut().filter(|s| {
+                        owners.contains_key(&s.address) || redirect_vips.contains(&s.address)
+                    }) {
                         s.not_offloaded = Some(if failed {
-                            // auto's fallback: Legate's own tcp_proxy serves
+                            // auto's fallback: Legate's own listener serves
                             // the VIP, from the same endpoints.
                             match listeners.serve_unbound(&s.listener) {
                                 Ok(_) => {
@@ -296,25 +316,30 @@ impl Agent {
             .unwrap()
             .iter()
             .map(|s| {
-                let (offloaded, reason, cluster) = match (&s.decision, &s.not_offloaded) {
+                let not_yet = || "kernel LB not loaded yet".to_string();
+                let (mode, reason, cluster) = match (&s.decision, &s.not_offloaded) {
                     (Decision::Direct { cluster }, None) if loaded.is_some() => {
-                        (true, None, Some(cluster.clone()))
+                        ("DIRECT", None, Some(cluster.clone()))
+                    }
+                    (Decision::Redirect(why), None) if loaded.is_some() => {
+                        ("REDIRECT", Some(why.to_string()), None)
                     }
                     (Decision::Direct { cluster }, why) => (
-                        false,
-                        Some(
-                            why.clone()
-                                .unwrap_or_else(|| "kernel LB not loaded yet".into()),
-                        ),
+                        "PASS",
+                        Some(why.clone().unwrap_or_else(not_yet)),
                         Some(cluster.clone()),
                     ),
-                    (Decision::Pass(why), _) => (false, Some(why.to_string()), None),
+                    (Decision::Redirect(_), why) => {
+                        ("PASS", Some(why.clone().unwrap_or_else(not_yet)), None)
+                    }
+                    (Decision::Pass(why), _) => ("PASS", Some(why.to_string()), None),
                 };
                 json!({
                     "listener": s.listener,
                     "address": s.address.to_string(),
-                    "mode": if offloaded { "DIRECT" } else { "PASS" },
-                    "offloaded": offloaded,
+                    "mode": mode,
+                    "offloaded": mode == "DIRECT",
+                    "redirected": mode == "REDIRECT",
                     "reason": reason,
                     "cluster": cluster,
                     "backends": s.backends.iter().map(|(a, w)| json!({
@@ -346,4 +371,34 @@ fn fold_counters(l: &mut Loaded, owners: &HashMap<SocketAddr, String>, clusters:
             }
         }
     }
+}
+
+/// Binds Legate's redirect listener on 127.0.0.1 and serves what arrives
+/// with the listener whose address the client dialled (from `ORIG_DST`).
+fn start_redirect_listener(orig: OrigDst, listeners: Arc<ListenerManager>) -> std::io::Result<u16> {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    std_listener.set_nonblocking(true)?;
+    let port = std_listener.local_addr()?.port();
+    let tcp = tokio::net::TcpListener::from_std(std_listener)?;
+    let orig = Mutex::new(orig);
+    let no_dst = stats::counter("kernel_lb.redirect_no_original_dst".into());
+    let no_listener = stats::counter("kernel_lb.redirect_no_listener".into());
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, peer)) = tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Some(vip) = orig.lock().unwrap().take(peer) else {
+                no_dst.increment(1);
+                tracing::debug!(%peer, "redirected connection without an original destination; closing");
+                continue;
+            };
+            if !listeners.serve_redirected(vip, sock, peer) {
+                no_listener.increment(1);
+                tracing::debug!(%peer, %vip, "no listener for a redirected connection; closing");
+            }
+        }
+    });
+    Ok(port)
 }

@@ -1,11 +1,13 @@
 //! Which listeners the kernel can serve, and the table it serves them with:
 //! pure functions over config and endpoint snapshots.
 //!
-//! A listener is offloaded (`DIRECT`) when Legate would add nothing but the
-//! choice of an endpoint: its address is a VIP Legate does not bind
-//! (`bind_to_port: false`, like Istio's `<ClusterIP>_<port>` listeners), and
-//! its one filter chain is a plain `tcp_proxy` to one cluster. Everything
-//! else stays in userspace (`PASS`), with the reason shown on the admin API.
+//! Only a VIP Legate does not bind (`bind_to_port: false`, like Istio's
+//! `<ClusterIP>_<port>` listeners) is the kernel's business. Such a listener
+//! is `DIRECT` when Legate would add nothing but the choice of an endpoint:
+//! its one filter chain is a plain `tcp_proxy` to one cluster. Any other
+//! IPv4 VIP listener is `REDIRECT`ed: connects to it go to Legate, which
+//! serves them with that listener (the job iptables capture does for
+//! Envoy). Everything else is `PASS`, with the reason on the admin API.
 //!
 //! What a DIRECT connection does not get, by construction: Envoy's
 //! `tcp_proxy` idle timeout (the default hour; a non-default one keeps the
@@ -28,6 +30,8 @@ const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(3600);
 pub enum Decision {
     /// The kernel picks an endpoint of `cluster` at connect().
     Direct { cluster: String },
+    /// Connects go to Legate's redirect listener; why not DIRECT.
+    Redirect(&'static str),
     /// Left to userspace, for this reason.
     Pass(&'static str),
 }
@@ -40,29 +44,36 @@ pub fn classify(l: &Listener) -> Decision {
     if l.address.ip().is_unspecified() || l.address.port() == 0 {
         return Pass("a wildcard address or port is not a VIP");
     }
+    match direct_blocker(l) {
+        Ok(cluster) => Decision::Direct { cluster },
+        Err(why) if l.address.is_ipv4() => Decision::Redirect(why),
+        Err(_) => Pass("REDIRECT is implemented for IPv4 VIPs only"),
+    }
+}
+
+/// The cluster, if the kernel alone can serve the listener; else why not.
+fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
     let chain = match (&l.chains[..], &l.default_chain) {
         ([(m, c)], None) if *m == ChainMatch::default() => c,
         ([], Some(c)) => c,
-        _ => return Pass("several filter chains (or a filter_chain_match) need the proxy to choose per connection"),
+        _ => return Err("several filter chains (or a filter_chain_match) need the proxy to choose per connection"),
     };
     if !chain.limits.is_empty() {
-        return Pass("connection_limit needs the proxy");
+        return Err("connection_limit needs the proxy");
     }
     let NetworkFilter::Tcp(tp) = &chain.filter else {
-        return Pass("L7 filters need the proxy (REDIRECT to it is not implemented)");
+        return Err("L7 filters need the proxy");
     };
     if tp.clusters.len() != 1 {
-        return Pass("tcp_proxy weighted_clusters pick a cluster per connection in the proxy");
+        return Err("tcp_proxy weighted_clusters pick a cluster per connection in the proxy");
     }
     if tp.idle_timeout != Some(DEFAULT_TCP_IDLE) {
-        return Pass("a non-default tcp_proxy idle_timeout needs the proxy");
+        return Err("a non-default tcp_proxy idle_timeout needs the proxy");
     }
     if tp.max_connect_attempts > 1 {
-        return Pass("tcp_proxy max_connect_attempts > 1 needs the proxy to retry");
+        return Err("tcp_proxy max_connect_attempts > 1 needs the proxy to retry");
     }
-    Decision::Direct {
-        cluster: tp.clusters[0].0.clone(),
-    }
+    Ok(tp.clusters[0].0.clone())
 }
 
 /// Integer weights the Maglev builder takes, from shares of traffic.
@@ -237,11 +248,14 @@ mod tests {
         ));
         assert_eq!(
             classify(&custom_idle),
-            Decision::Pass("a non-default tcp_proxy idle_timeout needs the proxy")
+            Decision::Redirect("a non-default tcp_proxy idle_timeout needs the proxy")
         );
         let http = listener(
             r#"{name: l, bind_to_port: false, address: {socket_address: {address: 10.96.0.10, port_value: 80}}, filter_chains: [{filters: [{name: envoy.filters.network.http_connection_manager, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: h, route_config: {}, http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]}}]}]}"#,
         );
-        assert!(matches!(classify(&http), Decision::Pass(_)));
+        assert_eq!(
+            classify(&http),
+            Decision::Redirect("L7 filters need the proxy")
+        );
     }
 }

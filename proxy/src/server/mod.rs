@@ -200,6 +200,24 @@ impl ListenerManager {
         Ok(true)
     }
 
+    /// Serves a connection the kernel LB redirected to Legate with the
+    /// listener whose address is its original destination `orig` (as
+    /// Envoy's `use_original_dst` hands a connection over). False when no
+    /// listener has that address.
+    pub fn serve_redirected(
+        &self,
+        orig: SocketAddr,
+        sock: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> bool {
+        let running = self.running.lock().unwrap();
+        let Some(r) = running.values().find(|r| r.config.address == orig) else {
+            return false;
+        };
+        spawn_connection(&r.current.load_full(), sock, peer, Some(orig), &self.ctx);
+        true
+    }
+
     /// Stops a listener: no new connections; open ones drain.
     pub fn remove(&self, name: &str) -> bool {
         let mut running = self.running.lock().unwrap();
@@ -276,24 +294,36 @@ async fn accept_loop(
                 continue;
             }
         };
-        let gen = current.load_full();
-        let config = gen.config.clone();
-        let drain = gen.drain.clone();
-        stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)).increment(1);
-        let _ = sock.set_nodelay(true);
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let work = serve_connection(sock, peer, config, &ctx, &drain);
-            // After a drain starts, connections get the drain time to finish
-            // and are then closed, as Envoy closes them.
-            tokio::select! {
-                _ = work => {}
-                _ = drain_deadline(drain.clone(), ctx.drain_time) => {
-                    tracing::debug!(%peer, "drain time over; closing the connection");
-                }
-            }
-        });
+        spawn_connection(&current.load_full(), sock, peer, None, &ctx);
     }
+}
+
+/// Serves one accepted connection with a listener generation. `local`
+/// overrides the socket's own address for filter chain matching (the
+/// original destination of a redirected connection).
+fn spawn_connection(
+    gen: &Generation,
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    ctx: &Ctx,
+) {
+    let config = gen.config.clone();
+    let drain = gen.drain.clone();
+    stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)).increment(1);
+    let _ = sock.set_nodelay(true);
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let work = serve_connection(sock, peer, local, config, &ctx, &drain);
+        // After a drain starts, connections get the drain time to finish
+        // and are then closed, as Envoy closes them.
+        tokio::select! {
+            _ = work => {}
+            _ = drain_deadline(drain.clone(), ctx.drain_time) => {
+                tracing::debug!(%peer, "drain time over; closing the connection");
+            }
+        }
+    });
 }
 
 async fn drain_deadline(mut drain: watch::Receiver<bool>, drain_time: Duration) {
@@ -307,12 +337,13 @@ async fn drain_deadline(mut drain: watch::Receiver<bool>, drain_time: Duration) 
 async fn serve_connection(
     sock: tokio::net::TcpStream,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     config: Arc<Listener>,
     ctx: &Ctx,
     drain: &watch::Receiver<bool>,
 ) {
     let conn = crate::config::filter_chain::ConnInfo {
-        local: sock.local_addr().unwrap_or(config.address),
+        local: local.unwrap_or_else(|| sock.local_addr().unwrap_or(config.address)),
         peer,
         // No TLS inspector yet: no SNI or ALPN, and the transport is raw.
         server_name: "",

