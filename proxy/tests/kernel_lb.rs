@@ -56,8 +56,11 @@ fn wait_status(admin: u16, check: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// Some listener is served by the kernel.
 fn offloaded(s: &Value) -> bool {
-    s["listeners"][0]["offloaded"] == true
+    s["listeners"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|l| l["offloaded"] == true))
 }
 
 /// Removes what the instance pinned: Legate leaves its pins on exit so a
@@ -200,6 +203,87 @@ async fn an_http_vip_is_redirected_to_legate_which_serves_it_with_that_listener(
     );
     // Outside the cgroup nothing is rewritten: the VIP has no listener.
     assert!(std::net::TcpStream::connect(vip).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legates_own_connects_are_never_rewritten() {
+    if skip() {
+        return;
+    }
+    // Legate runs inside the balanced cgroup, and one of its clusters has
+    // the VIP itself as endpoint. Were Legate's own connect rewritten, it
+    // would reach the VIP's backend; it must reach the VIP address, where
+    // nothing listens (503), as it would without the kernel LB.
+    let cg = Cgroup::new(&legate_bpf::cgroup2_root().unwrap(), "proxy-self");
+    let backend = TagServer::start('k').await;
+    let vip: SocketAddr = "127.100.1.5:80".parse().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "via-vip"}}]));
+    let cfg = bootstrap(
+        admin,
+        vec![
+            vip_listener("vip", vip, "svc"),
+            listener("http", port, hcm(rc, json!({}))),
+        ],
+        vec![
+            weighted_cluster("svc", &[(backend.addr, 1)]),
+            cluster("via-vip", &[vip], json!({})),
+        ],
+    );
+    let id = base_id();
+    let _pins = Pins(id.clone());
+    let path = legate_tests::legate::write_config(&cfg);
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                cg.path.display()
+            ))
+            .arg("sh")
+            .arg(BIN)
+            .args([
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+                "--kernel-lb",
+                "required",
+                "--base-id",
+                &id,
+            ])
+            .arg("--kernel-lb-cgroup")
+            .arg(&cg.path)
+            .arg("-c")
+            .arg(&path.0)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(Instant::now() < deadline, "legate did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = wait_status(admin, offloaded);
+    assert_eq!(s["listeners"][1]["mode"], "DIRECT", "{s}");
+    // Another process in the cgroup is balanced to the backend...
+    assert_eq!(cg.connect(vip, 1), vec!["127.100.1.5:80 k".to_string()]);
+    // ...while Legate's own upstream connect to the VIP is left alone.
+    let r = curl(&format!("http://127.0.0.1:{port}/"), &[]);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "only the client's connect reached the backend"
+    );
 }
 
 fn eds_bootstrap(xds: SocketAddr, admin: u16) -> String {
