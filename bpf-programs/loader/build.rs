@@ -15,6 +15,13 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(no_ebpf)");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-env-changed=PATH");
+    // aya-build watches the eBPF crate; the shared types live beside it.
+    println!(
+        "cargo:rerun-if-changed={}",
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../common")
+            .display()
+    );
     if let Some(why) = missing_toolchain() {
         println!("cargo:warning=building without eBPF programs: {why}");
         println!("cargo:rustc-cfg=no_ebpf");

@@ -72,15 +72,14 @@ pub struct Backend {
     pub addr: Addr,
 }
 
-/// `REVNAT` value, keyed by socket cookie: what the client dialled, so
-/// getpeername() can answer with it.
+/// `REVNAT` value, in the socket's own storage: what the client dialled,
+/// so getpeername() can answer with it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RevNat {
     pub vip: Addr,
     pub backend: Addr,
-    /// 1 when `backend` is Legate's redirect listener: the sock_ops program
-    /// then records the client's address in `ORIG_DST`.
+    /// 1 when `backend` is Legate's redirect listener.
     pub redirected: u32,
 }
 

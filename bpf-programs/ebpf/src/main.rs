@@ -5,13 +5,14 @@
 //! slot of the service's Maglev table (`MAGLEV`, one inner array per service,
 //! swapped atomically by the loader) names the backend, and the socket
 //! connects straight to it: no proxy hop, no per-packet NAT. The choice is
-//! recorded by socket cookie in `REVNAT`, so `getpeername4/6` can answer
-//! with the address the application dialled.
+//! kept in the socket's own storage (`REVNAT`, freed with the socket), so
+//! `getpeername4/6` can answer with the address the application dialled.
 //!
 //! A REDIRECT service's connects go to Legate's redirect listener on
-//! 127.0.0.1 instead (the L7 path, replacing iptables capture); once the
-//! connection is established, `sock_ops` records the client's address →
-//! the VIP in `ORIG_DST`, where Legate reads the original destination.
+//! 127.0.0.1 instead (the L7 path, replacing iptables capture); the VIP
+//! waits in `PENDING` (by socket cookie) until the connection is
+//! established, when `sock_ops` moves it to `ORIG_DST` under the client's
+//! address, where Legate reads the original destination.
 //!
 //! Every program returns 1 ("allow"): a miss or a map error leaves the
 //! connect() untouched, so the worst case is the path without kernel LB.
@@ -19,7 +20,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray, SkStorage},
     helpers::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
@@ -43,8 +44,14 @@ static MAGLEV: HashOfMaps<u32, Array<u32, { MAGLEV_SIZE as usize }>, { MAX_SERVI
 #[btf_map]
 static BACKENDS: HashMap<u32, Backend, { MAX_BACKENDS as usize }> = HashMap::new();
 
+/// Per socket: what it dialled and where it was sent.
 #[btf_map]
-static REVNAT: LruHashMap<u64, RevNat, { MAX_REVNAT as usize }> = LruHashMap::new();
+static REVNAT: SkStorage<RevNat> = SkStorage::new();
+
+/// Socket cookie → VIP, for redirected connects until sock_ops sees them
+/// established.
+#[btf_map]
+static PENDING: LruHashMap<u64, Addr, { MAX_REVNAT as usize }> = LruHashMap::new();
 
 /// Connections made to each backend id (summed over CPUs by the loader).
 #[btf_map]
@@ -145,8 +152,6 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
     // SAFETY: values are plain data; a concurrent update at worst yields
     // the old or the new service, both valid.
     let svc = unsafe { SERVICES.get(&key) }?;
-    // SAFETY: the context pointer is what the helper expects.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if svc.mode == MODE_REDIRECT && family == FAMILY_V4 {
         let proxy = Addr {
             ip: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
@@ -154,15 +159,10 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
             family: FAMILY_V4,
             _pad: 0,
         };
-        let _ = REVNAT.insert(
-            &cookie,
-            &RevNat {
-                vip,
-                backend: proxy,
-                redirected: 1,
-            },
-            0,
-        );
+        remember(ctx, vip, proxy, 1);
+        // SAFETY: the context pointer is what the helper expects.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = PENDING.insert(&cookie, &vip, 0);
         write_addr(ctx, family, &proxy);
         return Some(());
     }
@@ -178,15 +178,7 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
     if backend.addr.family != family {
         return None;
     }
-    let _ = REVNAT.insert(
-        &cookie,
-        &RevNat {
-            vip,
-            backend: backend.addr,
-            redirected: 0,
-        },
-        0,
-    );
+    remember(ctx, vip, backend.addr, 0);
     write_addr(ctx, family, &backend.addr);
     if let Some(n) = BACKEND_CX.get_ptr_mut(id) {
         // SAFETY: per-CPU slot, no other writer on this CPU.
@@ -195,12 +187,33 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
     Some(())
 }
 
+/// Stores the VIP and the rewritten destination in the socket's storage.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, vip: Addr, backend: Addr, redirected: u32) {
+    // SAFETY: the storage belongs to this socket, which only this program
+    // invocation is connecting.
+    let p = unsafe { REVNAT.get_or_insert_ptr_mut(ctx, None) };
+    if !p.is_null() {
+        // SAFETY: non-null pointers from the helper point at a RevNat.
+        unsafe {
+            *p = RevNat {
+                vip,
+                backend,
+                redirected,
+            }
+        };
+    }
+}
+
 #[inline(always)]
 fn getpeername(ctx: &SockAddrContext, family: u8) -> Option<()> {
-    // SAFETY: the context pointer is what the helper expects.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: plain data.
-    let rev = unsafe { REVNAT.get(&cookie) }?;
+    // SAFETY: as in remember; the value is only read.
+    let p = unsafe { REVNAT.get_ptr_mut(ctx) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-null pointers from the helper point at a RevNat.
+    let rev = unsafe { &*p };
     let peer = read_addr(ctx, family);
     if rev.backend != peer || rev.vip.family != family {
         return None;
@@ -218,17 +231,16 @@ pub fn legate_sockops(ctx: SockOpsContext) -> u32 {
         // SAFETY: the context pointer is what the helper expects.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: plain data.
-        if let Some(rev) = unsafe { REVNAT.get(&cookie) } {
-            if rev.redirected == 1 {
-                let client = Addr {
-                    ip: [ctx.local_ip4(), 0, 0, 0],
-                    // local_port is in host byte order here.
-                    port: (ctx.local_port() as u16).to_be(),
-                    family: FAMILY_V4,
-                    _pad: 0,
-                };
-                let _ = ORIG_DST.insert(&client, &rev.vip, 0);
-            }
+        if let Some(vip) = unsafe { PENDING.get(&cookie) } {
+            let client = Addr {
+                ip: [ctx.local_ip4(), 0, 0, 0],
+                // local_port is in host byte order here.
+                port: (ctx.local_port() as u16).to_be(),
+                family: FAMILY_V4,
+                _pad: 0,
+            };
+            let _ = ORIG_DST.insert(&client, vip, 0);
+            let _ = PENDING.remove(&cookie);
         }
     }
     1

@@ -19,7 +19,7 @@ const PROGRAMS: [&str; 4] = [
     "legate_getpeername6",
 ];
 const SOCKOPS: &str = "legate_sockops";
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     "SERVICES",
     "MAGLEV",
     "BACKENDS",
@@ -27,6 +27,7 @@ const MAPS: [&str; 7] = [
     "BACKEND_CX",
     "CONFIG",
     "ORIG_DST",
+    "PENDING",
 ];
 
 #[derive(Debug, thiserror::Error)]
