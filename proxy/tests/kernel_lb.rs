@@ -63,6 +63,16 @@ fn offloaded(s: &Value) -> bool {
         .is_some_and(|l| l.iter().any(|l| l["offloaded"] == true))
 }
 
+/// Starts Legate with `--kernel-lb required` on `cg` and a base id of its
+/// own; its pins go when the returned guard drops.
+fn start_required(cfg: &str, cg: &Cgroup, admin: u16) -> (Pins, Legate) {
+    let id = base_id();
+    let cgroup = cg.path.display().to_string();
+    let args = ["--kernel-lb", "required", "--kernel-lb-cgroup", &cgroup, "--base-id", &id];
+    let l = Legate::start_with_args(BIN, cfg, &args, &[], Some(admin));
+    (Pins(id), l)
+}
+
 /// Removes what the instance pinned: Legate leaves its pins on exit so a
 /// restart adopts them.
 struct Pins(String);
@@ -89,23 +99,7 @@ async fn a_vip_listener_is_balanced_in_the_kernel_with_the_cluster_weights() {
         vec![vip_listener("vip", vip, "svc")],
         vec![weighted_cluster("svc", &[(a.addr, 1), (b.addr, 3)])],
     );
-    let id = base_id();
-    let _pins = Pins(id.clone());
-    let cgroup = cg.path.display().to_string();
-    let _l = Legate::start_with_args(
-        BIN,
-        &cfg,
-        &[
-            "--kernel-lb",
-            "required",
-            "--kernel-lb-cgroup",
-            &cgroup,
-            "--base-id",
-            &id,
-        ],
-        &[],
-        Some(admin),
-    );
+    let _l = start_required(&cfg, &cg, admin);
     let s = wait_status(admin, offloaded);
     assert_eq!(s["listeners"][0]["mode"], "DIRECT");
     assert_eq!(stat(admin, "kernel_lb.enabled"), Some(1));
@@ -166,23 +160,7 @@ async fn an_http_vip_is_redirected_to_legate_which_serves_it_with_that_listener(
     l["address"] = addr(&vip.ip().to_string(), vip.port());
     l["bind_to_port"] = json!(false);
     let cfg = bootstrap(admin, vec![l], vec![cluster("web", &[up.addr], json!({}))]);
-    let id = base_id();
-    let _pins = Pins(id.clone());
-    let cgroup = cg.path.display().to_string();
-    let _l = Legate::start_with_args(
-        BIN,
-        &cfg,
-        &[
-            "--kernel-lb",
-            "required",
-            "--kernel-lb-cgroup",
-            &cgroup,
-            "--base-id",
-            &id,
-        ],
-        &[],
-        Some(admin),
-    );
+    let _l = start_required(&cfg, &cg, admin);
     let s = wait_status(admin, |s| s["listeners"][0]["redirected"] == true);
     assert_eq!(s["listeners"][0]["mode"], "REDIRECT");
     // curl inside the cgroup dials the VIP; nothing listens there, the
@@ -343,23 +321,7 @@ async fn a_hundred_eds_updates_under_load_fail_no_connect() {
         vec![s[i - 1].as_ref().unwrap().addr, s[i].as_ref().unwrap().addr]
     };
     ads.set(ENDPOINT, "1", vec![any(ENDPOINT, cla(&addrs(&servers, 1)))]);
-    let id = base_id();
-    let _pins = Pins(id.clone());
-    let cgroup = cg.path.display().to_string();
-    let _l = Legate::start_with_args(
-        BIN,
-        &eds_bootstrap(ads.addr, admin),
-        &[
-            "--kernel-lb",
-            "required",
-            "--kernel-lb-cgroup",
-            &cgroup,
-            "--base-id",
-            &id,
-        ],
-        &[],
-        Some(admin),
-    );
+    let _l = start_required(&eds_bootstrap(ads.addr, admin), &cg, admin);
     wait_status(admin, offloaded);
 
     let stop = std::env::temp_dir().join(format!("legate-kernel-eds-stop-{}", std::process::id()));
