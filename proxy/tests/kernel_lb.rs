@@ -68,7 +68,14 @@ fn offloaded(s: &Value) -> bool {
 fn start_required(cfg: &str, cg: &Cgroup, admin: u16) -> (Pins, Legate) {
     let id = base_id();
     let cgroup = cg.path.display().to_string();
-    let args = ["--kernel-lb", "required", "--kernel-lb-cgroup", &cgroup, "--base-id", &id];
+    let args = [
+        "--kernel-lb",
+        "required",
+        "--kernel-lb-cgroup",
+        &cgroup,
+        "--base-id",
+        &id,
+    ];
     let l = Legate::start_with_args(BIN, cfg, &args, &[], Some(admin));
     (Pins(id), l)
 }

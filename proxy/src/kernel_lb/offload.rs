@@ -220,6 +220,63 @@ mod tests {
 
     const TCP: &str = r#"{"name": "envoy.filters.network.tcp_proxy", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "t", "cluster": "svc"}}"#;
 
+    /// Golden: a listener and a cluster as a control plane sends them, all
+    /// the way to the map operations the loader applies.
+    #[test]
+    fn xds_resources_become_these_map_operations() {
+        use crate::cluster_manager::Cluster;
+        use crate::config::cluster::ClusterConfig;
+        use legate_bpf::{MapOp, State};
+        let l = listener(&format!(
+            "{{name: vip, bind_to_port: false, address: {{socket_address: {{address: 10.96.0.10, port_value: 80}}}}, filter_chains: [{{filters: [{TCP}]}}]}}"
+        ));
+        let Decision::Direct { cluster } = classify(&l) else {
+            panic!("not DIRECT")
+        };
+        let c: serde_json::Value = serde_yaml::from_str(&format!(
+            "{{name: {cluster}, type: STATIC, load_assignment: {{cluster_name: {cluster}, endpoints: [{{lb_endpoints: [
+                {{endpoint: {{address: {{socket_address: {{address: 10.0.0.1, port_value: 8080}}}}}}, load_balancing_weight: 1}},
+                {{endpoint: {{address: {{socket_address: {{address: 10.0.0.2, port_value: 8080}}}}}}, load_balancing_weight: 3}}]}}]}}}}"
+        ))
+        .unwrap();
+        let pb =
+            legate_proto::json::to_message(c, "envoy.config.cluster.v3.Cluster", true).unwrap();
+        let cluster = Cluster::new(Arc::new(ClusterConfig::from_proto(&pb, "c").unwrap()));
+        let (spec, weights) = service_spec(l.address, &cluster.snapshot()).unwrap();
+        assert_eq!(weights, vec![250_000, 750_000]);
+        let ops = State::default().plan(&[spec], &[]).unwrap();
+        let render: Vec<String> = ops
+            .iter()
+            .map(|op| match op {
+                MapOp::UpsertBackend { id, addr } => {
+                    format!("backend {id} = {}", legate_bpf::addr::from_kernel(addr))
+                }
+                MapOp::SetTable { service, slots } => format!(
+                    "table {service}: {} slots to backend 0, {} to backend 1",
+                    slots.iter().filter(|s| **s == 0).count(),
+                    slots.iter().filter(|s| **s == 1).count()
+                ),
+                MapOp::UpsertService { key, value } => format!(
+                    "service {} = id {} count {} mode {}",
+                    legate_bpf::addr::from_kernel(&key.addr),
+                    value.id,
+                    value.count,
+                    value.mode
+                ),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            render,
+            [
+                "backend 0 = 10.0.0.1:8080",
+                "backend 1 = 10.0.0.2:8080",
+                "table 0: 4096 slots to backend 0, 12285 to backend 1",
+                "service 10.96.0.10:80 = id 0 count 2 mode 1",
+            ]
+        );
+    }
+
     #[test]
     fn only_unbound_plain_tcp_proxy_listeners_are_direct() {
         let direct = listener(&format!(
