@@ -139,7 +139,8 @@ impl LoopClient {
 const CLIENT: &str = r#"
 import socket
 def once():
-    s = socket.socket()
+    v6 = ":" in "VIP_HOST"
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
     try:
         s.connect(("VIP_HOST", VIP_PORT))
         s.sendall(b"x")
@@ -147,7 +148,8 @@ def once():
         if not b:
             return "refused"
         peer = s.getpeername()
-        return "%s:%d %s" % (peer[0], peer[1], b.decode())
+        host = "[%s]" % peer[0] if v6 else peer[0]
+        return "%s:%d %s" % (host, peer[1], b.decode())
     except OSError:
         return "refused"
     finally:
@@ -164,8 +166,12 @@ pub struct TagServer {
 
 impl TagServer {
     pub async fn start(tag: char) -> Self {
+        Self::start_on(tag, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(tag: char, bind: SocketAddr) -> Self {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let n = accepted.clone();

@@ -218,3 +218,31 @@ async fn redirect_sends_connects_to_the_proxy_and_records_the_original_destinati
     );
     assert_eq!(orig.take(peer), None, "consumed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_connects_are_balanced_and_getpeername6_shows_the_vip() {
+    if skip() {
+        return;
+    }
+    let sb = Sandbox::new("v6");
+    let a = TagServer::start_on('a', "[::1]:0".parse().unwrap()).await;
+    let b = TagServer::start_on('b', "[::1]:0".parse().unwrap()).await;
+    // A loopback port nothing listens on stands in for the VIP, so a miss
+    // never leaves the host.
+    let vip: SocketAddr = format!("[::1]:{}", {
+        let l = std::net::TcpListener::bind("[::1]:0").unwrap();
+        l.local_addr().unwrap().port()
+    })
+    .parse()
+    .unwrap();
+    let mut lb = KernelLb::load(&sb.options()).unwrap();
+    lb.sync(&[one_to_three(vip, a.addr, b.addr)], &[]).unwrap();
+    let lines = sb.connect(vip, 400);
+    let to_a = lines.iter().filter(|l| l.ends_with(" a")).count();
+    assert!(
+        lines.iter().all(|l| l.starts_with(&format!("{vip} "))),
+        "getpeername6 shows the VIP: {:?}",
+        &lines[..3]
+    );
+    assert!((60..=140).contains(&to_a), "a got {to_a} of 400, want ~100");
+}
