@@ -66,7 +66,10 @@ fn offloaded(s: &Value) -> bool {
 /// Starts Legate with `--kernel-lb required` on `cg` and a base id of its
 /// own; its pins go when the returned guard drops.
 fn start_required(cfg: &str, cg: &Cgroup, admin: u16) -> (Pins, Legate) {
-    let id = base_id();
+    start_with_base_id(cfg, cg, admin, base_id())
+}
+
+fn start_with_base_id(cfg: &str, cg: &Cgroup, admin: u16, id: String) -> (Pins, Legate) {
     let cgroup = cg.path.display().to_string();
     let args = [
         "--kernel-lb",
@@ -268,6 +271,49 @@ async fn legates_own_connects_are_never_rewritten() {
         backend.accepted(),
         1,
         "only the client's connect reached the backend"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_survives_a_crash_and_a_restart_adopts_the_pins() {
+    if skip() {
+        return;
+    }
+    let cg = Cgroup::new(&legate_bpf::cgroup2_root().unwrap(), "proxy-restart");
+    let (a, b) = (TagServer::start('a').await, TagServer::start('b').await);
+    let vip: SocketAddr = "127.100.1.6:80".parse().unwrap();
+    let id = base_id();
+    let admin = free_port();
+    let only = |server: &TagServer| {
+        bootstrap(
+            admin,
+            vec![vip_listener("vip", vip, "svc")],
+            vec![weighted_cluster("svc", &[(server.addr, 1)])],
+        )
+    };
+    let (pins, first) = start_with_base_id(&only(&a), &cg, admin, id.clone());
+    wait_status(admin, offloaded);
+    assert_eq!(cg.connect(vip, 1), vec!["127.100.1.6:80 a".to_string()]);
+    // SIGKILL: no chance to clean up. The pinned programs and maps keep
+    // balancing without any Legate.
+    drop(first);
+    assert_eq!(cg.connect(vip, 3), vec!["127.100.1.6:80 a".to_string(); 3]);
+    // A new Legate with the same base id adopts the pins and applies its
+    // own config.
+    std::mem::forget(pins);
+    let (_pins, _second) = start_with_base_id(&only(&b), &cg, admin, id);
+    wait_status(admin, offloaded);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cg.connect(vip, 1) != vec!["127.100.1.6:80 b".to_string()] {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted Legate did not take over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        cg.connect(vip, 20),
+        vec!["127.100.1.6:80 b".to_string(); 20]
     );
 }
 
