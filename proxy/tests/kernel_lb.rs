@@ -18,7 +18,9 @@ fn skip() -> bool {
 
 /// A base id of its own per test, so instances never share pinned maps.
 fn base_id() -> String {
-    (u64::from(std::process::id()) * 100 + u64::from(free_port() % 100)).to_string()
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (u64::from(std::process::id()) * 1000 + n).to_string()
 }
 
 fn vip_listener(name: &str, vip: SocketAddr, cluster: &str) -> Value {
@@ -350,8 +352,8 @@ async fn a_hundred_eds_updates_under_load_fail_no_connect() {
     let vip: SocketAddr = "127.100.1.2:80".parse().unwrap();
     let admin = free_port();
     // A rolling update: each step adds a new backend and drops the oldest;
-    // a dropped backend's server closes two steps (300 ms) later, so a
-    // connect sent to it after the swap would be refused.
+    // a dropped backend's server closes 600 ms later (room for a loaded CI
+    // machine), so a connect sent to it after that would be refused.
     let mut servers: Vec<Option<TagServer>> = vec![
         Some(TagServer::start('0').await),
         Some(TagServer::start('1').await),
@@ -388,9 +390,10 @@ async fn a_hundred_eds_updates_under_load_fail_no_connect() {
             vec![any(ENDPOINT, cla(&addrs(&servers, i)))],
         );
         tokio::time::sleep(Duration::from_millis(150)).await;
-        // Removed from the set at step i - 1 (two steps ago): close it.
-        if i >= 3 {
-            servers[i - 3] = None;
+        // Removed from the set by the push of step i - 3, four sleeps ago:
+        // close it.
+        if i >= 5 {
+            servers[i - 5] = None;
         }
     }
     std::fs::write(&stop, b"").unwrap();
