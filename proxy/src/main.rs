@@ -28,7 +28,18 @@ fn main() -> ExitCode {
     };
     if cli.mode == Mode::Validate {
         // Validation opens no sockets and starts nothing.
-        return match bootstrap::load(&cli) {
+        let checked = bootstrap::load(&cli).and_then(|l| {
+            legate::kernel_lb::Settings::resolve(
+                cli.kernel_lb,
+                &cli.kernel_lb_cgroup,
+                &l.config.runtime,
+                cli.base_id,
+            )
+            .map_err(|e| {
+                bootstrap::LoadError::Config(legate::config::ConfigError::new("layered_runtime", e))
+            })
+        });
+        return match checked {
             Ok(_) => {
                 println!("configuration '{}' OK", cli.config_path);
                 ExitCode::SUCCESS

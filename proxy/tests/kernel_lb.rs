@@ -516,6 +516,17 @@ fn the_mode_can_come_from_the_bootstrap_runtime() {
         "required from the runtime layer"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/legate-cgroup"));
+    // --mode validate checks the setting too.
+    let mut bad = cfg.clone();
+    bad["layered_runtime"]["layers"][0]["static_layer"]["legate.kernel_lb.mode"] = json!("fast");
+    let bad_path = legate_tests::legate::write_config(&bad.to_string());
+    let out = std::process::Command::new(BIN)
+        .args(["--mode", "validate", "-c"])
+        .arg(&bad_path.0)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("legate.kernel_lb.mode"));
     // The command line wins.
     let id = base_id();
     let _l = Legate::start_with_args(
