@@ -231,14 +231,7 @@ async fn legates_own_connects_are_never_rewritten() {
         }
     }
     let _child = Kill(
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec \"$@\"",
-                cg.path.display()
-            ))
-            .arg("sh")
-            .arg(BIN)
+        cg.inside(BIN)
             .args([
                 "--concurrency",
                 "1",

@@ -55,16 +55,22 @@ impl Cgroup {
         c
     }
 
-    /// Runs `program` inside the cgroup and waits for it.
-    pub fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
-        Command::new("sh")
-            .arg("-c")
+    /// A command that runs `program` inside the cgroup (add its arguments).
+    pub fn inside(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
             .arg(format!(
                 "echo $$ > {}/cgroup.procs && exec \"$@\"",
                 self.path.display()
             ))
             .arg("sh")
-            .arg(program)
+            .arg(program);
+        c
+    }
+
+    /// Runs `program` inside the cgroup and waits for it.
+    pub fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        self.inside(program)
             .args(args)
             .output()
             .expect("spawn in cgroup")
