@@ -43,6 +43,28 @@ pub struct Expect {
     pub served_by: Option<String>,
 }
 
+/// Runs the scenario's requests through Envoy, then Legate; the error names
+/// the proxy that did not start.
+fn observe_both(
+    bins: &Binaries,
+    sc: &Scenario,
+    cfg: &std::path::Path,
+    port: u16,
+    admin: u16,
+    work: &std::path::Path,
+) -> std::result::Result<BTreeMap<Kind, Vec<Observation>>, (Kind, String)> {
+    let mut seen = BTreeMap::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let running =
+            proxies::start(bins, kind, cfg, admin, work).map_err(|e| (kind, format!("{e:#}")))?;
+        let obs: Vec<Observation> =
+            tokio::task::block_in_place(|| sc.requests.iter().map(|r| send(port, r)).collect());
+        drop(running);
+        seen.insert(kind, obs);
+    }
+    Ok(seen)
+}
+
 fn send(port: u16, r: &Request) -> Observation {
     let mut args: Vec<String> = vec!["--path-as-is".into()];
     if let Some(m) = &r.method {
@@ -103,38 +125,42 @@ pub async fn run_file(
         );
         ups.push(u);
     }
-    let (port, admin) = (
-        legate_tests::legate::free_port(),
-        legate_tests::legate::free_port(),
-    );
-    text = text
-        .replace("{{LISTENER}}", &port.to_string())
-        .replace("{{ADMIN}}", &admin.to_string());
-    let cfg = work.join(format!("{stem}.yaml"));
-    std::fs::write(&cfg, &text)?;
-
-    let mut seen: BTreeMap<Kind, Vec<Observation>> = BTreeMap::new();
-    for kind in [Kind::Envoy, Kind::Legate] {
-        let started = proxies::start(bins, kind, &cfg, admin, work);
-        let running = match started {
-            Ok(r) => r,
-            Err(e) => {
+    // Ports are picked free, then bound by the proxies a moment later; an
+    // outgoing connection can take one in between. A start that fails with
+    // "Address already in use" is retried on fresh ports.
+    let mut attempts = 0;
+    let seen = loop {
+        attempts += 1;
+        let (port, admin) = (
+            legate_tests::legate::free_port(),
+            legate_tests::legate::free_port(),
+        );
+        let text = text
+            .replace("{{LISTENER}}", &port.to_string())
+            .replace("{{ADMIN}}", &admin.to_string());
+        let cfg = work.join(format!("{stem}.yaml"));
+        std::fs::write(&cfg, &text)?;
+        match observe_both(bins, &sc, &cfg, port, admin, work) {
+            Ok(seen) => break seen,
+            Err((kind, e)) if attempts < 3 && e.contains("Address already in use") => {
+                eprintln!(
+                    "routing/{stem}: {} could not bind, retrying on new ports",
+                    kind.name()
+                );
+            }
+            Err((kind, e)) => {
                 for r in &sc.requests {
                     report.add(
                         "routing",
                         &stem,
                         &r.name,
-                        Outcome::Mismatch(vec![format!("{} did not start: {e:#}", kind.name())]),
+                        Outcome::Mismatch(vec![format!("{} did not start: {e}", kind.name())]),
                     );
                 }
                 return Ok(());
             }
-        };
-        let obs: Vec<Observation> =
-            tokio::task::block_in_place(|| sc.requests.iter().map(|r| send(port, r)).collect());
-        drop(running);
-        seen.insert(kind, obs);
-    }
+        }
+    };
     let (envoy, legate) = (&seen[&Kind::Envoy], &seen[&Kind::Legate]);
     for (i, r) in sc.requests.iter().enumerate() {
         let oracle: Vec<String> = check_expect(&r.expect, &envoy[i])
