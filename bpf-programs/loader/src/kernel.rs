@@ -352,26 +352,32 @@ fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// The filesystem type mounted exactly at `path`, from /proc/self/mounts.
+/// (mount point, filesystem type) of every mount, from /proc/self/mounts.
+fn mounts() -> std::io::Result<Vec<(PathBuf, String)>> {
+    Ok(std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, ty) = (f.next()?, f.next()?, f.next()?);
+            Some((PathBuf::from(at), ty.to_string()))
+        })
+        .collect())
+}
+
+/// The filesystem type mounted exactly at `path` (the last mount wins).
 fn fs_type(path: &Path) -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().rev().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, at, ty) = (f.next()?, f.next()?, f.next()?);
-        (Path::new(at) == path).then(|| ty.to_string())
-    })
+    mounts()
+        .ok()?
+        .into_iter()
+        .rev()
+        .find_map(|(at, ty)| (at == path).then_some(ty))
 }
 
 /// The root of the cgroup v2 hierarchy; mounts one under
 /// `/run/legate/cgroup2` when none is mounted.
 pub fn cgroup2_root() -> Result<PathBuf, LoadError> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| LoadError::Cgroup("/proc/self/mounts".into(), e))?;
-    if let Some(at) = mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, at, ty) = (f.next()?, f.next()?, f.next()?);
-        (ty == "cgroup2").then(|| PathBuf::from(at))
-    }) {
+    let mounts = mounts().map_err(|e| LoadError::Cgroup("/proc/self/mounts".into(), e))?;
+    if let Some((at, _)) = mounts.into_iter().find(|(_, ty)| ty == "cgroup2") {
         return Ok(at);
     }
     let at = PathBuf::from("/run/legate/cgroup2");

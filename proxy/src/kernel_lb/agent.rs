@@ -264,13 +264,9 @@ impl Agent {
                         .set((specs.len() + redirect_vips.len()) as f64);
                 }
                 None => {
-                    let why = self
-                        .unavailable
-                        .lock()
-                        .unwrap()
-                        .clone()
-                        .unwrap_or_else(|| "not loaded".into());
-                    let failed = self.unavailable.lock().unwrap().is_some();
+                    let failure = self.unavailable.lock().unwrap().clone();
+                    let failed = failure.is_some();
+                    let why = failure.unwrap_or_else(|| "not loaded".into());
                     for s in status.iter_mut().filter(|s| {
                         owners.contains_key(&s.address) || redirect_vips.contains(&s.address)
                     }) {
