@@ -151,6 +151,19 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         None => None,
     };
     let sr = b.static_resources.clone().unwrap_or_default();
+    // Secrets first: transport sockets name them.
+    let mut secrets = std::collections::HashMap::new();
+    for (i, sec) in sr.secrets.iter().enumerate() {
+        let p = config::index("static_resources", "secrets", i);
+        let (name, v) = config::tls::secret(sec, &p)?;
+        if secrets.insert(name.clone(), Arc::new(v)).is_some() {
+            return Err(ConfigError::new(
+                config::join(&p, "name"),
+                format!("duplicate static secret name {name}"),
+            ));
+        }
+    }
+    crate::tls::secrets::set_static(secrets);
     let mut clusters = Vec::new();
     let mut names = HashSet::new();
     for (i, c) in sr.clusters.iter().enumerate() {

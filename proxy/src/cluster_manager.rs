@@ -340,7 +340,11 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     pub fn new(config: Arc<ClusterConfig>) -> Self {
         let stats = ClusterStats::new(&config.name);
-        let pool_key = xxhash_rust::xxh64::xxh64(config.name.as_bytes(), 0);
+        // A new TLS context gets new pooled connections.
+        let pool_key = xxhash_rust::xxh64::xxh64(
+            config.name.as_bytes(),
+            config.tls.as_ref().map_or(0, |t| t.key),
+        );
         let c = Self {
             snapshot: ArcSwap::from_pointee(HostSnapshot::build(
                 &config.lb,

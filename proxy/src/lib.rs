@@ -23,6 +23,7 @@ pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub mod xds;
 
 /// The version reported by `--version` and `/server_info`.

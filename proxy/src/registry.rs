@@ -115,7 +115,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
-        &["listeners", "clusters"],
+        &["listeners", "clusters", "secrets"],
         &[],
     ),
     m("envoy.config.bootstrap.v3.LayeredRuntime", &["layers"], &[]),
@@ -161,22 +161,35 @@ pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.listener.v3.Listener",
         // traffic_direction: /drain_listeners?inboundonly drains INBOUND ones.
-        &["default_filter_chain", "name", "address", "filter_chains", "stat_prefix", "traffic_direction", "bind_to_port"],
+        &[
+            "default_filter_chain",
+            "name",
+            "address",
+            "filter_chains",
+            "stat_prefix",
+            "traffic_direction",
+            "bind_to_port",
+            "listener_filters",
+            "listener_filters_timeout",
+            "continue_on_listener_filters_timeout",
+        ],
         &[
             ("metadata", "only informational"),
             (
                 "drain_type",
                 "Legate never drains on /healthcheck/fail, as MODIFY_ONLY; DEFAULT's drain there is not implemented (see notes)",
             ),
-            (
-                "continue_on_listener_filters_timeout",
-                "no listener filters are supported yet",
-            ),
         ],
     ),
     m(
         "envoy.config.listener.v3.FilterChain",
-        &["filters", "name", "filter_chain_match"],
+        &[
+            "filters",
+            "name",
+            "filter_chain_match",
+            "transport_socket",
+            "transport_socket_connect_timeout",
+        ],
         &[("metadata", "only informational")],
     ),
     m(
@@ -680,6 +693,88 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["name", "weight"],
         &[],
     ),
+    m("envoy.config.listener.v3.ListenerFilter", &["name", "typed_config"], &[]),
+    m(
+        "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+        &[],
+        &[
+            ("enable_ja3_fingerprinting", "fingerprints only feed logs"),
+            ("enable_ja4_fingerprinting", "fingerprints only feed logs"),
+            ("initial_read_buffer_size", "a read-size hint; Legate peeks up to the ClientHello limit"),
+        ],
+    ),
+    // TLS.
+    m("envoy.config.core.v3.TransportSocket", &["name", "typed_config"], &[]),
+    m("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[], &[]),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        &[
+            "common_tls_context",
+            "require_client_certificate",
+            "require_sni",
+            "disable_stateless_session_resumption",
+            "disable_stateful_session_resumption",
+            "prefer_client_ciphers",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        &["common_tls_context", "sni", "auto_host_sni"],
+        &[("max_session_keys", "only sizes the session resumption cache")],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
+        &[
+            "tls_params",
+            "tls_certificates",
+            "tls_certificate_sds_secret_configs",
+            "validation_context",
+            "validation_context_sds_secret_config",
+            "alpn_protocols",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.TlsParameters",
+        &[
+            "tls_minimum_protocol_version",
+            "tls_maximum_protocol_version",
+            "cipher_suites",
+            "ecdh_curves",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+        &["certificate_chain", "private_key"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
+        &[
+            "trusted_ca",
+            "match_typed_subject_alt_names",
+            "verify_certificate_hash",
+            "verify_certificate_spki",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher",
+        &["san_type", "matcher"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig",
+        &["name", "sds_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.Secret",
+        &["name", "tls_certificate", "validation_context"],
+        &[],
+    ),
     // Clusters.
     m(
         "envoy.config.cluster.v3.Cluster",
@@ -697,6 +792,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "ring_hash_lb_config",
             "maglev_lb_config",
             "least_request_lb_config",
+            "transport_socket",
         ],
         &[
             ("alt_stat_name", "only changes stat names"),

@@ -154,20 +154,35 @@ async fn handle(
         .unwrap())
 }
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 /// Starts an echo server on `addr` (port 0 = any free port).
 pub async fn start(name: &str, addr: SocketAddr) -> std::io::Result<Echo> {
-    start_inner(name, addr, None).await
+    start_inner(name, addr, None, None).await
+}
+
+/// Starts an echo server behind TLS (`tls`); its answers carry the SNI it
+/// was sent in `x-echo-sni` and whether the client presented a certificate
+/// in `x-echo-client-cert`.
+pub async fn start_tls(
+    name: &str,
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<Echo> {
+    start_inner(name, addr, None, Some(tokio_rustls::TlsAcceptor::from(tls))).await
 }
 
 /// Starts a server answering every request with exactly `message`.
 pub async fn start_fixed(name: &str, addr: SocketAddr, message: String) -> std::io::Result<Echo> {
-    start_inner(name, addr, Some(Arc::new(message))).await
+    start_inner(name, addr, Some(Arc::new(message)), None).await
 }
 
 async fn start_inner(
     name: &str,
     addr: SocketAddr,
     fixed: Option<Arc<String>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<Echo> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
@@ -179,22 +194,46 @@ async fn start_inner(
             let Ok((sock, _)) = listener.accept().await else {
                 continue;
             };
-            let (n, h, f) = (n.clone(), h.clone(), fixed.clone());
+            let (n, h, f, tls) = (n.clone(), h.clone(), fixed.clone(), tls.clone());
             tokio::spawn(async move {
+                let mut conn_headers: Vec<(&'static str, String)> = Vec::new();
+                let io: Box<dyn Io> = match tls {
+                    None => Box::new(sock),
+                    Some(acceptor) => {
+                        let Ok(s) = acceptor.accept(sock).await else {
+                            return;
+                        };
+                        let c = s.get_ref().1;
+                        conn_headers
+                            .push(("x-echo-sni", c.server_name().unwrap_or("").to_string()));
+                        conn_headers.push((
+                            "x-echo-client-cert",
+                            c.peer_certificates()
+                                .is_some_and(|p| !p.is_empty())
+                                .to_string(),
+                        ));
+                        Box::new(s)
+                    }
+                };
+                let conn_headers = Arc::new(conn_headers);
                 let svc = hyper::service::service_fn(move |req| {
-                    let (n, h, f) = (n.clone(), h.clone(), f.clone());
+                    let (n, h, f, ch) = (n.clone(), h.clone(), f.clone(), conn_headers.clone());
                     async move {
-                        match f {
+                        let mut r = match f {
                             Some(m) => {
                                 h.fetch_add(1, Ordering::Relaxed);
-                                Ok::<_, hyper::Error>(Response::new(full(m.as_bytes().to_vec())))
+                                Response::new(full(m.as_bytes().to_vec()))
                             }
-                            None => handle(n, h, req).await,
+                            None => handle(n, h, req).await?,
+                        };
+                        for (k, v) in ch.iter() {
+                            r.headers_mut().insert(*k, v.parse().unwrap());
                         }
+                        Ok::<_, hyper::Error>(r)
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(sock), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(io), svc)
                     .await;
             });
         }

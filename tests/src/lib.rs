@@ -4,4 +4,5 @@
 pub mod cgroup;
 pub mod echo;
 pub mod legate;
+pub mod pki;
 pub mod xds_server;

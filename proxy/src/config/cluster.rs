@@ -6,6 +6,7 @@ use crate::lb::LbPolicy;
 use legate_proto::envoy_types::pb::envoy::config::cluster::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types::pb::envoy::config::endpoint::v3 as ep;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -81,6 +82,8 @@ pub struct ClusterConfig {
     pub upstream_idle_timeout: Option<Duration>,
     pub max_concurrent_streams: u32,
     pub eds: Option<EdsConfig>,
+    /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
+    pub tls: Option<Arc<super::tls::ClientTls>>,
 }
 
 impl ClusterConfig {
@@ -368,6 +371,10 @@ impl ClusterConfig {
             upstream_idle_timeout,
             max_concurrent_streams,
             eds,
+            tls: match &c.transport_socket {
+                Some(ts) => super::tls::upstream(ts, &join(path, "transport_socket"))?,
+                None => None,
+            },
         })
     }
 }

@@ -29,7 +29,20 @@ pub const CONNECTION_LIMIT_TYPE: &str =
 pub struct FilterChain {
     pub limits: Vec<Arc<ConnectionLimit>>,
     pub filter: NetworkFilter,
+    /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
+    pub tls: Option<Arc<super::tls::ServerTls>>,
+    /// `transport_socket_connect_timeout`: the TLS handshake's deadline.
+    pub handshake_timeout: std::time::Duration,
 }
+
+/// The TLS handshake deadline when `transport_socket_connect_timeout` is
+/// unset. Envoy has none; a connection that never finishes its handshake
+/// would then be held until the client leaves, so Legate bounds it (the
+/// same bound as the listener filters' default timeout).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+pub const TLS_INSPECTOR_TYPE: &str =
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 
 /// `connection_limit`: at most `max` connections at once through this
 /// filter; beyond that a connection is closed, after `delay`.
@@ -177,6 +190,14 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// A `tls_inspector` listener filter: SNI, ALPN and `tls` transport
+    /// for filter chain matching.
+    pub tls_inspector: bool,
+    /// `listener_filters_timeout` (default 15 s; None: disabled).
+    pub listener_filters_timeout: Option<std::time::Duration>,
+    /// `continue_on_listener_filters_timeout`: on timeout, match the chain
+    /// with what is known instead of closing.
+    pub continue_on_listener_filters_timeout: bool,
     /// `bind_to_port` (default true). An unbound listener accepts nothing
     /// itself: in Envoy it gets connections another listener hands over
     /// (`use_original_dst`); in Legate its address is a VIP the kernel load
@@ -276,6 +297,40 @@ impl Listener {
                 "a listener needs a filter chain or a default_filter_chain",
             ));
         }
+        let mut tls_inspector = false;
+        for (i, f) in l.listener_filters.iter().enumerate() {
+            let p = index(path, "listener_filters", i);
+            use pb::listener_filter::ConfigType;
+            let tn = match &f.config_type {
+                Some(ConfigType::TypedConfig(a)) => legate_proto::type_name(&a.type_url),
+                Some(ConfigType::ConfigDiscovery(_)) => {
+                    return Err(ConfigError::new(
+                        join(&p, "config_discovery"),
+                        "listener filters from ECDS are not supported",
+                    ))
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        join(&p, "typed_config"),
+                        "typed_config is required",
+                    ))
+                }
+            };
+            match tn {
+                TLS_INSPECTOR_TYPE => tls_inspector = true,
+                _ => {
+                    return Err(ConfigError::new(
+                        join(&p, "typed_config"),
+                        format!("listener filter {tn} is not supported"),
+                    ))
+                }
+            }
+        }
+        let listener_filters_timeout = super::timeout_or(
+            l.listener_filters_timeout.as_ref(),
+            Some(std::time::Duration::from_secs(15)),
+            &join(path, "listener_filters_timeout"),
+        )?;
         let stat_prefix = if l.stat_prefix.is_empty() {
             format!("listener.{address}")
         } else {
@@ -288,6 +343,9 @@ impl Listener {
             chains,
             default_chain,
             bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
+            tls_inspector,
+            listener_filters_timeout,
+            continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             inbound: l.traffic_direction
                 == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
                     as i32,
@@ -594,7 +652,20 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
         limits.push(Arc::new(ConnectionLimit::from_proto(&c, &f_path)?));
     }
     let filter = terminal_filter(fc, &fc_path, last)?;
-    Ok(FilterChain { limits, filter })
+    let tls = match &fc.transport_socket {
+        Some(ts) => super::tls::downstream(ts, &join(&fc_path, "transport_socket"))?,
+        None => None,
+    };
+    let handshake_timeout = match &fc.transport_socket_connect_timeout {
+        Some(d) => super::duration(d, &join(&fc_path, "transport_socket_connect_timeout"))?,
+        None => DEFAULT_HANDSHAKE_TIMEOUT,
+    };
+    Ok(FilterChain {
+        limits,
+        filter,
+        tls,
+        handshake_timeout,
+    })
 }
 
 fn terminal_filter(fc: &pb::FilterChain, fc_path: &str, last: usize) -> Result<NetworkFilter> {

@@ -98,6 +98,14 @@ impl StringMatcher {
         }
     }
 
+    /// The string of an `exact` matcher.
+    pub fn exact_value(&self) -> Option<&str> {
+        match &self.pattern {
+            Pattern::Exact(s) => Some(s),
+            _ => None,
+        }
+    }
+
     pub fn matches(&self, value: &str) -> bool {
         let owned;
         let v = if self.ignore_case && !matches!(self.pattern, Pattern::Regex(_)) {

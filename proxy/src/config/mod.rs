@@ -13,6 +13,7 @@ pub mod matcher;
 pub mod route;
 pub mod scoped;
 pub mod source;
+pub mod tls;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types;

@@ -197,6 +197,10 @@ impl Agent {
                         Some(c) if c.config.has_pipe() => {
                             s.not_offloaded = Some("pipe endpoints are not IP addresses".into())
                         }
+                        Some(c) if c.config.tls.is_some() => {
+                            s.not_offloaded =
+                                Some("upstream TLS origination needs the proxy".into())
+                        }
                         Some(c) => {
                             let snap = c.snapshot();
                             let entry = built

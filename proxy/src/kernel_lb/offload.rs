@@ -53,11 +53,17 @@ pub fn classify(l: &Listener) -> Decision {
 
 /// The cluster, if the kernel alone can serve the listener; else why not.
 fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
+    if l.tls_inspector {
+        return Err("listener filters (tls_inspector) need the proxy");
+    }
     let chain = match (&l.chains[..], &l.default_chain) {
         ([(m, c)], None) if *m == ChainMatch::default() => c,
         ([], Some(c)) => c,
         _ => return Err("several filter chains (or a filter_chain_match) need the proxy to choose per connection"),
     };
+    if chain.tls.is_some() {
+        return Err("TLS termination needs the proxy");
+    }
     if !chain.limits.is_empty() {
         return Err("connection_limit needs the proxy");
     }

@@ -77,6 +77,8 @@ struct LocalReply {
 #[derive(Default)]
 pub struct Ctx {
     hcm: Option<Arc<Hcm>>,
+    /// The downstream connection is TLS: the scheme is `https`.
+    downstream_tls: bool,
     downstream_remote: Option<SocketAddr>,
     downstream_local: Option<SocketAddr>,
     selected: Option<Selected>,
@@ -107,6 +109,17 @@ pub struct Ctx {
     /// "downstream remote address".
     client_addr: Option<SocketAddr>,
     started: Option<Instant>,
+}
+
+impl Ctx {
+    /// The scheme of the downstream connection.
+    fn scheme(&self) -> &'static str {
+        if self.downstream_tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 fn hdr(name: &'static str) -> HeaderName {
@@ -224,7 +237,7 @@ impl HcmProxy {
                     .path_and_query()
                     .map_or("", |p| p.as_str()),
                 authority: &ctx.original_host,
-                scheme: "http",
+                scheme: ctx.scheme(),
                 status: None,
             },
             response_code: Some(resp.status.as_u16()),
@@ -324,6 +337,7 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_remote = inet(session.client_addr());
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
+        ctx.downstream_tls = meta.tls;
         ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
             .into_iter()
             .flat_map(|n| {
@@ -574,7 +588,13 @@ impl ProxyHttp for HcmProxy {
         // Forwarding headers, as Envoy's ConnectionManagerUtility.
         if let Some(peer) = ctx.downstream_remote {
             let local_ip = self.shared.local_ip;
-            let fwd = rq::forwarding(&hcm, peer.ip(), local_ip, session.req_header_mut())?;
+            let fwd = rq::forwarding(
+                &hcm,
+                peer.ip(),
+                local_ip,
+                ctx.scheme(),
+                session.req_header_mut(),
+            )?;
             ctx.client_addr = Some(SocketAddr::new(
                 fwd.client,
                 if fwd.client == peer.ip() {
@@ -619,7 +639,7 @@ impl ProxyHttp for HcmProxy {
                     method: session.req_header().method.as_str(),
                     path: &path,
                     authority: &host,
-                    scheme: "http",
+                    scheme: ctx.scheme(),
                     status: None,
                 },
             };
@@ -772,7 +792,7 @@ impl ProxyHttp for HcmProxy {
                         method: method.as_str(),
                         path: &path,
                         authority: &host,
-                        scheme: "http",
+                        scheme: ctx.scheme(),
                         status: None,
                     },
                     downstream_remote: ctx.client_addr.or(ctx.downstream_remote),
@@ -859,8 +879,11 @@ impl ProxyHttp for HcmProxy {
         cluster.stats.upstream_rq_active.increment(1.0);
         ctx.upstream_started = Some(Instant::now());
 
-        let mut peer = HttpPeer::new(host.addr, false, String::new());
         let cfg = &cluster.config;
+        let mut peer = match &cfg.tls {
+            None => HttpPeer::new(host.addr, false, String::new()),
+            Some(tls) => tls_peer(tls, host.addr, &ctx.original_host),
+        };
         peer.group_key = cluster.pool_key;
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         let t = attempt_timeout(ctx);
@@ -1227,6 +1250,27 @@ fn attempt_timeout(ctx: &Ctx) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// An upstream TLS peer under an `UpstreamTlsContext`, mapped onto
+/// pingora's connector: the chain is verified when `trusted_ca` is set, the
+/// name never (as Envoy without SAN matchers). pingora turns verification
+/// off for an empty SNI, so without an SNI to send the peer's IP stands in:
+/// rustls sends no SNI for an IP address, as Envoy sends none.
+fn tls_peer(tls: &crate::config::tls::ClientTls, addr: SocketAddr, host: &str) -> HttpPeer {
+    let sni = if !tls.sni.is_empty() {
+        tls.sni.clone()
+    } else if tls.auto_host_sni && !host.is_empty() {
+        crate::routing::strip_port(host).to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let mut peer = HttpPeer::new(addr, true, sni);
+    peer.options.verify_hostname = false;
+    peer.options.verify_cert = tls.pingora_ca.is_some();
+    peer.options.ca = tls.pingora_ca.clone();
+    peer.client_cert_key = tls.pingora_cert.clone();
+    peer
 }
 
 /// The request's scheme as Envoy's router sees it: x-forwarded-proto.

@@ -4,6 +4,7 @@
 //! connection pool, as Envoy's cluster manager does.
 
 pub mod hcm;
+pub mod listener_filters;
 pub mod request;
 pub mod tcp_proxy;
 
@@ -29,6 +30,8 @@ use tokio::sync::watch;
 pub struct ConnMeta {
     pub listener: String,
     pub hcm: Arc<Hcm>,
+    /// The connection is TLS, terminated by Legate.
+    pub tls: bool,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -342,13 +345,28 @@ async fn serve_connection(
     ctx: &Ctx,
     drain: &watch::Receiver<bool>,
 ) {
+    let found = if config.tls_inspector {
+        match listener_filters::tls_inspector(&sock, config.listener_filters_timeout).await {
+            listener_filters::Outcome::Found(f) => f,
+            listener_filters::Outcome::TimedOut if config.continue_on_listener_filters_timeout => {
+                listener_filters::Found::default()
+            }
+            listener_filters::Outcome::TimedOut => {
+                stats::counter(format!("{}.downstream_pre_cx_timeout", config.stat_prefix))
+                    .increment(1);
+                return;
+            }
+            listener_filters::Outcome::Close => return,
+        }
+    } else {
+        listener_filters::Found::default()
+    };
     let conn = crate::config::filter_chain::ConnInfo {
         local: local.unwrap_or_else(|| sock.local_addr().unwrap_or(config.address)),
         peer,
-        // No TLS inspector yet: no SNI or ALPN, and the transport is raw.
-        server_name: "",
-        transport_protocol: "raw_buffer",
-        application_protocols: &[],
+        server_name: &found.sni,
+        transport_protocol: if found.tls { "tls" } else { "raw_buffer" },
+        application_protocols: &found.alpn,
     };
     let Some(filter) = config.select(&conn) else {
         stats::counter(format!("{}.no_filter_chain_match", config.stat_prefix)).increment(1);
@@ -371,37 +389,97 @@ async fn serve_connection(
     }
     let hcm = match &filter.filter {
         NetworkFilter::Tcp(t) => {
-            tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await;
+            match &filter.tls {
+                None => tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await,
+                Some(tls) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+                    let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.accept(sock));
+                    let Some(down) = handshake_done(hs.await, &config, peer) else {
+                        return;
+                    };
+                    tcp_proxy::serve(down, peer, t.clone(), ctx.clusters.clone()).await
+                }
+            }
             return;
         }
         NetworkFilter::Http(h) => h.clone(),
     };
     stats::counter(format!("http.{}.downstream_cx_total", hcm.stat_prefix)).increment(1);
     let codec = hcm.codec;
-    // Decide the protocol ourselves: pingora's own h2c check waits
-    // for 24 bytes, which hangs a shorter HTTP/1.1 request.
-    let is_h2 = match sniff_h2(&sock).await {
-        Some(h2) => h2,
-        None => return,
+    let fd = sock.as_raw_fd();
+    let meta = ConnMeta {
+        listener: config.name.clone(),
+        hcm,
+        tls: filter.tls.is_some(),
+    };
+    let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
+    let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
+    let (stream, is_h2): (pingora_core::protocols::Stream, bool) = match &filter.tls {
+        None => {
+            // Decide the protocol ourselves: pingora's own h2c check waits
+            // for 24 bytes, which hangs a shorter HTTP/1.1 request.
+            let Some(is_h2) = sniff_h2(&sock).await else {
+                return;
+            };
+            let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
+            stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            stream.set_proxy_digest(digest);
+            (Box::new(stream), is_h2)
+        }
+        Some(tls) => {
+            let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
+            stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            stream.set_proxy_digest(digest);
+            let acceptor =
+                pingora_core::listeners::tls::Acceptor::from_server_config(tls.config.clone());
+            let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.tls_handshake(stream));
+            let Some(stream) = handshake_done(hs.await, &config, peer) else {
+                return;
+            };
+            // ALPN decides; without it, HTTP/1.1 unless the codec is HTTP/2.
+            use pingora_core::protocols::{Ssl, ALPN};
+            let is_h2 = match stream.selected_alpn_proto() {
+                Some(ALPN::H2) => true,
+                Some(_) => false,
+                None => codec == Codec::Http2,
+            };
+            (Box::new(stream), is_h2)
+        }
     };
     if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
         tracing::debug!(%peer, ?codec, "protocol not allowed by codec_type");
         return;
     }
-    let fd = sock.as_raw_fd();
-    let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
-    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-    let meta = ConnMeta {
-        listener: config.name.clone(),
-        hcm,
-    };
-    let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
-    stream.set_proxy_digest(ProxyDigest::new(dummy, Some(Box::new(meta))));
-    let stream: pingora_core::protocols::Stream = Box::new(stream);
     if !is_h2 {
         http1_loop(&ctx.proxy, stream, drain).await;
     } else {
         ctx.proxy.process_new(stream, drain).await;
+    }
+}
+
+/// A finished (or failed, or timed out) TLS handshake: the stream, or None
+/// after counting the failure as Envoy's listener `ssl.*` stats do.
+fn handshake_done<S, E: std::fmt::Display>(
+    r: Result<Result<S, E>, tokio::time::error::Elapsed>,
+    config: &Listener,
+    peer: SocketAddr,
+) -> Option<S> {
+    let p = &config.stat_prefix;
+    match r {
+        Ok(Ok(s)) => {
+            stats::counter(format!("{p}.ssl.handshake")).increment(1);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            stats::counter(format!("{p}.ssl.connection_error")).increment(1);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            stats::counter(format!("{p}.ssl.connection_error")).increment(1);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -374,6 +374,7 @@ pub fn forwarding(
     hcm: &crate::config::listener::Hcm,
     peer: IpAddr,
     local_ip: IpAddr,
+    scheme: &'static str,
     req: &mut pingora_http::RequestHeader,
 ) -> pingora_error::Result<Forwarding> {
     req.remove_header("x-envoy-internal");
@@ -401,7 +402,7 @@ pub fn forwarding(
             req.insert_header("x-forwarded-for", v)?;
         }
         if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key("x-forwarded-proto") {
-            req.insert_header("x-forwarded-proto", "http")?;
+            req.insert_header("x-forwarded-proto", scheme)?;
         }
     } else if let Some(x) = &xff {
         let (addr, single) = xff_from_right(x, hcm.xff_num_trusted_hops as usize);
@@ -411,7 +412,7 @@ pub fn forwarding(
         }
     }
     if !req.headers.contains_key("x-forwarded-proto") {
-        req.insert_header("x-forwarded-proto", "http")?;
+        req.insert_header("x-forwarded-proto", scheme)?;
     }
     let internal = allow_trusted_checks && final_addr.is_some_and(configured_internal);
     let client = final_addr.unwrap_or(peer);

@@ -10,11 +10,43 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub async fn serve(
-    down: TcpStream,
+/// A downstream connection split into its read and write halves: a plain
+/// socket splits for free; a TLS stream shares its session between them.
+pub trait Halves: Send + 'static {
+    type R: AsyncRead + Unpin + Send;
+    type W: AsyncWrite + Unpin + Send;
+    fn halves(self) -> (Self::R, Self::W);
+}
+
+impl Halves for TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl Halves for tokio_rustls::server::TlsStream<TcpStream> {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+}
+
+impl Halves for tokio_rustls::client::TlsStream<TcpStream> {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+}
+
+pub async fn serve<D: Halves>(
+    down: D,
     peer: SocketAddr,
     t: Arc<TcpProxy>,
     clusters: Arc<ClusterManager>,
@@ -61,7 +93,31 @@ pub async fn serve(
     stats::counter(format!("cluster.{name}.upstream_cx_total")).increment(1);
     let _ = up.set_nodelay(true);
     host.active_requests.fetch_add(1, Ordering::Relaxed);
-    let (rx, tx, idle) = pipe(down, up, t.idle_timeout).await;
+    let (rx, tx, idle) = match &cluster.config.tls {
+        None => pipe(down, up, t.idle_timeout).await,
+        Some(tls) => {
+            // Envoy sends SNI only when `sni` is set; an IP name sends none.
+            let name = match rustls::pki_types::ServerName::try_from(tls.sni.clone()) {
+                Ok(n) if !tls.sni.is_empty() => n,
+                _ => rustls::pki_types::ServerName::IpAddress(host.addr.ip().into()),
+            };
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            let hs =
+                tokio::time::timeout(cluster.config.connect_timeout, connector.connect(name, up));
+            match hs.await {
+                Ok(Ok(up)) => pipe(down, up, t.idle_timeout).await,
+                _ => {
+                    stats::counter(format!(
+                        "cluster.{name}.ssl.connection_error",
+                        name = cluster.config.name
+                    ))
+                    .increment(1);
+                    tracing::debug!(%peer, upstream = %host.addr, "tcp_proxy: upstream TLS handshake failed");
+                    (0, 0, false)
+                }
+            }
+        }
+    };
     host.active_requests.fetch_sub(1, Ordering::Relaxed);
     stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(rx);
     stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(tx);
@@ -73,9 +129,9 @@ pub async fn serve(
 /// Copies both ways until both directions have ended (an end is passed on
 /// as a half-close), an error, or `idle` with no bytes. Returns the bytes
 /// received from and sent to downstream, and whether the idle timer fired.
-async fn pipe(down: TcpStream, up: TcpStream, idle: Option<Duration>) -> (u64, u64, bool) {
-    let (mut dr, mut dw) = down.into_split();
-    let (mut ur, mut uw) = up.into_split();
+async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>) -> (u64, u64, bool) {
+    let (mut dr, mut dw) = down.halves();
+    let (mut ur, mut uw) = up.halves();
     let (mut b1, mut b2) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
     let (mut down_open, mut up_open) = (true, true);
     let (mut rx, mut tx) = (0u64, 0u64);

@@ -1,0 +1,733 @@
+//! Transport sockets: `DownstreamTlsContext` and `UpstreamTlsContext` →
+//! ready rustls configs, built once per config version so a handshake never
+//! rebuilds one. Anything rustls cannot honour is an error naming the field,
+//! never a silently weaker TLS.
+
+use super::{index, join, ConfigError, Result, Wrapped};
+use crate::tls::certs::{self, Cert, SniResolver};
+use crate::tls::verify::{ClientVerifier, Identity, SanMatcher, SanType, ServerVerifier};
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
+use legate_proto::envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as pb;
+use rustls::crypto::CryptoProvider;
+use rustls::{RootCertStore, SupportedProtocolVersion};
+use std::sync::Arc;
+
+pub const DOWNSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+pub const UPSTREAM_TLS: &str = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+pub const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
+
+/// A filter chain's TLS termination.
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("alpn", &self.config.alpn_protocols)
+            .finish()
+    }
+}
+
+/// A cluster's TLS origination.
+pub struct ClientTls {
+    /// For connections Legate makes itself (`tcp_proxy`).
+    pub config: Arc<rustls::ClientConfig>,
+    /// `sni`; empty: none (unless `auto_host_sni`).
+    pub sni: String,
+    pub auto_host_sni: bool,
+    pub alpn: Vec<String>,
+    /// `trusted_ca`, for pingora's HTTP connector, which verifies the chain
+    /// itself (and then, as Envoy, not the name: `verify_hostname` off).
+    pub pingora_ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
+    /// The client certificate, for pingora's HTTP connector.
+    pub pingora_cert: Option<Arc<pingora_core::utils::tls::CertKey>>,
+    /// Changes when the context does: part of the upstream pool key, so a
+    /// connection made under an old context is never reused under a new one.
+    pub key: u64,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("sni", &self.sni)
+            .field("alpn", &self.alpn)
+            .finish()
+    }
+}
+
+/// A `CertificateValidationContext`.
+#[derive(Debug, Clone, Default)]
+pub struct Validation {
+    pub roots: Option<Arc<RootCertStore>>,
+    pub roots_der: Vec<Vec<u8>>,
+    pub identity: Identity,
+}
+
+/// A `Secret` Legate can use.
+#[derive(Debug, Clone)]
+pub enum SecretValue {
+    Cert(Cert, Vec<Vec<u8>>, Vec<u8>),
+    Validation(Validation),
+}
+
+fn any<'a>(ts: &'a core::TransportSocket, path: &str) -> Result<(&'a str, &'a [u8])> {
+    match &ts.config_type {
+        Some(core::transport_socket::ConfigType::TypedConfig(a)) => {
+            Ok((legate_proto::type_name(&a.type_url), a.value.as_slice()))
+        }
+        None => Err(ConfigError::new(
+            join(path, "typed_config"),
+            "typed_config is required",
+        )),
+    }
+}
+
+/// A filter chain's `transport_socket`: None for plaintext.
+pub fn downstream(ts: &core::TransportSocket, path: &str) -> Result<Option<Arc<ServerTls>>> {
+    let (tn, bytes) = any(ts, path)?;
+    let tc = join(path, "typed_config");
+    match tn {
+        RAW_BUFFER => Ok(None),
+        DOWNSTREAM_TLS => {
+            let d: pb::DownstreamTlsContext =
+                prost::Message::decode(bytes).map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+            Ok(Some(Arc::new(server_tls(&d, &tc)?)))
+        }
+        _ => Err(ConfigError::new(
+            tc,
+            format!("transport socket {tn} is not supported on listeners"),
+        )),
+    }
+}
+
+/// A cluster's `transport_socket`: None for plaintext.
+pub fn upstream(ts: &core::TransportSocket, path: &str) -> Result<Option<Arc<ClientTls>>> {
+    let (tn, bytes) = any(ts, path)?;
+    let tc = join(path, "typed_config");
+    match tn {
+        RAW_BUFFER => Ok(None),
+        UPSTREAM_TLS => {
+            let u: pb::UpstreamTlsContext =
+                prost::Message::decode(bytes).map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+            Ok(Some(Arc::new(client_tls(&u, &tc)?)))
+        }
+        _ => Err(ConfigError::new(
+            tc,
+            format!("transport socket {tn} is not supported on clusters"),
+        )),
+    }
+}
+
+/// The crypto provider and protocol versions `tls_params` ask for.
+fn params(
+    p: Option<&pb::TlsParameters>,
+    path: &str,
+) -> Result<(Arc<CryptoProvider>, Vec<&'static SupportedProtocolVersion>)> {
+    use pb::tls_parameters::TlsProtocol as V;
+    use rustls::crypto::ring::{cipher_suite as cs, kx_group};
+    let mut provider = rustls::crypto::ring::default_provider();
+    let Some(p) = p else {
+        return Ok((
+            Arc::new(provider),
+            vec![&rustls::version::TLS12, &rustls::version::TLS13],
+        ));
+    };
+    let path = join(path, "tls_params");
+    let version = |v: i32, field: &str, auto: u8| -> Result<u8> {
+        match V::try_from(v).unwrap_or(V::TlsAuto) {
+            V::TlsAuto => Ok(auto),
+            V::TlSv12 => Ok(2),
+            V::TlSv13 => Ok(3),
+            V::TlSv10 | V::TlSv11 => Err(ConfigError::new(
+                join(&path, field),
+                "TLS 1.0 and 1.1 are not supported (rustls implements TLS 1.2 and 1.3 only)",
+            )),
+        }
+    };
+    let min = version(
+        p.tls_minimum_protocol_version,
+        "tls_minimum_protocol_version",
+        2,
+    )?;
+    let max = version(
+        p.tls_maximum_protocol_version,
+        "tls_maximum_protocol_version",
+        3,
+    )?;
+    if min > max {
+        return Err(ConfigError::new(
+            join(&path, "tls_minimum_protocol_version"),
+            "the minimum TLS version is above the maximum",
+        ));
+    }
+    let mut versions = Vec::new();
+    if min <= 2 {
+        versions.push(&rustls::version::TLS12);
+    }
+    if max >= 3 {
+        versions.push(&rustls::version::TLS13);
+    }
+    if !p.cipher_suites.is_empty() {
+        // TLS 1.3 suites are not configurable in Envoy (BoringSSL): keep them.
+        let mut suites: Vec<_> = provider
+            .cipher_suites
+            .iter()
+            .filter(|s| s.version() == &rustls::version::TLS13)
+            .copied()
+            .collect();
+        for (i, entry) in p.cipher_suites.iter().enumerate() {
+            // `[A|B]` is an equal-preference group in BoringSSL's syntax.
+            for name in entry.trim_matches(['[', ']']).split('|') {
+                let s = match name {
+                    "ECDHE-ECDSA-AES128-GCM-SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                    "ECDHE-RSA-AES128-GCM-SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                    "ECDHE-ECDSA-AES256-GCM-SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                    "ECDHE-RSA-AES256-GCM-SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                    "ECDHE-ECDSA-CHACHA20-POLY1305" => {
+                        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+                    }
+                    "ECDHE-RSA-CHACHA20-POLY1305" => {
+                        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+                    }
+                    _ => {
+                        return Err(ConfigError::new(
+                            index(&path, "cipher_suites", i),
+                            format!("cipher suite '{name}' is not supported by rustls"),
+                        ))
+                    }
+                };
+                if !suites.contains(&s) {
+                    suites.push(s);
+                }
+            }
+        }
+        provider.cipher_suites = suites;
+    }
+    if !p.ecdh_curves.is_empty() {
+        let mut groups = Vec::new();
+        for (i, c) in p.ecdh_curves.iter().enumerate() {
+            groups.push(match c.as_str() {
+                "X25519" => kx_group::X25519,
+                "P-256" => kx_group::SECP256R1,
+                "P-384" => kx_group::SECP384R1,
+                _ => {
+                    return Err(ConfigError::new(
+                        index(&path, "ecdh_curves", i),
+                        format!("curve '{c}' is not supported by rustls"),
+                    ))
+                }
+            });
+        }
+        provider.kx_groups = groups;
+    }
+    Ok((Arc::new(provider), versions))
+}
+
+/// One `TlsCertificate`: the chain, its key, and their DER forms.
+fn certificate(
+    c: &pb::TlsCertificate,
+    provider: &CryptoProvider,
+    path: &str,
+) -> Result<(Cert, Vec<Vec<u8>>, Vec<u8>)> {
+    let chain_path = join(path, "certificate_chain");
+    let key_path = join(path, "private_key");
+    let chain = c
+        .certificate_chain
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(&chain_path, "certificate_chain is required"))?;
+    let key = c
+        .private_key
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(&key_path, "private_key is required"))?;
+    let chain = crate::datasource::read(chain, &chain_path)?;
+    let key = crate::datasource::read(key, &key_path)?;
+    let cert = certs::load(&chain, &key, provider).map_err(|e| {
+        let at = match e {
+            certs::CertError::NoKey
+            | certs::CertError::BadKey(_)
+            | certs::CertError::KeyMismatch => &key_path,
+            _ => &chain_path,
+        };
+        ConfigError::new(at, e.to_string())
+    })?;
+    let der_chain = certs::pem_certs(&chain)
+        .map_err(|e| ConfigError::new(&chain_path, e.to_string()))?
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect();
+    use rustls::pki_types::pem::PemObject;
+    let der_key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key)
+        .map(|k| k.secret_der().to_vec())
+        .map_err(|_| ConfigError::new(&key_path, "no PEM private key found"))?;
+    Ok((cert, der_chain, der_key))
+}
+
+/// `CertificateValidationContext`.
+pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Validation> {
+    let mut out = Validation::default();
+    if let Some(ca) = &v.trusted_ca {
+        let p = join(path, "trusted_ca");
+        let pem = crate::datasource::read(ca, &p)?;
+        let ders = certs::pem_certs(&pem).map_err(|e| ConfigError::new(&p, e.to_string()))?;
+        let mut store = RootCertStore::empty();
+        for d in &ders {
+            store
+                .add(d.clone())
+                .map_err(|e| ConfigError::new(&p, format!("not a usable CA certificate: {e}")))?;
+            out.roots_der.push(d.to_vec());
+        }
+        out.roots = Some(Arc::new(store));
+    }
+    for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
+        let p = index(path, "match_typed_subject_alt_names", i);
+        use pb::subject_alt_name_matcher::SanType as T;
+        let ty =
+            match T::try_from(m.san_type).unwrap_or(T::Unspecified) {
+                T::Dns => SanType::Dns,
+                T::Email => SanType::Email,
+                T::Uri => SanType::Uri,
+                T::IpAddress => SanType::Ip,
+                T::OtherName | T::Unspecified => return Err(ConfigError::new(
+                    join(&p, "san_type"),
+                    "san_type must be DNS, EMAIL, URI or IP_ADDRESS (OTHER_NAME is not supported)",
+                )),
+            };
+        let sm = m
+            .matcher
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(join(&p, "matcher"), "matcher is required"))?;
+        out.identity.sans.push(SanMatcher {
+            ty,
+            matcher: super::matcher::StringMatcher::from_proto(sm, &join(&p, "matcher"))?,
+        });
+    }
+    for (i, h) in v.verify_certificate_hash.iter().enumerate() {
+        let hex: String = h.chars().filter(|c| *c != ':').collect();
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .filter(|b| b.len() == 32);
+        out.identity.hashes.push(bytes.ok_or_else(|| {
+            ConfigError::new(
+                index(path, "verify_certificate_hash", i),
+                format!("'{h}' is not a hex SHA-256 hash"),
+            )
+        })?);
+    }
+    for (i, s) in v.verify_certificate_spki.iter().enumerate() {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .ok()
+            .filter(|b| b.len() == 32);
+        out.identity.spki.push(bytes.ok_or_else(|| {
+            ConfigError::new(
+                index(path, "verify_certificate_spki", i),
+                format!("'{s}' is not a base64 SHA-256 hash"),
+            )
+        })?);
+    }
+    if out.roots.is_none() && !out.identity.sans.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "trusted_ca"),
+            "match_typed_subject_alt_names needs trusted_ca (a name is only meaningful on a trusted chain)",
+        ));
+    }
+    Ok(out)
+}
+
+/// A `Secret`, from `static_resources.secrets` (SDS later).
+pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
+    if s.name.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "name"),
+            "secret name is required",
+        ));
+    }
+    use pb::secret::Type as T;
+    let v = match &s.r#type {
+        Some(T::TlsCertificate(c)) => {
+            let provider = rustls::crypto::ring::default_provider();
+            let (cert, chain, key) = certificate(c, &provider, &join(path, "tls_certificate"))?;
+            SecretValue::Cert(cert, chain, key)
+        }
+        Some(T::ValidationContext(v)) => {
+            SecretValue::Validation(validation(v, &join(path, "validation_context"))?)
+        }
+        Some(T::SessionTicketKeys(_)) => {
+            return Err(ConfigError::new(
+                join(path, "session_ticket_keys"),
+                "session ticket key secrets are not supported",
+            ))
+        }
+        Some(T::GenericSecret(_)) => {
+            return Err(ConfigError::new(
+                join(path, "generic_secret"),
+                "generic secrets are not supported",
+            ))
+        }
+        None => return Err(ConfigError::new(path, "a secret needs a type")),
+    };
+    Ok((s.name.clone(), v))
+}
+
+/// A static secret named by an `SdsSecretConfig`.
+fn static_secret(s: &pb::SdsSecretConfig, path: &str) -> Result<Arc<SecretValue>> {
+    if s.sds_config.is_some() {
+        return Err(ConfigError::new(
+            join(path, "sds_config"),
+            "secrets over SDS are not supported yet; use static_resources.secrets",
+        ));
+    }
+    crate::tls::secrets::get(&s.name).ok_or_else(|| {
+        ConfigError::new(
+            join(path, "name"),
+            format!("unknown static secret: {}", s.name),
+        )
+    })
+}
+
+struct Common {
+    provider: Arc<CryptoProvider>,
+    versions: Vec<&'static SupportedProtocolVersion>,
+    certs: Vec<(Cert, Vec<Vec<u8>>, Vec<u8>)>,
+    validation: Option<Validation>,
+    alpn: Vec<String>,
+}
+
+fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
+    let default = pb::CommonTlsContext::default();
+    let c = c.unwrap_or(&default);
+    let path = join(path, "common_tls_context");
+    let (provider, versions) = params(c.tls_params.as_ref(), &path)?;
+    let mut certs = Vec::new();
+    for (i, t) in c.tls_certificates.iter().enumerate() {
+        certs.push(certificate(
+            t,
+            &provider,
+            &index(&path, "tls_certificates", i),
+        )?);
+    }
+    for (i, s) in c.tls_certificate_sds_secret_configs.iter().enumerate() {
+        let p = index(&path, "tls_certificate_sds_secret_configs", i);
+        match &*static_secret(s, &p)? {
+            SecretValue::Cert(c, chain, key) => certs.push((c.clone(), chain.clone(), key.clone())),
+            SecretValue::Validation(_) => {
+                return Err(ConfigError::new(
+                    join(&p, "name"),
+                    format!("secret {} is not a tls_certificate", s.name),
+                ))
+            }
+        }
+    }
+    use pb::common_tls_context::ValidationContextType as V;
+    let validation = match &c.validation_context_type {
+        None => None,
+        Some(V::ValidationContext(v)) => Some(validation(v, &join(&path, "validation_context"))?),
+        Some(V::ValidationContextSdsSecretConfig(s)) => {
+            let p = join(&path, "validation_context_sds_secret_config");
+            match &*static_secret(s, &p)? {
+                SecretValue::Validation(v) => Some(v.clone()),
+                SecretValue::Cert(..) => {
+                    return Err(ConfigError::new(
+                        join(&p, "name"),
+                        format!("secret {} is not a validation_context", s.name),
+                    ))
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                join(&path, "combined_validation_context"),
+                "only validation_context and validation_context_sds_secret_config are supported",
+            ))
+        }
+    };
+    Ok(Common {
+        provider,
+        versions,
+        certs,
+        validation,
+        alpn: c.alpn_protocols.clone(),
+    })
+}
+
+fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
+    let c = common(d.common_tls_context.as_ref(), path)?;
+    if c.certs.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "common_tls_context.tls_certificates"),
+            "no TLS certificates found for server context",
+        ));
+    }
+    let required = d.require_client_certificate.val().unwrap_or(false);
+    let builder = rustls::ServerConfig::builder_with_provider(c.provider.clone())
+        .with_protocol_versions(&c.versions)
+        .map_err(|e| {
+            ConfigError::new(join(path, "common_tls_context.tls_params"), e.to_string())
+        })?;
+    let builder = match &c.validation {
+        None if required => return Err(ConfigError::new(
+            join(path, "require_client_certificate"),
+            "require_client_certificate needs a validation context to check the certificate with",
+        )),
+        None => builder.with_no_client_auth(),
+        Some(v) => {
+            let chain = match &v.roots {
+                Some(roots) => Some(
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        roots.clone(),
+                        c.provider.clone(),
+                    )
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| {
+                        ConfigError::new(
+                            join(path, "common_tls_context.validation_context"),
+                            e.to_string(),
+                        )
+                    })?,
+                ),
+                None => None,
+            };
+            builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+                chain,
+                identity: v.identity.clone(),
+                required,
+                algs: c.provider.signature_verification_algorithms,
+            }))
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver {
+        certs: c.certs.into_iter().map(|(c, _, _)| c).collect(),
+        require_sni: d.require_sni.val().unwrap_or(false),
+    }));
+    config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    // Envoy (BoringSSL) prefers the server's cipher order unless told not to.
+    config.ignore_client_order = !d.prefer_client_ciphers;
+    use pb::downstream_tls_context::SessionTicketKeysType as K;
+    match &d.session_ticket_keys_type {
+        None => {
+            config.ticketer = rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| ConfigError::new(path, format!("session tickets: {e}")))?;
+        }
+        Some(K::DisableStatelessSessionResumption(true)) => {}
+        Some(K::DisableStatelessSessionResumption(false)) => {
+            config.ticketer = rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| ConfigError::new(path, format!("session tickets: {e}")))?;
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                join(path, "session_ticket_keys"),
+                "explicit session ticket keys are not supported; rustls rotates its own",
+            ))
+        }
+    }
+    if d.disable_stateful_session_resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
+    Ok(ServerTls {
+        config: Arc::new(config),
+    })
+}
+
+/// Sends the configured client certificate whatever the server asks.
+#[derive(Debug)]
+struct ClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn client_tls(u: &pb::UpstreamTlsContext, path: &str) -> Result<ClientTls> {
+    let c = common(u.common_tls_context.as_ref(), path)?;
+    if c.certs.len() > 1 {
+        return Err(ConfigError::new(
+            join(path, "common_tls_context.tls_certificates"),
+            "an upstream context takes at most one client certificate",
+        ));
+    }
+    let v = c.validation.clone().unwrap_or_default();
+    if !v.identity.is_empty() {
+        // pingora's HTTP connector checks the chain only; until Legate
+        // verifies upstream identities itself, refuse rather than skip.
+        return Err(ConfigError::new(
+            join(path, "common_tls_context.validation_context"),
+            "upstream SAN matchers and certificate pins are not supported yet",
+        ));
+    }
+    let chain = match &v.roots {
+        Some(roots) => Some(
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots.clone(),
+                c.provider.clone(),
+            )
+            .build()
+            .map_err(|e| {
+                ConfigError::new(
+                    join(path, "common_tls_context.validation_context"),
+                    e.to_string(),
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(c.provider.clone())
+        .with_protocol_versions(&c.versions)
+        .map_err(|e| ConfigError::new(join(path, "common_tls_context.tls_params"), e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            chain,
+            algs: c.provider.signature_verification_algorithms,
+        }));
+    let pingora_cert = c.certs.first().map(|(_, chain, key)| {
+        Arc::new(pingora_core::utils::tls::CertKey::new(
+            chain.clone(),
+            key.clone(),
+        ))
+    });
+    let mut config = match c.certs.into_iter().next() {
+        Some((cert, _, _)) => builder.with_client_cert_resolver(Arc::new(ClientCert(cert.key))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    // Envoy sends SNI only when told to (`sni`, `auto_host_sni`).
+    config.enable_sni = !u.sni.is_empty() || u.auto_host_sni;
+    Ok(ClientTls {
+        config: Arc::new(config),
+        sni: u.sni.clone(),
+        auto_host_sni: u.auto_host_sni,
+        alpn: c.alpn,
+        pingora_ca: v.roots.as_ref().map(|_| {
+            v.roots_der
+                .iter()
+                .map(|d| {
+                    pingora_core::utils::tls::WrappedX509::new(
+                        d.clone(),
+                        pingora_core::utils::tls::parse_x509,
+                    )
+                })
+                .collect::<Vec<_>>()
+                .into()
+        }),
+        pingora_cert,
+        key: xxhash_rust::xxh64::xxh64(&prost::Message::encode_to_vec(u), 0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls_params(min: i32, max: i32, suites: &[&str]) -> pb::TlsParameters {
+        pb::TlsParameters {
+            tls_minimum_protocol_version: min,
+            tls_maximum_protocol_version: max,
+            cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn versions_rustls_cannot_do_are_refused_by_name() {
+        let e = params(Some(&tls_params(1, 0, &[])), "x").unwrap_err();
+        assert_eq!(e.path, "x.tls_params.tls_minimum_protocol_version");
+        let (_, v) = params(Some(&tls_params(3, 3, &[])), "x").unwrap();
+        assert_eq!(v, vec![&rustls::version::TLS12]);
+        let (_, v) = params(Some(&tls_params(4, 0, &[])), "x").unwrap();
+        assert_eq!(v, vec![&rustls::version::TLS13]);
+        let e = params(Some(&tls_params(4, 3, &[])), "x").unwrap_err();
+        assert_eq!(e.path, "x.tls_params.tls_minimum_protocol_version");
+    }
+
+    #[test]
+    fn cipher_suites_map_or_fail() {
+        let (p, _) = params(
+            Some(&tls_params(
+                0,
+                0,
+                &["[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]"],
+            )),
+            "x",
+        )
+        .unwrap();
+        // The three TLS 1.3 suites and the two named.
+        assert_eq!(p.cipher_suites.len(), 5);
+        let e = params(
+            Some(&tls_params(
+                0,
+                0,
+                &["ECDHE-RSA-AES128-GCM-SHA256", "AES128-SHA"],
+            )),
+            "x",
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "x.tls_params.cipher_suites[1]");
+    }
+
+    #[test]
+    fn a_server_context_needs_a_certificate_and_a_ca_for_required_client_certs() {
+        let e = server_tls(&pb::DownstreamTlsContext::default(), "t").unwrap_err();
+        assert_eq!(e.path, "t.common_tls_context.tls_certificates");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let ds = |s: String| core::DataSource {
+            specifier: Some(core::data_source::Specifier::InlineString(s)),
+            ..Default::default()
+        };
+        let d = pb::DownstreamTlsContext {
+            common_tls_context: Some(pb::CommonTlsContext {
+                tls_certificates: vec![pb::TlsCertificate {
+                    certificate_chain: Some(ds(cert.pem())),
+                    private_key: Some(ds(key.serialize_pem())),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            require_client_certificate: Some(crate::config::wkt::BoolValue { value: true }),
+            ..Default::default()
+        };
+        let e = server_tls(&d, "t").unwrap_err();
+        assert_eq!(e.path, "t.require_client_certificate");
+        let mut ok = d.clone();
+        ok.require_client_certificate = None;
+        assert!(server_tls(&ok, "t").is_ok());
+    }
+
+    #[test]
+    fn bad_pins_are_named() {
+        let v = pb::CertificateValidationContext {
+            verify_certificate_hash: vec!["zz".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            validation(&v, "v").unwrap_err().path,
+            "v.verify_certificate_hash[0]"
+        );
+        let v = pb::CertificateValidationContext {
+            verify_certificate_spki: vec!["AAAA".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            validation(&v, "v").unwrap_err().path,
+            "v.verify_certificate_spki[0]"
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! Peer certificate validation as Envoy's `CertificateValidationContext`
+//! does it: the chain against `trusted_ca` first, then the identity
+//! (`match_typed_subject_alt_names`), then pins (`verify_certificate_hash`,
+//! `verify_certificate_spki`). Any failure fails the handshake.
+
+use crate::config::matcher::StringMatcher;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SanType {
+    Dns,
+    Email,
+    Uri,
+    Ip,
+}
+
+/// One `SubjectAltNameMatcher`.
+#[derive(Debug, Clone)]
+pub struct SanMatcher {
+    pub ty: SanType,
+    pub matcher: StringMatcher,
+}
+
+/// What a peer certificate must be, beyond a trusted chain.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    pub sans: Vec<SanMatcher>,
+    /// SHA-256 of the whole DER certificate.
+    pub hashes: Vec<Vec<u8>>,
+    /// SHA-256 of the DER SubjectPublicKeyInfo.
+    pub spki: Vec<Vec<u8>>,
+}
+
+/// A certificate's subject alternative names, by type.
+pub fn sans(der: &[u8]) -> Vec<(SanType, String)> {
+    use x509_parser::extensions::GeneralName as G;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            G::DNSName(n) => Some((SanType::Dns, n.to_string())),
+            G::RFC822Name(n) => Some((SanType::Email, n.to_string())),
+            G::URI(n) => Some((SanType::Uri, n.to_string())),
+            G::IPAddress(b) => ip_string(b).map(|s| (SanType::Ip, s)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ip_string(b: &[u8]) -> Option<String> {
+    match b.len() {
+        4 => Some(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+        16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?).to_string()),
+        _ => None,
+    }
+}
+
+fn sha256(b: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .to_vec()
+}
+
+impl Identity {
+    pub fn is_empty(&self) -> bool {
+        self.sans.is_empty() && self.hashes.is_empty() && self.spki.is_empty()
+    }
+
+    /// Envoy's rules: some SAN matches some matcher of its type (a DNS
+    /// `exact` matcher also accepts a wildcard SAN covering it); and if any
+    /// pin is set, the certificate or its key matches one.
+    pub fn accepts(&self, der: &[u8]) -> bool {
+        if !self.sans.is_empty() {
+            let have = sans(der);
+            let ok = self.sans.iter().any(|m| {
+                have.iter().any(|(ty, v)| {
+                    *ty == m.ty
+                        && (m.matcher.matches(v)
+                            || (m.ty == SanType::Dns
+                                && m.matcher
+                                    .exact_value()
+                                    .is_some_and(|e| super::certs::name_matches(v, e))))
+                })
+            });
+            if !ok {
+                return false;
+            }
+        }
+        if self.hashes.is_empty() && self.spki.is_empty() {
+            return true;
+        }
+        if self.hashes.contains(&sha256(der)) {
+            return true;
+        }
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return false;
+        };
+        self.spki.contains(&sha256(cert.public_key().raw))
+    }
+}
+
+fn rejected() -> Error {
+    Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// Verifies client certificates for a `DownstreamTlsContext`.
+#[derive(Debug)]
+pub struct ClientVerifier {
+    /// The `trusted_ca` chain check; None: no CA (only pins are checked).
+    pub chain: Option<Arc<dyn ClientCertVerifier>>,
+    pub identity: Identity,
+    /// `require_client_certificate`.
+    pub required: bool,
+    pub algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.required
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain
+            .as_ref()
+            .map(|c| c.root_hint_subjects())
+            .unwrap_or(&[])
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        if let Some(chain) = &self.chain {
+            chain.verify_client_cert(end_entity, intermediates, now)?;
+        }
+        if !self.identity.accepts(end_entity) {
+            return Err(rejected());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies upstream certificates for an `UpstreamTlsContext` as Envoy
+/// does: the chain only when `trusted_ca` is set, and never the host name
+/// (Envoy checks names only through SAN matchers, which upstream contexts
+/// do not support yet).
+#[derive(Debug)]
+pub struct ServerVerifier {
+    pub chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    pub algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        if let Some(chain) = &self.chain {
+            match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+                Ok(_) => {}
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn m(ty: SanType, exact: &str) -> SanMatcher {
+        SanMatcher {
+            ty,
+            matcher: StringMatcher::exact(exact),
+        }
+    }
+
+    #[test]
+    fn spiffe_uri_sans_match_by_type() {
+        let der = cert_with(vec![rcgen::SanType::URI(
+            rcgen::Ia5String::try_from("spiffe://td/ns/a/sa/b").unwrap(),
+        )]);
+        let id = |ms| Identity {
+            sans: ms,
+            ..Default::default()
+        };
+        assert!(id(vec![m(SanType::Uri, "spiffe://td/ns/a/sa/b")]).accepts(&der));
+        assert!(!id(vec![m(SanType::Uri, "spiffe://td/ns/a/sa/c")]).accepts(&der));
+        // The right string under the wrong type is no match.
+        assert!(!id(vec![m(SanType::Dns, "spiffe://td/ns/a/sa/b")]).accepts(&der));
+        assert!(Identity::default().accepts(&der));
+    }
+
+    #[test]
+    fn dns_exact_accepts_a_covering_wildcard_san() {
+        let der = cert_with(vec![rcgen::SanType::DnsName(
+            rcgen::Ia5String::try_from("*.svc.test").unwrap(),
+        )]);
+        let id = |e: &str| Identity {
+            sans: vec![m(SanType::Dns, e)],
+            ..Default::default()
+        };
+        assert!(id("a.svc.test").accepts(&der));
+        assert!(!id("a.b.svc.test").accepts(&der));
+    }
+
+    #[test]
+    fn pins_by_hash_or_spki() {
+        let der = cert_with(vec![]);
+        let other = cert_with(vec![]);
+        let by_hash = Identity {
+            hashes: vec![sha256(&der)],
+            ..Default::default()
+        };
+        assert!(by_hash.accepts(&der));
+        assert!(!by_hash.accepts(&other));
+        let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let by_spki = Identity {
+            spki: vec![sha256(c.public_key().raw)],
+            ..Default::default()
+        };
+        assert!(by_spki.accepts(&der));
+        assert!(!by_spki.accepts(&other));
+    }
+}

@@ -1,0 +1,460 @@
+//! TLS through the real binary with real clients (curl, openssl s_client)
+//! and certificates made at test time: termination with SNI certificate
+//! choice and ALPN, `tls_inspector` chain matching and passthrough, the
+//! mTLS accept/reject matrix, and origination to TLS upstreams.
+
+mod common;
+use common::*;
+use legate_tests::pki::{self, s, Ca, Leaf, LeafOpts};
+use serde_json::{json, Value};
+use std::process::Command;
+
+const TLS_CTX: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+const UP_TLS_CTX: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+fn file(p: &std::path::Path) -> Value {
+    json!({"filename": s(p)})
+}
+
+fn cert(l: &Leaf) -> Value {
+    json!({"certificate_chain": file(&l.cert), "private_key": file(&l.key)})
+}
+
+fn downstream(common: Value, extra: Value) -> Value {
+    let mut ctx = json!({"@type": TLS_CTX, "common_tls_context": common});
+    for (k, v) in extra.as_object().unwrap() {
+        ctx[k] = v.clone();
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
+}
+
+fn http_filter(cluster: &str) -> Value {
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]));
+    json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm(rc, json!({}))})
+}
+
+fn tcp_filter(cluster: &str) -> Value {
+    json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "tcp", "cluster": cluster}})
+}
+
+fn tls_inspector() -> Value {
+    json!([{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}])
+}
+
+/// What a curl run saw; Err carries curl's exit code and message.
+struct Seen {
+    status: u16,
+    version: String,
+    body: String,
+    headers: String,
+}
+
+fn try_curl(url: &str, args: &[&str]) -> Result<Seen, String> {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "10",
+            "-D",
+            "-",
+            "-w",
+            "\n%{http_version}",
+        ])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl must be installed");
+    if !out.status.success() {
+        return Err(format!(
+            "curl exit {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (rest, version) = text.rsplit_once('\n').unwrap();
+    let (headers, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(Seen {
+        status,
+        version: version.to_string(),
+        body: body.to_string(),
+        headers: headers.to_ascii_lowercase(),
+    })
+}
+
+fn resolve(name: &str, port: u16) -> String {
+    format!("{name}:{port}:127.0.0.1")
+}
+
+/// The subject CN of the certificate `openssl s_client` is shown for `sni`.
+fn served_cn(port: u16, sni: &str) -> String {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            sni,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl must be installed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("subject=").map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminates_tls_choosing_the_certificate_by_sni_and_h2_by_alpn() {
+    let ca = Ca::new("term");
+    let a = ca.leaf("a", &["a.test"], LeafOpts::default());
+    let wild = ca.leaf("wild", &["*.b.test"], LeafOpts::default());
+    let up = upstream("up").await;
+    let (port, admin) = (free_port(), free_port());
+    // One certificate inline, one from a static secret.
+    let l = json!({
+        "name": "tls", "address": addr("127.0.0.1", port),
+        "filter_chains": [{
+            "filters": [http_filter("up")],
+            "transport_socket": downstream(json!({
+                "tls_certificates": [cert(&a)],
+                "tls_certificate_sds_secret_configs": [{"name": "wild"}],
+                "alpn_protocols": ["h2", "http/1.1"],
+            }), json!({})),
+        }],
+    });
+    let mut cfg: Value = serde_json::from_str(&bootstrap(
+        admin,
+        vec![l],
+        vec![cluster("up", &[up.addr], json!({}))],
+    ))
+    .unwrap();
+    cfg["static_resources"]["secrets"] = json!([{"name": "wild", "tls_certificate": cert(&wild)}]);
+    let _legate = Legate::start(BIN, &cfg.to_string(), &[port], Some(admin));
+
+    let ca_arg = s(&ca.ca_path()).to_string();
+    // curl checks the host name against the certificate it is given, so
+    // each success proves the right certificate was chosen.
+    for host in ["a.test", "x.b.test"] {
+        let r = try_curl(
+            &format!("https://{host}:{port}/p"),
+            &["--cacert", &ca_arg, "--resolve", &resolve(host, port)],
+        )
+        .unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert_eq!(r.status, 200, "{host}");
+        assert_eq!(r.version, "2", "ALPN h2 offered by curl and the listener");
+        let echo: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+    }
+    assert!(served_cn(port, "x.b.test").contains("b.test"));
+    assert!(served_cn(port, "a.test").contains("a.test"));
+    // HTTP/1.1 when the client offers only that.
+    let r = try_curl(
+        &format!("https://a.test:{port}/"),
+        &[
+            "--cacert",
+            &ca_arg,
+            "--resolve",
+            &resolve("a.test", port),
+            "--http1.1",
+        ],
+    )
+    .unwrap();
+    assert_eq!((r.status, r.version.as_str()), (200, "1.1"));
+    // A plaintext client gets no HTTP answer from a TLS chain.
+    assert!(try_curl(&format!("http://127.0.0.1:{port}/"), &[]).is_err());
+    let hs = stat(
+        admin,
+        "listener.127.0.0.1:{port}.ssl.handshake"
+            .replace("{port}", &port.to_string())
+            .as_str(),
+    );
+    assert!(hs.unwrap_or(0) >= 3, "handshakes counted: {hs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_inspector_routes_by_sni_passes_tls_through_and_keeps_plaintext() {
+    let ca = Ca::new("insp");
+    let term = ca.leaf("term", &["term.test"], LeafOpts::default());
+    let pass = ca.leaf("pass", &["pass.test"], LeafOpts::default());
+    let terminated = upstream("terminated").await;
+    let plain = upstream("plain").await;
+    // The passthrough upstream terminates TLS itself, with its own cert.
+    let behind = echo::start_tls(
+        "behind",
+        "127.0.0.1:0".parse().unwrap(),
+        pki::server_config(&pass, &[], None),
+    )
+    .await
+    .unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({
+        "name": "edge", "address": addr("127.0.0.1", port),
+        "listener_filters": tls_inspector(),
+        "filter_chains": [
+            {
+                "filter_chain_match": {"server_names": ["term.test"]},
+                "filters": [http_filter("terminated")],
+                "transport_socket": downstream(json!({"tls_certificates": [cert(&term)]}), json!({})),
+            },
+            {
+                "filter_chain_match": {"server_names": ["pass.test"]},
+                "filters": [tcp_filter("behind")],
+            },
+            {
+                "filter_chain_match": {"transport_protocol": "raw_buffer"},
+                "filters": [http_filter("plain")],
+            },
+        ],
+    });
+    let cfg = bootstrap(
+        admin,
+        vec![l],
+        vec![
+            cluster("terminated", &[terminated.addr], json!({})),
+            cluster("behind", &[behind.addr], json!({})),
+            cluster("plain", &[plain.addr], json!({})),
+        ],
+    );
+    let _legate = Legate::start(BIN, &cfg, &[port], Some(admin));
+    let ca_arg = s(&ca.ca_path()).to_string();
+    let get = |host: &str, scheme: &str| {
+        try_curl(
+            &format!("{scheme}://{host}:{port}/"),
+            &["--cacert", &ca_arg, "--resolve", &resolve(host, port)],
+        )
+        .unwrap_or_else(|e| panic!("{host}: {e}"))
+    };
+    let t = get("term.test", "https");
+    assert!(
+        t.headers.contains("x-echo-server: terminated"),
+        "{}",
+        t.headers
+    );
+    // Passthrough: the upstream's own certificate and SNI, untouched.
+    let p = get("pass.test", "https");
+    assert!(p.headers.contains("x-echo-server: behind"), "{}", p.headers);
+    assert!(p.headers.contains("x-echo-sni: pass.test"), "{}", p.headers);
+    let c = get("127.0.0.1", "http");
+    assert!(c.headers.contains("x-echo-server: plain"), "{}", c.headers);
+    // An SNI no chain names: no chain matches (transport is tls, not
+    // raw_buffer), so the connection is closed.
+    assert!(try_curl(
+        &format!("https://other.test:{port}/"),
+        &[
+            "--cacert",
+            &ca_arg,
+            "--resolve",
+            &resolve("other.test", port)
+        ],
+    )
+    .is_err());
+    assert!(stat(admin, "tls_inspector.sni_found").unwrap_or(0) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_accepts_only_the_right_identity_from_the_right_ca() {
+    let ca = Ca::new("mtls");
+    let rogue = Ca::new("rogue");
+    let server = ca.leaf("server", &["mtls.test"], LeafOpts::default());
+    const GOOD: &str = "spiffe://td.test/ns/a/sa/good";
+    let id = |uri| LeafOpts {
+        uris: std::slice::from_ref(uri),
+        ..Default::default()
+    };
+    let good = ca.leaf("good", &[], id(&GOOD));
+    let wrong_san = ca.leaf("wrongsan", &[], id(&"spiffe://td.test/ns/a/sa/bad"));
+    let wrong_ca = rogue.leaf("wrongca", &[], id(&GOOD));
+    let expired = ca.leaf(
+        "expired",
+        &[],
+        LeafOpts {
+            uris: &[GOOD],
+            not_before_days: Some(-10),
+            not_after_days: Some(-1),
+        },
+    );
+    let future = ca.leaf(
+        "future",
+        &[],
+        LeafOpts {
+            uris: &[GOOD],
+            not_before_days: Some(2),
+            not_after_days: Some(10),
+        },
+    );
+    let up = upstream("up").await;
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({
+        "name": "mtls", "address": addr("127.0.0.1", port),
+        "filter_chains": [{
+            "filters": [http_filter("up")],
+            "transport_socket": downstream(json!({
+                "tls_certificates": [cert(&server)],
+                "validation_context": {
+                    "trusted_ca": file(&ca.ca_path()),
+                    "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": GOOD}}],
+                },
+            }), json!({"require_client_certificate": true})),
+        }],
+    });
+    let cfg = bootstrap(admin, vec![l], vec![cluster("up", &[up.addr], json!({}))]);
+    let _legate = Legate::start(BIN, &cfg, &[port], Some(admin));
+    let ca_arg = s(&ca.ca_path()).to_string();
+    let url = format!("https://mtls.test:{port}/");
+    let rs = resolve("mtls.test", port);
+    let with = |leaf: Option<&Leaf>| {
+        let mut args = vec!["--cacert", &ca_arg, "--resolve", &rs];
+        if let Some(l) = leaf {
+            args.extend(["--cert", s(&l.cert), "--key", s(&l.key)]);
+        }
+        // TLS 1.3 reports a rejected client certificate after the
+        // handshake: the request itself must fail.
+        try_curl(&url, &args).map(|r| r.status)
+    };
+    assert_eq!(with(Some(&good)), Ok(200), "the right identity is served");
+    let mut false_accepts = Vec::new();
+    for (what, leaf) in [
+        ("no client certificate", None),
+        ("wrong SAN", Some(&wrong_san)),
+        ("wrong CA", Some(&wrong_ca)),
+        ("expired", Some(&expired)),
+        ("not yet valid", Some(&future)),
+    ] {
+        if let Ok(status) = with(leaf) {
+            false_accepts.push(format!("{what}: {status}"));
+        }
+    }
+    assert!(false_accepts.is_empty(), "false accepts: {false_accepts:?}");
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "only the good client reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn originates_tls_with_sni_ca_check_and_client_certificate() {
+    let ca = Ca::new("orig");
+    let rogue = Ca::new("orig-rogue");
+    let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
+    let client = ca.leaf("client", &["legate.test"], LeafOpts::default());
+    let up = echo::start_tls(
+        "tls-up",
+        "127.0.0.1:0".parse().unwrap(),
+        pki::server_config(&up_leaf, &[], Some(&ca)),
+    )
+    .await
+    .unwrap();
+    let ctx = |ca: &Ca, sni: &str| {
+        json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": UP_TLS_CTX, "sni": sni,
+            "common_tls_context": {
+                "tls_certificates": [cert(&client)],
+                "validation_context": {"trusted_ca": file(&ca.ca_path())},
+            },
+        }}})
+    };
+    let rc = routes(json!([
+        {"match": {"prefix": "/good"}, "route": {"cluster": "good"}},
+        {"match": {"prefix": "/rogue"}, "route": {"cluster": "rogue"}},
+        {"match": {"prefix": "/tcp"}, "route": {"cluster": "good"}},
+    ]));
+    let (l, url, admin) = start(
+        hcm(rc, json!({})),
+        vec![
+            cluster("good", &[up.addr], ctx(&ca, "up.test")),
+            cluster("rogue", &[up.addr], ctx(&rogue, "up.test")),
+        ],
+    );
+    let r = try_curl(&format!("{url}/good"), &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.contains("x-echo-sni: up.test"), "{}", r.headers);
+    assert!(
+        r.headers.contains("x-echo-client-cert: true"),
+        "{}",
+        r.headers
+    );
+    // A server certificate from a CA the cluster does not trust: 503.
+    let r = try_curl(&format!("{url}/rogue"), &[]).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    drop(l);
+    let _ = admin;
+
+    // tcp_proxy originates TLS too: plaintext in, TLS to the upstream.
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({"name": "tcp", "address": addr("127.0.0.1", port),
+        "filter_chains": [{"filters": [tcp_filter("good")]}]});
+    let cfg = bootstrap(
+        admin,
+        vec![l],
+        vec![cluster("good", &[up.addr], ctx(&ca, "up.test"))],
+    );
+    let _legate = Legate::start(BIN, &cfg, &[port], Some(admin));
+    let r = try_curl(&format!("http://127.0.0.1:{port}/tcp"), &[]).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("x-echo-sni: up.test"), "{}", r.headers);
+}
+
+#[test]
+fn validate_names_what_rustls_cannot_honour() {
+    let ca = Ca::new("val");
+    let leaf = ca.leaf("v", &["v.test"], LeafOpts::default());
+    let with = |common: Value, extra: Value| {
+        let l = json!({"name": "l", "address": addr("127.0.0.1", 10000),
+            "filter_chains": [{"filters": [http_filter("c")], "transport_socket": downstream(common, extra)}]});
+        let cfg = bootstrap(
+            1,
+            vec![l],
+            vec![cluster("c", &["127.0.0.1:1".parse().unwrap()], json!({}))],
+        );
+        validate(BIN, &cfg)
+    };
+    let ok = with(json!({"tls_certificates": [cert(&leaf)]}), json!({}));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (common, extra, field) in [
+        (
+            json!({"tls_certificates": [cert(&leaf)], "tls_params": {"tls_minimum_protocol_version": "TLSv1_0"}}),
+            json!({}),
+            "tls_params.tls_minimum_protocol_version",
+        ),
+        (
+            json!({"tls_certificates": [cert(&leaf)], "tls_params": {"cipher_suites": ["AES128-SHA"]}}),
+            json!({}),
+            "tls_params.cipher_suites[0]",
+        ),
+        (
+            json!({"tls_certificate_sds_secret_configs": [{"name": "missing"}]}),
+            json!({}),
+            "tls_certificate_sds_secret_configs[0].name",
+        ),
+        (
+            json!({"tls_certificates": [{"certificate_chain": file(&leaf.cert), "private_key": file(&ca.ca_path())}]}),
+            json!({}),
+            "tls_certificates[0].private_key",
+        ),
+        (json!({}), json!({}), "common_tls_context.tls_certificates"),
+    ] {
+        let out = with(common, extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {field}");
+        assert!(err.contains(field), "{field} not named in: {err}");
+    }
+}
