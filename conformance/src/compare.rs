@@ -41,6 +41,19 @@ pub struct Observation {
 }
 
 impl Observation {
+    /// A request whose connection failed (refused TLS handshake, closed
+    /// connection): only the failure is compared, as curl's wording of it
+    /// depends on when the peer gave up.
+    pub fn failed() -> Self {
+        Self {
+            status: 0,
+            headers: BTreeMap::new(),
+            body: "connection failed".into(),
+            upstream: None,
+            served_by: "none".into(),
+        }
+    }
+
     pub fn from_curl(r: &legate_tests::legate::CurlResult) -> Self {
         let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, v) in &r.headers {
@@ -157,6 +170,7 @@ mod tests {
 
     fn obs(status: u16, headers: &[(&str, &str)], body: &str) -> Observation {
         let r = legate_tests::legate::CurlResult {
+            version: "HTTP/1.1".into(),
             status,
             headers: headers
                 .iter()

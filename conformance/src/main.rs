@@ -8,6 +8,7 @@ mod framing;
 mod gaps;
 mod grpc;
 mod h2spec;
+mod pki;
 mod proxies;
 mod report;
 mod routing;
@@ -39,6 +40,8 @@ async fn main() -> Result<()> {
     }
     let work = root.join("../target/conformance/work");
     std::fs::create_dir_all(&work)?;
+    // A fresh PKI each run (its certificates expire).
+    let _ = std::fs::remove_dir_all(work.join("pki"));
     println!("tolerated differences (not compared):");
     for (what, why) in compare::TOLERATED_RESPONSE_HEADERS.iter().chain(
         [
@@ -58,7 +61,13 @@ async fn main() -> Result<()> {
         match tier.as_str() {
             "routing" => {
                 let files = tools::yaml_files(&root.join("scenarios/routing"))?;
-                for f in files {
+                // CONFORMANCE_SCENARIOS=prefix runs only the scenarios
+                // whose file names start with it (when working on a few).
+                let only = std::env::var("CONFORMANCE_SCENARIOS").unwrap_or_default();
+                for f in files.into_iter().filter(|f| {
+                    f.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&only))
+                }) {
                     if let Err(e) = routing::run_file(&bins, &f, &work, &mut report).await {
                         report.add(
                             "routing",
@@ -69,7 +78,9 @@ async fn main() -> Result<()> {
                     }
                 }
             }
-            "validate" => validate::run(&bins, &root.join("scenarios/validate"), &mut report)?,
+            "validate" => {
+                validate::run(&bins, &root.join("scenarios/validate"), &work, &mut report)?
+            }
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
                 if let Err(e) =

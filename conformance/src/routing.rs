@@ -17,6 +17,10 @@ pub struct Scenario {
     pub upstreams: Vec<String>,
     pub bootstrap: String,
     pub requests: Vec<Request>,
+    /// Echo upstreams behind TLS (certificate `upstream.test` from the
+    /// scenario PKI, asking for client certificates from its CA).
+    #[serde(default)]
+    pub tls_upstreams: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,6 +38,22 @@ pub struct Request {
     pub http2: bool,
     #[serde(default)]
     pub expect: Option<Expect>,
+    /// Send over TLS; the negotiated HTTP version is compared too.
+    #[serde(default)]
+    pub tls: Option<TlsRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRequest {
+    /// The name dialled (SNI and host), resolved to 127.0.0.1.
+    pub sni: String,
+    /// A client certificate from the scenario PKI (`client-good`, ...).
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// Offer only HTTP/1.1 in ALPN.
+    #[serde(default)]
+    pub http1: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,20 +77,43 @@ fn observe_both(
     for kind in [Kind::Envoy, Kind::Legate] {
         let running =
             proxies::start(bins, kind, cfg, admin, work).map_err(|e| (kind, format!("{e:#}")))?;
-        let obs: Vec<Observation> =
-            tokio::task::block_in_place(|| sc.requests.iter().map(|r| send(port, r)).collect());
+        let obs: Vec<Observation> = tokio::task::block_in_place(|| {
+            sc.requests.iter().map(|r| send(port, r, work)).collect()
+        });
         drop(running);
         seen.insert(kind, obs);
     }
     Ok(seen)
 }
 
-fn send(port: u16, r: &Request) -> Observation {
+fn send(port: u16, r: &Request, work: &Path) -> Observation {
     let mut args: Vec<String> = vec!["--path-as-is".into()];
+    let mut url = format!("http://127.0.0.1:{port}{}", r.path);
+    if let Some(t) = &r.tls {
+        let pki = work.join("pki");
+        url = format!("https://{}:{port}{}", t.sni, r.path);
+        args.extend([
+            "--resolve".into(),
+            format!("{}:{port}:127.0.0.1", t.sni),
+            "--cacert".into(),
+            pki.join("ca.pem").display().to_string(),
+        ]);
+        if let Some(c) = &t.client_cert {
+            args.extend([
+                "--cert".into(),
+                pki.join(format!("{c}.pem")).display().to_string(),
+                "--key".into(),
+                pki.join(format!("{c}.key")).display().to_string(),
+            ]);
+        }
+        if t.http1 {
+            args.push("--http1.1".into());
+        }
+    }
     if let Some(m) = &r.method {
         args.extend(["-X".into(), m.clone()]);
     }
-    if !r.headers.keys().any(|k| k.eq_ignore_ascii_case("host")) {
+    if r.tls.is_none() && !r.headers.keys().any(|k| k.eq_ignore_ascii_case("host")) {
         args.extend(["-H".into(), "host: conformance.test".into()]);
     }
     for (k, v) in &r.headers {
@@ -83,8 +126,18 @@ fn send(port: u16, r: &Request) -> Observation {
         args.push("--http2-prior-knowledge".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let res = legate_tests::legate::curl(&format!("http://127.0.0.1:{port}{}", r.path), &args);
-    Observation::from_curl(&res)
+    match legate_tests::legate::try_curl(&url, &args) {
+        Ok(res) => {
+            let mut o = Observation::from_curl(&res);
+            if r.tls.is_some() {
+                o.headers
+                    .insert(":version".into(), vec![res.version.clone()]);
+            }
+            o
+        }
+        Err(_) if r.tls.is_some() => Observation::failed(),
+        Err(e) => panic!("curl failed: {e}"),
+    }
 }
 
 fn check_expect(e: &Option<Expect>, o: &Observation) -> Vec<String> {
@@ -117,6 +170,30 @@ pub async fn run_file(
     let _ = &sc.description;
     let mut ups = Vec::new();
     let mut text = sc.bootstrap.clone();
+    // Every scenario gets the same PKI (written to <work>/pki, `{{PKI}}`).
+    let pki = work.join("pki");
+    text = text.replace("{{PKI}}", &pki.display().to_string());
+    if !pki.join("ca.pem").exists() {
+        crate::pki::write(&pki)?;
+    }
+    let upstream_tls = legate_tests::pki::server_config(
+        &legate_tests::pki::Leaf::load(&pki, "upstream")?,
+        &[],
+        Some(&std::fs::read_to_string(pki.join("ca.pem"))?),
+    );
+    for name in &sc.tls_upstreams {
+        let u = legate_tests::echo::start_tls(
+            name,
+            "127.0.0.1:0".parse().unwrap(),
+            upstream_tls.clone(),
+        )
+        .await?;
+        text = text.replace(
+            &format!("{{{{UPSTREAM_{name}}}}}"),
+            &u.addr.port().to_string(),
+        );
+        ups.push(u);
+    }
     for name in &sc.upstreams {
         let u = legate_tests::echo::start(name, "127.0.0.1:0".parse().unwrap()).await?;
         text = text.replace(

@@ -6,9 +6,16 @@ use crate::report::{Outcome, Report};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 
-fn check(bins: &Binaries, tier_case: &str, file: &Path, report: &mut Report) -> Result<()> {
-    let (e_ok, e_out) = proxies::validate(bins, Kind::Envoy, file)?;
-    let (l_ok, l_out) = proxies::validate(bins, Kind::Legate, file)?;
+/// Validates `run` (the case `file` with its placeholders filled) with both.
+fn check(
+    bins: &Binaries,
+    tier_case: &str,
+    file: &Path,
+    run: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let (e_ok, e_out) = proxies::validate(bins, Kind::Envoy, run)?;
+    let (l_ok, l_out) = proxies::validate(bins, Kind::Legate, run)?;
     let outcome = if e_ok == l_ok {
         Outcome::Match
     } else {
@@ -43,15 +50,30 @@ pub fn go_control_plane_samples() -> Result<Vec<PathBuf>> {
     crate::tools::yaml_files(&crate::tools::gcp_module_dir()?.join("sample"))
 }
 
-pub fn run(bins: &Binaries, corpus: &Path, report: &mut Report) -> Result<()> {
+pub fn run(bins: &Binaries, corpus: &Path, work: &Path, report: &mut Report) -> Result<()> {
     let files = crate::tools::yaml_files(corpus)?;
     for f in files {
-        check(bins, "corpus", &f, report)?;
+        // Cases with certificates name the run's PKI as `{{PKI}}`.
+        let text = std::fs::read_to_string(&f)?;
+        if text.contains("{{PKI}}") {
+            let pki = work.join("pki");
+            if !pki.join("ca.pem").exists() {
+                crate::pki::write(&pki)?;
+            }
+            let out = work.join(format!(
+                "validate-{}",
+                f.file_name().unwrap().to_string_lossy()
+            ));
+            std::fs::write(&out, text.replace("{{PKI}}", &pki.display().to_string()))?;
+            check(bins, "corpus", &f, &out, report)?;
+        } else {
+            check(bins, "corpus", &f, &f, report)?;
+        }
     }
     match go_control_plane_samples() {
         Ok(samples) => {
             for f in samples {
-                check(bins, "go-control-plane-sample", &f, report)?;
+                check(bins, "go-control-plane-sample", &f, &f, report)?;
             }
         }
         Err(e) => report.add(

@@ -123,14 +123,14 @@ async fn terminates_tls_choosing_the_certificate_by_sni_and_h2_by_alpn() {
     let wild = ca.leaf("wild", &["*.b.test"], LeafOpts::default());
     let up = upstream("up").await;
     let (port, admin) = (free_port(), free_port());
-    // One certificate inline, one from a static secret.
+    // Both certificates from static secrets (Envoy refuses mixing them
+    // with inline ones).
     let l = json!({
         "name": "tls", "address": addr("127.0.0.1", port),
         "filter_chains": [{
             "filters": [http_filter("up")],
             "transport_socket": downstream(json!({
-                "tls_certificates": [cert(&a)],
-                "tls_certificate_sds_secret_configs": [{"name": "wild"}],
+                "tls_certificate_sds_secret_configs": [{"name": "a"}, {"name": "wild"}],
                 "alpn_protocols": ["h2", "http/1.1"],
             }), json!({})),
         }],
@@ -141,7 +141,10 @@ async fn terminates_tls_choosing_the_certificate_by_sni_and_h2_by_alpn() {
         vec![cluster("up", &[up.addr], json!({}))],
     ))
     .unwrap();
-    cfg["static_resources"]["secrets"] = json!([{"name": "wild", "tls_certificate": cert(&wild)}]);
+    cfg["static_resources"]["secrets"] = json!([
+        {"name": "a", "tls_certificate": cert(&a)},
+        {"name": "wild", "tls_certificate": cert(&wild)},
+    ]);
     let _legate = Legate::start(BIN, &cfg.to_string(), &[port], Some(admin));
 
     let ca_arg = s(&ca.ca_path()).to_string();
@@ -354,7 +357,7 @@ async fn originates_tls_with_sni_ca_check_and_client_certificate() {
     let up = echo::start_tls(
         "tls-up",
         "127.0.0.1:0".parse().unwrap(),
-        pki::server_config(&up_leaf, &[], Some(&ca)),
+        pki::server_config(&up_leaf, &[], Some(&ca.cert_pem)),
     )
     .await
     .unwrap();

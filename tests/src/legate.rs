@@ -113,6 +113,8 @@ impl Legate {
 /// What curl saw.
 #[derive(Debug)]
 pub struct CurlResult {
+    /// The status line's protocol: `HTTP/1.1`, `HTTP/2`.
+    pub version: String,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -134,33 +136,36 @@ impl CurlResult {
 
 /// Runs real curl; `args` are extra curl arguments (e.g. `-H`, `--http2-prior-knowledge`).
 pub fn curl(url: &str, args: &[&str]) -> CurlResult {
+    try_curl(url, args).unwrap_or_else(|e| panic!("curl failed: {e}"))
+}
+
+/// Runs real curl; Err when curl itself fails (no connection, a refused
+/// TLS handshake), with curl's message.
+pub fn try_curl(url: &str, args: &[&str]) -> Result<CurlResult, String> {
     let out = Command::new("curl")
         .args(["-s", "-S", "-D", "-", "--max-time", "10"])
         .args(args)
         .arg(url)
         .output()
         .expect("curl must be installed");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_curl(&String::from_utf8_lossy(&out.stdout))
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    Ok(parse_curl(&String::from_utf8_lossy(&out.stdout)))
 }
 
 fn parse_curl(raw: &str) -> CurlResult {
     // With -D - the header block(s) come first; the last block wins (1xx).
     let mut rest = raw;
     let mut status = 0;
+    let mut version = String::new();
     let mut headers = Vec::new();
     while rest.starts_with("HTTP/") {
         let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
         let mut lines = head.lines();
-        status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let mut first = lines.next().unwrap_or("").split_whitespace();
+        version = first.next().unwrap_or("").to_string();
+        status = first.next().and_then(|s| s.parse().ok()).unwrap_or(0);
         headers = lines
             .filter_map(|l| {
                 l.split_once(':')
@@ -170,6 +175,7 @@ fn parse_curl(raw: &str) -> CurlResult {
         rest = body;
     }
     CurlResult {
+        version,
         status,
         headers,
         body: rest.to_string(),

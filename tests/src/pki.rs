@@ -95,6 +95,28 @@ impl Ca {
     }
 }
 
+impl Leaf {
+    /// The leaf written as `<dir>/<stem>.pem` and `.key`.
+    pub fn load(dir: &Path, stem: &str) -> std::io::Result<Leaf> {
+        let (cert, key) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        Ok(Leaf {
+            cert_pem: std::fs::read_to_string(&cert)?,
+            key_pem: std::fs::read_to_string(&key)?,
+            cert,
+            key,
+        })
+    }
+
+    /// Copies the files to `<dir>/<stem>.pem` and `.key`.
+    pub fn copy_to(&self, dir: &Path, stem: &str) -> std::io::Result<()> {
+        std::fs::write(dir.join(format!("{stem}.pem")), &self.cert_pem)?;
+        std::fs::write(dir.join(format!("{stem}.key")), &self.key_pem)
+    }
+}
+
 impl Drop for Ca {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -102,12 +124,12 @@ impl Drop for Ca {
 }
 
 /// A rustls server config presenting `leaf` (for TLS upstreams); with
-/// `client_ca`, it asks for a client certificate signed by that CA (and
-/// still serves clients without one).
+/// `client_ca` (PEM), it asks for a client certificate signed by that CA
+/// (and still serves clients without one).
 pub fn server_config(
     leaf: &Leaf,
     alpn: &[&str],
-    client_ca: Option<&Ca>,
+    client_ca: Option<&str>,
 ) -> std::sync::Arc<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
@@ -122,7 +144,7 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.cert_pem.as_bytes()) {
+            for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
                 roots.add(c.unwrap()).unwrap();
             }
             let v = rustls::server::WebPkiClientVerifier::builder_with_provider(

@@ -1,0 +1,52 @@
+//! The PKI every routing scenario may use (`{{PKI}}` in a bootstrap): made
+//! once per run with rcgen, written to `<work>/pki`.
+//!
+//! - `ca.pem`: the CA clients and proxies trust; `rogue-ca.pem`: another.
+//! - Server certificates: `server` (conformance.test, *.conformance.test),
+//!   `other` (other.test), `upstream` (upstream.test, for TLS upstreams).
+//! - Client certificates, URI SAN `spiffe://conformance.test/...`:
+//!   `client-good` (.../good), `client-badsan` (.../bad), `client-rogue`
+//!   (.../good from the rogue CA), `client-expired` (.../good, expired).
+
+use legate_tests::pki::{Ca, LeafOpts};
+use std::path::Path;
+
+pub const GOOD_ID: &str = "spiffe://conformance.test/good";
+
+pub fn write(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ca = Ca::new("conformance");
+    let rogue = Ca::new("rogue");
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
+    std::fs::write(dir.join("rogue-ca.pem"), &rogue.cert_pem)?;
+    let (good, bad) = ([GOOD_ID], ["spiffe://conformance.test/bad"]);
+    let id = |uris| LeafOpts {
+        uris,
+        ..Default::default()
+    };
+    ca.leaf(
+        "s",
+        &["conformance.test", "*.conformance.test"],
+        LeafOpts::default(),
+    )
+    .copy_to(dir, "server")?;
+    ca.leaf("o", &["other.test"], LeafOpts::default())
+        .copy_to(dir, "other")?;
+    ca.leaf("u", &["upstream.test"], LeafOpts::default())
+        .copy_to(dir, "upstream")?;
+    ca.leaf("g", &[], id(&good)).copy_to(dir, "client-good")?;
+    ca.leaf("b", &[], id(&bad)).copy_to(dir, "client-badsan")?;
+    rogue
+        .leaf("r", &[], id(&good))
+        .copy_to(dir, "client-rogue")?;
+    ca.leaf(
+        "e",
+        &[],
+        LeafOpts {
+            uris: &[GOOD_ID],
+            not_before_days: Some(-10),
+            not_after_days: Some(-1),
+        },
+    )
+    .copy_to(dir, "client-expired")
+}
