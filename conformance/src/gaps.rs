@@ -75,12 +75,6 @@ pub static GAPS: &[Gap] = &[
         request: "accept-max-request-headers-kb-limit.yaml",
         reason: "max_request_headers_kb above 64 is rejected: pingora's HTTP/2 server caps the header list at 64 KiB, so a larger limit could not be honoured",
     },
-    Gap {
-        tier: "xds",
-        scenario: "go-control-plane",
-        request: "tls",
-        reason: "downstream TLS and SDS are not implemented yet (issue [tls]); Envoy passes the mode",
-    },
 ];
 
 pub fn find(tier: &str, scenario: &str, request: &str) -> Option<&'static Gap> {

@@ -72,6 +72,8 @@ struct State {
     endpoints: BTreeMap<String, (ClusterLoadAssignment, Applied)>,
     scopes: BTreeMap<String, (Scope, Applied)>,
     scopes_received: bool,
+    /// SDS secrets as received (their values live in `tls::secrets`).
+    secrets: BTreeMap<String, Applied>,
     /// ECDS filter configs (the router's: the only HTTP filter there is).
     extensions: BTreeMap<String, Applied>,
     rtds: HashMap<String, serde_json::Value>,
@@ -93,6 +95,8 @@ pub struct Applier {
     runtime_layers: Vec<RuntimeLayer>,
     /// Static clusters, which name the management servers.
     statics: HashMap<String, Arc<ClusterConfig>>,
+    /// SDS secrets static listeners and clusters use.
+    static_sds: Vec<(String, XdsSource)>,
     drain_time: Duration,
     dynamic: Option<crate::config::Dynamic>,
     client: OnceLock<Arc<XdsClient>>,
@@ -242,6 +246,12 @@ impl Applier {
                 .iter()
                 .map(|c| (c.name.clone(), c.clone()))
                 .collect(),
+            static_sds: config
+                .listeners
+                .iter()
+                .flat_map(|l| l.sds_refs().cloned().collect::<Vec<_>>())
+                .chain(config.clusters.iter().flat_map(|c| c.sds_refs().to_vec()))
+                .collect(),
             drain_time,
             dynamic: config.dynamic.clone(),
             client: OnceLock::new(),
@@ -290,10 +300,13 @@ impl Applier {
     /// Starts the xDS client: CDS first, then LDS and the RTDS layers (the
     /// order of Envoy's initialization).
     pub fn start(&self, node: legate_xds_client::Node) -> Result<(), String> {
-        let Some(d) = self.dynamic.clone() else {
+        // Static listeners and clusters may need SDS without any other
+        // dynamic resources.
+        if self.dynamic.is_none() && self.static_sds.is_empty() {
             self.initialized.send_replace(true);
             return Ok(());
-        };
+        }
+        let d = self.dynamic.clone().unwrap_or_default();
         let ads = d.ads.as_ref().map(|a| self.api_source(a)).transpose()?;
         let me = self.me.upgrade().expect("applier is alive");
         let client = XdsClient::new(node, me, ads);
@@ -332,6 +345,10 @@ impl Applier {
                     Interest::names(layers.iter().map(|(n, _)| n.clone())),
                 )
                 .map_err(|e| e.to_string())?;
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            self.reconcile(&mut st, &mut Vec::new());
         }
         // Warming deadlines are checked once a second.
         let weak = self.me.clone();
@@ -612,6 +629,34 @@ impl Applier {
         }
     }
 
+    /// SDS: a new or changed secret applies to the next handshake; nothing
+    /// is rebuilt and no connection is touched.
+    fn apply_secrets(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
+        use legate_proto::envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+        let changed = u
+            .updated
+            .iter()
+            .filter(|r| st.secrets.get(&r.name).is_none_or(|a| a.body != r.body));
+        let parsed = parse_each(changed, errors, |r| {
+            let (name, v) = crate::config::tls::secret(&check::<Secret>(&r.body)?, "")
+                .map_err(|e| e.to_string())?;
+            if name != r.name {
+                return Err(format!("secret named '{name}' sent as '{}'", r.name));
+            }
+            Ok(v)
+        });
+        for (r, v) in parsed {
+            crate::tls::secrets::set_dynamic(&r.name, v);
+            stats::counter("sds.update_success".into()).increment(1);
+            tracing::info!(secret = %r.name, "secret updated");
+            st.secrets.insert(r.name.clone(), Applied::of(r));
+        }
+        for name in &u.removed {
+            st.secrets.remove(name);
+            crate::tls::secrets::remove_dynamic(name);
+        }
+    }
+
     fn apply_runtime(&self, st: &mut State, u: &Update, errors: &mut Vec<ResourceError>) {
         let parsed = parse_each(&u.updated, errors, |r| check::<RuntimePb>(&r.body));
         for (r, pb) in parsed {
@@ -656,12 +701,16 @@ impl Applier {
             if e.active {
                 continue;
             }
-            let ready = match &e.config.eds {
-                None => true,
-                Some(eds) => {
-                    st.endpoints.contains_key(&eds.service_name) || self.timed_out(e.since)
-                }
-            };
+            let ready = (e
+                .config
+                .eds
+                .as_ref()
+                .is_none_or(|eds| st.endpoints.contains_key(&eds.service_name))
+                && e.config
+                    .sds_refs()
+                    .iter()
+                    .all(|(n, src)| secret_ready(&st.secrets, n, src, e.since)))
+                || self.timed_out(e.since);
             if !ready {
                 warming_clusters += 1;
                 continue;
@@ -749,7 +798,10 @@ impl Applier {
                 && (!needs_scopes || st.scopes_received)
                 && extension_deps(&e.config)
                     .iter()
-                    .all(|(n, _)| st.extensions.contains_key(n)))
+                    .all(|(n, _)| st.extensions.contains_key(n))
+                && e.config
+                    .sds_refs()
+                    .all(|(n, src)| secret_ready(&st.secrets, n, src, e.since)))
                 || self.timed_out(e.since);
             if !ready {
                 warming_listeners += 1;
@@ -824,6 +876,34 @@ impl Applier {
             ecds_via,
             Interest::names(ecds_names),
         );
+        // SDS: what listeners and clusters (static or dynamic) reference.
+        let mut sds_names = BTreeSet::new();
+        let mut sds_via = None;
+        let refs = st
+            .listeners
+            .values()
+            .flat_map(|e| e.config.sds_refs().cloned().collect::<Vec<_>>())
+            .chain(
+                st.clusters
+                    .values()
+                    .flat_map(|e| e.config.sds_refs().to_vec()),
+            )
+            .chain(self.static_sds.iter().cloned());
+        for (n, src) in refs {
+            sds_names.insert(n);
+            sds_via = sds_via.or_else(|| self.via(&src).ok());
+        }
+        let unused: Vec<String> = st
+            .secrets
+            .keys()
+            .filter(|n| !sds_names.contains(*n))
+            .cloned()
+            .collect();
+        for n in unused {
+            st.secrets.remove(&n);
+            crate::tls::secrets::remove_dynamic(&n);
+        }
+        follow(st, client, t::SECRET, sds_via, Interest::names(sds_names));
         if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
             self.initialized
                 .send_if_modified(|v| !std::mem::replace(v, true));
@@ -860,6 +940,21 @@ impl Applier {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
+}
+
+/// Whether a warming resource may stop waiting for an SDS secret: it has
+/// arrived, or its source's `initial_fetch_timeout` has passed (the
+/// resource then activates and its handshakes fail until it comes).
+fn secret_ready(
+    secrets: &BTreeMap<String, Applied>,
+    name: &str,
+    src: &XdsSource,
+    since: Instant,
+) -> bool {
+    secrets.contains_key(name)
+        || src
+            .initial_fetch_timeout
+            .is_some_and(|t| since.elapsed() >= t)
 }
 
 /// Sets what a referenced type subscribes to, over the source the
@@ -924,6 +1019,7 @@ impl Handler for Applier {
             t::SCOPED_ROUTE => self.apply_scopes(&mut st, &update, &mut errors),
             t::RUNTIME => self.apply_runtime(&mut st, &update, &mut errors),
             t::EXTENSION_CONFIG => self.apply_extensions(&mut st, &update, &mut errors),
+            t::SECRET => self.apply_secrets(&mut st, &update, &mut errors),
             other => errors.push(ResourceError {
                 name: String::new(),
                 message: format!("resource type {other} is not supported by Legate"),

@@ -162,6 +162,14 @@ pub fn server_config(
     std::sync::Arc::new(c)
 }
 
+/// The DER certificates of a PEM blob.
+pub fn pem_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 /// A path as a str, for bootstraps and command lines.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()

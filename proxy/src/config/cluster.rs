@@ -89,6 +89,11 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     /// Whether any endpoint is a Unix socket: such a cluster can reach a
     /// management server but carries no proxied traffic.
+    /// The SDS secrets the cluster's TLS uses.
+    pub fn sds_refs(&self) -> &[(String, super::source::XdsSource)] {
+        self.tls.as_ref().map_or(&[], |t| &t.sds)
+    }
+
     pub fn has_pipe(&self) -> bool {
         self.localities
             .iter()

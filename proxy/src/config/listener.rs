@@ -588,6 +588,16 @@ impl Listener {
             .chain(self.default_chain.iter().map(|c| &c.filter))
     }
 
+    /// The SDS secrets the listener's TLS chains use.
+    pub fn sds_refs(&self) -> impl Iterator<Item = &(String, XdsSource)> {
+        self.chains
+            .iter()
+            .map(|(_, c)| c)
+            .chain(self.default_chain.iter())
+            .filter_map(|c| c.tls.as_ref())
+            .flat_map(|t| t.sds.iter())
+    }
+
     /// Every HTTP connection manager of the listener.
     pub fn hcms(&self) -> impl Iterator<Item = &Arc<Hcm>> {
         self.filters().filter_map(|f| match f {

@@ -188,7 +188,7 @@ pub enum RuntimeLayer {
 }
 
 /// `dynamic_resources`: where listeners and clusters come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Dynamic {
     pub lds: Option<source::XdsSource>,
     pub cds: Option<source::XdsSource>,

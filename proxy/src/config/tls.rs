@@ -1,10 +1,13 @@
 //! Transport sockets: `DownstreamTlsContext` and `UpstreamTlsContext` →
 //! ready rustls configs, built once per config version so a handshake never
-//! rebuilds one. Anything rustls cannot honour is an error naming the field,
-//! never a silently weaker TLS.
+//! rebuilds one; certificates and validation contexts from SDS are looked up
+//! per handshake (see `tls::secrets`). Anything rustls cannot honour is an
+//! error naming the field, never a silently weaker TLS.
 
+use super::source::XdsSource;
 use super::{index, join, ConfigError, Result, Wrapped};
-use crate::tls::certs::{self, Cert, SniResolver};
+use crate::tls::certs;
+use crate::tls::secrets::{CertBundle, ClientCert, SecretValue, SniResolver, Src, Trust};
 use crate::tls::verify::{ClientVerifier, Identity, SanMatcher, SanType, ServerVerifier};
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as pb;
@@ -19,6 +22,8 @@ pub const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.R
 /// A filter chain's TLS termination.
 pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
+    /// SDS secrets it uses: the listener warms until they are present.
+    pub sds: Vec<(String, XdsSource)>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -37,14 +42,37 @@ pub struct ClientTls {
     pub sni: String,
     pub auto_host_sni: bool,
     pub alpn: Vec<String>,
-    /// `trusted_ca`, for pingora's HTTP connector, which verifies the chain
-    /// itself (and then, as Envoy, not the name: `verify_hostname` off).
-    pub pingora_ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
-    /// The client certificate, for pingora's HTTP connector.
-    pub pingora_cert: Option<Arc<pingora_core::utils::tls::CertKey>>,
+    /// The client certificate (for pingora's HTTP connector).
+    pub cert: Option<Src<CertBundle>>,
+    /// The validation context (for pingora's HTTP connector, which checks
+    /// the chain itself and then, as Envoy, not the name).
+    pub trust: Option<Src<Trust>>,
     /// Changes when the context does: part of the upstream pool key, so a
     /// connection made under an old context is never reused under a new one.
     pub key: u64,
+    /// SDS secrets it uses: the cluster warms until they are present.
+    pub sds: Vec<(String, XdsSource)>,
+}
+
+/// What pingora's HTTP connector needs at this moment; None: an SDS secret
+/// is missing, so no connection may be made (fail closed).
+pub struct PingoraTls {
+    pub cert: Option<Arc<pingora_core::utils::tls::CertKey>>,
+    pub ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
+}
+
+impl ClientTls {
+    pub fn pingora(&self) -> Option<PingoraTls> {
+        let cert = match &self.cert {
+            Some(src) => Some(src.current()?.pingora.clone()),
+            None => None,
+        };
+        let ca = match &self.trust {
+            Some(src) => src.current()?.pingora_ca.clone(),
+            None => None,
+        };
+        Some(PingoraTls { cert, ca })
+    }
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -54,21 +82,6 @@ impl std::fmt::Debug for ClientTls {
             .field("alpn", &self.alpn)
             .finish()
     }
-}
-
-/// A `CertificateValidationContext`.
-#[derive(Debug, Clone, Default)]
-pub struct Validation {
-    pub roots: Option<Arc<RootCertStore>>,
-    pub roots_der: Vec<Vec<u8>>,
-    pub identity: Identity,
-}
-
-/// A `Secret` Legate can use.
-#[derive(Debug, Clone)]
-pub enum SecretValue {
-    Cert(Cert, Vec<Vec<u8>>, Vec<u8>),
-    Validation(Validation),
 }
 
 fn any<'a>(ts: &'a core::TransportSocket, path: &str) -> Result<(&'a str, &'a [u8])> {
@@ -224,12 +237,16 @@ fn params(
     Ok((Arc::new(provider), versions))
 }
 
-/// One `TlsCertificate`: the chain, its key, and their DER forms.
-fn certificate(
-    c: &pb::TlsCertificate,
-    provider: &CryptoProvider,
-    path: &str,
-) -> Result<(Cert, Vec<Vec<u8>>, Vec<u8>)> {
+/// The provider certificates and keys are loaded with, and peer chains
+/// verified with: signature algorithms do not depend on `tls_params`.
+fn default_provider() -> Arc<CryptoProvider> {
+    static P: std::sync::LazyLock<Arc<CryptoProvider>> =
+        std::sync::LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    P.clone()
+}
+
+/// One `TlsCertificate`.
+fn certificate(c: &pb::TlsCertificate, path: &str) -> Result<CertBundle> {
     let chain_path = join(path, "certificate_chain");
     let key_path = join(path, "private_key");
     let chain = c
@@ -242,7 +259,7 @@ fn certificate(
         .ok_or_else(|| ConfigError::new(&key_path, "private_key is required"))?;
     let chain = crate::datasource::read(chain, &chain_path)?;
     let key = crate::datasource::read(key, &key_path)?;
-    let cert = certs::load(&chain, &key, provider).map_err(|e| {
+    let cert = certs::load(&chain, &key, &default_provider()).map_err(|e| {
         let at = match e {
             certs::CertError::NoKey
             | certs::CertError::BadKey(_)
@@ -251,34 +268,20 @@ fn certificate(
         };
         ConfigError::new(at, e.to_string())
     })?;
-    let der_chain = certs::pem_certs(&chain)
-        .map_err(|e| ConfigError::new(&chain_path, e.to_string()))?
-        .into_iter()
-        .map(|c| c.to_vec())
-        .collect();
+    let der_chain = cert.key.cert.iter().map(|c| c.to_vec()).collect();
     use rustls::pki_types::pem::PemObject;
     let der_key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key)
         .map(|k| k.secret_der().to_vec())
         .map_err(|_| ConfigError::new(&key_path, "no PEM private key found"))?;
-    Ok((cert, der_chain, der_key))
+    Ok(CertBundle {
+        cert,
+        pingora: Arc::new(pingora_core::utils::tls::CertKey::new(der_chain, der_key)),
+    })
 }
 
-/// `CertificateValidationContext`.
-pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Validation> {
-    let mut out = Validation::default();
-    if let Some(ca) = &v.trusted_ca {
-        let p = join(path, "trusted_ca");
-        let pem = crate::datasource::read(ca, &p)?;
-        let ders = certs::pem_certs(&pem).map_err(|e| ConfigError::new(&p, e.to_string()))?;
-        let mut store = RootCertStore::empty();
-        for d in &ders {
-            store
-                .add(d.clone())
-                .map_err(|e| ConfigError::new(&p, format!("not a usable CA certificate: {e}")))?;
-            out.roots_der.push(d.to_vec());
-        }
-        out.roots = Some(Arc::new(store));
-    }
+/// `CertificateValidationContext`, its verifiers built.
+pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Trust> {
+    let mut identity = Identity::default();
     for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
         let p = index(path, "match_typed_subject_alt_names", i);
         use pb::subject_alt_name_matcher::SanType as T;
@@ -297,7 +300,7 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Va
             .matcher
             .as_ref()
             .ok_or_else(|| ConfigError::new(join(&p, "matcher"), "matcher is required"))?;
-        out.identity.sans.push(SanMatcher {
+        identity.sans.push(SanMatcher {
             ty,
             matcher: super::matcher::StringMatcher::from_proto(sm, &join(&p, "matcher"))?,
         });
@@ -312,7 +315,7 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Va
             })
             .collect::<Option<Vec<u8>>>()
             .filter(|b| b.len() == 32);
-        out.identity.hashes.push(bytes.ok_or_else(|| {
+        identity.hashes.push(bytes.ok_or_else(|| {
             ConfigError::new(
                 index(path, "verify_certificate_hash", i),
                 format!("'{h}' is not a hex SHA-256 hash"),
@@ -325,23 +328,61 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Va
             .decode(s)
             .ok()
             .filter(|b| b.len() == 32);
-        out.identity.spki.push(bytes.ok_or_else(|| {
+        identity.spki.push(bytes.ok_or_else(|| {
             ConfigError::new(
                 index(path, "verify_certificate_spki", i),
                 format!("'{s}' is not a base64 SHA-256 hash"),
             )
         })?);
     }
-    if out.roots.is_none() && !out.identity.sans.is_empty() {
+    let mut trust = Trust::default();
+    if let Some(ca) = &v.trusted_ca {
+        let p = join(path, "trusted_ca");
+        let pem = crate::datasource::read(ca, &p)?;
+        let ders = certs::pem_certs(&pem).map_err(|e| ConfigError::new(&p, e.to_string()))?;
+        let mut store = RootCertStore::empty();
+        for d in &ders {
+            store
+                .add(d.clone())
+                .map_err(|e| ConfigError::new(&p, format!("not a usable CA certificate: {e}")))?;
+        }
+        let roots = Arc::new(store);
+        let provider = default_provider();
+        trust.client_chain = Some(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                provider.clone(),
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| ConfigError::new(&p, e.to_string()))?,
+        );
+        trust.server_chain = Some(
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| ConfigError::new(&p, e.to_string()))?,
+        );
+        let wrapped: Vec<_> = ders
+            .iter()
+            .map(|d| {
+                pingora_core::utils::tls::WrappedX509::new(
+                    d.to_vec(),
+                    pingora_core::utils::tls::parse_x509,
+                )
+            })
+            .collect();
+        trust.pingora_ca = Some(wrapped.into());
+    } else if !identity.sans.is_empty() {
         return Err(ConfigError::new(
             join(path, "trusted_ca"),
             "match_typed_subject_alt_names needs trusted_ca (a name is only meaningful on a trusted chain)",
         ));
     }
-    Ok(out)
+    trust.identity = identity;
+    Ok(trust)
 }
 
-/// A `Secret`, from `static_resources.secrets` (SDS later).
+/// A `Secret`, from `static_resources.secrets` or SDS.
 pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
     if s.name.is_empty() {
         return Err(ConfigError::new(
@@ -352,12 +393,10 @@ pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
     use pb::secret::Type as T;
     let v = match &s.r#type {
         Some(T::TlsCertificate(c)) => {
-            let provider = rustls::crypto::ring::default_provider();
-            let (cert, chain, key) = certificate(c, &provider, &join(path, "tls_certificate"))?;
-            SecretValue::Cert(cert, chain, key)
+            SecretValue::Cert(Arc::new(certificate(c, &join(path, "tls_certificate"))?))
         }
         Some(T::ValidationContext(v)) => {
-            SecretValue::Validation(validation(v, &join(path, "validation_context"))?)
+            SecretValue::Trust(Arc::new(validation(v, &join(path, "validation_context"))?))
         }
         Some(T::SessionTicketKeys(_)) => {
             return Err(ConfigError::new(
@@ -376,28 +415,43 @@ pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
     Ok((s.name.clone(), v))
 }
 
-/// A static secret named by an `SdsSecretConfig`.
-fn static_secret(s: &pb::SdsSecretConfig, path: &str) -> Result<Arc<SecretValue>> {
-    if s.sds_config.is_some() {
+/// What an `SdsSecretConfig` names: a static secret (which must exist now),
+/// or an SDS one (looked up at each handshake).
+enum Named {
+    Static(Arc<SecretValue>),
+    Sds(String, XdsSource),
+}
+
+fn named(s: &pb::SdsSecretConfig, path: &str) -> Result<Named> {
+    if s.name.is_empty() {
         return Err(ConfigError::new(
-            join(path, "sds_config"),
-            "secrets over SDS are not supported yet; use static_resources.secrets",
+            join(path, "name"),
+            "a secret name is required",
         ));
     }
-    crate::tls::secrets::get(&s.name).ok_or_else(|| {
-        ConfigError::new(
-            join(path, "name"),
-            format!("unknown static secret: {}", s.name),
-        )
-    })
+    match &s.sds_config {
+        Some(cs) => Ok(Named::Sds(
+            s.name.clone(),
+            XdsSource::from_proto(cs, &join(path, "sds_config"))?,
+        )),
+        None => crate::tls::secrets::get_static(&s.name)
+            .map(Named::Static)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    join(path, "name"),
+                    format!("unknown static secret: {}", s.name),
+                )
+            }),
+    }
 }
 
 struct Common {
     provider: Arc<CryptoProvider>,
     versions: Vec<&'static SupportedProtocolVersion>,
-    certs: Vec<(Cert, Vec<Vec<u8>>, Vec<u8>)>,
-    validation: Option<Validation>,
+    certs: Vec<Src<CertBundle>>,
+    trust: Option<Src<Trust>>,
     alpn: Vec<String>,
+    sds: Vec<(String, XdsSource)>,
 }
 
 fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
@@ -406,12 +460,12 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
     let path = join(path, "common_tls_context");
     let (provider, versions) = params(c.tls_params.as_ref(), &path)?;
     let mut certs = Vec::new();
+    let mut sds = Vec::new();
     for (i, t) in c.tls_certificates.iter().enumerate() {
-        certs.push(certificate(
+        certs.push(Src::Fixed(Arc::new(certificate(
             t,
-            &provider,
             &index(&path, "tls_certificates", i),
-        )?);
+        )?)));
     }
     if !c.tls_certificates.is_empty() && !c.tls_certificate_sds_secret_configs.is_empty() {
         // Envoy's rule too.
@@ -420,33 +474,41 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
             "SDS and non-SDS TLS certificates may not be mixed",
         ));
     }
+    let not_a = |p: &str, name: &str, what: &str| {
+        ConfigError::new(join(p, "name"), format!("secret {name} is not a {what}"))
+    };
     for (i, s) in c.tls_certificate_sds_secret_configs.iter().enumerate() {
         let p = index(&path, "tls_certificate_sds_secret_configs", i);
-        match &*static_secret(s, &p)? {
-            SecretValue::Cert(c, chain, key) => certs.push((c.clone(), chain.clone(), key.clone())),
-            SecretValue::Validation(_) => {
-                return Err(ConfigError::new(
-                    join(&p, "name"),
-                    format!("secret {} is not a tls_certificate", s.name),
-                ))
+        certs.push(match named(s, &p)? {
+            Named::Static(v) => match &*v {
+                SecretValue::Cert(c) => Src::Fixed(c.clone()),
+                SecretValue::Trust(_) => return Err(not_a(&p, &s.name, "tls_certificate")),
+            },
+            Named::Sds(name, source) => {
+                sds.push((name.clone(), source));
+                Src::Sds(name)
             }
-        }
+        });
     }
     use pb::common_tls_context::ValidationContextType as V;
-    let validation = match &c.validation_context_type {
+    let trust = match &c.validation_context_type {
         None => None,
-        Some(V::ValidationContext(v)) => Some(validation(v, &join(&path, "validation_context"))?),
+        Some(V::ValidationContext(v)) => Some(Src::Fixed(Arc::new(validation(
+            v,
+            &join(&path, "validation_context"),
+        )?))),
         Some(V::ValidationContextSdsSecretConfig(s)) => {
             let p = join(&path, "validation_context_sds_secret_config");
-            match &*static_secret(s, &p)? {
-                SecretValue::Validation(v) => Some(v.clone()),
-                SecretValue::Cert(..) => {
-                    return Err(ConfigError::new(
-                        join(&p, "name"),
-                        format!("secret {} is not a validation_context", s.name),
-                    ))
+            Some(match named(s, &p)? {
+                Named::Static(v) => match &*v {
+                    SecretValue::Trust(t) => Src::Fixed(t.clone()),
+                    SecretValue::Cert(_) => return Err(not_a(&p, &s.name, "validation_context")),
+                },
+                Named::Sds(name, source) => {
+                    sds.push((name.clone(), source));
+                    Src::Sds(name)
                 }
-            }
+            })
         }
         Some(_) => {
             return Err(ConfigError::new(
@@ -459,8 +521,9 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
         provider,
         versions,
         certs,
-        validation,
+        trust,
         alpn: c.alpn_protocols.clone(),
+        sds,
     })
 }
 
@@ -472,7 +535,6 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
             "no TLS certificates found for server context",
         ));
     }
-    let required = d.require_client_certificate.val().unwrap_or(false);
     let builder = rustls::ServerConfig::builder_with_provider(c.provider.clone())
         .with_protocol_versions(&c.versions)
         .map_err(|e| {
@@ -481,83 +543,43 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
     // Envoy asks for client certificates only with a validation context:
     // without one, `require_client_certificate` has no effect (measured
     // against Envoy 1.40 in conformance/scenarios/routing/tls-mtls.yaml).
-    let builder = match &c.validation {
+    let builder = match c.trust {
         None => builder.with_no_client_auth(),
-        Some(v) => {
-            let v = v.clone();
-            let chain = match &v.roots {
-                Some(roots) => Some(
-                    rustls::server::WebPkiClientVerifier::builder_with_provider(
-                        roots.clone(),
-                        c.provider.clone(),
-                    )
-                    .allow_unauthenticated()
-                    .build()
-                    .map_err(|e| {
-                        ConfigError::new(
-                            join(path, "common_tls_context.validation_context"),
-                            e.to_string(),
-                        )
-                    })?,
-                ),
-                None => None,
-            };
-            builder.with_client_cert_verifier(Arc::new(ClientVerifier {
-                chain,
-                identity: v.identity,
-                required,
-                algs: c.provider.signature_verification_algorithms,
-            }))
-        }
+        Some(trust) => builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+            trust,
+            required: d.require_client_certificate.val().unwrap_or(false),
+            algs: c.provider.signature_verification_algorithms,
+        })),
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver {
-        certs: c.certs.into_iter().map(|(c, _, _)| c).collect(),
+        certs: c.certs,
         require_sni: d.require_sni.val().unwrap_or(false),
     }));
     config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     // Envoy (BoringSSL) prefers the server's cipher order unless told not to.
     config.ignore_client_order = !d.prefer_client_ciphers;
     use pb::downstream_tls_context::SessionTicketKeysType as K;
-    match &d.session_ticket_keys_type {
-        None => {
-            config.ticketer = rustls::crypto::ring::Ticketer::new()
-                .map_err(|e| ConfigError::new(path, format!("session tickets: {e}")))?;
-        }
-        Some(K::DisableStatelessSessionResumption(true)) => {}
-        Some(K::DisableStatelessSessionResumption(false)) => {
-            config.ticketer = rustls::crypto::ring::Ticketer::new()
-                .map_err(|e| ConfigError::new(path, format!("session tickets: {e}")))?;
-        }
+    let tickets = match &d.session_ticket_keys_type {
+        None | Some(K::DisableStatelessSessionResumption(false)) => true,
+        Some(K::DisableStatelessSessionResumption(true)) => false,
         Some(_) => {
             return Err(ConfigError::new(
                 join(path, "session_ticket_keys"),
                 "explicit session ticket keys are not supported; rustls rotates its own",
             ))
         }
+    };
+    if tickets {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| ConfigError::new(path, format!("session tickets: {e}")))?;
     }
     if d.disable_stateful_session_resumption {
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     }
     Ok(ServerTls {
         config: Arc::new(config),
+        sds: c.sds,
     })
-}
-
-/// Sends the configured client certificate whatever the server asks.
-#[derive(Debug)]
-struct ClientCert(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::client::ResolvesClientCert for ClientCert {
-    fn resolve(
-        &self,
-        _hints: &[&[u8]],
-        _schemes: &[rustls::SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
 }
 
 fn client_tls(u: &pb::UpstreamTlsContext, path: &str) -> Result<ClientTls> {
@@ -568,47 +590,27 @@ fn client_tls(u: &pb::UpstreamTlsContext, path: &str) -> Result<ClientTls> {
             "an upstream context takes at most one client certificate",
         ));
     }
-    let v = c.validation.clone().unwrap_or_default();
-    if !v.identity.is_empty() {
-        // pingora's HTTP connector checks the chain only; until Legate
-        // verifies upstream identities itself, refuse rather than skip.
-        return Err(ConfigError::new(
-            join(path, "common_tls_context.validation_context"),
-            "upstream SAN matchers and certificate pins are not supported yet",
-        ));
+    if let Some(Src::Fixed(t)) = &c.trust {
+        if !t.identity.is_empty() {
+            // pingora's HTTP connector checks the chain only; until Legate
+            // verifies upstream identities itself, refuse rather than skip.
+            return Err(ConfigError::new(
+                join(path, "common_tls_context.validation_context"),
+                "upstream SAN matchers and certificate pins are not supported yet",
+            ));
+        }
     }
-    let chain = match &v.roots {
-        Some(roots) => Some(
-            rustls::client::WebPkiServerVerifier::builder_with_provider(
-                roots.clone(),
-                c.provider.clone(),
-            )
-            .build()
-            .map_err(|e| {
-                ConfigError::new(
-                    join(path, "common_tls_context.validation_context"),
-                    e.to_string(),
-                )
-            })?,
-        ),
-        None => None,
-    };
     let builder = rustls::ClientConfig::builder_with_provider(c.provider.clone())
         .with_protocol_versions(&c.versions)
         .map_err(|e| ConfigError::new(join(path, "common_tls_context.tls_params"), e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            chain,
+            trust: c.trust.clone(),
             algs: c.provider.signature_verification_algorithms,
         }));
-    let pingora_cert = c.certs.first().map(|(_, chain, key)| {
-        Arc::new(pingora_core::utils::tls::CertKey::new(
-            chain.clone(),
-            key.clone(),
-        ))
-    });
-    let mut config = match c.certs.into_iter().next() {
-        Some((cert, _, _)) => builder.with_client_cert_resolver(Arc::new(ClientCert(cert.key))),
+    let cert = c.certs.into_iter().next();
+    let mut config = match &cert {
+        Some(src) => builder.with_client_cert_resolver(Arc::new(ClientCert((*src).clone()))),
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
@@ -619,20 +621,10 @@ fn client_tls(u: &pb::UpstreamTlsContext, path: &str) -> Result<ClientTls> {
         sni: u.sni.clone(),
         auto_host_sni: u.auto_host_sni,
         alpn: c.alpn,
-        pingora_ca: v.roots.as_ref().map(|_| {
-            v.roots_der
-                .iter()
-                .map(|d| {
-                    pingora_core::utils::tls::WrappedX509::new(
-                        d.clone(),
-                        pingora_core::utils::tls::parse_x509,
-                    )
-                })
-                .collect::<Vec<_>>()
-                .into()
-        }),
-        pingora_cert,
+        cert,
+        trust: c.trust,
         key: xxhash_rust::xxh64::xxh64(&prost::Message::encode_to_vec(u), 0),
+        sds: c.sds,
     })
 }
 

@@ -882,7 +882,16 @@ impl ProxyHttp for HcmProxy {
         let cfg = &cluster.config;
         let mut peer = match &cfg.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
-            Some(tls) => tls_peer(tls, host.addr, &ctx.original_host),
+            Some(tls) => match tls_peer(tls, host.addr, &ctx.original_host) {
+                Some(peer) => peer,
+                // An SDS secret the cluster needs is missing: fail closed.
+                None => {
+                    return Error::e_explain(
+                        ErrorType::ConnectError,
+                        "upstream TLS secret is not available",
+                    )
+                }
+            },
         };
         peer.group_key = cluster.pool_key;
         peer.options.connection_timeout = Some(cfg.connect_timeout);
@@ -1257,7 +1266,8 @@ fn attempt_timeout(ctx: &Ctx) -> Option<Duration> {
 /// name never (as Envoy without SAN matchers). pingora turns verification
 /// off for an empty SNI, so without an SNI to send the peer's IP stands in:
 /// rustls sends no SNI for an IP address, as Envoy sends none.
-fn tls_peer(tls: &crate::config::tls::ClientTls, addr: SocketAddr, host: &str) -> HttpPeer {
+fn tls_peer(tls: &crate::config::tls::ClientTls, addr: SocketAddr, host: &str) -> Option<HttpPeer> {
+    let now = tls.pingora()?;
     let sni = if !tls.sni.is_empty() {
         tls.sni.clone()
     } else if tls.auto_host_sni && !host.is_empty() {
@@ -1267,10 +1277,10 @@ fn tls_peer(tls: &crate::config::tls::ClientTls, addr: SocketAddr, host: &str) -
     };
     let mut peer = HttpPeer::new(addr, true, sni);
     peer.options.verify_hostname = false;
-    peer.options.verify_cert = tls.pingora_ca.is_some();
-    peer.options.ca = tls.pingora_ca.clone();
-    peer.client_cert_key = tls.pingora_cert.clone();
-    peer
+    peer.options.verify_cert = now.ca.is_some();
+    peer.options.ca = now.ca;
+    peer.client_cert_key = now.cert;
+    Some(peer)
 }
 
 /// The request's scheme as Envoy's router sees it: x-forwarded-proto.

@@ -4,9 +4,9 @@
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
+use std::borrow::Borrow;
 use std::sync::Arc;
 
 /// A server (or client) certificate with its key, ready for rustls.
@@ -120,16 +120,16 @@ pub fn name_matches(name: &str, sni: &str) -> bool {
 /// exactly, else by wildcard, else all of them; among those, the first whose
 /// key the client can verify (an ECDSA certificate only for a client that
 /// offers ECDSA), else the first.
-pub fn select<'a>(
-    certs: &'a [Cert],
+pub fn select<'a, C: Borrow<Cert>>(
+    certs: &'a [C],
     sni: Option<&str>,
     schemes: &[SignatureScheme],
-) -> Option<&'a Cert> {
-    let by = |f: &dyn Fn(&str, &str) -> bool| -> Vec<&'a Cert> {
+) -> Option<&'a C> {
+    let by = |f: &dyn Fn(&str, &str) -> bool| -> Vec<&'a C> {
         match sni {
             Some(s) => certs
                 .iter()
-                .filter(|c| c.names.iter().any(|n| f(n, s)))
+                .filter(|c| (*c).borrow().names.iter().any(|n| f(n, s)))
                 .collect(),
             None => Vec::new(),
         }
@@ -143,27 +143,12 @@ pub fn select<'a>(
     }
     candidates
         .iter()
-        .find(|c| c.key.key.choose_scheme(schemes).is_some())
+        .find(|c| {
+            let c: &Cert = (**c).borrow();
+            c.key.key.choose_scheme(schemes).is_some()
+        })
         .or(candidates.first())
         .copied()
-}
-
-/// The rustls certificate resolver of a `DownstreamTlsContext`.
-#[derive(Debug)]
-pub struct SniResolver {
-    pub certs: Vec<Cert>,
-    /// `require_sni`: refuse a handshake without SNI.
-    pub require_sni: bool,
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let sni = hello.server_name();
-        if sni.is_none() && self.require_sni {
-            return None;
-        }
-        select(&self.certs, sni, hello.signature_schemes()).map(|c| c.key.clone())
-    }
 }
 
 #[cfg(test)]

@@ -1,27 +1,159 @@
-//! The secret store: `static_resources.secrets` by name, as Envoy's secret
-//! manager holds them for the whole server. Transport sockets resolve names
-//! against it when they are translated.
+//! Secrets and where transport sockets get them.
+//!
+//! Static secrets (`static_resources.secrets`) are resolved when a config is
+//! translated, as Envoy requires them to exist then. SDS secrets are looked
+//! up in the dynamic store at every handshake, so a rotation applies to the
+//! next handshake without touching listeners, clusters or open connections;
+//! a secret that is missing fails the handshake (never plaintext, never
+//! unverified).
 
-use crate::config::tls::SecretValue;
+use super::certs::{self, Cert};
+use super::verify::Identity;
+use rustls::client::ResolvesClientCert;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
 
-static STATIC: LazyLock<RwLock<HashMap<String, Arc<SecretValue>>>> =
-    LazyLock::new(Default::default);
+/// A certificate and key in every form the data plane uses.
+#[derive(Debug)]
+pub struct CertBundle {
+    pub cert: Cert,
+    /// For pingora's HTTP upstream connector.
+    pub pingora: Arc<pingora_core::utils::tls::CertKey>,
+}
+
+impl std::borrow::Borrow<Cert> for Arc<CertBundle> {
+    fn borrow(&self) -> &Cert {
+        &self.cert
+    }
+}
+
+/// A validation context with its verifiers built once.
+#[derive(Debug, Default)]
+pub struct Trust {
+    pub identity: Identity,
+    /// `trusted_ca` as a client-certificate chain check.
+    pub client_chain: Option<Arc<dyn ClientCertVerifier>>,
+    /// `trusted_ca` as a server-certificate chain check.
+    pub server_chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// `trusted_ca` for pingora's HTTP upstream connector.
+    pub pingora_ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
+}
+
+/// A `Secret` Legate can use.
+#[derive(Debug, Clone)]
+pub enum SecretValue {
+    Cert(Arc<CertBundle>),
+    Trust(Arc<Trust>),
+}
+
+/// Where a transport socket's certificate or validation context comes from.
+#[derive(Debug)]
+pub enum Src<T> {
+    /// Inline, from files, or a static secret.
+    Fixed(Arc<T>),
+    /// An SDS secret, by name: looked up at each use.
+    Sds(String),
+}
+
+impl<T> Clone for Src<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Src::Fixed(t) => Src::Fixed(t.clone()),
+            Src::Sds(n) => Src::Sds(n.clone()),
+        }
+    }
+}
+
+impl Src<CertBundle> {
+    pub fn current(&self) -> Option<Arc<CertBundle>> {
+        match self {
+            Src::Fixed(c) => Some(c.clone()),
+            Src::Sds(name) => match get_dynamic(name)?.as_ref() {
+                SecretValue::Cert(c) => Some(c.clone()),
+                SecretValue::Trust(_) => None,
+            },
+        }
+    }
+}
+
+impl Src<Trust> {
+    pub fn current(&self) -> Option<Arc<Trust>> {
+        match self {
+            Src::Fixed(t) => Some(t.clone()),
+            Src::Sds(name) => match get_dynamic(name)?.as_ref() {
+                SecretValue::Trust(t) => Some(t.clone()),
+                SecretValue::Cert(_) => None,
+            },
+        }
+    }
+}
+
+type Store = LazyLock<RwLock<HashMap<String, Arc<SecretValue>>>>;
+static STATIC: Store = LazyLock::new(Default::default);
+static DYNAMIC: Store = LazyLock::new(Default::default);
 
 /// Replaces the static secrets (a bootstrap's whole set).
 pub fn set_static(secrets: HashMap<String, Arc<SecretValue>>) {
     *STATIC.write().unwrap() = secrets;
 }
 
-/// Adds one static secret (tests).
-pub fn insert_static(name: &str, v: SecretValue) {
-    STATIC
+pub fn get_static(name: &str) -> Option<Arc<SecretValue>> {
+    STATIC.read().unwrap().get(name).cloned()
+}
+
+/// Adds or replaces an SDS secret: the next handshake uses it.
+pub fn set_dynamic(name: &str, v: SecretValue) {
+    DYNAMIC
         .write()
         .unwrap()
         .insert(name.to_string(), Arc::new(v));
 }
 
-pub fn get(name: &str) -> Option<Arc<SecretValue>> {
-    STATIC.read().unwrap().get(name).cloned()
+pub fn remove_dynamic(name: &str) {
+    DYNAMIC.write().unwrap().remove(name);
+}
+
+pub fn get_dynamic(name: &str) -> Option<Arc<SecretValue>> {
+    DYNAMIC.read().unwrap().get(name).cloned()
+}
+
+/// The server certificate resolver of a `DownstreamTlsContext`: Envoy's
+/// choice by SNI over the certificates present at this handshake.
+#[derive(Debug)]
+pub struct SniResolver {
+    pub certs: Vec<Src<CertBundle>>,
+    /// `require_sni`: refuse a handshake without SNI.
+    pub require_sni: bool,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name();
+        if sni.is_none() && self.require_sni {
+            return None;
+        }
+        let have: Vec<Arc<CertBundle>> = self.certs.iter().filter_map(|s| s.current()).collect();
+        certs::select(&have, sni, hello.signature_schemes()).map(|b| b.cert.key.clone())
+    }
+}
+
+/// Sends the configured client certificate whatever the server asks.
+#[derive(Debug)]
+pub struct ClientCert(pub Src<CertBundle>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.current().map(|b| b.cert.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }

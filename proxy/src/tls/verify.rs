@@ -3,13 +3,13 @@
 //! (`match_typed_subject_alt_names`), then pins (`verify_certificate_hash`,
 //! `verify_certificate_spki`). Any failure fails the handshake.
 
+use super::secrets::{Src, Trust};
 use crate::config::matcher::StringMatcher;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
-use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SanType {
@@ -114,12 +114,11 @@ fn rejected() -> Error {
     Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
 }
 
-/// Verifies client certificates for a `DownstreamTlsContext`.
+/// Verifies client certificates for a `DownstreamTlsContext` against its
+/// validation context as it is at this handshake.
 #[derive(Debug)]
 pub struct ClientVerifier {
-    /// The `trusted_ca` chain check; None: no CA (only pins are checked).
-    pub chain: Option<Arc<dyn ClientCertVerifier>>,
-    pub identity: Identity,
+    pub trust: Src<Trust>,
     /// `require_client_certificate`.
     pub required: bool,
     pub algs: WebPkiSupportedAlgorithms,
@@ -135,10 +134,16 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain
-            .as_ref()
-            .map(|c| c.root_hint_subjects())
-            .unwrap_or(&[])
+        // CA names are hinted for a fixed trust; an SDS one can change
+        // under the handshake, so it sends none.
+        match &self.trust {
+            Src::Fixed(t) => t
+                .client_chain
+                .as_ref()
+                .map(|c| c.root_hint_subjects())
+                .unwrap_or(&[]),
+            Src::Sds(_) => &[],
+        }
     }
 
     fn verify_client_cert(
@@ -147,10 +152,13 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        if let Some(chain) = &self.chain {
+        let Some(trust) = self.trust.current() else {
+            return Err(rejected());
+        };
+        if let Some(chain) = &trust.client_chain {
             chain.verify_client_cert(end_entity, intermediates, now)?;
         }
-        if !self.identity.accepts(end_entity) {
+        if !trust.identity.accepts(end_entity) {
             return Err(rejected());
         }
         Ok(ClientCertVerified::assertion())
@@ -185,7 +193,8 @@ impl ClientCertVerifier for ClientVerifier {
 /// do not support yet).
 #[derive(Debug)]
 pub struct ServerVerifier {
-    pub chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// None: no validation context, nothing is verified (as Envoy).
+    pub trust: Option<Src<Trust>>,
     pub algs: WebPkiSupportedAlgorithms,
 }
 
@@ -198,7 +207,13 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        if let Some(chain) = &self.chain {
+        let Some(src) = &self.trust else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let Some(trust) = src.current() else {
+            return Err(rejected());
+        };
+        if let Some(chain) = &trust.server_chain {
             match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
                 Ok(_) => {}
                 Err(Error::InvalidCertificate(
