@@ -2,7 +2,8 @@
 //! once per run with rcgen, written to `<work>/pki`.
 //!
 //! - `ca.pem`: the CA clients and proxies trust; `rogue-ca.pem`: another.
-//! - Server certificates: `server` (conformance.test, *.conformance.test),
+//! - Server certificates: `server` (conformance.test, *.conformance.test,
+//!   URI SAN spiffe://conformance.test/proxy),
 //!   `other` (other.test), `upstream` (upstream.test, for TLS upstreams).
 //! - Client certificates, URI SAN `spiffe://conformance.test/...`:
 //!   `client-good` (.../good), `client-badsan` (.../bad), `client-rogue`
@@ -24,10 +25,11 @@ pub fn write(dir: &Path) -> std::io::Result<()> {
         uris,
         ..Default::default()
     };
+    let proxy_id = ["spiffe://conformance.test/proxy"];
     ca.leaf(
         "s",
         &["conformance.test", "*.conformance.test"],
-        LeafOpts::default(),
+        id(&proxy_id),
     )
     .copy_to(dir, "server")?;
     ca.leaf("o", &["other.test"], LeafOpts::default())

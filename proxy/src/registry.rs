@@ -239,6 +239,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "http2_protocol_options",
             "http_protocol_options",
             "upgrade_configs",
+            "forward_client_cert_details",
+            "set_current_client_cert_details",
         ],
         &[
             ("access_log", NO_LOG),
@@ -249,6 +251,11 @@ pub static REGISTRY: &[MessageSupport] = &[
             ("drain_timeout", "drain uses --drain-time-s"),
             ("delayed_close_timeout", "close timing only"),
         ],
+    ),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.SetCurrentClientCertDetails",
+        &["subject", "issuer", "cert", "chain", "dns", "uri", "format"],
+        &[],
     ),
     m(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",

@@ -234,6 +234,34 @@ pub enum EscapedSlashes {
     UnescapeAndForward,
 }
 
+/// `forward_client_cert_details` (see `server::xfcc`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum XfccMode {
+    /// Remove the header (the default).
+    #[default]
+    Sanitize,
+    /// Forward it as is on mTLS connections, remove it otherwise.
+    ForwardOnly,
+    /// On mTLS connections, append this hop's element.
+    AppendForward,
+    /// On mTLS connections, replace the header with this hop's element.
+    SanitizeSet,
+    /// Forward it as is, mTLS or not.
+    AlwaysForwardOnly,
+}
+
+/// `set_current_client_cert_details`: what this hop's element carries
+/// beyond `By` and `Hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct XfccDetails {
+    pub subject: bool,
+    pub issuer: bool,
+    pub cert: bool,
+    pub chain: bool,
+    pub dns: bool,
+    pub uri: bool,
+}
+
 /// The HTTP connection manager of a filter chain.
 #[derive(Debug)]
 pub struct Hcm {
@@ -261,6 +289,8 @@ pub struct Hcm {
     pub ecds: Vec<(String, XdsSource)>,
     /// Upgrade types allowed through (lower case), from `upgrade_configs`.
     pub upgrades: Vec<String>,
+    pub xfcc: XfccMode,
+    pub xfcc_details: XfccDetails,
 }
 
 impl Listener {
@@ -565,6 +595,35 @@ impl Hcm {
                 .filter(|u| u.enabled.as_ref().is_none_or(|e| e.value))
                 .map(|u| u.upgrade_type.to_ascii_lowercase())
                 .collect(),
+            xfcc: {
+                use hcm::http_connection_manager::ForwardClientCertDetails as F;
+                match F::try_from(h.forward_client_cert_details).unwrap_or(F::Sanitize) {
+                    F::Sanitize => XfccMode::Sanitize,
+                    F::ForwardOnly => XfccMode::ForwardOnly,
+                    F::AppendForward => XfccMode::AppendForward,
+                    F::SanitizeSet => XfccMode::SanitizeSet,
+                    F::AlwaysForwardOnly => XfccMode::AlwaysForwardOnly,
+                }
+            },
+            xfcc_details: match &h.set_current_client_cert_details {
+                None => XfccDetails::default(),
+                Some(d) => {
+                    if d.format != 0 {
+                        return Err(ConfigError::new(
+                            join(path, "set_current_client_cert_details.format"),
+                            "only the ENVOY format is supported",
+                        ));
+                    }
+                    XfccDetails {
+                        subject: d.subject.val().unwrap_or(false),
+                        issuer: d.issuer,
+                        cert: d.cert,
+                        chain: d.chain,
+                        dns: d.dns,
+                        uri: d.uri,
+                    }
+                }
+            },
         })
     }
 }

@@ -22,6 +22,8 @@ pub const RAW_BUFFER: &str = "envoy.extensions.transport_sockets.raw_buffer.v3.R
 /// A filter chain's TLS termination.
 pub struct ServerTls {
     pub config: Arc<rustls::ServerConfig>,
+    /// The certificates it serves (also inside `config`'s resolver).
+    pub certs: Vec<Src<CertBundle>>,
     /// SDS secrets it uses: the listener warms until they are present.
     pub sds: Vec<(String, XdsSource)>,
 }
@@ -31,6 +33,25 @@ impl std::fmt::Debug for ServerTls {
         f.debug_struct("ServerTls")
             .field("alpn", &self.config.alpn_protocols)
             .finish()
+    }
+}
+
+impl ServerTls {
+    /// The URI SANs of the certificate served for `sni` (Envoy's `By` in
+    /// `x-forwarded-client-cert`).
+    pub fn local_uris(&self, sni: Option<&str>) -> Vec<String> {
+        let have: Vec<Arc<CertBundle>> = self.certs.iter().filter_map(|c| c.current()).collect();
+        let all = rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes();
+        let Some(b) = certs::select(&have, sni, &all) else {
+            return Vec::new();
+        };
+        crate::tls::verify::sans(&b.cert.key.cert[0])
+            .into_iter()
+            .filter(|(t, _)| *t == crate::tls::verify::SanType::Uri)
+            .map(|(_, v)| v)
+            .collect()
     }
 }
 
@@ -552,7 +573,7 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
         })),
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver {
-        certs: c.certs,
+        certs: c.certs.clone(),
         require_sni: d.require_sni.val().unwrap_or(false),
     }));
     config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
@@ -578,6 +599,7 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
     }
     Ok(ServerTls {
         config: Arc::new(config),
+        certs: c.certs,
         sds: c.sds,
     })
 }

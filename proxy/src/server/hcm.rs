@@ -79,6 +79,8 @@ pub struct Ctx {
     hcm: Option<Arc<Hcm>>,
     /// The downstream connection is TLS: the scheme is `https`.
     downstream_tls: bool,
+    /// The client's certificate chain, on TLS connections.
+    peer_tls: Option<Arc<std::sync::OnceLock<super::xfcc::PeerTls>>>,
     downstream_remote: Option<SocketAddr>,
     downstream_local: Option<SocketAddr>,
     selected: Option<Selected>,
@@ -338,6 +340,9 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
         ctx.downstream_tls = meta.tls;
+        if meta.tls {
+            ctx.peer_tls = Some(meta.peer_tls.clone());
+        }
         ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
             .into_iter()
             .flat_map(|n| {
@@ -584,6 +589,23 @@ impl ProxyHttp for HcmProxy {
             set_host_only(session.req_header_mut(), &host)?;
         }
         ctx.original_host = host.clone();
+
+        // x-forwarded-client-cert (Envoy's mutateXfccRequestHeader).
+        {
+            use super::xfcc;
+            let req = session.req_header_mut();
+            let current = req.headers.get(xfcc::HEADER).and_then(|v| v.to_str().ok());
+            let peer = ctx.peer_tls.as_ref().and_then(|p| p.get());
+            match xfcc::mutate(hcm.xfcc, &hcm.xfcc_details, peer, current) {
+                None => {
+                    req.remove_header(xfcc::HEADER);
+                }
+                Some(v) if Some(v.as_str()) != current => {
+                    req.insert_header(xfcc::HEADER, v)?;
+                }
+                Some(_) => {}
+            }
+        }
 
         // Forwarding headers, as Envoy's ConnectionManagerUtility.
         if let Some(peer) = ctx.downstream_remote {

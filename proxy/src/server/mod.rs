@@ -7,6 +7,7 @@ pub mod hcm;
 pub mod listener_filters;
 pub mod request;
 pub mod tcp_proxy;
+pub mod xfcc;
 
 use crate::cluster_manager::ClusterManager;
 use crate::config::listener::{Codec, Hcm, Listener, NetworkFilter};
@@ -32,6 +33,9 @@ pub struct ConnMeta {
     pub hcm: Arc<Hcm>,
     /// The connection is TLS, terminated by Legate.
     pub tls: bool,
+    /// The client's certificate chain (mTLS), set once the handshake is
+    /// over: `x-forwarded-client-cert` is made from it.
+    pub peer_tls: Arc<std::sync::OnceLock<xfcc::PeerTls>>,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -407,10 +411,16 @@ async fn serve_connection(
     stats::counter(format!("http.{}.downstream_cx_total", hcm.stat_prefix)).increment(1);
     let codec = hcm.codec;
     let fd = sock.as_raw_fd();
+    let peer_tls = Arc::new(std::sync::OnceLock::new());
+    let xfcc_needs_local = matches!(
+        hcm.xfcc,
+        xfcc::Mode::AppendForward | xfcc::Mode::SanitizeSet
+    );
     let meta = ConnMeta {
         listener: config.name.clone(),
         hcm,
         tls: filter.tls.is_some(),
+        peer_tls: peer_tls.clone(),
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
@@ -436,8 +446,20 @@ async fn serve_connection(
             let Some(stream) = handshake_done(hs.await, &config, peer) else {
                 return;
             };
-            // ALPN decides; without it, HTTP/1.1 unless the codec is HTTP/2.
             use pingora_core::protocols::{Ssl, ALPN};
+            if let Some(t) = stream.get_ssl() {
+                if let Some(chain) = t.peer_cert_chain_der().filter(|c| !c.is_empty()) {
+                    let _ = peer_tls.set(xfcc::PeerTls {
+                        chain: chain.iter().map(|c| c.to_vec()).collect(),
+                        local_uris: if xfcc_needs_local {
+                            tls.local_uris(t.server_name())
+                        } else {
+                            Vec::new()
+                        },
+                    });
+                }
+            }
+            // ALPN decides; without it, HTTP/1.1 unless the codec is HTTP/2.
             let is_h2 = match stream.selected_alpn_proto() {
                 Some(ALPN::H2) => true,
                 Some(_) => false,
