@@ -327,6 +327,9 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
+    /// TLS origination for HTTP (pingora's `custom_l4`), built once unless
+    /// the SNI follows each request's host (`auto_host_sni`).
+    pub tls_connect: Option<Arc<crate::tls::upstream::TlsConnect>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -345,6 +348,13 @@ impl Cluster {
             config.name.as_bytes(),
             config.tls.as_ref().map_or(0, |t| t.key),
         );
+        let tls_connect = config.tls.as_ref().filter(|t| !t.auto_host_sni).map(|t| {
+            Arc::new(crate::tls::upstream::TlsConnect {
+                tls: t.clone(),
+                sni: Some(t.sni.clone()).filter(|s| !s.is_empty()),
+                timeout: config.connect_timeout,
+            })
+        });
         let c = Self {
             snapshot: ArcSwap::from_pointee(HostSnapshot::build(
                 &config.lb,
@@ -356,6 +366,7 @@ impl Cluster {
             last_resolved: Mutex::new(HashMap::new()),
             stats,
             pool_key,
+            tls_connect,
         };
         if c.config.discovery == Discovery::Static {
             let localities = c.config.localities.clone();

@@ -727,7 +727,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-        &["common_tls_context", "sni", "auto_host_sni"],
+        &["common_tls_context", "sni", "auto_host_sni", "auto_sni_san_validation"],
         &[("max_session_keys", "only sizes the session resumption cache")],
     ),
     m(

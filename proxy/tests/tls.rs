@@ -370,16 +370,30 @@ async fn originates_tls_with_sni_ca_check_and_client_certificate() {
             },
         }}})
     };
+    let with_san = |dns: &str| {
+        let mut c = ctx(&ca, "up.test");
+        c["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+            ["match_typed_subject_alt_names"] =
+            json!([{"san_type": "DNS", "matcher": {"exact": dns}}]);
+        c
+    };
+    let mut h2 = ctx(&ca, "up.test");
+    h2["http2_protocol_options"] = json!({});
     let rc = routes(json!([
         {"match": {"prefix": "/good"}, "route": {"cluster": "good"}},
         {"match": {"prefix": "/rogue"}, "route": {"cluster": "rogue"}},
-        {"match": {"prefix": "/tcp"}, "route": {"cluster": "good"}},
+        {"match": {"prefix": "/san-ok"}, "route": {"cluster": "san-ok"}},
+        {"match": {"prefix": "/san-bad"}, "route": {"cluster": "san-bad"}},
+        {"match": {"prefix": "/h2"}, "route": {"cluster": "h2"}},
     ]));
     let (l, url, admin) = start(
         hcm(rc, json!({})),
         vec![
             cluster("good", &[up.addr], ctx(&ca, "up.test")),
             cluster("rogue", &[up.addr], ctx(&rogue, "up.test")),
+            cluster("san-ok", &[up.addr], with_san("up.test")),
+            cluster("san-bad", &[up.addr], with_san("other.test")),
+            cluster("h2", &[up.addr], h2),
         ],
     );
     let r = try_curl(&format!("{url}/good"), &[]).unwrap();
@@ -393,7 +407,16 @@ async fn originates_tls_with_sni_ca_check_and_client_certificate() {
     // A server certificate from a CA the cluster does not trust: 503.
     let r = try_curl(&format!("{url}/rogue"), &[]).unwrap();
     assert_eq!(r.status, 503, "{}", r.body);
-    assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // SAN matchers on the upstream certificate.
+    assert_eq!(try_curl(&format!("{url}/san-ok"), &[]).unwrap().status, 200);
+    let r = try_curl(&format!("{url}/san-bad"), &[]).unwrap();
+    assert_eq!(r.status, 503, "a SAN mismatch must not connect: {}", r.body);
+    // HTTP/2 over TLS to the upstream.
+    let r = try_curl(&format!("{url}/h2"), &[]).unwrap();
+    assert_eq!(r.status, 200);
+    let echo: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(echo["version"], "HTTP/2.0", "{echo}");
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 3);
     drop(l);
     let _ = admin;
 

@@ -377,7 +377,11 @@ impl ClusterConfig {
             max_concurrent_streams,
             eds,
             tls: match &c.transport_socket {
-                Some(ts) => super::tls::upstream(ts, &join(path, "transport_socket"))?,
+                Some(ts) => super::tls::upstream(
+                    ts,
+                    &join(path, "transport_socket"),
+                    protocol == UpstreamProtocol::Http2,
+                )?,
                 None => None,
             },
         })

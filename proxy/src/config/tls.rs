@@ -55,45 +55,21 @@ impl ServerTls {
     }
 }
 
-/// A cluster's TLS origination.
+/// A cluster's TLS origination. Every upstream TLS connection (HTTP
+/// through pingora's `custom_l4`, and `tcp_proxy`) is made with `config`,
+/// built once: its verifier and client certificate read SDS per handshake,
+/// and its session cache resumes across connections.
 pub struct ClientTls {
-    /// For connections Legate makes itself (`tcp_proxy`).
     pub config: Arc<rustls::ClientConfig>,
     /// `sni`; empty: none (unless `auto_host_sni`).
     pub sni: String,
     pub auto_host_sni: bool,
     pub alpn: Vec<String>,
-    /// The client certificate (for pingora's HTTP connector).
-    pub cert: Option<Src<CertBundle>>,
-    /// The validation context (for pingora's HTTP connector, which checks
-    /// the chain itself and then, as Envoy, not the name).
-    pub trust: Option<Src<Trust>>,
     /// Changes when the context does: part of the upstream pool key, so a
     /// connection made under an old context is never reused under a new one.
     pub key: u64,
     /// SDS secrets it uses: the cluster warms until they are present.
     pub sds: Vec<(String, XdsSource)>,
-}
-
-/// What pingora's HTTP connector needs at this moment; None: an SDS secret
-/// is missing, so no connection may be made (fail closed).
-pub struct PingoraTls {
-    pub cert: Option<Arc<pingora_core::utils::tls::CertKey>>,
-    pub ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
-}
-
-impl ClientTls {
-    pub fn pingora(&self) -> Option<PingoraTls> {
-        let cert = match &self.cert {
-            Some(src) => Some(src.current()?.pingora.clone()),
-            None => None,
-        };
-        let ca = match &self.trust {
-            Some(src) => src.current()?.pingora_ca.clone(),
-            None => None,
-        };
-        Some(PingoraTls { cert, ca })
-    }
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -135,8 +111,14 @@ pub fn downstream(ts: &core::TransportSocket, path: &str) -> Result<Option<Arc<S
     }
 }
 
-/// A cluster's `transport_socket`: None for plaintext.
-pub fn upstream(ts: &core::TransportSocket, path: &str) -> Result<Option<Arc<ClientTls>>> {
+/// A cluster's `transport_socket`: None for plaintext. `h2`: the cluster
+/// speaks HTTP/2, offered by ALPN when the context names no protocols (as
+/// Envoy's HTTP/2 connection pool does).
+pub fn upstream(
+    ts: &core::TransportSocket,
+    path: &str,
+    h2: bool,
+) -> Result<Option<Arc<ClientTls>>> {
     let (tn, bytes) = any(ts, path)?;
     let tc = join(path, "typed_config");
     match tn {
@@ -144,7 +126,7 @@ pub fn upstream(ts: &core::TransportSocket, path: &str) -> Result<Option<Arc<Cli
         UPSTREAM_TLS => {
             let u: pb::UpstreamTlsContext =
                 prost::Message::decode(bytes).map_err(|e| ConfigError::new(&tc, e.to_string()))?;
-            Ok(Some(Arc::new(client_tls(&u, &tc)?)))
+            Ok(Some(Arc::new(client_tls(&u, &tc, h2)?)))
         }
         _ => Err(ConfigError::new(
             tc,
@@ -289,15 +271,7 @@ fn certificate(c: &pb::TlsCertificate, path: &str) -> Result<CertBundle> {
         };
         ConfigError::new(at, e.to_string())
     })?;
-    let der_chain = cert.key.cert.iter().map(|c| c.to_vec()).collect();
-    use rustls::pki_types::pem::PemObject;
-    let der_key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key)
-        .map(|k| k.secret_der().to_vec())
-        .map_err(|_| ConfigError::new(&key_path, "no PEM private key found"))?;
-    Ok(CertBundle {
-        cert,
-        pingora: Arc::new(pingora_core::utils::tls::CertKey::new(der_chain, der_key)),
-    })
+    Ok(CertBundle { cert })
 }
 
 /// `CertificateValidationContext`, its verifiers built.
@@ -383,16 +357,6 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Tr
                 .build()
                 .map_err(|e| ConfigError::new(&p, e.to_string()))?,
         );
-        let wrapped: Vec<_> = ders
-            .iter()
-            .map(|d| {
-                pingora_core::utils::tls::WrappedX509::new(
-                    d.to_vec(),
-                    pingora_core::utils::tls::parse_x509,
-                )
-            })
-            .collect();
-        trust.pingora_ca = Some(wrapped.into());
     } else if !identity.sans.is_empty() {
         return Err(ConfigError::new(
             join(path, "trusted_ca"),
@@ -604,7 +568,7 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
     })
 }
 
-fn client_tls(u: &pb::UpstreamTlsContext, path: &str) -> Result<ClientTls> {
+fn client_tls(u: &pb::UpstreamTlsContext, path: &str, h2: bool) -> Result<ClientTls> {
     let c = common(u.common_tls_context.as_ref(), path)?;
     if c.certs.len() > 1 {
         return Err(ConfigError::new(
@@ -612,39 +576,34 @@ fn client_tls(u: &pb::UpstreamTlsContext, path: &str) -> Result<ClientTls> {
             "an upstream context takes at most one client certificate",
         ));
     }
-    if let Some(Src::Fixed(t)) = &c.trust {
-        if !t.identity.is_empty() {
-            // pingora's HTTP connector checks the chain only; until Legate
-            // verifies upstream identities itself, refuse rather than skip.
-            return Err(ConfigError::new(
-                join(path, "common_tls_context.validation_context"),
-                "upstream SAN matchers and certificate pins are not supported yet",
-            ));
-        }
-    }
     let builder = rustls::ClientConfig::builder_with_provider(c.provider.clone())
         .with_protocol_versions(&c.versions)
         .map_err(|e| ConfigError::new(join(path, "common_tls_context.tls_params"), e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            trust: c.trust.clone(),
+            trust: c.trust,
+            san_is_sni: u.auto_sni_san_validation,
             algs: c.provider.signature_verification_algorithms,
         }));
-    let cert = c.certs.into_iter().next();
-    let mut config = match &cert {
-        Some(src) => builder.with_client_cert_resolver(Arc::new(ClientCert((*src).clone()))),
+    let mut config = match c.certs.into_iter().next() {
+        Some(src) => builder.with_client_cert_resolver(Arc::new(ClientCert(src))),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let alpn = if !c.alpn.is_empty() {
+        c.alpn
+    } else if h2 {
+        vec!["h2".to_string()]
+    } else {
+        Vec::new()
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     // Envoy sends SNI only when told to (`sni`, `auto_host_sni`).
     config.enable_sni = !u.sni.is_empty() || u.auto_host_sni;
     Ok(ClientTls {
         config: Arc::new(config),
         sni: u.sni.clone(),
         auto_host_sni: u.auto_host_sni,
-        alpn: c.alpn,
-        cert,
-        trust: c.trust,
+        alpn,
         key: xxhash_rust::xxh64::xxh64(&prost::Message::encode_to_vec(u), 0),
         sds: c.sds,
     })

@@ -904,16 +904,23 @@ impl ProxyHttp for HcmProxy {
         let cfg = &cluster.config;
         let mut peer = match &cfg.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
-            Some(tls) => match tls_peer(tls, host.addr, &ctx.original_host) {
-                Some(peer) => peer,
-                // An SDS secret the cluster needs is missing: fail closed.
-                None => {
-                    return Error::e_explain(
-                        ErrorType::ConnectError,
-                        "upstream TLS secret is not available",
-                    )
-                }
-            },
+            // pingora sees plaintext; the TLS is ours (`tls::upstream`). The
+            // SNI is still the peer's, so pooled connections stay apart.
+            Some(tls) => {
+                let connect = match &cluster.tls_connect {
+                    Some(c) => c.clone(),
+                    None => Arc::new(crate::tls::upstream::TlsConnect {
+                        tls: tls.clone(),
+                        sni: Some(crate::routing::strip_port(&ctx.original_host).to_string())
+                            .filter(|s| !s.is_empty()),
+                        timeout: cfg.connect_timeout,
+                    }),
+                };
+                let mut peer =
+                    HttpPeer::new(host.addr, false, connect.sni.clone().unwrap_or_default());
+                peer.options.custom_l4 = Some(connect);
+                peer
+            }
         };
         peer.group_key = cluster.pool_key;
         peer.options.connection_timeout = Some(cfg.connect_timeout);
@@ -1281,28 +1288,6 @@ fn attempt_timeout(ctx: &Ctx) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-/// An upstream TLS peer under an `UpstreamTlsContext`, mapped onto
-/// pingora's connector: the chain is verified when `trusted_ca` is set, the
-/// name never (as Envoy without SAN matchers). pingora turns verification
-/// off for an empty SNI, so without an SNI to send the peer's IP stands in:
-/// rustls sends no SNI for an IP address, as Envoy sends none.
-fn tls_peer(tls: &crate::config::tls::ClientTls, addr: SocketAddr, host: &str) -> Option<HttpPeer> {
-    let now = tls.pingora()?;
-    let sni = if !tls.sni.is_empty() {
-        tls.sni.clone()
-    } else if tls.auto_host_sni && !host.is_empty() {
-        crate::routing::strip_port(host).to_string()
-    } else {
-        addr.ip().to_string()
-    };
-    let mut peer = HttpPeer::new(addr, true, sni);
-    peer.options.verify_hostname = false;
-    peer.options.verify_cert = now.ca.is_some();
-    peer.options.ca = now.ca;
-    peer.client_cert_key = now.cert;
-    Some(peer)
 }
 
 /// The request's scheme as Envoy's router sees it: x-forwarded-proto.

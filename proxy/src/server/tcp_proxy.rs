@@ -96,14 +96,9 @@ pub async fn serve<D: Halves>(
     let (rx, tx, idle) = match &cluster.config.tls {
         None => pipe(down, up, t.idle_timeout).await,
         Some(tls) => {
-            // Envoy sends SNI only when `sni` is set; an IP name sends none.
-            let name = match rustls::pki_types::ServerName::try_from(tls.sni.clone()) {
-                Ok(n) if !tls.sni.is_empty() => n,
-                _ => rustls::pki_types::ServerName::IpAddress(host.addr.ip().into()),
-            };
-            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-            let hs =
-                tokio::time::timeout(cluster.config.connect_timeout, connector.connect(name, up));
+            use crate::tls::upstream::{handshake, server_name};
+            let name = server_name(Some(&tls.sni), host.addr);
+            let hs = tokio::time::timeout(cluster.config.connect_timeout, handshake(tls, name, up));
             match hs.await {
                 Ok(Ok(up)) => pipe(down, up, t.idle_timeout).await,
                 _ => {

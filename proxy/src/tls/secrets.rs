@@ -16,12 +16,10 @@ use rustls::sign::CertifiedKey;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
 
-/// A certificate and key in every form the data plane uses.
+/// A certificate with its key.
 #[derive(Debug)]
 pub struct CertBundle {
     pub cert: Cert,
-    /// For pingora's HTTP upstream connector.
-    pub pingora: Arc<pingora_core::utils::tls::CertKey>,
 }
 
 impl std::borrow::Borrow<Cert> for Arc<CertBundle> {
@@ -38,8 +36,6 @@ pub struct Trust {
     pub client_chain: Option<Arc<dyn ClientCertVerifier>>,
     /// `trusted_ca` as a server-certificate chain check.
     pub server_chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
-    /// `trusted_ca` for pingora's HTTP upstream connector.
-    pub pingora_ca: Option<Arc<pingora_core::protocols::tls::CaType>>,
 }
 
 /// A `Secret` Legate can use.

@@ -188,13 +188,14 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// Verifies upstream certificates for an `UpstreamTlsContext` as Envoy
-/// does: the chain only when `trusted_ca` is set, and never the host name
-/// (Envoy checks names only through SAN matchers, which upstream contexts
-/// do not support yet).
+/// does: without a validation context nothing is checked; with one, the
+/// chain against `trusted_ca`, then SAN matchers and pins, and with
+/// `auto_sni_san_validation` the SNI sent against the DNS SANs. The host
+/// name alone is never checked (Envoy checks names only when told to).
 #[derive(Debug)]
 pub struct ServerVerifier {
-    /// None: no validation context, nothing is verified (as Envoy).
     pub trust: Option<Src<Trust>>,
+    pub san_is_sni: bool,
     pub algs: WebPkiSupportedAlgorithms,
 }
 
@@ -221,6 +222,20 @@ impl ServerCertVerifier for ServerVerifier {
                     | CertificateError::NotValidForNameContext { .. },
                 )) => {}
                 Err(e) => return Err(e),
+            }
+        }
+        if !trust.identity.accepts(end_entity) {
+            return Err(rejected());
+        }
+        if self.san_is_sni {
+            let ServerName::DnsName(n) = server_name else {
+                return Err(rejected());
+            };
+            let ok = sans(end_entity)
+                .iter()
+                .any(|(t, v)| *t == SanType::Dns && super::certs::name_matches(v, n.as_ref()));
+            if !ok {
+                return Err(rejected());
             }
         }
         Ok(ServerCertVerified::assertion())

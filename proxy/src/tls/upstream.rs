@@ -1,0 +1,122 @@
+//! TLS origination. HTTP upstreams reach it through pingora's `custom_l4`
+//! hook: pingora sees a plaintext peer whose "socket" is already a TLS
+//! stream, so every handshake uses the cluster's cached rustls config and
+//! Envoy's verification (SAN matchers, pins, SDS) rather than pingora's
+//! per-connection config, which checks the chain only. HTTP/2 then runs
+//! over the ALPN-negotiated stream as prior knowledge.
+
+use crate::config::tls::ClientTls;
+use async_trait::async_trait;
+use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The name a handshake is made for: the SNI when one is sent, else the
+/// peer's IP (rustls sends no SNI for an IP, as Envoy sends none).
+pub fn server_name(sni: Option<&str>, addr: SocketAddr) -> ServerName<'static> {
+    sni.filter(|s| !s.is_empty())
+        .and_then(|s| ServerName::try_from(s.to_string()).ok())
+        .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+}
+
+/// A TLS handshake over `tcp` with the cluster's context.
+pub async fn handshake(
+    tls: &ClientTls,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+) -> std::io::Result<TlsStream> {
+    tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(name, tcp)
+        .await
+}
+
+/// pingora's `custom_l4` for a TLS cluster: TCP connect, then the TLS
+/// handshake, both within `timeout` (the cluster's `connect_timeout`).
+#[derive(Debug)]
+pub struct TlsConnect {
+    pub tls: Arc<ClientTls>,
+    /// The SNI; None: none is sent.
+    pub sni: Option<String>,
+    pub timeout: Duration,
+}
+
+#[async_trait]
+impl pingora_core::connectors::L4Connect for TlsConnect {
+    async fn connect(
+        &self,
+        addr: &pingora_core::protocols::l4::socket::SocketAddr,
+    ) -> pingora_error::Result<pingora_core::protocols::l4::stream::Stream> {
+        use pingora_error::{Error, ErrorType};
+        let Some(inet) = addr.as_inet().copied() else {
+            return Error::e_explain(ErrorType::ConnectError, "TLS upstreams need an IP address");
+        };
+        let work = async {
+            let tcp = TcpStream::connect(inet).await?;
+            tcp.set_nodelay(true)?;
+            handshake(&self.tls, server_name(self.sni.as_deref(), inet), tcp).await
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(s)) => Ok(VirtualSocketStream::new(Box::new(TlsSocket(s))).into()),
+            Ok(Err(e)) => Error::e_because(
+                ErrorType::ConnectError,
+                format!("TLS connection to {inet}"),
+                e,
+            ),
+            Err(_) => Error::e_explain(
+                ErrorType::ConnectTimedout,
+                format!("TLS connection to {inet}: timed out"),
+            ),
+        }
+    }
+}
+
+/// A client TLS stream as pingora's virtual socket.
+#[derive(Debug)]
+struct TlsSocket(TlsStream);
+
+impl VirtualSocket for TlsSocket {
+    fn set_socket_option(&self, opt: VirtualSockOpt) -> std::io::Result<()> {
+        match opt {
+            VirtualSockOpt::NoDelay => self.0.get_ref().0.set_nodelay(true),
+            // TCP keepalive is not applied to upstream sockets
+            // (`upstream_connection_options` is accepted with a warning).
+            _ => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for TlsSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
