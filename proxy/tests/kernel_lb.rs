@@ -312,21 +312,6 @@ async fn balancing_survives_a_crash_and_a_restart_adopts_the_pins() {
     );
 }
 
-fn eds_bootstrap(xds: SocketAddr, admin: u16) -> String {
-    json!({
-        "node": {"id": "kernel-lb", "cluster": "test"},
-        "admin": {"address": addr("127.0.0.1", admin)},
-        "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
-                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
-        },
-        "static_resources": {"clusters": [cluster("xds", &[xds], json!({"http2_protocol_options": {}}))]},
-    })
-    .to_string()
-}
-
 fn cla(hosts: &[SocketAddr]) -> Value {
     let eps: Vec<Value> = hosts
         .iter()
@@ -369,7 +354,7 @@ async fn a_hundred_eds_updates_under_load_fail_no_connect() {
         vec![s[i - 1].as_ref().unwrap().addr, s[i].as_ref().unwrap().addr]
     };
     ads.set(ENDPOINT, "1", vec![any(ENDPOINT, cla(&addrs(&servers, 1)))]);
-    let _l = start_required(&eds_bootstrap(ads.addr, admin), &cg, admin);
+    let _l = start_required(&ads_bootstrap(ads.addr, admin, "kernel-lb"), &cg, admin);
     wait_status(admin, offloaded);
 
     let stop = std::env::temp_dir().join(format!("legate-kernel-eds-stop-{}", std::process::id()));

@@ -8,28 +8,12 @@ use common::*;
 use legate_tests::pki::{Ca, Leaf, LeafOpts};
 use legate_tests::xds_server::{any, ScriptedAds, CLUSTER, LISTENER, SECRET};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const SNI: &str = "sds.test";
-
-fn bootstrap(xds: SocketAddr, admin: u16) -> String {
-    json!({
-        "node": {"id": "sds-node", "cluster": "test"},
-        "admin": {"address": addr("127.0.0.1", admin)},
-        "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
-            "lds_config": {"ads": {}, "resource_api_version": "V3"},
-        },
-        "static_resources": {"clusters": [cluster("xds", &[xds], json!({"http2_protocol_options": {}}))]},
-    })
-    .to_string()
-}
 
 /// A TLS listener whose certificate is the SDS secret `secret`.
 fn tls_listener(port: u16, secret: &str, fetch_timeout: &str) -> Value {
@@ -120,9 +104,9 @@ async fn request(r: &mut BufReader<Tls>) -> std::io::Result<u16> {
     Ok(status)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_rotate_under_load_with_no_failed_handshake_or_dropped_connection() {
-    let ca = Ca::new("sds");
+/// An upstream, the scripted ADS server with a cluster to it and a TLS
+/// listener on `secret`, and Legate on them; returns the listener port.
+async fn start(secret: &str, fetch_timeout: &str) -> (echo::Echo, ScriptedAds, Legate, u16) {
     let up = upstream("up").await;
     let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
     let (port, admin) = (free_port(), free_port());
@@ -134,9 +118,21 @@ async fn certificates_rotate_under_load_with_no_failed_handshake_or_dropped_conn
     ads.set(
         LISTENER,
         "1",
-        vec![any(LISTENER, tls_listener(port, "cert", "30s"))],
+        vec![any(LISTENER, tls_listener(port, secret, fetch_timeout))],
     );
-    let _legate = Legate::start(BIN, &bootstrap(ads.addr, admin), &[], Some(admin));
+    let legate = Legate::start(
+        BIN,
+        &ads_bootstrap(ads.addr, admin, "sds"),
+        &[],
+        Some(admin),
+    );
+    (up, ads, legate, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_with_no_failed_handshake_or_dropped_connection() {
+    let ca = Ca::new("sds");
+    let (_up, ads, _legate, port) = start("cert", "30s").await;
 
     // Warming: no certificate yet, so the listener is not serving.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -269,20 +265,7 @@ async fn certificates_rotate_under_load_with_no_failed_handshake_or_dropped_conn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_that_never_arrives_fails_closed() {
     let ca = Ca::new("sds-missing");
-    let up = upstream("up").await;
-    let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
-    let (port, admin) = (free_port(), free_port());
-    ads.set(
-        CLUSTER,
-        "1",
-        vec![any(CLUSTER, cluster("up", &[up.addr], json!({})))],
-    );
-    ads.set(
-        LISTENER,
-        "1",
-        vec![any(LISTENER, tls_listener(port, "never", "1s"))],
-    );
-    let _legate = Legate::start(BIN, &bootstrap(ads.addr, admin), &[], Some(admin));
+    let (up, _ads, _legate, port) = start("never", "1s").await;
     // After initial_fetch_timeout the listener serves without the secret.
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

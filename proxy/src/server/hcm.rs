@@ -340,9 +340,7 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
         ctx.downstream_tls = meta.tls;
-        if meta.tls {
-            ctx.peer_tls = Some(meta.peer_tls.clone());
-        }
+        ctx.peer_tls = meta.peer_tls.clone();
         ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
             .into_iter()
             .flat_map(|n| {

@@ -33,9 +33,9 @@ pub struct ConnMeta {
     pub hcm: Arc<Hcm>,
     /// The connection is TLS, terminated by Legate.
     pub tls: bool,
-    /// The client's certificate chain (mTLS), set once the handshake is
-    /// over: `x-forwarded-client-cert` is made from it.
-    pub peer_tls: Arc<std::sync::OnceLock<xfcc::PeerTls>>,
+    /// On TLS connections, the client's certificate chain (mTLS), set once
+    /// the handshake is over: `x-forwarded-client-cert` is made from it.
+    pub peer_tls: Option<Arc<std::sync::OnceLock<xfcc::PeerTls>>>,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -411,7 +411,10 @@ async fn serve_connection(
     stats::counter(format!("http.{}.downstream_cx_total", hcm.stat_prefix)).increment(1);
     let codec = hcm.codec;
     let fd = sock.as_raw_fd();
-    let peer_tls = Arc::new(std::sync::OnceLock::new());
+    let peer_tls = filter
+        .tls
+        .as_ref()
+        .map(|_| Arc::new(std::sync::OnceLock::new()));
     let xfcc_needs_local = matches!(
         hcm.xfcc,
         xfcc::Mode::AppendForward | xfcc::Mode::SanitizeSet
@@ -447,7 +450,7 @@ async fn serve_connection(
                 return;
             };
             use pingora_core::protocols::{Ssl, ALPN};
-            if let Some(t) = stream.get_ssl() {
+            if let (Some(t), Some(peer_tls)) = (stream.get_ssl(), &peer_tls) {
                 if let Some(chain) = t.peer_cert_chain_der().filter(|c| !c.is_empty()) {
                     let _ = peer_tls.set(xfcc::PeerTls {
                         chain: chain.iter().map(|c| c.to_vec()).collect(),

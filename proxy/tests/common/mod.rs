@@ -73,6 +73,23 @@ pub fn bootstrap(admin_port: u16, listeners: Vec<Value>, clusters: Vec<Value>) -
     .to_string()
 }
 
+/// A bootstrap taking listeners and clusters over ADS from the xDS server
+/// at `xds` (static cluster `xds`), as node `node`.
+pub fn ads_bootstrap(xds: SocketAddr, admin: u16, node: &str) -> String {
+    json!({
+        "node": {"id": node, "cluster": "test"},
+        "admin": {"address": addr("127.0.0.1", admin)},
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [cluster("xds", &[xds], json!({"http2_protocol_options": {}}))]},
+    })
+    .to_string()
+}
+
 /// Starts legate with one listener (`hcm`) and `clusters`; returns it with
 /// the listener's base URL and the admin port.
 pub fn start(hcm: Value, clusters: Vec<Value>) -> (Legate, String, u16) {
