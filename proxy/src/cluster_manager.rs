@@ -27,6 +27,18 @@ pub struct UpstreamHost {
     pub healthy: bool,
     pub degraded: bool,
     pub active_requests: Arc<AtomicU64>,
+    /// How connections to it are secured (the cluster's transport socket,
+    /// or the `transport_socket_matches` entry its metadata picks).
+    pub tls: Option<HostTls>,
+}
+
+/// An upstream host's TLS origination.
+#[derive(Debug, Clone)]
+pub struct HostTls {
+    pub tls: Arc<crate::config::tls::ClientTls>,
+    /// pingora's `custom_l4` for HTTP, built once unless the SNI follows
+    /// each request's host (`auto_host_sni`).
+    pub connect: Option<Arc<crate::tls::upstream::TlsConnect>>,
 }
 
 /// One set of hosts with its balancer.
@@ -327,9 +339,6 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
-    /// TLS origination for HTTP (pingora's `custom_l4`), built once unless
-    /// the SNI follows each request's host (`auto_host_sni`).
-    pub tls_connect: Option<Arc<crate::tls::upstream::TlsConnect>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -344,17 +353,12 @@ impl Cluster {
     pub fn new(config: Arc<ClusterConfig>) -> Self {
         let stats = ClusterStats::new(&config.name);
         // A new TLS context gets new pooled connections.
-        let pool_key = xxhash_rust::xxh64::xxh64(
-            config.name.as_bytes(),
-            config.tls.as_ref().map_or(0, |t| t.key),
-        );
-        let tls_connect = config.tls.as_ref().filter(|t| !t.auto_host_sni).map(|t| {
-            Arc::new(crate::tls::upstream::TlsConnect {
-                tls: t.clone(),
-                sni: Some(t.sni.clone()).filter(|s| !s.is_empty()),
-                timeout: config.connect_timeout,
-            })
-        });
+        let tls_keys = config
+            .tls
+            .iter()
+            .chain(config.tls_matches.iter().filter_map(|m| m.tls.as_ref()))
+            .fold(0u64, |acc, t| acc.rotate_left(7) ^ t.key);
+        let pool_key = xxhash_rust::xxh64::xxh64(config.name.as_bytes(), tls_keys);
         let c = Self {
             snapshot: ArcSwap::from_pointee(HostSnapshot::build(
                 &config.lb,
@@ -366,7 +370,6 @@ impl Cluster {
             last_resolved: Mutex::new(HashMap::new()),
             stats,
             pool_key,
-            tls_connect,
         };
         if c.config.discovery == Discovery::Static {
             let localities = c.config.localities.clone();
@@ -446,6 +449,16 @@ impl Cluster {
                         healthy: e.healthy,
                         degraded: e.degraded,
                         active_requests: cell,
+                        tls: self.config.tls_for(&e).map(|tls| HostTls {
+                            connect: (!tls.auto_host_sni).then(|| {
+                                Arc::new(crate::tls::upstream::TlsConnect {
+                                    tls: tls.clone(),
+                                    sni: Some(tls.sni.clone()).filter(|s| !s.is_empty()),
+                                    timeout: self.config.connect_timeout,
+                                })
+                            }),
+                            tls,
+                        }),
                     }));
                 }
             }
@@ -682,6 +695,7 @@ mod tests {
             weight: 1,
             healthy,
             active_requests: Default::default(),
+            tls: None,
         })
     }
 

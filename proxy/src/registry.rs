@@ -800,6 +800,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "maglev_lb_config",
             "least_request_lb_config",
             "transport_socket",
+            "transport_socket_matches",
         ],
         &[
             ("alt_stat_name", "only changes stat names"),
@@ -855,10 +856,15 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[("metadata", "only informational")],
     ),
     m(
+        "envoy.config.cluster.v3.Cluster.TransportSocketMatch",
+        &["name", "match", "transport_socket"],
+        &[],
+    ),
+    m(
         "envoy.config.endpoint.v3.LbEndpoint",
-        // metadata: `envoy.lb` `hash_key` keys ring hash and Maglev; other
-        // keys matter only to features Legate rejects (subsets, transport
-        // socket matches).
+        // metadata: `envoy.lb` `hash_key` keys ring hash and Maglev;
+        // `envoy.transport_socket_match` picks the transport socket; other
+        // keys matter only to features Legate rejects (subsets).
         &[
             "endpoint",
             "health_status",

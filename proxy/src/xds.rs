@@ -250,7 +250,7 @@ impl Applier {
                 .listeners
                 .iter()
                 .flat_map(|l| l.sds_refs().cloned().collect::<Vec<_>>())
-                .chain(config.clusters.iter().flat_map(|c| c.sds_refs().to_vec()))
+                .chain(config.clusters.iter().flat_map(|c| c.sds_refs()))
                 .collect(),
             drain_time,
             dynamic: config.dynamic.clone(),
@@ -883,11 +883,7 @@ impl Applier {
             .listeners
             .values()
             .flat_map(|e| e.config.sds_refs().cloned().collect::<Vec<_>>())
-            .chain(
-                st.clusters
-                    .values()
-                    .flat_map(|e| e.config.sds_refs().to_vec()),
-            )
+            .chain(st.clusters.values().flat_map(|e| e.config.sds_refs()))
             .chain(self.static_sds.iter().cloned());
         for (n, src) in refs {
             sds_names.insert(n);

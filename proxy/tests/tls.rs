@@ -484,3 +484,167 @@ fn validate_names_what_rustls_cannot_honour() {
         assert!(err.contains(field), "{field} not named in: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_socket_matches_pick_tls_per_endpoint_metadata() {
+    // Istio's auto-mTLS shape: endpoints labelled tlsMode=istio get TLS,
+    // the rest plaintext.
+    let ca = Ca::new("tsm");
+    let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
+    let secure = echo::start_tls(
+        "secure",
+        "127.0.0.1:0".parse().unwrap(),
+        pki::server_config(&up_leaf, &[], None),
+    )
+    .await
+    .unwrap();
+    let plain = upstream("plain").await;
+    let matches = json!({"transport_socket_matches": [
+        {"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": {
+            "name": "envoy.transport_sockets.tls", "typed_config": {"@type": UP_TLS_CTX, "sni": "up.test",
+                "common_tls_context": {"validation_context": {"trusted_ca": file(&ca.ca_path())}}}}},
+        {"name": "tlsMode-disabled", "match": {}, "transport_socket": {
+            "name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}},
+    ]});
+    let mut labelled = cluster("labelled", &[secure.addr], matches.clone());
+    labelled["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"] =
+        json!({"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}});
+    let unlabelled = cluster("unlabelled", &[plain.addr], matches);
+    let rc = routes(json!([
+        {"match": {"prefix": "/labelled"}, "route": {"cluster": "labelled"}},
+        {"match": {"prefix": "/unlabelled"}, "route": {"cluster": "unlabelled"}},
+    ]));
+    let (_l, url, _admin) = start(hcm(rc, json!({})), vec![labelled, unlabelled]);
+    let r = try_curl(&format!("{url}/labelled"), &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.contains("x-echo-server: secure"), "{}", r.headers);
+    assert!(r.headers.contains("x-echo-sni: up.test"), "{}", r.headers);
+    let r = try_curl(&format!("{url}/unlabelled"), &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.contains("x-echo-server: plain"), "{}", r.headers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_and_a_stalled_handshake_is_closed_at_its_deadline() {
+    let ca = Ca::new("resume");
+    let leaf = ca.leaf("r", &["resume.test"], LeafOpts::default());
+    let up = upstream("up").await;
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({
+        "name": "tls", "address": addr("127.0.0.1", port),
+        "filter_chains": [{
+            "filters": [http_filter("up")],
+            "transport_socket": downstream(json!({"tls_certificates": [cert(&leaf)]}), json!({})),
+            "transport_socket_connect_timeout": "1s",
+        }],
+    });
+    let cfg = bootstrap(admin, vec![l], vec![cluster("up", &[up.addr], json!({}))]);
+    let _legate = Legate::start(BIN, &cfg, &[port], Some(admin));
+    // TLS 1.2: openssl reconnects five times with the first session.
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "resume.test",
+            "-reconnect",
+            "-tls1_2",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reused = text.matches("Reused, TLSv1.2").count();
+    assert!(
+        reused >= 5,
+        "TLS 1.2: {reused} resumed of 5 reconnects\n{text}"
+    );
+    // TLS 1.3: tickets come after the handshake, with the first response;
+    // a rustls client that made one request resumes on its next connects.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in pki::pem_certs(&ca.cert_pem) {
+        roots.add(c).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let mut kinds = Vec::new();
+    for _ in 0..4 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut tls = connector
+            .connect("resume.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: resume.test\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = Vec::new();
+        let _ = tls.read_to_end(&mut body).await;
+        assert!(
+            body.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    use rustls::HandshakeKind::{Full, Resumed};
+    assert_eq!(
+        kinds,
+        vec![Some(Full), Some(Resumed), Some(Resumed), Some(Resumed)]
+    );
+    // A client that connects and never says hello is closed after the
+    // chain's transport_socket_connect_timeout (1 s).
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+    )
+    .await
+    .expect("closed before 5 s")
+    .unwrap_or(0);
+    assert_eq!(n, 0);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(900),
+        "closed too early: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_host_sni_with_san_validation_checks_the_host_against_the_certificate() {
+    let ca = Ca::new("autosni");
+    let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
+    let up = echo::start_tls(
+        "auto",
+        "127.0.0.1:0".parse().unwrap(),
+        pki::server_config(&up_leaf, &[], None),
+    )
+    .await
+    .unwrap();
+    let ctx = json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": UP_TLS_CTX, "auto_host_sni": true, "auto_sni_san_validation": true,
+        "common_tls_context": {"validation_context": {"trusted_ca": file(&ca.ca_path())}}}}});
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "auto"}}]));
+    let (_l, url, _admin) = start(hcm(rc, json!({})), vec![cluster("auto", &[up.addr], ctx)]);
+    let r = try_curl(&format!("{url}/"), &["-H", "host: up.test"]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.headers.contains("x-echo-sni: up.test"), "{}", r.headers);
+    // Another host: its SNI is sent, and the certificate does not cover it.
+    let r = try_curl(&format!("{url}/"), &["-H", "host: other.test"]).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

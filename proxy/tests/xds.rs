@@ -285,7 +285,14 @@ fn load(
         let client = builder.build_http::<Empty<bytes::Bytes>>();
         let (mut ok, mut failed, mut errors) = (0u64, 0u64, Vec::new());
         while !stop.load(Ordering::Relaxed) {
-            match client.get(url.parse().unwrap()).await {
+            let mut r = client.get(url.parse().unwrap()).await;
+            // A stream above a graceful GOAWAY's last stream id was never
+            // processed, and RFC 9113 §6.8 lets the client retry it on a new
+            // connection, as any HTTP/2 client (Envoy too) does.
+            if matches!(&r, Err(e) if format!("{e:?}").contains("GoAway(b\"\", NO_ERROR")) {
+                r = client.get(url.parse().unwrap()).await;
+            }
+            match r {
                 Ok(resp) => {
                     let status = resp.status();
                     let _ = resp.into_body().collect().await;

@@ -59,6 +59,19 @@ pub struct EndpointConfig {
     /// A Unix socket (`pipe`) endpoint: STATIC clusters only, and only to
     /// reach management servers (the data plane proxies over TCP).
     pub pipe: Option<String>,
+    /// `filter_metadata["envoy.transport_socket_match"]` of the endpoint:
+    /// what `transport_socket_matches` look at.
+    pub socket_match: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One `transport_socket_matches` entry.
+#[derive(Debug)]
+pub struct TransportMatch {
+    pub name: String,
+    /// Every key must be in the endpoint's metadata with an equal value.
+    pub criteria: serde_json::Map<String, serde_json::Value>,
+    /// None: plaintext (`raw_buffer`).
+    pub tls: Option<Arc<super::tls::ClientTls>>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,14 +97,39 @@ pub struct ClusterConfig {
     pub eds: Option<EdsConfig>,
     /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
     pub tls: Option<Arc<super::tls::ClientTls>>,
+    /// `transport_socket_matches`, tried in order per endpoint before
+    /// falling back to `tls`.
+    pub tls_matches: Vec<TransportMatch>,
 }
 
 impl ClusterConfig {
     /// Whether any endpoint is a Unix socket: such a cluster can reach a
     /// management server but carries no proxied traffic.
     /// The SDS secrets the cluster's TLS uses.
-    pub fn sds_refs(&self) -> &[(String, super::source::XdsSource)] {
-        self.tls.as_ref().map_or(&[], |t| &t.sds)
+    pub fn sds_refs(&self) -> Vec<(String, super::source::XdsSource)> {
+        self.tls
+            .iter()
+            .chain(self.tls_matches.iter().filter_map(|m| m.tls.as_ref()))
+            .flat_map(|t| t.sds.iter().cloned())
+            .collect()
+    }
+
+    /// Whether any endpoint may be reached over TLS.
+    pub fn originates_tls(&self) -> bool {
+        self.tls.is_some() || self.tls_matches.iter().any(|m| m.tls.is_some())
+    }
+
+    /// An endpoint's transport socket: the first `transport_socket_matches`
+    /// entry its metadata satisfies, else the cluster's `transport_socket`.
+    pub fn tls_for(&self, e: &EndpointConfig) -> Option<Arc<super::tls::ClientTls>> {
+        match self.tls_matches.iter().find(|m| {
+            m.criteria
+                .iter()
+                .all(|(k, v)| e.socket_match.get(k) == Some(v))
+        }) {
+            Some(m) => m.tls.clone(),
+            None => self.tls.clone(),
+        }
     }
 
     pub fn has_pipe(&self) -> bool {
@@ -384,6 +422,32 @@ impl ClusterConfig {
                 )?,
                 None => None,
             },
+            tls_matches: c
+                .transport_socket_matches
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let p = index(path, "transport_socket_matches", i);
+                    let ts = m.transport_socket.as_ref().ok_or_else(|| {
+                        ConfigError::new(
+                            join(&p, "transport_socket"),
+                            "transport_socket is required",
+                        )
+                    })?;
+                    Ok(TransportMatch {
+                        name: m.name.clone(),
+                        criteria: match m.r#match.as_ref().map(crate::bootstrap::struct_to_json) {
+                            Some(serde_json::Value::Object(o)) => o,
+                            _ => serde_json::Map::new(),
+                        },
+                        tls: super::tls::upstream(
+                            ts,
+                            &join(&p, "transport_socket"),
+                            protocol == UpstreamProtocol::Http2,
+                        )?,
+                    })
+                })
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -458,6 +522,18 @@ pub fn load_assignment(
                 core::HealthStatus::Unknown | core::HealthStatus::Healthy
             );
             let degraded = hs == core::HealthStatus::Degraded;
+            // The endpoint's own metadata only: Envoy 1.40 does not look at
+            // the locality's (conformance tls-transport-socket-matches).
+            let socket_match = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("envoy.transport_socket_match"))
+                .map(crate::bootstrap::struct_to_json)
+                .and_then(|v| match v {
+                    serde_json::Value::Object(o) => Some(o),
+                    _ => None,
+                })
+                .unwrap_or_default();
             let hash_key = e
                 .metadata
                 .as_ref()
@@ -476,6 +552,7 @@ pub fn load_assignment(
                 hostname: endpoint.hostname.clone(),
                 hash_key,
                 pipe,
+                socket_match,
             });
         }
         out.push(LocalityConfig {

@@ -197,7 +197,7 @@ impl Agent {
                         Some(c) if c.config.has_pipe() => {
                             s.not_offloaded = Some("pipe endpoints are not IP addresses".into())
                         }
-                        Some(c) if c.config.tls.is_some() => {
+                        Some(c) if c.config.originates_tls() => {
                             s.not_offloaded =
                                 Some("upstream TLS origination needs the proxy".into())
                         }

@@ -142,6 +142,7 @@ mod tests {
                     healthy: true,
                     degraded: false,
                     active_requests: Default::default(),
+                    tls: None,
                 })
             })
             .collect();
@@ -211,6 +212,7 @@ mod tests {
             healthy: true,
             degraded: false,
             active_requests: Default::default(),
+            tls: None,
         });
         let snap = HostSnapshot::build(&LbPolicy::RoundRobin, vec![vec![v6]], 140);
         assert!(service_spec("127.100.0.1:80".parse().unwrap(), &snap).is_none());

@@ -900,15 +900,15 @@ impl ProxyHttp for HcmProxy {
         ctx.upstream_started = Some(Instant::now());
 
         let cfg = &cluster.config;
-        let mut peer = match &cfg.tls {
+        let mut peer = match &host.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
             // pingora sees plaintext; the TLS is ours (`tls::upstream`). The
             // SNI is still the peer's, so pooled connections stay apart.
-            Some(tls) => {
-                let connect = match &cluster.tls_connect {
+            Some(t) => {
+                let connect = match &t.connect {
                     Some(c) => c.clone(),
                     None => Arc::new(crate::tls::upstream::TlsConnect {
-                        tls: tls.clone(),
+                        tls: t.tls.clone(),
                         sni: Some(crate::routing::strip_port(&ctx.original_host).to_string())
                             .filter(|s| !s.is_empty()),
                         timeout: cfg.connect_timeout,
@@ -1172,6 +1172,15 @@ impl ProxyHttp for HcmProxy {
                 },
             },
             ErrorType::Custom(c) if *c == "InvalidChunk" => LocalReply { status: 400, body: "Bad Request" },
+            // An upstream that answers with something that is not HTTP.
+            ErrorType::InvalidHTTPHeader | ErrorType::InvalidH2
+                if e.esource() == &pingora_error::ErrorSource::Upstream =>
+            {
+                LocalReply {
+                    status: 502,
+                    body: "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
+                }
+            }
             _ => match e.esource() {
                 pingora_error::ErrorSource::Downstream => LocalReply { status: 0, body: "" },
                 _ => LocalReply { status: 503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination" },

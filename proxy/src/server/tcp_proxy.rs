@@ -93,7 +93,7 @@ pub async fn serve<D: Halves>(
     stats::counter(format!("cluster.{name}.upstream_cx_total")).increment(1);
     let _ = up.set_nodelay(true);
     host.active_requests.fetch_add(1, Ordering::Relaxed);
-    let (rx, tx, idle) = match &cluster.config.tls {
+    let (rx, tx, idle) = match host.tls.as_ref().map(|h| &h.tls) {
         None => pipe(down, up, t.idle_timeout).await,
         Some(tls) => {
             use crate::tls::upstream::{handshake, server_name};
