@@ -1,7 +1,8 @@
 //! h2spec (v2.2.1, from the Go module proxy) against an h2c listener of
-//! Envoy and of Legate. A case Legate fails where Envoy passes is run again
-//! alone against both before it counts as a difference, because some cases
-//! depend on timing (Envoy's own results vary between runs).
+//! Envoy and of Legate, then against a TLS listener offering h2 by ALPN
+//! (`h2spec-tls`). A case Legate fails where Envoy passes is run again alone
+//! against both before it counts as a difference, because some cases depend
+//! on timing (Envoy's own results vary between runs).
 
 use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
@@ -77,7 +78,12 @@ pub fn parse(report: &str) -> BTreeMap<String, bool> {
     out
 }
 
-fn run_h2spec(h2spec: &Path, port: u16, only: Option<&str>) -> Result<BTreeMap<String, bool>> {
+fn run_h2spec(
+    h2spec: &Path,
+    port: u16,
+    tls: bool,
+    only: Option<&str>,
+) -> Result<BTreeMap<String, bool>> {
     let mut c = Command::new("timeout");
     c.args(["300"]).arg(h2spec).args([
         "-h",
@@ -89,6 +95,10 @@ fn run_h2spec(h2spec: &Path, port: u16, only: Option<&str>) -> Result<BTreeMap<S
         "-o",
         "2",
     ]);
+    if tls {
+        // TLS with ALPN h2; the certificate is the run's own test PKI.
+        c.args(["-t", "-k"]);
+    }
     if let Some(id) = only {
         c.arg(id);
     }
@@ -98,6 +108,17 @@ fn run_h2spec(h2spec: &Path, port: u16, only: Option<&str>) -> Result<BTreeMap<S
 
 pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
     let h2spec = install(&root.join("../target/conformance/h2spec"))?;
+    run_one(bins, &h2spec, work, report, false)?;
+    run_one(bins, &h2spec, work, report, true)
+}
+
+fn run_one(
+    bins: &Binaries,
+    h2spec: &Path,
+    work: &Path,
+    report: &mut Report,
+    tls: bool,
+) -> Result<()> {
     let (port, admin) = (
         legate_tests::legate::free_port(),
         legate_tests::legate::free_port(),
@@ -110,12 +131,29 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
         "direct_response: {status: 200, body: {inline_string: ok}}",
         None,
     );
-    let path = work.join("h2spec.yaml");
+    let cfg = if tls {
+        let pki = work.join("pki");
+        if !pki.join("ca.pem").exists() {
+            crate::pki::write(&pki)?;
+        }
+        let p = pki.display();
+        cfg.replacen(
+            "    - filters:\n",
+            &format!(
+                "    - transport_socket: {{name: tls, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, common_tls_context: {{alpn_protocols: [h2], tls_certificates: [{{certificate_chain: {{filename: \"{p}/server.pem\"}}, private_key: {{filename: \"{p}/server.key\"}}}}]}}}}}}\n      filters:\n"
+            ),
+            1,
+        )
+    } else {
+        cfg
+    };
+    let name = if tls { "h2spec-tls" } else { "h2spec" };
+    let path = work.join(format!("{name}.yaml"));
     std::fs::write(&path, cfg)?;
     let mut results = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _running = proxies::start(bins, kind, &path, admin, work)?;
-        results.push(run_h2spec(&h2spec, port, None)?);
+        results.push(run_h2spec(h2spec, port, tls, None)?);
     }
     let (envoy, legate) = (&results[0], &results[1]);
     ensure!(
@@ -130,7 +168,7 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
             // Confirm alone, against both, before calling it a difference.
             let again = |kind| -> Result<bool> {
                 let _r = proxies::start(bins, kind, &path, admin, work)?;
-                Ok(run_h2spec(&h2spec, port, Some(id))?
+                Ok(run_h2spec(h2spec, port, tls, Some(id))?
                     .get(id)
                     .copied()
                     .unwrap_or(false))
@@ -139,10 +177,10 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
             if l2 || !e2 {
                 Outcome::Match
             } else {
-                Outcome::Mismatch(vec![format!("h2spec {id}: envoy passes, legate fails")])
+                Outcome::Mismatch(vec![format!("{name} {id}: envoy passes, legate fails")])
             }
         };
-        report.add("http", "h2spec", id, outcome);
+        report.add("http", name, id, outcome);
     }
     Ok(())
 }

@@ -276,6 +276,36 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             crate::stats::counter("legate.config.runtime_keys_ignored".into()).increment(1);
         }
     }
+    // TLS towards management servers is not implemented: refuse rather
+    // than talk plaintext to a server the bootstrap secures.
+    if let Some(d) = &dynamic {
+        let sources = d
+            .ads
+            .iter()
+            .chain(
+                [&d.lds, &d.cds]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| match &s.spec {
+                        config::source::Spec::Api(a) => Some(a),
+                        config::source::Spec::Ads => None,
+                    }),
+            );
+        for a in sources {
+            if let config::source::ApiTarget::Cluster(name) = &a.target {
+                if let Some((i, _)) = clusters
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| &c.name == name && c.originates_tls())
+                {
+                    return Err(ConfigError::new(
+                        config::join(&config::index("static_resources", "clusters", i), "transport_socket"),
+                        format!("xDS cluster '{name}' uses TLS: TLS to management servers is not supported yet"),
+                    ));
+                }
+            }
+        }
+    }
     Ok(Config {
         node,
         admin,

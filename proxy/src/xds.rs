@@ -277,6 +277,12 @@ impl Applier {
                     .statics
                     .get(name)
                     .ok_or_else(|| format!("xDS cluster '{name}' is not a static cluster"))?;
+                if c.originates_tls() {
+                    // Never plaintext where TLS was asked for.
+                    return Err(format!(
+                        "xDS cluster '{name}' uses TLS: TLS to management servers is not supported yet"
+                    ));
+                }
                 target_of(c).ok_or_else(|| {
                     format!("xDS cluster '{name}' has no IP or Unix-socket endpoint")
                 })?

@@ -648,3 +648,25 @@ async fn auto_host_sni_with_san_validation_checks_the_host_against_the_certifica
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+#[test]
+fn a_management_server_behind_tls_is_refused_not_reached_in_plaintext() {
+    let mut xds = cluster(
+        "xds",
+        &["127.0.0.1:1".parse().unwrap()],
+        json!({"http2_protocol_options": {}, "transport_socket": {"name": "tls", "typed_config": {"@type": UP_TLS_CTX}}}),
+    );
+    xds["type"] = json!("STATIC");
+    let cfg = json!({
+        "dynamic_resources": {
+            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {"clusters": [xds]},
+    });
+    let out = validate(BIN, &cfg.to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("static_resources.clusters[0].transport_socket"), "{err}");
+}
