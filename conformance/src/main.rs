@@ -7,6 +7,7 @@ mod compare;
 mod framing;
 mod gaps;
 mod grpc;
+mod h2load;
 mod h2spec;
 mod pki;
 mod proxies;
@@ -83,6 +84,14 @@ async fn main() -> Result<()> {
             }
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
+                if let Err(e) = h2load::run(&bins, &work, &mut report).await {
+                    report.add(
+                        "http",
+                        "h2load",
+                        "*",
+                        Outcome::HarnessError(vec![format!("{e:#}")]),
+                    );
+                }
                 if let Err(e) =
                     tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))
                 {
