@@ -668,5 +668,8 @@ fn a_management_server_behind_tls_is_refused_not_reached_in_plaintext() {
     let out = validate(BIN, &cfg.to_string());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("static_resources.clusters[0].transport_socket"), "{err}");
+    assert!(
+        err.contains("static_resources.clusters[0].transport_socket"),
+        "{err}"
+    );
 }
