@@ -673,3 +673,88 @@ fn a_management_server_behind_tls_is_refused_not_reached_in_plaintext() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_rbac_admits_by_certificate_identity_and_source_address() {
+    let ca = Ca::new("rbac");
+    let server = ca.leaf("server", &["rbac.test"], LeafOpts::default());
+    const GOOD: &str = "spiffe://td.test/ns/a/sa/good";
+    let good = ca.leaf(
+        "good",
+        &[],
+        LeafOpts {
+            uris: &[GOOD],
+            ..Default::default()
+        },
+    );
+    let other = ca.leaf(
+        "other",
+        &[],
+        LeafOpts {
+            uris: &["spiffe://td.test/ns/a/sa/other"],
+            ..Default::default()
+        },
+    );
+    let up = upstream("up").await;
+    let rbac = |rules: Value| {
+        json!({"name": "envoy.filters.network.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+            "stat_prefix": "authz.", "rules": rules}})
+    };
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({
+        "name": "rbac", "address": addr("127.0.0.1", port),
+        "listener_filters": tls_inspector(),
+        "filter_chains": [
+            {
+                // mTLS: any client certificate from the CA completes the
+                // handshake; RBAC admits only the good identity.
+                "filter_chain_match": {"transport_protocol": "tls"},
+                "filters": [
+                    rbac(json!({"action": "ALLOW", "policies": {"good": {
+                        "permissions": [{"any": true}],
+                        "principals": [{"authenticated": {"principal_name": {"exact": GOOD}}}]}}})),
+                    http_filter("up"),
+                ],
+                "transport_socket": downstream(json!({
+                    "tls_certificates": [cert(&server)],
+                    "validation_context": {"trusted_ca": file(&ca.ca_path())},
+                }), json!({})),
+            },
+            {
+                // Plaintext: 127.0.0.2 is denied.
+                "filter_chain_match": {"transport_protocol": "raw_buffer"},
+                "filters": [
+                    rbac(json!({"action": "DENY", "policies": {"block": {
+                        "permissions": [{"any": true}],
+                        "principals": [{"source_ip": {"address_prefix": "127.0.0.2", "prefix_len": 32}}]}}})),
+                    http_filter("up"),
+                ],
+            },
+        ],
+    });
+    let cfg = bootstrap(admin, vec![l], vec![cluster("up", &[up.addr], json!({}))]);
+    let _legate = Legate::start(BIN, &cfg, &[port], Some(admin));
+    let ca_arg = s(&ca.ca_path()).to_string();
+    let rs = resolve("rbac.test", port);
+    let tls = |leaf: Option<&Leaf>| {
+        let mut args = vec!["--cacert", ca_arg.as_str(), "--resolve", rs.as_str()];
+        if let Some(l) = leaf {
+            args.extend(["--cert", s(&l.cert), "--key", s(&l.key)]);
+        }
+        try_curl(&format!("https://rbac.test:{port}/"), &args).map(|r| r.status)
+    };
+    assert_eq!(tls(Some(&good)), Ok(200));
+    assert!(
+        tls(Some(&other)).is_err(),
+        "another identity from the same CA is denied"
+    );
+    assert!(tls(None).is_err(), "no certificate, no identity: denied");
+    let plain = |ip: &str| {
+        try_curl(&format!("http://127.0.0.1:{port}/"), &["--interface", ip]).map(|r| r.status)
+    };
+    assert_eq!(plain("127.0.0.1"), Ok(200));
+    assert!(plain("127.0.0.2").is_err(), "a denied source is closed");
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(stat(admin, "authz.rbac.denied"), Some(3));
+}

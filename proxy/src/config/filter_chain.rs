@@ -48,7 +48,7 @@ impl Cidr {
         }
     }
 
-    fn from_proto(c: &CidrRange, path: &str) -> Result<Self> {
+    pub fn from_proto(c: &CidrRange, path: &str) -> Result<Self> {
         let addr: IpAddr = c.address_prefix.parse().map_err(|_| {
             ConfigError::new(
                 join(path, "address_prefix"),

@@ -28,6 +28,9 @@ pub const CONNECTION_LIMIT_TYPE: &str =
 #[derive(Debug, Clone)]
 pub struct FilterChain {
     pub limits: Vec<Arc<ConnectionLimit>>,
+    /// `rbac` network filters, checked once the connection's identity is
+    /// known (after the TLS handshake).
+    pub rbac: Vec<Arc<super::rbac::Rbac>>,
     pub filter: NetworkFilter,
     /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
     pub tls: Option<Arc<super::tls::ServerTls>>,
@@ -702,6 +705,7 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
         ));
     };
     let mut limits = Vec::new();
+    let mut rbac = Vec::new();
     for (i, f) in fc.filters[..last].iter().enumerate() {
         let f_path = join(&index(&fc_path, "filters", i), "typed_config");
         let any = match &f.config_type {
@@ -709,16 +713,25 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
             _ => return Err(ConfigError::new(f_path, "typed_config is required")),
         };
         let tn = legate_proto::type_name(&any.type_url);
-        if tn != CONNECTION_LIMIT_TYPE {
-            return Err(ConfigError::new(
-                f_path,
-                format!("network filter {tn} is not supported before the terminal filter"),
-            ));
+        match tn {
+            CONNECTION_LIMIT_TYPE => {
+                let c: legate_proto::envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit =
+                    prost::Message::decode(any.value.as_slice())
+                        .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
+                limits.push(Arc::new(ConnectionLimit::from_proto(&c, &f_path)?));
+            }
+            super::rbac::RBAC_TYPE => {
+                let r = prost::Message::decode(any.value.as_slice())
+                    .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
+                rbac.push(Arc::new(super::rbac::Rbac::from_proto(&r, &f_path)?));
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    f_path,
+                    format!("network filter {tn} is not supported before the terminal filter"),
+                ))
+            }
         }
-        let c: legate_proto::envoy_types::pb::envoy::extensions::filters::network::connection_limit::v3::ConnectionLimit =
-            prost::Message::decode(any.value.as_slice())
-                .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
-        limits.push(Arc::new(ConnectionLimit::from_proto(&c, &f_path)?));
     }
     let filter = terminal_filter(fc, &fc_path, last)?;
     let tls = match &fc.transport_socket {
@@ -731,6 +744,7 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
     };
     Ok(FilterChain {
         limits,
+        rbac,
         filter,
         tls,
         handshake_timeout,

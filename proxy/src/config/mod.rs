@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod filter_chain;
 pub mod listener;
 pub mod matcher;
+pub mod rbac;
 pub mod route;
 pub mod scoped;
 pub mod source;

@@ -64,6 +64,9 @@ fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
     if chain.tls.is_some() {
         return Err("TLS termination needs the proxy");
     }
+    if !chain.rbac.is_empty() {
+        return Err("rbac needs the proxy");
+    }
     if !chain.limits.is_empty() {
         return Err("connection_limit needs the proxy");
     }

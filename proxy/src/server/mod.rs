@@ -391,17 +391,37 @@ async fn serve_connection(
             }
         }
     }
+    let local = conn.local;
+    let facts = |sni: &'_ str, cert: Option<&'_ [u8]>| -> bool {
+        rbac_allows(
+            filter,
+            &crate::config::rbac::Facts {
+                local,
+                peer,
+                sni,
+                peer_cert: cert,
+            },
+        )
+    };
     let hcm = match &filter.filter {
         NetworkFilter::Tcp(t) => {
             match &filter.tls {
-                None => tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await,
+                None => {
+                    if facts(&found.sni, None) {
+                        tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await
+                    }
+                }
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
                     let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.accept(sock));
                     let Some(down) = handshake_done(hs.await, &config, peer) else {
                         return;
                     };
-                    tcp_proxy::serve(down, peer, t.clone(), ctx.clusters.clone()).await
+                    let c = down.get_ref().1;
+                    let cert = c.peer_certificates().and_then(|p| p.first());
+                    if facts(c.server_name().unwrap_or(""), cert.map(|c| c.as_ref())) {
+                        tcp_proxy::serve(down, peer, t.clone(), ctx.clusters.clone()).await
+                    }
                 }
             }
             return;
@@ -429,6 +449,9 @@ async fn serve_connection(
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
     let (stream, is_h2): (pingora_core::protocols::Stream, bool) = match &filter.tls {
         None => {
+            if !facts(&found.sni, None) {
+                return;
+            }
             // Decide the protocol ourselves: pingora's own h2c check waits
             // for 24 bytes, which hangs a shorter HTTP/1.1 request.
             let Some(is_h2) = sniff_h2(&sock).await else {
@@ -450,6 +473,11 @@ async fn serve_connection(
                 return;
             };
             use pingora_core::protocols::{Ssl, ALPN};
+            if let Some(t) = stream.get_ssl() {
+                if !facts(t.server_name().unwrap_or(""), t.peer_certificate_der()) {
+                    return;
+                }
+            }
             if let (Some(t), Some(peer_tls)) = (stream.get_ssl(), &peer_tls) {
                 if let Some(chain) = t.peer_cert_chain_der().filter(|c| !c.is_empty()) {
                     let _ = peer_tls.set(xfcc::PeerTls {
@@ -480,6 +508,25 @@ async fn serve_connection(
     } else {
         ctx.proxy.process_new(stream, drain).await;
     }
+}
+
+/// The chain's `rbac` filters, in order; false: close the connection (as
+/// Envoy's network RBAC does, without a response).
+fn rbac_allows(
+    chain: &crate::config::listener::FilterChain,
+    f: &crate::config::rbac::Facts,
+) -> bool {
+    for r in &chain.rbac {
+        let (ok, policy) = r.allows(f);
+        let outcome = if ok { "allowed" } else { "denied" };
+        // Envoy concatenates: Istio's `tcp.` gives `tcp.rbac.allowed`.
+        stats::counter(format!("{}rbac.{outcome}", r.stat_prefix)).increment(1);
+        if !ok {
+            tracing::debug!(peer = %f.peer, ?policy, "rbac: connection denied");
+            return false;
+        }
+    }
+    true
 }
 
 /// A finished (or failed, or timed out) TLS handshake: the stream, or None

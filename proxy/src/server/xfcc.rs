@@ -2,7 +2,7 @@
 //! `set_current_client_cert_details`. Pure over the request and what the
 //! TLS handshake showed, so it is tested here without sockets.
 
-use crate::tls::verify::{sans, SanType};
+use crate::tls::verify::{issuer, sans, subject, SanType};
 
 pub use crate::config::listener::{XfccDetails as Details, XfccMode as Mode};
 
@@ -57,14 +57,8 @@ fn element(d: &Details, peer: &PeerTls) -> String {
         let all: String = peer.chain.iter().map(|c| pem(c)).collect();
         parts.push(format!("Chain=\"{}\"", url_encode(&all)));
     }
-    let parsed = x509_parser::parse_x509_certificate(leaf)
-        .ok()
-        .map(|(_, c)| c);
     if d.subject {
-        let s = parsed
-            .as_ref()
-            .map(|c| rfc2253(c.subject()))
-            .unwrap_or_default();
+        let s = subject(leaf).unwrap_or_default();
         parts.push(format!("Subject=\"{s}\""));
     }
     let names = sans(leaf);
@@ -90,10 +84,7 @@ fn element(d: &Details, peer: &PeerTls) -> String {
     }
     // Issuer comes last in Envoy (measured against 1.40: tls-xfcc).
     if d.issuer {
-        let s = parsed
-            .as_ref()
-            .map(|c| rfc2253(c.issuer()))
-            .unwrap_or_default();
+        let s = issuer(leaf).unwrap_or_default();
         parts.push(format!("Issuer=\"{s}\""));
     }
     parts.join(";")
@@ -124,42 +115,6 @@ fn url_encode(s: &str) -> String {
         } else {
             out.push_str(&format!("%{b:02X}"));
         }
-    }
-    out
-}
-
-/// A distinguished name as RFC 2253 prints it (most specific first).
-fn rfc2253(name: &x509_parser::x509::X509Name) -> String {
-    let registry = x509_parser::objects::oid_registry();
-    let mut rdns: Vec<String> = name
-        .iter()
-        .map(|rdn| {
-            rdn.iter()
-                .map(|a| {
-                    let key = x509_parser::objects::oid2abbrev(a.attr_type(), registry)
-                        .map(str::to_string)
-                        .unwrap_or_else(|_| a.attr_type().to_id_string());
-                    let value = a.as_str().unwrap_or("");
-                    format!("{key}={}", escape_dn(value))
-                })
-                .collect::<Vec<_>>()
-                .join("+")
-        })
-        .collect();
-    rdns.reverse();
-    rdns.join(",")
-}
-
-fn escape_dn(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for (i, c) in v.chars().enumerate() {
-        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
-            || (i == 0 && (c == '#' || c == ' '))
-            || (i + 1 == v.chars().count() && c == ' ');
-        if special {
-            out.push('\\');
-        }
-        out.push(c);
     }
     out
 }

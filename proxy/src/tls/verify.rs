@@ -66,6 +66,55 @@ fn ip_string(b: &[u8]) -> Option<String> {
     }
 }
 
+/// A certificate's subject as RFC 2253 prints it (BoringSSL's form in
+/// Envoy's XFCC and RBAC).
+pub fn subject(der: &[u8]) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(rfc2253(c.subject()))
+}
+
+/// A certificate's issuer, as [`subject`].
+pub fn issuer(der: &[u8]) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(rfc2253(c.issuer()))
+}
+
+/// A distinguished name as RFC 2253 prints it (most specific first).
+fn rfc2253(name: &x509_parser::x509::X509Name) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let mut rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|a| {
+                    let key = x509_parser::objects::oid2abbrev(a.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| a.attr_type().to_id_string());
+                    let value = a.as_str().unwrap_or("");
+                    format!("{key}={}", escape_dn(value))
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.reverse();
+    rdns.join(",")
+}
+
+fn escape_dn(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i + 1 == v.chars().count() && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn sha256(b: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, b)
         .as_ref()

@@ -1,0 +1,363 @@
+//! The `rbac` network filter: which connections may go on, by policies of
+//! permissions (where the connection goes) and principals (who opened it,
+//! including the identity in its client certificate). Evaluation is pure
+//! over the connection's facts.
+
+use super::filter_chain::Cidr;
+use super::matcher::StringMatcher;
+use super::{index, join, ConfigError, Result};
+use legate_proto::envoy_types::pb::envoy::config::rbac::v3 as pb;
+use legate_proto::envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net;
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// LOG allows every connection (it only marks them for logging).
+    Log,
+}
+
+#[derive(Debug)]
+pub struct Rbac {
+    pub stat_prefix: String,
+    /// None: no `rules`, nothing is enforced.
+    pub rules: Option<(Action, Vec<(String, Policy)>)>,
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    permissions: Vec<Permission>,
+    principals: Vec<Principal>,
+}
+
+#[derive(Debug)]
+enum Permission {
+    Any,
+    And(Vec<Permission>),
+    Or(Vec<Permission>),
+    Not(Box<Permission>),
+    DestinationIp(Cidr),
+    DestinationPort(u16),
+    /// [start, end)
+    DestinationPortRange(i32, i32),
+    ServerName(StringMatcher),
+}
+
+#[derive(Debug)]
+enum Principal {
+    Any,
+    And(Vec<Principal>),
+    Or(Vec<Principal>),
+    Not(Box<Principal>),
+    /// A client certificate was presented (and verified); with a name, one
+    /// of its URI SANs, DNS SANs or its subject matches.
+    Authenticated(Option<StringMatcher>),
+    /// `source_ip` and `direct_remote_ip`: the peer of the connection.
+    DirectRemoteIp(Cidr),
+    /// `remote_ip`: the original client (the peer, without PROXY protocol).
+    RemoteIp(Cidr),
+}
+
+/// What is known about a connection when the filter runs.
+pub struct Facts<'a> {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub sni: &'a str,
+    /// The verified client certificate (DER), on mTLS connections.
+    pub peer_cert: Option<&'a [u8]>,
+}
+
+pub const RBAC_TYPE: &str = "envoy.extensions.filters.network.rbac.v3.RBAC";
+
+impl Rbac {
+    pub fn from_proto(r: &net::Rbac, path: &str) -> Result<Self> {
+        if r.stat_prefix.is_empty() {
+            return Err(ConfigError::new(
+                join(path, "stat_prefix"),
+                "stat_prefix is required",
+            ));
+        }
+        if r.matcher.is_some() {
+            return Err(ConfigError::new(
+                join(path, "matcher"),
+                "the matcher form of RBAC is not supported; use rules",
+            ));
+        }
+        if r.enforcement_type != net::rbac::EnforcementType::OneTimeOnFirstByte as i32 {
+            return Err(ConfigError::new(
+                join(path, "enforcement_type"),
+                "only ONE_TIME_ON_FIRST_BYTE is supported",
+            ));
+        }
+        let rules = match &r.rules {
+            None => None,
+            Some(rules) => {
+                let p = join(path, "rules");
+                use pb::rbac::Action as A;
+                let action = match A::try_from(rules.action).unwrap_or(A::Allow) {
+                    A::Allow => Action::Allow,
+                    A::Deny => Action::Deny,
+                    A::Log => Action::Log,
+                };
+                // Sorted by name, so evaluation does not depend on map order.
+                let mut names: Vec<&String> = rules.policies.keys().collect();
+                names.sort();
+                let mut policies = Vec::new();
+                for name in names {
+                    let pp = format!("{p}.policies[\"{name}\"]");
+                    let pol = &rules.policies[name];
+                    if pol.condition.is_some() || pol.checked_condition.is_some() {
+                        return Err(ConfigError::new(
+                            join(&pp, "condition"),
+                            "CEL conditions are not supported",
+                        ));
+                    }
+                    let permissions = pol
+                        .permissions
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| permission(x, &index(&pp, "permissions", i)))
+                        .collect::<Result<_>>()?;
+                    let principals = pol
+                        .principals
+                        .iter()
+                        .enumerate()
+                        .map(|(i, x)| principal(x, &index(&pp, "principals", i)))
+                        .collect::<Result<_>>()?;
+                    policies.push((
+                        name.clone(),
+                        Policy {
+                            permissions,
+                            principals,
+                        },
+                    ));
+                }
+                Some((action, policies))
+            }
+        };
+        Ok(Self {
+            stat_prefix: r.stat_prefix.clone(),
+            rules,
+        })
+    }
+
+    /// Whether the connection may go on, and the policy that decided
+    /// (for ALLOW, the one that matched; for DENY, the one that denied).
+    pub fn allows(&self, f: &Facts) -> (bool, Option<&str>) {
+        let Some((action, policies)) = &self.rules else {
+            return (true, None);
+        };
+        let hit = policies
+            .iter()
+            .find(|(_, p)| {
+                p.permissions.iter().any(|x| x.matches(f))
+                    && p.principals.iter().any(|x| x.matches(f))
+            })
+            .map(|(n, _)| n.as_str());
+        match action {
+            Action::Allow => (hit.is_some(), hit),
+            Action::Deny => (hit.is_none(), hit),
+            Action::Log => (true, hit),
+        }
+    }
+}
+
+fn cidr(
+    c: &legate_proto::envoy_types::pb::envoy::config::core::v3::CidrRange,
+    path: &str,
+) -> Result<Cidr> {
+    Cidr::from_proto(c, path)
+}
+
+fn permission(p: &pb::Permission, path: &str) -> Result<Permission> {
+    use pb::permission::Rule as R;
+    let set = |s: &pb::permission::Set, f: &str| -> Result<Vec<Permission>> {
+        s.rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| permission(r, &index(&join(path, f), "rules", i)))
+            .collect()
+    };
+    Ok(match &p.rule {
+        Some(R::Any(true)) => Permission::Any,
+        Some(R::AndRules(s)) => Permission::And(set(s, "and_rules")?),
+        Some(R::OrRules(s)) => Permission::Or(set(s, "or_rules")?),
+        Some(R::NotRule(n)) => Permission::Not(Box::new(permission(n, &join(path, "not_rule"))?)),
+        Some(R::DestinationIp(c)) => Permission::DestinationIp(cidr(c, &join(path, "destination_ip"))?),
+        Some(R::DestinationPort(port)) => Permission::DestinationPort(u16::try_from(*port).map_err(|_| {
+            ConfigError::new(join(path, "destination_port"), format!("{port} is not a port"))
+        })?),
+        Some(R::DestinationPortRange(r)) => Permission::DestinationPortRange(r.start, r.end),
+        Some(R::RequestedServerName(m)) => Permission::ServerName(StringMatcher::from_proto(
+            m,
+            &join(path, "requested_server_name"),
+        )?),
+        Some(R::Any(false)) | None => {
+            return Err(ConfigError::new(path, "a permission rule is required"))
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                path,
+                "only any, and_rules, or_rules, not_rule, destination_ip, destination_port, destination_port_range and requested_server_name apply to connections",
+            ))
+        }
+    })
+}
+
+fn principal(p: &pb::Principal, path: &str) -> Result<Principal> {
+    use pb::principal::Identifier as I;
+    let set = |s: &pb::principal::Set, f: &str| -> Result<Vec<Principal>> {
+        s.ids
+            .iter()
+            .enumerate()
+            .map(|(i, r)| principal(r, &index(&join(path, f), "ids", i)))
+            .collect()
+    };
+    Ok(match &p.identifier {
+        Some(I::Any(true)) => Principal::Any,
+        Some(I::AndIds(s)) => Principal::And(set(s, "and_ids")?),
+        Some(I::OrIds(s)) => Principal::Or(set(s, "or_ids")?),
+        Some(I::NotId(n)) => Principal::Not(Box::new(principal(n, &join(path, "not_id"))?)),
+        Some(I::Authenticated(a)) => Principal::Authenticated(
+            a.principal_name
+                .as_ref()
+                .map(|m| StringMatcher::from_proto(m, &join(path, "authenticated.principal_name")))
+                .transpose()?,
+        ),
+        Some(I::SourceIp(c)) => Principal::DirectRemoteIp(cidr(c, &join(path, "source_ip"))?),
+        Some(I::DirectRemoteIp(c)) => {
+            Principal::DirectRemoteIp(cidr(c, &join(path, "direct_remote_ip"))?)
+        }
+        Some(I::RemoteIp(c)) => Principal::RemoteIp(cidr(c, &join(path, "remote_ip"))?),
+        Some(I::Any(false)) | None => {
+            return Err(ConfigError::new(path, "a principal identifier is required"))
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                path,
+                "only any, and_ids, or_ids, not_id, authenticated, source_ip, direct_remote_ip and remote_ip apply to connections",
+            ))
+        }
+    })
+}
+
+impl Permission {
+    fn matches(&self, f: &Facts) -> bool {
+        match self {
+            Permission::Any => true,
+            Permission::And(v) => v.iter().all(|p| p.matches(f)),
+            Permission::Or(v) => v.iter().any(|p| p.matches(f)),
+            Permission::Not(p) => !p.matches(f),
+            Permission::DestinationIp(c) => c.contains(f.local.ip()),
+            Permission::DestinationPort(p) => f.local.port() == *p,
+            Permission::DestinationPortRange(s, e) => (*s..*e).contains(&(f.local.port() as i32)),
+            Permission::ServerName(m) => m.matches(f.sni),
+        }
+    }
+}
+
+impl Principal {
+    fn matches(&self, f: &Facts) -> bool {
+        match self {
+            Principal::Any => true,
+            Principal::And(v) => v.iter().all(|p| p.matches(f)),
+            Principal::Or(v) => v.iter().any(|p| p.matches(f)),
+            Principal::Not(p) => !p.matches(f),
+            Principal::DirectRemoteIp(c) | Principal::RemoteIp(c) => c.contains(f.peer.ip()),
+            Principal::Authenticated(name) => {
+                let Some(der) = f.peer_cert else {
+                    return false;
+                };
+                let Some(m) = name else {
+                    return true;
+                };
+                // Envoy: URI SANs, then DNS SANs, then the subject.
+                use crate::tls::verify::{sans, SanType};
+                let all = sans(der);
+                let of = |t: SanType| all.iter().filter(move |(ty, _)| *ty == t).map(|(_, v)| v);
+                of(SanType::Uri)
+                    .chain(of(SanType::Dns))
+                    .any(|v| m.matches(v))
+                    || crate::tls::verify::subject(der).is_some_and(|s| m.matches(&s))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rbac(yaml: &str) -> Rbac {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        let m = legate_proto::json::to_dynamic(
+            v,
+            "envoy.extensions.filters.network.rbac.v3.RBAC",
+            true,
+        )
+        .unwrap();
+        let r: net::Rbac = m.transcode_to().unwrap();
+        Rbac::from_proto(&r, "rbac").unwrap()
+    }
+
+    fn cert(uri: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["dns.test".to_string()]).unwrap();
+        p.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::Ia5String::try_from(uri).unwrap(),
+        ));
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn facts<'a>(peer: &str, cert: Option<&'a [u8]>) -> Facts<'a> {
+        Facts {
+            local: "10.0.0.1:443".parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            sni: "api.test",
+            peer_cert: cert,
+        }
+    }
+
+    #[test]
+    fn allow_by_spiffe_identity_and_port() {
+        let r = rbac(
+            r#"{stat_prefix: t, rules: {action: ALLOW, policies: {good: {
+            permissions: [{destination_port: 443}],
+            principals: [{authenticated: {principal_name: {exact: "spiffe://td/good"}}}]}}}}"#,
+        );
+        let good = cert("spiffe://td/good");
+        let bad = cert("spiffe://td/bad");
+        assert_eq!(
+            r.allows(&facts("10.0.0.2:1", Some(&good))),
+            (true, Some("good"))
+        );
+        assert_eq!(r.allows(&facts("10.0.0.2:1", Some(&bad))).0, false);
+        assert_eq!(
+            r.allows(&facts("10.0.0.2:1", None)).0,
+            false,
+            "no certificate, no identity"
+        );
+        // The DNS SAN counts too, after the URI SANs.
+        let r = rbac(
+            r#"{stat_prefix: t, rules: {policies: {d: {permissions: [{any: true}],
+            principals: [{authenticated: {principal_name: {exact: "dns.test"}}}]}}}}"#,
+        );
+        assert!(r.allows(&facts("10.0.0.2:1", Some(&bad))).0);
+    }
+
+    #[test]
+    fn deny_by_source_and_combinators() {
+        let r = rbac(
+            r#"{stat_prefix: t, rules: {action: DENY, policies: {p: {
+            permissions: [{not_rule: {destination_port_range: {start: 8000, end: 9000}}}],
+            principals: [{or_ids: {ids: [{source_ip: {address_prefix: 192.168.0.0, prefix_len: 16}},
+                                         {remote_ip: {address_prefix: 172.16.0.1, prefix_len: 32}}]}}]}}}}"#,
+        );
+        assert_eq!(r.allows(&facts("192.168.1.1:5", None)), (false, Some("p")));
+        assert_eq!(r.allows(&facts("172.16.0.1:5", None)).0, false);
+        assert_eq!(r.allows(&facts("10.9.9.9:5", None)), (true, None));
+        // No rules: nothing is enforced.
+        assert!(rbac("{stat_prefix: t}").allows(&facts("1.2.3.4:5", None)).0);
+    }
+}
