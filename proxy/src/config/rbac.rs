@@ -332,10 +332,9 @@ mod tests {
             r.allows(&facts("10.0.0.2:1", Some(&good))),
             (true, Some("good"))
         );
-        assert_eq!(r.allows(&facts("10.0.0.2:1", Some(&bad))).0, false);
-        assert_eq!(
-            r.allows(&facts("10.0.0.2:1", None)).0,
-            false,
+        assert!(!r.allows(&facts("10.0.0.2:1", Some(&bad))).0);
+        assert!(
+            !r.allows(&facts("10.0.0.2:1", None)).0,
             "no certificate, no identity"
         );
         // The DNS SAN counts too, after the URI SANs.
@@ -355,7 +354,7 @@ mod tests {
                                          {remote_ip: {address_prefix: 172.16.0.1, prefix_len: 32}}]}}]}}}}"#,
         );
         assert_eq!(r.allows(&facts("192.168.1.1:5", None)), (false, Some("p")));
-        assert_eq!(r.allows(&facts("172.16.0.1:5", None)).0, false);
+        assert!(!r.allows(&facts("172.16.0.1:5", None)).0);
         assert_eq!(r.allows(&facts("10.9.9.9:5", None)), (true, None));
         // No rules: nothing is enforced.
         assert!(rbac("{stat_prefix: t}").allows(&facts("1.2.3.4:5", None)).0);
