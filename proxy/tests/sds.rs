@@ -282,3 +282,54 @@ async fn a_secret_that_never_arrives_fails_closed() {
     assert!(r.is_err(), "served in plaintext: {:?}", r.map(|r| r.status));
     assert_eq!(up.hits.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_listener_gets_its_certificate_from_an_sds_server_on_a_unix_socket() {
+    // Istio's shape: no dynamic_resources for it, a static `sds-grpc`
+    // cluster with a pipe address, and SDS as its own gRPC service.
+    let ca = Ca::new("sds-uds");
+    let up = upstream("up").await;
+    let sock = ca.dir.join("sds.sock");
+    let sds = ScriptedAds::start_unix(&sock).await;
+    let leaf = ca.leaf("uds", &[SNI], LeafOpts::default());
+    sds.set(SECRET, "1", vec![any(SECRET, secret("default", &leaf))]);
+    let (port, admin) = (free_port(), free_port());
+    let mut l = tls_listener(port, "default", "10s");
+    l["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
+        ["tls_certificate_sds_secret_configs"][0]["sds_config"] = json!({
+            "api_config_source": {"api_type": "GRPC", "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]},
+            "resource_api_version": "V3"});
+    let sds_cluster = json!({"name": "sds-grpc", "type": "STATIC", "connect_timeout": "1s",
+        "http2_protocol_options": {},
+        "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"pipe": {"path": sock.to_str().unwrap()}}}}]}]}});
+    let cfg = common::bootstrap(
+        admin,
+        vec![l],
+        vec![cluster("up", &[up.addr], json!({})), sds_cluster],
+    );
+    let _legate = Legate::start(BIN, &cfg, &[], Some(admin));
+    let c = connector(&ca);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (tls, _) = loop {
+        match connect(&c, port).await {
+            Ok(x) => break x,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never served: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(
+        der,
+        legate_tests::pki::pem_certs(&leaf.cert_pem)[0].to_vec()
+    );
+    let mut r = BufReader::new(tls);
+    assert_eq!(request(&mut r).await.unwrap(), 200);
+    assert!(sds
+        .requests()
+        .iter()
+        .any(|(_, q)| q.type_url == SECRET && q.resource_names == ["default"]));
+}

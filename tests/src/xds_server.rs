@@ -151,6 +151,35 @@ fn respond_delta(s: &mut Shared, type_url: &str) {
     s.nonce += 1;
 }
 
+/// SDS as its own service (Istio's `sds-grpc`): the same streams as ADS,
+/// carrying only secrets.
+#[tonic::async_trait]
+impl legate_proto::envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService for Service {
+    type StreamSecretsStream = <Self as AggregatedDiscoveryService>::StreamAggregatedResourcesStream;
+    type DeltaSecretsStream = <Self as AggregatedDiscoveryService>::DeltaAggregatedResourcesStream;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        self.stream_aggregated_resources(request).await
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        self.delta_aggregated_resources(request).await
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented("REST SDS is not scripted"))
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Service {
     type StreamAggregatedResourcesStream =
@@ -332,9 +361,11 @@ impl ScriptedAds {
     {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let svc = AggregatedDiscoveryServiceServer::new(service.clone());
+        let sds = legate_proto::envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(service.clone());
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(sds)
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
