@@ -117,7 +117,13 @@ async fn serve(
         clusters.clone(),
         drain_time,
     ));
-    for l in &config.listeners {
+    // A static listener with SDS certificates warms until they arrive: the
+    // xDS applier adds it then.
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| l.sds_refs().next().is_none())
+    {
         if let Err(e) = listeners.add(l.clone()) {
             eprintln!(
                 "error initializing configuration '{}': listener '{}': cannot bind '{}': {e}",

@@ -85,6 +85,8 @@ struct State {
     errors: BTreeMap<(String, String), String>,
     lds_received: bool,
     cds_received: bool,
+    /// Static listeners warming for their SDS secrets, since start-up.
+    static_warming: Vec<(Arc<Listener>, Instant)>,
 }
 
 pub struct Applier {
@@ -255,7 +257,15 @@ impl Applier {
             drain_time,
             dynamic: config.dynamic.clone(),
             client: OnceLock::new(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                static_warming: config
+                    .listeners
+                    .iter()
+                    .filter(|l| l.sds_refs().next().is_some())
+                    .map(|l| (l.clone(), Instant::now()))
+                    .collect(),
+                ..State::default()
+            }),
             initialized: tokio::sync::watch::channel(false).0,
             me: me.clone(),
         })
@@ -833,6 +843,28 @@ impl Applier {
                         ),
                     });
                     st.listeners.remove(&name);
+                }
+            }
+        }
+        // Static listeners that waited for SDS secrets start once they are
+        // there (or their fetch timed out).
+        let secrets = &st.secrets;
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut st.static_warming)
+            .into_iter()
+            .partition(|(l, since)| {
+                l.sds_refs()
+                    .all(|(n, src)| secret_ready(secrets, n, src, *since))
+            });
+        st.static_warming = still;
+        warming_listeners += st.static_warming.len();
+        for (l, _) in ready {
+            match self.listeners.add(l.clone()) {
+                Ok(addr) => {
+                    tracing::info!(listener = %l.name, %addr, "static listener active (its secrets arrived)")
+                }
+                Err(e) => {
+                    stats::counter("listener_manager.listener_create_failure".into()).increment(1);
+                    tracing::error!(listener = %l.name, address = %l.address, error = %e, "cannot bind static listener");
                 }
             }
         }

@@ -284,7 +284,7 @@ async fn a_secret_that_never_arrives_fails_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_listener_gets_its_certificate_from_an_sds_server_on_a_unix_socket() {
+async fn a_static_listener_warms_for_its_certificate_from_an_sds_server_on_a_unix_socket() {
     // Istio's shape: no dynamic_resources for it, a static `sds-grpc`
     // cluster with a pipe address, and SDS as its own gRPC service.
     let ca = Ca::new("sds-uds");
@@ -292,7 +292,6 @@ async fn a_static_listener_gets_its_certificate_from_an_sds_server_on_a_unix_soc
     let sock = ca.dir.join("sds.sock");
     let sds = ScriptedAds::start_unix(&sock).await;
     let leaf = ca.leaf("uds", &[SNI], LeafOpts::default());
-    sds.set(SECRET, "1", vec![any(SECRET, secret("default", &leaf))]);
     let (port, admin) = (free_port(), free_port());
     let mut l = tls_listener(port, "default", "10s");
     l["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]
@@ -310,6 +309,13 @@ async fn a_static_listener_gets_its_certificate_from_an_sds_server_on_a_unix_soc
         vec![cluster("up", &[up.addr], json!({})), sds_cluster],
     );
     let _legate = Legate::start(BIN, &cfg, &[], Some(admin));
+    // The static listener warms until its secret is there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "a static listener must warm until its SDS certificate arrives"
+    );
+    sds.set(SECRET, "1", vec![any(SECRET, secret("default", &leaf))]);
     let c = connector(&ca);
     let deadline = Instant::now() + Duration::from_secs(10);
     let (tls, _) = loop {
@@ -332,4 +338,64 @@ async fn a_static_listener_gets_its_certificate_from_an_sds_server_on_a_unix_soc
         .requests()
         .iter()
         .any(|(_, q)| q.type_url == SECRET && q.resource_names == ["default"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_warms_until_its_sds_client_certificate_arrives() {
+    let ca = Ca::new("sds-cluster");
+    let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
+    let up = echo::start_tls(
+        "tls-up",
+        "127.0.0.1:0".parse().unwrap(),
+        legate_tests::pki::server_config(&up_leaf, &[], Some(&ca.cert_pem)),
+    )
+    .await
+    .unwrap();
+    let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let (port, admin) = (free_port(), free_port());
+    let mut c = cluster("tls-up", &[up.addr], json!({}));
+    c["transport_socket"] = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "up.test",
+        "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": "client",
+            "sds_config": {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "30s"}}]}}});
+    ads.set(CLUSTER, "1", vec![any(CLUSTER, c)]);
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "tls-up"}}]));
+    ads.set(
+        LISTENER,
+        "1",
+        vec![any(LISTENER, listener("l", port, hcm(rc, json!({}))))],
+    );
+    let _legate = Legate::start(
+        BIN,
+        &ads_bootstrap(ads.addr, admin, "sds"),
+        &[],
+        Some(admin),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "listener never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Warming: the cluster is not there yet.
+    let url = format!("http://127.0.0.1:{port}/");
+    assert_eq!(curl(&url, &[]).status, 503);
+    assert_eq!(stat(admin, "cluster_manager.warming_clusters"), Some(1));
+    let client = ca.leaf("client", &["legate.test"], LeafOpts::default());
+    ads.set(SECRET, "1", vec![any(SECRET, secret("client", &client))]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = curl(&url, &[]);
+        if r.status == 200 {
+            assert_eq!(r.header("x-echo-client-cert"), Some("true"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster never warmed: {}",
+            r.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.hits.load(Ordering::Relaxed), 1);
 }
