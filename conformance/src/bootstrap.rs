@@ -48,6 +48,36 @@ static_resources:
     out
 }
 
+/// A [`single_listener`] bootstrap on fresh ports, written to
+/// `<work>/<name>.yaml` (`name` is also the stat prefix) after `edit`.
+pub struct Written {
+    pub path: std::path::PathBuf,
+    pub port: u16,
+    pub admin: u16,
+}
+
+pub fn write_single(
+    work: &std::path::Path,
+    name: &str,
+    hcm_extra: &str,
+    route: &str,
+    cluster: Option<(&str, u16, &str)>,
+    edit: impl FnOnce(String) -> String,
+) -> std::io::Result<Written> {
+    let (port, admin) = (
+        legate_tests::legate::free_port(),
+        legate_tests::legate::free_port(),
+    );
+    let path = work.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        edit(single_listener(
+            admin, port, name, hcm_extra, route, cluster,
+        )),
+    )?;
+    Ok(Written { path, port, admin })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -92,20 +92,14 @@ fn websocket_roundtrip(port: u16) -> String {
 
 pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
     let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
-    let (port, admin) = (
-        legate_tests::legate::free_port(),
-        legate_tests::legate::free_port(),
-    );
-    let cfg = crate::bootstrap::single_listener(
-        admin,
-        port,
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
         "framing",
         "upgrade_configs: [{upgrade_type: websocket}]",
         "route: {cluster: a}",
         Some(("a", up.addr.port(), "")),
-    );
-    let path = work.join("framing.yaml");
-    std::fs::write(&path, cfg)?;
+        |c| c,
+    )?;
     let mut answers = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _r = proxies::start(bins, kind, &path, admin, work)?;

@@ -59,20 +59,14 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let (port, admin) = (
-        legate_tests::legate::free_port(),
-        legate_tests::legate::free_port(),
-    );
-    let cfg = crate::bootstrap::single_listener(
-        admin,
-        port,
-        "grpc",
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        "grpc-interop",
         "",
         "route: {cluster: interop, timeout: 0s}",
         Some(("interop", backend, "typed_extension_protocol_options: {envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {\"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {http2_protocol_options: {}}}}")),
-    );
-    let path = work.join("grpc-interop.yaml");
-    std::fs::write(&path, cfg)?;
+        |c| c,
+    )?;
     let mut results = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _running = proxies::start(bins, kind, &path, admin, work)?;

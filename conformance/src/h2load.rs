@@ -36,20 +36,14 @@ const MODES: &[(&str, &[&str])] = &[
 
 pub async fn run(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
     let up = legate_tests::echo::start("h2load-up", "127.0.0.1:0".parse().unwrap()).await?;
-    let (port, admin) = (
-        legate_tests::legate::free_port(),
-        legate_tests::legate::free_port(),
-    );
-    let cfg = crate::bootstrap::single_listener(
-        admin,
-        port,
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
         "h2load",
         "",
         "route: {cluster: up}",
         Some(("up", up.addr.port(), "")),
-    );
-    let path = work.join("h2load.yaml");
-    std::fs::write(&path, cfg)?;
+        |c| c,
+    )?;
     let mut seen = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _running = proxies::start(bins, kind, &path, admin, work)?;

@@ -119,37 +119,32 @@ fn run_one(
     report: &mut Report,
     tls: bool,
 ) -> Result<()> {
-    let (port, admin) = (
-        legate_tests::legate::free_port(),
-        legate_tests::legate::free_port(),
-    );
-    let cfg = crate::bootstrap::single_listener(
-        admin,
-        port,
-        "h2spec",
+    let name = if tls { "h2spec-tls" } else { "h2spec" };
+    let pki = if tls {
+        Some(crate::pki::ensure(work)?)
+    } else {
+        None
+    };
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        name,
         "",
         "direct_response: {status: 200, body: {inline_string: ok}}",
         None,
-    );
-    let cfg = if tls {
-        let pki = work.join("pki");
-        if !pki.join("ca.pem").exists() {
-            crate::pki::write(&pki)?;
-        }
-        let p = pki.display();
-        cfg.replacen(
-            "    - filters:\n",
-            &format!(
-                "    - transport_socket: {{name: tls, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, common_tls_context: {{alpn_protocols: [h2], tls_certificates: [{{certificate_chain: {{filename: \"{p}/server.pem\"}}, private_key: {{filename: \"{p}/server.key\"}}}}]}}}}}}\n      filters:\n"
-            ),
-            1,
-        )
-    } else {
-        cfg
-    };
-    let name = if tls { "h2spec-tls" } else { "h2spec" };
-    let path = work.join(format!("{name}.yaml"));
-    std::fs::write(&path, cfg)?;
+        |cfg| match &pki {
+            None => cfg,
+            Some(pki) => {
+                let p = pki.display();
+                cfg.replacen(
+                    "    - filters:\n",
+                    &format!(
+                        "    - transport_socket: {{name: tls, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext, common_tls_context: {{alpn_protocols: [h2], tls_certificates: [{{certificate_chain: {{filename: \"{p}/server.pem\"}}, private_key: {{filename: \"{p}/server.key\"}}}}]}}}}}}\n      filters:\n"
+                    ),
+                    1,
+                )
+            }
+        },
+    )?;
     let mut results = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _running = proxies::start(bins, kind, &path, admin, work)?;

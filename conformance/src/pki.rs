@@ -14,7 +14,16 @@ use std::path::Path;
 
 pub const GOOD_ID: &str = "spiffe://conformance.test/good";
 
-pub fn write(dir: &Path) -> std::io::Result<()> {
+/// The run's PKI under `<work>/pki`, made on first use.
+pub fn ensure(work: &Path) -> std::io::Result<std::path::PathBuf> {
+    let dir = work.join("pki");
+    if !dir.join("ca.pem").exists() {
+        write(&dir)?;
+    }
+    Ok(dir)
+}
+
+fn write(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let ca = Ca::new("conformance");
     let rogue = Ca::new("rogue");

@@ -171,11 +171,8 @@ pub async fn run_file(
     let mut ups = Vec::new();
     let mut text = sc.bootstrap.clone();
     // Every scenario gets the same PKI (written to <work>/pki, `{{PKI}}`).
-    let pki = work.join("pki");
+    let pki = crate::pki::ensure(work)?;
     text = text.replace("{{PKI}}", &pki.display().to_string());
-    if !pki.join("ca.pem").exists() {
-        crate::pki::write(&pki)?;
-    }
     let upstream_tls = legate_tests::pki::server_config(
         &legate_tests::pki::Leaf::load(&pki, "upstream")?,
         &[],

@@ -56,10 +56,7 @@ pub fn run(bins: &Binaries, corpus: &Path, work: &Path, report: &mut Report) -> 
         // Cases with certificates name the run's PKI as `{{PKI}}`.
         let text = std::fs::read_to_string(&f)?;
         if text.contains("{{PKI}}") {
-            let pki = work.join("pki");
-            if !pki.join("ca.pem").exists() {
-                crate::pki::write(&pki)?;
-            }
+            let pki = crate::pki::ensure(work)?;
             let out = work.join(format!(
                 "validate-{}",
                 f.file_name().unwrap().to_string_lossy()

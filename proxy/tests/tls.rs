@@ -46,6 +46,18 @@ fn tls_inspector() -> Value {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}])
 }
 
+/// An echo upstream behind TLS with `leaf`; with `client_ca` (PEM) it asks
+/// for client certificates.
+async fn tls_upstream(name: &str, leaf: &Leaf, client_ca: Option<&str>) -> echo::Echo {
+    echo::start_tls(
+        name,
+        "127.0.0.1:0".parse().unwrap(),
+        pki::server_config(leaf, &[], client_ca),
+    )
+    .await
+    .unwrap()
+}
+
 /// What a curl run saw; Err carries curl's exit code and message.
 struct Seen {
     status: u16,
@@ -195,13 +207,7 @@ async fn tls_inspector_routes_by_sni_passes_tls_through_and_keeps_plaintext() {
     let terminated = upstream("terminated").await;
     let plain = upstream("plain").await;
     // The passthrough upstream terminates TLS itself, with its own cert.
-    let behind = echo::start_tls(
-        "behind",
-        "127.0.0.1:0".parse().unwrap(),
-        pki::server_config(&pass, &[], None),
-    )
-    .await
-    .unwrap();
+    let behind = tls_upstream("behind", &pass, None).await;
     let (port, admin) = (free_port(), free_port());
     let l = json!({
         "name": "edge", "address": addr("127.0.0.1", port),
@@ -354,13 +360,7 @@ async fn originates_tls_with_sni_ca_check_and_client_certificate() {
     let rogue = Ca::new("orig-rogue");
     let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
     let client = ca.leaf("client", &["legate.test"], LeafOpts::default());
-    let up = echo::start_tls(
-        "tls-up",
-        "127.0.0.1:0".parse().unwrap(),
-        pki::server_config(&up_leaf, &[], Some(&ca.cert_pem)),
-    )
-    .await
-    .unwrap();
+    let up = tls_upstream("tls-up", &up_leaf, Some(&ca.cert_pem)).await;
     let ctx = |ca: &Ca, sni: &str| {
         json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
             "@type": UP_TLS_CTX, "sni": sni,
@@ -491,13 +491,7 @@ async fn transport_socket_matches_pick_tls_per_endpoint_metadata() {
     // the rest plaintext.
     let ca = Ca::new("tsm");
     let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
-    let secure = echo::start_tls(
-        "secure",
-        "127.0.0.1:0".parse().unwrap(),
-        pki::server_config(&up_leaf, &[], None),
-    )
-    .await
-    .unwrap();
+    let secure = tls_upstream("secure", &up_leaf, None).await;
     let plain = upstream("plain").await;
     let matches = json!({"transport_socket_matches": [
         {"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": {
@@ -628,13 +622,7 @@ async fn sessions_resume_and_a_stalled_handshake_is_closed_at_its_deadline() {
 async fn auto_host_sni_with_san_validation_checks_the_host_against_the_certificate() {
     let ca = Ca::new("autosni");
     let up_leaf = ca.leaf("up", &["up.test"], LeafOpts::default());
-    let up = echo::start_tls(
-        "auto",
-        "127.0.0.1:0".parse().unwrap(),
-        pki::server_config(&up_leaf, &[], None),
-    )
-    .await
-    .unwrap();
+    let up = tls_upstream("auto", &up_leaf, None).await;
     let ctx = json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": UP_TLS_CTX, "auto_host_sni": true, "auto_sni_san_validation": true,
         "common_tls_context": {"validation_context": {"trusted_ca": file(&ca.ca_path())}}}}});
