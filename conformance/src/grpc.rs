@@ -70,8 +70,7 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
     let mut results = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _running = proxies::start(bins, kind, &path, admin, work)?;
-        let mut r = Vec::new();
-        for case in CASES {
+        let run_case = |case: &str| -> Result<(bool, String)> {
             let out = Command::new("timeout")
                 .args(["30"])
                 .arg(&client)
@@ -89,7 +88,21 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
                 .last()
                 .unwrap_or("")
                 .to_string();
-            r.push((out.status.success(), tail));
+            Ok((out.status.success(), tail))
+        };
+        let mut r = Vec::new();
+        for case in CASES {
+            // Some cases race deadlines on a busy 2-core machine (Envoy
+            // itself then fails timeout_on_sleeping_server): a failure is
+            // tried twice more, for both proxies alike, before it counts.
+            let mut result = run_case(case)?;
+            for _ in 0..2 {
+                if result.0 {
+                    break;
+                }
+                result = run_case(case)?;
+            }
+            r.push(result);
         }
         results.push(r);
     }
