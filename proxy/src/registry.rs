@@ -687,6 +687,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "weighted_clusters",
             "idle_timeout",
             "max_connect_attempts",
+            "max_downstream_connection_duration",
         ],
         &[("access_log", NO_LOG)],
     ),
@@ -709,6 +710,16 @@ pub static REGISTRY: &[MessageSupport] = &[
             ("enable_ja4_fingerprinting", "fingerprints only feed logs"),
             ("initial_read_buffer_size", "a read-size hint; Legate peeks up to the ClientHello limit"),
         ],
+    ),
+    m(
+        "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+        &["stat_prefix", "token_bucket"],
+        &[],
+    ),
+    m(
+        "envoy.type.v3.TokenBucket",
+        &["max_tokens", "tokens_per_fill", "fill_interval"],
+        &[],
     ),
     // RBAC (network filter).
     m(

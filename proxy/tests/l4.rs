@@ -282,3 +282,121 @@ async fn connection_limit_closes_connections_over_the_limit() {
     third.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer, "2 218");
 }
+
+/// A TCP server that hashes everything it receives (SHA-256) and answers
+/// with the digest once the client half-closes.
+async fn hashing_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => ctx.update(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(ctx.finish().as_ref()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gibibyte_through_tcp_proxy_arrives_intact() {
+    let up = hashing_server().await;
+    let (_l, port, admin) = start_listener(
+        vec![chain(json!({}), tcp("h"))],
+        vec![cluster("h", &[up], json!({}))],
+    );
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // 1 GiB of xorshift bytes, hashed as they are sent.
+    const TOTAL: usize = 1 << 30;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let started = std::time::Instant::now();
+    for _ in 0..TOTAL / chunk.len() {
+        for w in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        ctx.update(&chunk);
+        s.write_all(&chunk).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let mut digest = Vec::new();
+    s.read_to_end(&mut digest).await.unwrap();
+    let took = started.elapsed();
+    println!("1 GiB through tcp_proxy in {took:?}");
+    assert_eq!(
+        digest,
+        ctx.finish().as_ref(),
+        "the upstream saw other bytes"
+    );
+    assert_eq!(
+        stat(admin, "tcp.tcp.downstream_cx_rx_bytes_total"),
+        Some(TOTAL as u64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_ratelimit_closes_connections_beyond_the_bucket() {
+    let a = upstream("a").await;
+    let limit = json!({"name": "envoy.filters.network.local_ratelimit", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",
+        "stat_prefix": "conns", "token_bucket": {"max_tokens": 2, "fill_interval": "60s"}}});
+    let (_l, port, admin) = start_listener(
+        vec![json!({"filters": [limit, http("a")]})],
+        vec![cluster("a", &[a.addr], json!({}))],
+    );
+    // Legate::start's readiness probe took one token: one is left.
+    let url = format!("http://127.0.0.1:{port}/");
+    assert_eq!(curl(&url, &[]).status, 200);
+    assert!(
+        legate_tests::legate::try_curl(&url, &[]).is_err(),
+        "the bucket is empty"
+    );
+    assert_eq!(stat(admin, "local_ratelimit.conns.rate_limited"), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_downstream_connection_duration_closes_the_connection() {
+    let up = hashing_server().await;
+    let mut t = tcp("h");
+    t["typed_config"]["max_downstream_connection_duration"] = json!("1s");
+    let (_l, port, admin) = start_listener(
+        vec![chain(json!({}), t)],
+        vec![cluster("h", &[up], json!({}))],
+    );
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"still here").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    // Closed by Legate (without the digest: the upstream never saw EOF).
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(800),
+        "closed after {took:?}"
+    );
+    assert_eq!(
+        stat(admin, "tcp.tcp.max_downstream_connection_duration"),
+        Some(1)
+    );
+}

@@ -31,6 +31,8 @@ pub struct FilterChain {
     /// `rbac` network filters, checked once the connection's identity is
     /// known (after the TLS handshake).
     pub rbac: Vec<Arc<super::rbac::Rbac>>,
+    /// `local_ratelimit` network filters, checked as the connection opens.
+    pub ratelimits: Vec<Arc<super::local_ratelimit::LocalRateLimit>>,
     pub filter: NetworkFilter,
     /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
     pub tls: Option<Arc<super::tls::ServerTls>>,
@@ -132,6 +134,9 @@ pub struct TcpProxy {
     /// Envoy's default is 1 h; None: disabled (an explicit 0).
     pub idle_timeout: Option<std::time::Duration>,
     pub max_connect_attempts: u32,
+    /// `max_downstream_connection_duration`: the connection is closed
+    /// this long after it was accepted.
+    pub max_duration: Option<std::time::Duration>,
 }
 
 impl TcpProxy {
@@ -706,6 +711,7 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
     };
     let mut limits = Vec::new();
     let mut rbac = Vec::new();
+    let mut ratelimits = Vec::new();
     for (i, f) in fc.filters[..last].iter().enumerate() {
         let f_path = join(&index(&fc_path, "filters", i), "typed_config");
         let any = match &f.config_type {
@@ -719,6 +725,13 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
                     prost::Message::decode(any.value.as_slice())
                         .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
                 limits.push(Arc::new(ConnectionLimit::from_proto(&c, &f_path)?));
+            }
+            super::local_ratelimit::LOCAL_RATELIMIT_TYPE => {
+                let l = prost::Message::decode(any.value.as_slice())
+                    .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
+                ratelimits.push(Arc::new(
+                    super::local_ratelimit::LocalRateLimit::from_proto(&l, &f_path)?,
+                ));
             }
             super::rbac::RBAC_TYPE => {
                 let r = prost::Message::decode(any.value.as_slice())
@@ -745,6 +758,7 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
     Ok(FilterChain {
         limits,
         rbac,
+        ratelimits,
         filter,
         tls,
         handshake_timeout,
@@ -832,6 +846,11 @@ impl TcpProxy {
             clusters,
             idle_timeout,
             max_connect_attempts: t.max_connect_attempts.val().unwrap_or(1).max(1),
+            max_duration: super::timeout_or(
+                t.max_downstream_connection_duration.as_ref(),
+                None,
+                &join(path, "max_downstream_connection_duration"),
+            )?,
         })
     }
 }

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod filter_chain;
 pub mod listener;
+pub mod local_ratelimit;
 pub mod matcher;
 pub mod rbac;
 pub mod route;

@@ -64,8 +64,8 @@ fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
     if chain.tls.is_some() {
         return Err("TLS termination needs the proxy");
     }
-    if !chain.rbac.is_empty() {
-        return Err("rbac needs the proxy");
+    if !chain.rbac.is_empty() || !chain.ratelimits.is_empty() {
+        return Err("rbac and local_ratelimit need the proxy");
     }
     if !chain.limits.is_empty() {
         return Err("connection_limit needs the proxy");
@@ -78,6 +78,9 @@ fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
     }
     if tp.idle_timeout != Some(DEFAULT_TCP_IDLE) {
         return Err("a non-default tcp_proxy idle_timeout needs the proxy");
+    }
+    if tp.max_duration.is_some() {
+        return Err("max_downstream_connection_duration needs the proxy");
     }
     if tp.max_connect_attempts > 1 {
         return Err("tcp_proxy max_connect_attempts > 1 needs the proxy to retry");

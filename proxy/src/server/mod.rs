@@ -377,8 +377,14 @@ async fn serve_connection(
         tracing::debug!(%peer, listener = %config.name, "no filter chain matches; closing");
         return;
     };
-    // Connection limits first: a connection over a limit is closed (after
-    // the filter's delay) without being read.
+    // Rate limits and connection limits first: a connection over one is
+    // closed without being read (after a connection_limit's delay).
+    for r in &filter.ratelimits {
+        if !r.try_take(std::time::Instant::now()) {
+            stats::counter(format!("local_ratelimit.{}.rate_limited", r.stat_prefix)).increment(1);
+            return;
+        }
+    }
     let mut _slots = Vec::with_capacity(filter.limits.len());
     for l in &filter.limits {
         match l.try_acquire() {

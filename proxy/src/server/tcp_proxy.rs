@@ -53,6 +53,27 @@ pub async fn serve<D: Halves>(
 ) {
     let prefix = format!("tcp.{}.", t.stat_prefix);
     stats::counter(format!("{prefix}downstream_cx_total")).increment(1);
+    match t.max_duration {
+        None => proxy(down, peer, &t, &clusters, &prefix).await,
+        // Dropping the work closes both sockets.
+        Some(d) => {
+            if tokio::time::timeout(d, proxy(down, peer, &t, &clusters, &prefix))
+                .await
+                .is_err()
+            {
+                stats::counter(format!("{prefix}max_downstream_connection_duration")).increment(1);
+            }
+        }
+    }
+}
+
+async fn proxy<D: Halves>(
+    down: D,
+    peer: SocketAddr,
+    t: &TcpProxy,
+    clusters: &ClusterManager,
+    prefix: &str,
+) {
     let name = t.pick_cluster(rand::random());
     let Some(cluster) = clusters.get(name) else {
         // Envoy closes the connection when the cluster does not exist.
