@@ -688,6 +688,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "idle_timeout",
             "max_connect_attempts",
             "max_downstream_connection_duration",
+            "hash_policy",
         ],
         &[("access_log", NO_LOG)],
     ),
@@ -716,6 +717,8 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["stat_prefix", "token_bucket"],
         &[],
     ),
+    m("envoy.type.v3.HashPolicy", &["source_ip"], &[]),
+    m("envoy.type.v3.HashPolicy.SourceIp", &[], &[]),
     m(
         "envoy.type.v3.TokenBucket",
         &["max_tokens", "tokens_per_fill", "fill_interval"],

@@ -400,3 +400,43 @@ async fn max_downstream_connection_duration_closes_the_connection() {
         Some(1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_source_ip_hash_pins_each_client_to_one_maglev_host() {
+    let ups = [
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    ];
+    let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
+    let mut t = tcp("m");
+    t["typed_config"]["hash_policy"] = json!([{"source_ip": {}}]);
+    let (_l, port, _admin) = start_listener(
+        vec![chain(json!({}), t)],
+        vec![cluster("m", &addrs, json!({"lb_policy": "MAGLEV"}))],
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut seen = std::collections::BTreeMap::new();
+    for ip in [
+        "127.0.0.1",
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+    ] {
+        let hosts: std::collections::BTreeSet<String> = (0..8)
+            .map(|_| {
+                curl(&url, &["--interface", ip])
+                    .header("x-echo-server")
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(hosts.len(), 1, "{ip} went to {hosts:?}");
+        seen.insert(ip, hosts.into_iter().next().unwrap());
+    }
+    // Six clients over three hosts: the hash spreads them.
+    let distinct: std::collections::BTreeSet<_> = seen.values().collect();
+    assert!(distinct.len() >= 2, "all clients on one host: {seen:?}");
+}

@@ -137,6 +137,9 @@ pub struct TcpProxy {
     /// `max_downstream_connection_duration`: the connection is closed
     /// this long after it was accepted.
     pub max_duration: Option<std::time::Duration>,
+    /// `hash_policy` `source_ip`: ring hash and Maglev clusters pick by the
+    /// client's address.
+    pub hash_source_ip: bool,
 }
 
 impl TcpProxy {
@@ -851,6 +854,22 @@ impl TcpProxy {
                 None,
                 &join(path, "max_downstream_connection_duration"),
             )?,
+            hash_source_ip: {
+                use legate_proto::envoy_types::pb::envoy::r#type::v3::hash_policy::PolicySpecifier as P;
+                let mut on = false;
+                for (i, h) in t.hash_policy.iter().enumerate() {
+                    match &h.policy_specifier {
+                        Some(P::SourceIp(_)) => on = true,
+                        _ => {
+                            return Err(ConfigError::new(
+                                index(path, "hash_policy", i),
+                                "only source_ip hashing is supported",
+                            ))
+                        }
+                    }
+                }
+                on
+            },
         })
     }
 }

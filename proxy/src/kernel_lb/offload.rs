@@ -79,6 +79,9 @@ fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
     if tp.idle_timeout != Some(DEFAULT_TCP_IDLE) {
         return Err("a non-default tcp_proxy idle_timeout needs the proxy");
     }
+    if tp.hash_source_ip {
+        return Err("tcp_proxy hash_policy needs the proxy (the kernel picks a random slot)");
+    }
     if tp.max_duration.is_some() {
         return Err("max_downstream_connection_duration needs the proxy");
     }

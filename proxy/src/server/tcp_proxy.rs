@@ -86,7 +86,11 @@ async fn proxy<D: Halves>(
     // Each failed attempt picks again (max_connect_attempts, default 1); as
     // in Envoy's tcp_proxy the balancer is not told which hosts failed.
     for _ in 0..t.max_connect_attempts {
-        let Some(host) = snap.pick(None, rand::random(), &|_| false, None) else {
+        // Envoy's source_ip hash: xxHash64 of the address as text.
+        let hash = t
+            .hash_source_ip
+            .then(|| xxhash_rust::xxh64::xxh64(peer.ip().to_string().as_bytes(), 0));
+        let Some(host) = snap.pick(hash, rand::random(), &|_| false, None) else {
             stats::counter(format!("cluster.{name}.upstream_cx_none_healthy")).increment(1);
             return;
         };
