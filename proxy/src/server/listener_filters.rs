@@ -24,49 +24,66 @@ pub enum Outcome {
     Close,
 }
 
+/// Peeks (never reads) at a new connection's first bytes until `decide`
+/// has an answer; None when the client closes first. `decide` sees the
+/// bytes so far and whether they fill `buf`. While no new bytes come it
+/// backs off (1 ms doubling to 50 ms), so a slow sender costs little: peek
+/// returns at once while bytes are queued.
+pub async fn peek_until<T>(
+    sock: &TcpStream,
+    buf: &mut [u8],
+    mut decide: impl FnMut(&[u8], bool) -> Option<T>,
+) -> Option<T> {
+    let mut delay = Duration::from_millis(1);
+    let mut seen = 0;
+    loop {
+        let n = match sock.peek(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => n,
+        };
+        if let Some(t) = decide(&buf[..n], n == buf.len()) {
+            return Some(t);
+        }
+        if n == seen {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+        }
+        seen = n;
+    }
+}
+
 /// Runs `tls_inspector` on a new connection within `timeout`.
 pub async fn tls_inspector(sock: &TcpStream, timeout: Option<Duration>) -> Outcome {
     let peek = async {
         let mut buf = vec![0u8; MAX_CLIENT_HELLO + 64];
-        let mut delay = Duration::from_millis(1);
-        let mut seen = 0;
-        loop {
-            let n = match sock.peek(&mut buf).await {
-                Ok(0) | Err(_) => return Outcome::Close,
-                Ok(n) => n,
-            };
-            match hello::parse(&buf[..n]) {
-                Hello::NeedMore if n < buf.len() => {
-                    // peek returns at once while bytes are queued: wait for
-                    // more, backing off so a slow sender costs little.
-                    if n == seen {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(50));
-                    }
-                    seen = n;
-                }
-                Hello::NeedMore | Hello::TooLarge => {
-                    stats::counter("tls_inspector.client_hello_too_large".into()).increment(1);
-                    return Outcome::Close;
-                }
-                Hello::NotTls => {
-                    stats::counter("tls_inspector.tls_not_found".into()).increment(1);
-                    return Outcome::Found(Found::default());
-                }
-                Hello::Tls { sni, alpn } => {
-                    stats::counter("tls_inspector.tls_found".into()).increment(1);
-                    let which = |found: bool, what: &str| {
-                        let s = if found { "found" } else { "not_found" };
-                        stats::counter(format!("tls_inspector.{what}_{s}")).increment(1);
-                    };
-                    which(sni.is_some(), "sni");
-                    which(!alpn.is_empty(), "alpn");
-                    return Outcome::Found(Found {
-                        tls: true,
-                        sni: sni.unwrap_or_default(),
-                        alpn,
-                    });
-                }
+        let hello = peek_until(sock, &mut buf, |b, full| match hello::parse(b) {
+            Hello::NeedMore if !full => None,
+            other => Some(other),
+        })
+        .await;
+        match hello {
+            None => Outcome::Close,
+            Some(Hello::NeedMore | Hello::TooLarge) => {
+                stats::counter("tls_inspector.client_hello_too_large".into()).increment(1);
+                Outcome::Close
+            }
+            Some(Hello::NotTls) => {
+                stats::counter("tls_inspector.tls_not_found".into()).increment(1);
+                Outcome::Found(Found::default())
+            }
+            Some(Hello::Tls { sni, alpn }) => {
+                stats::counter("tls_inspector.tls_found".into()).increment(1);
+                let which = |found: bool, what: &str| {
+                    let s = if found { "found" } else { "not_found" };
+                    stats::counter(format!("tls_inspector.{what}_{s}")).increment(1);
+                };
+                which(sni.is_some(), "sni");
+                which(!alpn.is_empty(), "alpn");
+                Outcome::Found(Found {
+                    tls: true,
+                    sni: sni.unwrap_or_default(),
+                    alpn,
+                })
             }
         }
     };

@@ -565,25 +565,13 @@ fn handshake_done<S, E: std::fmt::Display>(
 /// complete it (h2c). `None`: the client closed or stayed silent.
 async fn sniff_h2(sock: &tokio::net::TcpStream) -> Option<bool> {
     let mut buf = [0u8; 24];
-    let mut delay = Duration::from_millis(1);
-    let sniff = async {
-        loop {
-            let n = sock.peek(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if buf[..n] != H2_PREFACE[..n] {
-                return Some(false);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(true);
-            }
-            // A partial preface: wait for more bytes, backing off so a slow
-            // sender costs little.
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
+    let sniff = listener_filters::peek_until(sock, &mut buf, |b, full| {
+        if b != &H2_PREFACE[..b.len()] {
+            Some(false)
+        } else {
+            full.then_some(true)
         }
-    };
+    });
     // Envoy's default listener_filters_timeout.
     tokio::time::timeout(Duration::from_secs(15), sniff)
         .await

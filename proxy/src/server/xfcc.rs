@@ -2,7 +2,7 @@
 //! `set_current_client_cert_details`. Pure over the request and what the
 //! TLS handshake showed, so it is tested here without sockets.
 
-use crate::tls::verify::{issuer, sans, subject, SanType};
+use crate::tls::verify::{issuer, sans, sha256, subject, SanType};
 
 pub use crate::config::listener::{XfccDetails as Details, XfccMode as Mode};
 
@@ -48,8 +48,7 @@ pub fn mutate(
 fn element(d: &Details, peer: &PeerTls) -> String {
     let leaf = &peer.chain[0];
     let mut parts: Vec<String> = peer.local_uris.iter().map(|u| format!("By={u}")).collect();
-    let hash = ring::digest::digest(&ring::digest::SHA256, leaf);
-    parts.push(format!("Hash={}", hex(hash.as_ref())));
+    parts.push(format!("Hash={}", hex(&sha256(leaf))));
     if d.cert {
         parts.push(format!("Cert=\"{}\"", url_encode(&pem(leaf))));
     }

@@ -63,26 +63,36 @@ impl<T> Clone for Src<T> {
     }
 }
 
-impl Src<CertBundle> {
-    pub fn current(&self) -> Option<Arc<CertBundle>> {
-        match self {
-            Src::Fixed(c) => Some(c.clone()),
-            Src::Sds(name) => match get_dynamic(name)?.as_ref() {
-                SecretValue::Cert(c) => Some(c.clone()),
-                SecretValue::Trust(_) => None,
-            },
+/// What an SDS secret must hold to serve as a `T`.
+pub trait FromSecret: Sized {
+    fn from_secret(v: &SecretValue) -> Option<Arc<Self>>;
+}
+
+impl FromSecret for CertBundle {
+    fn from_secret(v: &SecretValue) -> Option<Arc<Self>> {
+        match v {
+            SecretValue::Cert(c) => Some(c.clone()),
+            SecretValue::Trust(_) => None,
         }
     }
 }
 
-impl Src<Trust> {
-    pub fn current(&self) -> Option<Arc<Trust>> {
+impl FromSecret for Trust {
+    fn from_secret(v: &SecretValue) -> Option<Arc<Self>> {
+        match v {
+            SecretValue::Trust(t) => Some(t.clone()),
+            SecretValue::Cert(_) => None,
+        }
+    }
+}
+
+impl<T: FromSecret> Src<T> {
+    /// The value now: fixed, or the SDS secret's current version (None
+    /// while it is missing or of the wrong kind).
+    pub fn current(&self) -> Option<Arc<T>> {
         match self {
             Src::Fixed(t) => Some(t.clone()),
-            Src::Sds(name) => match get_dynamic(name)?.as_ref() {
-                SecretValue::Trust(t) => Some(t.clone()),
-                SecretValue::Cert(_) => None,
-            },
+            Src::Sds(name) => T::from_secret(get_dynamic(name)?.as_ref()),
         }
     }
 }

@@ -115,7 +115,8 @@ fn escape_dn(v: &str) -> String {
     out
 }
 
-fn sha256(b: &[u8]) -> Vec<u8> {
+/// SHA-256 of `b`.
+pub fn sha256(b: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, b)
         .as_ref()
         .to_vec()
