@@ -172,6 +172,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "listener_filters",
             "listener_filters_timeout",
             "continue_on_listener_filters_timeout",
+            "use_original_dst",
         ],
         &[
             ("metadata", "only informational"),
@@ -711,6 +712,13 @@ pub static REGISTRY: &[MessageSupport] = &[
             ("enable_ja4_fingerprinting", "fingerprints only feed logs"),
             ("initial_read_buffer_size", "a read-size hint; Legate peeks up to the ClientHello limit"),
         ],
+    ),
+    m("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[], &[]),
+    m("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", &[], &[]),
+    m(
+        "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+        &["allow_requests_without_proxy_protocol", "disallowed_versions", "stat_prefix"],
+        &[],
     ),
     m(
         "envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit",

@@ -153,28 +153,6 @@ fn tcp_with(extra: serde_json::Value) -> serde_json::Value {
     f
 }
 
-/// A TCP upstream that writes its name and closes.
-async fn naming_upstream(name: &'static str) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.write_all(name.as_bytes()).await;
-            let _ = s.shutdown().await;
-        }
-    });
-    addr
-}
-
-async fn read_all(port: u16) -> String {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_proxy_weighted_clusters_and_connect_attempts() {
     let (a, b) = (naming_upstream("a").await, naming_upstream("b").await);

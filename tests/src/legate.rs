@@ -82,8 +82,20 @@ impl Legate {
         wait_ports: &[u16],
         admin: Option<u16>,
     ) -> Legate {
+        let ports: Vec<u16> = wait_ports.iter().chain(admin.iter()).copied().collect();
+        let mut l = Self::spawn(Command::new(bin), yaml, args, admin);
+        l.wait_until(
+            |p| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
+            &ports,
+        );
+        l
+    }
+
+    /// Starts `command` (legate, or a wrapper such as `ip netns exec NS
+    /// legate`) with the config and `args`; does not wait.
+    pub fn spawn(mut command: Command, yaml: &str, args: &[&str], admin: Option<u16>) -> Legate {
         let cfg = write_config(yaml);
-        let child = Command::new(bin)
+        let child = command
             .args(["--concurrency", "1", "-l", "warning", "-c"])
             .arg(&cfg.0)
             .args(args)
@@ -91,22 +103,25 @@ impl Legate {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn legate");
-        let mut l = Legate {
+        Legate {
             child,
             _cfg: cfg,
             admin: admin.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
-        };
+        }
+    }
+
+    /// Waits (up to 20 s) until `open(port)` holds for every port.
+    pub fn wait_until(&mut self, open: impl Fn(u16) -> bool, ports: &[u16]) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        for p in wait_ports.iter().chain(admin.iter()) {
-            while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
-                if let Ok(Some(status)) = l.child.try_wait() {
+        for p in ports {
+            while !open(*p) {
+                if let Ok(Some(status)) = self.child.try_wait() {
                     panic!("legate exited early: {status}");
                 }
                 assert!(Instant::now() < deadline, "legate did not open port {p}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        l
     }
 }
 

@@ -4,5 +4,6 @@
 pub mod cgroup;
 pub mod echo;
 pub mod legate;
+pub mod netns;
 pub mod pki;
 pub mod xds_server;

@@ -88,7 +88,10 @@ pub struct ChainMatch {
 #[derive(Debug, Clone)]
 pub struct ConnInfo<'a> {
     pub local: SocketAddr,
+    /// The client: from a PROXY header when there is one.
     pub peer: SocketAddr,
+    /// The socket's own peer (the proxy that sent a PROXY header).
+    pub direct_peer: SocketAddr,
     /// SNI, from a TLS inspector (none yet: empty).
     pub server_name: &'a str,
     /// `raw_buffer`, or `tls` from a TLS inspector.
@@ -229,8 +232,7 @@ fn scores(m: &ChainMatch, c: &ConnInfo) -> [Option<u32>; 9] {
         server_name_score(&m.server_names, c.server_name),
         transport,
         alpn,
-        // Without PROXY protocol the direct source is the peer.
-        cidr_score(&m.direct_source_prefix_ranges, c.peer.ip()),
+        cidr_score(&m.direct_source_prefix_ranges, c.direct_peer.ip()),
         source_type,
         cidr_score(&m.source_prefix_ranges, c.peer.ip()),
         source_port,
@@ -280,6 +282,7 @@ mod tests {
             &ConnInfo {
                 local: l,
                 peer: p,
+                direct_peer: p,
                 server_name: "",
                 transport_protocol: "raw_buffer",
                 application_protocols: &[],
@@ -385,7 +388,7 @@ mod tests {
             let peer = format!("127.0.0.{peer_last}:9");
             if let Some(i) = pick(&chains, &local, &peer) {
                 let (l, p) = conn(&local, &peer);
-                let s = scores(&chains[i], &ConnInfo { local: l, peer: p, server_name: "", transport_protocol: "raw_buffer", application_protocols: &[] });
+                let s = scores(&chains[i], &ConnInfo { local: l, peer: p, direct_peer: p, server_name: "", transport_protocol: "raw_buffer", application_protocols: &[] });
                 proptest::prop_assert!(s.iter().all(Option::is_some));
             }
         }

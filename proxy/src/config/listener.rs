@@ -48,6 +48,63 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::
 
 pub const TLS_INSPECTOR_TYPE: &str =
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+pub const HTTP_INSPECTOR_TYPE: &str =
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+pub const ORIGINAL_DST_TYPE: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+pub const PROXY_PROTOCOL_TYPE: &str =
+    "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol";
+
+/// A listener filter (see `server::listener_filters`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerFilter {
+    TlsInspector,
+    HttpInspector,
+    OriginalDst,
+    ProxyProtocol(ProxyProtocolConfig),
+}
+
+/// The `proxy_protocol` listener filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyProtocolConfig {
+    /// `allow_requests_without_proxy_protocol`.
+    pub allow_without: bool,
+    pub disallow_v1: bool,
+    pub disallow_v2: bool,
+    /// `proxy_proto.` or `proxy_proto.<stat_prefix>.`
+    pub stat_prefix: String,
+}
+
+impl ProxyProtocolConfig {
+    fn from_proto(
+        p: &legate_proto::envoy_types::pb::envoy::extensions::filters::listener::proxy_protocol::v3::ProxyProtocol,
+        path: &str,
+    ) -> Result<Self> {
+        use legate_proto::envoy_types::pb::envoy::config::core::v3::proxy_protocol_config::Version;
+        let mut c = Self {
+            allow_without: p.allow_requests_without_proxy_protocol,
+            disallow_v1: false,
+            disallow_v2: false,
+            stat_prefix: if p.stat_prefix.is_empty() {
+                "proxy_proto.".into()
+            } else {
+                format!("proxy_proto.{}.", p.stat_prefix)
+            },
+        };
+        for (i, v) in p.disallowed_versions.iter().enumerate() {
+            match Version::try_from(*v) {
+                Ok(Version::V1) => c.disallow_v1 = true,
+                Ok(Version::V2) => c.disallow_v2 = true,
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        index(path, "disallowed_versions", i),
+                        format!("unknown version {v}"),
+                    ))
+                }
+            }
+        }
+        Ok(c)
+    }
+}
 
 /// `connection_limit`: at most `max` connections at once through this
 /// filter; beyond that a connection is closed, after `delay`.
@@ -201,9 +258,12 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
-    /// A `tls_inspector` listener filter: SNI, ALPN and `tls` transport
-    /// for filter chain matching.
-    pub tls_inspector: bool,
+    /// Listener filters, in order.
+    pub listener_filters: Vec<ListenerFilter>,
+    /// `use_original_dst`: a connection whose destination was restored (by
+    /// `original_dst` or PROXY protocol) is handed to the listener on that
+    /// address, if there is one: Istio's 15001 virtual listener.
+    pub use_original_dst: bool,
     /// `listener_filters_timeout` (default 15 s; None: disabled).
     pub listener_filters_timeout: Option<std::time::Duration>,
     /// `continue_on_listener_filters_timeout`: on timeout, match the chain
@@ -338,7 +398,7 @@ impl Listener {
                 "a listener needs a filter chain or a default_filter_chain",
             ));
         }
-        let mut tls_inspector = false;
+        let mut listener_filters = Vec::with_capacity(l.listener_filters.len());
         for (i, f) in l.listener_filters.iter().enumerate() {
             let p = index(path, "listener_filters", i);
             use pb::listener_filter::ConfigType;
@@ -357,15 +417,26 @@ impl Listener {
                     ))
                 }
             };
-            match tn {
-                TLS_INSPECTOR_TYPE => tls_inspector = true,
+            listener_filters.push(match tn {
+                TLS_INSPECTOR_TYPE => ListenerFilter::TlsInspector,
+                HTTP_INSPECTOR_TYPE => ListenerFilter::HttpInspector,
+                ORIGINAL_DST_TYPE => ListenerFilter::OriginalDst,
+                PROXY_PROTOCOL_TYPE => {
+                    let tc = join(&p, "typed_config");
+                    let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
+                        unreachable!("typed_config checked above")
+                    };
+                    let pp = prost::Message::decode(a.value.as_slice())
+                        .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+                    ListenerFilter::ProxyProtocol(ProxyProtocolConfig::from_proto(&pp, &tc)?)
+                }
                 _ => {
                     return Err(ConfigError::new(
                         join(&p, "typed_config"),
                         format!("listener filter {tn} is not supported"),
                     ))
                 }
-            }
+            });
         }
         let listener_filters_timeout = super::timeout_or(
             l.listener_filters_timeout.as_ref(),
@@ -384,7 +455,8 @@ impl Listener {
             chains,
             default_chain,
             bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
-            tls_inspector,
+            listener_filters,
+            use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
             listener_filters_timeout,
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             inbound: l.traffic_direction

@@ -53,8 +53,8 @@ pub fn classify(l: &Listener) -> Decision {
 
 /// The cluster, if the kernel alone can serve the listener; else why not.
 fn direct_blocker(l: &Listener) -> Result<String, &'static str> {
-    if l.tls_inspector {
-        return Err("listener filters (tls_inspector) need the proxy");
+    if !l.listener_filters.is_empty() {
+        return Err("listener filters need the proxy");
     }
     let chain = match (&l.chains[..], &l.default_chain) {
         ([(m, c)], None) if *m == ChainMatch::default() => c,

@@ -61,18 +61,54 @@ struct Running {
     accept: tokio::task::JoinHandle<()>,
 }
 
+type RunningMap = Arc<Mutex<HashMap<String, Running>>>;
+
 /// What the accept loops share.
 #[derive(Clone)]
 struct Ctx {
     proxy: Arc<HttpProxy<hcm::HcmProxy>>,
     clusters: Arc<ClusterManager>,
     drain_time: Duration,
+    /// Every listener, for handing connections over by address.
+    running: RunningMap,
+}
+
+impl Ctx {
+    /// The listener a connection to `addr` belongs to, as Envoy finds it
+    /// for `use_original_dst`: the exact address, else a listener on the
+    /// same port at the unspecified address of the same family.
+    fn listener_at(&self, addr: SocketAddr) -> Option<Arc<Generation>> {
+        let running = self.running.lock().unwrap();
+        let any = SocketAddr::new(
+            match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            addr.port(),
+        );
+        let find = |a: SocketAddr| running.values().find(|r| r.config.address == a);
+        find(addr)
+            .or_else(|| find(any))
+            .map(|r| r.current.load_full())
+    }
+}
+
+/// A connection as accepted, before its listener filters ran.
+struct Accepted {
+    sock: tokio::net::TcpStream,
+    /// The socket's own peer: `direct_source_prefix_ranges` matches it.
+    direct_peer: SocketAddr,
+    /// The client: the direct peer, or what a PROXY header said.
+    peer: SocketAddr,
+    /// Where the client connected: the socket's address, or the original
+    /// destination (a redirected connection, or one handed over).
+    local: SocketAddr,
 }
 
 /// Owns the running listeners.
 pub struct ListenerManager {
     ctx: Ctx,
-    running: Mutex<HashMap<String, Running>>,
+    running: RunningMap,
 }
 
 fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<tokio::net::TcpListener> {
@@ -113,13 +149,15 @@ impl ListenerManager {
         clusters: Arc<ClusterManager>,
         drain_time: Duration,
     ) -> Self {
+        let running = RunningMap::default();
         Self {
             ctx: Ctx {
                 proxy,
                 clusters,
                 drain_time,
+                running: running.clone(),
             },
-            running: Mutex::new(HashMap::new()),
+            running,
         }
     }
 
@@ -208,20 +246,18 @@ impl ListenerManager {
     }
 
     /// Serves a connection the kernel LB redirected to Legate with the
-    /// listener whose address is its original destination `orig` (as
-    /// Envoy's `use_original_dst` hands a connection over). False when no
-    /// listener has that address.
+    /// listener at its original destination `orig`, found as Envoy's
+    /// `use_original_dst` finds it. False when no listener has that address.
     pub fn serve_redirected(
         &self,
         orig: SocketAddr,
         sock: tokio::net::TcpStream,
         peer: SocketAddr,
     ) -> bool {
-        let running = self.running.lock().unwrap();
-        let Some(r) = running.values().find(|r| r.config.address == orig) else {
+        let Some(gen) = self.ctx.listener_at(orig) else {
             return false;
         };
-        spawn_connection(&r.current.load_full(), sock, peer, Some(orig), &self.ctx);
+        spawn_connection(gen, sock, peer, Some(orig), &self.ctx);
         true
     }
 
@@ -301,7 +337,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        spawn_connection(&current.load_full(), sock, peer, None, &ctx);
+        spawn_connection(current.load_full(), sock, peer, None, &ctx);
     }
 }
 
@@ -309,26 +345,41 @@ async fn accept_loop(
 /// overrides the socket's own address for filter chain matching (the
 /// original destination of a redirected connection).
 fn spawn_connection(
-    gen: &Generation,
+    gen: Arc<Generation>,
     sock: tokio::net::TcpStream,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     ctx: &Ctx,
 ) {
-    let config = gen.config.clone();
-    let drain = gen.drain.clone();
-    stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)).increment(1);
     let _ = sock.set_nodelay(true);
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let work = serve_connection(sock, peer, local, config, &ctx, &drain);
-        // After a drain starts, connections get the drain time to finish
-        // and are then closed, as Envoy closes them.
-        tokio::select! {
-            _ = work => {}
-            _ = drain_deadline(drain.clone(), ctx.drain_time) => {
-                tracing::debug!(%peer, "drain time over; closing the connection");
-            }
+        let Some(local) = local.or_else(|| sock.local_addr().ok()) else {
+            return;
+        };
+        let mut conn = Accepted {
+            sock,
+            direct_peer: peer,
+            peer,
+            local,
+        };
+        let mut gen = gen;
+        let mut handed_off = false;
+        loop {
+            let drain = gen.drain.clone();
+            let work = serve_connection(conn, gen.config.clone(), &ctx, &drain, handed_off);
+            // After a drain starts, connections get the drain time to
+            // finish and are then closed, as Envoy closes them.
+            let next = tokio::select! {
+                next = work => next,
+                _ = drain_deadline(drain.clone(), ctx.drain_time) => {
+                    tracing::debug!(%peer, "drain time over; closing the connection");
+                    None
+                }
+            };
+            // Handed over (`use_original_dst`): once, as in Envoy.
+            let Some((c, g)) = next else { break };
+            (conn, gen, handed_off) = (c, g, true);
         }
     });
 }
@@ -341,33 +392,60 @@ async fn drain_deadline(mut drain: watch::Receiver<bool>, drain_time: Duration) 
     tokio::time::sleep(drain_time).await;
 }
 
+/// Runs a listener's filters, then its filter chain. Returns the connection
+/// and the listener to hand it to when `use_original_dst` says so (and
+/// `handed_off` says it has not been handed over already).
 async fn serve_connection(
-    sock: tokio::net::TcpStream,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
+    mut conn: Accepted,
     config: Arc<Listener>,
     ctx: &Ctx,
     drain: &watch::Receiver<bool>,
-) {
-    let found = if config.tls_inspector {
-        match listener_filters::tls_inspector(&sock, config.listener_filters_timeout).await {
-            listener_filters::Outcome::Found(f) => f,
-            listener_filters::Outcome::TimedOut if config.continue_on_listener_filters_timeout => {
-                listener_filters::Found::default()
-            }
-            listener_filters::Outcome::TimedOut => {
+    handed_off: bool,
+) -> Option<(Accepted, Arc<Generation>)> {
+    let mut found = listener_filters::Found::default();
+    if !config.listener_filters.is_empty() {
+        let filters = &config.listener_filters;
+        let run = listener_filters::run(
+            &mut conn.sock,
+            filters,
+            config.listener_filters_timeout,
+            &mut found,
+        );
+        match run.await {
+            Ok(()) => {}
+            Err(listener_filters::Stop::TimedOut)
+                if config.continue_on_listener_filters_timeout => {}
+            Err(listener_filters::Stop::TimedOut) => {
                 stats::counter(format!("{}.downstream_pre_cx_timeout", config.stat_prefix))
                     .increment(1);
-                return;
+                return None;
             }
-            listener_filters::Outcome::Close => return,
+            Err(listener_filters::Stop::Close) => return None,
         }
-    } else {
-        listener_filters::Found::default()
-    };
-    let conn = crate::config::filter_chain::ConnInfo {
-        local: local.unwrap_or_else(|| sock.local_addr().unwrap_or(config.address)),
+    }
+    conn.peer = found.peer.unwrap_or(conn.peer);
+    if let Some(restored) = found.local {
+        conn.local = restored;
+        if config.use_original_dst && !handed_off {
+            if let Some(to) = ctx.listener_at(restored) {
+                if to.config.name != config.name {
+                    tracing::debug!(peer = %conn.peer, %restored, from = %config.name, to = %to.config.name, "original destination: handing the connection over");
+                    return Some((conn, to));
+                }
+            }
+        }
+    }
+    let Accepted {
+        sock,
+        direct_peer,
         peer,
+        local,
+    } = conn;
+    stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)).increment(1);
+    let conn = crate::config::filter_chain::ConnInfo {
+        local,
+        peer,
+        direct_peer,
         server_name: &found.sni,
         transport_protocol: if found.tls { "tls" } else { "raw_buffer" },
         application_protocols: &found.alpn,
@@ -375,14 +453,14 @@ async fn serve_connection(
     let Some(filter) = config.select(&conn) else {
         stats::counter(format!("{}.no_filter_chain_match", config.stat_prefix)).increment(1);
         tracing::debug!(%peer, listener = %config.name, "no filter chain matches; closing");
-        return;
+        return None;
     };
     // Rate limits and connection limits first: a connection over one is
     // closed without being read (after a connection_limit's delay).
     for r in &filter.ratelimits {
         if !r.try_take(std::time::Instant::now()) {
             stats::counter(format!("local_ratelimit.{}.rate_limited", r.stat_prefix)).increment(1);
-            return;
+            return None;
         }
     }
     let mut _slots = Vec::with_capacity(filter.limits.len());
@@ -393,11 +471,10 @@ async fn serve_connection(
                 if let Some(d) = l.delay {
                     tokio::time::sleep(d).await;
                 }
-                return;
+                return None;
             }
         }
     }
-    let local = conn.local;
     let facts = |sni: &'_ str, cert: Option<&'_ [u8]>| -> bool {
         rbac_allows(
             filter,
@@ -421,7 +498,7 @@ async fn serve_connection(
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
                     let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.accept(sock));
                     let Some(down) = handshake_done(hs.await, &config, peer) else {
-                        return;
+                        return None;
                     };
                     let c = down.get_ref().1;
                     let cert = c.peer_certificates().and_then(|p| p.first());
@@ -430,7 +507,7 @@ async fn serve_connection(
                     }
                 }
             }
-            return;
+            return None;
         }
         NetworkFilter::Http(h) => h.clone(),
     };
@@ -456,32 +533,32 @@ async fn serve_connection(
     let (stream, is_h2): (pingora_core::protocols::Stream, bool) = match &filter.tls {
         None => {
             if !facts(&found.sni, None) {
-                return;
+                return None;
             }
             // Decide the protocol ourselves: pingora's own h2c check waits
             // for 24 bytes, which hangs a shorter HTTP/1.1 request.
             let Some(is_h2) = sniff_h2(&sock).await else {
-                return;
+                return None;
             };
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
-            stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            stream.set_socket_digest(digest_of(fd, peer, local));
             stream.set_proxy_digest(digest);
             (Box::new(stream), is_h2)
         }
         Some(tls) => {
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
-            stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
+            stream.set_socket_digest(digest_of(fd, peer, local));
             stream.set_proxy_digest(digest);
             let acceptor =
                 pingora_core::listeners::tls::Acceptor::from_server_config(tls.config.clone());
             let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.tls_handshake(stream));
             let Some(stream) = handshake_done(hs.await, &config, peer) else {
-                return;
+                return None;
             };
             use pingora_core::protocols::{Ssl, ALPN};
             if let Some(t) = stream.get_ssl() {
                 if !facts(t.server_name().unwrap_or(""), t.peer_certificate_der()) {
-                    return;
+                    return None;
                 }
             }
             if let (Some(t), Some(peer_tls)) = (stream.get_ssl(), &peer_tls) {
@@ -507,13 +584,25 @@ async fn serve_connection(
     };
     if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
         tracing::debug!(%peer, ?codec, "protocol not allowed by codec_type");
-        return;
+        return None;
     }
     if !is_h2 {
         http1_loop(&ctx.proxy, stream, drain).await;
     } else {
         ctx.proxy.process_new(stream, drain).await;
     }
+    None
+}
+
+/// The socket facts pingora hands the connection manager, with the
+/// addresses the listener filters settled on (a PROXY header's client, an
+/// original destination) rather than the socket's own.
+fn digest_of(fd: std::os::fd::RawFd, peer: SocketAddr, local: SocketAddr) -> SocketDigest {
+    use pingora_core::protocols::l4::socket::SocketAddr as Addr;
+    let d = SocketDigest::from_raw_fd(fd);
+    let _ = d.peer_addr.set(Some(Addr::Inet(peer)));
+    let _ = d.local_addr.set(Some(Addr::Inet(local)));
+    d
 }
 
 /// The chain's `rbac` filters, in order; false: close the connection (as

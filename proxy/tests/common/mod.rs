@@ -6,6 +6,7 @@ pub use legate_tests::echo;
 pub use legate_tests::legate::{curl, free_port, validate, CurlResult, Legate};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_legate");
 
@@ -125,4 +126,26 @@ pub fn stat(admin: u16, name: &str) -> Option<u64> {
         .iter()
         .find(|s| s["name"] == name)
         .and_then(|s| s["value"].as_u64())
+}
+
+/// A TCP upstream that writes its name and closes.
+pub async fn naming_upstream(name: &'static str) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(name.as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    addr
+}
+
+pub async fn read_all(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
 }
