@@ -11,6 +11,7 @@ mod h2load;
 mod h2spec;
 mod pki;
 mod proxies;
+mod raw;
 mod report;
 mod routing;
 mod tools;
@@ -62,12 +63,15 @@ async fn main() -> Result<()> {
         match tier.as_str() {
             "routing" => {
                 let files = tools::yaml_files(&root.join("scenarios/routing"))?;
-                // CONFORMANCE_SCENARIOS=prefix runs only the scenarios
-                // whose file names start with it (when working on a few).
+                // CONFORMANCE_SCENARIOS=prefix[,prefix...] runs only the
+                // scenarios whose file names start with one (when working
+                // on a few).
                 let only = std::env::var("CONFORMANCE_SCENARIOS").unwrap_or_default();
                 for f in files.into_iter().filter(|f| {
-                    f.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(&only))
+                    f.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        only.split(',').any(|p| n.starts_with(p))
+                    })
                 }) {
                     if let Err(e) = routing::run_file(&bins, &f, &work, &mut report).await {
                         report.add(

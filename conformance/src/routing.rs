@@ -41,6 +41,29 @@ pub struct Request {
     /// Send over TLS; the negotiated HTTP version is compared too.
     #[serde(default)]
     pub tls: Option<TlsRequest>,
+    /// curl `--http1.0`.
+    #[serde(default)]
+    pub http1_0: bool,
+    /// Send HTTP/1.1 by hand over a plain socket instead of curl (for
+    /// what curl cannot send: PROXY headers).
+    #[serde(default)]
+    pub raw: bool,
+    /// A PROXY protocol header before the request (implies `raw`).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyHeader>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyHeader {
+    /// 1 or 2.
+    pub version: u8,
+    /// The client it names; none: v1 `UNKNOWN`, v2 `LOCAL`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The destination it names; default: the listener's address.
+    #[serde(default)]
+    pub destination: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +110,9 @@ fn observe_both(
 }
 
 fn send(port: u16, r: &Request, work: &Path) -> Observation {
+    if r.raw || r.proxy_protocol.is_some() {
+        return crate::raw::http1(port, r);
+    }
     let mut args: Vec<String> = vec!["--path-as-is".into()];
     let mut url = format!("http://127.0.0.1:{port}{}", r.path);
     if let Some(t) = &r.tls {
@@ -124,6 +150,9 @@ fn send(port: u16, r: &Request, work: &Path) -> Observation {
     }
     if r.http2 {
         args.push("--http2-prior-knowledge".into());
+    }
+    if r.http1_0 {
+        args.push("--http1.0".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match legate_tests::legate::try_curl(&url, &args) {

@@ -169,29 +169,45 @@ async fn proxy_protocol_gives_the_client_address_to_chain_matching_and_xff() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_protocol_allows_plain_connections_and_refuses_disallowed_versions() {
+async fn proxy_protocol_optional_and_disallowed_versions() {
     let other = naming_upstream("other").await;
-    let (port, admin) = (free_port(), free_port());
-    let l = json!({"name": "pp", "address": addr("127.0.0.1", port),
-        "listener_filters": [proxy_protocol(json!({
-            "allow_requests_without_proxy_protocol": true,
-            "disallowed_versions": ["V1"], "stat_prefix": "edge"}))],
-        "filter_chains": [tcp("other")]});
-    let cfg = bootstrap(admin, vec![l], vec![cluster("other", &[other], json!({}))]);
-    let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
-    let dst = format!("127.0.0.1:{port}");
-    assert_eq!(exchange(port, b"hello").await, "other");
-    assert_eq!(exchange(port, &v2("10.0.0.1:1", &dst)).await, "other");
-    assert_eq!(exchange(port, &v1("10.0.0.1:1", &dst)).await, "");
+    let (optional, strict, admin) = (free_port(), free_port(), free_port());
+    // Optional: a disallowed version is not looked for, so it passes on as
+    // data. Strict: it closes the connection.
+    let listener = |name: &str, port: u16, allow: bool| {
+        json!({"name": name, "address": addr("127.0.0.1", port),
+            "listener_filters": [proxy_protocol(json!({
+                "allow_requests_without_proxy_protocol": allow,
+                "disallowed_versions": ["V1"], "stat_prefix": name}))],
+            "filter_chains": [tcp("other")]})
+    };
+    let cfg = bootstrap(
+        admin,
+        vec![
+            listener("optional", optional, true),
+            listener("strict", strict, false),
+        ],
+        vec![cluster("other", &[other], json!({}))],
+    );
+    let _l = Legate::start(BIN, &cfg, &[optional, strict], Some(admin));
+    let dst = format!("127.0.0.1:{optional}");
+    assert_eq!(exchange(optional, b"hello").await, "other");
+    assert_eq!(exchange(optional, &v2("10.0.0.1:1", &dst)).await, "other");
+    assert_eq!(exchange(optional, &v1("10.0.0.1:1", &dst)).await, "other");
+    assert_eq!(exchange(strict, &v1("10.0.0.1:1", &dst)).await, "");
     assert_eq!(
-        wait_stat(admin, "proxy_proto.edge.versions.v1.disallowed", 1),
+        wait_stat(admin, "proxy_proto.strict.versions.v1.disallowed", 1),
         Some(1)
     );
     assert_eq!(
-        wait_stat(admin, "proxy_proto.edge.versions.v2.found", 1),
+        wait_stat(admin, "proxy_proto.optional.versions.v2.found", 1),
         Some(1)
     );
-    assert!(stat(admin, "proxy_proto.edge.not_found_allowed").unwrap_or(0) >= 1);
+    assert!(stat(admin, "proxy_proto.optional.not_found_allowed").unwrap_or(0) >= 2);
+    assert_eq!(
+        stat(admin, "proxy_proto.optional.versions.v1.disallowed"),
+        None
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

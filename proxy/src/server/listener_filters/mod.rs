@@ -109,6 +109,19 @@ async fn proxy_protocol(
         .await
         .ok_or(Stop::Close)?;
     }
+    let disallowed = |v: Version| match v {
+        Version::V1 => c.disallow_v1,
+        Version::V2 => c.disallow_v2,
+    };
+    // With allow_requests_without_proxy_protocol a disallowed version is
+    // not looked for at all: its bytes pass on as data, as Envoy does.
+    if c.allow_without {
+        if let Parse::Header { version, .. } | Parse::Error(version) = parsed {
+            if disallowed(version) {
+                parsed = Parse::NotProxy;
+            }
+        }
+    }
     let (version, len, addrs) = match parsed {
         Parse::Header {
             version,
@@ -132,11 +145,7 @@ async fn proxy_protocol(
             return Err(Stop::Close);
         }
     };
-    let disallowed = match version {
-        Version::V1 => c.disallow_v1,
-        Version::V2 => c.disallow_v2,
-    };
-    if disallowed {
+    if disallowed(version) {
         count(&format!("versions.{}.disallowed", version.stat()));
         return Err(Stop::Close);
     }
