@@ -49,13 +49,17 @@ impl Drop for Running {
 }
 
 /// Common flags both accept (Legate takes Envoy's command line).
-fn base_args() -> [&'static str; 5] {
+/// Access logs are flushed every 100 ms, so a scenario can read them soon
+/// after its last request.
+fn base_args() -> [&'static str; 7] {
     [
         "--disable-hot-restart",
         "--concurrency",
         "1",
         "-l",
         "warning",
+        "--file-flush-interval-msec",
+        "100",
     ]
 }
 

@@ -21,6 +21,17 @@ pub struct Scenario {
     /// scenario PKI, asking for client certificates from its CA).
     #[serde(default)]
     pub tls_upstreams: Vec<String>,
+    /// The bootstrap names `{{ACCESS_LOG}}` as an access log path: the
+    /// lines each proxy wrote are compared too (as request `access-log`).
+    #[serde(default)]
+    pub access_log: bool,
+}
+
+/// What one proxy showed for a scenario: an observation per request, and
+/// its access log lines.
+struct Seen {
+    requests: Vec<Observation>,
+    access_log: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,18 +106,43 @@ fn observe_both(
     port: u16,
     admin: u16,
     work: &std::path::Path,
-) -> std::result::Result<BTreeMap<Kind, Vec<Observation>>, (Kind, String)> {
+    access_log: &Path,
+) -> std::result::Result<BTreeMap<Kind, Seen>, (Kind, String)> {
     let mut seen = BTreeMap::new();
     for kind in [Kind::Envoy, Kind::Legate] {
+        let _ = std::fs::remove_file(access_log);
         let running =
             proxies::start(bins, kind, cfg, admin, work).map_err(|e| (kind, format!("{e:#}")))?;
-        let obs: Vec<Observation> = tokio::task::block_in_place(|| {
+        let requests: Vec<Observation> = tokio::task::block_in_place(|| {
             sc.requests.iter().map(|r| send(port, r, work)).collect()
         });
+        if sc.access_log {
+            // Both flush access logs every 100 ms (proxies::start).
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         drop(running);
-        seen.insert(kind, obs);
+        let access_log = std::fs::read_to_string(access_log)
+            .unwrap_or_default()
+            .lines()
+            .map(normalize_log_line)
+            .collect();
+        seen.insert(
+            kind,
+            Seen {
+                requests,
+                access_log,
+            },
+        );
     }
     Ok(seen)
+}
+
+/// START_TIME differs between runs by nature.
+fn normalize_log_line(l: &str) -> String {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z").unwrap())
+        .replace_all(l, "<start-time>")
+        .into_owned()
 }
 
 fn send(port: u16, r: &Request, work: &Path) -> Observation {
@@ -238,12 +274,14 @@ pub async fn run_file(
             legate_tests::legate::free_port(),
             legate_tests::legate::free_port(),
         );
+        let access_log = work.join(format!("{stem}.access.log"));
         let text = text
             .replace("{{LISTENER}}", &port.to_string())
-            .replace("{{ADMIN}}", &admin.to_string());
+            .replace("{{ADMIN}}", &admin.to_string())
+            .replace("{{ACCESS_LOG}}", &access_log.display().to_string());
         let cfg = work.join(format!("{stem}.yaml"));
         std::fs::write(&cfg, &text)?;
-        match observe_both(bins, &sc, &cfg, port, admin, work) {
+        match observe_both(bins, &sc, &cfg, port, admin, work, &access_log) {
             Ok(seen) => break seen,
             Err((kind, e)) if attempts < 3 && e.contains("Address already in use") => {
                 eprintln!(
@@ -264,7 +302,21 @@ pub async fn run_file(
             }
         }
     };
-    let (envoy, legate) = (&seen[&Kind::Envoy], &seen[&Kind::Legate]);
+    let (envoy, legate) = (&seen[&Kind::Envoy].requests, &seen[&Kind::Legate].requests);
+    if sc.access_log {
+        let (e, l) = (
+            &seen[&Kind::Envoy].access_log,
+            &seen[&Kind::Legate].access_log,
+        );
+        let outcome = if e.is_empty() {
+            Outcome::HarnessError(vec!["envoy wrote no access log lines".into()])
+        } else if e == l {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(vec![format!("access log: envoy {e:?} / legate {l:?}")])
+        };
+        report.add("routing", &stem, "access-log", outcome);
+    }
     for (i, r) in sc.requests.iter().enumerate() {
         let oracle: Vec<String> = check_expect(&r.expect, &envoy[i])
             .into_iter()

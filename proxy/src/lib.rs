@@ -7,6 +7,7 @@
 // http2_protocol_options, ...), so Legate reads them too.
 #![allow(deprecated)]
 
+pub mod access_log;
 pub mod admin;
 pub mod bootstrap;
 pub mod cli;

@@ -690,8 +690,22 @@ pub static REGISTRY: &[MessageSupport] = &[
             "max_connect_attempts",
             "max_downstream_connection_duration",
             "hash_policy",
+            "access_log",
         ],
-        &[("access_log", NO_LOG)],
+        &[],
+    ),
+    m("envoy.config.accesslog.v3.AccessLog", &["name", "typed_config"], &[]),
+    m(
+        "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        &["path", "format", "log_format"],
+        &[],
+    ),
+    m("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", &["log_format"], &[]),
+    m("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"], &[]),
+    m(
+        "envoy.config.core.v3.SubstitutionFormatString",
+        &["text_format", "text_format_source"],
+        &[],
     ),
     m(
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster",

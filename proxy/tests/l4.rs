@@ -418,3 +418,107 @@ async fn tcp_proxy_source_ip_hash_pins_each_client_to_one_maglev_host() {
     let distinct: std::collections::BTreeSet<_> = seen.values().collect();
     assert!(distinct.len() >= 2, "all clients on one host: {seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_access_logs_a_line_per_connection() {
+    let up = counting_upstream().await;
+    let dir = std::env::temp_dir().join(format!("legate-al-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (custom, default) = (dir.join("custom.log"), dir.join("default.log"));
+    let file_log = |path: &std::path::Path, format: Option<&str>| {
+        let mut tc = json!({"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path.display().to_string()});
+        if let Some(f) = format {
+            tc["log_format"] = json!({"text_format_source": {"inline_string": f}});
+        }
+        json!({"name": "envoy.access_loggers.file", "typed_config": tc})
+    };
+    let logs = json!([
+        file_log(&custom, Some("%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %UPSTREAM_CLUSTER% %BYTES_RECEIVED% %BYTES_SENT% %RESPONSE_FLAGS% %UPSTREAM_HOST%\n")),
+        file_log(&default, None),
+    ]);
+    let (_l, port, _admin) = start_listener(
+        vec![
+            chain(
+                json!({"source_prefix_ranges": [{"address_prefix": "127.0.0.9", "prefix_len": 32}]}),
+                tcp_with(json!({"cluster": "missing", "access_log": logs})),
+            ),
+            chain(json!({}), tcp_with(json!({"access_log": logs}))),
+        ],
+        vec![cluster("t", &[up], json!({}))],
+    );
+    // Start-up probes connect too: only lines from here on count.
+    let skip = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let (skip_custom, skip_default) = (skip(&custom), skip(&default));
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(
+        answer,
+        format!("5 {}", b"hello".iter().map(|b| *b as u64).sum::<u64>())
+    );
+    // From 127.0.0.9: the chain whose cluster does not exist.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+    let mut s = sock
+        .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    let mut nothing = Vec::new();
+    let _ = s.read_to_end(&mut nothing).await;
+    let lines = |p: &std::path::Path, skip: usize, want: usize| {
+        for _ in 0..100 {
+            let all = std::fs::read_to_string(p).unwrap_or_default();
+            let v: Vec<String> = all.lines().skip(skip).map(str::to_string).collect();
+            if v.len() >= want {
+                return v;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("{} has fewer than {want} new lines", p.display());
+    };
+    let c = lines(&custom, skip_custom, 2);
+    assert_eq!(c[0], format!("127.0.0.1 t 5 {} - {up}", answer.len()));
+    // Envoy prints no cluster name when the cluster does not exist.
+    assert_eq!(c[1], "127.0.0.9 - 0 0 NC -");
+    let d = lines(&default, skip_default, 1);
+    // Envoy's default line for a TCP connection.
+    assert!(
+        is_envoys_default_tcp_line(&d[0]),
+        "default format line: {}",
+        d[0]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `[<RFC 3339 ms>Z] "- - -" 0 - 5 <n> <ms> - "-" "-" "-" "-" "<upstream>"`
+fn is_envoys_default_tcp_line(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix('[') else {
+        return false;
+    };
+    let Some((time, rest)) = rest.split_once("] ") else {
+        return false;
+    };
+    let time_ok = time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T';
+    let f: Vec<&str> = rest.split(' ').collect();
+    time_ok
+        && f.len() == 14
+        && f[0..3] == ["\"-", "-", "-\""]
+        && f[3] == "0"
+        && f[4] == "-"
+        && f[5] == "5"
+        && f[6].parse::<u64>().is_ok()
+        && f[7].parse::<u64>().is_ok()
+        && f[8] == "-"
+        && f[9..13] == ["\"-\""; 4]
+        && f[13].starts_with("\"127.0.0.1:")
+}

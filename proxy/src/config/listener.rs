@@ -197,6 +197,8 @@ pub struct TcpProxy {
     /// `hash_policy` `source_ip`: ring hash and Maglev clusters pick by the
     /// client's address.
     pub hash_source_ip: bool,
+    /// `access_log`: a line per connection when it closes.
+    pub access_log: Vec<Arc<crate::access_log::AccessLog>>,
 }
 
 impl TcpProxy {
@@ -942,6 +944,7 @@ impl TcpProxy {
                 }
                 on
             },
+            access_log: crate::access_log::list(&t.access_log, path)?,
         })
     }
 }

@@ -486,12 +486,19 @@ async fn serve_connection(
             },
         )
     };
+    let tcp_conn = |sni: String| tcp_proxy::Conn {
+        peer,
+        direct_peer,
+        local,
+        sni,
+    };
     let hcm = match &filter.filter {
         NetworkFilter::Tcp(t) => {
             match &filter.tls {
                 None => {
                     if facts(&found.sni, None) {
-                        tcp_proxy::serve(sock, peer, t.clone(), ctx.clusters.clone()).await
+                        let c = tcp_conn(found.sni.clone());
+                        tcp_proxy::serve(sock, c, t.clone(), ctx.clusters.clone()).await
                     }
                 }
                 Some(tls) => {
@@ -502,8 +509,9 @@ async fn serve_connection(
                     };
                     let c = down.get_ref().1;
                     let cert = c.peer_certificates().and_then(|p| p.first());
-                    if facts(c.server_name().unwrap_or(""), cert.map(|c| c.as_ref())) {
-                        tcp_proxy::serve(down, peer, t.clone(), ctx.clusters.clone()).await
+                    let sni = c.server_name().unwrap_or("").to_string();
+                    if facts(&sni, cert.map(|c| c.as_ref())) {
+                        tcp_proxy::serve(down, tcp_conn(sni), t.clone(), ctx.clusters.clone()).await
                     }
                 }
             }

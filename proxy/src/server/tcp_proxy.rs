@@ -45,24 +45,71 @@ impl Halves for tokio_rustls::client::TlsStream<TcpStream> {
     }
 }
 
+/// The downstream connection's addresses, as the listener settled them.
+pub struct Conn {
+    /// The client (from a PROXY header when there was one).
+    pub peer: SocketAddr,
+    pub direct_peer: SocketAddr,
+    pub local: SocketAddr,
+    /// SNI, from `tls_inspector` or the TLS handshake.
+    pub sni: String,
+}
+
+/// What happened on a connection, for stats and access logs; filled in as
+/// it goes, so a connection cut short still reports what it did.
+#[derive(Default)]
+struct Summary {
+    /// The cluster exists (Envoy logs `%UPSTREAM_CLUSTER%` only then).
+    cluster_found: bool,
+    upstream: Option<SocketAddr>,
+    upstream_local: Option<SocketAddr>,
+    /// Envoy's response flags: `NC` no cluster, `UH` no healthy host,
+    /// `UF,URX` every connect attempt failed.
+    flags: &'static str,
+    rx: u64,
+    tx: u64,
+}
+
 pub async fn serve<D: Halves>(
     down: D,
-    peer: SocketAddr,
+    conn: Conn,
     t: Arc<TcpProxy>,
     clusters: Arc<ClusterManager>,
 ) {
     let prefix = format!("tcp.{}.", t.stat_prefix);
     stats::counter(format!("{prefix}downstream_cx_total")).increment(1);
+    let (start, began) = (std::time::SystemTime::now(), tokio::time::Instant::now());
+    let name = t.pick_cluster(rand::random());
+    let mut sum = Summary::default();
+    let work = proxy(down, conn.peer, name, &t, &clusters, &prefix, &mut sum);
     match t.max_duration {
-        None => proxy(down, peer, &t, &clusters, &prefix).await,
+        None => work.await,
         // Dropping the work closes both sockets.
         Some(d) => {
-            if tokio::time::timeout(d, proxy(down, peer, &t, &clusters, &prefix))
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(d, work).await.is_err() {
                 stats::counter(format!("{prefix}max_downstream_connection_duration")).increment(1);
             }
+        }
+    }
+    stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(sum.rx);
+    stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(sum.tx);
+    if !t.access_log.is_empty() {
+        let e = crate::access_log::Entry {
+            start,
+            duration: began.elapsed(),
+            bytes_received: sum.rx,
+            bytes_sent: sum.tx,
+            downstream_remote: conn.peer,
+            downstream_direct_remote: conn.direct_peer,
+            downstream_local: conn.local,
+            upstream_host: sum.upstream,
+            upstream_local: sum.upstream_local,
+            upstream_cluster: if sum.cluster_found { name } else { "" },
+            response_flags: sum.flags,
+            requested_server_name: &conn.sni,
+        };
+        for l in &t.access_log {
+            l.log(&e);
         }
     }
 }
@@ -70,17 +117,20 @@ pub async fn serve<D: Halves>(
 async fn proxy<D: Halves>(
     down: D,
     peer: SocketAddr,
+    name: &str,
     t: &TcpProxy,
     clusters: &ClusterManager,
     prefix: &str,
+    sum: &mut Summary,
 ) {
-    let name = t.pick_cluster(rand::random());
     let Some(cluster) = clusters.get(name) else {
         // Envoy closes the connection when the cluster does not exist.
         stats::counter(format!("{prefix}downstream_cx_no_route")).increment(1);
         tracing::debug!(%peer, cluster = %name, "tcp_proxy: unknown cluster");
+        sum.flags = "NC";
         return;
     };
+    sum.cluster_found = true;
     let snap = cluster.snapshot();
     let mut up = None;
     // Each failed attempt picks again (max_connect_attempts, default 1); as
@@ -92,8 +142,11 @@ async fn proxy<D: Halves>(
             .then(|| xxhash_rust::xxh64::xxh64(peer.ip().to_string().as_bytes(), 0));
         let Some(host) = snap.pick(hash, rand::random(), &|_| false, None) else {
             stats::counter(format!("cluster.{name}.upstream_cx_none_healthy")).increment(1);
+            sum.flags = "UH";
             return;
         };
+        // Envoy logs the last host tried, connected or not.
+        sum.upstream = Some(host.addr);
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
             TcpStream::connect(host.addr),
@@ -113,19 +166,21 @@ async fn proxy<D: Halves>(
         }
     }
     let Some((up, host)) = up else {
+        sum.flags = "UF,URX";
         return;
     };
+    sum.upstream_local = up.local_addr().ok();
     stats::counter(format!("cluster.{name}.upstream_cx_total")).increment(1);
     let _ = up.set_nodelay(true);
     host.active_requests.fetch_add(1, Ordering::Relaxed);
-    let (rx, tx, idle) = match host.tls.as_ref().map(|h| &h.tls) {
-        None => pipe(down, up, t.idle_timeout).await,
+    let idle = match host.tls.as_ref().map(|h| &h.tls) {
+        None => pipe(down, up, t.idle_timeout, sum).await,
         Some(tls) => {
             use crate::tls::upstream::{handshake, server_name};
             let name = server_name(Some(&tls.sni), host.addr);
             let hs = tokio::time::timeout(cluster.config.connect_timeout, handshake(tls, name, up));
             match hs.await {
-                Ok(Ok(up)) => pipe(down, up, t.idle_timeout).await,
+                Ok(Ok(up)) => pipe(down, up, t.idle_timeout, sum).await,
                 _ => {
                     stats::counter(format!(
                         "cluster.{name}.ssl.connection_error",
@@ -133,14 +188,13 @@ async fn proxy<D: Halves>(
                     ))
                     .increment(1);
                     tracing::debug!(%peer, upstream = %host.addr, "tcp_proxy: upstream TLS handshake failed");
-                    (0, 0, false)
+                    sum.flags = "UF,URX";
+                    false
                 }
             }
         }
     };
     host.active_requests.fetch_sub(1, Ordering::Relaxed);
-    stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(rx);
-    stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(tx);
     if idle {
         stats::counter(format!("{prefix}idle_timeout")).increment(1);
     }
@@ -160,15 +214,20 @@ fn grow_if_full(buf: &mut Vec<u8>, n: usize) {
 }
 
 /// Copies both ways until both directions have ended (an end is passed on
-/// as a half-close), an error, or `idle` with no bytes. Returns the bytes
-/// received from and sent to downstream, and whether the idle timer fired.
-async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>) -> (u64, u64, bool) {
+/// as a half-close), an error, or `idle` with no bytes. Counts the bytes
+/// received from and sent to downstream in `sum` as they pass; returns
+/// whether the idle timer fired.
+async fn pipe<D: Halves, U: Halves>(
+    down: D,
+    up: U,
+    idle: Option<Duration>,
+    sum: &mut Summary,
+) -> bool {
     use tokio::time::Instant;
     let (mut dr, mut dw) = down.halves();
     let (mut ur, mut uw) = up.halves();
     let (mut b1, mut b2) = (vec![0u8; MIN_BUF], vec![0u8; MIN_BUF]);
     let (mut down_open, mut up_open) = (true, true);
-    let (mut rx, mut tx) = (0u64, 0u64);
     // A day stands in for "never" when the idle timeout is disabled.
     let idle_for = idle.unwrap_or(Duration::from_secs(86_400));
     // Traffic only notes the time; the timer is moved when it fires early,
@@ -187,7 +246,7 @@ async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>) -> (
                     if uw.write_all(&b1[..n]).await.is_err() {
                         break;
                     }
-                    rx += n as u64;
+                    sum.rx += n as u64;
                     last = Instant::now();
                     grow_if_full(&mut b1, n);
                 }
@@ -202,7 +261,7 @@ async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>) -> (
                     if dw.write_all(&b2[..n]).await.is_err() {
                         break;
                     }
-                    tx += n as u64;
+                    sum.tx += n as u64;
                     last = Instant::now();
                     grow_if_full(&mut b2, n);
                 }
@@ -211,11 +270,11 @@ async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>) -> (
             _ = &mut timer, if idle.is_some() => {
                 let deadline = last + idle_for;
                 if deadline <= Instant::now() {
-                    return (rx, tx, true);
+                    return true;
                 }
                 timer.as_mut().reset(deadline);
             }
         }
     }
-    (rx, tx, false)
+    false
 }

@@ -1,0 +1,379 @@
+//! Access logs (`access_log`): Envoy's file, stdout and stderr loggers with
+//! its text format and command operators. Only `tcp_proxy` writes them so
+//! far; the formatter is pure (a parsed format rendered over an [`Entry`]),
+//! so its output can be checked against Envoy's line for line.
+
+use crate::config::{index, join, ConfigError, Result};
+use legate_proto::envoy_types::pb::envoy::config::accesslog::v3 as pb;
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+const FILE_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
+const STDOUT_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
+const STDERR_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+
+/// Envoy's default format, for HTTP and TCP alike.
+pub const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
+
+/// What one finished connection tells its access log.
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    pub start: SystemTime,
+    pub duration: Duration,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub downstream_remote: SocketAddr,
+    pub downstream_direct_remote: SocketAddr,
+    pub downstream_local: SocketAddr,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_local: Option<SocketAddr>,
+    pub upstream_cluster: &'a str,
+    /// Envoy's short response flags (`UF`, `UH`, `NC`, ...), comma-joined.
+    pub response_flags: &'a str,
+    pub requested_server_name: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Lit(String),
+    StartTime,
+    Duration,
+    BytesReceived,
+    BytesSent,
+    Addr(Which, bool),
+    UpstreamCluster,
+    ResponseFlags,
+    RequestedServerName,
+    /// HTTP-only operators on a TCP connection: Envoy prints `-`.
+    Dash,
+    /// `%RESPONSE_CODE%` on a TCP connection: 0.
+    Zero,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Which {
+    DownstreamRemote,
+    DownstreamDirectRemote,
+    DownstreamLocal,
+    UpstreamHost,
+    UpstreamLocal,
+}
+
+/// A parsed text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Format(Vec<Piece>);
+
+impl Format {
+    pub fn parse(s: &str, path: &str) -> Result<Self> {
+        let mut pieces = Vec::new();
+        let mut lit = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find('%') {
+            lit.push_str(&rest[..i]);
+            rest = &rest[i + 1..];
+            if let Some(r) = rest.strip_prefix('%') {
+                lit.push('%');
+                rest = r;
+                continue;
+            }
+            let end = rest
+                .find('%')
+                .ok_or_else(|| ConfigError::new(path, format!("unterminated '%' in '{s}'")))?;
+            let cmd = &rest[..end];
+            rest = &rest[end + 1..];
+            if !lit.is_empty() {
+                pieces.push(Piece::Lit(std::mem::take(&mut lit)));
+            }
+            let addr = |w, port| Piece::Addr(w, port);
+            pieces.push(match cmd {
+                "START_TIME" => Piece::StartTime,
+                "DURATION" => Piece::Duration,
+                "BYTES_RECEIVED" => Piece::BytesReceived,
+                "BYTES_SENT" => Piece::BytesSent,
+                "DOWNSTREAM_REMOTE_ADDRESS" => addr(Which::DownstreamRemote, true),
+                "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamRemote, false),
+                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => addr(Which::DownstreamDirectRemote, true),
+                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
+                    addr(Which::DownstreamDirectRemote, false)
+                }
+                "DOWNSTREAM_LOCAL_ADDRESS" => addr(Which::DownstreamLocal, true),
+                "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamLocal, false),
+                "UPSTREAM_HOST" => addr(Which::UpstreamHost, true),
+                "UPSTREAM_LOCAL_ADDRESS" => addr(Which::UpstreamLocal, true),
+                "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
+                "RESPONSE_FLAGS" => Piece::ResponseFlags,
+                "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
+                "RESPONSE_CODE" => Piece::Zero,
+                "PROTOCOL" => Piece::Dash,
+                c if c.starts_with("REQ(")
+                    || c.starts_with("RESP(")
+                    || c.starts_with("TRAILER(") =>
+                {
+                    Piece::Dash
+                }
+                other => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("unsupported access log command %{other}%"),
+                    ))
+                }
+            });
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(lit));
+        }
+        Ok(Self(pieces))
+    }
+
+    pub fn render(&self, e: &Entry) -> String {
+        let mut out = String::with_capacity(160);
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        for p in &self.0 {
+            let v = match p {
+                Piece::Lit(s) => {
+                    out.push_str(s);
+                    continue;
+                }
+                Piece::StartTime => start_time(e.start),
+                Piece::Duration => e.duration.as_millis().to_string(),
+                Piece::BytesReceived => e.bytes_received.to_string(),
+                Piece::BytesSent => e.bytes_sent.to_string(),
+                Piece::Addr(w, port) => {
+                    let a = match w {
+                        Which::DownstreamRemote => Some(e.downstream_remote),
+                        Which::DownstreamDirectRemote => Some(e.downstream_direct_remote),
+                        Which::DownstreamLocal => Some(e.downstream_local),
+                        Which::UpstreamHost => e.upstream_host,
+                        Which::UpstreamLocal => e.upstream_local,
+                    };
+                    match (a, port) {
+                        (Some(a), true) => a.to_string(),
+                        (Some(a), false) => a.ip().to_string(),
+                        (None, _) => "-".into(),
+                    }
+                }
+                Piece::UpstreamCluster => dash(e.upstream_cluster),
+                Piece::ResponseFlags => dash(e.response_flags),
+                Piece::RequestedServerName => dash(e.requested_server_name),
+                Piece::Dash => "-".into(),
+                Piece::Zero => "0".into(),
+            };
+            out.push_str(&v);
+        }
+        out
+    }
+}
+
+/// `%START_TIME%`'s default form: RFC 3339 in UTC with milliseconds.
+fn start_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[derive(Debug)]
+enum Sink {
+    File(Mutex<std::fs::File>),
+    Stdout,
+    Stderr,
+}
+
+/// One configured access log.
+#[derive(Debug)]
+pub struct AccessLog {
+    format: Format,
+    sink: Sink,
+}
+
+impl AccessLog {
+    pub fn from_proto(a: &pb::AccessLog, path: &str) -> Result<Self> {
+        let Some(pb::access_log::ConfigType::TypedConfig(any)) = &a.config_type else {
+            return Err(ConfigError::new(
+                join(path, "typed_config"),
+                "typed_config is required",
+            ));
+        };
+        let tc = join(path, "typed_config");
+        let decode_err = |e: prost::DecodeError| ConfigError::new(&tc, e.to_string());
+        let (format, sink) = match legate_proto::type_name(&any.type_url) {
+            FILE_TYPE => {
+                use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+                    file_access_log::AccessLogFormat, FileAccessLog,
+                };
+                let f: FileAccessLog =
+                    prost::Message::decode(any.value.as_slice()).map_err(decode_err)?;
+                if f.path.is_empty() {
+                    return Err(ConfigError::new(join(&tc, "path"), "path is required"));
+                }
+                let format = match &f.access_log_format {
+                    None => Format::parse(DEFAULT_FORMAT, &tc)?,
+                    Some(AccessLogFormat::Format(s)) if s.is_empty() => {
+                        Format::parse(DEFAULT_FORMAT, &tc)?
+                    }
+                    Some(AccessLogFormat::Format(s)) => Format::parse(s, &join(&tc, "format"))?,
+                    Some(AccessLogFormat::LogFormat(l)) => {
+                        substitution(l, &join(&tc, "log_format"))?
+                    }
+                    Some(_) => {
+                        return Err(ConfigError::new(
+                            join(&tc, "json_format"),
+                            "JSON access log formats are not supported",
+                        ))
+                    }
+                };
+                // Envoy opens the file at config time and fails the config
+                // if it cannot.
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&f.path)
+                    .map_err(|e| ConfigError::new(join(&tc, "path"), format!("{}: {e}", f.path)))?;
+                (format, Sink::File(Mutex::new(file)))
+            }
+            t @ (STDOUT_TYPE | STDERR_TYPE) => {
+                use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
+                // Both messages are `{ log_format = 1 }`.
+                let s: StdoutAccessLog =
+                    prost::Message::decode(any.value.as_slice()).map_err(decode_err)?;
+                let format = match &s.access_log_format {
+                    Some(legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat::LogFormat(l)) => {
+                        substitution(l, &join(&tc, "log_format"))?
+                    }
+                    None => Format::parse(DEFAULT_FORMAT, &tc)?,
+                };
+                let sink = if t == STDOUT_TYPE {
+                    Sink::Stdout
+                } else {
+                    Sink::Stderr
+                };
+                (format, sink)
+            }
+            other => {
+                return Err(ConfigError::new(
+                    tc,
+                    format!("access logger {other} is not supported"),
+                ))
+            }
+        };
+        Ok(Self { format, sink })
+    }
+
+    /// Writes one line. A failed write is counted, never fatal.
+    pub fn log(&self, e: &Entry) {
+        let line = self.format.render(e);
+        let r = match &self.sink {
+            Sink::File(f) => f.lock().unwrap().write_all(line.as_bytes()),
+            Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+            Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
+        if r.is_err() {
+            crate::stats::counter("access_logs.write_failed".into()).increment(1);
+        }
+    }
+}
+
+/// `SubstitutionFormatString`: text formats only.
+fn substitution(s: &core::SubstitutionFormatString, path: &str) -> Result<Format> {
+    use core::substitution_format_string::Format as F;
+    match &s.format {
+        Some(F::TextFormat(t)) => Format::parse(t, &join(path, "text_format")),
+        Some(F::TextFormatSource(ds)) => {
+            let p = join(path, "text_format_source");
+            let b = crate::datasource::read(ds, &p)?;
+            Format::parse(&String::from_utf8_lossy(&b), &p)
+        }
+        Some(F::JsonFormat(_)) => Err(ConfigError::new(
+            join(path, "json_format"),
+            "JSON access log formats are not supported",
+        )),
+        None => Format::parse(DEFAULT_FORMAT, path),
+    }
+}
+
+/// A filter's `access_log` list.
+pub fn list(logs: &[pb::AccessLog], path: &str) -> Result<Vec<Arc<AccessLog>>> {
+    logs.iter()
+        .enumerate()
+        .map(|(i, a)| AccessLog::from_proto(a, &index(path, "access_log", i)).map(Arc::new))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_223_617_042),
+            duration: Duration::from_millis(1234),
+            bytes_received: 10,
+            bytes_sent: 20,
+            downstream_remote: "10.1.2.3:5555".parse().unwrap(),
+            downstream_direct_remote: "127.0.0.1:40000".parse().unwrap(),
+            downstream_local: "127.0.0.1:10000".parse().unwrap(),
+            upstream_host: Some("127.0.0.1:8080".parse().unwrap()),
+            upstream_local: None,
+            upstream_cluster: "echo",
+            response_flags: "",
+            requested_server_name: "",
+        }
+    }
+
+    #[test]
+    fn the_default_format_on_a_tcp_connection_is_envoys_line() {
+        let f = Format::parse(DEFAULT_FORMAT, "f").unwrap();
+        assert_eq!(
+            f.render(&entry()),
+            "[2026-12-02T15:00:17.042Z] \"- - -\" 0 - 10 20 1234 - \"-\" \"-\" \"-\" \"-\" \"127.0.0.1:8080\"\n"
+        );
+    }
+
+    #[test]
+    fn addresses_clusters_flags_and_literal_percent() {
+        let f = Format::parse(
+            "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% %DOWNSTREAM_DIRECT_REMOTE_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %UPSTREAM_CLUSTER% %RESPONSE_FLAGS% %UPSTREAM_LOCAL_ADDRESS% 100%%",
+            "f",
+        )
+        .unwrap();
+        let mut e = entry();
+        e.response_flags = "UF";
+        assert_eq!(
+            f.render(&e),
+            "10.1.2.3 127.0.0.1:40000 127.0.0.1:10000 echo UF - 100%"
+        );
+    }
+
+    #[test]
+    fn unknown_commands_are_refused_naming_the_field() {
+        let e = Format::parse("%NOPE%", "a.b").unwrap_err();
+        assert!(e.to_string().contains("a.b"), "{e}");
+        assert!(Format::parse("%START_TIME", "a").is_err());
+    }
+}
