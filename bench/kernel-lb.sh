@@ -17,6 +17,7 @@
 # bench/results/kernel-lb.md with medians, min-max and ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 REPS=${1:-5}
 SECS=${2:-3}
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -42,7 +43,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ECHO_PORT=$(free_port); LEGATE_PORT=$(free_port); ENVOY_PORT=$(free_port)
 LEGATE_ADMIN=$(free_port); ENVOY_ADMIN=$(free_port)
 VIP=127.100.9.1:9000
@@ -91,8 +91,7 @@ for _ in $(seq 1 100); do
 done
 curl -sf "http://127.0.0.1:$LEGATE_ADMIN/kernel_lb" | grep -q '"offloaded": true' || { echo "the VIP was not offloaded" >&2; exit 1; }
 
-psi() { awk '/^some/{split($2,a,"="); print a[2]}' /proc/pressure/cpu 2>/dev/null || echo 0; }
-for _ in $(seq 1 30); do awk -v p="$(psi)" 'BEGIN{exit !(p < 3)}' && break; sleep 2; done
+wait_quiet
 PSI_START=$(psi)
 
 run() { # label target threads [cgroup]

@@ -11,6 +11,7 @@
 # Writes bench/results/tcp-proxy.md with medians, min-max and ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 REPS=${1:-5}
 SECS=${2:-5}
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -38,7 +39,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ECHO=$(free_port); IPERF=$(free_port)
 L_ECHO=$(free_port); L_IPERF=$(free_port); L_ADMIN=$(free_port)
 E_ECHO=$(free_port); E_IPERF=$(free_port); E_ADMIN=$(free_port)
@@ -112,8 +112,7 @@ for port in "$L_ECHO" "$E_ECHO" "$H_ECHO"; do
   done
 done
 
-psi() { awk '/^some/{split($2,a,"="); print a[2]}' /proc/pressure/cpu 2>/dev/null || echo 0; }
-for _ in $(seq 1 30); do awk -v p="$(psi)" 'BEGIN{exit !(p < 3)}' && break; sleep 2; done
+wait_quiet
 PSI_START=$(psi)
 
 : > "$WORK/raw"

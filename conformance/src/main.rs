@@ -9,6 +9,7 @@ mod gaps;
 mod grpc;
 mod h2load;
 mod h2spec;
+mod l4;
 mod pki;
 mod proxies;
 mod raw;
@@ -23,7 +24,7 @@ use anyhow::{Context, Result};
 use report::{Outcome, Report};
 use std::path::PathBuf;
 
-const ALL_TIERS: &[&str] = &["routing", "validate", "http", "xds", "xds-wire"];
+const ALL_TIERS: &[&str] = &["routing", "validate", "http", "l4", "xds", "xds-wire"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -118,6 +119,16 @@ async fn main() -> Result<()> {
                 }
             }
             "xds-wire" => xds_wire::run(&bins, &work, &mut report).await?,
+            "l4" => {
+                if let Err(e) = tokio::task::block_in_place(|| l4::run(&bins, &work, &mut report)) {
+                    report.add(
+                        "l4",
+                        "tcp_proxy",
+                        "*",
+                        Outcome::HarnessError(vec![format!("{e:#}")]),
+                    );
+                }
+            }
             "xds" => {
                 if let Err(e) = xds::run(&bins, &root, &work, &mut report) {
                     report.add(

@@ -71,9 +71,27 @@ pub fn start(
     admin_port: u16,
     work: &Path,
 ) -> Result<Running> {
+    start_in(None, bins, kind, config, admin_port, work)
+}
+
+/// As [`start`], inside a network namespace when one is given (the admin
+/// port is then checked from inside it too).
+pub fn start_in(
+    netns: Option<&legate_tests::netns::Netns>,
+    bins: &Binaries,
+    kind: Kind,
+    config: &Path,
+    admin_port: u16,
+    work: &Path,
+) -> Result<Running> {
     let log = work.join(format!("{}.log", kind.name()));
     let logf = std::fs::File::create(&log)?;
-    let child = Command::new(bins.path(kind))
+    let bin = bins.path(kind).to_string_lossy().into_owned();
+    let command = |program: &str| match netns {
+        Some(ns) => ns.command(program),
+        None => Command::new(program),
+    };
+    let child = command(&bin)
         .arg("-c")
         .arg(config)
         .args(base_args())
@@ -91,7 +109,7 @@ pub fn start(
                 std::fs::read_to_string(&r.log).unwrap_or_default()
             );
         }
-        let ok = Command::new("curl")
+        let ok = command("curl")
             .args([
                 "-s",
                 "-o",

@@ -68,25 +68,16 @@ pub struct Format(Vec<Piece>);
 
 impl Format {
     pub fn parse(s: &str, path: &str) -> Result<Self> {
+        use crate::headers::{tokens, Token};
         let mut pieces = Vec::new();
-        let mut lit = String::new();
-        let mut rest = s;
-        while let Some(i) = rest.find('%') {
-            lit.push_str(&rest[..i]);
-            rest = &rest[i + 1..];
-            if let Some(r) = rest.strip_prefix('%') {
-                lit.push('%');
-                rest = r;
-                continue;
-            }
-            let end = rest
-                .find('%')
-                .ok_or_else(|| ConfigError::new(path, format!("unterminated '%' in '{s}'")))?;
-            let cmd = &rest[..end];
-            rest = &rest[end + 1..];
-            if !lit.is_empty() {
-                pieces.push(Piece::Lit(std::mem::take(&mut lit)));
-            }
+        for t in tokens(s, path)? {
+            let cmd = match t {
+                Token::Lit(l) => {
+                    pieces.push(Piece::Lit(l));
+                    continue;
+                }
+                Token::Cmd(c) => c,
+            };
             let addr = |w, port| Piece::Addr(w, port);
             pieces.push(match cmd {
                 "START_TIME" => Piece::StartTime,
@@ -121,10 +112,6 @@ impl Format {
                     ))
                 }
             });
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            pieces.push(Piece::Lit(lit));
         }
         Ok(Self(pieces))
     }

@@ -52,27 +52,54 @@ enum Piece {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeaderValueFormat(Vec<Piece>);
 
+/// A piece of an Envoy format string: literal text (`%%` is a literal
+/// `%`) or a `%COMMAND%`. Header values and access logs share the syntax
+/// and differ in the commands they know.
+pub enum Token<'a> {
+    Lit(String),
+    Cmd(&'a str),
+}
+
+/// Splits a format string into literal text and commands.
+pub fn tokens<'a>(s: &'a str, path: &str) -> Result<Vec<Token<'a>>> {
+    let mut out = Vec::new();
+    let mut lit = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        lit.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(r) = rest.strip_prefix('%') {
+            lit.push('%');
+            rest = r;
+            continue;
+        }
+        let end = rest
+            .find('%')
+            .ok_or_else(|| ConfigError::new(path, format!("unterminated '%' in '{s}'")))?;
+        if !lit.is_empty() {
+            out.push(Token::Lit(std::mem::take(&mut lit)));
+        }
+        out.push(Token::Cmd(&rest[..end]));
+        rest = &rest[end + 1..];
+    }
+    lit.push_str(rest);
+    if !lit.is_empty() {
+        out.push(Token::Lit(lit));
+    }
+    Ok(out)
+}
+
 impl HeaderValueFormat {
     pub fn parse(s: &str, path: &str) -> Result<Self> {
         let mut pieces = Vec::new();
-        let mut lit = String::new();
-        let mut rest = s;
-        while let Some(i) = rest.find('%') {
-            lit.push_str(&rest[..i]);
-            rest = &rest[i + 1..];
-            if let Some(r) = rest.strip_prefix('%') {
-                lit.push('%');
-                rest = r;
-                continue;
-            }
-            let end = rest
-                .find('%')
-                .ok_or_else(|| ConfigError::new(path, format!("unterminated '%' in '{s}'")))?;
-            let cmd = &rest[..end];
-            rest = &rest[end + 1..];
-            if !lit.is_empty() {
-                pieces.push(Piece::Lit(std::mem::take(&mut lit)));
-            }
+        for t in tokens(s, path)? {
+            let cmd = match t {
+                Token::Lit(l) => {
+                    pieces.push(Piece::Lit(l));
+                    continue;
+                }
+                Token::Cmd(c) => c,
+            };
             let arg = |name: &str| -> Result<HeaderName> {
                 let a = cmd
                     .strip_prefix(name)
@@ -149,10 +176,6 @@ impl HeaderValueFormat {
                     ))
                 }
             });
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            pieces.push(Piece::Lit(lit));
         }
         Ok(Self(pieces))
     }

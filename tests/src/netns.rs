@@ -12,7 +12,8 @@ impl Netns {
     /// A namespace with loopback up.
     pub fn new(tag: &str) -> std::io::Result<Self> {
         let name = format!("legate-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // One a crashed run left behind.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
         let ns = Netns { name };
         ns.run("ip", &["netns", "add", &ns.name], false)?;
         ns.run("ip", &["link", "set", "lo", "up"], true)?;
@@ -64,7 +65,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
-            .status();
+            .output();
     }
 }
 

@@ -1,0 +1,263 @@
+//! The l4 tier: `tcp_proxy` and listener filters with raw TCP clients,
+//! through Envoy, then Legate. A half-close must carry the upstream's
+//! answer back, a large transfer must arrive intact, and `original_dst`
+//! behind a real iptables REDIRECT (in a network namespace of its own)
+//! must hand connections to the `bind_to_port: false` listener at the
+//! address the client dialled.
+
+use crate::proxies::{self, Binaries, Kind};
+use crate::report::{Outcome, Report};
+use anyhow::Result;
+use legate_tests::netns::Netns;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+/// Legate's kernel LB would serve the VIPs below itself (connect-time
+/// rewriting); off, Legate takes the same path as Envoy. Envoy ignores the
+/// runtime key.
+const KERNEL_LB_OFF: &str =
+    "layered_runtime: {layers: [{name: static, static_layer: {legate.kernel_lb.mode: \"off\"}}]}";
+
+fn tcp_listener(name: &str, addr: &str, port: u16, extra: &str, cluster: &str) -> String {
+    format!(
+        r#"
+  - name: {name}
+    address: {{socket_address: {{address: {addr}, port_value: {port}}}}}
+{extra}    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {cluster}
+          cluster: {cluster}"#
+    )
+}
+
+fn bootstrap(admin: u16, listeners: &[String], clusters: &[(&str, SocketAddr)]) -> String {
+    let mut s = format!(
+        "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}\n{KERNEL_LB_OFF}\nstatic_resources:\n  listeners:"
+    );
+    for l in listeners {
+        s.push_str(l);
+    }
+    s.push_str("\n  clusters:");
+    for (name, a) in clusters {
+        s.push_str(&format!(
+            "\n  - {{name: {name}, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]}}}}",
+            a.ip(),
+            a.port()
+        ));
+    }
+    s.push('\n');
+    s
+}
+
+/// FNV-1a over a byte stream: the transfer's checksum on both ends.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn feed(&mut self, b: &[u8]) {
+        for x in b {
+            self.0 = (self.0 ^ *x as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// An upstream that reads until the client's half-close, then answers
+/// "<bytes> <checksum>" and closes.
+fn counting_upstream(l: TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                let (mut n, mut h, mut buf) = (0u64, Fnv::new(), vec![0u8; 256 * 1024]);
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            n += k as u64;
+                            h.feed(&buf[..k]);
+                        }
+                    }
+                }
+                let _ = s.write_all(format!("{n} {:016x}", h.0).as_bytes());
+            });
+        }
+    });
+}
+
+/// An upstream that writes its name and closes.
+fn naming_upstream(l: TcpListener, name: &'static str) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { break };
+            let _ = s.write_all(name.as_bytes());
+        }
+    });
+}
+
+/// Sends `len` patterned bytes, half-closes, and reads the answer.
+fn transfer(port: u16, len: usize) -> (String, String) {
+    let mut expect = Fnv::new();
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut left = len;
+        while left > 0 {
+            let k = left.min(chunk.len());
+            s.write_all(&chunk[..k])?;
+            expect.feed(&chunk[..k]);
+            left -= k;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut a = String::new();
+        s.read_to_string(&mut a)?;
+        Ok(a)
+    })()
+    .unwrap_or_else(|e| format!("failed: {e}"));
+    (answer, format!("{len} {:016x}", expect.0))
+}
+
+fn compare(report: &mut Report, case: &str, envoy: &str, legate: &str, want: Option<&str>) {
+    let o = match want {
+        Some(w) if envoy != w => {
+            Outcome::HarnessError(vec![format!("envoy answered {envoy:?}, expected {w:?}")])
+        }
+        _ if envoy == legate => Outcome::Match,
+        _ => Outcome::Mismatch(vec![format!("envoy {envoy:?} / legate {legate:?}")]),
+    };
+    report.add("l4", "tcp_proxy", case, o);
+}
+
+pub fn run(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
+    let up = TcpListener::bind("127.0.0.1:0")?;
+    let up_addr = up.local_addr()?;
+    counting_upstream(up);
+    let (port, admin) = (
+        legate_tests::legate::free_port(),
+        legate_tests::legate::free_port(),
+    );
+    let cfg = work.join("l4-tcp-proxy.yaml");
+    std::fs::write(
+        &cfg,
+        bootstrap(
+            admin,
+            &[tcp_listener("tcp", "127.0.0.1", port, "", "count")],
+            &[("count", up_addr)],
+        ),
+    )?;
+    // Half-close with a few MB in flight, and 256 MiB checksummed.
+    let cases = [("half-close", 3_000_000), ("256-mib-intact", 256 << 20)];
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &cfg, admin, work)?;
+        seen.push(
+            cases
+                .iter()
+                .map(|(_, len)| transfer(port, *len))
+                .collect::<Vec<_>>(),
+        );
+    }
+    for (i, (case, _)) in cases.iter().enumerate() {
+        let ((e, want), (l, _)) = (&seen[0][i], &seen[1][i]);
+        compare(report, case, e, l, Some(want));
+    }
+    original_dst(bins, work, report)
+}
+
+/// Istio's capture: every TCP connection to 10.21.0.0/16 is redirected to
+/// the virtual listener on 15001, which hands it to the listener at the
+/// address dialled.
+fn original_dst(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
+    if let Some(why) = legate_tests::netns::skip_reason() {
+        eprintln!("l4/original-dst: skipped: {why}");
+        return Ok(());
+    }
+    let ns = Netns::new("conf-odst")?;
+    ns.run(
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.21.0.0/16",
+            "dev",
+            "lo",
+            "src",
+            "127.0.0.1",
+        ],
+        true,
+    )?;
+    ns.run(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.21.0.0/16",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+        true,
+    )?;
+    let mut clusters = Vec::new();
+    for name in ["passthrough", "vip", "wild"] {
+        let l = ns.enter(|| TcpListener::bind("127.0.0.1:0"))?;
+        clusters.push((name, l.local_addr()?));
+        naming_upstream(l, name);
+    }
+    let od = "    listener_filters:\n    - name: envoy.filters.listener.original_dst\n      typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}\n    use_original_dst: true\n";
+    let unbound = "    bind_to_port: false\n";
+    let listeners = [
+        tcp_listener("virtual", "0.0.0.0", 15001, od, "passthrough"),
+        tcp_listener("vip", "10.21.30.40", 80, unbound, "vip"),
+        tcp_listener("wild", "0.0.0.0", 81, unbound, "wild"),
+    ];
+    let cfg = work.join("l4-original-dst.yaml");
+    std::fs::write(&cfg, bootstrap(15000, &listeners, &clusters))?;
+    let dials = [
+        ("original-dst-exact-listener", "10.21.30.40:80", "vip"),
+        ("original-dst-any-address-listener", "10.21.1.1:81", "wild"),
+        (
+            "original-dst-no-listener-stays",
+            "10.21.30.40:9999",
+            "passthrough",
+        ),
+    ];
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start_in(Some(&ns), bins, kind, &cfg, 15000, work)?;
+        seen.push(
+            dials
+                .iter()
+                .map(|(_, dst, _)| {
+                    let dst: SocketAddr = dst.parse().expect("address");
+                    ns.enter(|| -> std::io::Result<String> {
+                        let mut s = TcpStream::connect(dst)?;
+                        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                        let mut a = String::new();
+                        s.read_to_string(&mut a)?;
+                        Ok(a)
+                    })
+                    .unwrap_or_else(|e| format!("failed: {e}"))
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    for (i, (case, _, want)) in dials.iter().enumerate() {
+        compare(report, case, &seen[0][i], &seen[1][i], Some(want));
+    }
+    Ok(())
+}
