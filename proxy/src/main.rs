@@ -13,6 +13,12 @@ use pingora_core::server::configuration::ServerConf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// mimalloc rather than glibc's malloc: a proxy allocates and frees small
+/// buffers and header maps on every request, and glibc's allocator took a
+/// quarter of Legate's userspace CPU under HTTP/1 load (perf, `bench/run`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.version {
