@@ -181,37 +181,7 @@ fn original_dst(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()>
         return Ok(());
     }
     let ns = Netns::new("conf-odst")?;
-    ns.run(
-        "ip",
-        &[
-            "route",
-            "add",
-            "10.21.0.0/16",
-            "dev",
-            "lo",
-            "src",
-            "127.0.0.1",
-        ],
-        true,
-    )?;
-    ns.run(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.21.0.0/16",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-        true,
-    )?;
+    ns.redirect("10.21.0.0/16", 15001)?;
     let mut clusters = Vec::new();
     for name in ["passthrough", "vip", "wild"] {
         let l = ns.enter(|| TcpListener::bind("127.0.0.1:0"))?;

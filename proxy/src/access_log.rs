@@ -68,52 +68,41 @@ pub struct Format(Vec<Piece>);
 
 impl Format {
     pub fn parse(s: &str, path: &str) -> Result<Self> {
-        use crate::headers::{tokens, Token};
-        let mut pieces = Vec::new();
-        for t in tokens(s, path)? {
-            let cmd = match t {
-                Token::Lit(l) => {
-                    pieces.push(Piece::Lit(l));
-                    continue;
-                }
-                Token::Cmd(c) => c,
-            };
-            let addr = |w, port| Piece::Addr(w, port);
-            pieces.push(match cmd {
-                "START_TIME" => Piece::StartTime,
-                "DURATION" => Piece::Duration,
-                "BYTES_RECEIVED" => Piece::BytesReceived,
-                "BYTES_SENT" => Piece::BytesSent,
-                "DOWNSTREAM_REMOTE_ADDRESS" => addr(Which::DownstreamRemote, true),
-                "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamRemote, false),
-                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => addr(Which::DownstreamDirectRemote, true),
-                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
-                    addr(Which::DownstreamDirectRemote, false)
-                }
-                "DOWNSTREAM_LOCAL_ADDRESS" => addr(Which::DownstreamLocal, true),
-                "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamLocal, false),
-                "UPSTREAM_HOST" => addr(Which::UpstreamHost, true),
-                "UPSTREAM_LOCAL_ADDRESS" => addr(Which::UpstreamLocal, true),
-                "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
-                "RESPONSE_FLAGS" => Piece::ResponseFlags,
-                "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
-                "RESPONSE_CODE" => Piece::Zero,
-                "PROTOCOL" => Piece::Dash,
-                c if c.starts_with("REQ(")
-                    || c.starts_with("RESP(")
-                    || c.starts_with("TRAILER(") =>
-                {
-                    Piece::Dash
-                }
-                other => {
-                    return Err(ConfigError::new(
-                        path,
-                        format!("unsupported access log command %{other}%"),
-                    ))
-                }
-            });
-        }
-        Ok(Self(pieces))
+        crate::headers::parse_pieces(s, path, Piece::Lit, |cmd| Self::command(cmd, path)).map(Self)
+    }
+
+    fn command(cmd: &str, path: &str) -> Result<Piece> {
+        let addr = |w, port| Piece::Addr(w, port);
+        Ok(match cmd {
+            "START_TIME" => Piece::StartTime,
+            "DURATION" => Piece::Duration,
+            "BYTES_RECEIVED" => Piece::BytesReceived,
+            "BYTES_SENT" => Piece::BytesSent,
+            "DOWNSTREAM_REMOTE_ADDRESS" => addr(Which::DownstreamRemote, true),
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamRemote, false),
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => addr(Which::DownstreamDirectRemote, true),
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
+                addr(Which::DownstreamDirectRemote, false)
+            }
+            "DOWNSTREAM_LOCAL_ADDRESS" => addr(Which::DownstreamLocal, true),
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamLocal, false),
+            "UPSTREAM_HOST" => addr(Which::UpstreamHost, true),
+            "UPSTREAM_LOCAL_ADDRESS" => addr(Which::UpstreamLocal, true),
+            "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
+            "RESPONSE_FLAGS" => Piece::ResponseFlags,
+            "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
+            "RESPONSE_CODE" => Piece::Zero,
+            "PROTOCOL" => Piece::Dash,
+            c if c.starts_with("REQ(") || c.starts_with("RESP(") || c.starts_with("TRAILER(") => {
+                Piece::Dash
+            }
+            other => {
+                return Err(ConfigError::new(
+                    path,
+                    format!("unsupported access log command %{other}%"),
+                ))
+            }
+        })
     }
 
     pub fn render(&self, e: &Entry) -> String {

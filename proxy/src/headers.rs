@@ -55,13 +55,13 @@ pub struct HeaderValueFormat(Vec<Piece>);
 /// A piece of an Envoy format string: literal text (`%%` is a literal
 /// `%`) or a `%COMMAND%`. Header values and access logs share the syntax
 /// and differ in the commands they know.
-pub enum Token<'a> {
+enum Token<'a> {
     Lit(String),
     Cmd(&'a str),
 }
 
 /// Splits a format string into literal text and commands.
-pub fn tokens<'a>(s: &'a str, path: &str) -> Result<Vec<Token<'a>>> {
+fn tokens<'a>(s: &'a str, path: &str) -> Result<Vec<Token<'a>>> {
     let mut out = Vec::new();
     let mut lit = String::new();
     let mut rest = s;
@@ -89,95 +89,106 @@ pub fn tokens<'a>(s: &'a str, path: &str) -> Result<Vec<Token<'a>>> {
     Ok(out)
 }
 
+/// Parses a format string into pieces: literal text through `lit`, each
+/// command through `cmd` (which refuses the ones it does not know).
+pub fn parse_pieces<P>(
+    s: &str,
+    path: &str,
+    lit: fn(String) -> P,
+    mut cmd: impl FnMut(&str) -> Result<P>,
+) -> Result<Vec<P>> {
+    tokens(s, path)?
+        .into_iter()
+        .map(|t| match t {
+            Token::Lit(l) => Ok(lit(l)),
+            Token::Cmd(c) => cmd(c),
+        })
+        .collect()
+}
+
 impl HeaderValueFormat {
     pub fn parse(s: &str, path: &str) -> Result<Self> {
-        let mut pieces = Vec::new();
-        for t in tokens(s, path)? {
-            let cmd = match t {
-                Token::Lit(l) => {
-                    pieces.push(Piece::Lit(l));
-                    continue;
-                }
-                Token::Cmd(c) => c,
-            };
-            let arg = |name: &str| -> Result<HeaderName> {
-                let a = cmd
-                    .strip_prefix(name)
-                    .and_then(|a| a.strip_prefix('('))
-                    .and_then(|a| a.split(')').next())
+        parse_pieces(s, path, Piece::Lit, |cmd| Self::command(cmd, path)).map(Self)
+    }
+
+    fn command(cmd: &str, path: &str) -> Result<Piece> {
+        let arg = |name: &str| -> Result<HeaderName> {
+            let a = cmd
+                .strip_prefix(name)
+                .and_then(|a| a.strip_prefix('('))
+                .and_then(|a| a.split(')').next())
+                .unwrap_or("");
+            let a = a.split(['?', ':']).next().unwrap_or(a);
+            HeaderName::from_bytes(a.to_ascii_lowercase().as_bytes())
+                .map_err(|_| ConfigError::new(path, format!("invalid header name in %{cmd}%")))
+        };
+        Ok(match cmd {
+            "DOWNSTREAM_REMOTE_ADDRESS" => Piece::RemoteAddr { port: true },
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Piece::RemoteAddr { port: false },
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => Piece::DirectRemoteAddr { port: true },
+            "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
+                Piece::DirectRemoteAddr { port: false }
+            }
+            "DOWNSTREAM_LOCAL_ADDRESS" => Piece::LocalAddr { port: true },
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Piece::LocalAddr { port: false },
+            "DOWNSTREAM_LOCAL_PORT" => Piece::LocalPort,
+            "UPSTREAM_REMOTE_ADDRESS" => Piece::UpstreamRemoteAddr,
+            "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
+            "PROTOCOL" => Piece::Protocol,
+            "HOSTNAME" => Piece::Hostname,
+            "START_TIME" => Piece::StartTime,
+            "RESPONSE_CODE" => Piece::ResponseCode,
+            c if c.to_ascii_lowercase().starts_with("req(:") => {
+                let lower = c.to_ascii_lowercase();
+                let name = lower
+                    .trim_start_matches("req(")
+                    .split([')', '?'])
+                    .next()
                     .unwrap_or("");
-                let a = a.split(['?', ':']).next().unwrap_or(a);
-                HeaderName::from_bytes(a.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| ConfigError::new(path, format!("invalid header name in %{cmd}%")))
-            };
-            pieces.push(match cmd {
-                "DOWNSTREAM_REMOTE_ADDRESS" => Piece::RemoteAddr { port: true },
-                "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Piece::RemoteAddr { port: false },
-                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => Piece::DirectRemoteAddr { port: true },
-                "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
-                    Piece::DirectRemoteAddr { port: false }
-                }
-                "DOWNSTREAM_LOCAL_ADDRESS" => Piece::LocalAddr { port: true },
-                "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Piece::LocalAddr { port: false },
-                "DOWNSTREAM_LOCAL_PORT" => Piece::LocalPort,
-                "UPSTREAM_REMOTE_ADDRESS" => Piece::UpstreamRemoteAddr,
-                "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
-                "PROTOCOL" => Piece::Protocol,
-                "HOSTNAME" => Piece::Hostname,
-                "START_TIME" => Piece::StartTime,
-                "RESPONSE_CODE" => Piece::ResponseCode,
-                c if c.to_ascii_lowercase().starts_with("req(:") => {
-                    let lower = c.to_ascii_lowercase();
-                    let name = lower
-                        .trim_start_matches("req(")
-                        .split([')', '?'])
-                        .next()
-                        .unwrap_or("");
-                    Piece::ReqPseudo(match name {
-                        ":path" => ":path",
-                        ":method" => ":method",
-                        ":authority" => ":authority",
-                        ":scheme" => ":scheme",
-                        other => {
-                            return Err(ConfigError::new(
-                                path,
-                                format!("unsupported pseudo-header {other} in %{cmd}%"),
-                            ))
-                        }
+                Piece::ReqPseudo(match name {
+                    ":path" => ":path",
+                    ":method" => ":method",
+                    ":authority" => ":authority",
+                    ":scheme" => ":scheme",
+                    other => {
+                        return Err(ConfigError::new(
+                            path,
+                            format!("unsupported pseudo-header {other} in %{cmd}%"),
+                        ))
+                    }
+                })
+            }
+            c if c.starts_with("REQ(") => {
+                let inner = c.trim_start_matches("REQ(");
+                let (names, rest) = inner
+                    .split_once(')')
+                    .ok_or_else(|| ConfigError::new(path, format!("bad %{cmd}%")))?;
+                let (a, b) = names
+                    .split_once('?')
+                    .map_or((names, None), |(a, b)| (a, Some(b)));
+                let hn = |n: &str| {
+                    HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                        ConfigError::new(path, format!("invalid header name in %{cmd}%"))
                     })
-                }
-                c if c.starts_with("REQ(") => {
-                    let inner = c.trim_start_matches("REQ(");
-                    let (names, rest) = inner
-                        .split_once(')')
-                        .ok_or_else(|| ConfigError::new(path, format!("bad %{cmd}%")))?;
-                    let (a, b) = names
-                        .split_once('?')
-                        .map_or((names, None), |(a, b)| (a, Some(b)));
-                    let hn = |n: &str| {
-                        HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                            ConfigError::new(path, format!("invalid header name in %{cmd}%"))
-                        })
-                    };
-                    let max = match rest.strip_prefix(':') {
+                };
+                let max =
+                    match rest.strip_prefix(':') {
                         Some(n) => Some(n.parse::<usize>().map_err(|_| {
                             ConfigError::new(path, format!("bad length in %{cmd}%"))
                         })?),
                         None if rest.is_empty() => None,
                         None => return Err(ConfigError::new(path, format!("bad %{cmd}%"))),
                     };
-                    Piece::Req(hn(a)?, b.map(hn).transpose()?, max)
-                }
-                c if c.starts_with("RESP(") => Piece::Resp(arg("RESP")?),
-                other => {
-                    return Err(ConfigError::new(
-                        path,
-                        format!("unsupported header formatter %{other}%"),
-                    ))
-                }
-            });
-        }
-        Ok(Self(pieces))
+                Piece::Req(hn(a)?, b.map(hn).transpose()?, max)
+            }
+            c if c.starts_with("RESP(") => Piece::Resp(arg("RESP")?),
+            other => {
+                return Err(ConfigError::new(
+                    path,
+                    format!("unsupported header formatter %{other}%"),
+                ))
+            }
+        })
     }
 
     pub fn literal(&self) -> Option<&str> {

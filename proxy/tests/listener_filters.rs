@@ -301,41 +301,9 @@ fn original_dst_behind_iptables_redirect_dispatches_to_unbound_listeners() {
         return;
     }
     let ns = legate_tests::netns::Netns::new("odst").unwrap();
-    // 10.20.0.0/16 is routed to loopback, and every TCP connection to it is
-    // redirected to the virtual listener on 15001, as Istio's init does.
-    ns.run(
-        "ip",
-        &[
-            "route",
-            "add",
-            "10.20.0.0/16",
-            "dev",
-            "lo",
-            "src",
-            "127.0.0.1",
-        ],
-        true,
-    )
-    .unwrap();
-    ns.run(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.20.0.0/16",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-        true,
-    )
-    .unwrap();
+    // Every TCP connection to 10.20.0.0/16 goes to the virtual listener on
+    // 15001, as Istio's init arranges.
+    ns.redirect("10.20.0.0/16", 15001).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Upstreams in the namespace: their listening sockets are made there.
     let mut clusters = Vec::new();

@@ -45,6 +45,31 @@ impl Netns {
         Ok(())
     }
 
+    /// Istio's capture in miniature: `prefix` is routed over loopback (from
+    /// 127.0.0.1, so replies come back) and every TCP connection to it is
+    /// REDIRECTed by iptables to `port`, where SO_ORIGINAL_DST tells the
+    /// address dialled.
+    pub fn redirect(&self, prefix: &str, port: u16) -> std::io::Result<()> {
+        let route = ["route", "add", prefix, "dev", "lo", "src", "127.0.0.1"];
+        self.run("ip", &route, true)?;
+        let port = port.to_string();
+        let rule = [
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            prefix,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ];
+        self.run("iptables", &rule, true)
+    }
+
     /// Runs `f` on a thread inside the namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/run/netns/{}", self.name);
