@@ -35,12 +35,6 @@ pub static GAPS: &[Gap] = &[
     Gap { tier: "http", scenario: "http1-framing", request: "bad-version", reason: PARSER },
     Gap {
         tier: "routing",
-        scenario: "lb-hash-murmur",
-        request: "*",
-        reason: "ring_hash_lb_config.hash_function MURMUR_HASH_2 is not implemented: Legate rejects the config (principle 1) instead of hashing differently",
-    },
-    Gap {
-        tier: "routing",
         scenario: "hcm-h2-max-concurrent-streams",
         request: "*",
         reason: "the HCM's downstream http2_protocol_options.max_concurrent_streams is rejected: pingora's HTTP/2 server settings are per proxy, not per listener",
@@ -56,12 +50,6 @@ pub static GAPS: &[Gap] = &[
         scenario: "corpus",
         request: "accept-no-http-filters.yaml",
         reason: "an HTTP connection manager without the router filter is rejected until Legate implements Envoy's behaviour without one",
-    },
-    Gap {
-        tier: "validate",
-        scenario: "corpus",
-        request: "accept-ring-hash-config.yaml",
-        reason: "ring_hash_lb_config.hash_function MURMUR_HASH_2 is not implemented, so it is rejected",
     },
     Gap {
         tier: "validate",

@@ -199,12 +199,17 @@ impl ClusterConfig {
                     Some(pb::cluster::LbConfig::RingHashLbConfig(r)) => r.clone(),
                     _ => Default::default(),
                 };
-                if cfg.hash_function != 0 {
-                    return Err(ConfigError::new(
-                        join(path, "ring_hash_lb_config.hash_function"),
-                        "only XX_HASH is supported",
-                    ));
-                }
+                use pb::cluster::ring_hash_lb_config::HashFunction;
+                let murmur = match HashFunction::try_from(cfg.hash_function) {
+                    Ok(HashFunction::XxHash) => false,
+                    Ok(HashFunction::MurmurHash2) => true,
+                    Err(_) => {
+                        return Err(ConfigError::new(
+                            join(path, "ring_hash_lb_config.hash_function"),
+                            format!("unknown hash function {}", cfg.hash_function),
+                        ))
+                    }
+                };
                 let min = cfg.minimum_ring_size.val().unwrap_or(1024);
                 let max = cfg.maximum_ring_size.val().unwrap_or(8 * 1024 * 1024);
                 if min > max {
@@ -216,6 +221,7 @@ impl ClusterConfig {
                 LbPolicy::RingHash {
                     min_ring_size: min,
                     max_ring_size: max,
+                    murmur,
                 }
             }
             L::Maglev => {

@@ -21,6 +21,7 @@
 pub mod edf;
 pub mod least_request;
 pub mod maglev;
+pub mod murmur;
 pub mod random;
 pub mod ring_hash;
 pub mod round_robin;
@@ -70,6 +71,8 @@ pub enum LbPolicy {
     RingHash {
         min_ring_size: u64,
         max_ring_size: u64,
+        /// `hash_function`: MURMUR_HASH_2 instead of the default XX_HASH.
+        murmur: bool,
     },
     Maglev {
         table_size: u64,
@@ -98,10 +101,12 @@ pub fn build(policy: &LbPolicy, hosts: Arc<[LbHost]>) -> Box<dyn LoadBalancer> {
         LbPolicy::RingHash {
             min_ring_size,
             max_ring_size,
-        } => Box::new(ring_hash::RingHashLb::new(
+            murmur,
+        } => Box::new(ring_hash::RingHashLb::with_hash(
             &hosts,
             *min_ring_size,
             *max_ring_size,
+            *murmur,
         )),
         LbPolicy::Maglev { table_size } => Box::new(maglev::MaglevLb::new(&hosts, *table_size)),
     }
@@ -260,6 +265,7 @@ mod tests {
             LbPolicy::RingHash {
                 min_ring_size: 1024,
                 max_ring_size: 8 * 1024 * 1024,
+                murmur: false,
             },
             LbPolicy::Maglev { table_size: 65537 },
         ];
@@ -281,6 +287,7 @@ mod tests {
             LbPolicy::RingHash {
                 min_ring_size: 1024,
                 max_ring_size: 8 * 1024 * 1024,
+                murmur: false,
             },
             LbPolicy::Maglev { table_size: 65537 },
         ];

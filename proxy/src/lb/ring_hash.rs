@@ -11,7 +11,8 @@
 //!    sums spread fractional shares fairly instead of rounding every host the
 //!    same way.
 //! 4. Entry `i` of a host hashes `"{hash_key}_{i}"` with xxHash64, seed 0
-//!    (Envoy's default `XX_HASH`; `MURMUR_HASH_2` is not supported here).
+//!    (Envoy's default `XX_HASH`), or with `MURMUR_HASH_2` (libstdc++'s
+//!    64-bit MurmurHash2, Envoy's seed) when the cluster asks for it.
 //! 5. Sort by hash.
 //!
 //! Lookup is Envoy's ketama binary search, which is exactly "first entry whose
@@ -65,8 +66,19 @@ impl RingHashLb {
     /// config time; here the max simply wins. Sizes of 0 are treated as 1 so
     /// a non-empty host list never yields an empty ring.
     pub fn new(hosts: &[LbHost], min_ring_size: u64, max_ring_size: u64) -> Self {
+        Self::with_hash(hosts, min_ring_size, max_ring_size, false)
+    }
+
+    /// As [`RingHashLb::new`], hashing ring entries with MurmurHash2 when
+    /// `murmur` (`hash_function: MURMUR_HASH_2`).
+    pub fn with_hash(
+        hosts: &[LbHost],
+        min_ring_size: u64,
+        max_ring_size: u64,
+        murmur: bool,
+    ) -> Self {
         Self {
-            ring: build_ring(hosts, min_ring_size.max(1), max_ring_size.max(1)),
+            ring: build_ring(hosts, min_ring_size.max(1), max_ring_size.max(1), murmur),
             attempts: DEFAULT_HOST_SELECTION_ATTEMPTS,
         }
     }
@@ -101,7 +113,19 @@ impl RingHashLb {
     }
 }
 
-fn build_ring(hosts: &[LbHost], min_ring_size: u64, max_ring_size: u64) -> Vec<RingEntry> {
+fn build_ring(
+    hosts: &[LbHost],
+    min_ring_size: u64,
+    max_ring_size: u64,
+    murmur: bool,
+) -> Vec<RingEntry> {
+    let hash = |k: &[u8]| {
+        if murmur {
+            super::murmur::murmur_hash2(k, super::murmur::STD_HASH_SEED)
+        } else {
+            xxh64(k, 0)
+        }
+    };
     if hosts.is_empty() {
         return Vec::new();
     }
@@ -124,7 +148,7 @@ fn build_ring(hosts: &[LbHost], min_ring_size: u64, max_ring_size: u64) -> Vec<R
             // Writing to a String cannot fail.
             let _ = write!(key, "{replica}");
             ring.push(RingEntry {
-                hash: xxh64(key.as_bytes(), 0),
+                hash: hash(key.as_bytes()),
                 host: index as u32,
             });
             replica += 1;
