@@ -1,7 +1,8 @@
 //! Access logs (`access_log`): Envoy's file, stdout and stderr loggers with
-//! its text format and command operators. Only `tcp_proxy` writes them so
-//! far; the formatter is pure (a parsed format rendered over an [`Entry`]),
-//! so its output can be checked against Envoy's line for line.
+//! its text format and command operators. `tcp_proxy` writes a line per
+//! connection and the HTTP connection manager one per request; the
+//! formatter is pure (a parsed format rendered over an [`Entry`]), so its
+//! output can be checked against Envoy's line for line.
 
 use crate::config::{index, join, ConfigError, Result};
 use legate_proto::envoy_types::pb::envoy::config::accesslog::v3 as pb;
@@ -34,6 +35,46 @@ pub struct Entry<'a> {
     /// Envoy's short response flags (`UF`, `UH`, `NC`, ...), comma-joined.
     pub response_flags: &'a str,
     pub requested_server_name: &'a str,
+    /// The request and its response, on HTTP streams; TCP connections
+    /// print `-` (and `0` for the response code) where Envoy does.
+    pub http: Option<HttpFacts<'a>>,
+}
+
+/// What an HTTP stream adds to its access log entry.
+#[derive(Debug, Clone)]
+pub struct HttpFacts<'a> {
+    /// The request headers as the router left them (rewrites included,
+    /// as Envoy mutates its request headers in place).
+    pub request: &'a http::HeaderMap,
+    pub pseudo: crate::config::matcher::Pseudo<'a>,
+    pub response: Option<&'a http::HeaderMap>,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: &'a str,
+    /// 0 when no response was sent.
+    pub response_code: u16,
+    /// Envoy's response code details (`via_upstream`, `route_not_found`, ...).
+    pub details: &'a str,
+    pub route_name: &'a str,
+    /// From the request's start to the upstream's first response byte.
+    pub response_duration: Option<Duration>,
+}
+
+/// Envoy's response flags (`UH`, `UF`, `URX`, ...), in the order they
+/// were raised, which is the order Envoy prints them in.
+#[derive(Debug, Clone, Default)]
+pub struct Flags(Vec<&'static str>);
+
+impl Flags {
+    pub fn add(&mut self, flag: &'static str) {
+        if !self.0.contains(&flag) {
+            self.0.push(flag);
+        }
+    }
+
+    /// Comma-joined (`URX,UF`), empty for none.
+    pub fn joined(&self) -> String {
+        self.0.join(",")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -47,10 +88,17 @@ enum Piece {
     UpstreamCluster,
     ResponseFlags,
     RequestedServerName,
-    /// HTTP-only operators on a TCP connection: Envoy prints `-`.
+    /// Operators Legate has no value for (trailers, termination details):
+    /// Envoy's `-` for a missing value.
     Dash,
-    /// `%RESPONSE_CODE%` on a TCP connection: 0.
-    Zero,
+    ResponseCode,
+    Protocol,
+    ResponseCodeDetails,
+    RouteName,
+    ResponseDuration,
+    Hostname,
+    Req(crate::headers::HeaderLookup),
+    Resp(crate::headers::HeaderLookup),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,6 +120,13 @@ impl Format {
     }
 
     fn command(cmd: &str, path: &str) -> Result<Piece> {
+        use crate::headers::HeaderLookup;
+        if let Some(l) = HeaderLookup::parse(cmd, "REQ", path)? {
+            return Ok(Piece::Req(l));
+        }
+        if let Some(l) = HeaderLookup::parse(cmd, "RESP", path)? {
+            return Ok(Piece::Resp(l));
+        }
         let addr = |w, port| Piece::Addr(w, port);
         Ok(match cmd {
             "START_TIME" => Piece::StartTime,
@@ -88,12 +143,32 @@ impl Format {
             "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => addr(Which::DownstreamLocal, false),
             "UPSTREAM_HOST" => addr(Which::UpstreamHost, true),
             "UPSTREAM_LOCAL_ADDRESS" => addr(Which::UpstreamLocal, true),
-            "UPSTREAM_CLUSTER" => Piece::UpstreamCluster,
+            // Legate has no cluster alt_stat_name: the raw name is the name.
+            "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => Piece::UpstreamCluster,
             "RESPONSE_FLAGS" => Piece::ResponseFlags,
             "REQUESTED_SERVER_NAME" => Piece::RequestedServerName,
-            "RESPONSE_CODE" => Piece::Zero,
-            "PROTOCOL" => Piece::Dash,
-            c if c.starts_with("REQ(") || c.starts_with("RESP(") || c.starts_with("TRAILER(") => {
+            "RESPONSE_CODE" => Piece::ResponseCode,
+            "RESPONSE_CODE_DETAILS" => Piece::ResponseCodeDetails,
+            "PROTOCOL" => Piece::Protocol,
+            "ROUTE_NAME" => Piece::RouteName,
+            "RESPONSE_DURATION" => Piece::ResponseDuration,
+            "HOSTNAME" => Piece::Hostname,
+            // Upstream TLS failures and connection termination details are
+            // not recorded yet; trailers are not kept for logging.
+            "UPSTREAM_TRANSPORT_FAILURE_REASON" | "CONNECTION_TERMINATION_DETAILS" => {
+                tracing::warn!(
+                    path,
+                    command = cmd,
+                    "access log command is always '-' in Legate"
+                );
+                Piece::Dash
+            }
+            c if c.starts_with("TRAILER(") => {
+                tracing::warn!(
+                    path,
+                    command = cmd,
+                    "access log trailers are always '-' in Legate"
+                );
                 Piece::Dash
             }
             other => {
@@ -142,7 +217,32 @@ impl Format {
                 Piece::ResponseFlags => dash(e.response_flags),
                 Piece::RequestedServerName => dash(e.requested_server_name),
                 Piece::Dash => "-".into(),
-                Piece::Zero => "0".into(),
+                Piece::ResponseCode => e.http.as_ref().map_or(0, |h| h.response_code).to_string(),
+                Piece::Protocol => dash(e.http.as_ref().map_or("", |h| h.protocol)),
+                Piece::ResponseCodeDetails => dash(e.http.as_ref().map_or("", |h| h.details)),
+                Piece::RouteName => dash(e.http.as_ref().map_or("", |h| h.route_name)),
+                Piece::ResponseDuration => e
+                    .http
+                    .as_ref()
+                    .and_then(|h| h.response_duration)
+                    .map_or("-".into(), |d| d.as_millis().to_string()),
+                Piece::Hostname => crate::server::request::hostname().to_string(),
+                Piece::Req(l) => e
+                    .http
+                    .as_ref()
+                    .and_then(|h| l.value(Some(h.request), &h.pseudo))
+                    .unwrap_or_else(|| "-".into()),
+                Piece::Resp(l) => e
+                    .http
+                    .as_ref()
+                    .and_then(|h| {
+                        let pseudo = crate::config::matcher::Pseudo {
+                            status: (h.response_code > 0).then_some(h.response_code),
+                            ..Default::default()
+                        };
+                        l.value(h.response, &pseudo)
+                    })
+                    .unwrap_or_else(|| "-".into()),
             };
             out.push_str(&v);
         }
@@ -319,6 +419,7 @@ mod tests {
             upstream_cluster: "echo",
             response_flags: "",
             requested_server_name: "",
+            http: None,
         }
     }
 
@@ -344,6 +445,48 @@ mod tests {
             f.render(&e),
             "10.1.2.3 127.0.0.1:40000 127.0.0.1:10000 echo UF - 100%"
         );
+    }
+
+    #[test]
+    fn an_http_stream_logs_its_headers_code_and_flags() {
+        let f = Format::parse(
+            "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %REQ(X-A):2% %REQ(X-NONE)% %RESP(:STATUS)% %RESP(X-B)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %ROUTE_NAME% %RESPONSE_DURATION% %TRAILER(GRPC-STATUS)%",
+            "f",
+        )
+        .unwrap();
+        let mut req = http::HeaderMap::new();
+        req.insert("x-a", "abc".parse().unwrap());
+        let mut resp = http::HeaderMap::new();
+        resp.insert("x-b", "yes".parse().unwrap());
+        let mut flags = Flags::default();
+        flags.add("URX");
+        flags.add("UF");
+        flags.add("URX");
+        let joined = flags.joined();
+        let mut e = entry();
+        e.response_flags = &joined;
+        e.http = Some(HttpFacts {
+            request: &req,
+            pseudo: crate::config::matcher::Pseudo {
+                method: "GET",
+                path: "/p?q",
+                ..Default::default()
+            },
+            response: Some(&resp),
+            protocol: "HTTP/2",
+            response_code: 503,
+            details: "via_upstream",
+            route_name: "r",
+            response_duration: Some(Duration::from_millis(7)),
+        });
+        assert_eq!(
+            f.render(&e),
+            "GET /p?q ab - 503 yes HTTP/2 503 URX,UF via_upstream r 7 -"
+        );
+        // The same format on a TCP connection.
+        e.http = None;
+        e.response_flags = "";
+        assert_eq!(f.render(&e), "- - - - - - - 0 - - - - -");
     }
 
     #[test]

@@ -25,15 +25,9 @@ pub struct FormatContext<'a> {
 #[derive(Debug, Clone, PartialEq)]
 enum Piece {
     Lit(String),
-    RemoteAddr {
-        port: bool,
-    },
-    DirectRemoteAddr {
-        port: bool,
-    },
-    LocalAddr {
-        port: bool,
-    },
+    RemoteAddr { port: bool },
+    DirectRemoteAddr { port: bool },
+    LocalAddr { port: bool },
     LocalPort,
     UpstreamRemoteAddr,
     UpstreamCluster,
@@ -41,11 +35,94 @@ enum Piece {
     Hostname,
     StartTime,
     ResponseCode,
-    /// `%REQ(a?b):N%`: header `a`, else `b`, at most N characters.
-    Req(HeaderName, Option<HeaderName>, Option<usize>),
-    /// `%REQ(:path)%` and the other request pseudo-headers.
-    ReqPseudo(&'static str),
-    Resp(HeaderName),
+    Req(HeaderLookup),
+    Resp(HeaderLookup),
+}
+
+/// A name in `%REQ(...)%` or `%RESP(...)%`: a header or a pseudo-header.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderRef {
+    Pseudo(&'static str),
+    Header(HeaderName),
+}
+
+/// `%REQ(a?b):N%` and `%RESP(a?b):N%`: `a`, else `b`, cut to N characters.
+/// Header values and access logs share it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderLookup {
+    first: HeaderRef,
+    second: Option<HeaderRef>,
+    max: Option<usize>,
+}
+
+impl HeaderLookup {
+    /// Parses `cmd` when it is `OP(...)` (`op` is `REQ` or `RESP`); None
+    /// when it is another command.
+    pub fn parse(cmd: &str, op: &str, path: &str) -> Result<Option<Self>> {
+        let Some(inner) = cmd.strip_prefix(op).and_then(|c| c.strip_prefix('(')) else {
+            return Ok(None);
+        };
+        let bad = |what: &str| ConfigError::new(path, format!("{what} in %{cmd}%"));
+        let (names, rest) = inner.split_once(')').ok_or_else(|| bad("missing ')'"))?;
+        let name = |n: &str| -> Result<HeaderRef> {
+            let lower = n.to_ascii_lowercase();
+            if lower.starts_with(':') {
+                return match lower.as_str() {
+                    ":path" => Ok(HeaderRef::Pseudo(":path")),
+                    ":method" => Ok(HeaderRef::Pseudo(":method")),
+                    ":authority" => Ok(HeaderRef::Pseudo(":authority")),
+                    ":scheme" => Ok(HeaderRef::Pseudo(":scheme")),
+                    ":status" => Ok(HeaderRef::Pseudo(":status")),
+                    other => Err(bad(&format!("unsupported pseudo-header {other}"))),
+                };
+            }
+            HeaderName::from_bytes(lower.as_bytes())
+                .map(HeaderRef::Header)
+                .map_err(|_| bad("invalid header name"))
+        };
+        let (a, b) = names
+            .split_once('?')
+            .map_or((names, None), |(a, b)| (a, Some(b)));
+        let max = match rest.strip_prefix(':') {
+            Some(n) => Some(n.parse::<usize>().map_err(|_| bad("bad length"))?),
+            None if rest.is_empty() => None,
+            None => return Err(bad("unexpected text")),
+        };
+        Ok(Some(Self {
+            first: name(a)?,
+            second: b.map(name).transpose()?,
+            max,
+        }))
+    }
+
+    /// The value, or None when neither name is present (or both empty).
+    pub fn value(
+        &self,
+        headers: Option<&HeaderMap>,
+        pseudo: &crate::config::matcher::Pseudo,
+    ) -> Option<String> {
+        let one = |r: &HeaderRef| -> Option<String> {
+            let v = match r {
+                HeaderRef::Header(n) => {
+                    String::from_utf8_lossy(headers?.get(n)?.as_bytes()).into_owned()
+                }
+                HeaderRef::Pseudo(":status") => pseudo.status?.to_string(),
+                HeaderRef::Pseudo(p) => match *p {
+                    ":path" => pseudo.path,
+                    ":method" => pseudo.method,
+                    ":authority" => pseudo.authority,
+                    _ => pseudo.scheme,
+                }
+                .to_string(),
+            };
+            (!v.is_empty()).then_some(v)
+        };
+        let v = one(&self.first).or_else(|| self.second.as_ref().and_then(one))?;
+        Some(match self.max {
+            Some(m) => v.chars().take(m).collect(),
+            None => v,
+        })
+    }
 }
 
 /// A parsed header value: literal text and `%COMMAND%` pieces.
@@ -112,16 +189,12 @@ impl HeaderValueFormat {
     }
 
     fn command(cmd: &str, path: &str) -> Result<Piece> {
-        let arg = |name: &str| -> Result<HeaderName> {
-            let a = cmd
-                .strip_prefix(name)
-                .and_then(|a| a.strip_prefix('('))
-                .and_then(|a| a.split(')').next())
-                .unwrap_or("");
-            let a = a.split(['?', ':']).next().unwrap_or(a);
-            HeaderName::from_bytes(a.to_ascii_lowercase().as_bytes())
-                .map_err(|_| ConfigError::new(path, format!("invalid header name in %{cmd}%")))
-        };
+        if let Some(l) = HeaderLookup::parse(cmd, "REQ", path)? {
+            return Ok(Piece::Req(l));
+        }
+        if let Some(l) = HeaderLookup::parse(cmd, "RESP", path)? {
+            return Ok(Piece::Resp(l));
+        }
         Ok(match cmd {
             "DOWNSTREAM_REMOTE_ADDRESS" => Piece::RemoteAddr { port: true },
             "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Piece::RemoteAddr { port: false },
@@ -138,50 +211,6 @@ impl HeaderValueFormat {
             "HOSTNAME" => Piece::Hostname,
             "START_TIME" => Piece::StartTime,
             "RESPONSE_CODE" => Piece::ResponseCode,
-            c if c.to_ascii_lowercase().starts_with("req(:") => {
-                let lower = c.to_ascii_lowercase();
-                let name = lower
-                    .trim_start_matches("req(")
-                    .split([')', '?'])
-                    .next()
-                    .unwrap_or("");
-                Piece::ReqPseudo(match name {
-                    ":path" => ":path",
-                    ":method" => ":method",
-                    ":authority" => ":authority",
-                    ":scheme" => ":scheme",
-                    other => {
-                        return Err(ConfigError::new(
-                            path,
-                            format!("unsupported pseudo-header {other} in %{cmd}%"),
-                        ))
-                    }
-                })
-            }
-            c if c.starts_with("REQ(") => {
-                let inner = c.trim_start_matches("REQ(");
-                let (names, rest) = inner
-                    .split_once(')')
-                    .ok_or_else(|| ConfigError::new(path, format!("bad %{cmd}%")))?;
-                let (a, b) = names
-                    .split_once('?')
-                    .map_or((names, None), |(a, b)| (a, Some(b)));
-                let hn = |n: &str| {
-                    HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                        ConfigError::new(path, format!("invalid header name in %{cmd}%"))
-                    })
-                };
-                let max =
-                    match rest.strip_prefix(':') {
-                        Some(n) => Some(n.parse::<usize>().map_err(|_| {
-                            ConfigError::new(path, format!("bad length in %{cmd}%"))
-                        })?),
-                        None if rest.is_empty() => None,
-                        None => return Err(ConfigError::new(path, format!("bad %{cmd}%"))),
-                    };
-                Piece::Req(hn(a)?, b.map(hn).transpose()?, max)
-            }
-            c if c.starts_with("RESP(") => Piece::Resp(arg("RESP")?),
             other => {
                 return Err(ConfigError::new(
                     path,
@@ -206,11 +235,6 @@ impl HeaderValueFormat {
             (Some(a), false) => a.ip().to_string(),
             (None, _) => String::new(),
         };
-        let hdr = |m: Option<&HeaderMap>, n: &HeaderName| {
-            m.and_then(|m| m.get(n))
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_default()
-        };
         for p in &self.0 {
             match p {
                 Piece::Lit(s) => out.push_str(s),
@@ -234,25 +258,17 @@ impl HeaderValueFormat {
                 Piece::StartTime => {
                     out.push_str(&httpdate::fmt_http_date(std::time::SystemTime::now()))
                 }
-                Piece::Req(a, b, max) => {
-                    let mut v = hdr(ctx.request_headers, a);
-                    if v.is_empty() {
-                        if let Some(b) = b {
-                            v = hdr(ctx.request_headers, b);
-                        }
-                    }
-                    if let Some(m) = max {
-                        v = v.chars().take(*m).collect();
-                    }
-                    out.push_str(&v);
+                Piece::Req(l) => out.push_str(
+                    &l.value(ctx.request_headers, &ctx.pseudo)
+                        .unwrap_or_default(),
+                ),
+                Piece::Resp(l) => {
+                    let pseudo = crate::config::matcher::Pseudo {
+                        status: ctx.response_code,
+                        ..ctx.pseudo
+                    };
+                    out.push_str(&l.value(ctx.response_headers, &pseudo).unwrap_or_default())
                 }
-                Piece::ReqPseudo(p) => out.push_str(match *p {
-                    ":path" => ctx.pseudo.path,
-                    ":method" => ctx.pseudo.method,
-                    ":authority" => ctx.pseudo.authority,
-                    _ => ctx.pseudo.scheme,
-                }),
-                Piece::Resp(n) => out.push_str(&hdr(ctx.response_headers, n)),
             }
         }
         out

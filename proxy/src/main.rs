@@ -98,10 +98,7 @@ async fn serve(
     let clusters = ClusterManager::start(&config.clusters).await;
     let runtime = Arc::new(arc_swap::ArcSwap::from_pointee(config.runtime.clone()));
     let routes = Arc::new(legate::route_tables::RouteTables::default());
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let hostname = legate::server::request::hostname().to_string();
     let shared = Arc::new(Shared {
         clusters: clusters.clone(),
         runtime: runtime.clone(),

@@ -242,9 +242,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "upgrade_configs",
             "forward_client_cert_details",
             "set_current_client_cert_details",
+            "access_log",
         ],
         &[
-            ("access_log", NO_LOG),
             (
                 "tracing",
                 "tracing is not implemented; it changes no traffic",

@@ -364,6 +364,8 @@ pub struct Hcm {
     pub upgrades: Vec<String>,
     pub xfcc: XfccMode,
     pub xfcc_details: XfccDetails,
+    /// `access_log`: a line per request when it ends.
+    pub access_log: Vec<Arc<crate::access_log::AccessLog>>,
 }
 
 impl Listener {
@@ -709,6 +711,7 @@ impl Hcm {
                     }
                 }
             },
+            access_log: crate::access_log::list(&h.access_log, path)?,
         })
     }
 }

@@ -111,6 +111,15 @@ pub struct Ctx {
     /// "downstream remote address".
     client_addr: Option<SocketAddr>,
     started: Option<Instant>,
+    /// When the request arrived, for access logs.
+    arrived: Option<(std::time::SystemTime, Instant)>,
+    /// Envoy's response flags (`access_log::flags`) and response code
+    /// details, for access logs.
+    flags: crate::access_log::Flags,
+    details: &'static str,
+    /// The upstream's response headers arrived.
+    response_started: Option<Instant>,
+    upstream_local: Option<SocketAddr>,
 }
 
 impl Ctx {
@@ -295,10 +304,79 @@ impl HcmProxy {
         v
     }
 
+    /// One line per request for each of the connection manager's logs.
+    fn access_log(
+        logs: &[Arc<crate::access_log::AccessLog>],
+        session: &Session,
+        ctx: &Ctx,
+        status: u16,
+    ) {
+        let req = session.req_header();
+        let (start, began) = ctx
+            .arrived
+            .unwrap_or_else(|| (std::time::SystemTime::now(), Instant::now()));
+        let authority = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let flags = ctx.flags.joined();
+        let unknown: SocketAddr = ([0, 0, 0, 0], 0).into();
+        let e = crate::access_log::Entry {
+            start,
+            duration: began.elapsed(),
+            bytes_received: session.body_bytes_read() as u64,
+            bytes_sent: session.body_bytes_sent() as u64,
+            downstream_remote: ctx.client_addr.or(ctx.downstream_remote).unwrap_or(unknown),
+            downstream_direct_remote: ctx.downstream_remote.unwrap_or(unknown),
+            downstream_local: ctx.downstream_local.unwrap_or(unknown),
+            upstream_host: ctx
+                .host
+                .as_ref()
+                .map(|h| h.addr)
+                .or(ctx.tried.last().copied()),
+            upstream_local: ctx.upstream_local,
+            upstream_cluster: ctx.cluster.as_ref().map_or("", |c| c.config.name.as_str()),
+            response_flags: &flags,
+            requested_server_name: "",
+            http: Some(crate::access_log::HttpFacts {
+                request: &req.headers,
+                pseudo: crate::config::matcher::Pseudo {
+                    method: req.method.as_str(),
+                    path: req.uri.path_and_query().map_or("", |p| p.as_str()),
+                    authority,
+                    scheme: ctx.scheme(),
+                    status: None,
+                },
+                response: session.response_written().map(|r| &r.headers),
+                protocol: protocol(session),
+                response_code: status,
+                details: ctx.details,
+                route_name: ctx
+                    .selected
+                    .as_ref()
+                    .map_or("", |s| s.route().name.as_str()),
+                response_duration: ctx.response_started.map(|t| t.duration_since(began)),
+            }),
+        };
+        for l in logs {
+            l.log(&e);
+        }
+    }
+
     fn retry_allows(ctx: &Ctx) -> bool {
         ctx.retry
             .as_ref()
             .is_some_and(|r| ctx.attempts <= r.num_retries)
+    }
+
+    /// A failure the policy would retry, with no retries left: Envoy's
+    /// `URX` flag.
+    fn note_retry_limit(ctx: &mut Ctx, retriable: bool) {
+        if retriable && ctx.retry.is_some() && !Self::retry_allows(ctx) {
+            ctx.flags.add("URX");
+        }
     }
 }
 
@@ -318,7 +396,8 @@ impl ProxyHttp for HcmProxy {
         Ctx::default()
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        ctx.arrived = Some((std::time::SystemTime::now(), Instant::now()));
         // Envoy answers pipelined HTTP/1.1 requests one after another, in
         // order; pingora drops them unless asked (the setting then persists
         // across the connection's reuses).
@@ -522,6 +601,8 @@ impl ProxyHttp for HcmProxy {
         let asterisk = raw_path == "*" && session.req_header().method == http::Method::OPTIONS;
         if session.req_header().method == http::Method::CONNECT || asterisk {
             stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            ctx.flags.add("NR");
+            ctx.details = "route_not_found";
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
                 .await?;
             return Ok(true);
@@ -642,6 +723,8 @@ impl ProxyHttp for HcmProxy {
         };
         let Some(rc) = rc else {
             stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            ctx.flags.add("NR");
+            ctx.details = "route_not_found";
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
                 .await?;
             return Ok(true);
@@ -669,6 +752,8 @@ impl ProxyHttp for HcmProxy {
         });
         let Some((vi, ri)) = found else {
             stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            ctx.flags.add("NR");
+            ctx.details = "route_not_found";
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
                 .await?;
             return Ok(true);
@@ -681,6 +766,7 @@ impl ProxyHttp for HcmProxy {
         let route = &rc.virtual_hosts[vi].routes[ri];
         match &route.action {
             Action::Direct(d) => {
+                ctx.details = "direct_response";
                 let body = d.body.clone().unwrap_or_default();
                 // A 201 or 3xx direct response points back at the request's URL.
                 let extra = if d.status == 201 || (300..400).contains(&d.status) {
@@ -696,6 +782,7 @@ impl ProxyHttp for HcmProxy {
                 Ok(true)
             }
             Action::Redirect(r) => {
+                ctx.details = "direct_response";
                 let scheme = request_scheme(session);
                 let loc = rq::redirect_location(r, &route.matcher, &scheme, &host, &path);
                 self.local_reply(
@@ -735,6 +822,8 @@ impl ProxyHttp for HcmProxy {
                 };
                 let Some(cluster) = self.shared.clusters.get(&name) else {
                     stats::counter(format!("{}no_cluster", ctx.http_prefix)).increment(1);
+                    ctx.flags.add("NC");
+                    ctx.details = "cluster_not_found";
                     self.local_reply(
                         session,
                         ctx,
@@ -886,6 +975,8 @@ impl ProxyHttp for HcmProxy {
         );
         let Some(host) = host else {
             cluster.stats.upstream_cx_none_healthy.increment(1);
+            ctx.flags.add("UH");
+            ctx.details = "no_healthy_upstream";
             ctx.pending_reply = Some(LocalReply {
                 status: 503,
                 body: "no healthy upstream",
@@ -940,9 +1031,12 @@ impl ProxyHttp for HcmProxy {
         reused: bool,
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora_core::protocols::Digest>,
+        digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.upstream_local = digest
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| inet(s.local_addr()));
         if !reused {
             if let Some(c) = &ctx.cluster {
                 c.stats.upstream_cx_total.increment(1);
@@ -1041,6 +1135,7 @@ impl ProxyHttp for HcmProxy {
                     }));
             // A body pingora could not keep (over 64 KiB) cannot be replayed:
             // then the response passes through, as when retries run out.
+            Self::note_retry_limit(ctx, retriable);
             if retriable && Self::retry_allows(ctx) && !session.as_ref().retry_buffer_truncated() {
                 if let Some(c) = &ctx.cluster {
                     c.stats.record_status(status);
@@ -1051,6 +1146,7 @@ impl ProxyHttp for HcmProxy {
                 return Err(e);
             }
         }
+        ctx.response_started = Some(Instant::now());
         if let Some(t) = ctx.upstream_started {
             resp.insert_header(
                 hdr("x-envoy-upstream-service-time"),
@@ -1089,6 +1185,7 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.status = resp.status.as_u16();
+        ctx.details = "via_upstream";
         let levels = Self::header_levels(ctx);
         self.decorate_response(resp, ctx, &levels, session);
         Ok(())
@@ -1108,6 +1205,7 @@ impl ProxyHttp for HcmProxy {
         let wants = on.is_some_and(|o| {
             o.connect_failure || o.r5xx || o.gateway_error || o.reset || o.reset_before_request
         });
+        Self::note_retry_limit(ctx, wants);
         e.set_retry(wants && Self::retry_allows(ctx));
         e
     }
@@ -1150,6 +1248,7 @@ impl ProxyHttp for HcmProxy {
             }
         });
         let truncated = session.as_ref().retry_buffer_truncated();
+        Self::note_retry_limit(ctx, wants);
         e.set_retry(wants && !truncated && Self::retry_allows(ctx));
         e
     }
@@ -1160,30 +1259,50 @@ impl ProxyHttp for HcmProxy {
                 if let Some(c) = &ctx.cluster {
                     c.stats.upstream_rq_timeout.increment(1);
                 }
+                ctx.flags.add("UT");
+ ctx.details = "response_timeout";
                 LocalReply { status: 504, body: "upstream request timeout" }
             }
             ErrorType::HTTPStatus(s) if *s >= 400 => LocalReply { status: *s, body: "" },
-            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => LocalReply {
+            ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute => {
+                ctx.flags.add("UF");
+                // Envoy adds the socket error it saw (checked for refusals).
+                ctx.details = if e.etype() == &ErrorType::ConnectRefused {
+                    "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+                } else {
+                    "upstream_reset_before_response_started{remote_connection_failure}"
+                };
+                LocalReply {
                 status: 503,
                 body: if ctx.attempts > 1 {
                     "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure"
                 } else {
                     "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
                 },
-            },
+            }},
             ErrorType::Custom(c) if *c == "InvalidChunk" => LocalReply { status: 400, body: "Bad Request" },
             // An upstream that answers with something that is not HTTP.
             ErrorType::InvalidHTTPHeader | ErrorType::InvalidH2
                 if e.esource() == &pingora_error::ErrorSource::Upstream =>
             {
+                ctx.flags.add("UPE");
+ ctx.details = "upstream_reset_before_response_started{protocol_error}";
                 LocalReply {
                     status: 502,
                     body: "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
                 }
             }
             _ => match e.esource() {
-                pingora_error::ErrorSource::Downstream => LocalReply { status: 0, body: "" },
-                _ => LocalReply { status: 503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination" },
+                pingora_error::ErrorSource::Downstream => {
+                    ctx.flags.add("DC");
+ ctx.details = "downstream_remote_disconnect";
+                    LocalReply { status: 0, body: "" }
+                }
+                _ => {
+                    ctx.flags.add("UC");
+ ctx.details = "upstream_reset_before_response_started{connection_termination}";
+                    LocalReply { status: 503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination" }
+                }
             },
         });
         if reply.status > 0 && session.response_written().is_none() {
@@ -1245,6 +1364,9 @@ impl ProxyHttp for HcmProxy {
             ))
             .increment(1);
             stats::counter(format!("{}downstream_rq_completed", ctx.http_prefix)).increment(1);
+        }
+        if let Some(hcm) = ctx.hcm.as_ref().filter(|h| !h.access_log.is_empty()) {
+            Self::access_log(&hcm.access_log, session, ctx, status);
         }
     }
 }

@@ -460,6 +460,16 @@ fn configured_internal(_ip: IpAddr) -> bool {
     false
 }
 
+/// The machine's host name (`%HOSTNAME%`), read once.
+pub fn hostname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+}
+
 /// This host's first non-loopback IPv4 address, else loopback: Envoy's
 /// local address (`--local-address-ip-version v4`).
 pub fn local_ip() -> IpAddr {

@@ -107,6 +107,7 @@ pub async fn serve<D: Halves>(
             upstream_cluster: if sum.cluster_found { name } else { "" },
             response_flags: sum.flags,
             requested_server_name: &conn.sni,
+            http: None,
         };
         for l in &t.access_log {
             l.log(&e);
