@@ -34,12 +34,6 @@ pub static GAPS: &[Gap] = &[
     Gap { tier: "http", scenario: "http1-framing", request: "obs-fold", reason: PARSER },
     Gap { tier: "http", scenario: "http1-framing", request: "bad-version", reason: PARSER },
     Gap {
-        tier: "routing",
-        scenario: "hcm-h2-max-concurrent-streams",
-        request: "*",
-        reason: "the HCM's downstream http2_protocol_options.max_concurrent_streams is rejected: pingora's HTTP/2 server settings are per proxy, not per listener",
-    },
-    Gap {
         tier: "validate",
         scenario: "corpus",
         request: "accept-bad-header-name-in-request-headers-to-add.yaml",

@@ -242,10 +242,12 @@ impl Admin {
                 text(200, format!("active loggers:\n  legate: {}\n", s.log_level.lock().unwrap()))
             }
             "/healthcheck/fail" => {
+                s.listeners.set_health_check_failed(true);
                 s.set_state(STATE_DRAINING);
                 text(200, "OK\n")
             }
             "/healthcheck/ok" => {
+                s.listeners.set_health_check_failed(false);
                 s.set_state(STATE_LIVE);
                 text(200, "OK\n")
             }

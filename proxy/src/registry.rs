@@ -173,14 +173,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "listener_filters_timeout",
             "continue_on_listener_filters_timeout",
             "use_original_dst",
+            "drain_type",
         ],
-        &[
-            ("metadata", "only informational"),
-            (
-                "drain_type",
-                "Legate never drains on /healthcheck/fail, as MODIFY_ONLY; DEFAULT's drain there is not implemented (see notes)",
-            ),
-        ],
+        &[("metadata", "only informational")],
     ),
     m(
         "envoy.config.listener.v3.FilterChain",
@@ -289,17 +284,12 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.config.core.v3.Http1ProtocolOptions", &[], &[]),
     m(
         "envoy.config.core.v3.Http2ProtocolOptions",
-        &["max_concurrent_streams"],
         &[
-            (
-                "initial_stream_window_size",
-                "window sizes are pingora's defaults (64 KiB) for now",
-            ),
-            (
-                "initial_connection_window_size",
-                "window sizes are pingora's defaults for now",
-            ),
+            "max_concurrent_streams",
+            "initial_stream_window_size",
+            "initial_connection_window_size",
         ],
+        &[],
     ),
     // Routes.
     m(

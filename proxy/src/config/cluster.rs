@@ -316,6 +316,9 @@ impl ClusterConfig {
         } else {
             UpstreamProtocol::Http1
         };
+        if let Some(h2) = &c.http2_protocol_options {
+            warn_upstream_windows(h2, &join(path, "http2_protocol_options"));
+        }
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
         let mut max_concurrent_streams = c
             .http2_protocol_options
@@ -347,6 +350,10 @@ impl ClusterConfig {
                     }
                     Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
                         protocol = UpstreamProtocol::Http2;
+                        warn_upstream_windows(
+                            h2,
+                            &join(&p, "explicit_http_config.http2_protocol_options"),
+                        );
                         if let Some(m) = h2.max_concurrent_streams.val() {
                             max_concurrent_streams = m;
                         }
@@ -573,4 +580,29 @@ pub fn load_assignment(
         .and_then(|p| p.overprovisioning_factor.val())
         .unwrap_or(140);
     Ok((out, opf))
+}
+
+/// Downstream, `http2_protocol_options` window sizes are applied per
+/// listener; upstream, pingora's HTTP/2 client keeps its own (64 KiB). They
+/// pace traffic without changing it, so they are accepted with a warning
+/// and counted, as the registry does for such fields.
+fn warn_upstream_windows(
+    h2: &legate_proto::envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions,
+    path: &str,
+) {
+    for (set, field) in [
+        (
+            h2.initial_stream_window_size.is_some(),
+            "initial_stream_window_size",
+        ),
+        (
+            h2.initial_connection_window_size.is_some(),
+            "initial_connection_window_size",
+        ),
+    ] {
+        if set {
+            tracing::warn!(path = %join(path, field), "upstream HTTP/2 window sizes are pingora's; ignored");
+            crate::stats::counter("legate.config.fields_ignored".into()).increment(1);
+        }
+    }
 }

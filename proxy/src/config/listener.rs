@@ -8,6 +8,7 @@ use legate_proto::envoy_types::pb::envoy::config::listener::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub const HCM_TYPE: &str =
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
@@ -260,6 +261,9 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `drain_type: DEFAULT` (not `MODIFY_ONLY`): `/healthcheck/fail` makes
+    /// its HTTP connections close after their next request.
+    pub drains_on_health_check_fail: bool,
     /// Listener filters, in order.
     pub listener_filters: Vec<ListenerFilter>,
     /// `use_original_dst`: a connection whose destination was restored (by
@@ -366,6 +370,80 @@ pub struct Hcm {
     pub xfcc_details: XfccDetails,
     /// `access_log`: a line per request when it ends.
     pub access_log: Vec<Arc<crate::access_log::AccessLog>>,
+    pub conn: HttpConnSettings,
+}
+
+/// A downstream HTTP connection's own limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpConnSettings {
+    /// `common_http_protocol_options.idle_timeout`: closed after this long
+    /// without a request in flight (Envoy's default 1 h; None: never).
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_requests_per_connection`.
+    pub max_requests: Option<u32>,
+    pub h2: H2Settings,
+}
+
+/// `http2_protocol_options` for downstream connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct H2Settings {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window_size: u32,
+    pub initial_connection_window_size: u32,
+}
+
+impl Default for H2Settings {
+    /// Legate's edge defaults (`shared/reference/hardening.md`), not
+    /// Envoy's unbounded ones: 100 streams, 64 KiB per stream, 1 MiB per
+    /// connection.
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 100,
+            initial_stream_window_size: 64 * 1024,
+            initial_connection_window_size: 1024 * 1024,
+        }
+    }
+}
+
+impl H2Settings {
+    fn from_proto(
+        o: Option<&legate_proto::envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions>,
+        path: &str,
+    ) -> Result<Self> {
+        let mut s = Self::default();
+        let Some(o) = o else { return Ok(s) };
+        // Envoy's ranges (the proto's validation rules).
+        let window = |v: Option<u32>, field: &str, dflt: u32| -> Result<u32> {
+            match v {
+                None => Ok(dflt),
+                Some(w) if (65_535..=2_147_483_647).contains(&w) => Ok(w),
+                Some(_) => Err(ConfigError::new(
+                    join(path, field),
+                    "must be between 65535 and 2147483647",
+                )),
+            }
+        };
+        if let Some(m) = o.max_concurrent_streams.val() {
+            if !(1..=2_147_483_647).contains(&m) {
+                return Err(ConfigError::new(
+                    join(path, "max_concurrent_streams"),
+                    "must be between 1 and 2147483647",
+                ));
+            }
+            s.max_concurrent_streams = m;
+        }
+        s.initial_stream_window_size = window(
+            o.initial_stream_window_size.val(),
+            "initial_stream_window_size",
+            s.initial_stream_window_size,
+        )?;
+        s.initial_connection_window_size = window(
+            o.initial_connection_window_size.val(),
+            "initial_connection_window_size",
+            s.initial_connection_window_size,
+        )?;
+        Ok(s)
+    }
 }
 
 impl Listener {
@@ -463,6 +541,8 @@ impl Listener {
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
             listener_filters_timeout,
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
+            drains_on_health_check_fail: l.drain_type
+                == legate_proto::envoy_types::pb::envoy::config::listener::v3::listener::DrainType::Default as i32,
             inbound: l.traffic_direction
                 == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
                     as i32,
@@ -600,20 +680,18 @@ impl Hcm {
         };
         let common = h.common_http_protocol_options.clone().unwrap_or_default();
         let cp = join(path, "common_http_protocol_options");
-        // Shared with clusters (where they are applied); downstream they are
-        // not applied yet, so they are rejected here rather than ignored.
-        if common.idle_timeout.is_some() {
-            return Err(ConfigError::new(
-                join(&cp, "idle_timeout"),
-                "downstream idle_timeout is not supported yet",
-            ));
-        }
-        if common.max_requests_per_connection.is_some() {
-            return Err(ConfigError::new(
-                join(&cp, "max_requests_per_connection"),
-                "downstream max_requests_per_connection is not supported yet",
-            ));
-        }
+        let conn = HttpConnSettings {
+            idle_timeout: super::timeout_or(
+                common.idle_timeout.as_ref(),
+                Some(Duration::from_secs(3600)),
+                &join(&cp, "idle_timeout"),
+            )?,
+            max_requests: common.max_requests_per_connection.val().filter(|&m| m > 0),
+            h2: H2Settings::from_proto(
+                h.http2_protocol_options.as_ref(),
+                &join(path, "http2_protocol_options"),
+            )?,
+        };
         use legate_proto::envoy_types::pb::envoy::config::core::v3::http_protocol_options::HeadersWithUnderscoresAction as U;
         let underscores =
             match U::try_from(common.headers_with_underscores_action).unwrap_or(U::Allow) {
@@ -627,15 +705,6 @@ impl Hcm {
             return Err(ConfigError::new(
                 join(path, "max_request_headers_kb"),
                 "values above 64 are not supported (pingora's HTTP/2 limit)",
-            ));
-        }
-        if h.http2_protocol_options
-            .as_ref()
-            .is_some_and(|o| o.max_concurrent_streams.is_some())
-        {
-            return Err(ConfigError::new(
-                join(path, "http2_protocol_options.max_concurrent_streams"),
-                "downstream max_concurrent_streams is not supported yet",
             ));
         }
         Ok(Self {
@@ -712,6 +781,7 @@ impl Hcm {
                 }
             },
             access_log: crate::access_log::list(&h.access_log, path)?,
+            conn,
         })
     }
 }

@@ -413,6 +413,9 @@ impl ProxyHttp for HcmProxy {
             );
         };
         let hcm = meta.hcm.clone();
+        // HTTP/1 only: HTTP/2 streams are counted as they are accepted.
+        let last = session.req_header().version != http::Version::HTTP_2
+            && meta.closing.after_this_request();
         ctx.http_prefix = format!("http.{}.", hcm.stat_prefix);
         stats::counter(format!("{}downstream_rq_total", ctx.http_prefix)).increment(1);
         ctx.downstream_remote = inet(session.client_addr());
@@ -420,6 +423,9 @@ impl ProxyHttp for HcmProxy {
         ctx.hcm = Some(hcm.clone());
         ctx.downstream_tls = meta.tls;
         ctx.peer_tls = meta.peer_tls.clone();
+        if last {
+            session.set_keepalive(None);
+        }
         ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
             .into_iter()
             .flat_map(|n| {

@@ -4,6 +4,7 @@
 //! connection pool, as Envoy's cluster manager does.
 
 pub mod hcm;
+pub mod http_conn;
 pub mod listener_filters;
 pub mod request;
 pub mod tcp_proxy;
@@ -12,8 +13,6 @@ pub mod xfcc;
 use crate::cluster_manager::ClusterManager;
 use crate::config::listener::{Codec, Hcm, Listener, NetworkFilter};
 use crate::stats;
-use pingora_core::apps::{HttpServerApp, ServerApp};
-use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::{GetProxyDigest, GetSocketDigest, SocketDigest};
 use pingora_http::ResponseHeader;
@@ -36,6 +35,8 @@ pub struct ConnMeta {
     /// On TLS connections, the client's certificate chain (mTLS), set once
     /// the handshake is over: `x-forwarded-client-cert` is made from it.
     pub peer_tls: Option<Arc<std::sync::OnceLock<xfcc::PeerTls>>>,
+    /// Whether an HTTP/1 connection closes after the current request.
+    pub closing: Arc<http_conn::Closing>,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -71,6 +72,8 @@ struct Ctx {
     drain_time: Duration,
     /// Every listener, for handing connections over by address.
     running: RunningMap,
+    /// `/healthcheck/fail` is in force.
+    health_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -156,6 +159,7 @@ impl ListenerManager {
                 clusters,
                 drain_time,
                 running: running.clone(),
+                health_failed: Default::default(),
             },
             running,
         }
@@ -287,6 +291,15 @@ impl ListenerManager {
             r.accept.abort();
             let _ = r.drain.send(true);
         }
+    }
+
+    /// `/healthcheck/fail` (true) and `/healthcheck/ok`: while failed, HTTP
+    /// connections on `drain_type: DEFAULT` listeners close after their
+    /// next request, as Envoy's drain manager decides.
+    pub fn set_health_check_failed(&self, failed: bool) {
+        self.ctx
+            .health_failed
+            .store(failed, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A running listener's config.
@@ -530,8 +543,16 @@ async fn serve_connection(
         hcm.xfcc,
         xfcc::Mode::AppendForward | xfcc::Mode::SanitizeSet
     );
+    let settings = hcm.conn.clone();
+    let closing = Arc::new(http_conn::Closing::new(
+        settings.max_requests,
+        config
+            .drains_on_health_check_fail
+            .then(|| ctx.health_failed.clone()),
+    ));
     let meta = ConnMeta {
         listener: config.name.clone(),
+        closing: closing.clone(),
         hcm,
         tls: filter.tls.is_some(),
         peer_tls: peer_tls.clone(),
@@ -594,10 +615,16 @@ async fn serve_connection(
         tracing::debug!(%peer, ?codec, "protocol not allowed by codec_type");
         return None;
     }
-    if !is_h2 {
-        http1_loop(&ctx.proxy, stream, drain).await;
+    let conn = http_conn::Conn {
+        proxy: &ctx.proxy,
+        settings: &settings,
+        drain,
+        closing,
+    };
+    if is_h2 {
+        conn.http2(stream).await;
     } else {
-        ctx.proxy.process_new(stream, drain).await;
+        conn.http1(stream).await;
     }
     None
 }
@@ -674,22 +701,4 @@ async fn sniff_h2(sock: &tokio::net::TcpStream) -> Option<bool> {
         .await
         .ok()
         .flatten()
-}
-
-/// HTTP/1 connections: pingora's H1 path without its h2c sniffing.
-async fn http1_loop(
-    proxy: &Arc<HttpProxy<hcm::HcmProxy>>,
-    stream: pingora_core::protocols::Stream,
-    drain: &watch::Receiver<bool>,
-) {
-    let mut session = ServerSession::new_http1(stream);
-    session.set_keepalive(if *drain.borrow() { None } else { Some(60) });
-    let mut result = proxy.process_new_http(session, drain).await;
-    while let Some((stream, persistent)) = result.map(|r| r.consume()) {
-        let mut session = ServerSession::new_http1(stream);
-        if let Some(p) = persistent {
-            p.apply_to_session(&mut session);
-        }
-        result = proxy.process_new_http(session, drain).await;
-    }
 }

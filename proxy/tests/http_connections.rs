@@ -1,0 +1,232 @@
+//! Downstream HTTP connection limits through the real binary with real
+//! HTTP/1.1 and HTTP/2 (h2c) clients: `idle_timeout`,
+//! `max_requests_per_connection`, `http2_protocol_options` and the
+//! `/healthcheck/fail` drain of `drain_type: DEFAULT` listeners.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One keep-alive GET on an open HTTP/1.1 connection: the response head,
+/// lower-cased, or None when the connection was closed instead.
+async fn h1_get(s: &mut TcpStream) -> Option<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .ok()?;
+        if n == 0 {
+            assert!(buf.is_empty(), "closed mid-response");
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let head = &text[..end];
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                return Some(head.to_string());
+            }
+        }
+    }
+}
+
+/// Whether the peer closes the connection within `within`.
+async fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+async fn connect(url: &str) -> TcpStream {
+    TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap()
+}
+
+fn keep_alive(head: &str) -> bool {
+    !head.contains("\r\nconnection: close")
+}
+
+/// An h2c client connection and the task driving it; the task ends when
+/// the server closes the connection.
+async fn h2c(
+    url: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+    tokio::sync::oneshot::Receiver<usize>,
+) {
+    let (client, mut conn) = h2::client::handshake(connect(url).await).await.unwrap();
+    // Reports the server's SETTINGS_MAX_CONCURRENT_STREAMS once a response
+    // has proven the settings were received.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut probe = client.clone().ready();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            r = &mut conn => return r,
+            _ = &mut probe => {}
+        }
+        // A ping round trip: the server's SETTINGS precede its PONG.
+        let mut ping = conn.ping_pong().unwrap();
+        let pong = ping.ping(h2::Ping::opaque());
+        tokio::select! {
+            r = &mut conn => return r,
+            _ = pong => {}
+        }
+        let _ = tx.send(conn.max_concurrent_send_streams());
+        conn.await
+    });
+    (client, task, rx)
+}
+
+async fn h2_get(client: &mut h2::client::SendRequest<bytes::Bytes>) -> Result<u16, h2::Error> {
+    let req = http::Request::get("http://t/").body(()).unwrap();
+    let (resp, _) = client.clone().ready().await?.send_request(req, true)?;
+    let resp = resp.await?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    while let Some(c) = body.data().await {
+        let c = c?;
+        let _ = body.flow_control().release_capacity(c.len());
+    }
+    Ok(status)
+}
+
+fn hcm_with(extra: serde_json::Value) -> serde_json::Value {
+    hcm(
+        routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}])),
+        extra,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_closes_http1_and_sends_goaway_on_http2() {
+    let up = upstream("up").await;
+    let (_l, url, _admin) = start(
+        hcm_with(json!({
+            "common_http_protocol_options": {"max_requests_per_connection": 2},
+            "http2_protocol_options": {"max_concurrent_streams": 7, "initial_stream_window_size": 131072},
+        })),
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    // HTTP/1.1: the second response says close, then the connection ends.
+    let mut s = connect(&url).await;
+    let first = h1_get(&mut s).await.expect("first response");
+    assert!(
+        first.starts_with("http/1.1 200") && keep_alive(&first),
+        "{first}"
+    );
+    let second = h1_get(&mut s).await.expect("second response");
+    assert!(second.starts_with("http/1.1 200"), "{second}");
+    assert!(
+        !keep_alive(&second),
+        "the last request's response closes: {second}"
+    );
+    assert!(closes_within(&mut s, Duration::from_secs(2)).await);
+
+    // HTTP/2: the listener's SETTINGS, then GOAWAY after the second stream;
+    // both streams are answered and the connection ends.
+    let (mut client, task, streams) = h2c(&url).await;
+    assert_eq!(h2_get(&mut client).await.unwrap(), 200);
+    assert_eq!(
+        streams.await.unwrap(),
+        7,
+        "max_concurrent_streams reaches the client"
+    );
+    assert_eq!(h2_get(&mut client).await.unwrap(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(3), task).await;
+    assert!(ended.is_ok(), "the connection ends after the limit");
+    assert!(h2_get(&mut client).await.is_err(), "no third stream on it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_after_idle_timeout_and_not_before() {
+    let up = upstream("up").await;
+    let (_l, url, _admin) = start(
+        hcm_with(json!({"common_http_protocol_options": {"idle_timeout": "1s"}})),
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let mut s = connect(&url).await;
+    let head = h1_get(&mut s).await.expect("response");
+    assert!(keep_alive(&head), "{head}");
+    assert!(
+        closes_within(&mut s, Duration::from_secs(4)).await,
+        "HTTP/1.1 idle close"
+    );
+
+    let (mut client, task, _) = h2c(&url).await;
+    assert_eq!(h2_get(&mut client).await.unwrap(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(4), task).await;
+    assert!(ended.is_ok(), "HTTP/2 idle close");
+
+    // The default (1 h) keeps them.
+    let (_l2, url2, _admin2) = start(
+        hcm_with(json!({})),
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let mut s = connect(&url2).await;
+    assert!(h1_get(&mut s).await.is_some());
+    assert!(
+        !closes_within(&mut s, Duration::from_secs(2)).await,
+        "open after 2 s"
+    );
+    assert!(h1_get(&mut s).await.is_some(), "and still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_fail_drains_default_listeners_only() {
+    let up = upstream("up").await;
+    let (drains, modify_only, admin) = (free_port(), free_port(), free_port());
+    let mut keeps = listener("keeps", modify_only, hcm_with(json!({})));
+    keeps["drain_type"] = json!("MODIFY_ONLY");
+    let cfg = bootstrap(
+        admin,
+        vec![listener("drains", drains, hcm_with(json!({}))), keeps],
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let _l = Legate::start(BIN, &cfg, &[drains, modify_only], Some(admin));
+    let (url_d, url_m) = (
+        format!("http://127.0.0.1:{drains}"),
+        format!("http://127.0.0.1:{modify_only}"),
+    );
+    let (mut d, mut m) = (connect(&url_d).await, connect(&url_m).await);
+    assert!(keep_alive(&h1_get(&mut d).await.unwrap()));
+    assert!(keep_alive(&h1_get(&mut m).await.unwrap()));
+    let (mut h2d, task_d, _) = h2c(&url_d).await;
+    assert_eq!(h2_get(&mut h2d).await.unwrap(), 200);
+
+    assert_eq!(admin_post(admin, "/healthcheck/fail").status, 200);
+    let head = h1_get(&mut d).await.expect("still answered");
+    assert!(!keep_alive(&head), "DEFAULT drains: {head}");
+    assert!(closes_within(&mut d, Duration::from_secs(2)).await);
+    let head = h1_get(&mut m).await.expect("answered");
+    assert!(
+        keep_alive(&head),
+        "MODIFY_ONLY keeps the connection: {head}"
+    );
+    assert_eq!(
+        h2_get(&mut h2d).await.unwrap(),
+        200,
+        "the stream is answered"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(3), task_d).await;
+    assert!(ended.is_ok(), "then GOAWAY ends the HTTP/2 connection");
+
+    assert_eq!(admin_post(admin, "/healthcheck/ok").status, 200);
+    let mut d = connect(&url_d).await;
+    assert!(keep_alive(&h1_get(&mut d).await.unwrap()), "healthy again");
+}
