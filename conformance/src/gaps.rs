@@ -48,12 +48,6 @@ pub static GAPS: &[Gap] = &[
     Gap {
         tier: "validate",
         scenario: "corpus",
-        request: "accept-route-timeout-fractional.yaml",
-        reason: "route idle_timeout is not implemented, so it is rejected",
-    },
-    Gap {
-        tier: "validate",
-        scenario: "corpus",
         request: "accept-max-request-headers-kb-limit.yaml",
         reason: "max_request_headers_kb above 64 is rejected: pingora's HTTP/2 server caps the header list at 64 KiB, so a larger limit could not be honoured",
     },

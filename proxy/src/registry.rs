@@ -238,6 +238,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "forward_client_cert_details",
             "set_current_client_cert_details",
             "access_log",
+            "stream_idle_timeout",
+            "request_timeout",
         ],
         &[
             (

@@ -371,6 +371,13 @@ pub struct Hcm {
     /// `access_log`: a line per request when it ends.
     pub access_log: Vec<Arc<crate::access_log::AccessLog>>,
     pub conn: HttpConnSettings,
+    /// `stream_idle_timeout`: a request with no activity either way for
+    /// this long ends (408 `stream timeout`, or a reset once the response
+    /// started). Envoy's default 5 min; None: disabled.
+    pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout`: the whole request must arrive within this long
+    /// (408 `request timeout`). Envoy's default: disabled.
+    pub request_timeout: Option<Duration>,
 }
 
 /// A downstream HTTP connection's own limits.
@@ -782,6 +789,16 @@ impl Hcm {
             },
             access_log: crate::access_log::list(&h.access_log, path)?,
             conn,
+            stream_idle_timeout: super::timeout_or(
+                h.stream_idle_timeout.as_ref(),
+                Some(Duration::from_secs(300)),
+                &join(path, "stream_idle_timeout"),
+            )?,
+            request_timeout: super::timeout_or(
+                h.request_timeout.as_ref(),
+                None,
+                &join(path, "request_timeout"),
+            )?,
         })
     }
 }

@@ -120,6 +120,10 @@ pub struct RouteAction {
     pub host_rewrite: Option<HostRewrite>,
     /// Upstream timeout; `None` = disabled. Envoy's default is 15 s.
     pub timeout: Option<Duration>,
+    /// `idle_timeout`: replaces the connection manager's
+    /// `stream_idle_timeout` for this route when set (`Some(None)`: 0s,
+    /// disabled).
+    pub idle_timeout: Option<Option<Duration>>,
     pub retry_policy: Option<RetryPolicy>,
     pub hash_policy: Vec<HashPolicy>,
 }
@@ -646,12 +650,6 @@ impl RouteAction {
                     Ok::<_, ConfigError>((FullRegex(compiled), envoy_substitution(&r.substitution)))
                 })
                 .transpose()?;
-        if ra.idle_timeout.is_some() {
-            return Err(ConfigError::new(
-                join(path, "idle_timeout"),
-                "route idle_timeout is not supported yet",
-            ));
-        }
         if !ra.prefix_rewrite.is_empty() && regex_rewrite.is_some() {
             return Err(ConfigError::new(
                 join(path, "regex_rewrite"),
@@ -705,6 +703,11 @@ impl RouteAction {
                 Some(Duration::from_secs(15)),
                 &join(path, "timeout"),
             )?,
+            idle_timeout: ra
+                .idle_timeout
+                .as_ref()
+                .map(|t| super::timeout_or(Some(t), None, &join(path, "idle_timeout")))
+                .transpose()?,
             retry_policy: ra
                 .retry_policy
                 .as_ref()

@@ -120,6 +120,29 @@ pub struct Ctx {
     /// The upstream's response headers arrived.
     response_started: Option<Instant>,
     upstream_local: Option<SocketAddr>,
+    /// The stream idle timeout in force: the route's `idle_timeout`, else
+    /// the connection manager's `stream_idle_timeout`.
+    idle: Option<Duration>,
+    /// This attempt's upstream reads are bounded by `idle` rather than the
+    /// route or per-try timeout: a timeout then is Envoy's stream timeout.
+    idle_binds: bool,
+    /// `request_timeout`: the request body must have arrived by then.
+    request_deadline: Option<Instant>,
+}
+
+impl Ctx {
+    /// Each downstream read waits at most for the stream idle timeout and
+    /// what remains of the request timeout (HTTP/1; pingora's HTTP/2
+    /// server has no read timeout).
+    fn downstream_read_timeout(&self) -> Option<Duration> {
+        let left = self
+            .request_deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match (self.idle, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 impl Ctx {
@@ -426,6 +449,11 @@ impl ProxyHttp for HcmProxy {
         if last {
             session.set_keepalive(None);
         }
+        ctx.idle = hcm.stream_idle_timeout;
+        ctx.request_deadline = hcm
+            .request_timeout
+            .map(|t| ctx.arrived.map_or_else(Instant::now, |(_, i)| i) + t);
+        session.set_read_timeout(ctx.downstream_read_timeout());
         ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
             .into_iter()
             .flat_map(|n| {
@@ -889,6 +917,10 @@ impl ProxyHttp for HcmProxy {
                     _ => {}
                 }
                 ctx.timeout = ra.timeout;
+                if let Some(idle) = ra.idle_timeout {
+                    ctx.idle = idle;
+                    session.set_read_timeout(ctx.downstream_read_timeout());
+                }
                 ctx.started = Some(Instant::now());
                 // Set before the header mutations, which may remove it.
                 if let Some(t) = attempt_timeout(ctx) {
@@ -934,11 +966,19 @@ impl ProxyHttp for HcmProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
+        // The whole request is in: request_timeout is disarmed. Until then
+        // the next read gets what remains of it.
+        if end_of_stream {
+            ctx.request_deadline = None;
+        }
+        if ctx.request_deadline.is_some() || end_of_stream {
+            session.set_read_timeout(ctx.downstream_read_timeout());
+        }
         // pingora #935: an HTTP/2 downstream's empty final DATA frame would
         // make an HTTP/1 chunked upstream see the terminating chunk twice.
         if end_of_stream && body.as_ref().is_some_and(|b| b.is_empty()) {
@@ -1019,7 +1059,15 @@ impl ProxyHttp for HcmProxy {
         };
         peer.group_key = cluster.pool_key;
         peer.options.connection_timeout = Some(cfg.connect_timeout);
+        // Upstream reads wait for the attempt's timeout or the stream idle
+        // timeout, whichever is shorter.
         let t = attempt_timeout(ctx);
+        let (t, idle_binds) = match (t, ctx.idle) {
+            (Some(a), Some(i)) if i < a => (Some(i), true),
+            (None, Some(i)) => (Some(i), true),
+            (t, _) => (t, false),
+        };
+        ctx.idle_binds = idle_binds;
         peer.options.read_timeout = t;
         peer.options.write_timeout = Some(t.unwrap_or(Duration::from_secs(60)));
         peer.options.idle_timeout = cfg.upstream_idle_timeout;
@@ -1243,7 +1291,7 @@ impl ProxyHttp for HcmProxy {
         );
         // A timeout is retried only when it was the per-try timeout that
         // fired; the route's own timeout ends the request, as in Envoy.
-        let per_try_fired = timed_out && per_try_is_binding(ctx);
+        let per_try_fired = timed_out && !ctx.idle_binds && per_try_is_binding(ctx);
         // An HTTP/2 upstream refusing the stream before processing it.
         let refused = format!("{e:?}").contains("REFUSED_STREAM");
         let wants = on.is_some_and(|o| {
@@ -1261,6 +1309,25 @@ impl ProxyHttp for HcmProxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let reply = ctx.pending_reply.take().unwrap_or_else(|| match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &pingora_error::ErrorSource::Downstream
+                    && ctx.request_deadline.is_some_and(|d| d <= Instant::now()) =>
+            {
+                stats::counter(format!("{}downstream_rq_timeout", ctx.http_prefix)).increment(1);
+                ctx.details = "request_overall_timeout";
+                LocalReply { status: 408, body: "request timeout" }
+            }
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &pingora_error::ErrorSource::Downstream || ctx.idle_binds =>
+            {
+                stats::counter(format!("{}downstream_rq_idle_timeout", ctx.http_prefix)).increment(1);
+                ctx.flags.add("SI");
+                ctx.details = "stream_idle_timeout";
+                // Envoy: 408 while the request is still arriving, 504 once
+                // it is all in (the upstream is the silent one).
+                let status = if e.esource() == &pingora_error::ErrorSource::Downstream { 408 } else { 504 };
+                LocalReply { status, body: "stream timeout" }
+            }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
                 if let Some(c) = &ctx.cluster {
                     c.stats.upstream_rq_timeout.increment(1);
