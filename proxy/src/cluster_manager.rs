@@ -339,6 +339,9 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
+    /// Requests sent on each pooled upstream connection (by socket), kept
+    /// only with `max_requests_per_connection`.
+    requests_on: Mutex<HashMap<i32, u32>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -370,12 +373,35 @@ impl Cluster {
             last_resolved: Mutex::new(HashMap::new()),
             stats,
             pool_key,
+            requests_on: Mutex::new(HashMap::new()),
         };
         if c.config.discovery == Discovery::Static {
             let localities = c.config.localities.clone();
             c.set_localities(&localities, c.config.overprovisioning_factor);
         }
         c
+    }
+
+    /// Counts a request on upstream connection `fd` (a new connection when
+    /// not `reused`); true when it is the connection's last under
+    /// `max_requests_per_connection`.
+    pub fn last_request_on(&self, fd: i32, reused: bool) -> bool {
+        let Some(max) = self.config.max_requests_per_connection else {
+            return false;
+        };
+        let mut counts = self.requests_on.lock().unwrap();
+        let n = if reused {
+            let n = counts.entry(fd).or_insert(0);
+            *n += 1;
+            *n
+        } else {
+            counts.insert(fd, 1);
+            1
+        };
+        if n >= max {
+            counts.remove(&fd);
+        }
+        n >= max
     }
 
     /// Publishes endpoints given as IP literals (STATIC clusters, EDS).

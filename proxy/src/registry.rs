@@ -867,6 +867,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "http2_protocol_options",
             "http_protocol_options",
             "typed_extension_protocol_options",
+            "max_requests_per_connection",
             "ring_hash_lb_config",
             "maglev_lb_config",
             "least_request_lb_config",

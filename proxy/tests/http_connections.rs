@@ -13,9 +13,13 @@ use tokio::net::TcpStream;
 /// One keep-alive GET on an open HTTP/1.1 connection: the response head,
 /// lower-cased, or None when the connection was closed instead.
 async fn h1_get(s: &mut TcpStream) -> Option<String> {
-    s.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
-        .await
-        .ok()?;
+    h1_request(s, "/").await
+}
+
+/// The same for any path.
+async fn h1_request(s: &mut TcpStream, path: &str) -> Option<String> {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -229,4 +233,55 @@ async fn healthcheck_fail_drains_default_listeners_only() {
     assert_eq!(admin_post(admin, "/healthcheck/ok").status, 200);
     let mut d = connect(&url_d).await;
     assert!(keep_alive(&h1_get(&mut d).await.unwrap()), "healthy again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_max_requests_per_connection_retires_pooled_connections() {
+    use std::sync::atomic::Ordering;
+    let (capped, free) = (upstream("capped").await, upstream("free").await);
+    let options = |max: serde_json::Value| {
+        json!({"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http_protocol_options": {}},
+                "common_http_protocol_options": max,
+            }
+        }})
+    };
+    let rc = routes(json!([
+        {"match": {"prefix": "/capped"}, "route": {"cluster": "capped"}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "free"}},
+    ]));
+    let (_l, url, _admin) = start(
+        hcm(rc, json!({})),
+        vec![
+            cluster(
+                "capped",
+                &[capped.addr],
+                options(json!({"max_requests_per_connection": 3})),
+            ),
+            cluster("free", &[free.addr], options(json!({}))),
+        ],
+    );
+    // One client connection, requests one after another: the pool reuses
+    // one upstream connection, three requests at most on the capped one.
+    let mut s = connect(&url).await;
+    for _ in 0..9 {
+        let head = h1_request(&mut s, "/capped").await.unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+    for _ in 0..9 {
+        assert!(h1_get(&mut s).await.unwrap().starts_with("http/1.1 200"));
+    }
+    assert_eq!(capped.hits.load(Ordering::Relaxed), 9);
+    assert_eq!(
+        capped.conns.load(Ordering::Relaxed),
+        3,
+        "9 requests, 3 per connection"
+    );
+    assert_eq!(
+        free.conns.load(Ordering::Relaxed),
+        1,
+        "no cap: one connection"
+    );
 }

@@ -22,6 +22,8 @@ pub struct Echo {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -188,12 +190,14 @@ async fn start_inner(
     let addr = listener.local_addr()?;
     let name_arc = Arc::new(name.to_string());
     let hits = Arc::new(AtomicU64::new(0));
-    let (n, h) = (name_arc.clone(), hits.clone());
+    let conns = Arc::new(AtomicU64::new(0));
+    let (n, h, accepted) = (name_arc.clone(), hits.clone(), conns.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, Ordering::Relaxed);
             let (n, h, f, tls) = (n.clone(), h.clone(), fixed.clone(), tls.clone());
             tokio::spawn(async move {
                 let mut conn_headers: Vec<(&'static str, String)> = Vec::new();
@@ -242,6 +246,7 @@ async fn start_inner(
         addr,
         name: name.to_string(),
         hits,
+        conns,
         task,
     })
 }

@@ -93,6 +93,9 @@ pub struct ClusterConfig {
     pub dns_refresh: Duration,
     pub protocol: UpstreamProtocol,
     pub upstream_idle_timeout: Option<Duration>,
+    /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
+    /// last request asks the upstream to close it.
+    pub max_requests_per_connection: Option<u32>,
     pub max_concurrent_streams: u32,
     pub eds: Option<EdsConfig>,
     /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
@@ -320,6 +323,12 @@ impl ClusterConfig {
             warn_upstream_windows(h2, &join(path, "http2_protocol_options"));
         }
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
+        // The deprecated Cluster field, overridden by the protocol options.
+        #[allow(deprecated)]
+        let mut max_requests = c
+            .max_requests_per_connection
+            .val()
+            .map(|m| (m, join(path, "max_requests_per_connection")));
         let mut max_concurrent_streams = c
             .http2_protocol_options
             .as_ref()
@@ -384,14 +393,13 @@ impl ClusterConfig {
                         "only idle_timeout is supported for upstreams",
                     ));
                 }
-                if common.max_requests_per_connection.is_some() {
-                    // pingora's pools cannot cap requests per connection yet.
-                    return Err(ConfigError::new(
+                if let Some(m) = common.max_requests_per_connection.val() {
+                    max_requests = Some((
+                        m,
                         join(
                             &p,
                             "common_http_protocol_options.max_requests_per_connection",
                         ),
-                        "not supported yet",
                     ));
                 }
                 if let Some(t) = &common.idle_timeout {
@@ -425,6 +433,15 @@ impl ClusterConfig {
             dns_refresh,
             protocol,
             upstream_idle_timeout,
+            max_requests_per_connection: match max_requests {
+                Some((0, _)) | None => None,
+                // pingora pools HTTP/2 connections by concurrent streams
+                // and cannot retire one after N.
+                Some((_, p)) if protocol == UpstreamProtocol::Http2 => {
+                    return Err(ConfigError::new(p, "not supported for HTTP/2 upstreams"))
+                }
+                Some((m, _)) => Some(m),
+            },
             max_concurrent_streams,
             eds,
             tls: match &c.transport_socket {

@@ -128,6 +128,8 @@ pub struct Ctx {
     idle_binds: bool,
     /// `request_timeout`: the request body must have arrived by then.
     request_deadline: Option<Instant>,
+    /// This request is the upstream connection's last.
+    last_on_upstream_conn: bool,
 }
 
 impl Ctx {
@@ -1084,17 +1086,18 @@ impl ProxyHttp for HcmProxy {
         _session: &mut Session,
         reused: bool,
         _peer: &HttpPeer,
-        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(unix)] fd: std::os::unix::io::RawFd,
         digest: Option<&pingora_core::protocols::Digest>,
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_local = digest
             .and_then(|d| d.socket_digest.as_ref())
             .and_then(|s| inet(s.local_addr()));
-        if !reused {
-            if let Some(c) = &ctx.cluster {
+        if let Some(c) = &ctx.cluster {
+            if !reused {
                 c.stats.upstream_cx_total.increment(1);
             }
+            ctx.last_on_upstream_conn = c.last_request_on(fd, reused);
         }
         Ok(())
     }
@@ -1149,6 +1152,11 @@ impl ProxyHttp for HcmProxy {
         // Connection header named were removed when the request arrived).
         for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
             req.remove_header(h);
+        }
+        if ctx.last_on_upstream_conn {
+            // max_requests_per_connection: the upstream closes after this
+            // one, so pingora never pools it again.
+            req.insert_header(http::header::CONNECTION, "close")?;
         }
         if let Some(up) = &ctx.upgrade {
             req.insert_header(http::header::CONNECTION, "upgrade")?;
