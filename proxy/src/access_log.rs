@@ -57,6 +57,8 @@ pub struct HttpFacts<'a> {
     pub route_name: &'a str,
     /// From the request's start to the upstream's first response byte.
     pub response_duration: Option<Duration>,
+    /// Upstream attempts (retries included); 0 when none was made.
+    pub attempts: u32,
 }
 
 /// Envoy's response flags (`UH`, `UF`, `URX`, ...), in the order they
@@ -96,6 +98,7 @@ enum Piece {
     ResponseCodeDetails,
     RouteName,
     ResponseDuration,
+    AttemptCount,
     Hostname,
     Req(crate::headers::HeaderLookup),
     Resp(crate::headers::HeaderLookup),
@@ -152,6 +155,7 @@ impl Format {
             "PROTOCOL" => Piece::Protocol,
             "ROUTE_NAME" => Piece::RouteName,
             "RESPONSE_DURATION" => Piece::ResponseDuration,
+            "UPSTREAM_REQUEST_ATTEMPT_COUNT" => Piece::AttemptCount,
             "HOSTNAME" => Piece::Hostname,
             // Upstream TLS failures and connection termination details are
             // not recorded yet; trailers are not kept for logging.
@@ -226,6 +230,10 @@ impl Format {
                     .as_ref()
                     .and_then(|h| h.response_duration)
                     .map_or("-".into(), |d| d.as_millis().to_string()),
+                Piece::AttemptCount => e
+                    .http
+                    .as_ref()
+                    .map_or("-".into(), |h| h.attempts.to_string()),
                 Piece::Hostname => crate::server::request::hostname().to_string(),
                 Piece::Req(l) => e
                     .http
@@ -478,6 +486,7 @@ mod tests {
             details: "via_upstream",
             route_name: "r",
             response_duration: Some(Duration::from_millis(7)),
+            attempts: 2,
         });
         assert_eq!(
             f.render(&e),

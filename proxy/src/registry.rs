@@ -166,6 +166,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "name",
             "address",
             "filter_chains",
+            "per_connection_buffer_limit_bytes",
             "stat_prefix",
             "traffic_direction",
             "bind_to_port",
@@ -877,6 +878,10 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[
             ("alt_stat_name", "only changes stat names"),
             ("metadata", "only informational"),
+            (
+                "per_connection_buffer_limit_bytes",
+                "an upstream flow-control watermark: it paces, never changes, what is sent; pingora's own backpressure applies",
+            ),
             (
                 "respect_dns_ttl",
                 "DNS is re-resolved every dns_refresh_rate",

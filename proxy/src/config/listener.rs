@@ -261,6 +261,10 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `per_connection_buffer_limit_bytes` (Envoy's default 1 MiB): for
+    /// HTTP, the most request body the router keeps for retries; a longer
+    /// body is not retried.
+    pub buffer_limit: u32,
     /// `drain_type: DEFAULT` (not `MODIFY_ONLY`): `/healthcheck/fail` makes
     /// its HTTP connections close after their next request.
     pub drains_on_health_check_fail: bool,
@@ -548,6 +552,10 @@ impl Listener {
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
             listener_filters_timeout,
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
+            buffer_limit: l
+                .per_connection_buffer_limit_bytes
+                .val()
+                .unwrap_or(1024 * 1024),
             drains_on_health_check_fail: l.drain_type
                 == legate_proto::envoy_types::pb::envoy::config::listener::v3::listener::DrainType::Default as i32,
             inbound: l.traffic_direction

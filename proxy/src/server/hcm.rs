@@ -130,6 +130,10 @@ pub struct Ctx {
     request_deadline: Option<Instant>,
     /// This request is the upstream connection's last.
     last_on_upstream_conn: bool,
+    /// The listener's buffer limit, and the request body bytes so far: a
+    /// body beyond the limit is not kept for retries, so none is made.
+    buffer_limit: u32,
+    body_read: u64,
 }
 
 impl Ctx {
@@ -383,6 +387,7 @@ impl HcmProxy {
                     .as_ref()
                     .map_or("", |s| s.route().name.as_str()),
                 response_duration: ctx.response_started.map(|t| t.duration_since(began)),
+                attempts: ctx.attempts,
             }),
         };
         for l in logs {
@@ -391,15 +396,25 @@ impl HcmProxy {
     }
 
     fn retry_allows(ctx: &Ctx) -> bool {
+        Self::body_kept(ctx) && Self::retries_left(ctx)
+    }
+
+    fn retries_left(ctx: &Ctx) -> bool {
         ctx.retry
             .as_ref()
             .is_some_and(|r| ctx.attempts <= r.num_retries)
     }
 
+    /// The request body so far fits the listener's buffer limit, so it can
+    /// be sent again (as Envoy's router, which stops retrying beyond it).
+    fn body_kept(ctx: &Ctx) -> bool {
+        ctx.body_read <= u64::from(ctx.buffer_limit)
+    }
+
     /// A failure the policy would retry, with no retries left: Envoy's
     /// `URX` flag.
     fn note_retry_limit(ctx: &mut Ctx, retriable: bool) {
-        if retriable && ctx.retry.is_some() && !Self::retry_allows(ctx) {
+        if retriable && ctx.retry.is_some() && Self::body_kept(ctx) && !Self::retries_left(ctx) {
             ctx.flags.add("URX");
         }
     }
@@ -448,6 +463,7 @@ impl ProxyHttp for HcmProxy {
         ctx.hcm = Some(hcm.clone());
         ctx.downstream_tls = meta.tls;
         ctx.peer_tls = meta.peer_tls.clone();
+        ctx.buffer_limit = meta.buffer_limit;
         if last {
             session.set_keepalive(None);
         }
@@ -973,6 +989,7 @@ impl ProxyHttp for HcmProxy {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.body_read += body.as_ref().map_or(0, |b| b.len() as u64);
         // The whole request is in: request_timeout is disarmed. Until then
         // the next read gets what remains of it.
         if end_of_stream {

@@ -37,6 +37,8 @@ pub struct ConnMeta {
     pub peer_tls: Option<Arc<std::sync::OnceLock<xfcc::PeerTls>>>,
     /// Whether an HTTP/1 connection closes after the current request.
     pub closing: Arc<http_conn::Closing>,
+    /// The listener's `per_connection_buffer_limit_bytes`.
+    pub buffer_limit: u32,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -553,6 +555,7 @@ async fn serve_connection(
     let meta = ConnMeta {
         listener: config.name.clone(),
         closing: closing.clone(),
+        buffer_limit: config.buffer_limit,
         hcm,
         tls: filter.tls.is_some(),
         peer_tls: peer_tls.clone(),
