@@ -37,6 +37,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long an HTTP/2 request answered locally keeps being read.
+const H2_LOCAL_REPLY_DRAIN: Duration = Duration::from_secs(1);
+
 /// State shared by every request.
 pub struct Shared {
     pub clusters: Arc<ClusterManager>,
@@ -245,6 +248,16 @@ impl HcmProxy {
         session.write_response_header(Box::new(resp), end).await?;
         if !end {
             session.write_response_body(Some(body), true).await?;
+        }
+        // An HTTP/2 client may still be sending its request: read the rest
+        // briefly rather than resetting the stream at once, so that a
+        // malformed frame still arriving (a second HEADERS without
+        // END_STREAM) is answered with PROTOCOL_ERROR, as Envoy's codec
+        // does, whatever the scheduling.
+        let down = session.as_downstream_mut();
+        if down.req_header().version == http::Version::HTTP_2 && !down.is_body_done() {
+            down.set_total_drain_timeout(Some(H2_LOCAL_REPLY_DRAIN));
+            let _ = down.drain_request_body().await;
         }
         Ok(())
     }
