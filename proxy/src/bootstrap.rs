@@ -276,8 +276,8 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             crate::stats::counter("legate.config.runtime_keys_ignored".into()).increment(1);
         }
     }
-    // TLS towards management servers is not implemented: refuse rather
-    // than talk plaintext to a server the bootstrap secures.
+    // TLS towards management servers: what Legate cannot do as configured
+    // is refused here rather than talked to in plaintext or left to fail.
     if let Some(d) = &dynamic {
         let sources = d
             .ads
@@ -293,14 +293,18 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             );
         for a in sources {
             if let config::source::ApiTarget::Cluster(name) = &a.target {
-                if let Some((i, _)) = clusters
-                    .iter()
-                    .enumerate()
-                    .find(|(_, c)| &c.name == name && c.originates_tls())
-                {
+                let Some((i, c)) = clusters.iter().enumerate().find(|(_, c)| &c.name == name)
+                else {
+                    continue;
+                };
+                let rest = a.kind == config::source::ApiKind::Rest;
+                if let Some(why) = crate::xds::xds_tls_refusal(c, rest) {
                     return Err(ConfigError::new(
-                        config::join(&config::index("static_resources", "clusters", i), "transport_socket"),
-                        format!("xDS cluster '{name}' uses TLS: TLS to management servers is not supported yet"),
+                        config::join(
+                            &config::index("static_resources", "clusters", i),
+                            "transport_socket",
+                        ),
+                        why,
                     ));
                 }
             }

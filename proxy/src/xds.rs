@@ -151,6 +151,26 @@ fn check<M: prost::Message + Default>(any: &Any) -> Result<M, String> {
     M::decode(any.value.as_slice()).map_err(|e| e.to_string())
 }
 
+/// Whether Legate can reach a management server through `cluster` over
+/// TLS as configured: inline or file certificates over gRPC. Refused
+/// rather than weakened: SDS secrets (the xDS connection would wait on what
+/// it delivers), `transport_socket_matches`, and REST.
+pub fn xds_tls_refusal(cluster: &ClusterConfig, rest: bool) -> Option<String> {
+    let name = &cluster.name;
+    if !cluster.tls_matches.is_empty() {
+        return Some(format!(
+            "xDS cluster '{name}': transport_socket_matches are not supported for management servers"
+        ));
+    }
+    let tls = cluster.tls.as_ref()?;
+    if !tls.sds.is_empty() {
+        return Some(format!(
+            "xDS cluster '{name}': TLS secrets from SDS are not supported for management servers"
+        ));
+    }
+    rest.then(|| format!("xDS cluster '{name}': REST over TLS is not supported"))
+}
+
 fn target_of(cluster: &ClusterConfig) -> Option<Target> {
     let ep = cluster
         .localities
@@ -164,7 +184,23 @@ fn target_of(cluster: &ClusterConfig) -> Option<Target> {
         ep.host.parse().ok().or_else(|| {
             (ep.host == "localhost").then_some(std::net::IpAddr::from([127, 0, 0, 1]))
         })?;
-    Some(Target::Tcp(SocketAddr::new(ip, ep.port)))
+    let addr = SocketAddr::new(ip, ep.port);
+    Some(match &cluster.tls {
+        None => Target::Tcp(addr),
+        Some(tls) => {
+            // gRPC over TLS needs ALPN h2; the context's own list, if any,
+            // is offered after it.
+            let mut config = (*tls.config).clone();
+            if !config.alpn_protocols.iter().any(|p| p == b"h2") {
+                config.alpn_protocols.insert(0, b"h2".to_vec());
+            }
+            Target::Tls(legate_xds_client::client::TlsTarget {
+                addr,
+                name: crate::tls::upstream::server_name(Some(&tls.sni), addr),
+                config: Arc::new(config),
+            })
+        }
+    })
 }
 
 /// A google_grpc `target_uri`: `unix:path`, `unix:///path`, `dns:///host:port`,
@@ -287,11 +323,8 @@ impl Applier {
                     .statics
                     .get(name)
                     .ok_or_else(|| format!("xDS cluster '{name}' is not a static cluster"))?;
-                if c.originates_tls() {
-                    // Never plaintext where TLS was asked for.
-                    return Err(format!(
-                        "xDS cluster '{name}' uses TLS: TLS to management servers is not supported yet"
-                    ));
+                if let Some(why) = xds_tls_refusal(c, a.kind == ApiKind::Rest) {
+                    return Err(why);
                 }
                 target_of(c).ok_or_else(|| {
                     format!("xDS cluster '{name}' has no IP or Unix-socket endpoint")

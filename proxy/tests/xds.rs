@@ -583,3 +583,99 @@ async fn ecds_router_config_gates_its_listener() {
         Some("ecds")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_server_over_tls_with_the_xds_clusters_context() {
+    use legate_tests::pki::{self, Ca, LeafOpts};
+    let up = upstream("a").await;
+    let ca = Ca::new("xds-tls");
+    let leaf = ca.leaf("xds", &["xds.test"], LeafOpts::default());
+    // The server offers h2 only: a client without ALPN h2 cannot talk gRPC.
+    let ads = ScriptedAds::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        pki::server_config(&leaf, &["h2"], None),
+    )
+    .await;
+    let (port, admin) = (free_port(), free_port());
+    ads.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
+    );
+    ads.set(
+        LISTENER,
+        "1",
+        vec![any(LISTENER, tagged_listener("l1", port, "c1", "tls"))],
+    );
+    let xds_cluster = |ca_file: &str| {
+        cluster(
+            "xds",
+            &[ads.addr],
+            json!({"http2_protocol_options": {}, "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "xds.test",
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "xds.test"}}],
+                }},
+            }}}),
+        )
+    };
+    let boot = with_ads_source(
+        &ads_bootstrap(ads.addr, admin),
+        json!({"envoy_grpc": {"cluster_name": "xds"}}),
+        vec![xds_cluster(pki::s(&ca.ca_path()))],
+    );
+    let l = Legate::start(BIN, &boot, &[], Some(admin));
+    wait_port(port, true);
+    assert_eq!(
+        curl(&format!("http://127.0.0.1:{port}/"), &[]).header("x-version"),
+        Some("tls")
+    );
+    drop(l);
+
+    // A CA that did not sign the server: no connection, so no config, and
+    // never a plaintext fallback.
+    let other = Ca::new("xds-tls-other");
+    let (port2, admin2) = (free_port(), free_port());
+    ads.set(
+        LISTENER,
+        "2",
+        vec![any(LISTENER, tagged_listener("l2", port2, "c1", "tls"))],
+    );
+    let boot = with_ads_source(
+        &ads_bootstrap(ads.addr, admin2),
+        json!({"envoy_grpc": {"cluster_name": "xds"}}),
+        vec![xds_cluster(pki::s(&other.ca_path()))],
+    );
+    let _l = Legate::start(BIN, &boot, &[], Some(admin2));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port2)).is_err(),
+        "no listener from an unverified server"
+    );
+    let stats = admin_get(admin2, "/stats?filter=control_plane.connected_state");
+    assert!(
+        stats.body.contains("control_plane.connected_state: 0"),
+        "{}",
+        stats.body
+    );
+
+    // SDS-delivered secrets for the xDS connection itself are refused,
+    // naming the field, rather than waited on.
+    let mut sds = xds_cluster("unused");
+    sds["transport_socket"]["typed_config"]["common_tls_context"] = json!({
+        "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}, "resource_api_version": "V3"}}});
+    let boot = with_ads_source(
+        &ads_bootstrap(ads.addr, free_port()),
+        json!({"envoy_grpc": {"cluster_name": "xds"}}),
+        vec![sds],
+    );
+    let out = validate(BIN, &boot);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("static_resources.clusters[0].transport_socket") && err.contains("SDS"),
+        "{err}"
+    );
+}

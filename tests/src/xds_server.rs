@@ -338,6 +338,23 @@ impl ScriptedAds {
         )
     }
 
+    /// Starts on `addr` with TLS (`config`): a secured management server.
+    /// Restarts come back without TLS.
+    pub async fn start_tls(addr: SocketAddr, config: Arc<rustls::ServerConfig>) -> Self {
+        use futures_util::StreamExt;
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind xDS");
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        // Handshakes one at a time; a failed one is dropped, not fatal.
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .then(move |tcp| {
+                let acceptor = acceptor.clone();
+                async move { acceptor.accept(tcp?).await.map(TlsIo) }
+            })
+            .filter(|r| std::future::ready(r.is_ok()));
+        Self::run(addr, Service::default(), Box::pin(incoming))
+    }
+
     async fn serve(addr: SocketAddr, service: Service) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind xDS");
         let addr = listener.local_addr().unwrap();
@@ -454,5 +471,45 @@ impl ScriptedAds {
     /// The nonce of the last response sent.
     pub fn last_nonce(&self) -> String {
         self.service.0.lock().unwrap().nonce.to_string()
+    }
+}
+
+/// A server-side TLS connection as tonic's incoming stream wants it.
+struct TlsIo(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for TlsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

@@ -14,6 +14,35 @@ pub enum Target {
     Tcp(SocketAddr),
     /// A Unix socket (Istio's `pipe` addresses).
     Unix(PathBuf),
+    /// TCP with TLS (gRPC only).
+    Tls(TlsTarget),
+}
+
+/// A TLS management server: the handshake uses `config` (its ALPN must
+/// offer `h2`, which gRPC servers require) for `name`.
+#[derive(Clone, Debug)]
+pub struct TlsTarget {
+    pub addr: SocketAddr,
+    pub name: rustls::pki_types::ServerName<'static>,
+    pub config: Arc<rustls::ClientConfig>,
+}
+
+/// Two targets are the same server when the address, name and TLS context
+/// (by identity) are.
+impl PartialEq for TlsTarget {
+    fn eq(&self, o: &Self) -> bool {
+        self.addr == o.addr && self.name == o.name && Arc::ptr_eq(&self.config, &o.config)
+    }
+}
+
+impl Eq for TlsTarget {}
+
+impl std::hash::Hash for TlsTarget {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.addr.hash(h);
+        self.name.hash(h);
+        Arc::as_ptr(&self.config).hash(h);
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -54,6 +54,24 @@ pub(crate) async fn channel(target: &Target) -> Result<tonic::transport::Channel
             .connect()
             .await
             .map_err(|e| format!("{addr}: {e}")),
+        Target::Tls(target) => {
+            let (t, addr) = (target.clone(), target.addr);
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_timeout(std::time::Duration::from_secs(5))
+                .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                    let t = t.clone();
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(t.addr).await?;
+                        tcp.set_nodelay(true)?;
+                        let tls = tokio_rustls::TlsConnector::from(t.config)
+                            .connect(t.name, tcp)
+                            .await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                    }
+                }))
+                .await
+                .map_err(|e| format!("{addr}: {e}"))
+        }
         Target::Unix(path) => {
             let path = path.clone();
             tonic::transport::Endpoint::from_static("http://localhost")

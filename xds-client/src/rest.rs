@@ -26,7 +26,7 @@ fn to_json(req: &DiscoveryRequest) -> Result<Vec<u8>, String> {
 
 async fn post(target: &Target, path: &str, body: Vec<u8>) -> Result<(u16, Vec<u8>), String> {
     let Target::Tcp(addr) = target else {
-        return Err("REST over a Unix socket is not supported".into());
+        return Err("REST needs a plain TCP management server".into());
     };
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
