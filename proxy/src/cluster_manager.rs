@@ -299,7 +299,7 @@ pub struct ClusterStats {
     pub upstream_cx_none_healthy: metrics::Counter,
     pub membership_healthy: metrics::Gauge,
     pub membership_total: metrics::Gauge,
-    prefix: String,
+    upstream_rq: stats::StatusCounters,
 }
 
 impl ClusterStats {
@@ -318,14 +318,13 @@ impl ClusterStats {
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
-            prefix: p,
+            upstream_rq: stats::StatusCounters::new(format!("{p}upstream_rq_"), true),
         }
     }
 
     /// `upstream_rq_2xx` and `upstream_rq_<code>`.
     pub fn record_status(&self, status: u16) {
-        stats::counter(format!("{}upstream_rq_{}xx", self.prefix, status / 100)).increment(1);
-        stats::counter(format!("{}upstream_rq_{status}", self.prefix)).increment(1);
+        self.upstream_rq.record(status);
     }
 }
 

@@ -49,12 +49,12 @@ impl Recorder for StoreRecorder {
 
 impl Store {
     fn counter_cell(&self, name: &str) -> Arc<AtomicU64> {
-        self.counters
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        let mut counters = self.counters.lock().unwrap();
+        // Found without allocating: the common case after the first use.
+        if let Some(c) = counters.get(name) {
+            return c.clone();
+        }
+        counters.entry(name.to_string()).or_default().clone()
     }
     fn gauge_cell(&self, name: &str) -> Arc<AtomicU64> {
         self.gauges
@@ -99,6 +99,80 @@ pub fn counter(name: String) -> Counter {
     metrics::counter!(name)
 }
 
+/// Counters by HTTP status under one prefix: the class (`<prefix>2xx`)
+/// and, with `per_code`, the code (`<prefix>200`). Each is registered on
+/// first use, as Envoy creates them, then found again without allocating.
+#[derive(Debug)]
+pub struct StatusCounters {
+    prefix: String,
+    per_code: bool,
+    /// Keyed by the code, or by the class digit (1..=5) for classes.
+    seen: std::sync::RwLock<Vec<(u16, Counter)>>,
+}
+
+impl StatusCounters {
+    pub fn new(prefix: String, per_code: bool) -> Self {
+        Self {
+            prefix,
+            per_code,
+            seen: Default::default(),
+        }
+    }
+
+    pub fn record(&self, status: u16) {
+        self.bump(status / 100);
+        if self.per_code {
+            self.bump(status);
+        }
+    }
+
+    fn bump(&self, key: u16) {
+        if let Some((_, c)) = self.seen.read().unwrap().iter().find(|(k, _)| *k == key) {
+            c.increment(1);
+            return;
+        }
+        let name = if key < 10 {
+            format!("{}{key}xx", self.prefix)
+        } else {
+            format!("{}{key}", self.prefix)
+        };
+        let c = counter(name);
+        c.increment(1);
+        self.seen.write().unwrap().push((key, c));
+    }
+}
+
+/// A connection manager's request counters (`http.<stat_prefix>.*`),
+/// registered once rather than looked up by name per request.
+#[derive(Debug)]
+pub struct HttpStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_rq_total: Counter,
+    pub downstream_rq_completed: Counter,
+    pub downstream_rq: StatusCounters,
+    pub no_route: Counter,
+    pub no_cluster: Counter,
+    pub downstream_rq_timeout: Counter,
+    pub downstream_rq_idle_timeout: Counter,
+}
+
+impl HttpStats {
+    pub fn new(stat_prefix: &str) -> Self {
+        let p = format!("http.{stat_prefix}.");
+        let c = |s: &str| counter(format!("{p}{s}"));
+        Self {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_rq_total: c("downstream_rq_total"),
+            downstream_rq_completed: c("downstream_rq_completed"),
+            downstream_rq: StatusCounters::new(format!("{p}downstream_rq_"), false),
+            no_route: c("no_route"),
+            no_cluster: c("no_cluster"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+        }
+    }
+}
+
 /// A gauge handle by full name.
 pub fn gauge(name: String) -> Gauge {
     store();
@@ -129,5 +203,23 @@ mod tests {
             prometheus_name("cluster.a-b.upstream_rq"),
             "envoy_cluster_a_b_upstream_rq"
         );
+    }
+
+    #[test]
+    fn status_counters_count_classes_and_codes_once_registered() {
+        let s = StatusCounters::new("test.sc.upstream_rq_".into(), true);
+        for code in [200, 503, 200, 204] {
+            s.record(code);
+        }
+        let got = |n: &str| store().get(&format!("test.sc.upstream_rq_{n}"));
+        assert_eq!(got("2xx"), Some(3));
+        assert_eq!(got("5xx"), Some(1));
+        assert_eq!(got("200"), Some(2));
+        assert_eq!(got("204"), Some(1));
+        assert_eq!(got("4xx"), None, "never seen, never registered");
+        let d = StatusCounters::new("test.sc.downstream_rq_".into(), false);
+        d.record(404);
+        assert_eq!(store().get("test.sc.downstream_rq_4xx"), Some(1));
+        assert_eq!(store().get("test.sc.downstream_rq_404"), None);
     }
 }

@@ -261,6 +261,8 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `listener.<stat_prefix>.downstream_cx_total`, registered on first use.
+    pub cx_total: std::sync::OnceLock<metrics::Counter>,
     /// `per_connection_buffer_limit_bytes` (Envoy's default 1 MiB): for
     /// HTTP, the most request body the router keeps for retries; a longer
     /// body is not retried.
@@ -382,6 +384,7 @@ pub struct Hcm {
     /// `request_timeout`: the whole request must arrive within this long
     /// (408 `request timeout`). Envoy's default: disabled.
     pub request_timeout: Option<Duration>,
+    stats: std::sync::OnceLock<crate::stats::HttpStats>,
 }
 
 /// A downstream HTTP connection's own limits.
@@ -551,6 +554,7 @@ impl Listener {
             listener_filters,
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
             listener_filters_timeout,
+            cx_total: Default::default(),
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
             buffer_limit: l
                 .per_connection_buffer_limit_bytes
@@ -807,11 +811,18 @@ impl Hcm {
                 None,
                 &join(path, "request_timeout"),
             )?,
+            stats: Default::default(),
         })
     }
 }
 
 impl Hcm {
+    /// `http.<stat_prefix>.*`, registered on the first request.
+    pub fn stats(&self) -> &crate::stats::HttpStats {
+        self.stats
+            .get_or_init(|| crate::stats::HttpStats::new(&self.stat_prefix))
+    }
+
     /// The inline route table, when routes are not dynamic.
     pub fn static_routes(&self) -> Option<&Arc<RouteConfig>> {
         match &self.routes {

@@ -23,7 +23,6 @@ use crate::config::route::{
 use crate::headers::{self, FormatContext, HeaderOps};
 use crate::routing;
 use crate::runtime::Runtime;
-use crate::stats;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderName;
@@ -99,7 +98,6 @@ pub struct Ctx {
     upstream_started: Option<Instant>,
     status: u16,
     original_host: String,
-    http_prefix: String,
     /// An upgrade the listener allows (`upgrade_configs`): its value, kept
     /// on the upstream request so pingora tunnels after the upstream's 101.
     upgrade: Option<String>,
@@ -469,8 +467,7 @@ impl ProxyHttp for HcmProxy {
         // HTTP/1 only: HTTP/2 streams are counted as they are accepted.
         let last = session.req_header().version != http::Version::HTTP_2
             && meta.closing.after_this_request();
-        ctx.http_prefix = format!("http.{}.", hcm.stat_prefix);
-        stats::counter(format!("{}downstream_rq_total", ctx.http_prefix)).increment(1);
+        hcm.stats().downstream_rq_total.increment(1);
         ctx.downstream_remote = inet(session.client_addr());
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
@@ -665,7 +662,7 @@ impl ProxyHttp for HcmProxy {
         // support (and rejects in config): so no route matches, as in Envoy.
         let asterisk = raw_path == "*" && session.req_header().method == http::Method::OPTIONS;
         if session.req_header().method == http::Method::CONNECT || asterisk {
-            stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            hcm.stats().no_route.increment(1);
             ctx.flags.add("NR");
             ctx.details = "route_not_found";
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
@@ -787,7 +784,7 @@ impl ProxyHttp for HcmProxy {
             self.shared.routes.resolve(&hcm.routes, &header)
         };
         let Some(rc) = rc else {
-            stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            hcm.stats().no_route.increment(1);
             ctx.flags.add("NR");
             ctx.details = "route_not_found";
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
@@ -816,7 +813,7 @@ impl ProxyHttp for HcmProxy {
             Some((vi, ri))
         });
         let Some((vi, ri)) = found else {
-            stats::counter(format!("{}no_route", ctx.http_prefix)).increment(1);
+            hcm.stats().no_route.increment(1);
             ctx.flags.add("NR");
             ctx.details = "route_not_found";
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
@@ -886,7 +883,7 @@ impl ProxyHttp for HcmProxy {
                     }
                 };
                 let Some(cluster) = self.shared.clusters.get(&name) else {
-                    stats::counter(format!("{}no_cluster", ctx.http_prefix)).increment(1);
+                    hcm.stats().no_cluster.increment(1);
                     ctx.flags.add("NC");
                     ctx.details = "cluster_not_found";
                     self.local_reply(
@@ -1351,14 +1348,18 @@ impl ProxyHttp for HcmProxy {
                 if e.esource() == &pingora_error::ErrorSource::Downstream
                     && ctx.request_deadline.is_some_and(|d| d <= Instant::now()) =>
             {
-                stats::counter(format!("{}downstream_rq_timeout", ctx.http_prefix)).increment(1);
+                if let Some(h) = &ctx.hcm {
+                    h.stats().downstream_rq_timeout.increment(1);
+                }
                 ctx.details = "request_overall_timeout";
                 LocalReply { status: 408, body: "request timeout" }
             }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
                 if e.esource() == &pingora_error::ErrorSource::Downstream || ctx.idle_binds =>
             {
-                stats::counter(format!("{}downstream_rq_idle_timeout", ctx.http_prefix)).increment(1);
+                if let Some(h) = &ctx.hcm {
+                    h.stats().downstream_rq_idle_timeout.increment(1);
+                }
                 ctx.flags.add("SI");
                 ctx.details = "stream_idle_timeout";
                 // Envoy: 408 while the request is still arriving, 504 once
@@ -1467,14 +1468,9 @@ impl ProxyHttp for HcmProxy {
                 }
             }
         }
-        if !ctx.http_prefix.is_empty() && status > 0 {
-            stats::counter(format!(
-                "{}downstream_rq_{}xx",
-                ctx.http_prefix,
-                status / 100
-            ))
-            .increment(1);
-            stats::counter(format!("{}downstream_rq_completed", ctx.http_prefix)).increment(1);
+        if let Some(h) = ctx.hcm.as_ref().filter(|_| status > 0) {
+            h.stats().downstream_rq.record(status);
+            h.stats().downstream_rq_completed.increment(1);
         }
         if let Some(hcm) = ctx.hcm.as_ref().filter(|h| !h.access_log.is_empty()) {
             Self::access_log(&hcm.access_log, session, ctx, status);

@@ -456,7 +456,10 @@ async fn serve_connection(
         peer,
         local,
     } = conn;
-    stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)).increment(1);
+    config
+        .cx_total
+        .get_or_init(|| stats::counter(format!("{}.downstream_cx_total", config.stat_prefix)))
+        .increment(1);
     let conn = crate::config::filter_chain::ConnInfo {
         local,
         peer,
@@ -534,7 +537,7 @@ async fn serve_connection(
         }
         NetworkFilter::Http(h) => h.clone(),
     };
-    stats::counter(format!("http.{}.downstream_cx_total", hcm.stat_prefix)).increment(1);
+    hcm.stats().downstream_cx_total.increment(1);
     let codec = hcm.codec;
     let fd = sock.as_raw_fd();
     let peer_tls = filter
