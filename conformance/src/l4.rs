@@ -9,6 +9,7 @@ use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
 use anyhow::Result;
 use legate_tests::netns::Netns;
+use legate_tests::tcp::{counting_upstream, naming_upstream, Fnv};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -54,57 +55,9 @@ fn bootstrap(admin: u16, listeners: &[String], clusters: &[(&str, SocketAddr)]) 
     s
 }
 
-/// FNV-1a over a byte stream: the transfer's checksum on both ends.
-#[derive(Clone, Copy)]
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-    fn feed(&mut self, b: &[u8]) {
-        for x in b {
-            self.0 = (self.0 ^ *x as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-}
-
-/// An upstream that reads until the client's half-close, then answers
-/// "<bytes> <checksum>" and closes.
-fn counting_upstream(l: TcpListener) {
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            std::thread::spawn(move || {
-                let (mut n, mut h, mut buf) = (0u64, Fnv::new(), vec![0u8; 256 * 1024]);
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => {
-                            n += k as u64;
-                            h.feed(&buf[..k]);
-                        }
-                    }
-                }
-                let _ = s.write_all(format!("{n} {:016x}", h.0).as_bytes());
-            });
-        }
-    });
-}
-
-/// An upstream that writes its name and closes.
-fn naming_upstream(l: TcpListener, name: &'static str) {
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { break };
-            let _ = s.write_all(name.as_bytes());
-        }
-    });
-}
-
 /// Sends `len` patterned bytes, half-closes, and reads the answer.
 fn transfer(port: u16, len: usize) -> (String, String) {
-    let mut expect = Fnv::new();
+    let mut expect = Fnv::default();
     let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
     let answer = (|| -> std::io::Result<String> {
         let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -122,7 +75,7 @@ fn transfer(port: u16, len: usize) -> (String, String) {
         Ok(a)
     })()
     .unwrap_or_else(|e| format!("failed: {e}"));
-    (answer, format!("{len} {:016x}", expect.0))
+    (answer, legate_tests::tcp::answer(len as u64, expect))
 }
 
 fn compare(report: &mut Report, case: &str, envoy: &str, legate: &str, want: Option<&str>) {

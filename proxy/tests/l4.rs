@@ -100,24 +100,9 @@ async fn no_matching_chain_closes_the_connection_and_counts_it() {
 /// A TCP upstream that reads until the client half-closes, then answers
 /// with the byte count and a checksum, and closes.
 async fn counting_upstream() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                break;
-            };
-            tokio::spawn(async move {
-                let mut data = Vec::new();
-                s.read_to_end(&mut data).await.unwrap();
-                let sum: u64 = data.iter().map(|b| *b as u64).sum();
-                s.write_all(format!("{} {sum}", data.len()).as_bytes())
-                    .await
-                    .unwrap();
-                s.shutdown().await.unwrap();
-            });
-        }
-    });
+    legate_tests::tcp::counting_upstream(l);
     addr
 }
 
@@ -132,13 +117,12 @@ async fn tcp_proxy_carries_a_half_close_both_ways() {
         .await
         .unwrap();
     let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    let sum: u64 = payload.iter().map(|b| *b as u64).sum();
     s.write_all(&payload).await.unwrap();
     // Half-close: the upstream sees EOF, and its answer still comes back.
     s.shutdown().await.unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, format!("{} {sum}", payload.len()));
+    assert_eq!(answer, legate_tests::tcp::answer_for(&payload));
 }
 
 fn tcp_with(extra: serde_json::Value) -> serde_json::Value {
@@ -249,7 +233,7 @@ async fn connection_limit_closes_connections_over_the_limit() {
     first.shutdown().await.unwrap();
     let mut answer = String::new();
     first.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, "4 423");
+    assert_eq!(answer, legate_tests::tcp::answer_for(b"hold"));
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut third = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -258,7 +242,7 @@ async fn connection_limit_closes_connections_over_the_limit() {
     third.shutdown().await.unwrap();
     let mut answer = String::new();
     third.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, "2 218");
+    assert_eq!(answer, legate_tests::tcp::answer_for(b"ok"));
 }
 
 /// A TCP server that hashes everything it receives (SHA-256) and answers
@@ -462,10 +446,7 @@ async fn tcp_proxy_access_logs_a_line_per_connection() {
     s.shutdown().await.unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(
-        answer,
-        format!("5 {}", b"hello".iter().map(|b| *b as u64).sum::<u64>())
-    );
+    assert_eq!(answer, legate_tests::tcp::answer_for(b"hello"));
     // From 127.0.0.9: the chain whose cluster does not exist.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();

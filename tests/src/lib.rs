@@ -6,4 +6,5 @@ pub mod echo;
 pub mod legate;
 pub mod netns;
 pub mod pki;
+pub mod tcp;
 pub mod xds_server;

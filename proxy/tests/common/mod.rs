@@ -130,14 +130,9 @@ pub fn stat(admin: u16, name: &str) -> Option<u64> {
 
 /// A TCP upstream that writes its name and closes.
 pub async fn naming_upstream(name: &'static str) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.write_all(name.as_bytes()).await;
-            let _ = s.shutdown().await;
-        }
-    });
+    legate_tests::tcp::naming_upstream(l, name);
     addr
 }
 

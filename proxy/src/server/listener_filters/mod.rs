@@ -94,20 +94,19 @@ async fn proxy_protocol(
     // Room for any v1 line and any v2 address block; a v2 header with
     // TLVs beyond that is peeked again at its own length (up to 64 KiB).
     let mut buf = vec![0u8; 256];
-    let mut parsed = peek_until(sock, &mut buf, |b, full| match parse(b) {
+    // A header, or NeedMore once the buffer is full.
+    let decide = |b: &[u8], full: bool| match parse(b) {
         Parse::NeedMore if !full => None,
         other => Some(other),
-    })
-    .await
-    .ok_or(Stop::Close)?;
-    if let (Parse::NeedMore, Some(len)) = (&parsed, proxy_protocol::v2_len(&buf)) {
-        buf = vec![0u8; len];
-        parsed = peek_until(sock, &mut buf, |b, full| match parse(b) {
-            Parse::NeedMore if !full => None,
-            other => Some(other),
-        })
+    };
+    let mut parsed = peek_until(sock, &mut buf, decide)
         .await
         .ok_or(Stop::Close)?;
+    if let (Parse::NeedMore, Some(len)) = (&parsed, proxy_protocol::v2_len(&buf)) {
+        buf = vec![0u8; len];
+        parsed = peek_until(sock, &mut buf, decide)
+            .await
+            .ok_or(Stop::Close)?;
     }
     let disallowed = |v: Version| match v {
         Version::V1 => c.disallow_v1,
