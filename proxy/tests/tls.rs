@@ -637,19 +637,22 @@ async fn auto_host_sni_with_san_validation_checks_the_host_against_the_certifica
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
 
+/// TLS to management servers works over gRPC (tests/xds.rs); REST polling
+/// has no TLS client, so a secured REST server is refused, never polled in
+/// plaintext.
 #[test]
-fn a_management_server_behind_tls_is_refused_not_reached_in_plaintext() {
+fn a_rest_management_server_behind_tls_is_refused_not_reached_in_plaintext() {
     let mut xds = cluster(
         "xds",
         &["127.0.0.1:1".parse().unwrap()],
-        json!({"http2_protocol_options": {}, "transport_socket": {"name": "tls", "typed_config": {"@type": UP_TLS_CTX}}}),
+        json!({"transport_socket": {"name": "tls", "typed_config": {"@type": UP_TLS_CTX}}}),
     );
     xds["type"] = json!("STATIC");
     let cfg = json!({
         "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}]},
-            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"resource_api_version": "V3", "api_config_source": {
+                "api_type": "REST", "transport_api_version": "V3",
+                "cluster_names": ["xds"], "refresh_delay": "1s"}},
         },
         "static_resources": {"clusters": [xds]},
     });
@@ -657,7 +660,8 @@ fn a_management_server_behind_tls_is_refused_not_reached_in_plaintext() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("static_resources.clusters[0].transport_socket"),
+        err.contains("static_resources.clusters[0].transport_socket")
+            && err.contains("REST over TLS"),
         "{err}"
     );
 }
