@@ -15,6 +15,11 @@ use std::time::{Duration, SystemTime};
 const FILE_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
 const STDOUT_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
 const STDERR_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+/// Accepted with a warning (the registry's), never written.
+const GRPC_TYPES: &[&str] = &[
+    "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+    "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig",
+];
 
 /// Envoy's default format, for HTTP and TCP alike.
 pub const DEFAULT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\"\n";
@@ -401,10 +406,15 @@ fn substitution(s: &core::SubstitutionFormatString, path: &str) -> Result<Format
     }
 }
 
-/// A filter's `access_log` list.
+/// A filter's `access_log` list: the loggers Legate writes (gRPC ones
+/// are skipped; the registry has warned about them).
 pub fn list(logs: &[pb::AccessLog], path: &str) -> Result<Vec<Arc<AccessLog>>> {
     logs.iter()
         .enumerate()
+        .filter(|(_, a)| {
+            !matches!(&a.config_type, Some(pb::access_log::ConfigType::TypedConfig(any))
+                if GRPC_TYPES.contains(&legate_proto::type_name(&any.type_url)))
+        })
         .map(|(i, a)| AccessLog::from_proto(a, &index(path, "access_log", i)).map(Arc::new))
         .collect()
 }

@@ -31,6 +31,8 @@ const fn m(
 }
 
 const NO_LOG: &str = "access logging is not implemented yet; it changes no traffic";
+const NO_ALS: &str =
+    "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
 
 /// The registry. Messages whose names start with `google.protobuf.` are
@@ -687,7 +689,29 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[],
     ),
-    m("envoy.config.accesslog.v3.AccessLog", &["name", "typed_config"], &[]),
+    m(
+        "envoy.config.accesslog.v3.AccessLog",
+        &["name", "typed_config"],
+        &[("filter", "access log filters are not applied: every request is logged")],
+    ),
+    // The gRPC access log service (go-control-plane's test resources,
+    // Istio's ALS): not implemented. A logger changes no traffic, so its
+    // config is accepted with a warning and nothing is sent.
+    m(
+        "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+        &[],
+        &[
+            ("common_config", NO_ALS),
+            ("additional_request_headers_to_log", NO_ALS),
+            ("additional_response_headers_to_log", NO_ALS),
+            ("additional_response_trailers_to_log", NO_ALS),
+        ],
+    ),
+    m(
+        "envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig",
+        &[],
+        &[("common_config", NO_ALS)],
+    ),
     m(
         "envoy.extensions.access_loggers.file.v3.FileAccessLog",
         &["path", "format", "log_format"],

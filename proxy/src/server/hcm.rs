@@ -1363,8 +1363,9 @@ impl ProxyHttp for HcmProxy {
                 ctx.flags.add("SI");
                 ctx.details = "stream_idle_timeout";
                 // Envoy: 408 while the request is still arriving, 504 once
-                // it is all in (the upstream is the silent one).
-                let status = if e.esource() == &pingora_error::ErrorSource::Downstream { 408 } else { 504 };
+                // it is all in (the upstream is the silent one), whichever
+                // side's read noticed first.
+                let status = if session.as_downstream_mut().is_body_done() { 504 } else { 408 };
                 LocalReply { status, body: "stream timeout" }
             }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
