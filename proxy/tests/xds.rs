@@ -39,6 +39,21 @@ fn tagged_listener(name: &str, port: u16, cluster: &str, tag: &str) -> Value {
     listener(name, port, hcm(rc, json!({})))
 }
 
+/// Version "1" of one cluster `c1` (to `up`) and one listener `l1` on
+/// `port` whose routes answer with `x-version: tag`.
+fn serve_one(ads: &ScriptedAds, up: SocketAddr, port: u16, tag: &str) {
+    ads.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up], json!({})))],
+    );
+    ads.set(
+        LISTENER,
+        "1",
+        vec![any(LISTENER, tagged_listener("l1", port, "c1", tag))],
+    );
+}
+
 fn rds_listener(name: &str, port: u16, route: &str, server_name: &str) -> Value {
     let mut h = hcm(json!({}), json!({"server_name": server_name}));
     h.as_object_mut().unwrap().remove("route_config");
@@ -112,16 +127,7 @@ async fn nack_names_the_bad_resource_and_the_last_good_config_keeps_serving() {
     let up = upstream("a").await;
     let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
     let (port, admin) = (free_port(), free_port());
-    ads.set(
-        CLUSTER,
-        "1",
-        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
-    );
-    ads.set(
-        LISTENER,
-        "1",
-        vec![any(LISTENER, tagged_listener("l1", port, "c1", "1"))],
-    );
+    serve_one(&ads, up.addr, port, "1");
     let _l = Legate::start(BIN, &ads_bootstrap(ads.addr, admin), &[], Some(admin));
     wait_port(port, true);
     assert_eq!(
@@ -318,16 +324,7 @@ async fn control_plane_down_for_10s_under_load_fails_nothing_and_reconnect_resum
     let up = upstream("a").await;
     let mut ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
     let (port, admin) = (free_port(), free_port());
-    ads.set(
-        CLUSTER,
-        "1",
-        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
-    );
-    ads.set(
-        LISTENER,
-        "1",
-        vec![any(LISTENER, tagged_listener("l1", port, "c1", "1"))],
-    );
+    serve_one(&ads, up.addr, port, "1");
     let _l = Legate::start(BIN, &ads_bootstrap(ads.addr, admin), &[], Some(admin));
     wait_port(port, true);
     acked(&ads, LISTENER, "1").await;
@@ -461,16 +458,7 @@ async fn management_servers_on_unix_sockets_and_google_grpc_targets() {
     let sock = std::env::temp_dir().join(format!("legate-xds-{}.sock", std::process::id()));
     let ads = ScriptedAds::start_unix(&sock).await;
     let (port, admin) = (free_port(), free_port());
-    ads.set(
-        CLUSTER,
-        "1",
-        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
-    );
-    ads.set(
-        LISTENER,
-        "1",
-        vec![any(LISTENER, tagged_listener("l1", port, "c1", "uds"))],
-    );
+    serve_one(&ads, up.addr, port, "uds");
     let pipe_cluster = json!({"name": "xds", "type": "STATIC", "connect_timeout": "1s", "http2_protocol_options": {},
         "load_assignment": {"cluster_name": "xds", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"pipe": {"path": sock.to_string_lossy()}}}}]}]}});
@@ -497,16 +485,7 @@ async fn management_servers_on_unix_sockets_and_google_grpc_targets() {
     // google_grpc with a target URI, no cluster involved.
     let tcp = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
     let (port2, admin2) = (free_port(), free_port());
-    tcp.set(
-        CLUSTER,
-        "1",
-        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
-    );
-    tcp.set(
-        LISTENER,
-        "1",
-        vec![any(LISTENER, tagged_listener("l1", port2, "c1", "google"))],
-    );
+    serve_one(&tcp, up.addr, port2, "google");
     let boot = with_ads_source(
         &ads_bootstrap("127.0.0.1:1".parse().unwrap(), admin2),
         json!({"google_grpc": {"target_uri": tcp.addr.to_string(), "stat_prefix": "xds"}}),
@@ -597,16 +576,7 @@ async fn management_server_over_tls_with_the_xds_clusters_context() {
     )
     .await;
     let (port, admin) = (free_port(), free_port());
-    ads.set(
-        CLUSTER,
-        "1",
-        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
-    );
-    ads.set(
-        LISTENER,
-        "1",
-        vec![any(LISTENER, tagged_listener("l1", port, "c1", "tls"))],
-    );
+    serve_one(&ads, up.addr, port, "tls");
     let xds_cluster = |ca_file: &str| {
         cluster(
             "xds",

@@ -112,8 +112,8 @@ pub struct Ctx {
     /// "downstream remote address".
     client_addr: Option<SocketAddr>,
     started: Option<Instant>,
-    /// When the request arrived, for access logs.
-    arrived: Option<(std::time::SystemTime, Instant)>,
+    /// When the request arrived (request timeout, access logs).
+    arrived: Option<Instant>,
     /// Envoy's response flags (`access_log::flags`) and response code
     /// details, for access logs.
     flags: crate::access_log::Flags,
@@ -352,9 +352,9 @@ impl HcmProxy {
         status: u16,
     ) {
         let req = session.req_header();
-        let (start, began) = ctx
-            .arrived
-            .unwrap_or_else(|| (std::time::SystemTime::now(), Instant::now()));
+        // The wall clock is read once, here, only for logged requests.
+        let began = ctx.arrived.unwrap_or_else(Instant::now);
+        let start = std::time::SystemTime::now() - began.elapsed();
         let authority = req
             .headers
             .get(http::header::HOST)
@@ -448,7 +448,7 @@ impl ProxyHttp for HcmProxy {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        ctx.arrived = Some((std::time::SystemTime::now(), Instant::now()));
+        ctx.arrived = Some(Instant::now());
         // Envoy answers pipelined HTTP/1.1 requests one after another, in
         // order; pingora drops them unless asked (the setting then persists
         // across the connection's reuses).
@@ -480,7 +480,7 @@ impl ProxyHttp for HcmProxy {
         ctx.idle = hcm.stream_idle_timeout;
         ctx.request_deadline = hcm
             .request_timeout
-            .map(|t| ctx.arrived.map_or_else(Instant::now, |(_, i)| i) + t);
+            .map(|t| ctx.arrived.unwrap_or_else(Instant::now) + t);
         session.set_read_timeout(ctx.downstream_read_timeout());
         ctx.kept_hop_headers = [http::header::PROXY_AUTHORIZATION, http::header::TRAILER]
             .into_iter()
