@@ -420,43 +420,27 @@ impl Default for H2Settings {
 }
 
 impl H2Settings {
+    /// Envoy's ranges for these fields are its proto constraints, checked
+    /// (by `pgv::validate`) before any `from_proto`.
     fn from_proto(
         o: Option<&legate_proto::envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions>,
-        path: &str,
-    ) -> Result<Self> {
-        let mut s = Self::default();
-        let Some(o) = o else { return Ok(s) };
-        // Envoy's ranges (the proto's validation rules).
-        let window = |v: Option<u32>, field: &str, dflt: u32| -> Result<u32> {
-            match v {
-                None => Ok(dflt),
-                Some(w) if (65_535..=2_147_483_647).contains(&w) => Ok(w),
-                Some(_) => Err(ConfigError::new(
-                    join(path, field),
-                    "must be between 65535 and 2147483647",
-                )),
-            }
-        };
-        if let Some(m) = o.max_concurrent_streams.val() {
-            if !(1..=2_147_483_647).contains(&m) {
-                return Err(ConfigError::new(
-                    join(path, "max_concurrent_streams"),
-                    "must be between 1 and 2147483647",
-                ));
-            }
-            s.max_concurrent_streams = m;
+    ) -> Self {
+        let d = Self::default();
+        let Some(o) = o else { return d };
+        Self {
+            max_concurrent_streams: o
+                .max_concurrent_streams
+                .val()
+                .unwrap_or(d.max_concurrent_streams),
+            initial_stream_window_size: o
+                .initial_stream_window_size
+                .val()
+                .unwrap_or(d.initial_stream_window_size),
+            initial_connection_window_size: o
+                .initial_connection_window_size
+                .val()
+                .unwrap_or(d.initial_connection_window_size),
         }
-        s.initial_stream_window_size = window(
-            o.initial_stream_window_size.val(),
-            "initial_stream_window_size",
-            s.initial_stream_window_size,
-        )?;
-        s.initial_connection_window_size = window(
-            o.initial_connection_window_size.val(),
-            "initial_connection_window_size",
-            s.initial_connection_window_size,
-        )?;
-        Ok(s)
     }
 }
 
@@ -706,10 +690,7 @@ impl Hcm {
                 &join(&cp, "idle_timeout"),
             )?,
             max_requests: common.max_requests_per_connection.val().filter(|&m| m > 0),
-            h2: H2Settings::from_proto(
-                h.http2_protocol_options.as_ref(),
-                &join(path, "http2_protocol_options"),
-            )?,
+            h2: H2Settings::from_proto(h.http2_protocol_options.as_ref()),
         };
         use legate_proto::envoy_types::pb::envoy::config::core::v3::http_protocol_options::HeadersWithUnderscoresAction as U;
         let underscores =
