@@ -6,13 +6,39 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free loopback port (bound and released; good enough on loopback).
+/// A free loopback port for a listener the test will start later.
+///
+/// Chosen below the kernel's ephemeral range (`ip_local_port_range`), so
+/// that an upstream or client socket bound to port 0 meanwhile, in this or
+/// a parallel test, can never take it before the proxy binds it (one did:
+/// a test then talked to another test's upstream). Random, then checked
+/// bindable, and never the same port twice in one process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, span) = (10_000u16, low.saturating_sub(10_000).max(1));
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+        ^ (u64::from(std::process::id()) << 20)
+        ^ (CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 40);
+    for _ in 0..1000 {
+        // xorshift: enough to spread parallel callers.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = from + (seed % u64::from(span)) as u16;
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port below {low}");
 }
 
 /// Writes `yaml` to a temporary file and returns its path.
