@@ -3,6 +3,7 @@
 //! itself binds only at start-up) while every listener shares one upstream
 //! connection pool, as Envoy's cluster manager does.
 
+pub mod corked;
 pub mod hcm;
 pub mod http_conn;
 pub mod listener_filters;
@@ -565,7 +566,7 @@ async fn serve_connection(
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
-    let (stream, is_h2): (pingora_core::protocols::Stream, bool) = match &filter.tls {
+    let (stream, is_h2, gathered): (pingora_core::protocols::Stream, bool, _) = match &filter.tls {
         None => {
             if !facts(&found.sni, None) {
                 return None;
@@ -578,7 +579,13 @@ async fn serve_connection(
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
             stream.set_socket_digest(digest_of(fd, peer, local));
             stream.set_proxy_digest(digest);
-            (Box::new(stream), is_h2)
+            if is_h2 {
+                // h2 gathers its frames itself.
+                (Box::new(stream), true, None)
+            } else {
+                let (stream, gathered) = corked::Corked::new(stream);
+                (Box::new(stream), false, Some(gathered))
+            }
         }
         Some(tls) => {
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
@@ -614,7 +621,7 @@ async fn serve_connection(
                 Some(_) => false,
                 None => codec == Codec::Http2,
             };
-            (Box::new(stream), is_h2)
+            (Box::new(stream), is_h2, None)
         }
     };
     if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
@@ -627,10 +634,10 @@ async fn serve_connection(
         drain,
         closing,
     };
-    if is_h2 {
-        conn.http2(stream).await;
-    } else {
-        conn.http1(stream).await;
+    match gathered {
+        _ if is_h2 => conn.http2(stream).await,
+        Some(g) => corked::flush_when_idle(g, conn.http1(stream)).await,
+        None => conn.http1(stream).await,
     }
     None
 }
