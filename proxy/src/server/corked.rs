@@ -13,13 +13,17 @@
 //! arrived yet still leaves at once (an event stream's client sees its
 //! headers as Envoy sends them); only writes made in the same turn of the
 //! task are joined. A `flush` sends everything at once, as before.
+//!
+//! Over TLS the gathering sits above the TLS layer: the head and body
+//! become one record and one `sendto`.
 
-use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::SslDigest;
 use pingora_core::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType,
 };
+use pingora_core::protocols::{Stream, ALPN};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -48,7 +52,7 @@ pub struct Gathered {
 
 #[derive(Debug)]
 struct Inner {
-    io: L4Stream,
+    io: Stream,
     out: Vec<u8>,
     /// A send that failed after its write had been accepted: the next
     /// write or flush reports it.
@@ -107,9 +111,13 @@ impl Gathered {
     }
 }
 
-/// A plain downstream socket whose writes are gathered (see the module
-/// docs). The digests are read once here: they are set before the stream
-/// is wrapped and never change after.
+/// A downstream HTTP/1 stream, plain or TLS, whose writes are gathered
+/// (see the module docs). The digests and TLS facts are read once here:
+/// they are settled before the stream is wrapped and never change after.
+/// What nothing reads once a connection is past its handshake is not
+/// carried: the live TLS session ([`Ssl::get_ssl`]; Legate takes its peer
+/// certificate and SNI before wrapping) and peeking (used only by pingora's
+/// own h2c sniffing, which Legate does itself on the raw socket).
 #[derive(Debug)]
 pub struct Corked {
     shared: Arc<Gathered>,
@@ -117,17 +125,21 @@ pub struct Corked {
     proxy_digest: Option<Arc<ProxyDigest>>,
     socket_digest: Option<Arc<SocketDigest>>,
     timing_digest: Vec<Option<TimingDigest>>,
+    ssl_digest: Option<Arc<SslDigest>>,
+    alpn: Option<ALPN>,
 }
 
 impl Corked {
     /// The stream for pingora, and the handle [`flush_when_idle`] sends
     /// with.
-    pub fn new(io: L4Stream) -> (Self, Arc<Gathered>) {
+    pub fn new(io: Stream) -> (Self, Arc<Gathered>) {
         let corked = Self {
             id: io.id(),
             proxy_digest: io.get_proxy_digest(),
             socket_digest: io.get_socket_digest(),
             timing_digest: io.get_timing_digest(),
+            ssl_digest: io.get_ssl_digest(),
+            alpn: io.selected_alpn_proto(),
             shared: Arc::new(Gathered {
                 inner: Mutex::new(Inner {
                     io,
@@ -264,30 +276,18 @@ impl UniqueID for Corked {
     }
 }
 
-/// Plain sockets only: a TLS stream keeps its own record buffering.
-impl Ssl for Corked {}
+impl Ssl for Corked {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.ssl_digest.clone()
+    }
 
-#[async_trait::async_trait]
-impl Peek for Corked {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        let shared = self.shared.clone();
-        let mut filled = 0;
-        poll_fn(|cx| {
-            let mut inner = shared.lock();
-            while filled < buf.len() {
-                let mut rb = ReadBuf::new(&mut buf[filled..]);
-                ready!(Pin::new(&mut inner.io).poll_read(cx, &mut rb))?;
-                if rb.filled().is_empty() {
-                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
-                }
-                filled += rb.filled().len();
-            }
-            inner.io.rewind(buf);
-            Poll::Ready(Ok(true))
-        })
-        .await
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.alpn.clone()
     }
 }
+
+/// Peeking is not offered (see [`Corked`]): `try_peek` says so.
+impl Peek for Corked {}
 
 impl GetTimingDigest for Corked {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
@@ -318,6 +318,7 @@ impl GetSocketDigest for Corked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora_core::protocols::l4::stream::Stream as L4Stream;
     use std::os::fd::RawFd;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -378,7 +379,7 @@ mod tests {
         assert_eq!(data_segs_out(plain.id()) - before, 2);
 
         let (s, mut c) = pair().await;
-        let (mut s, shared) = Corked::new(s);
+        let (mut s, shared) = Corked::new(Box::new(s));
         let fd = s.id();
         let before = data_segs_out(fd);
         // pingora's shape: the upstream half hands the response to the
@@ -414,7 +415,7 @@ mod tests {
     #[tokio::test]
     async fn a_head_whose_body_is_late_leaves_when_the_task_waits() {
         let (s, mut c) = pair().await;
-        let (mut s, shared) = Corked::new(s);
+        let (mut s, shared) = Corked::new(Box::new(s));
         let server = tokio::spawn(flush_when_idle(shared, async move {
             s.write_all(HEAD).await.unwrap();
             // No flush: the body is "still upstream".
@@ -426,7 +427,7 @@ mod tests {
         // The control: the same stream run without flush_when_idle holds
         // the head, so the test above would fail without it.
         let (s, mut c) = pair().await;
-        let (mut s, _shared) = Corked::new(s);
+        let (mut s, _shared) = Corked::new(Box::new(s));
         let server = tokio::spawn(async move {
             s.write_all(HEAD).await.unwrap();
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -440,7 +441,7 @@ mod tests {
     #[tokio::test]
     async fn large_and_small_writes_arrive_whole_and_in_order() {
         let (s, mut c) = pair().await;
-        let (mut s, shared) = Corked::new(s);
+        let (mut s, shared) = Corked::new(Box::new(s));
         let big: Vec<u8> = (0..3 * GATHER_MAX as u32)
             .map(|i| (i % 251) as u8)
             .collect();
@@ -464,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn a_send_that_fails_is_reported_by_the_next_flush() {
         let (s, c) = pair().await;
-        let (mut s, shared) = Corked::new(s);
+        let (mut s, shared) = Corked::new(Box::new(s));
         // The peer goes away with a reset: sends fail with EPIPE/ECONNRESET.
         let c = c.into_std().unwrap();
         socket2::SockRef::from(&c)

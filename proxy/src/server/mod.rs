@@ -566,7 +566,7 @@ async fn serve_connection(
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
-    let (stream, is_h2, gathered): (pingora_core::protocols::Stream, bool, _) = match &filter.tls {
+    let (stream, is_h2): (pingora_core::protocols::Stream, bool) = match &filter.tls {
         None => {
             if !facts(&found.sni, None) {
                 return None;
@@ -579,13 +579,7 @@ async fn serve_connection(
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
             stream.set_socket_digest(digest_of(fd, peer, local));
             stream.set_proxy_digest(digest);
-            if is_h2 {
-                // h2 gathers its frames itself.
-                (Box::new(stream), true, None)
-            } else {
-                let (stream, gathered) = corked::Corked::new(stream);
-                (Box::new(stream), false, Some(gathered))
-            }
+            (Box::new(stream), is_h2)
         }
         Some(tls) => {
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
@@ -621,7 +615,7 @@ async fn serve_connection(
                 Some(_) => false,
                 None => codec == Codec::Http2,
             };
-            (Box::new(stream), is_h2, None)
+            (Box::new(stream), is_h2)
         }
     };
     if (codec == Codec::Http2 && !is_h2) || (codec == Codec::Http1 && is_h2) {
@@ -634,10 +628,12 @@ async fn serve_connection(
         drain,
         closing,
     };
-    match gathered {
-        _ if is_h2 => conn.http2(stream).await,
-        Some(g) => corked::flush_when_idle(g, conn.http1(stream)).await,
-        None => conn.http1(stream).await,
+    if is_h2 {
+        // h2 gathers its frames itself.
+        conn.http2(stream).await;
+    } else {
+        let (stream, gathered) = corked::Corked::new(stream);
+        corked::flush_when_idle(gathered, conn.http1(Box::new(stream))).await;
     }
     None
 }
