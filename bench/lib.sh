@@ -1,7 +1,34 @@
 # Shell helpers the bench scripts share (sourced, not run).
 
-# A free TCP port on 127.0.0.1.
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A free TCP port on 127.0.0.1, from below the kernel's ephemeral range
+# and never the same twice in one script: a port the kernel handed out
+# (bind to 0) can be taken by an outgoing connection before the proxy that
+# was meant to listen on it starts.
+free_port() {
+  python3 - "${TMPDIR:-/tmp}/legate-bench-ports.$$" <<'PY'
+import random, socket, sys
+used_file = sys.argv[1]
+try:
+    used = set(open(used_file).read().split())
+except FileNotFoundError:
+    used = set()
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+while True:
+    p = random.randrange(10000, low)
+    if str(p) in used:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    open(used_file, "a").write(f"{p}\n")
+    print(p)
+    break
+PY
+}
 
 # CPU pressure: PSI "some avg10" (0 when the kernel has no PSI).
 psi() { awk '/^some/{split($2,a,"="); print a[2]}' /proc/pressure/cpu 2>/dev/null || echo 0; }
