@@ -20,6 +20,12 @@ async fn h1_get(s: &mut TcpStream) -> Option<String> {
 async fn h1_request(s: &mut TcpStream, path: &str) -> Option<String> {
     let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
+    read_response(s).await
+}
+
+/// Reads one response (head and content-length body): its head,
+/// lower-cased, or None when the connection was closed instead.
+async fn read_response(s: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -189,6 +195,51 @@ async fn idle_connections_close_after_idle_timeout_and_not_before() {
         "open after 2 s"
     );
     assert!(h1_get(&mut s).await.is_some(), "and still serving");
+}
+
+// Between requests Legate reads the next request's first bytes itself and
+// hands them to pingora: heads and bodies that arrive in pieces, or with
+// the next request, must still be read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_in_pieces_are_read_whole_on_a_kept_connection() {
+    let up = upstream("up").await;
+    let (_l, url, _admin) = start(
+        hcm_with(json!({})),
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let mut s = connect(&url).await;
+    let pause = || tokio::time::sleep(Duration::from_millis(200));
+    for _ in 0..2 {
+        // A head split mid-line, then its end.
+        s.write_all(b"GET / HTT").await.unwrap();
+        pause().await;
+        s.write_all(b"P/1.1\r\nhost: t\r\n\r\n").await.unwrap();
+        let head = read_response(&mut s).await.expect("a response");
+        assert!(
+            head.starts_with("http/1.1 200") && keep_alive(&head),
+            "{head}"
+        );
+        // A body after its head, in two pieces.
+        s.write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nab")
+            .await
+            .unwrap();
+        pause().await;
+        s.write_all(b"cde").await.unwrap();
+        let head = read_response(&mut s).await.expect("a response");
+        assert!(
+            head.starts_with("http/1.1 200") && keep_alive(&head),
+            "{head}"
+        );
+        // Head and body in one write.
+        s.write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        let head = read_response(&mut s).await.expect("a response");
+        assert!(
+            head.starts_with("http/1.1 200") && keep_alive(&head),
+            "{head}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// writes are sent once they would pass it.
 const GATHER_MAX: usize = 16 * 1024;
 
+/// How long the bytes left when a connection ends may wait for the client
+/// to take them: Envoy's `delayed_close_timeout` default.
+const LAST_SEND: Duration = Duration::from_secs(1);
+
 /// A buffer kept between turns up to this size; a larger one is freed so an
 /// idle keep-alive connection holds little memory.
 const KEEP_IDLE: usize = 4 * 1024;
@@ -177,7 +181,10 @@ pub async fn flush_when_idle<F: Future>(shared: Arc<Gathered>, fut: F) -> F::Out
         r
     })
     .await;
-    let _ = poll_fn(|cx| shared.poll_send_idle(cx)).await;
+    // What is left goes out if the client takes it within Envoy's default
+    // delayed-close timeout; a client that stopped reading does not keep
+    // the socket open.
+    let _ = tokio::time::timeout(LAST_SEND, poll_fn(|cx| shared.poll_send_idle(cx))).await;
     out
 }
 

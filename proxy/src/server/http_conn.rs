@@ -12,14 +12,18 @@
 
 use super::hcm::HcmProxy;
 use crate::config::listener::{H2Settings, HttpConnSettings};
-use pingora_core::apps::HttpServerApp;
+use bytes::BytesMut;
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp};
 use pingora_core::protocols::http::v2::server::{self as h2server, H2Accept};
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::Digest;
 use pingora_proxy::HttpProxy;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{watch, Notify};
 
 /// Envoy answers a client that keeps sending malformed streams by closing
@@ -29,6 +33,9 @@ const MAX_REJECTED_STREAMS: usize = 32;
 /// How long an HTTP/2 connection closing on its idle timeout may take to
 /// flush its GOAWAY before the socket is dropped.
 const GOAWAY_FLUSH: Duration = Duration::from_secs(1);
+
+/// The first read of a request: pingora's own initial header buffer size.
+const FIRST_READ: usize = 4096;
 
 /// Decides, request by request, that a connection ends after the current
 /// one: the request limit, or `/healthcheck/fail` on listeners that drain
@@ -77,11 +84,30 @@ impl Conn<'_> {
     /// HTTP/1: one request after another until the client leaves or the
     /// connection sits idle for `idle_timeout`; a drain or [`Closing`]
     /// ends it with `Connection: close`.
-    pub async fn http1(&self, stream: pingora_core::protocols::Stream) {
-        let mut session = ServerSession::new_http1(stream);
+    pub async fn http1(&self, mut stream: pingora_core::protocols::Stream) {
+        let mut persistent: Option<HttpPersistentSettings> = None;
         loop {
-            // The wait for the next request; pingora's keep-alive timeout
-            // is whole seconds, and 0 is "never".
+            // Bytes of this request that came with the last (pipelining)
+            // are pingora's to hand over; a wait on the socket could wait
+            // for bytes the client has already sent.
+            let first = if persistent.as_ref().is_some_and(carries_pipelined_bytes) {
+                None
+            } else {
+                let Some(first) = self.next_request_bytes(&mut stream).await else {
+                    return;
+                };
+                Some(first)
+            };
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(p) = persistent.take() {
+                p.apply_to_session(&mut session);
+            }
+            if let (Some(first), ServerSession::H1(s)) = (first, &mut session) {
+                s.set_pipelined_prefix(first);
+            }
+            // Pingora's wait for the rest of a request head that came in
+            // pieces; its keep-alive timeout is whole seconds, and 0 is
+            // "never".
             session.set_keepalive(if *self.drain.borrow() {
                 None
             } else {
@@ -90,11 +116,39 @@ impl Conn<'_> {
             let Some(reused) = self.proxy.process_new_http(session, self.drain).await else {
                 return;
             };
-            let (stream, persistent) = reused.consume();
-            session = ServerSession::new_http1(stream);
-            if let Some(p) = persistent {
-                p.apply_to_session(&mut session);
+            (stream, persistent) = reused.consume();
+        }
+    }
+
+    /// The wait for the next request, up to `idle_timeout`: its first bytes,
+    /// or None when the client leaves or the connection idles out. Between
+    /// requests a connection holds only its socket: no pingora session, no
+    /// header buffer and no boxed request future sit with each idle
+    /// keep-alive connection. The bytes are read here instead of by pingora
+    /// (handed to it as the session's prefix), so it costs no extra read.
+    async fn next_request_bytes(
+        &self,
+        stream: &mut pingora_core::protocols::Stream,
+    ) -> Option<BytesMut> {
+        let read = std::future::poll_fn(|cx| {
+            // On the stack for the length of one poll, not in the
+            // connection's future.
+            let mut tmp = [std::mem::MaybeUninit::<u8>::uninit(); FIRST_READ];
+            let mut buf = ReadBuf::uninit(&mut tmp);
+            match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    let mut first = BytesMut::with_capacity(FIRST_READ);
+                    first.extend_from_slice(buf.filled());
+                    Poll::Ready(Some(first))
+                }
+                // The client closed, or the socket failed.
+                Poll::Ready(_) => Poll::Ready(None),
             }
+        });
+        match self.settings.idle_timeout {
+            Some(d) => tokio::time::timeout(d, read).await.ok().flatten(),
+            None => read.await,
         }
     }
 
@@ -179,6 +233,37 @@ impl Conn<'_> {
     }
 }
 
+/// Whether pingora carries bytes of the next request over from the last
+/// one (a pipelined request, read along with the one before it). Pingora
+/// keeps them private in [`HttpPersistentSettings`]; its `Debug` output
+/// names the field, and the formatting stops where the field's value
+/// begins. A test below holds this to pingora's actual output.
+fn carries_pipelined_bytes(p: &HttpPersistentSettings) -> bool {
+    use std::fmt::Write;
+    #[derive(Default)]
+    struct Sniff {
+        at_field: bool,
+        some: bool,
+    }
+    impl Write for Sniff {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            if self.at_field {
+                let value = s.trim_start_matches([':', ' ']);
+                if value.is_empty() {
+                    return Ok(());
+                }
+                self.some = value.starts_with("Some");
+                return Err(std::fmt::Error);
+            }
+            self.at_field = s.ends_with("pipelined_prefix");
+            Ok(())
+        }
+    }
+    let mut sniff = Sniff::default();
+    let _ = write!(sniff, "{p:?}");
+    sniff.some
+}
+
 /// pingora's bounded defaults (header list size) with the listener's
 /// stream limit and windows.
 fn h2_options(s: &H2Settings) -> h2server::H2Options {
@@ -223,5 +308,28 @@ impl Active {
             notified.await;
         }
         tokio::time::sleep(d).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pipelined_bytes_are_seen_in_pingoras_persistent_settings() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let l4: pingora_core::protocols::l4::stream::Stream = s.into();
+        let mut session = ServerSession::new_http1(Box::new(l4));
+        session.set_keepalive(Some(3600));
+        session.set_pipelining_enabled(true);
+        let plain = HttpPersistentSettings::for_session(&session);
+        assert!(!carries_pipelined_bytes(&plain));
+        let mut with = HttpPersistentSettings::for_session(&session);
+        with.set_pipelined_prefix(BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]));
+        assert!(carries_pipelined_bytes(&with));
     }
 }
