@@ -208,37 +208,31 @@ async fn requests_arriving_in_pieces_are_read_whole_on_a_kept_connection() {
         vec![cluster("up", &[up.addr], json!({}))],
     );
     let mut s = connect(&url).await;
-    let pause = || tokio::time::sleep(Duration::from_millis(200));
-    for _ in 0..2 {
+    let cases: [&[&[u8]]; 3] = [
         // A head split mid-line, then its end.
-        s.write_all(b"GET / HTT").await.unwrap();
-        pause().await;
-        s.write_all(b"P/1.1\r\nhost: t\r\n\r\n").await.unwrap();
-        let head = read_response(&mut s).await.expect("a response");
-        assert!(
-            head.starts_with("http/1.1 200") && keep_alive(&head),
-            "{head}"
-        );
+        &[b"GET / HTT", b"P/1.1\r\nhost: t\r\n\r\n"],
         // A body after its head, in two pieces.
-        s.write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nab")
-            .await
-            .unwrap();
-        pause().await;
-        s.write_all(b"cde").await.unwrap();
-        let head = read_response(&mut s).await.expect("a response");
-        assert!(
-            head.starts_with("http/1.1 200") && keep_alive(&head),
-            "{head}"
-        );
+        &[
+            b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nab",
+            b"cde",
+        ],
         // Head and body in one write.
-        s.write_all(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\nok")
-            .await
-            .unwrap();
-        let head = read_response(&mut s).await.expect("a response");
-        assert!(
-            head.starts_with("http/1.1 200") && keep_alive(&head),
-            "{head}"
-        );
+        &[b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\nok"],
+    ];
+    for _ in 0..2 {
+        for pieces in cases {
+            for (i, piece) in pieces.iter().enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                s.write_all(piece).await.unwrap();
+            }
+            let head = read_response(&mut s).await.expect("a response");
+            assert!(
+                head.starts_with("http/1.1 200") && keep_alive(&head),
+                "{head}"
+            );
+        }
     }
 }
 

@@ -263,15 +263,9 @@ impl AsyncWrite for Corked {
 
 #[async_trait::async_trait]
 impl Shutdown for Corked {
+    /// `poll_shutdown`'s: what was gathered, then the FIN.
     async fn shutdown(&mut self) {
-        let shared = self.shared.clone();
-        let r = poll_fn(|cx| {
-            let mut inner = shared.lock();
-            ready!(inner.poll_send(cx))?;
-            Pin::new(&mut inner.io).poll_shutdown(cx)
-        })
-        .await;
-        if let Err(e) = r {
+        if let Err(e) = tokio::io::AsyncWriteExt::shutdown(self).await {
             tracing::debug!(error = %e, "downstream shutdown failed");
         }
     }
