@@ -85,6 +85,11 @@ fn start_with_base_id(cfg: &str, cg: &Cgroup, admin: u16, id: String) -> (Pins, 
     (Pins(id), l)
 }
 
+/// Whether the instance pinned an attached link for `program`.
+fn pinned_link(pins: &Pins, program: &str) -> bool {
+    std::path::Path::new(&format!("/sys/fs/bpf/legate/{}/link_{program}", pins.0)).exists()
+}
+
 /// Removes what the instance pinned: Legate leaves its pins on exit so a
 /// restart adopts them.
 struct Pins(String);
@@ -111,10 +116,13 @@ async fn a_vip_listener_is_balanced_in_the_kernel_with_the_cluster_weights() {
         vec![vip_listener("vip", vip, "svc")],
         vec![weighted_cluster("svc", &[(a.addr, 1), (b.addr, 3)])],
     );
-    let _l = start_required(&cfg, &cg, admin);
+    let l = start_required(&cfg, &cg, admin);
     let s = wait_status(admin, offloaded);
     assert_eq!(s["listeners"][0]["mode"], "DIRECT");
     assert_eq!(stat(admin, "kernel_lb.enabled"), Some(1));
+    // Nothing is redirected, so no sock_ops program runs on every socket.
+    assert_eq!(s["sock_ops_attached"], false, "{s}");
+    assert!(!pinned_link(&l.0, "legate_sockops"));
 
     let lines = cg.connect(vip, 2000);
     let mut to_a = 0;
@@ -172,9 +180,11 @@ async fn an_http_vip_is_redirected_to_legate_which_serves_it_with_that_listener(
     l["address"] = addr(&vip.ip().to_string(), vip.port());
     l["bind_to_port"] = json!(false);
     let cfg = bootstrap(admin, vec![l], vec![cluster("web", &[up.addr], json!({}))]);
-    let _l = start_required(&cfg, &cg, admin);
+    let l = start_required(&cfg, &cg, admin);
     let s = wait_status(admin, |s| s["listeners"][0]["redirected"] == true);
     assert_eq!(s["listeners"][0]["mode"], "REDIRECT");
+    assert_eq!(s["sock_ops_attached"], true, "{s}");
+    assert!(pinned_link(&l.0, "legate_sockops"));
     // curl inside the cgroup dials the VIP; nothing listens there, the
     // kernel sends it to Legate, which routes it with that listener.
     let out = cg.run(

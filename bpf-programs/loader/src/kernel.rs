@@ -7,7 +7,7 @@ use aya::maps::{Array, HashMap, HashOfMaps, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use legate_bpf_common::{Addr, Backend, Config, Service, ServiceKey, MAGLEV_SIZE};
+use legate_bpf_common::{Addr, Backend, Config, Service, ServiceKey, MAGLEV_SIZE, MODE_REDIRECT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +54,8 @@ pub enum SyncError {
     Plan(#[from] crate::plan::PlanError),
     #[error("map update: {0}")]
     Map(#[from] aya::maps::MapError),
+    #[error(transparent)]
+    Attach(#[from] LoadError),
 }
 
 /// Where and how to load.
@@ -69,7 +71,10 @@ pub struct Options {
 
 /// The loaded programs and their maps.
 pub struct KernelLb {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    cgroup: std::fs::File,
+    pin_dir: PathBuf,
+    sockops_attached: bool,
     services: HashMap<MapData, ServiceKey, Service>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
@@ -161,46 +166,27 @@ impl KernelLb {
             );
         }
 
-        // A cgroup bpf_link is always multi-attach; the kernel rejects
-        // explicit attach flags on link_create, and aya sends the mode as
-        // those flags, so Single (0) it is.
-        let mode = CgroupAttachMode::Single;
-        let mut attached: Vec<(&'static str, FdLink)> = Vec::new();
-        for name in PROGRAMS.into_iter().chain([SOCKOPS]) {
-            let err = |e| LoadError::Program(name, e);
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(err(aya::programs::ProgramError::NotLoaded))?;
-            let link = if name == SOCKOPS {
-                let prog: &mut SockOps = prog.try_into().map_err(err)?;
-                prog.load().map_err(err)?;
-                let id = prog.attach(&cgroup, mode).map_err(err)?;
-                FdLink::try_from(prog.take_link(id).map_err(err)?)
-                    .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?
-            } else {
-                let prog: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
-                prog.load().map_err(err)?;
-                let id = prog.attach(&cgroup, mode).map_err(err)?;
-                FdLink::try_from(prog.take_link(id).map_err(err)?)
-                    .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?
-            };
-            attached.push((name, link));
-        }
         let mut links = Vec::new();
-        for (name, link) in attached {
-            // The new program is attached; only now drop the one a previous
-            // process pinned (both act on the same maps meanwhile).
-            let path = opts.pin_dir.join(format!("link_{name}"));
-            if let Ok(old) = PinnedLink::from_pin(&path) {
-                let _ = old.unpin();
-            }
-            links.push(
-                link.pin(&path)
-                    .map_err(|e| LoadError::Pin(path.clone(), e.to_string()))?,
-            );
+        for name in PROGRAMS {
+            let err = |e| LoadError::Program(name, e);
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(err)?;
+            let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
+                .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?;
+            links.push(replace_pinned(link, &opts.pin_dir, name)?);
         }
-        Ok(Self {
-            _ebpf: ebpf,
+        // sock_ops runs on every TCP event of every socket in the cgroup,
+        // about 0.1 µs each, five times per connection: it is verified now
+        // but attached only once a REDIRECT service needs it (or the
+        // adopted maps still hold one, whose connects must stay recorded).
+        let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
+        sockops.load().map_err(|e| LoadError::Program(SOCKOPS, e))?;
+        let mut lb = Self {
+            ebpf,
+            cgroup,
+            pin_dir: opts.pin_dir.clone(),
+            sockops_attached: false,
             services,
             maglev,
             backends,
@@ -208,7 +194,36 @@ impl KernelLb {
             _links: links,
             state: State::restore(&adopted, &adopted_backends),
             baseline: Default::default(),
-        })
+        };
+        if adopted.iter().any(|(_, s)| s.mode == MODE_REDIRECT) {
+            lb.attach_sockops()?;
+        } else if let Ok(old) = PinnedLink::from_pin(opts.pin_dir.join(sockops_pin())) {
+            // Nothing pinned is redirected, so nothing needs recording.
+            let _ = old.unpin();
+        }
+        Ok(lb)
+    }
+
+    /// Attaches sock_ops (once), replacing a pinned one.
+    fn attach_sockops(&mut self) -> Result<(), LoadError> {
+        if self.sockops_attached {
+            return Ok(());
+        }
+        let err = |e| LoadError::Program(SOCKOPS, e);
+        let prog: &mut SockOps = program(&mut self.ebpf, SOCKOPS)?;
+        let id = prog.attach(&self.cgroup, ATTACH_MODE).map_err(err)?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
+            .map_err(|e| LoadError::Pin(self.pin_dir.join(SOCKOPS), e.to_string()))?;
+        self._links
+            .push(replace_pinned(link, &self.pin_dir, SOCKOPS)?);
+        self.sockops_attached = true;
+        Ok(())
+    }
+
+    /// Whether the sock_ops program is attached (a REDIRECT service needed
+    /// it).
+    pub fn sockops_attached(&self) -> bool {
+        self.sockops_attached
     }
 
     /// Brings the maps to `desired`; returns how many map operations ran.
@@ -218,6 +233,11 @@ impl KernelLb {
         desired: &[ServiceSpec],
         redirects: &[Redirect],
     ) -> Result<usize, SyncError> {
+        if !redirects.is_empty() {
+            // Before any REDIRECT service exists, so each redirected
+            // connect is recorded.
+            self.attach_sockops()?;
+        }
         let ops = match self.state.plan(desired, redirects) {
             Ok(ops) => ops,
             Err(e) => {
@@ -307,6 +327,38 @@ impl OrigDst {
         let _ = self.map.remove(&key);
         Some(from_kernel(&vip))
     }
+}
+
+/// A cgroup bpf_link is always multi-attach; the kernel rejects explicit
+/// attach flags on link_create, and aya sends the mode as those flags, so
+/// Single (0) it is.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+fn sockops_pin() -> String {
+    format!("link_{SOCKOPS}")
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(LoadError::Program(
+        name,
+        aya::programs::ProgramError::NotLoaded,
+    ))?;
+    prog.try_into().map_err(|e| LoadError::Program(name, e))
+}
+
+/// Pins a freshly attached link, dropping the one a previous process
+/// pinned for the same program only now, so there is no moment without a
+/// program attached (both act on the same maps meanwhile).
+fn replace_pinned(link: FdLink, dir: &Path, name: &str) -> Result<PinnedLink, LoadError> {
+    let path = dir.join(format!("link_{name}"));
+    if let Ok(old) = PinnedLink::from_pin(&path) {
+        let _ = old.unpin();
+    }
+    link.pin(&path)
+        .map_err(|e| LoadError::Pin(path.clone(), e.to_string()))
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>

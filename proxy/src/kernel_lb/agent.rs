@@ -353,6 +353,8 @@ impl Agent {
         json!({
             "mode": self.settings.mode.as_str(),
             "loaded": loaded.is_some(),
+            // sock_ops is attached only once a REDIRECT service needs it.
+            "sock_ops_attached": loaded.as_ref().is_some_and(|l| l.lb.sockops_attached()),
             "unavailable_reason": self.unavailable.lock().unwrap().clone(),
             "pin_dir": self.settings.pin_dir.display().to_string(),
             "listeners": listeners,
