@@ -47,8 +47,28 @@ impl Recorder for StoreRecorder {
     }
 }
 
+/// Envoy's `Stats::Utility::sanitizeStatsName`, which every scope prefix
+/// goes through: one leading and one trailing `.` dropped, and `://`, `:/`,
+/// `:` and NUL each become `_`. So a listener's address stats read
+/// `listener.127.0.0.1_80.` and `listener.[__1]_80.`, which tag extractors
+/// such as Istio's `listener_address` expect.
+pub fn sanitize(name: &str) -> std::borrow::Cow<'_, str> {
+    let trimmed = name.strip_suffix('.').unwrap_or(name);
+    let trimmed = trimmed.strip_prefix('.').unwrap_or(trimmed);
+    if !trimmed.contains([':', '\0']) {
+        return std::borrow::Cow::Borrowed(trimmed);
+    }
+    std::borrow::Cow::Owned(
+        trimmed
+            .replace("://", "_")
+            .replace(":/", "_")
+            .replace([':', '\0'], "_"),
+    )
+}
+
 impl Store {
     fn counter_cell(&self, name: &str) -> Arc<AtomicU64> {
+        let name = &*sanitize(name);
         let mut counters = self.counters.lock().unwrap();
         // Found without allocating: the common case after the first use.
         if let Some(c) = counters.get(name) {
@@ -57,6 +77,7 @@ impl Store {
         counters.entry(name.to_string()).or_default().clone()
     }
     fn gauge_cell(&self, name: &str) -> Arc<AtomicU64> {
+        let name = &*sanitize(name);
         self.gauges
             .lock()
             .unwrap()
@@ -203,6 +224,23 @@ mod tests {
             prometheus_name("cluster.a-b.upstream_rq"),
             "envoy_cluster_a_b_upstream_rq"
         );
+    }
+
+    #[test]
+    fn names_are_sanitized_as_envoy_does() {
+        for (given, want) in [
+            ("listener.127.0.0.1:80.x", "listener.127.0.0.1_80.x"),
+            ("listener.[::1]:80.x", "listener.[__1]_80.x"),
+            ("listener.[fd00::1:4]:80.x", "listener.[fd00__1_4]_80.x"),
+            ("http.unix://a.x", "http.unix_a.x"),
+            ("http.a:/b.x", "http.a_b.x"),
+            ("plain.name", "plain.name"),
+        ] {
+            assert_eq!(sanitize(given), want, "{given}");
+        }
+        counter("test.[::1]:9.c".into()).increment(1);
+        assert_eq!(store().get("test.[__1]_9.c"), Some(1));
+        assert_eq!(store().get("test.[::1]:9.c"), None);
     }
 
     #[test]

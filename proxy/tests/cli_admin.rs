@@ -178,7 +178,7 @@ async fn admin_endpoints_in_envoys_formats() {
     // Two connections: the kit's readiness probe, then curl.
     assert!(
         text.contains(&format!(
-            "listener.127.0.0.1:{port}.downstream_cx_total: 2\n"
+            "listener.127.0.0.1_{port}.downstream_cx_total: 2\n"
         )),
         "{text}"
     );

@@ -85,6 +85,12 @@ fn start_with_base_id(cfg: &str, cg: &Cgroup, admin: u16, id: String) -> (Pins, 
     (Pins(id), l)
 }
 
+/// A listener's `downstream_cx_total` by address, named as Envoy names it
+/// (`:` becomes `_`).
+fn listener_cx_total(vip: SocketAddr) -> String {
+    format!("listener.{vip}.downstream_cx_total").replace(':', "_")
+}
+
 /// Whether the instance pinned an attached link for `program`.
 fn pinned_link(pins: &Pins, program: &str) -> bool {
     std::path::Path::new(&format!("/sys/fs/bpf/legate/{}/link_{program}", pins.0)).exists()
@@ -161,7 +167,7 @@ async fn a_vip_listener_is_balanced_in_the_kernel_with_the_cluster_weights() {
     assert_eq!(per.iter().sum::<u64>(), 2000, "{s}");
     // No proxy hop: the listener itself accepted nothing.
     assert_eq!(
-        stat(admin, "listener.127.100.1.1:80.downstream_cx_total").unwrap_or(0),
+        stat(admin, "listener.127.100.1.1_80.downstream_cx_total").unwrap_or(0),
         0
     );
 }
@@ -173,36 +179,55 @@ async fn an_http_vip_is_redirected_to_legate_which_serves_it_with_that_listener(
     }
     let cg = Cgroup::new(&legate_bpf::cgroup2_root().unwrap(), "proxy-redirect");
     let up = upstream("web").await;
-    let vip: SocketAddr = "127.100.1.4:80".parse().unwrap();
+    // One VIP of each family: IPv4 connects go to the redirect listener on
+    // 127.0.0.1, IPv6 ones to the same port on [::1].
+    let vips: [SocketAddr; 2] = [
+        "127.100.1.4:80".parse().unwrap(),
+        "[fd00::1:4]:80".parse().unwrap(),
+    ];
     let admin = free_port();
     let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "web"}}]));
-    let mut l = listener("http-vip", vip.port(), hcm(rc, json!({})));
-    l["address"] = addr(&vip.ip().to_string(), vip.port());
-    l["bind_to_port"] = json!(false);
-    let cfg = bootstrap(admin, vec![l], vec![cluster("web", &[up.addr], json!({}))]);
+    let ls = vips
+        .iter()
+        .enumerate()
+        .map(|(i, vip)| {
+            let mut l = listener(
+                &format!("http-vip{i}"),
+                vip.port(),
+                hcm(rc.clone(), json!({})),
+            );
+            l["address"] = addr(&vip.ip().to_string(), vip.port());
+            l["bind_to_port"] = json!(false);
+            l
+        })
+        .collect();
+    let cfg = bootstrap(admin, ls, vec![cluster("web", &[up.addr], json!({}))]);
     let l = start_required(&cfg, &cg, admin);
-    let s = wait_status(admin, |s| s["listeners"][0]["redirected"] == true);
-    assert_eq!(s["listeners"][0]["mode"], "REDIRECT");
+    let s = wait_status(admin, |s| {
+        (0..2).all(|i| s["listeners"][i]["redirected"] == true)
+    });
+    assert_eq!(s["listeners"][1]["address"], vips[1].to_string(), "{s}");
     assert_eq!(s["sock_ops_attached"], true, "{s}");
     assert!(pinned_link(&l.0, "legate_sockops"));
-    // curl inside the cgroup dials the VIP; nothing listens there, the
-    // kernel sends it to Legate, which routes it with that listener.
-    let out = cg.run(
-        "curl",
-        &["-s", "-i", "--max-time", "5", "http://127.100.1.4/hello"],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(
-        text.to_ascii_lowercase().contains("x-echo-server: web"),
-        "{text}"
-    );
+    for vip in vips {
+        // curl inside the cgroup dials the VIP; nothing listens there, the
+        // kernel sends it to Legate, which routes it with that listener.
+        let url = format!("http://{vip}/hello");
+        let out = cg.run("curl", &["-s", "-i", "-g", "--max-time", "5", &url]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("HTTP/1.1 200"), "{url}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("x-echo-server: web"),
+            "{text}"
+        );
+        assert_eq!(stat(admin, &listener_cx_total(vip)), Some(1), "{vip}");
+        // Outside the cgroup nothing is rewritten: the VIP has no listener.
+        assert!(std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(1)).is_err());
+    }
     assert_eq!(
-        stat(admin, "listener.127.100.1.4:80.downstream_cx_total"),
-        Some(1)
+        stat(admin, "kernel_lb.redirect_no_original_dst").unwrap_or(0),
+        0
     );
-    // Outside the cgroup nothing is rewritten: the VIP has no listener.
-    assert!(std::net::TcpStream::connect(vip).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,7 +487,7 @@ async fn auto_serves_the_vip_from_userspace_when_bpf_cannot_load() {
         seen.insert(r[0]);
     }
     assert_eq!(seen.len(), 2, "both endpoints serve");
-    assert!(stat(admin, &format!("listener.{vip}.downstream_cx_total")).unwrap_or(0) >= 20);
+    assert!(stat(admin, &listener_cx_total(vip)).unwrap_or(0) >= 20);
 }
 
 #[test]

@@ -74,7 +74,7 @@ async fn no_matching_chain_closes_the_connection_and_counts_it() {
         vec![chain(json!({"source_ports": [1]}), http("a"))],
         vec![cluster("a", &[a.addr], json!({}))],
     );
-    let name = format!("listener.127.0.0.1:{port}.no_filter_chain_match");
+    let name = format!("listener.127.0.0.1_{port}.no_filter_chain_match");
     // Start-up probes connect too: count from here.
     let before = stat(admin, &name).unwrap_or(0);
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -288,7 +288,7 @@ async fn use_original_dst_hands_connections_to_the_listener_at_the_proxy_protoco
         "no listener there"
     );
     assert_eq!(
-        wait_stat(admin, "listener.10.20.30.40:80.downstream_cx_total", 1),
+        wait_stat(admin, "listener.10.20.30.40_80.downstream_cx_total", 1),
         Some(1),
         "counted by the listener that served it"
     );

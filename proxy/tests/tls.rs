@@ -192,7 +192,7 @@ async fn terminates_tls_choosing_the_certificate_by_sni_and_h2_by_alpn() {
     assert!(try_curl(&format!("http://127.0.0.1:{port}/"), &[]).is_err());
     let hs = stat(
         admin,
-        "listener.127.0.0.1:{port}.ssl.handshake"
+        "listener.127.0.0.1_{port}.ssl.handshake"
             .replace("{port}", &port.to_string())
             .as_str(),
     );

@@ -9,7 +9,7 @@
 //! `getpeername4/6` can answer with the address the application dialled.
 //!
 //! A REDIRECT service's connects go to Legate's redirect listener on
-//! 127.0.0.1 instead (the L7 path, replacing iptables capture); the VIP
+//! 127.0.0.1 or [::1] instead (the L7 path, replacing iptables capture); the VIP
 //! waits in `PENDING` (by socket cookie) until the connection is
 //! established, when `sock_ops` moves it to `ORIG_DST` under the client's
 //! address, where Legate reads the original destination.
@@ -66,6 +66,7 @@ static CONFIG: Array<Config, 1> = Array::new();
 static ORIG_DST: LruHashMap<Addr, Addr, { MAX_REVNAT as usize }> = LruHashMap::new();
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 
 #[cgroup_sock_addr(connect4)]
@@ -152,11 +153,16 @@ fn connect(ctx: &SockAddrContext, family: u8) -> Option<()> {
     // SAFETY: values are plain data; a concurrent update at worst yields
     // the old or the new service, both valid.
     let svc = unsafe { SERVICES.get(&key) }?;
-    if svc.mode == MODE_REDIRECT && family == FAMILY_V4 {
+    if svc.mode == MODE_REDIRECT {
+        let ip = if family == FAMILY_V4 {
+            [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]
+        } else {
+            [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+        };
         let proxy = Addr {
-            ip: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
+            ip,
             port: svc.proxy_port,
-            family: FAMILY_V4,
+            family,
             _pad: 0,
         };
         remember(ctx, vip, proxy, 1);
@@ -227,23 +233,58 @@ fn getpeername(ctx: &SockAddrContext, family: u8) -> Option<()> {
 /// yet): record client address → VIP.
 #[sock_ops]
 pub fn legate_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && ctx.family() == AF_INET {
-        // SAFETY: the context pointer is what the helper expects.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // SAFETY: plain data.
-        if let Some(vip) = unsafe { PENDING.get(&cookie) } {
-            let client = Addr {
-                ip: [ctx.local_ip4(), 0, 0, 0],
-                // local_port is in host byte order here.
-                port: (ctx.local_port() as u16).to_be(),
-                family: FAMILY_V4,
-                _pad: 0,
-            };
-            let _ = ORIG_DST.insert(&client, vip, 0);
-            let _ = PENDING.remove(&cookie);
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        match ctx.family() {
+            AF_INET => record_v4(&ctx),
+            AF_INET6 => record_v6(&ctx),
+            _ => {}
         }
     }
     1
+}
+
+// One function per family, not inlined: merged, LLVM would load the
+// address through a pointer chosen between the two context fields, and
+// the verifier allows context loads only at constant offsets.
+#[inline(never)]
+fn record_v4(ctx: &SockOpsContext) {
+    record(ctx, [ctx.local_ip4(), 0, 0, 0], FAMILY_V4);
+}
+
+#[inline(never)]
+fn record_v6(ctx: &SockOpsContext) {
+    // Word by word: a copy of the whole array walks a pointer into the
+    // context, which the verifier refuses.
+    // SAFETY: the kernel hands sock_ops programs a valid context; these
+    // are plain u32 fields.
+    let ip = unsafe {
+        let w = core::ptr::addr_of!((*ctx.ops).local_ip6);
+        [
+            core::ptr::read_volatile(w.cast::<u32>()),
+            core::ptr::read_volatile(w.cast::<u32>().add(1)),
+            core::ptr::read_volatile(w.cast::<u32>().add(2)),
+            core::ptr::read_volatile(w.cast::<u32>().add(3)),
+        ]
+    };
+    record(ctx, ip, FAMILY_V6);
+}
+
+#[inline(always)]
+fn record(ctx: &SockOpsContext, ip: [u32; 4], family: u8) {
+    // SAFETY: the context pointer is what the helper expects.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data.
+    if let Some(vip) = unsafe { PENDING.get(&cookie) } {
+        let client = Addr {
+            ip,
+            // local_port is in host byte order here.
+            port: (ctx.local_port() as u16).to_be(),
+            family,
+            _pad: 0,
+        };
+        let _ = ORIG_DST.insert(&client, vip, 0);
+        let _ = PENDING.remove(&cookie);
+    }
 }
 
 #[cfg(not(test))]

@@ -31,7 +31,7 @@ pub struct ServiceSpec {
 }
 
 /// A VIP whose connects go to Legate's redirect listener on
-/// 127.0.0.1:`port` (IPv4 only).
+/// 127.0.0.1:`port` (IPv4 VIPs) or [::1]:`port` (IPv6 VIPs).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Redirect {
     pub vip: SocketAddr,
@@ -80,8 +80,6 @@ pub enum PlanError {
         vip: SocketAddr,
         backend: SocketAddr,
     },
-    #[error("redirect {0}: only IPv4 VIPs can be redirected")]
-    RedirectFamily(SocketAddr),
     #[error("{0} is both a DIRECT and a REDIRECT service")]
     Conflict(SocketAddr),
     #[error("more than {MAX_SERVICES} services")]
@@ -218,9 +216,6 @@ impl State {
         let redirect_keys: BTreeMap<ServiceKey, u16> = redirects
             .iter()
             .map(|r| {
-                if !r.vip.is_ipv4() {
-                    return Err(PlanError::RedirectFamily(r.vip));
-                }
                 if desired
                     .iter()
                     .any(|d| d.vip == r.vip && !d.backends.is_empty())
@@ -392,6 +387,8 @@ fn validate(spec: &ServiceSpec) -> Result<(), PlanError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::from_kernel;
+    use legate_bpf_common::FAMILY_V6;
 
     fn spec(vip: &str, backends: &[&str]) -> ServiceSpec {
         let backends: Vec<SocketAddr> = backends.iter().map(|b| b.parse().unwrap()).collect();
@@ -627,16 +624,23 @@ mod tests {
                 key: service_key(vip)
             }]
         );
-        assert!(matches!(
-            st.plan(
+        // An IPv6 VIP is keyed by its own family; the port is the same.
+        let v6: SocketAddr = "[fd00::4]:80".parse().unwrap();
+        let ops = st
+            .plan(
                 &[],
                 &[Redirect {
-                    vip: "[::1]:80".parse().unwrap(),
-                    port: 1
-                }]
-            ),
-            Err(PlanError::RedirectFamily(_))
-        ));
+                    vip: v6,
+                    port: 15001,
+                }],
+            )
+            .unwrap();
+        let [MapOp::UpsertService { key, value }] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((key.addr.family, value.mode), (FAMILY_V6, MODE_REDIRECT));
+        assert_eq!(from_kernel(&key.addr), v6);
+        assert_eq!(value.proxy_port, 15001u16.to_be());
     }
 
     #[test]

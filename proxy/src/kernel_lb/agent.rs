@@ -79,9 +79,9 @@ struct ListenerStatus {
 
 struct Loaded {
     lb: KernelLb,
-    /// Legate's redirect listener on 127.0.0.1, where REDIRECT services'
-    /// connects arrive.
-    redirect_port: u16,
+    /// Legate's redirect listener on 127.0.0.1 and [::1], where REDIRECT
+    /// services' connects arrive.
+    redirect: RedirectListener,
     /// Last connection count per (VIP, backend), to add deltas to stats.
     counted: HashMap<(SocketAddr, SocketAddr), u64>,
 }
@@ -151,7 +151,7 @@ impl Agent {
             self_tgid: std::process::id(),
         };
         let lb = KernelLb::load(&opts).map_err(|e| e.to_string())?;
-        let redirect_port = start_redirect_listener(
+        let redirect = start_redirect_listener(
             OrigDst::open(&opts.pin_dir).map_err(|e| e.to_string())?,
             listeners.clone(),
         )
@@ -160,7 +160,7 @@ impl Agent {
         self.enabled.set(1.0);
         *self.loaded.lock().unwrap() = Some(Loaded {
             lb,
-            redirect_port,
+            redirect,
             counted: HashMap::new(),
         });
         Ok(())
@@ -245,11 +245,21 @@ impl Agent {
             let mut loaded = self.loaded.lock().unwrap();
             match loaded.as_mut() {
                 Some(l) => {
+                    if let Some(why) = &l.redirect.no_v6 {
+                        // Without a [::1] redirect listener, IPv6 VIPs
+                        // stay with userspace (nothing binds them).
+                        redirect_vips.retain(|v| v.is_ipv4());
+                        for s in status.iter_mut().filter(|s| {
+                            s.address.is_ipv6() && matches!(s.decision, Decision::Redirect(_))
+                        }) {
+                            s.not_offloaded = Some(format!("no IPv6 redirect listener: {why}"));
+                        }
+                    }
                     let redirects: Vec<Redirect> = redirect_vips
                         .iter()
                         .map(|vip| Redirect {
                             vip: *vip,
-                            port: l.redirect_port,
+                            port: l.redirect.port,
                         })
                         .collect();
                     if let Err(e) = l.lb.sync(&specs, &redirects) {
@@ -375,14 +385,58 @@ fn fold_counters(l: &mut Loaded, owners: &HashMap<SocketAddr, String>, clusters:
     }
 }
 
-/// Binds Legate's redirect listener on 127.0.0.1 and serves what arrives
-/// with the listener whose address the client dialled (from `ORIG_DST`).
-fn start_redirect_listener(orig: OrigDst, listeners: Arc<ListenerManager>) -> std::io::Result<u16> {
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// Legate's redirect listener: its port, on 127.0.0.1 and (unless the
+/// reason is given) on [::1].
+struct RedirectListener {
+    port: u16,
+    no_v6: Option<String>,
+}
+
+/// Binds Legate's redirect listener and serves what arrives with the
+/// listener whose address the client dialled (from `ORIG_DST`). The kernel's
+/// service entry carries one port, so both loopbacks use the same one.
+fn start_redirect_listener(
+    orig: OrigDst,
+    listeners: Arc<ListenerManager>,
+) -> std::io::Result<RedirectListener> {
+    let orig = Arc::new(Mutex::new(orig));
+    let mut no_v6 = String::new();
+    for _ in 0..16 {
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = v4.local_addr()?.port();
+        match std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)) {
+            Ok(v6) => {
+                serve_redirects(v4, orig.clone(), listeners.clone())?;
+                serve_redirects(v6, orig, listeners)?;
+                return Ok(RedirectListener { port, no_v6: None });
+            }
+            // Another socket holds this port on [::1]: try another.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => no_v6 = e.to_string(),
+            Err(e) => {
+                serve_redirects(v4, orig, listeners)?;
+                return Ok(RedirectListener {
+                    port,
+                    no_v6: Some(format!("binding [::1]:{port}: {e}")),
+                });
+            }
+        }
+    }
+    let v4 = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = v4.local_addr()?.port();
+    serve_redirects(v4, orig, listeners)?;
+    Ok(RedirectListener {
+        port,
+        no_v6: Some(format!("no port free on both loopbacks: {no_v6}")),
+    })
+}
+
+fn serve_redirects(
+    std_listener: std::net::TcpListener,
+    orig: Arc<Mutex<OrigDst>>,
+    listeners: Arc<ListenerManager>,
+) -> std::io::Result<()> {
     std_listener.set_nonblocking(true)?;
-    let port = std_listener.local_addr()?.port();
     let tcp = tokio::net::TcpListener::from_std(std_listener)?;
-    let orig = Mutex::new(orig);
     let no_dst = stats::counter("kernel_lb.redirect_no_original_dst".into());
     let no_listener = stats::counter("kernel_lb.redirect_no_listener".into());
     tokio::spawn(async move {
@@ -402,5 +456,5 @@ fn start_redirect_listener(orig: OrigDst, listeners: Arc<ListenerManager>) -> st
             }
         }
     });
-    Ok(port)
+    Ok(())
 }

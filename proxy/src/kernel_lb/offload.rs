@@ -5,7 +5,7 @@
 //! `<ClusterIP>_<port>` listeners) is the kernel's business. Such a listener
 //! is `DIRECT` when Legate would add nothing but the choice of an endpoint:
 //! its one filter chain is a plain `tcp_proxy` to one cluster. Any other
-//! IPv4 VIP listener is `REDIRECT`ed: connects to it go to Legate, which
+//! VIP listener is `REDIRECT`ed: connects to it go to Legate, which
 //! serves them with that listener (the job iptables capture does for
 //! Envoy). Everything else is `PASS`, with the reason on the admin API.
 //!
@@ -46,8 +46,7 @@ pub fn classify(l: &Listener) -> Decision {
     }
     match direct_blocker(l) {
         Ok(cluster) => Decision::Direct { cluster },
-        Err(why) if l.address.is_ipv4() => Decision::Redirect(why),
-        Err(_) => Pass("REDIRECT is implemented for IPv4 VIPs only"),
+        Err(why) => Decision::Redirect(why),
     }
 }
 

@@ -106,8 +106,9 @@ pub async fn upstream(name: &str) -> echo::Echo {
         .unwrap()
 }
 
+/// `-g`: brackets in a stats filter are regex, not curl's URL globbing.
 pub fn admin_get(admin: u16, path: &str) -> CurlResult {
-    curl(&format!("http://127.0.0.1:{admin}{path}"), &[])
+    curl(&format!("http://127.0.0.1:{admin}{path}"), &["-g"])
 }
 
 pub fn admin_post(admin: u16, path: &str) -> CurlResult {
@@ -118,7 +119,12 @@ pub fn admin_post(admin: u16, path: &str) -> CurlResult {
 pub fn stat(admin: u16, name: &str) -> Option<u64> {
     let r = admin_get(
         admin,
-        &format!("/stats?format=json&filter=^{}$", name.replace('.', "\\.")),
+        &format!(
+            "/stats?format=json&filter=^{}$",
+            name.replace('.', "\\.")
+                .replace('[', "\\[")
+                .replace(']', "\\]")
+        ),
     );
     let v: Value = serde_json::from_str(&r.body).unwrap();
     v["stats"]
