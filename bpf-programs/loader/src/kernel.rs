@@ -166,15 +166,12 @@ impl KernelLb {
             );
         }
 
-        let mut links = Vec::new();
+        // Every program through the verifier before anything is attached
+        // or a previous process's pins are touched: a refusal leaves the
+        // old links balancing.
         for name in PROGRAMS {
-            let err = |e| LoadError::Program(name, e);
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(err)?;
-            let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
-                .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?;
-            links.push(replace_pinned(link, &opts.pin_dir, name)?);
+            prog.load().map_err(|e| LoadError::Program(name, e))?;
         }
         // sock_ops runs on every TCP event of every socket in the cgroup,
         // about 0.1 µs each, five times per connection: it is verified now
@@ -182,6 +179,15 @@ impl KernelLb {
         // adopted maps still hold one, whose connects must stay recorded).
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS)?;
         sockops.load().map_err(|e| LoadError::Program(SOCKOPS, e))?;
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let err = |e| LoadError::Program(name, e);
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
+                .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?;
+            links.push(replace_pinned(link, &opts.pin_dir, name)?);
+        }
         let mut lb = Self {
             ebpf,
             cgroup,
@@ -204,8 +210,10 @@ impl KernelLb {
         Ok(lb)
     }
 
-    /// Attaches sock_ops (once), replacing a pinned one.
-    fn attach_sockops(&mut self) -> Result<(), LoadError> {
+    /// Attaches sock_ops (once), replacing a pinned one: needed before any
+    /// REDIRECT service is written. [`Self::sync`] does it too; calling it
+    /// first lets a failure cost only the REDIRECT services.
+    pub fn attach_sockops(&mut self) -> Result<(), LoadError> {
         if self.sockops_attached {
             return Ok(());
         }

@@ -245,14 +245,28 @@ impl Agent {
             let mut loaded = self.loaded.lock().unwrap();
             match loaded.as_mut() {
                 Some(l) => {
+                    // VIPs that cannot be redirected after all stay with
+                    // userspace, as auto's fallback does.
+                    let mut cannot: Vec<(SocketAddr, String)> = Vec::new();
                     if let Some(why) = &l.redirect.no_v6 {
-                        // Without a [::1] redirect listener, IPv6 VIPs
-                        // stay with userspace (nothing binds them).
-                        redirect_vips.retain(|v| v.is_ipv4());
-                        for s in status.iter_mut().filter(|s| {
-                            s.address.is_ipv6() && matches!(s.decision, Decision::Redirect(_))
-                        }) {
-                            s.not_offloaded = Some(format!("no IPv6 redirect listener: {why}"));
+                        for v in redirect_vips.iter().filter(|v| v.is_ipv6()) {
+                            cannot.push((*v, format!("no IPv6 redirect listener: {why}")));
+                        }
+                    }
+                    if !redirect_vips.is_empty() {
+                        if let Err(e) = l.lb.attach_sockops() {
+                            for v in &redirect_vips {
+                                cannot.push((*v, format!("attaching sock_ops: {e}")));
+                            }
+                        }
+                    }
+                    for (vip, why) in &cannot {
+                        redirect_vips.retain(|v| v != vip);
+                        for s in status.iter_mut().filter(|s| s.address == *vip) {
+                            s.not_offloaded = Some(match listeners.serve_unbound(&s.listener) {
+                                Ok(_) => format!("served in userspace: {why}"),
+                                Err(e) => format!("{why}; binding the VIP failed: {e}"),
+                            });
                         }
                     }
                     let redirects: Vec<Redirect> = redirect_vips
