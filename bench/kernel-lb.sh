@@ -135,6 +135,8 @@ STATS_CONNS=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read().spl
 PSI_END=$(psi)
 
 mkdir -p bench/results
+# The per-repetition results, so later runs can be pooled with this one.
+cp "$WORK/raw" bench/results/kernel-lb.raw
 python3 - "$WORK/raw" "$REPS" "$SECS" "$PSI_START" "$PSI_END" "$prog_ns" "$prog_runs" "$sockops_runs" "$STATS_CONNS" > bench/results/kernel-lb.md <<'PY'
 import json, sys, statistics, platform, os, subprocess
 raw, reps, secs, psi0, psi1, prog_ns, prog_runs, sockops_runs, stats_conns = sys.argv[1:]
