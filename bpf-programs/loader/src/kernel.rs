@@ -184,8 +184,7 @@ impl KernelLb {
             let err = |e| LoadError::Program(name, e);
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             let id = prog.attach(&cgroup, ATTACH_MODE).map_err(err)?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
-                .map_err(|e| LoadError::Pin(opts.pin_dir.join(name), e.to_string()))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(err)?);
             links.push(replace_pinned(link, &opts.pin_dir, name)?);
         }
         let mut lb = Self {
@@ -203,7 +202,7 @@ impl KernelLb {
         };
         if adopted.iter().any(|(_, s)| s.mode == MODE_REDIRECT) {
             lb.attach_sockops()?;
-        } else if let Ok(old) = PinnedLink::from_pin(opts.pin_dir.join(sockops_pin())) {
+        } else if let Ok(old) = PinnedLink::from_pin(link_pin(&opts.pin_dir, SOCKOPS)) {
             // Nothing pinned is redirected, so nothing needs recording.
             let _ = old.unpin();
         }
@@ -220,8 +219,7 @@ impl KernelLb {
         let err = |e| LoadError::Program(SOCKOPS, e);
         let prog: &mut SockOps = program(&mut self.ebpf, SOCKOPS)?;
         let id = prog.attach(&self.cgroup, ATTACH_MODE).map_err(err)?;
-        let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
-            .map_err(|e| LoadError::Pin(self.pin_dir.join(SOCKOPS), e.to_string()))?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(err)?);
         self._links
             .push(replace_pinned(link, &self.pin_dir, SOCKOPS)?);
         self.sockops_attached = true;
@@ -342,8 +340,9 @@ impl OrigDst {
 /// Single (0) it is.
 const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-fn sockops_pin() -> String {
-    format!("link_{SOCKOPS}")
+/// Where a program's link is pinned.
+fn link_pin(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("link_{program}"))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
@@ -360,8 +359,13 @@ where
 /// Pins a freshly attached link, dropping the one a previous process
 /// pinned for the same program only now, so there is no moment without a
 /// program attached (both act on the same maps meanwhile).
-fn replace_pinned(link: FdLink, dir: &Path, name: &str) -> Result<PinnedLink, LoadError> {
-    let path = dir.join(format!("link_{name}"));
+fn replace_pinned(
+    link: Result<FdLink, aya::programs::links::LinkError>,
+    dir: &Path,
+    name: &str,
+) -> Result<PinnedLink, LoadError> {
+    let path = link_pin(dir, name);
+    let link = link.map_err(|e| LoadError::Pin(path.clone(), e.to_string()))?;
     if let Ok(old) = PinnedLink::from_pin(&path) {
         let _ = old.unpin();
     }
