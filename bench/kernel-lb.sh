@@ -185,4 +185,7 @@ print(f"One more {secs} s kernel-LB run with `kernel.bpf_stats_enabled`: {conns}
       f"{int(prog_runs)} times for {int(prog_ns) / conns:.0f} ns per connection in all; sock_ops ran {int(sockops_runs)} times "
       "(it is attached only when a REDIRECT service exists).")
 PY
+# The p50 ratio as one estimate with its interval, from this run's pairs
+# (bench/kernel_lb_pooled.py also pools several runs' raw files).
+{ printf '\n## Kernel LB p50 / direct, pooled\n\n'; python3 bench/kernel_lb_pooled.py bench/results/kernel-lb.raw; } >> bench/results/kernel-lb.md
 cat bench/results/kernel-lb.md
