@@ -167,6 +167,13 @@ fn hdr(name: &'static str) -> HeaderName {
     HeaderName::from_static(name)
 }
 
+/// Names set on every request or response: built once, at compile time
+/// (`hdr` validates its name on each call).
+const X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+    HeaderName::from_static("x-envoy-upstream-service-time");
+
 fn conn_meta(session: &Session) -> Option<&ConnMeta> {
     session
         .as_downstream()
@@ -268,6 +275,42 @@ impl HcmProxy {
         ops: &[&HeaderOps],
         session: &Session,
     ) {
+        if ops
+            .iter()
+            .any(|o| !o.response_add.is_empty() || !o.response_remove.is_empty())
+        {
+            self.mutate_response(resp, ctx, ops, session);
+        }
+        if let Some(hcm) = &ctx.hcm {
+            match hcm.server_header {
+                ServerHeader::Overwrite => {
+                    let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
+                }
+                ServerHeader::AppendIfAbsent
+                    if !resp.headers.contains_key(http::header::SERVER) =>
+                {
+                    let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
+                }
+                _ => {}
+            }
+            if hcm.always_set_request_id_in_response {
+                if let Some(id) = &ctx.request_id {
+                    let _ = resp.insert_header(hdr("x-request-id"), id.as_str());
+                }
+            }
+        }
+    }
+
+    /// The route's response header mutations. Only routes that have some
+    /// pay for the copies of both header maps the formatters read (they
+    /// see the headers as they were before any mutation).
+    fn mutate_response(
+        &self,
+        resp: &mut ResponseHeader,
+        ctx: &Ctx,
+        ops: &[&HeaderOps],
+        session: &Session,
+    ) {
         let req_headers = session.req_header().headers.clone();
         let resp_headers = resp.headers.clone();
         let fctx = FormatContext {
@@ -295,24 +338,6 @@ impl HcmProxy {
         };
         for o in ops {
             headers::apply(&o.response_add, &o.response_remove, resp, &fctx);
-        }
-        if let Some(hcm) = &ctx.hcm {
-            match hcm.server_header {
-                ServerHeader::Overwrite => {
-                    let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
-                }
-                ServerHeader::AppendIfAbsent
-                    if !resp.headers.contains_key(http::header::SERVER) =>
-                {
-                    let _ = resp.insert_header(http::header::SERVER, hcm.server_name.as_str());
-                }
-                _ => {}
-            }
-            if hcm.always_set_request_id_in_response {
-                if let Some(id) = &ctx.request_id {
-                    let _ = resp.insert_header(hdr("x-request-id"), id.as_str());
-                }
-            }
         }
     }
 
@@ -952,13 +977,19 @@ impl ProxyHttp for HcmProxy {
                 ctx.started = Some(Instant::now());
                 // Set before the header mutations, which may remove it.
                 if let Some(t) = attempt_timeout(ctx) {
-                    session.req_header_mut().insert_header(
-                        hdr("x-envoy-expected-rq-timeout-ms"),
-                        t.as_millis().to_string(),
-                    )?;
+                    session
+                        .req_header_mut()
+                        .insert_header(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, t.as_millis().to_string())?;
                 }
-                // Request header mutations.
+                // Request header mutations. Most routes have none: then
+                // the request's headers are not copied for the formatters.
                 let levels = Self::header_levels(ctx);
+                if levels
+                    .iter()
+                    .all(|o| o.request_add.is_empty() && o.request_remove.is_empty())
+                {
+                    return Ok(false);
+                }
                 let snapshot = session.req_header().headers.clone();
                 let method = session.req_header().method.clone();
                 let fctx = FormatContext {
@@ -1177,8 +1208,18 @@ impl ProxyHttp for HcmProxy {
         }
         // Hop-by-hop headers never go upstream (those the client's
         // Connection header named were removed when the request arrived).
-        for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
-            req.remove_header(h);
+        // (One look at the names first: most requests carry none of them,
+        // and a removal is a parse and two hash lookups.)
+        let hop_by_hop = |k: &http::HeaderName| {
+            matches!(
+                k.as_str(),
+                "connection" | "keep-alive" | "proxy-connection" | "upgrade" | "te"
+            )
+        };
+        if req.headers.keys().any(hop_by_hop) {
+            for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
+                req.remove_header(h);
+            }
         }
         if ctx.last_on_upstream_conn {
             // max_requests_per_connection: the upstream closes after this
@@ -1190,7 +1231,9 @@ impl ProxyHttp for HcmProxy {
             req.insert_header(http::header::UPGRADE, up.as_str())?;
         }
         // `te` travels only as `trailers`, as Envoy sends it on.
-        req.remove_header("te");
+        if req.headers.contains_key(http::header::TE) {
+            req.remove_header(&http::header::TE);
+        }
         if ctx.te_trailers {
             req.insert_header("te", "trailers")?;
         }
@@ -1238,7 +1281,7 @@ impl ProxyHttp for HcmProxy {
         ctx.response_started = Some(Instant::now());
         if let Some(t) = ctx.upstream_started {
             resp.insert_header(
-                hdr("x-envoy-upstream-service-time"),
+                X_ENVOY_UPSTREAM_SERVICE_TIME,
                 t.elapsed().as_millis().to_string(),
             )?;
         }

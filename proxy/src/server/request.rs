@@ -348,6 +348,10 @@ pub struct Forwarding {
     pub request_id: Option<String>,
 }
 
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// Client `x-envoy-*` control headers that Envoy removes from requests that
 /// are not internal (with Envoy 1.40's default internal-address config no
 /// request is internal, so they are always removed).
@@ -377,10 +381,19 @@ pub fn forwarding(
     scheme: &'static str,
     req: &mut pingora_http::RequestHeader,
 ) -> pingora_error::Result<Forwarding> {
-    req.remove_header("x-envoy-internal");
+    // Every request passes here, and few carry `x-envoy-*` headers: one
+    // look at the names spares the twenty removals (each a parse and two
+    // hash lookups) for all the others.
+    let envoy_headers = req
+        .headers
+        .keys()
+        .any(|k| k.as_str().starts_with("x-envoy-"));
+    if envoy_headers {
+        req.remove_header("x-envoy-internal");
+    }
     let xff = req
         .headers
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let mut final_addr = None;
@@ -401,7 +414,7 @@ pub fn forwarding(
             };
             req.insert_header("x-forwarded-for", v)?;
         }
-        if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key("x-forwarded-proto") {
+        if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key(&X_FORWARDED_PROTO) {
             req.insert_header("x-forwarded-proto", scheme)?;
         }
     } else if let Some(x) = &xff {
@@ -411,30 +424,32 @@ pub fn forwarding(
             allow_trusted_checks = single;
         }
     }
-    if !req.headers.contains_key("x-forwarded-proto") {
+    if !req.headers.contains_key(&X_FORWARDED_PROTO) {
         req.insert_header("x-forwarded-proto", scheme)?;
     }
     let internal = allow_trusted_checks && final_addr.is_some_and(configured_internal);
     let client = final_addr.unwrap_or(peer);
     let edge = !internal && hcm.use_remote_address;
-    if !internal {
+    if !internal && envoy_headers {
         for h in ENVOY_CONTROL_HEADERS {
             req.remove_header(*h);
         }
     }
     if edge {
-        for h in [
-            "x-envoy-decorator-operation",
-            "x-envoy-downstream-service-cluster",
-            "x-envoy-downstream-service-node",
-        ] {
-            req.remove_header(h);
+        if envoy_headers {
+            for h in [
+                "x-envoy-decorator-operation",
+                "x-envoy-downstream-service-cluster",
+                "x-envoy-downstream-service-node",
+            ] {
+                req.remove_header(h);
+            }
         }
         req.insert_header("x-envoy-external-address", client.to_string())?;
     }
     let existing = req
         .headers
-        .get("x-request-id")
+        .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let request_id = if hcm.generate_request_id {
