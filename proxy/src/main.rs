@@ -64,21 +64,11 @@ fn main() -> ExitCode {
     } else {
         cli.concurrency
     };
-    // One worker is Envoy's `--concurrency 1`: one event loop on one
-    // thread, which is what tokio's current-thread scheduler is (without
-    // the work-stealing scheduler's cross-thread bookkeeping on every
-    // wake-up). More workers share their connections by work stealing.
-    let rt = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-    }
-    .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(serve(cli, set_level))
 }
 
