@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# bench/instructions.sh [N] [BINARY]
+#
+# User-space instructions per proxied HTTP/1.1 request, counted exactly by
+# callgrind: Legate (BINARY, default target/release/legate) behind nothing,
+# an nginx upstream answering 200, 500 warm-up requests, then N (default
+# 5000) requests from `h2load --h1 -c16` with instrumentation on. Exact
+# counts do not drift with a shared machine's load as CPU time does (this
+# VM has no hardware counters for `perf stat -e instructions`), so this is
+# the A/B for changes on the request path. Prints instructions per
+# request and keeps the profile in target/instructions.callgrind (read it
+# with callgrind_annotate; --inclusive=yes shows each hook's share).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+N=${1:-5000}
+export PATH="$HOME/.cargo/bin:$PATH"
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ -n "${2:-}" ]; then
+  LEGATE=$2
+else
+  cargo build -q --release -p legate
+  LEGATE=$PWD/target/release/legate
+fi
+
+WORK=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK" "${TMPDIR:-/tmp}/legate-bench-ports.$$"
+}
+trap cleanup EXIT
+
+UP=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
+cat > "$WORK/upstream.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/upstream.pid; error_log /dev/null;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 100000000;
+  server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
+CONF
+cat > "$WORK/legate.yaml" <<YAML
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN}}}
+static_resources:
+  listeners:
+  - name: plain
+    address: {socket_address: {address: 127.0.0.1, port_value: $PORT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          generate_request_id: false
+          route_config:
+            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: up}}]}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: up
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: up
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP}}}}]}]
+YAML
+nginx -c "$WORK/upstream.conf" & pids+=($!)
+OUT=target/instructions.callgrind
+mkdir -p target
+valgrind --tool=callgrind --callgrind-out-file="$WORK/cg" --instr-atstart=no \
+  "$LEGATE" -c "$WORK/legate.yaml" --concurrency 1 -l error --kernel-lb off 2>"$WORK/valgrind.log" &
+VG=$!; pids+=("$VG")
+for i in $(seq 1 200); do
+  curl -sf -o /dev/null "http://127.0.0.1:$PORT/" && break
+  [ "$i" -lt 200 ] || { echo "instructions: Legate under valgrind does not answer" >&2; exit 1; }
+  sleep 0.5
+done
+h2load --h1 -n 500 -c 16 "http://127.0.0.1:$PORT/" >/dev/null
+callgrind_control -i on "$VG" >/dev/null 2>&1
+done_line=$(h2load --h1 -n "$N" -c 16 "http://127.0.0.1:$PORT/" | grep '^status codes:')
+callgrind_control -i off "$VG" >/dev/null 2>&1
+callgrind_control -d "$VG" >/dev/null 2>&1
+ok=$(awk '{print $3}' <<<"$done_line")
+[ "$ok" = "$N" ] || { echo "instructions: only $ok of $N requests got 2xx" >&2; exit 1; }
+# The requested dump is part 1 (callgrind appends the part number); the
+# one it writes when stopped covers only the time after it.
+cp "$WORK/cg.1" "$OUT"
+total=$(callgrind_annotate "$OUT" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+echo "$N requests: $total instructions in user space, $((total / N)) per request ($LEGATE)"
