@@ -9,6 +9,7 @@ mod gaps;
 mod grpc;
 mod h2load;
 mod h2spec;
+mod header_case;
 mod l4;
 mod pki;
 mod proxies;
@@ -89,6 +90,7 @@ async fn main() -> Result<()> {
             }
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
+                header_case::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(
                         "http",
