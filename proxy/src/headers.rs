@@ -300,6 +300,18 @@ pub struct HeaderOps {
     pub response_remove: Vec<HeaderName>,
 }
 
+impl HeaderOps {
+    /// Whether this level changes request headers at all.
+    pub fn touches_request(&self) -> bool {
+        !self.request_add.is_empty() || !self.request_remove.is_empty()
+    }
+
+    /// Whether this level changes response headers at all.
+    pub fn touches_response(&self) -> bool {
+        !self.response_add.is_empty() || !self.response_remove.is_empty()
+    }
+}
+
 fn header_name(s: &str, path: &str) -> Result<HeaderName> {
     HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
         .map_err(|_| ConfigError::new(path, format!("'{s}' is not a valid header name")))

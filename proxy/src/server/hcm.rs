@@ -173,6 +173,14 @@ const X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
     HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
+/// Hop-by-hop headers, as names (removing by `&str` parses the name on
+/// every request).
+const HOP_BY_HOP: [HeaderName; 4] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::UPGRADE,
+];
 
 fn conn_meta(session: &Session) -> Option<&ConnMeta> {
     session
@@ -275,10 +283,7 @@ impl HcmProxy {
         ops: &[&HeaderOps],
         session: &Session,
     ) {
-        if ops
-            .iter()
-            .any(|o| !o.response_add.is_empty() || !o.response_remove.is_empty())
-        {
+        if ops.iter().any(|o| o.touches_response()) {
             self.mutate_response(resp, ctx, ops, session);
         }
         if let Some(hcm) = &ctx.hcm {
@@ -984,10 +989,7 @@ impl ProxyHttp for HcmProxy {
                 // Request header mutations. Most routes have none: then
                 // the request's headers are not copied for the formatters.
                 let levels = Self::header_levels(ctx);
-                if levels
-                    .iter()
-                    .all(|o| o.request_add.is_empty() && o.request_remove.is_empty())
-                {
+                if !levels.iter().any(|o| o.touches_request()) {
                     return Ok(false);
                 }
                 let snapshot = session.req_header().headers.clone();
@@ -1208,18 +1210,8 @@ impl ProxyHttp for HcmProxy {
         }
         // Hop-by-hop headers never go upstream (those the client's
         // Connection header named were removed when the request arrived).
-        // (One look at the names first: most requests carry none of them,
-        // and a removal is a parse and two hash lookups.)
-        let hop_by_hop = |k: &http::HeaderName| {
-            matches!(
-                k.as_str(),
-                "connection" | "keep-alive" | "proxy-connection" | "upgrade" | "te"
-            )
-        };
-        if req.headers.keys().any(hop_by_hop) {
-            for h in ["connection", "keep-alive", "proxy-connection", "upgrade"] {
-                req.remove_header(h);
-            }
+        for h in &HOP_BY_HOP {
+            req.remove_header(h);
         }
         if ctx.last_on_upstream_conn {
             // max_requests_per_connection: the upstream closes after this
@@ -1231,9 +1223,7 @@ impl ProxyHttp for HcmProxy {
             req.insert_header(http::header::UPGRADE, up.as_str())?;
         }
         // `te` travels only as `trailers`, as Envoy sends it on.
-        if req.headers.contains_key(http::header::TE) {
-            req.remove_header(&http::header::TE);
-        }
+        req.remove_header(&http::header::TE);
         if ctx.te_trailers {
             req.insert_header("te", "trailers")?;
         }
