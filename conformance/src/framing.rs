@@ -111,19 +111,11 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
     }
     for (i, (name, _)) in CASES.iter().enumerate() {
         let (e, l) = (&answers[0][i], &answers[1][i]);
-        let o = if e == l {
-            Outcome::Match
-        } else {
-            Outcome::Mismatch(vec![format!("envoy answered {e} / legate answered {l}")])
-        };
+        let o = Outcome::compare(e, l);
         report.add("http", "http1-framing", name, o);
     }
     let (e, l) = (answers[0].last().unwrap(), answers[1].last().unwrap());
-    let o = if e == l {
-        Outcome::Match
-    } else {
-        Outcome::Mismatch(vec![format!("envoy: {e} / legate: {l}")])
-    };
+    let o = Outcome::compare(e, l);
     report.add("http", "websocket", "upgrade-and-tunnel", o);
     Ok(())
 }

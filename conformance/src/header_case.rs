@@ -108,11 +108,7 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         answers.push(tokio::task::block_in_place(|| observe(port, &seen)));
     }
     let (e, l) = (&answers[0], &answers[1]);
-    let o = if e == l {
-        Outcome::Match
-    } else {
-        Outcome::Mismatch(vec![format!("envoy: {e} / legate: {l}")])
-    };
+    let o = Outcome::compare(e, l);
     report.add("http", "http1-header-case", "lowercase-both-ways", o);
     Ok(())
 }

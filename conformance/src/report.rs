@@ -10,6 +10,18 @@ pub enum Outcome {
     HarnessError(Vec<String>),
 }
 
+impl Outcome {
+    /// Match when both proxies gave the same answer, else a mismatch that
+    /// shows both.
+    pub fn compare(envoy: &str, legate: &str) -> Outcome {
+        if envoy == legate {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(vec![format!("envoy: {envoy} / legate: {legate}")])
+        }
+    }
+}
+
 pub struct Entry {
     pub tier: String,
     pub scenario: String,
