@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # bench/instructions.sh [N] [BINARY]
 #
-# User-space instructions per proxied HTTP/1.1 request, counted exactly by
+# User-space instructions per proxied request, counted exactly by
 # callgrind: Legate (BINARY, default target/release/legate) behind nothing,
 # an nginx upstream answering 200, 500 warm-up requests, then N (default
-# 5000) requests from `h2load --h1 -c16` with instrumentation on. Exact
+# 5000) requests from `h2load --h1 -c16` with instrumentation on
+# (PROTO=h2: h2c from `h2load -c16 -m32`, bench/run's h2 case). Exact
 # counts do not drift with a shared machine's load as CPU time does (this
 # VM has no hardware counters for `perf stat -e instructions`), so this is
 # the A/B for changes on the request path. Prints instructions per
@@ -14,6 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 N=${1:-5000}
+case "${PROTO:-h1}" in
+  h1) LOAD=(--h1 -c 16) ;;
+  h2) LOAD=(-c 16 -m 32) ;;
+  *) echo "instructions: PROTO is h1 or h2" >&2; exit 2 ;;
+esac
 export PATH="$HOME/.cargo/bin:$PATH"
 need=()
 command -v valgrind >/dev/null || need+=(valgrind)
@@ -84,9 +90,9 @@ for i in $(seq 1 200); do
   [ "$i" -lt 200 ] || { echo "instructions: Legate under valgrind does not answer" >&2; exit 1; }
   sleep 0.5
 done
-h2load --h1 -n 500 -c 16 "http://127.0.0.1:$PORT/" >/dev/null
+h2load "${LOAD[@]}" -n 500 "http://127.0.0.1:$PORT/" >/dev/null
 callgrind_control -i on "$VG" >/dev/null 2>&1
-done_line=$(h2load --h1 -n "$N" -c 16 "http://127.0.0.1:$PORT/" | grep '^status codes:')
+done_line=$(h2load "${LOAD[@]}" -n "$N" "http://127.0.0.1:$PORT/" | grep '^status codes:')
 callgrind_control -i off "$VG" >/dev/null 2>&1
 callgrind_control -d "$VG" >/dev/null 2>&1
 ok=$(awk '{print $3}' <<<"$done_line")
@@ -95,4 +101,4 @@ ok=$(awk '{print $3}' <<<"$done_line")
 # one it writes when stopped covers only the time after it.
 cp "$WORK/cg.1" "$OUT"
 total=$(callgrind_annotate "$OUT" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
-echo "$N requests: $total instructions in user space, $((total / N)) per request ($LEGATE)"
+echo "$N requests: $total instructions in user space, $((total / N)) per request (${PROTO:-h1}, $LEGATE)"

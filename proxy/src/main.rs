@@ -72,6 +72,17 @@ fn main() -> ExitCode {
     rt.block_on(serve(cli, set_level))
 }
 
+/// How many idle upstream connections pingora's pool keeps, over all
+/// clusters. Envoy closes an idle upstream connection only when its
+/// `idle_timeout` (1 h by default) passes, never because others are idle;
+/// pingora's default, 128, closes the least recently used one beyond it, so
+/// a burst of more concurrent requests than that (a few hundred multiplexed
+/// HTTP/2 streams, each needing its own HTTP/1.1 upstream connection) made
+/// every following burst connect again. The pool reserves an index of this
+/// many slots up front: 0.1 MB more resident at start (49.3 against 49.2
+/// MB).
+const IDLE_UPSTREAM_CONNECTIONS: usize = 16 * 1024;
+
 async fn serve(
     cli: Cli,
     set_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
@@ -106,7 +117,10 @@ async fn serve(
         hostname,
         local_ip: legate::server::request::local_ip(),
     });
-    let conf = Arc::new(ServerConf::default());
+    let conf = Arc::new(ServerConf {
+        upstream_keepalive_pool_size: IDLE_UPSTREAM_CONNECTIONS,
+        ..ServerConf::default()
+    });
     let mut proxy = pingora_proxy::http_proxy(&conf, HcmProxy { shared });
     let mut opts = HttpServerOptions::default();
     opts.h2c = true;

@@ -330,3 +330,55 @@ async fn upstream_max_requests_per_connection_retires_pooled_connections() {
         "no cap: one connection"
     );
 }
+
+/// Envoy closes an idle upstream connection when its idle timeout passes,
+/// not because many others are idle: after a burst of concurrent requests
+/// (more than pingora's default pool of 128), the next burst of the same
+/// size reuses every connection the first opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_128_concurrent_requests_reuses_all_its_upstream_connections() {
+    use std::sync::atomic::Ordering;
+    const BURST: usize = 160;
+    let up = upstream("up").await;
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]));
+    let (_l, url, _admin) = start(
+        hcm(rc, json!({})),
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let mut clients = Vec::new();
+    for _ in 0..BURST {
+        clients.push(connect(&url).await);
+    }
+    let burst = |clients: Vec<TcpStream>| async move {
+        // Each request waits 300 ms upstream, so all of them are in
+        // flight together and each needs an upstream connection of its own.
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|mut s| {
+                tokio::spawn(async move {
+                    let head = h1_request(&mut s, "/delay/300").await.expect("answered");
+                    assert!(head.starts_with("http/1.1 200"), "{head}");
+                    s
+                })
+            })
+            .collect();
+        let mut back = Vec::new();
+        for t in tasks {
+            back.push(t.await.expect("request task"));
+        }
+        back
+    };
+    let clients = burst(clients).await;
+    let first = up.conns.load(Ordering::Relaxed);
+    assert!(
+        first >= BURST as u64 - 10,
+        "the burst ran concurrently: {first} upstream connections"
+    );
+    burst(clients).await;
+    assert_eq!(up.hits.load(Ordering::Relaxed), 2 * BURST as u64);
+    assert_eq!(
+        up.conns.load(Ordering::Relaxed),
+        first,
+        "the second burst reuses the first one's idle connections"
+    );
+}
