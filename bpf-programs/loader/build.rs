@@ -23,6 +23,19 @@ fn main() {
             .display()
     );
     if let Some(why) = missing_toolchain() {
+        // Installing the missing tool changes no file this script watched
+        // and may leave PATH as it was: watch the directories it would
+        // land in, so the next build after `scripts/setup.sh` embeds the
+        // programs instead of keeping this answer.
+        for dir in std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(sysroot().map(|s| s.join("lib/rustlib")))
+            .filter(|d| d.is_dir())
+        {
+            println!("cargo:rerun-if-changed={}", dir.display());
+        }
         println!("cargo:warning=building without eBPF programs: {why}");
         println!("cargo:rustc-cfg=no_ebpf");
         return;
@@ -60,13 +73,17 @@ fn missing_toolchain() -> Option<String> {
     if !in_path("bpf-linker") {
         return Some("bpf-linker is not in PATH (scripts/setup.sh installs it)".into());
     }
-    let sysroot = std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    match sysroot {
+    match sysroot() {
         Some(s) if s.join("lib/rustlib/src/rust/library/core").is_dir() => None,
         _ => Some("the rust-src component is missing (rustup component add rust-src)".into()),
     }
+}
+
+/// The sysroot of the compiler building this crate.
+fn sysroot() -> Option<PathBuf> {
+    std::process::Command::new(std::env::var("RUSTC").unwrap_or("rustc".into()))
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
 }
