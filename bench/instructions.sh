@@ -37,14 +37,7 @@ else
   LEGATE=$PWD/target/release/legate
 fi
 
-WORK=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK" "${TMPDIR:-/tmp}/legate-bench-ports.$$"
-}
-trap cleanup EXIT
+bench_scratch
 
 UP=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
 cat > "$WORK/upstream.conf" <<CONF

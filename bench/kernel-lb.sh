@@ -29,19 +29,15 @@ cargo build -q --release -p legate -p connect-rr
 RR=$PWD/target/release/connect-rr
 LEGATE=$PWD/target/release/legate
 
-WORK=$(mktemp -d)
+bench_scratch
 CG=$(awk '$3=="cgroup2"{print $2; exit}' /proc/self/mounts)/legate-bench-$$
 BASE_ID=$((90000 + $$ % 1000))
 CG0=$CG-empty
 mkdir -p "$CG" "$CG0"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "/sys/fs/bpf/legate/$BASE_ID" "$WORK"
+bench_cleanup_extra() {
+  rm -rf "/sys/fs/bpf/legate/$BASE_ID"
   rmdir "$CG" "$CG0" 2>/dev/null || true
 }
-trap cleanup EXIT
 
 ECHO_PORT=$(free_port); LEGATE_PORT=$(free_port); ENVOY_PORT=$(free_port)
 LEGATE_ADMIN=$(free_port); ENVOY_ADMIN=$(free_port)

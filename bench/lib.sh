@@ -41,3 +41,23 @@ wait_quiet() {
     sleep 2
   done
 }
+
+# A scratch directory (WORK) and the processes a script starts (append
+# their pids to `pids`): on exit the processes are stopped and the
+# directory removed, with free_port's record. A script with more to undo
+# defines bench_cleanup_extra first.
+bench_scratch() {
+  WORK=$(mktemp -d)
+  pids=()
+  trap bench_cleanup EXIT
+}
+stop_pids() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+}
+bench_cleanup() {
+  stop_pids
+  if declare -F bench_cleanup_extra >/dev/null; then bench_cleanup_extra; fi
+  rm -rf "$WORK" "${TMPDIR:-/tmp}/legate-bench-ports.$$"
+}

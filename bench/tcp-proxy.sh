@@ -30,14 +30,7 @@ cargo build -q --release -p legate -p connect-rr
 RR=$PWD/target/release/connect-rr
 LEGATE=$PWD/target/release/legate
 
-WORK=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_scratch
 
 ECHO=$(free_port); IPERF=$(free_port)
 L_ECHO=$(free_port); L_IPERF=$(free_port); L_ADMIN=$(free_port)
