@@ -629,10 +629,10 @@ async fn serve_connection(
         closing,
     };
     if is_h2 {
-        // h2 gathers its frames itself.
-        conn.http2(stream).await;
+        let (stream, gathered) = corked::Corked::new(stream, corked::SendAt::LoopEnd);
+        corked::flush_when_idle(gathered, conn.http2(Box::new(stream))).await;
     } else {
-        let (stream, gathered) = corked::Corked::new(stream);
+        let (stream, gathered) = corked::Corked::new(stream, corked::SendAt::Park);
         corked::flush_when_idle(gathered, conn.http1(Box::new(stream))).await;
     }
     None
