@@ -46,6 +46,19 @@ wait_quiet() {
 # their pids to `pids`): on exit the processes are stopped and the
 # directory removed, with free_port's record. A script with more to undo
 # defines bench_cleanup_extra first.
+# pid_of FILE: the pid a daemon writes to FILE, waiting up to 10 s for it
+# (nginx writes its pid file only once it has started; a loaded machine
+# can take more than a second).
+pid_of() {
+  local i
+  for i in $(seq 1 100); do
+    [ -s "$1" ] && { cat "$1"; return 0; }
+    sleep 0.1
+  done
+  echo "bench: no pid in $1 after 10 s" >&2
+  return 1
+}
+
 bench_scratch() {
   WORK=$(mktemp -d)
   pids=()
