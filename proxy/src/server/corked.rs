@@ -526,30 +526,20 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn a_frame_written_at_loop_end_leaves_without_a_flush() {
-        // Nothing else runs and nothing flushes: the worker's end of turn
-        // alone sends it.
-        let (s, mut c) = pair().await;
-        let (mut s, shared) = Corked::new(Box::new(s), SendAt::LoopEnd);
-        let server = tokio::spawn(flush_when_idle(shared, async move {
-            s.write_all(HEAD).await.unwrap();
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        }));
-        assert_eq!(read_exactly(&mut c, HEAD.len()).await, HEAD);
-        server.abort();
-    }
-
-    #[tokio::test]
     async fn a_head_whose_body_is_late_leaves_when_the_task_waits() {
-        let (s, mut c) = pair().await;
-        let (mut s, shared) = Corked::new(Box::new(s), SendAt::Park);
-        let server = tokio::spawn(flush_when_idle(shared, async move {
-            s.write_all(HEAD).await.unwrap();
-            // No flush: the body is "still upstream".
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        }));
-        assert_eq!(read_exactly(&mut c, HEAD.len()).await, HEAD);
-        server.abort();
+        // In both modes: at LoopEnd nothing else runs, so the worker's end
+        // of turn alone sends it.
+        for send in [SendAt::Park, SendAt::LoopEnd] {
+            let (s, mut c) = pair().await;
+            let (mut s, shared) = Corked::new(Box::new(s), send);
+            let server = tokio::spawn(flush_when_idle(shared, async move {
+                s.write_all(HEAD).await.unwrap();
+                // No flush: the body is "still upstream".
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }));
+            assert_eq!(read_exactly(&mut c, HEAD.len()).await, HEAD, "{send:?}");
+            server.abort();
+        }
 
         // The control: the same stream run without flush_when_idle holds
         // the head, so the test above would fail without it.
