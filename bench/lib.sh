@@ -42,10 +42,6 @@ wait_quiet() {
   done
 }
 
-# A scratch directory (WORK) and the processes a script starts (append
-# their pids to `pids`): on exit the processes are stopped and the
-# directory removed, with free_port's record. A script with more to undo
-# defines bench_cleanup_extra first.
 # pid_of FILE: the pid a daemon writes to FILE, waiting up to 10 s for it
 # (nginx writes its pid file only once it has started; a loaded machine
 # can take more than a second).
@@ -59,6 +55,10 @@ pid_of() {
   return 1
 }
 
+# A scratch directory (WORK) and the processes a script starts (append
+# their pids to `pids`): on exit the processes are stopped and the
+# directory removed, with free_port's record. A script with more to undo
+# defines bench_cleanup_extra first.
 bench_scratch() {
   WORK=$(mktemp -d)
   pids=()

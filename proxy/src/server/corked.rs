@@ -201,28 +201,29 @@ pub async fn flush_when_idle<F: Future>(shared: Arc<Gathered>, fut: F) -> F::Out
     let mut fut = std::pin::pin!(fut);
     let flag = Arc::new(SelfWake::default());
     let waker = Waker::from(flag.clone());
-    // The deferred wake-up asked for and not yet come.
-    let mut due: Option<Arc<SelfWake>> = None;
+    // LoopEnd: the deferred wake-up's flag, one per connection, and
+    // whether one is asked for and not yet taken.
+    let at_end = (shared.send == SendAt::LoopEnd).then(|| Arc::new(SelfWake::default()));
+    let mut due = false;
     let out = poll_fn(|cx| {
         flag.follow(cx.waker());
         flag.woken.store(false, Ordering::Relaxed);
         let mut inner_cx = Context::from_waker(&waker);
         let r = fut.as_mut().poll(&mut inner_cx);
         if r.is_pending() && !flag.woken.load(Ordering::Relaxed) {
-            if shared.send == SendAt::LoopEnd && shared.has_gathered() {
-                match &due {
-                    None => {
-                        let at_end = Arc::new(SelfWake::default());
-                        at_end.follow(cx.waker());
-                        defer_wake(Waker::from(at_end.clone()));
-                        due = Some(at_end);
-                        return r;
-                    }
-                    Some(at_end) if !at_end.woken.load(Ordering::Relaxed) => return r,
-                    Some(_) => {}
+            if let Some(at_end) = at_end.as_ref().filter(|_| shared.has_gathered()) {
+                if !due {
+                    at_end.follow(cx.waker());
+                    at_end.woken.store(false, Ordering::Relaxed);
+                    defer_wake(Waker::from(at_end.clone()));
+                    due = true;
+                    return r;
+                }
+                if !at_end.woken.load(Ordering::Relaxed) {
+                    return r;
                 }
             }
-            due = None;
+            due = false;
             // Pending here registers the task for the socket's write
             // readiness; an error is kept for the stream to report.
             let _ = shared.poll_send_idle(&mut inner_cx);
