@@ -64,12 +64,13 @@ fn main() -> ExitCode {
     } else {
         cli.concurrency
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // The main thread, as Envoy's: xDS, admin, the cluster manager. The
+    // connections run on `workers` threads of their own.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    rt.block_on(serve(cli, set_level))
+    rt.block_on(serve(cli, workers, set_level))
 }
 
 /// How many idle upstream connections pingora's pool keeps, over all
@@ -85,6 +86,7 @@ const IDLE_UPSTREAM_CONNECTIONS: usize = 16 * 1024;
 
 async fn serve(
     cli: Cli,
+    workers: usize,
     set_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
 ) -> ExitCode {
     for f in cli.inert_flags() {
@@ -129,10 +131,18 @@ async fn serve(
     opts.allow_connect_method_proxying = true;
     proxy.server_options = Some(opts);
     let drain_time = std::time::Duration::from_secs(cli.drain_time_s);
+    let workers = match legate::server::workers::Workers::start(workers) {
+        Ok(w) => Arc::new(w),
+        Err(e) => {
+            eprintln!("cannot start {workers} worker threads: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let listeners = Arc::new(ListenerManager::new(
         Arc::new(proxy),
         clusters.clone(),
         drain_time,
+        workers,
     ));
     // A static listener with SDS certificates warms until they arrive: the
     // xDS applier adds it then.

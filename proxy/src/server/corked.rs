@@ -21,10 +21,10 @@
 //! every task that was ready, as Envoy flushes a connection once per
 //! dispatcher iteration. One HTTP/2 connection carries many streams, each
 //! answered by its own task; every answer wakes the connection's task,
-//! and tokio runs a task woken that way next. Sent when that task parks,
-//! the responses whose upstreams became readable in the same poll left in
-//! as many `writev`s (about ten responses each under `h2load -m32`, where
-//! Envoy sends some thirty per write).
+//! and h2 flushes after what it finds ready. Sent on that flush, the
+//! responses whose upstreams became readable in the same poll left in as
+//! many `writev`s (about ten responses each under `h2load -m32` on a
+//! multi-threaded runtime, where Envoy sends some thirty per write).
 
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::tls::SslDigest;
@@ -516,17 +516,17 @@ mod tests {
         segments
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    // On a single-threaded runtime, as each worker runs (`workers.rs`).
+    #[tokio::test]
     async fn frames_handed_over_in_one_turn_of_the_worker_leave_together() {
-        // The control: sent when the connection's task parks, each frame is
-        // its own segment, since tokio runs the task a stream woke next.
+        // The control: sent on every flush, each frame is its own segment.
         let when_parked = segments_for_streams_ready_together(SendAt::Park, 16).await;
         assert!(when_parked >= 8, "{when_parked} segments for 16 frames");
         let at_loop_end = segments_for_streams_ready_together(SendAt::LoopEnd, 16).await;
         assert!(at_loop_end <= 2, "{at_loop_end} segments for 16 frames");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    #[tokio::test]
     async fn a_head_whose_body_is_late_leaves_when_the_task_waits() {
         // In both modes: at LoopEnd nothing else runs, so the worker's end
         // of turn alone sends it.

@@ -9,6 +9,7 @@ pub mod http_conn;
 pub mod listener_filters;
 pub mod request;
 pub mod tcp_proxy;
+pub mod workers;
 pub mod xfcc;
 
 use crate::cluster_manager::ClusterManager;
@@ -77,6 +78,8 @@ struct Ctx {
     running: RunningMap,
     /// `/healthcheck/fail` is in force.
     health_failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Where accept loops and connections run.
+    workers: Arc<workers::Workers>,
 }
 
 impl Ctx {
@@ -117,7 +120,9 @@ pub struct ListenerManager {
     running: RunningMap,
 }
 
-fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<tokio::net::TcpListener> {
+/// A listening socket, not yet registered with a runtime: the worker that
+/// runs its accept loop registers it.
+fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -139,7 +144,7 @@ fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<tokio::net::TcpList
     }
     s.bind(&addr.into())?;
     s.listen(1024)?;
-    tokio::net::TcpListener::from_std(s.into())
+    Ok(s.into())
 }
 
 impl Running {
@@ -154,6 +159,7 @@ impl ListenerManager {
         proxy: Arc<HttpProxy<hcm::HcmProxy>>,
         clusters: Arc<ClusterManager>,
         drain_time: Duration,
+        workers: Arc<workers::Workers>,
     ) -> Self {
         let running = RunningMap::default();
         Self {
@@ -163,6 +169,7 @@ impl ListenerManager {
                 drain_time,
                 running: running.clone(),
                 health_failed: Default::default(),
+                workers,
             },
             running,
         }
@@ -178,7 +185,10 @@ impl ListenerManager {
         let (local_addr, accept) = if config.bind_to_port {
             let tcp = bind(config.address, false)?;
             let local_addr = tcp.local_addr()?;
-            let accept = tokio::spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
+            let accept =
+                self.ctx
+                    .workers
+                    .spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
             (local_addr, accept)
         } else {
             // As Envoy: registered, never bound, so nothing is accepted here.
@@ -246,7 +256,10 @@ impl ListenerManager {
         }
         let tcp = bind(r.config.address, true)?;
         r.local_addr = tcp.local_addr()?;
-        r.accept = tokio::spawn(accept_loop(tcp, r.current.clone(), self.ctx.clone()));
+        r.accept = self
+            .ctx
+            .workers
+            .spawn(accept_loop(tcp, r.current.clone(), self.ctx.clone()));
         r.bound = true;
         tracing::info!(listener = %name, address = %r.local_addr, "unbound listener now accepts in userspace (kernel LB fallback)");
         Ok(true)
@@ -339,10 +352,17 @@ impl ListenerManager {
 }
 
 async fn accept_loop(
-    tcp: tokio::net::TcpListener,
+    tcp: std::net::TcpListener,
     current: Arc<arc_swap::ArcSwap<Generation>>,
     ctx: Ctx,
 ) {
+    let tcp = match tokio::net::TcpListener::from_std(tcp) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register a listening socket; not accepting on it");
+            return;
+        }
+    };
     loop {
         let (sock, peer) = match tcp.accept().await {
             Ok(x) => x,
@@ -369,7 +389,8 @@ fn spawn_connection(
 ) {
     let _ = sock.set_nodelay(true);
     let ctx = ctx.clone();
-    tokio::spawn(async move {
+    let workers = ctx.workers.clone();
+    workers.spawn_connection(sock, move |sock| async move {
         let Some(local) = local.or_else(|| sock.local_addr().ok()) else {
             return;
         };
