@@ -73,8 +73,8 @@ fn main() -> ExitCode {
     rt.block_on(serve(cli, workers, set_level))
 }
 
-/// How many idle upstream connections pingora's pool keeps, over all
-/// clusters. Envoy closes an idle upstream connection only when its
+/// How many idle upstream connections each worker's pingora pool keeps,
+/// over all clusters. Envoy closes an idle upstream connection only when its
 /// `idle_timeout` (1 h by default) passes, never because others are idle;
 /// pingora's default, 128, closes the least recently used one beyond it, so
 /// a burst of more concurrent requests than that (a few hundred multiplexed
@@ -123,13 +123,6 @@ async fn serve(
         upstream_keepalive_pool_size: IDLE_UPSTREAM_CONNECTIONS,
         ..ServerConf::default()
     });
-    let mut proxy = pingora_proxy::http_proxy(&conf, HcmProxy { shared });
-    let mut opts = HttpServerOptions::default();
-    opts.h2c = true;
-    // CONNECT reaches the router (which answers 404, as Envoy does without
-    // a connect_matcher route) instead of pingora's 405.
-    opts.allow_connect_method_proxying = true;
-    proxy.server_options = Some(opts);
     let drain_time = std::time::Duration::from_secs(cli.drain_time_s);
     let workers = match legate::server::workers::Workers::start(workers) {
         Ok(w) => Arc::new(w),
@@ -138,8 +131,28 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    // One proxy, and so one upstream connection pool, per worker, as each
+    // Envoy worker has its own pools: a pooled connection is registered
+    // with the I/O driver of the worker that opened it.
+    let proxies = (0..workers.len())
+        .map(|_| {
+            let mut proxy = pingora_proxy::http_proxy(
+                &conf,
+                HcmProxy {
+                    shared: shared.clone(),
+                },
+            );
+            let mut opts = HttpServerOptions::default();
+            opts.h2c = true;
+            // CONNECT reaches the router (which answers 404, as Envoy does
+            // without a connect_matcher route) instead of pingora's 405.
+            opts.allow_connect_method_proxying = true;
+            proxy.server_options = Some(opts);
+            Arc::new(proxy)
+        })
+        .collect();
     let listeners = Arc::new(ListenerManager::new(
-        Arc::new(proxy),
+        proxies,
         clusters.clone(),
         drain_time,
         workers,

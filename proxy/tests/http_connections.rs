@@ -331,6 +331,40 @@ async fn upstream_max_requests_per_connection_retires_pooled_connections() {
     );
 }
 
+/// Each worker has its own upstream connections, as each Envoy worker has
+/// its own pools: two client connections, which land on the two workers,
+/// taking turns with one request at a time, use one upstream connection
+/// each. (A pool shared by the workers would have served all six requests
+/// on one connection.)
+#[tokio::test]
+async fn each_worker_keeps_its_own_upstream_connections() {
+    use std::sync::atomic::Ordering;
+    let up = upstream("up").await;
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]));
+    let (port, admin) = (free_port(), free_port());
+    let cfg = bootstrap(
+        admin,
+        vec![listener("ingress", port, hcm(rc, json!({})))],
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let _l = Legate::start_with_args(BIN, &cfg, &["--concurrency", "2"], &[port], Some(admin));
+    let url = format!("http://127.0.0.1:{port}");
+    let mut a = connect(&url).await;
+    let mut b = connect(&url).await;
+    for _ in 0..3 {
+        for s in [&mut a, &mut b] {
+            let head = h1_get(s).await.expect("answered");
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+        }
+    }
+    assert_eq!(up.hits.load(Ordering::Relaxed), 6);
+    assert_eq!(
+        up.conns.load(Ordering::Relaxed),
+        2,
+        "one upstream connection per worker"
+    );
+}
+
 /// Envoy closes an idle upstream connection when its idle timeout passes,
 /// not because many others are idle: after a burst of concurrent requests
 /// (more than pingora's default pool of 128), the next burst of the same

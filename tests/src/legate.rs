@@ -121,8 +121,12 @@ impl Legate {
     /// legate`) with the config and `args`; does not wait.
     pub fn spawn(mut command: Command, yaml: &str, args: &[&str], admin: Option<u16>) -> Legate {
         let cfg = write_config(yaml);
+        // One worker unless the test asks for more.
+        if !args.contains(&"--concurrency") {
+            command.args(["--concurrency", "1"]);
+        }
         let child = command
-            .args(["--concurrency", "1", "-l", "warning", "-c"])
+            .args(["-l", "warning", "-c"])
             .arg(&cfg.0)
             .args(args)
             .stdout(Stdio::null())

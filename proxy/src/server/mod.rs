@@ -71,7 +71,9 @@ type RunningMap = Arc<Mutex<HashMap<String, Running>>>;
 /// What the accept loops share.
 #[derive(Clone)]
 struct Ctx {
-    proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+    /// One per worker (each with its own upstream connection pool), in
+    /// the workers' order; at least one.
+    proxies: Arc<[Arc<HttpProxy<hcm::HcmProxy>>]>,
     clusters: Arc<ClusterManager>,
     drain_time: Duration,
     /// Every listener, for handing connections over by address.
@@ -83,6 +85,12 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The proxy of the worker this runs on (the first one off a worker).
+    fn proxy(&self) -> &Arc<HttpProxy<hcm::HcmProxy>> {
+        let i = workers::current().unwrap_or(0);
+        &self.proxies[i % self.proxies.len()]
+    }
+
     /// The listener a connection to `addr` belongs to, as Envoy finds it
     /// for `use_original_dst`: the exact address, else a listener on the
     /// same port at the unspecified address of the same family.
@@ -156,15 +164,16 @@ impl Running {
 
 impl ListenerManager {
     pub fn new(
-        proxy: Arc<HttpProxy<hcm::HcmProxy>>,
+        proxies: Vec<Arc<HttpProxy<hcm::HcmProxy>>>,
         clusters: Arc<ClusterManager>,
         drain_time: Duration,
         workers: Arc<workers::Workers>,
     ) -> Self {
+        assert!(!proxies.is_empty(), "a listener manager needs a proxy");
         let running = RunningMap::default();
         Self {
             ctx: Ctx {
-                proxy,
+                proxies: proxies.into(),
                 clusters,
                 drain_time,
                 running: running.clone(),
@@ -644,7 +653,7 @@ async fn serve_connection(
         return None;
     }
     let conn = http_conn::Conn {
-        proxy: &ctx.proxy,
+        proxy: ctx.proxy(),
         settings: &settings,
         drain,
         closing,

@@ -21,6 +21,11 @@ thread_local! {
     static THIS_WORKER: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+/// The index of the worker this thread is, if it is one.
+pub fn current() -> Option<usize> {
+    THIS_WORKER.with(|w| w.get())
+}
+
 /// The worker runtimes connections are spread over.
 pub struct Workers {
     /// Empty: everything runs on the caller's runtime (tests, embedding).
@@ -112,7 +117,7 @@ impl Workers {
             tokio::spawn(serve(sock));
             return;
         };
-        if THIS_WORKER.with(|w| w.get()) == Some(i) {
+        if current() == Some(i) {
             handle.spawn(serve(sock));
             return;
         }
@@ -137,9 +142,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Which worker thread runs a task, by its thread's name.
+    /// Which worker thread runs a task, by its thread's name, and the
+    /// worker index the task sees (what picks its worker's proxy).
     fn thread_name() -> String {
-        std::thread::current().name().unwrap_or("").to_string()
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        match current() {
+            Some(i) => format!("{name} as {i}"),
+            None => name,
+        }
     }
 
     #[tokio::test]
@@ -177,10 +187,10 @@ mod tests {
         assert_eq!(
             served,
             [
-                "legate-worker-0",
-                "legate-worker-0",
-                "legate-worker-1",
-                "legate-worker-1"
+                "legate-worker-0 as 0",
+                "legate-worker-0 as 0",
+                "legate-worker-1 as 1",
+                "legate-worker-1 as 1"
             ]
         );
     }
