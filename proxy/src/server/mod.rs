@@ -397,8 +397,8 @@ fn spawn_connection(
     ctx: &Ctx,
 ) {
     let _ = sock.set_nodelay(true);
+    let workers = &ctx.workers;
     let ctx = ctx.clone();
-    let workers = ctx.workers.clone();
     workers.spawn_connection(sock, move |sock| async move {
         let Some(local) = local.or_else(|| sock.local_addr().ok()) else {
             return;
