@@ -9,6 +9,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod allocator;
 pub mod bootstrap;
 pub mod cli;
 pub mod cluster_manager;

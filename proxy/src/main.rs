@@ -16,8 +16,9 @@ use std::sync::Arc;
 /// mimalloc rather than glibc's malloc: a proxy allocates and frees small
 /// buffers and header maps on every request, and glibc's allocator took a
 /// quarter of Legate's userspace CPU under HTTP/1 load (perf, `bench/run`).
+/// Called as `legate::allocator` explains.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: legate::allocator::MiMalloc = legate::allocator::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
