@@ -26,6 +26,7 @@ use crate::runtime::Runtime;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderName;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
@@ -476,6 +477,13 @@ impl ProxyHttp for HcmProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx::default()
     }
+
+    /// None. Pingora's default adds its response compression module
+    /// switched off (level 0), and every request still built its context
+    /// and boxed a future for each of its filters to do nothing. Legate
+    /// compresses nothing: Envoy's compressor filter is not among its
+    /// filters, so a listener that configures it is rejected.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         ctx.arrived = Some(Instant::now());
