@@ -1217,8 +1217,18 @@ impl ProxyHttp for HcmProxy {
             req.insert_header(http::header::CONTENT_LENGTH, "0")?;
         }
         // Hop-by-hop headers never go upstream (those the client's
-        // Connection header named were removed when the request arrived).
-        for h in &HOP_BY_HOP {
+        // Connection header named were removed when the request arrived),
+        // and `te` travels only as `trailers`, as Envoy sends it on. One
+        // pass over the request's names finds them: most requests carry
+        // none, and a removal looks each name up in both of pingora's
+        // header maps.
+        let hop: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| HOP_BY_HOP.contains(n) || *n == http::header::TE)
+            .cloned()
+            .collect();
+        for h in &hop {
             req.remove_header(h);
         }
         if ctx.last_on_upstream_conn {
@@ -1230,8 +1240,6 @@ impl ProxyHttp for HcmProxy {
             req.insert_header(http::header::CONNECTION, "upgrade")?;
             req.insert_header(http::header::UPGRADE, up.as_str())?;
         }
-        // `te` travels only as `trailers`, as Envoy sends it on.
-        req.remove_header(&http::header::TE);
         if ctx.te_trailers {
             req.insert_header("te", "trailers")?;
         }
