@@ -42,39 +42,10 @@ http { access_log off; keepalive_requests 100000000;
 CONF
 taskset -c 0 nginx -c "$WORK/upstream.conf" & pids+=($!)
 
-# config PORT ADMIN: the bench's one route to the upstream.
-config() {
-  cat <<YAML
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $2}}}
-static_resources:
-  listeners:
-  - name: plain
-    address: {socket_address: {address: 127.0.0.1, port_value: $1}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          generate_request_id: false
-          route_config:
-            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: up}}]}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, dynamic_stats: false}
-  clusters:
-  - name: up
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: up
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP}}}}]}]
-YAML
-}
 declare -A port pid
 for side in a b; do
   port[$side]=$(free_port)
-  config "${port[$side]}" "$(free_port)" > "$WORK/$side.yaml"
+  http_bench_config "${port[$side]}" "$(free_port)" "$UP" > "$WORK/$side.yaml"
   bin=$A; [ $side = b ] && bin=$B
   taskset -c 1 "$bin" -c "$WORK/$side.yaml" --concurrency 1 -l error --kernel-lb off \
     > "$WORK/$side.log" 2>&1 &

@@ -46,32 +46,7 @@ events { worker_connections 1024; }
 http { access_log off; keepalive_requests 100000000;
   server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
 CONF
-cat > "$WORK/legate.yaml" <<YAML
-admin: {address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN}}}
-static_resources:
-  listeners:
-  - name: plain
-    address: {socket_address: {address: 127.0.0.1, port_value: $PORT}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: bench
-          generate_request_id: false
-          route_config:
-            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: up}}]}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-  clusters:
-  - name: up
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: up
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $UP}}}}]}]
-YAML
+http_bench_config "$PORT" "$ADMIN" "$UP" > "$WORK/legate.yaml"
 nginx -c "$WORK/upstream.conf" & pids+=($!)
 OUT=target/instructions.callgrind
 mkdir -p target

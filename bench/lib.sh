@@ -74,3 +74,35 @@ bench_cleanup() {
   if declare -F bench_cleanup_extra >/dev/null; then bench_cleanup_extra; fi
   rm -rf "$WORK" "${TMPDIR:-/tmp}/legate-bench-ports.$$"
 }
+
+# http_bench_config PORT ADMIN UPSTREAM: a bootstrap with one plain HTTP
+# listener on PORT routing everything to the upstream on UPSTREAM, the
+# admin on ADMIN, without request ids or dynamic stats (as bench/run's).
+http_bench_config() {
+  cat <<YAML
+admin: {address: {socket_address: {address: 127.0.0.1, port_value: $2}}}
+static_resources:
+  listeners:
+  - name: plain
+    address: {socket_address: {address: 127.0.0.1, port_value: $1}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          generate_request_id: false
+          route_config:
+            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: up}}]}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router, dynamic_stats: false}
+  clusters:
+  - name: up
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: up
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $3}}}}]}]
+YAML
+}
