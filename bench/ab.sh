@@ -34,12 +34,7 @@ fi
 
 bench_scratch
 UP=$(free_port)
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/upstream.pid; error_log /dev/null;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 100000000;
-  server { listen 127.0.0.1:$UP; location / { return 200 "ok"; } } }
-CONF
+upstream_config "$UP" > "$WORK/upstream.conf"
 taskset -c 0 nginx -c "$WORK/upstream.conf" & pids+=($!)
 
 declare -A port pid

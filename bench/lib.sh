@@ -106,3 +106,14 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $3}}}}]}]
 YAML
 }
+
+# upstream_config PORT: an nginx config for the benches' upstream, one
+# worker answering 200 "ok" on PORT, its pid in $WORK/upstream.pid.
+upstream_config() {
+  cat <<CONF
+worker_processes 1; daemon off; pid $WORK/upstream.pid; error_log /dev/null;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 100000000;
+  server { listen 127.0.0.1:$1; location / { return 200 "ok"; } } }
+CONF
+}
