@@ -117,8 +117,12 @@ fn observe_both(
             sc.requests.iter().map(|r| send(port, r, work)).collect()
         });
         if sc.access_log {
-            // Both flush access logs every 100 ms (proxies::start).
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            // Envoy runs first: Legate's log is awaited until it has as many
+            // lines as Envoy's had.
+            let envoys = seen
+                .get(&Kind::Envoy)
+                .map_or(0, |s: &Seen| s.access_log.len());
+            wait_for_log_lines(access_log, envoys);
         }
         drop(running);
         let access_log = std::fs::read_to_string(access_log)
@@ -135,6 +139,33 @@ fn observe_both(
         );
     }
     Ok(seen)
+}
+
+/// Both proxies flush access logs every 100 ms (proxies::start): waits
+/// 500 ms, then until the log has `at_least` lines (or 5 s pass), then
+/// until it has not grown for 300 ms, so a late line is read on a loaded
+/// machine too.
+fn wait_for_log_lines(path: &Path, at_least: usize) {
+    use std::time::{Duration, Instant};
+    let count = || {
+        std::fs::read_to_string(path)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    std::thread::sleep(Duration::from_millis(500));
+    while count() < at_least && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut last = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = count();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
 }
 
 /// START_TIME differs between runs by nature.

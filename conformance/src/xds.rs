@@ -22,7 +22,11 @@ pub const MODES: &[(&str, &str, &[&str])] = &[
     ("delta", "delta", &[]),
     ("delta-ads", "delta-ads", &[]),
     ("mux", "xds", &["-mux"]),
-    ("tls", "ads", &["-tls"]),
+    // Each request batch opens new TLS connections under the driver's
+    // 100 ms client timeout; more batches per update (10, not 5) leave a
+    // loaded machine more chances at the one all-successful batch an
+    // update needs.
+    ("tls", "ads", &["-tls", "-r", "10"]),
 ];
 
 /// The scratch Go module under target/ that pins go-control-plane (and so
