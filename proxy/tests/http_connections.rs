@@ -384,13 +384,16 @@ async fn a_burst_beyond_128_concurrent_requests_reuses_all_its_upstream_connecti
         clients.push(connect(&url).await);
     }
     let burst = |clients: Vec<TcpStream>| async move {
-        // Each request waits 300 ms upstream, so all of them are in
-        // flight together and each needs an upstream connection of its own.
+        // Each request waits 1.5 s upstream, so all of them are in flight
+        // together and each needs an upstream connection of its own, even
+        // when a loaded machine is slow to send them (were the first burst
+        // spread out enough to reuse a connection, the second, quicker one
+        // would need more than the first opened).
         let tasks: Vec<_> = clients
             .into_iter()
             .map(|mut s| {
                 tokio::spawn(async move {
-                    let head = h1_request(&mut s, "/delay/300").await.expect("answered");
+                    let head = h1_request(&mut s, "/delay/1500").await.expect("answered");
                     assert!(head.starts_with("http/1.1 200"), "{head}");
                     s
                 })

@@ -42,7 +42,8 @@ async fn round_robin_visits_every_host_equally() {
         HashMap::from([("a".into(), 10), ("b".into(), 10), ("c".into(), 10)])
     );
     assert_eq!(stat(admin, "cluster.rr.upstream_rq_total"), Some(30));
-    assert_eq!(stat(admin, "cluster.rr.upstream_rq_2xx"), Some(30));
+    // Counted when the request ends, after the response is written.
+    assert_eq!(wait_stat(admin, "cluster.rr.upstream_rq_2xx", 30), Some(30));
     assert_eq!(stat(admin, "cluster.rr.membership_total"), Some(3));
 }
 

@@ -365,8 +365,9 @@ async fn a_hundred_eds_updates_under_load_fail_no_connect() {
     let vip: SocketAddr = "127.100.1.2:80".parse().unwrap();
     let admin = free_port();
     // A rolling update: each step adds a new backend and drops the oldest;
-    // a dropped backend's server closes 600 ms later (room for a loaded CI
-    // machine), so a connect sent to it after that would be refused.
+    // a dropped backend's server closes once /kernel_lb (written after the
+    // maps) no longer lists it and one more step has passed, so a connect
+    // sent to it after that would be refused.
     let mut servers: Vec<Option<TagServer>> = vec![
         Some(TagServer::start('0').await),
         Some(TagServer::start('1').await),
@@ -402,9 +403,18 @@ async fn a_hundred_eds_updates_under_load_fail_no_connect() {
             &i.to_string(),
             vec![any(ENDPOINT, cla(&addrs(&servers, i)))],
         );
+        // Removed from the set by the push of step i - 3: on a loaded
+        // machine its apply may lag, so wait until the kernel's maps drop it
+        // (normally long done), then give connects in flight a step.
+        let gone = (i >= 5).then(|| servers[i - 5].as_ref().unwrap().addr.to_string());
+        if let Some(gone) = &gone {
+            wait_status(admin, |s| {
+                s["listeners"][0]["backends"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().all(|b| b["address"] != gone.as_str()))
+            });
+        }
         tokio::time::sleep(Duration::from_millis(150)).await;
-        // Removed from the set by the push of step i - 3, four sleeps ago:
-        // close it.
         if i >= 5 {
             servers[i - 5] = None;
         }

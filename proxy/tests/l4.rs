@@ -75,8 +75,9 @@ async fn no_matching_chain_closes_the_connection_and_counts_it() {
         vec![cluster("a", &[a.addr], json!({}))],
     );
     let name = format!("listener.127.0.0.1_{port}.no_filter_chain_match");
-    // Start-up probes connect too: count from here.
-    let before = stat(admin, &name).unwrap_or(0);
+    // Legate::start's readiness probe is one connection, which no chain
+    // matches either: count from once it is counted.
+    let before = wait_stat_until(admin, &name, |v| v >= Some(1)).expect("the probe was counted");
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -86,15 +87,7 @@ async fn no_matching_chain_closes_the_connection_and_counts_it() {
     let mut buf = Vec::new();
     let n = s.read_to_end(&mut buf).await.unwrap_or(0);
     assert_eq!(n, 0, "closed without a response");
-    let mut seen = None;
-    for _ in 0..50 {
-        seen = stat(admin, &name);
-        if seen == Some(before + 1) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(seen, Some(before + 1));
+    assert_eq!(wait_stat(admin, &name, before + 1), Some(before + 1));
 }
 
 /// A TCP upstream that reads until the client half-closes, then answers
@@ -211,12 +204,17 @@ async fn connection_limit_closes_connections_over_the_limit() {
         "filter_chains": [{"filters": [limit, tcp("t")]}]});
     let cfg = bootstrap(admin, vec![l], vec![cluster("t", &[up], json!({}))]);
     let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
+    // Legate::start's readiness probe is a connection too: it must have
+    // come and gone before `first` takes the one slot.
+    let active = "connection_limit.cl.active_connections";
+    wait_stat_until(admin, "tcp.tcp.downstream_cx_total", |v| v >= Some(1));
+    assert_eq!(wait_stat(admin, active, 0), Some(0));
     let before = stat(admin, "connection_limit.cl.limited_connections").unwrap_or(0);
     let mut first = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     first.write_all(b"hold").await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(wait_stat(admin, active, 1), Some(1), "first holds the slot");
     // Over the limit: closed without an upstream.
     let mut second = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -234,7 +232,7 @@ async fn connection_limit_closes_connections_over_the_limit() {
     let mut answer = String::new();
     first.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer, legate_tests::tcp::answer_for(b"hold"));
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(wait_stat(admin, active, 0), Some(0), "the slot is free");
     let mut third = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -305,8 +303,10 @@ async fn one_gibibyte_through_tcp_proxy_arrives_intact() {
         ctx.finish().as_ref(),
         "the upstream saw other bytes"
     );
+    // Counted when the connection's pipe ends, after the client has its
+    // answer.
     assert_eq!(
-        stat(admin, "tcp.tcp.downstream_cx_rx_bytes_total"),
+        wait_stat(admin, "tcp.tcp.downstream_cx_rx_bytes_total", TOTAL as u64),
         Some(TOTAL as u64)
     );
 }
@@ -373,10 +373,20 @@ async fn tcp_proxy_source_ip_hash_pins_each_client_to_one_maglev_host() {
     let addrs: Vec<SocketAddr> = ups.iter().map(|u| u.addr).collect();
     let mut t = tcp("m");
     t["typed_config"]["hash_policy"] = json!([{"source_ip": {}}]);
-    let (_l, port, _admin) = start_listener(
-        vec![chain(json!({}), t)],
-        vec![cluster("m", &addrs, json!({"lb_policy": "MAGLEV"}))],
-    );
+    // Fixed hash keys: the table would otherwise be built from the
+    // upstreams' random ports, and all six clients would share one host in
+    // 3 runs of 729.
+    let mut m = cluster("m", &addrs, json!({"lb_policy": "MAGLEV"}));
+    for (i, ep) in m["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
+        ep["metadata"] =
+            json!({"filter_metadata": {"envoy.lb": {"hash_key": format!("host-{i}")}}});
+    }
+    let (_l, port, _admin) = start_listener(vec![chain(json!({}), t)], vec![m]);
     let url = format!("http://127.0.0.1:{port}/");
     let mut seen = std::collections::BTreeMap::new();
     for ip in [
@@ -431,12 +441,21 @@ async fn tcp_proxy_access_logs_a_line_per_connection() {
         ],
         vec![cluster("t", &[up], json!({}))],
     );
-    // Start-up probes connect too: only lines from here on count.
+    // Legate::start's readiness probe is one connection through the second
+    // chain, logged in both files when it ends: only lines after its line
+    // count.
     let skip = |p: &std::path::Path| {
-        std::fs::read_to_string(p)
-            .unwrap_or_default()
-            .lines()
-            .count()
+        for _ in 0..100 {
+            let n = std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if n >= 1 {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("{} has no line for the readiness probe", p.display());
     };
     let (skip_custom, skip_default) = (skip(&custom), skip(&default));
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -70,18 +70,6 @@ async fn exchange(port: u16, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn wait_stat(admin: u16, name: &str, want: u64) -> Option<u64> {
-    let mut seen = None;
-    for _ in 0..100 {
-        seen = stat(admin, name);
-        if seen == Some(want) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    seen
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol_gives_the_client_address_to_chain_matching_and_xff() {
     let (ten, other, web) = (

@@ -134,6 +134,26 @@ pub fn stat(admin: u16, name: &str) -> Option<u64> {
         .and_then(|s| s["value"].as_u64())
 }
 
+/// Polls a stat (up to 2 s) until `check` holds; returns the last value.
+/// Stats recorded when a connection or request ends can land a moment
+/// after the client has its answer.
+pub fn wait_stat_until(admin: u16, name: &str, check: impl Fn(Option<u64>) -> bool) -> Option<u64> {
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = stat(admin, name);
+        if check(seen) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    seen
+}
+
+/// Polls a stat (up to 2 s) until it is `want`; returns the last value.
+pub fn wait_stat(admin: u16, name: &str, want: u64) -> Option<u64> {
+    wait_stat_until(admin, name, |v| v == Some(want))
+}
+
 /// A TCP upstream that writes its name and closes.
 pub async fn naming_upstream(name: &'static str) -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
