@@ -9,7 +9,10 @@ use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
 use anyhow::Result;
 use legate_tests::netns::Netns;
-use legate_tests::tcp::{counting_upstream, naming_upstream, Fnv};
+use legate_tests::tcp::{
+    counting_upstream, echo_through, echo_upstream, naming_upstream, read_outcome,
+    resetting_upstream, Fnv,
+};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -122,7 +125,78 @@ pub fn run(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
         let ((e, want), (l, _)) = (&seen[0][i], &seen[1][i]);
         compare(report, case, e, l, Some(want));
     }
+    faults(bins, work, report)?;
     original_dst(bins, work, report)
+}
+
+/// An echoing upstream behind `tls_inspector` with a plaintext client (64
+/// MiB both ways at once, the default chain), and upstreams that reset at
+/// once or after 64 KiB: the client must see the reset, not a clean end.
+fn faults(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
+    const ECHOED: usize = 64 << 20;
+    let echo = TcpListener::bind("127.0.0.1:0")?;
+    let (rst0, rst64k) = (
+        TcpListener::bind("127.0.0.1:0")?,
+        TcpListener::bind("127.0.0.1:0")?,
+    );
+    let clusters = [
+        ("echo", echo.local_addr()?),
+        ("rst0", rst0.local_addr()?),
+        ("rst64k", rst64k.local_addr()?),
+    ];
+    echo_upstream(echo);
+    resetting_upstream(rst0, 0);
+    resetting_upstream(rst64k, 64 * 1024);
+    let free = legate_tests::legate::free_port;
+    let (inspect, r0, r64, admin) = (free(), free(), free(), free());
+    let inspected = format!(
+        r#"
+  - name: inspect
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {inspect}}}}}
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector}}
+    default_filter_chain:
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: echo
+          cluster: echo"#
+    );
+    let listeners = [
+        inspected,
+        tcp_listener("rst0", "127.0.0.1", r0, "", "rst0"),
+        tcp_listener("rst64k", "127.0.0.1", r64, "", "rst64k"),
+    ];
+    let cfg = work.join("l4-faults.yaml");
+    std::fs::write(&cfg, bootstrap(admin, &listeners, &clusters))?;
+    let mut echoed = Fnv::default();
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    for _ in 0..ECHOED / chunk.len() {
+        echoed.feed(&chunk);
+    }
+    let cases = [
+        (
+            "tls-inspector-plaintext-64-mib-echoed",
+            legate_tests::tcp::answer(ECHOED as u64, echoed),
+        ),
+        ("upstream-reset-at-once", "reset".to_string()),
+        ("upstream-reset-after-64-kib", "reset".to_string()),
+    ];
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &cfg, admin, work)?;
+        seen.push([
+            echo_through(inspect, ECHOED),
+            read_outcome(r0),
+            read_outcome(r64),
+        ]);
+    }
+    for (i, (case, want)) in cases.iter().enumerate() {
+        compare(report, case, &seen[0][i], &seen[1][i], Some(want));
+    }
+    Ok(())
 }
 
 /// Istio's capture: every TCP connection to 10.21.0.0/16 is redirected to

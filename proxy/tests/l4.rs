@@ -118,6 +118,53 @@ async fn tcp_proxy_carries_a_half_close_both_ways() {
     assert_eq!(answer, legate_tests::tcp::answer_for(&payload));
 }
 
+/// An upstream that echoes stops reading while its answers go unread, so
+/// the two directions must be copied independently: 64 MiB sent and read
+/// back at once through a listener with `tls_inspector` and a plaintext
+/// client (the outside test's stall: it stopped after the first 64 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_echoes_64_mib_both_ways_behind_tls_inspector() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    legate_tests::tcp::echo_upstream(l);
+    let (port, admin) = (free_port(), free_port());
+    let listener = json!({"name": "l", "address": addr("127.0.0.1", port),
+        "listener_filters": [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
+        "default_filter_chain": {"filters": [tcp("e")]}});
+    let cfg = bootstrap(admin, vec![listener], vec![cluster("e", &[up], json!({}))]);
+    let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
+    const LEN: usize = 64 << 20;
+    let got = tokio::task::spawn_blocking(move || legate_tests::tcp::echo_through(port, LEN))
+        .await
+        .unwrap();
+    let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let mut sum = legate_tests::tcp::Fnv::default();
+    for _ in 0..LEN / chunk.len() {
+        sum.feed(&chunk);
+    }
+    assert_eq!(got, legate_tests::tcp::answer(LEN as u64, sum));
+}
+
+/// An upstream reset reaches the client as a reset, at once or after data
+/// (as Envoy passes it on), never as a clean end of a truncated transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_passes_an_upstream_reset_on() {
+    for after in [0, 64 * 1024] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = l.local_addr().unwrap();
+        legate_tests::tcp::resetting_upstream(l, after);
+        let (_l, port, _admin) = start_listener(
+            vec![chain(json!({}), tcp("r"))],
+            vec![cluster("r", &[up], json!({}))],
+        );
+        let seen = tokio::task::spawn_blocking(move || legate_tests::tcp::read_outcome(port))
+            .await
+            .unwrap();
+        assert_eq!(seen, "reset", "upstream reset after {after} bytes");
+    }
+}
+
 fn tcp_with(extra: serde_json::Value) -> serde_json::Value {
     let mut f = tcp("t");
     let tc = f["typed_config"].as_object_mut().unwrap();

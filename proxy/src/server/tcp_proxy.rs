@@ -7,11 +7,12 @@ use crate::cluster_manager::ClusterManager;
 use crate::config::listener::TcpProxy;
 use crate::stats;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// A downstream connection split into its read and write halves: a plain
 /// socket splits for free; a TLS stream shares its session between them.
@@ -19,13 +20,20 @@ pub trait Halves: Send + 'static {
     type R: AsyncRead + Unpin + Send;
     type W: AsyncWrite + Unpin + Send;
     fn halves(self) -> (Self::R, Self::W);
+    /// The TCP socket underneath (a second handle on it), to reset it
+    /// once the halves are in use.
+    fn socket(&self) -> Option<socket2::Socket>;
 }
 
 impl Halves for TcpStream {
     type R = tokio::net::tcp::OwnedReadHalf;
-    type W = tokio::net::tcp::OwnedWriteHalf;
+    type W = NoFinOnDrop;
     fn halves(self) -> (Self::R, Self::W) {
-        self.into_split()
+        let (r, w) = self.into_split();
+        (r, NoFinOnDrop(Some(w)))
+    }
+    fn socket(&self) -> Option<socket2::Socket> {
+        socket2::SockRef::from(self).try_clone().ok()
     }
 }
 
@@ -35,6 +43,9 @@ impl Halves for tokio_rustls::server::TlsStream<TcpStream> {
     fn halves(self) -> (Self::R, Self::W) {
         tokio::io::split(self)
     }
+    fn socket(&self) -> Option<socket2::Socket> {
+        socket2::SockRef::from(self.get_ref().0).try_clone().ok()
+    }
 }
 
 impl Halves for tokio_rustls::client::TlsStream<TcpStream> {
@@ -42,6 +53,51 @@ impl Halves for tokio_rustls::client::TlsStream<TcpStream> {
     type W = tokio::io::WriteHalf<Self>;
     fn halves(self) -> (Self::R, Self::W) {
         tokio::io::split(self)
+    }
+    fn socket(&self) -> Option<socket2::Socket> {
+        socket2::SockRef::from(self.get_ref().0).try_clone().ok()
+    }
+}
+
+/// tokio's owned write half sends a FIN when dropped; a connection being
+/// reset must not end cleanly first. Dropped, this closes nothing itself:
+/// the socket closes with its read half, with a FIN or, when asked, a
+/// reset. Ends passed on as half-closes are shut down explicitly.
+pub struct NoFinOnDrop(Option<tokio::net::tcp::OwnedWriteHalf>);
+
+impl NoFinOnDrop {
+    fn half(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut tokio::net::tcp::OwnedWriteHalf> {
+        std::pin::Pin::new(self.get_mut().0.as_mut().expect("taken only on drop"))
+    }
+}
+
+impl Drop for NoFinOnDrop {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            w.forget();
+        }
+    }
+}
+
+impl AsyncWrite for NoFinOnDrop {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.half().poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.half().poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.half().poll_shutdown(cx)
     }
 }
 
@@ -66,8 +122,8 @@ struct Summary {
     /// Envoy's response flags: `NC` no cluster, `UH` no healthy host,
     /// `UF,URX` every connect attempt failed.
     flags: &'static str,
-    rx: u64,
-    tx: u64,
+    rx: AtomicU64,
+    tx: AtomicU64,
 }
 
 pub async fn serve<D: Halves>(
@@ -91,14 +147,18 @@ pub async fn serve<D: Halves>(
             }
         }
     }
-    stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(sum.rx);
-    stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(sum.tx);
+    let (rx, tx) = (
+        sum.rx.load(Ordering::Relaxed),
+        sum.tx.load(Ordering::Relaxed),
+    );
+    stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(rx);
+    stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(tx);
     if !t.access_log.is_empty() {
         let e = crate::access_log::Entry {
             start,
             duration: began.elapsed(),
-            bytes_received: sum.rx,
-            bytes_sent: sum.tx,
+            bytes_received: rx,
+            bytes_sent: tx,
             downstream_remote: conn.peer,
             downstream_direct_remote: conn.direct_peer,
             downstream_local: conn.local,
@@ -214,68 +274,109 @@ fn grow_if_full(buf: &mut Vec<u8>, n: usize) {
     }
 }
 
-/// Copies both ways until both directions have ended (an end is passed on
-/// as a half-close), an error, or `idle` with no bytes. Counts the bytes
-/// received from and sent to downstream in `sum` as they pass; returns
-/// whether the idle timer fired.
-async fn pipe<D: Halves, U: Halves>(
-    down: D,
-    up: U,
-    idle: Option<Duration>,
-    sum: &mut Summary,
-) -> bool {
-    use tokio::time::Instant;
+/// How one direction of a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Flow {
+    /// The reader's end (FIN), passed on as a half-close.
+    Fin,
+    /// Reading failed: the reading side reset the connection.
+    ReadFailed,
+    /// Writing failed: the writing side reset the connection.
+    WriteFailed,
+}
+
+/// Copies one direction until its end or an error, counting the bytes and
+/// noting the time of the last ones in `last` (milliseconds since `epoch`).
+async fn one_way<R, W>(
+    r: &mut R,
+    w: &mut W,
+    bytes: &AtomicU64,
+    last: &AtomicU64,
+    epoch: Instant,
+) -> Flow
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; MIN_BUF];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => {
+                let _ = w.shutdown().await;
+                return Flow::Fin;
+            }
+            Ok(n) => n,
+            Err(_) => return Flow::ReadFailed,
+        };
+        if w.write_all(&buf[..n]).await.is_err() {
+            return Flow::WriteFailed;
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        grow_if_full(&mut buf, n);
+    }
+}
+
+/// Copies both ways at once, each direction on its own: a write that waits
+/// for its reader never holds up the other direction (an upstream that
+/// echoes, and stops reading while its answers are unread, would otherwise
+/// deadlock both). An end is passed on as a half-close; a reset on either
+/// side is passed on as a reset of the other, as Envoy does, so a transfer
+/// cut short never looks complete. Counts the bytes received from and sent
+/// to downstream in `sum` as they pass; returns whether the idle timer
+/// fired.
+async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>, sum: &Summary) -> bool {
+    let (down_sock, up_sock) = (down.socket(), up.socket());
     let (mut dr, mut dw) = down.halves();
     let (mut ur, mut uw) = up.halves();
-    let (mut b1, mut b2) = (vec![0u8; MIN_BUF], vec![0u8; MIN_BUF]);
-    let (mut down_open, mut up_open) = (true, true);
+    let last = AtomicU64::new(0);
+    let epoch = Instant::now();
+    let upward = one_way(&mut dr, &mut uw, &sum.rx, &last, epoch);
+    let downward = one_way(&mut ur, &mut dw, &sum.tx, &last, epoch);
+    tokio::pin!(upward, downward);
+    let (mut to_up, mut to_down) = (None, None);
     // A day stands in for "never" when the idle timeout is disabled.
     let idle_for = idle.unwrap_or(Duration::from_secs(86_400));
     // Traffic only notes the time; the timer is moved when it fires early,
     // not on every read.
-    let mut last = Instant::now();
     let timer = tokio::time::sleep(idle_for);
     tokio::pin!(timer);
-    while down_open || up_open {
+    let mut idled = false;
+    loop {
         tokio::select! {
-            r = dr.read(&mut b1), if down_open => match r {
-                Ok(0) => {
-                    down_open = false;
-                    let _ = uw.shutdown().await;
-                }
-                Ok(n) => {
-                    if uw.write_all(&b1[..n]).await.is_err() {
-                        break;
-                    }
-                    sum.rx += n as u64;
-                    last = Instant::now();
-                    grow_if_full(&mut b1, n);
-                }
-                Err(_) => break,
-            },
-            r = ur.read(&mut b2), if up_open => match r {
-                Ok(0) => {
-                    up_open = false;
-                    let _ = dw.shutdown().await;
-                }
-                Ok(n) => {
-                    if dw.write_all(&b2[..n]).await.is_err() {
-                        break;
-                    }
-                    sum.tx += n as u64;
-                    last = Instant::now();
-                    grow_if_full(&mut b2, n);
-                }
-                Err(_) => break,
-            },
+            f = &mut upward, if to_up.is_none() => to_up = Some(f),
+            f = &mut downward, if to_down.is_none() => to_down = Some(f),
             _ = &mut timer, if idle.is_some() => {
-                let deadline = last + idle_for;
+                let seen = Duration::from_millis(last.load(Ordering::Relaxed));
+                let deadline = epoch + seen + idle_for;
                 if deadline <= Instant::now() {
-                    return true;
+                    idled = true;
+                    break;
                 }
                 timer.as_mut().reset(deadline);
             }
         }
+        let failed = |f: Option<Flow>| f.is_some_and(|f| f != Flow::Fin);
+        if failed(to_up) || failed(to_down) || (to_up.is_some() && to_down.is_some()) {
+            break;
+        }
     }
-    false
+    tracing::debug!(?to_up, ?to_down, idled, "tcp_proxy: connection ended");
+    // A failed read is its own side's reset; a failed write, the other's.
+    if to_up == Some(Flow::WriteFailed) || to_down == Some(Flow::ReadFailed) {
+        reset_on_close(&down_sock);
+    }
+    if to_up == Some(Flow::ReadFailed) || to_down == Some(Flow::WriteFailed) {
+        reset_on_close(&up_sock);
+    }
+    idled
+}
+
+/// Makes closing the socket send a reset (RST) rather than a FIN: linger
+/// on, with no time to linger. The socket closes when its last handle (the
+/// halves, and this one) is dropped.
+fn reset_on_close(sock: &Option<socket2::Socket>) {
+    if let Some(s) = sock {
+        let _ = s.set_linger(Some(Duration::ZERO));
+    }
 }
