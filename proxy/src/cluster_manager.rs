@@ -26,6 +26,10 @@ pub struct UpstreamHost {
     pub weight: u32,
     pub healthy: bool,
     pub degraded: bool,
+    /// Its locality (an index among its priority's localities) and that
+    /// locality's weight, for locality-weighted balancing.
+    pub locality: u32,
+    pub locality_weight: u32,
     pub active_requests: Arc<AtomicU64>,
     /// How connections to it are secured (the cluster's transport socket,
     /// or the `transport_socket_matches` entry its metadata picks).
@@ -70,6 +74,128 @@ struct Priority {
     /// Every host: used in panic mode.
     all: Pool,
     panic: bool,
+    /// With locality weighting, and some locality weighted above zero.
+    localities: Option<Localities>,
+}
+
+/// A priority's localities, picked by weight before a host within one, as
+/// Envoy's locality-weighted balancing: each locality's effective weight
+/// is its weight times `min(1, overprovisioning * healthy / total)`
+/// (degraded hosts likewise for degraded picks), and picks follow an EDF
+/// schedule over those weights.
+struct Localities {
+    healthy: Vec<Pool>,
+    degraded: Vec<Pool>,
+    healthy_weights: Vec<f64>,
+    degraded_weights: Vec<f64>,
+    healthy_edf: Mutex<lb::edf::EdfScheduler>,
+    degraded_edf: Mutex<lb::edf::EdfScheduler>,
+}
+
+impl Localities {
+    fn build(
+        policy: &lb::LbPolicy,
+        hosts: &[Arc<UpstreamHost>],
+        overprovisioning: u32,
+    ) -> Option<Self> {
+        let n = hosts
+            .iter()
+            .map(|h| h.locality as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut weight = vec![0u32; n];
+        let mut groups: Vec<Vec<Arc<UpstreamHost>>> = vec![Vec::new(); n];
+        for h in hosts {
+            weight[h.locality as usize] = h.locality_weight;
+            groups[h.locality as usize].push(h.clone());
+        }
+        let effective = |g: &[Arc<UpstreamHost>], w: u32, ok: &dyn Fn(&UpstreamHost) -> bool| {
+            if g.is_empty() {
+                return 0.0;
+            }
+            let avail = g.iter().filter(|h| ok(h)).count() as f64 / g.len() as f64;
+            f64::from(w) * (f64::from(overprovisioning) / 100.0 * avail).min(1.0)
+        };
+        let healthy_weights: Vec<f64> = (0..n)
+            .map(|i| effective(&groups[i], weight[i], &|h| h.healthy))
+            .collect();
+        let degraded_weights: Vec<f64> = (0..n)
+            .map(|i| effective(&groups[i], weight[i], &|h| h.degraded))
+            .collect();
+        // Envoy builds no schedule when every weight is zero (EDS sent no
+        // locality weights): picks then ignore localities.
+        if healthy_weights
+            .iter()
+            .chain(&degraded_weights)
+            .all(|w| *w <= 0.0)
+        {
+            return None;
+        }
+        let edf = |w: &[f64]| {
+            let mut e = lb::edf::EdfScheduler::new();
+            for (i, w) in w.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+                e.add(*w, i);
+            }
+            Mutex::new(e)
+        };
+        let pools = |ok: &dyn Fn(&UpstreamHost) -> bool| -> Vec<Pool> {
+            groups
+                .iter()
+                .map(|g| Pool::new(policy, g.iter().filter(|h| ok(h)).cloned().collect()))
+                .collect()
+        };
+        Some(Self {
+            healthy: pools(&|h| h.healthy),
+            degraded: pools(&|h| h.degraded),
+            healthy_edf: edf(&healthy_weights),
+            degraded_edf: edf(&degraded_weights),
+            healthy_weights,
+            degraded_weights,
+        })
+    }
+
+    /// The next locality's pool by the EDF schedule; None when no locality
+    /// has hosts of that kind.
+    fn pick(&self, degraded: bool) -> Option<&Pool> {
+        let (edf, weights, pools) = if degraded {
+            (&self.degraded_edf, &self.degraded_weights, &self.degraded)
+        } else {
+            (&self.healthy_edf, &self.healthy_weights, &self.healthy)
+        };
+        let i = edf.lock().unwrap().pick_and_add(|i| weights[i])?;
+        pools.get(i)
+    }
+
+    /// Each locality's pool with its share of the priority's load.
+    fn shares(&self, degraded: bool) -> impl Iterator<Item = (&Pool, f64)> {
+        let (weights, pools) = if degraded {
+            (&self.degraded_weights, &self.degraded)
+        } else {
+            (&self.healthy_weights, &self.healthy)
+        };
+        let total: f64 = weights.iter().sum();
+        pools
+            .iter()
+            .zip(weights)
+            .map(move |(p, w)| (p, if total > 0.0 { w / total } else { 0.0 }))
+    }
+}
+
+/// How a snapshot spreads load beyond the balancing policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    /// `healthy_panic_threshold` in percent; 0: never panic.
+    pub panic_threshold: u32,
+    pub locality_weighted: bool,
+}
+
+impl Default for Spread {
+    fn default() -> Self {
+        Self {
+            panic_threshold: PANIC_THRESHOLD_PCT as u32,
+            locality_weighted: false,
+        }
+    }
 }
 
 /// An immutable view of a cluster's hosts.
@@ -102,6 +228,16 @@ pub struct Loads {
 /// priority panics when the total availability is 100; when every priority
 /// panics, the load follows host counts (`recalculateLoadInTotalPanic`).
 pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> Loads {
+    priority_loads_with(counts, overprovisioning, PANIC_THRESHOLD_PCT as u32)
+}
+
+/// [`priority_loads`] with a panic threshold other than Envoy's default.
+pub fn priority_loads_with(
+    counts: &[PriorityCounts],
+    overprovisioning: u32,
+    threshold: u32,
+) -> Loads {
+    let threshold = threshold as usize;
     let n = counts.len();
     let avail = |k: usize, t: usize| {
         if t == 0 {
@@ -115,7 +251,9 @@ pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> Loads
     let total = (health.iter().sum::<u32>() + degraded.iter().sum::<u32>()).min(100);
     let panic: Vec<bool> = counts
         .iter()
-        .map(|&(h, d, t)| total != 100 && (t == 0 || (h + d) * 100 < t * PANIC_THRESHOLD_PCT))
+        .map(|&(h, d, t)| {
+            total != 100 && threshold > 0 && (t == 0 || (h + d) * 100 < t * threshold)
+        })
         .collect();
     let mut hl = vec![0; n];
     let mut dl = vec![0; n];
@@ -132,6 +270,18 @@ pub fn priority_loads(counts: &[PriorityCounts], overprovisioning: u32) -> Loads
             if let Some(i) = counts.iter().position(|&(_, _, t)| t > 0) {
                 hl[i] += remaining;
             }
+        }
+        return Loads {
+            healthy: hl,
+            degraded: dl,
+            panic,
+        };
+    }
+    if total == 0 {
+        // No panic (threshold 0) and nothing available: Envoy sends it all
+        // to the first priority, which then has no host to pick.
+        if n > 0 {
+            hl[0] = 100;
         }
         return Loads {
             healthy: hl,
@@ -169,6 +319,15 @@ impl HostSnapshot {
         by_priority: Vec<Vec<Arc<UpstreamHost>>>,
         overprovisioning: u32,
     ) -> Self {
+        Self::build_spread(policy, Spread::default(), by_priority, overprovisioning)
+    }
+
+    pub fn build_spread(
+        policy: &lb::LbPolicy,
+        spread: Spread,
+        by_priority: Vec<Vec<Arc<UpstreamHost>>>,
+        overprovisioning: u32,
+    ) -> Self {
         let counts: Vec<PriorityCounts> = by_priority
             .iter()
             .map(|p| {
@@ -179,13 +338,18 @@ impl HostSnapshot {
                 )
             })
             .collect();
-        let loads = priority_loads(&counts, overprovisioning);
+        let loads = priority_loads_with(&counts, overprovisioning, spread.panic_threshold);
         let all_hosts = by_priority.iter().flatten().cloned().collect();
         let priorities = by_priority
             .into_iter()
             .zip(&loads.panic)
             .map(|(hosts, &panic)| Priority {
                 panic,
+                localities: if spread.locality_weighted {
+                    Localities::build(policy, &hosts, overprovisioning)
+                } else {
+                    None
+                },
                 healthy: Pool::new(
                     policy,
                     hosts.iter().filter(|h| h.healthy).cloned().collect(),
@@ -224,13 +388,28 @@ impl HostSnapshot {
                     (&prio.degraded, self.degraded_loads[p]),
                 ]
             };
-            for (pool, load) in sets {
+            let by_locality = |degraded: bool| -> Vec<(&Pool, f64)> {
+                match &prio.localities {
+                    Some(l) if !prio.panic => l.shares(degraded).collect(),
+                    _ => Vec::new(),
+                }
+            };
+            let mut weighted: Vec<(&Pool, f64)> = Vec::new();
+            for (i, (pool, load)) in sets.into_iter().enumerate() {
+                let split = by_locality(i == 1);
+                if split.is_empty() {
+                    weighted.push((pool, f64::from(load)));
+                } else {
+                    weighted.extend(split.into_iter().map(|(p, f)| (p, f64::from(load) * f)));
+                }
+            }
+            for (pool, load) in weighted {
                 let total: u64 = pool.hosts.iter().map(|h| u64::from(h.weight.max(1))).sum();
-                if load == 0 || total == 0 {
+                if load <= 0.0 || total == 0 {
                     continue;
                 }
                 for h in &pool.hosts {
-                    let share = f64::from(load) / 100.0 * h.weight.max(1) as f64 / total as f64;
+                    let share = load / 100.0 * h.weight.max(1) as f64 / total as f64;
                     match shares.iter_mut().find(|(a, _)| *a == h.addr) {
                         Some((_, s)) => *s += share,
                         None => shares.push((h.addr, share)),
@@ -270,6 +449,8 @@ impl HostSnapshot {
         let prio = &self.priorities[p];
         let pool = if prio.panic {
             &prio.all
+        } else if let Some(pool) = prio.localities.as_ref().and_then(|l| l.pick(degraded)) {
+            pool
         } else if degraded {
             &prio.degraded
         } else {
@@ -297,6 +478,9 @@ pub struct ClusterStats {
     pub upstream_cx_total: metrics::Counter,
     pub upstream_cx_connect_fail: metrics::Counter,
     pub upstream_cx_none_healthy: metrics::Counter,
+    pub upstream_cx_overflow: metrics::Counter,
+    pub upstream_rq_pending_overflow: metrics::Counter,
+    pub upstream_rq_retry_overflow: metrics::Counter,
     pub membership_healthy: metrics::Gauge,
     pub membership_total: metrics::Gauge,
     upstream_rq: stats::StatusCounters,
@@ -316,6 +500,9 @@ impl ClusterStats {
             upstream_cx_total: c("upstream_cx_total"),
             upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
             upstream_cx_none_healthy: c("upstream_cx_none_healthy"),
+            upstream_cx_overflow: c("upstream_cx_overflow"),
+            upstream_rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            upstream_rq_retry_overflow: c("upstream_rq_retry_overflow"),
             membership_healthy: g("membership_healthy"),
             membership_total: g("membership_total"),
             upstream_rq: stats::StatusCounters::new(format!("{p}upstream_rq_"), true),
@@ -336,6 +523,8 @@ pub struct Cluster {
     /// The last successful resolution of each DNS endpoint.
     last_resolved: Mutex<HashMap<(String, u16), Vec<SocketAddr>>>,
     pub stats: ClusterStats,
+    /// Circuit breakers: the connections, requests and retries in use.
+    pub breakers: crate::breakers::Breakers,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
     /// Requests sent on each pooled upstream connection (by socket), kept
@@ -354,6 +543,7 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     pub fn new(config: Arc<ClusterConfig>) -> Self {
         let stats = ClusterStats::new(&config.name);
+        let breakers = crate::breakers::Breakers::new(&config.name, &config.circuit_breakers);
         // A new TLS context gets new pooled connections.
         let tls_keys = config
             .tls
@@ -362,8 +552,9 @@ impl Cluster {
             .fold(0u64, |acc, t| acc.rotate_left(7) ^ t.key);
         let pool_key = xxhash_rust::xxh64::xxh64(config.name.as_bytes(), tls_keys);
         let c = Self {
-            snapshot: ArcSwap::from_pointee(HostSnapshot::build(
+            snapshot: ArcSwap::from_pointee(HostSnapshot::build_spread(
                 &config.lb,
+                config.spread(),
                 Vec::new(),
                 config.overprovisioning_factor,
             )),
@@ -371,6 +562,7 @@ impl Cluster {
             cells: Mutex::new(HashMap::new()),
             last_resolved: Mutex::new(HashMap::new()),
             stats,
+            breakers,
             pool_key,
             requests_on: Mutex::new(HashMap::new()),
         };
@@ -450,7 +642,11 @@ impl Cluster {
         let mut by_priority: Vec<Vec<Arc<UpstreamHost>>> = vec![Vec::new(); max_p];
         let mut cells = self.cells.lock().unwrap();
         let mut live = HashMap::new();
+        // Each entry is one locality: its index among its priority's.
+        let mut localities = vec![0u32; max_p];
         for (p, eps) in resolved {
+            let locality = localities[p as usize];
+            localities[p as usize] += 1;
             for (e, addrs) in eps {
                 for addr in addrs {
                     let cell = cells.get(&addr).cloned().unwrap_or_default();
@@ -473,6 +669,8 @@ impl Cluster {
                         weight: e.weight,
                         healthy: e.healthy,
                         degraded: e.degraded,
+                        locality,
+                        locality_weight: e.locality_weight,
                         active_requests: cell,
                         tls: self.config.tls_for(&e).map(|tls| HostTls {
                             connect: (!tls.auto_host_sni).then(|| {
@@ -489,7 +687,12 @@ impl Cluster {
             }
         }
         *cells = live;
-        let snap = HostSnapshot::build(&self.config.lb, by_priority, overprovisioning);
+        let snap = HostSnapshot::build_spread(
+            &self.config.lb,
+            self.config.spread(),
+            by_priority,
+            overprovisioning,
+        );
         self.stats.membership_total.set(snap.all_hosts.len() as f64);
         self.stats
             .membership_healthy
@@ -719,6 +922,8 @@ mod tests {
             hostname: String::new(),
             weight: 1,
             healthy,
+            locality: 0,
+            locality_weight: 0,
             active_requests: Default::default(),
             tls: None,
         })
@@ -820,5 +1025,105 @@ mod tests {
             })
             .collect();
         assert_eq!(ports.len(), 3, "panic mode balances over all hosts");
+    }
+
+    fn in_locality(port: u16, healthy: bool, locality: u32, weight: u32) -> Arc<UpstreamHost> {
+        let mut h = Arc::try_unwrap(host(port, healthy)).unwrap();
+        h.locality = locality;
+        h.locality_weight = weight;
+        Arc::new(h)
+    }
+
+    fn pick_counts(snap: &HostSnapshot, n: usize) -> HashMap<u16, usize> {
+        let mut counts = HashMap::new();
+        for i in 0..n {
+            if let Some(h) = snap.pick(None, i as u64 * 7919, &|_| false, None) {
+                *counts.entry(h.addr.port()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn locality_weights_split_picks_by_their_effective_weight() {
+        let weighted = Spread {
+            locality_weighted: true,
+            ..Default::default()
+        };
+        // Locality 0 (weight 1) has one host, locality 1 (weight 3) two:
+        // 1:3 between localities, whatever their host counts.
+        let hosts = vec![
+            in_locality(1, true, 0, 1),
+            in_locality(2, true, 1, 3),
+            in_locality(3, true, 1, 3),
+        ];
+        let snap = HostSnapshot::build_spread(
+            &lb::LbPolicy::RoundRobin,
+            weighted,
+            vec![hosts.clone()],
+            140,
+        );
+        let c = pick_counts(&snap, 400);
+        assert_eq!(c[&1], 100, "EDF gives locality 0 exactly a quarter: {c:?}");
+        assert_eq!(c[&2] + c[&3], 300);
+        let shares: HashMap<u16, f64> = snap
+            .effective_shares()
+            .into_iter()
+            .map(|(a, s)| (a.port(), s))
+            .collect();
+        assert!((shares[&1] - 0.25).abs() < 1e-9, "{shares:?}");
+        // Without locality weighting the three hosts share evenly.
+        let flat = HostSnapshot::build(&lb::LbPolicy::RoundRobin, vec![hosts], 140);
+        assert_eq!(pick_counts(&flat, 300)[&1], 100);
+        // A locality with half its hosts down keeps 70 % of its weight
+        // (overprovisioning 1.4 x 1/2): 1 : 3 x 0.7.
+        let hosts = vec![
+            in_locality(1, true, 0, 1),
+            in_locality(2, true, 1, 3),
+            in_locality(3, false, 1, 3),
+        ];
+        let snap =
+            HostSnapshot::build_spread(&lb::LbPolicy::RoundRobin, weighted, vec![hosts], 140);
+        let c = pick_counts(&snap, 310);
+        assert_eq!((c[&1], c[&2]), (100, 210), "{c:?}");
+        // No locality weights at all (EDS sent none): Envoy ignores them.
+        let hosts = vec![in_locality(1, true, 0, 0), in_locality(2, true, 1, 0)];
+        let snap =
+            HostSnapshot::build_spread(&lb::LbPolicy::RoundRobin, weighted, vec![hosts], 140);
+        assert_eq!(pick_counts(&snap, 100).len(), 2);
+    }
+
+    #[test]
+    fn a_panic_threshold_of_zero_never_panics() {
+        let hosts = vec![
+            host(1, false),
+            host(2, false),
+            host(3, true),
+            host(4, false),
+        ];
+        let spread = |t| Spread {
+            panic_threshold: t,
+            ..Default::default()
+        };
+        // 1 of 4 healthy is under 50 %: panic, all four take traffic.
+        let panic = HostSnapshot::build_spread(
+            &lb::LbPolicy::RoundRobin,
+            spread(50),
+            vec![hosts.clone()],
+            140,
+        );
+        assert_eq!(pick_counts(&panic, 100).len(), 4);
+        // Threshold 20: 25 % healthy is enough; only the healthy host.
+        let calm = HostSnapshot::build_spread(
+            &lb::LbPolicy::RoundRobin,
+            spread(20),
+            vec![hosts.clone()],
+            140,
+        );
+        assert_eq!(pick_counts(&calm, 100).keys().collect::<Vec<_>>(), vec![&3]);
+        // Threshold 0 with no healthy host: no panic, so no host at all.
+        let none = vec![host(1, false), host(2, false)];
+        let off = HostSnapshot::build_spread(&lb::LbPolicy::RoundRobin, spread(0), vec![none], 140);
+        assert!(off.pick(None, 1, &|_| false, None).is_none());
     }
 }

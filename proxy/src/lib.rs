@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod admin;
 pub mod allocator;
 pub mod bootstrap;
+pub mod breakers;
 pub mod cli;
 pub mod cluster_manager;
 pub mod config;

@@ -33,6 +33,7 @@ const fn m(
 const NO_LOG: &str = "access logging is not implemented yet; it changes no traffic";
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
+const DNS_TTL: &str = "DNS is re-resolved every dns_refresh_rate";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
 
 /// The registry. Messages whose names start with `google.protobuf.` are
@@ -178,7 +179,13 @@ pub static REGISTRY: &[MessageSupport] = &[
             "use_original_dst",
             "drain_type",
         ],
-        &[("metadata", "only informational")],
+        &[
+            ("metadata", "only informational"),
+            (
+                "max_connections_to_accept_per_socket_event",
+                "how many connections one wake-up of the accept loop takes before others run: fairness, not which connections are served",
+            ),
+        ],
     ),
     m(
         "envoy.config.listener.v3.FilterChain",
@@ -898,6 +905,13 @@ pub static REGISTRY: &[MessageSupport] = &[
             "least_request_lb_config",
             "transport_socket",
             "transport_socket_matches",
+            "circuit_breakers",
+            "common_lb_config",
+            // Without active health checks (rejected) hosts leave at once
+            // either way, as in Envoy.
+            "ignore_health_on_host_removal",
+            "load_balancing_policy",
+            "cluster_type",
         ],
         &[
             ("alt_stat_name", "only changes stat names"),
@@ -906,14 +920,114 @@ pub static REGISTRY: &[MessageSupport] = &[
                 "per_connection_buffer_limit_bytes",
                 "an upstream flow-control watermark: it paces, never changes, what is sent; pingora's own backpressure applies",
             ),
-            (
-                "respect_dns_ttl",
-                "DNS is re-resolved every dns_refresh_rate",
-            ),
+            ("respect_dns_ttl", DNS_TTL),
             (
                 "upstream_connection_options",
                 "TCP keepalive settings are not applied yet",
             ),
+        ],
+    ),
+    m("envoy.type.v3.Percent", &["value"], &[]),
+    m(
+        "envoy.config.cluster.v3.CircuitBreakers",
+        // per_host_thresholds: refused by the translation unless empty.
+        &["thresholds", "per_host_thresholds"],
+        &[],
+    ),
+    m(
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds",
+        // max_connections: tcp_proxy connections, and HTTP/1 upstream
+        // requests (each holds a connection); HTTP/2 upstream connections
+        // are pingora's, one per host while streams fit. max_connection_pools
+        // is refused by the translation.
+        &[
+            "priority",
+            "max_connections",
+            "max_pending_requests",
+            "max_requests",
+            "max_retries",
+            "retry_budget",
+            "track_remaining",
+            "max_connection_pools",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget",
+        &["budget_percent", "min_retry_concurrency"],
+        &[],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig",
+        // ignore_new_hosts_until_first_hc: no effect without active health
+        // checks (rejected), as in Envoy.
+        &[
+            "healthy_panic_threshold",
+            "locality_weighted_lb_config",
+            "ignore_new_hosts_until_first_hc",
+        ],
+        &[(
+            "update_merge_window",
+            "health and weight changes apply at once; Envoy may hold them back for up to this window (1 s by default, set or not)",
+        )],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig",
+        &[],
+        &[],
+    ),
+    m("envoy.config.cluster.v3.LoadBalancingPolicy", &["policies"], &[]),
+    m(
+        "envoy.config.cluster.v3.LoadBalancingPolicy.Policy",
+        &["typed_extension_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
+        &["locality_lb_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+        &["choice_count", "active_request_bias", "locality_lb_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.random.v3.Random",
+        &["locality_lb_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.ring_hash.v3.RingHash",
+        &["hash_function", "minimum_ring_size", "maximum_ring_size"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.maglev.v3.Maglev",
+        &["table_size"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig",
+        &["locality_weighted_lb_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.LocalityWeightedLbConfig",
+        &[],
+        &[],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.CustomClusterType",
+        &["name", "typed_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.clusters.dns.v3.DnsCluster",
+        &["dns_refresh_rate", "dns_lookup_family", "all_addresses_in_single_endpoint"],
+        &[
+            ("respect_dns_ttl", DNS_TTL),
+            ("dns_jitter", "only delays re-resolution by a random amount"),
         ],
     ),
     m(

@@ -62,6 +62,8 @@ pub struct EndpointConfig {
     /// `filter_metadata["envoy.transport_socket_match"]` of the endpoint:
     /// what `transport_socket_matches` look at.
     pub socket_match: serde_json::Map<String, serde_json::Value>,
+    /// Its locality's `load_balancing_weight` (0 when unset).
+    pub locality_weight: u32,
 }
 
 /// One `transport_socket_matches` entry.
@@ -103,9 +105,22 @@ pub struct ClusterConfig {
     /// `transport_socket_matches`, tried in order per endpoint before
     /// falling back to `tls`.
     pub tls_matches: Vec<TransportMatch>,
+    pub circuit_breakers: super::circuit_breakers::CircuitBreakers,
+    /// `common_lb_config.healthy_panic_threshold`, in percent.
+    pub panic_threshold: u32,
+    /// Localities are picked by weight first, then a host within one.
+    pub locality_weighted: bool,
 }
 
 impl ClusterConfig {
+    /// How its host snapshots spread load beyond the policy.
+    pub fn spread(&self) -> crate::cluster_manager::Spread {
+        crate::cluster_manager::Spread {
+            panic_threshold: self.panic_threshold,
+            locality_weighted: self.locality_weighted,
+        }
+    }
+
     /// Whether any endpoint is a Unix socket: such a cluster can reach a
     /// management server but carries no proxied traffic.
     /// The SDS secrets the cluster's TLS uses.
@@ -143,13 +158,14 @@ impl ClusterConfig {
     }
 
     pub fn from_proto(c: &pb::Cluster, path: &str) -> Result<Self> {
-        use pb::cluster::{ClusterDiscoveryType, DiscoveryType as D, LbPolicy as L};
+        use pb::cluster::{ClusterDiscoveryType, DiscoveryType as D};
         if c.name.is_empty() {
             return Err(ConfigError::new(
                 join(path, "name"),
                 "cluster name is required",
             ));
         }
+        let mut dns_cluster = None;
         let discovery = match &c.cluster_discovery_type {
             None => Discovery::Static,
             Some(ClusterDiscoveryType::Type(t)) => match D::try_from(*t) {
@@ -164,91 +180,18 @@ impl ClusterConfig {
                     ))
                 }
             },
-            Some(ClusterDiscoveryType::ClusterType(_)) => {
-                return Err(ConfigError::new(
-                    join(path, "cluster_type"),
-                    "custom cluster types are not supported",
-                ))
-            }
-        };
-        let lb = match L::try_from(c.lb_policy)
-            .map_err(|_| ConfigError::new(join(path, "lb_policy"), "unknown policy"))?
-        {
-            L::RoundRobin => LbPolicy::RoundRobin,
-            L::LeastRequest => {
-                let cfg = match &c.lb_config {
-                    Some(pb::cluster::LbConfig::LeastRequestLbConfig(l)) => l.clone(),
-                    _ => Default::default(),
-                };
-                let choice_count = cfg.choice_count.val().unwrap_or(2);
-                if choice_count < 2 {
-                    return Err(ConfigError::new(
-                        join(path, "least_request_lb_config.choice_count"),
-                        "must be at least 2",
-                    ));
-                }
-                let bias = cfg
-                    .active_request_bias
+            Some(ClusterDiscoveryType::ClusterType(t)) => {
+                dns_cluster = Some(DnsClusterConfig::from_proto(
+                    t,
+                    &join(path, "cluster_type"),
+                )?);
+                dns_cluster
                     .as_ref()
-                    .map_or(1.0, |b| b.default_value);
-                LbPolicy::LeastRequest {
-                    choice_count,
-                    active_request_bias: bias,
-                }
-            }
-            L::Random => LbPolicy::Random,
-            L::RingHash => {
-                let cfg = match &c.lb_config {
-                    Some(pb::cluster::LbConfig::RingHashLbConfig(r)) => r.clone(),
-                    _ => Default::default(),
-                };
-                use pb::cluster::ring_hash_lb_config::HashFunction;
-                let murmur = match HashFunction::try_from(cfg.hash_function) {
-                    Ok(HashFunction::XxHash) => false,
-                    Ok(HashFunction::MurmurHash2) => true,
-                    Err(_) => {
-                        return Err(ConfigError::new(
-                            join(path, "ring_hash_lb_config.hash_function"),
-                            format!("unknown hash function {}", cfg.hash_function),
-                        ))
-                    }
-                };
-                let min = cfg.minimum_ring_size.val().unwrap_or(1024);
-                let max = cfg.maximum_ring_size.val().unwrap_or(8 * 1024 * 1024);
-                if min > max {
-                    return Err(ConfigError::new(
-                        join(path, "ring_hash_lb_config.minimum_ring_size"),
-                        "must not exceed maximum_ring_size",
-                    ));
-                }
-                LbPolicy::RingHash {
-                    min_ring_size: min,
-                    max_ring_size: max,
-                    murmur,
-                }
-            }
-            L::Maglev => {
-                let size = match &c.lb_config {
-                    Some(pb::cluster::LbConfig::MaglevLbConfig(m)) => {
-                        m.table_size.val().unwrap_or(65537)
-                    }
-                    _ => 65537,
-                };
-                if !is_prime(size) {
-                    return Err(ConfigError::new(
-                        join(path, "maglev_lb_config.table_size"),
-                        format!("{size} is not a prime number"),
-                    ));
-                }
-                LbPolicy::Maglev { table_size: size }
-            }
-            other => {
-                return Err(ConfigError::new(
-                    join(path, "lb_policy"),
-                    format!("{} is not supported", other.as_str_name()),
-                ))
+                    .map_or(Discovery::StrictDns, |d| d.discovery)
             }
         };
+        let (lb, locality_weighted) = lb_policy(c, path)?;
+        let panic_threshold = panic_threshold(c, path)?;
         if matches!(
             c.lb_config,
             Some(pb::cluster::LbConfig::OriginalDstLbConfig(_))
@@ -314,6 +257,8 @@ impl ClusterConfig {
             F::V4Preferred => DnsFamily::V4Preferred,
             F::All => DnsFamily::All,
         };
+        // A DnsCluster's own fields replace the Cluster's, as in Envoy.
+        let dns_family = dns_cluster.as_ref().map_or(dns_family, |d| d.family);
         let mut protocol = if c.http2_protocol_options.is_some() {
             UpstreamProtocol::Http2
         } else {
@@ -418,11 +363,18 @@ impl ClusterConfig {
                 "must be greater than zero",
             ));
         }
-        let dns_refresh = match &c.dns_refresh_rate {
-            Some(d) => duration(d, &join(path, "dns_refresh_rate"))?,
-            None => Duration::from_secs(5),
+        let dns_refresh = match (&dns_cluster, &c.dns_refresh_rate) {
+            (Some(d), _) => d.refresh,
+            (None, Some(d)) => duration(d, &join(path, "dns_refresh_rate"))?,
+            (None, None) => Duration::from_secs(5),
         };
         Ok(Self {
+            circuit_breakers: super::circuit_breakers::CircuitBreakers::from_proto(
+                c.circuit_breakers.as_ref(),
+                &join(path, "circuit_breakers"),
+            )?,
+            panic_threshold,
+            locality_weighted,
             name: c.name.clone(),
             discovery,
             connect_timeout,
@@ -482,7 +434,186 @@ impl ClusterConfig {
     }
 }
 
-fn is_prime(n: u64) -> bool {
+/// The `envoy.cluster.dns` extension (`cluster_type` with a DnsCluster):
+/// STRICT_DNS, or LOGICAL_DNS with `all_addresses_in_single_endpoint`.
+struct DnsClusterConfig {
+    discovery: Discovery,
+    family: DnsFamily,
+    refresh: Duration,
+}
+
+const DNS_CLUSTER: &str = "envoy.extensions.clusters.dns.v3.DnsCluster";
+
+impl DnsClusterConfig {
+    fn from_proto(t: &pb::cluster::CustomClusterType, path: &str) -> Result<Self> {
+        let tc = join(path, "typed_config");
+        // Envoy looks the extension up by its config's type.
+        let any = t
+            .typed_config
+            .as_ref()
+            .filter(|a| legate_proto::type_name(&a.type_url) == DNS_CLUSTER)
+            .ok_or_else(|| {
+                ConfigError::new(&tc, "only the envoy.cluster.dns cluster type is supported")
+            })?;
+        use legate_proto::envoy_types::pb::envoy::extensions::clusters::{
+            common::dns::v3::DnsLookupFamily as F, dns::v3::DnsCluster,
+        };
+        let d: DnsCluster = prost::Message::decode(any.value.as_slice())
+            .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+        let family = match F::try_from(d.dns_lookup_family).unwrap_or(F::Unspecified) {
+            F::Unspecified | F::Auto => DnsFamily::Auto,
+            F::V4Only => DnsFamily::V4Only,
+            F::V6Only => DnsFamily::V6Only,
+            F::V4Preferred => DnsFamily::V4Preferred,
+            F::All => DnsFamily::All,
+        };
+        let refresh = match &d.dns_refresh_rate {
+            Some(r) => duration(r, &join(&tc, "dns_refresh_rate"))?,
+            None => Duration::from_secs(5),
+        };
+        Ok(Self {
+            discovery: if d.all_addresses_in_single_endpoint {
+                Discovery::LogicalDns
+            } else {
+                Discovery::StrictDns
+            },
+            family,
+            refresh,
+        })
+    }
+}
+
+/// The cluster's load balancer: `load_balancing_policy` when set (its first
+/// policy; Envoy then ignores `lb_policy`), else `lb_policy` with its
+/// `*_lb_config`. Also whether locality weights apply.
+fn lb_policy(c: &pb::Cluster, path: &str) -> Result<(LbPolicy, bool)> {
+    let common = c.common_lb_config.as_ref();
+    let legacy_locality = common.is_some_and(|cl| {
+        matches!(
+            cl.locality_config_specifier,
+            Some(
+                pb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_)
+            )
+        )
+    });
+    match &c.load_balancing_policy {
+        Some(p) => {
+            if legacy_locality {
+                return Err(ConfigError::new(
+                    join(path, "common_lb_config.locality_weighted_lb_config"),
+                    "cannot be combined with load_balancing_policy (as in Envoy)",
+                ));
+            }
+            super::lb_policy::from_proto(p, &join(path, "load_balancing_policy"))
+        }
+        None => Ok((legacy_lb_policy(c, path)?, legacy_locality)),
+    }
+}
+
+/// `common_lb_config.healthy_panic_threshold`: Envoy's 50 % unless set; 0
+/// turns panic mode off.
+fn panic_threshold(c: &pb::Cluster, path: &str) -> Result<u32> {
+    let Some(p) = c
+        .common_lb_config
+        .as_ref()
+        .and_then(|cl| cl.healthy_panic_threshold.as_ref())
+    else {
+        return Ok(50);
+    };
+    if !(0.0..=100.0).contains(&p.value) {
+        return Err(ConfigError::new(
+            join(path, "common_lb_config.healthy_panic_threshold"),
+            "must be between 0 and 100",
+        ));
+    }
+    Ok(p.value.round() as u32)
+}
+
+/// `lb_policy` with its `*_lb_config` (the legacy form).
+fn legacy_lb_policy(c: &pb::Cluster, path: &str) -> Result<LbPolicy> {
+    use pb::cluster::LbPolicy as L;
+    let lb = match L::try_from(c.lb_policy)
+        .map_err(|_| ConfigError::new(join(path, "lb_policy"), "unknown policy"))?
+    {
+        L::RoundRobin => LbPolicy::RoundRobin,
+        L::LeastRequest => {
+            let cfg = match &c.lb_config {
+                Some(pb::cluster::LbConfig::LeastRequestLbConfig(l)) => l.clone(),
+                _ => Default::default(),
+            };
+            let choice_count = cfg.choice_count.val().unwrap_or(2);
+            if choice_count < 2 {
+                return Err(ConfigError::new(
+                    join(path, "least_request_lb_config.choice_count"),
+                    "must be at least 2",
+                ));
+            }
+            let bias = cfg
+                .active_request_bias
+                .as_ref()
+                .map_or(1.0, |b| b.default_value);
+            LbPolicy::LeastRequest {
+                choice_count,
+                active_request_bias: bias,
+            }
+        }
+        L::Random => LbPolicy::Random,
+        L::RingHash => {
+            let cfg = match &c.lb_config {
+                Some(pb::cluster::LbConfig::RingHashLbConfig(r)) => r.clone(),
+                _ => Default::default(),
+            };
+            use pb::cluster::ring_hash_lb_config::HashFunction;
+            let murmur = match HashFunction::try_from(cfg.hash_function) {
+                Ok(HashFunction::XxHash) => false,
+                Ok(HashFunction::MurmurHash2) => true,
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        join(path, "ring_hash_lb_config.hash_function"),
+                        format!("unknown hash function {}", cfg.hash_function),
+                    ))
+                }
+            };
+            let min = cfg.minimum_ring_size.val().unwrap_or(1024);
+            let max = cfg.maximum_ring_size.val().unwrap_or(8 * 1024 * 1024);
+            if min > max {
+                return Err(ConfigError::new(
+                    join(path, "ring_hash_lb_config.minimum_ring_size"),
+                    "must not exceed maximum_ring_size",
+                ));
+            }
+            LbPolicy::RingHash {
+                min_ring_size: min,
+                max_ring_size: max,
+                murmur,
+            }
+        }
+        L::Maglev => {
+            let size = match &c.lb_config {
+                Some(pb::cluster::LbConfig::MaglevLbConfig(m)) => {
+                    m.table_size.val().unwrap_or(65537)
+                }
+                _ => 65537,
+            };
+            if !is_prime(size) {
+                return Err(ConfigError::new(
+                    join(path, "maglev_lb_config.table_size"),
+                    format!("{size} is not a prime number"),
+                ));
+            }
+            LbPolicy::Maglev { table_size: size }
+        }
+        other => {
+            return Err(ConfigError::new(
+                join(path, "lb_policy"),
+                format!("{} is not supported", other.as_str_name()),
+            ))
+        }
+    };
+    Ok(lb)
+}
+
+pub fn is_prime(n: u64) -> bool {
     n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
 
@@ -583,11 +714,14 @@ pub fn load_assignment(
                 hash_key,
                 pipe,
                 socket_match,
+                locality_weight: l.load_balancing_weight.val().unwrap_or(0),
             });
         }
         out.push(LocalityConfig {
             priority: l.priority,
-            weight: l.load_balancing_weight.val().unwrap_or(1),
+            // Envoy: a locality without a weight gets none (no traffic
+            // when locality weights apply).
+            weight: l.load_balancing_weight.val().unwrap_or(0),
             endpoints,
         });
     }

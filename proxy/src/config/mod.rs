@@ -6,8 +6,10 @@
 //! exactly what is wrong. Fields the translation does not understand never
 //! reach this module: [`crate::registry`] rejects them first.
 
+pub mod circuit_breakers;
 pub mod cluster;
 pub mod filter_chain;
+pub mod lb_policy;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod matcher;

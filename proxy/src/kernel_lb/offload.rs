@@ -149,6 +149,8 @@ mod tests {
                     weight: *w,
                     healthy: true,
                     degraded: false,
+                    locality: 0,
+                    locality_weight: 0,
                     active_requests: Default::default(),
                     tls: None,
                 })
@@ -219,6 +221,8 @@ mod tests {
             weight: 1,
             healthy: true,
             degraded: false,
+            locality: 0,
+            locality_weight: 0,
             active_requests: Default::default(),
             tls: None,
         });

@@ -136,6 +136,13 @@ pub struct Ctx {
     /// body beyond the limit is not kept for retries, so none is made.
     buffer_limit: u32,
     body_read: u64,
+    /// Circuit breaker slots this request holds: an upstream connection
+    /// (HTTP/1), an active request, a retry.
+    cx_slot: Option<crate::breakers::Slot>,
+    rq_slot: Option<crate::breakers::Slot>,
+    retry_slot: Option<crate::breakers::Slot>,
+    /// A circuit breaker refused the request: `x-envoy-overloaded: true`.
+    overloaded: bool,
 }
 
 impl Ctx {
@@ -439,6 +446,104 @@ impl HcmProxy {
 
     fn retry_allows(ctx: &Ctx) -> bool {
         Self::body_kept(ctx) && Self::retries_left(ctx)
+    }
+
+    /// Whether to retry a failure the policy `wants` to retry: retries
+    /// left (else Envoy's `URX`), the body kept, and a retry slot under the
+    /// cluster's `max_retries` or retry budget (else Envoy's `UO` and
+    /// `upstream_rq_retry_overflow`). The slot is held until the retry's
+    /// own outcome is decided, as Envoy's retry state holds it.
+    fn decide_retry(ctx: &mut Ctx, wants: bool, truncated: bool) -> bool {
+        ctx.retry_slot = None;
+        Self::note_retry_limit(ctx, wants);
+        if !(wants && !truncated && Self::retry_allows(ctx)) {
+            return false;
+        }
+        let Some(cluster) = &ctx.cluster else {
+            return true;
+        };
+        match cluster.breakers.default_priority().try_retry() {
+            Some(slot) => {
+                ctx.retry_slot = Some(slot);
+                true
+            }
+            None => {
+                cluster.stats.upstream_rq_retry_overflow.increment(1);
+                ctx.flags.add("UO");
+                false
+            }
+        }
+    }
+
+    /// Takes the request's circuit breaker slots on its chosen cluster: a
+    /// connection for an HTTP/1 upstream (each request holds one; waiting
+    /// for one is Envoy's pending request, bounded by the route timeout),
+    /// then an active request. Over a limit: Envoy's 503 with flag `UO`.
+    async fn take_slots(cluster: &Cluster, ctx: &mut Ctx) -> Result<()> {
+        (ctx.cx_slot, ctx.rq_slot) = (None, None);
+        let b = cluster.breakers.default_priority();
+        if cluster.config.protocol == crate::config::cluster::UpstreamProtocol::Http1 {
+            let cx = match b.connections.try_acquire() {
+                Some(cx) => cx,
+                None => {
+                    cluster.stats.upstream_cx_overflow.increment(1);
+                    let Some(_pending) = b.pending.try_acquire() else {
+                        return Self::overflow(cluster, ctx);
+                    };
+                    let left = ctx.timeout.map(|t| {
+                        t.saturating_sub(ctx.started.map_or(Duration::ZERO, |s| s.elapsed()))
+                    });
+                    let wait = b.connections.acquire();
+                    match left {
+                        None => wait.await,
+                        Some(left) => match tokio::time::timeout(left, wait).await {
+                            Ok(cx) => cx,
+                            Err(_) => {
+                                cluster.stats.upstream_rq_timeout.increment(1);
+                                ctx.flags.add("UT");
+                                ctx.details = "response_timeout";
+                                ctx.pending_reply = Some(LocalReply {
+                                    status: 504,
+                                    body: "upstream request timeout",
+                                });
+                                return Error::e_explain(
+                                    ErrorType::HTTPStatus(504),
+                                    "pending request timed out",
+                                );
+                            }
+                        },
+                    }
+                }
+            };
+            ctx.cx_slot = Some(cx);
+        }
+        match b.requests.try_acquire() {
+            Some(rq) => ctx.rq_slot = Some(rq),
+            None => return Self::overflow(cluster, ctx),
+        }
+        Ok(())
+    }
+
+    /// A request refused by a circuit breaker: Envoy counts it as a pending
+    /// overflow (for max_requests too) and answers 503 with `UO` and
+    /// `x-envoy-overloaded: true`; it is never retried.
+    fn overflow(cluster: &Cluster, ctx: &mut Ctx) -> Result<()> {
+        (ctx.cx_slot, ctx.rq_slot) = (None, None);
+        cluster.stats.upstream_rq_pending_overflow.increment(1);
+        cluster.stats.upstream_rq_completed.increment(1);
+        cluster.stats.record_status(503);
+        ctx.flags.add("UO");
+        ctx.overloaded = true;
+        ctx.details = "upstream_reset_before_response_started{overflow}";
+        ctx.pending_reply = Some(LocalReply {
+            status: 503,
+            body: if ctx.attempts > 1 {
+                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+            } else {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            },
+        });
+        Error::e_explain(ErrorType::HTTPStatus(503), "circuit breaker overflow")
     }
 
     fn retries_left(ctx: &Ctx) -> bool {
@@ -1099,6 +1204,7 @@ impl ProxyHttp for HcmProxy {
             });
             return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream");
         };
+        Self::take_slots(&cluster, ctx).await?;
         host.active_requests.fetch_add(1, Ordering::Relaxed);
         ctx.tried.push(host.addr);
         ctx.host = Some(host.clone());
@@ -1273,8 +1379,8 @@ impl ProxyHttp for HcmProxy {
                     }));
             // A body pingora could not keep (over 64 KiB) cannot be replayed:
             // then the response passes through, as when retries run out.
-            Self::note_retry_limit(ctx, retriable);
-            if retriable && Self::retry_allows(ctx) && !session.as_ref().retry_buffer_truncated() {
+            let truncated = session.as_ref().retry_buffer_truncated();
+            if Self::decide_retry(ctx, retriable, truncated) {
                 if let Some(c) = &ctx.cluster {
                     c.stats.record_status(status);
                 }
@@ -1343,8 +1449,7 @@ impl ProxyHttp for HcmProxy {
         let wants = on.is_some_and(|o| {
             o.connect_failure || o.r5xx || o.gateway_error || o.reset || o.reset_before_request
         });
-        Self::note_retry_limit(ctx, wants);
-        e.set_retry(wants && Self::retry_allows(ctx));
+        e.set_retry(Self::decide_retry(ctx, wants, false));
         e
     }
 
@@ -1386,8 +1491,7 @@ impl ProxyHttp for HcmProxy {
             }
         });
         let truncated = session.as_ref().retry_buffer_truncated();
-        Self::note_retry_limit(ctx, wants);
-        e.set_retry(wants && !truncated && Self::retry_allows(ctx));
+        e.set_retry(Self::decide_retry(ctx, wants, truncated));
         e
     }
 
@@ -1468,13 +1572,18 @@ impl ProxyHttp for HcmProxy {
             },
         });
         if reply.status > 0 && session.response_written().is_none() {
+            let extra = if ctx.overloaded {
+                vec![(hdr("x-envoy-overloaded"), "true".to_string())]
+            } else {
+                vec![]
+            };
             let _ = self
                 .local_reply(
                     session,
                     ctx,
                     reply.status,
                     Bytes::from_static(reply.body.as_bytes()),
-                    vec![],
+                    extra,
                     // Router local replies get the route's response headers (Envoy's modify_headers).
                     ctx.selected.is_some(),
                 )
@@ -1506,6 +1615,7 @@ impl ProxyHttp for HcmProxy {
         if let Some(h) = ctx.host.take() {
             h.active_requests.fetch_sub(1, Ordering::Relaxed);
         }
+        (ctx.cx_slot, ctx.rq_slot, ctx.retry_slot) = (None, None, None);
         let status = session
             .response_written()
             .map_or(ctx.status, |r| r.status.as_u16());

@@ -192,6 +192,18 @@ async fn proxy<D: Halves>(
         return;
     };
     sum.cluster_found = true;
+    // The cluster's connection limit (DEFAULT priority), checked before
+    // connecting as Envoy's tcp_proxy does: over it, the client is closed.
+    let Some(_cx) = cluster
+        .breakers
+        .default_priority()
+        .connections
+        .try_acquire()
+    else {
+        cluster.stats.upstream_cx_overflow.increment(1);
+        sum.flags = "UO";
+        return;
+    };
     let snap = cluster.snapshot();
     let mut up = None;
     // Each failed attempt picks again (max_connect_attempts, default 1); as
