@@ -461,7 +461,14 @@ pub static REGISTRY: &[MessageSupport] = &[
             "idle_timeout",
             "retry_policy",
             "hash_policy",
+            "upgrade_configs",
         ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RouteAction.UpgradeConfig",
+        // connect_config (CONNECT terminated by the proxy) is rejected.
+        &["upgrade_type", "enabled"],
         &[],
     ),
     m(

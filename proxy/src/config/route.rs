@@ -126,6 +126,9 @@ pub struct RouteAction {
     pub idle_timeout: Option<Option<Duration>>,
     pub retry_policy: Option<RetryPolicy>,
     pub hash_policy: Vec<HashPolicy>,
+    /// `upgrade_configs`: per upgrade type (lower case), whether this route
+    /// allows it, overriding the connection manager's.
+    pub upgrades: Vec<(String, bool)>,
 }
 
 #[derive(Debug, Clone)]
@@ -589,6 +592,23 @@ impl RetryPolicy {
     }
 }
 
+/// A route's `upgrade_configs`. Types compare in lower case, and one
+/// named twice is an error, as in Envoy.
+fn upgrades(u: &[pb::route_action::UpgradeConfig], path: &str) -> Result<Vec<(String, bool)>> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    for (i, c) in u.iter().enumerate() {
+        let t = c.upgrade_type.to_ascii_lowercase();
+        if out.iter().any(|(x, _)| *x == t) {
+            return Err(ConfigError::new(
+                join(&index(path, "upgrade_configs", i), "upgrade_type"),
+                format!("Duplicate upgrade {t}"),
+            ));
+        }
+        out.push((t, c.enabled.val().unwrap_or(true)));
+    }
+    Ok(out)
+}
+
 impl RouteAction {
     fn from_proto(ra: &pb::RouteAction, path: &str) -> Result<Self> {
         use pb::route_action::ClusterSpecifier as C;
@@ -714,6 +734,7 @@ impl RouteAction {
                 .map(|r| RetryPolicy::from_proto(r, &join(path, "retry_policy")))
                 .transpose()?,
             hash_policy,
+            upgrades: upgrades(&ra.upgrade_configs, path)?,
         })
     }
 }

@@ -102,6 +102,8 @@ pub struct Ctx {
     /// An upgrade the listener allows (`upgrade_configs`): its value, kept
     /// on the upstream request so pingora tunnels after the upstream's 101.
     upgrade: Option<String>,
+    /// The upgrade request's Connection header, forwarded as sent.
+    upgrade_connection: Option<String>,
     /// Request headers Envoy forwards but pingora's upstream writer strips
     /// as hop-by-hop (`proxy-authorization`, `trailer`); put back upstream.
     kept_hop_headers: Vec<(HeaderName, http::HeaderValue)>,
@@ -659,9 +661,9 @@ impl ProxyHttp for HcmProxy {
                 return Ok(true);
             }
         }
-        // Upgrades: those in upgrade_configs go through; Envoy answers 403 to
-
-        // any other, except h2c, which its HTTP/1 codec drops before proxying.
+        // Upgrades: h2c is dropped here, as Envoy's HTTP/1 codec drops it
+        // before proxying; any other is decided once the route is known (a
+        // route's upgrade_configs override the connection manager's).
         if let Some(up) = session
             .req_header()
             .headers
@@ -676,15 +678,23 @@ impl ProxyHttp for HcmProxy {
                 .iter()
                 .any(|t| t == "upgrade")
             {
-                if hcm.upgrades.iter().any(|u| u.as_bytes() == up.as_slice()) {
-                    ctx.upgrade = Some(String::from_utf8_lossy(&up).into_owned());
-                } else {
-                    // Envoy closes the connection after refusing an upgrade.
-                    session.set_keepalive(None);
-                    self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
-                        .await?;
-                    return Ok(true);
-                }
+                // Forwarded as sent (Envoy keeps an upgrade's Connection and
+                // Upgrade headers). Unless it becomes a tunnel, Envoy ends
+                // the connection after the response: the request never
+                // completed.
+                ctx.upgrade = session
+                    .req_header()
+                    .headers
+                    .get(http::header::UPGRADE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                ctx.upgrade_connection = session
+                    .req_header()
+                    .headers
+                    .get(http::header::CONNECTION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                session.set_keepalive(None);
             }
         }
         // Headers the client's Connection header names are hop-by-hop: drop
@@ -727,8 +737,8 @@ impl ProxyHttp for HcmProxy {
         if !tokens.is_empty() {
             let req = session.req_header_mut();
             req.remove_header(&http::header::CONNECTION);
-            if ctx.upgrade.is_some() {
-                req.insert_header(http::header::CONNECTION, "upgrade")?;
+            if let Some(c) = &ctx.upgrade_connection {
+                req.insert_header(http::header::CONNECTION, c.as_str())?;
             } else if tokens.iter().any(|t| t == "close") {
                 req.insert_header(http::header::CONNECTION, "close")?;
             }
@@ -969,6 +979,16 @@ impl ProxyHttp for HcmProxy {
             route: ri,
         });
         let route = &rc.virtual_hosts[vi].routes[ri];
+        if let Some(up) = &ctx.upgrade {
+            if !upgrade_allowed(&hcm, route, up) {
+                // Envoy answers 403 and closes the connection.
+                ctx.details = "upgrade_failed";
+                session.set_keepalive(None);
+                self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
+                    .await?;
+                return Ok(true);
+            }
+        }
         match &route.action {
             Action::Direct(d) => {
                 ctx.details = "direct_response";
@@ -1343,7 +1363,8 @@ impl ProxyHttp for HcmProxy {
             req.insert_header(http::header::CONNECTION, "close")?;
         }
         if let Some(up) = &ctx.upgrade {
-            req.insert_header(http::header::CONNECTION, "upgrade")?;
+            let c = ctx.upgrade_connection.as_deref().unwrap_or("upgrade");
+            req.insert_header(http::header::CONNECTION, c)?;
             req.insert_header(http::header::UPGRADE, up.as_str())?;
         }
         if ctx.te_trailers {
@@ -1635,6 +1656,20 @@ impl ProxyHttp for HcmProxy {
         if let Some(hcm) = ctx.hcm.as_ref().filter(|h| !h.access_log.is_empty()) {
             Self::access_log(&hcm.access_log, session, ctx, status);
         }
+    }
+}
+
+/// Whether an upgrade (lower case) may go through on `route`: the route's
+/// `upgrade_configs` entry for it, else the connection manager's.
+fn upgrade_allowed(hcm: &Hcm, route: &Route, upgrade: &str) -> bool {
+    let upgrade = upgrade.to_ascii_lowercase();
+    let on_route = match &route.action {
+        Action::Forward(ra) => ra.upgrades.iter().find(|(t, _)| *t == upgrade),
+        _ => None,
+    };
+    match on_route {
+        Some((_, enabled)) => *enabled,
+        None => hcm.upgrades.iter().any(|u| *u == upgrade),
     }
 }
 
