@@ -277,7 +277,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.filters.http.router.v3.Router",
-        &[],
+        &["suppress_envoy_headers"],
         &[
             ("dynamic_stats", "only changes stats"),
             ("start_child_span", "tracing is not implemented"),

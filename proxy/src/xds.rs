@@ -668,6 +668,10 @@ impl Applier {
             if tn != crate::config::listener::ROUTER_TYPE {
                 return Err(format!("HTTP filter {tn} is not supported"));
             }
+            if let Some(a) = &tec.typed_config {
+                crate::config::listener::discovered_router(a, "typed_config")
+                    .map_err(|e| e.to_string())?;
+            }
             Ok(())
         });
         for (r, ()) in parsed {

@@ -372,6 +372,10 @@ pub struct Hcm {
     pub ecds: Vec<(String, XdsSource)>,
     /// Upgrade types allowed through (lower case), from `upgrade_configs`.
     pub upgrades: Vec<String>,
+    /// The router's `suppress_envoy_headers`: no `x-envoy-` headers of the
+    /// router's own (expected timeout, original path and host, upstream
+    /// service time, overloaded) are added.
+    pub suppress_envoy_headers: bool,
     pub xfcc: XfccMode,
     pub xfcc_details: XfccDetails,
     /// `access_log`: a line per request when it ends.
@@ -604,12 +608,18 @@ impl Hcm {
             ));
         }
         let mut ecds = Vec::new();
+        let mut suppress_envoy_headers = false;
         for (i, f) in h.http_filters.iter().enumerate() {
             let p = index(path, "http_filters", i);
             use hcm::http_filter::ConfigType;
             let tn = match &f.config_type {
                 Some(ConfigType::TypedConfig(a)) => {
-                    legate_proto::type_name(&a.type_url).to_string()
+                    let tn = legate_proto::type_name(&a.type_url).to_string();
+                    if tn == ROUTER_TYPE {
+                        suppress_envoy_headers =
+                            router(a, &join(&p, "typed_config"))?.suppress_envoy_headers;
+                    }
+                    tn
                 }
                 Some(ConfigType::ConfigDiscovery(cd)) => {
                     let cp = join(&p, "config_discovery");
@@ -633,6 +643,7 @@ impl Hcm {
                                 "the default config must be the router's",
                             ));
                         }
+                        discovered_router(d, &join(&cp, "default_config"))?;
                     }
                     let source = cd.config_source.as_ref().ok_or_else(|| {
                         ConfigError::new(join(&cp, "config_source"), "config_source is required")
@@ -745,6 +756,7 @@ impl Hcm {
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
             ecds,
+            suppress_envoy_headers,
             upgrades: h
                 .upgrade_configs
                 .iter()
@@ -1129,4 +1141,27 @@ impl Scoped {
             scopes,
         })
     }
+}
+
+/// The router filter's config.
+fn router(
+    a: &legate_proto::envoy_types::pb::google::protobuf::Any,
+    path: &str,
+) -> Result<legate_proto::envoy_types::pb::envoy::extensions::filters::http::router::v3::Router> {
+    prost::Message::decode(a.value.as_slice()).map_err(|e| ConfigError::new(path, e.to_string()))
+}
+
+/// A router config found through ECDS: Legate applies none of its fields
+/// yet, so one that would change traffic is refused.
+pub fn discovered_router(
+    a: &legate_proto::envoy_types::pb::google::protobuf::Any,
+    path: &str,
+) -> Result<()> {
+    if router(a, path)?.suppress_envoy_headers {
+        return Err(ConfigError::new(
+            join(path, "suppress_envoy_headers"),
+            "not applied to a router config discovered through ECDS yet",
+        ));
+    }
+    Ok(())
 }

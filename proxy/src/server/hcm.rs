@@ -1080,9 +1080,12 @@ impl ProxyHttp for HcmProxy {
                         .as_ref()
                         .map(|(re, sub)| rq::regex_rewrite(&path, &re.0, sub))
                 };
+                let keep_original = !hcm.suppress_envoy_headers;
                 if let Some(np) = new_path {
                     let req = session.req_header_mut();
-                    req.insert_header(hdr("x-envoy-original-path"), path.as_str())?;
+                    if keep_original {
+                        req.insert_header(hdr("x-envoy-original-path"), path.as_str())?;
+                    }
                     set_path(req, &np)?;
                 }
                 let wc_host = ctx.weighted_index.and_then(|i| match &ra.cluster {
@@ -1093,7 +1096,9 @@ impl ProxyHttp for HcmProxy {
                     // Envoy keeps no x-envoy-original-host for a weighted
                     // cluster's own host rewrite.
                     (_, Some(h)) => set_host_only(session.req_header_mut(), &h)?,
-                    (Some(HostRewrite::Literal(h)), None) => set_host(session.req_header_mut(), h)?,
+                    (Some(HostRewrite::Literal(h)), None) => {
+                        set_host(session.req_header_mut(), h, keep_original)?
+                    }
                     (Some(HostRewrite::Header(hn)), None) => {
                         if let Some(v) = session
                             .req_header()
@@ -1102,7 +1107,7 @@ impl ProxyHttp for HcmProxy {
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_string)
                         {
-                            set_host(session.req_header_mut(), &v)?;
+                            set_host(session.req_header_mut(), &v, keep_original)?;
                         }
                     }
                     _ => {}
@@ -1114,7 +1119,7 @@ impl ProxyHttp for HcmProxy {
                 }
                 ctx.started = Some(Instant::now());
                 // Set before the header mutations, which may remove it.
-                if let Some(t) = attempt_timeout(ctx) {
+                if let Some(t) = attempt_timeout(ctx).filter(|_| keep_original) {
                     session
                         .req_header_mut()
                         .insert_header(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, t.as_millis().to_string())?;
@@ -1312,11 +1317,16 @@ impl ProxyHttp for HcmProxy {
         {
             // Envoy rewrites only to a host that has a name.
             if matches!(ra.host_rewrite, Some(HostRewrite::Auto)) && !h.hostname.is_empty() {
-                set_host(req, &h.hostname)?;
+                let keep = !ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
+                set_host(req, &h.hostname, keep)?;
             }
         }
         // The time this attempt is expected to get, as Envoy tells upstreams.
-        if ctx.attempts > 1 && req.headers.contains_key("x-envoy-expected-rq-timeout-ms") {
+        let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
+        if ctx.attempts > 1
+            && !suppress
+            && req.headers.contains_key("x-envoy-expected-rq-timeout-ms")
+        {
             if let Some(t) = attempt_timeout(ctx) {
                 req.insert_header("x-envoy-expected-rq-timeout-ms", t.as_millis().to_string())?;
             }
@@ -1412,7 +1422,8 @@ impl ProxyHttp for HcmProxy {
             }
         }
         ctx.response_started = Some(Instant::now());
-        if let Some(t) = ctx.upstream_started {
+        let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
+        if let Some(t) = ctx.upstream_started.filter(|_| !suppress) {
             resp.insert_header(
                 X_ENVOY_UPSTREAM_SERVICE_TIME,
                 t.elapsed().as_millis().to_string(),
@@ -1593,7 +1604,8 @@ impl ProxyHttp for HcmProxy {
             },
         });
         if reply.status > 0 && session.response_written().is_none() {
-            let extra = if ctx.overloaded {
+            let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
+            let extra = if ctx.overloaded && !suppress {
                 vec![(hdr("x-envoy-overloaded"), "true".to_string())]
             } else {
                 vec![]
@@ -1758,14 +1770,14 @@ fn set_host_only(req: &mut RequestHeader, host: &str) -> Result<()> {
 }
 
 /// Rewrites the host, keeping the original in `x-envoy-original-host` as
-/// Envoy's router does.
-fn set_host(req: &mut RequestHeader, host: &str) -> Result<()> {
+/// Envoy's router does (unless it suppresses its headers).
+fn set_host(req: &mut RequestHeader, host: &str, keep_original: bool) -> Result<()> {
     let original = req
         .headers
         .get(http::header::HOST)
         .map(|v| v.to_str().unwrap_or("").to_string())
         .or_else(|| req.uri.authority().map(|a| a.to_string()));
-    if let Some(o) = original {
+    if let Some(o) = original.filter(|_| keep_original) {
         req.insert_header("x-envoy-original-host", o)?;
     }
     set_host_only(req, host)
