@@ -69,6 +69,14 @@ impl Resource {
         self.try_acquire_under(self.max)
     }
 
+    /// A slot even over the limit: Envoy opens a pool's first connection
+    /// whatever `max_connections` says, so a cluster never starves.
+    pub fn acquire_over_limit(self: &Arc<Self>) -> Slot {
+        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        self.publish(n, self.max);
+        Slot(self.clone())
+    }
+
     /// Waits for a slot.
     pub async fn acquire(self: &Arc<Self>) -> Slot {
         loop {

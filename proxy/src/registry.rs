@@ -331,7 +331,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "response_headers_to_remove",
             "retry_policy",
         ],
-        &[],
+        // As the route's: no filter or formatter of Legate reads it yet.
+        &[("metadata", "only informational")],
     ),
     m(
         "envoy.config.route.v3.Route",

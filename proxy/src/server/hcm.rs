@@ -487,6 +487,11 @@ impl HcmProxy {
         if cluster.config.protocol == crate::config::cluster::UpstreamProtocol::Http1 {
             let cx = match b.connections.try_acquire() {
                 Some(cx) => cx,
+                // Envoy opens a pool's first connection over the limit.
+                None if b.connections.count() == 0 => {
+                    cluster.stats.upstream_cx_overflow.increment(1);
+                    b.connections.acquire_over_limit()
+                }
                 None => {
                     cluster.stats.upstream_cx_overflow.increment(1);
                     let Some(_pending) = b.pending.try_acquire() else {
