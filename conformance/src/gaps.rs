@@ -66,7 +66,7 @@ pub static GAPS: &[Gap] = &[
 ];
 
 pub fn find(tier: &str, scenario: &str, request: &str) -> Option<&'static Gap> {
-    GAPS.iter().find(|g| {
+    GAPS.iter().chain(crate::corpus::gaps()).find(|g| {
         g.tier == tier
             && (g.scenario == "*" || g.scenario == scenario)
             && (g.request == "*" || g.request == request)

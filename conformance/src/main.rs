@@ -1,9 +1,10 @@
 //! `legate-conformance [TIER...]`: runs each scenario against the real Envoy
 //! 1.40 and against Legate with identical inputs, and reports differences.
-//! Tiers: routing, validate, http, xds. Closing line: `N passed, N failed`.
+//! Tiers: routing, validate, corpus, http, l4, xds, xds-wire. Closing line: `N passed, N failed`.
 
 mod bootstrap;
 mod compare;
+mod corpus;
 mod framing;
 mod gaps;
 mod grpc;
@@ -25,7 +26,9 @@ use anyhow::{Context, Result};
 use report::{Outcome, Report};
 use std::path::PathBuf;
 
-const ALL_TIERS: &[&str] = &["routing", "validate", "http", "l4", "xds", "xds-wire"];
+const ALL_TIERS: &[&str] = &[
+    "routing", "validate", "corpus", "http", "l4", "xds", "xds-wire",
+];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -61,6 +64,7 @@ async fn main() -> Result<()> {
         println!("  {what}: {why}");
     }
     let mut report = Report::default();
+    let mut corpus_tally = None;
     for tier in &tiers {
         match tier.as_str() {
             "routing" => {
@@ -120,6 +124,7 @@ async fn main() -> Result<()> {
                     );
                 }
             }
+            "corpus" => corpus_tally = Some(corpus::run(&bins, &root, &work, &mut report)?),
             "xds-wire" => xds_wire::run(&bins, &work, &mut report).await?,
             "l4" => {
                 if let Err(e) = tokio::task::block_in_place(|| l4::run(&bins, &work, &mut report)) {
@@ -146,7 +151,11 @@ async fn main() -> Result<()> {
     }
     let c = report.print();
     if tiers.len() == ALL_TIERS.len() {
-        write_compatibility_section(&root.join("../docs/compatibility.md"), &report.markdown())?;
+        let corpus = corpus_tally.map(|t| t.markdown()).unwrap_or_default();
+        write_compatibility_section(
+            &root.join("../docs/compatibility.md"),
+            &format!("{}{corpus}", report.markdown()),
+        )?;
     }
     println!("{} known gaps reported as NOT YET SUPPORTED above (listed with reasons in conformance/src/gaps.rs)", c.gaps);
     println!("conformance: {} passed, {} failed", c.passed, c.failed);
