@@ -134,18 +134,20 @@ impl Sotw {
         Some(self.request(type_url))
     }
 
-    /// A new stream: forget nonces (they never cross streams) and re-request
-    /// every watched type with its last accepted version and full names.
+    /// A new stream: forget every type's nonce (nonces never cross streams;
+    /// a type watched again later on this stream must not answer the old
+    /// stream's) and re-request every watched type with its last accepted
+    /// version and full names.
     pub fn on_connect(&mut self) -> Vec<DiscoveryRequest> {
         self.node.new_stream();
+        for t in self.types.values_mut() {
+            t.nonce.clear();
+        }
         let urls: Vec<String> = self
             .types
-            .iter_mut()
+            .iter()
             .filter(|(_, t)| !t.interest.is_empty())
-            .map(|(u, t)| {
-                t.nonce.clear();
-                u.clone()
-            })
+            .map(|(u, _)| u.clone())
             .collect();
         urls.iter().map(|u| self.request(u)).collect()
     }
@@ -413,6 +415,24 @@ pub(crate) mod tests {
             ("7", "")
         );
         assert!(again[0].node.is_some(), "a new stream sends the node again");
+    }
+
+    /// The outside test's finding: a type not watched when the stream was
+    /// replaced, and watched again afterwards, sent the old stream's nonce.
+    #[test]
+    fn a_type_watched_again_after_a_reconnect_sends_no_old_nonce() {
+        let mut s = Sotw::new(node(), true);
+        s.set_interest(ROUTE, Interest::names(["r1"]));
+        let h = Recorder::default();
+        s.on_response(resp(ROUTE, "7", "n7", vec![route("r1")]), &h);
+        assert!(s.set_interest(ROUTE, Interest::default()).is_none());
+        assert!(s.on_connect().is_empty());
+        let r = s.set_interest(ROUTE, Interest::names(["r1"])).unwrap();
+        assert_eq!(
+            (r.version_info.as_str(), r.response_nonce.as_str()),
+            ("7", ""),
+            "the version stays; the nonce belonged to the old stream"
+        );
     }
 
     #[test]
