@@ -678,6 +678,7 @@ impl Cluster {
                                     tls: tls.clone(),
                                     sni: Some(tls.sni.clone()).filter(|s| !s.is_empty()),
                                     timeout: self.config.connect_timeout,
+                                    keepalive: self.config.tcp_keepalive,
                                 })
                             }),
                             tls,

@@ -920,6 +920,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "ignore_health_on_host_removal",
             "load_balancing_policy",
             "cluster_type",
+            "upstream_connection_options",
         ],
         &[
             ("alt_stat_name", "only changes stat names"),
@@ -930,12 +931,26 @@ pub static REGISTRY: &[MessageSupport] = &[
             ),
             ("respect_dns_ttl", DNS_TTL),
             (
-                "upstream_connection_options",
-                "TCP keepalive settings are not applied yet",
+                "track_cluster_stats",
+                "timeout budget, request/response size and per-endpoint stats are not recorded; stats change no traffic",
+            ),
+            (
+                "preconnect_policy",
+                "connections are opened when needed, not ahead: the same requests reach the same hosts",
             ),
         ],
     ),
     m("envoy.type.v3.Percent", &["value"], &[]),
+    m(
+        "envoy.config.cluster.v3.UpstreamConnectionOptions",
+        &["tcp_keepalive"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.TcpKeepalive",
+        &["keepalive_probes", "keepalive_time", "keepalive_interval"],
+        &[],
+    ),
     m(
         "envoy.config.cluster.v3.CircuitBreakers",
         // per_host_thresholds: refused by the translation unless empty.

@@ -354,3 +354,62 @@ async fn route_timeout_bounds_the_whole_response() {
     let full = curl(&format!("{url}/long"), &[]);
     assert_eq!(full.body.matches("drip-drip").count(), 6);
 }
+
+/// The keep-alive timers of established connections to `port`, as `ss`
+/// shows them (`timer:(keepalive,...)`), one entry per socket.
+fn keepalive_timers(port: u16) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("timer:("))
+                .unwrap_or("none")
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tcp_keepalive_is_set_on_upstream_sockets() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let rc = routes(json!([
+        {"match": {"prefix": "/ka"}, "route": {"cluster": "ka"}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "plain"}},
+    ]));
+    let ka = json!({"upstream_connection_options": {"tcp_keepalive": {
+        "keepalive_time": 40, "keepalive_interval": 5, "keepalive_probes": 3}}});
+    let (_l, url, _admin) = start(
+        hcm(rc, json!({})),
+        vec![
+            cluster("ka", &[a.addr], ka),
+            cluster("plain", &[b.addr], json!({})),
+        ],
+    );
+    assert_eq!(curl(&format!("{url}/ka"), &[]).status, 200);
+    assert_eq!(curl(&format!("{url}/"), &[]).status, 200);
+    // The pooled connections stay open: one keeps alive with the configured
+    // idle time (under 40 s left), the other has no keep-alive timer.
+    let with = keepalive_timers(a.addr.port());
+    assert_eq!(with.len(), 1, "{with:?}");
+    assert!(with[0].starts_with("timer:(keepalive,"), "{with:?}");
+    let secs: String = with[0]["timer:(keepalive,".len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    assert!(
+        with[0].contains("sec") && secs.parse::<u32>().is_ok_and(|s| s <= 40),
+        "{with:?}"
+    );
+    assert_eq!(keepalive_timers(b.addr.port()), vec!["none".to_string()]);
+}

@@ -110,6 +110,54 @@ pub struct ClusterConfig {
     pub panic_threshold: u32,
     /// Localities are picked by weight first, then a host within one.
     pub locality_weighted: bool,
+    /// `upstream_connection_options.tcp_keepalive`: keep-alive probes on
+    /// every upstream socket.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+/// TCP keep-alive for upstream sockets; Envoy leaves unset values to the
+/// system, whose values are read here so all three can be set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TcpKeepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+impl TcpKeepalive {
+    fn from_proto(k: &core::TcpKeepalive) -> Self {
+        let system = |name: &str, default: u64| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(default)
+        };
+        Self {
+            idle: Duration::from_secs(
+                k.keepalive_time
+                    .val()
+                    .map_or_else(|| system("tcp_keepalive_time", 7200), u64::from),
+            ),
+            interval: Duration::from_secs(
+                k.keepalive_interval
+                    .val()
+                    .map_or_else(|| system("tcp_keepalive_intvl", 75), u64::from),
+            ),
+            probes: k
+                .keepalive_probes
+                .val()
+                .unwrap_or_else(|| system("tcp_keepalive_probes", 9) as u32),
+        }
+    }
+
+    /// Sets SO_KEEPALIVE and the three values on a socket.
+    pub fn apply(&self, s: &tokio::net::TcpStream) -> std::io::Result<()> {
+        let k = socket2::TcpKeepalive::new()
+            .with_time(self.idle)
+            .with_interval(self.interval)
+            .with_retries(self.probes);
+        socket2::SockRef::from(s).set_tcp_keepalive(&k)
+    }
 }
 
 impl ClusterConfig {
@@ -375,6 +423,11 @@ impl ClusterConfig {
             )?,
             panic_threshold,
             locality_weighted,
+            tcp_keepalive: c
+                .upstream_connection_options
+                .as_ref()
+                .and_then(|o| o.tcp_keepalive.as_ref())
+                .map(TcpKeepalive::from_proto),
             name: c.name.clone(),
             discovery,
             connect_timeout,

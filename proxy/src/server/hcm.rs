@@ -1255,6 +1255,7 @@ impl ProxyHttp for HcmProxy {
                         sni: Some(crate::routing::strip_port(&ctx.original_host).to_string())
                             .filter(|s| !s.is_empty()),
                         timeout: cfg.connect_timeout,
+                        keepalive: cfg.tcp_keepalive,
                     }),
                 };
                 let mut peer =
@@ -1264,6 +1265,15 @@ impl ProxyHttp for HcmProxy {
             }
         };
         peer.group_key = cluster.pool_key;
+        peer.options.tcp_keepalive =
+            cfg.tcp_keepalive
+                .map(|k| pingora_core::protocols::TcpKeepalive {
+                    idle: k.idle,
+                    interval: k.interval,
+                    count: k.probes as usize,
+                    #[cfg(target_os = "linux")]
+                    user_timeout: Duration::ZERO,
+                });
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         // Upstream reads wait for the attempt's timeout or the stream idle
         // timeout, whichever is shorter.

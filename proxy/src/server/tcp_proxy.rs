@@ -226,6 +226,9 @@ async fn proxy<D: Halves>(
         );
         match connect.await {
             Ok(Ok(s)) => {
+                if let Some(k) = &cluster.config.tcp_keepalive {
+                    let _ = k.apply(&s);
+                }
                 up = Some((s, host));
                 break;
             }

@@ -46,6 +46,7 @@ pub struct TlsConnect {
     /// The SNI; None: none is sent.
     pub sni: Option<String>,
     pub timeout: Duration,
+    pub keepalive: Option<crate::config::cluster::TcpKeepalive>,
 }
 
 #[async_trait]
@@ -61,6 +62,9 @@ impl pingora_core::connectors::L4Connect for TlsConnect {
         let work = async {
             let tcp = TcpStream::connect(inet).await?;
             tcp.set_nodelay(true)?;
+            if let Some(k) = &self.keepalive {
+                k.apply(&tcp)?;
+            }
             handshake(&self.tls, server_name(self.sni.as_deref(), inet), tcp).await
         };
         match tokio::time::timeout(self.timeout, work).await {
