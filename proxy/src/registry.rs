@@ -234,6 +234,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "server_header_transformation",
             "strip_matching_host_port",
             "strip_any_host_port",
+            "strip_trailing_host_dot",
             "normalize_path",
             "merge_slashes",
             "path_with_escaped_slashes_action",
@@ -463,6 +464,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "retry_policy",
             "hash_policy",
             "upgrade_configs",
+            "append_x_forwarded_host",
         ],
         &[],
     ),
@@ -474,7 +476,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.route.v3.WeightedCluster",
-        &["clusters", "total_weight"],
+        &["clusters", "total_weight", "use_hash_policy"],
         &[],
     ),
     m(

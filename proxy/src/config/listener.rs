@@ -358,6 +358,8 @@ pub struct Hcm {
     pub server_header: ServerHeader,
     pub strip_matching_host_port: bool,
     pub strip_any_host_port: bool,
+    /// `strip_trailing_host_dot`: `example.com.` is `example.com`.
+    pub strip_trailing_host_dot: bool,
     pub normalize_path: bool,
     pub merge_slashes: bool,
     pub escaped_slashes: EscapedSlashes,
@@ -732,6 +734,7 @@ impl Hcm {
             },
             server_header,
             strip_matching_host_port: h.strip_matching_host_port,
+            strip_trailing_host_dot: h.strip_trailing_host_dot,
             strip_any_host_port: matches!(
                 h.strip_port_mode,
                 Some(hcm::http_connection_manager::StripPortMode::StripAnyHostPort(true))

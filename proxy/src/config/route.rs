@@ -94,6 +94,9 @@ pub enum ClusterSpec {
 pub struct WeightedClusters {
     pub clusters: Vec<WeightedCluster>,
     pub total: u64,
+    /// `use_hash_policy`: the route's hash policy, when it yields a hash,
+    /// picks the cluster instead of a random value.
+    pub use_hash_policy: bool,
 }
 
 #[derive(Debug)]
@@ -129,6 +132,8 @@ pub struct RouteAction {
     /// `upgrade_configs`: per upgrade type (lower case), whether this route
     /// allows it, overriding the connection manager's.
     pub upgrades: Vec<(String, bool)>,
+    /// A host rewrite appends the original host to `x-forwarded-host`.
+    pub append_x_forwarded_host: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -735,6 +740,7 @@ impl RouteAction {
                 .transpose()?,
             hash_policy,
             upgrades: upgrades(&ra.upgrade_configs, path)?,
+            append_x_forwarded_host: ra.append_x_forwarded_host,
         })
     }
 }
@@ -798,7 +804,14 @@ fn weighted(wc: &pb::WeightedCluster, path: &str) -> Result<WeightedClusters> {
             "the sum of weights must be greater than 0",
         ));
     }
-    Ok(WeightedClusters { clusters, total })
+    Ok(WeightedClusters {
+        clusters,
+        total,
+        use_hash_policy: matches!(
+            &wc.random_value_specifier,
+            Some(pb::weighted_cluster::RandomValueSpecifier::UseHashPolicy(b)) if b.value
+        ),
+    })
 }
 
 impl Redirect {

@@ -878,6 +878,13 @@ impl ProxyHttp for HcmProxy {
                     .map(str::to_string)
             })
             .unwrap_or_default();
+        // Envoy strips the trailing dot first, then the port.
+        if hcm.strip_trailing_host_dot {
+            if let Some(h) = rq::strip_trailing_host_dot(&host) {
+                host = h;
+                set_host_only(session.req_header_mut(), &host)?;
+            }
+        }
         if hcm.strip_any_host_port
             || (hcm.strip_matching_host_port
                 && ctx
@@ -1037,7 +1044,16 @@ impl ProxyHttp for HcmProxy {
                         .unwrap_or("")
                         .to_string(),
                     ClusterSpec::Weighted(w) => {
-                        let mut roll = random % w.total;
+                        let hashed = if w.use_hash_policy {
+                            hash_for(
+                                &ra.hash_policy,
+                                session,
+                                ctx.client_addr.or(ctx.downstream_remote),
+                            )
+                        } else {
+                            None
+                        };
+                        let mut roll = hashed.unwrap_or(random) % w.total;
                         let mut pick = 0;
                         for (i, c) in w.clusters.iter().enumerate() {
                             if roll < c.weight {
@@ -1101,9 +1117,12 @@ impl ProxyHttp for HcmProxy {
                     // Envoy keeps no x-envoy-original-host for a weighted
                     // cluster's own host rewrite.
                     (_, Some(h)) => set_host_only(session.req_header_mut(), &h)?,
-                    (Some(HostRewrite::Literal(h)), None) => {
-                        set_host(session.req_header_mut(), h, keep_original)?
-                    }
+                    (Some(HostRewrite::Literal(h)), None) => set_host(
+                        session.req_header_mut(),
+                        h,
+                        keep_original,
+                        ra.append_x_forwarded_host,
+                    )?,
                     (Some(HostRewrite::Header(hn)), None) => {
                         if let Some(v) = session
                             .req_header()
@@ -1112,7 +1131,12 @@ impl ProxyHttp for HcmProxy {
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_string)
                         {
-                            set_host(session.req_header_mut(), &v, keep_original)?;
+                            set_host(
+                                session.req_header_mut(),
+                                &v,
+                                keep_original,
+                                ra.append_x_forwarded_host,
+                            )?;
                         }
                     }
                     _ => {}
@@ -1333,7 +1357,7 @@ impl ProxyHttp for HcmProxy {
             // Envoy rewrites only to a host that has a name.
             if matches!(ra.host_rewrite, Some(HostRewrite::Auto)) && !h.hostname.is_empty() {
                 let keep = !ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
-                set_host(req, &h.hostname, keep)?;
+                set_host(req, &h.hostname, keep, ra.append_x_forwarded_host)?;
             }
         }
         // The time this attempt is expected to get, as Envoy tells upstreams.
@@ -1785,13 +1809,39 @@ fn set_host_only(req: &mut RequestHeader, host: &str) -> Result<()> {
 }
 
 /// Rewrites the host, keeping the original in `x-envoy-original-host` as
-/// Envoy's router does (unless it suppresses its headers).
-fn set_host(req: &mut RequestHeader, host: &str, keep_original: bool) -> Result<()> {
+/// Envoy's router does (unless it suppresses its headers), and with
+/// `append_x_forwarded_host` appending it to `x-forwarded-host` unless it
+/// is the last value there already.
+fn set_host(
+    req: &mut RequestHeader,
+    host: &str,
+    keep_original: bool,
+    append_xfh: bool,
+) -> Result<()> {
     let original = req
         .headers
         .get(http::header::HOST)
         .map(|v| v.to_str().unwrap_or("").to_string())
-        .or_else(|| req.uri.authority().map(|a| a.to_string()));
+        .or_else(|| req.uri.authority().map(|a| a.to_string()))
+        .filter(|o| !o.is_empty());
+    if let (Some(o), true) = (&original, append_xfh) {
+        let xfh = req
+            .headers
+            .get("x-forwarded-host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        // Envoy compares the text after the last comma as it is, spaces
+        // included.
+        let last = xfh.rsplit(',').next().unwrap_or("");
+        if last != o {
+            let v = if xfh.is_empty() {
+                o.clone()
+            } else {
+                format!("{xfh},{o}")
+            };
+            req.insert_header("x-forwarded-host", v)?;
+        }
+    }
     if let Some(o) = original.filter(|_| keep_original) {
         req.insert_header("x-envoy-original-host", o)?;
     }

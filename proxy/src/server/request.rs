@@ -92,6 +92,21 @@ pub fn grpc_percent_encode(b: &[u8]) -> String {
         .collect()
 }
 
+/// HCM `strip_trailing_host_dot`: `example.com.` and `example.com.:8080`
+/// lose the dot before the port, as Envoy's `stripTrailingHostDot`; None
+/// when there is none.
+pub fn strip_trailing_host_dot(host: &str) -> Option<String> {
+    // A port follows the last ':' unless that is inside an IPv6 literal.
+    let port_start = host.rfind(':').filter(|&i| !host[i..].contains(']'));
+    match port_start {
+        Some(i) if i > 0 && host.as_bytes()[i - 1] == b'.' => {
+            Some(format!("{}{}", &host[..i - 1], &host[i..]))
+        }
+        Some(_) => None,
+        None => host.strip_suffix('.').map(str::to_string),
+    }
+}
+
 /// RFC 3986 §5.2.4 dot-segment removal, with `\` treated as `/` as Envoy's
 /// `normalize_path` does. Works on the path part only.
 pub fn normalize_path(path: &str) -> String {
@@ -504,6 +519,21 @@ pub fn local_ip() -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trailing_host_dots() {
+        assert_eq!(
+            strip_trailing_host_dot("a.example."),
+            Some("a.example".into())
+        );
+        assert_eq!(
+            strip_trailing_host_dot("a.example.:8080"),
+            Some("a.example:8080".into())
+        );
+        assert_eq!(strip_trailing_host_dot("a.example:8080"), None);
+        assert_eq!(strip_trailing_host_dot("a.example"), None);
+        assert_eq!(strip_trailing_host_dot("[::1]:80"), None);
+    }
 
     #[test]
     fn dot_segments() {
