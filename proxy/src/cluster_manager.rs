@@ -15,6 +15,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
+/// A host set as published: (priority, [(endpoint, its addresses)]).
+type Resolved = Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>;
+
 /// One resolved upstream host.
 #[derive(Debug)]
 pub struct UpstreamHost {
@@ -525,6 +528,11 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// Circuit breakers: the connections, requests and retries in use.
     pub breakers: crate::breakers::Breakers,
+    /// Outlier detection, when configured.
+    pub outlier: Option<crate::outlier::Detector>,
+    /// The last published host set, to publish again when a host is
+    /// ejected or comes back (kept only with outlier detection).
+    last_published: Mutex<Option<(Resolved, u32)>>,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
     /// Requests sent on each pooled upstream connection (by socket), kept
@@ -544,6 +552,10 @@ impl Cluster {
     pub fn new(config: Arc<ClusterConfig>) -> Self {
         let stats = ClusterStats::new(&config.name);
         let breakers = crate::breakers::Breakers::new(&config.name, &config.circuit_breakers);
+        let outlier = config
+            .outlier
+            .clone()
+            .map(|o| crate::outlier::Detector::new(&config.name, o));
         // A new TLS context gets new pooled connections.
         let tls_keys = config
             .tls
@@ -563,6 +575,8 @@ impl Cluster {
             last_resolved: Mutex::new(HashMap::new()),
             stats,
             breakers,
+            outlier,
+            last_published: Mutex::new(None),
             pool_key,
             requests_on: Mutex::new(HashMap::new()),
         };
@@ -629,11 +643,40 @@ impl Cluster {
         self.publish(resolved, self.config.overprovisioning_factor);
     }
 
-    fn publish(
-        &self,
-        resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>,
-        overprovisioning: u32,
-    ) {
+    /// Records an upstream attempt's outcome for outlier detection; an
+    /// ejection publishes the host set again without the host.
+    pub fn report(&self, addr: SocketAddr, outcome: crate::outlier::Outcome) {
+        let Some(d) = &self.outlier else { return };
+        if d.report(addr, outcome, std::time::Instant::now()) {
+            self.republish();
+        }
+    }
+
+    /// Outlier detection's interval work; publishes again when a host came
+    /// back or left.
+    pub fn outlier_tick(&self) {
+        let Some(d) = &self.outlier else { return };
+        if d.tick(std::time::Instant::now()) {
+            self.republish();
+        }
+    }
+
+    fn republish(&self) {
+        let last = self.last_published.lock().unwrap().clone();
+        if let Some((resolved, overprovisioning)) = last {
+            self.publish(resolved, overprovisioning);
+        }
+    }
+
+    fn publish(&self, resolved: Resolved, overprovisioning: u32) {
+        if let Some(d) = &self.outlier {
+            let addrs: Vec<SocketAddr> = resolved
+                .iter()
+                .flat_map(|(_, eps)| eps.iter().flat_map(|(_, a)| a.iter().copied()))
+                .collect();
+            d.set_hosts(&addrs);
+            *self.last_published.lock().unwrap() = Some((resolved.clone(), overprovisioning));
+        }
         let max_p = resolved
             .iter()
             .map(|(p, _)| *p as usize + 1)
@@ -667,7 +710,10 @@ impl Cluster {
                             String::new()
                         },
                         weight: e.weight,
-                        healthy: e.healthy,
+                        // An ejected host is unhealthy (not excluded), as in
+                        // Envoy: it still counts toward panic mode.
+                        healthy: e.healthy
+                            && !self.outlier.as_ref().is_some_and(|d| d.is_ejected(&addr)),
                         degraded: e.degraded,
                         locality,
                         locality_weight: e.locality_weight,
@@ -773,6 +819,25 @@ pub async fn resolve_host(host: &str, port: u16, family: DnsFamily) -> Vec<Socke
     out
 }
 
+/// Runs a cluster's outlier detection interval for as long as the cluster
+/// lives (off the request path, once per cluster).
+fn outlier_ticks(c: &Arc<Cluster>) {
+    let Some(every) = c.outlier.as_ref().map(|d| d.interval()) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(c);
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(c) = weak.upgrade() else { break };
+            c.outlier_tick();
+        }
+    });
+}
+
 /// All clusters, swapped as a whole when the set changes.
 #[derive(Default)]
 pub struct ClusterManager {
@@ -785,7 +850,9 @@ impl ClusterManager {
     pub async fn start(configs: &[Arc<ClusterConfig>]) -> Arc<Self> {
         let mut map = HashMap::new();
         for c in configs {
-            map.insert(c.name.clone(), Self::build(c.clone()).await);
+            let cluster = Self::build(c.clone()).await;
+            outlier_ticks(&cluster);
+            map.insert(c.name.clone(), cluster);
         }
         stats::gauge("cluster_manager.active_clusters".into()).set(map.len() as f64);
         Arc::new(Self {
@@ -829,6 +896,9 @@ impl ClusterManager {
     pub fn update(&self, add: Vec<Arc<Cluster>>, remove: &[String]) {
         if add.is_empty() && remove.is_empty() {
             return;
+        }
+        for c in add.iter().filter(|c| c.outlier.is_some()) {
+            outlier_ticks(c);
         }
         self.clusters.rcu(|m| {
             let mut m = HashMap::clone(m);

@@ -20,6 +20,7 @@ pub mod headers;
 pub mod kernel_lb;
 pub mod lb;
 pub mod logging;
+pub mod outlier;
 pub mod registry;
 pub mod route_tables;
 pub mod routing;

@@ -923,6 +923,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "load_balancing_policy",
             "cluster_type",
             "upstream_connection_options",
+            "outlier_detection",
         ],
         &[
             ("alt_stat_name", "only changes stat names"),
@@ -943,6 +944,38 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
     ),
     m("envoy.type.v3.Percent", &["value"], &[]),
+    m(
+        "envoy.config.cluster.v3.OutlierDetection",
+        // successful_active_health_check_uneject_host: no effect without
+        // active health checks (rejected), as in Envoy.
+        &[
+            "consecutive_5xx",
+            "interval",
+            "base_ejection_time",
+            "max_ejection_percent",
+            "enforcing_consecutive_5xx",
+            "enforcing_success_rate",
+            "success_rate_minimum_hosts",
+            "success_rate_request_volume",
+            "success_rate_stdev_factor",
+            "consecutive_gateway_failure",
+            "enforcing_consecutive_gateway_failure",
+            "split_external_local_origin_errors",
+            "consecutive_local_origin_failure",
+            "enforcing_consecutive_local_origin_failure",
+            "enforcing_local_origin_success_rate",
+            "failure_percentage_threshold",
+            "enforcing_failure_percentage",
+            "enforcing_failure_percentage_local_origin",
+            "failure_percentage_minimum_hosts",
+            "failure_percentage_request_volume",
+            "max_ejection_time",
+            "max_ejection_time_jitter",
+            "successful_active_health_check_uneject_host",
+            "always_eject_one_host",
+        ],
+        &[],
+    ),
     m(
         "envoy.config.cluster.v3.UpstreamConnectionOptions",
         &["tcp_keepalive"],
@@ -1273,10 +1306,10 @@ mod tests {
     #[test]
     fn unsupported_field_is_named() {
         let err = validate(&dynamic(
-            "static_resources: {clusters: [{name: a, outlier_detection: {}}]}",
+            "static_resources: {clusters: [{name: a, health_checks: [{timeout: 1s}]}]}",
         ))
         .unwrap_err();
-        assert_eq!(err.path, "static_resources.clusters[0].outlier_detection");
+        assert_eq!(err.path, "static_resources.clusters[0].health_checks");
     }
 
     #[test]

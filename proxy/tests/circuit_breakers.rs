@@ -192,3 +192,48 @@ async fn tcp_proxy_refuses_connections_over_max_connections() {
     first.read_to_string(&mut answer).await.unwrap();
     assert_eq!(answer, legate_tests::tcp::answer_for(b"held"));
 }
+
+/// Outlier detection: a host that refuses every connection is ejected
+/// after its fifth consecutive failure (each a 503 to outlier detection),
+/// then every request goes to the healthy host; it comes back at the
+/// first interval tick after its ejection time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_host_is_ejected_and_comes_back() {
+    let good = upstream("good").await;
+    let dead: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "od"}}]));
+    let od = json!({"lb_policy": "ROUND_ROBIN", "outlier_detection": {
+        "max_ejection_percent": 100, "interval": "0.2s", "base_ejection_time": "1s"}});
+    let (_l, url, admin) = start(
+        hcm(rc, json!({})),
+        vec![cluster("od", &[dead, good.addr], od)],
+    );
+    let statuses: Vec<u16> = (0..30)
+        .map(|_| curl(&format!("{url}/"), &[]).status)
+        .collect();
+    let failed = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!(
+        failed, 5,
+        "five failures, then the dead host is out: {statuses:?}"
+    );
+    assert!(
+        statuses[statuses.len() - 20..].iter().all(|s| *s == 200),
+        "{statuses:?}"
+    );
+    let p = "cluster.od.outlier_detection.";
+    assert_eq!(
+        stat(admin, &format!("{p}ejections_enforced_consecutive_5xx")),
+        Some(1)
+    );
+    assert_eq!(
+        stat(admin, &format!("{p}ejections_detected_consecutive_5xx")),
+        Some(1)
+    );
+    assert_eq!(stat(admin, "cluster.od.membership_healthy"), Some(1));
+    // Back after its second, at a tick; then it fails again.
+    assert_eq!(
+        wait_stat_until(admin, &format!("{p}ejections_active"), |v| v == Some(0)),
+        Some(0)
+    );
+    assert_eq!(stat(admin, "cluster.od.membership_healthy"), Some(2));
+}

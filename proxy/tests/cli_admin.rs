@@ -48,8 +48,8 @@ fn validate_rejects_bad_configs_naming_the_field() {
         ),
         // A real Envoy field that Legate does not implement and that changes traffic.
         (
-            minimal(1000, json!({"outlier_detection": {}})),
-            "static_resources.clusters[0].outlier_detection",
+            minimal(1000, json!({"health_checks": [{"timeout": "1s"}]})),
+            "static_resources.clusters[0].health_checks",
         ),
         // A bad value.
         (

@@ -113,6 +113,7 @@ pub struct ClusterConfig {
     /// `upstream_connection_options.tcp_keepalive`: keep-alive probes on
     /// every upstream socket.
     pub tcp_keepalive: Option<TcpKeepalive>,
+    pub outlier: Option<super::outlier::OutlierConfig>,
 }
 
 /// TCP keep-alive for upstream sockets; Envoy leaves unset values to the
@@ -423,6 +424,13 @@ impl ClusterConfig {
             )?,
             panic_threshold,
             locality_weighted,
+            outlier: c
+                .outlier_detection
+                .as_ref()
+                .map(|o| {
+                    super::outlier::OutlierConfig::from_proto(o, &join(path, "outlier_detection"))
+                })
+                .transpose()?,
             tcp_keepalive: c
                 .upstream_connection_options
                 .as_ref()

@@ -13,6 +13,7 @@ pub mod lb_policy;
 pub mod listener;
 pub mod local_ratelimit;
 pub mod matcher;
+pub mod outlier;
 pub mod rbac;
 pub mod route;
 pub mod scoped;

@@ -21,6 +21,7 @@ use crate::config::route::{
     Action, ClusterSpec, HashPolicy, HostRewrite, RetryPolicy, Route, RouteConfig, VirtualHost,
 };
 use crate::headers::{self, FormatContext, HeaderOps};
+use crate::outlier;
 use crate::routing;
 use crate::runtime::Runtime;
 use async_trait::async_trait;
@@ -474,6 +475,13 @@ impl HcmProxy {
                 ctx.flags.add("UO");
                 false
             }
+        }
+    }
+
+    /// Tells the cluster's outlier detection how this attempt's host did.
+    fn report_outlier(ctx: &Ctx, outcome: outlier::Outcome) {
+        if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
+            c.report(h.addr, outcome);
         }
     }
 
@@ -1433,6 +1441,7 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        Self::report_outlier(ctx, outlier::Outcome::Response(outlier_code(session, resp)));
         if let Some(r) = &ctx.retry {
             let on = &r.retry_on;
             let retriable = (on.r5xx && status >= 500)
@@ -1516,6 +1525,8 @@ impl ProxyHttp for HcmProxy {
         if let Some(c) = &ctx.cluster {
             c.stats.upstream_cx_connect_fail.increment(1);
         }
+        // A connect timeout too: Envoy's router reports a pool failure.
+        Self::report_outlier(ctx, outlier::Outcome::ConnectFailed);
         let on = ctx.retry.as_ref().map(|r| &r.retry_on);
         let wants = on.is_some_and(|o| {
             o.connect_failure || o.r5xx || o.gateway_error || o.reset || o.reset_before_request
@@ -1549,6 +1560,16 @@ impl ProxyHttp for HcmProxy {
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         );
+        // Envoy reports the per-try and route timeouts as timeouts and
+        // resets as connect failures; a stream idle timeout is neither.
+        if !(timed_out && ctx.idle_binds) {
+            let o = if timed_out {
+                outlier::Outcome::Timeout
+            } else {
+                outlier::Outcome::ConnectFailed
+            };
+            Self::report_outlier(ctx, o);
+        }
         // A timeout is retried only when it was the per-try timeout that
         // fired; the route's own timeout ends the request, as in Envoy.
         let per_try_fired = timed_out && !ctx.idle_binds && per_try_is_binding(ctx);
@@ -1707,6 +1728,27 @@ impl ProxyHttp for HcmProxy {
         if let Some(hcm) = ctx.hcm.as_ref().filter(|h| !h.access_log.is_empty()) {
             Self::access_log(&hcm.access_log, session, ctx, status);
         }
+    }
+}
+
+/// The status outlier detection sees: a gRPC status in the response
+/// headers (a trailers-only answer) mapped to HTTP as Envoy maps it; a
+/// status sent in trailers is not seen, as in Envoy.
+fn outlier_code(session: &Session, resp: &ResponseHeader) -> u16 {
+    let grpc = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(routing::is_grpc_content_type);
+    let status = resp
+        .headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    match (grpc, status) {
+        (true, Some(s)) => rq::http_status_for_grpc(s),
+        _ => resp.status.as_u16(),
     }
 }
 

@@ -79,6 +79,24 @@ pub fn grpc_status_for_http(status: u16) -> u32 {
     }
 }
 
+/// Envoy's gRPC status to HTTP status (`Grpc::Utility::grpcToHttpStatus`).
+pub fn http_status_for_grpc(status: u32) -> u16 {
+    match status {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        4 => 504,
+        16 => 401,
+        _ => 500,
+    }
+}
+
 /// gRPC's percent-encoding of `grpc-message`.
 pub fn grpc_percent_encode(b: &[u8]) -> String {
     b.iter()

@@ -229,14 +229,17 @@ async fn proxy<D: Halves>(
                 if let Some(k) = &cluster.config.tcp_keepalive {
                     let _ = k.apply(&s);
                 }
+                cluster.report(host.addr, crate::outlier::Outcome::Connected);
                 up = Some((s, host));
                 break;
             }
             Ok(Err(e)) => {
+                cluster.report(host.addr, crate::outlier::Outcome::ConnectFailed);
                 stats::counter(format!("cluster.{name}.upstream_cx_connect_fail")).increment(1);
                 tracing::debug!(%peer, upstream = %host.addr, error = %e, "tcp_proxy: connect failed");
             }
             Err(_) => {
+                cluster.report(host.addr, crate::outlier::Outcome::Timeout);
                 stats::counter(format!("cluster.{name}.upstream_cx_connect_timeout")).increment(1);
             }
         }
