@@ -16,6 +16,7 @@ mod pki;
 mod proxies;
 mod raw;
 mod report;
+mod resilience;
 mod routing;
 mod tools;
 mod validate;
@@ -94,6 +95,7 @@ async fn main() -> Result<()> {
             }
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
+                resilience::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(

@@ -123,6 +123,33 @@ impl Detector {
         let prefix = format!("cluster.{cluster}.outlier_detection.");
         let active_gauge = stats::gauge(format!("{prefix}ejections_active"));
         active_gauge.set(0.0);
+        // Envoy creates every counter with the detector, so each shows 0.
+        let kinds = [
+            Kind::Consecutive5xx,
+            Kind::ConsecutiveGatewayFailure,
+            Kind::ConsecutiveLocalOriginFailure,
+            Kind::SuccessRate,
+            Kind::LocalOriginSuccessRate,
+            Kind::FailurePercentage,
+            Kind::LocalOriginFailurePercentage,
+        ];
+        let names = kinds
+            .iter()
+            .flat_map(|k| ["detected", "enforced"].map(|w| format!("ejections_{w}_{}", k.stat())))
+            .chain(
+                [
+                    "ejections_enforced_total",
+                    "ejections_overflow",
+                    "ejections_total",
+                    "ejections_consecutive_5xx",
+                    "ejections_success_rate",
+                    "ejections_detected_degradation",
+                ]
+                .map(str::to_string),
+            );
+        for n in names {
+            stats::counter(format!("{prefix}{n}")).increment(0);
+        }
         Self {
             cfg,
             prefix,
