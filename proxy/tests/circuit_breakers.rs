@@ -28,21 +28,19 @@ async fn concurrent(url: String, n: usize) -> Vec<(u16, Option<String>)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_over_max_requests_get_envoys_overflow_reply() {
+/// Legate with one route to cluster "cb" (one upstream) and these
+/// circuit breaker thresholds; three requests at once, each held upstream
+/// for `hold_ms`: two are served and the third gets Envoy's overflow reply.
+/// Returns the upstream too, so it keeps serving while the caller checks.
+async fn three_at_once(
+    thresholds: serde_json::Value,
+    hold_ms: u64,
+) -> (Legate, String, u16, legate_tests::echo::Echo) {
     let up = upstream("a").await;
     let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "cb"}}]));
-    let (_l, url, admin) = start(
-        hcm(rc, json!({})),
-        vec![cluster(
-            "cb",
-            &[up.addr],
-            json!({"circuit_breakers": {"thresholds": [{"max_requests": 2, "track_remaining": true}]}}),
-        )],
-    );
-    // Three at once, each held 1.5 s upstream: two are served, the third
-    // is refused at once.
-    let got = concurrent(format!("{url}/delay/1500"), 3).await;
+    let cb = json!({"circuit_breakers": {"thresholds": [thresholds]}});
+    let (l, url, admin) = start(hcm(rc, json!({})), vec![cluster("cb", &[up.addr], cb)]);
+    let got = concurrent(format!("{url}/delay/{hold_ms}"), 3).await;
     assert_eq!(
         got,
         vec![(200, None), (200, None), (503, Some("true".into()))]
@@ -51,6 +49,14 @@ async fn requests_over_max_requests_get_envoys_overflow_reply() {
         stat(admin, "cluster.cb.upstream_rq_pending_overflow"),
         Some(1)
     );
+    (l, url, admin, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_max_requests_get_envoys_overflow_reply() {
+    // The third is refused at once.
+    let (_l, url, admin, _up) =
+        three_at_once(json!({"max_requests": 2, "track_remaining": true}), 1500).await;
     assert_eq!(stat(admin, "cluster.cb.upstream_rq_total"), Some(2));
     // Every slot is given back: the gauges say so once the requests end.
     assert_eq!(
@@ -61,48 +67,37 @@ async fn requests_over_max_requests_get_envoys_overflow_reply() {
         stat(admin, "cluster.cb.circuit_breakers.default.rq_open"),
         Some(0)
     );
-    let r = curl(&format!("{url}/"), &[]);
-    assert_eq!(r.status, 200);
+    assert_eq!(curl(&format!("{url}/"), &[]).status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_requests_over_max_connections_wait_or_overflow_as_pending() {
-    let up = upstream("a").await;
-    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "cb"}}]));
-    let (_l, url, admin) = start(
-        hcm(rc, json!({})),
-        vec![cluster(
-            "cb",
-            &[up.addr],
-            json!({"circuit_breakers": {"thresholds": [{"max_connections": 1, "max_pending_requests": 1}]}}),
-        )],
-    );
     // One request holds the one connection, one waits for it (pending) and
     // is served after, one finds the pending queue full.
-    let got = concurrent(format!("{url}/delay/1000"), 3).await;
-    assert_eq!(
-        got,
-        vec![(200, None), (200, None), (503, Some("true".into()))]
-    );
-    assert_eq!(
-        stat(admin, "cluster.cb.upstream_rq_pending_overflow"),
-        Some(1)
-    );
+    let (_l, _url, admin, _up) = three_at_once(
+        json!({"max_connections": 1, "max_pending_requests": 1}),
+        1000,
+    )
+    .await;
     assert_eq!(stat(admin, "cluster.cb.upstream_cx_overflow"), Some(2));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoys_default_allows_three_concurrent_retries() {
+/// A cluster "cb" with `extra`, behind a route that retries 5xx three
+/// times; returns Legate, its URL, its admin port and the upstream.
+async fn retrying(extra: serde_json::Value) -> (Legate, String, u16, legate_tests::echo::Echo) {
     let up = upstream("a").await;
     let retry =
         json!({"retry_on": "5xx", "num_retries": 3, "retry_back_off": {"base_interval": "0.001s"}});
     let rc = routes(
         json!([{"match": {"prefix": "/"}, "route": {"cluster": "cb", "retry_policy": retry}}]),
     );
-    let (_l, url, admin) = start(
-        hcm(rc, json!({})),
-        vec![cluster("cb", &[up.addr], json!({}))],
-    );
+    let (l, url, admin) = start(hcm(rc, json!({})), vec![cluster("cb", &[up.addr], extra)]);
+    (l, url, admin, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_default_allows_three_concurrent_retries() {
+    let (_l, url, admin, up) = retrying(json!({})).await;
     let hits = || up.hits.load(std::sync::atomic::Ordering::Relaxed);
     // Envoy's default of 3 concurrent retries: all three retries run.
     let before = hits();
@@ -113,20 +108,8 @@ async fn envoys_default_allows_three_concurrent_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_over_max_retries_is_not_made() {
-    let up = upstream("a").await;
-    let retry =
-        json!({"retry_on": "5xx", "num_retries": 3, "retry_back_off": {"base_interval": "0.001s"}});
-    let rc = routes(
-        json!([{"match": {"prefix": "/"}, "route": {"cluster": "cb", "retry_policy": retry}}]),
-    );
-    let (_l, url, admin) = start(
-        hcm(rc, json!({})),
-        vec![cluster(
-            "cb",
-            &[up.addr],
-            json!({"circuit_breakers": {"thresholds": [{"max_retries": 0}]}}),
-        )],
-    );
+    let (_l, url, admin, up) =
+        retrying(json!({"circuit_breakers": {"thresholds": [{"max_retries": 0}]}})).await;
     let hits = || up.hits.load(std::sync::atomic::Ordering::Relaxed);
     // No retry may run: the upstream's own 503 passes through after one try.
     let before = hits();

@@ -223,12 +223,7 @@ impl HcmProxy {
     ) -> Result<()> {
         // A gRPC client gets Envoy's gRPC form of the local reply: HTTP 200
         // with the status mapped into `grpc-status`.
-        let grpc = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(routing::is_grpc_content_type);
+        let grpc = is_grpc(session);
         let mut resp = if grpc {
             let mut r = ResponseHeader::build(200, Some(4))?;
             r.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
@@ -515,15 +510,12 @@ impl HcmProxy {
                             Ok(cx) => cx,
                             Err(_) => {
                                 cluster.stats.upstream_rq_timeout.increment(1);
-                                ctx.flags.add("UT");
-                                ctx.details = "response_timeout";
-                                ctx.pending_reply = Some(LocalReply {
-                                    status: 504,
-                                    body: "upstream request timeout",
-                                });
-                                return Error::e_explain(
-                                    ErrorType::HTTPStatus(504),
-                                    "pending request timed out",
+                                return refuse(
+                                    ctx,
+                                    504,
+                                    "upstream request timeout",
+                                    "UT",
+                                    "response_timeout",
                                 );
                             }
                         },
@@ -547,18 +539,19 @@ impl HcmProxy {
         cluster.stats.upstream_rq_pending_overflow.increment(1);
         cluster.stats.upstream_rq_completed.increment(1);
         cluster.stats.record_status(503);
-        ctx.flags.add("UO");
         ctx.overloaded = true;
-        ctx.details = "upstream_reset_before_response_started{overflow}";
-        ctx.pending_reply = Some(LocalReply {
-            status: 503,
-            body: if ctx.attempts > 1 {
-                "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
-            } else {
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-            },
-        });
-        Error::e_explain(ErrorType::HTTPStatus(503), "circuit breaker overflow")
+        let body = if ctx.attempts > 1 {
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+        } else {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+        };
+        refuse(
+            ctx,
+            503,
+            body,
+            "UO",
+            "upstream_reset_before_response_started{overflow}",
+        )
     }
 
     fn retries_left(ctx: &Ctx) -> bool {
@@ -695,18 +688,12 @@ impl ProxyHttp for HcmProxy {
                 // Upgrade headers). Unless it becomes a tunnel, Envoy ends
                 // the connection after the response: the request never
                 // completed.
-                ctx.upgrade = session
-                    .req_header()
-                    .headers
-                    .get(http::header::UPGRADE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                ctx.upgrade_connection = session
-                    .req_header()
-                    .headers
-                    .get(http::header::CONNECTION)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                let header = |name| {
+                    let v = session.req_header().headers.get(name)?.to_str().ok()?;
+                    Some(v.to_string())
+                };
+                ctx.upgrade = header(http::header::UPGRADE);
+                ctx.upgrade_connection = header(http::header::CONNECTION);
                 session.set_keepalive(None);
             }
         }
@@ -1258,13 +1245,7 @@ impl ProxyHttp for HcmProxy {
         );
         let Some(host) = host else {
             cluster.stats.upstream_cx_none_healthy.increment(1);
-            ctx.flags.add("UH");
-            ctx.details = "no_healthy_upstream";
-            ctx.pending_reply = Some(LocalReply {
-                status: 503,
-                body: "no healthy upstream",
-            });
-            return Error::e_explain(ErrorType::HTTPStatus(503), "no healthy upstream");
+            return refuse(ctx, 503, "no healthy upstream", "UH", "no_healthy_upstream");
         };
         Self::take_slots(&cluster, ctx).await?;
         host.active_requests.fetch_add(1, Ordering::Relaxed);
@@ -1731,16 +1712,37 @@ impl ProxyHttp for HcmProxy {
     }
 }
 
-/// The status outlier detection sees: a gRPC status in the response
-/// headers (a trailers-only answer) mapped to HTTP as Envoy maps it; a
-/// status sent in trailers is not seen, as in Envoy.
-fn outlier_code(session: &Session, resp: &ResponseHeader) -> u16 {
-    let grpc = session
+/// Ends the attempt with a reply of Legate's own, before any upstream
+/// answered: Envoy's flag and response details, then the error pingora
+/// answers with (`fail_to_proxy` sends the pending reply).
+fn refuse<T>(
+    ctx: &mut Ctx,
+    status: u16,
+    body: &'static str,
+    flag: &'static str,
+    details: &'static str,
+) -> Result<T> {
+    ctx.flags.add(flag);
+    ctx.details = details;
+    ctx.pending_reply = Some(LocalReply { status, body });
+    Error::e_explain(ErrorType::HTTPStatus(status), details)
+}
+
+/// The request is gRPC (by its content type).
+fn is_grpc(session: &Session) -> bool {
+    session
         .req_header()
         .headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(routing::is_grpc_content_type);
+        .is_some_and(routing::is_grpc_content_type)
+}
+
+/// The status outlier detection sees: a gRPC status in the response
+/// headers (a trailers-only answer) mapped to HTTP as Envoy maps it; a
+/// status sent in trailers is not seen, as in Envoy.
+fn outlier_code(session: &Session, resp: &ResponseHeader) -> u16 {
+    let grpc = is_grpc(session);
     let status = resp
         .headers
         .get("grpc-status")
