@@ -422,7 +422,7 @@ impl Detector {
                     self.count(&format!("ejections_detected_{}", fp_kind.stat()));
                     // Envoy would eject a host the success rate just
                     // ejected a second time; one ejection is kept here.
-                    if !st.hosts.get(a).is_some_and(|h| h.ejected_at.is_some()) {
+                    if st.hosts.get(a).is_none_or(|h| h.ejected_at.is_none()) {
                         changed |= self.eject(st, *a, fp_kind, now);
                     }
                 }
