@@ -867,10 +867,11 @@ impl ClusterManager {
         if matches!(c.discovery, Discovery::StrictDns | Discovery::LogicalDns) {
             cluster.resolve().await;
             let weak = Arc::downgrade(&cluster);
-            let every = c.dns_refresh;
+            let (every, jitter) = (c.dns_refresh, c.dns_jitter.as_millis() as u64);
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(every).await;
+                    let extra = rand::random::<u64>() % (jitter + 1);
+                    tokio::time::sleep(every + std::time::Duration::from_millis(extra)).await;
                     let Some(c) = weak.upgrade() else { break };
                     c.resolve().await;
                 }

@@ -33,7 +33,6 @@ const fn m(
 const NO_LOG: &str = "access logging is not implemented yet; it changes no traffic";
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
-const DNS_TTL: &str = "DNS is re-resolved every dns_refresh_rate";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
 
 /// The registry. Messages whose names start with `google.protobuf.` are
@@ -932,7 +931,6 @@ pub static REGISTRY: &[MessageSupport] = &[
                 "per_connection_buffer_limit_bytes",
                 "an upstream flow-control watermark: it paces, never changes, what is sent; pingora's own backpressure applies",
             ),
-            ("respect_dns_ttl", DNS_TTL),
             (
                 "track_cluster_stats",
                 "timeout budget, request/response size and per-endpoint stats are not recorded; stats change no traffic",
@@ -1024,10 +1022,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "locality_weighted_lb_config",
             "ignore_new_hosts_until_first_hc",
         ],
-        &[(
-            "update_merge_window",
-            "health and weight changes apply at once; Envoy may hold them back for up to this window (1 s by default, set or not)",
-        )],
+        // update_merge_window is rejected: Legate applies health and weight
+        // changes at once, where Envoy would hold them back.
+        &[],
     ),
     m(
         "envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig",
@@ -1082,11 +1079,16 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.clusters.dns.v3.DnsCluster",
-        &["dns_refresh_rate", "dns_lookup_family", "all_addresses_in_single_endpoint"],
+        // respect_dns_ttl is rejected: the system resolver Legate uses
+        // gives no TTL, and re-resolving at another time than Envoy would
+        // moves traffic at another time.
         &[
-            ("respect_dns_ttl", DNS_TTL),
-            ("dns_jitter", "only delays re-resolution by a random amount"),
+            "dns_refresh_rate",
+            "dns_lookup_family",
+            "all_addresses_in_single_endpoint",
+            "dns_jitter",
         ],
+        &[],
     ),
     m(
         "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
@@ -1310,6 +1312,28 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(err.path, "static_resources.clusters[0].health_checks");
+    }
+
+    /// Timing fields that move traffic (when a DNS answer or a health
+    /// change takes effect) are refused, not warned about.
+    #[test]
+    fn traffic_timing_fields_are_refused_naming_them() {
+        for (field, path) in [
+            (
+                "respect_dns_ttl: true",
+                "static_resources.clusters[0].respect_dns_ttl",
+            ),
+            (
+                "common_lb_config: {update_merge_window: 2s}",
+                "static_resources.clusters[0].common_lb_config.update_merge_window",
+            ),
+        ] {
+            let err = validate(&dynamic(&format!(
+                "static_resources: {{clusters: [{{name: a, {field}}}]}}"
+            )))
+            .unwrap_err();
+            assert_eq!(err.path, path);
+        }
     }
 
     #[test]

@@ -93,6 +93,9 @@ pub struct ClusterConfig {
     pub overprovisioning_factor: u32,
     pub dns_family: DnsFamily,
     pub dns_refresh: Duration,
+    /// DnsCluster `dns_jitter`: each re-resolution waits a random part of
+    /// it more, as Envoy's.
+    pub dns_jitter: Duration,
     pub protocol: UpstreamProtocol,
     pub upstream_idle_timeout: Option<Duration>,
     /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
@@ -444,6 +447,7 @@ impl ClusterConfig {
             overprovisioning_factor,
             dns_family,
             dns_refresh,
+            dns_jitter: dns_cluster.as_ref().map_or(Duration::ZERO, |d| d.jitter),
             protocol,
             upstream_idle_timeout,
             max_requests_per_connection: match max_requests {
@@ -501,6 +505,7 @@ struct DnsClusterConfig {
     discovery: Discovery,
     family: DnsFamily,
     refresh: Duration,
+    jitter: Duration,
 }
 
 const DNS_CLUSTER: &str = "envoy.extensions.clusters.dns.v3.DnsCluster";
@@ -532,7 +537,12 @@ impl DnsClusterConfig {
             Some(r) => duration(r, &join(&tc, "dns_refresh_rate"))?,
             None => Duration::from_secs(5),
         };
+        let jitter = match &d.dns_jitter {
+            Some(j) => duration(j, &join(&tc, "dns_jitter"))?,
+            None => Duration::ZERO,
+        };
         Ok(Self {
+            jitter,
             discovery: if d.all_addresses_in_single_endpoint {
                 Discovery::LogicalDns
             } else {
