@@ -29,7 +29,10 @@ impl Resource {
             remaining: remaining.map(|n| stats::gauge(format!("{prefix}{n}"))),
             freed: tokio::sync::Notify::new(),
         });
-        r.publish(0, max);
+        r.open.set(if max > 0 { 0.0 } else { 1.0 });
+        if let Some(g) = &r.remaining {
+            g.set(max as f64);
+        }
         r
     }
 
@@ -37,10 +40,15 @@ impl Resource {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn publish(&self, count: u64, max: u64) {
-        self.open.set(if count < max { 0.0 } else { 1.0 });
+    /// The gauges after the count went from `before` to `after`: the open
+    /// gauge is written only when the limit is crossed (every request
+    /// takes and gives back slots, and most never reach a limit).
+    fn publish(&self, before: u64, after: u64) {
+        if (before < self.max) != (after < self.max) {
+            self.open.set(if after < self.max { 0.0 } else { 1.0 });
+        }
         if let Some(g) = &self.remaining {
-            g.set(max.saturating_sub(count) as f64);
+            g.set(self.max.saturating_sub(after) as f64);
         }
     }
 
@@ -49,7 +57,6 @@ impl Resource {
         let mut n = self.count.load(Ordering::Relaxed);
         loop {
             if n >= max {
-                self.publish(n, max);
                 return None;
             }
             match self
@@ -57,7 +64,7 @@ impl Resource {
                 .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
             {
                 Ok(_) => {
-                    self.publish(n + 1, max);
+                    self.publish(n, n + 1);
                     return Some(Slot(self.clone()));
                 }
                 Err(now) => n = now,
@@ -72,8 +79,8 @@ impl Resource {
     /// A slot even over the limit: Envoy opens a pool's first connection
     /// whatever `max_connections` says, so a cluster never starves.
     pub fn acquire_over_limit(self: &Arc<Self>) -> Slot {
-        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
-        self.publish(n, self.max);
+        let n = self.count.fetch_add(1, Ordering::AcqRel);
+        self.publish(n, n + 1);
         Slot(self.clone())
     }
 
@@ -96,8 +103,8 @@ pub struct Slot(Arc<Resource>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let n = self.0.count.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.0.publish(n, self.0.max);
+        let n = self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.publish(n, n - 1);
         self.0.freed.notify_one();
     }
 }
