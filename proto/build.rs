@@ -106,20 +106,91 @@ fn main() {
     // those types are simply unknown to Legate (and rejected as such).
     let mut compiler = protox::Compiler::new(&includes).expect("protox include paths");
     compiler.include_imports(true);
-    let mut skipped = 0;
+    let mut failed = Vec::new();
     for f in &files {
-        if let Err(e) = compiler.open_file(f) {
+        if compiler.open_file(f).is_err() {
+            failed.push(f.clone());
+        }
+    }
+    // Encoded by protox itself, so custom options (protoc-gen-validate's
+    // `validate.rules`) survive for the validator to read.
+    let mut bytes = compiler.encode_file_descriptor_set();
+    // A file can fail only because the whole pool is loaded at once: with
+    // every package present, a relative name such as
+    // `common.ratelimit.v3.X` inside `envoy.extensions.filters.http.*`
+    // resolves to the first enclosing scope that has a `common`
+    // (`envoy.extensions.filters.common`, from another file), which protoc,
+    // loading only a file's imports, never sees. Such a file is compiled
+    // again on its own, and its descriptors (names already fully qualified)
+    // are appended to the set.
+    let mut have = file_names(&bytes);
+    let mut skipped = 0;
+    for f in &failed {
+        let mut alone = protox::Compiler::new(&includes).expect("protox include paths");
+        alone.include_imports(true);
+        if let Err(e) = alone.open_file(f) {
             skipped += 1;
             if REQUIRED.iter().any(|r| f.ends_with(r)) {
                 panic!("a required Envoy proto does not compile: {f}: {e}");
             }
+            continue;
+        }
+        for (name, entry) in file_entries(&alone.encode_file_descriptor_set()) {
+            if have.insert(name) {
+                bytes.extend_from_slice(entry);
+            }
         }
     }
-    println!("cargo:warning=envoy descriptor set: {} files compiled, {skipped} skipped (missing imports)", files.len() - skipped);
-    // Encoded by protox itself, so custom options (protoc-gen-validate's
-    // `validate.rules`) survive for the validator to read.
-    let bytes = compiler.encode_file_descriptor_set();
+    println!(
+        "cargo:warning=envoy descriptor set: {} files compiled ({} alone), {skipped} skipped (missing imports)",
+        files.len() - skipped,
+        failed.len() - skipped
+    );
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("envoy_descriptor.bin");
     std::fs::write(out, bytes).unwrap();
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// Reads a protobuf varint at `*at`.
+fn varint(b: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = b[*at];
+        *at += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    v
+}
+
+/// The `file` entries of an encoded `FileDescriptorSet` (field 1, repeated
+/// `FileDescriptorProto`), each as (its `name`, its whole encoded entry).
+/// Read as raw bytes so that nothing (custom options) is lost.
+fn file_entries(set: &[u8]) -> Vec<(String, &[u8])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < set.len() {
+        let start = at;
+        let key = varint(set, &mut at);
+        assert_eq!(key, (1 << 3) | 2, "a FileDescriptorSet holds only files");
+        let len = varint(set, &mut at) as usize;
+        let body = &set[at..at + len];
+        at += len;
+        // FileDescriptorProto.name is field 1 (string), written first.
+        let mut i = 0;
+        let name = if !body.is_empty() && varint(body, &mut i) == (1 << 3) | 2 {
+            let n = varint(body, &mut i) as usize;
+            String::from_utf8_lossy(&body[i..i + n]).into_owned()
+        } else {
+            String::new()
+        };
+        out.push((name, &set[start..at]));
+    }
+    out
+}
+
+fn file_names(set: &[u8]) -> std::collections::HashSet<String> {
+    file_entries(set).into_iter().map(|(n, _)| n).collect()
 }

@@ -183,6 +183,32 @@ mod tests {
     }
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 
+    #[test]
+    fn protos_naming_the_common_packages_are_in_the_pool() {
+        // These name `common.ratelimit.v3...` relatively, which the
+        // one-pool compile cannot resolve; build.rs compiles them alone.
+        for m in [
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "envoy.extensions.filters.network.ratelimit.v3.RateLimit",
+            "envoy.extensions.filters.http.tap.v3.Tap",
+        ] {
+            assert!(crate::pool().get_message_by_name(m).is_some(), "{m}");
+        }
+        let v = parse_yaml(
+            "{stat_prefix: s, descriptors: [{entries: [{key: k, value: v}], token_bucket: {max_tokens: 1, fill_interval: 1s}}]}",
+        )
+        .unwrap();
+        let m = to_dynamic(
+            v,
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            true,
+        )
+        .unwrap();
+        let l: envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit =
+            m.transcode_to().unwrap();
+        assert_eq!(l.descriptors[0].entries[0].value, "v");
+    }
+
     const BOOT: &str = "envoy.config.bootstrap.v3.Bootstrap";
 
     #[test]
