@@ -7,7 +7,7 @@ use crate::report::{Outcome, Report};
 use anyhow::Result;
 
 /// A stat from the admin page, or "absent".
-fn stat(admin: u16, name: &str) -> String {
+pub fn stat(admin: u16, name: &str) -> String {
     let url = format!(
         "http://127.0.0.1:{admin}/stats?filter=^{}$",
         name.replace('.', "\\.")

@@ -25,6 +25,10 @@ pub struct Scenario {
     /// lines each proxy wrote are compared too (as request `access-log`).
     #[serde(default)]
     pub access_log: bool,
+    /// Stats read from each proxy's admin page after the requests and
+    /// compared (as request `stats`): a filter's counters, say.
+    #[serde(default)]
+    pub stats: Vec<String>,
 }
 
 /// What one proxy showed for a scenario: an observation per request, and
@@ -32,6 +36,7 @@ pub struct Scenario {
 struct Seen {
     requests: Vec<Observation>,
     access_log: Vec<String>,
+    stats: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +129,11 @@ fn observe_both(
                 .map_or(0, |s: &Seen| s.access_log.len());
             wait_for_log_lines(access_log, envoys);
         }
+        let stats = sc
+            .stats
+            .iter()
+            .map(|n| format!("{n}: {}", crate::resilience::stat(admin, n)))
+            .collect();
         drop(running);
         let access_log = std::fs::read_to_string(access_log)
             .unwrap_or_default()
@@ -135,6 +145,7 @@ fn observe_both(
             Seen {
                 requests,
                 access_log,
+                stats,
             },
         );
     }
@@ -347,6 +358,17 @@ pub async fn run_file(
             Outcome::Mismatch(vec![format!("access log: envoy {e:?} / legate {l:?}")])
         };
         report.add("routing", &stem, "access-log", outcome);
+    }
+    if !sc.stats.is_empty() {
+        let (e, l) = (&seen[&Kind::Envoy].stats, &seen[&Kind::Legate].stats);
+        let outcome = if e.iter().all(|s| s.ends_with(": absent")) {
+            Outcome::HarnessError(vec![format!("envoy has none of the stats: {e:?}")])
+        } else if e == l {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(vec![format!("stats: envoy {e:?} / legate {l:?}")])
+        };
+        report.add("routing", &stem, "stats", outcome);
     }
     for (i, r) in sc.requests.iter().enumerate() {
         let oracle: Vec<String> = check_expect(&r.expect, &envoy[i])

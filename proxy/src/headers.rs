@@ -312,7 +312,7 @@ impl HeaderOps {
     }
 }
 
-fn header_name(s: &str, path: &str) -> Result<HeaderName> {
+pub fn header_name(s: &str, path: &str) -> Result<HeaderName> {
     HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
         .map_err(|_| ConfigError::new(path, format!("'{s}' is not a valid header name")))
 }
@@ -320,51 +320,54 @@ fn header_name(s: &str, path: &str) -> Result<HeaderName> {
 fn adds(list: &[core::HeaderValueOption], path: &str, field: &str) -> Result<Vec<HeaderAdd>> {
     list.iter()
         .enumerate()
-        .map(|(i, o)| {
-            let p = index(path, field, i);
-            let h = o
-                .header
-                .as_ref()
-                .ok_or_else(|| ConfigError::new(join(&p, "header"), "header is required"))?;
-            let name = header_name(&h.key, &join(&p, "header.key"))?;
-            // Envoy forbids mutating pseudo-headers and `host` this way.
-            if h.key.starts_with(':') || name == http::header::HOST {
-                return Err(ConfigError::new(
-                    join(&p, "header.key"),
-                    format!("'{}' may not be modified", h.key),
-                ));
-            }
-            // Envoy's route header parser reads `value` only: a `raw_value` alone
-            // makes an empty value (dropped unless keep_empty_value).
-            let raw = h.value.clone();
-            let value = HeaderValueFormat::parse(&raw, &join(&p, "header.value"))?;
-            if let Some(lit) = value.literal() {
-                if HeaderValue::from_str(lit).is_err() {
-                    return Err(ConfigError::new(
-                        join(&p, "header.value"),
-                        "not a valid header value",
-                    ));
-                }
-            }
-            use core::header_value_option::HeaderAppendAction as A;
-            let action = match o.append.as_ref().map(|b| b.value) {
-                Some(true) => AppendAction::AppendIfExistsOrAdd,
-                Some(false) => AppendAction::OverwriteIfExistsOrAdd,
-                None => match A::try_from(o.append_action).unwrap_or(A::AppendIfExistsOrAdd) {
-                    A::AppendIfExistsOrAdd => AppendAction::AppendIfExistsOrAdd,
-                    A::AddIfAbsent => AppendAction::AddIfAbsent,
-                    A::OverwriteIfExistsOrAdd => AppendAction::OverwriteIfExistsOrAdd,
-                    A::OverwriteIfExists => AppendAction::OverwriteIfExists,
-                },
-            };
-            Ok(HeaderAdd {
-                name,
-                value,
-                action,
-                keep_empty: o.keep_empty_value,
-            })
-        })
+        .map(|(i, o)| header_add(o, &index(path, field, i)))
         .collect()
+}
+
+/// One `HeaderValueOption` at `p`, as route tables and the header mutation
+/// filter read it.
+pub fn header_add(o: &core::HeaderValueOption, p: &str) -> Result<HeaderAdd> {
+    let h = o
+        .header
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(join(p, "header"), "header is required"))?;
+    let name = header_name(&h.key, &join(p, "header.key"))?;
+    // Envoy forbids mutating pseudo-headers and `host` this way.
+    if h.key.starts_with(':') || name == http::header::HOST {
+        return Err(ConfigError::new(
+            join(p, "header.key"),
+            format!("'{}' may not be modified", h.key),
+        ));
+    }
+    // Envoy's route header parser reads `value` only: a `raw_value` alone
+    // makes an empty value (dropped unless keep_empty_value).
+    let raw = h.value.clone();
+    let value = HeaderValueFormat::parse(&raw, &join(p, "header.value"))?;
+    if let Some(lit) = value.literal() {
+        if HeaderValue::from_str(lit).is_err() {
+            return Err(ConfigError::new(
+                join(p, "header.value"),
+                "not a valid header value",
+            ));
+        }
+    }
+    use core::header_value_option::HeaderAppendAction as A;
+    let action = match o.append.as_ref().map(|b| b.value) {
+        Some(true) => AppendAction::AppendIfExistsOrAdd,
+        Some(false) => AppendAction::OverwriteIfExistsOrAdd,
+        None => match A::try_from(o.append_action).unwrap_or(A::AppendIfExistsOrAdd) {
+            A::AppendIfExistsOrAdd => AppendAction::AppendIfExistsOrAdd,
+            A::AddIfAbsent => AppendAction::AddIfAbsent,
+            A::OverwriteIfExistsOrAdd => AppendAction::OverwriteIfExistsOrAdd,
+            A::OverwriteIfExists => AppendAction::OverwriteIfExists,
+        },
+    };
+    Ok(HeaderAdd {
+        name,
+        value,
+        action,
+        keep_empty: o.keep_empty_value,
+    })
 }
 
 fn removes(list: &[String], path: &str, field: &str) -> Result<Vec<HeaderName>> {

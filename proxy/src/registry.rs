@@ -272,7 +272,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter",
-        &["name", "typed_config", "is_optional", "config_discovery"],
+        &["name", "typed_config", "is_optional", "config_discovery", "disabled"],
         &[],
     ),
     m(
@@ -316,6 +316,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "ignore_port_in_host_matching",
             "most_specific_header_mutations_wins",
             "validate_clusters",
+            "typed_per_filter_config",
         ],
         &[],
     ),
@@ -330,9 +331,15 @@ pub static REGISTRY: &[MessageSupport] = &[
             "response_headers_to_add",
             "response_headers_to_remove",
             "retry_policy",
+            "typed_per_filter_config",
         ],
         // As the route's: no filter or formatter of Legate reads it yet.
         &[("metadata", "only informational")],
+    ),
+    m(
+        "envoy.config.route.v3.FilterConfig",
+        &["config", "is_optional", "disabled"],
+        &[],
     ),
     m(
         "envoy.config.route.v3.Route",
@@ -346,6 +353,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "request_headers_to_remove",
             "response_headers_to_add",
             "response_headers_to_remove",
+            "typed_per_filter_config",
         ],
         &[
             ("decorator", "tracing is not implemented"),
@@ -488,6 +496,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "response_headers_to_add",
             "response_headers_to_remove",
             "host_rewrite_literal",
+            "typed_per_filter_config",
         ],
         &[(
             "metadata_match",
@@ -1168,9 +1177,18 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
 ];
 
+/// Every entry: the table above and each HTTP filter module's own.
+pub fn all() -> impl Iterator<Item = &'static MessageSupport> {
+    REGISTRY.iter().chain(
+        crate::http_filters::REGISTRIES
+            .iter()
+            .flat_map(|r| r.iter()),
+    )
+}
+
 /// Finds a message's entry.
 pub fn lookup(message: &str) -> Option<&'static MessageSupport> {
-    REGISTRY.iter().find(|m| m.message == message)
+    all().find(|m| m.message == message)
 }
 
 /// A field that was accepted with a warning.
@@ -1234,7 +1252,7 @@ pub fn compatibility_markdown() -> String {
          - **rejected**: any other field; config setting it fails validation (exit 1 in `--mode validate`) naming the field.\n\
          - A message that is not listed is rejected as a whole.\n",
     );
-    let mut entries: Vec<&MessageSupport> = REGISTRY.iter().collect();
+    let mut entries: Vec<&MessageSupport> = all().collect();
     entries.sort_by_key(|e| e.message);
     for e in entries {
         out.push_str(&format!(
@@ -1285,7 +1303,9 @@ mod tests {
     #[test]
     fn every_registry_entry_names_a_real_message_and_fields() {
         let pool = legate_proto::pool();
-        for e in REGISTRY {
+        let mut seen = std::collections::HashSet::new();
+        for e in all() {
+            assert!(seen.insert(e.message), "{} is listed twice", e.message);
             let d = pool
                 .get_message_by_name(e.message)
                 .unwrap_or_else(|| panic!("{} is not a known message", e.message));

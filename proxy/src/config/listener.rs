@@ -372,6 +372,8 @@ pub struct Hcm {
     /// HTTP filters whose config comes from ECDS: (filter name = resource
     /// name, source). The listener warms until each has arrived.
     pub ecds: Vec<(String, XdsSource)>,
+    /// The HTTP filters before the router, in order.
+    pub filters: crate::http_filters::FilterChain,
     /// Upgrade types allowed through (lower case), from `upgrade_configs`.
     pub upgrades: Vec<String>,
     /// The router's `suppress_envoy_headers`: no `x-envoy-` headers of the
@@ -601,85 +603,7 @@ impl Hcm {
             )),
             None => return Err(ConfigError::new(path, "route_config is required")),
         };
-        // The filter list must end in the router, and be only the router:
-        // any other HTTP filter would change traffic and is not built yet.
-        if h.http_filters.is_empty() {
-            return Err(ConfigError::new(
-                join(path, "http_filters"),
-                "the router filter is required",
-            ));
-        }
-        let mut ecds = Vec::new();
-        let mut suppress_envoy_headers = false;
-        for (i, f) in h.http_filters.iter().enumerate() {
-            let p = index(path, "http_filters", i);
-            use hcm::http_filter::ConfigType;
-            let tn = match &f.config_type {
-                Some(ConfigType::TypedConfig(a)) => {
-                    let tn = legate_proto::type_name(&a.type_url).to_string();
-                    if tn == ROUTER_TYPE {
-                        suppress_envoy_headers =
-                            router(a, &join(&p, "typed_config"))?.suppress_envoy_headers;
-                    }
-                    tn
-                }
-                Some(ConfigType::ConfigDiscovery(cd)) => {
-                    let cp = join(&p, "config_discovery");
-                    // The router is the only HTTP filter Legate has, so it is
-                    // the only one whose config can be discovered.
-                    let only_router = !cd.type_urls.is_empty()
-                        && cd
-                            .type_urls
-                            .iter()
-                            .all(|u| legate_proto::type_name(u) == ROUTER_TYPE);
-                    if !only_router {
-                        return Err(ConfigError::new(
-                            join(&cp, "type_urls"),
-                            "only the router filter's config can be discovered (ECDS)",
-                        ));
-                    }
-                    if let Some(d) = &cd.default_config {
-                        if legate_proto::type_name(&d.type_url) != ROUTER_TYPE {
-                            return Err(ConfigError::new(
-                                join(&cp, "default_config"),
-                                "the default config must be the router's",
-                            ));
-                        }
-                        discovered_router(d, &join(&cp, "default_config"))?;
-                    }
-                    let source = cd.config_source.as_ref().ok_or_else(|| {
-                        ConfigError::new(join(&cp, "config_source"), "config_source is required")
-                    })?;
-                    let source = XdsSource::from_proto(source, &join(&cp, "config_source"))?;
-                    if !(cd.apply_default_config_without_warming && cd.default_config.is_some()) {
-                        ecds.push((f.name.clone(), source));
-                    }
-                    ROUTER_TYPE.to_string()
-                }
-                None => {
-                    return Err(ConfigError::new(
-                        join(&p, "typed_config"),
-                        "typed_config is required",
-                    ))
-                }
-            };
-            if tn != ROUTER_TYPE {
-                if f.is_optional && legate_proto::pool().get_message_by_name(&tn).is_none() {
-                    tracing::warn!(path = %p, filter = %tn, "optional HTTP filter is not supported; skipped as Envoy skips unknown optional filters");
-                    continue;
-                }
-                return Err(ConfigError::new(
-                    join(&p, "typed_config"),
-                    format!("HTTP filter {tn} is not supported"),
-                ));
-            }
-            if i + 1 != h.http_filters.len() {
-                return Err(ConfigError::new(
-                    p,
-                    "the router must be the last HTTP filter",
-                ));
-            }
-        }
+        let (filters, ecds, suppress_envoy_headers) = http_filters(h, path)?;
         let server_header =
             match S::try_from(h.server_header_transformation).unwrap_or(S::Overwrite) {
                 S::Overwrite => ServerHeader::Overwrite,
@@ -759,6 +683,7 @@ impl Hcm {
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
             ecds,
+            filters,
             suppress_envoy_headers,
             upgrades: h
                 .upgrade_configs
@@ -1147,6 +1072,126 @@ impl Scoped {
 }
 
 /// The router filter's config.
+/// `http_filters`: the filters before the router, the router's ECDS
+/// sources, and its `suppress_envoy_headers`. The list must end in the
+/// router.
+type HttpFilters = (
+    crate::http_filters::FilterChain,
+    Vec<(String, XdsSource)>,
+    bool,
+);
+
+fn http_filters(h: &hcm::HttpConnectionManager, path: &str) -> Result<HttpFilters> {
+    if h.http_filters.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "http_filters"),
+            "the router filter is required",
+        ));
+    }
+    let mut chain = crate::http_filters::FilterChain::default();
+    let mut ecds = Vec::new();
+    let mut suppress_envoy_headers = false;
+    let last = h.http_filters.len() - 1;
+    for (i, f) in h.http_filters.iter().enumerate() {
+        let p = index(path, "http_filters", i);
+        use hcm::http_filter::ConfigType;
+        let typed = match &f.config_type {
+            Some(ConfigType::TypedConfig(a)) => a,
+            Some(ConfigType::ConfigDiscovery(cd)) => {
+                ecds.extend(discovered(&f.name, cd, &join(&p, "config_discovery"))?);
+                if i != last {
+                    return Err(ConfigError::new(
+                        p,
+                        "the router must be the last HTTP filter",
+                    ));
+                }
+                continue;
+            }
+            None => {
+                return Err(ConfigError::new(
+                    join(&p, "typed_config"),
+                    "typed_config is required",
+                ))
+            }
+        };
+        let tp = join(&p, "typed_config");
+        let tn = legate_proto::type_name(&typed.type_url);
+        if tn == ROUTER_TYPE {
+            if i != last {
+                return Err(ConfigError::new(
+                    p,
+                    "the router must be the last HTTP filter",
+                ));
+            }
+            suppress_envoy_headers = router(typed, &tp)?.suppress_envoy_headers;
+            continue;
+        }
+        match crate::http_filters::FilterChain::entry(
+            &f.name,
+            typed,
+            f.disabled,
+            &h.stat_prefix,
+            &tp,
+        )? {
+            Some(_) if i == last => {
+                return Err(ConfigError::new(
+                    p,
+                    "the last HTTP filter must be the router",
+                ));
+            }
+            Some(e) => chain.entries.push(e),
+            None if f.is_optional && legate_proto::pool().get_message_by_name(tn).is_none() => {
+                tracing::warn!(path = %p, filter = %tn, "optional HTTP filter is not supported; skipped as Envoy skips unknown optional filters");
+            }
+            None => {
+                return Err(ConfigError::new(
+                    tp,
+                    format!("HTTP filter {tn} is not supported"),
+                ))
+            }
+        }
+    }
+    Ok((chain, ecds, suppress_envoy_headers))
+}
+
+/// An ECDS-discovered filter: only the router's config can be discovered
+/// yet. Its source, unless its default config applies without warming.
+fn discovered(
+    name: &str,
+    cd: &legate_proto::envoy_types::pb::envoy::config::core::v3::ExtensionConfigSource,
+    cp: &str,
+) -> Result<Option<(String, XdsSource)>> {
+    let only_router = !cd.type_urls.is_empty()
+        && cd
+            .type_urls
+            .iter()
+            .all(|u| legate_proto::type_name(u) == ROUTER_TYPE);
+    if !only_router {
+        return Err(ConfigError::new(
+            join(cp, "type_urls"),
+            "only the router filter's config can be discovered (ECDS)",
+        ));
+    }
+    if let Some(d) = &cd.default_config {
+        if legate_proto::type_name(&d.type_url) != ROUTER_TYPE {
+            return Err(ConfigError::new(
+                join(cp, "default_config"),
+                "the default config must be the router's",
+            ));
+        }
+        discovered_router(d, &join(cp, "default_config"))?;
+    }
+    let source = cd
+        .config_source
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(join(cp, "config_source"), "config_source is required"))?;
+    let source = XdsSource::from_proto(source, &join(cp, "config_source"))?;
+    if cd.apply_default_config_without_warming && cd.default_config.is_some() {
+        return Ok(None);
+    }
+    Ok(Some((name.to_string(), source)))
+}
+
 fn router(
     a: &legate_proto::envoy_types::pb::google::protobuf::Any,
     path: &str,

@@ -17,6 +17,8 @@ pub struct RouteConfig {
     /// Whether routes to unknown clusters fail config loading (Envoy's
     /// default for inline route configs) or answer 503 at request time.
     pub validate_clusters: bool,
+    /// `typed_per_filter_config`.
+    pub filters: crate::http_filters::PerFilterConfigs,
 }
 
 impl RouteConfig {
@@ -45,6 +47,7 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub headers: HeaderOps,
     pub retry_policy: Option<RetryPolicy>,
+    pub filters: crate::http_filters::PerFilterConfigs,
 }
 
 #[derive(Debug)]
@@ -53,6 +56,7 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: Action,
     pub headers: HeaderOps,
+    pub filters: crate::http_filters::PerFilterConfigs,
 }
 
 #[derive(Debug)]
@@ -105,6 +109,7 @@ pub struct WeightedCluster {
     pub weight: u64,
     pub headers: HeaderOps,
     pub host_rewrite_literal: Option<String>,
+    pub filters: crate::http_filters::PerFilterConfigs,
 }
 
 #[derive(Debug)]
@@ -247,6 +252,10 @@ impl RouteConfig {
             ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
             most_specific_header_mutations_wins: rc.most_specific_header_mutations_wins,
             validate_clusters: rc.validate_clusters.val().unwrap_or(true),
+            filters: crate::http_filters::PerFilterConfigs::from_proto(
+                &rc.typed_per_filter_config,
+                path,
+            )?,
         })
     }
 }
@@ -293,6 +302,10 @@ impl VirtualHost {
                 .as_ref()
                 .map(|r| RetryPolicy::from_proto(r, &join(path, "retry_policy")))
                 .transpose()?,
+            filters: crate::http_filters::PerFilterConfigs::from_proto(
+                &vh.typed_per_filter_config,
+                path,
+            )?,
         })
     }
 }
@@ -333,6 +346,10 @@ impl Route {
                 &r.request_headers_to_remove,
                 &r.response_headers_to_add,
                 &r.response_headers_to_remove,
+                path,
+            )?,
+            filters: crate::http_filters::PerFilterConfigs::from_proto(
+                &r.typed_per_filter_config,
                 path,
             )?,
         })
@@ -792,6 +809,10 @@ fn weighted(wc: &pb::WeightedCluster, path: &str) -> Result<WeightedClusters> {
                 .host_rewrite_specifier
                 .as_ref()
                 .map(|H::HostRewriteLiteral(s)| s.clone()),
+            filters: crate::http_filters::PerFilterConfigs::from_proto(
+                &c.typed_per_filter_config,
+                &p,
+            )?,
         });
     }
     let sum: u64 = clusters.iter().map(|c| c.weight).sum();

@@ -146,6 +146,12 @@ pub struct Ctx {
     retry_slot: Option<crate::breakers::Slot>,
     /// A circuit breaker refused the request: `x-envoy-overloaded: true`.
     overloaded: bool,
+    /// The HTTP filters enabled for this request (indices into the
+    /// connection manager's chain), and each one's state from its request
+    /// hook. Every enabled filter sees the response, as Envoy's encoder
+    /// filters see local replies too.
+    filters_active: Vec<usize>,
+    filter_states: Vec<Option<crate::http_filters::State>>,
 }
 
 impl Ctx {
@@ -255,7 +261,7 @@ impl HcmProxy {
             } else {
                 Vec::new()
             };
-            self.decorate_response(&mut resp, ctx, &levels, session);
+            self.decorate_response(&mut resp, ctx, &levels, session, true);
         }
         // Set after the route's header mutations when they left none (so a
         // route can choose the type but not remove it), as Envoy does.
@@ -281,6 +287,197 @@ impl HcmProxy {
         Ok(())
     }
 
+    /// Finds the virtual host and route for the request, and picks the
+    /// weighted cluster now (as Envoy's route entry is that cluster), since
+    /// the filters read its per-filter config.
+    fn select_route(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        rc: Arc<RouteConfig>,
+        host: &str,
+        path: &str,
+    ) -> Option<Selected> {
+        let runtime = self.shared.runtime.load();
+        let random: u64 = rand::random();
+        let vh = routing::find_virtual_host(&rc, host)?;
+        let vi = rc.virtual_hosts.iter().position(|v| std::ptr::eq(v, vh))?;
+        let view = routing::RequestView {
+            path,
+            headers: &session.req_header().headers,
+            random,
+            runtime: &runtime,
+            pseudo: crate::config::matcher::Pseudo {
+                method: session.req_header().method.as_str(),
+                path,
+                authority: host,
+                scheme: ctx.scheme(),
+                status: None,
+            },
+        };
+        let r = routing::find_route(vh, &view)?;
+        let ri = vh.routes.iter().position(|x| std::ptr::eq(x, r))?;
+        if let Action::Forward(ra) = &r.action {
+            if let ClusterSpec::Weighted(w) = &ra.cluster {
+                let hashed = if w.use_hash_policy {
+                    hash_for(
+                        &ra.hash_policy,
+                        session,
+                        ctx.client_addr.or(ctx.downstream_remote),
+                    )
+                } else {
+                    None
+                };
+                let mut roll = hashed.unwrap_or(random) % w.total;
+                let mut pick = 0;
+                for (i, c) in w.clusters.iter().enumerate() {
+                    if roll < c.weight {
+                        pick = i;
+                        break;
+                    }
+                    roll -= c.weight;
+                }
+                ctx.weighted_index = Some(pick);
+            }
+        }
+        Some(Selected {
+            config: rc,
+            vhost: vi,
+            route: ri,
+        })
+    }
+
+    /// The route's per-filter configs, most specific first.
+    fn filter_levels(ctx: &Ctx) -> crate::http_filters::chain::Levels<'_> {
+        let Some(sel) = &ctx.selected else {
+            return crate::http_filters::chain::Levels([None; 4]);
+        };
+        let wc = match (&sel.route().action, ctx.weighted_index) {
+            (Action::Forward(ra), Some(i)) => match &ra.cluster {
+                ClusterSpec::Weighted(w) => Some(&w.clusters[i].filters),
+                _ => None,
+            },
+            _ => None,
+        };
+        crate::http_filters::chain::Levels([
+            wc,
+            Some(&sel.route().filters),
+            Some(&sel.vhost().filters),
+            Some(&sel.config.filters),
+        ])
+    }
+
+    /// The cluster the selected route forwards to, as far as it is known
+    /// before the router runs.
+    fn route_cluster(session: &Session, ctx: &Ctx) -> Option<String> {
+        let Action::Forward(ra) = &ctx.selected.as_ref()?.route().action else {
+            return None;
+        };
+        Some(match &ra.cluster {
+            ClusterSpec::Name(n) => n.clone(),
+            ClusterSpec::Header(h) => session
+                .req_header()
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())?
+                .to_string(),
+            ClusterSpec::Weighted(w) => w.clusters[ctx.weighted_index?].name.clone(),
+        })
+    }
+
+    /// Runs the enabled HTTP filters' request hooks in order. True: a
+    /// filter answered the request itself.
+    async fn run_filters(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        use crate::http_filters::{Flow, RequestInfo};
+        let Some(hcm) = ctx.hcm.clone() else {
+            return Ok(false);
+        };
+        let enabled: Vec<usize> = {
+            let levels = Self::filter_levels(ctx);
+            (0..hcm.filters.entries.len())
+                .filter(|&i| levels.enabled(&hcm.filters.entries[i]))
+                .collect()
+        };
+        if enabled.is_empty() {
+            return Ok(false);
+        }
+        let runtime = self.shared.runtime.load();
+        let grpc = is_grpc(session);
+        let cluster = Self::route_cluster(session, ctx);
+        let peer = ctx.peer_tls.clone();
+        let peer_cert = peer
+            .as_ref()
+            .and_then(|p| p.get())
+            .and_then(|t| t.chain.first())
+            .map(|c| c.as_slice());
+        ctx.filter_states = enabled.iter().map(|_| None).collect();
+        ctx.filters_active = enabled;
+        for k in 0..ctx.filters_active.len() {
+            let entry = &hcm.filters.entries[ctx.filters_active[k]];
+            let mut state = None;
+            let flow = {
+                let levels = Self::filter_levels(ctx);
+                let mut info = RequestInfo {
+                    req: session.req_header_mut(),
+                    remote: ctx.client_addr.or(ctx.downstream_remote),
+                    direct_remote: ctx.downstream_remote,
+                    local: ctx.downstream_local,
+                    peer_cert,
+                    grpc,
+                    per_route: levels.configs(&entry.name),
+                    cluster: cluster.as_deref(),
+                    runtime: &runtime,
+                };
+                entry.filter.on_request(&mut info, &mut state).await
+            };
+            ctx.filter_states[k] = state;
+            if let Flow::Reply(r) = flow {
+                if let Some(f) = r.flag {
+                    ctx.flags.add(f);
+                }
+                ctx.details = r.details;
+                let mut extra: Vec<(HeaderName, String)> = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect();
+                if let (true, Some(g)) = (grpc, r.grpc_status) {
+                    extra.push((hdr("grpc-status"), g.to_string()));
+                }
+                self.local_reply(session, ctx, r.status, r.body, extra, false)
+                    .await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The enabled filters' response hooks, in reverse order.
+    fn filter_responses(resp: &mut ResponseHeader, ctx: &Ctx, session: &Session, local: bool) {
+        let Some(hcm) = &ctx.hcm else { return };
+        if ctx.filters_active.is_empty() {
+            return;
+        }
+        let info = crate::http_filters::ResponseInfo {
+            req: session.req_header(),
+            local,
+            remote: ctx.client_addr.or(ctx.downstream_remote),
+            direct_remote: ctx.downstream_remote,
+            local_addr: ctx.downstream_local,
+        };
+        for (k, &i) in ctx.filters_active.iter().enumerate().rev() {
+            let state = ctx.filter_states.get(k).and_then(|s| s.as_ref());
+            hcm.filters.entries[i]
+                .filter
+                .on_response(resp, &info, state);
+        }
+    }
+
     /// Response-side header work shared by proxied and local replies.
     fn decorate_response(
         &self,
@@ -288,10 +485,12 @@ impl HcmProxy {
         ctx: &Ctx,
         ops: &[&HeaderOps],
         session: &Session,
+        local: bool,
     ) {
         if ops.iter().any(|o| o.touches_response()) {
             self.mutate_response(resp, ctx, ops, session);
         }
+        Self::filter_responses(resp, ctx, session, local);
         if let Some(hcm) = &ctx.hcm {
             match hcm.server_header {
                 ServerHeader::Overwrite => {
@@ -943,59 +1142,35 @@ impl ProxyHttp for HcmProxy {
             };
             self.shared.routes.resolve(&hcm.routes, &header)
         };
-        let Some(rc) = rc else {
-            hcm.stats().no_route.increment(1);
-            ctx.flags.add("NR");
-            ctx.details = "route_not_found";
-            self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
-                .await?;
-            return Ok(true);
-        };
-        let runtime = self.shared.runtime.load();
-        let random: u64 = rand::random();
-        let found = routing::find_virtual_host(&rc, &host).and_then(|vh| {
-            let vi = rc.virtual_hosts.iter().position(|v| std::ptr::eq(v, vh))?;
-            let view = routing::RequestView {
-                path: &path,
-                headers: &session.req_header().headers,
-                random,
-                runtime: &runtime,
-                pseudo: crate::config::matcher::Pseudo {
-                    method: session.req_header().method.as_str(),
-                    path: &path,
-                    authority: &host,
-                    scheme: ctx.scheme(),
-                    status: None,
-                },
-            };
-            let r = routing::find_route(vh, &view)?;
-            let ri = vh.routes.iter().position(|x| std::ptr::eq(x, r))?;
-            Some((vi, ri))
-        });
-        let Some((vi, ri)) = found else {
-            hcm.stats().no_route.increment(1);
-            ctx.flags.add("NR");
-            ctx.details = "route_not_found";
-            self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
-                .await?;
-            return Ok(true);
-        };
-        ctx.selected = Some(Selected {
-            config: rc.clone(),
-            vhost: vi,
-            route: ri,
-        });
-        let route = &rc.virtual_hosts[vi].routes[ri];
-        if let Some(up) = &ctx.upgrade {
-            if !upgrade_allowed(&hcm, route, up) {
-                // Envoy answers 403 and closes the connection.
-                ctx.details = "upgrade_failed";
-                session.set_keepalive(None);
-                self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
-                    .await?;
-                return Ok(true);
+        if let Some(rc) = rc {
+            ctx.selected = self.select_route(session, ctx, rc, &host, &path);
+        }
+        if let Some(sel) = &ctx.selected {
+            if let Some(up) = &ctx.upgrade {
+                if !upgrade_allowed(&hcm, sel.route(), up) {
+                    // Envoy answers 403 and closes the connection.
+                    ctx.details = "upgrade_failed";
+                    session.set_keepalive(None);
+                    self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
+                        .await?;
+                    return Ok(true);
+                }
             }
         }
+        if !hcm.filters.is_empty() && self.run_filters(session, ctx).await? {
+            return Ok(true);
+        }
+        let Some(sel) = &ctx.selected else {
+            hcm.stats().no_route.increment(1);
+            ctx.flags.add("NR");
+            ctx.details = "route_not_found";
+            self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
+                .await?;
+            return Ok(true);
+        };
+        let rc = sel.config.clone();
+        let (vi, ri) = (sel.vhost, sel.route);
+        let route = &rc.virtual_hosts[vi].routes[ri];
         match &route.action {
             Action::Direct(d) => {
                 ctx.details = "direct_response";
@@ -1039,26 +1214,7 @@ impl ProxyHttp for HcmProxy {
                         .unwrap_or("")
                         .to_string(),
                     ClusterSpec::Weighted(w) => {
-                        let hashed = if w.use_hash_policy {
-                            hash_for(
-                                &ra.hash_policy,
-                                session,
-                                ctx.client_addr.or(ctx.downstream_remote),
-                            )
-                        } else {
-                            None
-                        };
-                        let mut roll = hashed.unwrap_or(random) % w.total;
-                        let mut pick = 0;
-                        for (i, c) in w.clusters.iter().enumerate() {
-                            if roll < c.weight {
-                                pick = i;
-                                break;
-                            }
-                            roll -= c.weight;
-                        }
-                        ctx.weighted_index = Some(pick);
-                        w.clusters[pick].name.clone()
+                        w.clusters[ctx.weighted_index.unwrap_or(0)].name.clone()
                     }
                 };
                 let Some(cluster) = self.shared.clusters.get(&name) else {
@@ -1492,7 +1648,7 @@ impl ProxyHttp for HcmProxy {
         ctx.status = resp.status.as_u16();
         ctx.details = "via_upstream";
         let levels = Self::header_levels(ctx);
-        self.decorate_response(resp, ctx, &levels, session);
+        self.decorate_response(resp, ctx, &levels, session, false);
         Ok(())
     }
 

@@ -1,0 +1,170 @@
+//! The ordered filter chain of one connection manager, and the per-route
+//! configs (`typed_per_filter_config`) that enable, disable and configure
+//! its filters route by route.
+
+use super::{HttpFilter, PerRoute};
+use crate::config::{join, ConfigError, Result};
+use legate_proto::envoy_types::pb::envoy::config::route::v3 as route_pb;
+use legate_proto::envoy_types::pb::google::protobuf::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
+
+/// One configured filter.
+#[derive(Debug)]
+pub struct Entry {
+    /// `HttpFilter.name`: the key of per-route configs.
+    pub name: String,
+    pub filter: Arc<dyn HttpFilter>,
+    /// `HttpFilter.disabled`: off unless a route's per-filter config
+    /// enables it.
+    pub disabled: bool,
+}
+
+/// The filters before the router, in configured order.
+#[derive(Debug, Default)]
+pub struct FilterChain {
+    pub entries: Vec<Entry>,
+}
+
+impl FilterChain {
+    /// Builds the filter of one `http_filters` entry (not the router).
+    pub fn entry(
+        name: &str,
+        typed: &Any,
+        disabled: bool,
+        hcm_prefix: &str,
+        path: &str,
+    ) -> Result<Option<Entry>> {
+        let tn = legate_proto::type_name(&typed.type_url);
+        let Some(factory) = super::factory(tn) else {
+            return Ok(None);
+        };
+        Ok(Some(Entry {
+            name: name.to_string(),
+            filter: (factory.build)(typed, hcm_prefix, path)?,
+            disabled,
+        }))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// One level's per-filter configs (route configuration, virtual host,
+/// route or weighted cluster), by filter name.
+#[derive(Debug, Default)]
+pub struct PerFilterConfigs {
+    by_name: HashMap<String, PerFilter>,
+}
+
+#[derive(Debug)]
+struct PerFilter {
+    /// None for a `FilterConfig` that only disables (or enables) the
+    /// filter.
+    config: Option<PerRoute>,
+    disabled: bool,
+}
+
+impl PerFilterConfigs {
+    pub fn from_proto(map: &HashMap<String, Any>, path: &str) -> Result<Self> {
+        let mut by_name = HashMap::new();
+        // Sorted so that the first error reported does not depend on the
+        // map's order.
+        let mut names: Vec<&String> = map.keys().collect();
+        names.sort();
+        for name in names {
+            let p = format!("{}[\"{name}\"]", join(path, "typed_per_filter_config"));
+            if let Some(pf) = per_filter(&map[name], &p)? {
+                by_name.insert(name.clone(), pf);
+            }
+        }
+        Ok(Self { by_name })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Whether this level enables (false) or disables (true) the filter,
+    /// if it says.
+    pub fn disabled(&self, name: &str) -> Option<bool> {
+        self.by_name.get(name).map(|p| p.disabled)
+    }
+
+    pub fn config(&self, name: &str) -> Option<&PerRoute> {
+        self.by_name.get(name)?.config.as_ref()
+    }
+}
+
+/// Envoy's per-filter config: either the filter's own per-route type, or
+/// the `FilterConfig` wrapper (`disabled`, `is_optional`, `config`).
+fn per_filter(a: &Any, path: &str) -> Result<Option<PerFilter>> {
+    let tn = legate_proto::type_name(&a.type_url);
+    if tn != FILTER_CONFIG_TYPE {
+        return Ok(Some(PerFilter {
+            config: Some(translate(a, path)?),
+            disabled: false,
+        }));
+    }
+    let fc: route_pb::FilterConfig = super::decode(a, path)?;
+    if fc.disabled {
+        return Ok(Some(PerFilter {
+            config: None,
+            disabled: true,
+        }));
+    }
+    let Some(inner) = &fc.config else {
+        // Neither a config nor disabled: it only enables the filter.
+        return Ok(Some(PerFilter {
+            config: None,
+            disabled: false,
+        }));
+    };
+    let ip = join(path, "config");
+    let itn = legate_proto::type_name(&inner.type_url);
+    if super::per_route_translator(itn).is_none()
+        && fc.is_optional
+        && legate_proto::pool().get_message_by_name(itn).is_none()
+    {
+        // Envoy skips an optional config of a type it does not know.
+        tracing::warn!(path = %ip, config = %itn, "optional per-route filter config of an unknown type: skipped");
+        return Ok(None);
+    }
+    Ok(Some(PerFilter {
+        config: Some(translate(inner, &ip)?),
+        disabled: false,
+    }))
+}
+
+fn translate(a: &Any, path: &str) -> Result<PerRoute> {
+    let tn = legate_proto::type_name(&a.type_url);
+    let f = super::per_route_translator(tn)
+        .ok_or_else(|| ConfigError::new(path, format!("per-route config {tn} is not supported")))?;
+    f(a, path)
+}
+
+/// The per-filter configs that apply to one request, most specific first:
+/// the weighted cluster, the route, the virtual host, the route
+/// configuration (Envoy's `resolveMostSpecificPerFilterConfig`).
+pub struct Levels<'a>(pub [Option<&'a PerFilterConfigs>; 4]);
+
+impl Levels<'_> {
+    /// Whether the filter runs: the most specific level that names it
+    /// decides, else its `HttpFilter.disabled`. The weighted cluster's
+    /// entry configures but does not enable or disable, as in Envoy.
+    pub fn enabled(&self, e: &Entry) -> bool {
+        let said = self.0[1..]
+            .iter()
+            .flatten()
+            .find_map(|l| l.disabled(&e.name));
+        !said.unwrap_or(e.disabled)
+    }
+
+    /// The filter's config at each level, most specific first.
+    pub fn configs(&self, name: &str) -> [Option<&PerRoute>; 4] {
+        self.0.map(|l| l.and_then(|l| l.config(name)))
+    }
+}

@@ -1,0 +1,246 @@
+//! HTTP filters: the connection manager's `http_filters` before the router.
+//!
+//! Each filter is one module with its config translation (`from_proto`,
+//! with field paths in errors), its registry entries (so
+//! `docs/compatibility.md` lists its fields), its runtime and its tests.
+//! A module's [`Factory`] turns the filter's `typed_config` into an
+//! [`HttpFilter`]: the immutable config plus whatever live state the filter
+//! keeps (a token bucket). Per-route configs (`typed_per_filter_config`) are
+//! translated with the route table, by the `Any`'s type, since RDS arrives
+//! without its listener.
+//!
+//! The interface is Legate's own, called by the HTTP engine
+//! (`server::hcm`): once per request after route selection
+//! ([`HttpFilter::on_request`], in configured order), and on the response
+//! headers ([`HttpFilter::on_response`], in reverse order) of every
+//! response, proxied or local, as Envoy's encoder filters see local replies
+//! too.
+
+pub mod chain;
+pub mod header_mutation;
+
+use crate::config::Result;
+use crate::registry::MessageSupport;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use legate_proto::envoy_types::pb::google::protobuf::Any;
+use pingora_http::{RequestHeader, ResponseHeader};
+use std::any::Any as StdAny;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use chain::{FilterChain, PerFilterConfigs};
+
+/// A filter's per-request state, kept from its request hook for its
+/// response hook.
+pub type State = Box<dyn StdAny + Send + Sync>;
+
+/// A translated per-route config (`typed_per_filter_config`), downcast by
+/// the filter that owns it.
+pub type PerRoute = Arc<dyn StdAny + Send + Sync>;
+
+/// What the request side knows, for filters to read and change.
+pub struct RequestInfo<'a> {
+    pub req: &'a mut RequestHeader,
+    /// The trusted client address (XFF-derived when configured).
+    pub remote: Option<SocketAddr>,
+    /// The peer of the connection.
+    pub direct_remote: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    /// The client's verified certificate (DER), on mTLS connections.
+    pub peer_cert: Option<&'a [u8]>,
+    /// The request carries `content-type: application/grpc*`.
+    pub grpc: bool,
+    /// This filter's per-route configs: the weighted cluster's, the
+    /// route's, the virtual host's and the route configuration's (most
+    /// specific first), where set.
+    pub per_route: [Option<&'a PerRoute>; 4],
+    /// The upstream cluster the route chose, if it forwards.
+    pub cluster: Option<&'a str>,
+    pub runtime: &'a crate::runtime::Runtime,
+}
+
+impl RequestInfo<'_> {
+    /// The most specific per-route config, downcast to the filter's type.
+    pub fn most_specific<T: 'static>(&self) -> Option<&T> {
+        self.per_route
+            .iter()
+            .flatten()
+            .find_map(|c| c.downcast_ref::<T>())
+    }
+
+    /// Every level's per-route config, most specific first.
+    pub fn all_levels<T: 'static>(&self) -> impl Iterator<Item = Arc<T>> + '_
+    where
+        T: Send + Sync,
+    {
+        self.per_route
+            .iter()
+            .flatten()
+            .filter_map(|c| Arc::clone(c).downcast::<T>().ok())
+    }
+
+    /// Builds a header formatter's view of this request.
+    pub fn format_context<'b>(
+        &'b self,
+        headers: &'b http::HeaderMap,
+    ) -> crate::headers::FormatContext<'b> {
+        crate::headers::FormatContext {
+            downstream_remote: self.remote,
+            downstream_direct_remote: self.direct_remote,
+            downstream_local: self.local,
+            request_headers: Some(headers),
+            upstream_cluster: self.cluster.unwrap_or(""),
+            pseudo: crate::config::matcher::Pseudo {
+                method: self.req.method.as_str(),
+                path: self.req.uri.path_and_query().map_or("/", |p| p.as_str()),
+                authority: "",
+                scheme: "",
+                status: None,
+            },
+            ..Default::default()
+        }
+    }
+}
+
+/// What the response side sees.
+pub struct ResponseInfo<'a> {
+    pub req: &'a RequestHeader,
+    /// The response is Legate's own (a local reply), not the upstream's.
+    pub local: bool,
+    pub remote: Option<SocketAddr>,
+    pub direct_remote: Option<SocketAddr>,
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// A reply a filter makes instead of letting the request go on.
+#[derive(Debug, Clone)]
+pub struct FilterReply {
+    pub status: u16,
+    pub body: Bytes,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`).
+    pub details: &'static str,
+    /// Envoy's response flag, if the filter sets one (`RL`, `FI`, `UAEX`).
+    pub flag: Option<&'static str>,
+    /// For gRPC requests, the `grpc-status` to answer with instead of the
+    /// one mapped from `status`.
+    pub grpc_status: Option<u32>,
+}
+
+impl FilterReply {
+    pub fn new(status: u16, body: &'static str, details: &'static str) -> Self {
+        Self {
+            status,
+            body: Bytes::from_static(body.as_bytes()),
+            headers: Vec::new(),
+            details,
+            flag: None,
+            grpc_status: None,
+        }
+    }
+}
+
+/// A filter's verdict on the request.
+pub enum Flow {
+    Continue,
+    Reply(FilterReply),
+}
+
+/// One HTTP filter, built once per connection manager config.
+#[async_trait::async_trait]
+pub trait HttpFilter: Send + Sync + std::fmt::Debug {
+    /// Runs once per request, after route selection. A filter that waits
+    /// for something (a fault's delay) awaits here.
+    async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow;
+
+    /// Runs on the response headers, proxied or local.
+    fn on_response(
+        &self,
+        _resp: &mut ResponseHeader,
+        _info: &ResponseInfo<'_>,
+        _state: Option<&State>,
+    ) {
+    }
+}
+
+/// How a filter type is built: the factory table's row.
+pub struct Factory {
+    /// The type of its `typed_config`.
+    pub type_name: &'static str,
+    /// `typed_config` and the connection manager's stat prefix → the filter.
+    pub build: fn(&Any, &str, &str) -> Result<Arc<dyn HttpFilter>>,
+    /// Types accepted in `typed_per_filter_config`, each with its
+    /// translation.
+    pub per_route: &'static [(&'static str, fn(&Any, &str) -> Result<PerRoute>)],
+}
+
+/// Every HTTP filter Legate has, besides the router.
+pub static FACTORIES: &[&Factory] = &[&header_mutation::FACTORY];
+
+/// The registry entries of every filter, for [`crate::registry`].
+pub static REGISTRIES: &[&[MessageSupport]] = &[header_mutation::REGISTRY];
+
+pub fn factory(type_name: &str) -> Option<&'static Factory> {
+    FACTORIES.iter().copied().find(|f| f.type_name == type_name)
+}
+
+/// The translation of a per-route config type, if a filter accepts it.
+pub fn per_route_translator(type_name: &str) -> Option<fn(&Any, &str) -> Result<PerRoute>> {
+    FACTORIES
+        .iter()
+        .flat_map(|f| f.per_route.iter())
+        .find(|(t, _)| *t == type_name)
+        .map(|(_, f)| *f)
+}
+
+/// Decodes an `Any` as `M`, naming `path` on failure.
+pub fn decode<M: prost::Message + Default>(a: &Any, path: &str) -> Result<M> {
+    M::decode(a.value.as_slice()).map_err(|e| crate::config::ConfigError::new(path, e.to_string()))
+}
+
+/// Envoy's `RuntimeFractionalPercent`: a default share, which a runtime
+/// key (when set and present in the runtime) overrides.
+#[derive(Debug, Clone)]
+pub struct Fraction {
+    pub key: Option<String>,
+    /// Parts per million.
+    pub default: u32,
+}
+
+impl Fraction {
+    pub const ALWAYS: Fraction = Fraction {
+        key: None,
+        default: 1_000_000,
+    };
+
+    pub fn from_proto(
+        f: Option<
+            &legate_proto::envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent,
+        >,
+        otherwise: Fraction,
+    ) -> Fraction {
+        let Some(f) = f else { return otherwise };
+        Fraction {
+            key: Some(f.runtime_key.clone()).filter(|k| !k.is_empty()),
+            default: f
+                .default_value
+                .as_ref()
+                .map_or(0, crate::runtime::per_million),
+        }
+    }
+
+    /// Whether this request falls in the share.
+    pub fn roll(&self, runtime: &crate::runtime::Runtime) -> bool {
+        let share = match &self.key {
+            Some(k) => runtime.fraction_per_million(k, self.default),
+            None => self.default,
+        };
+        roll(share)
+    }
+}
+
+/// A roll against parts per million.
+pub fn roll(per_million: u32) -> bool {
+    per_million >= 1_000_000 || (per_million > 0 && rand::random::<u32>() % 1_000_000 < per_million)
+}
