@@ -17,6 +17,7 @@
 //! too.
 
 pub mod chain;
+pub mod fault;
 pub mod header_mutation;
 
 use crate::config::Result;
@@ -58,6 +59,9 @@ pub struct RequestInfo<'a> {
     /// The upstream cluster the route chose, if it forwards.
     pub cluster: Option<&'a str>,
     pub runtime: &'a crate::runtime::Runtime,
+    /// Response flags the filter sets while letting the request go on
+    /// (a fault's `DI`).
+    pub flags: Vec<&'static str>,
 }
 
 impl RequestInfo<'_> {
@@ -176,10 +180,10 @@ pub struct Factory {
 }
 
 /// Every HTTP filter Legate has, besides the router.
-pub static FACTORIES: &[&Factory] = &[&header_mutation::FACTORY];
+pub static FACTORIES: &[&Factory] = &[&fault::FACTORY, &header_mutation::FACTORY];
 
 /// The registry entries of every filter, for [`crate::registry`].
-pub static REGISTRIES: &[&[MessageSupport]] = &[header_mutation::REGISTRY];
+pub static REGISTRIES: &[&[MessageSupport]] = &[fault::REGISTRY, header_mutation::REGISTRY];
 
 pub fn factory(type_name: &str) -> Option<&'static Factory> {
     FACTORIES.iter().copied().find(|f| f.type_name == type_name)

@@ -427,9 +427,15 @@ impl HcmProxy {
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
                     runtime: &runtime,
+                    flags: Vec::new(),
                 };
-                entry.filter.on_request(&mut info, &mut state).await
+                let flow = entry.filter.on_request(&mut info, &mut state).await;
+                (flow, info.flags)
             };
+            let (flow, flags) = flow;
+            for f in flags {
+                ctx.flags.add(f);
+            }
             ctx.filter_states[k] = state;
             if let Flow::Reply(r) = flow {
                 if let Some(f) = r.flag {
