@@ -17,6 +17,7 @@
 //! too.
 
 pub mod chain;
+pub mod cors;
 pub mod fault;
 pub mod header_mutation;
 
@@ -58,6 +59,9 @@ pub struct RequestInfo<'a> {
     pub per_route: [Option<&'a PerRoute>; 4],
     /// The upstream cluster the route chose, if it forwards.
     pub cluster: Option<&'a str>,
+    /// A route was selected and it forwards (Envoy's route entry); false
+    /// for no route, a direct response or a redirect.
+    pub forwards: bool,
     pub runtime: &'a crate::runtime::Runtime,
     /// Response flags the filter sets while letting the request go on
     /// (a fault's `DI`).
@@ -180,10 +184,11 @@ pub struct Factory {
 }
 
 /// Every HTTP filter Legate has, besides the router.
-pub static FACTORIES: &[&Factory] = &[&fault::FACTORY, &header_mutation::FACTORY];
+pub static FACTORIES: &[&Factory] = &[&cors::FACTORY, &fault::FACTORY, &header_mutation::FACTORY];
 
 /// The registry entries of every filter, for [`crate::registry`].
-pub static REGISTRIES: &[&[MessageSupport]] = &[fault::REGISTRY, header_mutation::REGISTRY];
+pub static REGISTRIES: &[&[MessageSupport]] =
+    &[cors::REGISTRY, fault::REGISTRY, header_mutation::REGISTRY];
 
 pub fn factory(type_name: &str) -> Option<&'static Factory> {
     FACTORIES.iter().copied().find(|f| f.type_name == type_name)

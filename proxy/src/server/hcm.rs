@@ -404,6 +404,10 @@ impl HcmProxy {
         let runtime = self.shared.runtime.load();
         let grpc = is_grpc(session);
         let cluster = Self::route_cluster(session, ctx);
+        let forwards = ctx
+            .selected
+            .as_ref()
+            .is_some_and(|s| matches!(s.route().action, Action::Forward(_)));
         let peer = ctx.peer_tls.clone();
         let peer_cert = peer
             .as_ref()
@@ -426,6 +430,7 @@ impl HcmProxy {
                     grpc,
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
+                    forwards,
                     runtime: &runtime,
                     flags: Vec::new(),
                 };
