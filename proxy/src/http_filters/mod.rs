@@ -20,6 +20,7 @@ pub mod chain;
 pub mod cors;
 pub mod fault;
 pub mod header_mutation;
+pub mod local_ratelimit;
 
 use crate::config::Result;
 use crate::registry::MessageSupport;
@@ -88,20 +89,20 @@ impl RequestInfo<'_> {
             .filter_map(|c| Arc::clone(c).downcast::<T>().ok())
     }
 
-    /// Builds a header formatter's view of this request.
+    /// A header formatter's view of this request, read from `snapshot`
+    /// (a copy of the request, so that the request itself can change).
     pub fn format_context<'b>(
-        &'b self,
-        headers: &'b http::HeaderMap,
+        &self,
+        snapshot: &'b RequestHeader,
     ) -> crate::headers::FormatContext<'b> {
         crate::headers::FormatContext {
             downstream_remote: self.remote,
             downstream_direct_remote: self.direct_remote,
             downstream_local: self.local,
-            request_headers: Some(headers),
-            upstream_cluster: self.cluster.unwrap_or(""),
+            request_headers: Some(&snapshot.headers),
             pseudo: crate::config::matcher::Pseudo {
-                method: self.req.method.as_str(),
-                path: self.req.uri.path_and_query().map_or("/", |p| p.as_str()),
+                method: snapshot.method.as_str(),
+                path: snapshot.uri.path_and_query().map_or("/", |p| p.as_str()),
                 authority: "",
                 scheme: "",
                 status: None,
@@ -184,11 +185,20 @@ pub struct Factory {
 }
 
 /// Every HTTP filter Legate has, besides the router.
-pub static FACTORIES: &[&Factory] = &[&cors::FACTORY, &fault::FACTORY, &header_mutation::FACTORY];
+pub static FACTORIES: &[&Factory] = &[
+    &cors::FACTORY,
+    &fault::FACTORY,
+    &header_mutation::FACTORY,
+    &local_ratelimit::FACTORY,
+];
 
 /// The registry entries of every filter, for [`crate::registry`].
-pub static REGISTRIES: &[&[MessageSupport]] =
-    &[cors::REGISTRY, fault::REGISTRY, header_mutation::REGISTRY];
+pub static REGISTRIES: &[&[MessageSupport]] = &[
+    cors::REGISTRY,
+    fault::REGISTRY,
+    header_mutation::REGISTRY,
+    local_ratelimit::REGISTRY,
+];
 
 pub fn factory(type_name: &str) -> Option<&'static Factory> {
     FACTORIES.iter().copied().find(|f| f.type_name == type_name)
