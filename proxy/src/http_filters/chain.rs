@@ -168,3 +168,75 @@ impl Levels<'_> {
         self.0.map(|l| l.and_then(|l| l.config(name)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs(yaml: &str) -> PerFilterConfigs {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        let m = legate_proto::json::to_dynamic(v, "envoy.config.route.v3.Route", true).unwrap();
+        let r: route_pb::Route = m.transcode_to().unwrap();
+        PerFilterConfigs::from_proto(&r.typed_per_filter_config, "route").unwrap()
+    }
+
+    fn entry(disabled: bool) -> Entry {
+        let a = Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors".into(),
+            value: vec![],
+        };
+        FilterChain::entry("f", &a, disabled, "p", "f")
+            .unwrap()
+            .unwrap()
+    }
+
+    const DISABLE: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true}}}"#;
+    const ENABLE: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig}}}"#;
+    const POLICY: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy, max_age: "1"}}}"#;
+
+    #[test]
+    fn the_most_specific_level_that_names_the_filter_decides() {
+        let (off, on, policy) = (configs(DISABLE), configs(ENABLE), configs(POLICY));
+        // Disabled on the virtual host, enabled again on the route.
+        assert!(Levels([None, Some(&on), Some(&off), None]).enabled(&entry(false)));
+        assert!(!Levels([None, Some(&off), Some(&on), None]).enabled(&entry(false)));
+        // HttpFilter.disabled holds until a level names the filter; a
+        // plain per-route config enables it.
+        assert!(!Levels([None, None, None, None]).enabled(&entry(true)));
+        assert!(Levels([None, None, None, Some(&policy)]).enabled(&entry(true)));
+        // The weighted cluster's entry configures but does not switch.
+        assert!(!Levels([Some(&on), None, None, None]).enabled(&entry(true)));
+        let l = Levels([Some(&policy), Some(&off), None, None]);
+        assert!(l.configs("f")[0].is_some() && l.configs("f")[1].is_none());
+    }
+
+    #[test]
+    fn unknown_per_route_types_are_refused_unless_optional_and_unknown_to_envoy() {
+        let bad = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute, disabled: true}}}"#;
+        let v = legate_proto::json::parse_yaml(bad).unwrap();
+        let m = legate_proto::json::to_dynamic(v, "envoy.config.route.v3.Route", true).unwrap();
+        let r: route_pb::Route = m.transcode_to().unwrap();
+        let e = PerFilterConfigs::from_proto(&r.typed_per_filter_config, "route").unwrap_err();
+        assert_eq!(e.path, "route.typed_per_filter_config[\"f\"]");
+        let mut map = HashMap::new();
+        let inner = Any {
+            type_url: "type.googleapis.com/example.Unknown".into(),
+            value: vec![],
+        };
+        let fc = route_pb::FilterConfig {
+            config: Some(inner),
+            is_optional: true,
+            disabled: false,
+        };
+        map.insert(
+            "f".to_string(),
+            Any {
+                type_url: "type.googleapis.com/envoy.config.route.v3.FilterConfig".into(),
+                value: prost::Message::encode_to_vec(&fc),
+            },
+        );
+        assert!(PerFilterConfigs::from_proto(&map, "route")
+            .unwrap()
+            .is_empty());
+    }
+}

@@ -199,7 +199,7 @@ fn delay(d: &common::FaultDelay, path: &str) -> Result<(DelayKind, FractionalPer
             ))
         }
     };
-    Ok((kind, d.percentage.clone().unwrap_or_default()))
+    Ok((kind, d.percentage.unwrap_or_default()))
 }
 
 fn abort(a: &pb::FaultAbort, path: &str) -> Result<(AbortKind, FractionalPercent)> {
@@ -229,7 +229,7 @@ fn abort(a: &pb::FaultAbort, path: &str) -> Result<(AbortKind, FractionalPercent
             "a custom abort body is not supported",
         ));
     }
-    Ok((kind, a.percentage.clone().unwrap_or_default()))
+    Ok((kind, a.percentage.unwrap_or_default()))
 }
 
 /// The filter's stats (`http.<prefix>.fault.*`), made on first use.
@@ -293,7 +293,7 @@ fn header_share(rq: &RequestInfo<'_>, name: &str, p: &FractionalPercent) -> Frac
             numerator: n.min(p.numerator),
             denominator: p.denominator,
         },
-        None => p.clone(),
+        None => *p,
     }
 }
 
@@ -332,7 +332,7 @@ impl Settings {
         let (kind, pct) = self.delay.as_ref()?;
         let share = match kind {
             DelayKind::Header => header_share(rq, DELAY_PERCENT_HEADER, pct),
-            DelayKind::Fixed(_) => pct.clone(),
+            DelayKind::Fixed(_) => *pct,
         };
         if !enabled(rq, &self.keys.delay_percent, &share) {
             return None;
@@ -366,7 +366,7 @@ impl Settings {
         }
         let share = match kind {
             AbortKind::Header => header_share(rq, ABORT_PERCENT_HEADER, pct),
-            _ => pct.clone(),
+            _ => *pct,
         };
         if !enabled(rq, &self.keys.abort_percent, &share) {
             return None;

@@ -79,10 +79,7 @@ impl RequestInfo<'_> {
     }
 
     /// Every level's per-route config, most specific first.
-    pub fn all_levels<T: 'static>(&self) -> impl Iterator<Item = Arc<T>> + '_
-    where
-        T: Send + Sync,
-    {
+    pub fn all_levels<T: Send + Sync + 'static>(&self) -> impl Iterator<Item = Arc<T>> + '_ {
         self.per_route
             .iter()
             .flatten()
@@ -181,8 +178,11 @@ pub struct Factory {
     pub build: fn(&Any, &str, &str) -> Result<Arc<dyn HttpFilter>>,
     /// Types accepted in `typed_per_filter_config`, each with its
     /// translation.
-    pub per_route: &'static [(&'static str, fn(&Any, &str) -> Result<PerRoute>)],
+    pub per_route: &'static [(&'static str, PerRouteFn)],
 }
+
+/// Translates one per-route config type: (`Any`, field path) → config.
+pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 
 /// Every HTTP filter Legate has, besides the router.
 pub static FACTORIES: &[&Factory] = &[
@@ -205,7 +205,7 @@ pub fn factory(type_name: &str) -> Option<&'static Factory> {
 }
 
 /// The translation of a per-route config type, if a filter accepts it.
-pub fn per_route_translator(type_name: &str) -> Option<fn(&Any, &str) -> Result<PerRoute>> {
+pub fn per_route_translator(type_name: &str) -> Option<PerRouteFn> {
     FACTORIES
         .iter()
         .flat_map(|f| f.per_route.iter())
