@@ -1,10 +1,11 @@
-//! The `rbac` network filter: which connections may go on, by policies of
-//! permissions (where the connection goes) and principals (who opened it,
-//! including the identity in its client certificate). Evaluation is pure
-//! over the connection's facts.
+//! The RBAC engine, shared by the `rbac` network filter and the HTTP one
+//! (`http_filters::rbac`): policies of permissions (where the connection or
+//! request goes) and principals (who sent it, including the identity in its
+//! client certificate). Evaluation is pure over the facts. Header and path
+//! rules exist only for requests.
 
 use super::filter_chain::Cidr;
-use super::matcher::StringMatcher;
+use super::matcher::{HeaderMatcher, Pseudo, StringMatcher};
 use super::{index, join, ConfigError, Result};
 use legate_proto::envoy_types::pb::envoy::config::rbac::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::network::rbac::v3 as net;
@@ -22,7 +23,14 @@ pub enum Action {
 pub struct Rbac {
     pub stat_prefix: String,
     /// None: no `rules`, nothing is enforced.
-    pub rules: Option<(Action, Vec<(String, Policy)>)>,
+    pub rules: Option<Rules>,
+}
+
+/// An action and its policies, sorted by name.
+#[derive(Debug)]
+pub struct Rules {
+    action: Action,
+    policies: Vec<(String, Policy)>,
 }
 
 #[derive(Debug)]
@@ -42,6 +50,9 @@ enum Permission {
     /// [start, end)
     DestinationPortRange(i32, i32),
     ServerName(StringMatcher),
+    Header(HeaderMatcher),
+    /// The request's path without its query.
+    UrlPath(StringMatcher),
 }
 
 #[derive(Debug)]
@@ -55,17 +66,32 @@ enum Principal {
     Authenticated(Option<StringMatcher>),
     /// `source_ip` and `direct_remote_ip`: the peer of the connection.
     DirectRemoteIp(Cidr),
-    /// `remote_ip`: the original client (the peer, without PROXY protocol).
+    /// `remote_ip`: the original client (from XFF for requests, when the
+    /// connection manager trusts it).
     RemoteIp(Cidr),
+    Header(HeaderMatcher),
+    UrlPath(StringMatcher),
 }
 
-/// What is known about a connection when the filter runs.
+/// What is known about a connection (and request) when the filter runs.
 pub struct Facts<'a> {
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// The original client: the peer, or for requests the address the
+    /// connection manager derived from XFF.
+    pub remote: SocketAddr,
     pub sni: &'a str,
     /// The verified client certificate (DER), on mTLS connections.
     pub peer_cert: Option<&'a [u8]>,
+    /// The request, for the HTTP filter.
+    pub http: Option<HttpFacts<'a>>,
+}
+
+pub struct HttpFacts<'a> {
+    pub headers: &'a http::HeaderMap,
+    pub pseudo: Pseudo<'a>,
+    /// The path without query or fragment.
+    pub path: &'a str,
 }
 
 pub const RBAC_TYPE: &str = "envoy.extensions.filters.network.rbac.v3.RBAC";
@@ -90,52 +116,11 @@ impl Rbac {
                 "only ONE_TIME_ON_FIRST_BYTE is supported",
             ));
         }
-        let rules = match &r.rules {
-            None => None,
-            Some(rules) => {
-                let p = join(path, "rules");
-                use pb::rbac::Action as A;
-                let action = match A::try_from(rules.action).unwrap_or(A::Allow) {
-                    A::Allow => Action::Allow,
-                    A::Deny => Action::Deny,
-                    A::Log => Action::Log,
-                };
-                // Sorted by name, so evaluation does not depend on map order.
-                let mut names: Vec<&String> = rules.policies.keys().collect();
-                names.sort();
-                let mut policies = Vec::new();
-                for name in names {
-                    let pp = format!("{p}.policies[\"{name}\"]");
-                    let pol = &rules.policies[name];
-                    if pol.condition.is_some() || pol.checked_condition.is_some() {
-                        return Err(ConfigError::new(
-                            join(&pp, "condition"),
-                            "CEL conditions are not supported",
-                        ));
-                    }
-                    let permissions = pol
-                        .permissions
-                        .iter()
-                        .enumerate()
-                        .map(|(i, x)| permission(x, &index(&pp, "permissions", i)))
-                        .collect::<Result<_>>()?;
-                    let principals = pol
-                        .principals
-                        .iter()
-                        .enumerate()
-                        .map(|(i, x)| principal(x, &index(&pp, "principals", i)))
-                        .collect::<Result<_>>()?;
-                    policies.push((
-                        name.clone(),
-                        Policy {
-                            permissions,
-                            principals,
-                        },
-                    ));
-                }
-                Some((action, policies))
-            }
-        };
+        let rules = r
+            .rules
+            .as_ref()
+            .map(|rules| Rules::from_proto(rules, &join(path, "rules"), false))
+            .transpose()?;
         Ok(Self {
             stat_prefix: r.stat_prefix.clone(),
             rules,
@@ -145,9 +130,61 @@ impl Rbac {
     /// Whether the connection may go on, and the policy that decided
     /// (for ALLOW, the one that matched; for DENY, the one that denied).
     pub fn allows(&self, f: &Facts) -> (bool, Option<&str>) {
-        let Some((action, policies)) = &self.rules else {
-            return (true, None);
+        match &self.rules {
+            Some(r) => r.allows(f),
+            None => (true, None),
+        }
+    }
+}
+
+impl Rules {
+    /// `http`: header and path rules are allowed (the HTTP filter).
+    pub fn from_proto(rules: &pb::Rbac, p: &str, http: bool) -> Result<Self> {
+        use pb::rbac::Action as A;
+        let action = match A::try_from(rules.action).unwrap_or(A::Allow) {
+            A::Allow => Action::Allow,
+            A::Deny => Action::Deny,
+            A::Log => Action::Log,
         };
+        // Sorted by name, so evaluation does not depend on map order.
+        let mut names: Vec<&String> = rules.policies.keys().collect();
+        names.sort();
+        let mut policies = Vec::new();
+        for name in names {
+            let pp = format!("{p}.policies[\"{name}\"]");
+            let pol = &rules.policies[name];
+            if pol.condition.is_some() || pol.checked_condition.is_some() {
+                return Err(ConfigError::new(
+                    join(&pp, "condition"),
+                    "CEL conditions are not supported",
+                ));
+            }
+            let permissions = pol
+                .permissions
+                .iter()
+                .enumerate()
+                .map(|(i, x)| permission(x, &index(&pp, "permissions", i), http))
+                .collect::<Result<_>>()?;
+            let principals = pol
+                .principals
+                .iter()
+                .enumerate()
+                .map(|(i, x)| principal(x, &index(&pp, "principals", i), http))
+                .collect::<Result<_>>()?;
+            policies.push((
+                name.clone(),
+                Policy {
+                    permissions,
+                    principals,
+                },
+            ));
+        }
+        Ok(Self { action, policies })
+    }
+
+    /// As [`Rbac::allows`].
+    pub fn allows(&self, f: &Facts) -> (bool, Option<&str>) {
+        let (action, policies) = (&self.action, &self.policies);
         let hit = policies
             .iter()
             .find(|(_, p)| {
@@ -170,20 +207,33 @@ fn cidr(
     Cidr::from_proto(c, path)
 }
 
-fn permission(p: &pb::Permission, path: &str) -> Result<Permission> {
+fn url_path(
+    m: &legate_proto::envoy_types::pb::envoy::r#type::matcher::v3::PathMatcher,
+    path: &str,
+) -> Result<StringMatcher> {
+    use legate_proto::envoy_types::pb::envoy::r#type::matcher::v3::path_matcher::Rule;
+    match &m.rule {
+        Some(Rule::Path(s)) => StringMatcher::from_proto(s, &join(path, "path")),
+        None => Err(ConfigError::new(path, "path is required")),
+    }
+}
+
+fn permission(p: &pb::Permission, path: &str, http: bool) -> Result<Permission> {
     use pb::permission::Rule as R;
     let set = |s: &pb::permission::Set, f: &str| -> Result<Vec<Permission>> {
         s.rules
             .iter()
             .enumerate()
-            .map(|(i, r)| permission(r, &index(&join(path, f), "rules", i)))
+            .map(|(i, r)| permission(r, &index(&join(path, f), "rules", i), http))
             .collect()
     };
     Ok(match &p.rule {
         Some(R::Any(true)) => Permission::Any,
         Some(R::AndRules(s)) => Permission::And(set(s, "and_rules")?),
         Some(R::OrRules(s)) => Permission::Or(set(s, "or_rules")?),
-        Some(R::NotRule(n)) => Permission::Not(Box::new(permission(n, &join(path, "not_rule"))?)),
+        Some(R::NotRule(n)) => Permission::Not(Box::new(permission(n, &join(path, "not_rule"), http)?)),
+        Some(R::Header(h)) if http => Permission::Header(HeaderMatcher::from_proto(h, &join(path, "header"))?),
+        Some(R::UrlPath(m)) if http => Permission::UrlPath(url_path(m, &join(path, "url_path"))?),
         Some(R::DestinationIp(c)) => Permission::DestinationIp(cidr(c, &join(path, "destination_ip"))?),
         Some(R::DestinationPort(port)) => Permission::DestinationPort(u16::try_from(*port).map_err(|_| {
             ConfigError::new(join(path, "destination_port"), format!("{port} is not a port"))
@@ -205,20 +255,22 @@ fn permission(p: &pb::Permission, path: &str) -> Result<Permission> {
     })
 }
 
-fn principal(p: &pb::Principal, path: &str) -> Result<Principal> {
+fn principal(p: &pb::Principal, path: &str, http: bool) -> Result<Principal> {
     use pb::principal::Identifier as I;
     let set = |s: &pb::principal::Set, f: &str| -> Result<Vec<Principal>> {
         s.ids
             .iter()
             .enumerate()
-            .map(|(i, r)| principal(r, &index(&join(path, f), "ids", i)))
+            .map(|(i, r)| principal(r, &index(&join(path, f), "ids", i), http))
             .collect()
     };
     Ok(match &p.identifier {
         Some(I::Any(true)) => Principal::Any,
         Some(I::AndIds(s)) => Principal::And(set(s, "and_ids")?),
         Some(I::OrIds(s)) => Principal::Or(set(s, "or_ids")?),
-        Some(I::NotId(n)) => Principal::Not(Box::new(principal(n, &join(path, "not_id"))?)),
+        Some(I::NotId(n)) => Principal::Not(Box::new(principal(n, &join(path, "not_id"), http)?)),
+        Some(I::Header(h)) if http => Principal::Header(HeaderMatcher::from_proto(h, &join(path, "header"))?),
+        Some(I::UrlPath(m)) if http => Principal::UrlPath(url_path(m, &join(path, "url_path"))?),
         Some(I::Authenticated(a)) => Principal::Authenticated(
             a.principal_name
                 .as_ref()
@@ -242,6 +294,12 @@ fn principal(p: &pb::Principal, path: &str) -> Result<Principal> {
     })
 }
 
+fn header_matches(h: &HeaderMatcher, f: &Facts) -> bool {
+    f.http
+        .as_ref()
+        .is_some_and(|r| h.matches_with(r.headers, &r.pseudo))
+}
+
 impl Permission {
     fn matches(&self, f: &Facts) -> bool {
         match self {
@@ -253,6 +311,8 @@ impl Permission {
             Permission::DestinationPort(p) => f.local.port() == *p,
             Permission::DestinationPortRange(s, e) => (*s..*e).contains(&(f.local.port() as i32)),
             Permission::ServerName(m) => m.matches(f.sni),
+            Permission::Header(h) => header_matches(h, f),
+            Permission::UrlPath(m) => f.http.as_ref().is_some_and(|h| m.matches(h.path)),
         }
     }
 }
@@ -264,7 +324,10 @@ impl Principal {
             Principal::And(v) => v.iter().all(|p| p.matches(f)),
             Principal::Or(v) => v.iter().any(|p| p.matches(f)),
             Principal::Not(p) => !p.matches(f),
-            Principal::DirectRemoteIp(c) | Principal::RemoteIp(c) => c.contains(f.peer.ip()),
+            Principal::DirectRemoteIp(c) => c.contains(f.peer.ip()),
+            Principal::RemoteIp(c) => c.contains(f.remote.ip()),
+            Principal::Header(h) => header_matches(h, f),
+            Principal::UrlPath(m) => f.http.as_ref().is_some_and(|h| m.matches(h.path)),
             Principal::Authenticated(name) => {
                 let Some(der) = f.peer_cert else {
                     return false;
@@ -314,8 +377,10 @@ mod tests {
         Facts {
             local: "10.0.0.1:443".parse().unwrap(),
             peer: peer.parse().unwrap(),
+            remote: peer.parse().unwrap(),
             sni: "api.test",
             peer_cert: cert,
+            http: None,
         }
     }
 
@@ -358,5 +423,45 @@ mod tests {
         assert_eq!(r.allows(&facts("10.9.9.9:5", None)), (true, None));
         // No rules: nothing is enforced.
         assert!(rbac("{stat_prefix: t}").allows(&facts("1.2.3.4:5", None)).0);
+    }
+
+    #[test]
+    fn http_rules_read_headers_and_the_path_without_query() {
+        let v = legate_proto::json::parse_yaml(
+            r#"{action: ALLOW, policies: {p: {
+            permissions: [{and_rules: {rules: [{header: {name: ":method", string_match: {exact: GET}}},
+                                               {url_path: {path: {prefix: "/a/"}}}]}}],
+            principals: [{remote_ip: {address_prefix: 192.168.0.0, prefix_len: 16}}]}}}"#,
+        )
+        .unwrap();
+        let m = legate_proto::json::to_dynamic(v, "envoy.config.rbac.v3.RBAC", true).unwrap();
+        let r: pb::Rbac = m.transcode_to().unwrap();
+        assert!(
+            Rules::from_proto(&r, "rules", false).is_err(),
+            "not for connections"
+        );
+        let rules = Rules::from_proto(&r, "rules", true).unwrap();
+        let headers = http::HeaderMap::new();
+        let facts = |method: &'static str, path: &'static str, remote: &str| Facts {
+            local: "10.0.0.1:80".parse().unwrap(),
+            peer: "10.0.0.9:5".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            sni: "",
+            peer_cert: None,
+            http: Some(HttpFacts {
+                headers: &headers,
+                pseudo: Pseudo {
+                    method,
+                    path,
+                    ..Default::default()
+                },
+                path,
+            }),
+        };
+        assert!(rules.allows(&facts("GET", "/a/b", "192.168.1.1:0")).0);
+        assert!(!rules.allows(&facts("POST", "/a/b", "192.168.1.1:0")).0);
+        assert!(!rules.allows(&facts("GET", "/b", "192.168.1.1:0")).0);
+        // remote_ip is the trusted client, not the peer.
+        assert!(!rules.allows(&facts("GET", "/a/b", "10.0.0.9:0")).0);
     }
 }

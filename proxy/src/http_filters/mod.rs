@@ -21,6 +21,7 @@ pub mod cors;
 pub mod fault;
 pub mod header_mutation;
 pub mod local_ratelimit;
+pub mod rbac;
 
 use crate::config::Result;
 use crate::registry::MessageSupport;
@@ -52,6 +53,10 @@ pub struct RequestInfo<'a> {
     pub local: Option<SocketAddr>,
     /// The client's verified certificate (DER), on mTLS connections.
     pub peer_cert: Option<&'a [u8]>,
+    /// The connection's requested server name (SNI), or empty.
+    pub sni: &'a str,
+    /// `http` or `https`.
+    pub scheme: &'a str,
     /// The request carries `content-type: application/grpc*`.
     pub grpc: bool,
     /// This filter's per-route configs: the weighted cluster's, the
@@ -126,7 +131,7 @@ pub struct FilterReply {
     pub body: Bytes,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Envoy's response code details (`%RESPONSE_CODE_DETAILS%`).
-    pub details: &'static str,
+    pub details: std::borrow::Cow<'static, str>,
     /// Envoy's response flag, if the filter sets one (`RL`, `FI`, `UAEX`).
     pub flag: Option<&'static str>,
     /// For gRPC requests, the `grpc-status` to answer with instead of the
@@ -140,7 +145,7 @@ impl FilterReply {
             status,
             body: Bytes::from_static(body.as_bytes()),
             headers: Vec::new(),
-            details,
+            details: details.into(),
             flag: None,
             grpc_status: None,
         }
@@ -190,6 +195,7 @@ pub static FACTORIES: &[&Factory] = &[
     &fault::FACTORY,
     &header_mutation::FACTORY,
     &local_ratelimit::FACTORY,
+    &rbac::FACTORY,
 ];
 
 /// The registry entries of every filter, for [`crate::registry`].
@@ -198,6 +204,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     fault::REGISTRY,
     header_mutation::REGISTRY,
     local_ratelimit::REGISTRY,
+    rbac::REGISTRY,
 ];
 
 pub fn factory(type_name: &str) -> Option<&'static Factory> {

@@ -85,6 +85,8 @@ pub struct Ctx {
     downstream_tls: bool,
     /// The client's certificate chain, on TLS connections.
     peer_tls: Option<Arc<std::sync::OnceLock<super::xfcc::PeerTls>>>,
+    /// The connection's SNI, for filters.
+    sni: String,
     downstream_remote: Option<SocketAddr>,
     downstream_local: Option<SocketAddr>,
     selected: Option<Selected>,
@@ -121,7 +123,7 @@ pub struct Ctx {
     /// Envoy's response flags (`access_log::flags`) and response code
     /// details, for access logs.
     flags: crate::access_log::Flags,
-    details: &'static str,
+    details: std::borrow::Cow<'static, str>,
     /// The upstream's response headers arrived.
     response_started: Option<Instant>,
     upstream_local: Option<SocketAddr>,
@@ -409,6 +411,8 @@ impl HcmProxy {
             .as_ref()
             .is_some_and(|s| matches!(s.route().action, Action::Forward(_)));
         let peer = ctx.peer_tls.clone();
+        let sni = std::mem::take(&mut ctx.sni);
+        let scheme = ctx.scheme();
         let peer_cert = peer
             .as_ref()
             .and_then(|p| p.get())
@@ -427,6 +431,8 @@ impl HcmProxy {
                     direct_remote: ctx.downstream_remote,
                     local: ctx.downstream_local,
                     peer_cert,
+                    sni: &sni,
+                    scheme,
                     grpc,
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
@@ -638,7 +644,7 @@ impl HcmProxy {
                 response: session.response_written().map(|r| &r.headers),
                 protocol: protocol(session),
                 response_code: status,
-                details: ctx.details,
+                details: &ctx.details,
                 route_name: ctx
                     .selected
                     .as_ref()
@@ -834,6 +840,9 @@ impl ProxyHttp for HcmProxy {
         ctx.hcm = Some(hcm.clone());
         ctx.downstream_tls = meta.tls;
         ctx.peer_tls = meta.peer_tls.clone();
+        if !hcm.filters.is_empty() {
+            ctx.sni.clone_from(&meta.sni);
+        }
         ctx.buffer_limit = meta.buffer_limit;
         if last {
             session.set_keepalive(None);
@@ -1027,7 +1036,7 @@ impl ProxyHttp for HcmProxy {
         if session.req_header().method == http::Method::CONNECT || asterisk {
             hcm.stats().no_route.increment(1);
             ctx.flags.add("NR");
-            ctx.details = "route_not_found";
+            ctx.details = "route_not_found".into();
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
                 .await?;
             return Ok(true);
@@ -1160,7 +1169,7 @@ impl ProxyHttp for HcmProxy {
             if let Some(up) = &ctx.upgrade {
                 if !upgrade_allowed(&hcm, sel.route(), up) {
                     // Envoy answers 403 and closes the connection.
-                    ctx.details = "upgrade_failed";
+                    ctx.details = "upgrade_failed".into();
                     session.set_keepalive(None);
                     self.local_reply(session, ctx, 403, Bytes::new(), vec![], false)
                         .await?;
@@ -1174,7 +1183,7 @@ impl ProxyHttp for HcmProxy {
         let Some(sel) = &ctx.selected else {
             hcm.stats().no_route.increment(1);
             ctx.flags.add("NR");
-            ctx.details = "route_not_found";
+            ctx.details = "route_not_found".into();
             self.local_reply(session, ctx, 404, Bytes::new(), vec![], false)
                 .await?;
             return Ok(true);
@@ -1184,7 +1193,7 @@ impl ProxyHttp for HcmProxy {
         let route = &rc.virtual_hosts[vi].routes[ri];
         match &route.action {
             Action::Direct(d) => {
-                ctx.details = "direct_response";
+                ctx.details = "direct_response".into();
                 let body = d.body.clone().unwrap_or_default();
                 // A 201 or 3xx direct response points back at the request's URL.
                 let extra = if d.status == 201 || (300..400).contains(&d.status) {
@@ -1200,7 +1209,7 @@ impl ProxyHttp for HcmProxy {
                 Ok(true)
             }
             Action::Redirect(r) => {
-                ctx.details = "direct_response";
+                ctx.details = "direct_response".into();
                 let scheme = request_scheme(session);
                 let loc = rq::redirect_location(r, &route.matcher, &scheme, &host, &path);
                 self.local_reply(
@@ -1231,7 +1240,7 @@ impl ProxyHttp for HcmProxy {
                 let Some(cluster) = self.shared.clusters.get(&name) else {
                     hcm.stats().no_cluster.increment(1);
                     ctx.flags.add("NC");
-                    ctx.details = "cluster_not_found";
+                    ctx.details = "cluster_not_found".into();
                     self.local_reply(
                         session,
                         ctx,
@@ -1657,7 +1666,7 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.status = resp.status.as_u16();
-        ctx.details = "via_upstream";
+        ctx.details = "via_upstream".into();
         let levels = Self::header_levels(ctx);
         self.decorate_response(resp, ctx, &levels, session, false);
         Ok(())
@@ -1744,7 +1753,7 @@ impl ProxyHttp for HcmProxy {
                 if let Some(h) = &ctx.hcm {
                     h.stats().downstream_rq_timeout.increment(1);
                 }
-                ctx.details = "request_overall_timeout";
+                ctx.details = "request_overall_timeout".into();
                 LocalReply { status: 408, body: "request timeout" }
             }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
@@ -1754,7 +1763,7 @@ impl ProxyHttp for HcmProxy {
                     h.stats().downstream_rq_idle_timeout.increment(1);
                 }
                 ctx.flags.add("SI");
-                ctx.details = "stream_idle_timeout";
+                ctx.details = "stream_idle_timeout".into();
                 // Envoy: 408 while the request is still arriving, 504 once
                 // it is all in (the upstream is the silent one), whichever
                 // side's read noticed first.
@@ -1766,7 +1775,7 @@ impl ProxyHttp for HcmProxy {
                     c.stats.upstream_rq_timeout.increment(1);
                 }
                 ctx.flags.add("UT");
- ctx.details = "response_timeout";
+ ctx.details = "response_timeout".into();
                 LocalReply { status: 504, body: "upstream request timeout" }
             }
             ErrorType::HTTPStatus(s) if *s >= 400 => LocalReply { status: *s, body: "" },
@@ -1777,7 +1786,8 @@ impl ProxyHttp for HcmProxy {
                     "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
                 } else {
                     "upstream_reset_before_response_started{remote_connection_failure}"
-                };
+                }
+                .into();
                 LocalReply {
                 status: 503,
                 body: if ctx.attempts > 1 {
@@ -1792,7 +1802,7 @@ impl ProxyHttp for HcmProxy {
                 if e.esource() == &pingora_error::ErrorSource::Upstream =>
             {
                 ctx.flags.add("UPE");
- ctx.details = "upstream_reset_before_response_started{protocol_error}";
+ ctx.details = "upstream_reset_before_response_started{protocol_error}".into();
                 LocalReply {
                     status: 502,
                     body: "upstream connect error or disconnect/reset before headers. reset reason: protocol error",
@@ -1801,12 +1811,12 @@ impl ProxyHttp for HcmProxy {
             _ => match e.esource() {
                 pingora_error::ErrorSource::Downstream => {
                     ctx.flags.add("DC");
- ctx.details = "downstream_remote_disconnect";
+ ctx.details = "downstream_remote_disconnect".into();
                     LocalReply { status: 0, body: "" }
                 }
                 _ => {
                     ctx.flags.add("UC");
- ctx.details = "upstream_reset_before_response_started{connection_termination}";
+ ctx.details = "upstream_reset_before_response_started{connection_termination}".into();
                     LocalReply { status: 503, body: "upstream connect error or disconnect/reset before headers. reset reason: connection termination" }
                 }
             },
@@ -1890,7 +1900,7 @@ fn refuse<T>(
     details: &'static str,
 ) -> Result<T> {
     ctx.flags.add(flag);
-    ctx.details = details;
+    ctx.details = details.into();
     ctx.pending_reply = Some(LocalReply { status, body });
     Error::e_explain(ErrorType::HTTPStatus(status), details)
 }

@@ -41,6 +41,9 @@ pub struct ConnMeta {
     pub closing: Arc<http_conn::Closing>,
     /// The listener's `per_connection_buffer_limit_bytes`.
     pub buffer_limit: u32,
+    /// The SNI the filter chain was chosen by (Envoy's requested server
+    /// name), empty without one.
+    pub sni: String,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -530,8 +533,10 @@ async fn serve_connection(
             &crate::config::rbac::Facts {
                 local,
                 peer,
+                remote: peer,
                 sni,
                 peer_cert: cert,
+                http: None,
             },
         )
     };
@@ -593,6 +598,7 @@ async fn serve_connection(
         hcm,
         tls: filter.tls.is_some(),
         peer_tls: peer_tls.clone(),
+        sni: found.sni.clone(),
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
