@@ -101,7 +101,7 @@ fn validate_rejects_bad_configs_naming_the_field() {
     );
     // An HTTP filter Legate does not have is rejected, not skipped.
     let mut h = hcm(routes(json!([])), json!({}));
-    h["http_filters"] = json!([{"name": "cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+    h["http_filters"] = json!([{"name": "lua", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"}},
         {"name": "router", "typed_config": {"@type": ROUTER}}]);
     let out = validate(BIN, &bootstrap(1, vec![listener("l", 1000, h)], vec![]));
     assert_eq!(out.status.code(), Some(1));
