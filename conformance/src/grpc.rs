@@ -65,9 +65,12 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
         "",
         "route: {cluster: interop, timeout: 0s}",
         Some(("interop", backend, "typed_extension_protocol_options: {envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {\"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {http2_protocol_options: {}}}}")),
-        |c| c,
+        // Istio's grpc_stats filter, counting every method by name.
+        |c| c.replace("http_filters: [", GRPC_STATS),
     )?;
     let mut results = Vec::new();
+    let mut stats = Vec::new();
+    let mut retried = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _running = proxies::start(bins, kind, &path, admin, work)?;
         let run_case = |case: &str| -> Result<(bool, String)> {
@@ -91,20 +94,27 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
             Ok((out.status.success(), tail))
         };
         let mut r = Vec::new();
+        let mut deltas = Vec::new();
         for case in CASES {
+            let before = grpc_stats(admin);
             // Some cases race deadlines on a busy 2-core machine (Envoy
             // itself then fails timeout_on_sleeping_server): a failure is
             // tried twice more, for both proxies alike, before it counts.
             let mut result = run_case(case)?;
+            let mut tries = 1;
             for _ in 0..2 {
                 if result.0 {
                     break;
                 }
                 result = run_case(case)?;
+                tries += 1;
             }
+            retried.push(tries > 1);
             r.push(result);
+            deltas.push(delta(&before, &grpc_stats(admin)));
         }
         results.push(r);
+        stats.push(deltas);
     }
     let _ = srv.kill();
     let _ = srv.wait();
@@ -120,6 +130,63 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
             }
         };
         report.add("http", "grpc-interop", case, outcome);
+        // The grpc_stats counters this case added, when both proxies ran it
+        // once (a retried case counts twice).
+        let n = CASES.len();
+        if retried[i] || retried[n + i] || RACING.contains(case) {
+            eprintln!(
+                "grpc-interop-stats/{case}: retried or racing a deadline, counters not compared"
+            );
+            continue;
+        }
+        let (e, l) = (&stats[0][i], &stats[1][i]);
+        let outcome = if e == l {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(vec![format!("grpc_stats: envoy {e:?} / legate {l:?}")])
+        };
+        report.add("http", "grpc-interop-stats", case, outcome);
     }
     Ok(())
+}
+
+/// Cases whose message counts depend on when the client's cancellation or
+/// deadline lands (whether the first message was read before the reset):
+/// Envoy's own counts vary between runs.
+const RACING: &[&str] = &[
+    "timeout_on_sleeping_server",
+    "cancel_after_begin",
+    "cancel_after_first_response",
+];
+
+const GRPC_STATS: &str = r#"http_filters: [{name: envoy.filters.http.grpc_stats, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig, emit_filter_state: true, stats_for_all_methods: true}}, "#;
+
+/// The cluster's grpc_stats counters, by name.
+fn grpc_stats(admin: u16) -> std::collections::BTreeMap<String, u64> {
+    let url = format!("http://127.0.0.1:{admin}/stats?filter=^cluster\\.interop\\.grpc\\.");
+    legate_tests::legate::try_curl(&url, &["-g"])
+        .map(|r| {
+            r.body
+                .lines()
+                .filter_map(|l| {
+                    let (k, v) = l.split_once(": ")?;
+                    Some((k.to_string(), v.trim().parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What grew between two snapshots.
+fn delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> Vec<String> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| format!("{k} +{d}"))
+        })
+        .collect()
 }

@@ -93,6 +93,8 @@ async fn main() -> Result<()> {
             "validate" => {
                 validate::run(&bins, &root.join("scenarios/validate"), &work, &mut report)?
             }
+            // The http tier's gRPC interop part alone (part of `http`).
+            "grpc" => tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))?,
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
                 resilience::run(&bins, &work, &mut report).await?;

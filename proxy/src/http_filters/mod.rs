@@ -19,6 +19,7 @@
 pub mod chain;
 pub mod cors;
 pub mod fault;
+pub mod grpc_stats;
 pub mod header_mutation;
 pub mod local_ratelimit;
 pub mod rbac;
@@ -173,6 +174,21 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
         _state: Option<&State>,
     ) {
     }
+
+    /// Whether the filter reads bodies and trailers: the engine calls the
+    /// hooks below only for filters that say so.
+    fn reads_bodies(&self) -> bool {
+        false
+    }
+
+    /// Each chunk of the request body, as it is read.
+    fn on_request_body(&self, _chunk: &[u8], _end: bool, _state: &mut Option<State>) {}
+
+    /// Each chunk of the upstream's response body.
+    fn on_response_body(&self, _chunk: &[u8], _end: bool, _state: &mut Option<State>) {}
+
+    /// The upstream's response trailers.
+    fn on_response_trailers(&self, _trailers: &http::HeaderMap, _state: &mut Option<State>) {}
 }
 
 /// How a filter type is built: the factory table's row.
@@ -193,6 +209,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 pub static FACTORIES: &[&Factory] = &[
     &cors::FACTORY,
     &fault::FACTORY,
+    &grpc_stats::FACTORY,
     &header_mutation::FACTORY,
     &local_ratelimit::FACTORY,
     &rbac::FACTORY,
@@ -202,6 +219,7 @@ pub static FACTORIES: &[&Factory] = &[
 pub static REGISTRIES: &[&[MessageSupport]] = &[
     cors::REGISTRY,
     fault::REGISTRY,
+    grpc_stats::REGISTRY,
     header_mutation::REGISTRY,
     local_ratelimit::REGISTRY,
     rbac::REGISTRY,

@@ -474,6 +474,25 @@ impl HcmProxy {
         Ok(false)
     }
 
+    /// The enabled filters' body hooks (request side in order, response
+    /// side in reverse), for the filters that read bodies.
+    fn filter_bodies(ctx: &mut Ctx, chunk: Option<&[u8]>, end: bool, request: bool) {
+        let Some(hcm) = ctx.hcm.clone() else { return };
+        let chunk = chunk.unwrap_or(&[]);
+        let n = ctx.filters_active.len();
+        for j in 0..n {
+            let k = if request { j } else { n - 1 - j };
+            let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
+            if f.reads_bodies() {
+                if request {
+                    f.on_request_body(chunk, end, &mut ctx.filter_states[k]);
+                } else {
+                    f.on_response_body(chunk, end, &mut ctx.filter_states[k]);
+                }
+            }
+        }
+    }
+
     /// The enabled filters' response hooks, in reverse order.
     fn filter_responses(resp: &mut ResponseHeader, ctx: &Ctx, session: &Session, local: bool) {
         let Some(hcm) = &ctx.hcm else { return };
@@ -1371,6 +1390,7 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.body_read += body.as_ref().map_or(0, |b| b.len() as u64);
+        Self::filter_bodies(ctx, body.as_deref(), end_of_stream, true);
         // The whole request is in: request_timeout is disarmed. Until then
         // the next read gets what remains of it.
         if end_of_stream {
@@ -1670,6 +1690,36 @@ impl ProxyHttp for HcmProxy {
         let levels = Self::header_levels(ctx);
         self.decorate_response(resp, ctx, &levels, session, false);
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if !ctx.filters_active.is_empty() {
+            Self::filter_bodies(ctx, body.as_deref(), end_of_stream, false);
+        }
+        Ok(None)
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Bytes>> {
+        if let (Some(hcm), false) = (ctx.hcm.clone(), ctx.filters_active.is_empty()) {
+            for k in (0..ctx.filters_active.len()).rev() {
+                let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
+                if f.reads_bodies() {
+                    f.on_response_trailers(trailers, &mut ctx.filter_states[k]);
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(
