@@ -119,6 +119,7 @@ async fn serve(
         routes: routes.clone(),
         hostname,
         local_ip: legate::server::request::local_ip(),
+        service_cluster: config.node.cluster.clone(),
     });
     let conf = Arc::new(ServerConf {
         upstream_keepalive_pool_size: IDLE_UPSTREAM_CONNECTIONS,

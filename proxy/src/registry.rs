@@ -332,6 +332,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "response_headers_to_remove",
             "retry_policy",
             "typed_per_filter_config",
+            "rate_limits",
         ],
         // As the route's: no filter or formatter of Legate reads it yet.
         &[("metadata", "only informational")],
@@ -472,6 +473,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "hash_policy",
             "upgrade_configs",
             "append_x_forwarded_host",
+            "rate_limits",
+            "include_vh_rate_limits",
         ],
         &[],
     ),

@@ -48,6 +48,8 @@ pub struct VirtualHost {
     pub headers: HeaderOps,
     pub retry_policy: Option<RetryPolicy>,
     pub filters: crate::http_filters::PerFilterConfigs,
+    /// `rate_limits`, for the rate limit filters.
+    pub rate_limits: Vec<crate::http_filters::rate_limit_actions::RateLimit>,
 }
 
 #[derive(Debug)]
@@ -139,6 +141,10 @@ pub struct RouteAction {
     pub upgrades: Vec<(String, bool)>,
     /// A host rewrite appends the original host to `x-forwarded-host`.
     pub append_x_forwarded_host: bool,
+    /// `rate_limits`, for the rate limit filters.
+    pub rate_limits: Vec<crate::http_filters::rate_limit_actions::RateLimit>,
+    /// `include_vh_rate_limits`.
+    pub include_vh_rate_limits: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +311,11 @@ impl VirtualHost {
             filters: crate::http_filters::PerFilterConfigs::from_proto(
                 &vh.typed_per_filter_config,
                 path,
+            )?,
+            rate_limits: crate::http_filters::rate_limit_actions::list(
+                &vh.rate_limits,
+                path,
+                "rate_limits",
             )?,
         })
     }
@@ -758,6 +769,12 @@ impl RouteAction {
             hash_policy,
             upgrades: upgrades(&ra.upgrade_configs, path)?,
             append_x_forwarded_host: ra.append_x_forwarded_host,
+            rate_limits: crate::http_filters::rate_limit_actions::list(
+                &ra.rate_limits,
+                path,
+                "rate_limits",
+            )?,
+            include_vh_rate_limits: ra.include_vh_rate_limits.val().unwrap_or(false),
         })
     }
 }

@@ -5,9 +5,15 @@
 //! The bucket refills continuously, `tokens_per_fill` per `fill_interval`,
 //! up to `max_tokens`, and starts full, as Envoy 1.40's atomic bucket.
 //!
-//! Descriptors (with the route's or the filter's `rate_limits`) are not
-//! built yet and are refused.
+//! With `descriptors`, the request's descriptors (from the filter's own
+//! `rate_limits`, else the route's and virtual host's) pick buckets too:
+//! each matching descriptor takes a token, the slowest-filling first, and
+//! the default bucket is taken only when none matched (unless
+//! `always_consume_default_token_bucket`). A descriptor entry without a
+//! value matches any value, with a bucket per value (at most
+//! `max_dynamic_descriptors`, the least recently used dropped).
 
+use super::rate_limit_actions::{self as actions, Descriptor, RateLimit, VhRateLimits};
 use super::{
     Factory, FilterReply, Flow, Fraction, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State,
 };
@@ -18,6 +24,7 @@ use legate_proto::envoy_types::pb::envoy::extensions::filters::http::local_ratel
 use legate_proto::envoy_types::pb::google::protobuf::Any;
 use metrics::Counter;
 use pingora_http::ResponseHeader;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -49,21 +56,23 @@ pub static REGISTRY: &[MessageSupport] = &[
             "rate_limited_as_resource_exhausted",
             "enable_x_ratelimit_headers",
             "local_rate_limit_per_downstream_connection",
+            "descriptors",
+            "rate_limits",
+            "max_dynamic_descriptors",
+            "stage",
+            "vh_rate_limits",
         ],
-        warn: &[
-            (
-                "max_dynamic_descriptors",
-                "bounds descriptor buckets, which Legate refuses, so it changes nothing",
-            ),
-            (
-                "stage",
-                "selects rate limit actions, which Legate refuses, so it changes nothing",
-            ),
-            (
-                "vh_rate_limits",
-                "selects rate limit actions, which Legate refuses, so it changes nothing",
-            ),
-        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor",
+        supported: &["entries", "token_bucket"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry",
+        supported: &["key", "value"],
+        warn: &[],
     },
 ];
 
@@ -72,14 +81,72 @@ pub static REGISTRY: &[MessageSupport] = &[
 pub struct Limit {
     stat_prefix: String,
     status: u16,
-    bucket: Option<Bucket>,
+    bucket: Option<Arc<Bucket>>,
     enabled: Option<Fraction>,
     enforced: Option<Fraction>,
     not_enforced_headers: HeaderOps,
     response_headers: HeaderOps,
     grpc_resource_exhausted: bool,
     x_ratelimit_headers: bool,
+    descriptors: Vec<LocalDescriptor>,
+    rate_limits: Vec<RateLimit>,
+    stage: u32,
+    vh: VhRateLimits,
+    always_consume_default: bool,
+    max_dynamic: usize,
     stats: OnceLock<Stats>,
+}
+
+/// A configured descriptor and its bucket(s).
+#[derive(Debug)]
+struct LocalDescriptor {
+    /// (key, value); an empty value matches any value.
+    entries: Vec<(String, String)>,
+    spec: (f64, f64),
+    /// Its one bucket, when every entry has a value.
+    fixed: Option<Arc<Bucket>>,
+    /// Otherwise a bucket per distinct request values, with when each
+    /// was last used.
+    dynamic: Mutex<(HashMap<Vec<String>, (Arc<Bucket>, u64)>, u64)>,
+}
+
+impl LocalDescriptor {
+    /// The bucket for a request descriptor, if this one matches it.
+    fn bucket(&self, d: &Descriptor, max_dynamic: usize) -> Option<Arc<Bucket>> {
+        if d.len() != self.entries.len()
+            || !d
+                .iter()
+                .zip(&self.entries)
+                .all(|((k, v), (ck, cv))| k == ck && (cv.is_empty() || v == cv))
+        {
+            return None;
+        }
+        if let Some(b) = &self.fixed {
+            return Some(b.clone());
+        }
+        let values: Vec<String> = d.iter().map(|(_, v)| v.clone()).collect();
+        let mut guard = self.dynamic.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, clock) = &mut *guard;
+        *clock += 1;
+        let now = *clock;
+        if let Some((b, used)) = map.get_mut(&values) {
+            *used = now;
+            return Some(b.clone());
+        }
+        if map.len() >= max_dynamic.max(1) {
+            // The least recently used value loses its bucket.
+            if let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, (_, u))| *u)
+                .map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+            }
+        }
+        let b = Arc::new(Bucket::new(self.spec));
+        map.insert(values, (b.clone(), now));
+        Some(b)
+    }
 }
 
 #[derive(Debug)]
@@ -101,6 +168,22 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// A full bucket of (max tokens, tokens per second).
+    fn new((max, rate): (f64, f64)) -> Self {
+        Self {
+            max,
+            rate,
+            state: Mutex::new((max, Instant::now())),
+        }
+    }
+
+    /// The tokens there are now.
+    fn peek(&self, now: Instant) -> f64 {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed = now.saturating_duration_since(s.1).as_secs_f64();
+        (s.0 + elapsed * self.rate).min(self.max)
+    }
+
     /// Takes a token; the tokens left after, or None when empty.
     fn take(&self, now: Instant) -> Option<f64> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -114,12 +197,12 @@ impl Bucket {
         Some(s.0)
     }
 
-    /// Whole seconds until the bucket is full again.
+    /// Whole seconds until the next token: 0 while one is left.
     fn reset_seconds(&self, left: f64) -> u64 {
-        if self.rate <= 0.0 {
+        if self.rate <= 0.0 || left >= 1.0 {
             return 0;
         }
-        ((self.max - left) / self.rate).ceil() as u64
+        ((1.0 - left) / self.rate).ceil() as u64
     }
 }
 
@@ -131,9 +214,12 @@ impl Limit {
                 "stat_prefix is required",
             ));
         }
-        refuse_descriptors(l, path)?;
+        refuse_unsupported(l, path)?;
         let bucket = match &l.token_bucket {
-            Some(tb) => Some(bucket(tb, &join(path, "token_bucket"))?),
+            Some(tb) => Some(Arc::new(Bucket::new(bucket(
+                tb,
+                &join(path, "token_bucket"),
+            )?))),
             None if per_route => {
                 return Err(ConfigError::new(
                     join(path, "token_bucket"),
@@ -174,6 +260,19 @@ impl Limit {
                 .map_err(|e| ConfigError::new(rp.clone(), e.message))?,
             grpc_resource_exhausted: l.rate_limited_as_resource_exhausted,
             x_ratelimit_headers: l.enable_x_ratelimit_headers == X::DraftVersion03 as i32,
+            descriptors: local_descriptors(l, path)?,
+            rate_limits: actions::list(&l.rate_limits, path, "rate_limits")?,
+            stage: l.stage,
+            vh: {
+                use legate_proto::envoy_types::pb::envoy::extensions::common::ratelimit::v3::VhRateLimitsOptions as V;
+                match V::try_from(l.vh_rate_limits).unwrap_or(V::Override) {
+                    V::Override => VhRateLimits::Override,
+                    V::Include => VhRateLimits::Include,
+                    V::Ignore => VhRateLimits::Ignore,
+                }
+            },
+            always_consume_default: l.always_consume_default_token_bucket.val().unwrap_or(true),
+            max_dynamic: l.max_dynamic_descriptors.val().unwrap_or(20) as usize,
             stats: OnceLock::new(),
         })
     }
@@ -193,16 +292,13 @@ impl Limit {
     }
 }
 
-fn refuse_descriptors(l: &pb::LocalRateLimit, path: &str) -> Result<()> {
+fn refuse_unsupported(l: &pb::LocalRateLimit, path: &str) -> Result<()> {
     let refuse = |field: &str, why: &str| Err(ConfigError::new(join(path, field), why));
-    if !l.descriptors.is_empty() {
+    if let Some(i) = l.descriptors.iter().position(|d| d.shadow_mode) {
         return refuse(
-            "descriptors",
-            "rate limit descriptors are not supported yet",
+            &format!("descriptors[{i}].shadow_mode"),
+            "shadow descriptors are not supported yet",
         );
-    }
-    if !l.rate_limits.is_empty() {
-        return refuse("rate_limits", "rate limit actions are not supported yet");
     }
     if l.local_rate_limit_per_downstream_connection {
         return refuse(
@@ -219,10 +315,11 @@ fn refuse_descriptors(l: &pb::LocalRateLimit, path: &str) -> Result<()> {
     Ok(())
 }
 
+/// A token bucket's (max tokens, tokens per second).
 fn bucket(
     tb: &legate_proto::envoy_types::pb::envoy::r#type::v3::TokenBucket,
     path: &str,
-) -> Result<Bucket> {
+) -> Result<(f64, f64)> {
     if tb.max_tokens == 0 {
         return Err(ConfigError::new(
             join(path, "max_tokens"),
@@ -241,12 +338,93 @@ fn bucket(
     } else {
         per_fill / interval.as_secs_f64()
     };
-    let max = f64::from(tb.max_tokens);
-    Ok(Bucket {
-        max,
-        rate,
-        state: Mutex::new((max, Instant::now())),
-    })
+    Ok((f64::from(tb.max_tokens), rate))
+}
+
+fn local_descriptors(l: &pb::LocalRateLimit, path: &str) -> Result<Vec<LocalDescriptor>> {
+    l.descriptors
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let p = crate::config::index(path, "descriptors", i);
+            let tb = d.token_bucket.as_ref().ok_or_else(|| {
+                ConfigError::new(join(&p, "token_bucket"), "token_bucket is required")
+            })?;
+            let spec = bucket(tb, &join(&p, "token_bucket"))?;
+            if d.entries.is_empty() {
+                return Err(ConfigError::new(
+                    join(&p, "entries"),
+                    "at least one entry is required",
+                ));
+            }
+            let entries: Vec<(String, String)> = d
+                .entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect();
+            let fixed = entries
+                .iter()
+                .all(|(_, v)| !v.is_empty())
+                .then(|| Arc::new(Bucket::new(spec)));
+            Ok(LocalDescriptor {
+                entries,
+                spec,
+                fixed,
+                dynamic: Mutex::new((HashMap::new(), 0)),
+            })
+        })
+        .collect()
+}
+
+impl Limit {
+    /// The request's descriptors, when descriptors are configured.
+    fn request_descriptors(&self, rq: &RequestInfo<'_>) -> Vec<Descriptor> {
+        if self.descriptors.is_empty() {
+            return Vec::new();
+        }
+        // Envoy's local filter skips entries that have a disable key.
+        let skip = |r: &RateLimit| !r.disable_key.is_empty();
+        if self.rate_limits.is_empty() {
+            return actions::route_descriptors(rq, self.stage, self.vh, &skip);
+        }
+        let mut out = Vec::new();
+        actions::descriptors(
+            &self.rate_limits,
+            self.stage,
+            &rq.rate_limit_facts(),
+            &skip,
+            &mut out,
+        );
+        out
+    }
+
+    /// Takes tokens for the request: whether it may go on, and the bucket
+    /// whose numbers the x-ratelimit headers show.
+    fn allowed(&self, descriptors: &[Descriptor], now: Instant) -> (bool, Option<Arc<Bucket>>) {
+        let mut matched: Vec<Arc<Bucket>> = descriptors
+            .iter()
+            .filter_map(|d| {
+                self.descriptors
+                    .iter()
+                    .find_map(|ld| ld.bucket(d, self.max_dynamic))
+            })
+            .collect();
+        // The slowest to refill first.
+        matched.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        for b in &matched {
+            if b.take(now).is_none() {
+                return (false, Some(b.clone()));
+            }
+        }
+        let first = matched.first().cloned();
+        if matched.is_empty() || self.always_consume_default {
+            if let Some(d) = &self.bucket {
+                let ok = d.take(now).is_some();
+                return (ok, first.or_else(|| Some(d.clone())));
+            }
+        }
+        (true, first)
+    }
 }
 
 #[derive(Debug)]
@@ -270,20 +448,18 @@ impl HttpFilter for LocalRateLimit {
             return Flow::Continue;
         }
         limit.stats().enabled.increment(1);
-        let Some(bucket) = &limit.bucket else {
-            limit.stats().ok.increment(1);
-            return Flow::Continue;
-        };
-        let taken = bucket.take(Instant::now());
-        if limit.x_ratelimit_headers {
-            let left = taken.unwrap_or(0.0);
+        let descriptors = limit.request_descriptors(rq);
+        let now = Instant::now();
+        let (ok, context) = limit.allowed(&descriptors, now);
+        if let (true, Some(b)) = (limit.x_ratelimit_headers, &context) {
+            let left = b.peek(now);
             *state = Some(Box::new(XHeaders {
-                limit: bucket.max as u64,
+                limit: b.max as u64,
                 remaining: left.floor() as u64,
-                reset: bucket.reset_seconds(left),
+                reset: b.reset_seconds(left),
             }));
         }
-        if taken.is_some() {
+        if ok {
             limit.stats().ok.increment(1);
             return Flow::Continue;
         }
@@ -354,7 +530,7 @@ mod tests {
                 nanos: 0,
             }),
         };
-        let b = bucket(&tb, "tb").unwrap();
+        let b = Bucket::new(bucket(&tb, "tb").unwrap());
         let t0 = b.state.lock().unwrap().1;
         assert_eq!(b.take(t0), Some(1.0));
         assert_eq!(b.take(t0), Some(0.0));
@@ -362,7 +538,8 @@ mod tests {
         // Half an interval: half a token, not enough.
         assert_eq!(b.take(t0 + Duration::from_millis(500)), None);
         assert!(b.take(t0 + Duration::from_millis(1000)).is_some());
-        assert_eq!(b.reset_seconds(0.0), 2);
+        assert_eq!(b.reset_seconds(0.0), 1);
+        assert_eq!(b.reset_seconds(1.5), 0);
     }
 
     #[test]

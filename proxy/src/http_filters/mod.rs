@@ -22,6 +22,7 @@ pub mod fault;
 pub mod grpc_stats;
 pub mod header_mutation;
 pub mod local_ratelimit;
+pub mod rate_limit_actions;
 pub mod rbac;
 
 use crate::config::Result;
@@ -73,6 +74,13 @@ pub struct RequestInfo<'a> {
     /// Response flags the filter sets while letting the request go on
     /// (a fault's `DI`).
     pub flags: Vec<&'static str>,
+    /// The forwarding route's `rate_limits`, its virtual host's, and the
+    /// route's `include_vh_rate_limits` (empty without such a route).
+    pub route_rate_limits: &'a [rate_limit_actions::RateLimit],
+    pub vhost_rate_limits: &'a [rate_limit_actions::RateLimit],
+    pub include_vh_rate_limits: bool,
+    /// `node.cluster`.
+    pub service_cluster: &'a str,
 }
 
 impl RequestInfo<'_> {
@@ -90,6 +98,31 @@ impl RequestInfo<'_> {
             .iter()
             .flatten()
             .filter_map(|c| Arc::clone(c).downcast::<T>().ok())
+    }
+
+    /// What rate limit actions read from this request.
+    pub fn rate_limit_facts(&self) -> rate_limit_actions::RequestFacts<'_> {
+        let path_and_query = self.req.uri.path_and_query().map_or("/", |p| p.as_str());
+        rate_limit_actions::RequestFacts {
+            headers: &self.req.headers,
+            pseudo: crate::config::matcher::Pseudo {
+                method: self.req.method.as_str(),
+                path: path_and_query,
+                authority: self
+                    .req
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .or_else(|| self.req.uri.authority().map(|a| a.as_str()))
+                    .unwrap_or(""),
+                scheme: self.scheme,
+                status: None,
+            },
+            path_and_query,
+            remote: self.remote,
+            cluster: self.cluster.unwrap_or(""),
+            local_cluster: self.service_cluster,
+        }
     }
 
     /// A header formatter's view of this request, read from `snapshot`
@@ -222,6 +255,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     grpc_stats::REGISTRY,
     header_mutation::REGISTRY,
     local_ratelimit::REGISTRY,
+    rate_limit_actions::REGISTRY,
     rbac::REGISTRY,
 ];
 

@@ -21,6 +21,7 @@ use crate::config::route::{
     Action, ClusterSpec, HashPolicy, HostRewrite, RetryPolicy, Route, RouteConfig, VirtualHost,
 };
 use crate::headers::{self, FormatContext, HeaderOps};
+use crate::http_filters::rate_limit_actions::RateLimit as RateLimitEntry;
 use crate::outlier;
 use crate::routing;
 use crate::runtime::Runtime;
@@ -50,6 +51,8 @@ pub struct Shared {
     /// This host's first non-loopback address (Envoy's local address),
     /// appended to XFF for loopback peers.
     pub local_ip: std::net::IpAddr,
+    /// `node.cluster` (the `source_cluster` of rate limit descriptors).
+    pub service_cluster: String,
 }
 
 pub struct HcmProxy {
@@ -425,6 +428,7 @@ impl HcmProxy {
             let mut state = None;
             let flow = {
                 let levels = Self::filter_levels(ctx);
+                let rl = Self::rate_limits(ctx);
                 let mut info = RequestInfo {
                     req: session.req_header_mut(),
                     remote: ctx.client_addr.or(ctx.downstream_remote),
@@ -439,6 +443,10 @@ impl HcmProxy {
                     forwards,
                     runtime: &runtime,
                     flags: Vec::new(),
+                    route_rate_limits: rl.0,
+                    vhost_rate_limits: rl.1,
+                    include_vh_rate_limits: rl.2,
+                    service_cluster: &self.shared.service_cluster,
                 };
                 let flow = entry.filter.on_request(&mut info, &mut state).await;
                 (flow, info.flags)
@@ -472,6 +480,22 @@ impl HcmProxy {
             }
         }
         Ok(false)
+    }
+
+    /// The selected route's rate limit actions: the route's, its virtual
+    /// host's, and whether the route includes the virtual host's.
+    fn rate_limits(ctx: &Ctx) -> (&[RateLimitEntry], &[RateLimitEntry], bool) {
+        let Some(sel) = &ctx.selected else {
+            return (&[], &[], false);
+        };
+        match &sel.route().action {
+            Action::Forward(ra) => (
+                &ra.rate_limits,
+                &sel.vhost().rate_limits,
+                ra.include_vh_rate_limits,
+            ),
+            _ => (&[], &[], false),
+        }
     }
 
     /// The enabled filters' body hooks (request side in order, response
