@@ -543,7 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn descriptors_are_refused_naming_the_field() {
+    fn bad_descriptors_and_bucketless_routes_are_refused_naming_the_field() {
         let l = pb::LocalRateLimit {
             stat_prefix: "p".into(),
             descriptors: vec![Default::default()],
@@ -551,7 +551,7 @@ mod tests {
         };
         assert_eq!(
             Limit::from_proto(&l, false, "f").unwrap_err().path,
-            "f.descriptors"
+            "f.descriptors[0].token_bucket"
         );
         let l = pb::LocalRateLimit {
             stat_prefix: "p".into(),
