@@ -11,6 +11,7 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v h2load >/dev/null || need_apt+=(nghttp2-client)   # conformance: h2load
 command -v openssl >/dev/null || need_apt+=(openssl)          # TLS tests: s_client
 command -v iptables >/dev/null || need_apt+=(iptables)       # original_dst test: REDIRECT in a netns
+command -v redis-server >/dev/null || need_apt+=(redis-server) # conformance: the rate limit service's store
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

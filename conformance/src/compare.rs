@@ -94,6 +94,20 @@ fn close_millis(a: Option<&Value>, b: Option<&Value>) -> bool {
     matches!((n(a), n(b)), (Some(x), Some(y)) if (x - y).abs() <= 100)
 }
 
+/// `x-ratelimit-reset` from the global rate limit service counts the
+/// seconds to the end of the limit's window on the wall clock, which moves
+/// between the two proxies' runs: values within 5 s are the same.
+pub const RATELIMIT_RESET_REASON: &str =
+    "the global rate limit service's seconds to the window's end move with the wall clock; compared within 5 s";
+
+fn close_seconds(a: Option<&Vec<String>>, b: Option<&Vec<String>>) -> bool {
+    let n = |v: Option<&Vec<String>>| {
+        v.and_then(|v| v.first())
+            .and_then(|s| s.parse::<i64>().ok())
+    };
+    matches!((n(a), n(b)), (Some(x), Some(y)) if (x - y).abs() <= 5)
+}
+
 /// Field-by-field differences (empty = the same).
 pub fn diff(envoy: &Observation, legate: &Observation) -> Vec<String> {
     let mut out = Vec::new();
@@ -123,6 +137,9 @@ pub fn diff(envoy: &Observation, legate: &Observation) -> Vec<String> {
             if ka(e) && ka(l) {
                 continue;
             }
+        }
+        if n == "x-ratelimit-reset" && close_seconds(e, l) {
+            continue;
         }
         if e != l {
             out.push(format!("response header {n}: envoy {e:?} / legate {l:?}"));

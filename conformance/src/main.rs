@@ -14,6 +14,7 @@ mod header_case;
 mod l4;
 mod pki;
 mod proxies;
+mod ratelimit;
 mod raw;
 mod report;
 mod resilience;
@@ -28,7 +29,14 @@ use report::{Outcome, Report};
 use std::path::PathBuf;
 
 const ALL_TIERS: &[&str] = &[
-    "routing", "validate", "corpus", "http", "l4", "xds", "xds-wire",
+    "routing",
+    "validate",
+    "corpus",
+    "http",
+    "ratelimit",
+    "l4",
+    "xds",
+    "xds-wire",
 ];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -59,6 +67,7 @@ async fn main() -> Result<()> {
                 "upstream x-envoy-expected-rq-timeout-ms",
                 compare::EXPECTED_TIMEOUT_REASON,
             ),
+            ("x-ratelimit-reset", compare::RATELIMIT_RESET_REASON),
         ]
         .iter(),
     ) {
@@ -93,6 +102,7 @@ async fn main() -> Result<()> {
             "validate" => {
                 validate::run(&bins, &root.join("scenarios/validate"), &work, &mut report)?
             }
+            "ratelimit" => ratelimit::run(&bins, &root, &work, &mut report).await?,
             // The http tier's gRPC interop part alone (part of `http`).
             "grpc" => tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))?,
             "http" => {

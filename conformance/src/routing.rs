@@ -112,10 +112,12 @@ fn observe_both(
     admin: u16,
     work: &std::path::Path,
     access_log: &Path,
+    before_each: &(dyn Fn() + Sync),
 ) -> std::result::Result<BTreeMap<Kind, Seen>, (Kind, String)> {
     let mut seen = BTreeMap::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _ = std::fs::remove_file(access_log);
+        before_each();
         let running =
             proxies::start(bins, kind, cfg, admin, work).map_err(|e| (kind, format!("{e:#}")))?;
         let requests: Vec<Observation> = tokio::task::block_in_place(|| {
@@ -271,12 +273,30 @@ pub async fn run_file(
     work: &Path,
     report: &mut Report,
 ) -> Result<()> {
+    run_file_with(bins, file, work, report, "routing", &[], &|| {}).await
+}
+
+/// As [`run_file`], reported under `tier`, with more `{{NAME}}`
+/// placeholders, and `before_each` run before each proxy starts (to reset a
+/// side service both proxies share).
+pub async fn run_file_with(
+    bins: &Binaries,
+    file: &Path,
+    work: &Path,
+    report: &mut Report,
+    tier: &str,
+    vars: &[(&str, String)],
+    before_each: &(dyn Fn() + Sync),
+) -> Result<()> {
     let stem = file.file_stem().unwrap().to_string_lossy().to_string();
     let sc: Scenario = serde_yaml::from_str(&std::fs::read_to_string(file)?)
         .with_context(|| format!("parsing {}", file.display()))?;
     let _ = &sc.description;
     let mut ups = Vec::new();
     let mut text = sc.bootstrap.clone();
+    for (name, value) in vars {
+        text = text.replace(&format!("{{{{{name}}}}}"), value);
+    }
     // Every scenario gets the same PKI (written to <work>/pki, `{{PKI}}`).
     let pki = crate::pki::ensure(work)?;
     text = text.replace("{{PKI}}", &pki.display().to_string());
@@ -323,7 +343,7 @@ pub async fn run_file(
             .replace("{{ACCESS_LOG}}", &access_log.display().to_string());
         let cfg = work.join(format!("{stem}.yaml"));
         std::fs::write(&cfg, &text)?;
-        match observe_both(bins, &sc, &cfg, port, admin, work, &access_log) {
+        match observe_both(bins, &sc, &cfg, port, admin, work, &access_log, before_each) {
             Ok(seen) => break seen,
             Err((kind, e)) if attempts < 3 && e.contains("Address already in use") => {
                 eprintln!(
@@ -334,7 +354,7 @@ pub async fn run_file(
             Err((kind, e)) => {
                 for r in &sc.requests {
                     report.add(
-                        "routing",
+                        tier,
                         &stem,
                         &r.name,
                         Outcome::Mismatch(vec![format!("{} did not start: {e}", kind.name())]),
@@ -357,7 +377,7 @@ pub async fn run_file(
         } else {
             Outcome::Mismatch(vec![format!("access log: envoy {e:?} / legate {l:?}")])
         };
-        report.add("routing", &stem, "access-log", outcome);
+        report.add(tier, &stem, "access-log", outcome);
     }
     if !sc.stats.is_empty() {
         let (e, l) = (&seen[&Kind::Envoy].stats, &seen[&Kind::Legate].stats);
@@ -368,7 +388,7 @@ pub async fn run_file(
         } else {
             Outcome::Mismatch(vec![format!("stats: envoy {e:?} / legate {l:?}")])
         };
-        report.add("routing", &stem, "stats", outcome);
+        report.add(tier, &stem, "stats", outcome);
     }
     for (i, r) in sc.requests.iter().enumerate() {
         let oracle: Vec<String> = check_expect(&r.expect, &envoy[i])
@@ -383,7 +403,7 @@ pub async fn run_file(
         } else {
             Outcome::Mismatch(problems)
         };
-        report.add("routing", &stem, &r.name, outcome);
+        report.add(tier, &stem, &r.name, outcome);
     }
     drop(ups);
     Ok(())

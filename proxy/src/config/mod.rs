@@ -239,3 +239,24 @@ pub struct Node {
     pub cluster: String,
     pub zone: String,
 }
+
+/// The cluster a `GrpcService` names through `envoy_grpc` (Legate's gRPC
+/// clients to side services go through the cluster manager; `google_grpc`
+/// is refused).
+pub fn grpc_service_cluster(g: &core::GrpcService, path: &str) -> Result<String> {
+    use core::grpc_service::TargetSpecifier;
+    match &g.target_specifier {
+        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => {
+            Ok(e.cluster_name.clone())
+        }
+        Some(TargetSpecifier::EnvoyGrpc(_)) => Err(ConfigError::new(
+            join(path, "envoy_grpc.cluster_name"),
+            "cluster_name is required",
+        )),
+        Some(TargetSpecifier::GoogleGrpc(_)) => Err(ConfigError::new(
+            join(path, "google_grpc"),
+            "only envoy_grpc is supported for this service",
+        )),
+        None => Err(ConfigError::new(path, "envoy_grpc is required")),
+    }
+}

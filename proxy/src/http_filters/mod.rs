@@ -23,6 +23,7 @@ pub mod grpc_stats;
 pub mod header_mutation;
 pub mod local_ratelimit;
 pub mod rate_limit_actions;
+pub mod ratelimit;
 pub mod rbac;
 
 use crate::config::Result;
@@ -81,6 +82,8 @@ pub struct RequestInfo<'a> {
     pub include_vh_rate_limits: bool,
     /// `node.cluster`.
     pub service_cluster: &'a str,
+    /// The cluster manager, for filters that call side services.
+    pub clusters: &'a crate::cluster_manager::ClusterManager,
 }
 
 impl RequestInfo<'_> {
@@ -245,6 +248,7 @@ pub static FACTORIES: &[&Factory] = &[
     &grpc_stats::FACTORY,
     &header_mutation::FACTORY,
     &local_ratelimit::FACTORY,
+    &ratelimit::FACTORY,
     &rbac::FACTORY,
 ];
 
@@ -256,6 +260,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     header_mutation::REGISTRY,
     local_ratelimit::REGISTRY,
     rate_limit_actions::REGISTRY,
+    ratelimit::REGISTRY,
     rbac::REGISTRY,
 ];
 

@@ -447,6 +447,7 @@ impl HcmProxy {
                     vhost_rate_limits: rl.1,
                     include_vh_rate_limits: rl.2,
                     service_cluster: &self.shared.service_cluster,
+                    clusters: &self.shared.clusters,
                 };
                 let flow = entry.filter.on_request(&mut info, &mut state).await;
                 (flow, info.flags)
