@@ -97,6 +97,15 @@ pub fn lenient(v: &mut Value, desc: &MessageDescriptor) {
             continue;
         }
         let fix = |c: &mut Value| {
+            // An empty object for an `Any` is an empty Any, which protobuf's
+            // C++ reader accepts and prost-reflect refuses (no `@type`): it
+            // is read as unset (Envoy Gateway writes `config: {}` in a
+            // FilterConfig that only enables its filter).
+            if m.full_name() == "google.protobuf.Any" && c.as_object().is_some_and(|o| o.is_empty())
+            {
+                *c = Value::Null;
+                return;
+            }
             if m.full_name() == "google.protobuf.Duration" {
                 if let Value::Object(d) = c {
                     let secs = d.get("seconds").and_then(Value::as_i64).unwrap_or(0);
@@ -182,6 +191,21 @@ mod tests {
         assert_eq!(a.refresh_delay.unwrap().nanos, 500_000_000);
     }
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+
+    #[test]
+    fn an_empty_any_is_read_as_unset() {
+        let mut v = parse_yaml(
+            "{typed_per_filter_config: {f: {'@type': type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {}}}}",
+        )
+        .unwrap();
+        lenient(&mut v, &descriptor("envoy.config.route.v3.Route").unwrap());
+        let m = to_dynamic(v, "envoy.config.route.v3.Route", true).unwrap();
+        let r: envoy_types::pb::envoy::config::route::v3::Route = m.transcode_to().unwrap();
+        let any = &r.typed_per_filter_config["f"];
+        let fc: envoy_types::pb::envoy::config::route::v3::FilterConfig =
+            prost::Message::decode(any.value.as_slice()).unwrap();
+        assert!(fc.config.is_none());
+    }
 
     #[test]
     fn protos_naming_the_common_packages_are_in_the_pool() {
