@@ -318,6 +318,18 @@ pub async fn run_file_with(
         );
         ups.push(u);
     }
+    // Real external authorization servers, when the bootstrap names them.
+    let mut authz = Vec::new();
+    if text.contains("{{AUTHZ_GRPC}}") {
+        let a = legate_tests::authz::start_grpc("127.0.0.1:0".parse().unwrap()).await?;
+        text = text.replace("{{AUTHZ_GRPC}}", &a.addr.port().to_string());
+        authz.push(a);
+    }
+    if text.contains("{{AUTHZ_HTTP}}") {
+        let a = legate_tests::authz::start_http("127.0.0.1:0".parse().unwrap()).await?;
+        text = text.replace("{{AUTHZ_HTTP}}", &a.addr.port().to_string());
+        authz.push(a);
+    }
     for name in &sc.upstreams {
         let u = legate_tests::echo::start(name, "127.0.0.1:0".parse().unwrap()).await?;
         text = text.replace(
@@ -406,6 +418,7 @@ pub async fn run_file_with(
         report.add(tier, &stem, &r.name, outcome);
     }
     drop(ups);
+    drop(authz);
     Ok(())
 }
 

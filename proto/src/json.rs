@@ -98,12 +98,14 @@ pub fn lenient(v: &mut Value, desc: &MessageDescriptor) {
         }
         let fix = |c: &mut Value| {
             // An empty object for an `Any` is an empty Any, which protobuf's
-            // C++ reader accepts and prost-reflect refuses (no `@type`): it
-            // is read as unset (Envoy Gateway writes `config: {}` in a
-            // FilterConfig that only enables its filter).
+            // C++ reader accepts and prost-reflect refuses (no `@type`). It
+            // is read as an Any holding `google.protobuf.Empty`, set but
+            // carrying nothing (Envoy Gateway writes `config: {}` in a
+            // FilterConfig that only enables its filter; an unset config
+            // there is an error in Envoy).
             if m.full_name() == "google.protobuf.Any" && c.as_object().is_some_and(|o| o.is_empty())
             {
-                *c = Value::Null;
+                *c = serde_json::json!({"@type": EMPTY_ANY, "value": {}});
                 return;
             }
             if m.full_name() == "google.protobuf.Duration" {
@@ -122,6 +124,9 @@ pub fn lenient(v: &mut Value, desc: &MessageDescriptor) {
         }
     }
 }
+
+/// What an empty JSON object in an `Any` position becomes (see [`lenient`]).
+pub const EMPTY_ANY: &str = "type.googleapis.com/google.protobuf.Empty";
 
 /// Looks up a message descriptor by full name.
 pub fn descriptor(full_name: &str) -> Result<MessageDescriptor, ProtoError> {
@@ -193,7 +198,7 @@ mod tests {
     use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
 
     #[test]
-    fn an_empty_any_is_read_as_unset() {
+    fn an_empty_any_is_read_as_set_and_empty() {
         let mut v = parse_yaml(
             "{typed_per_filter_config: {f: {'@type': type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {}}}}",
         )
@@ -204,7 +209,7 @@ mod tests {
         let any = &r.typed_per_filter_config["f"];
         let fc: envoy_types::pb::envoy::config::route::v3::FilterConfig =
             prost::Message::decode(any.value.as_slice()).unwrap();
-        assert!(fc.config.is_none());
+        assert_eq!(fc.config.unwrap().type_url, EMPTY_ANY);
     }
 
     #[test]

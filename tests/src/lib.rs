@@ -1,6 +1,7 @@
 //! Test kit shared by Legate's integration tests and the conformance
 //! harness: a real HTTP echo upstream and helpers to run the real binary.
 
+pub mod authz;
 pub mod cgroup;
 pub mod echo;
 pub mod legate;

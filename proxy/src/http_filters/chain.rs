@@ -117,12 +117,18 @@ fn per_filter(a: &Any, path: &str) -> Result<Option<PerFilter>> {
         }));
     }
     let Some(inner) = &fc.config else {
-        // Neither a config nor disabled: it only enables the filter.
+        return Err(ConfigError::new(
+            path,
+            "Empty route/virtual host per filter configuration: set config or disabled",
+        ));
+    };
+    // An empty config (`config: {}`) only enables the filter.
+    if inner.type_url == legate_proto::json::EMPTY_ANY || inner.type_url.is_empty() {
         return Ok(Some(PerFilter {
             config: None,
             disabled: false,
         }));
-    };
+    }
     let ip = join(path, "config");
     let itn = legate_proto::type_name(&inner.type_url);
     if super::per_route_translator(itn).is_none()
@@ -191,7 +197,7 @@ mod tests {
     }
 
     const DISABLE: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true}}}"#;
-    const ENABLE: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig}}}"#;
+    const ENABLE: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, config: {}}}}"#;
     const POLICY: &str = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy, max_age: "1"}}}"#;
 
     #[test]
@@ -212,7 +218,7 @@ mod tests {
 
     #[test]
     fn unknown_per_route_types_are_refused_unless_optional_and_unknown_to_envoy() {
-        let bad = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute, disabled: true}}}"#;
+        let bad = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig, disabled: true}}}"#;
         let v = legate_proto::json::parse_yaml(bad).unwrap();
         let m = legate_proto::json::to_dynamic(v, "envoy.config.route.v3.Route", true).unwrap();
         let r: route_pb::Route = m.transcode_to().unwrap();

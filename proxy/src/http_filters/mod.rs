@@ -18,6 +18,7 @@
 
 pub mod chain;
 pub mod cors;
+pub mod ext_authz;
 pub mod fault;
 pub mod grpc_stats;
 pub mod header_mutation;
@@ -71,6 +72,8 @@ pub struct RequestInfo<'a> {
     /// A route was selected and it forwards (Envoy's route entry); false
     /// for no route, a direct response or a redirect.
     pub forwards: bool,
+    /// A route was selected (of any action).
+    pub has_route: bool,
     pub runtime: &'a crate::runtime::Runtime,
     /// Response flags the filter sets while letting the request go on
     /// (a fault's `DI`).
@@ -244,6 +247,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 /// Every HTTP filter Legate has, besides the router.
 pub static FACTORIES: &[&Factory] = &[
     &cors::FACTORY,
+    &ext_authz::FACTORY,
     &fault::FACTORY,
     &grpc_stats::FACTORY,
     &header_mutation::FACTORY,
@@ -255,6 +259,7 @@ pub static FACTORIES: &[&Factory] = &[
 /// The registry entries of every filter, for [`crate::registry`].
 pub static REGISTRIES: &[&[MessageSupport]] = &[
     cors::REGISTRY,
+    ext_authz::REGISTRY,
     fault::REGISTRY,
     grpc_stats::REGISTRY,
     header_mutation::REGISTRY,

@@ -441,6 +441,7 @@ impl HcmProxy {
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
                     forwards,
+                    has_route: ctx.selected.is_some(),
                     runtime: &runtime,
                     flags: Vec::new(),
                     route_rate_limits: rl.0,

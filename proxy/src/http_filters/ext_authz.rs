@@ -1,0 +1,838 @@
+//! `envoy.filters.http.ext_authz`: asks an external authorization service,
+//! over gRPC (`envoy.service.auth.v3.Authorization/Check`) or plain HTTP,
+//! whether the request may go on, through a cluster of the cluster
+//! manager. OK: the service's headers are applied to the upstream request
+//! and the response; denied: its status, body and headers answer the client
+//! (`UAEX`); no answer in time, or an error: the request goes on with
+//! `failure_mode_allow`, else `status_on_error` (403 by default).
+//!
+//! The request body is not sent (`with_request_body` is refused: the
+//! engine cannot hold the body back yet).
+
+use super::{
+    Factory, FilterReply, Flow, Fraction, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State,
+};
+use crate::config::matcher::StringMatcher;
+use crate::config::{index, join, ConfigError, Result, Wrapped};
+use crate::registry::MessageSupport;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
+use legate_proto::envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3 as pb;
+use legate_proto::envoy_types::pb::envoy::service::auth::v3 as auth;
+use legate_proto::envoy_types::pb::google::protobuf::Any;
+use pingora_http::ResponseHeader;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const TYPE: &str = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+const PER_ROUTE_TYPE: &str = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute";
+
+pub static FACTORY: Factory = Factory {
+    type_name: TYPE,
+    build,
+    per_route: &[(PER_ROUTE_TYPE, per_route)],
+};
+
+pub static REGISTRY: &[MessageSupport] = &[
+    MessageSupport {
+        message: TYPE,
+        supported: &[
+            "grpc_service",
+            "http_service",
+            "transport_api_version",
+            "failure_mode_allow",
+            "failure_mode_allow_header_add",
+            "status_on_error",
+            "filter_enabled",
+            "stat_prefix",
+            "allowed_headers",
+            "disallowed_headers",
+            "charge_cluster_response_stats",
+        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: PER_ROUTE_TYPE,
+        supported: &["disabled", "check_settings"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.filters.http.ext_authz.v3.CheckSettings",
+        supported: &["context_extensions", "disable_request_body_buffering"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.filters.http.ext_authz.v3.HttpService",
+        supported: &[
+            "server_uri",
+            "path_prefix",
+            "authorization_request",
+            "authorization_response",
+        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest",
+        supported: &["allowed_headers", "headers_to_add"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse",
+        supported: &[
+            "allowed_upstream_headers",
+            "allowed_upstream_headers_to_append",
+            "allowed_client_headers",
+            "allowed_client_headers_on_success",
+        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.matcher.v3.ListStringMatcher",
+        supported: &["patterns"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.core.v3.HttpUri",
+        supported: &["uri", "cluster", "timeout"],
+        warn: &[],
+    },
+];
+
+#[derive(Debug)]
+enum Service {
+    Grpc {
+        cluster: String,
+        timeout: Duration,
+        /// Which request headers go in the check (None: all).
+        allowed: Option<Vec<StringMatcher>>,
+        disallowed: Vec<StringMatcher>,
+    },
+    Http(HttpService),
+}
+
+#[derive(Debug)]
+struct HttpService {
+    cluster: String,
+    /// The `server_uri`'s authority, sent as Host.
+    authority: String,
+    timeout: Duration,
+    path_prefix: String,
+    /// Request headers sent beside the defaults.
+    allowed: Vec<StringMatcher>,
+    headers_to_add: Vec<(HeaderName, HeaderValue)>,
+    upstream: Vec<StringMatcher>,
+    upstream_append: Vec<StringMatcher>,
+    /// Sent to the client on denial (empty: all but a few).
+    client: Vec<StringMatcher>,
+    client_on_success: Vec<StringMatcher>,
+}
+
+#[derive(Debug)]
+pub struct ExtAuthz {
+    service: Service,
+    failure_mode_allow: bool,
+    failure_mode_header: bool,
+    status_on_error: u16,
+    enabled: Option<Fraction>,
+    charge_cluster: bool,
+    /// `http.<hcm prefix>.ext_authz.[<stat_prefix>.]`
+    prefix: String,
+    /// Live state: one channel or client per service host.
+    grpc: Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<Bytes>,
+    >,
+}
+
+/// A route's `ExtAuthzPerRoute`.
+#[derive(Debug)]
+pub struct RouteConfig {
+    disabled: bool,
+    context_extensions: HashMap<String, String>,
+}
+
+fn matchers(
+    l: Option<&legate_proto::envoy_types::pb::envoy::r#type::matcher::v3::ListStringMatcher>,
+    path: &str,
+) -> Result<Vec<StringMatcher>> {
+    let Some(l) = l else { return Ok(Vec::new()) };
+    l.patterns
+        .iter()
+        .enumerate()
+        .map(|(i, m)| StringMatcher::from_proto(m, &index(path, "patterns", i)))
+        .collect()
+}
+
+fn refuse(path: &str, field: &str, why: &str) -> Result<()> {
+    Err(ConfigError::new(join(path, field), why))
+}
+
+fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
+    let c: pb::ExtAuthz = super::decode(a, path)?;
+    if c.transport_api_version != core::ApiVersion::V3 as i32 {
+        refuse(path, "transport_api_version", "only V3 is supported")?;
+    }
+    if c.with_request_body.is_some() {
+        refuse(
+            path,
+            "with_request_body",
+            "sending the request body is not supported yet",
+        )?;
+    }
+    use pb::ext_authz::Services as S;
+    let service = match &c.services {
+        Some(S::GrpcService(g)) => {
+            let gp = join(path, "grpc_service");
+            Service::Grpc {
+                cluster: crate::config::grpc_service_cluster(g, &gp)?,
+                timeout: g
+                    .timeout
+                    .as_ref()
+                    .map(|t| crate::config::duration(t, &join(&gp, "timeout")))
+                    .transpose()?
+                    .unwrap_or(Duration::from_millis(200)),
+                allowed: c
+                    .allowed_headers
+                    .as_ref()
+                    .map(|l| matchers(Some(l), &join(path, "allowed_headers")))
+                    .transpose()?,
+                disallowed: matchers(
+                    c.disallowed_headers.as_ref(),
+                    &join(path, "disallowed_headers"),
+                )?,
+            }
+        }
+        Some(S::HttpService(h)) => Service::Http(http_service(h, &join(path, "http_service"))?),
+        None => {
+            return Err(ConfigError::new(
+                path,
+                "grpc_service or http_service is required",
+            ))
+        }
+    };
+    let stat = if c.stat_prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{}.", c.stat_prefix)
+    };
+    Ok(Arc::new(ExtAuthz {
+        service,
+        failure_mode_allow: c.failure_mode_allow,
+        failure_mode_header: c.failure_mode_allow_header_add,
+        status_on_error: c
+            .status_on_error
+            .as_ref()
+            .and_then(|s| u16::try_from(s.code).ok())
+            .filter(|c| (200..600).contains(c))
+            .unwrap_or(403),
+        enabled: c
+            .filter_enabled
+            .as_ref()
+            .map(|f| Fraction::from_proto(Some(f), Fraction::ALWAYS)),
+        charge_cluster: c.charge_cluster_response_stats.val().unwrap_or(true),
+        prefix: format!("http.{hcm_prefix}.ext_authz.{stat}"),
+        grpc: Mutex::new(HashMap::new()),
+        http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http(),
+    }))
+}
+
+fn http_service(h: &pb::HttpService, path: &str) -> Result<HttpService> {
+    let up = join(path, "server_uri");
+    let uri = h
+        .server_uri
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(&up, "server_uri is required"))?;
+    let authority = uri
+        .uri
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().to_string()))
+        .ok_or_else(|| ConfigError::new(join(&up, "uri"), "not a URI with an authority"))?;
+    use core::http_uri::HttpUpstreamType as U;
+    let cluster = match &uri.http_upstream_type {
+        Some(U::Cluster(c)) if !c.is_empty() => c.clone(),
+        _ => {
+            return Err(ConfigError::new(
+                join(&up, "cluster"),
+                "cluster is required",
+            ))
+        }
+    };
+    let timeout = uri
+        .timeout
+        .as_ref()
+        .map(|t| crate::config::duration(t, &join(&up, "timeout")))
+        .transpose()?
+        .unwrap_or(Duration::from_millis(200));
+    let rq = h.authorization_request.clone().unwrap_or_default();
+    let rp = h.authorization_response.clone().unwrap_or_default();
+    let rqp = join(path, "authorization_request");
+    let rpp = join(path, "authorization_response");
+    let headers_to_add = rq
+        .headers_to_add
+        .iter()
+        .enumerate()
+        .map(|(i, hv)| {
+            let p = index(&rqp, "headers_to_add", i);
+            Ok((
+                crate::headers::header_name(&hv.key, &join(&p, "key"))?,
+                HeaderValue::from_str(&hv.value)
+                    .map_err(|_| ConfigError::new(join(&p, "value"), "not a valid header value"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(HttpService {
+        cluster,
+        authority,
+        timeout,
+        path_prefix: h.path_prefix.clone(),
+        allowed: matchers(rq.allowed_headers.as_ref(), &join(&rqp, "allowed_headers"))?,
+        headers_to_add,
+        upstream: matchers(
+            rp.allowed_upstream_headers.as_ref(),
+            &join(&rpp, "allowed_upstream_headers"),
+        )?,
+        upstream_append: matchers(
+            rp.allowed_upstream_headers_to_append.as_ref(),
+            &join(&rpp, "allowed_upstream_headers_to_append"),
+        )?,
+        client: matchers(
+            rp.allowed_client_headers.as_ref(),
+            &join(&rpp, "allowed_client_headers"),
+        )?,
+        client_on_success: matchers(
+            rp.allowed_client_headers_on_success.as_ref(),
+            &join(&rpp, "allowed_client_headers_on_success"),
+        )?,
+    })
+}
+
+fn per_route(a: &Any, path: &str) -> Result<PerRoute> {
+    let c: pb::ExtAuthzPerRoute = super::decode(a, path)?;
+    use pb::ext_authz_per_route::Override as O;
+    Ok(Arc::new(match &c.r#override {
+        Some(O::Disabled(d)) => RouteConfig {
+            disabled: *d,
+            context_extensions: HashMap::new(),
+        },
+        Some(O::CheckSettings(s)) => {
+            if s.with_request_body.is_some() {
+                refuse(
+                    &join(path, "check_settings"),
+                    "with_request_body",
+                    "sending the request body is not supported yet",
+                )?;
+            }
+            RouteConfig {
+                disabled: false,
+                context_extensions: s.context_extensions.clone(),
+            }
+        }
+        None => RouteConfig {
+            disabled: false,
+            context_extensions: HashMap::new(),
+        },
+    }))
+}
+
+/// The service's answer.
+enum Answer {
+    Ok {
+        /// (name, value, append) for the upstream request.
+        upstream: Vec<(HeaderName, HeaderValue, bool)>,
+        remove: Vec<HeaderName>,
+        /// For the client's response.
+        response: Vec<(HeaderName, HeaderValue)>,
+    },
+    Denied {
+        status: u16,
+        body: Bytes,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    Error,
+}
+
+/// Headers saved for the response.
+struct OnResponse(Vec<(HeaderName, HeaderValue)>);
+
+fn pair(k: &str, v: &[u8]) -> Option<(HeaderName, HeaderValue)> {
+    Some((
+        HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok()?,
+        HeaderValue::from_bytes(v).ok()?,
+    ))
+}
+
+fn value_of(h: &core::HeaderValue) -> &[u8] {
+    if h.raw_value.is_empty() {
+        h.value.as_bytes()
+    } else {
+        &h.raw_value
+    }
+}
+
+fn any_match(ms: &[StringMatcher], name: &str) -> bool {
+    ms.iter().any(|m| m.matches(name))
+}
+
+impl ExtAuthz {
+    fn count(&self, name: &str) {
+        crate::stats::counter(format!("{}{name}", self.prefix)).increment(1);
+    }
+
+    fn count_cluster(&self, cluster: Option<&str>, name: &str) {
+        if let Some(c) = cluster {
+            crate::stats::counter(format!("cluster.{c}.ext_authz.{name}")).increment(1);
+        }
+    }
+
+    fn host(&self, rq: &RequestInfo<'_>, cluster: &str) -> Option<SocketAddr> {
+        let c = rq.clusters.get(cluster)?;
+        let host = c.snapshot().pick(None, rand::random(), &|_| false, None)?;
+        // Plaintext only: a TLS endpoint is an error, not a downgrade.
+        host.tls.is_none().then_some(host.addr)
+    }
+
+    async fn check(&self, rq: &RequestInfo<'_>, ext: HashMap<String, String>) -> Answer {
+        match &self.service {
+            Service::Grpc {
+                cluster,
+                timeout,
+                allowed,
+                disallowed,
+            } => {
+                let Some(addr) = self.host(rq, cluster) else {
+                    return Answer::Error;
+                };
+                let request = check_request(rq, ext, allowed.as_deref(), disallowed);
+                let channel = {
+                    let mut g = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
+                    match g.get(&addr) {
+                        Some(c) => c.clone(),
+                        None => {
+                            let Ok(e) =
+                                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                            else {
+                                return Answer::Error;
+                            };
+                            let c = e.connect_lazy();
+                            g.insert(addr, c.clone());
+                            c
+                        }
+                    }
+                };
+                let mut client = auth::authorization_client::AuthorizationClient::new(channel);
+                match tokio::time::timeout(*timeout, client.check(request)).await {
+                    Ok(Ok(r)) => grpc_answer(r.into_inner()),
+                    _ => Answer::Error,
+                }
+            }
+            Service::Http(h) => {
+                let Some(addr) = self.host(rq, &h.cluster) else {
+                    return Answer::Error;
+                };
+                match tokio::time::timeout(h.timeout, self.http_check(rq, h, addr)).await {
+                    Ok(Some(a)) => a,
+                    _ => Answer::Error,
+                }
+            }
+        }
+    }
+
+    async fn http_check(
+        &self,
+        rq: &RequestInfo<'_>,
+        h: &HttpService,
+        addr: SocketAddr,
+    ) -> Option<Answer> {
+        let path = format!(
+            "{}{}",
+            h.path_prefix,
+            rq.req.uri.path_and_query().map_or("/", |p| p.as_str())
+        );
+        // As Envoy's async client through its router: the timeout it
+        // expects and the internal mark.
+        let mut b = http::Request::builder()
+            .method(rq.req.method.clone())
+            .uri(format!("http://{addr}{path}"))
+            .header(http::header::HOST, h.authority.as_str())
+            .header(http::header::CONTENT_LENGTH, "0")
+            .header(
+                "x-envoy-expected-rq-timeout-ms",
+                h.timeout.as_millis().to_string(),
+            )
+            .header("x-envoy-internal", "true");
+        for (k, v) in rq.req.headers.iter() {
+            // Host, method and path travel in the request line; these
+            // always go along, and whatever allowed_headers matches.
+            let always = k == http::header::AUTHORIZATION;
+            if k == http::header::HOST || k == http::header::CONTENT_LENGTH {
+                continue;
+            }
+            if always || any_match(&h.allowed, k.as_str()) {
+                b = b.header(k, v);
+            }
+        }
+        for (k, v) in &h.headers_to_add {
+            b = b.header(k, v);
+        }
+        let req = b.body(http_body_util::Full::new(Bytes::new())).ok()?;
+        let resp = match self.http.request(req).await {
+            Ok(r) => r,
+            Err(_) => return Some(Answer::Error),
+        };
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .ok()?
+            .to_bytes();
+        let status = parts.status.as_u16();
+        let headers = parts.headers;
+        // A server error is the service failing, not a denial.
+        if status >= 500 {
+            return Some(Answer::Error);
+        }
+        if status == 200 {
+            let pick = |ms: &[StringMatcher], append: bool| {
+                headers
+                    .iter()
+                    .filter(|(k, _)| any_match(ms, k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone(), append))
+                    .collect::<Vec<_>>()
+            };
+            let mut upstream = pick(&h.upstream, false);
+            upstream.extend(pick(&h.upstream_append, true));
+            let response = pick(&h.client_on_success, false)
+                .into_iter()
+                .map(|(k, v, _)| (k, v))
+                .collect();
+            return Some(Answer::Ok {
+                upstream,
+                remove: Vec::new(),
+                response,
+            });
+        }
+        Some(Answer::Denied {
+            status,
+            body,
+            headers: denied_headers(&headers, &h.client),
+        })
+    }
+}
+
+/// The authorization response's headers the client gets on a denial: those
+/// `allowed_client_headers` matches, or without it all but the framing
+/// ones.
+fn denied_headers(headers: &HeaderMap, client: &[StringMatcher]) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            if client.is_empty() {
+                !matches!(
+                    k.as_str(),
+                    "content-length" | "transfer-encoding" | "connection" | "date" | "host"
+                )
+            } else {
+                any_match(client, k.as_str())
+            }
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn grpc_answer(r: auth::CheckResponse) -> Answer {
+    let code = r.status.as_ref().map_or(0, |s| s.code);
+    use auth::check_response::HttpResponse as H;
+    if code == 0 {
+        let Some(H::OkResponse(ok)) = r.http_response else {
+            return Answer::Ok {
+                upstream: Vec::new(),
+                remove: Vec::new(),
+                response: Vec::new(),
+            };
+        };
+        let upstream = ok
+            .headers
+            .iter()
+            .filter_map(|o| {
+                let h = o.header.as_ref()?;
+                let (k, v) = pair(&h.key, value_of(h))?;
+                Some((k, v, o.append.as_ref().is_some_and(|a| a.value)))
+            })
+            .collect();
+        let remove = ok
+            .headers_to_remove
+            .iter()
+            .filter_map(|n| HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok())
+            .collect();
+        let response = ok
+            .response_headers_to_add
+            .iter()
+            .filter_map(|o| {
+                let h = o.header.as_ref()?;
+                pair(&h.key, value_of(h))
+            })
+            .collect();
+        return Answer::Ok {
+            upstream,
+            remove,
+            response,
+        };
+    }
+    let (status, body, headers) = match r.http_response {
+        Some(H::DeniedResponse(d)) => (
+            d.status
+                .as_ref()
+                .and_then(|s| u16::try_from(s.code).ok())
+                .filter(|c| (200..600).contains(c))
+                .unwrap_or(403),
+            Bytes::from(d.body),
+            d.headers
+                .iter()
+                .filter_map(|o| {
+                    let h = o.header.as_ref()?;
+                    pair(&h.key, value_of(h))
+                })
+                .collect(),
+        ),
+        _ => (403, Bytes::new(), Vec::new()),
+    };
+    Answer::Denied {
+        status,
+        body,
+        headers,
+    }
+}
+
+/// The gRPC `CheckRequest`: the request's attributes.
+fn check_request(
+    rq: &RequestInfo<'_>,
+    context_extensions: HashMap<String, String>,
+    allowed: Option<&[StringMatcher]>,
+    disallowed: &[StringMatcher],
+) -> auth::CheckRequest {
+    let req = &*rq.req;
+    let authority = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+        .to_string();
+    let path = req
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut headers: HashMap<String, String> = HashMap::new();
+    let keep =
+        |name: &str| allowed.is_none_or(|a| any_match(a, name)) && !any_match(disallowed, name);
+    for (k, v) in &req.headers {
+        let name = if k == http::header::HOST {
+            ":authority"
+        } else {
+            k.as_str()
+        };
+        if !keep(name) {
+            continue;
+        }
+        let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        headers
+            .entry(name.to_string())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    for (k, v) in [
+        (":authority", authority.clone()),
+        (":method", req.method.as_str().to_string()),
+        (":path", path.clone()),
+        (":scheme", rq.scheme.to_string()),
+    ] {
+        if keep(k) {
+            headers.entry(k.to_string()).or_insert(v);
+        }
+    }
+    let sock = |a: Option<SocketAddr>| {
+        a.map(|a| core::Address {
+            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+                address: a.ip().to_string(),
+                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                    a.port(),
+                ))),
+                ..Default::default()
+            })),
+        })
+    };
+    let size = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
+        .unwrap_or(-1);
+    let protocol = match req.version {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let (path_only, query) = match path.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (path.clone(), String::new()),
+    };
+    let _ = path_only;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    auth::CheckRequest {
+        attributes: Some(auth::AttributeContext {
+            source: Some(auth::attribute_context::Peer {
+                address: sock(rq.direct_remote),
+                ..Default::default()
+            }),
+            destination: Some(auth::attribute_context::Peer {
+                address: sock(rq.local),
+                ..Default::default()
+            }),
+            request: Some(auth::attribute_context::Request {
+                time: Some(legate_proto::envoy_types::pb::google::protobuf::Timestamp {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos() as i32,
+                }),
+                http: Some(auth::attribute_context::HttpRequest {
+                    id: req
+                        .headers
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string(),
+                    method: req.method.as_str().to_string(),
+                    headers,
+                    path,
+                    host: authority,
+                    scheme: rq.scheme.to_string(),
+                    query,
+                    size,
+                    protocol: protocol.to_string(),
+                    ..Default::default()
+                }),
+            }),
+            context_extensions,
+            tls_session: (!rq.sni.is_empty()).then(|| auth::attribute_context::TlsSession {
+                sni: rq.sni.to_string(),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpFilter for ExtAuthz {
+    async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow {
+        // No route: no check, as Envoy's (which needs the route's config).
+        if !rq.has_route {
+            return Flow::Continue;
+        }
+        let levels: Vec<Arc<RouteConfig>> = rq.all_levels::<RouteConfig>().collect();
+        if levels.first().is_some_and(|r| r.disabled) {
+            self.count("disabled");
+            return Flow::Continue;
+        }
+        if let Some(f) = &self.enabled {
+            if !f.roll(rq.runtime) {
+                return Flow::Continue;
+            }
+        }
+        // Context extensions merge, the more specific level winning.
+        let mut ext = HashMap::new();
+        for l in levels.iter().rev() {
+            ext.extend(
+                l.context_extensions
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        let cluster = rq.cluster.map(str::to_string);
+        match self.check(rq, ext).await {
+            Answer::Ok {
+                upstream,
+                remove,
+                response,
+            } => {
+                for (k, v, append) in upstream {
+                    if append {
+                        if rq.req.headers.contains_key(&k) {
+                            let _ = rq.req.append_header(k, v);
+                        }
+                    } else {
+                        let _ = rq.req.insert_header(k, v);
+                    }
+                }
+                for k in remove {
+                    if k != http::header::HOST {
+                        let _ = rq.req.remove_header(&k);
+                    }
+                }
+                if !response.is_empty() {
+                    *state = Some(Box::new(OnResponse(response)));
+                }
+                self.count("ok");
+                self.count_cluster(cluster.as_deref(), "ok");
+                Flow::Continue
+            }
+            Answer::Denied {
+                status,
+                body,
+                headers,
+            } => {
+                self.count("denied");
+                self.count_cluster(cluster.as_deref(), "denied");
+                if let (true, Some(c)) = (
+                    self.charge_cluster,
+                    cluster.as_deref().and_then(|c| rq.clusters.get(c)),
+                ) {
+                    c.stats.record_status(status);
+                }
+                let mut r = FilterReply::new(status, "", "ext_authz_denied");
+                r.body = body;
+                r.headers = headers;
+                r.flag = Some("UAEX");
+                Flow::Reply(r)
+            }
+            Answer::Error => {
+                self.count("error");
+                self.count_cluster(cluster.as_deref(), "error");
+                if self.failure_mode_allow {
+                    self.count("failure_mode_allowed");
+                    self.count_cluster(cluster.as_deref(), "failure_mode_allowed");
+                    if self.failure_mode_header {
+                        let _ = rq
+                            .req
+                            .insert_header("x-envoy-auth-failure-mode-allowed", "true");
+                    }
+                    return Flow::Continue;
+                }
+                let mut r = FilterReply::new(self.status_on_error, "", "ext_authz_error");
+                r.flag = Some("UAEX");
+                Flow::Reply(r)
+            }
+        }
+    }
+
+    fn on_response(
+        &self,
+        resp: &mut ResponseHeader,
+        _info: &ResponseInfo<'_>,
+        state: Option<&State>,
+    ) {
+        if let Some(OnResponse(hs)) = state.and_then(|s| s.downcast_ref::<OnResponse>()) {
+            for (k, v) in hs {
+                let _ = resp.append_header(k.clone(), v.clone());
+            }
+        }
+    }
+}
