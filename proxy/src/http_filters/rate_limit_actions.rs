@@ -28,7 +28,28 @@ pub static REGISTRY: &[MessageSupport] = &[
             "header_value_match",
             "masked_remote_address",
             "query_parameter_value_match",
+            "remote_address_match",
         ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.route.v3.RateLimit.Action.RemoteAddressMatch",
+        supported: &[
+            "descriptor_value",
+            "descriptor_key",
+            "default_value",
+            "address_matcher",
+        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.matcher.v3.AddressMatcher",
+        supported: &["ranges", "invert_match"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "xds.core.v3.CidrRange",
+        supported: &["address_prefix", "prefix_len"],
         warn: &[],
     },
     MessageSupport {
@@ -130,6 +151,13 @@ enum Action {
         expect: bool,
         params: Vec<QueryMatcher>,
     },
+    RemoteAddressMatch {
+        key: String,
+        value: String,
+        default: String,
+        ranges: Vec<crate::config::filter_chain::Cidr>,
+        invert: bool,
+    },
 }
 
 /// One `RateLimit`: a stage, and actions making one descriptor.
@@ -224,7 +252,10 @@ fn action(a: &pb::rate_limit::Action, path: &str) -> Result<Action> {
         Some(A::SourceCluster(_)) => Action::SourceCluster,
         Some(A::DestinationCluster(_)) => Action::DestinationCluster,
         Some(A::RequestHeaders(h)) => Action::RequestHeader {
-            name: crate::headers::header_name(&h.header_name, &join(path, "request_headers.header_name"))?,
+            name: crate::headers::header_name(
+                &h.header_name,
+                &join(path, "request_headers.header_name"),
+            )?,
             key: h.descriptor_key.clone(),
             skip_if_absent: h.skip_if_absent,
         },
@@ -251,7 +282,12 @@ fn action(a: &pb::rate_limit::Action, path: &str) -> Result<Action> {
                 .headers
                 .iter()
                 .enumerate()
-                .map(|(i, m)| HeaderMatcher::from_proto(m, &index(&join(path, "header_value_match"), "headers", i)))
+                .map(|(i, m)| {
+                    HeaderMatcher::from_proto(
+                        m,
+                        &index(&join(path, "header_value_match"), "headers", i),
+                    )
+                })
                 .collect::<Result<_>>()?,
         },
         Some(A::QueryParameterValueMatch(q)) => Action::QueryValueMatch {
@@ -266,15 +302,39 @@ fn action(a: &pb::rate_limit::Action, path: &str) -> Result<Action> {
                 .map(|(i, m)| {
                     QueryMatcher::from_proto(
                         m,
-                        &index(&join(path, "query_parameter_value_match"), "query_parameters", i),
+                        &index(
+                            &join(path, "query_parameter_value_match"),
+                            "query_parameters",
+                            i,
+                        ),
                     )
                 })
                 .collect::<Result<_>>()?,
         },
+        Some(A::RemoteAddressMatch(r)) => {
+            let mp = join(path, "remote_address_match.address_matcher");
+            let m = r
+                .address_matcher
+                .as_ref()
+                .ok_or_else(|| ConfigError::new(&mp, "address_matcher is required"))?;
+            let ranges = m
+                .ranges
+                .iter()
+                .enumerate()
+                .map(|(i, c)| xds_cidr(c, &index(&mp, "ranges", i)))
+                .collect::<Result<_>>()?;
+            Action::RemoteAddressMatch {
+                key: or(&r.descriptor_key, "remote_address_match"),
+                value: r.descriptor_value.clone(),
+                default: r.default_value.clone(),
+                ranges,
+                invert: m.invert_match,
+            }
+        }
         Some(_) => {
             return Err(ConfigError::new(
                 path,
-                "this rate limit action is not supported yet (metadata, remote_address_match and extensions)",
+                "this rate limit action is not supported yet (metadata and extensions)",
             ))
         }
         None => return Err(ConfigError::new(path, "an action is required")),
@@ -342,6 +402,18 @@ impl Action {
                 let hit = headers.iter().all(|m| m.matches_with(f.headers, &f.pseudo));
                 matched(hit == *expect, key, value, default)
             }
+            Action::RemoteAddressMatch {
+                key,
+                value,
+                default,
+                ranges,
+                invert,
+            } => {
+                let inside = f
+                    .remote
+                    .is_some_and(|a| ranges.iter().any(|c| c.contains(a.ip())));
+                matched(inside != *invert, key, value, default)
+            }
             Action::QueryValueMatch {
                 key,
                 value,
@@ -355,6 +427,18 @@ impl Action {
             }
         }
     }
+}
+
+/// An `xds.core.v3.CidrRange` as Legate's CIDR.
+fn xds_cidr(
+    c: &legate_proto::envoy_types::pb::xds::core::v3::CidrRange,
+    path: &str,
+) -> Result<crate::config::filter_chain::Cidr> {
+    let core = legate_proto::envoy_types::pb::envoy::config::core::v3::CidrRange {
+        address_prefix: c.address_prefix.clone(),
+        prefix_len: c.prefix_len,
+    };
+    crate::config::filter_chain::Cidr::from_proto(&core, path)
 }
 
 fn matched(hit: bool, key: &str, value: &str, default: &str) -> Entry {
