@@ -5,6 +5,7 @@
 mod bootstrap;
 mod compare;
 mod corpus;
+mod dns;
 mod framing;
 mod gaps;
 mod grpc;
@@ -103,11 +104,14 @@ async fn main() -> Result<()> {
                 validate::run(&bins, &root.join("scenarios/validate"), &work, &mut report)?
             }
             "ratelimit" => ratelimit::run(&bins, &root, &work, &mut report).await?,
+            // The http tier's DNS cluster part alone (part of `http`).
+            "dns" => dns::run(&bins, &work, &mut report).await?,
             // The http tier's gRPC interop part alone (part of `http`).
             "grpc" => tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))?,
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
                 resilience::run(&bins, &work, &mut report).await?;
+                dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(

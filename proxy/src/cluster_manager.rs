@@ -525,6 +525,9 @@ pub struct Cluster {
     cells: Mutex<HashMap<SocketAddr, Arc<AtomicU64>>>,
     /// The last successful resolution of each DNS endpoint.
     last_resolved: Mutex<HashMap<(String, u16), Vec<SocketAddr>>>,
+    /// A DNS client, for clusters that read TTLs or ask their own name
+    /// servers (live state; the system resolver is used otherwise).
+    dns: Option<hickory_resolver::TokioResolver>,
     pub stats: ClusterStats,
     /// Circuit breakers: the connections, requests and retries in use.
     pub breakers: crate::breakers::Breakers,
@@ -563,7 +566,9 @@ impl Cluster {
             .chain(config.tls_matches.iter().filter_map(|m| m.tls.as_ref()))
             .fold(0u64, |acc, t| acc.rotate_left(7) ^ t.key);
         let pool_key = xxhash_rust::xxh64::xxh64(config.name.as_bytes(), tls_keys);
+        let dns = dns_client(&config.dns);
         let c = Self {
+            dns,
             snapshot: ArcSwap::from_pointee(HostSnapshot::build_spread(
                 &config.lb,
                 config.spread(),
@@ -747,13 +752,25 @@ impl Cluster {
         self.snapshot.store(Arc::new(snap));
     }
 
-    /// Resolves DNS endpoints once and publishes them.
-    pub async fn resolve(&self) {
+    /// Resolves DNS endpoints once and publishes them. With
+    /// `respect_dns_ttl`, returns when to resolve again: the shortest TTL
+    /// of the answers, not below `dns_min_refresh_rate`.
+    pub async fn resolve(&self) -> Option<std::time::Duration> {
         let mut resolved = Vec::new();
+        let mut ttl: Option<std::time::Duration> = None;
         for l in &self.config.localities {
             let mut eps = Vec::new();
             for e in &l.endpoints {
-                let mut addrs = resolve_host(&e.host, e.port, self.config.dns_family).await;
+                let mut addrs = match &self.dns {
+                    Some(r) => {
+                        let (a, t) = resolve_with(r, &e.host, e.port, self.config.dns_family).await;
+                        if let Some(t) = t {
+                            ttl = Some(ttl.map_or(t, |x| x.min(t)));
+                        }
+                        a
+                    }
+                    None => resolve_host(&e.host, e.port, self.config.dns_family).await,
+                };
                 let key = (e.host.clone(), e.port);
                 if addrs.is_empty() {
                     // As Envoy: a failed resolution keeps the last good hosts.
@@ -781,6 +798,62 @@ impl Cluster {
             resolved.push((l.priority, eps));
         }
         self.set_hosts(resolved);
+        let d = &self.config.dns;
+        ttl.filter(|t| d.respect_ttl && !t.is_zero())
+            .map(|t| t.max(d.min_refresh))
+    }
+}
+
+/// A DNS client for `settings`, when the system resolver will not do: the
+/// configured name servers, else the system's (`/etc/resolv.conf`), with
+/// `/etc/hosts` first.
+fn dns_client(
+    settings: &crate::config::cluster::DnsSettings,
+) -> Option<hickory_resolver::TokioResolver> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+    use hickory_resolver::name_server::TokioConnectionProvider;
+    use hickory_resolver::proto::xfer::Protocol;
+    if !settings.needs_dns_client() {
+        return None;
+    }
+    let mut builder = if settings.resolvers.is_empty() {
+        hickory_resolver::Resolver::builder_tokio().ok()?
+    } else {
+        let mut config = ResolverConfig::new();
+        for a in &settings.resolvers {
+            config.add_name_server(NameServerConfig::new(*a, Protocol::Udp));
+            config.add_name_server(NameServerConfig::new(*a, Protocol::Tcp));
+        }
+        hickory_resolver::Resolver::builder_with_config(config, TokioConnectionProvider::default())
+    };
+    let opts: &mut ResolverOpts = builder.options_mut();
+    opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
+    // Every resolution asks again: a cached answer would hide the TTL the
+    // server gives now.
+    opts.cache_size = 0;
+    Some(builder.build())
+}
+
+/// Resolves with the DNS client: the addresses (filtered as
+/// [`resolve_host`] filters them) and the answer's remaining TTL.
+pub async fn resolve_with(
+    r: &hickory_resolver::TokioResolver,
+    host: &str,
+    port: u16,
+    family: DnsFamily,
+) -> (Vec<SocketAddr>, Option<std::time::Duration>) {
+    match r.lookup_ip(host).await {
+        Ok(l) => {
+            let ttl = l
+                .valid_until()
+                .saturating_duration_since(std::time::Instant::now());
+            let all: Vec<SocketAddr> = l.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+            (by_family(all, family), Some(ttl))
+        }
+        Err(e) => {
+            tracing::warn!(%host, error = %e, "DNS lookup failed");
+            (Vec::new(), None)
+        }
     }
 }
 
@@ -794,6 +867,11 @@ pub async fn resolve_host(host: &str, port: u16, family: DnsFamily) -> Vec<Socke
             return Vec::new();
         }
     };
+    by_family(all, family)
+}
+
+/// Envoy's `dns_lookup_family` over the addresses found.
+fn by_family(all: Vec<SocketAddr>, family: DnsFamily) -> Vec<SocketAddr> {
     let v4: Vec<_> = all.iter().copied().filter(SocketAddr::is_ipv4).collect();
     let v6: Vec<_> = all.iter().copied().filter(SocketAddr::is_ipv6).collect();
     let mut out = match family {
@@ -865,15 +943,15 @@ impl ClusterManager {
     pub async fn build(c: Arc<ClusterConfig>) -> Arc<Cluster> {
         let cluster = Arc::new(Cluster::new(c.clone()));
         if matches!(c.discovery, Discovery::StrictDns | Discovery::LogicalDns) {
-            cluster.resolve().await;
             let weak = Arc::downgrade(&cluster);
             let (every, jitter) = (c.dns_refresh, c.dns_jitter.as_millis() as u64);
+            let mut next = cluster.resolve().await.unwrap_or(every);
             tokio::spawn(async move {
                 loop {
                     let extra = rand::random::<u64>() % (jitter + 1);
-                    tokio::time::sleep(every + std::time::Duration::from_millis(extra)).await;
+                    tokio::time::sleep(next + std::time::Duration::from_millis(extra)).await;
                     let Some(c) = weak.upgrade() else { break };
-                    c.resolve().await;
+                    next = c.resolve().await.unwrap_or(every);
                 }
             });
         }

@@ -921,6 +921,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "load_assignment",
             "dns_lookup_family",
             "dns_refresh_rate",
+            "respect_dns_ttl",
+            "typed_dns_resolver_config",
             "http2_protocol_options",
             "http_protocol_options",
             "typed_extension_protocol_options",
@@ -1095,15 +1097,20 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.clusters.dns.v3.DnsCluster",
-        // respect_dns_ttl is rejected: the system resolver Legate uses
-        // gives no TTL, and re-resolving at another time than Envoy would
-        // moves traffic at another time.
         &[
             "dns_refresh_rate",
             "dns_lookup_family",
             "all_addresses_in_single_endpoint",
             "dns_jitter",
+            "respect_dns_ttl",
+            "dns_min_refresh_rate",
+            "typed_dns_resolver_config",
         ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+        &["resolvers", "use_resolvers_as_fallback"],
         &[],
     ),
     m(
@@ -1341,20 +1348,14 @@ mod tests {
         assert_eq!(err.path, "static_resources.clusters[0].health_checks");
     }
 
-    /// Timing fields that move traffic (when a DNS answer or a health
-    /// change takes effect) are refused, not warned about.
+    /// Timing fields that move traffic (when a health change takes
+    /// effect) are refused, not warned about.
     #[test]
     fn traffic_timing_fields_are_refused_naming_them() {
-        for (field, path) in [
-            (
-                "respect_dns_ttl: true",
-                "static_resources.clusters[0].respect_dns_ttl",
-            ),
-            (
-                "common_lb_config: {update_merge_window: 2s}",
-                "static_resources.clusters[0].common_lb_config.update_merge_window",
-            ),
-        ] {
+        for (field, path) in [(
+            "common_lb_config: {update_merge_window: 2s}",
+            "static_resources.clusters[0].common_lb_config.update_merge_window",
+        )] {
             let err = validate(&dynamic(&format!(
                 "static_resources: {{clusters: [{{name: a, {field}}}]}}"
             )))

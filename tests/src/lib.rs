@@ -3,6 +3,7 @@
 
 pub mod authz;
 pub mod cgroup;
+pub mod dns;
 pub mod echo;
 pub mod legate;
 pub mod netns;

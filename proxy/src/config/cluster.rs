@@ -96,6 +96,8 @@ pub struct ClusterConfig {
     /// DnsCluster `dns_jitter`: each re-resolution waits a random part of
     /// it more, as Envoy's.
     pub dns_jitter: Duration,
+    /// How DNS names resolve (`respect_dns_ttl`, resolvers).
+    pub dns: DnsSettings,
     pub protocol: UpstreamProtocol,
     pub upstream_idle_timeout: Option<Duration>,
     /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
@@ -448,6 +450,17 @@ impl ClusterConfig {
             dns_family,
             dns_refresh,
             dns_jitter: dns_cluster.as_ref().map_or(Duration::ZERO, |d| d.jitter),
+            dns: match &dns_cluster {
+                Some(d) => d.dns.clone(),
+                None => DnsSettings {
+                    respect_ttl: c.respect_dns_ttl,
+                    min_refresh: Duration::ZERO,
+                    resolvers: dns_resolvers(
+                        c.typed_dns_resolver_config.as_ref(),
+                        &join(path, "typed_dns_resolver_config"),
+                    )?,
+                },
+            },
             protocol,
             upstream_idle_timeout,
             max_requests_per_connection: match max_requests {
@@ -499,6 +512,58 @@ impl ClusterConfig {
     }
 }
 
+/// How a DNS cluster's names resolve.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DnsSettings {
+    /// `respect_dns_ttl`: re-resolve when the answer's TTL runs out (not
+    /// before `min_refresh`) rather than every `dns_refresh_rate`.
+    pub respect_ttl: bool,
+    pub min_refresh: Duration,
+    /// The c-ares resolver config's `resolvers`: ask these name servers
+    /// instead of the system's.
+    pub resolvers: Vec<std::net::SocketAddr>,
+}
+
+impl DnsSettings {
+    /// Whether the system resolver (which gives no TTLs and knows only the
+    /// system's name servers) will not do.
+    pub fn needs_dns_client(&self) -> bool {
+        self.respect_ttl || !self.resolvers.is_empty()
+    }
+}
+
+/// `typed_dns_resolver_config`: the c-ares resolver's name servers.
+fn dns_resolvers(
+    t: Option<&legate_proto::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig>,
+    path: &str,
+) -> Result<Vec<std::net::SocketAddr>> {
+    let Some(t) = t else { return Ok(Vec::new()) };
+    use legate_proto::envoy_types::pb::envoy::extensions::network::dns_resolver::cares::v3::CaresDnsResolverConfig;
+    const CARES: &str = "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig";
+    let tc = join(path, "typed_config");
+    let any = t
+        .typed_config
+        .as_ref()
+        .filter(|a| legate_proto::type_name(&a.type_url) == CARES)
+        .ok_or_else(|| ConfigError::new(&tc, "only the c-ares resolver config is supported"))?;
+    let c: CaresDnsResolverConfig = prost::Message::decode(any.value.as_slice())
+        .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+    if c.use_resolvers_as_fallback {
+        return Err(ConfigError::new(
+            join(&tc, "use_resolvers_as_fallback"),
+            "falling back to the system's name servers is not supported",
+        ));
+    }
+    c.resolvers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let p = format!("{}[{i}]", join(&tc, "resolvers"));
+            super::socket_addr(a, &p)
+        })
+        .collect()
+}
+
 /// The `envoy.cluster.dns` extension (`cluster_type` with a DnsCluster):
 /// STRICT_DNS, or LOGICAL_DNS with `all_addresses_in_single_endpoint`.
 struct DnsClusterConfig {
@@ -506,6 +571,7 @@ struct DnsClusterConfig {
     family: DnsFamily,
     refresh: Duration,
     jitter: Duration,
+    dns: DnsSettings,
 }
 
 const DNS_CLUSTER: &str = "envoy.extensions.clusters.dns.v3.DnsCluster";
@@ -541,8 +607,20 @@ impl DnsClusterConfig {
             Some(j) => duration(j, &join(&tc, "dns_jitter"))?,
             None => Duration::ZERO,
         };
+        let dns = DnsSettings {
+            respect_ttl: d.respect_dns_ttl,
+            min_refresh: match &d.dns_min_refresh_rate {
+                Some(r) => duration(r, &join(&tc, "dns_min_refresh_rate"))?,
+                None => Duration::from_secs(5),
+            },
+            resolvers: dns_resolvers(
+                d.typed_dns_resolver_config.as_ref(),
+                &join(&tc, "typed_dns_resolver_config"),
+            )?,
+        };
         Ok(Self {
             jitter,
+            dns,
             discovery: if d.all_addresses_in_single_endpoint {
                 Discovery::LogicalDns
             } else {
