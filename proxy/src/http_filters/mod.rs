@@ -16,6 +16,7 @@
 //! response, proxied or local, as Envoy's encoder filters see local replies
 //! too.
 
+pub mod basic_auth;
 pub mod chain;
 pub mod cors;
 pub mod ext_authz;
@@ -246,6 +247,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 
 /// Every HTTP filter Legate has, besides the router.
 pub static FACTORIES: &[&Factory] = &[
+    &basic_auth::FACTORY,
     &cors::FACTORY,
     &ext_authz::FACTORY,
     &fault::FACTORY,
@@ -258,6 +260,7 @@ pub static FACTORIES: &[&Factory] = &[
 
 /// The registry entries of every filter, for [`crate::registry`].
 pub static REGISTRIES: &[&[MessageSupport]] = &[
+    basic_auth::REGISTRY,
     cors::REGISTRY,
     ext_authz::REGISTRY,
     fault::REGISTRY,
