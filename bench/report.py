@@ -32,6 +32,8 @@ TITLES = {
     "(bench/fixed-rate: open loop, latency corrected for coordinated omission)",
     "routes1k": "1 000 routes, the request matching the last (wrk -t1 -c64)",
     "routes10k": "10 000 routes, the request matching the last (wrk -t1 -c64)",
+    "filters": "an HTTP filter chain before the router: cors, rbac, local_ratelimit, fault "
+    "(wrk -t1 -c64; compare with the router-only h1 case)",
 }
 
 
@@ -103,7 +105,7 @@ lines = [
     "(coordinated omission corrected), so its percentiles compare service at equal load.\n",
 ]
 
-for case in ("h1", "h2", "tls", "rate", "routes1k", "routes10k"):
+for case in ("h1", "h2", "tls", "rate", "routes1k", "routes10k", "filters"):
     g = by(case)
     if not g:
         continue
