@@ -24,7 +24,7 @@ use legate_proto::envoy_types::pb::google::protobuf::Any;
 use pingora_http::ResponseHeader;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TYPE: &str = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
@@ -141,7 +141,7 @@ pub struct ExtAuthz {
     /// `http.<hcm prefix>.ext_authz.[<stat_prefix>.]`
     prefix: String,
     /// Live state: one channel or client per service host.
-    grpc: Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+    grpc: super::side::Channels,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Full<Bytes>,
@@ -235,7 +235,7 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
             .map(|f| Fraction::from_proto(Some(f), Fraction::ALWAYS)),
         charge_cluster: c.charge_cluster_response_stats.val().unwrap_or(true),
         prefix: format!("http.{hcm_prefix}.ext_authz.{stat}"),
-        grpc: Mutex::new(HashMap::new()),
+        grpc: Default::default(),
         http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http(),
     }))
@@ -360,21 +360,6 @@ enum Answer {
 /// Headers saved for the response.
 struct OnResponse(Vec<(HeaderName, HeaderValue)>);
 
-fn pair(k: &str, v: &[u8]) -> Option<(HeaderName, HeaderValue)> {
-    Some((
-        HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes()).ok()?,
-        HeaderValue::from_bytes(v).ok()?,
-    ))
-}
-
-fn value_of(h: &core::HeaderValue) -> &[u8] {
-    if h.raw_value.is_empty() {
-        h.value.as_bytes()
-    } else {
-        &h.raw_value
-    }
-}
-
 fn any_match(ms: &[StringMatcher], name: &str) -> bool {
     ms.iter().any(|m| m.matches(name))
 }
@@ -390,13 +375,6 @@ impl ExtAuthz {
         }
     }
 
-    fn host(&self, rq: &RequestInfo<'_>, cluster: &str) -> Option<SocketAddr> {
-        let c = rq.clusters.get(cluster)?;
-        let host = c.snapshot().pick(None, rand::random(), &|_| false, None)?;
-        // Plaintext only: a TLS endpoint is an error, not a downgrade.
-        host.tls.is_none().then_some(host.addr)
-    }
-
     async fn check(&self, rq: &RequestInfo<'_>, ext: HashMap<String, String>) -> Answer {
         match &self.service {
             Service::Grpc {
@@ -405,25 +383,12 @@ impl ExtAuthz {
                 allowed,
                 disallowed,
             } => {
-                let Some(addr) = self.host(rq, cluster) else {
+                let Some(addr) = super::side::plaintext_host(rq.clusters, cluster) else {
                     return Answer::Error;
                 };
                 let request = check_request(rq, ext, allowed.as_deref(), disallowed);
-                let channel = {
-                    let mut g = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
-                    match g.get(&addr) {
-                        Some(c) => c.clone(),
-                        None => {
-                            let Ok(e) =
-                                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                            else {
-                                return Answer::Error;
-                            };
-                            let c = e.connect_lazy();
-                            g.insert(addr, c.clone());
-                            c
-                        }
-                    }
+                let Some(channel) = self.grpc.get(addr) else {
+                    return Answer::Error;
                 };
                 let mut client = auth::authorization_client::AuthorizationClient::new(channel);
                 match tokio::time::timeout(*timeout, client.check(request)).await {
@@ -432,7 +397,7 @@ impl ExtAuthz {
                 }
             }
             Service::Http(h) => {
-                let Some(addr) = self.host(rq, &h.cluster) else {
+                let Some(addr) = super::side::plaintext_host(rq.clusters, &h.cluster) else {
                     return Answer::Error;
                 };
                 match tokio::time::timeout(h.timeout, self.http_check(rq, h, addr)).await {
@@ -560,7 +525,7 @@ fn grpc_answer(r: auth::CheckResponse) -> Answer {
             .iter()
             .filter_map(|o| {
                 let h = o.header.as_ref()?;
-                let (k, v) = pair(&h.key, value_of(h))?;
+                let (k, v) = super::side::header_pair(h)?;
                 Some((k, v, o.append.as_ref().is_some_and(|a| a.value)))
             })
             .collect();
@@ -574,7 +539,7 @@ fn grpc_answer(r: auth::CheckResponse) -> Answer {
             .iter()
             .filter_map(|o| {
                 let h = o.header.as_ref()?;
-                pair(&h.key, value_of(h))
+                super::side::header_pair(h)
             })
             .collect();
         return Answer::Ok {
@@ -595,7 +560,7 @@ fn grpc_answer(r: auth::CheckResponse) -> Answer {
                 .iter()
                 .filter_map(|o| {
                     let h = o.header.as_ref()?;
-                    pair(&h.key, value_of(h))
+                    super::side::header_pair(h)
                 })
                 .collect(),
         ),

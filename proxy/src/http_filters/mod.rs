@@ -27,6 +27,7 @@ pub mod local_ratelimit;
 pub mod rate_limit_actions;
 pub mod ratelimit;
 pub mod rbac;
+pub mod side;
 
 use crate::config::Result;
 use crate::registry::MessageSupport;

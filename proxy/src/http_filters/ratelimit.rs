@@ -18,9 +18,7 @@ use legate_proto::envoy_types::pb::envoy::extensions::filters::http::ratelimit::
 use legate_proto::envoy_types::pb::envoy::service::ratelimit::v3 as rls;
 use legate_proto::envoy_types::pb::google::protobuf::Any;
 use pingora_http::ResponseHeader;
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TYPE: &str = "envoy.extensions.filters.http.ratelimit.v3.RateLimit";
@@ -77,7 +75,7 @@ pub struct RateLimitFilter {
     rate_limits: Vec<RateLimit>,
     /// The rate limit service's cluster.
     cluster: String,
-    channels: Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+    channels: super::side::Channels,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,7 +130,7 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
         stat_prefix: c.stat_prefix.clone(),
         rate_limits: actions::list(&c.rate_limits, path, "rate_limits")?,
         cluster,
-        channels: Mutex::new(HashMap::new()),
+        channels: Default::default(),
     }))
 }
 
@@ -225,35 +223,16 @@ impl RateLimitFilter {
         actions::route_descriptors(rq, self.stage, vh, &skip)
     }
 
-    fn channel(&self, addr: SocketAddr) -> Option<tonic::transport::Channel> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(&addr) {
-            return Some(c.clone());
-        }
-        let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_lazy();
-        channels.insert(addr, c.clone());
-        Some(c)
-    }
-
     async fn ask(
         &self,
         rq: &RequestInfo<'_>,
         domain: &str,
         descriptors: Vec<Descriptor>,
     ) -> Verdict {
-        let Some(cluster) = rq.clusters.get(&self.cluster) else {
+        let Some(addr) = super::side::plaintext_host(rq.clusters, &self.cluster) else {
             return Verdict::Error;
         };
-        let host = cluster
-            .snapshot()
-            .pick(None, rand::random(), &|_| false, None);
-        // Plaintext gRPC only: a TLS endpoint is an error, not a downgrade.
-        let Some(host) = host.filter(|h| h.tls.is_none()) else {
-            return Verdict::Error;
-        };
-        let Some(channel) = self.channel(host.addr) else {
+        let Some(channel) = self.channels.get(addr) else {
             return Verdict::Error;
         };
         let request = rls::RateLimitRequest {
@@ -289,19 +268,7 @@ impl RateLimitFilter {
 fn header_pairs(
     hs: &[legate_proto::envoy_types::pb::envoy::config::core::v3::HeaderValue],
 ) -> Vec<(HeaderName, HeaderValue)> {
-    hs.iter()
-        .filter_map(|h| {
-            let value = if h.raw_value.is_empty() {
-                h.value.as_bytes()
-            } else {
-                h.raw_value.as_slice()
-            };
-            Some((
-                HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes()).ok()?,
-                HeaderValue::from_bytes(value).ok()?,
-            ))
-        })
-        .collect()
+    hs.iter().filter_map(super::side::header_pair).collect()
 }
 
 /// Seconds of a rate limit unit.
