@@ -130,8 +130,11 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
             }
         };
         report.add("http", "grpc-interop", case, outcome);
-        // The grpc_stats counters this case added, when both proxies ran it
-        // once (a retried case counts twice).
+    }
+    // The grpc_stats counters each case added, when both proxies ran it
+    // once (a retried case counts twice); after the cases, so that each
+    // scenario's rows stay together in the report.
+    for (i, case) in CASES.iter().enumerate() {
         let n = CASES.len();
         if retried[i] || retried[n + i] || RACING.contains(case) {
             eprintln!(
