@@ -19,6 +19,7 @@
 pub mod basic_auth;
 pub mod chain;
 pub mod cors;
+pub mod csrf;
 pub mod ext_authz;
 pub mod fault;
 pub mod grpc_stats;
@@ -250,6 +251,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 pub static FACTORIES: &[&Factory] = &[
     &basic_auth::FACTORY,
     &cors::FACTORY,
+    &csrf::FACTORY,
     &ext_authz::FACTORY,
     &fault::FACTORY,
     &grpc_stats::FACTORY,
@@ -263,6 +265,7 @@ pub static FACTORIES: &[&Factory] = &[
 pub static REGISTRIES: &[&[MessageSupport]] = &[
     basic_auth::REGISTRY,
     cors::REGISTRY,
+    csrf::REGISTRY,
     ext_authz::REGISTRY,
     fault::REGISTRY,
     grpc_stats::REGISTRY,
