@@ -624,7 +624,14 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[("request_timeout", "REST requests use their own timeout")],
     ),
-    m("envoy.config.core.v3.GrpcService", &["envoy_grpc", "google_grpc"], &[("timeout", "xDS streams are long-lived; a per-call timeout does not apply")]),
+    // `timeout` is a unary call's deadline: ext_authz's check uses it; the
+    // long-lived xDS streams have none (Envoy starts them without one too),
+    // and the rate limit filter has its own `timeout`.
+    m(
+        "envoy.config.core.v3.GrpcService",
+        &["envoy_grpc", "google_grpc", "timeout"],
+        &[],
+    ),
     m(
         "envoy.config.core.v3.GrpcService.GoogleGrpc",
         &["target_uri", "stat_prefix"],
