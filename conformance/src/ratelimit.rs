@@ -211,37 +211,26 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
 
 /// A bootstrap whose one route sends `generic_key: shared` to the service.
 fn bootstrap(admin: u16, port: u16, upstream: u16, rls: u16, deny: bool) -> String {
-    format!(
-        r#"admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
-static_resources:
-  listeners:
-  - name: l
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - filters:
-      - name: hcm
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: rl
-          route_config:
-            virtual_hosts: [{{name: v, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: a, rate_limits: [{{actions: [{{generic_key: {{descriptor_value: shared}}}}]}}]}}}}]}}]
-          http_filters:
-          - name: envoy.filters.http.ratelimit
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
-              domain: legate
-              timeout: 1s
-              failure_mode_deny: {deny}
-              rate_limit_service: {{transport_api_version: V3, grpc_service: {{envoy_grpc: {{cluster_name: ratelimit}}}}}}
-          - {{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}
-  clusters:
-  - {{name: a, connect_timeout: 1s, load_assignment: {{cluster_name: a, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]}}}}
-  - name: ratelimit
-    connect_timeout: 1s
-    typed_extension_protocol_options: {{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{"@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {{http2_protocol_options: {{}}}}}}}}
-    load_assignment: {{cluster_name: ratelimit, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {rls}}}}}}}}}]}}]}}
-"#
+    let mut text = crate::bootstrap::single_listener(
+        admin,
+        port,
+        "rl",
+        "",
+        "route: {cluster: a, rate_limits: [{actions: [{generic_key: {descriptor_value: shared}}]}]}",
+        Some(("a", upstream, "")),
     )
+    .replace(
+        "http_filters: [",
+        &format!(
+            r#"http_filters: [{{name: envoy.filters.http.ratelimit, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit, domain: legate, timeout: 1s, failure_mode_deny: {deny}, rate_limit_service: {{transport_api_version: V3, grpc_service: {{envoy_grpc: {{cluster_name: ratelimit}}}}}}}}}}, "#
+        ),
+    );
+    // The service's cluster, over HTTP/2.
+    text.push_str(&format!(
+        r#"  - {{name: ratelimit, connect_timeout: 1s, typed_extension_protocol_options: {{envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {{"@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {{http2_protocol_options: {{}}}}}}}}, load_assignment: {{cluster_name: ratelimit, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {rls}}}}}}}}}]}}]}}}}
+"#
+    ));
+    text
 }
 
 fn status(port: u16) -> String {
