@@ -120,6 +120,43 @@ pub fn counter(name: String) -> Counter {
     metrics::counter!(name)
 }
 
+/// Counters under one prefix by fixed name (`<prefix><name>`), each
+/// registered on first use and then found again without formatting the
+/// name or locking the store: for filters counting outcomes per request.
+#[derive(Debug)]
+pub struct NamedCounters {
+    prefix: String,
+    seen: std::sync::RwLock<Vec<(&'static str, Counter)>>,
+}
+
+impl NamedCounters {
+    pub fn new(prefix: String) -> Self {
+        Self {
+            prefix,
+            seen: Default::default(),
+        }
+    }
+
+    pub fn increment(&self, name: &'static str) {
+        if let Some((_, c)) = self
+            .seen
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(k, _)| *k == name)
+        {
+            c.increment(1);
+            return;
+        }
+        let c = counter(format!("{}{name}", self.prefix));
+        c.increment(1);
+        self.seen
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, c));
+    }
+}
+
 /// Counters by HTTP status under one prefix: the class (`<prefix>2xx`)
 /// and, with `per_code`, the code (`<prefix>200`). Each is registered on
 /// first use, as Envoy creates them, then found again without allocating.

@@ -85,8 +85,8 @@ pub struct BasicAuth {
     forward_username: Option<HeaderName>,
     /// Where the credentials are (Authorization unless set).
     header: HeaderName,
-    /// `http.<hcm prefix>.basic_auth.`
-    prefix: String,
+    /// `http.<hcm prefix>.basic_auth.*`
+    stats: crate::stats::NamedCounters,
 }
 
 fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
@@ -108,7 +108,7 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
         } else {
             name(&c.authentication_header, "authentication_header")?
         },
-        prefix: format!("http.{hcm_prefix}.basic_auth."),
+        stats: crate::stats::NamedCounters::new(format!("http.{hcm_prefix}.basic_auth.")),
     }))
 }
 
@@ -150,16 +150,11 @@ impl HttpFilter for BasicAuth {
         let realm = format!(
             "Basic realm=\"{}://{}{}\"",
             rq.scheme,
-            rq.req
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| rq.req.uri.authority().map(|a| a.as_str()))
-                .unwrap_or(""),
+            rq.authority(),
             rq.req.uri.path_and_query().map_or("/", |p| p.as_str())
         );
         let denied = |body: &'static str, details: &'static str| {
-            crate::stats::counter(format!("{}denied", self.prefix)).increment(1);
+            self.stats.increment("denied");
             let mut r = FilterReply::new(401, body, details);
             if let Ok(v) = http::HeaderValue::from_str(&realm) {
                 r.headers.push((http::header::WWW_AUTHENTICATE, v));
@@ -191,7 +186,7 @@ impl HttpFilter for BasicAuth {
         if let Some(h) = &self.forward_username {
             let _ = rq.req.insert_header(h.clone(), user);
         }
-        crate::stats::counter(format!("{}allowed", self.prefix)).increment(1);
+        self.stats.increment("allowed");
         Flow::Continue
     }
 }

@@ -61,15 +61,15 @@ impl Policy {
 #[derive(Debug)]
 pub struct Csrf {
     policy: Policy,
-    /// `http.<hcm prefix>.csrf.`
-    prefix: String,
+    /// `http.<hcm prefix>.csrf.*`
+    stats: crate::stats::NamedCounters,
 }
 
 fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
     let p: pb::CsrfPolicy = super::decode(a, path)?;
     Ok(Arc::new(Csrf {
         policy: Policy::from_proto(&p, path)?,
-        prefix: format!("http.{hcm_prefix}.csrf."),
+        stats: crate::stats::NamedCounters::new(format!("http.{hcm_prefix}.csrf.")),
     }))
 }
 
@@ -111,13 +111,11 @@ impl HttpFilter for Csrf {
                 .filter(|v| !v.is_empty())
                 .map(host_and_port)
         };
-        let count = |n: &str| crate::stats::counter(format!("{}{n}", self.prefix)).increment(1);
+        let count = |n: &'static str| self.stats.increment(n);
         let source = header(http::header::ORIGIN)
             .or_else(|| header(http::header::REFERER))
             .unwrap_or("");
-        let target = header(http::header::HOST)
-            .or_else(|| rq.req.uri.authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        let target = rq.authority();
         let valid = if source.is_empty() {
             count("missing_source_origin");
             false

@@ -138,8 +138,8 @@ pub struct ExtAuthz {
     status_on_error: u16,
     enabled: Option<Fraction>,
     charge_cluster: bool,
-    /// `http.<hcm prefix>.ext_authz.[<stat_prefix>.]`
-    prefix: String,
+    /// `http.<hcm prefix>.ext_authz.[<stat_prefix>.]*`
+    stats: crate::stats::NamedCounters,
     /// Live state: one channel or client per service host.
     grpc: super::side::Channels,
     http: hyper_util::client::legacy::Client<
@@ -234,7 +234,7 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
             .as_ref()
             .map(|f| Fraction::from_proto(Some(f), Fraction::ALWAYS)),
         charge_cluster: c.charge_cluster_response_stats.val().unwrap_or(true),
-        prefix: format!("http.{hcm_prefix}.ext_authz.{stat}"),
+        stats: crate::stats::NamedCounters::new(format!("http.{hcm_prefix}.ext_authz.{stat}")),
         grpc: Default::default(),
         http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http(),
@@ -365,8 +365,8 @@ fn any_match(ms: &[StringMatcher], name: &str) -> bool {
 }
 
 impl ExtAuthz {
-    fn count(&self, name: &str) {
-        crate::stats::counter(format!("{}{name}", self.prefix)).increment(1);
+    fn count(&self, name: &'static str) {
+        self.stats.increment(name);
     }
 
     fn count_cluster(&self, cluster: Option<&str>, name: &str) {
@@ -580,14 +580,8 @@ fn check_request(
     allowed: Option<&[StringMatcher]>,
     disallowed: &[StringMatcher],
 ) -> auth::CheckRequest {
+    let authority = rq.authority().to_string();
     let req = &*rq.req;
-    let authority = req
-        .headers
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("")
-        .to_string();
     let path = req
         .uri
         .path_and_query()
@@ -645,11 +639,9 @@ fn check_request(
         http::Version::HTTP_10 => "HTTP/1.0",
         _ => "HTTP/1.1",
     };
-    let (path_only, query) = match path.split_once('?') {
-        Some((p, q)) => (p.to_string(), q.to_string()),
-        None => (path.clone(), String::new()),
-    };
-    let _ = path_only;
+    let query = path
+        .split_once('?')
+        .map_or_else(String::new, |(_, q)| q.to_string());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

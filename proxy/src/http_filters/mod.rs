@@ -93,20 +93,28 @@ pub struct RequestInfo<'a> {
 }
 
 impl RequestInfo<'_> {
-    /// The most specific per-route config, downcast to the filter's type.
-    pub fn most_specific<T: 'static>(&self) -> Option<&T> {
-        self.per_route
-            .iter()
-            .flatten()
-            .find_map(|c| c.downcast_ref::<T>())
-    }
-
     /// Every level's per-route config, most specific first.
     pub fn all_levels<T: Send + Sync + 'static>(&self) -> impl Iterator<Item = Arc<T>> + '_ {
         self.per_route
             .iter()
             .flatten()
             .filter_map(|c| Arc::clone(c).downcast::<T>().ok())
+    }
+
+    /// The request's authority (`:authority`, else Host), in the order the
+    /// connection manager reads it for routing.
+    pub fn authority(&self) -> &str {
+        self.req
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                self.req
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
+            .unwrap_or("")
     }
 
     /// What rate limit actions read from this request.
@@ -117,13 +125,7 @@ impl RequestInfo<'_> {
             pseudo: crate::config::matcher::Pseudo {
                 method: self.req.method.as_str(),
                 path: path_and_query,
-                authority: self
-                    .req
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .or_else(|| self.req.uri.authority().map(|a| a.as_str()))
-                    .unwrap_or(""),
+                authority: self.authority(),
                 scheme: self.scheme,
                 status: None,
             },

@@ -142,18 +142,7 @@ impl HttpFilter for Rbac {
             .split(['?', '#'])
             .next()
             .unwrap_or(path_and_query);
-        let authority = rq
-            .req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                rq.req
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-            })
-            .unwrap_or("");
+        let authority = rq.authority();
         let unspecified: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
         let facts = Facts {
             local: rq.local.unwrap_or(unspecified),

@@ -503,6 +503,9 @@ impl HcmProxy {
     /// The enabled filters' body hooks (request side in order, response
     /// side in reverse), for the filters that read bodies.
     fn filter_bodies(ctx: &mut Ctx, chunk: Option<&[u8]>, end: bool, request: bool) {
+        if ctx.filters_active.is_empty() {
+            return;
+        }
         let Some(hcm) = ctx.hcm.clone() else { return };
         let chunk = chunk.unwrap_or(&[]);
         let n = ctx.filters_active.len();
