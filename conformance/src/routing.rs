@@ -29,6 +29,74 @@ pub struct Scenario {
     /// compared (as request `stats`): a filter's counters, say.
     #[serde(default)]
     pub stats: Vec<String>,
+    /// JWTs for the requests (`{{JWT_<name>}}` in a request's path or
+    /// headers), signed at run time with keys made at run time
+    /// (`legate_tests::jwt`). The bootstrap names their JWKS inline as
+    /// `{{JWKS}}`, or the port of a real JWKS server as `{{JWKS_PORT}}`.
+    #[serde(default)]
+    pub jwt_tokens: BTreeMap<String, JwtToken>,
+}
+
+/// A token to sign: with key `key` (`rsa`, `ec256`, `ec384`, `ed`, `hs`),
+/// `header` merged over the default header, and `claims`, where an `exp`,
+/// `nbf` or `iat` written as a string (`"+3600"`, `"-120"`) is that many
+/// seconds from now. `tamper` flips a bit of the signature.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtToken {
+    pub key: String,
+    #[serde(default)]
+    pub header: serde_json::Value,
+    pub claims: serde_json::Value,
+    #[serde(default)]
+    pub tamper: bool,
+}
+
+/// Signs the scenario's tokens and puts them into its requests; returns
+/// the keys (for the JWKS placeholders), if the scenario has tokens.
+fn sign_tokens(sc: &mut Scenario) -> Result<Option<legate_tests::jwt::Keys>> {
+    if sc.jwt_tokens.is_empty() {
+        return Ok(None);
+    }
+    let keys = legate_tests::jwt::Keys::generate()?;
+    let now = legate_tests::jwt::now();
+    let mut tokens = BTreeMap::new();
+    for (name, t) in &sc.jwt_tokens {
+        let mut claims = t.claims.clone();
+        if let Some(m) = claims.as_object_mut() {
+            for k in ["exp", "nbf", "iat"] {
+                if let Some(rel) = m
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .and_then(|s| s.parse::<i64>().ok())
+                {
+                    m.insert(k.into(), (now + rel).into());
+                }
+            }
+        }
+        let mut token = keys.sign(&t.key, &t.header, &claims)?;
+        if t.tamper {
+            // The signature's first character changed: still base64url,
+            // no longer the signature.
+            let at = token.rfind('.').unwrap_or(0) + 1;
+            let c = if token.as_bytes()[at] == b'A' {
+                "B"
+            } else {
+                "A"
+            };
+            token.replace_range(at..at + 1, c);
+        }
+        tokens.insert(format!("{{{{JWT_{name}}}}}"), token);
+    }
+    for r in &mut sc.requests {
+        for (k, v) in &tokens {
+            r.path = r.path.replace(k, v);
+            for h in r.headers.values_mut() {
+                *h = h.replace(k, v);
+            }
+        }
+    }
+    Ok(Some(keys))
 }
 
 /// What one proxy showed for a scenario: an observation per request, and
@@ -289,7 +357,7 @@ pub async fn run_file_with(
     before_each: &(dyn Fn() + Sync),
 ) -> Result<()> {
     let stem = file.file_stem().unwrap().to_string_lossy().to_string();
-    let sc: Scenario = serde_yaml::from_str(&std::fs::read_to_string(file)?)
+    let mut sc: Scenario = serde_yaml::from_str(&std::fs::read_to_string(file)?)
         .with_context(|| format!("parsing {}", file.display()))?;
     let _ = &sc.description;
     let mut ups = Vec::new();
@@ -317,6 +385,17 @@ pub async fn run_file_with(
             &u.addr.port().to_string(),
         );
         ups.push(u);
+    }
+    // Keys and a JWKS server for jwt_authn scenarios.
+    let mut jwks_server = None;
+    if let Some(keys) = sign_tokens(&mut sc)? {
+        let jwks = keys.jwks();
+        text = text.replace("{{JWKS}}", &jwks);
+        if text.contains("{{JWKS_PORT}}") {
+            let s = legate_tests::jwt::serve_jwks("127.0.0.1:0".parse().unwrap(), jwks).await?;
+            text = text.replace("{{JWKS_PORT}}", &s.addr.port().to_string());
+            jwks_server = Some(s);
+        }
     }
     // Real external authorization servers, when the bootstrap names them.
     let mut authz = Vec::new();
@@ -419,6 +498,7 @@ pub async fn run_file_with(
     }
     drop(ups);
     drop(authz);
+    drop(jwks_server);
     Ok(())
 }
 

@@ -106,7 +106,7 @@ pub fn find_route<'a>(vh: &'a VirtualHost, req: &RequestView) -> Option<&'a Rout
         .find(|r| route_matches(&r.matcher, req, &mut query))
 }
 
-fn route_matches(
+pub fn route_matches(
     m: &RouteMatch,
     req: &RequestView,
     query: &mut Option<Vec<(String, String)>>,

@@ -421,7 +421,7 @@ fn template_to_regex(t: &str, in_variable: bool) -> std::result::Result<String, 
 }
 
 impl RouteMatch {
-    fn from_proto(m: &pb::RouteMatch, path: &str) -> Result<Self> {
+    pub fn from_proto(m: &pb::RouteMatch, path: &str) -> Result<Self> {
         use pb::route_match::PathSpecifier as P;
         let case_sensitive = m.case_sensitive.val().unwrap_or(true);
         let lower = |s: &String| {

@@ -24,6 +24,7 @@ pub mod ext_authz;
 pub mod fault;
 pub mod grpc_stats;
 pub mod header_mutation;
+pub mod jwt_authn;
 pub mod local_ratelimit;
 pub mod rate_limit_actions;
 pub mod ratelimit;
@@ -89,8 +90,14 @@ pub struct RequestInfo<'a> {
     /// `node.cluster`.
     pub service_cluster: &'a str,
     /// The cluster manager, for filters that call side services.
-    pub clusters: &'a crate::cluster_manager::ClusterManager,
+    pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
+    /// The request's dynamic metadata: namespace → object. Filters write
+    /// it (jwt_authn's payloads) for later filters and the access log.
+    pub metadata: &'a mut Metadata,
 }
+
+/// Dynamic metadata: namespace → its fields.
+pub type Metadata = serde_json::Map<String, serde_json::Value>;
 
 impl RequestInfo<'_> {
     /// Every level's per-route config, most specific first.
@@ -258,6 +265,7 @@ pub static FACTORIES: &[&Factory] = &[
     &fault::FACTORY,
     &grpc_stats::FACTORY,
     &header_mutation::FACTORY,
+    &jwt_authn::FACTORY,
     &local_ratelimit::FACTORY,
     &ratelimit::FACTORY,
     &rbac::FACTORY,
@@ -272,6 +280,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     fault::REGISTRY,
     grpc_stats::REGISTRY,
     header_mutation::REGISTRY,
+    jwt_authn::REGISTRY,
     local_ratelimit::REGISTRY,
     rate_limit_actions::REGISTRY,
     ratelimit::REGISTRY,

@@ -48,3 +48,91 @@ pub fn header_pair(h: &core::HeaderValue) -> Option<(HeaderName, HeaderValue)> {
         HeaderValue::from_bytes(value).ok()?,
     ))
 }
+
+/// Why a side-service HTTP call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("cluster '{0}' has no healthy host")]
+    NoHost(String),
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
+    #[error("HTTP exchange with {0}: {1}")]
+    Http(SocketAddr, hyper::Error),
+    #[error("bad request URI: {0}")]
+    Uri(#[from] http::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// A `GET uri` to a host of `cluster` over HTTP/1.1, through the host's
+/// TLS when the cluster originates TLS (SNI: the cluster's, else the
+/// URI's host), the whole exchange within `timeout`: (status, body).
+pub async fn http_get(
+    clusters: &ClusterManager,
+    cluster: &str,
+    uri: &http::Uri,
+    timeout: std::time::Duration,
+) -> Result<(u16, bytes::Bytes), CallError> {
+    let no_host = || CallError::NoHost(cluster.to_string());
+    let c = clusters.get(cluster).ok_or_else(no_host)?;
+    let host = c
+        .snapshot()
+        .pick(None, rand::random(), &|_| false, None)
+        .ok_or_else(no_host)?;
+    let (addr, tls) = (host.addr, host.tls.clone());
+    let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
+    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, &authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let work = async move {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| CallError::Connect(addr, e))?;
+        match tls {
+            None => exchange(addr, tcp, req).await,
+            Some(t) => {
+                let sni = t
+                    .connect
+                    .as_ref()
+                    .and_then(|c| c.sni.clone())
+                    .unwrap_or_else(|| crate::routing::strip_port(&authority).to_string());
+                let name = crate::tls::upstream::server_name(Some(&sni), addr);
+                let s = crate::tls::upstream::handshake(&t.tls, name, tcp)
+                    .await
+                    .map_err(|e| CallError::Connect(addr, e))?;
+                exchange(addr, s, req).await
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| CallError::Timeout(timeout))?
+}
+
+async fn exchange<S>(
+    addr: SocketAddr,
+    io: S,
+    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<(u16, bytes::Bytes), CallError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| CallError::Http(addr, e))?;
+    let conn = tokio::spawn(conn);
+    let resp = send
+        .send_request(req)
+        .await
+        .map_err(|e| CallError::Http(addr, e))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| CallError::Http(addr, e))?
+        .to_bytes();
+    conn.abort();
+    Ok((status, body))
+}

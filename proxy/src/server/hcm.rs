@@ -157,6 +157,8 @@ pub struct Ctx {
     /// filters see local replies too.
     filters_active: Vec<usize>,
     filter_states: Vec<Option<crate::http_filters::State>>,
+    /// Dynamic metadata the filters wrote.
+    metadata: crate::http_filters::Metadata,
 }
 
 impl Ctx {
@@ -426,6 +428,7 @@ impl HcmProxy {
         for k in 0..ctx.filters_active.len() {
             let entry = &hcm.filters.entries[ctx.filters_active[k]];
             let mut state = None;
+            let mut metadata = std::mem::take(&mut ctx.metadata);
             let flow = {
                 let levels = Self::filter_levels(ctx);
                 let rl = Self::rate_limits(ctx);
@@ -449,11 +452,13 @@ impl HcmProxy {
                     include_vh_rate_limits: rl.2,
                     service_cluster: &self.shared.service_cluster,
                     clusters: &self.shared.clusters,
+                    metadata: &mut metadata,
                 };
                 let flow = entry.filter.on_request(&mut info, &mut state).await;
                 (flow, info.flags)
             };
             let (flow, flags) = flow;
+            ctx.metadata = metadata;
             for f in flags {
                 ctx.flags.add(f);
             }
