@@ -1200,11 +1200,14 @@ pub static REGISTRY: &[MessageSupport] = &[
 
 /// Every entry: the table above and each HTTP filter module's own.
 pub fn all() -> impl Iterator<Item = &'static MessageSupport> {
-    REGISTRY.iter().chain(
-        crate::http_filters::REGISTRIES
-            .iter()
-            .flat_map(|r| r.iter()),
-    )
+    REGISTRY
+        .iter()
+        .chain(crate::config::unified_matcher::REGISTRY)
+        .chain(
+            crate::http_filters::REGISTRIES
+                .iter()
+                .flat_map(|r| r.iter()),
+        )
 }
 
 /// Finds a message's entry.

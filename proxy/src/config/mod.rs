@@ -19,6 +19,7 @@ pub mod route;
 pub mod scoped;
 pub mod source;
 pub mod tls;
+pub mod unified_matcher;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types;

@@ -4,14 +4,23 @@
 //! engine the network filter uses (`config::rbac`). Shadow rules are
 //! evaluated and counted only. A route's `RBACPerRoute` replaces the
 //! filter's config; one without `rbac` turns it off for that route.
+//!
+//! The `matcher` form (the unified matcher, `config::unified_matcher`)
+//! takes the place of `rules` when both are set, as in Envoy: the first
+//! matching predicate's `Action` decides, and a request nothing matches
+//! is denied.
 
 use super::{Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, State};
 use crate::config::matcher::Pseudo;
-use crate::config::rbac::{Facts, HttpFacts, Rules};
+use crate::config::rbac::{Action, Facts, HttpFacts, Rules};
+use crate::config::unified_matcher::{Data, Matcher};
 use crate::config::{join, ConfigError, Result};
 use crate::registry::MessageSupport;
+use legate_proto::envoy_types::pb::envoy::config::rbac::v3 as rbac_pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as pb;
 use legate_proto::envoy_types::pb::google::protobuf::Any;
+use legate_proto::envoy_types::pb::xds::core::v3::TypedExtensionConfig;
+use legate_proto::envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 use metrics::Counter;
 use std::sync::{Arc, OnceLock};
 
@@ -32,6 +41,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "rules_stat_prefix",
             "shadow_rules",
             "shadow_rules_stat_prefix",
+            "matcher",
+            "shadow_matcher",
         ],
         warn: &[(
             "track_per_rule_stats",
@@ -44,6 +55,11 @@ pub static REGISTRY: &[MessageSupport] = &[
         warn: &[],
     },
     MessageSupport {
+        message: "envoy.config.rbac.v3.Action",
+        supported: &["name", "action"],
+        warn: &[],
+    },
+    MessageSupport {
         message: "envoy.type.matcher.v3.PathMatcher",
         supported: &["path"],
         warn: &[],
@@ -53,37 +69,102 @@ pub static REGISTRY: &[MessageSupport] = &[
 /// One RBAC config: the filter's or a route's.
 #[derive(Debug)]
 pub struct Config {
-    rules: Option<Rules>,
-    shadow: Option<Rules>,
+    rules: Option<Engine>,
+    shadow: Option<Engine>,
     rules_prefix: String,
     shadow_prefix: String,
 }
 
+/// The policies of `rules`, or a `matcher`.
+#[derive(Debug)]
+enum Engine {
+    Rules(Rules),
+    Matcher(Matcher<MatchedAction>),
+}
+
+/// A matcher's `envoy.config.rbac.v3.Action`.
+#[derive(Debug)]
+struct MatchedAction {
+    name: String,
+    action: Action,
+}
+
+fn matched_action(t: &TypedExtensionConfig, path: &str) -> Result<MatchedAction> {
+    let a = t
+        .typed_config
+        .as_ref()
+        .filter(|a| legate_proto::type_name(&a.type_url) == "envoy.config.rbac.v3.Action")
+        .ok_or_else(|| {
+            ConfigError::new(
+                join(path, "typed_config"),
+                "an envoy.config.rbac.v3.Action is required",
+            )
+        })?;
+    let a: rbac_pb::Action = super::decode(a, &join(path, "typed_config"))?;
+    use rbac_pb::rbac::Action as A;
+    Ok(MatchedAction {
+        name: a.name,
+        action: match A::try_from(a.action) {
+            Ok(A::Allow) => Action::Allow,
+            Ok(A::Deny) => Action::Deny,
+            Ok(A::Log) => Action::Log,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    join(path, "typed_config.action"),
+                    "unknown action",
+                ))
+            }
+        },
+    })
+}
+
+impl Engine {
+    fn from_proto(
+        rules: Option<&rbac_pb::Rbac>,
+        matcher: Option<&xds_matcher::Matcher>,
+        path: &str,
+        (rules_field, matcher_field): (&str, &str),
+    ) -> Result<Option<Engine>> {
+        if let Some(m) = matcher {
+            return Ok(Some(Engine::Matcher(Matcher::from_proto(
+                m,
+                &join(path, matcher_field),
+                &matched_action,
+            )?)));
+        }
+        rules
+            .map(|x| Rules::from_proto(x, &join(path, rules_field), true).map(Engine::Rules))
+            .transpose()
+    }
+
+    /// Whether the request may go on, and the policy (or action name)
+    /// that decided.
+    fn allows<'a>(&'a self, facts: &Facts, data: &Data<'_>) -> (bool, Option<&'a str>) {
+        match self {
+            Engine::Rules(r) => r.allows(facts),
+            Engine::Matcher(m) => match m.evaluate(data) {
+                Some(a) => (a.action != Action::Deny, Some(&a.name)),
+                None => (false, None),
+            },
+        }
+    }
+}
+
 impl Config {
     pub fn from_proto(r: &pb::Rbac, path: &str) -> Result<Self> {
-        if r.matcher.is_some() {
-            return Err(ConfigError::new(
-                join(path, "matcher"),
-                "the matcher form of RBAC is not supported; use rules",
-            ));
-        }
-        if r.shadow_matcher.is_some() {
-            return Err(ConfigError::new(
-                join(path, "shadow_matcher"),
-                "the matcher form of RBAC is not supported; use shadow_rules",
-            ));
-        }
         Ok(Self {
-            rules: r
-                .rules
-                .as_ref()
-                .map(|x| Rules::from_proto(x, &join(path, "rules"), true))
-                .transpose()?,
-            shadow: r
-                .shadow_rules
-                .as_ref()
-                .map(|x| Rules::from_proto(x, &join(path, "shadow_rules"), true))
-                .transpose()?,
+            rules: Engine::from_proto(
+                r.rules.as_ref(),
+                r.matcher.as_ref(),
+                path,
+                ("rules", "matcher"),
+            )?,
+            shadow: Engine::from_proto(
+                r.shadow_rules.as_ref(),
+                r.shadow_matcher.as_ref(),
+                path,
+                ("shadow_rules", "shadow_matcher"),
+            )?,
             rules_prefix: r.rules_stat_prefix.clone(),
             shadow_prefix: r.shadow_rules_stat_prefix.clone(),
         })
@@ -162,14 +243,29 @@ impl HttpFilter for Rbac {
                 path,
             }),
         };
+        let data = Data {
+            headers: &rq.req.headers,
+            pseudo: Pseudo {
+                method: rq.req.method.as_str(),
+                path: path_and_query,
+                authority,
+                scheme: rq.scheme,
+                status: None,
+            },
+            metadata: rq.metadata,
+            remote: rq.remote.or(rq.direct_remote),
+            direct_remote: rq.direct_remote,
+            local: rq.local,
+            sni: rq.sni,
+        };
         if let Some(shadow) = &cfg.shadow {
-            let (ok, _) = shadow.allows(&facts);
+            let (ok, _) = shadow.allows(&facts, &data);
             self.count(true, ok);
         }
         let Some(rules) = &cfg.rules else {
             return Flow::Continue;
         };
-        let (ok, policy) = rules.allows(&facts);
+        let (ok, policy) = rules.allows(&facts, &data);
         if ok {
             self.count(false, true);
             return Flow::Continue;
