@@ -873,8 +873,14 @@ pub static REGISTRY: &[MessageSupport] = &[
             "tls_certificate_sds_secret_configs",
             "validation_context",
             "validation_context_sds_secret_config",
+            "combined_validation_context",
             "alpn_protocols",
         ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext",
+        &["default_validation_context", "validation_context_sds_secret_config"],
         &[],
     ),
     m(

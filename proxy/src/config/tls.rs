@@ -364,7 +364,93 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Tr
         ));
     }
     trust.identity = identity;
+    trust.source = v.clone();
     Ok(trust)
+}
+
+/// A `combined_validation_context` over an SDS secret: its default
+/// context merged with the secret's (protobuf merge: the secret's
+/// singular fields win, lists are joined), rebuilt when the secret
+/// changes.
+#[derive(Debug)]
+struct Combined {
+    default: pb::CertificateValidationContext,
+    secret: String,
+    path: String,
+    /// The secret it was last built from, and the result.
+    built: std::sync::Mutex<Option<(Arc<SecretValue>, Arc<Trust>)>>,
+}
+
+fn merged(
+    default: &pb::CertificateValidationContext,
+    secret: &pb::CertificateValidationContext,
+    path: &str,
+) -> Result<Trust> {
+    let mut m = default.clone();
+    prost::Message::merge(&mut m, prost::Message::encode_to_vec(secret).as_slice())
+        .map_err(|e| ConfigError::new(path, e.to_string()))?;
+    validation(&m, path)
+}
+
+impl crate::tls::secrets::Derive<Trust> for Combined {
+    fn current(&self) -> Option<Arc<Trust>> {
+        let secret = crate::tls::secrets::get_dynamic(&self.secret)?;
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, t)) = &*built {
+            if Arc::ptr_eq(s, &secret) {
+                return Some(t.clone());
+            }
+        }
+        let SecretValue::Trust(t) = &*secret else {
+            return None;
+        };
+        match merged(&self.default, &t.source, &self.path) {
+            Ok(trust) => {
+                let trust = Arc::new(trust);
+                *built = Some((secret.clone(), trust.clone()));
+                Some(trust)
+            }
+            Err(e) => {
+                // The handshake fails, as with a missing secret.
+                tracing::warn!(
+                    "combined validation context with secret {}: {e}",
+                    self.secret
+                );
+                None
+            }
+        }
+    }
+}
+
+fn combined(
+    c: &pb::common_tls_context::CombinedCertificateValidationContext,
+    path: &str,
+    sds: &mut Vec<(String, XdsSource)>,
+) -> Result<Src<Trust>> {
+    let default = c.default_validation_context.clone().unwrap_or_default();
+    let sp = join(path, "validation_context_sds_secret_config");
+    let s = c
+        .validation_context_sds_secret_config
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(&sp, "validation_context_sds_secret_config is required"))?;
+    match named(s, &sp)? {
+        Named::Static(v) => match &*v {
+            SecretValue::Trust(t) => Ok(Src::Fixed(Arc::new(merged(&default, &t.source, path)?))),
+            SecretValue::Cert(_) => Err(ConfigError::new(
+                join(&sp, "name"),
+                format!("secret {} is not a validation_context", s.name),
+            )),
+        },
+        Named::Sds(name, source) => {
+            sds.push((name.clone(), source));
+            Ok(Src::Derived(Arc::new(Combined {
+                default,
+                secret: name,
+                path: path.to_string(),
+                built: Default::default(),
+            })))
+        }
+    }
 }
 
 /// A `Secret`, from `static_resources.secrets` or SDS.
@@ -495,10 +581,15 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
                 }
             })
         }
+        Some(V::CombinedValidationContext(cv)) => Some(combined(
+            cv,
+            &join(&path, "combined_validation_context"),
+            &mut sds,
+        )?),
         Some(_) => {
             return Err(ConfigError::new(
-                join(&path, "combined_validation_context"),
-                "only validation_context and validation_context_sds_secret_config are supported",
+                join(&path, "validation_context_certificate_provider"),
+                "certificate providers are not supported",
             ))
         }
     };
@@ -707,5 +798,68 @@ mod tests {
             validation(&v, "v").unwrap_err().path,
             "v.verify_certificate_spki[0]"
         );
+    }
+
+    #[test]
+    fn a_combined_context_follows_its_sds_secret() {
+        use crate::tls::secrets::Derive;
+        let ca = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut p = rcgen::CertificateParams::new(vec![name.into()]).unwrap();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.self_signed(&key).unwrap().pem()
+        };
+        let trust_secret = |pem: String| {
+            SecretValue::Trust(Arc::new(
+                validation(
+                    &pb::CertificateValidationContext {
+                        trusted_ca: Some(core::DataSource {
+                            specifier: Some(core::data_source::Specifier::InlineString(pem)),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    "s",
+                )
+                .unwrap(),
+            ))
+        };
+        let default = pb::CertificateValidationContext {
+            match_typed_subject_alt_names: vec![pb::SubjectAltNameMatcher {
+                san_type: pb::subject_alt_name_matcher::SanType::Dns as i32,
+                matcher: Some(legate_proto::envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher {
+                    match_pattern: Some(
+                        legate_proto::envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(
+                            "a.test".into(),
+                        ),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let c = Combined {
+            default,
+            secret: "combined-test-ca".into(),
+            path: "c".into(),
+            built: Default::default(),
+        };
+        // No secret yet: no trust, so handshakes fail.
+        assert!(c.current().is_none());
+        crate::tls::secrets::set_dynamic("combined-test-ca", trust_secret(ca("ca-1")));
+        let first = c.current().unwrap();
+        assert!(first.server_chain.is_some(), "the secret's CA");
+        assert_eq!(first.identity.sans.len(), 1, "the default's SAN matcher");
+        assert!(
+            Arc::ptr_eq(&first, &c.current().unwrap()),
+            "built once per secret"
+        );
+        crate::tls::secrets::set_dynamic("combined-test-ca", trust_secret(ca("ca-2")));
+        assert!(
+            !Arc::ptr_eq(&first, &c.current().unwrap()),
+            "rebuilt on rotation"
+        );
+        crate::tls::secrets::remove_dynamic("combined-test-ca");
     }
 }

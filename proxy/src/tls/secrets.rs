@@ -36,6 +36,9 @@ pub struct Trust {
     pub client_chain: Option<Arc<dyn ClientCertVerifier>>,
     /// `trusted_ca` as a server-certificate chain check.
     pub server_chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// The validation context it was built from, for a
+    /// `combined_validation_context` to merge its defaults over.
+    pub source: legate_proto::envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext,
 }
 
 /// A `Secret` Legate can use.
@@ -52,6 +55,14 @@ pub enum Src<T> {
     Fixed(Arc<T>),
     /// An SDS secret, by name: looked up at each use.
     Sds(String),
+    /// Made from an SDS secret at each use (a combined validation
+    /// context: its defaults merged with the secret).
+    Derived(Arc<dyn Derive<T>>),
+}
+
+/// A value made from the current secrets.
+pub trait Derive<T>: std::fmt::Debug + Send + Sync {
+    fn current(&self) -> Option<Arc<T>>;
 }
 
 impl<T> Clone for Src<T> {
@@ -59,6 +70,7 @@ impl<T> Clone for Src<T> {
         match self {
             Src::Fixed(t) => Src::Fixed(t.clone()),
             Src::Sds(n) => Src::Sds(n.clone()),
+            Src::Derived(d) => Src::Derived(d.clone()),
         }
     }
 }
@@ -93,6 +105,7 @@ impl<T: FromSecret> Src<T> {
         match self {
             Src::Fixed(t) => Some(t.clone()),
             Src::Sds(name) => T::from_secret(get_dynamic(name)?.as_ref()),
+            Src::Derived(d) => d.current(),
         }
     }
 }

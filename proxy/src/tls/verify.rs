@@ -220,7 +220,7 @@ impl ClientCertVerifier for ClientVerifier {
                 .as_ref()
                 .map(|c| c.root_hint_subjects())
                 .unwrap_or(&[]),
-            Src::Sds(_) => &[],
+            Src::Sds(_) | Src::Derived(_) => &[],
         }
     }
 
