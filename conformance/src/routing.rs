@@ -135,6 +135,10 @@ pub struct Request {
     /// A PROXY protocol header before the request (implies `raw`).
     #[serde(default)]
     pub proxy_protocol: Option<ProxyHeader>,
+    /// An admin endpoint POSTed to before the request
+    /// (`/healthcheck/fail`).
+    #[serde(default)]
+    pub admin_post: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,7 +193,15 @@ fn observe_both(
         let running =
             proxies::start(bins, kind, cfg, admin, work).map_err(|e| (kind, format!("{e:#}")))?;
         let requests: Vec<Observation> = tokio::task::block_in_place(|| {
-            sc.requests.iter().map(|r| send(port, r, work)).collect()
+            sc.requests
+                .iter()
+                .map(|r| {
+                    if let Some(p) = &r.admin_post {
+                        admin_post(admin, p);
+                    }
+                    send(port, r, work)
+                })
+                .collect()
         });
         if sc.access_log {
             // Envoy runs first: Legate's log is awaited until it has as many
@@ -255,6 +267,22 @@ fn normalize_log_line(l: &str) -> String {
     RE.get_or_init(|| regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z").unwrap())
         .replace_all(l, "<start-time>")
         .into_owned()
+}
+
+/// POSTs to an admin endpoint with curl; a failure shows in the requests
+/// that follow.
+fn admin_post(admin: u16, path: &str) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            &format!("http://127.0.0.1:{admin}{path}"),
+        ])
+        .output();
+    if !out.is_ok_and(|o| o.status.success()) {
+        eprintln!("admin POST {path} failed");
+    }
 }
 
 fn send(port: u16, r: &Request, work: &Path) -> Observation {

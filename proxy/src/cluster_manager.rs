@@ -643,6 +643,16 @@ impl Cluster {
         self.snapshot.load_full()
     }
 
+    /// (healthy hosts, all hosts): `membership_healthy` and
+    /// `membership_total`.
+    pub fn membership(&self) -> (usize, usize) {
+        let s = self.snapshot.load();
+        (
+            s.all_hosts.iter().filter(|h| h.healthy).count(),
+            s.all_hosts.len(),
+        )
+    }
+
     /// Publishes a new host set: (priority, [(endpoint, its addresses)]).
     pub fn set_hosts(&self, resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>) {
         self.publish(resolved, self.config.overprovisioning_factor);

@@ -113,6 +113,7 @@ async fn serve(
     let runtime = Arc::new(arc_swap::ArcSwap::from_pointee(config.runtime.clone()));
     let routes = Arc::new(legate::route_tables::RouteTables::default());
     let hostname = legate::server::request::hostname().to_string();
+    let health_failed: Arc<std::sync::atomic::AtomicBool> = Default::default();
     let shared = Arc::new(Shared {
         clusters: clusters.clone(),
         runtime: runtime.clone(),
@@ -120,6 +121,7 @@ async fn serve(
         hostname,
         local_ip: legate::server::request::local_ip(),
         service_cluster: config.node.cluster.clone(),
+        health_failed: health_failed.clone(),
     });
     let conf = Arc::new(ServerConf {
         upstream_keepalive_pool_size: IDLE_UPSTREAM_CONNECTIONS,
@@ -158,6 +160,7 @@ async fn serve(
         clusters.clone(),
         drain_time,
         workers,
+        health_failed,
     ));
     // A static listener with SDS certificates warms until they arrive: the
     // xDS applier adds it then.

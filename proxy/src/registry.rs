@@ -184,6 +184,10 @@ pub static REGISTRY: &[MessageSupport] = &[
                 "max_connections_to_accept_per_socket_event",
                 "how many connections one wake-up of the accept loop takes before others run: fairness, not which connections are served",
             ),
+            (
+                "bypass_overload_manager",
+                "Legate has no overload manager yet, so no listener is ever held back by one: there is nothing to bypass",
+            ),
         ],
     ),
     m(

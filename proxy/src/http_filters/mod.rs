@@ -24,6 +24,7 @@ pub mod ext_authz;
 pub mod fault;
 pub mod grpc_stats;
 pub mod header_mutation;
+pub mod health_check;
 pub mod jwt_authn;
 pub mod local_ratelimit;
 pub mod rate_limit_actions;
@@ -91,6 +92,8 @@ pub struct RequestInfo<'a> {
     pub service_cluster: &'a str,
     /// The cluster manager, for filters that call side services.
     pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
+    /// `/healthcheck/fail` is in force.
+    pub health_failed: bool,
     /// The request's dynamic metadata: namespace → object. Filters write
     /// it (jwt_authn's payloads) for later filters and the access log.
     pub metadata: &'a mut Metadata,
@@ -174,6 +177,10 @@ pub struct ResponseInfo<'a> {
     pub remote: Option<SocketAddr>,
     pub direct_remote: Option<SocketAddr>,
     pub local_addr: Option<SocketAddr>,
+    /// `/healthcheck/fail` is in force.
+    pub health_failed: bool,
+    /// `node.cluster`.
+    pub service_cluster: &'a str,
 }
 
 /// A reply a filter makes instead of letting the request go on.
@@ -265,6 +272,7 @@ pub static FACTORIES: &[&Factory] = &[
     &fault::FACTORY,
     &grpc_stats::FACTORY,
     &header_mutation::FACTORY,
+    &health_check::FACTORY,
     &jwt_authn::FACTORY,
     &local_ratelimit::FACTORY,
     &ratelimit::FACTORY,
@@ -280,6 +288,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     fault::REGISTRY,
     grpc_stats::REGISTRY,
     header_mutation::REGISTRY,
+    health_check::REGISTRY,
     jwt_authn::REGISTRY,
     local_ratelimit::REGISTRY,
     rate_limit_actions::REGISTRY,

@@ -53,6 +53,8 @@ pub struct Shared {
     pub local_ip: std::net::IpAddr,
     /// `node.cluster` (the `source_cluster` of rate limit descriptors).
     pub service_cluster: String,
+    /// `/healthcheck/fail` is in force.
+    pub health_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct HcmProxy {
@@ -453,6 +455,10 @@ impl HcmProxy {
                     service_cluster: &self.shared.service_cluster,
                     clusters: &self.shared.clusters,
                     metadata: &mut metadata,
+                    health_failed: self
+                        .shared
+                        .health_failed
+                        .load(std::sync::atomic::Ordering::Relaxed),
                 };
                 let flow = entry.filter.on_request(&mut info, &mut state).await;
                 (flow, info.flags)
@@ -528,7 +534,13 @@ impl HcmProxy {
     }
 
     /// The enabled filters' response hooks, in reverse order.
-    fn filter_responses(resp: &mut ResponseHeader, ctx: &Ctx, session: &Session, local: bool) {
+    fn filter_responses(
+        &self,
+        resp: &mut ResponseHeader,
+        ctx: &Ctx,
+        session: &Session,
+        local: bool,
+    ) {
         let Some(hcm) = &ctx.hcm else { return };
         if ctx.filters_active.is_empty() {
             return;
@@ -539,6 +551,11 @@ impl HcmProxy {
             remote: ctx.client_addr.or(ctx.downstream_remote),
             direct_remote: ctx.downstream_remote,
             local_addr: ctx.downstream_local,
+            health_failed: self
+                .shared
+                .health_failed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            service_cluster: &self.shared.service_cluster,
         };
         for (k, &i) in ctx.filters_active.iter().enumerate().rev() {
             let state = ctx.filter_states.get(k).and_then(|s| s.as_ref());
@@ -560,7 +577,7 @@ impl HcmProxy {
         if ops.iter().any(|o| o.touches_response()) {
             self.mutate_response(resp, ctx, ops, session);
         }
-        Self::filter_responses(resp, ctx, session, local);
+        self.filter_responses(resp, ctx, session, local);
         if let Some(hcm) = &ctx.hcm {
             match hcm.server_header {
                 ServerHeader::Overwrite => {

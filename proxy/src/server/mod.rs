@@ -171,6 +171,7 @@ impl ListenerManager {
         clusters: Arc<ClusterManager>,
         drain_time: Duration,
         workers: Arc<workers::Workers>,
+        health_failed: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         assert!(!proxies.is_empty(), "a listener manager needs a proxy");
         let running = RunningMap::default();
@@ -180,7 +181,7 @@ impl ListenerManager {
                 clusters,
                 drain_time,
                 running: running.clone(),
-                health_failed: Default::default(),
+                health_failed,
                 workers,
             },
             running,

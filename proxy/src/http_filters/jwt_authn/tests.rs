@@ -100,6 +100,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             service_cluster: "",
             clusters: &clusters,
             metadata: &mut metadata,
+            health_failed: false,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
