@@ -533,6 +533,8 @@ pub struct Cluster {
     pub breakers: crate::breakers::Breakers,
     /// Outlier detection, when configured.
     pub outlier: Option<crate::outlier::Detector>,
+    /// Active health checking, when configured.
+    pub health: Option<Arc<crate::health_check::Checker>>,
     /// The last published host set, to publish again when a host is
     /// ejected or comes back (kept only with outlier detection).
     last_published: Mutex<Option<(Resolved, u32)>>,
@@ -575,15 +577,19 @@ impl Cluster {
                 Vec::new(),
                 config.overprovisioning_factor,
             )),
-            config,
             cells: Mutex::new(HashMap::new()),
             last_resolved: Mutex::new(HashMap::new()),
             stats,
             breakers,
             outlier,
+            health: config
+                .health_check
+                .clone()
+                .map(|h| Arc::new(crate::health_check::Checker::new(&config.name, h))),
             last_published: Mutex::new(None),
             pool_key,
             requests_on: Mutex::new(HashMap::new()),
+            config,
         };
         if c.config.discovery == Discovery::Static {
             let localities = c.config.localities.clone();
@@ -653,6 +659,46 @@ impl Cluster {
         )
     }
 
+    /// Where active checks probe each host: the check's port and host
+    /// name overrides, else the endpoint's, else the cluster's name; through
+    /// the host's TLS.
+    fn health_targets(&self, resolved: &Resolved) -> Vec<crate::health_check::Target> {
+        let Some(cfg) = &self.config.health_check else {
+            return Vec::new();
+        };
+        let check_host = match &cfg.check {
+            crate::config::health_check::Check::Http(h) => h.host.as_str(),
+            crate::config::health_check::Check::Tcp { .. } => "",
+        };
+        resolved
+            .iter()
+            .flat_map(|(_, eps)| eps.iter())
+            .flat_map(|(e, addrs)| {
+                addrs.iter().map(move |a| {
+                    let mut addr = *a;
+                    if let Some(p) = cfg.alt_port.or(e.hc_port) {
+                        addr.set_port(p);
+                    }
+                    let host = [check_host, e.hc_hostname.as_str()]
+                        .into_iter()
+                        .find(|h| !h.is_empty())
+                        .unwrap_or(&self.config.name)
+                        .to_string();
+                    (*a, addr, host, e)
+                })
+            })
+            .map(|(key, probe, host, e)| crate::health_check::Target {
+                key,
+                addr: probe,
+                host,
+                tls: self
+                    .config
+                    .tls_for(e)
+                    .map(|tls| HostTls { connect: None, tls }),
+            })
+            .collect()
+    }
+
     /// Publishes a new host set: (priority, [(endpoint, its addresses)]).
     pub fn set_hosts(&self, resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>) {
         self.publish(resolved, self.config.overprovisioning_factor);
@@ -676,7 +722,8 @@ impl Cluster {
         }
     }
 
-    fn republish(&self) {
+    /// Publishes the host set again (a host's health changed).
+    pub fn republish(&self) {
         let last = self.last_published.lock().unwrap().clone();
         if let Some((resolved, overprovisioning)) = last {
             self.publish(resolved, overprovisioning);
@@ -690,6 +737,11 @@ impl Cluster {
                 .flat_map(|(_, eps)| eps.iter().flat_map(|(_, a)| a.iter().copied()))
                 .collect();
             d.set_hosts(&addrs);
+        }
+        if let Some(h) = &self.health {
+            h.set_hosts(self.health_targets(&resolved));
+        }
+        if self.outlier.is_some() || self.health.is_some() {
             *self.last_published.lock().unwrap() = Some((resolved.clone(), overprovisioning));
         }
         let max_p = resolved
@@ -725,11 +777,14 @@ impl Cluster {
                             String::new()
                         },
                         weight: e.weight,
-                        // An ejected host is unhealthy (not excluded), as in
-                        // Envoy: it still counts toward panic mode.
+                        // An ejected host, or one failing active checks, is
+                        // unhealthy (not excluded), as in Envoy: it still
+                        // counts toward panic mode.
                         healthy: e.healthy
-                            && !self.outlier.as_ref().is_some_and(|d| d.is_ejected(&addr)),
-                        degraded: e.degraded,
+                            && !self.outlier.as_ref().is_some_and(|d| d.is_ejected(&addr))
+                            && !self.health.as_ref().is_some_and(|h| h.failed(&addr)),
+                        degraded: e.degraded
+                            || self.health.as_ref().is_some_and(|h| h.degraded(&addr)),
                         locality,
                         locality_weight: e.locality_weight,
                         active_requests: cell,
@@ -952,6 +1007,9 @@ impl ClusterManager {
     /// and then refreshed every `dns_refresh_rate` while it exists.
     pub async fn build(c: Arc<ClusterConfig>) -> Arc<Cluster> {
         let cluster = Arc::new(Cluster::new(c.clone()));
+        if let Some(h) = &cluster.health {
+            h.start(Arc::downgrade(&cluster));
+        }
         if matches!(c.discovery, Discovery::StrictDns | Discovery::LogicalDns) {
             let weak = Arc::downgrade(&cluster);
             let (every, jitter) = (c.dns_refresh, c.dns_jitter.as_millis() as u64);
@@ -964,6 +1022,11 @@ impl ClusterManager {
                     next = c.resolve().await.unwrap_or(every);
                 }
             });
+        }
+        // Envoy's cluster initialisation waits for the first round of
+        // active checks.
+        if let Some(h) = &cluster.health {
+            h.first_round().await;
         }
         cluster
     }

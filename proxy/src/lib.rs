@@ -17,6 +17,7 @@ pub mod cluster_manager;
 pub mod config;
 pub mod datasource;
 pub mod headers;
+pub mod health_check;
 pub mod http_filters;
 pub mod kernel_lb;
 pub mod lb;

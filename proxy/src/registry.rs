@@ -34,6 +34,7 @@ const NO_LOG: &str = "access logging is not implemented yet; it changes no traff
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
+const HC_EVENTS: &str = "health check event logs are not written yet; they change no traffic";
 
 /// The registry. Messages whose names start with `google.protobuf.` are
 /// plain values and always accepted.
@@ -951,9 +952,10 @@ pub static REGISTRY: &[MessageSupport] = &[
             "transport_socket_matches",
             "circuit_breakers",
             "common_lb_config",
-            // Without active health checks (rejected) hosts leave at once
-            // either way, as in Envoy.
+            // Required with health checks on clusters whose hosts change
+            // (config::cluster::health_check): hosts leave at once.
             "ignore_health_on_host_removal",
+            "health_checks",
             "load_balancing_policy",
             "cluster_type",
             "upstream_connection_options",
@@ -1190,11 +1192,71 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.endpoint.v3.Endpoint",
-        &["address", "hostname"],
-        &[(
-            "health_check_config",
-            "active health checking is not implemented",
-        )],
+        &["address", "hostname", "health_check_config"],
+        &[],
+    ),
+    m(
+        "envoy.config.endpoint.v3.Endpoint.HealthCheckConfig",
+        &["port_value", "hostname"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.HealthCheck",
+        &[
+            "timeout",
+            "interval",
+            "initial_jitter",
+            "interval_jitter",
+            "interval_jitter_percent",
+            "unhealthy_threshold",
+            "healthy_threshold",
+            "alt_port",
+            "no_traffic_interval",
+            "no_traffic_healthy_interval",
+            "unhealthy_interval",
+            "unhealthy_edge_interval",
+            "healthy_edge_interval",
+            "http_health_check",
+            "tcp_health_check",
+        ],
+        &[
+            (
+                "reuse_connection",
+                "Legate opens a connection per check; which connection carries a check changes no verdict",
+            ),
+            ("event_log_path", HC_EVENTS),
+            ("event_logger", HC_EVENTS),
+            ("event_service", HC_EVENTS),
+            ("always_log_health_check_failures", HC_EVENTS),
+            ("always_log_health_check_success", HC_EVENTS),
+        ],
+    ),
+    m(
+        "envoy.config.core.v3.HealthCheck.HttpHealthCheck",
+        &[
+            "host",
+            "path",
+            "send",
+            "receive",
+            "response_buffer_size",
+            "request_headers_to_add",
+            "request_headers_to_remove",
+            "expected_statuses",
+            "retriable_statuses",
+            "codec_client_type",
+            "method",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.HealthCheck.TcpHealthCheck",
+        &["send", "receive"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.HealthCheck.Payload",
+        &["text", "binary"],
+        &[],
     ),
     m(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -1362,10 +1424,10 @@ mod tests {
     #[test]
     fn unsupported_field_is_named() {
         let err = validate(&dynamic(
-            "static_resources: {clusters: [{name: a, health_checks: [{timeout: 1s}]}]}",
+            "static_resources: {clusters: [{name: a, lrs_server: {self: {}}}]}",
         ))
         .unwrap_err();
-        assert_eq!(err.path, "static_resources.clusters[0].health_checks");
+        assert_eq!(err.path, "static_resources.clusters[0].lrs_server");
     }
 
     /// Timing fields that move traffic (when a health change takes

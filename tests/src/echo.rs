@@ -1,7 +1,8 @@
 //! A real HTTP/1.1 + HTTP/2 (h2c) upstream that answers every request with a
 //! JSON description of what it received and which server answered.
 //!
-//! Special paths: `/status/<code>` answers with that status, `/delay/<ms>`
+//! Special paths: `/status/<code>` answers with that status,
+//! `/healthy-if/<names>` 200 only on the named servers, `/delay/<ms>`
 //! waits before answering, `/size/<n>` answers with n bytes, `/drip/<n>`
 //! streams n chunks 200 ms apart.
 
@@ -122,6 +123,21 @@ async fn handle(
     }
     let body = req.into_body().collect().await?.to_bytes();
     let mut status = 200u16;
+    // `/healthy-if/<names>`: 200 when this server is one of the
+    // comma-separated names, else 503 (per-host answers to one health
+    // check path); `/degraded-if/<names>` adds `x-envoy-degraded` then.
+    let mut hc = path.split('?').next().unwrap_or("").split('/').skip(1);
+    if let (Some(kind @ ("healthy-if" | "degraded-if")), Some(names)) = (hc.next(), hc.next()) {
+        let listed = names.split(',').any(|n| n == name.as_str());
+        let mut b = Response::builder().header("x-echo-server", name.as_str());
+        b = match (kind, listed) {
+            ("healthy-if", true) => b.status(200),
+            ("healthy-if", false) => b.status(503),
+            (_, true) => b.status(200).header("x-envoy-degraded", "true"),
+            _ => b.status(200),
+        };
+        return Ok(b.body(full("health")).unwrap());
+    }
     let mut seg = path.split('?').next().unwrap_or("").split('/').skip(1);
     match (seg.next(), seg.next().and_then(|s| s.parse::<u64>().ok())) {
         (Some("status"), Some(code)) => status = code as u16,

@@ -64,6 +64,10 @@ pub struct EndpointConfig {
     pub socket_match: serde_json::Map<String, serde_json::Value>,
     /// Its locality's `load_balancing_weight` (0 when unset).
     pub locality_weight: u32,
+    /// `health_check_config`: the port and host name active checks use
+    /// instead of the endpoint's.
+    pub hc_port: Option<u16>,
+    pub hc_hostname: String,
 }
 
 /// One `transport_socket_matches` entry.
@@ -119,6 +123,8 @@ pub struct ClusterConfig {
     /// every upstream socket.
     pub tcp_keepalive: Option<TcpKeepalive>,
     pub outlier: Option<super::outlier::OutlierConfig>,
+    /// `health_checks` (at most one).
+    pub health_check: Option<super::health_check::HealthCheckConfig>,
 }
 
 /// TCP keep-alive for upstream sockets; Envoy leaves unset values to the
@@ -429,6 +435,7 @@ impl ClusterConfig {
             )?,
             panic_threshold,
             locality_weighted,
+            health_check: health_check(c, path)?,
             outlier: c
                 .outlier_detection
                 .as_ref()
@@ -509,6 +516,38 @@ impl ClusterConfig {
                 })
                 .collect::<Result<_>>()?,
         })
+    }
+}
+
+/// `health_checks`: one active checker. Hosts that service discovery
+/// drops go at once in Legate, so a discovered cluster must say so with
+/// `ignore_health_on_host_removal` (Envoy would otherwise keep a dropped
+/// host until it fails its checks).
+fn health_check(
+    c: &pb::Cluster,
+    path: &str,
+) -> Result<Option<super::health_check::HealthCheckConfig>> {
+    let p = join(path, "health_checks");
+    match c.health_checks.as_slice() {
+        [] => Ok(None),
+        [h] => {
+            let static_hosts = c.cluster_discovery_type
+                == Some(pb::cluster::ClusterDiscoveryType::Type(
+                    pb::cluster::DiscoveryType::Static as i32,
+                ))
+                || c.cluster_discovery_type.is_none();
+            if !static_hosts && !c.ignore_health_on_host_removal {
+                return Err(ConfigError::new(
+                    join(path, "ignore_health_on_host_removal"),
+                    "health_checks on a cluster whose hosts change need ignore_health_on_host_removal: true (Legate removes a dropped host at once)",
+                ));
+            }
+            super::health_check::HealthCheckConfig::from_proto(h, &format!("{p}[0]")).map(Some)
+        }
+        _ => Err(ConfigError::new(
+            format!("{p}[1]"),
+            "Legate runs one health checker per cluster",
+        )),
     }
 }
 
@@ -864,6 +903,17 @@ pub fn load_assignment(
                 pipe,
                 socket_match,
                 locality_weight: l.load_balancing_weight.val().unwrap_or(0),
+                hc_port: endpoint
+                    .health_check_config
+                    .as_ref()
+                    .map(|h| h.port_value)
+                    .filter(|p| *p != 0)
+                    .map(|p| p as u16),
+                hc_hostname: endpoint
+                    .health_check_config
+                    .as_ref()
+                    .map(|h| h.hostname.clone())
+                    .unwrap_or_default(),
             });
         }
         out.push(LocalityConfig {

@@ -1570,6 +1570,10 @@ impl ProxyHttp for HcmProxy {
         if let Some(c) = &ctx.cluster {
             if !reused {
                 c.stats.upstream_cx_total.increment(1);
+                if let Some(h) = &c.health {
+                    h.had_traffic
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             ctx.last_on_upstream_conn = c.last_request_on(fd, reused);
         }

@@ -250,6 +250,9 @@ async fn proxy<D: Halves>(
     };
     sum.upstream_local = up.local_addr().ok();
     stats::counter(format!("cluster.{name}.upstream_cx_total")).increment(1);
+    if let Some(h) = &cluster.health {
+        h.had_traffic.store(true, Ordering::Relaxed);
+    }
     let _ = up.set_nodelay(true);
     host.active_requests.fetch_add(1, Ordering::Relaxed);
     let idle = match host.tls.as_ref().map(|h| &h.tls) {

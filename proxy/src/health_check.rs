@@ -1,0 +1,488 @@
+//! Active health checking: one task per host of a cluster with
+//! `health_checks`, probing it over HTTP or TCP (through the host's TLS
+//! when the cluster originates TLS) with Envoy's state machine.
+//!
+//! - A host starts unhealthy; its first successful check makes it healthy
+//!   at once, later ones after `healthy_threshold` successes in a row.
+//! - A healthy host turns unhealthy after `unhealthy_threshold` network
+//!   failures or timeouts in a row, or at once on an HTTP status that is
+//!   neither expected nor retriable (retriable ones count to the
+//!   threshold).
+//! - Checks run every `interval` (`unhealthy_interval` while unhealthy, the
+//!   edge intervals while a change is pending), or every
+//!   `no_traffic_interval` while the cluster has never opened a
+//!   connection, plus jitter.
+//! - `x-envoy-degraded` in a passing HTTP response marks the host degraded.
+//!
+//! The cluster's initialisation waits for the first round, as Envoy's does.
+
+use crate::cluster_manager::HostTls;
+use crate::config::health_check::{Check, HealthCheckConfig, HttpCheck};
+use metrics::{Counter, Gauge};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What one check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pass {
+        degraded: bool,
+    },
+    /// A wrong answer (an HTTP status, a TCP payload); `retriable` counts
+    /// toward the threshold instead of failing at once.
+    Fail {
+        retriable: bool,
+    },
+    /// No answer: connection refused or reset, or the timeout.
+    Network,
+}
+
+/// Where and how a host is checked.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The host, as the balancer knows it.
+    pub key: SocketAddr,
+    /// Where checks go (`alt_port` or the endpoint's health check port).
+    pub addr: SocketAddr,
+    /// The `Host` header: the check's `host`, else the endpoint's health
+    /// check hostname, else the cluster's name.
+    pub host: String,
+    pub tls: Option<HostTls>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transition {
+    Unchanged,
+    Changed,
+    ChangePending,
+}
+
+#[derive(Debug)]
+struct HostState {
+    target: Target,
+    failed: bool,
+    degraded: bool,
+    first: bool,
+    num_healthy: u32,
+    num_unhealthy: u32,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+/// The cluster's `health_check.*` stats.
+#[derive(Debug)]
+struct Stats {
+    attempt: Counter,
+    success: Counter,
+    failure: Counter,
+    network_failure: Counter,
+    healthy: Gauge,
+    degraded: Gauge,
+}
+
+/// A cluster's health checker.
+#[derive(Debug)]
+pub struct Checker {
+    cfg: HealthCheckConfig,
+    hosts: Mutex<HashMap<SocketAddr, HostState>>,
+    /// The cluster, once running: new hosts get their task then.
+    cluster: Mutex<Option<Weak<crate::cluster_manager::Cluster>>>,
+    /// The cluster has opened an upstream connection (then `interval`
+    /// applies rather than `no_traffic_interval`).
+    pub had_traffic: AtomicBool,
+    stats: Stats,
+}
+
+impl Checker {
+    pub fn new(cluster: &str, cfg: HealthCheckConfig) -> Checker {
+        let p = format!("cluster.{cluster}.health_check.");
+        let c = |s: &str| crate::stats::counter(format!("{p}{s}"));
+        let g = |s: &str| crate::stats::gauge(format!("{p}{s}"));
+        Checker {
+            cfg,
+            hosts: Mutex::default(),
+            cluster: Mutex::default(),
+            had_traffic: AtomicBool::new(false),
+            stats: Stats {
+                attempt: c("attempt"),
+                success: c("success"),
+                failure: c("failure"),
+                network_failure: c("network_failure"),
+                healthy: g("healthy"),
+                degraded: g("degraded"),
+            },
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, HostState>> {
+        self.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether active checks hold the host out (failed, or not yet checked).
+    pub fn failed(&self, addr: &SocketAddr) -> bool {
+        self.lock().get(addr).is_some_and(|h| h.failed)
+    }
+
+    pub fn degraded(&self, addr: &SocketAddr) -> bool {
+        self.lock()
+            .get(addr)
+            .is_some_and(|h| h.degraded && !h.failed)
+    }
+
+    /// The cluster's hosts now: new ones start unhealthy and get a task
+    /// (once the cluster runs); gone ones stop being checked.
+    pub fn set_hosts(&self, targets: Vec<Target>) {
+        let weak = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut hosts = self.lock();
+        let keep: std::collections::HashSet<SocketAddr> = targets.iter().map(|t| t.key).collect();
+        hosts.retain(|a, _| keep.contains(a));
+        for t in targets {
+            if let Some(h) = hosts.get_mut(&t.key) {
+                h.target = t;
+                continue;
+            }
+            let addr = t.key;
+            let task = weak
+                .clone()
+                .map(|w| spawn(w, addr, self.cfg.initial_jitter));
+            hosts.insert(
+                addr,
+                HostState {
+                    target: t,
+                    failed: true,
+                    degraded: false,
+                    first: true,
+                    num_healthy: 0,
+                    num_unhealthy: 0,
+                    task,
+                },
+            );
+        }
+    }
+
+    /// Starts checking: a task per known host.
+    pub fn start(&self, cluster: Weak<crate::cluster_manager::Cluster>) {
+        *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) = Some(cluster.clone());
+        for (addr, h) in self.lock().iter_mut() {
+            if h.task.is_none() {
+                h.task = Some(spawn(cluster.clone(), *addr, self.cfg.initial_jitter));
+            }
+        }
+    }
+
+    /// Waits (at most `timeout` plus the initial jitter) until every host
+    /// has had its first check.
+    pub async fn first_round(&self) {
+        let deadline = tokio::time::Instant::now()
+            + self.cfg.timeout
+            + self.cfg.initial_jitter
+            + Duration::from_millis(200);
+        while self.lock().values().any(|h| h.first) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Records a check; true when the host's health changed.
+    fn record(&self, addr: SocketAddr, o: Outcome) -> Option<(bool, Transition)> {
+        let mut hosts = self.lock();
+        let h = hosts.get_mut(&addr)?;
+        let mut t = Transition::Unchanged;
+        match o {
+            Outcome::Pass { degraded } => {
+                self.stats.success.increment(1);
+                h.num_unhealthy = 0;
+                if h.failed {
+                    h.num_healthy += 1;
+                    if h.first || h.num_healthy >= self.cfg.healthy_threshold {
+                        h.failed = false;
+                        t = Transition::Changed;
+                    } else {
+                        t = Transition::ChangePending;
+                    }
+                }
+                if h.degraded != degraded {
+                    h.degraded = degraded;
+                    t = Transition::Changed;
+                }
+            }
+            Outcome::Fail { .. } | Outcome::Network => {
+                self.stats.failure.increment(1);
+                if o == Outcome::Network {
+                    self.stats.network_failure.increment(1);
+                }
+                h.num_healthy = 0;
+                if !h.failed {
+                    h.num_unhealthy += 1;
+                    let at_once = o == Outcome::Fail { retriable: false };
+                    if at_once || h.num_unhealthy >= self.cfg.unhealthy_threshold {
+                        h.failed = true;
+                        t = Transition::Changed;
+                    } else {
+                        t = Transition::ChangePending;
+                    }
+                }
+            }
+        }
+        h.first = false;
+        let failed = h.failed;
+        let (healthy, degraded) = hosts.values().fold((0, 0), |(a, d), h| {
+            (
+                a + usize::from(!h.failed),
+                d + usize::from(!h.failed && h.degraded),
+            )
+        });
+        self.stats.healthy.set(healthy as f64);
+        self.stats.degraded.set(degraded as f64);
+        Some((failed, t))
+    }
+
+    /// Envoy's next interval for a host in `failed` state after `t`.
+    fn next_interval(&self, failed: bool, t: Transition) -> Duration {
+        let c = &self.cfg;
+        let base = if self.had_traffic.load(Ordering::Relaxed) {
+            match (failed, t == Transition::ChangePending) {
+                (true, true) => c.unhealthy_edge_interval,
+                (true, false) => c.unhealthy_interval,
+                (false, true) => c.healthy_edge_interval,
+                (false, false) => c.interval,
+            }
+        } else if !failed {
+            c.no_traffic_healthy_interval
+                .unwrap_or(c.no_traffic_interval)
+        } else {
+            c.no_traffic_interval
+        };
+        let ms = base.as_millis() as u64;
+        let mut extra = 0;
+        let pct = u64::from(c.interval_jitter_percent) * ms / 100;
+        if pct > 0 {
+            extra += rand::random::<u64>() % pct;
+        }
+        let j = c.interval_jitter.as_millis() as u64;
+        if j > 0 {
+            extra += rand::random::<u64>() % j;
+        }
+        base + Duration::from_millis(extra)
+    }
+
+    fn target(&self, addr: &SocketAddr) -> Option<Target> {
+        self.lock().get(addr).map(|h| h.target.clone())
+    }
+
+    async fn check(&self, t: &Target) -> Outcome {
+        self.stats.attempt.increment(1);
+        let work = async {
+            match &self.cfg.check {
+                Check::Http(h) => http_check(h, t).await,
+                Check::Tcp { send, receive } => tcp_check(send, receive, t).await,
+            }
+        };
+        tokio::time::timeout(self.cfg.timeout, work)
+            .await
+            .unwrap_or(Outcome::Network)
+    }
+}
+
+fn spawn(
+    cluster: Weak<crate::cluster_manager::Cluster>,
+    addr: SocketAddr,
+    jitter: Duration,
+) -> tokio::task::AbortHandle {
+    tokio::spawn(async move {
+        let j = jitter.as_millis() as u64;
+        if j > 0 {
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % j)).await;
+        }
+        loop {
+            let Some(c) = cluster.upgrade() else { return };
+            let Some(hc) = c.health.clone() else { return };
+            let Some(target) = hc.target(&addr) else {
+                return;
+            };
+            drop(c);
+            let outcome = hc.check(&target).await;
+            let Some((failed, t)) = hc.record(addr, outcome) else {
+                return;
+            };
+            if t == Transition::Changed {
+                if let Some(c) = cluster.upgrade() {
+                    c.republish();
+                }
+            }
+            tokio::time::sleep(hc.next_interval(failed, t)).await;
+        }
+    })
+    .abort_handle()
+}
+
+/// A connection to the target, through its TLS when it has one.
+async fn connect(t: &Target) -> std::io::Result<Box<dyn Io>> {
+    let tcp = tokio::net::TcpStream::connect(t.addr).await?;
+    tcp.set_nodelay(true)?;
+    match &t.tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => {
+            let sni = tls
+                .connect
+                .as_ref()
+                .and_then(|c| c.sni.clone())
+                .unwrap_or_else(|| tls.tls.sni.clone());
+            let name = crate::tls::upstream::server_name(Some(&sni), t.addr);
+            Ok(Box::new(
+                crate::tls::upstream::handshake(&tls.tls, name, tcp).await?,
+            ))
+        }
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Whether `blocks` all appear in `data`, in order (Envoy's fuzzy match).
+fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
+    let mut at = 0;
+    for b in blocks {
+        match data[at..]
+            .windows(b.len().max(1))
+            .position(|w| w == b.as_slice())
+        {
+            Some(i) => at += i + b.len(),
+            None if b.is_empty() => {}
+            None => return false,
+        }
+    }
+    true
+}
+
+async fn tcp_check(send: &[u8], receive: &[Vec<u8>], t: &Target) -> Outcome {
+    let Ok(mut s) = connect(t).await else {
+        return Outcome::Network;
+    };
+    if !send.is_empty() && s.write_all(send).await.is_err() {
+        return Outcome::Network;
+    }
+    if receive.is_empty() {
+        return Outcome::Pass { degraded: false };
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if contains_in_order(&got, receive) {
+            return Outcome::Pass { degraded: false };
+        }
+        match s.read(&mut buf).await {
+            Ok(0) => return Outcome::Fail { retriable: false },
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return Outcome::Network,
+        }
+    }
+}
+
+async fn http_check(h: &HttpCheck, t: &Target) -> Outcome {
+    use http_body_util::BodyExt;
+    let Ok(io) = connect(t).await else {
+        return Outcome::Network;
+    };
+    let io = hyper_util::rt::TokioIo::new(io);
+    let body = http_body_util::Full::new(bytes::Bytes::from(h.send.clone().unwrap_or_default()));
+    let mut req = http::Request::builder()
+        .method(h.method.clone())
+        .uri(&h.path)
+        .header(http::header::HOST, &t.host)
+        .header(http::header::USER_AGENT, "Envoy/HC");
+    if h.http2 {
+        let scheme = if t.tls.is_some() { "https" } else { "http" };
+        req = req.uri(format!("{scheme}://{}{}", t.host, h.path));
+    }
+    let Ok(mut req) = req.body(body) else {
+        return Outcome::Fail { retriable: false };
+    };
+    for name in &h.headers_to_remove {
+        req.headers_mut().remove(name);
+    }
+    for (k, v, append) in &h.headers_to_add {
+        if *append {
+            req.headers_mut().append(k.clone(), v.clone());
+        } else {
+            req.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    let resp = if h.http2 {
+        let Ok((mut send, conn)) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await
+        else {
+            return Outcome::Network;
+        };
+        tokio::spawn(conn);
+        send.send_request(req).await
+    } else {
+        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(io).await else {
+            return Outcome::Network;
+        };
+        tokio::spawn(conn);
+        send.send_request(req).await
+    };
+    let Ok(resp) = resp else {
+        return Outcome::Network;
+    };
+    let status = resp.status().as_u16();
+    let degraded = resp.headers().contains_key("x-envoy-degraded");
+    if !h.expected(status) {
+        return Outcome::Fail {
+            retriable: h.retriable(status),
+        };
+    }
+    if !h.receive.is_empty() {
+        let mut got = Vec::new();
+        let mut body = resp.into_body();
+        while got.len() < h.response_buffer {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Some(d) = f.data_ref() {
+                        got.extend_from_slice(d);
+                    }
+                }
+                Some(Err(_)) => return Outcome::Network,
+                None => break,
+            }
+        }
+        got.truncate(h.response_buffer);
+        if !contains_in_order(&got, &h.receive) {
+            return Outcome::Fail { retriable: false };
+        }
+    }
+    Outcome::Pass { degraded }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fuzzy_payload_match() {
+        assert!(contains_in_order(
+            b"hello big world",
+            &[b"hello".to_vec(), b"world".to_vec()]
+        ));
+        assert!(!contains_in_order(
+            b"world hello",
+            &[b"hello".to_vec(), b"world".to_vec()]
+        ));
+        assert!(contains_in_order(b"", &[]));
+    }
+}
