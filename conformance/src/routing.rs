@@ -21,6 +21,9 @@ pub struct Scenario {
     /// scenario PKI, asking for client certificates from its CA).
     #[serde(default)]
     pub tls_upstreams: Vec<String>,
+    /// The ALPN protocols a TLS upstream offers (none unless listed).
+    #[serde(default)]
+    pub tls_upstream_alpn: BTreeMap<String, Vec<String>>,
     /// The bootstrap names `{{ACCESS_LOG}}` as an access log path: the
     /// lines each proxy wrote are compared too (as request `access-log`).
     #[serde(default)]
@@ -401,13 +404,17 @@ pub async fn run_file_with(
         &[],
         Some(&std::fs::read_to_string(pki.join("ca.pem"))?),
     );
+    let upstream_leaf = legate_tests::pki::Leaf::load(&pki, "upstream")?;
+    let ca_pem = std::fs::read_to_string(pki.join("ca.pem"))?;
     for name in &sc.tls_upstreams {
-        let u = legate_tests::echo::start_tls(
-            name,
-            "127.0.0.1:0".parse().unwrap(),
-            upstream_tls.clone(),
-        )
-        .await?;
+        let tls = match sc.tls_upstream_alpn.get(name) {
+            Some(alpn) => {
+                let alpn: Vec<&str> = alpn.iter().map(String::as_str).collect();
+                legate_tests::pki::server_config(&upstream_leaf, &alpn, Some(&ca_pem))
+            }
+            None => upstream_tls.clone(),
+        };
+        let u = legate_tests::echo::start_tls(name, "127.0.0.1:0".parse().unwrap(), tls).await?;
         text = text.replace(
             &format!("{{{{UPSTREAM_{name}}}}}"),
             &u.addr.port().to_string(),

@@ -48,6 +48,49 @@ pub struct HostTls {
     pub connect: Option<Arc<crate::tls::upstream::TlsConnect>>,
 }
 
+/// `auto_config` over TLS: what each host's ALPN picked, and the
+/// cluster's TLS contexts narrowed to that one protocol. A host's first
+/// connection offers h2 and http/1.1; later ones offer what it picked, so
+/// pingora (which must know the protocol before it connects) speaks it.
+#[derive(Debug, Default)]
+pub struct AutoAlpn {
+    /// (host, SNI) → h2.
+    picked: Mutex<HashMap<(SocketAddr, Option<String>), bool>>,
+    /// (context, h2) → the narrowed context.
+    narrowed: Mutex<HashMap<(usize, bool), Arc<crate::config::tls::ClientTls>>>,
+}
+
+impl AutoAlpn {
+    pub fn picked(&self, addr: SocketAddr, sni: &Option<String>) -> Option<bool> {
+        self.picked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(addr, sni.clone()))
+            .copied()
+    }
+
+    pub fn record(&self, addr: SocketAddr, sni: &Option<String>, h2: bool) {
+        self.picked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((addr, sni.clone()), h2);
+    }
+
+    pub fn narrowed(
+        &self,
+        base: &Arc<crate::config::tls::ClientTls>,
+        h2: bool,
+    ) -> Arc<crate::config::tls::ClientTls> {
+        let key = (Arc::as_ptr(base) as usize, h2);
+        self.narrowed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert_with(|| Arc::new(base.with_alpn(if h2 { &["h2"] } else { &["http/1.1"] })))
+            .clone()
+    }
+}
+
 /// One set of hosts with its balancer.
 struct Pool {
     hosts: Vec<Arc<UpstreamHost>>,
@@ -535,6 +578,8 @@ pub struct Cluster {
     pub outlier: Option<crate::outlier::Detector>,
     /// Active health checking, when configured.
     pub health: Option<Arc<crate::health_check::Checker>>,
+    /// `auto_config`'s per-host protocol choices.
+    pub alpn: AutoAlpn,
     /// The last published host set, to publish again when a host is
     /// ejected or comes back (kept only with outlier detection).
     last_published: Mutex<Option<(Resolved, u32)>>,
@@ -586,6 +631,7 @@ impl Cluster {
                 .health_check
                 .clone()
                 .map(|h| Arc::new(crate::health_check::Checker::new(&config.name, h))),
+            alpn: AutoAlpn::default(),
             last_published: Mutex::new(None),
             pool_key,
             requests_on: Mutex::new(HashMap::new()),

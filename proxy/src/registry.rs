@@ -1260,7 +1260,12 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        &["explicit_http_config", "common_http_protocol_options"],
+        &["explicit_http_config", "common_http_protocol_options", "auto_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
         &[],
     ),
     m(

@@ -38,10 +38,16 @@ async fn a_failing_host_leaves_rotation_and_returns() {
         "http_health_check": {"path": "/healthy-if/a,b"},
     }]});
     let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "hc"}}]));
-    let (_l, url, admin) = start(hcm(rc, json!({})), vec![cluster("hc", &[a.addr, b.addr], hc)]);
+    let (_l, url, admin) = start(
+        hcm(rc, json!({})),
+        vec![cluster("hc", &[a.addr, b.addr], hc)],
+    );
     assert_eq!(stat(admin, "cluster.hc.health_check.healthy"), Some(2));
     let both = served(&format!("{url}/x"), 6);
-    assert!(both.contains(&"a".to_string()) && both.contains(&"b".to_string()), "{both:?}");
+    assert!(
+        both.contains(&"a".to_string()) && both.contains(&"b".to_string()),
+        "{both:?}"
+    );
 
     // b goes away: connections refused count as network failures.
     drop(b);

@@ -41,6 +41,9 @@ pub enum DnsFamily {
 pub enum UpstreamProtocol {
     Http1,
     Http2,
+    /// `auto_config`: over TLS, what ALPN (offering h2 and http/1.1)
+    /// picks; in plaintext, HTTP/1.1.
+    Auto,
 }
 
 /// One configured endpoint: a host name or IP literal, before resolution.
@@ -379,10 +382,25 @@ impl ClusterConfig {
                         ))
                     }
                 },
+                Some(U::AutoConfig(a)) => {
+                    if a.http3_protocol_options.is_some() {
+                        return Err(ConfigError::new(
+                            join(&p, "auto_config.http3_protocol_options"),
+                            "HTTP/3 upstreams are not supported",
+                        ));
+                    }
+                    protocol = UpstreamProtocol::Auto;
+                    if let Some(h2) = &a.http2_protocol_options {
+                        warn_upstream_windows(h2, &join(&p, "auto_config.http2_protocol_options"));
+                        if let Some(m) = h2.max_concurrent_streams.val() {
+                            max_concurrent_streams = m;
+                        }
+                    }
+                }
                 Some(_) => {
                     return Err(ConfigError::new(
                         join(&p, "upstream_protocol_options"),
-                        "only explicit_http_config is supported",
+                        "only explicit_http_config and auto_config are supported",
                     ))
                 }
                 None => {}
@@ -428,7 +446,7 @@ impl ClusterConfig {
             (None, Some(d)) => duration(d, &join(path, "dns_refresh_rate"))?,
             (None, None) => Duration::from_secs(5),
         };
-        Ok(Self {
+        let built = Self {
             circuit_breakers: super::circuit_breakers::CircuitBreakers::from_proto(
                 c.circuit_breakers.as_ref(),
                 &join(path, "circuit_breakers"),
@@ -482,11 +500,7 @@ impl ClusterConfig {
             max_concurrent_streams,
             eds,
             tls: match &c.transport_socket {
-                Some(ts) => super::tls::upstream(
-                    ts,
-                    &join(path, "transport_socket"),
-                    protocol == UpstreamProtocol::Http2,
-                )?,
+                Some(ts) => super::tls::upstream(ts, &join(path, "transport_socket"), protocol)?,
                 None => None,
             },
             tls_matches: c
@@ -507,15 +521,29 @@ impl ClusterConfig {
                             Some(serde_json::Value::Object(o)) => o,
                             _ => serde_json::Map::new(),
                         },
-                        tls: super::tls::upstream(
-                            ts,
-                            &join(&p, "transport_socket"),
-                            protocol == UpstreamProtocol::Http2,
-                        )?,
+                        tls: super::tls::upstream(ts, &join(&p, "transport_socket"), protocol)?,
                     })
                 })
                 .collect::<Result<_>>()?,
-        })
+        };
+        built.check_auto_config(path)?;
+        Ok(built)
+    }
+
+    /// `auto_config` needs ALPN: every transport socket of the cluster
+    /// must be TLS, as Envoy requires.
+    fn check_auto_config(&self, path: &str) -> Result<()> {
+        let plaintext = self.tls.is_none() || self.tls_matches.iter().any(|m| m.tls.is_none());
+        if self.protocol == UpstreamProtocol::Auto && plaintext {
+            return Err(ConfigError::new(
+                join(path, "typed_extension_protocol_options"),
+                format!(
+                    "ALPN configured for cluster {} which has a non-ALPN transport socket",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -72,6 +72,22 @@ pub struct ClientTls {
     pub sds: Vec<(String, XdsSource)>,
 }
 
+impl ClientTls {
+    /// The same context offering only `alpn`.
+    pub fn with_alpn(&self, alpn: &[&str]) -> ClientTls {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        ClientTls {
+            config: Arc::new(config),
+            sni: self.sni.clone(),
+            auto_host_sni: self.auto_host_sni,
+            alpn: alpn.iter().map(|a| a.to_string()).collect(),
+            key: self.key,
+            sds: self.sds.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTls")
@@ -117,7 +133,7 @@ pub fn downstream(ts: &core::TransportSocket, path: &str) -> Result<Option<Arc<S
 pub fn upstream(
     ts: &core::TransportSocket,
     path: &str,
-    h2: bool,
+    protocol: super::cluster::UpstreamProtocol,
 ) -> Result<Option<Arc<ClientTls>>> {
     let (tn, bytes) = any(ts, path)?;
     let tc = join(path, "typed_config");
@@ -126,7 +142,7 @@ pub fn upstream(
         UPSTREAM_TLS => {
             let u: pb::UpstreamTlsContext =
                 prost::Message::decode(bytes).map_err(|e| ConfigError::new(&tc, e.to_string()))?;
-            Ok(Some(Arc::new(client_tls(&u, &tc, h2)?)))
+            Ok(Some(Arc::new(client_tls(&u, &tc, protocol)?)))
         }
         _ => Err(ConfigError::new(
             tc,
@@ -659,7 +675,11 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
     })
 }
 
-fn client_tls(u: &pb::UpstreamTlsContext, path: &str, h2: bool) -> Result<ClientTls> {
+fn client_tls(
+    u: &pb::UpstreamTlsContext,
+    path: &str,
+    protocol: super::cluster::UpstreamProtocol,
+) -> Result<ClientTls> {
     let c = common(u.common_tls_context.as_ref(), path)?;
     if c.certs.len() > 1 {
         return Err(ConfigError::new(
@@ -682,8 +702,10 @@ fn client_tls(u: &pb::UpstreamTlsContext, path: &str, h2: bool) -> Result<Client
     };
     let alpn = if !c.alpn.is_empty() {
         c.alpn
-    } else if h2 {
+    } else if protocol == super::cluster::UpstreamProtocol::Http2 {
         vec!["h2".to_string()]
+    } else if protocol == super::cluster::UpstreamProtocol::Auto {
+        vec!["h2".to_string(), "http/1.1".to_string()]
     } else {
         Vec::new()
     };

@@ -159,6 +159,8 @@ pub struct Ctx {
     /// filters see local replies too.
     filters_active: Vec<usize>,
     filter_states: Vec<Option<crate::http_filters::State>>,
+    /// This attempt's upstream speaks HTTP/1 (set with its peer).
+    upstream_h1: bool,
     /// Dynamic metadata the filters wrote.
     metadata: crate::http_filters::Metadata,
 }
@@ -766,6 +768,46 @@ impl HcmProxy {
         }
     }
 
+    /// `auto_config` over TLS: the connector for this host and whether it
+    /// speaks h2. A host's protocol is learnt from its first handshake
+    /// (offering h2 and http/1.1, made here so its ALPN is known before
+    /// pingora picks a codec); later connections offer only that protocol.
+    async fn auto_alpn(
+        cluster: &Cluster,
+        addr: std::net::SocketAddr,
+        connect: &Arc<crate::tls::upstream::TlsConnect>,
+    ) -> (
+        Arc<dyn pingora_core::connectors::L4Connect + Send + Sync>,
+        bool,
+    ) {
+        use crate::tls::upstream::{Prepared, Probe, TlsConnect};
+        let narrowed = |h2: bool| {
+            Arc::new(TlsConnect {
+                tls: cluster.alpn.narrowed(&connect.tls, h2),
+                sni: connect.sni.clone(),
+                timeout: connect.timeout,
+                keepalive: connect.keepalive,
+            })
+        };
+        if let Some(h2) = cluster.alpn.picked(addr, &connect.sni) {
+            return (narrowed(h2), h2);
+        }
+        let probe = Probe::run(connect, addr).await;
+        let h2 = match &probe {
+            Probe::Ready(s) => {
+                let h2 = crate::tls::upstream::negotiated_h2(s);
+                cluster.alpn.record(addr, &connect.sni, h2);
+                h2
+            }
+            _ => false,
+        };
+        let prepared = Prepared {
+            probe: std::sync::Mutex::new(Some(probe)),
+            then: narrowed(h2),
+        };
+        (Arc::new(prepared), h2)
+    }
+
     /// Takes the request's circuit breaker slots on its chosen cluster: a
     /// connection for an HTTP/1 upstream (each request holds one; waiting
     /// for one is Envoy's pending request, bounded by the route timeout),
@@ -773,7 +815,9 @@ impl HcmProxy {
     async fn take_slots(cluster: &Cluster, ctx: &mut Ctx) -> Result<()> {
         (ctx.cx_slot, ctx.rq_slot) = (None, None);
         let b = cluster.breakers.default_priority();
-        if cluster.config.protocol == crate::config::cluster::UpstreamProtocol::Http1 {
+        // An `auto_config` cluster's protocol is known per connection only:
+        // its requests hold connection slots as HTTP/1 ones do.
+        if cluster.config.protocol != crate::config::cluster::UpstreamProtocol::Http2 {
             let cx = match b.connections.try_acquire() {
                 Some(cx) => cx,
                 // Envoy opens a pool's first connection over the limit.
@@ -1503,6 +1547,7 @@ impl ProxyHttp for HcmProxy {
         ctx.upstream_started = Some(Instant::now());
 
         let cfg = &cluster.config;
+        let mut h2 = cfg.protocol == crate::config::cluster::UpstreamProtocol::Http2;
         let mut peer = match &host.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
             // pingora sees plaintext; the TLS is ours (`tls::upstream`). The
@@ -1520,10 +1565,19 @@ impl ProxyHttp for HcmProxy {
                 };
                 let mut peer =
                     HttpPeer::new(host.addr, false, connect.sni.clone().unwrap_or_default());
-                peer.options.custom_l4 = Some(connect);
+                peer.options.custom_l4 = Some(
+                    if cfg.protocol == crate::config::cluster::UpstreamProtocol::Auto {
+                        let (l4, picked) = Self::auto_alpn(&cluster, host.addr, &connect).await;
+                        h2 = picked;
+                        l4
+                    } else {
+                        connect
+                    },
+                );
                 peer
             }
         };
+        ctx.upstream_h1 = !h2;
         peer.group_key = cluster.pool_key;
         peer.options.tcp_keepalive =
             cfg.tcp_keepalive
@@ -1547,7 +1601,7 @@ impl ProxyHttp for HcmProxy {
         peer.options.read_timeout = t;
         peer.options.write_timeout = Some(t.unwrap_or(Duration::from_secs(60)));
         peer.options.idle_timeout = cfg.upstream_idle_timeout;
-        if cfg.protocol == crate::config::cluster::UpstreamProtocol::Http2 {
+        if h2 {
             peer.options.alpn = ALPN::H2;
             peer.options.max_h2_streams = (cfg.max_concurrent_streams as usize).clamp(1, 1000);
         }
@@ -1612,11 +1666,7 @@ impl ProxyHttp for HcmProxy {
         }
         // Envoy's HTTP/1 codec states an empty body explicitly for methods
         // that may carry one.
-        let http1_upstream = ctx
-            .cluster
-            .as_ref()
-            .is_some_and(|c| c.config.protocol == crate::config::cluster::UpstreamProtocol::Http1);
-        if http1_upstream
+        if ctx.upstream_h1
             && !matches!(
                 req.method,
                 http::Method::GET

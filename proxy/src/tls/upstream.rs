@@ -49,6 +49,76 @@ pub struct TlsConnect {
     pub keepalive: Option<crate::config::cluster::TcpKeepalive>,
 }
 
+impl TlsConnect {
+    /// TCP connect and the TLS handshake (the caller bounds it by the
+    /// connect timeout).
+    pub async fn handshake_with(&self, inet: SocketAddr) -> std::io::Result<TlsStream> {
+        let tcp = TcpStream::connect(inet).await?;
+        tcp.set_nodelay(true)?;
+        if let Some(k) = &self.keepalive {
+            k.apply(&tcp)?;
+        }
+        handshake(&self.tls, server_name(self.sni.as_deref(), inet), tcp).await
+    }
+}
+
+/// The protocol ALPN picked on a handshake: true for h2.
+pub fn negotiated_h2(s: &TlsStream) -> bool {
+    s.get_ref().1.alpn_protocol() == Some(b"h2")
+}
+
+/// A connection attempt made before pingora asked for one.
+#[derive(Debug)]
+pub enum Probe {
+    Ready(TlsStream),
+    Failed(std::io::Error),
+    TimedOut,
+}
+
+impl Probe {
+    /// Connects and handshakes with `c` within its connect timeout.
+    pub async fn run(c: &TlsConnect, inet: SocketAddr) -> Probe {
+        match tokio::time::timeout(c.timeout, c.handshake_with(inet)).await {
+            Ok(Ok(s)) => Probe::Ready(s),
+            Ok(Err(e)) => Probe::Failed(e),
+            Err(_) => Probe::TimedOut,
+        }
+    }
+}
+
+/// pingora's `custom_l4` handing over a probed connection (its ALPN
+/// already read), or the probe's failure as pingora's connect error; a
+/// later connection goes through `then`.
+#[derive(Debug)]
+pub struct Prepared {
+    pub probe: std::sync::Mutex<Option<Probe>>,
+    pub then: Arc<TlsConnect>,
+}
+
+#[async_trait]
+impl pingora_core::connectors::L4Connect for Prepared {
+    async fn connect(
+        &self,
+        addr: &pingora_core::protocols::l4::socket::SocketAddr,
+    ) -> pingora_error::Result<pingora_core::protocols::l4::stream::Stream> {
+        use pingora_error::{Error, ErrorType};
+        let probe = self.probe.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match probe {
+            Some(Probe::Ready(s)) => Ok(VirtualSocketStream::new(Box::new(TlsSocket(s))).into()),
+            Some(Probe::Failed(e)) => Error::e_because(
+                ErrorType::ConnectError,
+                format!("TLS connection to {addr}"),
+                e,
+            ),
+            Some(Probe::TimedOut) => Error::e_explain(
+                ErrorType::ConnectTimedout,
+                format!("TLS connection to {addr}: timed out"),
+            ),
+            None => self.then.connect(addr).await,
+        }
+    }
+}
+
 #[async_trait]
 impl pingora_core::connectors::L4Connect for TlsConnect {
     async fn connect(
@@ -59,15 +129,7 @@ impl pingora_core::connectors::L4Connect for TlsConnect {
         let Some(inet) = addr.as_inet().copied() else {
             return Error::e_explain(ErrorType::ConnectError, "TLS upstreams need an IP address");
         };
-        let work = async {
-            let tcp = TcpStream::connect(inet).await?;
-            tcp.set_nodelay(true)?;
-            if let Some(k) = &self.keepalive {
-                k.apply(&tcp)?;
-            }
-            handshake(&self.tls, server_name(self.sni.as_deref(), inet), tcp).await
-        };
-        match tokio::time::timeout(self.timeout, work).await {
+        match tokio::time::timeout(self.timeout, self.handshake_with(inet)).await {
             Ok(Ok(s)) => Ok(VirtualSocketStream::new(Box::new(TlsSocket(s))).into()),
             Ok(Err(e)) => Error::e_because(
                 ErrorType::ConnectError,
