@@ -745,6 +745,28 @@ impl Cluster {
             .collect()
     }
 
+    /// A host's SNI when it is fixed per host (the context's `sni`, or with
+    /// `auto_host_sni` the endpoint's hostname); None when each request
+    /// picks it (`auto_sni`). The inner None: no SNI.
+    fn host_sni(
+        &self,
+        tls: &crate::config::tls::ClientTls,
+        e: &EndpointConfig,
+    ) -> Option<Option<String>> {
+        use crate::config::tls::SniFrom;
+        let fixed = Some(tls.sni.clone()).filter(|s| !s.is_empty());
+        match &tls.sni_from {
+            SniFrom::Fixed => Some(fixed),
+            SniFrom::EndpointHostname => {
+                let named = [e.hostname.as_str(), e.host.as_str()]
+                    .into_iter()
+                    .find(|h| !h.is_empty() && h.parse::<std::net::IpAddr>().is_err());
+                Some(named.map(str::to_string).or(fixed))
+            }
+            SniFrom::Request { .. } => None,
+        }
+    }
+
     /// Publishes a new host set: (priority, [(endpoint, its addresses)]).
     pub fn set_hosts(&self, resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>) {
         self.publish(resolved, self.config.overprovisioning_factor);
@@ -835,10 +857,10 @@ impl Cluster {
                         locality_weight: e.locality_weight,
                         active_requests: cell,
                         tls: self.config.tls_for(&e).map(|tls| HostTls {
-                            connect: (!tls.auto_host_sni).then(|| {
+                            connect: self.host_sni(&tls, &e).map(|sni| {
                                 Arc::new(crate::tls::upstream::TlsConnect {
                                     tls: tls.clone(),
-                                    sni: Some(tls.sni.clone()).filter(|s| !s.is_empty()),
+                                    sni,
                                     timeout: self.config.connect_timeout,
                                     keepalive: self.config.tcp_keepalive,
                                 })

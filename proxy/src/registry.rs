@@ -1260,7 +1260,17 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        &["explicit_http_config", "common_http_protocol_options", "auto_config"],
+        &[
+            "explicit_http_config",
+            "common_http_protocol_options",
+            "auto_config",
+            "upstream_http_protocol_options",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.UpstreamHttpProtocolOptions",
+        &["auto_sni", "auto_san_validation", "override_auto_sni_header"],
         &[],
     ),
     m(

@@ -342,6 +342,7 @@ impl ClusterConfig {
             .as_ref()
             .and_then(|h| h.max_concurrent_streams.val())
             .unwrap_or(2147483647);
+        let mut auto_sni = super::tls::AutoSni::default();
         for (key, any) in &c.typed_extension_protocol_options {
             let p = format!(
                 "{}[{key:?}]",
@@ -360,6 +361,21 @@ impl ClusterConfig {
             use up::http_protocol_options::{
                 explicit_http_config::ProtocolConfig, UpstreamProtocolOptions as U,
             };
+            if let Some(u) = &o.upstream_http_protocol_options {
+                let up = join(&p, "upstream_http_protocol_options");
+                auto_sni = super::tls::AutoSni {
+                    auto_sni: u.auto_sni,
+                    auto_san_validation: u.auto_san_validation,
+                    header: (!u.override_auto_sni_header.is_empty())
+                        .then(|| {
+                            crate::headers::header_name(
+                                &u.override_auto_sni_header,
+                                &join(&up, "override_auto_sni_header"),
+                            )
+                        })
+                        .transpose()?,
+                };
+            }
             match &o.upstream_protocol_options {
                 Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
                     Some(ProtocolConfig::HttpProtocolOptions(_)) => {
@@ -500,7 +516,9 @@ impl ClusterConfig {
             max_concurrent_streams,
             eds,
             tls: match &c.transport_socket {
-                Some(ts) => super::tls::upstream(ts, &join(path, "transport_socket"), protocol)?,
+                Some(ts) => {
+                    super::tls::upstream(ts, &join(path, "transport_socket"), protocol, &auto_sni)?
+                }
                 None => None,
             },
             tls_matches: c
@@ -521,7 +539,12 @@ impl ClusterConfig {
                             Some(serde_json::Value::Object(o)) => o,
                             _ => serde_json::Map::new(),
                         },
-                        tls: super::tls::upstream(ts, &join(&p, "transport_socket"), protocol)?,
+                        tls: super::tls::upstream(
+                            ts,
+                            &join(&p, "transport_socket"),
+                            protocol,
+                            &auto_sni,
+                        )?,
                     })
                 })
                 .collect::<Result<_>>()?,

@@ -61,15 +61,36 @@ impl ServerTls {
 /// and its session cache resumes across connections.
 pub struct ClientTls {
     pub config: Arc<rustls::ClientConfig>,
-    /// `sni`; empty: none (unless `auto_host_sni`).
+    /// `sni`; empty: none (unless chosen per host or request).
     pub sni: String,
-    pub auto_host_sni: bool,
+    /// Where each connection's SNI comes from.
+    pub sni_from: SniFrom,
     pub alpn: Vec<String>,
     /// Changes when the context does: part of the upstream pool key, so a
     /// connection made under an old context is never reused under a new one.
     pub key: u64,
     /// SDS secrets it uses: the cluster warms until they are present.
     pub sds: Vec<(String, XdsSource)>,
+}
+
+/// Where an upstream connection's SNI comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SniFrom {
+    /// `sni` (none when empty).
+    Fixed,
+    /// `auto_host_sni`: the endpoint's hostname, else `sni`.
+    EndpointHostname,
+    /// `upstream_http_protocol_options.auto_sni`: the upstream request's
+    /// host, or the header `override_auto_sni_header` names when present.
+    Request { header: Option<http::HeaderName> },
+}
+
+/// A cluster's `upstream_http_protocol_options`.
+#[derive(Debug, Clone, Default)]
+pub struct AutoSni {
+    pub auto_sni: bool,
+    pub auto_san_validation: bool,
+    pub header: Option<http::HeaderName>,
 }
 
 impl ClientTls {
@@ -80,7 +101,7 @@ impl ClientTls {
         ClientTls {
             config: Arc::new(config),
             sni: self.sni.clone(),
-            auto_host_sni: self.auto_host_sni,
+            sni_from: self.sni_from.clone(),
             alpn: alpn.iter().map(|a| a.to_string()).collect(),
             key: self.key,
             sds: self.sds.clone(),
@@ -134,6 +155,7 @@ pub fn upstream(
     ts: &core::TransportSocket,
     path: &str,
     protocol: super::cluster::UpstreamProtocol,
+    auto: &AutoSni,
 ) -> Result<Option<Arc<ClientTls>>> {
     let (tn, bytes) = any(ts, path)?;
     let tc = join(path, "typed_config");
@@ -142,7 +164,7 @@ pub fn upstream(
         UPSTREAM_TLS => {
             let u: pb::UpstreamTlsContext =
                 prost::Message::decode(bytes).map_err(|e| ConfigError::new(&tc, e.to_string()))?;
-            Ok(Some(Arc::new(client_tls(&u, &tc, protocol)?)))
+            Ok(Some(Arc::new(client_tls(&u, &tc, protocol, auto)?)))
         }
         _ => Err(ConfigError::new(
             tc,
@@ -679,6 +701,7 @@ fn client_tls(
     u: &pb::UpstreamTlsContext,
     path: &str,
     protocol: super::cluster::UpstreamProtocol,
+    auto: &AutoSni,
 ) -> Result<ClientTls> {
     let c = common(u.common_tls_context.as_ref(), path)?;
     if c.certs.len() > 1 {
@@ -693,7 +716,7 @@ fn client_tls(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
             trust: c.trust,
-            san_is_sni: u.auto_sni_san_validation,
+            san_is_sni: u.auto_sni_san_validation || auto.auto_san_validation,
             algs: c.provider.signature_verification_algorithms,
         }));
     let mut config = match c.certs.into_iter().next() {
@@ -710,12 +733,21 @@ fn client_tls(
         Vec::new()
     };
     config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-    // Envoy sends SNI only when told to (`sni`, `auto_host_sni`).
-    config.enable_sni = !u.sni.is_empty() || u.auto_host_sni;
+    // Envoy sends SNI only when told to (`sni`, `auto_host_sni`,
+    // `auto_sni`).
+    config.enable_sni = !u.sni.is_empty() || u.auto_host_sni || auto.auto_sni;
     Ok(ClientTls {
         config: Arc::new(config),
         sni: u.sni.clone(),
-        auto_host_sni: u.auto_host_sni,
+        sni_from: if auto.auto_sni {
+            SniFrom::Request {
+                header: auto.header.clone(),
+            }
+        } else if u.auto_host_sni {
+            SniFrom::EndpointHostname
+        } else {
+            SniFrom::Fixed
+        },
         alpn,
         key: xxhash_rust::xxh64::xxh64(&prost::Message::encode_to_vec(u), 0),
         sds: c.sds,

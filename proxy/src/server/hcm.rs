@@ -768,6 +768,41 @@ impl HcmProxy {
         }
     }
 
+    /// `auto_sni`: the SNI is the upstream request's host (after host
+    /// rewrites, the automatic one to the host's name included), or the
+    /// header `override_auto_sni_header` names when the request has it.
+    fn request_sni(
+        tls: &crate::config::tls::ClientTls,
+        req: &RequestHeader,
+        ctx: &Ctx,
+        host: &crate::cluster_manager::UpstreamHost,
+    ) -> Option<String> {
+        use crate::config::tls::SniFrom;
+        if let SniFrom::Request { header: Some(h) } = &tls.sni_from {
+            if let Some(v) = req.headers.get(h).and_then(|v| v.to_str().ok()) {
+                return Some(v.to_string()).filter(|s| !s.is_empty());
+            }
+        }
+        let auto_rewrite = matches!(
+            ctx.selected.as_ref().map(|s| &s.route().action),
+            Some(Action::Forward(ra)) if matches!(ra.host_rewrite, Some(HostRewrite::Auto))
+        );
+        let h = if auto_rewrite && !host.hostname.is_empty() {
+            host.hostname.as_str()
+        } else {
+            req.uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    req.headers
+                        .get(http::header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                })
+                .unwrap_or("")
+        };
+        Some(crate::routing::strip_port(h).to_string()).filter(|s| !s.is_empty())
+    }
+
     /// `auto_config` over TLS: the connector for this host and whether it
     /// speaks h2. A host's protocol is learnt from its first handshake
     /// (offering h2 and http/1.1, made here so its ALPN is known before
@@ -1557,8 +1592,7 @@ impl ProxyHttp for HcmProxy {
                     Some(c) => c.clone(),
                     None => Arc::new(crate::tls::upstream::TlsConnect {
                         tls: t.tls.clone(),
-                        sni: Some(crate::routing::strip_port(&ctx.original_host).to_string())
-                            .filter(|s| !s.is_empty()),
+                        sni: Self::request_sni(&t.tls, session.req_header(), ctx, &host),
                         timeout: cfg.connect_timeout,
                         keepalive: cfg.tcp_keepalive,
                     }),
