@@ -38,6 +38,11 @@ pub struct Scenario {
     /// `{{JWKS}}`, or the port of a real JWKS server as `{{JWKS_PORT}}`.
     #[serde(default)]
     pub jwt_tokens: BTreeMap<String, JwtToken>,
+    /// Upstreams whose received requests are compared (as request
+    /// `received-by-<name>`): mirror clusters, which the client never
+    /// hears from.
+    #[serde(default)]
+    pub received_by: Vec<String>,
 }
 
 /// A token to sign: with key `key` (`rsa`, `ec256`, `ec384`, `ed`, `hs`),
@@ -108,6 +113,8 @@ struct Seen {
     requests: Vec<Observation>,
     access_log: Vec<String>,
     stats: Vec<String>,
+    /// What each `received_by` upstream was sent.
+    received: Vec<Vec<serde_json::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,10 +195,14 @@ fn observe_both(
     work: &std::path::Path,
     access_log: &Path,
     before_each: &(dyn Fn() + Sync),
+    received_by: &[Received],
 ) -> std::result::Result<BTreeMap<Kind, Seen>, (Kind, String)> {
     let mut seen = BTreeMap::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let _ = std::fs::remove_file(access_log);
+        for r in received_by {
+            r.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         before_each();
         let running =
             proxies::start(bins, kind, cfg, admin, work).map_err(|e| (kind, format!("{e:#}")))?;
@@ -214,6 +225,7 @@ fn observe_both(
                 .map_or(0, |s: &Seen| s.access_log.len());
             wait_for_log_lines(access_log, envoys);
         }
+        let received = received_by.iter().map(|r| settled(r)).collect();
         let stats = sc
             .stats
             .iter()
@@ -231,6 +243,7 @@ fn observe_both(
                 requests,
                 access_log,
                 stats,
+                received,
             },
         );
     }
@@ -262,6 +275,39 @@ fn wait_for_log_lines(path: &Path, at_least: usize) {
         }
         last = now;
     }
+}
+
+/// What an upstream records of the requests it answers.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// An upstream's requests once no more have come for 300 ms (mirrors are
+/// sent in the background), sorted (they arrive in any order), without
+/// what differs between runs by nature (request ids, ports).
+fn settled(r: &Received) -> Vec<serde_json::Value> {
+    let len = || r.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let mut last = len();
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = len();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let mut v: Vec<serde_json::Value> = r
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .map(|mut j| {
+            if let Some(h) = j.get_mut("headers").and_then(|h| h.as_object_mut()) {
+                h.remove("x-request-id");
+            }
+            j
+        })
+        .collect();
+    v.sort_by_key(|j| j.to_string());
+    v
 }
 
 /// START_TIME differs between runs by nature.
@@ -469,7 +515,22 @@ pub async fn run_file_with(
             .replace("{{ACCESS_LOG}}", &access_log.display().to_string());
         let cfg = work.join(format!("{stem}.yaml"));
         std::fs::write(&cfg, &text)?;
-        match observe_both(bins, &sc, &cfg, port, admin, work, &access_log, before_each) {
+        let received: Vec<Received> = sc
+            .received_by
+            .iter()
+            .filter_map(|n| ups.iter().find(|u| &u.name == n).map(|u| u.seen.clone()))
+            .collect();
+        match observe_both(
+            bins,
+            &sc,
+            &cfg,
+            port,
+            admin,
+            work,
+            &access_log,
+            before_each,
+            &received,
+        ) {
             Ok(seen) => break seen,
             Err((kind, e)) if attempts < 3 && e.contains("Address already in use") => {
                 eprintln!(
@@ -515,6 +576,24 @@ pub async fn run_file_with(
             Outcome::Mismatch(vec![format!("stats: envoy {e:?} / legate {l:?}")])
         };
         report.add(tier, &stem, "stats", outcome);
+    }
+    for (i, name) in sc.received_by.iter().enumerate() {
+        let (e, l) = (
+            &seen[&Kind::Envoy].received[i],
+            &seen[&Kind::Legate].received[i],
+        );
+        let outcome = if e.is_empty() {
+            Outcome::HarnessError(vec![format!("envoy sent {name} nothing")])
+        } else if e == l {
+            Outcome::Match
+        } else {
+            Outcome::Mismatch(vec![format!(
+                "received by {name}: envoy {} / legate {}",
+                serde_json::Value::from(e.clone()),
+                serde_json::Value::from(l.clone())
+            )])
+        };
+        report.add(tier, &stem, &format!("received-by-{name}"), outcome);
     }
     for (i, r) in sc.requests.iter().enumerate() {
         let oracle: Vec<String> = check_expect(&r.expect, &envoy[i])

@@ -461,6 +461,20 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m("envoy.type.v3.Int64Range", &["start", "end"], &[]),
     m(
+        "envoy.config.route.v3.RouteAction.RequestMirrorPolicy",
+        &[
+            "cluster",
+            "cluster_header",
+            "runtime_fraction",
+            "disable_shadow_host_suffix_append",
+            "host_rewrite_literal",
+        ],
+        &[(
+            "trace_sampled",
+            "tracing is not implemented yet; sampling changes no traffic",
+        )],
+    ),
+    m(
         "envoy.config.route.v3.RouteAction",
         &[
             "cluster",
@@ -480,6 +494,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "append_x_forwarded_host",
             "rate_limits",
             "include_vh_rate_limits",
+            "request_mirror_policies",
         ],
         &[],
     ),

@@ -626,13 +626,29 @@ async fn auto_host_sni_with_san_validation_checks_the_host_against_the_certifica
     let ctx = json!({"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": UP_TLS_CTX, "auto_host_sni": true, "auto_sni_san_validation": true,
         "common_tls_context": {"validation_context": {"trusted_ca": file(&ca.ca_path())}}}}});
-    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "auto"}}]));
-    let (_l, url, _admin) = start(hcm(rc, json!({})), vec![cluster("auto", &[up.addr], ctx)]);
-    let r = try_curl(&format!("{url}/"), &["-H", "host: up.test"]).unwrap();
+    // auto_host_sni sends the endpoint's hostname (Envoy's documented
+    // behaviour, conformance tls-upstream-auto-sni), whatever the request's
+    // host.
+    let named = |name: &str, host: &str| {
+        let mut c = cluster(name, &[up.addr], ctx.clone());
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["hostname"] =
+            json!(host);
+        c
+    };
+    let rc = routes(json!([
+        {"match": {"prefix": "/other"}, "route": {"cluster": "other"}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "auto"}},
+    ]));
+    let (_l, url, _admin) = start(
+        hcm(rc, json!({})),
+        vec![named("auto", "up.test"), named("other", "other.test")],
+    );
+    let r = try_curl(&format!("{url}/"), &["-H", "host: anything.test"]).unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.headers.contains("x-echo-sni: up.test"), "{}", r.headers);
-    // Another host: its SNI is sent, and the certificate does not cover it.
-    let r = try_curl(&format!("{url}/"), &["-H", "host: other.test"]).unwrap();
+    // Another host name: its SNI is sent, and the certificate does not
+    // cover it.
+    let r = try_curl(&format!("{url}/other"), &["-H", "host: up.test"]).unwrap();
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::Relaxed), 1);
 }

@@ -23,6 +23,9 @@ pub struct Echo {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicU64>,
+    /// The JSON description of every request answered through `handle`
+    /// (what a mirror cluster received, say).
+    pub seen: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     /// Connections accepted.
     pub conns: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -69,6 +72,7 @@ fn websocket_accept(key: &[u8]) -> String {
 async fn handle(
     name: Arc<String>,
     hits: Arc<AtomicU64>,
+    seen: Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, hyper::Error> {
     hits.fetch_add(1, Ordering::Relaxed);
@@ -164,6 +168,9 @@ async fn handle(
         "headers": headers,
         "body": String::from_utf8_lossy(&body),
     });
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(json.clone());
     Ok(Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -207,14 +214,15 @@ async fn start_inner(
     let name_arc = Arc::new(name.to_string());
     let hits = Arc::new(AtomicU64::new(0));
     let conns = Arc::new(AtomicU64::new(0));
-    let (n, h, accepted) = (name_arc.clone(), hits.clone(), conns.clone());
+    let seen: Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let (n, h, accepted, sn) = (name_arc.clone(), hits.clone(), conns.clone(), seen.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = listener.accept().await else {
                 continue;
             };
             accepted.fetch_add(1, Ordering::Relaxed);
-            let (n, h, f, tls) = (n.clone(), h.clone(), fixed.clone(), tls.clone());
+            let (n, h, f, tls, sn) = (n.clone(), h.clone(), fixed.clone(), tls.clone(), sn.clone());
             tokio::spawn(async move {
                 let mut conn_headers: Vec<(&'static str, String)> = Vec::new();
                 let io: Box<dyn Io> = match tls {
@@ -237,14 +245,20 @@ async fn start_inner(
                 };
                 let conn_headers = Arc::new(conn_headers);
                 let svc = hyper::service::service_fn(move |req| {
-                    let (n, h, f, ch) = (n.clone(), h.clone(), f.clone(), conn_headers.clone());
+                    let (n, h, f, ch, sn) = (
+                        n.clone(),
+                        h.clone(),
+                        f.clone(),
+                        conn_headers.clone(),
+                        sn.clone(),
+                    );
                     async move {
                         let mut r = match f {
                             Some(m) => {
                                 h.fetch_add(1, Ordering::Relaxed);
                                 Response::new(full(m.as_bytes().to_vec()))
                             }
-                            None => handle(n, h, req).await?,
+                            None => handle(n, h, sn, req).await?,
                         };
                         for (k, v) in ch.iter() {
                             r.headers_mut().insert(*k, v.parse().unwrap());
@@ -262,6 +276,7 @@ async fn start_inner(
         addr,
         name: name.to_string(),
         hits,
+        seen,
         conns,
         task,
     })

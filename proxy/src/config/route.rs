@@ -145,6 +145,61 @@ pub struct RouteAction {
     pub rate_limits: Vec<crate::http_filters::rate_limit_actions::RateLimit>,
     /// `include_vh_rate_limits`.
     pub include_vh_rate_limits: bool,
+    /// `request_mirror_policies`.
+    pub mirrors: Vec<MirrorPolicy>,
+}
+
+/// One `request_mirror_policies` entry.
+#[derive(Debug)]
+pub struct MirrorPolicy {
+    pub cluster: MirrorCluster,
+    /// (runtime key, default parts per million); None: always.
+    pub fraction: Option<(String, u32)>,
+    /// `disable_shadow_host_suffix_append`.
+    pub disable_suffix: bool,
+    /// `host_rewrite_literal`: the copy's host.
+    pub host_rewrite: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum MirrorCluster {
+    Name(String),
+    /// `cluster_header`: the cluster the request's header names.
+    Header(http::HeaderName),
+}
+
+impl MirrorPolicy {
+    fn from_proto(m: &pb::route_action::RequestMirrorPolicy, path: &str) -> Result<Self> {
+        if !m.request_headers_mutations.is_empty() {
+            return Err(ConfigError::new(
+                join(path, "request_headers_mutations"),
+                "not supported by Legate yet",
+            ));
+        }
+        let cluster = match (m.cluster.is_empty(), m.cluster_header.is_empty()) {
+            (false, true) => MirrorCluster::Name(m.cluster.clone()),
+            (true, false) => MirrorCluster::Header(crate::headers::header_name(
+                &m.cluster_header,
+                &join(path, "cluster_header"),
+            )?),
+            _ => {
+                return Err(ConfigError::new(
+                    path,
+                    "exactly one of cluster and cluster_header is required",
+                ))
+            }
+        };
+        Ok(MirrorPolicy {
+            cluster,
+            fraction: m.runtime_fraction.as_ref().map(|rf| {
+                let d = rf.default_value.clone().unwrap_or_default();
+                (rf.runtime_key.clone(), crate::runtime::per_million(&d))
+            }),
+            disable_suffix: m.disable_shadow_host_suffix_append,
+            host_rewrite: (!m.host_rewrite_literal.is_empty())
+                .then(|| m.host_rewrite_literal.clone()),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -775,6 +830,14 @@ impl RouteAction {
                 "rate_limits",
             )?,
             include_vh_rate_limits: ra.include_vh_rate_limits.val().unwrap_or(false),
+            mirrors: ra
+                .request_mirror_policies
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    MirrorPolicy::from_proto(m, &index(path, "request_mirror_policies", i))
+                })
+                .collect::<Result<_>>()?,
         })
     }
 }

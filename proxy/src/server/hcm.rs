@@ -161,6 +161,8 @@ pub struct Ctx {
     filter_states: Vec<Option<crate::http_filters::State>>,
     /// This attempt's upstream speaks HTTP/1 (set with its peer).
     upstream_h1: bool,
+    /// Copies of the request in flight to mirror clusters.
+    mirrors: Vec<super::mirror::Mirror>,
     /// Dynamic metadata the filters wrote.
     metadata: crate::http_filters::Metadata,
 }
@@ -766,6 +768,33 @@ impl HcmProxy {
         if let (Some(c), Some(h)) = (&ctx.cluster, &ctx.host) {
             c.report(h.addr, outcome);
         }
+    }
+
+    /// Copies the request to the route's mirror clusters (first attempt
+    /// only: a retry is not mirrored again).
+    fn start_mirrors(&self, session: &mut Session, req: &RequestHeader, ctx: &mut Ctx) {
+        let Some(Action::Forward(ra)) = ctx.selected.as_ref().map(|s| &s.route().action) else {
+            return;
+        };
+        if ra.mirrors.is_empty() {
+            return;
+        }
+        let runtime = self.shared.runtime.load();
+        let with_body = !session.as_downstream_mut().is_body_empty();
+        ctx.mirrors = ra
+            .mirrors
+            .iter()
+            .filter_map(|m| {
+                super::mirror::start(
+                    &self.shared.clusters,
+                    m,
+                    req,
+                    &runtime,
+                    with_body,
+                    self.shared.local_ip,
+                )
+            })
+            .collect();
     }
 
     /// `auto_sni`: the SNI is the upstream request's host (after host
@@ -1520,6 +1549,12 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.body_read += body.as_ref().map_or(0, |b| b.len() as u64);
+        for m in &mut ctx.mirrors {
+            m.body(body.as_deref(), end_of_stream);
+        }
+        if end_of_stream {
+            ctx.mirrors.clear();
+        }
         Self::filter_bodies(ctx, body.as_deref(), end_of_stream, true);
         // The whole request is in: request_timeout is disarmed. Until then
         // the next read gets what remains of it.
@@ -1746,7 +1781,9 @@ impl ProxyHttp for HcmProxy {
         for (name, value) in &ctx.kept_hop_headers {
             req.append_header(name.clone(), value.clone())?;
         }
-        let _ = session;
+        if ctx.attempts == 1 && ctx.upgrade.is_none() {
+            self.start_mirrors(session, req, ctx);
+        }
         Ok(())
     }
 

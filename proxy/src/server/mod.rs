@@ -7,6 +7,7 @@ pub mod corked;
 pub mod hcm;
 pub mod http_conn;
 pub mod listener_filters;
+pub mod mirror;
 pub mod request;
 pub mod tcp_proxy;
 pub mod workers;

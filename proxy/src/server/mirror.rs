@@ -1,0 +1,201 @@
+//! `request_mirror_policies`: a copy of the upstream request (headers as
+//! sent upstream, the body as it streams) sent to each mirror cluster the
+//! route names, its response discarded. The copy's host gets Envoy's
+//! `-shadow` suffix unless `disable_shadow_host_suffix_append`; as any of
+//! Envoy's own requests it is marked `x-envoy-internal: true` and has
+//! Envoy's local address appended to `x-forwarded-for`. A mirror
+//! never slows or fails the request it copies: when it falls behind, its
+//! copy is abandoned.
+
+use crate::cluster_manager::ClusterManager;
+use crate::config::route::MirrorPolicy;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use pingora_http::RequestHeader;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Chunks a mirror may queue before it is abandoned.
+const QUEUE: usize = 64;
+
+/// A mirror in flight: where the request body's chunks go.
+#[derive(Debug)]
+pub struct Mirror {
+    body: Option<mpsc::Sender<Bytes>>,
+}
+
+impl Mirror {
+    /// Copies a chunk of the request body; the last one closes the copy.
+    pub fn body(&mut self, chunk: Option<&[u8]>, end: bool) {
+        if let (Some(tx), Some(c)) = (&self.body, chunk) {
+            if !c.is_empty() && tx.try_send(Bytes::copy_from_slice(c)).is_err() {
+                // Full or gone: the mirror is abandoned, never waited for.
+                self.body = None;
+            }
+        }
+        if end {
+            self.body = None;
+        }
+    }
+}
+
+/// `host` with Envoy's `-shadow` suffix before any port.
+pub fn shadow_host(host: &str) -> String {
+    if let Some((h, port)) = host.rsplit_once(':') {
+        // A colon inside a bare IPv6 literal starts no port.
+        let bare_ipv6 = !host.starts_with('[') && h.contains(':');
+        if !bare_ipv6 && !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) {
+            return format!("{h}-shadow:{port}");
+        }
+    }
+    format!("{host}-shadow")
+}
+
+/// Starts one mirror of `req` (the upstream request), if its fraction
+/// rolls in and its cluster exists.
+pub fn start(
+    clusters: &Arc<ClusterManager>,
+    policy: &MirrorPolicy,
+    req: &RequestHeader,
+    runtime: &crate::runtime::Runtime,
+    with_body: bool,
+    local_ip: std::net::IpAddr,
+) -> Option<Mirror> {
+    if let Some((key, default)) = &policy.fraction {
+        if !crate::http_filters::roll(runtime.fraction_per_million(key, *default)) {
+            return None;
+        }
+    }
+    let cluster_name = match &policy.cluster {
+        crate::config::route::MirrorCluster::Name(n) => n.clone(),
+        crate::config::route::MirrorCluster::Header(h) => {
+            req.headers.get(h)?.to_str().ok()?.to_string()
+        }
+    };
+    let cluster = clusters.get(&cluster_name)?;
+    let host = cluster
+        .snapshot()
+        .pick(None, rand::random(), &|_| false, None)?;
+    let authority = req
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let authority = match &policy.host_rewrite {
+        Some(h) => h.clone(),
+        None if policy.disable_suffix => authority,
+        None => shadow_host(&authority),
+    };
+    let mut b = http::Request::builder()
+        .method(req.method.clone())
+        .uri(req.uri.path_and_query().map_or("/", |p| p.as_str()));
+    let xff = http::HeaderName::from_static("x-forwarded-for");
+    for (k, v) in req.headers.iter() {
+        if k != http::header::HOST && k != xff && k != "x-envoy-internal" {
+            b = b.header(k, v);
+        }
+    }
+    let forwarded: Vec<&str> = req
+        .headers
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = match forwarded.join(",") {
+        x if x.is_empty() => local_ip.to_string(),
+        x => format!("{x},{local_ip}"),
+    };
+    b = b
+        .header(http::header::HOST, authority.as_str())
+        .header(xff, forwarded)
+        .header("x-envoy-internal", "true");
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let c = rx.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c)),
+            rx,
+        ))
+    });
+    let body = if with_body {
+        http_body_util::StreamBody::new(stream).boxed()
+    } else {
+        http_body_util::Empty::new().boxed()
+    };
+    let request = b.body(body).ok()?;
+    let timeout = cluster.config.connect_timeout;
+    let h2 = cluster.config.protocol == crate::config::cluster::UpstreamProtocol::Http2;
+    let (addr, tls) = (host.addr, host.tls.clone());
+    tokio::spawn(async move {
+        let r = send(addr, tls, h2, timeout, request).await;
+        if let Err(e) = r {
+            tracing::debug!("mirror to {cluster_name} ({addr}): {e}");
+        }
+    });
+    Some(Mirror {
+        body: with_body.then_some(tx),
+    })
+}
+
+type MirrorBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+async fn send(
+    addr: std::net::SocketAddr,
+    tls: Option<crate::cluster_manager::HostTls>,
+    h2: bool,
+    connect_timeout: std::time::Duration,
+    req: http::Request<MirrorBody>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let tcp = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await??;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => exchange(tcp, h2, req).await,
+        Some(t) => {
+            let sni = t.connect.as_ref().and_then(|c| c.sni.clone());
+            let name = crate::tls::upstream::server_name(sni.as_deref(), addr);
+            let s = crate::tls::upstream::handshake(&t.tls, name, tcp).await?;
+            exchange(s, h2, req).await
+        }
+    }
+}
+
+async fn exchange<S>(
+    io: S,
+    h2: bool,
+    req: http::Request<MirrorBody>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    let resp = if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await?
+    };
+    // The response is read and dropped, as Envoy's shadow does.
+    let _ = resp.into_body().collect().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_suffix_goes_before_the_port() {
+        assert_eq!(shadow_host("example.com"), "example.com-shadow");
+        assert_eq!(shadow_host("example.com:8080"), "example.com-shadow:8080");
+    }
+}
