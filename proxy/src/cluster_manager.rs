@@ -54,26 +54,27 @@ pub struct HostTls {
 /// pingora (which must know the protocol before it connects) speaks it.
 #[derive(Debug, Default)]
 pub struct AutoAlpn {
-    /// (host, SNI) → h2.
-    picked: Mutex<HashMap<(SocketAddr, Option<String>), bool>>,
+    /// Host → h2. Keyed by address alone, so requests choosing SNIs
+    /// (`auto_sni`) cannot grow it.
+    picked: Mutex<HashMap<SocketAddr, bool>>,
     /// (context, h2) → the narrowed context.
     narrowed: Mutex<HashMap<(usize, bool), Arc<crate::config::tls::ClientTls>>>,
 }
 
 impl AutoAlpn {
-    pub fn picked(&self, addr: SocketAddr, sni: &Option<String>) -> Option<bool> {
+    pub fn picked(&self, addr: SocketAddr) -> Option<bool> {
         self.picked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(addr, sni.clone()))
+            .get(&addr)
             .copied()
     }
 
-    pub fn record(&self, addr: SocketAddr, sni: &Option<String>, h2: bool) {
+    pub fn record(&self, addr: SocketAddr, h2: bool) {
         self.picked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((addr, sni.clone()), h2);
+            .insert(addr, h2);
     }
 
     pub fn narrowed(
@@ -583,6 +584,10 @@ pub struct Cluster {
     /// The last published host set, to publish again when a host is
     /// ejected or comes back (kept only with outlier detection).
     last_published: Mutex<Option<(Resolved, u32)>>,
+    /// Held across a publication, so a republish (a host's health
+    /// changed) never writes back a host set older than one just
+    /// published by discovery.
+    publishing: Mutex<()>,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
     /// Requests sent on each pooled upstream connection (by socket), kept
@@ -633,6 +638,7 @@ impl Cluster {
                 .map(|h| Arc::new(crate::health_check::Checker::new(&config.name, h))),
             alpn: AutoAlpn::default(),
             last_published: Mutex::new(None),
+            publishing: Mutex::new(()),
             pool_key,
             requests_on: Mutex::new(HashMap::new()),
             config,
@@ -705,8 +711,9 @@ impl Cluster {
         )
     }
 
-    /// Where active checks probe each host: the check's port and host
-    /// name overrides, else the endpoint's, else the cluster's name; through
+    /// Where active checks probe each host: the port override, and the
+    /// endpoint's health check host name, else the check's `host`, else
+    /// the cluster's name (Envoy's order); through
     /// the host's TLS.
     fn health_targets(&self, resolved: &Resolved) -> Vec<crate::health_check::Target> {
         let Some(cfg) = &self.config.health_check else {
@@ -725,7 +732,7 @@ impl Cluster {
                     if let Some(p) = cfg.alt_port.or(e.hc_port) {
                         addr.set_port(p);
                     }
-                    let host = [check_host, e.hc_hostname.as_str()]
+                    let host = [e.hc_hostname.as_str(), check_host]
                         .into_iter()
                         .find(|h| !h.is_empty())
                         .unwrap_or(&self.config.name)
@@ -792,13 +799,20 @@ impl Cluster {
 
     /// Publishes the host set again (a host's health changed).
     pub fn republish(&self) {
+        let _g = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let last = self.last_published.lock().unwrap().clone();
         if let Some((resolved, overprovisioning)) = last {
-            self.publish(resolved, overprovisioning);
+            self.publish_locked(resolved, overprovisioning);
         }
     }
 
     fn publish(&self, resolved: Resolved, overprovisioning: u32) {
+        let _g = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        self.publish_locked(resolved, overprovisioning);
+    }
+
+    /// Publishes with `publishing` held.
+    fn publish_locked(&self, resolved: Resolved, overprovisioning: u32) {
         if let Some(d) = &self.outlier {
             let addrs: Vec<SocketAddr> = resolved
                 .iter()

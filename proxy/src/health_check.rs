@@ -188,10 +188,14 @@ impl Checker {
     /// Waits (at most `timeout` plus the initial jitter) until every host
     /// has had its first check.
     pub async fn first_round(&self) {
+        let wait = self
+            .cfg
+            .timeout
+            .saturating_add(self.cfg.initial_jitter)
+            .saturating_add(Duration::from_millis(200));
         let deadline = tokio::time::Instant::now()
-            + self.cfg.timeout
-            + self.cfg.initial_jitter
-            + Duration::from_millis(200);
+            .checked_add(wait)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         while self.lock().values().any(|h| h.first) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -330,8 +334,10 @@ fn spawn(
     .abort_handle()
 }
 
-/// A connection to the target, through its TLS when it has one.
-async fn connect(t: &Target) -> std::io::Result<Box<dyn Io>> {
+/// A connection to the target, through its TLS when it has one, offering
+/// in ALPN only what the check speaks (`alpn`; none for HTTP/1 and TCP
+/// checks, as Envoy's checks offer none of the cluster's).
+async fn connect(t: &Target, alpn: &[&str]) -> std::io::Result<Box<dyn Io>> {
     let tcp = tokio::net::TcpStream::connect(t.addr).await?;
     tcp.set_nodelay(true)?;
     match &t.tls {
@@ -343,12 +349,16 @@ async fn connect(t: &Target) -> std::io::Result<Box<dyn Io>> {
                 .and_then(|c| c.sni.clone())
                 .unwrap_or_else(|| tls.tls.sni.clone());
             let name = crate::tls::upstream::server_name(Some(&sni), t.addr);
+            let ctx = tls.tls.with_alpn(alpn);
             Ok(Box::new(
-                crate::tls::upstream::handshake(&tls.tls, name, tcp).await?,
+                crate::tls::upstream::handshake(&ctx, name, tcp).await?,
             ))
         }
     }
 }
+
+/// What a TCP check reads looking for its payload before it gives up.
+const TCP_RECEIVE_LIMIT: usize = 64 * 1024;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -370,7 +380,7 @@ fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
 }
 
 async fn tcp_check(send: &[u8], receive: &[Vec<u8>], t: &Target) -> Outcome {
-    let Ok(mut s) = connect(t).await else {
+    let Ok(mut s) = connect(t, &[]).await else {
         return Outcome::Network;
     };
     if !send.is_empty() && s.write_all(send).await.is_err() {
@@ -386,7 +396,12 @@ async fn tcp_check(send: &[u8], receive: &[Vec<u8>], t: &Target) -> Outcome {
             return Outcome::Pass { degraded: false };
         }
         match s.read(&mut buf).await {
-            Ok(0) => return Outcome::Fail { retriable: false },
+            // A close before the payload came is a network failure in
+            // Envoy: it counts toward the threshold.
+            Ok(0) => return Outcome::Network,
+            Ok(n) if got.len() + n > TCP_RECEIVE_LIMIT => {
+                return Outcome::Fail { retriable: false }
+            }
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(_) => return Outcome::Network,
         }
@@ -395,7 +410,8 @@ async fn tcp_check(send: &[u8], receive: &[Vec<u8>], t: &Target) -> Outcome {
 
 async fn http_check(h: &HttpCheck, t: &Target) -> Outcome {
     use http_body_util::BodyExt;
-    let Ok(io) = connect(t).await else {
+    let alpn: &[&str] = if h.http2 { &["h2"] } else { &[] };
+    let Ok(io) = connect(t, alpn).await else {
         return Outcome::Network;
     };
     let io = hyper_util::rt::TokioIo::new(io);
@@ -442,11 +458,8 @@ async fn http_check(h: &HttpCheck, t: &Target) -> Outcome {
     };
     let status = resp.status().as_u16();
     let degraded = resp.headers().contains_key("x-envoy-degraded");
-    if !h.expected(status) {
-        return Outcome::Fail {
-            retriable: h.retriable(status),
-        };
-    }
+    // Envoy looks at the body before the status: a missing payload fails
+    // at once even under a retriable status.
     if !h.receive.is_empty() {
         let mut got = Vec::new();
         let mut body = resp.into_body();
@@ -466,12 +479,101 @@ async fn http_check(h: &HttpCheck, t: &Target) -> Outcome {
             return Outcome::Fail { retriable: false };
         }
     }
+    if !h.expected(status) {
+        return Outcome::Fail {
+            retriable: h.retriable(status),
+        };
+    }
     Outcome::Pass { degraded }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checker(unhealthy: u32, healthy: u32) -> Checker {
+        let cfg = HealthCheckConfig {
+            timeout: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+            initial_jitter: Duration::ZERO,
+            interval_jitter: Duration::ZERO,
+            interval_jitter_percent: 0,
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+            alt_port: None,
+            no_traffic_interval: Duration::from_secs(60),
+            no_traffic_healthy_interval: None,
+            unhealthy_interval: Duration::from_secs(2),
+            unhealthy_edge_interval: Duration::from_secs(3),
+            healthy_edge_interval: Duration::from_secs(4),
+            check: Check::Tcp {
+                send: Vec::new(),
+                receive: Vec::new(),
+            },
+        };
+        Checker::new("unit", cfg)
+    }
+
+    #[test]
+    fn envoys_state_machine() {
+        let c = checker(2, 2);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        c.set_hosts(vec![Target {
+            key: a,
+            addr: a,
+            host: "h".into(),
+            tls: None,
+        }]);
+        assert!(c.failed(&a), "a new host starts unhealthy");
+        let pass = Outcome::Pass { degraded: false };
+        // The first pass makes it healthy at once.
+        assert_eq!(c.record(a, pass), Some((false, Transition::Changed)));
+        // Network failures count toward unhealthy_threshold.
+        assert_eq!(
+            c.record(a, Outcome::Network),
+            Some((false, Transition::ChangePending))
+        );
+        assert_eq!(
+            c.record(a, Outcome::Network),
+            Some((true, Transition::Changed))
+        );
+        // Back after healthy_threshold passes.
+        assert_eq!(c.record(a, pass), Some((true, Transition::ChangePending)));
+        assert_eq!(c.record(a, pass), Some((false, Transition::Changed)));
+        // A wrong answer that is not retriable fails it at once; a
+        // retriable one counts.
+        assert_eq!(
+            c.record(a, Outcome::Fail { retriable: true }),
+            Some((false, Transition::ChangePending))
+        );
+        assert_eq!(c.record(a, pass), Some((false, Transition::Unchanged)));
+        assert_eq!(
+            c.record(a, Outcome::Fail { retriable: false }),
+            Some((true, Transition::Changed))
+        );
+        // Intervals: no traffic yet, then by state.
+        assert_eq!(
+            c.next_interval(true, Transition::Unchanged),
+            Duration::from_secs(60)
+        );
+        c.had_traffic.store(true, Ordering::Relaxed);
+        assert_eq!(
+            c.next_interval(true, Transition::Unchanged),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            c.next_interval(true, Transition::ChangePending),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            c.next_interval(false, Transition::ChangePending),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            c.next_interval(false, Transition::Unchanged),
+            Duration::from_secs(1)
+        );
+    }
 
     #[test]
     fn fuzzy_payload_match() {

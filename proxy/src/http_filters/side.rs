@@ -97,7 +97,8 @@ pub async fn http_get(
                     .and_then(|c| c.sni.clone())
                     .unwrap_or_else(|| crate::routing::strip_port(&authority).to_string());
                 let name = crate::tls::upstream::server_name(Some(&sni), addr);
-                let s = crate::tls::upstream::handshake(&t.tls, name, tcp)
+                // HTTP/1.1 is spoken: no protocol is offered in ALPN.
+                let s = crate::tls::upstream::handshake(&t.tls.with_alpn(&[]), name, tcp)
                     .await
                     .map_err(|e| CallError::Connect(addr, e))?;
                 exchange(addr, s, req).await

@@ -792,6 +792,7 @@ impl HcmProxy {
                     &runtime,
                     with_body,
                     self.shared.local_ip,
+                    ctx.timeout,
                 )
             })
             .collect();
@@ -807,9 +808,25 @@ impl HcmProxy {
         host: &crate::cluster_manager::UpstreamHost,
     ) -> Option<String> {
         use crate::config::tls::SniFrom;
+        // A name, not an IP literal (with an IP the context's own `sni`
+        // stands, as in Envoy).
+        let name = |h: &str| {
+            let h = crate::routing::strip_port(h);
+            let bare = h.trim_start_matches('[').trim_end_matches(']');
+            if h.is_empty() || bare.parse::<std::net::IpAddr>().is_ok() {
+                Some(tls.sni.clone()).filter(|s| !s.is_empty())
+            } else {
+                Some(h.to_string())
+            }
+        };
         if let SniFrom::Request { header: Some(h) } = &tls.sni_from {
-            if let Some(v) = req.headers.get(h).and_then(|v| v.to_str().ok()) {
-                return Some(v.to_string()).filter(|s| !s.is_empty());
+            if let Some(v) = req
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+            {
+                return name(v);
             }
         }
         let auto_rewrite = matches!(
@@ -829,7 +846,7 @@ impl HcmProxy {
                 })
                 .unwrap_or("")
         };
-        Some(crate::routing::strip_port(h).to_string()).filter(|s| !s.is_empty())
+        name(h)
     }
 
     /// `auto_config` over TLS: the connector for this host and whether it
@@ -853,14 +870,14 @@ impl HcmProxy {
                 keepalive: connect.keepalive,
             })
         };
-        if let Some(h2) = cluster.alpn.picked(addr, &connect.sni) {
+        if let Some(h2) = cluster.alpn.picked(addr) {
             return (narrowed(h2), h2);
         }
         let probe = Probe::run(connect, addr).await;
         let h2 = match &probe {
             Probe::Ready(s) => {
                 let h2 = crate::tls::upstream::negotiated_h2(s);
-                cluster.alpn.record(addr, &connect.sni, h2);
+                cluster.alpn.record(addr, h2);
                 h2
             }
             _ => false,

@@ -12,8 +12,12 @@ use crate::config::route::MirrorPolicy;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use pingora_http::RequestHeader;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+
+/// How long a mirror may take when its route sets no timeout.
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Chunks a mirror may queue before it is abandoned.
 const QUEUE: usize = 64;
@@ -22,6 +26,9 @@ const QUEUE: usize = 64;
 #[derive(Debug)]
 pub struct Mirror {
     body: Option<mpsc::Sender<Bytes>>,
+    /// Set when the whole body was copied: a copy that ends without it
+    /// (abandoned, or the request died) is reset, never sent as complete.
+    complete: Arc<AtomicBool>,
 }
 
 impl Mirror {
@@ -31,13 +38,19 @@ impl Mirror {
             if !c.is_empty() && tx.try_send(Bytes::copy_from_slice(c)).is_err() {
                 // Full or gone: the mirror is abandoned, never waited for.
                 self.body = None;
+                return;
             }
         }
-        if end {
-            self.body = None;
+        if end && self.body.take().is_some() {
+            self.complete.store(true, Ordering::SeqCst);
         }
     }
 }
+
+/// Why a mirror's body stopped short.
+#[derive(Debug, thiserror::Error)]
+#[error("the mirrored request's body was abandoned")]
+pub struct Abandoned;
 
 /// `host` with Envoy's `-shadow` suffix before any port.
 pub fn shadow_host(host: &str) -> String {
@@ -60,6 +73,7 @@ pub fn start(
     runtime: &crate::runtime::Runtime,
     with_body: bool,
     local_ip: std::net::IpAddr,
+    timeout: Option<std::time::Duration>,
 ) -> Option<Mirror> {
     if let Some((key, default)) = &policy.fraction {
         if !crate::http_filters::roll(runtime.fraction_per_million(key, *default)) {
@@ -116,34 +130,48 @@ pub fn start(
         .header(xff, forwarded)
         .header("x-envoy-internal", "true");
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUE);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        let c = rx.recv().await?;
-        Some((
-            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c)),
-            rx,
-        ))
+    let complete = Arc::new(AtomicBool::new(false));
+    let done = complete.clone();
+    // The body's chunks, then its end; or an error (hyper resets the
+    // copy) when the sender went away before the end.
+    let stream = futures_util::stream::unfold(Some(rx), move |rx| {
+        let done = done.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(c) => Some((Ok(hyper::body::Frame::data(c)), Some(rx))),
+                None if done.load(Ordering::SeqCst) => None,
+                None => Some((Err(Abandoned), None)),
+            }
+        }
     });
-    let body = if with_body {
+    let body: MirrorBody = if with_body {
         http_body_util::StreamBody::new(stream).boxed()
     } else {
-        http_body_util::Empty::new().boxed()
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed()
     };
     let request = b.body(body).ok()?;
-    let timeout = cluster.config.connect_timeout;
+    let connect_timeout = cluster.config.connect_timeout;
     let h2 = cluster.config.protocol == crate::config::cluster::UpstreamProtocol::Http2;
     let (addr, tls) = (host.addr, host.tls.clone());
+    let whole = timeout.unwrap_or(DEFAULT_TIMEOUT);
     tokio::spawn(async move {
-        let r = send(addr, tls, h2, timeout, request).await;
-        if let Err(e) = r {
-            tracing::debug!("mirror to {cluster_name} ({addr}): {e}");
+        let r = tokio::time::timeout(whole, send(addr, tls, h2, connect_timeout, request)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("mirror to {cluster_name} ({addr}): {e}"),
+            Err(_) => tracing::debug!("mirror to {cluster_name} ({addr}): timed out"),
         }
     });
     Some(Mirror {
         body: with_body.then_some(tx),
+        complete,
     })
 }
 
-type MirrorBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+type MirrorBody = http_body_util::combinators::BoxBody<Bytes, Abandoned>;
 
 async fn send(
     addr: std::net::SocketAddr,
@@ -160,6 +188,12 @@ async fn send(
             let sni = t.connect.as_ref().and_then(|c| c.sni.clone());
             let name = crate::tls::upstream::server_name(sni.as_deref(), addr);
             let s = crate::tls::upstream::handshake(&t.tls, name, tcp).await?;
+            // The codec follows ALPN when the context offered protocols
+            // (h2 for HTTP/2 and auto_config clusters).
+            let h2 = match s.get_ref().1.alpn_protocol() {
+                Some(p) => p == b"h2",
+                None => h2,
+            };
             exchange(s, h2, req).await
         }
     }
@@ -184,8 +218,12 @@ where
         tokio::spawn(conn);
         send.send_request(req).await?
     };
-    // The response is read and dropped, as Envoy's shadow does.
-    let _ = resp.into_body().collect().await;
+    // The response is read and dropped frame by frame, as Envoy's shadow
+    // discards it.
+    let mut body = resp.into_body();
+    while let Some(f) = body.frame().await {
+        f?;
+    }
     Ok(())
 }
 
@@ -197,5 +235,30 @@ mod tests {
     fn shadow_suffix_goes_before_the_port() {
         assert_eq!(shadow_host("example.com"), "example.com-shadow");
         assert_eq!(shadow_host("example.com:8080"), "example.com-shadow:8080");
+        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+        assert_eq!(shadow_host("::1"), "::1-shadow");
+    }
+
+    #[test]
+    fn a_copy_is_complete_only_when_the_body_ended() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut m = Mirror {
+            body: Some(tx),
+            complete: Arc::new(AtomicBool::new(false)),
+        };
+        m.body(Some(b"a"), false);
+        // The queue is full: the copy is abandoned, not completed.
+        m.body(Some(b"b"), false);
+        m.body(None, true);
+        assert!(!m.complete.load(Ordering::SeqCst));
+        assert_eq!(rx.try_recv().unwrap(), Bytes::from_static(b"a"));
+        let (tx, _rx) = mpsc::channel(4);
+        let mut m = Mirror {
+            body: Some(tx),
+            complete: Arc::new(AtomicBool::new(false)),
+        };
+        m.body(Some(b"a"), false);
+        m.body(Some(b"b"), true);
+        assert!(m.complete.load(Ordering::SeqCst));
     }
 }

@@ -4,7 +4,7 @@
 
 use super::token::Jwt;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as pb;
-use std::num::NonZeroUsize;
+
 use std::sync::{Arc, Mutex};
 
 const DEFAULT_SIZE: usize = 100;
@@ -13,6 +13,9 @@ const DEFAULT_MAX_TOKEN: usize = 4096;
 #[derive(Debug)]
 pub struct TokenCache {
     max_token: usize,
+    /// Entries kept; the map grows to it as tokens come, rather than being
+    /// allocated whole from a configured size.
+    size: usize,
     tokens: Mutex<lru::LruCache<String, Arc<Jwt>>>,
 }
 
@@ -27,9 +30,8 @@ impl TokenCache {
                 0 => DEFAULT_MAX_TOKEN,
                 n => n as usize,
             },
-            tokens: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(size).unwrap_or(NonZeroUsize::MIN),
-            )),
+            size: size.max(1),
+            tokens: Mutex::new(lru::LruCache::unbounded()),
         }
     }
 
@@ -47,10 +49,11 @@ impl TokenCache {
 
     pub fn insert(&self, token: &str, jwt: Arc<Jwt>) {
         if token.len() <= self.max_token {
-            self.tokens
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .put(token.to_string(), jwt);
+            let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            t.put(token.to_string(), jwt);
+            while t.len() > self.size {
+                t.pop_lru();
+            }
         }
     }
 }

@@ -135,7 +135,8 @@ impl RemoteJwks {
         let keys = got?;
         let expiry = match self.async_fetch {
             Some(_) => None,
-            None => Some(Instant::now() + self.cache_duration),
+            // A duration past what the clock holds never expires.
+            None => Instant::now().checked_add(self.cache_duration),
         };
         *self.live.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some((keys.clone(), expiry));
         if let Some(failed) = self.async_fetch {
