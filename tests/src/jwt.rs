@@ -170,6 +170,8 @@ pub fn now() -> i64 {
 /// - `/garbage`: 200 with a body that is no JWKS;
 /// - `/error`: 503;
 /// - `/hang`: never (until the client gives up);
+/// - `/flaky`: 503 to every other request to it (the 1st, 3rd, ...), the
+///   JWKS to the others (a fetch that succeeds on retry);
 ///
 /// and counts the requests it was sent.
 pub struct JwksServer {
@@ -194,15 +196,25 @@ pub async fn serve_jwks(addr: SocketAddr, jwks: String) -> Result<JwksServer> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let fetches = Arc::new(AtomicUsize::new(0));
+    let flaky = Arc::new(AtomicUsize::new(0));
     let (jwks, count) = (Arc::new(jwks), fetches.clone());
     let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let (jwks, count) = (jwks.clone(), count.clone());
+            let (jwks, count, flaky) = (jwks.clone(), count.clone(), flaky.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     count.fetch_add(1, Ordering::SeqCst);
                     let jwks = jwks.clone();
-                    async move { Ok::<_, Infallible>(answer(req.uri().path(), &jwks).await) }
+                    let mut path = req.uri().path().to_string();
+                    if path == "/flaky" {
+                        let n = flaky.fetch_add(1, Ordering::SeqCst);
+                        path = if n % 2 == 0 {
+                            "/error".into()
+                        } else {
+                            "/jwks".into()
+                        };
+                    }
+                    async move { Ok::<_, Infallible>(answer(&path, &jwks).await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)

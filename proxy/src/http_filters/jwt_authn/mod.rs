@@ -90,7 +90,17 @@ pub static REGISTRY: &[MessageSupport] = &[
     },
     MessageSupport {
         message: "envoy.extensions.filters.http.jwt_authn.v3.RemoteJwks",
-        supported: &["http_uri", "cache_duration", "async_fetch"],
+                supported: &["http_uri", "cache_duration", "async_fetch", "retry_policy"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.core.v3.RetryPolicy",
+        supported: &["retry_back_off", "num_retries", "retry_on"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.core.v3.BackoffStrategy",
+        supported: &["base_interval", "max_interval"],
         warn: &[],
     },
     MessageSupport {

@@ -29,6 +29,7 @@ pub struct RemoteJwks {
     pub cache_duration: Duration,
     /// `async_fetch`: the retry delay after a failed background fetch.
     pub async_fetch: Option<Duration>,
+    pub retry: Option<Retry>,
     live: Arc<Live>,
 }
 
@@ -80,12 +81,11 @@ impl RemoteJwks {
             .map(|d| crate::config::duration(d, &join(&up, "timeout")))
             .transpose()?
             .ok_or_else(|| ConfigError::new(join(&up, "timeout"), "timeout is required"))?;
-        if r.retry_policy.is_some() {
-            return Err(ConfigError::new(
-                join(path, "retry_policy"),
-                "not supported by Legate yet",
-            ));
-        }
+        let retry = r
+            .retry_policy
+            .as_ref()
+            .map(|p| Retry::from_proto(p, &join(path, "retry_policy")))
+            .transpose()?;
         let cache_duration = r
             .cache_duration
             .as_ref()
@@ -115,6 +115,7 @@ impl RemoteJwks {
             timeout,
             cache_duration,
             async_fetch,
+            retry,
             live: Arc::default(),
         })
     }
@@ -130,7 +131,14 @@ impl RemoteJwks {
                 return Ok(k.clone());
             }
         }
-        let got = fetch(clusters, &self.cluster, &self.uri, self.timeout).await;
+        let got = fetch(
+            clusters,
+            &self.cluster,
+            &self.uri,
+            self.timeout,
+            self.retry.as_ref(),
+        )
+        .await;
         stats.fetched(got.is_ok());
         let keys = got?;
         let expiry = match self.async_fetch {
@@ -159,6 +167,7 @@ impl RemoteJwks {
         }
         let live: Weak<Live> = Arc::downgrade(&self.live);
         let (cluster, uri, timeout) = (self.cluster.clone(), self.uri.clone(), self.timeout);
+        let retry = self.retry.clone();
         let ok_delay = if self.cache_duration > Duration::from_secs(5) {
             self.cache_duration - Duration::from_secs(5)
         } else {
@@ -169,7 +178,7 @@ impl RemoteJwks {
             loop {
                 tokio::time::sleep(delay).await;
                 let Some(live) = live.upgrade() else { return };
-                let got = fetch(&clusters, &cluster, &uri, timeout).await;
+                let got = fetch(&clusters, &cluster, &uri, timeout, retry.as_ref()).await;
                 stats.fetched(got.is_ok());
                 delay = match got {
                     Ok(k) => {
@@ -183,26 +192,159 @@ impl RemoteJwks {
     }
 }
 
-/// One GET of the set: a 200 with a body that parses as a JWKS with at
-/// least one usable key, else `JwksFetchFail`.
+/// `retry_policy`: Envoy turns it into a route retry policy whose
+/// `retry_on` defaults to `5xx,gateway-error,connect-failure,reset`, with
+/// jittered exponential back-off (1 s base, ten times that at most, unless
+/// set). The fetch's `timeout` covers every attempt.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    num_retries: u32,
+    base: Duration,
+    max: Duration,
+    on_5xx: bool,
+    on_gateway: bool,
+    on_connect: bool,
+    on_reset: bool,
+}
+
+impl Retry {
+    fn from_proto(
+        p: &legate_proto::envoy_types::pb::envoy::config::core::v3::RetryPolicy,
+        path: &str,
+    ) -> Result<Retry> {
+        use crate::config::Wrapped;
+        let on = if p.retry_on.is_empty() {
+            "5xx,gateway-error,connect-failure,reset"
+        } else {
+            p.retry_on.as_str()
+        };
+        let mut r = Retry {
+            num_retries: p.num_retries.val().unwrap_or(1),
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+            on_5xx: false,
+            on_gateway: false,
+            on_connect: false,
+            on_reset: false,
+        };
+        for c in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match c {
+                "5xx" => r.on_5xx = true,
+                "gateway-error" => r.on_gateway = true,
+                "connect-failure" => r.on_connect = true,
+                "reset" => r.on_reset = true,
+                other => {
+                    return Err(ConfigError::new(
+                        join(path, "retry_on"),
+                        format!("'{other}' is not supported for JWKS fetches"),
+                    ))
+                }
+            }
+        }
+        if let Some(b) = &p.retry_back_off {
+            let bp = join(path, "retry_back_off");
+            if let Some(d) = &b.base_interval {
+                r.base = crate::config::duration(d, &join(&bp, "base_interval"))?;
+                r.max = r.base.saturating_mul(10);
+            }
+            if let Some(d) = &b.max_interval {
+                r.max = crate::config::duration(d, &join(&bp, "max_interval"))?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Whether a failed attempt is retried: a 5xx status (502-504 for
+    /// gateway-error), or a connection that failed or was reset (which
+    /// `5xx` and `gateway-error` cover too, as in Envoy).
+    fn retries(&self, f: &Failure) -> bool {
+        match f {
+            Failure::Status(s) => {
+                (self.on_5xx && *s >= 500) || (self.on_gateway && matches!(s, 502..=504))
+            }
+            Failure::Connect => self.on_connect || self.on_5xx || self.on_gateway,
+            Failure::Reset => self.on_reset || self.on_5xx || self.on_gateway,
+            Failure::Unusable => false,
+        }
+    }
+
+    /// The back-off before retry `n` (from 0): a random share of
+    /// `base * 2^n`, at most `max`.
+    fn backoff(&self, n: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << n.min(20))
+            .min(self.max)
+            .as_millis() as u64;
+        Duration::from_millis(rand::random::<u64>() % ceiling.max(1))
+    }
+}
+
+/// Why one attempt failed.
+enum Failure {
+    Status(u16),
+    Connect,
+    Reset,
+    /// A 200 whose body is no usable JWKS, or no host: not retried.
+    Unusable,
+}
+
+async fn attempt(
+    clusters: &ClusterManager,
+    cluster: &str,
+    uri: &http::Uri,
+    timeout: Duration,
+) -> std::result::Result<Arc<Jwks>, Failure> {
+    use crate::http_filters::side::CallError;
+    match crate::http_filters::side::http_get(clusters, cluster, uri, timeout).await {
+        Ok((200, body)) if !body.is_empty() => Jwks::parse(&body).map(Arc::new).map_err(|s| {
+            tracing::warn!("jwt_authn: JWKS from {uri} is not usable: {s}");
+            Failure::Unusable
+        }),
+        Ok((status, _)) => {
+            tracing::warn!("jwt_authn: JWKS fetch from {uri} answered {status}");
+            Err(Failure::Status(status))
+        }
+        Err(e) => {
+            tracing::warn!("jwt_authn: JWKS fetch from {uri}: {e}");
+            Err(match e {
+                CallError::Connect(..) => Failure::Connect,
+                CallError::Http(..) => Failure::Reset,
+                _ => Failure::Unusable,
+            })
+        }
+    }
+}
+
+/// The set: a 200 with a body that parses as a JWKS with at least one
+/// usable key, retried by `retry`, all within `timeout`; else
+/// `JwksFetchFail`.
 async fn fetch(
     clusters: &ClusterManager,
     cluster: &str,
     uri: &http::Uri,
     timeout: Duration,
+    retry: Option<&Retry>,
 ) -> std::result::Result<Arc<Jwks>, Status> {
-    match crate::http_filters::side::http_get(clusters, cluster, uri, timeout).await {
-        Ok((200, body)) if !body.is_empty() => Jwks::parse(&body).map(Arc::new).map_err(|s| {
-            tracing::warn!("jwt_authn: JWKS from {uri} is not usable: {s}");
-            Status::JwksFetchFail
-        }),
-        Ok((status, _)) => {
-            tracing::warn!("jwt_authn: JWKS fetch from {uri} answered {status}");
-            Err(Status::JwksFetchFail)
+    let now = tokio::time::Instant::now();
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400));
+    let mut n = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let failure = match attempt(clusters, cluster, uri, left).await {
+            Ok(k) => return Ok(k),
+            Err(f) => f,
+        };
+        let Some(r) = retry.filter(|r| n < r.num_retries && r.retries(&failure)) else {
+            return Err(Status::JwksFetchFail);
+        };
+        let wait = r.backoff(n);
+        if wait >= deadline.saturating_duration_since(tokio::time::Instant::now()) {
+            return Err(Status::JwksFetchFail);
         }
-        Err(e) => {
-            tracing::warn!("jwt_authn: JWKS fetch from {uri}: {e}");
-            Err(Status::JwksFetchFail)
-        }
+        tokio::time::sleep(wait).await;
+        n += 1;
     }
 }
