@@ -32,7 +32,7 @@ TITLES = {
     "(bench/fixed-rate: open loop, latency corrected for coordinated omission)",
     "routes1k": "1 000 routes, the request matching the last (wrk -t1 -c64)",
     "routes10k": "10 000 routes, the request matching the last (wrk -t1 -c64)",
-    "filters": "an HTTP filter chain before the router: cors, rbac, local_ratelimit, fault "
+    "filters": "an HTTP filter chain before the router: jwt_authn (RS256), cors, rbac, local_ratelimit, fault "
     "(wrk -t1 -c64; compare with the router-only h1 case)",
 }
 
