@@ -657,7 +657,11 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["target_uri", "stat_prefix"],
         &[],
     ),
-    m("envoy.config.core.v3.GrpcService.EnvoyGrpc", &["cluster_name"], &[]),
+    m(
+        "envoy.config.core.v3.GrpcService.EnvoyGrpc",
+        &["cluster_name", "authority"],
+        &[],
+    ),
     m(
         "envoy.config.bootstrap.v3.RuntimeLayer.RtdsLayer",
         &["name", "rtds_config"],

@@ -4,7 +4,7 @@
 //!
 //! - `allow`: OK, adding `x-user: alice` and `x-authz-seen` (what the
 //!   server was told: method, path, host, header names, context
-//!   extensions) for the upstream, and `x-authz-response: ok` for the client;
+//!   extensions, and the gRPC call's own `:authority`) for the upstream, and `x-authz-response: ok` for the client;
 //! - `deny` (or no header): 403 with body `denied by authz` and
 //!   `x-deny-reason: policy`;
 //! - `unauthorized`: 401 with `www-authenticate: Bearer`;
@@ -81,6 +81,12 @@ impl auth::authorization_server::Authorization for Grpc {
         &self,
         request: tonic::Request<auth::CheckRequest>,
     ) -> Result<tonic::Response<auth::CheckResponse>, tonic::Status> {
+        let call_authority = request
+            .metadata()
+            .get("x-call-authority")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let req = request.into_inner();
         let attrs = req.attributes.unwrap_or_default();
         let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
@@ -92,14 +98,15 @@ impl auth::authorization_server::Authorization for Grpc {
             .collect();
         ext.sort();
         let seen = format!(
-            "{} {} host={} scheme={} protocol={} headers={} ext={}",
+            "{} {} host={} scheme={} protocol={} headers={} ext={} call-authority={}",
             http.method,
             http.path,
             http.host,
             http.scheme,
             http.protocol,
             names(http.headers.keys().map(String::as_str)),
-            ext.join(";")
+            ext.join(";"),
+            call_authority
         );
         let resp = match verdict.as_str() {
             "allow" => auth::CheckResponse {
@@ -135,7 +142,20 @@ pub async fn start_grpc(addr: SocketAddr) -> anyhow::Result<Authz> {
     let addr = l.local_addr()?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
     let task = tokio::spawn(async move {
+        // The call's :authority is copied into its metadata, so the
+        // check can report it (tonic hides the URI from services).
+        let authority = tower::util::MapRequestLayer::new(|mut req: http::Request<_>| {
+            if let Some(v) = req
+                .uri()
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert("x-call-authority", v);
+            }
+            req
+        });
         let _ = tonic::transport::Server::builder()
+            .layer(authority)
             .add_service(auth::authorization_server::AuthorizationServer::new(Grpc))
             .serve_with_incoming(incoming)
             .await;

@@ -245,6 +245,18 @@ pub struct Node {
 /// The cluster a `GrpcService` names through `envoy_grpc` (Legate's gRPC
 /// clients to side services go through the cluster manager; `google_grpc`
 /// is refused).
+/// `envoy_grpc.authority`, else the cluster's name: the `:authority` Envoy
+/// sends on the call.
+pub fn grpc_service_authority(g: &core::GrpcService) -> String {
+    match &g.target_specifier {
+        Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(e)) if !e.authority.is_empty() => {
+            e.authority.clone()
+        }
+        Some(core::grpc_service::TargetSpecifier::EnvoyGrpc(e)) => e.cluster_name.clone(),
+        _ => String::new(),
+    }
+}
+
 pub fn grpc_service_cluster(g: &core::GrpcService, path: &str) -> Result<String> {
     use core::grpc_service::TargetSpecifier;
     match &g.target_specifier {

@@ -96,6 +96,12 @@ impl ApiSource {
             };
             use core::grpc_service::TargetSpecifier;
             match &g.target_specifier {
+                Some(TargetSpecifier::EnvoyGrpc(e)) if !e.authority.is_empty() => {
+                    return Err(ConfigError::new(
+                        join(path, "grpc_services[0].envoy_grpc.authority"),
+                        "not supported for management servers yet",
+                    ))
+                }
                 Some(TargetSpecifier::EnvoyGrpc(e)) => ApiTarget::Cluster(e.cluster_name.clone()),
                 Some(TargetSpecifier::GoogleGrpc(gg)) => {
                     let p = join(path, "grpc_services[0].google_grpc");

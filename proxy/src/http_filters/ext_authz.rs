@@ -235,7 +235,10 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
             .map(|f| Fraction::from_proto(Some(f), Fraction::ALWAYS)),
         charge_cluster: c.charge_cluster_response_stats.val().unwrap_or(true),
         stats: crate::stats::NamedCounters::new(format!("http.{hcm_prefix}.ext_authz.{stat}")),
-        grpc: Default::default(),
+        grpc: super::side::Channels::new(&match &c.services {
+            Some(S::GrpcService(g)) => crate::config::grpc_service_authority(g),
+            _ => String::new(),
+        }),
         http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http(),
     }))

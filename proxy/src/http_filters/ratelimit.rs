@@ -102,6 +102,12 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
         c.rate_limit_service.as_ref(),
         &join(path, "rate_limit_service"),
     )?;
+    let authority = c
+        .rate_limit_service
+        .as_ref()
+        .and_then(|s| s.grpc_service.as_ref())
+        .map(crate::config::grpc_service_authority)
+        .unwrap_or_default();
     let request_type = match c.request_type.as_str() {
         "" | "both" => RequestType::Both,
         "internal" => RequestType::Internal,
@@ -130,7 +136,7 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
         stat_prefix: c.stat_prefix.clone(),
         rate_limits: actions::list(&c.rate_limits, path, "rate_limits")?,
         cluster,
-        channels: Default::default(),
+        channels: super::side::Channels::new(&authority),
     }))
 }
 

@@ -18,19 +18,38 @@ pub fn plaintext_host(clusters: &ClusterManager, cluster: &str) -> Option<Socket
     host.tls.is_none().then_some(host.addr)
 }
 
-/// gRPC channels (h2c) by host, made lazily and reused.
+/// gRPC channels (h2c) by host, made lazily and reused, their calls
+/// carrying the service's `:authority` (Envoy's: `envoy_grpc.authority`,
+/// else the cluster's name).
 #[derive(Debug, Default)]
-pub struct Channels(Mutex<HashMap<SocketAddr, tonic::transport::Channel>>);
+pub struct Channels {
+    /// None: the host's address (a name that is no URI authority, such
+    /// as Istio's `outbound|9091||...` cluster names, cannot be sent).
+    origin: Option<http::Uri>,
+    map: Mutex<HashMap<SocketAddr, tonic::transport::Channel>>,
+}
 
 impl Channels {
+    pub fn new(authority: &str) -> Channels {
+        Channels {
+            origin: format!("http://{authority}")
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| u.authority().is_some_and(|a| a.as_str() == authority)),
+            map: Mutex::default(),
+        }
+    }
+
     pub fn get(&self, addr: SocketAddr) -> Option<tonic::transport::Channel> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = m.get(&addr) {
             return Some(c.clone());
         }
-        let c = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_lazy();
+        let mut e = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+        if let Some(o) = &self.origin {
+            e = e.origin(o.clone());
+        }
+        let c = e.connect_lazy();
         m.insert(addr, c.clone());
         Some(c)
     }
