@@ -721,7 +721,8 @@ impl Cluster {
         };
         let check_host = match &cfg.check {
             crate::config::health_check::Check::Http(h) => h.host.as_str(),
-            crate::config::health_check::Check::Tcp { .. } => "",
+            crate::config::health_check::Check::Tcp { .. }
+            | crate::config::health_check::Check::Grpc { .. } => "",
         };
         resolved
             .iter()

@@ -294,6 +294,11 @@ impl Checker {
             match &self.cfg.check {
                 Check::Http(h) => http_check(h, t).await,
                 Check::Tcp { send, receive } => tcp_check(send, receive, t).await,
+                Check::Grpc {
+                    service_name,
+                    authority,
+                    metadata,
+                } => grpc_check(service_name, authority, metadata, t).await,
             }
         };
         tokio::time::timeout(self.cfg.timeout, work)
@@ -485,6 +490,104 @@ async fn http_check(h: &HttpCheck, t: &Target) -> Outcome {
         };
     }
     Outcome::Pass { degraded }
+}
+
+/// `grpc.health.v1.Health/Check` for `service`: SERVING passes; another
+/// status, or a call that fails (grpc-status other than 0), fails at once;
+/// no answer is a network failure.
+async fn grpc_check(
+    service: &str,
+    authority: &str,
+    metadata: &[(http::HeaderName, http::HeaderValue)],
+    t: &Target,
+) -> Outcome {
+    use http_body_util::BodyExt;
+    let Ok(io) = connect(t, &["h2"]).await else {
+        return Outcome::Network;
+    };
+    let Ok((mut send, conn)) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    else {
+        return Outcome::Network;
+    };
+    tokio::spawn(conn);
+    // HealthCheckRequest { service = 1 }, in one length-prefixed message.
+    let mut msg = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        msg.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let authority = if authority.is_empty() {
+        t.host.as_str()
+    } else {
+        authority
+    };
+    let scheme = if t.tls.is_some() { "https" } else { "http" };
+    let mut req = match http::Request::post(format!(
+        "{scheme}://{authority}/grpc.health.v1.Health/Check"
+    ))
+    .header(http::header::CONTENT_TYPE, "application/grpc")
+    .header(http::header::TE, "trailers")
+    .header(http::header::USER_AGENT, "Envoy/HC")
+    .body(http_body_util::Full::new(bytes::Bytes::from(framed)))
+    {
+        Ok(r) => r,
+        Err(_) => return Outcome::Fail { retriable: false },
+    };
+    for (k, v) in metadata {
+        req.headers_mut().append(k.clone(), v.clone());
+    }
+    let Ok(resp) = send.send_request(req).await else {
+        return Outcome::Network;
+    };
+    if resp.status() != http::StatusCode::OK {
+        return Outcome::Fail { retriable: false };
+    }
+    let mut status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut body = Vec::new();
+    let mut stream = resp.into_body();
+    while let Some(f) = stream.frame().await {
+        let Ok(f) = f else {
+            return Outcome::Network;
+        };
+        if let Some(d) = f.data_ref() {
+            if body.len() + d.len() > 4096 {
+                return Outcome::Fail { retriable: false };
+            }
+            body.extend_from_slice(d);
+        }
+        if let Some(tr) = f.trailers_ref() {
+            if let Some(s) = tr.get("grpc-status").and_then(|v| v.to_str().ok()) {
+                status = Some(s.to_string());
+            }
+        }
+    }
+    if status.as_deref() != Some("0") {
+        return Outcome::Fail { retriable: false };
+    }
+    // One message: HealthCheckResponse { status = 1 }, SERVING being 1.
+    let serving = body.get(5..).is_some_and(|m| m == [0x08, 0x01]);
+    if serving {
+        Outcome::Pass { degraded: false }
+    } else {
+        Outcome::Fail { retriable: false }
+    }
 }
 
 #[cfg(test)]

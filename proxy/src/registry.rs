@@ -1237,6 +1237,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "healthy_edge_interval",
             "http_health_check",
             "tcp_health_check",
+            "grpc_health_check",
         ],
         &[
             (
@@ -1265,6 +1266,11 @@ pub static REGISTRY: &[MessageSupport] = &[
             "codec_client_type",
             "method",
         ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.HealthCheck.GrpcHealthCheck",
+        &["service_name", "authority", "initial_metadata"],
         &[],
     ),
     m(

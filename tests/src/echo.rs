@@ -127,6 +127,27 @@ async fn handle(
     }
     let body = req.into_body().collect().await?.to_bytes();
     let mut status = 200u16;
+    // gRPC health checks: SERVING when the requested service names this
+    // server (comma-separated), else NOT_SERVING.
+    if path == "/grpc.health.v1.Health/Check" {
+        // HealthCheckRequest { service = 1 } after the 5-byte prefix.
+        let service = body
+            .get(7..)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .unwrap_or_default();
+        let serving = service.split(',').any(|n| n == name.as_str());
+        let msg: [u8; 7] = [0, 0, 0, 0, 2, 0x08, if serving { 1 } else { 2 }];
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::copy_from_slice(&msg))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(BodyExt::boxed(StreamBody::new(frames)))
+            .unwrap());
+    }
     // `/healthy-if/<names>`: 200 when this server is one of the
     // comma-separated names, else 503 (per-host answers to one health
     // check path); `/degraded-if/<names>` adds `x-envoy-degraded` then.

@@ -36,6 +36,13 @@ pub enum Check {
         /// Blocks that must all appear in the response, in order.
         receive: Vec<Vec<u8>>,
     },
+    /// `grpc.health.v1.Health/Check` over HTTP/2: SERVING passes.
+    Grpc {
+        service_name: String,
+        /// The call's `:authority`; empty: the target's host.
+        authority: String,
+        metadata: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -201,10 +208,30 @@ impl Check {
                         .collect::<Result<_>>()?,
                 })
             }
-            Some(K::GrpcHealthCheck(_)) => Err(ConfigError::new(
-                join(path, "grpc_health_check"),
-                "gRPC health checking is not supported by Legate yet",
-            )),
+            Some(K::GrpcHealthCheck(g)) => {
+                let p = join(path, "grpc_health_check");
+                let metadata = g
+                    .initial_metadata
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| {
+                        let hp = format!("{p}.initial_metadata[{i}]");
+                        let hv = h.header.as_ref().ok_or_else(|| {
+                            ConfigError::new(join(&hp, "header"), "header is required")
+                        })?;
+                        let name = crate::headers::header_name(&hv.key, &join(&hp, "header.key"))?;
+                        let value = http::HeaderValue::from_str(&hv.value).map_err(|_| {
+                            ConfigError::new(join(&hp, "header.value"), "not a valid header value")
+                        })?;
+                        Ok((name, value))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Check::Grpc {
+                    service_name: g.service_name.clone(),
+                    authority: g.authority.clone(),
+                    metadata,
+                })
+            }
             Some(K::CustomHealthCheck(_)) => Err(ConfigError::new(
                 join(path, "custom_health_check"),
                 "not supported by Legate",
