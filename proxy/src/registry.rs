@@ -1235,15 +1235,12 @@ pub static REGISTRY: &[MessageSupport] = &[
             "unhealthy_interval",
             "unhealthy_edge_interval",
             "healthy_edge_interval",
+            "reuse_connection",
             "http_health_check",
             "tcp_health_check",
             "grpc_health_check",
         ],
         &[
-            (
-                "reuse_connection",
-                "Legate opens a connection per check; which connection carries a check changes no verdict",
-            ),
             ("event_log_path", HC_EVENTS),
             ("event_logger", HC_EVENTS),
             ("event_service", HC_EVENTS),

@@ -139,6 +139,16 @@ impl HealthCheckConfig {
         };
         let unhealthy_interval =
             dur(&h.unhealthy_interval, "unhealthy_interval")?.unwrap_or(interval);
+        // Legate opens a connection per check, which is what `false` asks.
+        // Envoy's default keeps one open, and a host refusing new
+        // connections while serving old ones passes there and fails here:
+        // asking for it explicitly is refused rather than ignored.
+        if h.reuse_connection.val() == Some(true) {
+            return Err(ConfigError::new(
+                join(path, "reuse_connection"),
+                "Legate opens a new connection for every check; only false is supported",
+            ));
+        }
         if h.tls_options.is_some() {
             return Err(ConfigError::new(
                 join(path, "tls_options"),
@@ -333,4 +343,25 @@ fn http_check(c: &core::health_check::HttpHealthCheck, p: &str) -> Result<HttpCh
             .collect::<Result<_>>()?,
         response_buffer: c.response_buffer_size.val().map_or(1024, |v| v as usize),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(yaml: &str) -> Result<HealthCheckConfig> {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        let h: core::HealthCheck =
+            legate_proto::json::to_message(v, "envoy.config.core.v3.HealthCheck", true).unwrap();
+        HealthCheckConfig::from_proto(&h, "hc")
+    }
+
+    #[test]
+    fn only_a_connection_per_check_is_offered() {
+        let base = "{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}";
+        assert!(check(&format!("{base}}}")).is_ok());
+        assert!(check(&format!("{base}, reuse_connection: false}}")).is_ok());
+        let e = check(&format!("{base}, reuse_connection: true}}")).unwrap_err();
+        assert_eq!(e.path, "hc.reuse_connection");
+    }
 }
