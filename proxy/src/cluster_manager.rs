@@ -745,10 +745,12 @@ impl Cluster {
                 key,
                 addr: probe,
                 host,
-                tls: self
-                    .config
-                    .tls_for(e)
-                    .map(|tls| HostTls { connect: None, tls }),
+                // Narrowed to the check's ALPN once per publication, not
+                // per check.
+                tls: self.config.tls_for(e).map(|tls| HostTls {
+                    connect: None,
+                    tls: Arc::new(tls.with_alpn(crate::health_check::health_alpn(&cfg.check))),
+                }),
             })
             .collect()
     }

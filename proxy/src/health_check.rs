@@ -18,13 +18,14 @@
 
 use crate::cluster_manager::HostTls;
 use crate::config::health_check::{Check, HealthCheckConfig, HttpCheck};
+use crate::tls::upstream::Io;
 use metrics::{Counter, Gauge};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,34 +340,26 @@ fn spawn(
     .abort_handle()
 }
 
-/// A connection to the target, through its TLS when it has one, offering
-/// in ALPN only what the check speaks (`alpn`; none for HTTP/1 and TCP
-/// checks, as Envoy's checks offer none of the cluster's).
-async fn connect(t: &Target, alpn: &[&str]) -> std::io::Result<Box<dyn Io>> {
-    let tcp = tokio::net::TcpStream::connect(t.addr).await?;
-    tcp.set_nodelay(true)?;
-    match &t.tls {
-        None => Ok(Box::new(tcp)),
-        Some(tls) => {
-            let sni = tls
-                .connect
-                .as_ref()
-                .and_then(|c| c.sni.clone())
-                .unwrap_or_else(|| tls.tls.sni.clone());
-            let name = crate::tls::upstream::server_name(Some(&sni), t.addr);
-            let ctx = tls.tls.with_alpn(alpn);
-            Ok(Box::new(
-                crate::tls::upstream::handshake(&ctx, name, tcp).await?,
-            ))
-        }
+/// A connection to the target, through its TLS when it has one (whose
+/// context offers only what the check speaks: `health_alpn`).
+async fn connect(t: &Target) -> std::io::Result<Box<dyn Io>> {
+    let sni = t.tls.as_ref().map(|x| x.tls.sni.as_str());
+    let (io, _) = crate::tls::upstream::connect_host(t.addr, t.tls.as_ref(), sni).await?;
+    Ok(io)
+}
+
+/// The ALPN a check offers: h2 for HTTP/2 and gRPC checks, nothing for
+/// HTTP/1 and TCP ones (Envoy's checks offer none of the cluster's).
+pub fn health_alpn(check: &Check) -> &'static [&'static str] {
+    match check {
+        Check::Http(h) if h.http2 => &["h2"],
+        Check::Grpc { .. } => &["h2"],
+        _ => &[],
     }
 }
 
 /// What a TCP check reads looking for its payload before it gives up.
 const TCP_RECEIVE_LIMIT: usize = 64 * 1024;
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Whether `blocks` all appear in `data`, in order (Envoy's fuzzy match).
 fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
@@ -385,7 +378,7 @@ fn contains_in_order(data: &[u8], blocks: &[Vec<u8>]) -> bool {
 }
 
 async fn tcp_check(send: &[u8], receive: &[Vec<u8>], t: &Target) -> Outcome {
-    let Ok(mut s) = connect(t, &[]).await else {
+    let Ok(mut s) = connect(t).await else {
         return Outcome::Network;
     };
     if !send.is_empty() && s.write_all(send).await.is_err() {
@@ -415,8 +408,7 @@ async fn tcp_check(send: &[u8], receive: &[Vec<u8>], t: &Target) -> Outcome {
 
 async fn http_check(h: &HttpCheck, t: &Target) -> Outcome {
     use http_body_util::BodyExt;
-    let alpn: &[&str] = if h.http2 { &["h2"] } else { &[] };
-    let Ok(io) = connect(t, alpn).await else {
+    let Ok(io) = connect(t).await else {
         return Outcome::Network;
     };
     let io = hyper_util::rt::TokioIo::new(io);
@@ -502,7 +494,7 @@ async fn grpc_check(
     t: &Target,
 ) -> Outcome {
     use http_body_util::BodyExt;
-    let Ok(io) = connect(t, &["h2"]).await else {
+    let Ok(io) = connect(t).await else {
         return Outcome::Network;
     };
     let Ok((mut send, conn)) = hyper::client::conn::http2::handshake(

@@ -225,6 +225,13 @@ impl HttpFilter for Rbac {
             .unwrap_or(path_and_query);
         let authority = rq.authority();
         let unspecified: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
+        let pseudo = Pseudo {
+            method: rq.req.method.as_str(),
+            path: path_and_query,
+            authority,
+            scheme: rq.scheme,
+            status: None,
+        };
         let facts = Facts {
             local: rq.local.unwrap_or(unspecified),
             peer: rq.direct_remote.unwrap_or(unspecified),
@@ -233,25 +240,13 @@ impl HttpFilter for Rbac {
             peer_cert: rq.peer_cert,
             http: Some(HttpFacts {
                 headers: &rq.req.headers,
-                pseudo: Pseudo {
-                    method: rq.req.method.as_str(),
-                    path: path_and_query,
-                    authority,
-                    scheme: rq.scheme,
-                    status: None,
-                },
+                pseudo,
                 path,
             }),
         };
         let data = Data {
             headers: &rq.req.headers,
-            pseudo: Pseudo {
-                method: rq.req.method.as_str(),
-                path: path_and_query,
-                authority,
-                scheme: rq.scheme,
-                status: None,
-            },
+            pseudo,
             metadata: rq.metadata,
             remote: rq.remote.or(rq.direct_remote),
             direct_remote: rq.direct_remote,

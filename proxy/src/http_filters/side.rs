@@ -7,7 +7,7 @@ use http::{HeaderName, HeaderValue};
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A host of `cluster` picked by its balancer. Plaintext only: a TLS
 /// endpoint is None (the call fails as the service failing), never a
@@ -103,26 +103,17 @@ pub async fn http_get(
     let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, &authority)
         .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    // HTTP/1.1 is spoken: no protocol is offered in ALPN.
+    let tls = tls.map(|t| crate::cluster_manager::HostTls {
+        tls: Arc::new(t.tls.with_alpn(&[])),
+        connect: t.connect,
+    });
     let work = async move {
-        let tcp = tokio::net::TcpStream::connect(addr)
+        let sni = crate::routing::strip_port(&authority);
+        let (io, _) = crate::tls::upstream::connect_host(addr, tls.as_ref(), Some(sni))
             .await
             .map_err(|e| CallError::Connect(addr, e))?;
-        match tls {
-            None => exchange(addr, tcp, req).await,
-            Some(t) => {
-                let sni = t
-                    .connect
-                    .as_ref()
-                    .and_then(|c| c.sni.clone())
-                    .unwrap_or_else(|| crate::routing::strip_port(&authority).to_string());
-                let name = crate::tls::upstream::server_name(Some(&sni), addr);
-                // HTTP/1.1 is spoken: no protocol is offered in ALPN.
-                let s = crate::tls::upstream::handshake(&t.tls.with_alpn(&[]), name, tcp)
-                    .await
-                    .map_err(|e| CallError::Connect(addr, e))?;
-                exchange(addr, s, req).await
-            }
-        }
+        exchange(addr, io, req).await
     };
     tokio::time::timeout(timeout, work)
         .await

@@ -180,23 +180,11 @@ async fn send(
     connect_timeout: std::time::Duration,
     req: http::Request<MirrorBody>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let tcp = tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await??;
-    tcp.set_nodelay(true)?;
-    match tls {
-        None => exchange(tcp, h2, req).await,
-        Some(t) => {
-            let sni = t.connect.as_ref().and_then(|c| c.sni.clone());
-            let name = crate::tls::upstream::server_name(sni.as_deref(), addr);
-            let s = crate::tls::upstream::handshake(&t.tls, name, tcp).await?;
-            // The codec follows ALPN when the context offered protocols
-            // (h2 for HTTP/2 and auto_config clusters).
-            let h2 = match s.get_ref().1.alpn_protocol() {
-                Some(p) => p == b"h2",
-                None => h2,
-            };
-            exchange(s, h2, req).await
-        }
-    }
+    let connect = crate::tls::upstream::connect_host(addr, tls.as_ref(), None);
+    let (io, negotiated) = tokio::time::timeout(connect_timeout, connect).await??;
+    // The codec follows ALPN when the context offered protocols (h2 for
+    // HTTP/2 and auto_config clusters).
+    exchange(io, negotiated.unwrap_or(h2), req).await
 }
 
 async fn exchange<S>(

@@ -62,6 +62,31 @@ impl TlsConnect {
     }
 }
 
+/// A byte stream to an upstream host, plaintext or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection Legate makes for itself (side services, mirrors, health
+/// checks): TCP, then the host's TLS when it has one, with the host's
+/// fixed SNI, else `sni`. Returns the stream and, over TLS, whether ALPN
+/// picked h2 (None: plaintext, or nothing was negotiated).
+pub async fn connect_host(
+    addr: SocketAddr,
+    tls: Option<&crate::cluster_manager::HostTls>,
+    sni: Option<&str>,
+) -> std::io::Result<(Box<dyn Io>, Option<bool>)> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let Some(t) = tls else {
+        return Ok((Box::new(tcp), None));
+    };
+    let fixed = t.connect.as_ref().and_then(|c| c.sni.clone());
+    let name = server_name(fixed.as_deref().or(sni), addr);
+    let s = handshake(&t.tls, name, tcp).await?;
+    let h2 = s.get_ref().1.alpn_protocol().map(|p| p == b"h2");
+    Ok((Box::new(s), h2))
+}
+
 /// The protocol ALPN picked on a handshake: true for h2.
 pub fn negotiated_h2(s: &TlsStream) -> bool {
     s.get_ref().1.alpn_protocol() == Some(b"h2")
