@@ -26,6 +26,7 @@ pub const CASES: &[(&str, &str)] = &[
     ("lowercase-method", "get / HTTP/1.1\r\nhost: a\r\n\r\n"),
     ("no-host-http11", "GET / HTTP/1.1\r\n\r\n"),
     ("absolute-uri", "GET http://a/x HTTP/1.1\r\nhost: a\r\n\r\n"),
+    ("absolute-uri-other-host", "GET http://other.example/x HTTP/1.1\r\nhost: a\r\n\r\n"),
     ("asterisk-options", "OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n"),
     ("connect", "CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n"),
     ("bare-lf", "GET / HTTP/1.1\nhost: a\n\n"),

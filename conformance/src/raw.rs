@@ -68,11 +68,19 @@ pub fn http1(port: u16, r: &Request) -> Observation {
     for (k, v) in &r.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
+    for line in &r.header_lines {
+        head.push_str(&format!("{line}\r\n"));
+    }
     let body = r.body.as_deref().unwrap_or("");
-    let states_length = r
+    let names = r
         .headers
         .keys()
-        .any(|k| k.eq_ignore_ascii_case("content-length"));
+        .map(String::as_str)
+        .chain(r.header_lines.iter().filter_map(|l| l.split(':').next()));
+    let states_length = names.into_iter().any(|k| {
+        k.trim().eq_ignore_ascii_case("content-length")
+            || k.trim().eq_ignore_ascii_case("transfer-encoding")
+    });
     // A request may state a longer body than it sends (timeouts).
     if r.body.is_some() && !states_length {
         head.push_str(&format!("content-length: {}\r\n", body.len()));

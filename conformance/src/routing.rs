@@ -145,6 +145,10 @@ pub struct Request {
     /// A PROXY protocol header before the request (implies `raw`).
     #[serde(default)]
     pub proxy_protocol: Option<ProxyHeader>,
+    /// Header lines sent verbatim after `headers`, repeats allowed, for
+    /// framing no client library sends (implies `raw`).
+    #[serde(default)]
+    pub header_lines: Vec<String>,
     /// An admin endpoint POSTed to before the request
     /// (`/healthcheck/fail`).
     #[serde(default)]
@@ -335,7 +339,7 @@ fn admin_post(admin: u16, path: &str) {
 }
 
 fn send(port: u16, r: &Request, work: &Path) -> Observation {
-    if r.raw || r.proxy_protocol.is_some() {
+    if r.raw || r.proxy_protocol.is_some() || !r.header_lines.is_empty() {
         return crate::raw::http1(port, r);
     }
     let mut args: Vec<String> = vec!["--path-as-is".into()];

@@ -1067,7 +1067,8 @@ impl ProxyHttp for HcmProxy {
         });
 
         if session.req_header().version != http::Version::HTTP_2 {
-            if let Some((status, body)) = rq::http1_codec_check(session.req_header()) {
+            let raw = session.as_downstream().to_h1_raw();
+            if let Some((status, body)) = rq::http1_codec_check(session.req_header(), &raw) {
                 session.set_keepalive(None);
                 self.local_reply(
                     session,

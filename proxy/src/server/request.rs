@@ -46,8 +46,14 @@ pub const HTTP1_METHODS: &[&str] = &[
 ];
 
 /// Envoy's HTTP/1 codec checks that pingora's parser does not make: the
-/// (status, body) of the refusal, if any.
-pub fn http1_codec_check(req: &pingora_http::RequestHeader) -> Option<(u16, &'static str)> {
+/// (status, body) of the refusal, if any. `raw` is the request head as the
+/// client sent it: pingora collapses repeated `Content-Length` headers and
+/// drops `Content-Length` beside `Transfer-Encoding` before Legate sees the
+/// parsed head, and Envoy refuses both framings (a request smuggling vector).
+pub fn http1_codec_check(
+    req: &pingora_http::RequestHeader,
+    raw: &[u8],
+) -> Option<(u16, &'static str)> {
     if req.version == http::Version::HTTP_10 || req.version == http::Version::HTTP_09 {
         // Envoy's default (accept_http_10: false).
         return Some((426, "Upgrade Required"));
@@ -55,16 +61,40 @@ pub fn http1_codec_check(req: &pingora_http::RequestHeader) -> Option<(u16, &'st
     if !HTTP1_METHODS.contains(&req.method.as_str()) {
         return Some((400, "Bad Request"));
     }
-    let h = &req.headers;
-    if h.contains_key(http::header::CONTENT_LENGTH)
-        && h.contains_key(http::header::TRANSFER_ENCODING)
-    {
+    let framing = Framing::of(raw);
+    if framing.content_lengths > 1 || (framing.content_lengths > 0 && framing.transfer_encoding) {
         return Some((400, "Bad Request"));
     }
-    if !h.contains_key(http::header::HOST) && req.uri.authority().is_none() {
+    if !req.headers.contains_key(http::header::HOST) && req.uri.authority().is_none() {
         return Some((400, ""));
     }
     None
+}
+
+/// The framing headers of a raw HTTP/1 request head.
+#[derive(Debug, Default, PartialEq)]
+struct Framing {
+    content_lengths: usize,
+    transfer_encoding: bool,
+}
+
+impl Framing {
+    fn of(raw: &[u8]) -> Self {
+        let mut f = Framing::default();
+        // The first line is the request line; header names end at ':'.
+        for line in raw.split(|&b| b == b'\n').skip(1) {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = line[..colon].trim_ascii();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                f.content_lengths += 1;
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                f.transfer_encoding = true;
+            }
+        }
+        f
+    }
 }
 
 /// Envoy's `Grpc::Utility::httpToGrpcStatus`.
@@ -551,6 +581,19 @@ mod tests {
         assert_eq!(strip_trailing_host_dot("a.example:8080"), None);
         assert_eq!(strip_trailing_host_dot("a.example"), None);
         assert_eq!(strip_trailing_host_dot("[::1]:80"), None);
+    }
+
+    #[test]
+    fn framing_headers_are_counted_in_the_raw_head() {
+        let f = |s: &str| Framing::of(s.as_bytes());
+        let two =
+            f("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\ncontent-length : 3\r\n\r\n");
+        assert_eq!(two.content_lengths, 2);
+        let te = f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!((te.content_lengths, te.transfer_encoding), (1, true));
+        // A value that mentions a header name is not that header.
+        let v = f("GET /content-length: HTTP/1.1\r\nX: transfer-encoding: chunked\r\n\r\n");
+        assert_eq!(v, Framing::default());
     }
 
     #[test]
