@@ -35,6 +35,122 @@ pub const CASES: &[(&str, &str)] = &[
     ("expect-100-continue", "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\nabc"),
 ];
 
+/// Response heads an upstream may send that Envoy's codec refuses (502,
+/// "protocol error"), and a well-formed one: served by [`raw_upstream`] at
+/// `/<name>`. A head cut short (by FIN or by reset) is also a protocol
+/// error in Envoy; a close before any byte is not.
+pub const UPSTREAM_CASES: &[(&str, &[u8])] = &[
+    ("well-formed", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+    ("cl-and-te", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+    ("two-equal-cl", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok"),
+    ("head-of-79-kib", b""),
+    ("head-of-81-kib", b""),
+    ("101-headers", b""),
+    ("head-cut-by-fin", b"HTTP/1.1 200 OK\r\nx-a: b\r\n"),
+    ("head-cut-by-reset", b"HTTP/1.1 200 OK\r\nx-a: b\r\n"),
+    ("closed-before-any-byte", b""),
+];
+
+/// A plain TCP upstream answering `GET /<case>` with that case's bytes and
+/// closing (by reset for `head-cut-by-reset`); its port.
+fn raw_upstream() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf);
+                let path = head.split(' ').nth(1).unwrap_or("/");
+                let case = path.trim_start_matches('/');
+                let bytes = if let Some(kb) = case
+                    .strip_prefix("head-of-")
+                    .and_then(|k| k.strip_suffix("-kib"))
+                {
+                    // Envoy's HTTP/1 default limit is 80 KiB.
+                    let n = kb.parse::<usize>().unwrap_or(0) * 1024 - 200;
+                    let big = "a".repeat(n);
+                    format!("HTTP/1.1 200 OK\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\nok")
+                        .into_bytes()
+                } else if case == "101-headers" {
+                    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+                    format!("HTTP/1.1 200 OK\r\n{many}content-length: 2\r\n\r\nok").into_bytes()
+                } else {
+                    UPSTREAM_CASES
+                        .iter()
+                        .find(|(n, _)| *n == case)
+                        .map_or(b"".to_vec(), |(_, b)| b.to_vec())
+                };
+                let _ = c.write_all(&bytes);
+                if case == "head-cut-by-reset" {
+                    let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                }
+                // The proxy's read ends here: a FIN, or the reset above.
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// "<status> <body>" of `GET /<case>` through the proxy on `port`.
+fn through_proxy(port: u16, case: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return "connect failed".into();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let req = format!("GET /{case} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes());
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("closed");
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    format!("{status} {body}")
+}
+
+/// The upstream response cases, each through Envoy and Legate.
+async fn upstream_framing(
+    bins: &Binaries,
+    work: &std::path::Path,
+    report: &mut Report,
+) -> Result<()> {
+    let up = raw_upstream()?;
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        "upstream-framing",
+        "",
+        "route: {cluster: a}",
+        Some(("a", up, "")),
+        |c| c,
+    )?;
+    let mut answers = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &path, admin, work)?;
+        answers.push(tokio::task::block_in_place(|| {
+            UPSTREAM_CASES
+                .iter()
+                .map(|(n, _)| through_proxy(port, n))
+                .collect::<Vec<_>>()
+        }));
+    }
+    for (i, (name, _)) in UPSTREAM_CASES.iter().enumerate() {
+        let o = Outcome::compare(&answers[0][i], &answers[1][i]);
+        report.add("http", "upstream-framing", name, o);
+    }
+    Ok(())
+}
+
 /// The status line's code, or "closed" when the proxy sent nothing.
 fn send_raw(port: u16, bytes: &str) -> String {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -118,5 +234,5 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
     let (e, l) = (answers[0].last().unwrap(), answers[1].last().unwrap());
     let o = Outcome::compare(e, l);
     report.add("http", "websocket", "upgrade-and-tunnel", o);
-    Ok(())
+    upstream_framing(bins, work, report).await
 }

@@ -16,6 +16,10 @@ pub struct Gap {
 /// obs-fold, refuses where Envoy unfolds) before any Legate hook can run.
 const PARSER: &str = "pingora's HTTP/1 parser answers 400 before any Legate hook runs (Envoy: 501/426, or accepts obs-fold)";
 
+/// An upstream response head Envoy refuses (502) that pingora's HTTP/1
+/// client reads as RFC 9112 allows, before Legate's response hook sees it.
+const UPSTREAM_PARSER: &str = "pingora's HTTP/1 client drops Content-Length beside Transfer-Encoding and collapses identical Content-Lengths before any Legate hook sees the head (framed as RFC 9112 says, so no desync); Envoy refuses the response with 502";
+
 pub static GAPS: &[Gap] = &[
     Gap {
         tier: "routing",
@@ -42,6 +46,8 @@ pub static GAPS: &[Gap] = &[
         reason: "Envoy's HTTP/1 codec writes every header name in lower case; pingora keeps the case a name arrived in and writes Date, Connection and other standard names title-cased (header_key_format, which would change Envoy's, is rejected)",
     },
     Gap { tier: "http", scenario: "http1-framing", request: "te-gzip-last", reason: PARSER },
+    Gap { tier: "http", scenario: "upstream-framing", request: "cl-and-te", reason: UPSTREAM_PARSER },
+    Gap { tier: "http", scenario: "upstream-framing", request: "two-equal-cl", reason: UPSTREAM_PARSER },
     Gap { tier: "http", scenario: "http1-framing", request: "te-unknown", reason: PARSER },
     Gap { tier: "http", scenario: "http1-framing", request: "obs-fold", reason: PARSER },
     Gap { tier: "http", scenario: "http1-framing", request: "bad-version", reason: PARSER },

@@ -293,6 +293,7 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[
             "idle_timeout",
             "max_headers_count",
+            "max_response_headers_kb",
             "headers_with_underscores_action",
             "max_requests_per_connection",
         ],

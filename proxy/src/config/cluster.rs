@@ -90,6 +90,65 @@ pub struct LocalityConfig {
     pub endpoints: Vec<EndpointConfig>,
 }
 
+/// The limits on an upstream response's head (the cluster's
+/// `common_http_protocol_options`): Envoy's defaults are 100 headers and
+/// 60 KiB (80 KiB for HTTP/1 responses), and a response over either is a
+/// protocol error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHeaderLimits {
+    pub max_count: usize,
+    /// `max_response_headers_kb`; None: the protocol's default.
+    pub max_bytes: Option<usize>,
+}
+
+impl Default for ResponseHeaderLimits {
+    fn default() -> Self {
+        Self {
+            max_count: 100,
+            max_bytes: None,
+        }
+    }
+}
+
+impl ResponseHeaderLimits {
+    fn from_proto(common: &core::HttpProtocolOptions, path: &str) -> Result<Self> {
+        let mut l = Self::default();
+        if let Some(n) = common.max_headers_count.val() {
+            if n < 1 {
+                return Err(ConfigError::new(
+                    join(path, "max_headers_count"),
+                    "must be at least 1",
+                ));
+            }
+            l.max_count = n as usize;
+        }
+        if let Some(kb) = common.max_response_headers_kb.val() {
+            // Envoy's range: (0, 8192].
+            if kb == 0 || kb > 8192 {
+                return Err(ConfigError::new(
+                    join(path, "max_response_headers_kb"),
+                    "must be between 1 and 8192",
+                ));
+            }
+            l.max_bytes = Some(kb as usize * 1024);
+        }
+        Ok(l)
+    }
+
+    /// Whether a response head is over the limits: its header count, or
+    /// its names and values together.
+    pub fn exceeded_by(&self, version: http::Version, h: &http::HeaderMap) -> bool {
+        let default_kb = if version <= http::Version::HTTP_11 {
+            80
+        } else {
+            60
+        };
+        let max_bytes = self.max_bytes.unwrap_or(default_kb * 1024);
+        let bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        h.len() > self.max_count || bytes > max_bytes
+    }
+}
+
 #[derive(Debug)]
 pub struct ClusterConfig {
     pub name: String,
@@ -107,6 +166,9 @@ pub struct ClusterConfig {
     pub dns: DnsSettings,
     pub protocol: UpstreamProtocol,
     pub upstream_idle_timeout: Option<Duration>,
+    /// How large an upstream's response head may be before it is a
+    /// protocol error (502 `UPE`).
+    pub response_headers: ResponseHeaderLimits,
     /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
     /// last request asks the upstream to close it.
     pub max_requests_per_connection: Option<u32>,
@@ -331,6 +393,7 @@ impl ClusterConfig {
             warn_upstream_windows(h2, &join(path, "http2_protocol_options"));
         }
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
+        let mut response_headers = ResponseHeaderLimits::default();
         // The deprecated Cluster field, overridden by the protocol options.
         #[allow(deprecated)]
         let mut max_requests = c
@@ -422,16 +485,16 @@ impl ClusterConfig {
                 None => {}
             }
             if let Some(common) = &o.common_http_protocol_options {
-                if common.max_headers_count.is_some()
-                    || common.headers_with_underscores_action != 0
+                let cp = join(&p, "common_http_protocol_options");
+                if common.headers_with_underscores_action != 0
                     || common.max_stream_duration.is_some()
                 {
-                    // Applied downstream only; upstream responses are not checked.
                     return Err(ConfigError::new(
-                        join(&p, "common_http_protocol_options"),
-                        "only idle_timeout is supported for upstreams",
+                        cp,
+                        "only idle_timeout, max_requests_per_connection, max_headers_count and max_response_headers_kb are supported for upstreams",
                     ));
                 }
+                response_headers = ResponseHeaderLimits::from_proto(common, &cp)?;
                 if let Some(m) = common.max_requests_per_connection.val() {
                     max_requests = Some((
                         m,
@@ -504,6 +567,7 @@ impl ClusterConfig {
             },
             protocol,
             upstream_idle_timeout,
+            response_headers,
             max_requests_per_connection: match max_requests {
                 Some((0, _)) | None => None,
                 // pingora pools HTTP/2 connections by concurrent streams
@@ -1005,5 +1069,40 @@ fn warn_upstream_windows(
             tracing::warn!(path = %join(path, field), "upstream HTTP/2 window sizes are pingora's; ignored");
             crate::stats::counter("legate.config.fields_ignored".into()).increment(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_header_limits_follow_envoys_defaults_and_range() {
+        let mut common = core::HttpProtocolOptions::default();
+        let l = ResponseHeaderLimits::from_proto(&common, "c").unwrap();
+        let big = |n: usize| {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-big", "a".repeat(n).parse().unwrap());
+            h
+        };
+        // HTTP/1: 80 KiB; HTTP/2: 60 KiB (name and value counted).
+        assert!(!l.exceeded_by(http::Version::HTTP_11, &big(70 * 1024)));
+        assert!(l.exceeded_by(http::Version::HTTP_2, &big(70 * 1024)));
+        assert!(l.exceeded_by(http::Version::HTTP_11, &big(80 * 1024)));
+        common.max_response_headers_kb =
+            Some(legate_proto::envoy_types::pb::google::protobuf::UInt32Value { value: 1 });
+        common.max_headers_count =
+            Some(legate_proto::envoy_types::pb::google::protobuf::UInt32Value { value: 2 });
+        let l = ResponseHeaderLimits::from_proto(&common, "c").unwrap();
+        assert!(l.exceeded_by(http::Version::HTTP_11, &big(1024)));
+        let mut three = http::HeaderMap::new();
+        for n in ["a", "b", "c"] {
+            three.insert(n, "v".parse().unwrap());
+        }
+        assert!(l.exceeded_by(http::Version::HTTP_11, &three));
+        common.max_response_headers_kb =
+            Some(legate_proto::envoy_types::pb::google::protobuf::UInt32Value { value: 8193 });
+        let e = ResponseHeaderLimits::from_proto(&common, "c").unwrap_err();
+        assert!(e.to_string().contains("c.max_response_headers_kb"), "{e}");
     }
 }

@@ -668,6 +668,13 @@ impl Hcm {
             escaped_slashes,
             max_request_headers_kb: max_kb,
             max_headers_count: {
+                if common.max_response_headers_kb.is_some() {
+                    // Envoy refuses it here too: it limits upstream responses.
+                    return Err(ConfigError::new(
+                        join(&cp, "max_response_headers_kb"),
+                        "cannot be set on http_connection_manager (it is a cluster's)",
+                    ));
+                }
                 let n = common.max_headers_count.val().unwrap_or(100);
                 if n > 256 {
                     // pingora's HTTP/1 parser stops at 256 headers.

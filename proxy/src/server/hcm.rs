@@ -1811,6 +1811,17 @@ impl ProxyHttp for HcmProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if ctx.cluster.as_ref().is_some_and(|c| {
+            c.config
+                .response_headers
+                .exceeded_by(resp.version, &resp.headers)
+        }) {
+            // Envoy's codec refuses the head: 502 `UPE`, as for a response
+            // that is not HTTP (see `fail_to_proxy`).
+            let mut e = Error::explain(ErrorType::InvalidHTTPHeader, "response headers too large");
+            e.as_up();
+            return Err(e);
+        }
         let status = resp.status.as_u16();
         Self::report_outlier(ctx, outlier::Outcome::Response(outlier_code(session, resp)));
         if let Some(r) = &ctx.retry {
@@ -2041,9 +2052,7 @@ impl ProxyHttp for HcmProxy {
                 },
             }},
             ErrorType::Custom(c) if *c == "InvalidChunk" => LocalReply { status: 400, body: "Bad Request" },
-            // An upstream that answers with something that is not HTTP.
-            ErrorType::InvalidHTTPHeader | ErrorType::InvalidH2
-                if e.esource() == &pingora_error::ErrorSource::Upstream =>
+            _ if upstream_protocol_error(e) =>
             {
                 ctx.flags.add("UPE");
  ctx.details = "upstream_reset_before_response_started{protocol_error}".into();
@@ -2355,4 +2364,38 @@ fn hash_for(policies: &[HashPolicy], session: &Session, remote: Option<SocketAdd
         }
     }
     hash
+}
+
+/// Whether the upstream broke HTTP: a response head that is not HTTP or
+/// is over the cluster's limits, or a connection that ended in the middle
+/// of its head (Envoy: 502 `UPE`). A close before any byte of the head is
+/// a connection termination instead, as in Envoy. pingora states how much
+/// of the head it had read only in the error's context.
+fn upstream_protocol_error(e: &Error) -> bool {
+    if e.esource() != &pingora_error::ErrorSource::Upstream {
+        return false;
+    }
+    match e.etype() {
+        ErrorType::InvalidHTTPHeader | ErrorType::InvalidH2 => true,
+        ErrorType::ConnectionClosed | ErrorType::ReadError => {
+            // The read's own error is the cause of the one naming the peer.
+            let mut cur = Some(e);
+            while let Some(err) = cur {
+                let read = err
+                    .context
+                    .as_ref()
+                    .and_then(|c| c.as_str().rsplit_once("bytes already read: "))
+                    .and_then(|(_, n)| n.trim().parse::<usize>().ok());
+                if let Some(n) = read {
+                    return n > 0;
+                }
+                cur = err.cause.as_ref().and_then(|c| {
+                    c.downcast_ref::<Error>()
+                        .or_else(|| c.downcast_ref::<Box<Error>>().map(|b| &**b))
+                });
+            }
+            false
+        }
+        _ => false,
+    }
 }
