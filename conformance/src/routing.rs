@@ -502,6 +502,30 @@ pub async fn run_file_with(
         );
         ups.push(u);
     }
+    // Requests may name upstream ports too (an ORIGINAL_DST destination).
+    let ports: Vec<(String, String)> = ups
+        .iter()
+        .map(|u| {
+            (
+                format!("{{{{UPSTREAM_{}}}}}", u.name),
+                u.addr.port().to_string(),
+            )
+        })
+        .collect();
+    for r in &mut sc.requests {
+        for (k, v) in &ports {
+            r.path = r.path.replace(k, v);
+            r.headers.values_mut().for_each(|h| *h = h.replace(k, v));
+            r.header_lines.iter_mut().for_each(|h| *h = h.replace(k, v));
+            if let Some(d) = r
+                .proxy_protocol
+                .as_mut()
+                .and_then(|p| p.destination.as_mut())
+            {
+                *d = d.replace(k, v);
+            }
+        }
+    }
     // Ports are picked free, then bound by the proxies a moment later; an
     // outgoing connection can take one in between. A start that fails with
     // "Address already in use" is retried on fresh ports.

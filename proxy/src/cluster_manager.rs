@@ -593,7 +593,13 @@ pub struct Cluster {
     /// Requests sent on each pooled upstream connection (by socket), kept
     /// only with `max_requests_per_connection`.
     requests_on: Mutex<HashMap<i32, u32>>,
+    /// ORIGINAL_DST: the hosts made for destinations seen so far.
+    original_dst_hosts: Mutex<HashMap<SocketAddr, Arc<UpstreamHost>>>,
 }
+
+/// How many ORIGINAL_DST hosts a cluster keeps before it forgets those no
+/// request holds (Envoy forgets a host unused for `cleanup_interval`).
+const ORIGINAL_DST_HOSTS: usize = 1024;
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -641,6 +647,7 @@ impl Cluster {
             publishing: Mutex::new(()),
             pool_key,
             requests_on: Mutex::new(HashMap::new()),
+            original_dst_hosts: Mutex::new(HashMap::new()),
             config,
         };
         if c.config.discovery == Discovery::Static {
@@ -753,6 +760,61 @@ impl Cluster {
                 }),
             })
             .collect()
+    }
+
+    /// ORIGINAL_DST: the host for destination `addr`, made on first use
+    /// with the cluster's transport socket (an endpoint without metadata
+    /// picks among `transport_socket_matches`) and kept for the next
+    /// request, so its active-request count and pooled connections carry
+    /// over.
+    pub fn original_dst_host(&self, addr: SocketAddr) -> Arc<UpstreamHost> {
+        let mut hosts = self
+            .original_dst_hosts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hosts.get(&addr) {
+            return h.clone();
+        }
+        if hosts.len() >= ORIGINAL_DST_HOSTS {
+            hosts.retain(|_, h| Arc::strong_count(h) > 1);
+        }
+        let e = EndpointConfig {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            weight: 1,
+            healthy: true,
+            ..Default::default()
+        };
+        let host = Arc::new(UpstreamHost {
+            addr,
+            hash_key: addr.to_string(),
+            hostname: String::new(),
+            weight: 1,
+            healthy: true,
+            degraded: false,
+            locality: 0,
+            locality_weight: 0,
+            active_requests: Arc::default(),
+            tls: self.host_tls(&e),
+        });
+        hosts.insert(addr, host.clone());
+        host
+    }
+
+    /// How connections to endpoint `e` are secured, if at all.
+    fn host_tls(&self, e: &EndpointConfig) -> Option<HostTls> {
+        self.config.tls_for(e).map(|tls| HostTls {
+            connect: self.host_sni(&tls, e).map(|sni| {
+                Arc::new(crate::tls::upstream::TlsConnect {
+                    tls: tls.clone(),
+                    sni,
+                    timeout: self.config.connect_timeout,
+                    keepalive: self.config.tcp_keepalive,
+                    bind: self.config.bind,
+                })
+            }),
+            tls,
+        })
     }
 
     /// A host's SNI when it is fixed per host (the context's `sni`, or with
@@ -873,17 +935,7 @@ impl Cluster {
                         locality,
                         locality_weight: e.locality_weight,
                         active_requests: cell,
-                        tls: self.config.tls_for(&e).map(|tls| HostTls {
-                            connect: self.host_sni(&tls, &e).map(|sni| {
-                                Arc::new(crate::tls::upstream::TlsConnect {
-                                    tls: tls.clone(),
-                                    sni,
-                                    timeout: self.config.connect_timeout,
-                                    keepalive: self.config.tcp_keepalive,
-                                })
-                            }),
-                            tls,
-                        }),
+                        tls: self.host_tls(&e),
                     }));
                 }
             }

@@ -980,8 +980,14 @@ pub static REGISTRY: &[MessageSupport] = &[
             "cluster_type",
             "upstream_connection_options",
             "outlier_detection",
+            "original_dst_lb_config",
+            "upstream_bind_config",
         ],
         &[
+            (
+                "cleanup_interval",
+                "how long an unused ORIGINAL_DST host is remembered: Legate forgets unused ones once 1 024 accumulate; where connections go does not change",
+            ),
             ("alt_stat_name", "only changes stat names"),
             ("metadata", "only informational"),
             (
@@ -999,6 +1005,12 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
     ),
     m("envoy.type.v3.Percent", &["value"], &[]),
+    m(
+        "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig",
+        &["use_http_header", "http_header_name", "upstream_port_override"],
+        &[],
+    ),
+    m("envoy.config.core.v3.BindConfig", &["source_address"], &[]),
     m(
         "envoy.config.cluster.v3.OutlierDetection",
         // successful_active_health_check_uneject_host: no effect without
@@ -1287,8 +1299,14 @@ pub static REGISTRY: &[MessageSupport] = &[
             "explicit_http_config",
             "common_http_protocol_options",
             "auto_config",
+            "use_downstream_protocol_config",
             "upstream_http_protocol_options",
         ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig",
+        &["http_protocol_options", "http2_protocol_options"],
         &[],
     ),
     m(

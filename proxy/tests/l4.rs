@@ -569,3 +569,46 @@ fn is_envoys_default_tcp_line(line: &str) -> bool {
         && f[9..13] == ["\"-\""; 4]
         && f[13].starts_with("\"127.0.0.1:")
 }
+
+/// tcp_proxy to an ORIGINAL_DST cluster (Istio's PassthroughCluster):
+/// each connection goes to the destination its PROXY header restored; a
+/// connection whose destination was not restored has no host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_proxy_to_original_dst_follows_the_restored_destination() {
+    let (a, b) = (naming_upstream("a").await, naming_upstream("b").await);
+    let (port, admin) = (free_port(), free_port());
+    let l = json!({"name": "l", "address": addr("127.0.0.1", port),
+        "listener_filters": [{"name": "envoy.filters.listener.proxy_protocol", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
+            "allow_requests_without_proxy_protocol": true}}],
+        "filter_chains": [chain(json!({}), tcp("od"))]});
+    let od = json!({"name": "od", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "1s", "upstream_bind_config": {"source_address": {"address": "127.0.0.6", "port_value": 0}}});
+    let cfg = bootstrap(admin, vec![l], vec![od]);
+    let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
+    let send = |first: String| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(first.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        out
+    };
+    let via = |dst: SocketAddr| {
+        send(format!(
+            "PROXY TCP4 10.0.0.1 {} 1234 {}\r\n",
+            dst.ip(),
+            dst.port()
+        ))
+    };
+    assert_eq!(via(a).await, "a");
+    assert_eq!(via(b).await, "b");
+    // Not a PROXY header (allowed): the destination is not restored.
+    assert_eq!(
+        send("hello".into()).await,
+        "",
+        "no restored destination: no host"
+    );
+    assert_eq!(stat(admin, "cluster.od.upstream_cx_none_healthy"), Some(1));
+}

@@ -239,13 +239,15 @@ async fn start_inner(
     let (n, h, accepted, sn) = (name_arc.clone(), hits.clone(), conns.clone(), seen.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((sock, _)) = listener.accept().await else {
+            let Ok((sock, peer)) = listener.accept().await else {
                 continue;
             };
             accepted.fetch_add(1, Ordering::Relaxed);
             let (n, h, f, tls, sn) = (n.clone(), h.clone(), fixed.clone(), tls.clone(), sn.clone());
             tokio::spawn(async move {
-                let mut conn_headers: Vec<(&'static str, String)> = Vec::new();
+                // The connection's source address (a proxy's upstream bind).
+                let mut conn_headers: Vec<(&'static str, String)> =
+                    vec![("x-echo-peer-ip", peer.ip().to_string())];
                 let io: Box<dyn Io> = match tls {
                     None => Box::new(sock),
                     Some(acceptor) => {

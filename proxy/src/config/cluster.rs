@@ -6,6 +6,7 @@ use crate::lb::LbPolicy;
 use legate_proto::envoy_types::pb::envoy::config::cluster::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types::pb::envoy::config::endpoint::v3 as ep;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,123 @@ pub enum Discovery {
     LogicalDns,
     /// Endpoints from EDS.
     Eds,
+    /// ORIGINAL_DST: no configured hosts; each request or connection goes
+    /// to its downstream connection's original destination.
+    OriginalDst,
+}
+
+/// An ORIGINAL_DST cluster's `original_dst_lb_config`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OriginalDstConfig {
+    /// `use_http_header`: the header whose `ip:port` overrides the
+    /// destination (`http_header_name`, else `x-envoy-original-dst-host`).
+    pub header: Option<http::HeaderName>,
+    /// `upstream_port_override`: the port used whatever the destination's.
+    pub port_override: Option<u16>,
+}
+
+impl OriginalDstConfig {
+    fn from_proto(c: &pb::Cluster, path: &str) -> Result<Self> {
+        let lb = match &c.lb_config {
+            Some(pb::cluster::LbConfig::OriginalDstLbConfig(o)) => o.clone(),
+            _ => Default::default(),
+        };
+        let lp = join(path, "original_dst_lb_config");
+        if lb.metadata_key.is_some() {
+            return Err(ConfigError::new(join(&lp, "metadata_key"), "not supported"));
+        }
+        let header = if lb.use_http_header {
+            let name = if lb.http_header_name.is_empty() {
+                "x-envoy-original-dst-host"
+            } else {
+                lb.http_header_name.as_str()
+            };
+            Some(http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                ConfigError::new(join(&lp, "http_header_name"), "not a valid header name")
+            })?)
+        } else {
+            None
+        };
+        let port_override = match lb.upstream_port_override.val() {
+            None => None,
+            Some(p) => Some(u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
+                ConfigError::new(
+                    join(&lp, "upstream_port_override"),
+                    "must be a port (1-65535)",
+                )
+            })?),
+        };
+        Ok(Self {
+            header,
+            port_override,
+        })
+    }
+
+    /// The destination of a request: the header's `ip:port` when the
+    /// cluster reads one and the request has it (the first value), else
+    /// the connection's restored destination. The flag: the header was
+    /// there but not an address (Envoy counts it and falls back).
+    pub fn destination(
+        &self,
+        headers: Option<&http::HeaderMap>,
+        restored: Option<SocketAddr>,
+    ) -> (Option<SocketAddr>, bool) {
+        let value = match (&self.header, headers) {
+            (Some(name), Some(h)) => h.get(name),
+            _ => None,
+        };
+        let from_header = value.and_then(|v| v.to_str().ok()?.trim().parse::<SocketAddr>().ok());
+        let invalid = value.is_some() && from_header.is_none();
+        let dst = from_header.or(restored).map(|mut a| {
+            if let Some(p) = self.port_override {
+                a.set_port(p);
+            }
+            a
+        });
+        (dst, invalid)
+    }
+}
+
+/// `upstream_bind_config`: the source address of upstream connections
+/// (port 0: any).
+fn upstream_bind(c: &pb::Cluster, path: &str) -> Result<Option<SocketAddr>> {
+    let Some(b) = &c.upstream_bind_config else {
+        return Ok(None);
+    };
+    let bp = join(path, "upstream_bind_config");
+    let unsupported = [
+        (b.freebind.as_ref().is_some_and(|f| f.value), "freebind"),
+        (!b.socket_options.is_empty(), "socket_options"),
+        (
+            !b.extra_source_addresses.is_empty(),
+            "extra_source_addresses",
+        ),
+        (
+            !b.additional_source_addresses.is_empty(),
+            "additional_source_addresses",
+        ),
+        (b.local_address_selector.is_some(), "local_address_selector"),
+    ];
+    if let Some((_, f)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(ConfigError::new(join(&bp, f), "not supported"));
+    }
+    let Some(sa) = &b.source_address else {
+        return Err(ConfigError::new(join(&bp, "source_address"), "is required"));
+    };
+    let sp = join(&bp, "source_address");
+    let ip: std::net::IpAddr = sa.address.parse().map_err(|_| {
+        ConfigError::new(
+            join(&sp, "address"),
+            format!("'{}' is not an IP address", sa.address),
+        )
+    })?;
+    let port = match sa.port_specifier {
+        Some(core::socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p)
+            .map_err(|_| ConfigError::new(join(&sp, "port_value"), "must be a port"))?,
+        Some(_) => return Err(ConfigError::new(join(&sp, "named_port"), "not supported")),
+        None => 0,
+    };
+    Ok(Some(SocketAddr::new(ip, port)))
 }
 
 /// Where an EDS cluster's endpoints come from.
@@ -44,10 +162,13 @@ pub enum UpstreamProtocol {
     /// `auto_config`: over TLS, what ALPN (offering h2 and http/1.1)
     /// picks; in plaintext, HTTP/1.1.
     Auto,
+    /// `use_downstream_protocol_config`: each request goes upstream in the
+    /// HTTP version it came in (HTTP/1.0 as HTTP/1.1), plaintext only.
+    Downstream,
 }
 
 /// One configured endpoint: a host name or IP literal, before resolution.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EndpointConfig {
     pub host: String,
     pub port: u16,
@@ -169,6 +290,10 @@ pub struct ClusterConfig {
     /// How large an upstream's response head may be before it is a
     /// protocol error (502 `UPE`).
     pub response_headers: ResponseHeaderLimits,
+    /// ORIGINAL_DST: where the destination comes from.
+    pub original_dst: Option<OriginalDstConfig>,
+    /// `upstream_bind_config.source_address`.
+    pub bind: Option<SocketAddr>,
     /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
     /// last request asks the upstream to close it.
     pub max_requests_per_connection: Option<u32>,
@@ -298,12 +423,8 @@ impl ClusterConfig {
                 Ok(D::StrictDns) => Discovery::StrictDns,
                 Ok(D::LogicalDns) => Discovery::LogicalDns,
                 Ok(D::Eds) => Discovery::Eds,
-                _ => {
-                    return Err(ConfigError::new(
-                        join(path, "type"),
-                        "ORIGINAL_DST clusters are not supported yet",
-                    ))
-                }
+                Ok(D::OriginalDst) => Discovery::OriginalDst,
+                Err(_) => return Err(ConfigError::new(join(path, "type"), "unknown type")),
             },
             Some(ClusterDiscoveryType::ClusterType(t)) => {
                 dns_cluster = Some(DnsClusterConfig::from_proto(
@@ -315,17 +436,14 @@ impl ClusterConfig {
                     .map_or(Discovery::StrictDns, |d| d.discovery)
             }
         };
-        let (lb, locality_weighted) = lb_policy(c, path)?;
+        let original_dst = original_dst(c, discovery, path)?;
+        let (lb, locality_weighted) = if original_dst.is_some() {
+            (LbPolicy::RoundRobin, false)
+        } else {
+            lb_policy(c, path)?
+        };
         let panic_threshold = panic_threshold(c, path)?;
-        if matches!(
-            c.lb_config,
-            Some(pb::cluster::LbConfig::OriginalDstLbConfig(_))
-        ) {
-            return Err(ConfigError::new(
-                join(path, "original_dst_lb_config"),
-                "not supported",
-            ));
-        }
+        let bind = upstream_bind(c, path)?;
         let (localities, overprovisioning_factor) = match &c.load_assignment {
             Some(_) if discovery == Discovery::Eds => {
                 return Err(ConfigError::new(
@@ -461,6 +579,24 @@ impl ClusterConfig {
                         ))
                     }
                 },
+                Some(U::UseDownstreamProtocolConfig(d)) => {
+                    if d.http3_protocol_options.is_some() {
+                        return Err(ConfigError::new(
+                            join(&p, "use_downstream_protocol_config.http3_protocol_options"),
+                            "HTTP/3 upstreams are not supported",
+                        ));
+                    }
+                    protocol = UpstreamProtocol::Downstream;
+                    if let Some(h2) = &d.http2_protocol_options {
+                        warn_upstream_windows(
+                            h2,
+                            &join(&p, "use_downstream_protocol_config.http2_protocol_options"),
+                        );
+                        if let Some(m) = h2.max_concurrent_streams.val() {
+                            max_concurrent_streams = m;
+                        }
+                    }
+                }
                 Some(U::AutoConfig(a)) => {
                     if a.http3_protocol_options.is_some() {
                         return Err(ConfigError::new(
@@ -475,12 +611,6 @@ impl ClusterConfig {
                             max_concurrent_streams = m;
                         }
                     }
-                }
-                Some(_) => {
-                    return Err(ConfigError::new(
-                        join(&p, "upstream_protocol_options"),
-                        "only explicit_http_config and auto_config are supported",
-                    ))
                 }
                 None => {}
             }
@@ -568,6 +698,8 @@ impl ClusterConfig {
             protocol,
             upstream_idle_timeout,
             response_headers,
+            original_dst,
+            bind,
             max_requests_per_connection: match max_requests {
                 Some((0, _)) | None => None,
                 // pingora pools HTTP/2 connections by concurrent streams
@@ -621,6 +753,15 @@ impl ClusterConfig {
     /// must be TLS, as Envoy requires.
     fn check_auto_config(&self, path: &str) -> Result<()> {
         let plaintext = self.tls.is_none() || self.tls_matches.iter().any(|m| m.tls.is_none());
+        if self.protocol == UpstreamProtocol::Downstream
+            && !(self.tls.is_none() && self.tls_matches.iter().all(|m| m.tls.is_none()))
+        {
+            // Over TLS the protocol would be chosen by ALPN per request.
+            return Err(ConfigError::new(
+                join(path, "typed_extension_protocol_options"),
+                "use_downstream_protocol_config is supported on plaintext clusters only",
+            ));
+        }
         if self.protocol == UpstreamProtocol::Auto && plaintext {
             return Err(ConfigError::new(
                 join(path, "typed_extension_protocol_options"),
@@ -811,6 +952,46 @@ fn lb_policy(c: &pb::Cluster, path: &str) -> Result<(LbPolicy, bool)> {
         }
         None => Ok((legacy_lb_policy(c, path)?, legacy_locality)),
     }
+}
+
+/// An ORIGINAL_DST cluster's config, checked as Envoy checks it: its
+/// load balancer is CLUSTER_PROVIDED and it has no endpoints; the
+/// `original_dst_lb_config` of any other cluster is an error.
+fn original_dst(
+    c: &pb::Cluster,
+    discovery: Discovery,
+    path: &str,
+) -> Result<Option<OriginalDstConfig>> {
+    use pb::cluster::LbPolicy as L;
+    let has_lb_config = matches!(
+        c.lb_config,
+        Some(pb::cluster::LbConfig::OriginalDstLbConfig(_))
+    );
+    if discovery != Discovery::OriginalDst {
+        if has_lb_config {
+            return Err(ConfigError::new(
+                join(path, "original_dst_lb_config"),
+                "only an ORIGINAL_DST cluster takes it",
+            ));
+        }
+        return Ok(None);
+    }
+    if c.lb_policy != L::ClusterProvided as i32 || c.load_balancing_policy.is_some() {
+        return Err(ConfigError::new(
+            join(path, "lb_policy"),
+            "an ORIGINAL_DST cluster's must be CLUSTER_PROVIDED (as in Envoy)",
+        ));
+    }
+    if c.load_assignment
+        .as_ref()
+        .is_some_and(|l| !l.endpoints.is_empty())
+    {
+        return Err(ConfigError::new(
+            join(path, "load_assignment"),
+            "an ORIGINAL_DST cluster has no endpoints (as in Envoy)",
+        ));
+    }
+    OriginalDstConfig::from_proto(c, path).map(Some)
 }
 
 /// `common_lb_config.healthy_panic_threshold`: Envoy's 50 % unless set; 0

@@ -868,6 +868,7 @@ impl HcmProxy {
                 sni: connect.sni.clone(),
                 timeout: connect.timeout,
                 keepalive: connect.keepalive,
+                bind: connect.bind,
             })
         };
         if let Some(h2) = cluster.alpn.picked(addr) {
@@ -1612,17 +1613,7 @@ impl ProxyHttp for HcmProxy {
             }
         }
         ctx.attempts += 1;
-        let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
-        let tried = ctx.tried.clone();
-        let snap = cluster.snapshot();
-        let attempts = ctx.retry.as_ref().and_then(|r| r.host_selection_attempts);
-        let host = snap.pick(
-            ctx.hash,
-            rand::random(),
-            &|a| avoid_previous && tried.contains(&a),
-            attempts,
-        );
-        let Some(host) = host else {
+        let Some(host) = choose_host(&cluster, session, ctx) else {
             cluster.stats.upstream_cx_none_healthy.increment(1);
             return refuse(ctx, 503, "no healthy upstream", "UH", "no_healthy_upstream");
         };
@@ -1635,7 +1626,13 @@ impl ProxyHttp for HcmProxy {
         ctx.upstream_started = Some(Instant::now());
 
         let cfg = &cluster.config;
-        let mut h2 = cfg.protocol == crate::config::cluster::UpstreamProtocol::Http2;
+        let mut h2 = match cfg.protocol {
+            crate::config::cluster::UpstreamProtocol::Http2 => true,
+            crate::config::cluster::UpstreamProtocol::Downstream => {
+                session.req_header().version == http::Version::HTTP_2
+            }
+            _ => false,
+        };
         let mut peer = match &host.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
             // pingora sees plaintext; the TLS is ours (`tls::upstream`). The
@@ -1648,6 +1645,7 @@ impl ProxyHttp for HcmProxy {
                         sni: Self::request_sni(&t.tls, session.req_header(), ctx, &host),
                         timeout: cfg.connect_timeout,
                         keepalive: cfg.tcp_keepalive,
+                        bind: cfg.bind,
                     }),
                 };
                 let mut peer =
@@ -1666,6 +1664,11 @@ impl ProxyHttp for HcmProxy {
         };
         ctx.upstream_h1 = !h2;
         peer.group_key = cluster.pool_key;
+        if let Some(b) = cfg.bind {
+            let mut to = pingora_core::connectors::l4::BindTo::default();
+            to.addr = Some(b);
+            peer.options.bind_to = Some(to);
+        }
         peer.options.tcp_keepalive =
             cfg.tcp_keepalive
                 .map(|k| pingora_core::protocols::TcpKeepalive {
@@ -2364,6 +2367,33 @@ fn hash_for(policies: &[HashPolicy], session: &Session, remote: Option<SocketAdd
         }
     }
     hash
+}
+
+/// The host of this attempt: the balancer's pick (avoiding hosts
+/// already tried when the retry policy says so), or for an
+/// ORIGINAL_DST cluster the request's destination. None: no host.
+fn choose_host(cluster: &Cluster, session: &Session, ctx: &Ctx) -> Option<Arc<UpstreamHost>> {
+    if let Some(od) = &cluster.config.original_dst {
+        let restored = conn_meta(session).is_some_and(|m| m.restored);
+        let local = ctx.downstream_local.filter(|_| restored);
+        let (dst, invalid) = od.destination(Some(&session.req_header().headers), local);
+        if invalid {
+            crate::stats::counter(format!(
+                "cluster.{}.original_dst_host_invalid",
+                cluster.config.name
+            ))
+            .increment(1);
+        }
+        return dst.map(|a| cluster.original_dst_host(a));
+    }
+    let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
+    let attempts = ctx.retry.as_ref().and_then(|r| r.host_selection_attempts);
+    cluster.snapshot().pick(
+        ctx.hash,
+        rand::random(),
+        &|a| avoid_previous && ctx.tried.contains(&a),
+        attempts,
+    )
 }
 
 /// Whether the upstream broke HTTP: a response head that is not HTTP or

@@ -154,7 +154,13 @@ pub fn start(
     };
     let request = b.body(body).ok()?;
     let connect_timeout = cluster.config.connect_timeout;
-    let h2 = cluster.config.protocol == crate::config::cluster::UpstreamProtocol::Http2;
+    let h2 = match cluster.config.protocol {
+        crate::config::cluster::UpstreamProtocol::Http2 => true,
+        crate::config::cluster::UpstreamProtocol::Downstream => {
+            req.version == http::Version::HTTP_2
+        }
+        _ => false,
+    };
     let (addr, tls) = (host.addr, host.tls.clone());
     let whole = timeout.unwrap_or(DEFAULT_TIMEOUT);
     tokio::spawn(async move {

@@ -45,6 +45,8 @@ pub struct ConnMeta {
     /// The SNI the filter chain was chosen by (Envoy's requested server
     /// name), empty without one.
     pub sni: String,
+    /// Whether the local address is a restored original destination.
+    pub restored: bool,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -124,6 +126,10 @@ struct Accepted {
     /// Where the client connected: the socket's address, or the original
     /// destination (a redirected connection, or one handed over).
     local: SocketAddr,
+    /// Whether `local` was restored (by `original_dst`, a PROXY header or
+    /// the kernel LB's redirect): only then does an ORIGINAL_DST cluster
+    /// have a destination, as in Envoy.
+    restored: bool,
 }
 
 /// Owns the running listeners.
@@ -405,6 +411,7 @@ fn spawn_connection(
     let workers = &ctx.workers;
     let ctx = ctx.clone();
     workers.spawn_connection(sock, move |sock| async move {
+        let restored = local.is_some();
         let Some(local) = local.or_else(|| sock.local_addr().ok()) else {
             return;
         };
@@ -413,6 +420,7 @@ fn spawn_connection(
             direct_peer: peer,
             peer,
             local,
+            restored,
         };
         let mut gen = gen;
         let mut handed_off = false;
@@ -477,6 +485,7 @@ async fn serve_connection(
     conn.peer = found.peer.unwrap_or(conn.peer);
     if let Some(restored) = found.local {
         conn.local = restored;
+        conn.restored = true;
         if config.use_original_dst && !handed_off {
             if let Some(to) = ctx.listener_at(restored) {
                 if to.config.name != config.name {
@@ -491,6 +500,7 @@ async fn serve_connection(
         direct_peer,
         peer,
         local,
+        restored,
     } = conn;
     config
         .cx_total
@@ -546,6 +556,7 @@ async fn serve_connection(
         peer,
         direct_peer,
         local,
+        restored,
         sni,
     };
     let hcm = match &filter.filter {
@@ -601,6 +612,7 @@ async fn serve_connection(
         tls: filter.tls.is_some(),
         peer_tls: peer_tls.clone(),
         sni: found.sni.clone(),
+        restored,
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));

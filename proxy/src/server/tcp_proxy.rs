@@ -107,6 +107,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub direct_peer: SocketAddr,
     pub local: SocketAddr,
+    /// Whether `local` is a restored original destination (what an
+    /// ORIGINAL_DST cluster connects to).
+    pub restored: bool,
     /// SNI, from `tls_inspector` or the TLS handshake.
     pub sni: String,
 }
@@ -137,7 +140,7 @@ pub async fn serve<D: Halves>(
     let (start, began) = (std::time::SystemTime::now(), tokio::time::Instant::now());
     let name = t.pick_cluster(rand::random());
     let mut sum = Summary::default();
-    let work = proxy(down, conn.peer, name, &t, &clusters, &prefix, &mut sum);
+    let work = proxy(down, &conn, name, &t, &clusters, &prefix, &mut sum);
     match t.max_duration {
         None => work.await,
         // Dropping the work closes both sockets.
@@ -177,13 +180,14 @@ pub async fn serve<D: Halves>(
 
 async fn proxy<D: Halves>(
     down: D,
-    peer: SocketAddr,
+    conn: &Conn,
     name: &str,
     t: &TcpProxy,
     clusters: &ClusterManager,
     prefix: &str,
     sum: &mut Summary,
 ) {
+    let peer = conn.peer;
     let Some(cluster) = clusters.get(name) else {
         // Envoy closes the connection when the cluster does not exist.
         stats::counter(format!("{prefix}downstream_cx_no_route")).increment(1);
@@ -213,8 +217,16 @@ async fn proxy<D: Halves>(
         let hash = t
             .hash_source_ip
             .then(|| xxhash_rust::xxh64::xxh64(peer.ip().to_string().as_bytes(), 0));
-        let Some(host) = snap.pick(hash, rand::random(), &|_| false, None) else {
-            stats::counter(format!("cluster.{name}.upstream_cx_none_healthy")).increment(1);
+        let host = match &cluster.config.original_dst {
+            // No header to read: the restored destination, if any.
+            Some(od) => od
+                .destination(None, conn.restored.then_some(conn.local))
+                .0
+                .map(|a| cluster.original_dst_host(a)),
+            None => snap.pick(hash, rand::random(), &|_| false, None),
+        };
+        let Some(host) = host else {
+            cluster.stats.upstream_cx_none_healthy.increment(1);
             sum.flags = "UH";
             return;
         };
@@ -222,7 +234,7 @@ async fn proxy<D: Halves>(
         sum.upstream = Some(host.addr);
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
-            TcpStream::connect(host.addr),
+            crate::tls::upstream::tcp_connect(host.addr, cluster.config.bind),
         );
         match connect.await {
             Ok(Ok(s)) => {

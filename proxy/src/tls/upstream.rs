@@ -47,19 +47,36 @@ pub struct TlsConnect {
     pub sni: Option<String>,
     pub timeout: Duration,
     pub keepalive: Option<crate::config::cluster::TcpKeepalive>,
+    /// The cluster's `upstream_bind_config` source address.
+    pub bind: Option<SocketAddr>,
 }
 
 impl TlsConnect {
     /// TCP connect and the TLS handshake (the caller bounds it by the
     /// connect timeout).
     pub async fn handshake_with(&self, inet: SocketAddr) -> std::io::Result<TlsStream> {
-        let tcp = TcpStream::connect(inet).await?;
+        let tcp = tcp_connect(inet, self.bind).await?;
         tcp.set_nodelay(true)?;
         if let Some(k) = &self.keepalive {
             k.apply(&tcp)?;
         }
         handshake(&self.tls, server_name(self.sni.as_deref(), inet), tcp).await
     }
+}
+
+/// A TCP connection to `addr`, from source address `bind` when the
+/// cluster has an `upstream_bind_config`.
+pub async fn tcp_connect(addr: SocketAddr, bind: Option<SocketAddr>) -> std::io::Result<TcpStream> {
+    let Some(bind) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.bind(bind)?;
+    s.connect(addr).await
 }
 
 /// A byte stream to an upstream host, plaintext or TLS.
