@@ -101,8 +101,25 @@ pub fn http1(port: u16, r: &Request) -> Observation {
     }
 }
 
-/// An HTTP/1.1 response read to the end of the connection.
-fn parse(b: &[u8]) -> Option<CurlResult> {
+/// An HTTP/1.1 response read to the end of the connection. Interim
+/// responses before it (`100 Continue`) are skipped, their statuses kept
+/// in an `x-conformance-interim` header so they are compared too.
+fn parse(mut b: &[u8]) -> Option<CurlResult> {
+    let mut interim = Vec::new();
+    while b.starts_with(b"HTTP/1.1 1") && !b.starts_with(b"HTTP/1.1 101") {
+        let end = b.windows(4).position(|w| w == b"\r\n\r\n")?;
+        interim.push(String::from_utf8_lossy(&b[9..12]).into_owned());
+        b = &b[end + 4..];
+    }
+    let mut res = parse_final(b)?;
+    if !interim.is_empty() {
+        res.headers
+            .push(("x-conformance-interim".into(), interim.join(",")));
+    }
+    Some(res)
+}
+
+fn parse_final(b: &[u8]) -> Option<CurlResult> {
     let end = b.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&b[..end]).ok()?;
     let mut lines = head.split("\r\n");

@@ -228,6 +228,7 @@ pub static REGISTRY: &[MessageSupport] = &[
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         &["rds", "scoped_routes", 
             "codec_type",
+            "proxy_100_continue",
             "stat_prefix",
             "route_config",
             "http_filters",

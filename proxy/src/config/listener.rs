@@ -380,6 +380,9 @@ pub struct Hcm {
     /// router's own (expected timeout, original path and host, upstream
     /// service time, overloaded) are added.
     pub suppress_envoy_headers: bool,
+    /// `proxy_100_continue`: forward `Expect: 100-continue` and relay the
+    /// upstream's 100; otherwise Legate answers 100 itself and strips it.
+    pub proxy_100_continue: bool,
     pub xfcc: XfccMode,
     pub xfcc_details: XfccDetails,
     /// `access_log`: a line per request when it ends.
@@ -692,6 +695,7 @@ impl Hcm {
             ecds,
             filters,
             suppress_envoy_headers,
+            proxy_100_continue: h.proxy_100_continue,
             upgrades: h
                 .upgrade_configs
                 .iter()

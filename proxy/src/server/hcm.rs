@@ -1083,6 +1083,17 @@ impl ProxyHttp for HcmProxy {
                 return Ok(true);
             }
         }
+        // Envoy answers `Expect: 100-continue` itself unless told to proxy
+        // it, and the upstream never sees the expectation.
+        if !hcm.proxy_100_continue && expects_continue(session.req_header()) {
+            session
+                .req_header_mut()
+                .remove_header(&http::header::EXPECT);
+            // Not the response: the connection may stay open after it.
+            session.set_close_on_response_before_downstream_finish(false);
+            session.write_continue_response().await?;
+            session.set_close_on_response_before_downstream_finish(true);
+        }
         // Upgrades: h2c is dropped here, as Envoy's HTTP/1 codec drops it
         // before proxying; any other is decided once the route is known (a
         // route's upgrade_configs override the connection manager's).
@@ -1814,6 +1825,9 @@ impl ProxyHttp for HcmProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if is_interim(resp) {
+            return Ok(());
+        }
         if ctx.cluster.as_ref().is_some_and(|c| {
             c.config
                 .response_headers
@@ -1893,6 +1907,14 @@ impl ProxyHttp for HcmProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // pingora closes a connection whose response goes out before the
+        // request body is in; a `100 Continue` is sent exactly then, and
+        // must not (the final response sets it back).
+        session.set_close_on_response_before_downstream_finish(!is_interim(resp));
+        if is_interim(resp) {
+            // A relayed `100 Continue` goes out as the upstream sent it.
+            return Ok(());
+        }
         ctx.status = resp.status.as_u16();
         ctx.details = "via_upstream".into();
         let levels = Self::header_levels(ctx);
@@ -2394,6 +2416,19 @@ fn choose_host(cluster: &Cluster, session: &Session, ctx: &Ctx) -> Option<Arc<Up
         &|a| avoid_previous && ctx.tried.contains(&a),
         attempts,
     )
+}
+
+/// An informational response other than 101 (which starts an upgrade):
+/// passed on untouched, and not the request's response.
+fn is_interim(resp: &ResponseHeader) -> bool {
+    resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS
+}
+
+/// `Expect: 100-continue` (the one expectation HTTP defines).
+fn expects_continue(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Whether the upstream broke HTTP: a response head that is not HTTP or
