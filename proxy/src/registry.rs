@@ -490,6 +490,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "host_rewrite_header",
             "timeout",
             "idle_timeout",
+            "max_stream_duration",
             "retry_policy",
             "hash_policy",
             "upgrade_configs",
@@ -1006,6 +1007,11 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
     ),
     m("envoy.type.v3.Percent", &["value"], &[]),
+    m(
+        "envoy.config.route.v3.RouteAction.MaxStreamDuration",
+        &["max_stream_duration", "grpc_timeout_header_max", "grpc_timeout_header_offset"],
+        &[],
+    ),
     m(
         "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig",
         &["use_http_header", "http_header_name", "upstream_port_override"],

@@ -212,6 +212,7 @@ pub struct HttpStats {
     pub no_cluster: Counter,
     pub downstream_rq_timeout: Counter,
     pub downstream_rq_idle_timeout: Counter,
+    pub downstream_rq_max_duration_reached: Counter,
 }
 
 impl HttpStats {
@@ -227,6 +228,7 @@ impl HttpStats {
             no_cluster: c("no_cluster"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
         }
     }
 }

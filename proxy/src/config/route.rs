@@ -134,6 +134,9 @@ pub struct RouteAction {
     /// `stream_idle_timeout` for this route when set (`Some(None)`: 0s,
     /// disabled).
     pub idle_timeout: Option<Option<Duration>>,
+    /// `max_stream_duration`: the stream's whole-life limit, from the
+    /// route or a gRPC request's `grpc-timeout`.
+    pub stream_duration: Option<StreamDuration>,
     pub retry_policy: Option<RetryPolicy>,
     pub hash_policy: Vec<HashPolicy>,
     /// `upgrade_configs`: per upgrade type (lower case), whether this route
@@ -816,6 +819,11 @@ impl RouteAction {
                 .as_ref()
                 .map(|t| super::timeout_or(Some(t), None, &join(path, "idle_timeout")))
                 .transpose()?,
+            stream_duration: ra
+                .max_stream_duration
+                .as_ref()
+                .map(|m| StreamDuration::from_proto(m, &join(path, "max_stream_duration")))
+                .transpose()?,
             retry_policy: ra
                 .retry_policy
                 .as_ref()
@@ -990,9 +998,128 @@ impl DirectResponse {
     }
 }
 
+/// A route's `max_stream_duration` (Envoy's "new timeouts"): how long a
+/// stream may live from its first byte, after which the connection manager
+/// answers 408 (request still arriving) or 504 with flag `DT`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamDuration {
+    /// The route's limit; `Some(ZERO)` disables the connection manager's.
+    pub max: Option<Duration>,
+    /// `grpc_timeout_header_max`: when set, a request's `grpc-timeout`
+    /// header is the limit, capped by this unless it is zero.
+    pub grpc_header_max: Option<Duration>,
+    /// `grpc_timeout_header_offset`: taken off the header's timeout.
+    pub grpc_header_offset: Option<Duration>,
+}
+
+impl StreamDuration {
+    fn from_proto(m: &pb::route_action::MaxStreamDuration, path: &str) -> Result<Self> {
+        let d = |v: Option<&legate_proto::envoy_types::pb::google::protobuf::Duration>, f: &str| {
+            v.map(|v| super::duration(v, &join(path, f))).transpose()
+        };
+        Ok(Self {
+            max: d(m.max_stream_duration.as_ref(), "max_stream_duration")?,
+            grpc_header_max: d(
+                m.grpc_timeout_header_max.as_ref(),
+                "grpc_timeout_header_max",
+            )?,
+            grpc_header_offset: d(
+                m.grpc_timeout_header_offset.as_ref(),
+                "grpc_timeout_header_offset",
+            )?,
+        })
+    }
+
+    /// The limit for a request with these headers; None: no limit (the
+    /// connection manager has no `max_stream_duration` of its own).
+    pub fn limit(&self, headers: &http::HeaderMap) -> Option<Duration> {
+        let grpc = headers
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()));
+        match (grpc, self.grpc_header_max) {
+            (Some(mut t), Some(max)) => {
+                if !max.is_zero() && t > max {
+                    t = max;
+                }
+                if let Some(off) = self.grpc_header_offset.filter(|_| !t.is_zero()) {
+                    t = t.saturating_sub(off);
+                }
+                Some(t)
+            }
+            _ => self.max.filter(|d| !d.is_zero()),
+        }
+    }
+}
+
+/// Envoy's `grpc-timeout` form of a timeout: milliseconds, in a larger
+/// unit only when they need more than 8 digits.
+pub fn format_grpc_timeout(t: Duration) -> String {
+    let mut n = t.as_millis();
+    for (unit, next) in [("m", 1000), ("S", 60), ("M", 60)] {
+        if n <= 99_999_999 {
+            return format!("{n}{unit}");
+        }
+        n /= next;
+    }
+    format!("{}H", n.min(99_999_999))
+}
+
+/// A `grpc-timeout` value (gRPC over HTTP/2: up to 8 digits and a unit of
+/// H, M, S, m, u or n); None when it is not one.
+pub fn grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_duration_from_the_route_or_grpc_timeout() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            m
+        };
+        let none = http::HeaderMap::new();
+        let istio = StreamDuration {
+            max: Some(Duration::ZERO),
+            grpc_header_max: Some(Duration::ZERO),
+            grpc_header_offset: None,
+        };
+        assert_eq!(istio.limit(&none), None);
+        assert_eq!(istio.limit(&h("300m")), Some(Duration::from_millis(300)));
+        assert_eq!(istio.limit(&h("2S")), Some(Duration::from_secs(2)));
+        // Not a valid grpc-timeout: the route's limit (none here).
+        assert_eq!(istio.limit(&h("10s")), None);
+        assert_eq!(istio.limit(&h("123456789m")), None);
+        let capped = StreamDuration {
+            max: Some(Duration::from_secs(1)),
+            grpc_header_max: Some(Duration::from_millis(400)),
+            grpc_header_offset: Some(Duration::from_millis(100)),
+        };
+        assert_eq!(capped.limit(&h("10S")), Some(Duration::from_millis(300)));
+        assert_eq!(capped.limit(&none), Some(Duration::from_secs(1)));
+        assert_eq!(format_grpc_timeout(Duration::from_millis(300)), "300m");
+        assert_eq!(format_grpc_timeout(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(
+            format_grpc_timeout(Duration::from_secs(200_000_000)),
+            "3333333M"
+        );
+    }
 
     #[test]
     fn uri_templates() {

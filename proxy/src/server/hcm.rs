@@ -140,6 +140,11 @@ pub struct Ctx {
     idle_binds: bool,
     /// `request_timeout`: the request body must have arrived by then.
     request_deadline: Option<Instant>,
+    /// The route's `max_stream_duration`: the stream ends by then.
+    stream_deadline: Option<Instant>,
+    /// The gRPC status of a local reply when Envoy names one rather than
+    /// mapping the HTTP status.
+    grpc_status: Option<u32>,
     /// This request is the upstream connection's last.
     last_on_upstream_conn: bool,
     /// The listener's buffer limit, and the request body bytes so far: a
@@ -172,9 +177,12 @@ impl Ctx {
     /// what remains of the request timeout (HTTP/1; pingora's HTTP/2
     /// server has no read timeout).
     fn downstream_read_timeout(&self) -> Option<Duration> {
-        let left = self
-            .request_deadline
-            .map(|d| d.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let left = match (self.request_deadline, self.stream_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(|d| d.saturating_duration_since(now));
         match (self.idle, left) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -246,7 +254,11 @@ impl HcmProxy {
         let mut resp = if grpc {
             let mut r = ResponseHeader::build(200, Some(4))?;
             r.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
-            r.insert_header("grpc-status", rq::grpc_status_for_http(status).to_string())?;
+            let code = ctx
+                .grpc_status
+                .take()
+                .unwrap_or_else(|| rq::grpc_status_for_http(status));
+            r.insert_header("grpc-status", code.to_string())?;
             if !body.is_empty() {
                 r.insert_header("grpc-message", rq::grpc_percent_encode(&body))?;
             }
@@ -1520,7 +1532,27 @@ impl ProxyHttp for HcmProxy {
                     }
                     _ => {}
                 }
-                ctx.timeout = ra.timeout;
+                // With max_stream_duration (Envoy's "new timeouts") the
+                // route's `timeout` is not used.
+                ctx.timeout = if ra.stream_duration.is_some() {
+                    None
+                } else {
+                    ra.timeout
+                };
+                let limit = ra
+                    .stream_duration
+                    .as_ref()
+                    .and_then(|s| s.limit(&session.req_header().headers));
+                // A gRPC upstream is told the limit it works under.
+                if let Some(t) = limit.filter(|_| is_grpc(session)) {
+                    let v = crate::config::route::format_grpc_timeout(t);
+                    session.req_header_mut().insert_header("grpc-timeout", v)?;
+                }
+                ctx.stream_deadline =
+                    limit.and_then(|t| ctx.arrived.unwrap_or_else(Instant::now).checked_add(t));
+                if ctx.stream_deadline.is_some() {
+                    session.set_read_timeout(ctx.downstream_read_timeout());
+                }
                 if let Some(idle) = ra.idle_timeout {
                     ctx.idle = idle;
                     session.set_read_timeout(ctx.downstream_read_timeout());
@@ -1692,7 +1724,7 @@ impl ProxyHttp for HcmProxy {
         peer.options.connection_timeout = Some(cfg.connect_timeout);
         // Upstream reads wait for the attempt's timeout or the stream idle
         // timeout, whichever is shorter.
-        let t = attempt_timeout(ctx);
+        let t = upstream_read_bound(ctx);
         let (t, idle_binds) = match (t, ctx.idle) {
             (Some(a), Some(i)) if i < a => (Some(i), true),
             (None, Some(i)) => (Some(i), true),
@@ -1889,6 +1921,9 @@ impl ProxyHttp for HcmProxy {
         // Envoy's route timeout covers the whole response, not each read:
         // a response still streaming when it expires is cut (every read is
         // already bounded by what remains, see `attempt_timeout`).
+        if !end_of_stream && ctx.stream_deadline.is_some_and(|d| d <= Instant::now()) {
+            return Error::e_explain(ErrorType::ReadTimedout, "max_stream_duration reached");
+        }
         if let (Some(t), Some(start), false) = (ctx.timeout, ctx.started, end_of_stream) {
             if start.elapsed() > t {
                 // Counted in upstream_rq_timeout by fail_to_proxy.
@@ -2025,7 +2060,20 @@ impl ProxyHttp for HcmProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let stream_over = ctx.stream_deadline.is_some_and(|d| d <= Instant::now());
         let reply = ctx.pending_reply.take().unwrap_or_else(|| match e.etype() {
+            // The route's max_stream_duration, whichever read noticed it.
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout if stream_over => {
+                if let Some(h) = &ctx.hcm {
+                    h.stats().downstream_rq_max_duration_reached.increment(1);
+                }
+                // Envoy 1.40 sets no response flag here.
+                ctx.details = "max_duration_timeout".into();
+                ctx.grpc_status = Some(4); // DEADLINE_EXCEEDED
+                // Envoy: 408 while the request is still arriving.
+                let status = if session.as_downstream_mut().is_body_done() { 504 } else { 408 };
+                LocalReply { status, body: "downstream duration timeout" }
+            }
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
                 if e.esource() == &pingora_error::ErrorSource::Downstream
                     && ctx.request_deadline.is_some_and(|d| d <= Instant::now()) =>
@@ -2269,6 +2317,15 @@ fn attempt_timeout(ctx: &Ctx) -> Option<Duration> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// How long this attempt's upstream reads may wait: its timeout, and what
+/// remains of the stream's `max_stream_duration`.
+fn upstream_read_bound(ctx: &Ctx) -> Option<Duration> {
+    let stream = ctx
+        .stream_deadline
+        .map(|d| d.saturating_duration_since(Instant::now()));
+    [attempt_timeout(ctx), stream].into_iter().flatten().min()
 }
 
 /// The request's scheme as Envoy's router sees it: x-forwarded-proto.
