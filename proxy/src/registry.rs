@@ -178,6 +178,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "continue_on_listener_filters_timeout",
             "use_original_dst",
             "drain_type",
+            "access_log",
         ],
         &[
             ("metadata", "only informational"),
@@ -246,6 +247,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "common_http_protocol_options",
             "max_request_headers_kb",
             "generate_request_id",
+            "request_id_extension",
             "preserve_external_request_id",
             "always_set_request_id_in_response",
             "http2_protocol_options",
@@ -324,6 +326,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "most_specific_header_mutations_wins",
             "validate_clusters",
             "typed_per_filter_config",
+            "max_direct_response_body_size_bytes",
         ],
         &[],
     ),
@@ -340,6 +343,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "retry_policy",
             "typed_per_filter_config",
             "rate_limits",
+            "include_request_attempt_count",
+            "include_attempt_count_in_response",
         ],
         // As the route's: no filter or formatter of Legate reads it yet.
         &[("metadata", "only informational")],
@@ -491,6 +496,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "timeout",
             "idle_timeout",
             "max_stream_duration",
+            "max_grpc_timeout",
+            "grpc_timeout_offset",
             "retry_policy",
             "hash_policy",
             "upgrade_configs",
@@ -535,6 +542,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "header",
             "connection_properties",
             "query_parameter",
+            "cookie",
             "terminal",
         ],
         &[],
@@ -796,7 +804,22 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["name", "weight"],
         &[],
     ),
-    m("envoy.config.listener.v3.ListenerFilter", &["name", "typed_config"], &[]),
+    m(
+        "envoy.config.listener.v3.ListenerFilter",
+        &["name", "typed_config", "filter_disabled"],
+        &[],
+    ),
+    m(
+        "envoy.config.listener.v3.ListenerFilterChainMatchPredicate",
+        &["or_match", "and_match", "not_match", "any_match", "destination_port_range"],
+        &[],
+    ),
+    m(
+        "envoy.config.listener.v3.ListenerFilterChainMatchPredicate.MatchSet",
+        &["rules"],
+        &[],
+    ),
+    m("envoy.type.v3.Int32Range", &["start", "end"], &[]),
     m(
         "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
         &[],
@@ -1007,6 +1030,32 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
     ),
     m("envoy.type.v3.Percent", &["value"], &[]),
+    m(
+        "envoy.config.route.v3.RouteAction.HashPolicy.Cookie",
+        &["name", "ttl", "path", "attributes"],
+        &[],
+    ),
+    m("envoy.config.route.v3.RouteAction.HashPolicy.CookieAttribute", &["name", "value"], &[]),
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension",
+        &["typed_config"],
+        &[],
+    ),
+    // The UUID extension is the default one; its options concern tracing.
+    m(
+        "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+        &[],
+        &[
+            (
+                "pack_trace_reason",
+                "marks a traced request's x-request-id; tracing is not implemented, so no request is traced",
+            ),
+            (
+                "use_request_id_for_trace_sampling",
+                "samples traces by x-request-id; tracing is not implemented",
+            ),
+        ],
+    ),
     m(
         "envoy.config.route.v3.RouteAction.MaxStreamDuration",
         &["max_stream_duration", "grpc_timeout_header_max", "grpc_timeout_header_offset"],

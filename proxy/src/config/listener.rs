@@ -64,6 +64,63 @@ pub enum ListenerFilter {
     ProxyProtocol(ProxyProtocolConfig),
 }
 
+/// A listener filter with its `filter_disabled` predicate: the filter is
+/// skipped for connections the predicate matches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerFilterEntry {
+    pub filter: ListenerFilter,
+    pub disabled: Option<FilterPredicate>,
+}
+
+/// `ListenerFilterChainMatchPredicate`, evaluated on the destination port
+/// (the restored one after `original_dst`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterPredicate {
+    Or(Vec<FilterPredicate>),
+    And(Vec<FilterPredicate>),
+    Not(Box<FilterPredicate>),
+    Any,
+    /// `[start, end)`.
+    DestinationPort(i64, i64),
+}
+
+impl FilterPredicate {
+    fn from_proto(p: &pb::ListenerFilterChainMatchPredicate, path: &str) -> Result<Self> {
+        use pb::listener_filter_chain_match_predicate::Rule;
+        let set = |s: &pb::listener_filter_chain_match_predicate::MatchSet, f: &str| {
+            s.rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Self::from_proto(r, &index(&join(path, f), "rules", i)))
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(match &p.rule {
+            Some(Rule::OrMatch(s)) => Self::Or(set(s, "or_match")?),
+            Some(Rule::AndMatch(s)) => Self::And(set(s, "and_match")?),
+            Some(Rule::NotMatch(n)) => {
+                Self::Not(Box::new(Self::from_proto(n, &join(path, "not_match"))?))
+            }
+            Some(Rule::AnyMatch(true)) => Self::Any,
+            Some(Rule::DestinationPortRange(r)) => {
+                Self::DestinationPort(r.start.into(), r.end.into())
+            }
+            Some(Rule::AnyMatch(false)) | None => {
+                return Err(ConfigError::new(path, "a rule is required"))
+            }
+        })
+    }
+
+    pub fn matches(&self, port: u16) -> bool {
+        match self {
+            Self::Or(v) => v.iter().any(|p| p.matches(port)),
+            Self::And(v) => v.iter().all(|p| p.matches(port)),
+            Self::Not(p) => !p.matches(port),
+            Self::Any => true,
+            Self::DestinationPort(s, e) => (*s..*e).contains(&i64::from(port)),
+        }
+    }
+}
+
 /// The `proxy_protocol` listener filter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyProtocolConfig {
@@ -271,7 +328,7 @@ pub struct Listener {
     /// its HTTP connections close after their next request.
     pub drains_on_health_check_fail: bool,
     /// Listener filters, in order.
-    pub listener_filters: Vec<ListenerFilter>,
+    pub listener_filters: Vec<ListenerFilterEntry>,
     /// `use_original_dst`: a connection whose destination was restored (by
     /// `original_dst` or PROXY protocol) is handed to the listener on that
     /// address, if there is one: Istio's 15001 virtual listener.
@@ -281,6 +338,9 @@ pub struct Listener {
     /// `continue_on_listener_filters_timeout`: on timeout, match the chain
     /// with what is known instead of closing.
     pub continue_on_listener_filters_timeout: bool,
+    /// `access_log`: a line for each connection no filter chain takes
+    /// (flag `NR`), as Envoy's listener logs them.
+    pub access_log: Vec<Arc<crate::access_log::AccessLog>>,
     /// `bind_to_port` (default true). An unbound listener accepts nothing
     /// itself: in Envoy it gets connections another listener hands over
     /// (`use_original_dst`); in Legate its address is a VIP the kernel load
@@ -508,7 +568,12 @@ impl Listener {
                     ))
                 }
             };
-            listener_filters.push(match tn {
+            let disabled = f
+                .filter_disabled
+                .as_ref()
+                .map(|d| FilterPredicate::from_proto(d, &join(&p, "filter_disabled")))
+                .transpose()?;
+            let filter = match tn {
                 TLS_INSPECTOR_TYPE => ListenerFilter::TlsInspector,
                 HTTP_INSPECTOR_TYPE => ListenerFilter::HttpInspector,
                 ORIGINAL_DST_TYPE => ListenerFilter::OriginalDst,
@@ -527,7 +592,8 @@ impl Listener {
                         format!("listener filter {tn} is not supported"),
                     ))
                 }
-            });
+            };
+            listener_filters.push(ListenerFilterEntry { filter, disabled });
         }
         let listener_filters_timeout = super::timeout_or(
             l.listener_filters_timeout.as_ref(),
@@ -551,6 +617,7 @@ impl Listener {
             listener_filters_timeout,
             cx_total: Default::default(),
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
+            access_log: crate::access_log::list(&l.access_log, path)?,
             buffer_limit: l
                 .per_connection_buffer_limit_bytes
                 .val()
@@ -689,7 +756,13 @@ impl Hcm {
                 n
             },
             underscores,
-            generate_request_id: h.generate_request_id.val().unwrap_or(true),
+            generate_request_id: {
+                request_id_extension(
+                    h.request_id_extension.as_ref(),
+                    &join(path, "request_id_extension"),
+                )?;
+                h.generate_request_id.val().unwrap_or(true)
+            },
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
             ecds,
@@ -1223,4 +1296,39 @@ pub fn discovered_router(
         ));
     }
     Ok(())
+}
+
+/// `request_id_extension`: only Envoy's default, the UUID one, which is
+/// what Legate's request ids are.
+fn request_id_extension(e: Option<&hcm::RequestIdExtension>, path: &str) -> Result<()> {
+    const UUID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
+    match e.and_then(|e| e.typed_config.as_ref()) {
+        None => Ok(()),
+        Some(a) if legate_proto::type_name(&a.type_url) == UUID => Ok(()),
+        Some(a) => Err(ConfigError::new(
+            join(path, "typed_config"),
+            format!(
+                "{} is not supported (only {UUID})",
+                legate_proto::type_name(&a.type_url)
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod filter_predicate_tests {
+    use super::FilterPredicate as P;
+
+    #[test]
+    fn istio_skips_http_inspector_on_its_own_ports() {
+        // Istio's virtualInbound: not on 15006, nor on a port it knows.
+        let p = P::Or(vec![
+            P::DestinationPort(15006, 15007),
+            P::DestinationPort(19080, 19081),
+        ]);
+        assert!(p.matches(15006) && p.matches(19080));
+        assert!(!p.matches(15007) && !p.matches(8080));
+        assert!(P::Not(Box::new(p.clone())).matches(8080));
+        assert!(!P::And(vec![p, P::Any]).matches(8080));
+    }
 }

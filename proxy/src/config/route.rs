@@ -50,6 +50,11 @@ pub struct VirtualHost {
     pub filters: crate::http_filters::PerFilterConfigs,
     /// `rate_limits`, for the rate limit filters.
     pub rate_limits: Vec<crate::http_filters::rate_limit_actions::RateLimit>,
+    /// `include_request_attempt_count`: `x-envoy-attempt-count` on each
+    /// upstream request.
+    pub attempt_count_upstream: bool,
+    /// `include_attempt_count_in_response`: the same on the response.
+    pub attempt_count_downstream: bool,
 }
 
 #[derive(Debug)]
@@ -137,6 +142,9 @@ pub struct RouteAction {
     /// `max_stream_duration`: the stream's whole-life limit, from the
     /// route or a gRPC request's `grpc-timeout`.
     pub stream_duration: Option<StreamDuration>,
+    /// The deprecated `max_grpc_timeout` (with `grpc_timeout_offset`): a
+    /// gRPC request's `grpc-timeout` replaces `timeout`.
+    pub grpc_timeout: Option<GrpcTimeout>,
     pub retry_policy: Option<RetryPolicy>,
     pub hash_policy: Vec<HashPolicy>,
     /// `upgrade_configs`: per upgrade type (lower case), whether this route
@@ -218,6 +226,43 @@ pub enum HashPolicy {
         name: String,
         terminal: bool,
     },
+    /// A cookie's value; when the request has none and `ttl` is set, the
+    /// router makes one (Set-Cookie on the response) and hashes that.
+    Cookie {
+        cookie: CookiePolicy,
+        terminal: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct CookiePolicy {
+    pub name: String,
+    /// None: never generated; zero: a session cookie.
+    pub ttl: Option<Duration>,
+    pub path: String,
+    pub attributes: Vec<(String, String)>,
+}
+
+impl CookiePolicy {
+    /// The Set-Cookie value Envoy writes for a generated cookie.
+    pub fn set_cookie(&self, value: &str, max_age: Duration) -> String {
+        let mut s = format!("{}=\"{value}\"", self.name);
+        if !max_age.is_zero() {
+            s.push_str(&format!("; Max-Age={}", max_age.as_secs()));
+        }
+        if !self.path.is_empty() {
+            s.push_str(&format!("; Path={}", self.path));
+        }
+        for (k, v) in &self.attributes {
+            if v.is_empty() {
+                s.push_str(&format!("; {k}"));
+            } else {
+                s.push_str(&format!("; {k}={v}"));
+            }
+        }
+        s.push_str("; HttpOnly");
+        s
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -232,6 +277,10 @@ pub struct RetryOn {
     pub refused_stream: bool,
     pub retriable_status_codes: bool,
     pub retriable_headers: bool,
+    /// gRPC conditions (`cancelled`, `deadline-exceeded`, `internal`,
+    /// `resource-exhausted`, `unavailable`): the `grpc-status` codes of a
+    /// response's headers that are retried.
+    pub grpc_statuses: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -289,9 +338,24 @@ impl RouteConfig {
         }
         let mut virtual_hosts = Vec::with_capacity(rc.virtual_hosts.len());
         let mut seen_domains = std::collections::HashSet::new();
+        // Envoy's limit on a direct response's body (4 KiB by default).
+        let max_body = rc.max_direct_response_body_size_bytes.val().unwrap_or(4096) as usize;
         for (i, vh) in rc.virtual_hosts.iter().enumerate() {
             let p = index(path, "virtual_hosts", i);
             let v = VirtualHost::from_proto(vh, &p)?;
+            for (j, r) in v.routes.iter().enumerate() {
+                if let Action::Direct(DirectResponse { body: Some(b), .. }) = &r.action {
+                    if b.len() > max_body {
+                        return Err(ConfigError::new(
+                            join(&index(&p, "routes", j), "direct_response.body"),
+                            format!(
+                                "response body size is {} bytes; maximum is {max_body}",
+                                b.len()
+                            ),
+                        ));
+                    }
+                }
+            }
             for (j, d) in v.domains.iter().enumerate() {
                 // Envoy rejects a domain that appears in two virtual hosts.
                 if !seen_domains.insert(d.clone()) {
@@ -375,6 +439,8 @@ impl VirtualHost {
                 path,
                 "rate_limits",
             )?,
+            attempt_count_upstream: vh.include_request_attempt_count,
+            attempt_count_downstream: vh.include_attempt_count_in_response,
         })
     }
 }
@@ -579,7 +645,18 @@ impl RetryOn {
             "refused-stream" => &mut self.refused_stream,
             "retriable-status-codes" => &mut self.retriable_status_codes,
             "retriable-headers" => &mut self.retriable_headers,
-            _ => return false,
+            grpc => {
+                let code = match grpc {
+                    "cancelled" => 1,
+                    "deadline-exceeded" => 4,
+                    "resource-exhausted" => 8,
+                    "internal" => 13,
+                    "unavailable" => 14,
+                    _ => return false,
+                };
+                self.grpc_statuses.push(code);
+                return true;
+            }
         };
         *flag = true;
         true
@@ -788,10 +865,27 @@ impl RouteAction {
                     name: q.name.clone(),
                     terminal: h.terminal,
                 },
+                Some(S::Cookie(c)) => HashPolicy::Cookie {
+                    cookie: CookiePolicy {
+                        name: c.name.clone(),
+                        ttl: c
+                            .ttl
+                            .as_ref()
+                            .map(|t| super::duration(t, &join(&p, "cookie.ttl")))
+                            .transpose()?,
+                        path: c.path.clone(),
+                        attributes: c
+                            .attributes
+                            .iter()
+                            .map(|a| (a.name.clone(), a.value.clone()))
+                            .collect(),
+                    },
+                    terminal: h.terminal,
+                },
                 _ => {
                     return Err(ConfigError::new(
                         p,
-                        "only header, source_ip and query_parameter hash policies are supported",
+                        "only header, cookie, source_ip and query_parameter hash policies are supported",
                     ))
                 }
             });
@@ -819,6 +913,7 @@ impl RouteAction {
                 .as_ref()
                 .map(|t| super::timeout_or(Some(t), None, &join(path, "idle_timeout")))
                 .transpose()?,
+            grpc_timeout: GrpcTimeout::from_proto(ra, path)?,
             stream_duration: ra
                 .max_stream_duration
                 .as_ref()
@@ -1051,6 +1146,49 @@ impl StreamDuration {
     }
 }
 
+/// A route's `max_grpc_timeout` and `grpc_timeout_offset` (Envoy's older
+/// gRPC timeouts, unused when the route has `max_stream_duration`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrpcTimeout {
+    /// Zero: no cap.
+    pub max: Duration,
+    pub offset: Option<Duration>,
+}
+
+impl GrpcTimeout {
+    #[allow(deprecated)]
+    fn from_proto(ra: &pb::RouteAction, path: &str) -> Result<Option<Self>> {
+        let Some(max) = &ra.max_grpc_timeout else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            max: super::duration(max, &join(path, "max_grpc_timeout"))?,
+            offset: ra
+                .grpc_timeout_offset
+                .as_ref()
+                .map(|o| super::duration(o, &join(path, "grpc_timeout_offset")))
+                .transpose()?,
+        }))
+    }
+
+    /// A gRPC request's route timeout: its `grpc-timeout` (none: no limit)
+    /// less the offset when that leaves some, capped by `max`; None: no
+    /// timeout.
+    pub fn route_timeout(&self, headers: &http::HeaderMap) -> Option<Duration> {
+        let mut t = headers
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()))
+            .unwrap_or(Duration::ZERO);
+        if let Some(off) = self.offset.filter(|o| *o < t) {
+            t -= off;
+        }
+        if !self.max.is_zero() && (t.is_zero() || t > self.max) {
+            t = self.max;
+        }
+        (!t.is_zero()).then_some(t)
+    }
+}
+
 /// Envoy's `grpc-timeout` form of a timeout: milliseconds, in a larger
 /// unit only when they need more than 8 digits.
 pub fn format_grpc_timeout(t: Duration) -> String {
@@ -1086,6 +1224,33 @@ pub fn grpc_timeout(v: &[u8]) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generated_hash_cookie_is_written_as_envoy_writes_it() {
+        let c = CookiePolicy {
+            name: "session".into(),
+            ttl: Some(Duration::from_secs(3600)),
+            path: "/".into(),
+            attributes: vec![
+                ("SameSite".into(), "Lax".into()),
+                ("Secure".into(), String::new()),
+            ],
+        };
+        assert_eq!(
+            c.set_cookie("0123456789abcdef", Duration::from_secs(3600)),
+            "session=\"0123456789abcdef\"; Max-Age=3600; Path=/; SameSite=Lax; Secure; HttpOnly"
+        );
+        // A zero ttl makes a session cookie.
+        let session = CookiePolicy {
+            path: String::new(),
+            attributes: vec![],
+            ..c
+        };
+        assert_eq!(
+            session.set_cookie("v", Duration::ZERO),
+            "session=\"v\"; HttpOnly"
+        );
+    }
 
     #[test]
     fn stream_duration_from_the_route_or_grpc_timeout() {

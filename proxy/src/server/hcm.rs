@@ -145,6 +145,8 @@ pub struct Ctx {
     /// The gRPC status of a local reply when Envoy names one rather than
     /// mapping the HTTP status.
     grpc_status: Option<u32>,
+    /// Cookies a hash policy made, set on the upstream's response.
+    set_cookies: Vec<String>,
     /// This request is the upstream connection's last.
     last_on_upstream_conn: bool,
     /// The listener's buffer limit, and the request body bytes so far: a
@@ -349,6 +351,7 @@ impl HcmProxy {
                         &ra.hash_policy,
                         session,
                         ctx.client_addr.or(ctx.downstream_remote),
+                        None,
                     )
                 } else {
                     None
@@ -1478,10 +1481,16 @@ impl ProxyHttp for HcmProxy {
                     .retry_policy
                     .clone()
                     .or_else(|| rc.virtual_hosts[vi].retry_policy.clone());
+                let jar = CookieJar {
+                    remote: ctx.downstream_remote,
+                    local: ctx.downstream_local,
+                    set_cookies: &mut ctx.set_cookies,
+                };
                 ctx.hash = hash_for(
                     &ra.hash_policy,
                     session,
                     ctx.client_addr.or(ctx.downstream_remote),
+                    Some(jar),
                 );
 
                 // Path rewrites; Envoy keeps the original in x-envoy-original-path.
@@ -1534,10 +1543,12 @@ impl ProxyHttp for HcmProxy {
                 }
                 // With max_stream_duration (Envoy's "new timeouts") the
                 // route's `timeout` is not used.
-                ctx.timeout = if ra.stream_duration.is_some() {
-                    None
-                } else {
-                    ra.timeout
+                ctx.timeout = match (&ra.stream_duration, &ra.grpc_timeout) {
+                    (Some(_), _) => None,
+                    (None, Some(g)) if is_grpc(session) => {
+                        g.route_timeout(&session.req_header().headers)
+                    }
+                    _ => ra.timeout,
                 };
                 let limit = ra
                     .stream_duration
@@ -1787,6 +1798,24 @@ impl ProxyHttp for HcmProxy {
                 set_host(req, &h.hostname, keep, ra.append_x_forwarded_host)?;
             }
         }
+        if ctx
+            .selected
+            .as_ref()
+            .is_some_and(|s| s.vhost().attempt_count_upstream)
+        {
+            req.insert_header("x-envoy-attempt-count", ctx.attempts.to_string())?;
+        }
+        // max_grpc_timeout: the gRPC upstream is told this attempt's time.
+        let old_grpc_timeouts = ctx.selected.as_ref().is_some_and(|s| {
+            matches!(&s.route().action, Action::Forward(ra)
+                if ra.grpc_timeout.is_some() && ra.stream_duration.is_none())
+        });
+        if old_grpc_timeouts && is_grpc(session) {
+            if let Some(t) = attempt_timeout(ctx).filter(|t| !t.is_zero()) {
+                let v = crate::config::route::format_grpc_timeout(t);
+                req.insert_header("grpc-timeout", v)?;
+            }
+        }
         // The time this attempt is expected to get, as Envoy tells upstreams.
         let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
         if ctx.attempts > 1
@@ -1878,6 +1907,12 @@ impl ProxyHttp for HcmProxy {
             let retriable = (on.r5xx && status >= 500)
                 || (on.gateway_error && matches!(status, 502..=504))
                 || (on.retriable_4xx && status == 409)
+                || (!on.grpc_statuses.is_empty()
+                    && resp
+                        .headers
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                        .is_some_and(|c| on.grpc_statuses.contains(&c)))
                 || (on.retriable_status_codes && r.retriable_status_codes.contains(&status))
                 || (on.retriable_headers
                     && r.retriable_headers.iter().any(|h| {
@@ -1952,6 +1987,16 @@ impl ProxyHttp for HcmProxy {
         }
         ctx.status = resp.status.as_u16();
         ctx.details = "via_upstream".into();
+        if ctx
+            .selected
+            .as_ref()
+            .is_some_and(|s| s.vhost().attempt_count_downstream)
+        {
+            resp.insert_header("x-envoy-attempt-count", ctx.attempts.to_string())?;
+        }
+        for c in std::mem::take(&mut ctx.set_cookies) {
+            resp.append_header(http::header::SET_COOKIE, c)?;
+        }
         let levels = Self::header_levels(ctx);
         self.decorate_response(resp, ctx, &levels, session, false);
         Ok(())
@@ -2149,11 +2194,20 @@ impl ProxyHttp for HcmProxy {
         });
         if reply.status > 0 && session.response_written().is_none() {
             let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
-            let extra = if ctx.overloaded && !suppress {
+            let mut extra = if ctx.overloaded && !suppress {
                 vec![(hdr("x-envoy-overloaded"), "true".to_string())]
             } else {
                 vec![]
             };
+            // The router's own replies count its attempts too.
+            if ctx.attempts > 0
+                && ctx
+                    .selected
+                    .as_ref()
+                    .is_some_and(|s| s.vhost().attempt_count_downstream)
+            {
+                extra.push((hdr("x-envoy-attempt-count"), ctx.attempts.to_string()));
+            }
             let _ = self
                 .local_reply(
                     session,
@@ -2404,12 +2458,65 @@ fn set_host(
     set_host_only(req, host)
 }
 
+/// Where a cookie hash policy may make its cookie: the downstream
+/// connection's addresses (what Envoy hashes into the value) and the
+/// Set-Cookie values for the response. None where Envoy makes none
+/// (weighted cluster choice).
+struct CookieJar<'a> {
+    remote: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    set_cookies: &'a mut Vec<String>,
+}
+
+/// A cookie hash policy's value: the request's cookie, else one made for
+/// it when the policy has a ttl (Envoy hashes its own cookie's text).
+fn cookie_hash(
+    c: &crate::config::route::CookiePolicy,
+    session: &Session,
+    jar: Option<&mut CookieJar>,
+) -> Option<u64> {
+    let value = session
+        .req_header()
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == c.name)
+        .map(|(_, v)| {
+            v.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v)
+        });
+    if let Some(v) = value {
+        return Some(xxhash_rust::xxh64::xxh64(v.as_bytes(), 0));
+    }
+    let (ttl, jar) = (c.ttl?, jar?);
+    let addrs = format!(
+        "{}{}",
+        jar.remote.map(|a| a.to_string()).unwrap_or_default(),
+        jar.local.map(|a| a.to_string()).unwrap_or_default()
+    );
+    let made = format!("{:016x}", xxhash_rust::xxh64::xxh64(addrs.as_bytes(), 0));
+    jar.set_cookies.push(c.set_cookie(&made, ttl));
+    Some(xxhash_rust::xxh64::xxh64(made.as_bytes(), 0))
+}
+
 /// Envoy's hash policy evaluation: each policy that yields a value is mixed
 /// in; a terminal one that yields a value ends the walk.
-fn hash_for(policies: &[HashPolicy], session: &Session, remote: Option<SocketAddr>) -> Option<u64> {
+fn hash_for(
+    policies: &[HashPolicy],
+    session: &Session,
+    remote: Option<SocketAddr>,
+    mut jar: Option<CookieJar>,
+) -> Option<u64> {
     let mut hash: Option<u64> = None;
     for p in policies {
         let (value, terminal) = match p {
+            HashPolicy::Cookie { cookie, terminal } => {
+                (cookie_hash(cookie, session, jar.as_mut()), *terminal)
+            }
             HashPolicy::Header { name, terminal } => (
                 session
                     .req_header()

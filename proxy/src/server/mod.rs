@@ -451,6 +451,35 @@ async fn drain_deadline(mut drain: watch::Receiver<bool>, drain_time: Duration) 
     tokio::time::sleep(drain_time).await;
 }
 
+/// The listener's access log line for a connection no filter chain takes.
+fn log_unmatched(
+    config: &Listener,
+    conn: &crate::config::filter_chain::ConnInfo<'_>,
+    direct_peer: SocketAddr,
+) {
+    if config.access_log.is_empty() {
+        return;
+    }
+    let e = crate::access_log::Entry {
+        start: std::time::SystemTime::now(),
+        duration: Duration::ZERO,
+        bytes_received: 0,
+        bytes_sent: 0,
+        downstream_remote: conn.peer,
+        downstream_direct_remote: direct_peer,
+        downstream_local: conn.local,
+        upstream_host: None,
+        upstream_local: None,
+        upstream_cluster: "",
+        response_flags: "NR",
+        requested_server_name: conn.server_name,
+        http: None,
+    };
+    for l in &config.access_log {
+        l.log(&e);
+    }
+}
+
 /// Runs a listener's filters, then its filter chain. Returns the connection
 /// and the listener to hand it to when `use_original_dst` says so (and
 /// `handed_off` says it has not been handed over already).
@@ -516,6 +545,7 @@ async fn serve_connection(
     };
     let Some(filter) = config.select(&conn) else {
         stats::counter(format!("{}.no_filter_chain_match", config.stat_prefix)).increment(1);
+        log_unmatched(&config, &conn, direct_peer);
         tracing::debug!(%peer, listener = %config.name, "no filter chain matches; closing");
         return None;
     };

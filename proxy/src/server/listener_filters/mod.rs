@@ -7,7 +7,7 @@
 pub mod http_inspector;
 pub mod proxy_protocol;
 
-use crate::config::listener::{ListenerFilter, ProxyProtocolConfig};
+use crate::config::listener::{ListenerFilter, ListenerFilterEntry, ProxyProtocolConfig};
 use crate::stats;
 use crate::tls::hello::{self, Hello, MAX_CLIENT_HELLO};
 use std::net::SocketAddr;
@@ -43,13 +43,20 @@ pub enum Stop {
 /// sequence, as Envoy). On a timeout, `found` keeps what was learnt.
 pub async fn run(
     sock: &mut TcpStream,
-    filters: &[ListenerFilter],
+    filters: &[ListenerFilterEntry],
     timeout: Option<Duration>,
     found: &mut Found,
 ) -> Result<(), Stop> {
     let all = async {
-        for f in filters {
-            match f {
+        for e in filters {
+            if let Some(p) = &e.disabled {
+                // On the restored destination once `original_dst` ran.
+                let dst = found.local.or_else(|| sock.local_addr().ok());
+                if dst.is_some_and(|d| p.matches(d.port())) {
+                    continue;
+                }
+            }
+            match &e.filter {
                 ListenerFilter::OriginalDst => original_dst(sock, found),
                 ListenerFilter::ProxyProtocol(c) => proxy_protocol(sock, c, found).await?,
                 ListenerFilter::TlsInspector => tls_inspector(sock, found).await?,
