@@ -894,7 +894,6 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m("envoy.config.rbac.v3.Principal.Set", &["ids"], &[]),
     m("envoy.config.rbac.v3.Principal.Authenticated", &["principal_name"], &[]),
-    m("envoy.type.v3.Int32Range", &["start", "end"], &[]),
     // TLS.
     m("envoy.config.core.v3.TransportSocket", &["name", "typed_config"], &[]),
     m("envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer", &[], &[]),

@@ -677,13 +677,7 @@ impl RetryPolicy {
             }
             match cond {
                 // Conditions Envoy knows but Legate cannot honour yet.
-                other @ ("envoy-ratelimited"
-                | "http3-post-connect-failure"
-                | "cancelled"
-                | "deadline-exceeded"
-                | "internal"
-                | "resource-exhausted"
-                | "unavailable") => {
+                other @ ("envoy-ratelimited" | "http3-post-connect-failure") => {
                     return Err(ConfigError::new(
                         join(path, "retry_on"),
                         format!("retry condition '{other}' is not supported"),
@@ -1318,7 +1312,9 @@ mod tests {
             .retry_on;
         assert!(r.r5xx && r.connect_failure && r.reset_before_request && !r.reset);
         // Known to Envoy but not implemented: rejected naming the field.
-        assert_eq!(p("5xx,unavailable").unwrap_err().path, "r.retry_on");
+        assert_eq!(p("5xx,envoy-ratelimited").unwrap_err().path, "r.retry_on");
+        let g = p("unavailable,cancelled").unwrap().retry_on;
+        assert_eq!(g.grpc_statuses, vec![14, 1]);
         // Unknown to Envoy too: ignored, as Envoy does.
         assert!(p("sometimes").unwrap().retry_on.r5xx == false);
     }
