@@ -12,6 +12,7 @@ mod grpc;
 mod h2load;
 mod h2spec;
 mod header_case;
+mod istio;
 mod l4;
 mod pki;
 mod proxies;
@@ -38,6 +39,7 @@ const ALL_TIERS: &[&str] = &[
     "l4",
     "xds",
     "xds-wire",
+    "istio",
 ];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -144,6 +146,11 @@ async fn main() -> Result<()> {
             }
             "corpus" => corpus_tally = Some(corpus::run(&bins, &root, &work, &mut report)?),
             "xds-wire" => xds_wire::run(&bins, &work, &mut report).await?,
+            "istio" => {
+                if let Err(e) = istio::run(&bins, &root, &work, &mut report).await {
+                    report.add("istio", "istiod", "*", Outcome::HarnessError(vec![format!("{e:#}")]));
+                }
+            }
             "l4" => {
                 if let Err(e) = tokio::task::block_in_place(|| l4::run(&bins, &work, &mut report)) {
                     report.add(

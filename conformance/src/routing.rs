@@ -338,7 +338,7 @@ fn admin_post(admin: u16, path: &str) {
     }
 }
 
-fn send(port: u16, r: &Request, work: &Path) -> Observation {
+pub(crate) fn send(port: u16, r: &Request, work: &Path) -> Observation {
     if r.raw || r.proxy_protocol.is_some() || !r.header_lines.is_empty() {
         return crate::raw::http1(port, r);
     }
