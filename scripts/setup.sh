@@ -12,6 +12,7 @@ command -v h2load >/dev/null || need_apt+=(nghttp2-client)   # conformance: h2lo
 command -v openssl >/dev/null || need_apt+=(openssl)          # TLS tests: s_client
 command -v iptables >/dev/null || need_apt+=(iptables)       # original_dst test: REDIRECT in a netns
 command -v redis-server >/dev/null || need_apt+=(redis-server) # conformance: the rate limit service's store
+command -v patch >/dev/null || need_apt+=(patch) # conformance: istiod is built with our no-kube patch
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

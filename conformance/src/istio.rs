@@ -96,7 +96,10 @@ impl Drop for Istiod {
 /// Builds (once per machine, into `~/.cache/legate`) and returns istiod.
 fn istiod_binary(root: &Path) -> Result<PathBuf> {
     let out = crate::tools::output_ok(
-        Command::new(root.join("istio/build-istiod.sh")).stderr(Stdio::inherit()),
+        Command::new(root.join("istio/build-istiod.sh"))
+            // pilot-agent is not used by the tier yet.
+            .env("ISTIO_SKIP_AGENT", "1")
+            .stderr(Stdio::inherit()),
         "building istiod (conformance/istio/build-istiod.sh)",
     )?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -113,8 +116,14 @@ fn start_istiod(bin: &Path, root: &Path, work: &Path) -> Result<Istiod> {
     let log = std::fs::File::create(work.join("istiod.log"))?;
     let child = Command::new(bin)
         .args(["discovery", "--registries="])
-        .arg(format!("--configDir={}", root.join("istio/config").display()))
-        .arg(format!("--meshConfig={}", root.join("istio/mesh.yaml").display()))
+        .arg(format!(
+            "--configDir={}",
+            root.join("istio/config").display()
+        ))
+        .arg(format!(
+            "--meshConfig={}",
+            root.join("istio/mesh.yaml").display()
+        ))
         .arg(format!("--grpcAddr=127.0.0.1:{xds}"))
         .arg(format!("--httpAddr=127.0.0.1:{debug}"))
         .arg(format!("--monitoringAddr=127.0.0.1:{}", free()))
@@ -133,7 +142,10 @@ fn start_istiod(bin: &Path, root: &Path, work: &Path) -> Result<Istiod> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", xds)).is_err() {
         if Instant::now() > deadline {
-            bail!("istiod did not listen on {xds}; see {}", work.join("istiod.log").display());
+            bail!(
+                "istiod did not listen on {xds}; see {}",
+                work.join("istiod.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -143,7 +155,10 @@ fn start_istiod(bin: &Path, root: &Path, work: &Path) -> Result<Istiod> {
 /// istiod's `/debug/syncz` entry for `proxy_id`, if it is connected.
 fn syncz(istiod: &Istiod, proxy_id: &str) -> Option<serde_json::Value> {
     let url = format!("http://127.0.0.1:{}/debug/syncz", istiod.debug);
-    let out = Command::new("curl").args(["-s", "--max-time", "3", &url]).output().ok()?;
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "3", &url])
+        .output()
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v.as_array()?
         .iter()
@@ -185,10 +200,11 @@ fn wait_gone(istiod: &Istiod, proxy_id: &str) {
 
 fn bootstrap(root: &Path, work: &Path, node: &Node, api: &str, xds: u16) -> Result<(PathBuf, u16)> {
     let admin = free();
-    let mut text = std::fs::read_to_string(root.join(format!("istio/envoy-{}.yaml", node.template)))?
-        .replace("{{XDS_PORT}}", &xds.to_string())
-        .replace("{{ADMIN_PORT}}", &admin.to_string())
-        .replace("{{ADS_API_TYPE}}", api);
+    let mut text =
+        std::fs::read_to_string(root.join(format!("istio/envoy-{}.yaml", node.template)))?
+            .replace("{{XDS_PORT}}", &xds.to_string())
+            .replace("{{ADMIN_PORT}}", &admin.to_string())
+            .replace("{{ADS_API_TYPE}}", api);
     if let Some(mode) = node.interception {
         let re = regex::Regex::new(r"INTERCEPTION_MODE: \w+")?;
         text = re
@@ -202,10 +218,9 @@ fn bootstrap(root: &Path, work: &Path, node: &Node, api: &str, xds: u16) -> Resu
 
 pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
     let bin = tokio::task::block_in_place(|| istiod_binary(root))?;
-    let requests: BTreeMap<String, Vec<Request>> = serde_yaml::from_str(
-        &std::fs::read_to_string(root.join("istio/requests.yaml"))?,
-    )
-    .context("parsing istio/requests.yaml")?;
+    let requests: BTreeMap<String, Vec<Request>> =
+        serde_yaml::from_str(&std::fs::read_to_string(root.join("istio/requests.yaml"))?)
+            .context("parsing istio/requests.yaml")?;
     let mut echoes = Vec::new();
     for (name, addr) in WORKLOADS {
         let addr: SocketAddr = addr.parse()?;
@@ -226,12 +241,14 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
                     seen.push(Vec::new());
                     continue;
                 };
-                acks.push(tokio::task::block_in_place(|| wait_acked(&istiod, node.proxy_id)));
+                acks.push(tokio::task::block_in_place(|| {
+                    wait_acked(&istiod, node.proxy_id)
+                }));
                 // Traffic once per node shape (SotW), after every type is in.
                 let reqs = match node.traffic {
-                    Some((section, port)) if flavour == "sotw" => requests
-                        .get(section)
-                        .map(|rs| (rs, port)),
+                    Some((section, port)) if flavour == "sotw" => {
+                        requests.get(section).map(|rs| (rs, port))
+                    }
                     _ => None,
                 };
                 seen.push(match reqs {

@@ -148,7 +148,12 @@ async fn main() -> Result<()> {
             "xds-wire" => xds_wire::run(&bins, &work, &mut report).await?,
             "istio" => {
                 if let Err(e) = istio::run(&bins, &root, &work, &mut report).await {
-                    report.add("istio", "istiod", "*", Outcome::HarnessError(vec![format!("{e:#}")]));
+                    report.add(
+                        "istio",
+                        "istiod",
+                        "*",
+                        Outcome::HarnessError(vec![format!("{e:#}")]),
+                    );
                 }
             }
             "l4" => {
