@@ -191,75 +191,197 @@ impl Format {
 
     pub fn render(&self, e: &Entry) -> String {
         let mut out = String::with_capacity(160);
-        let dash = |s: &str| {
-            if s.is_empty() {
-                "-".to_string()
-            } else {
-                s.to_string()
-            }
-        };
         for p in &self.0 {
-            let v = match p {
-                Piece::Lit(s) => {
-                    out.push_str(s);
-                    continue;
-                }
-                Piece::StartTime => start_time(e.start),
-                Piece::Duration => e.duration.as_millis().to_string(),
-                Piece::BytesReceived => e.bytes_received.to_string(),
-                Piece::BytesSent => e.bytes_sent.to_string(),
-                Piece::Addr(w, port) => {
-                    let a = match w {
-                        Which::DownstreamRemote => Some(e.downstream_remote),
-                        Which::DownstreamDirectRemote => Some(e.downstream_direct_remote),
-                        Which::DownstreamLocal => Some(e.downstream_local),
-                        Which::UpstreamHost => e.upstream_host,
-                        Which::UpstreamLocal => e.upstream_local,
-                    };
-                    match (a, port) {
-                        (Some(a), true) => a.to_string(),
-                        (Some(a), false) => a.ip().to_string(),
-                        (None, _) => "-".into(),
-                    }
-                }
-                Piece::UpstreamCluster => dash(e.upstream_cluster),
-                Piece::ResponseFlags => dash(e.response_flags),
-                Piece::RequestedServerName => dash(e.requested_server_name),
-                Piece::Dash => "-".into(),
-                Piece::ResponseCode => e.http.as_ref().map_or(0, |h| h.response_code).to_string(),
-                Piece::Protocol => dash(e.http.as_ref().map_or("", |h| h.protocol)),
-                Piece::ResponseCodeDetails => dash(e.http.as_ref().map_or("", |h| h.details)),
-                Piece::RouteName => dash(e.http.as_ref().map_or("", |h| h.route_name)),
-                Piece::ResponseDuration => e
-                    .http
-                    .as_ref()
-                    .and_then(|h| h.response_duration)
-                    .map_or("-".into(), |d| d.as_millis().to_string()),
-                Piece::AttemptCount => e
-                    .http
-                    .as_ref()
-                    .map_or("-".into(), |h| h.attempts.to_string()),
-                Piece::Hostname => crate::server::request::hostname().to_string(),
-                Piece::Req(l) => e
-                    .http
-                    .as_ref()
-                    .and_then(|h| l.value(Some(h.request), &h.pseudo))
-                    .unwrap_or_else(|| "-".into()),
-                Piece::Resp(l) => e
-                    .http
-                    .as_ref()
-                    .and_then(|h| {
-                        let pseudo = crate::config::matcher::Pseudo {
-                            status: (h.response_code > 0).then_some(h.response_code),
-                            ..Default::default()
-                        };
-                        l.value(h.response, &pseudo)
-                    })
-                    .unwrap_or_else(|| "-".into()),
-            };
-            out.push_str(&v);
+            match p {
+                Piece::Lit(s) => out.push_str(s),
+                p => out.push_str(&value(p, e).text()),
+            }
         }
         out
+    }
+
+    /// A format that is one operator alone keeps its value's JSON type.
+    fn typed(&self, e: &Entry) -> serde_json::Value {
+        match &self.0[..] {
+            [p] if !matches!(p, Piece::Lit(_)) => value(p, e).json(),
+            _ => serde_json::Value::String(self.render(e)),
+        }
+    }
+}
+
+/// An operator's value: a number and a missing value stay apart so a JSON
+/// format can write them as Envoy does (text writes `-` for a missing one).
+enum Val {
+    Str(String),
+    Num(u64),
+    Null,
+}
+
+impl Val {
+    fn text(self) -> String {
+        match self {
+            Val::Str(s) => s,
+            Val::Num(n) => n.to_string(),
+            Val::Null => "-".into(),
+        }
+    }
+
+    fn json(self) -> serde_json::Value {
+        match self {
+            Val::Str(s) => s.into(),
+            Val::Num(n) => n.into(),
+            Val::Null => serde_json::Value::Null,
+        }
+    }
+}
+
+fn value(p: &Piece, e: &Entry) -> Val {
+    let opt = |s: &str| {
+        if s.is_empty() {
+            Val::Null
+        } else {
+            Val::Str(s.to_string())
+        }
+    };
+    let http = e.http.as_ref();
+    match p {
+        Piece::Lit(s) => Val::Str(s.clone()),
+        Piece::StartTime => Val::Str(start_time(e.start)),
+        Piece::Duration => Val::Num(e.duration.as_millis() as u64),
+        Piece::BytesReceived => Val::Num(e.bytes_received),
+        Piece::BytesSent => Val::Num(e.bytes_sent),
+        Piece::Addr(w, port) => {
+            let a = match w {
+                Which::DownstreamRemote => Some(e.downstream_remote),
+                Which::DownstreamDirectRemote => Some(e.downstream_direct_remote),
+                Which::DownstreamLocal => Some(e.downstream_local),
+                Which::UpstreamHost => e.upstream_host,
+                Which::UpstreamLocal => e.upstream_local,
+            };
+            match (a, port) {
+                (Some(a), true) => Val::Str(a.to_string()),
+                (Some(a), false) => Val::Str(a.ip().to_string()),
+                (None, _) => Val::Null,
+            }
+        }
+        Piece::UpstreamCluster => opt(e.upstream_cluster),
+        // Envoy's flags formatter writes `-` itself for none.
+        Piece::ResponseFlags if e.response_flags.is_empty() => Val::Str("-".into()),
+        Piece::ResponseFlags => Val::Str(e.response_flags.to_string()),
+        Piece::RequestedServerName => opt(e.requested_server_name),
+        Piece::Dash => Val::Null,
+        Piece::ResponseCode => Val::Num(http.map_or(0, |h| h.response_code).into()),
+        Piece::Protocol => opt(http.map_or("", |h| h.protocol)),
+        Piece::ResponseCodeDetails => opt(http.map_or("", |h| h.details)),
+        Piece::RouteName => opt(http.map_or("", |h| h.route_name)),
+        Piece::ResponseDuration => http
+            .and_then(|h| h.response_duration)
+            .map_or(Val::Null, |d| Val::Num(d.as_millis() as u64)),
+        Piece::AttemptCount => http.map_or(Val::Null, |h| Val::Num(h.attempts.into())),
+        Piece::Hostname => Val::Str(crate::server::request::hostname().to_string()),
+        Piece::Req(l) => http
+            .and_then(|h| l.value(Some(h.request), &h.pseudo))
+            .map_or(Val::Null, Val::Str),
+        Piece::Resp(l) => http
+            .and_then(|h| {
+                let pseudo = crate::config::matcher::Pseudo {
+                    status: (h.response_code > 0).then_some(h.response_code),
+                    ..Default::default()
+                };
+                l.value(h.response, &pseudo)
+            })
+            .map_or(Val::Null, Val::Str),
+    }
+}
+
+/// `json_format`: an object whose string values are formats; Envoy writes
+/// it on one line with its keys sorted, a value that is one operator with
+/// that operator's type (null when it has none), and other values as
+/// configured.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonNode {
+    Format(Format),
+    Object(Vec<(String, JsonNode)>),
+    Literal(serde_json::Value),
+}
+
+impl JsonNode {
+    fn from_struct(
+        s: &legate_proto::envoy_types::pb::google::protobuf::Struct,
+        path: &str,
+    ) -> Result<Self> {
+        let mut fields = Vec::with_capacity(s.fields.len());
+        for (k, v) in &s.fields {
+            fields.push((k.clone(), Self::from_value(v, &join(path, k))?));
+        }
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self::Object(fields))
+    }
+
+    fn from_value(
+        v: &legate_proto::envoy_types::pb::google::protobuf::Value,
+        path: &str,
+    ) -> Result<Self> {
+        use legate_proto::envoy_types::pb::google::protobuf::value::Kind;
+        Ok(match &v.kind {
+            Some(Kind::StringValue(s)) => Self::Format(Format::parse(s, path)?),
+            Some(Kind::StructValue(s)) => Self::from_struct(s, path)?,
+            Some(Kind::NumberValue(n)) => Self::Literal(serde_json::Number::from_f64(*n).map_or(
+                serde_json::Value::Null,
+                |n| {
+                    // Whole numbers print as integers, as Envoy prints them.
+                    if n.as_f64()
+                        .is_some_and(|f| f.fract() == 0.0 && f.abs() < 1e15)
+                    {
+                        serde_json::Value::from(n.as_f64().unwrap_or_default() as i64)
+                    } else {
+                        serde_json::Value::Number(n)
+                    }
+                },
+            )),
+            Some(Kind::BoolValue(b)) => Self::Literal((*b).into()),
+            Some(Kind::NullValue(_)) | None => Self::Literal(serde_json::Value::Null),
+            Some(Kind::ListValue(_)) => {
+                return Err(ConfigError::new(
+                    path,
+                    "lists are not supported in json_format (as in Envoy)",
+                ))
+            }
+        })
+    }
+
+    fn render(&self, e: &Entry) -> serde_json::Value {
+        match self {
+            Self::Format(f) => f.typed(e),
+            Self::Literal(v) => v.clone(),
+            Self::Object(fields) => {
+                let mut m = serde_json::Map::new();
+                for (k, v) in fields {
+                    m.insert(k.clone(), v.render(e));
+                }
+                serde_json::Value::Object(m)
+            }
+        }
+    }
+}
+
+/// A log line's layout: text, or JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogFormat {
+    Text(Format),
+    Json(JsonNode),
+}
+
+impl LogFormat {
+    pub fn render(&self, e: &Entry) -> String {
+        match self {
+            Self::Text(f) => f.render(e),
+            Self::Json(j) => {
+                let mut line = j.render(e).to_string();
+                line.push('\n');
+                line
+            }
+        }
     }
 }
 
@@ -297,7 +419,7 @@ enum Sink {
 /// One configured access log.
 #[derive(Debug)]
 pub struct AccessLog {
-    format: Format,
+    format: LogFormat,
     sink: Sink,
 }
 
@@ -322,18 +444,23 @@ impl AccessLog {
                     return Err(ConfigError::new(join(&tc, "path"), "path is required"));
                 }
                 let format = match &f.access_log_format {
-                    None => Format::parse(DEFAULT_FORMAT, &tc)?,
+                    None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, &tc)?),
                     Some(AccessLogFormat::Format(s)) if s.is_empty() => {
-                        Format::parse(DEFAULT_FORMAT, &tc)?
+                        LogFormat::Text(Format::parse(DEFAULT_FORMAT, &tc)?)
                     }
-                    Some(AccessLogFormat::Format(s)) => Format::parse(s, &join(&tc, "format"))?,
+                    Some(AccessLogFormat::Format(s)) => {
+                        LogFormat::Text(Format::parse(s, &join(&tc, "format"))?)
+                    }
                     Some(AccessLogFormat::LogFormat(l)) => {
                         substitution(l, &join(&tc, "log_format"))?
                     }
+                    Some(AccessLogFormat::JsonFormat(j)) => {
+                        LogFormat::Json(JsonNode::from_struct(j, &join(&tc, "json_format"))?)
+                    }
                     Some(_) => {
                         return Err(ConfigError::new(
-                            join(&tc, "json_format"),
-                            "JSON access log formats are not supported",
+                            join(&tc, "typed_json_format"),
+                            "not supported",
                         ))
                     }
                 };
@@ -355,7 +482,7 @@ impl AccessLog {
                     Some(legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat::LogFormat(l)) => {
                         substitution(l, &join(&tc, "log_format"))?
                     }
-                    None => Format::parse(DEFAULT_FORMAT, &tc)?,
+                    None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, &tc)?),
                 };
                 let sink = if t == STDOUT_TYPE {
                     Sink::Stdout
@@ -388,22 +515,21 @@ impl AccessLog {
     }
 }
 
-/// `SubstitutionFormatString`: text formats only.
-fn substitution(s: &core::SubstitutionFormatString, path: &str) -> Result<Format> {
+/// `SubstitutionFormatString`: a text or a JSON format.
+fn substitution(s: &core::SubstitutionFormatString, path: &str) -> Result<LogFormat> {
     use core::substitution_format_string::Format as F;
-    match &s.format {
-        Some(F::TextFormat(t)) => Format::parse(t, &join(path, "text_format")),
+    Ok(match &s.format {
+        Some(F::TextFormat(t)) => LogFormat::Text(Format::parse(t, &join(path, "text_format"))?),
         Some(F::TextFormatSource(ds)) => {
             let p = join(path, "text_format_source");
             let b = crate::datasource::read(ds, &p)?;
-            Format::parse(&String::from_utf8_lossy(&b), &p)
+            LogFormat::Text(Format::parse(&String::from_utf8_lossy(&b), &p)?)
         }
-        Some(F::JsonFormat(_)) => Err(ConfigError::new(
-            join(path, "json_format"),
-            "JSON access log formats are not supported",
-        )),
-        None => Format::parse(DEFAULT_FORMAT, path),
-    }
+        Some(F::JsonFormat(j)) => {
+            LogFormat::Json(JsonNode::from_struct(j, &join(path, "json_format"))?)
+        }
+        None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, path)?),
+    })
 }
 
 /// A filter's `access_log` list: the loggers Legate writes (gRPC ones

@@ -784,14 +784,14 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        &["path", "format", "log_format"],
+        &["path", "format", "log_format", "json_format"],
         &[],
     ),
     m("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", &["log_format"], &[]),
     m("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"], &[]),
     m(
         "envoy.config.core.v3.SubstitutionFormatString",
-        &["text_format", "text_format_source"],
+        &["text_format", "text_format_source", "json_format"],
         &[],
     ),
     m(
