@@ -53,6 +53,8 @@ pub struct Target {
     /// check hostname, else the cluster's name.
     pub host: String,
     pub tls: Option<HostTls>,
+    /// The cluster's `upstream_bind_config` source address.
+    pub bind: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,7 +346,7 @@ fn spawn(
 /// context offers only what the check speaks: `health_alpn`).
 async fn connect(t: &Target) -> std::io::Result<Box<dyn Io>> {
     let sni = t.tls.as_ref().map(|x| x.tls.sni.as_str());
-    let (io, _) = crate::tls::upstream::connect_host(t.addr, t.tls.as_ref(), sni).await?;
+    let (io, _) = crate::tls::upstream::connect_host(t.addr, t.tls.as_ref(), sni, t.bind).await?;
     Ok(io)
 }
 
@@ -618,6 +620,7 @@ mod tests {
             addr: a,
             host: "h".into(),
             tls: None,
+            bind: None,
         }]);
         assert!(c.failed(&a), "a new host starts unhealthy");
         let pass = Outcome::Pass { degraded: false };

@@ -24,6 +24,18 @@ pub enum Discovery {
     OriginalDst,
 }
 
+impl ClusterConfig {
+    /// Whether a request in `version` goes upstream over HTTP/2 (not
+    /// knowable here for `auto_config`, whose ALPN decides: false).
+    pub fn h2_for(&self, version: http::Version) -> bool {
+        match self.protocol {
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Downstream => version == http::Version::HTTP_2,
+            UpstreamProtocol::Http1 | UpstreamProtocol::Auto => false,
+        }
+    }
+}
+
 /// An ORIGINAL_DST cluster's `original_dst_lb_config`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OriginalDstConfig {
@@ -241,6 +253,13 @@ impl ResponseHeaderLimits {
                     "must be at least 1",
                 ));
             }
+            if n > 256 {
+                // pingora's HTTP/1 parser stops at 256 headers.
+                return Err(ConfigError::new(
+                    join(path, "max_headers_count"),
+                    "values above 256 are not supported (pingora's HTTP/1 limit)",
+                ));
+            }
             l.max_count = n as usize;
         }
         if let Some(kb) = common.max_response_headers_kb.val() {
@@ -249,6 +268,13 @@ impl ResponseHeaderLimits {
                 return Err(ConfigError::new(
                     join(path, "max_response_headers_kb"),
                     "must be between 1 and 8192",
+                ));
+            }
+            if kb > 1023 {
+                // pingora's HTTP/1 client reads at most 1 MiB of head.
+                return Err(ConfigError::new(
+                    join(path, "max_response_headers_kb"),
+                    "values above 1023 are not supported (pingora's HTTP/1 limit)",
                 ));
             }
             l.max_bytes = Some(kb as usize * 1024);

@@ -617,7 +617,7 @@ impl Listener {
             listener_filters_timeout,
             cx_total: Default::default(),
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
-            access_log: crate::access_log::list(&l.access_log, path)?,
+            access_log: listener_access_log(&l.access_log, path)?,
             buffer_limit: l
                 .per_connection_buffer_limit_bytes
                 .val()
@@ -1331,4 +1331,28 @@ mod filter_predicate_tests {
         assert!(P::Not(Box::new(p.clone())).matches(8080));
         assert!(!P::And(vec![p, P::Any]).matches(8080));
     }
+}
+
+/// A listener's `access_log`. Envoy writes a line for every connection
+/// when it closes; Legate writes one only for a connection no filter chain
+/// takes, so it takes only loggers that keep just those lines (a
+/// `response_flag_filter` of `NR`, what Istio and Envoy Gateway send).
+fn listener_access_log(
+    logs: &[legate_proto::envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+    path: &str,
+) -> Result<Vec<Arc<crate::access_log::AccessLog>>> {
+    use legate_proto::envoy_types::pb::envoy::config::accesslog::v3::access_log_filter::FilterSpecifier;
+    for (i, a) in logs.iter().enumerate() {
+        let only_nr = matches!(
+            a.filter.as_ref().and_then(|f| f.filter_specifier.as_ref()),
+            Some(FilterSpecifier::ResponseFlagFilter(r)) if r.flags == ["NR"]
+        );
+        if !only_nr {
+            return Err(ConfigError::new(
+                join(&index(path, "access_log", i), "filter"),
+                "a listener's access log must keep only NR lines (response_flag_filter: [NR]): Legate logs only connections no filter chain takes",
+            ));
+        }
+    }
+    crate::access_log::list(logs, path)
 }

@@ -1209,8 +1209,9 @@ pub fn grpc_timeout(v: &[u8]) -> Option<Duration> {
         b"M" => Duration::from_secs(n * 60),
         b"S" => Duration::from_secs(n),
         b"m" => Duration::from_millis(n),
-        b"u" => Duration::from_micros(n),
-        b"n" => Duration::from_nanos(n),
+        // Envoy counts in whole milliseconds, rounding up.
+        b"u" => Duration::from_millis(n.div_ceil(1000)),
+        b"n" => Duration::from_millis(n.div_ceil(1_000_000)),
         _ => return None,
     })
 }

@@ -98,7 +98,7 @@ pub async fn http_get(
         .snapshot()
         .pick(None, rand::random(), &|_| false, None)
         .ok_or_else(no_host)?;
-    let (addr, tls) = (host.addr, host.tls.clone());
+    let (addr, tls, bind) = (host.addr, host.tls.clone(), c.config.bind);
     let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
     let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, &authority)
@@ -110,7 +110,7 @@ pub async fn http_get(
     });
     let work = async move {
         let sni = crate::routing::strip_port(&authority);
-        let (io, _) = crate::tls::upstream::connect_host(addr, tls.as_ref(), Some(sni))
+        let (io, _) = crate::tls::upstream::connect_host(addr, tls.as_ref(), Some(sni), bind)
             .await
             .map_err(|e| CallError::Connect(addr, e))?;
         exchange(addr, io, req).await

@@ -147,6 +147,8 @@ pub struct Ctx {
     grpc_status: Option<u32>,
     /// Cookies a hash policy made, set on the upstream's response.
     set_cookies: Vec<String>,
+    /// An upstream's informational response went downstream.
+    relayed_interim: bool,
     /// This request is the upstream connection's last.
     last_on_upstream_conn: bool,
     /// The listener's buffer limit, and the request body bytes so far: a
@@ -730,7 +732,7 @@ impl HcmProxy {
                     scheme: ctx.scheme(),
                     status: None,
                 },
-                response: session.response_written().map(|r| &r.headers),
+                response: final_response(session).map(|r| &r.headers),
                 protocol: protocol(session),
                 response_code: status,
                 details: &ctx.details,
@@ -909,12 +911,12 @@ impl HcmProxy {
     /// connection for an HTTP/1 upstream (each request holds one; waiting
     /// for one is Envoy's pending request, bounded by the route timeout),
     /// then an active request. Over a limit: Envoy's 503 with flag `UO`.
-    async fn take_slots(cluster: &Cluster, ctx: &mut Ctx) -> Result<()> {
+    async fn take_slots(cluster: &Cluster, ctx: &mut Ctx, h2: bool) -> Result<()> {
         (ctx.cx_slot, ctx.rq_slot) = (None, None);
         let b = cluster.breakers.default_priority();
         // An `auto_config` cluster's protocol is known per connection only:
         // its requests hold connection slots as HTTP/1 ones do.
-        if cluster.config.protocol != crate::config::cluster::UpstreamProtocol::Http2 {
+        if !h2 {
             let cx = match b.connections.try_acquire() {
                 Some(cx) => cx,
                 // Envoy opens a pool's first connection over the limit.
@@ -1101,13 +1103,16 @@ impl ProxyHttp for HcmProxy {
         // Envoy answers `Expect: 100-continue` itself unless told to proxy
         // it, and the upstream never sees the expectation.
         if !hcm.proxy_100_continue && expects_continue(session.req_header()) {
-            session
-                .req_header_mut()
-                .remove_header(&http::header::EXPECT);
             // Not the response: the connection may stay open after it.
             session.set_close_on_response_before_downstream_finish(false);
             session.write_continue_response().await?;
             session.set_close_on_response_before_downstream_finish(true);
+            // Then the expectation goes (pingora writes a 100 only while
+            // the request has one), and so do the upstream's own 1xx.
+            session
+                .req_header_mut()
+                .remove_header(&http::header::EXPECT);
+            session.as_downstream_mut().set_ignore_info_resp(true);
         }
         // Upgrades: h2c is dropped here, as Envoy's HTTP/1 codec drops it
         // before proxying; any other is decided once the route is known (a
@@ -1671,7 +1676,8 @@ impl ProxyHttp for HcmProxy {
             cluster.stats.upstream_cx_none_healthy.increment(1);
             return refuse(ctx, 503, "no healthy upstream", "UH", "no_healthy_upstream");
         };
-        Self::take_slots(&cluster, ctx).await?;
+        let h2 = cluster.config.h2_for(session.req_header().version);
+        Self::take_slots(&cluster, ctx, h2).await?;
         host.active_requests.fetch_add(1, Ordering::Relaxed);
         ctx.tried.push(host.addr);
         ctx.host = Some(host.clone());
@@ -1680,13 +1686,7 @@ impl ProxyHttp for HcmProxy {
         ctx.upstream_started = Some(Instant::now());
 
         let cfg = &cluster.config;
-        let mut h2 = match cfg.protocol {
-            crate::config::cluster::UpstreamProtocol::Http2 => true,
-            crate::config::cluster::UpstreamProtocol::Downstream => {
-                session.req_header().version == http::Version::HTTP_2
-            }
-            _ => false,
-        };
+        let mut h2 = cfg.h2_for(session.req_header().version);
         let mut peer = match &host.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
             // pingora sees plaintext; the TLS is ours (`tls::upstream`). The
@@ -1982,7 +1982,9 @@ impl ProxyHttp for HcmProxy {
         // must not (the final response sets it back).
         session.set_close_on_response_before_downstream_finish(!is_interim(resp));
         if is_interim(resp) {
-            // A relayed `100 Continue` goes out as the upstream sent it.
+            // A relayed `100 Continue` goes out as the upstream sent it;
+            // the request can no longer be retried.
+            ctx.relayed_interim = true;
             return Ok(());
         }
         ctx.status = resp.status.as_u16();
@@ -2066,9 +2068,16 @@ impl ProxyHttp for HcmProxy {
         }
         // Envoy never retries once response bytes went downstream, nor for
         // the client's own errors.
-        if session.response_written().is_some()
+        if final_response(session).is_some()
+            || ctx.relayed_interim
             || e.esource() != &pingora_error::ErrorSource::Upstream
         {
+            e.set_retry(false);
+            return e;
+        }
+        // The stream's max_stream_duration ended it: Envoy resets the
+        // stream, without a retry and without blaming the host.
+        if ctx.stream_deadline.is_some_and(|d| d <= Instant::now()) {
             e.set_retry(false);
             return e;
         }
@@ -2192,7 +2201,7 @@ impl ProxyHttp for HcmProxy {
                 }
             },
         });
-        if reply.status > 0 && session.response_written().is_none() {
+        if reply.status > 0 && final_response(session).is_none() {
             let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
             let mut extra = if ctx.overloaded && !suppress {
                 vec![(hdr("x-envoy-overloaded"), "true".to_string())]
@@ -2247,9 +2256,7 @@ impl ProxyHttp for HcmProxy {
             h.active_requests.fetch_sub(1, Ordering::Relaxed);
         }
         (ctx.cx_slot, ctx.rq_slot, ctx.retry_slot) = (None, None, None);
-        let status = session
-            .response_written()
-            .map_or(ctx.status, |r| r.status.as_u16());
+        let status = final_response(session).map_or(ctx.status, |r| r.status.as_u16());
         if let Some(c) = &ctx.cluster {
             if ctx.upstream_started.is_some() {
                 c.stats.upstream_rq_active.decrement(1.0);
@@ -2488,7 +2495,9 @@ fn cookie_hash(
             v.strip_prefix('"')
                 .and_then(|v| v.strip_suffix('"'))
                 .unwrap_or(v)
-        });
+        })
+        // An empty cookie is no cookie (Envoy then makes one).
+        .filter(|v| !v.is_empty());
     if let Some(v) = value {
         return Some(xxhash_rust::xxh64::xxh64(v.as_bytes(), 0));
     }
@@ -2580,6 +2589,12 @@ fn choose_host(cluster: &Cluster, session: &Session, ctx: &Ctx) -> Option<Arc<Up
         &|a| avoid_previous && ctx.tried.contains(&a),
         attempts,
     )
+}
+
+/// The response sent downstream, if one was: a `100 Continue` before it
+/// is not the response (errors after it still get their reply).
+fn final_response(session: &Session) -> Option<&ResponseHeader> {
+    session.response_written().filter(|r| !is_interim(r))
 }
 
 /// An informational response other than 101 (which starts an upgrade):

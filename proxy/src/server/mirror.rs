@@ -154,17 +154,12 @@ pub fn start(
     };
     let request = b.body(body).ok()?;
     let connect_timeout = cluster.config.connect_timeout;
-    let h2 = match cluster.config.protocol {
-        crate::config::cluster::UpstreamProtocol::Http2 => true,
-        crate::config::cluster::UpstreamProtocol::Downstream => {
-            req.version == http::Version::HTTP_2
-        }
-        _ => false,
-    };
-    let (addr, tls) = (host.addr, host.tls.clone());
+    let h2 = cluster.config.h2_for(req.version);
+    let (addr, tls, bind) = (host.addr, host.tls.clone(), cluster.config.bind);
     let whole = timeout.unwrap_or(DEFAULT_TIMEOUT);
     tokio::spawn(async move {
-        let r = tokio::time::timeout(whole, send(addr, tls, h2, connect_timeout, request)).await;
+        let send = send(addr, bind, tls, h2, connect_timeout, request);
+        let r = tokio::time::timeout(whole, send).await;
         match r {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!("mirror to {cluster_name} ({addr}): {e}"),
@@ -181,12 +176,13 @@ type MirrorBody = http_body_util::combinators::BoxBody<Bytes, Abandoned>;
 
 async fn send(
     addr: std::net::SocketAddr,
+    bind: Option<std::net::SocketAddr>,
     tls: Option<crate::cluster_manager::HostTls>,
     h2: bool,
     connect_timeout: std::time::Duration,
     req: http::Request<MirrorBody>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let connect = crate::tls::upstream::connect_host(addr, tls.as_ref(), None);
+    let connect = crate::tls::upstream::connect_host(addr, tls.as_ref(), None, bind);
     let (io, negotiated) = tokio::time::timeout(connect_timeout, connect).await??;
     // The codec follows ALPN when the context offered protocols (h2 for
     // HTTP/2 and auto_config clusters).

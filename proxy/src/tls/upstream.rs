@@ -86,13 +86,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// A connection Legate makes for itself (side services, mirrors, health
 /// checks): TCP, then the host's TLS when it has one, with the host's
 /// fixed SNI, else `sni`. Returns the stream and, over TLS, whether ALPN
-/// picked h2 (None: plaintext, or nothing was negotiated).
+/// picked h2 (None: plaintext, or nothing was negotiated). `bind`: the
+/// cluster's `upstream_bind_config` source address.
 pub async fn connect_host(
     addr: SocketAddr,
     tls: Option<&crate::cluster_manager::HostTls>,
     sni: Option<&str>,
+    bind: Option<SocketAddr>,
 ) -> std::io::Result<(Box<dyn Io>, Option<bool>)> {
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = tcp_connect(addr, bind).await?;
     tcp.set_nodelay(true)?;
     let Some(t) = tls else {
         return Ok((Box::new(tcp), None));
