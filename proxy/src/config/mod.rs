@@ -80,10 +80,21 @@ macro_rules! wrapped {
 }
 wrapped!(UInt32Value => u32, UInt64Value => u64, BoolValue => bool, DoubleValue => f64);
 
-/// A protobuf Duration as a std Duration; negative values are errors.
+/// The largest duration Envoy takes (`validateDurationAsMilliseconds`):
+/// what fits in an int64 of nanoseconds, about 292 years.
+const MAX_DURATION_SECONDS: i64 = i64::MAX / 1_000_000_000;
+
+/// A protobuf Duration as a std Duration, with Envoy's range rules:
+/// negative values and ones beyond [`MAX_DURATION_SECONDS`] are errors.
 pub fn duration(d: &wkt::Duration, path: &str) -> Result<Duration> {
     if d.seconds < 0 || d.nanos < 0 {
         return Err(ConfigError::new(path, "duration must not be negative"));
+    }
+    if d.seconds > MAX_DURATION_SECONDS || d.nanos > 999_999_999 {
+        return Err(ConfigError::new(
+            path,
+            format!("Duration out-of-range: at most {MAX_DURATION_SECONDS}s"),
+        ));
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
@@ -272,5 +283,25 @@ pub fn grpc_service_cluster(g: &core::GrpcService, path: &str) -> Result<String>
             "only envoy_grpc is supported for this service",
         )),
         None => Err(ConfigError::new(path, "envoy_grpc is required")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_follow_envoys_range() {
+        let d = |seconds, nanos| duration(&wkt::Duration { seconds, nanos }, "t");
+        // Istio's "never" (cleanup_interval) fits; one more second does not.
+        assert_eq!(d(9_223_372_035, 0).unwrap().as_secs(), 9_223_372_035);
+        assert!(d(9_223_372_036, 0).is_ok());
+        assert!(d(9_223_372_037, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("out-of-range"));
+        assert!(d(315_576_000_000, 0).is_err());
+        assert!(d(0, 1_000_000_000).is_err());
+        assert!(d(-1, 0).is_err());
     }
 }
