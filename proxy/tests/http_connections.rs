@@ -419,3 +419,45 @@ async fn a_burst_beyond_128_concurrent_requests_reuses_all_its_upstream_connecti
         "the second burst reuses the first one's idle connections"
     );
 }
+
+/// A client that cancels a burst of its own requests (25 HEADERS, each
+/// followed at once by RST_STREAM) is not punished, as Envoy does not punish
+/// it: its next request is answered. (The h2 crate's default of 20 reset
+/// streams waiting to be accepted would end the connection with
+/// ENHANCE_YOUR_CALM.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_cancelled_h2_requests_is_not_punished() {
+    let up = upstream("up").await;
+    let (_l, url, _admin) = start(
+        hcm_with(json!({})),
+        vec![cluster("up", &[up.addr], json!({}))],
+    );
+    let (mut client, _task, _streams) = h2c(&url).await;
+    assert_eq!(h2_get(&mut client).await.unwrap(), 200);
+    let mut c = client.clone().ready().await.unwrap();
+    for _ in 0..25 {
+        let req = http::Request::get("http://t/cancelled").body(()).unwrap();
+        let (_resp, mut stream) = c.send_request(req, false).unwrap();
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    assert_eq!(
+        h2_get(&mut client)
+            .await
+            .expect("the connection survives the burst"),
+        200
+    );
+    // A flood of them (rapid reset) may end that connection, but the proxy
+    // keeps serving others.
+    let (client, _task, _streams) = h2c(&url).await;
+    if let Ok(mut c) = client.ready().await {
+        for _ in 0..2000 {
+            let req = http::Request::get("http://t/flood").body(()).unwrap();
+            let Ok((_resp, mut stream)) = c.send_request(req, false) else {
+                break; // the server ended the connection
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+        }
+    }
+    let (mut fresh, _task, _streams) = h2c(&url).await;
+    assert_eq!(h2_get(&mut fresh).await.unwrap(), 200);
+}

@@ -295,13 +295,21 @@ fn carries_pipelined_bytes(p: &HttpPersistentSettings) -> bool {
     sniff.some
 }
 
+/// Reset streams that may wait to be accepted before the connection is
+/// ended with ENHANCE_YOUR_CALM. The h2 crate's default (20) ends the
+/// connection of a client that cancels a burst of 25 of its own requests,
+/// which Envoy serves; a rapid-reset flood is still cut off here, and no
+/// reset stream ever reaches an upstream (they are dropped unaccepted).
+const MAX_PENDING_RESET_STREAMS: usize = 200;
+
 /// pingora's bounded defaults (header list size) with the listener's
 /// stream limit and windows.
 fn h2_options(s: &H2Settings) -> h2server::H2Options {
     let mut o = h2server::default_h2_options();
     o.max_concurrent_streams(s.max_concurrent_streams)
         .initial_window_size(s.initial_stream_window_size)
-        .initial_connection_window_size(s.initial_connection_window_size);
+        .initial_connection_window_size(s.initial_connection_window_size)
+        .max_pending_accept_reset_streams(MAX_PENDING_RESET_STREAMS);
     o
 }
 
