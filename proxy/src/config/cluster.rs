@@ -779,15 +779,7 @@ impl ClusterConfig {
     /// must be TLS, as Envoy requires.
     fn check_auto_config(&self, path: &str) -> Result<()> {
         let plaintext = self.tls.is_none() || self.tls_matches.iter().any(|m| m.tls.is_none());
-        if self.protocol == UpstreamProtocol::Downstream
-            && !(self.tls.is_none() && self.tls_matches.iter().all(|m| m.tls.is_none()))
-        {
-            // Over TLS the protocol would be chosen by ALPN per request.
-            return Err(ConfigError::new(
-                join(path, "typed_extension_protocol_options"),
-                "use_downstream_protocol_config is supported on plaintext clusters only",
-            ));
-        }
+
         if self.protocol == UpstreamProtocol::Auto && plaintext {
             return Err(ConfigError::new(
                 join(path, "typed_extension_protocol_options"),

@@ -1704,15 +1704,27 @@ impl ProxyHttp for HcmProxy {
                 };
                 let mut peer =
                     HttpPeer::new(host.addr, false, connect.sni.clone().unwrap_or_default());
-                peer.options.custom_l4 = Some(
-                    if cfg.protocol == crate::config::cluster::UpstreamProtocol::Auto {
+                use crate::config::cluster::UpstreamProtocol as P;
+                peer.options.custom_l4 = Some(match cfg.protocol {
+                    P::Auto => {
                         let (l4, picked) = Self::auto_alpn(&cluster, host.addr, &connect).await;
                         h2 = picked;
                         l4
-                    } else {
-                        connect
-                    },
-                );
+                    }
+                    // Without ALPN of its own, a connection offers the
+                    // protocol of the request it is made for, as Envoy's
+                    // pools do; pingora keeps h2 and HTTP/1 ones apart.
+                    P::Downstream if connect.tls.alpn.is_empty() => {
+                        Arc::new(crate::tls::upstream::TlsConnect {
+                            tls: cluster.alpn.narrowed(&connect.tls, h2),
+                            sni: connect.sni.clone(),
+                            timeout: connect.timeout,
+                            keepalive: connect.keepalive,
+                            bind: connect.bind,
+                        })
+                    }
+                    _ => connect,
+                });
                 peer
             }
         };
