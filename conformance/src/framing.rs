@@ -59,13 +59,9 @@ fn raw_upstream() -> std::io::Result<u16> {
     std::thread::spawn(move || {
         for mut c in l.incoming().flatten() {
             std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                let buf = read_head(&mut c);
+                if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    return;
                 }
                 let head = String::from_utf8_lossy(&buf);
                 let path = head.split(' ').nth(1).unwrap_or("/");
@@ -151,6 +147,20 @@ async fn upstream_framing(
     Ok(())
 }
 
+/// Reads until the end of an HTTP head (and whatever came with it), or
+/// until the peer closes or fails: what was read.
+fn read_head(s: &mut impl Read) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf
+}
+
 /// The status line's code, or "closed" when the proxy sent nothing.
 fn send_raw(port: u16, bytes: &str) -> String {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -158,17 +168,7 @@ fn send_raw(port: u16, bytes: &str) -> String {
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = s.write_all(bytes.as_bytes());
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while let Ok(n) = s.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
+    let buf = read_head(&mut s);
     let text = String::from_utf8_lossy(&buf);
     text.lines()
         .next()
@@ -183,14 +183,7 @@ fn websocket_roundtrip(port: u16) -> String {
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = s.write_all(b"GET /ws HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let buf = read_head(&mut s);
     let head = String::from_utf8_lossy(&buf).to_string();
     let status = head
         .lines()

@@ -39,6 +39,25 @@ pub struct UpstreamHost {
     pub tls: Option<HostTls>,
 }
 
+impl UpstreamHost {
+    /// A healthy host known by its address alone (no name, weight 1, no
+    /// locality): an ORIGINAL_DST destination.
+    pub fn direct(addr: SocketAddr, tls: Option<HostTls>) -> Self {
+        Self {
+            addr,
+            hash_key: addr.to_string(),
+            hostname: String::new(),
+            weight: 1,
+            healthy: true,
+            degraded: false,
+            locality: 0,
+            locality_weight: 0,
+            active_requests: Arc::default(),
+            tls,
+        }
+    }
+}
+
 /// An upstream host's TLS origination.
 #[derive(Debug, Clone)]
 pub struct HostTls {
@@ -786,18 +805,7 @@ impl Cluster {
             healthy: true,
             ..Default::default()
         };
-        let host = Arc::new(UpstreamHost {
-            addr,
-            hash_key: addr.to_string(),
-            hostname: String::new(),
-            weight: 1,
-            healthy: true,
-            degraded: false,
-            locality: 0,
-            locality_weight: 0,
-            active_requests: Arc::default(),
-            tls: self.host_tls(&e),
-        });
+        let host = Arc::new(UpstreamHost::direct(addr, self.host_tls(&e)));
         hosts.insert(addr, host.clone());
         host
     }

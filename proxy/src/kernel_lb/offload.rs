@@ -214,18 +214,7 @@ mod tests {
 
     #[test]
     fn backends_of_the_other_family_are_left_out() {
-        let v6 = Arc::new(UpstreamHost {
-            addr: "[::1]:80".parse().unwrap(),
-            hash_key: "[::1]:80".into(),
-            hostname: String::new(),
-            weight: 1,
-            healthy: true,
-            degraded: false,
-            locality: 0,
-            locality_weight: 0,
-            active_requests: Default::default(),
-            tls: None,
-        });
+        let v6 = Arc::new(UpstreamHost::direct("[::1]:80".parse().unwrap(), None));
         let snap = HostSnapshot::build(&LbPolicy::RoundRobin, vec![vec![v6]], 140);
         assert!(service_spec("127.100.0.1:80".parse().unwrap(), &snap).is_none());
         assert!(service_spec("[fd00::1]:80".parse().unwrap(), &snap).is_some());
