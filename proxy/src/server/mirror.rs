@@ -87,9 +87,15 @@ pub fn start(
         }
     };
     let cluster = clusters.get(&cluster_name)?;
-    let host = cluster
+    // An ORIGINAL_DST cluster has no host for a copy (it has no connection
+    // of its own to take a destination from), as in Envoy.
+    let Some(host) = cluster
         .snapshot()
-        .pick(None, rand::random(), &|_| false, None)?;
+        .pick(None, rand::random(), &|_| false, None)
+    else {
+        cluster.stats.upstream_cx_none_healthy.increment(1);
+        return None;
+    };
     let authority = req
         .uri
         .authority()
