@@ -1047,11 +1047,11 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[
             (
                 "pack_trace_reason",
-                "marks a traced request's x-request-id; tracing is not implemented, so no request is traced",
+                "marks the x-request-id of requests the connection manager's tracing samples; Legate samples none (HCM tracing is warned: not implemented)",
             ),
             (
                 "use_request_id_for_trace_sampling",
-                "samples traces by x-request-id; tracing is not implemented",
+                "chooses which requests HCM tracing samples; Legate samples none (HCM tracing is not implemented)",
             ),
         ],
     ),

@@ -61,9 +61,17 @@ pub fn http1_codec_check(
     if !HTTP1_METHODS.contains(&req.method.as_str()) {
         return Some((400, "Bad Request"));
     }
-    let framing = Framing::of(raw);
-    if framing.content_lengths > 1 || (framing.content_lengths > 0 && framing.transfer_encoding) {
-        return Some((400, "Bad Request"));
+    // pingora leaves at least one of the two in the parsed head when the
+    // client sent either, so most requests skip reading the raw head.
+    let h = &req.headers;
+    if h.contains_key(http::header::CONTENT_LENGTH)
+        || h.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        let framing = Framing::of(raw);
+        if framing.content_lengths > 1 || (framing.content_lengths > 0 && framing.transfer_encoding)
+        {
+            return Some((400, "Bad Request"));
+        }
     }
     if !req.headers.contains_key(http::header::HOST) && req.uri.authority().is_none() {
         return Some((400, ""));
