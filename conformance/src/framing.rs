@@ -2,7 +2,7 @@
 //! smugglers send, written to a raw socket; Legate must answer as strictly
 //! as Envoy (same status, or the same refusal).
 
-use crate::proxies::{self, Binaries, Kind};
+use crate::proxies::{self, Binaries};
 use crate::report::{Outcome, Report};
 use anyhow::Result;
 use std::io::{Read, Write};
@@ -130,16 +130,12 @@ async fn upstream_framing(
         Some(("a", up, "")),
         |c| c,
     )?;
-    let mut answers = Vec::new();
-    for kind in [Kind::Envoy, Kind::Legate] {
-        let _r = proxies::start(bins, kind, &path, admin, work)?;
-        answers.push(tokio::task::block_in_place(|| {
-            UPSTREAM_CASES
-                .iter()
-                .map(|(n, _)| through_proxy(port, n))
-                .collect::<Vec<_>>()
-        }));
-    }
+    let answers = proxies::each(bins, &path, admin, work, || {
+        UPSTREAM_CASES
+            .iter()
+            .map(|(n, _)| through_proxy(port, n))
+            .collect::<Vec<_>>()
+    })?;
     for (i, (name, _)) in UPSTREAM_CASES.iter().enumerate() {
         let o = Outcome::compare(&answers[0][i], &answers[1][i]);
         report.add("http", "upstream-framing", name, o);
@@ -210,15 +206,11 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         Some(("a", up.addr.port(), "")),
         |c| c,
     )?;
-    let mut answers = Vec::new();
-    for kind in [Kind::Envoy, Kind::Legate] {
-        let _r = proxies::start(bins, kind, &path, admin, work)?;
-        answers.push(tokio::task::block_in_place(|| {
-            let mut a: Vec<String> = CASES.iter().map(|(_, b)| send_raw(port, b)).collect();
-            a.push(websocket_roundtrip(port));
-            a
-        }));
-    }
+    let answers = proxies::each(bins, &path, admin, work, || {
+        let mut a: Vec<String> = CASES.iter().map(|(_, b)| send_raw(port, b)).collect();
+        a.push(websocket_roundtrip(port));
+        a
+    })?;
     for (i, (name, _)) in CASES.iter().enumerate() {
         let (e, l) = (&answers[0][i], &answers[1][i]);
         let o = Outcome::compare(e, l);

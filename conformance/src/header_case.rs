@@ -3,7 +3,7 @@
 //! would change that, and Legate rejects it). The client and the upstream
 //! here are raw sockets, because HTTP libraries hide the case.
 
-use crate::proxies::{self, Binaries, Kind};
+use crate::proxies::{self, Binaries};
 use crate::report::{Outcome, Report};
 use anyhow::Result;
 use std::io::{Read, Write};
@@ -102,11 +102,7 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         Some(("a", up, "")),
         |c| c,
     )?;
-    let mut answers = Vec::new();
-    for kind in [Kind::Envoy, Kind::Legate] {
-        let _r = proxies::start(bins, kind, &path, admin, work)?;
-        answers.push(tokio::task::block_in_place(|| observe(port, &seen)));
-    }
+    let answers = proxies::each(bins, &path, admin, work, || observe(port, &seen))?;
     let (e, l) = (&answers[0], &answers[1]);
     let o = Outcome::compare(e, l);
     report.add("http", "http1-header-case", "lowercase-both-ways", o);

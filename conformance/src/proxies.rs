@@ -63,6 +63,22 @@ fn base_args() -> [&'static str; 7] {
     ]
 }
 
+/// Runs `observe` with Envoy and then with Legate serving `config` (each
+/// stopped before the next starts): their answers, Envoy's first.
+pub fn each<T>(
+    bins: &Binaries,
+    config: &Path,
+    admin_port: u16,
+    work: &Path,
+    observe: impl Fn() -> T,
+) -> Result<[T; 2]> {
+    let run = |kind| -> Result<T> {
+        let _running = start(bins, kind, config, admin_port, work)?;
+        Ok(tokio::task::block_in_place(&observe))
+    };
+    Ok([run(Kind::Envoy)?, run(Kind::Legate)?])
+}
+
 /// Starts `kind` with `config` and waits until its admin `/ready` says LIVE.
 pub fn start(
     bins: &Binaries,
