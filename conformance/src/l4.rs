@@ -126,6 +126,7 @@ pub fn run(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
         compare(report, case, e, l, Some(want));
     }
     faults(bins, work, report)?;
+    crate::udp::run(bins, work, report)?;
     original_dst(bins, work, report)
 }
 

@@ -22,6 +22,7 @@ mod report;
 mod resilience;
 mod routing;
 mod tools;
+mod udp;
 mod validate;
 mod xds;
 mod xds_wire;

@@ -192,7 +192,7 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             tracing::warn!(path = %p, name = %lc.name, "duplicate listener name: keeping the first, as Envoy does");
             continue;
         }
-        if lc.address.port() != 0 && !addrs.insert(lc.address) {
+        if lc.address.port() != 0 && !addrs.insert((lc.address, lc.udp.is_some())) {
             return Err(ConfigError::new(
                 config::join(&p, "address"),
                 format!(

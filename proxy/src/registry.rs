@@ -179,6 +179,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "use_original_dst",
             "drain_type",
             "access_log",
+            "udp_listener_config",
         ],
         &[
             ("metadata", "only informational"),
@@ -831,6 +832,29 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", &[], &[]),
     m("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", &[], &[]),
+    // UDP listeners and their proxy.
+    m("envoy.config.listener.v3.UdpListenerConfig", &["downstream_socket_config"], &[]),
+    m("envoy.config.core.v3.UdpSocketConfig", &["max_rx_datagram_size", "prefer_gro"], &[]),
+    m(
+        "envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+        &[
+            "stat_prefix",
+            "cluster",
+            "matcher",
+            "idle_timeout",
+            "hash_policies",
+            "use_per_packet_load_balancing",
+            "upstream_socket_config",
+            "access_log",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig.HashPolicy",
+        &["source_ip", "key"],
+        &[],
+    ),
+    m("envoy.extensions.filters.udp.udp_proxy.v3.Route", &["cluster"], &[]),
     m(
         "envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol",
         &["allow_requests_without_proxy_protocol", "disallowed_versions", "stat_prefix"],

@@ -41,6 +41,17 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port below {low}");
 }
 
+/// A port free for TCP on loopback (as [`free_port`]) and for UDP on every
+/// address.
+pub fn free_udp_port() -> u16 {
+    loop {
+        let p = free_port();
+        if std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
 /// Writes `yaml` to a temporary file and returns its path.
 pub fn write_config(yaml: &str) -> tempfile_path::TempPath {
     tempfile_path::TempPath::new(yaml)

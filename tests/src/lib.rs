@@ -10,4 +10,5 @@ pub mod legate;
 pub mod netns;
 pub mod pki;
 pub mod tcp;
+pub mod udp;
 pub mod xds_server;

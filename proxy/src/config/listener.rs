@@ -4,6 +4,7 @@ use super::filter_chain::ChainMatch;
 use super::route::RouteConfig;
 use super::source::XdsSource;
 use super::{index, join, socket_addr, ConfigError, Result, Wrapped};
+use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types::pb::envoy::config::listener::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use std::net::SocketAddr;
@@ -346,6 +347,9 @@ pub struct Listener {
     /// (`use_original_dst`); in Legate its address is a VIP the kernel load
     /// balancer may serve (see `kernel_lb`).
     pub bind_to_port: bool,
+    /// A `protocol: UDP` listener (no filter chains): its datagram size
+    /// and UDP proxy.
+    pub udp: Option<Arc<crate::udp_proxy::UdpListener>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -527,74 +531,13 @@ impl Listener {
             .address
             .as_ref()
             .ok_or_else(|| ConfigError::new(join(path, "address"), "address is required"))?;
-        let address = socket_addr(addr, &join(path, "address"))?;
-        let mut chains = Vec::with_capacity(l.filter_chains.len());
-        for (i, fc) in l.filter_chains.iter().enumerate() {
-            let p = index(path, "filter_chains", i);
-            let m = match &fc.filter_chain_match {
-                Some(m) => ChainMatch::from_proto(m, &join(&p, "filter_chain_match"))?,
-                None => ChainMatch::default(),
-            };
-            chains.push((m, chain_filter(fc, &p)?));
-        }
-        let matches: Vec<ChainMatch> = chains.iter().map(|(m, _)| m.clone()).collect();
-        super::filter_chain::check_unique(&matches, path)?;
-        let default_chain = match &l.default_filter_chain {
-            Some(fc) => Some(chain_filter(fc, &join(path, "default_filter_chain"))?),
-            None => None,
+        let (address, udp) = listener_address(addr, &join(path, "address"))?;
+        let (chains, default_chain, listener_filters, udp) = if udp {
+            (Vec::new(), None, Vec::new(), Some(udp_listener(l, path)?))
+        } else {
+            let (chains, default_chain) = filter_chains(l, path)?;
+            (chains, default_chain, listener_filters(l, path)?, None)
         };
-        if chains.is_empty() && default_chain.is_none() {
-            return Err(ConfigError::new(
-                join(path, "filter_chains"),
-                "a listener needs a filter chain or a default_filter_chain",
-            ));
-        }
-        let mut listener_filters = Vec::with_capacity(l.listener_filters.len());
-        for (i, f) in l.listener_filters.iter().enumerate() {
-            let p = index(path, "listener_filters", i);
-            use pb::listener_filter::ConfigType;
-            let tn = match &f.config_type {
-                Some(ConfigType::TypedConfig(a)) => legate_proto::type_name(&a.type_url),
-                Some(ConfigType::ConfigDiscovery(_)) => {
-                    return Err(ConfigError::new(
-                        join(&p, "config_discovery"),
-                        "listener filters from ECDS are not supported",
-                    ))
-                }
-                None => {
-                    return Err(ConfigError::new(
-                        join(&p, "typed_config"),
-                        "typed_config is required",
-                    ))
-                }
-            };
-            let disabled = f
-                .filter_disabled
-                .as_ref()
-                .map(|d| FilterPredicate::from_proto(d, &join(&p, "filter_disabled")))
-                .transpose()?;
-            let filter = match tn {
-                TLS_INSPECTOR_TYPE => ListenerFilter::TlsInspector,
-                HTTP_INSPECTOR_TYPE => ListenerFilter::HttpInspector,
-                ORIGINAL_DST_TYPE => ListenerFilter::OriginalDst,
-                PROXY_PROTOCOL_TYPE => {
-                    let tc = join(&p, "typed_config");
-                    let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
-                        unreachable!("typed_config checked above")
-                    };
-                    let pp = prost::Message::decode(a.value.as_slice())
-                        .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
-                    ListenerFilter::ProxyProtocol(ProxyProtocolConfig::from_proto(&pp, &tc)?)
-                }
-                _ => {
-                    return Err(ConfigError::new(
-                        join(&p, "typed_config"),
-                        format!("listener filter {tn} is not supported"),
-                    ))
-                }
-            };
-            listener_filters.push(ListenerFilterEntry { filter, disabled });
-        }
         let listener_filters_timeout = super::timeout_or(
             l.listener_filters_timeout.as_ref(),
             Some(std::time::Duration::from_secs(15)),
@@ -605,19 +548,31 @@ impl Listener {
         } else {
             format!("listener.{}", l.stat_prefix)
         };
+        let access_log = if udp.is_some() {
+            if !l.access_log.is_empty() {
+                tracing::warn!(
+                    path,
+                    "a UDP listener's access_log is never written (as in Envoy)"
+                );
+            }
+            Vec::new()
+        } else {
+            listener_access_log(&l.access_log, path)?
+        };
         Ok(Self {
             name: l.name.clone(),
             address,
             stat_prefix,
             chains,
             default_chain,
+            udp,
             bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
             listener_filters,
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
             listener_filters_timeout,
             cx_total: Default::default(),
             continue_on_listener_filters_timeout: l.continue_on_listener_filters_timeout,
-            access_log: listener_access_log(&l.access_log, path)?,
+            access_log,
             buffer_limit: l
                 .per_connection_buffer_limit_bytes
                 .val()
@@ -629,6 +584,153 @@ impl Listener {
                     as i32,
         })
     }
+}
+
+/// A listener's address, and whether it is UDP.
+fn listener_address(addr: &core::Address, path: &str) -> Result<(SocketAddr, bool)> {
+    use core::address::Address as A;
+    use core::socket_address::Protocol;
+    let udp =
+        matches!(&addr.address, Some(A::SocketAddress(sa)) if sa.protocol == Protocol::Udp as i32);
+    if !udp {
+        return Ok((socket_addr(addr, path)?, false));
+    }
+    let mut tcp = addr.clone();
+    if let Some(A::SocketAddress(sa)) = &mut tcp.address {
+        sa.protocol = Protocol::Tcp as i32;
+    }
+    Ok((socket_addr(&tcp, path)?, true))
+}
+
+fn filter_chains(
+    l: &pb::Listener,
+    path: &str,
+) -> Result<(Vec<(ChainMatch, FilterChain)>, Option<FilterChain>)> {
+    let mut chains = Vec::with_capacity(l.filter_chains.len());
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        let p = index(path, "filter_chains", i);
+        let m = match &fc.filter_chain_match {
+            Some(m) => ChainMatch::from_proto(m, &join(&p, "filter_chain_match"))?,
+            None => ChainMatch::default(),
+        };
+        chains.push((m, chain_filter(fc, &p)?));
+    }
+    let matches: Vec<ChainMatch> = chains.iter().map(|(m, _)| m.clone()).collect();
+    super::filter_chain::check_unique(&matches, path)?;
+    let default_chain = match &l.default_filter_chain {
+        Some(fc) => Some(chain_filter(fc, &join(path, "default_filter_chain"))?),
+        None => None,
+    };
+    if chains.is_empty() && default_chain.is_none() {
+        return Err(ConfigError::new(
+            join(path, "filter_chains"),
+            "a listener needs a filter chain or a default_filter_chain",
+        ));
+    }
+    Ok((chains, default_chain))
+}
+
+/// The typed config type of a listener filter; ECDS is refused.
+fn listener_filter_type<'a>(f: &'a pb::ListenerFilter, p: &str) -> Result<&'a str> {
+    use pb::listener_filter::ConfigType;
+    match &f.config_type {
+        Some(ConfigType::TypedConfig(a)) => Ok(legate_proto::type_name(&a.type_url)),
+        Some(ConfigType::ConfigDiscovery(_)) => Err(ConfigError::new(
+            join(p, "config_discovery"),
+            "listener filters from ECDS are not supported",
+        )),
+        None => Err(ConfigError::new(
+            join(p, "typed_config"),
+            "typed_config is required",
+        )),
+    }
+}
+
+fn listener_filters(l: &pb::Listener, path: &str) -> Result<Vec<ListenerFilterEntry>> {
+    use pb::listener_filter::ConfigType;
+    let mut listener_filters = Vec::with_capacity(l.listener_filters.len());
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        let p = index(path, "listener_filters", i);
+        let tn = listener_filter_type(f, &p)?;
+        let disabled = f
+            .filter_disabled
+            .as_ref()
+            .map(|d| FilterPredicate::from_proto(d, &join(&p, "filter_disabled")))
+            .transpose()?;
+        let filter = match tn {
+            TLS_INSPECTOR_TYPE => ListenerFilter::TlsInspector,
+            HTTP_INSPECTOR_TYPE => ListenerFilter::HttpInspector,
+            ORIGINAL_DST_TYPE => ListenerFilter::OriginalDst,
+            PROXY_PROTOCOL_TYPE => {
+                let tc = join(&p, "typed_config");
+                let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
+                    unreachable!("typed_config checked above")
+                };
+                let pp = prost::Message::decode(a.value.as_slice())
+                    .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+                ListenerFilter::ProxyProtocol(ProxyProtocolConfig::from_proto(&pp, &tc)?)
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    join(&p, "typed_config"),
+                    format!("listener filter {tn} is not supported"),
+                ))
+            }
+        };
+        listener_filters.push(ListenerFilterEntry { filter, disabled });
+    }
+    Ok(listener_filters)
+}
+
+/// A `protocol: UDP` listener: no filter chains, and its one UDP listener
+/// filter, the UDP proxy.
+fn udp_listener(l: &pb::Listener, path: &str) -> Result<Arc<crate::udp_proxy::UdpListener>> {
+    use pb::listener_filter::ConfigType;
+    let chains = l.filter_chains.len() + usize::from(l.default_filter_chain.is_some());
+    if chains > 0 {
+        return Err(ConfigError::new(
+            join(path, "filter_chains"),
+            format!(
+                "error adding listener '{}': {chains} filter chain(s) specified for connection-less UDP listener.",
+                l.name
+            ),
+        ));
+    }
+    let mut proxy = None;
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        let p = index(path, "listener_filters", i);
+        let tn = listener_filter_type(f, &p)?;
+        let tc = join(&p, "typed_config");
+        if tn != crate::udp_proxy::config::TYPE {
+            return Err(ConfigError::new(
+                tc,
+                format!("UDP listener filter {tn} is not supported"),
+            ));
+        }
+        if f.filter_disabled.is_some() {
+            return Err(ConfigError::new(
+                join(&p, "filter_disabled"),
+                "not supported on UDP listener filters",
+            ));
+        }
+        if proxy.is_some() {
+            return Err(ConfigError::new(
+                tc,
+                "a second udp_proxy would never see a datagram (the first one takes them all)",
+            ));
+        }
+        let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
+            unreachable!("typed_config checked above")
+        };
+        let u = prost::Message::decode(a.value.as_slice())
+            .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+        proxy = Some(Arc::new(crate::udp_proxy::UdpProxy::from_proto(&u, &tc)?));
+    }
+    Ok(Arc::new(crate::udp_proxy::UdpListener::from_proto(
+        l.udp_listener_config.as_ref(),
+        proxy,
+        path,
+    )?))
 }
 
 impl Hcm {
@@ -886,6 +988,9 @@ impl Listener {
                 }
                 NetworkFilter::Tcp(t) => out.extend(t.clusters.iter().map(|(c, _)| c.clone())),
             }
+        }
+        if let Some(p) = self.udp.as_ref().and_then(|u| u.proxy.as_ref()) {
+            out.extend(p.clusters().cloned());
         }
         out
     }

@@ -134,10 +134,15 @@ pub fn host_port(addr: &core::Address, path: &str) -> Result<(String, u16)> {
     match &addr.address {
         Some(A::SocketAddress(sa)) => {
             let sa_path = join(path, "socket_address");
-            if sa.protocol != core::socket_address::Protocol::Tcp as i32 {
+            // UDP names the protocol of a UDP listener (see the listener's
+            // translation) or of an endpoint the UDP proxy reaches; an
+            // upstream connection's protocol is its user's, as in Envoy.
+            if sa.protocol != core::socket_address::Protocol::Tcp as i32
+                && sa.protocol != core::socket_address::Protocol::Udp as i32
+            {
                 return Err(ConfigError::new(
                     join(&sa_path, "protocol"),
-                    "only TCP is supported",
+                    "only TCP and UDP are supported",
                 ));
             }
             if !sa.resolver_name.is_empty() {

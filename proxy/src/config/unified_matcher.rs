@@ -86,8 +86,27 @@ pub struct Matcher<A> {
 /// Translates an action's `TypedExtensionConfig`.
 pub type ActionFn<A> = dyn Fn(&TypedExtensionConfig, &str) -> Result<A>;
 
+/// Where a matcher runs, which decides the inputs it may read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Domain {
+    /// An HTTP request and its connection.
+    Http,
+    /// A UDP session: only its addresses (Envoy's UDP proxy registers the
+    /// source and destination IP and port inputs, nothing else).
+    Udp,
+}
+
 impl<A> Matcher<A> {
     pub fn from_proto(m: &xm::Matcher, path: &str, action: &ActionFn<A>) -> Result<Self> {
+        Self::from_proto_in(m, path, action, Domain::Http)
+    }
+
+    pub fn from_proto_in(
+        m: &xm::Matcher,
+        path: &str,
+        action: &ActionFn<A>,
+        domain: Domain,
+    ) -> Result<Self> {
         use xm::matcher::MatcherType as T;
         let list = match &m.matcher_type {
             Some(T::MatcherList(l)) => l
@@ -100,7 +119,7 @@ impl<A> Matcher<A> {
                         ConfigError::new(join(&p, "predicate"), "predicate is required")
                     })?;
                     Ok((
-                        Predicate::from_proto(pred, &join(&p, "predicate"))?,
+                        Predicate::from_proto(pred, &join(&p, "predicate"), domain)?,
                         on_match(fm.on_match.as_ref(), &join(&p, "on_match"), action)?,
                     ))
                 })
@@ -119,6 +138,20 @@ impl<A> Matcher<A> {
             .map(|o| on_match(Some(o), &join(path, "on_no_match"), action))
             .transpose()?;
         Ok(Matcher { list, on_no_match })
+    }
+
+    /// A matcher that always gives `action` (a deprecated single-target
+    /// field expressed as `on_no_match`, as Envoy translates it).
+    pub fn always(action: A) -> Self {
+        Matcher {
+            list: Vec::new(),
+            on_no_match: Some(action),
+        }
+    }
+
+    /// Every action it can give.
+    pub fn actions(&self) -> impl Iterator<Item = &A> {
+        self.list.iter().map(|(_, a)| a).chain(&self.on_no_match)
     }
 
     /// The action for `d`, if any.
@@ -171,7 +204,29 @@ fn type_of(t: &TypedExtensionConfig) -> &str {
 }
 
 impl Input {
-    fn from_proto(t: &TypedExtensionConfig, path: &str) -> Result<Input> {
+    fn from_proto(t: &TypedExtensionConfig, path: &str, domain: Domain) -> Result<Input> {
+        let input = Self::any_domain(t, path)?;
+        if domain == Domain::Udp && !input.addressing() {
+            return Err(ConfigError::new(
+                join(path, "typed_config"),
+                format!(
+                    "input {} cannot be read in a UDP session (only the source and destination IP and port)",
+                    type_of(t)
+                ),
+            ));
+        }
+        Ok(input)
+    }
+
+    /// The session's own addresses, which a UDP datagram has too.
+    fn addressing(&self) -> bool {
+        matches!(
+            self,
+            Input::SourceIp | Input::SourcePort | Input::DestinationIp | Input::DestinationPort
+        )
+    }
+
+    fn any_domain(t: &TypedExtensionConfig, path: &str) -> Result<Input> {
         let tn = type_of(t);
         if let Some(h) = typed::<em::HttpRequestHeaderMatchInput>(
             t,
@@ -327,14 +382,20 @@ impl InputMatcher {
 }
 
 impl Predicate {
-    fn from_proto(p: &xm::matcher::matcher_list::Predicate, path: &str) -> Result<Predicate> {
+    fn from_proto(
+        p: &xm::matcher::matcher_list::Predicate,
+        path: &str,
+        domain: Domain,
+    ) -> Result<Predicate> {
         use xm::matcher::matcher_list::predicate::single_predicate::Matcher as SM;
         use xm::matcher::matcher_list::predicate::MatchType as T;
         let list = |l: &xm::matcher::matcher_list::predicate::PredicateList, f: &str| {
             l.predicate
                 .iter()
                 .enumerate()
-                .map(|(i, q)| Predicate::from_proto(q, &format!("{path}.{f}.predicate[{i}]")))
+                .map(|(i, q)| {
+                    Predicate::from_proto(q, &format!("{path}.{f}.predicate[{i}]"), domain)
+                })
                 .collect::<Result<Vec<_>>>()
         };
         Ok(match &p.match_type {
@@ -344,7 +405,7 @@ impl Predicate {
                     .input
                     .as_ref()
                     .ok_or_else(|| ConfigError::new(join(&sp, "input"), "input is required"))?;
-                let input = Input::from_proto(input, &join(&sp, "input"))?;
+                let input = Input::from_proto(input, &join(&sp, "input"), domain)?;
                 let m = match &s.matcher {
                     Some(SM::ValueMatch(v)) => {
                         // xDS's StringMatcher has Envoy's field numbers.
@@ -369,6 +430,7 @@ impl Predicate {
             Some(T::NotMatcher(q)) => Predicate::Not(Box::new(Predicate::from_proto(
                 q,
                 &join(path, "not_matcher"),
+                domain,
             )?)),
             None => return Err(ConfigError::new(path, "a match type is required")),
         })

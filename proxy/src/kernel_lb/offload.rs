@@ -38,6 +38,9 @@ pub enum Decision {
 
 pub fn classify(l: &Listener) -> Decision {
     use Decision::Pass;
+    if l.udp.is_some() {
+        return Pass("UDP listeners are served by the UDP proxy");
+    }
     if l.bind_to_port {
         return Pass("Legate accepts on this address itself; only bind_to_port: false listeners are VIPs the kernel serves");
     }

@@ -109,7 +109,11 @@ impl Ctx {
             },
             addr.port(),
         );
-        let find = |a: SocketAddr| running.values().find(|r| r.config.address == a);
+        let find = |a: SocketAddr| {
+            running
+                .values()
+                .find(|r| r.config.address == a && r.config.udp.is_none())
+        };
         find(addr)
             .or_else(|| find(any))
             .map(|r| r.current.load_full())
@@ -202,7 +206,9 @@ impl ListenerManager {
             config: config.clone(),
             drain: drain_rx,
         }));
-        let (local_addr, accept) = if config.bind_to_port {
+        let (local_addr, accept) = if config.udp.is_some() {
+            self.serve_udp(&config, &current)?
+        } else if config.bind_to_port {
             let tcp = bind(config.address, false)?;
             let local_addr = tcp.local_addr()?;
             let accept =
@@ -235,6 +241,34 @@ impl ListenerManager {
         Ok(local_addr)
     }
 
+    /// Binds a UDP listener's socket and starts reading datagrams on a
+    /// worker. The loop reads the listener's current generation for each
+    /// datagram, so an update in place applies to new sessions.
+    fn serve_udp(
+        &self,
+        config: &Listener,
+        current: &Arc<arc_swap::ArcSwap<Generation>>,
+    ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+        // Registered by the worker whose runtime runs its loop.
+        let sock = crate::udp_proxy::socket::bind(config.address)?;
+        let local_addr = sock.local_addr()?;
+        let current = current.clone();
+        let read: crate::udp_proxy::session::Current = Box::new(move || {
+            let g = current.load();
+            g.config.udp.clone()
+        });
+        let (stats, clusters) = (config.stat_prefix.clone(), self.ctx.clusters.clone());
+        let task = self.ctx.workers.spawn(async move {
+            match tokio::net::UdpSocket::from_std(sock) {
+                Ok(sock) => crate::udp_proxy::session::serve(sock, stats, read, clusters).await,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register a UDP socket; not reading it")
+                }
+            }
+        });
+        Ok((local_addr, task))
+    }
+
     /// Adds a listener or updates one in place. On the same address the
     /// socket stays open: new connections get the new config while the old
     /// connections drain (`--drain-time-s`). A new address is bound first,
@@ -245,6 +279,7 @@ impl ListenerManager {
             if let Some(r) = running.get_mut(&config.name) {
                 if r.config.address == config.address
                     && r.config.bind_to_port == config.bind_to_port
+                    && r.config.udp.is_some() == config.udp.is_some()
                 {
                     let (drain, drain_rx) = watch::channel(false);
                     r.current.store(Arc::new(Generation {
