@@ -30,6 +30,7 @@ pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod tls;
+pub mod trace;
 pub mod udp_proxy;
 pub mod xds;
 

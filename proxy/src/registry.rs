@@ -34,6 +34,7 @@ const NO_LOG: &str = "access logging is not implemented yet; it changes no traff
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
+const NO_SPANS: &str = "spans are not exported (Legate propagates the trace context and packs the sampling decision into x-request-id, as Envoy does); this only shapes spans, which change no traffic";
 const HC_EVENTS: &str = "health check event logs are not written yet; they change no traffic";
 
 /// The registry. Messages whose names start with `google.protobuf.` are
@@ -259,12 +260,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "access_log",
             "stream_idle_timeout",
             "request_timeout",
+            "tracing",
         ],
         &[
-            (
-                "tracing",
-                "tracing is not implemented; it changes no traffic",
-            ),
             ("drain_timeout", "drain uses --drain-time-s"),
             ("delayed_close_timeout", "close timing only"),
         ],
@@ -286,11 +284,8 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.filters.http.router.v3.Router",
-        &["suppress_envoy_headers"],
-        &[
-            ("dynamic_stats", "only changes stats"),
-            ("start_child_span", "tracing is not implemented"),
-        ],
+        &["suppress_envoy_headers", "start_child_span"],
+        &[("dynamic_stats", "only changes stats")],
     ),
     m(
         "envoy.config.core.v3.HttpProtocolOptions",
@@ -368,11 +363,10 @@ pub static REGISTRY: &[MessageSupport] = &[
             "response_headers_to_add",
             "response_headers_to_remove",
             "typed_per_filter_config",
+            "decorator",
+            "tracing",
         ],
-        &[
-            ("decorator", "tracing is not implemented"),
-            ("metadata", "only informational"),
-        ],
+        &[("metadata", "only informational")],
     ),
     m(
         "envoy.config.route.v3.RouteMatch",
@@ -1067,18 +1061,85 @@ pub static REGISTRY: &[MessageSupport] = &[
     // The UUID extension is the default one; its options concern tracing.
     m(
         "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+        &["pack_trace_reason", "use_request_id_for_trace_sampling"],
         &[],
+    ),
+    // Tracing: the sampling decision and the context propagated upstream.
+    // Spans are not exported, so what only shapes them is warned.
+    m(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing",
         &[
-            (
-                "pack_trace_reason",
-                "marks the x-request-id of requests the connection manager's tracing samples; Legate samples none (HCM tracing is warned: not implemented)",
-            ),
-            (
-                "use_request_id_for_trace_sampling",
-                "chooses which requests HCM tracing samples; Legate samples none (HCM tracing is not implemented)",
-            ),
+            "client_sampling",
+            "random_sampling",
+            "overall_sampling",
+            "provider",
+            "spawn_upstream_span",
+        ],
+        &[
+            ("custom_tags", NO_SPANS),
+            ("verbose", NO_SPANS),
+            ("max_path_tag_length", NO_SPANS),
+            ("operation", NO_SPANS),
+            ("upstream_operation", NO_SPANS),
         ],
     ),
+    m("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"], &[]),
+    m(
+        "envoy.config.trace.v3.OpenTelemetryConfig",
+        &["sampler"],
+        &[
+            ("grpc_service", NO_SPANS),
+            ("http_service", NO_SPANS),
+            ("service_name", NO_SPANS),
+            ("resource_detectors", NO_SPANS),
+            ("max_cache_size", NO_SPANS),
+        ],
+    ),
+    m(
+        "envoy.extensions.tracers.opentelemetry.samplers.v3.AlwaysOnSamplerConfig",
+        &[],
+        &[],
+    ),
+    m(
+        "envoy.extensions.tracers.opentelemetry.samplers.v3.ParentBasedSamplerConfig",
+        &["wrapped_sampler"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.tracers.opentelemetry.samplers.v3.TraceIdRatioBasedSamplerConfig",
+        &["sampling_percentage"],
+        &[],
+    ),
+    m(
+        "envoy.config.trace.v3.ZipkinConfig",
+        &["trace_id_128bit", "shared_span_context", "split_spans_for_request", "trace_context_option"],
+        &[
+            ("collector_cluster", NO_SPANS),
+            ("collector_endpoint", NO_SPANS),
+            ("collector_endpoint_version", NO_SPANS),
+            ("collector_hostname", NO_SPANS),
+        ],
+    ),
+    m(
+        "envoy.config.trace.v3.DatadogConfig",
+        &[],
+        &[
+            ("collector_cluster", NO_SPANS),
+            ("service_name", NO_SPANS),
+            ("collector_hostname", NO_SPANS),
+            ("remote_config", NO_SPANS),
+        ],
+    ),
+    m(
+        "envoy.config.route.v3.Tracing",
+        &["client_sampling", "random_sampling", "overall_sampling"],
+        &[
+            ("custom_tags", NO_SPANS),
+            ("operation", NO_SPANS),
+            ("upstream_operation", NO_SPANS),
+        ],
+    ),
+    m("envoy.config.route.v3.Decorator", &["operation", "propagate"], &[]),
     m(
         "envoy.config.route.v3.RouteAction.MaxStreamDuration",
         &["max_stream_duration", "grpc_timeout_header_max", "grpc_timeout_header_offset"],

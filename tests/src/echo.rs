@@ -192,12 +192,18 @@ async fn handle(
     seen.lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(json.clone());
-    Ok(Response::builder()
+    let mut b = Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .header("x-echo-server", name.as_str())
-        .body(full(Bytes::from(json.to_string())))
-        .unwrap())
+        .header("x-echo-server", name.as_str());
+    // `x-echo-response-header: <name>: <value>` adds that response header.
+    if let Some((k, v)) = json["headers"]["x-echo-response-header"]
+        .as_str()
+        .and_then(|h| h.split_once(": "))
+    {
+        b = b.header(k, v);
+    }
+    Ok(b.body(full(Bytes::from(json.to_string()))).unwrap())
 }
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}

@@ -319,6 +319,9 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// traffic_direction OUTBOUND: its connection managers trace as egress
+    /// (decorators are propagated upstream).
+    pub outbound: bool,
     /// `listener.<stat_prefix>.downstream_cx_total`, registered on first use.
     pub cx_total: std::sync::OnceLock<metrics::Counter>,
     /// `per_connection_buffer_limit_bytes` (Envoy's default 1 MiB): for
@@ -431,6 +434,10 @@ pub struct Hcm {
     pub max_headers_count: u32,
     pub underscores: UnderscoreAction,
     pub generate_request_id: bool,
+    /// The UUID request id extension's tracing options.
+    pub request_id: crate::trace::decision::IdOptions,
+    /// `tracing`: sampling, the provider's propagation, decorators.
+    pub tracing: Option<crate::trace::Tracing>,
     pub preserve_external_request_id: bool,
     pub always_set_request_id_in_response: bool,
     /// HTTP filters whose config comes from ECDS: (filter name = resource
@@ -579,9 +586,8 @@ impl Listener {
                 .unwrap_or(1024 * 1024),
             drains_on_health_check_fail: l.drain_type
                 == legate_proto::envoy_types::pb::envoy::config::listener::v3::listener::DrainType::Default as i32,
-            inbound: l.traffic_direction
-                == legate_proto::envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound
-                    as i32,
+            inbound: l.traffic_direction == core::TrafficDirection::Inbound as i32,
+            outbound: l.traffic_direction == core::TrafficDirection::Outbound as i32,
         })
     }
 }
@@ -602,10 +608,10 @@ fn listener_address(addr: &core::Address, path: &str) -> Result<(SocketAddr, boo
     Ok((socket_addr(&tcp, path)?, true))
 }
 
-fn filter_chains(
-    l: &pb::Listener,
-    path: &str,
-) -> Result<(Vec<(ChainMatch, FilterChain)>, Option<FilterChain>)> {
+/// A listener's chains with their matches, and its default chain.
+type Chains = (Vec<(ChainMatch, FilterChain)>, Option<FilterChain>);
+
+fn filter_chains(l: &pb::Listener, path: &str) -> Result<Chains> {
     let mut chains = Vec::with_capacity(l.filter_chains.len());
     for (i, fc) in l.filter_chains.iter().enumerate() {
         let p = index(path, "filter_chains", i);
@@ -858,13 +864,22 @@ impl Hcm {
                 n
             },
             underscores,
-            generate_request_id: {
-                request_id_extension(
-                    h.request_id_extension.as_ref(),
-                    &join(path, "request_id_extension"),
-                )?;
-                h.generate_request_id.val().unwrap_or(true)
-            },
+            generate_request_id: h.generate_request_id.val().unwrap_or(true),
+            request_id: request_id_extension(
+                h.request_id_extension.as_ref(),
+                &join(path, "request_id_extension"),
+            )?,
+            tracing: h
+                .tracing
+                .as_ref()
+                .map(|t| {
+                    crate::trace::Tracing::from_proto(
+                        t,
+                        start_child_span(h),
+                        &join(path, "tracing"),
+                    )
+                })
+                .transpose()?,
             preserve_external_request_id: h.preserve_external_request_id,
             always_set_request_id_in_response: h.always_set_request_id_in_response,
             ecds,
@@ -1381,6 +1396,18 @@ fn discovered(
     Ok(Some((name.to_string(), source)))
 }
 
+/// The router's `start_child_span`: what `spawn_upstream_span` is when the
+/// connection manager's tracing leaves it unset.
+fn start_child_span(h: &hcm::HttpConnectionManager) -> bool {
+    use hcm::http_filter::ConfigType;
+    h.http_filters.iter().any(|f| match &f.config_type {
+        Some(ConfigType::TypedConfig(a)) if legate_proto::type_name(&a.type_url) == ROUTER_TYPE => {
+            router(a, "").is_ok_and(|r| r.start_child_span)
+        }
+        _ => false,
+    })
+}
+
 fn router(
     a: &legate_proto::envoy_types::pb::google::protobuf::Any,
     path: &str,
@@ -1405,11 +1432,22 @@ pub fn discovered_router(
 
 /// `request_id_extension`: only Envoy's default, the UUID one, which is
 /// what Legate's request ids are.
-fn request_id_extension(e: Option<&hcm::RequestIdExtension>, path: &str) -> Result<()> {
+fn request_id_extension(
+    e: Option<&hcm::RequestIdExtension>,
+    path: &str,
+) -> Result<crate::trace::decision::IdOptions> {
     const UUID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
     match e.and_then(|e| e.typed_config.as_ref()) {
-        None => Ok(()),
-        Some(a) if legate_proto::type_name(&a.type_url) == UUID => Ok(()),
+        None => Ok(Default::default()),
+        Some(a) if legate_proto::type_name(&a.type_url) == UUID => {
+            let u: legate_proto::envoy_types::pb::envoy::extensions::request_id::uuid::v3::UuidRequestIdConfig =
+                prost::Message::decode(a.value.as_slice())
+                    .map_err(|e| ConfigError::new(join(path, "typed_config"), e.to_string()))?;
+            Ok(crate::trace::decision::IdOptions {
+                pack: u.pack_trace_reason.val().unwrap_or(true),
+                sample_by_id: u.use_request_id_for_trace_sampling.val().unwrap_or(true),
+            })
+        }
         Some(a) => Err(ConfigError::new(
             join(path, "typed_config"),
             format!(

@@ -64,6 +64,8 @@ pub struct Route {
     pub action: Action,
     pub headers: HeaderOps,
     pub filters: crate::http_filters::PerFilterConfigs,
+    /// `tracing` (sampling overrides) and `decorator`.
+    pub tracing: crate::trace::RouteTracing,
 }
 
 #[derive(Debug)]
@@ -485,6 +487,11 @@ impl Route {
             )?,
             filters: crate::http_filters::PerFilterConfigs::from_proto(
                 &r.typed_per_filter_config,
+                path,
+            )?,
+            tracing: crate::trace::RouteTracing::from_proto(
+                r.tracing.as_ref(),
+                r.decorator.as_ref(),
                 path,
             )?,
         })

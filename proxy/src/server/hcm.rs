@@ -77,6 +77,40 @@ impl Selected {
     }
 }
 
+const DECORATOR: &str = "x-envoy-decorator-operation";
+
+/// HCM tracing for a request whose route is chosen: the sampling decision
+/// (packed into `x-request-id`), the provider's span, and the route
+/// decorator, as Envoy's connection manager does before its filters run.
+fn start_trace(req: &mut RequestHeader, ctx: &mut Ctx, hcm: &Hcm, t: &crate::trace::Tracing) {
+    let route = ctx.selected.as_ref().map(|s| &s.route().tracing);
+    let sampling = route.and_then(|r| r.sampling).unwrap_or(t.sampling);
+    let reason = crate::trace::decision::decide(&sampling, hcm.request_id, req, rand::random());
+    if ctx.request_id.is_some() {
+        ctx.request_id = req
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+    }
+    if let Some(p) = &t.provider {
+        ctx.span = crate::trace::propagation::start(p, reason.traced(), req, !ctx.outbound);
+    }
+    let decorator = route.and_then(|r| r.decorator.as_ref());
+    if ctx.outbound {
+        if let Some((op, true)) = decorator {
+            let _ = req.insert_header(DECORATOR, op.as_str());
+        }
+        return;
+    }
+    // Ingress: the client's operation, if it names one, replaces the
+    // route's (for the span) and is not sent on.
+    let client_op = req.remove_header(DECORATOR);
+    if client_op.is_none_or(|v| v.is_empty()) {
+        ctx.decorated = decorator.filter(|(_, p)| *p).map(|(op, _)| op.clone());
+    }
+}
+
 /// A reply Legate makes itself instead of the upstream's.
 struct LocalReply {
     status: u16,
@@ -174,6 +208,12 @@ pub struct Ctx {
     mirrors: Vec<super::mirror::Mirror>,
     /// Dynamic metadata the filters wrote.
     metadata: crate::http_filters::Metadata,
+    /// The listener's traffic_direction is OUTBOUND: tracing as egress.
+    outbound: bool,
+    /// The trace context each upstream attempt carries.
+    span: Option<crate::trace::SpanContext>,
+    /// An ingress route decorator's operation, for the response.
+    decorated: Option<String>,
 }
 
 impl Ctx {
@@ -614,6 +654,15 @@ impl HcmProxy {
             if hcm.always_set_request_id_in_response {
                 if let Some(id) = &ctx.request_id {
                     let _ = resp.insert_header(hdr("x-request-id"), id.as_str());
+                }
+            }
+            if hcm.tracing.is_some() {
+                // Ingress tells the client the route's operation; egress
+                // takes the upstream's (for its span) off the response.
+                if ctx.outbound {
+                    resp.remove_header(DECORATOR);
+                } else if let Some(op) = &ctx.decorated {
+                    let _ = resp.insert_header(hdr(DECORATOR), op.as_str());
                 }
             }
         }
@@ -1057,6 +1106,7 @@ impl ProxyHttp for HcmProxy {
             ctx.sni.clone_from(&meta.sni);
         }
         ctx.buffer_limit = meta.buffer_limit;
+        ctx.outbound = meta.outbound;
         if last {
             session.set_keepalive(None);
         }
@@ -1404,6 +1454,9 @@ impl ProxyHttp for HcmProxy {
                     return Ok(true);
                 }
             }
+        }
+        if let Some(t) = &hcm.tracing {
+            start_trace(session.req_header_mut(), ctx, &hcm, t);
         }
         if !hcm.filters.is_empty() && self.run_filters(session, ctx).await? {
             return Ok(true);
@@ -1888,6 +1941,14 @@ impl ProxyHttp for HcmProxy {
         }
         if ctx.attempts == 1 && ctx.upgrade.is_none() {
             self.start_mirrors(session, req, ctx);
+        }
+        if let Some(span) = &ctx.span {
+            let spawn = ctx
+                .hcm
+                .as_ref()
+                .and_then(|h| h.tracing.as_ref())
+                .is_some_and(|t| t.spawn_upstream_span);
+            span.inject(spawn, req);
         }
         Ok(())
     }

@@ -47,6 +47,8 @@ pub struct ConnMeta {
     pub sni: String,
     /// Whether the local address is a restored original destination.
     pub restored: bool,
+    /// The listener's traffic_direction is OUTBOUND (tracing as egress).
+    pub outbound: bool,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -678,6 +680,7 @@ async fn serve_connection(
         peer_tls: peer_tls.clone(),
         sni: found.sni.clone(),
         restored,
+        outbound: config.outbound,
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));
