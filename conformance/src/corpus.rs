@@ -34,6 +34,14 @@ pub struct Tally {
     pub both_accept: usize,
     /// Legate's first error per rejected case, by the field it names.
     pub reasons: BTreeMap<String, usize>,
+    /// Accepted cases with traffic (routes or UDP listeners) compared.
+    pub with_traffic: usize,
+    /// Of those, cases where every exchange matched Envoy.
+    pub traffic_matched: usize,
+    /// Requests and datagrams compared, and routes whose match no
+    /// made-up request can satisfy.
+    pub exchanges: usize,
+    pub routes_skipped: usize,
 }
 
 /// One case's files, by kind.
@@ -299,7 +307,16 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
                 "Legate accepts what Envoy rejects: {}",
                 reason(&e_out)
             )]),
-            (true, true) => Outcome::Match,
+            (true, true) => {
+                let t = crate::corpus_traffic::run_case(bins, &case, &bootstrap, work, report)?;
+                tally.exchanges += t.compared;
+                tally.routes_skipped += t.skipped;
+                if t.compared > 0 {
+                    tally.with_traffic += 1;
+                    tally.traffic_matched += usize::from(t.matched);
+                }
+                Outcome::Match
+            }
             (true, false) => {
                 let why = reason(&l_out);
                 *tally.reasons.entry(reason_key(&why)).or_default() += 1;
@@ -319,8 +336,8 @@ pub fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Re
         std::fs::write(root.join(GAPS_FILE), text)?;
     }
     println!(
-        "corpus: {} cases; Envoy 1.40 accepts {}; Legate accepts {} of those",
-        tally.cases, tally.envoy_accepts, tally.both_accept
+        "corpus: {} cases; Envoy 1.40 accepts {}; Legate accepts {} of those; traffic compared on {} ({} exchanges, {} routes left out), matching Envoy on {}",
+        tally.cases, tally.envoy_accepts, tally.both_accept, tally.with_traffic, tally.exchanges, tally.routes_skipped, tally.traffic_matched
     );
     Ok(tally)
 }
@@ -332,8 +349,12 @@ impl Tally {
             "\n## Real control-plane output: Envoy Gateway's translator\n\n\
              `conformance/run corpus` over `shared/corpus/envoy-gateway/` ({} cases, each folded into one bootstrap):\n\
              Envoy 1.40 accepts {}, Legate accepts **{}** of those.\n\n\
+             Traffic (one request per route, one datagram per UDP listener, each cluster an echo server of its own) \
+             was compared on the {} accepted cases that route anything: **{}** match Envoy in every exchange \
+             ({} exchanges; {} routes left out because no made-up request satisfies their match).\n\n\
              | most frequent first rejection (field) | cases |\n|---|---|\n",
-            self.cases, self.envoy_accepts, self.both_accept
+            self.cases, self.envoy_accepts, self.both_accept, self.with_traffic, self.traffic_matched,
+            self.exchanges, self.routes_skipped
         );
         let mut reasons: Vec<_> = self.reasons.iter().collect();
         reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));

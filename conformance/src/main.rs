@@ -5,6 +5,7 @@
 mod bootstrap;
 mod compare;
 mod corpus;
+mod corpus_traffic;
 mod dns;
 mod framing;
 mod gaps;
@@ -66,7 +67,22 @@ async fn main() -> Result<()> {
     for (what, why) in compare::TOLERATED_RESPONSE_HEADERS.iter().chain(
         [
             ("connection: keep-alive vs none", compare::KEEP_ALIVE_REASON),
-            ("UUID values", "request ids are random; compared as <uuid>"),
+            (
+                "UUID values",
+                "request ids are random; compared as <uuid> (or <uuid traced=X> with the tracing reason Envoy packs into them)",
+            ),
+            (
+                "trace and span ids",
+                "random by design; traceparent, B3 and Datadog ids are compared by shape (flags and sampling kept)",
+            ),
+            (
+                "content-length of an echo's answer",
+                "the echo's body is the request it saw, compared field by field; its length moves with random ids",
+            ),
+            (
+                "x-ratelimit-remaining in corpus traffic",
+                "Envoy's local rate limit refills continuously (100 tokens/s is one per 10 ms): counts within 3 are the same answer",
+            ),
             (
                 "upstream x-envoy-expected-rq-timeout-ms",
                 compare::EXPECTED_TIMEOUT_REASON,

@@ -339,8 +339,14 @@ fn admin_post(admin: u16, path: &str) {
 }
 
 pub(crate) fn send(port: u16, r: &Request, work: &Path) -> Observation {
+    try_send(port, r, work).unwrap_or_else(|e| panic!("curl failed: {e}"))
+}
+
+/// As [`send`]; a plain request whose connection failed is an error
+/// (a failed TLS one is an observation: [`Observation::failed`]).
+pub(crate) fn try_send(port: u16, r: &Request, work: &Path) -> Result<Observation, String> {
     if r.raw || r.proxy_protocol.is_some() || !r.header_lines.is_empty() {
-        return crate::raw::http1(port, r);
+        return Ok(crate::raw::http1(port, r));
     }
     let mut args: Vec<String> = vec!["--path-as-is".into()];
     let mut url = format!("http://127.0.0.1:{port}{}", r.path);
@@ -391,10 +397,10 @@ pub(crate) fn send(port: u16, r: &Request, work: &Path) -> Observation {
                 o.headers
                     .insert(":version".into(), vec![res.version.clone()]);
             }
-            o
+            Ok(o)
         }
-        Err(_) if r.tls.is_some() => Observation::failed(),
-        Err(e) => panic!("curl failed: {e}"),
+        Err(_) if r.tls.is_some() => Ok(Observation::failed()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

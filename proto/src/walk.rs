@@ -79,7 +79,11 @@ pub fn walk(
             }
             Value::Map(entries) => {
                 if let Kind::Message(_) = field.kind() {
-                    for (k, v) in entries {
+                    // In key order, so the first error found is always the
+                    // same one (the map itself has no order).
+                    let mut sorted: Vec<_> = entries.iter().collect();
+                    sorted.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+                    for (k, v) in sorted {
                         if let Value::Message(m) = v {
                             walk(m, &format!("{p}[{k:?}]"), f)?;
                         }

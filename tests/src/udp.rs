@@ -5,13 +5,11 @@ use std::time::Duration;
 
 /// An upstream that answers each datagram with `<name>:<datagram>`;
 /// `size:N` is answered with N bytes, `quiet` not at all.
-pub fn naming_echo(sock: UdpSocket, name: &'static str) {
+pub fn naming_echo(sock: UdpSocket, name: impl Into<String>) {
+    let name = name.into();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                break;
-            };
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             let answer = if let Some(size) = text.strip_prefix("size:") {
                 vec![b'x'; size.parse().unwrap_or(0)]
@@ -32,7 +30,7 @@ pub fn naming_echoes(names: &[&'static str]) -> std::io::Result<Vec<SocketAddr>>
         .map(|name| {
             let s = UdpSocket::bind("127.0.0.1:0")?;
             let a = s.local_addr()?;
-            naming_echo(s, name);
+            naming_echo(s, *name);
             Ok(a)
         })
         .collect()
