@@ -127,6 +127,7 @@ pub fn run(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
     }
     faults(bins, work, report)?;
     crate::udp::run(bins, work, report)?;
+    socket_options(bins, work, report)?;
     original_dst(bins, work, report)
 }
 
@@ -196,6 +197,75 @@ fn faults(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
     }
     for (i, (case, want)) in cases.iter().enumerate() {
         compare(report, case, &seen[0][i], &seen[1][i], Some(want));
+    }
+    Ok(())
+}
+
+/// The keepalive timer of the proxy's side of a connection to `port`, as
+/// `ss` shows it (`keepalive` with whole seconds left, or `none`).
+fn server_timer(port: u16) -> String {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    match text.split("timer:(").nth(1) {
+        Some(t) => {
+            let mut f = t.split(',');
+            let kind = f.next().unwrap_or("");
+            // "6.796ms" (ss's way of writing 6 s 796 ms) left of 7: the
+            // configured idle time, rounded up.
+            let secs = f
+                .next()
+                .map(|s| s.trim_end_matches(|c: char| c.is_ascii_alphabetic()))
+                .and_then(|s| s.parse::<f64>().ok())
+                .map_or(0, |s| s.ceil() as u64);
+            format!("{kind} {secs}s")
+        }
+        None => "none".into(),
+    }
+}
+
+/// Listener `socket_options` (Envoy Gateway's TCP keepalive settings): set
+/// on the listening socket, inherited by the accepted connection, whose
+/// keepalive timer `ss` shows; a listener without them has none.
+fn socket_options(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
+    let up = TcpListener::bind("127.0.0.1:0")?;
+    let up_addr = up.local_addr()?;
+    counting_upstream(up);
+    let free = legate_tests::legate::free_port;
+    let (with, without, admin) = (free(), free(), free());
+    let opts = "    socket_options:\n    - {level: 1, name: 9, int_value: 1}\n    - {level: 6, name: 4, int_value: 7}\n    - {level: 6, name: 5, int_value: 3, state: STATE_LISTENING}\n";
+    let cfg = work.join("l4-socket-options.yaml");
+    std::fs::write(
+        &cfg,
+        bootstrap(
+            admin,
+            &[
+                tcp_listener("keepalive", "127.0.0.1", with, opts, "count"),
+                tcp_listener("plain", "127.0.0.1", without, "", "count"),
+            ],
+            &[("count", up_addr)],
+        ),
+    )?;
+    let observe = || {
+        [with, without].map(|port| match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                std::thread::sleep(Duration::from_millis(200));
+                let t = server_timer(port);
+                drop(s);
+                t
+            }
+            Err(e) => format!("connect failed: {e}"),
+        })
+    };
+    let [envoy, legate] = proxies::each(bins, &cfg, admin, work, observe)?;
+    let cases = ["keepalive-socket-options", "no-socket-options"];
+    for (i, case) in cases.iter().enumerate() {
+        let want = if i == 0 { "keepalive 7s" } else { "none" };
+        compare(report, case, &envoy[i], &legate[i], Some(want));
     }
     Ok(())
 }

@@ -35,6 +35,7 @@ const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
 const NO_SPANS: &str = "spans are not exported (Legate propagates the trace context and packs the sampling decision into x-request-id, as Envoy does); this only shapes spans, which change no traffic";
+const NO_LOCAL_CLUSTER: &str = "zone-aware routing engages only with a local cluster (the bootstrap's cluster_manager.local_cluster_name), which Legate does not accept; without one Envoy balances as if this were unset, and so does Legate";
 const HC_EVENTS: &str = "health check event logs are not written yet; they change no traffic";
 
 /// The registry. Messages whose names start with `google.protobuf.` are
@@ -181,6 +182,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "drain_type",
             "access_log",
             "udp_listener_config",
+            "socket_options",
         ],
         &[
             ("metadata", "only informational"),
@@ -828,6 +830,14 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", &[], &[]),
     // UDP listeners and their proxy.
     m("envoy.config.listener.v3.UdpListenerConfig", &["downstream_socket_config"], &[]),
+    m(
+        "envoy.config.core.v3.SocketOption",
+        &["level", "name", "int_value", "buf_value", "state", "type", "ip_version"],
+        &[("description", "only informational")],
+    ),
+    m("envoy.config.core.v3.SocketOption.SocketType", &["stream", "datagram"], &[]),
+    m("envoy.config.core.v3.SocketOption.SocketType.Stream", &[], &[]),
+    m("envoy.config.core.v3.SocketOption.SocketType.Datagram", &[], &[]),
     m("envoy.config.core.v3.UdpSocketConfig", &["max_rx_datagram_size", "prefer_gro"], &[]),
     m(
         "envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
@@ -1230,10 +1240,19 @@ pub static REGISTRY: &[MessageSupport] = &[
             "healthy_panic_threshold",
             "locality_weighted_lb_config",
             "ignore_new_hosts_until_first_hc",
+            "zone_aware_lb_config",
         ],
         // update_merge_window is rejected: Legate applies health and weight
         // changes at once, where Envoy would hold them back.
         &[],
+    ),
+    m(
+        "envoy.config.cluster.v3.Cluster.CommonLbConfig.ZoneAwareLbConfig",
+        &[],
+        &[
+            ("routing_enabled", NO_LOCAL_CLUSTER),
+            ("min_cluster_size", NO_LOCAL_CLUSTER),
+        ],
     ),
     m(
         "envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig",
@@ -1273,8 +1292,21 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig",
-        &["locality_weighted_lb_config"],
+        &["locality_weighted_lb_config", "zone_aware_lb_config"],
         &[],
+    ),
+    // fail_traffic_on_panic is refused: it applies with or without a local
+    // cluster, and Legate does not implement it.
+    m(
+        "envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.ZoneAwareLbConfig",
+        &[],
+        &[
+            ("routing_enabled", NO_LOCAL_CLUSTER),
+            ("min_cluster_size", NO_LOCAL_CLUSTER),
+            ("force_local_zone", NO_LOCAL_CLUSTER),
+            ("force_locality_direct_routing", NO_LOCAL_CLUSTER),
+            ("locality_basis", NO_LOCAL_CLUSTER),
+        ],
     ),
     m(
         "envoy.extensions.load_balancing_policies.common.v3.LocalityLbConfig.LocalityWeightedLbConfig",

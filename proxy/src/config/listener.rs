@@ -353,6 +353,8 @@ pub struct Listener {
     /// A `protocol: UDP` listener (no filter chains): its datagram size
     /// and UDP proxy.
     pub udp: Option<Arc<crate::udp_proxy::UdpListener>>,
+    /// `socket_options`, set on the listening socket.
+    pub socket_options: Vec<super::socket_options::SocketOpt>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -573,6 +575,7 @@ impl Listener {
             chains,
             default_chain,
             udp,
+            socket_options: super::socket_options::list(&l.socket_options, path)?,
             bind_to_port: l.bind_to_port.as_ref().is_none_or(|b| b.value),
             listener_filters,
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),

@@ -18,6 +18,7 @@ pub mod outlier;
 pub mod rbac;
 pub mod route;
 pub mod scoped;
+pub mod socket_options;
 pub mod source;
 pub mod tls;
 pub mod unified_matcher;

@@ -15,6 +15,7 @@ pub mod xfcc;
 
 use crate::cluster_manager::ClusterManager;
 use crate::config::listener::{Codec, Hcm, Listener, NetworkFilter};
+use crate::config::socket_options::{SocketOpt, Stage};
 use crate::stats;
 use pingora_core::protocols::raw_connect::ProxyDigest;
 use pingora_core::protocols::{GetProxyDigest, GetSocketDigest, SocketDigest};
@@ -146,7 +147,11 @@ pub struct ListenerManager {
 
 /// A listening socket, not yet registered with a runtime: the worker that
 /// runs its accept loop registers it.
-fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::TcpListener> {
+fn bind(
+    addr: SocketAddr,
+    freebind: bool,
+    opts: &[SocketOpt],
+) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -166,8 +171,11 @@ fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::TcpListen
             s.set_freebind_ipv6(true)?;
         }
     }
+    SocketOpt::apply_all(opts, Stage::Prebind, &s, true, addr.is_ipv6())?;
     s.bind(&addr.into())?;
+    SocketOpt::apply_all(opts, Stage::Bound, &s, true, addr.is_ipv6())?;
     s.listen(1024)?;
+    SocketOpt::apply_all(opts, Stage::Listening, &s, true, addr.is_ipv6())?;
     Ok(s.into())
 }
 
@@ -211,7 +219,7 @@ impl ListenerManager {
         let (local_addr, accept) = if config.udp.is_some() {
             self.serve_udp(&config, &current)?
         } else if config.bind_to_port {
-            let tcp = bind(config.address, false)?;
+            let tcp = bind(config.address, false, &config.socket_options)?;
             let local_addr = tcp.local_addr()?;
             let accept =
                 self.ctx
@@ -252,7 +260,7 @@ impl ListenerManager {
         current: &Arc<arc_swap::ArcSwap<Generation>>,
     ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
         // Registered by the worker whose runtime runs its loop.
-        let sock = crate::udp_proxy::socket::bind(config.address)?;
+        let sock = crate::udp_proxy::socket::bind(config.address, &config.socket_options)?;
         let local_addr = sock.local_addr()?;
         let current = current.clone();
         let read: crate::udp_proxy::session::Current = Box::new(move || {
@@ -282,6 +290,7 @@ impl ListenerManager {
                 if r.config.address == config.address
                     && r.config.bind_to_port == config.bind_to_port
                     && r.config.udp.is_some() == config.udp.is_some()
+                    && r.config.socket_options == config.socket_options
                 {
                     let (drain, drain_rx) = watch::channel(false);
                     r.current.store(Arc::new(Generation {
@@ -311,7 +320,7 @@ impl ListenerManager {
         if r.bound {
             return Ok(false);
         }
-        let tcp = bind(r.config.address, true)?;
+        let tcp = bind(r.config.address, true, &r.config.socket_options)?;
         r.local_addr = tcp.local_addr()?;
         r.accept = self
             .ctx

@@ -3,6 +3,7 @@
 //! that address, so a listener on a wildcard address answers from the
 //! address the client dialled, as Envoy's does.
 
+use crate::config::socket_options::{SocketOpt, Stage};
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
     SockaddrStorage,
@@ -25,7 +26,7 @@ pub struct Received {
 }
 
 /// Binds a listener's socket with packet info on.
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+pub fn bind(addr: SocketAddr, opts: &[SocketOpt]) -> std::io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -40,7 +41,12 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         setsockopt(&s, sockopt::Ipv4PacketInfo, &true)?;
     }
     s.set_nonblocking(true)?;
+    SocketOpt::apply_all(opts, Stage::Prebind, &s, false, addr.is_ipv6())?;
     s.bind(&addr.into())?;
+    // A UDP socket does not listen: Envoy sets listening-stage options
+    // once it is bound too.
+    SocketOpt::apply_all(opts, Stage::Bound, &s, false, addr.is_ipv6())?;
+    SocketOpt::apply_all(opts, Stage::Listening, &s, false, addr.is_ipv6())?;
     Ok(s.into())
 }
 
@@ -162,7 +168,7 @@ mod tests {
     async fn a_reply_leaves_from_the_address_the_client_dialled() {
         // Bound to the wildcard: 127.0.0.2 (on lo) must answer as itself,
         // or a connected client drops the reply.
-        let l = UdpSocket::from_std(bind("0.0.0.0:0".parse().unwrap()).unwrap()).unwrap();
+        let l = UdpSocket::from_std(bind("0.0.0.0:0".parse().unwrap(), &[]).unwrap()).unwrap();
         let port = l.local_addr().unwrap().port();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client.connect(("127.0.0.2", port)).unwrap();
