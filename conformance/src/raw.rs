@@ -61,8 +61,9 @@ pub fn http1(port: u16, r: &Request) -> Observation {
         .as_ref()
         .map_or_else(Vec::new, |h| header(h, listener));
     let method = r.method.as_deref().unwrap_or("GET");
-    let mut head = format!("{method} {} HTTP/1.1\r\n", r.path);
-    if !r.headers.keys().any(|k| k.eq_ignore_ascii_case("host")) {
+    let version = if r.http1_0 { "HTTP/1.0" } else { "HTTP/1.1" };
+    let mut head = format!("{method} {} {version}\r\n", r.path);
+    if !r.omit_host && !r.headers.keys().any(|k| k.eq_ignore_ascii_case("host")) {
         head.push_str("host: conformance.test\r\n");
     }
     for (k, v) in &r.headers {
@@ -96,7 +97,15 @@ pub fn http1(port: u16, r: &Request) -> Observation {
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
     match parse(&got) {
-        Some(res) => Observation::from_curl(&res),
+        Some(res) => {
+            let mut o = Observation::from_curl(&res);
+            // An HTTP/1.0 client may be answered in either version.
+            if r.http1_0 {
+                o.headers
+                    .insert(":version".into(), vec![res.version.clone()]);
+            }
+            o
+        }
         None => Observation::failed(),
     }
 }

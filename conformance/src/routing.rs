@@ -135,9 +135,12 @@ pub struct Request {
     /// Send over TLS; the negotiated HTTP version is compared too.
     #[serde(default)]
     pub tls: Option<TlsRequest>,
-    /// curl `--http1.0`.
+    /// curl `--http1.0` (with `raw`, an `HTTP/1.0` request line).
     #[serde(default)]
     pub http1_0: bool,
+    /// With `raw`: no `host` header at all.
+    #[serde(default)]
+    pub omit_host: bool,
     /// Send HTTP/1.1 by hand over a plain socket instead of curl (for
     /// what curl cannot send: PROXY headers).
     #[serde(default)]

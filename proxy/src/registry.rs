@@ -300,7 +300,11 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[],
     ),
-    m("envoy.config.core.v3.Http1ProtocolOptions", &[], &[]),
+    m(
+        "envoy.config.core.v3.Http1ProtocolOptions",
+        &["accept_http_10", "default_host_for_http_10"],
+        &[],
+    ),
     m(
         "envoy.config.core.v3.Http2ProtocolOptions",
         &[
@@ -345,7 +349,13 @@ pub static REGISTRY: &[MessageSupport] = &[
             "include_attempt_count_in_response",
         ],
         // As the route's: no filter or formatter of Legate reads it yet.
-        &[("metadata", "only informational")],
+        &[
+            ("metadata", "only informational"),
+            (
+                "virtual_clusters",
+                "virtual clusters only add per-request-class stats (vhost.<name>.vcluster.*), which Legate does not emit",
+            ),
+        ],
     ),
     m(
         "envoy.config.route.v3.FilterConfig",
@@ -368,7 +378,13 @@ pub static REGISTRY: &[MessageSupport] = &[
             "decorator",
             "tracing",
         ],
-        &[("metadata", "only informational")],
+        &[
+            ("metadata", "only informational"),
+            (
+                "stat_prefix",
+                "only names per-route stats (vhost.<name>.route.<stat_prefix>.*), which Legate does not emit",
+            ),
+        ],
     ),
     m(
         "envoy.config.route.v3.RouteMatch",

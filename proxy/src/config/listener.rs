@@ -461,6 +461,10 @@ pub struct Hcm {
     /// `access_log`: a line per request when it ends.
     pub access_log: Vec<Arc<crate::access_log::AccessLog>>,
     pub conn: HttpConnSettings,
+    /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are
+    /// served (else 426), with `default_host_for_http_10` as the host of
+    /// those that name none (empty: none).
+    pub http10: Option<String>,
     /// `stream_idle_timeout`: a request with no activity either way for
     /// this long ends (408 `stream timeout`, or a reset once the response
     /// started). Envoy's default 5 min; None: disabled.
@@ -825,7 +829,11 @@ impl Hcm {
                 "values above 64 are not supported (pingora's HTTP/2 limit)",
             ));
         }
+        let h1 = h.http_protocol_options.as_ref();
         Ok(Self {
+            http10: h1
+                .filter(|o| o.accept_http_10)
+                .map(|o| o.default_host_for_http_10.clone()),
             stat_prefix: h.stat_prefix.clone(),
             codec,
             routes,

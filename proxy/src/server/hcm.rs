@@ -639,6 +639,15 @@ impl HcmProxy {
             self.mutate_response(resp, ctx, ops, session);
         }
         self.filter_responses(resp, ctx, session, local);
+        // Envoy answers an HTTP/1.0 client it accepts (accept_http_10) in
+        // HTTP/1.0; its 426 refusal is HTTP/1.1.
+        let accepts_10 = ctx.hcm.as_ref().is_some_and(|h| h.http10.is_some());
+        if accepts_10 && session.req_header().version == http::Version::HTTP_10 {
+            resp.set_version(http::Version::HTTP_10);
+            // HTTP/1.0 has no chunked coding: a body of unstated length
+            // ends when the connection closes.
+            resp.remove_header(&http::header::TRANSFER_ENCODING);
+        }
         if let Some(hcm) = &ctx.hcm {
             match hcm.server_header {
                 ServerHeader::Overwrite => {
@@ -1136,7 +1145,9 @@ impl ProxyHttp for HcmProxy {
 
         if session.req_header().version != http::Version::HTTP_2 {
             let raw = session.as_downstream().to_h1_raw();
-            if let Some((status, body)) = rq::http1_codec_check(session.req_header(), &raw) {
+            let http10 = hcm.http10.as_deref();
+            if let Some((status, body)) = rq::http1_codec_check(session.req_header(), &raw, http10)
+            {
                 session.set_keepalive(None);
                 self.local_reply(
                     session,
@@ -1148,6 +1159,15 @@ impl ProxyHttp for HcmProxy {
                 )
                 .await?;
                 return Ok(true);
+            }
+        }
+        // An HTTP/1.0 request without a host gets the configured one.
+        if let Some(default) = hcm.http10.as_deref().filter(|d| !d.is_empty()) {
+            let req = session.req_header_mut();
+            if req.version == http::Version::HTTP_10
+                && !req.headers.contains_key(http::header::HOST)
+            {
+                req.insert_header(http::header::HOST, default)?;
             }
         }
         // Envoy answers `Expect: 100-continue` itself unless told to proxy

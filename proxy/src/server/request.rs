@@ -53,8 +53,14 @@ pub const HTTP1_METHODS: &[&str] = &[
 pub fn http1_codec_check(
     req: &pingora_http::RequestHeader,
     raw: &[u8],
+    http10: Option<&str>,
 ) -> Option<(u16, &'static str)> {
-    if req.version == http::Version::HTTP_10 || req.version == http::Version::HTTP_09 {
+    let old = match req.version {
+        http::Version::HTTP_09 => true,
+        http::Version::HTTP_10 => http10.is_none(),
+        _ => false,
+    };
+    if old {
         // Envoy's default (accept_http_10: false).
         return Some((426, "Upgrade Required"));
     }
@@ -73,7 +79,11 @@ pub fn http1_codec_check(
             return Some((400, "Bad Request"));
         }
     }
-    if !req.headers.contains_key(http::header::HOST) && req.uri.authority().is_none() {
+    // An HTTP/1.0 request without a host gets `default_host_for_http_10`
+    // (see the connection manager), when there is one.
+    let defaulted = req.version == http::Version::HTTP_10 && http10.is_some_and(|d| !d.is_empty());
+    if !req.headers.contains_key(http::header::HOST) && req.uri.authority().is_none() && !defaulted
+    {
         return Some((400, ""));
     }
     None
