@@ -69,6 +69,7 @@ pub static REGISTRY: &[MessageSupport] = &[
         supported: &[
             "server_uri",
             "path_prefix",
+            "path_override",
             "authorization_request",
             "authorization_response",
         ],
@@ -120,6 +121,8 @@ struct HttpService {
     authority: String,
     timeout: Duration,
     path_prefix: String,
+    /// `path_override`: the check's path instead of the request's.
+    path_override: Option<String>,
     /// Request headers sent beside the defaults.
     allowed: Vec<StringMatcher>,
     headers_to_add: Vec<(HeaderName, HeaderValue)>,
@@ -245,6 +248,12 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
 }
 
 fn http_service(h: &pb::HttpService, path: &str) -> Result<HttpService> {
+    if !h.path_prefix.is_empty() && !h.path_override.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "path_override"),
+            "only one of path_prefix and path_override may be set",
+        ));
+    }
     let up = join(path, "server_uri");
     let uri = h
         .server_uri
@@ -294,6 +303,7 @@ fn http_service(h: &pb::HttpService, path: &str) -> Result<HttpService> {
         authority,
         timeout,
         path_prefix: h.path_prefix.clone(),
+        path_override: (!h.path_override.is_empty()).then(|| h.path_override.clone()),
         allowed: matchers(rq.allowed_headers.as_ref(), &join(&rqp, "allowed_headers"))?,
         headers_to_add,
         upstream: matchers(
@@ -417,11 +427,14 @@ impl ExtAuthz {
         h: &HttpService,
         addr: SocketAddr,
     ) -> Option<Answer> {
-        let path = format!(
-            "{}{}",
-            h.path_prefix,
-            rq.req.uri.path_and_query().map_or("/", |p| p.as_str())
-        );
+        let path = match &h.path_override {
+            Some(p) => p.clone(),
+            None => format!(
+                "{}{}",
+                h.path_prefix,
+                rq.req.uri.path_and_query().map_or("/", |p| p.as_str())
+            ),
+        };
         // As Envoy's async client through its router: the timeout it
         // expects and the internal mark.
         let mut b = http::Request::builder()
