@@ -9,7 +9,10 @@
 //!   `x-deny-reason: policy`;
 //! - `unauthorized`: 401 with `www-authenticate: Bearer`;
 //! - `error`: a gRPC INTERNAL status, or an HTTP 500;
-//! - `slow`: answers after 2 s (longer than the tests' timeouts).
+//! - `slow`: answers after 2 s (longer than the tests' timeouts);
+//! - `flaky` (HTTP): a 503 the first time it sees the request's
+//!   `x-request-id`, then as `allow` (a retried check passes); the gRPC
+//!   server takes it as `allow`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -109,7 +112,8 @@ impl auth::authorization_server::Authorization for Grpc {
             call_authority
         );
         let resp = match verdict.as_str() {
-            "allow" => auth::CheckResponse {
+            // `flaky` is the HTTP server's; the gRPC one lets it through.
+            "allow" | "flaky" => auth::CheckResponse {
                 status: Some(rpc::Status::default()),
                 http_response: Some(auth::check_response::HttpResponse::OkResponse(
                     auth::OkHttpResponse {
@@ -170,6 +174,11 @@ async fn http_check(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let seen = format!(
         "{} {} headers={}",
         req.method(),
@@ -183,7 +192,22 @@ async fn http_check(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
     };
+    let first_try = |id: Option<&str>| {
+        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let id = id.unwrap_or("").to_string();
+        let first = !seen.contains(&id);
+        seen.push(id);
+        first
+    };
+    let flaky_first = verdict == "flaky" && first_try(request_id.as_deref());
+    let verdict = if verdict == "flaky" && !flaky_first {
+        "allow".to_string()
+    } else {
+        verdict
+    };
     let mut r = match verdict.as_str() {
+        "flaky" => reply(503, "authz unavailable"),
         "allow" => {
             let mut r = reply(200, "");
             let h = r.headers_mut();

@@ -72,6 +72,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "path_override",
             "authorization_request",
             "authorization_response",
+            "retry_policy",
         ],
         warn: &[],
     },
@@ -123,6 +124,8 @@ struct HttpService {
     path_prefix: String,
     /// `path_override`: the check's path instead of the request's.
     path_override: Option<String>,
+    /// `retry_policy`: the check is tried again on a server failure.
+    retry: Option<super::retry::Retry>,
     /// Request headers sent beside the defaults.
     allowed: Vec<StringMatcher>,
     headers_to_add: Vec<(HeaderName, HeaderValue)>,
@@ -304,6 +307,13 @@ fn http_service(h: &pb::HttpService, path: &str) -> Result<HttpService> {
         timeout,
         path_prefix: h.path_prefix.clone(),
         path_override: (!h.path_override.is_empty()).then(|| h.path_override.clone()),
+        retry: h
+            .retry_policy
+            .as_ref()
+            .map(|r| {
+                super::retry::Retry::from_proto(r, &join(path, "retry_policy"), "ext_authz checks")
+            })
+            .transpose()?,
         allowed: matchers(rq.allowed_headers.as_ref(), &join(&rqp, "allowed_headers"))?,
         headers_to_add,
         upstream: matchers(
@@ -421,11 +431,51 @@ impl ExtAuthz {
         }
     }
 
+    /// The check, tried again as `retry_policy` says.
     async fn http_check(
         &self,
         rq: &RequestInfo<'_>,
         h: &HttpService,
         addr: SocketAddr,
+    ) -> Option<Answer> {
+        use super::retry::Failure;
+        let mut n = 0;
+        loop {
+            let (answer, status) = self.http_attempt(rq, h, addr).await;
+            // No status: no answer, which Envoy's router sees as a reset.
+            let failure = status.map_or(Failure::Reset, Failure::Status);
+            match &h.retry {
+                Some(r)
+                    if n < r.num_retries
+                        && matches!(answer, Some(Answer::Error))
+                        && r.retries(&failure) =>
+                {
+                    tokio::time::sleep(r.backoff(n)).await;
+                    n += 1;
+                }
+                _ => return answer,
+            }
+        }
+    }
+
+    /// One try: the answer, and the status it came with (None: no answer).
+    async fn http_attempt(
+        &self,
+        rq: &RequestInfo<'_>,
+        h: &HttpService,
+        addr: SocketAddr,
+    ) -> (Option<Answer>, Option<u16>) {
+        let mut status = None;
+        let answer = self.http_once(rq, h, addr, &mut status).await;
+        (answer, status)
+    }
+
+    async fn http_once(
+        &self,
+        rq: &RequestInfo<'_>,
+        h: &HttpService,
+        addr: SocketAddr,
+        seen: &mut Option<u16>,
     ) -> Option<Answer> {
         let path = match &h.path_override {
             Some(p) => p.clone(),
@@ -472,6 +522,7 @@ impl ExtAuthz {
             .ok()?
             .to_bytes();
         let status = parts.status.as_u16();
+        *seen = Some(status);
         let headers = parts.headers;
         // A server error is the service failing, not a denial.
         if status >= 500 {

@@ -30,6 +30,7 @@ pub mod local_ratelimit;
 pub mod rate_limit_actions;
 pub mod ratelimit;
 pub mod rbac;
+pub mod retry;
 pub mod side;
 
 use crate::config::Result;

@@ -1,0 +1,110 @@
+//! A side call's `retry_policy` (`envoy.config.core.v3.RetryPolicy`), as
+//! Envoy turns it into a route retry policy for its async client: JWKS
+//! fetches and ext_authz HTTP checks use it.
+
+use crate::config::{join, ConfigError, Result};
+use std::time::Duration;
+
+/// `retry_policy`: Envoy turns it into a route retry policy whose
+/// `retry_on` defaults to `5xx,gateway-error,connect-failure,reset`, with
+/// jittered exponential back-off (1 s base, ten times that at most, unless
+/// set). The fetch's `timeout` covers every attempt.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    pub num_retries: u32,
+    base: Duration,
+    max: Duration,
+    on_5xx: bool,
+    on_gateway: bool,
+    on_connect: bool,
+    on_reset: bool,
+}
+
+impl Retry {
+    /// `what`: the calls retried, for the error naming an unsupported
+    /// condition. gRPC status conditions (`unavailable`, ...) match only
+    /// answers with a `grpc-status`, which these HTTP calls never read, so
+    /// they are accepted and never retry.
+    pub fn from_proto(
+        p: &legate_proto::envoy_types::pb::envoy::config::core::v3::RetryPolicy,
+        path: &str,
+        what: &str,
+    ) -> Result<Retry> {
+        use crate::config::Wrapped;
+        let on = if p.retry_on.is_empty() {
+            "5xx,gateway-error,connect-failure,reset"
+        } else {
+            p.retry_on.as_str()
+        };
+        let mut r = Retry {
+            num_retries: p.num_retries.val().unwrap_or(1),
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+            on_5xx: false,
+            on_gateway: false,
+            on_connect: false,
+            on_reset: false,
+        };
+        for c in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            match c {
+                "5xx" => r.on_5xx = true,
+                "gateway-error" => r.on_gateway = true,
+                "connect-failure" => r.on_connect = true,
+                "reset" => r.on_reset = true,
+                "cancelled" | "deadline-exceeded" | "internal" | "resource-exhausted"
+                | "unavailable" => {}
+                other => {
+                    return Err(ConfigError::new(
+                        join(path, "retry_on"),
+                        format!("'{other}' is not supported for {what}"),
+                    ))
+                }
+            }
+        }
+        if let Some(b) = &p.retry_back_off {
+            let bp = join(path, "retry_back_off");
+            if let Some(d) = &b.base_interval {
+                r.base = crate::config::duration(d, &join(&bp, "base_interval"))?;
+                r.max = r.base.saturating_mul(10);
+            }
+            if let Some(d) = &b.max_interval {
+                r.max = crate::config::duration(d, &join(&bp, "max_interval"))?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Whether a failed attempt is retried: a 5xx status (502-504 for
+    /// gateway-error), or a connection that failed or was reset (which
+    /// `5xx` and `gateway-error` cover too, as in Envoy).
+    pub fn retries(&self, f: &Failure) -> bool {
+        match f {
+            Failure::Status(s) => {
+                (self.on_5xx && *s >= 500) || (self.on_gateway && matches!(s, 502..=504))
+            }
+            Failure::Connect => self.on_connect || self.on_5xx || self.on_gateway,
+            Failure::Reset => self.on_reset || self.on_5xx || self.on_gateway,
+            Failure::Unusable => false,
+        }
+    }
+
+    /// The back-off before retry `n` (from 0): a random share of
+    /// `base * 2^n`, at most `max`.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << n.min(20))
+            .min(self.max)
+            .as_millis() as u64;
+        Duration::from_millis(rand::random::<u64>() % ceiling.max(1))
+    }
+}
+
+/// Why one attempt failed.
+pub enum Failure {
+    Status(u16),
+    Connect,
+    Reset,
+    /// A 200 whose body is no usable JWKS, or no host: not retried.
+    Unusable,
+}
