@@ -673,7 +673,8 @@ pub static REGISTRY: &[MessageSupport] = &[
     // and the rate limit filter has its own `timeout`.
     m(
         "envoy.config.core.v3.GrpcService",
-        &["envoy_grpc", "google_grpc", "timeout"],
+        // retry_policy: ext_authz honours it; the other users refuse it.
+        &["envoy_grpc", "google_grpc", "timeout", "retry_policy"],
         &[],
     ),
     m(

@@ -12,7 +12,8 @@
 //! - `slow`: answers after 2 s (longer than the tests' timeouts);
 //! - `flaky` (HTTP): a 503 the first time it sees the request's
 //!   `x-request-id`, then as `allow` (a retried check passes); the gRPC
-//!   server takes it as `allow`.
+//!   server takes it as `allow`, and fails `flaky-grpc` once with
+//!   UNAVAILABLE the same way.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -111,6 +112,14 @@ impl auth::authorization_server::Authorization for Grpc {
             ext.join(";"),
             call_authority
         );
+        let id = http.headers.get("x-request-id").map(String::as_str);
+        let verdict = match verdict.as_str() {
+            "flaky-grpc" if first_check(id) => {
+                return Err(tonic::Status::unavailable("authz starting"))
+            }
+            "flaky-grpc" => "allow".to_string(),
+            _ => verdict,
+        };
         let resp = match verdict.as_str() {
             // `flaky` is the HTTP server's; the gRPC one lets it through.
             "allow" | "flaky" => auth::CheckResponse {
@@ -167,6 +176,17 @@ pub async fn start_grpc(addr: SocketAddr) -> anyhow::Result<Authz> {
     Ok(Authz { addr, task })
 }
 
+/// Whether this is the first check of the request with this id (both
+/// servers' `flaky` verdicts fail it once).
+fn first_check(id: Option<&str>) -> bool {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let id = id.unwrap_or("").to_string();
+    let first = !seen.contains(&id);
+    seen.push(id);
+    first
+}
+
 async fn http_check(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let verdict = req
         .headers()
@@ -192,15 +212,7 @@ async fn http_check(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap()
     };
-    let first_try = |id: Option<&str>| {
-        static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        let id = id.unwrap_or("").to_string();
-        let first = !seen.contains(&id);
-        seen.push(id);
-        first
-    };
-    let flaky_first = verdict == "flaky" && first_try(request_id.as_deref());
+    let flaky_first = verdict == "flaky" && first_check(request_id.as_deref());
     let verdict = if verdict == "flaky" && !flaky_first {
         "allow".to_string()
     } else {

@@ -94,6 +94,12 @@ impl ApiSource {
                     "a gRPC service is required",
                 ));
             };
+            if g.retry_policy.is_some() {
+                return Err(ConfigError::new(
+                    join(path, "grpc_services[0].retry_policy"),
+                    "not supported for xDS streams",
+                ));
+            }
             use core::grpc_service::TargetSpecifier;
             match &g.target_specifier {
                 Some(TargetSpecifier::EnvoyGrpc(e)) if !e.authority.is_empty() => {

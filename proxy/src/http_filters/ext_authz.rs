@@ -111,6 +111,8 @@ enum Service {
         /// Which request headers go in the check (None: all).
         allowed: Option<Vec<StringMatcher>>,
         disallowed: Vec<StringMatcher>,
+        /// `grpc_service.retry_policy`.
+        retry: Option<super::retry::Retry>,
     },
     Http(HttpService),
 }
@@ -210,6 +212,17 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
                     c.disallowed_headers.as_ref(),
                     &join(path, "disallowed_headers"),
                 )?,
+                retry: g
+                    .retry_policy
+                    .as_ref()
+                    .map(|r| {
+                        super::retry::Retry::from_proto(
+                            r,
+                            &join(&gp, "retry_policy"),
+                            "ext_authz checks",
+                        )
+                    })
+                    .transpose()?,
             }
         }
         Some(S::HttpService(h)) => Service::Http(http_service(h, &join(path, "http_service"))?),
@@ -405,6 +418,7 @@ impl ExtAuthz {
                 timeout,
                 allowed,
                 disallowed,
+                retry,
             } => {
                 let Some(addr) = super::side::plaintext_host(rq.clusters, cluster) else {
                     return Answer::Error;
@@ -413,9 +427,11 @@ impl ExtAuthz {
                 let Some(channel) = self.grpc.get(addr) else {
                     return Answer::Error;
                 };
-                let mut client = auth::authorization_client::AuthorizationClient::new(channel);
-                match tokio::time::timeout(*timeout, client.check(request)).await {
-                    Ok(Ok(r)) => grpc_answer(r.into_inner()),
+                let client = auth::authorization_client::AuthorizationClient::new(channel);
+                // The timeout covers every attempt, as the router's does.
+                let call = grpc_check(client, request, retry.as_ref());
+                match tokio::time::timeout(*timeout, call).await {
+                    Ok(Ok(r)) => grpc_answer(r),
                     _ => Answer::Error,
                 }
             }
@@ -553,6 +569,30 @@ impl ExtAuthz {
             body,
             headers: denied_headers(&headers, &h.client),
         })
+    }
+}
+
+/// The gRPC check, tried again on the status codes `retry_on` names (a
+/// connection that fails is `unavailable`, as tonic reports it).
+async fn grpc_check(
+    mut client: auth::authorization_client::AuthorizationClient<tonic::transport::Channel>,
+    request: auth::CheckRequest,
+    retry: Option<&super::retry::Retry>,
+) -> std::result::Result<auth::CheckResponse, tonic::Status> {
+    let mut n = 0;
+    loop {
+        let status = match client.check(request.clone()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) => s,
+        };
+        let failure = super::retry::Failure::Grpc(status.code() as i32);
+        match retry {
+            Some(r) if n < r.num_retries && r.retries(&failure) => {
+                tokio::time::sleep(r.backoff(n)).await;
+                n += 1;
+            }
+            _ => return Err(status),
+        }
     }
 }
 

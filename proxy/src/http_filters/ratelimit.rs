@@ -158,6 +158,12 @@ fn service_cluster(
         .grpc_service
         .as_ref()
         .ok_or_else(|| ConfigError::new(join(path, "grpc_service"), "grpc_service is required"))?;
+    if g.retry_policy.is_some() {
+        return Err(ConfigError::new(
+            join(path, "grpc_service.retry_policy"),
+            "retries of rate limit service calls are not supported",
+        ));
+    }
     crate::config::grpc_service_cluster(g, &join(path, "grpc_service"))
 }
 

@@ -18,13 +18,16 @@ pub struct Retry {
     on_gateway: bool,
     on_connect: bool,
     on_reset: bool,
+    /// gRPC status codes retried (`cancelled` 1, `deadline-exceeded` 4,
+    /// `resource-exhausted` 8, `internal` 13, `unavailable` 14): they match
+    /// only gRPC answers.
+    grpc_codes: Vec<i32>,
 }
 
 impl Retry {
     /// `what`: the calls retried, for the error naming an unsupported
     /// condition. gRPC status conditions (`unavailable`, ...) match only
-    /// answers with a `grpc-status`, which these HTTP calls never read, so
-    /// they are accepted and never retry.
+    /// gRPC answers: on plain HTTP calls they never retry.
     pub fn from_proto(
         p: &legate_proto::envoy_types::pb::envoy::config::core::v3::RetryPolicy,
         path: &str,
@@ -44,6 +47,7 @@ impl Retry {
             on_gateway: false,
             on_connect: false,
             on_reset: false,
+            grpc_codes: Vec::new(),
         };
         for c in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
             match c {
@@ -51,8 +55,11 @@ impl Retry {
                 "gateway-error" => r.on_gateway = true,
                 "connect-failure" => r.on_connect = true,
                 "reset" => r.on_reset = true,
-                "cancelled" | "deadline-exceeded" | "internal" | "resource-exhausted"
-                | "unavailable" => {}
+                "cancelled" => r.grpc_codes.push(1),
+                "deadline-exceeded" => r.grpc_codes.push(4),
+                "resource-exhausted" => r.grpc_codes.push(8),
+                "internal" => r.grpc_codes.push(13),
+                "unavailable" => r.grpc_codes.push(14),
                 other => {
                     return Err(ConfigError::new(
                         join(path, "retry_on"),
@@ -84,6 +91,7 @@ impl Retry {
             }
             Failure::Connect => self.on_connect || self.on_5xx || self.on_gateway,
             Failure::Reset => self.on_reset || self.on_5xx || self.on_gateway,
+            Failure::Grpc(code) => self.grpc_codes.contains(code),
             Failure::Unusable => false,
         }
     }
@@ -103,6 +111,8 @@ impl Retry {
 /// Why one attempt failed.
 pub enum Failure {
     Status(u16),
+    /// A gRPC answer with this non-OK status code.
+    Grpc(i32),
     Connect,
     Reset,
     /// A 200 whose body is no usable JWKS, or no host: not retried.
