@@ -56,14 +56,17 @@ impl SocketOpt {
             Ok(S::StateListening) => Stage::Listening,
             Err(_) => return Err(ConfigError::new(join(path, "state"), "unknown state")),
         };
-        let stream_only = o
-            .r#type
-            .as_ref()
-            .and_then(|t| match (t.stream, t.datagram) {
-                (Some(_), None) => Some(true),
-                (None, Some(_)) => Some(false),
-                _ => None,
-            });
+        let stream_only = match o.r#type.as_ref().map(|t| (t.stream, t.datagram)) {
+            Some((Some(_), None)) => Some(true),
+            Some((None, Some(_))) => Some(false),
+            Some((Some(_), Some(_))) => {
+                return Err(ConfigError::new(
+                    join(path, "type"),
+                    "only one of stream or datagram may be set",
+                ))
+            }
+            _ => None,
+        };
         let v6_only = match Ip::try_from(o.ip_version) {
             Ok(Ip::Ipv4) => Some(false),
             Ok(Ip::Ipv6) => Some(true),

@@ -454,12 +454,9 @@ impl ExtAuthz {
         h: &HttpService,
         addr: SocketAddr,
     ) -> Option<Answer> {
-        use super::retry::Failure;
         let mut n = 0;
         loop {
-            let (answer, status) = self.http_attempt(rq, h, addr).await;
-            // No status: no answer, which Envoy's router sees as a reset.
-            let failure = status.map_or(Failure::Reset, Failure::Status);
+            let (answer, failure) = self.http_attempt(rq, h, addr).await;
             match &h.retry {
                 Some(r)
                     if n < r.num_retries
@@ -474,16 +471,17 @@ impl ExtAuthz {
         }
     }
 
-    /// One try: the answer, and the status it came with (None: no answer).
+    /// One try: the answer, and how it failed if it did (a status, a
+    /// connection that failed, or else a reset, as Envoy's router sees it).
     async fn http_attempt(
         &self,
         rq: &RequestInfo<'_>,
         h: &HttpService,
         addr: SocketAddr,
-    ) -> (Option<Answer>, Option<u16>) {
-        let mut status = None;
-        let answer = self.http_once(rq, h, addr, &mut status).await;
-        (answer, status)
+    ) -> (Option<Answer>, super::retry::Failure) {
+        let mut failure = super::retry::Failure::Reset;
+        let answer = self.http_once(rq, h, addr, &mut failure).await;
+        (answer, failure)
     }
 
     async fn http_once(
@@ -491,7 +489,7 @@ impl ExtAuthz {
         rq: &RequestInfo<'_>,
         h: &HttpService,
         addr: SocketAddr,
-        seen: &mut Option<u16>,
+        seen: &mut super::retry::Failure,
     ) -> Option<Answer> {
         let path = match &h.path_override {
             Some(p) => p.clone(),
@@ -530,7 +528,12 @@ impl ExtAuthz {
         let req = b.body(http_body_util::Full::new(Bytes::new())).ok()?;
         let resp = match self.http.request(req).await {
             Ok(r) => r,
-            Err(_) => return Some(Answer::Error),
+            Err(e) => {
+                if e.is_connect() {
+                    *seen = super::retry::Failure::Connect;
+                }
+                return Some(Answer::Error);
+            }
         };
         let (parts, body) = resp.into_parts();
         let body = http_body_util::BodyExt::collect(body)
@@ -538,7 +541,7 @@ impl ExtAuthz {
             .ok()?
             .to_bytes();
         let status = parts.status.as_u16();
-        *seen = Some(status);
+        *seen = super::retry::Failure::Status(status);
         let headers = parts.headers;
         // A server error is the service failing, not a denial.
         if status >= 500 {
@@ -585,7 +588,15 @@ async fn grpc_check(
             Ok(r) => return Ok(r.into_inner()),
             Err(s) => s,
         };
-        let failure = super::retry::Failure::Grpc(status.code() as i32);
+        use super::retry::Failure;
+        // A status the server sent is a gRPC failure; one tonic made from a
+        // transport error (it carries the error as its source) is the
+        // connection failing, which Envoy's router sees as a reset.
+        let failure = if std::error::Error::source(&status).is_some() {
+            Failure::Reset
+        } else {
+            Failure::Grpc(status.code() as i32)
+        };
         match retry {
             Some(r) if n < r.num_retries && r.retries(&failure) => {
                 tokio::time::sleep(r.backoff(n)).await;

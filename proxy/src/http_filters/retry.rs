@@ -77,6 +77,19 @@ impl Retry {
             if let Some(d) = &b.max_interval {
                 r.max = crate::config::duration(d, &join(&bp, "max_interval"))?;
             }
+            // Envoy's bounds: a base of at least 1 ms, a max no smaller.
+            if r.base < Duration::from_millis(1) {
+                return Err(ConfigError::new(
+                    join(&bp, "base_interval"),
+                    "must be at least 1ms",
+                ));
+            }
+            if r.max < r.base {
+                return Err(ConfigError::new(
+                    join(&bp, "max_interval"),
+                    "must be at least base_interval",
+                ));
+            }
         }
         Ok(r)
     }
@@ -104,7 +117,8 @@ impl Retry {
             .saturating_mul(1u32 << n.min(20))
             .min(self.max)
             .as_millis() as u64;
-        Duration::from_millis(rand::random::<u64>() % ceiling.max(1))
+        // At least 1 ms: a retry never follows a failure at once.
+        Duration::from_millis((rand::random::<u64>() % ceiling.max(1)).max(1))
     }
 }
 

@@ -83,7 +83,8 @@ pub fn decide(s: &Sampling, id: IdOptions, req: &mut RequestHeader, random: u64)
     };
     let result = stable % 10_000;
     let uuid = rid.len() == 36;
-    let mut reason = if uuid {
+    // A mark is read only where marks are written (pack_trace_reason).
+    let mut reason = if uuid && id.pack {
         Reason::of_mark(rid[14])
     } else {
         Reason::NotTraceable

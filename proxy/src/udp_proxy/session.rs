@@ -247,7 +247,7 @@ impl Datagram<'_> {
                     Keep::Yes => return forward(&s, data),
                     Keep::No(host) => {
                         self.end(&key);
-                        repick = host;
+                        repick = host.map(|h| (s.cluster.clone(), h));
                     }
                 }
             }
@@ -256,6 +256,11 @@ impl Datagram<'_> {
             self.stats.no_route.increment(1);
             return;
         };
+        // A host re-picked from the session's cluster serves only if the
+        // route still gives that cluster.
+        let repick = repick
+            .filter(|(c, _)| Arc::ptr_eq(c, &cluster))
+            .map(|(_, h)| h);
         let Some(host) = repick.or_else(|| self.pick(&cluster, peer)) else {
             cluster.stats.upstream_cx_none_healthy.increment(1);
             return;

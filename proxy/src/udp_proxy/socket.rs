@@ -57,7 +57,10 @@ pub async fn recv(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received>
     let cap = buf.len();
     sock.async_io(Interest::READABLE, || {
         let mut iov = [IoSliceMut::new(buf)];
-        let mut cmsg = nix::cmsg_space!(nix::libc::in6_pktinfo);
+        // Room for more than the packet info: socket_options may turn on
+        // other control messages (timestamps, TOS), which must not truncate
+        // it.
+        let mut cmsg = vec![0u8; 256];
         let msg = recvmsg::<SockaddrStorage>(
             sock.as_raw_fd(),
             &mut iov,
@@ -71,7 +74,8 @@ pub async fn recv(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received>
             .and_then(to_std)
             .ok_or_else(|| std::io::Error::other("a datagram without a source address"))?;
         let mut local = fallback;
-        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        // Truncated control data (MSG_CTRUNC): the bound address stands.
+        for c in msg.cmsgs().into_iter().flatten() {
             match c {
                 ControlMessageOwned::Ipv4PacketInfo(i) => {
                     let ip = std::net::Ipv4Addr::from(u32::from_be(i.ipi_addr.s_addr));
