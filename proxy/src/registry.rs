@@ -1490,6 +1490,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "auto_config",
             "use_downstream_protocol_config",
             "upstream_http_protocol_options",
+            "hash_policy",
         ],
         &[],
     ),

@@ -324,6 +324,9 @@ pub struct ClusterConfig {
     /// last request asks the upstream to close it.
     pub max_requests_per_connection: Option<u32>,
     pub max_concurrent_streams: u32,
+    /// `HttpProtocolOptions.hash_policy`: when set, it replaces the route's
+    /// hash policy for requests to this cluster.
+    pub hash_policy: Vec<super::route::HashPolicy>,
     pub eds: Option<EdsConfig>,
     /// TLS origination (`transport_socket` with an `UpstreamTlsContext`).
     pub tls: Option<Arc<super::tls::ClientTls>>,
@@ -550,6 +553,7 @@ impl ClusterConfig {
             .and_then(|h| h.max_concurrent_streams.val())
             .unwrap_or(2147483647);
         let mut auto_sni = super::tls::AutoSni::default();
+        let mut hash_policy = Vec::new();
         for (key, any) in &c.typed_extension_protocol_options {
             let p = format!(
                 "{}[{key:?}]",
@@ -565,6 +569,7 @@ impl ClusterConfig {
             use legate_proto::envoy_types::pb::envoy::extensions::upstreams::http::v3 as up;
             let o: up::HttpProtocolOptions = prost::Message::decode(any.value.as_slice())
                 .map_err(|e| ConfigError::new(&p, e.to_string()))?;
+            hash_policy = super::route::hash_policies(&o.hash_policy, &p)?;
             use up::http_protocol_options::{
                 explicit_http_config::ProtocolConfig, UpstreamProtocolOptions as U,
             };
@@ -736,6 +741,7 @@ impl ClusterConfig {
                 Some((m, _)) => Some(m),
             },
             max_concurrent_streams,
+            hash_policy,
             eds,
             tls: match &c.transport_socket {
                 Some(ts) => {

@@ -498,6 +498,54 @@ impl Route {
     }
 }
 
+/// Hash policies (a route's, or a cluster's `HttpProtocolOptions`), each
+/// named `<path>.hash_policy[i]` in errors.
+pub fn hash_policies(list: &[pb::route_action::HashPolicy], path: &str) -> Result<Vec<HashPolicy>> {
+    let mut hash_policy = Vec::new();
+    for (i, h) in list.iter().enumerate() {
+        use pb::route_action::hash_policy::PolicySpecifier as S;
+        let p = index(path, "hash_policy", i);
+        hash_policy.push(match &h.policy_specifier {
+            Some(S::Header(hd)) => HashPolicy::Header {
+                name: http::HeaderName::from_bytes(hd.header_name.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| {
+                        ConfigError::new(join(&p, "header.header_name"), "invalid header name")
+                    })?,
+                terminal: h.terminal,
+            },
+            Some(S::ConnectionProperties(c)) if c.source_ip => HashPolicy::SourceIp {
+                terminal: h.terminal,
+            },
+            Some(S::QueryParameter(q)) => HashPolicy::Query {
+                name: q.name.clone(),
+                terminal: h.terminal,
+            },
+            Some(S::Cookie(c)) => HashPolicy::Cookie {
+                cookie: CookiePolicy {
+                    name: c.name.clone(),
+                    ttl: c
+                        .ttl
+                        .as_ref()
+                        .map(|t| super::duration(t, &join(&p, "cookie.ttl")))
+                        .transpose()?,
+                    path: c.path.clone(),
+                    attributes: c
+                        .attributes
+                        .iter()
+                        .map(|a| (a.name.clone(), a.value.clone()))
+                        .collect(),
+                },
+                terminal: h.terminal,
+            },
+            _ => return Err(ConfigError::new(
+                p,
+                "only header, cookie, source_ip and query_parameter hash policies are supported",
+            )),
+        });
+    }
+    Ok(hash_policy)
+}
+
 /// Compiles a uri_template (`/a/{name}/{rest=**}`) to a full regex, per
 /// Envoy's `envoy.path.match.uri_template`: `*` and `{var}` match one or more
 /// characters of one path segment (and may sit beside literals, as in
@@ -845,52 +893,7 @@ impl RouteAction {
                 "cannot be combined with prefix_rewrite",
             ));
         }
-        let mut hash_policy = Vec::new();
-        for (i, h) in ra.hash_policy.iter().enumerate() {
-            use pb::route_action::hash_policy::PolicySpecifier as S;
-            let p = index(path, "hash_policy", i);
-            hash_policy.push(match &h.policy_specifier {
-                Some(S::Header(hd)) => HashPolicy::Header {
-                    name: http::HeaderName::from_bytes(
-                        hd.header_name.to_ascii_lowercase().as_bytes(),
-                    )
-                    .map_err(|_| {
-                        ConfigError::new(join(&p, "header.header_name"), "invalid header name")
-                    })?,
-                    terminal: h.terminal,
-                },
-                Some(S::ConnectionProperties(c)) if c.source_ip => HashPolicy::SourceIp {
-                    terminal: h.terminal,
-                },
-                Some(S::QueryParameter(q)) => HashPolicy::Query {
-                    name: q.name.clone(),
-                    terminal: h.terminal,
-                },
-                Some(S::Cookie(c)) => HashPolicy::Cookie {
-                    cookie: CookiePolicy {
-                        name: c.name.clone(),
-                        ttl: c
-                            .ttl
-                            .as_ref()
-                            .map(|t| super::duration(t, &join(&p, "cookie.ttl")))
-                            .transpose()?,
-                        path: c.path.clone(),
-                        attributes: c
-                            .attributes
-                            .iter()
-                            .map(|a| (a.name.clone(), a.value.clone()))
-                            .collect(),
-                    },
-                    terminal: h.terminal,
-                },
-                _ => {
-                    return Err(ConfigError::new(
-                        p,
-                        "only header, cookie, source_ip and query_parameter hash policies are supported",
-                    ))
-                }
-            });
-        }
+        let hash_policy = hash_policies(&ra.hash_policy, path)?;
         let code = match pb::route_action::ClusterNotFoundResponseCode::try_from(
             ra.cluster_not_found_response_code,
         ) {

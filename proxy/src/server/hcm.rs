@@ -1564,8 +1564,14 @@ impl ProxyHttp for HcmProxy {
                     local: ctx.downstream_local,
                     set_cookies: &mut ctx.set_cookies,
                 };
+                // A cluster's own hash policy replaces the route's.
+                let own = ctx.cluster.as_ref().map(|c| c.config.clone());
+                let policies = match own.as_deref() {
+                    Some(c) if !c.hash_policy.is_empty() => &c.hash_policy,
+                    _ => &ra.hash_policy,
+                };
                 ctx.hash = hash_for(
-                    &ra.hash_policy,
+                    policies,
                     session,
                     ctx.client_addr.or(ctx.downstream_remote),
                     Some(jar),
