@@ -1147,6 +1147,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             ("collector_hostname", NO_SPANS),
         ],
     ),
+    // remote_config is refused: sampling rules from the agent change the
+    // priority Envoy propagates, and Legate never talks to the agent.
     m(
         "envoy.config.trace.v3.DatadogConfig",
         &[],
@@ -1154,7 +1156,6 @@ pub static REGISTRY: &[MessageSupport] = &[
             ("collector_cluster", NO_SPANS),
             ("service_name", NO_SPANS),
             ("collector_hostname", NO_SPANS),
-            ("remote_config", NO_SPANS),
         ],
     ),
     m(

@@ -7,6 +7,33 @@ use super::{index, join, ConfigError, Result};
 use legate_proto::envoy_types::pb::envoy::config::core::v3::{socket_option, SocketOption};
 use std::os::fd::AsRawFd;
 
+/// A new non-blocking listening socket for `addr` (TCP or UDP), address
+/// reuse on, IPv6 sockets v6-only, with the pre-bind `opts` already set.
+pub fn listening_socket(
+    addr: std::net::SocketAddr,
+    stream: bool,
+    opts: &[SocketOpt],
+) -> std::io::Result<socket2::Socket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let (ty, proto) = if stream {
+        (socket2::Type::STREAM, socket2::Protocol::TCP)
+    } else {
+        (socket2::Type::DGRAM, socket2::Protocol::UDP)
+    };
+    let s = socket2::Socket::new(domain, ty, Some(proto))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    SocketOpt::apply_all(opts, Stage::Prebind, &s, stream, addr.is_ipv6())?;
+    Ok(s)
+}
+
 /// When an option is set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Stage {

@@ -152,17 +152,7 @@ fn bind(
     freebind: bool,
     opts: &[SocketOpt],
 ) -> std::io::Result<std::net::TcpListener> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_nonblocking(true)?;
+    let s = crate::config::socket_options::listening_socket(addr, true, opts)?;
     if freebind {
         // A VIP need not be a local address.
         if addr.is_ipv4() {
@@ -171,7 +161,6 @@ fn bind(
             s.set_freebind_ipv6(true)?;
         }
     }
-    SocketOpt::apply_all(opts, Stage::Prebind, &s, true, addr.is_ipv6())?;
     s.bind(&addr.into())?;
     SocketOpt::apply_all(opts, Stage::Bound, &s, true, addr.is_ipv6())?;
     s.listen(1024)?;

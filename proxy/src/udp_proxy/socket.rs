@@ -27,21 +27,12 @@ pub struct Received {
 
 /// Binds a listener's socket with packet info on.
 pub fn bind(addr: SocketAddr, opts: &[SocketOpt]) -> std::io::Result<std::net::UdpSocket> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    s.set_reuse_address(true)?;
+    let s = crate::config::socket_options::listening_socket(addr, false, opts)?;
     if addr.is_ipv6() {
-        s.set_only_v6(true)?;
         setsockopt(&s, sockopt::Ipv6RecvPacketInfo, &true)?;
     } else {
         setsockopt(&s, sockopt::Ipv4PacketInfo, &true)?;
     }
-    s.set_nonblocking(true)?;
-    SocketOpt::apply_all(opts, Stage::Prebind, &s, false, addr.is_ipv6())?;
     s.bind(&addr.into())?;
     // A UDP socket does not listen: Envoy sets listening-stage options
     // once it is bound too.
