@@ -15,6 +15,7 @@ mod h2spec;
 mod header_case;
 mod istio;
 mod l4;
+mod otel_log;
 mod pki;
 mod proxies;
 mod ratelimit;
@@ -125,6 +126,8 @@ async fn main() -> Result<()> {
             "ratelimit" => ratelimit::run(&bins, &root, &work, &mut report).await?,
             // The http tier's DNS cluster part alone (part of `http`).
             "dns" => dns::run(&bins, &work, &mut report).await?,
+            // The http tier's OpenTelemetry access log part alone.
+            "otel-log" => otel_log::run(&bins, &work, &mut report).await?,
             // The http tier's gRPC interop part alone (part of `http`).
             "grpc" => tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))?,
             "http" => {
@@ -132,6 +135,7 @@ async fn main() -> Result<()> {
                 resilience::run(&bins, &work, &mut report).await?;
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
+                otel_log::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(
                         "http",

@@ -142,6 +142,7 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             cli.service_zone.clone()
         },
     };
+    config::set_local_node(&node);
     let dynamic = match &b.dynamic_resources {
         Some(d) => Some(config::Dynamic::from_proto(d, "dynamic_resources")?),
         None => None,

@@ -674,7 +674,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.core.v3.GrpcService",
         // retry_policy: ext_authz honours it; the other users refuse it.
-        &["envoy_grpc", "google_grpc", "timeout", "retry_policy"],
+        &["envoy_grpc", "google_grpc", "timeout", "retry_policy", "initial_metadata"],
         &[],
     ),
     m(
@@ -796,6 +796,50 @@ pub static REGISTRY: &[MessageSupport] = &[
         &[],
         &[("common_config", NO_ALS)],
     ),
+    m(
+        "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig",
+        &[
+            "common_config",
+            "grpc_service",
+            "log_name",
+            "disable_builtin_labels",
+            "resource_attributes",
+            "body",
+            "attributes",
+            "buffer_flush_interval",
+            "buffer_size_bytes",
+        ],
+        &[],
+    ),
+    // As the OpenTelemetry logger reads it (the gRPC ALS warns above, before
+    // descending).
+    m(
+        "envoy.extensions.access_loggers.grpc.v3.CommonGrpcAccessLogConfig",
+        &[
+            "log_name",
+            "grpc_service",
+            "transport_api_version",
+            "buffer_flush_interval",
+            "buffer_size_bytes",
+        ],
+        &[],
+    ),
+    m(
+        "opentelemetry.proto.common.v1.AnyValue",
+        &[
+            "string_value",
+            "bool_value",
+            "int_value",
+            "double_value",
+            "array_value",
+            "kvlist_value",
+            "bytes_value",
+        ],
+        &[],
+    ),
+    m("opentelemetry.proto.common.v1.ArrayValue", &["values"], &[]),
+    m("opentelemetry.proto.common.v1.KeyValueList", &["values"], &[]),
+    m("opentelemetry.proto.common.v1.KeyValue", &["key", "value"], &[]),
     m(
         "envoy.extensions.access_loggers.file.v3.FileAccessLog",
         &["path", "format", "log_format", "json_format"],

@@ -8,6 +8,7 @@ pub mod echo;
 pub mod jwt;
 pub mod legate;
 pub mod netns;
+pub mod otlp;
 pub mod pki;
 pub mod tcp;
 pub mod udp;

@@ -259,6 +259,20 @@ pub struct Node {
     pub zone: String,
 }
 
+static LOCAL_NODE: std::sync::OnceLock<Node> = std::sync::OnceLock::new();
+
+/// Records this proxy's node (the first one given wins: one process, one
+/// node). Set while the bootstrap is translated, before its listeners.
+pub fn set_local_node(n: &Node) {
+    let _ = LOCAL_NODE.set(n.clone());
+}
+
+/// This proxy's node, which loggers label what they send with (Envoy's
+/// local info); empty before the bootstrap is read.
+pub fn local_node() -> Node {
+    LOCAL_NODE.get().cloned().unwrap_or_default()
+}
+
 /// The cluster a `GrpcService` names through `envoy_grpc` (Legate's gRPC
 /// clients to side services go through the cluster manager; `google_grpc`
 /// is refused).

@@ -113,6 +113,8 @@ enum Service {
         disallowed: Vec<StringMatcher>,
         /// `grpc_service.retry_policy`.
         retry: Option<super::retry::Retry>,
+        /// `grpc_service.initial_metadata`, on every call.
+        metadata: super::side::Metadata,
     },
     Http(HttpService),
 }
@@ -197,6 +199,7 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
             let gp = join(path, "grpc_service");
             Service::Grpc {
                 cluster: crate::config::grpc_service_cluster(g, &gp)?,
+                metadata: super::side::Metadata::from_service(g, &gp)?,
                 timeout: g
                     .timeout
                     .as_ref()
@@ -419,6 +422,7 @@ impl ExtAuthz {
                 allowed,
                 disallowed,
                 retry,
+                metadata,
             } => {
                 let Some(addr) = super::side::plaintext_host(rq.clusters, cluster) else {
                     return Answer::Error;
@@ -429,7 +433,7 @@ impl ExtAuthz {
                 };
                 let client = auth::authorization_client::AuthorizationClient::new(channel);
                 // The timeout covers every attempt, as the router's does.
-                let call = grpc_check(client, request, retry.as_ref());
+                let call = grpc_check(client, request, retry.as_ref(), metadata);
                 match tokio::time::timeout(*timeout, call).await {
                     Ok(Ok(r)) => grpc_answer(r),
                     _ => Answer::Error,
@@ -581,10 +585,11 @@ async fn grpc_check(
     mut client: auth::authorization_client::AuthorizationClient<tonic::transport::Channel>,
     request: auth::CheckRequest,
     retry: Option<&super::retry::Retry>,
+    metadata: &super::side::Metadata,
 ) -> std::result::Result<auth::CheckResponse, tonic::Status> {
     let mut n = 0;
     loop {
-        let status = match client.check(request.clone()).await {
+        let status = match client.check(metadata.request(request.clone())).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) => s,
         };

@@ -64,6 +64,8 @@ pub static REGISTRY: &[MessageSupport] = &[
 #[derive(Debug)]
 pub struct RateLimitFilter {
     domain: String,
+    /// `grpc_service.initial_metadata`, on every call.
+    metadata: super::side::Metadata,
     stage: u32,
     request_type: RequestType,
     timeout: Duration,
@@ -102,12 +104,14 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
         c.rate_limit_service.as_ref(),
         &join(path, "rate_limit_service"),
     )?;
-    let authority = c
+    let grpc = c
         .rate_limit_service
         .as_ref()
-        .and_then(|s| s.grpc_service.as_ref())
-        .map(crate::config::grpc_service_authority)
+        .and_then(|s| s.grpc_service.clone())
         .unwrap_or_default();
+    let authority = crate::config::grpc_service_authority(&grpc);
+    let metadata =
+        super::side::Metadata::from_service(&grpc, &join(path, "rate_limit_service.grpc_service"))?;
     let request_type = match c.request_type.as_str() {
         "" | "both" => RequestType::Both,
         "internal" => RequestType::Internal,
@@ -125,6 +129,7 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
     };
     Ok(Arc::new(RateLimitFilter {
         domain: c.domain.clone(),
+        metadata,
         stage: c.stage,
         request_type,
         timeout,
@@ -262,7 +267,7 @@ impl RateLimitFilter {
             hits_addend: 0,
         };
         let mut client = rls::rate_limit_service_client::RateLimitServiceClient::new(channel);
-        let call = client.should_rate_limit(request);
+        let call = client.should_rate_limit(self.metadata.request(request));
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(resp)) => {
                 let resp = resp.into_inner();

@@ -3,6 +3,7 @@
 //! gRPC channel per host kept for the filter's life.
 
 use crate::cluster_manager::ClusterManager;
+use crate::config::{join, ConfigError};
 use http::{HeaderName, HeaderValue};
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use std::collections::HashMap;
@@ -53,6 +54,67 @@ impl Channels {
         m.insert(addr, c.clone());
         Some(c)
     }
+}
+
+/// Headers added to every call: Envoy's gRPC client marks its calls
+/// internal and forwarded for this host (`x-envoy-internal`,
+/// `x-forwarded-for`), then `GrpcService.initial_metadata`.
+#[derive(Debug, Default, Clone)]
+pub struct Metadata(
+    Vec<(
+        tonic::metadata::AsciiMetadataKey,
+        tonic::metadata::AsciiMetadataValue,
+    )>,
+);
+
+impl Metadata {
+    pub fn from_service(g: &core::GrpcService, path: &str) -> Result<Metadata, ConfigError> {
+        let envoys = [
+            ("x-envoy-internal", "true".to_string()),
+            ("x-forwarded-for", local_ip().to_string()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.parse().ok()?, v.parse().ok()?)));
+        let configured = g
+            .initial_metadata
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let p = format!("{path}.initial_metadata[{i}]");
+                let key = h.key.to_ascii_lowercase().parse().map_err(|_| {
+                    ConfigError::new(
+                        join(&p, "key"),
+                        format!("'{}' is not a gRPC metadata key", h.key),
+                    )
+                })?;
+                let raw = if h.raw_value.is_empty() {
+                    h.value.clone()
+                } else {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                };
+                let value = raw.parse().map_err(|_| {
+                    ConfigError::new(join(&p, "value"), "not a valid gRPC metadata value")
+                })?;
+                Ok((key, value))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Metadata(envoys.chain(configured).collect()))
+    }
+
+    /// A call's request carrying the metadata.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        for (k, v) in &self.0 {
+            r.metadata_mut().append(k.clone(), v.clone());
+        }
+        r
+    }
+}
+
+/// This host's address, as side calls name it (read once).
+fn local_ip() -> std::net::IpAddr {
+    static IP: std::sync::OnceLock<std::net::IpAddr> = std::sync::OnceLock::new();
+    *IP.get_or_init(crate::server::request::local_ip)
 }
 
 /// A header a service sent (`raw_value` when set, else `value`), if valid.

@@ -751,6 +751,7 @@ impl HcmProxy {
         session: &Session,
         ctx: &Ctx,
         status: u16,
+        clusters: &Arc<crate::cluster_manager::ClusterManager>,
     ) {
         let req = session.req_header();
         // The wall clock is read once, here, only for logged requests.
@@ -803,7 +804,7 @@ impl HcmProxy {
             }),
         };
         for l in logs {
-            l.log(&e);
+            l.log(&e, clusters);
         }
     }
 
@@ -2370,7 +2371,7 @@ impl ProxyHttp for HcmProxy {
             h.stats().downstream_rq_completed.increment(1);
         }
         if let Some(hcm) = ctx.hcm.as_ref().filter(|h| !h.access_log.is_empty()) {
-            Self::access_log(&hcm.access_log, session, ctx, status);
+            Self::access_log(&hcm.access_log, session, ctx, status, &self.shared.clusters);
         }
     }
 }

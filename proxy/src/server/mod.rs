@@ -491,6 +491,7 @@ fn log_unmatched(
     config: &Listener,
     conn: &crate::config::filter_chain::ConnInfo<'_>,
     direct_peer: SocketAddr,
+    clusters: &Arc<crate::cluster_manager::ClusterManager>,
 ) {
     if config.access_log.is_empty() {
         return;
@@ -511,7 +512,7 @@ fn log_unmatched(
         http: None,
     };
     for l in &config.access_log {
-        l.log(&e);
+        l.log(&e, clusters);
     }
 }
 
@@ -580,7 +581,7 @@ async fn serve_connection(
     };
     let Some(filter) = config.select(&conn) else {
         stats::counter(format!("{}.no_filter_chain_match", config.stat_prefix)).increment(1);
-        log_unmatched(&config, &conn, direct_peer);
+        log_unmatched(&config, &conn, direct_peer, &ctx.clusters);
         tracing::debug!(%peer, listener = %config.name, "no filter chain matches; closing");
         return None;
     };

@@ -173,7 +173,7 @@ pub async fn serve<D: Halves>(
             http: None,
         };
         for l in &t.access_log {
-            l.log(&e);
+            l.log(&e, &clusters);
         }
     }
 }

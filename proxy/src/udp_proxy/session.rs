@@ -113,6 +113,8 @@ struct Session {
     /// The cluster's connection slot (circuit breaker) the session holds.
     _slot: Option<crate::breakers::Slot>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// For access logs that export (they pick a collector host at flush).
+    clusters: Arc<ClusterManager>,
 }
 
 impl Session {
@@ -153,7 +155,7 @@ impl Drop for Session {
             http: None,
         };
         for l in &self.config.access_log {
-            l.log(&e);
+            l.log(&e, &self.clusters);
         }
     }
 }
@@ -227,7 +229,7 @@ pub async fn serve(
 struct Datagram<'a> {
     proxy: &'a Arc<UdpProxy>,
     stats: &'a Arc<ProxyStats>,
-    clusters: &'a ClusterManager,
+    clusters: &'a Arc<ClusterManager>,
     sessions: &'a Sessions,
     sock: &'a Arc<UdpSocket>,
 }
@@ -378,6 +380,7 @@ impl Datagram<'_> {
             tx: AtomicU64::new(0),
             _slot: slot,
             task: Mutex::new(None),
+            clusters: self.clusters.clone(),
         });
         // Refused (or no socket): logged and gone, the datagram dropped.
         s.upstream.as_ref()?;

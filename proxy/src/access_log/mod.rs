@@ -4,6 +4,8 @@
 //! formatter is pure (a parsed format rendered over an [`Entry`]), so its
 //! output can be checked against Envoy's line for line.
 
+mod otel;
+
 use crate::config::{index, join, ConfigError, Result};
 use legate_proto::envoy_types::pb::envoy::config::accesslog::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
@@ -15,6 +17,8 @@ use std::time::{Duration, SystemTime};
 const FILE_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
 const STDOUT_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
 const STDERR_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
+const OTEL_TYPE: &str =
+    "envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig";
 /// Accepted with a warning (the registry's), never written.
 const GRPC_TYPES: &[&str] = &[
     "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
@@ -107,6 +111,9 @@ enum Piece {
     Hostname,
     Req(crate::headers::HeaderLookup),
     Resp(crate::headers::HeaderLookup),
+    /// `%ENVIRONMENT(X):Z%`, read once when the format is built (as Envoy
+    /// does); None when X is unset.
+    Env(Option<String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,6 +141,9 @@ impl Format {
         }
         if let Some(l) = HeaderLookup::parse(cmd, "RESP", path)? {
             return Ok(Piece::Resp(l));
+        }
+        if let Some(rest) = cmd.strip_prefix("ENVIRONMENT(") {
+            return environment(rest, path);
         }
         let addr = |w, port| Piece::Addr(w, port);
         Ok(match cmd {
@@ -209,6 +219,27 @@ impl Format {
     }
 }
 
+/// `X):Z` of `%ENVIRONMENT(X):Z%`: the variable's value, cut to Z bytes.
+fn environment(rest: &str, path: &str) -> Result<Piece> {
+    let bad = |why: &str| ConfigError::new(path, format!("%ENVIRONMENT({rest}%: {why}"));
+    let (name, tail) = rest.split_once(')').ok_or_else(|| bad("missing ')'"))?;
+    let max = match tail.strip_prefix(':') {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| bad("bad length"))?),
+        None if tail.is_empty() => None,
+        None => return Err(bad("unexpected text after ')'")),
+    };
+    Ok(Piece::Env(std::env::var(name).ok().map(|mut v| {
+        if let Some(m) = max.filter(|m| *m < v.len()) {
+            let mut cut = m;
+            while !v.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            v.truncate(cut);
+        }
+        v
+    })))
+}
+
 /// An operator's value: a number and a missing value stay apart so a JSON
 /// format can write them as Envoy does (text writes `-` for a missing one).
 enum Val {
@@ -279,6 +310,7 @@ fn value(p: &Piece, e: &Entry) -> Val {
             .map_or(Val::Null, |d| Val::Num(d.as_millis() as u64)),
         Piece::AttemptCount => http.map_or(Val::Null, |h| Val::Num(h.attempts.into())),
         Piece::Hostname => Val::Str(crate::server::request::hostname().to_string()),
+        Piece::Env(v) => v.clone().map_or(Val::Null, Val::Str),
         Piece::Req(l) => http
             .and_then(|h| l.value(Some(h.request), &h.pseudo))
             .map_or(Val::Null, Val::Str),
@@ -410,17 +442,18 @@ fn start_time(t: SystemTime) -> String {
 }
 
 #[derive(Debug)]
-enum Sink {
+pub enum Sink {
     File(Mutex<std::fs::File>),
     Stdout,
     Stderr,
 }
 
-/// One configured access log.
+/// One configured access log: a line written locally, or OTLP records
+/// exported to a collector.
 #[derive(Debug)]
-pub struct AccessLog {
-    format: LogFormat,
-    sink: Sink,
+pub enum AccessLog {
+    Line { format: LogFormat, sink: Sink },
+    Otel(otel::Logger),
 }
 
 impl AccessLog {
@@ -432,79 +465,37 @@ impl AccessLog {
             ));
         };
         let tc = join(path, "typed_config");
-        let decode_err = |e: prost::DecodeError| ConfigError::new(&tc, e.to_string());
-        let (format, sink) = match legate_proto::type_name(&any.type_url) {
-            FILE_TYPE => {
-                use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
-                    file_access_log::AccessLogFormat, FileAccessLog,
-                };
-                let f: FileAccessLog =
-                    prost::Message::decode(any.value.as_slice()).map_err(decode_err)?;
-                if f.path.is_empty() {
-                    return Err(ConfigError::new(join(&tc, "path"), "path is required"));
-                }
-                let format = match &f.access_log_format {
-                    None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, &tc)?),
-                    Some(AccessLogFormat::Format(s)) if s.is_empty() => {
-                        LogFormat::Text(Format::parse(DEFAULT_FORMAT, &tc)?)
-                    }
-                    Some(AccessLogFormat::Format(s)) => {
-                        LogFormat::Text(Format::parse(s, &join(&tc, "format"))?)
-                    }
-                    Some(AccessLogFormat::LogFormat(l)) => {
-                        substitution(l, &join(&tc, "log_format"))?
-                    }
-                    Some(AccessLogFormat::JsonFormat(j)) => {
-                        LogFormat::Json(JsonNode::from_struct(j, &join(&tc, "json_format"))?)
-                    }
-                    Some(_) => {
-                        return Err(ConfigError::new(
-                            join(&tc, "typed_json_format"),
-                            "not supported",
-                        ))
-                    }
-                };
-                // Envoy opens the file at config time and fails the config
-                // if it cannot.
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&f.path)
-                    .map_err(|e| ConfigError::new(join(&tc, "path"), format!("{}: {e}", f.path)))?;
-                (format, Sink::File(Mutex::new(file)))
-            }
+        let decode = |e: prost::DecodeError| ConfigError::new(&tc, e.to_string());
+        match legate_proto::type_name(&any.type_url) {
+            FILE_TYPE => file(
+                &prost::Message::decode(any.value.as_slice()).map_err(decode)?,
+                &tc,
+            ),
             t @ (STDOUT_TYPE | STDERR_TYPE) => {
-                use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog;
                 // Both messages are `{ log_format = 1 }`.
-                let s: StdoutAccessLog =
-                    prost::Message::decode(any.value.as_slice()).map_err(decode_err)?;
-                let format = match &s.access_log_format {
-                    Some(legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat::LogFormat(l)) => {
-                        substitution(l, &join(&tc, "log_format"))?
-                    }
-                    None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, &tc)?),
-                };
-                let sink = if t == STDOUT_TYPE {
-                    Sink::Stdout
-                } else {
-                    Sink::Stderr
-                };
-                (format, sink)
+                let s = prost::Message::decode(any.value.as_slice()).map_err(decode)?;
+                stream(&s, t == STDOUT_TYPE, &tc)
             }
-            other => {
-                return Err(ConfigError::new(
-                    tc,
-                    format!("access logger {other} is not supported"),
-                ))
+            OTEL_TYPE => {
+                let c = prost::Message::decode(any.value.as_slice()).map_err(decode)?;
+                Ok(Self::Otel(otel::Logger::from_proto(&c, &tc)?))
             }
-        };
-        Ok(Self { format, sink })
+            other => Err(ConfigError::new(
+                tc,
+                format!("access logger {other} is not supported"),
+            )),
+        }
     }
 
-    /// Writes one line. A failed write is counted, never fatal.
-    pub fn log(&self, e: &Entry) {
-        let line = self.format.render(e);
-        let r = match &self.sink {
+    /// Writes one line (a failed write is counted, never fatal), or queues
+    /// one record for export.
+    pub fn log(&self, e: &Entry, clusters: &Arc<crate::cluster_manager::ClusterManager>) {
+        let (format, sink) = match self {
+            Self::Otel(o) => return o.log(e, clusters),
+            Self::Line { format, sink } => (format, sink),
+        };
+        let line = format.render(e);
+        let r = match sink {
             Sink::File(f) => f.lock().unwrap().write_all(line.as_bytes()),
             Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
             Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
@@ -513,6 +504,58 @@ impl AccessLog {
             crate::stats::counter("access_logs.write_failed".into()).increment(1);
         }
     }
+}
+
+fn file(
+    f: &legate_proto::envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog,
+    tc: &str,
+) -> Result<AccessLog> {
+    use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::file::v3::file_access_log::AccessLogFormat;
+    if f.path.is_empty() {
+        return Err(ConfigError::new(join(tc, "path"), "path is required"));
+    }
+    let format = match &f.access_log_format {
+        None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, tc)?),
+        Some(AccessLogFormat::Format(s)) if s.is_empty() => {
+            LogFormat::Text(Format::parse(DEFAULT_FORMAT, tc)?)
+        }
+        Some(AccessLogFormat::Format(s)) => LogFormat::Text(Format::parse(s, &join(tc, "format"))?),
+        Some(AccessLogFormat::LogFormat(l)) => substitution(l, &join(tc, "log_format"))?,
+        Some(AccessLogFormat::JsonFormat(j)) => {
+            LogFormat::Json(JsonNode::from_struct(j, &join(tc, "json_format"))?)
+        }
+        Some(_) => {
+            return Err(ConfigError::new(
+                join(tc, "typed_json_format"),
+                "not supported",
+            ))
+        }
+    };
+    // Envoy opens the file at config time and fails the config if it
+    // cannot.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&f.path)
+        .map_err(|e| ConfigError::new(join(tc, "path"), format!("{}: {e}", f.path)))?;
+    Ok(AccessLog::Line {
+        format,
+        sink: Sink::File(Mutex::new(file)),
+    })
+}
+
+fn stream(
+    s: &legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog,
+    stdout: bool,
+    tc: &str,
+) -> Result<AccessLog> {
+    use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat;
+    let format = match &s.access_log_format {
+        Some(AccessLogFormat::LogFormat(l)) => substitution(l, &join(tc, "log_format"))?,
+        None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, tc)?),
+    };
+    let sink = if stdout { Sink::Stdout } else { Sink::Stderr };
+    Ok(AccessLog::Line { format, sink })
 }
 
 /// `SubstitutionFormatString`: a text or a JSON format.
@@ -546,10 +589,10 @@ pub fn list(logs: &[pb::AccessLog], path: &str) -> Result<Vec<Arc<AccessLog>>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry() -> Entry<'static> {
+    pub(crate) fn entry() -> Entry<'static> {
         Entry {
             start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_223_617_042),
             duration: Duration::from_millis(1234),
@@ -639,5 +682,19 @@ mod tests {
         let e = Format::parse("%NOPE%", "a.b").unwrap_err();
         assert!(e.to_string().contains("a.b"), "{e}");
         assert!(Format::parse("%START_TIME", "a").is_err());
+    }
+
+    #[test]
+    fn environment_values_are_read_once_and_cut_to_their_length() {
+        // PATH is set in every test environment; the other name is not.
+        let path = std::env::var("PATH").unwrap();
+        let f = Format::parse(
+            "%ENVIRONMENT(PATH)%|%ENVIRONMENT(PATH):3%|%ENVIRONMENT(LEGATE_UNSET_VARIABLE_X)%",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(f.render(&entry()), format!("{path}|{}|-", &path[..3]));
+        assert!(Format::parse("%ENVIRONMENT(PATH):x%", "f").is_err());
+        assert!(Format::parse("%ENVIRONMENT(PATH%", "f").is_err());
     }
 }
