@@ -166,6 +166,28 @@ fn tokens<'a>(s: &'a str, path: &str) -> Result<Vec<Token<'a>>> {
     Ok(out)
 }
 
+/// The first cookie `name` in the request's `cookie` headers, as Envoy
+/// reads one: pairs split on `;`, leading whitespace dropped, the value
+/// after the first `=`, one pair of surrounding quotes removed.
+pub fn cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    for h in headers.get_all(http::header::COOKIE) {
+        let h = String::from_utf8_lossy(h.as_bytes());
+        for part in h.split(';') {
+            let Some((k, v)) = part.trim_start().split_once('=') else {
+                continue;
+            };
+            if k == name {
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
+                return Some(v.to_string());
+            }
+        }
+    }
+    None
+}
+
 /// Parses a format string into pieces: literal text through `lit`, each
 /// command through `cmd` (which refuses the ones it does not know).
 pub fn parse_pieces<P>(

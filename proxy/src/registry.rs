@@ -397,6 +397,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "case_sensitive",
             "headers",
             "query_parameters",
+            "cookies",
             "grpc",
             "runtime_fraction",
         ],
@@ -447,6 +448,11 @@ pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.route.v3.QueryParameterMatcher",
         &["name", "string_match", "present_match"],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.CookieMatcher",
+        &["name", "string_match", "invert_match"],
         &[],
     ),
     m(
@@ -506,6 +512,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "host_rewrite_literal",
             "auto_host_rewrite",
             "host_rewrite_header",
+            "host_rewrite_path_regex",
             "timeout",
             "idle_timeout",
             "max_stream_duration",
@@ -1043,6 +1050,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "match_typed_subject_alt_names",
             "verify_certificate_hash",
             "verify_certificate_spki",
+            "allow_expired_certificate",
+            "trust_chain_verification",
         ],
         &[],
     ),

@@ -148,6 +148,9 @@ pub fn route_matches(
     {
         return false;
     }
+    if !m.cookies.iter().all(|c| c.matches(req.headers)) {
+        return false;
+    }
     if !m.query.is_empty() {
         let q = query.get_or_insert_with(|| query_params(req.path));
         if !m.query.iter().all(|qm| qm.matches(q)) {

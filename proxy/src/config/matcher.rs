@@ -314,6 +314,37 @@ impl QueryMatcher {
     }
 }
 
+/// `RouteMatch.cookies[]`: the named cookie's value against a string
+/// matcher; an absent cookie does not match (so it does, inverted).
+#[derive(Debug, Clone)]
+pub struct CookieMatcher {
+    pub name: String,
+    test: StringMatcher,
+    invert: bool,
+}
+
+impl CookieMatcher {
+    pub fn from_proto(c: &route::CookieMatcher, path: &str) -> Result<Self> {
+        if c.name.is_empty() {
+            return Err(ConfigError::new(join(path, "name"), "name is required"));
+        }
+        let sm = c.string_match.as_ref().ok_or_else(|| {
+            ConfigError::new(join(path, "string_match"), "string_match is required")
+        })?;
+        Ok(Self {
+            name: c.name.clone(),
+            test: StringMatcher::from_proto(sm, &join(path, "string_match"))?,
+            invert: c.invert_match,
+        })
+    }
+
+    pub fn matches(&self, headers: &http::HeaderMap) -> bool {
+        let found =
+            crate::headers::cookie(headers, &self.name).is_some_and(|v| self.test.matches(&v));
+        found != self.invert
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! Route configuration: virtual hosts, routes and their actions.
 
-use super::matcher::{FullRegex, HeaderMatcher, QueryMatcher};
+use super::matcher::{CookieMatcher, FullRegex, HeaderMatcher, QueryMatcher};
 use super::{duration, index, join, ConfigError, Result, Wrapped};
 use crate::headers::HeaderOps;
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
@@ -84,6 +84,7 @@ pub struct RouteMatch {
     pub case_sensitive: bool,
     pub headers: Vec<HeaderMatcher>,
     pub query: Vec<QueryMatcher>,
+    pub cookies: Vec<CookieMatcher>,
     pub grpc: bool,
     /// (runtime key, default numerator per million).
     pub runtime_fraction: Option<(String, u32)>,
@@ -126,6 +127,9 @@ pub enum HostRewrite {
     Literal(String),
     Auto,
     Header(http::HeaderName),
+    /// `host_rewrite_path_regex`: every match in the request's path (no
+    /// query) replaced; an empty result leaves the host.
+    PathRegex(FullRegex, String),
 }
 
 #[derive(Debug)]
@@ -668,6 +672,12 @@ impl RouteMatch {
             .enumerate()
             .map(|(i, q)| QueryMatcher::from_proto(q, &index(path, "query_parameters", i)))
             .collect::<Result<_>>()?;
+        let cookies = m
+            .cookies
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CookieMatcher::from_proto(c, &index(path, "cookies", i)))
+            .collect::<Result<_>>()?;
         let runtime_fraction = match &m.runtime_fraction {
             None => None,
             Some(rf) => {
@@ -680,6 +690,7 @@ impl RouteMatch {
             case_sensitive,
             headers,
             query,
+            cookies,
             grpc: m.grpc.is_some(),
             runtime_fraction,
         })
@@ -866,10 +877,23 @@ impl RouteAction {
                     ConfigError::new(join(path, "host_rewrite_header"), "invalid header name")
                 })?,
             )),
-            Some(_) => {
+            Some(H::HostRewritePathRegex(r)) => {
+                let p = join(path, "host_rewrite_path_regex");
+                let re = r
+                    .pattern
+                    .as_ref()
+                    .ok_or_else(|| ConfigError::new(join(&p, "pattern"), "pattern is required"))?;
+                let compiled = regex::Regex::new(&re.regex)
+                    .map_err(|e| ConfigError::new(join(&p, "pattern.regex"), e.to_string()))?;
+                Some(HostRewrite::PathRegex(
+                    FullRegex(compiled),
+                    envoy_substitution(&r.substitution),
+                ))
+            }
+            Some(H::HostRewrite(_)) => {
                 return Err(ConfigError::new(
-                    join(path, "host_rewrite_path_regex"),
-                    "not supported",
+                    join(path, "host_rewrite"),
+                    "formatted host rewrites are not supported",
                 ))
             }
         };

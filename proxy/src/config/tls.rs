@@ -402,6 +402,18 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Tr
         ));
     }
     trust.identity = identity;
+    trust.allow_expired = v.allow_expired_certificate;
+    use pb::certificate_validation_context::TrustChainVerification as T;
+    trust.accept_untrusted = match T::try_from(v.trust_chain_verification) {
+        Ok(T::VerifyTrustChain) => false,
+        Ok(T::AcceptUntrusted) => true,
+        Err(_) => {
+            return Err(ConfigError::new(
+                join(path, "trust_chain_verification"),
+                "unknown value",
+            ))
+        }
+    };
     trust.source = v.clone();
     Ok(trust)
 }

@@ -1608,6 +1608,18 @@ impl ProxyHttp for HcmProxy {
                         keep_original,
                         ra.append_x_forwarded_host,
                     )?,
+                    (Some(HostRewrite::PathRegex(re, sub)), None) => {
+                        let host =
+                            re.0.replace_all(crate::routing::path_only(&path), sub.as_str());
+                        if !host.is_empty() {
+                            set_host(
+                                session.req_header_mut(),
+                                &host,
+                                keep_original,
+                                ra.append_x_forwarded_host,
+                            )?;
+                        }
+                    }
                     (Some(HostRewrite::Header(hn)), None) => {
                         if let Some(v) = session
                             .req_header()
@@ -2582,20 +2594,7 @@ fn cookie_hash(
     session: &Session,
     jar: Option<&mut CookieJar>,
 ) -> Option<u64> {
-    let value = session
-        .req_header()
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == c.name)
-        .map(|(_, v)| {
-            v.strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(v)
-        })
+    let value = crate::headers::cookie(&session.req_header().headers, &c.name)
         // An empty cookie is no cookie (Envoy then makes one).
         .filter(|v| !v.is_empty());
     if let Some(v) = value {

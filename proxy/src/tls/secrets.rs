@@ -36,6 +36,11 @@ pub struct Trust {
     pub client_chain: Option<Arc<dyn ClientCertVerifier>>,
     /// `trusted_ca` as a server-certificate chain check.
     pub server_chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// `allow_expired_certificate`: an expired chain is otherwise good.
+    pub allow_expired: bool,
+    /// `trust_chain_verification: ACCEPT_UNTRUSTED`: a certificate that
+    /// fails verification is let through anyway.
+    pub accept_untrusted: bool,
     /// The validation context it was built from, for a
     /// `combined_validation_context` to merge its defaults over.
     pub source: legate_proto::envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext,

@@ -233,13 +233,24 @@ impl ClientCertVerifier for ClientVerifier {
         let Some(trust) = self.trust.current() else {
             return Err(rejected());
         };
-        if let Some(chain) = &trust.client_chain {
-            chain.verify_client_cert(end_entity, intermediates, now)?;
+        let checked = (|| {
+            if let Some(chain) = &trust.client_chain {
+                chain_check(&trust, end_entity, intermediates, now, |at| {
+                    chain
+                        .verify_client_cert(end_entity, intermediates, at)
+                        .map(|_| ())
+                })?;
+            }
+            if !trust.identity.accepts(end_entity) {
+                return Err(rejected());
+            }
+            Ok(())
+        })();
+        match checked {
+            Ok(()) => Ok(ClientCertVerified::assertion()),
+            Err(_) if trust.accept_untrusted => Ok(ClientCertVerified::assertion()),
+            Err(e) => Err(e),
         }
-        if !trust.identity.accepts(end_entity) {
-            return Err(rejected());
-        }
-        Ok(ClientCertVerified::assertion())
     }
 
     signature_checks!();
@@ -272,9 +283,34 @@ impl ServerCertVerifier for ServerVerifier {
         let Some(trust) = src.current() else {
             return Err(rejected());
         };
+        match self.check_server(&trust, end_entity, intermediates, server_name, ocsp, now) {
+            Ok(()) => Ok(ServerCertVerified::assertion()),
+            Err(_) if trust.accept_untrusted => Ok(ServerCertVerified::assertion()),
+            Err(e) => Err(e),
+        }
+    }
+
+    signature_checks!();
+}
+
+impl ServerVerifier {
+    fn check_server(
+        &self,
+        trust: &Trust,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<(), Error> {
         if let Some(chain) = &trust.server_chain {
-            match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
-                Ok(_) => {}
+            let r = chain_check(trust, end_entity, intermediates, now, |at| {
+                chain
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp, at)
+                    .map(|_| ())
+            });
+            match r {
+                Ok(()) => {}
                 Err(Error::InvalidCertificate(
                     CertificateError::NotValidForName
                     | CertificateError::NotValidForNameContext { .. },
@@ -296,10 +332,37 @@ impl ServerCertVerifier for ServerVerifier {
                 return Err(rejected());
             }
         }
-        Ok(ServerCertVerified::assertion())
+        Ok(())
     }
+}
 
-    signature_checks!();
+/// Runs a chain check as of `now`; with `allow_expired_certificate`, a
+/// chain refused only for having expired is checked again as of just
+/// before its earliest expiry (Envoy ignores the expiry error alone).
+fn chain_check(
+    trust: &Trust,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    check: impl Fn(UnixTime) -> Result<(), Error>,
+) -> Result<(), Error> {
+    match check(now) {
+        Err(Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        )) if trust.allow_expired => {
+            let earliest = std::iter::once(end_entity)
+                .chain(intermediates)
+                .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+                .map(|(_, c)| c.validity().not_after.timestamp())
+                .min()
+                .ok_or_else(rejected)?;
+            let at = u64::try_from(earliest - 1).map_err(|_| rejected())?;
+            check(UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                at,
+            )))
+        }
+        r => r,
+    }
 }
 
 #[cfg(test)]

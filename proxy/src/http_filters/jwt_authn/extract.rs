@@ -147,7 +147,7 @@ impl Extractor {
                     }
                 }
                 Location::Cookie(name) => {
-                    if let Some(v) = cookie(&req.headers, name) {
+                    if let Some(v) = crate::headers::cookie(&req.headers, name) {
                         push(v);
                     }
                 }
@@ -214,28 +214,6 @@ pub fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The first cookie `name` in the request's `cookie` headers: the value
-/// after the first `=`, one pair of surrounding quotes removed.
-fn cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
-    for h in headers.get_all(http::header::COOKIE) {
-        let h = String::from_utf8_lossy(h.as_bytes());
-        for part in h.split(';') {
-            let part = part.trim_start_matches(' ');
-            let Some((k, v)) = part.split_once('=') else {
-                continue;
-            };
-            if k == name {
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|v| v.strip_suffix('"'))
-                    .unwrap_or(v);
-                return Some(v.to_string());
-            }
-        }
-    }
-    None
 }
 
 /// Removes a verified token from where it was found (`forward: false`):
@@ -314,8 +292,8 @@ mod tests {
             http::header::COOKIE,
             "a=1; tok=\"v\"; tok=w".parse().unwrap(),
         );
-        assert_eq!(cookie(&h, "tok").as_deref(), Some("v"));
-        assert_eq!(cookie(&h, "b"), None);
+        assert_eq!(crate::headers::cookie(&h, "tok").as_deref(), Some("v"));
+        assert_eq!(crate::headers::cookie(&h, "b"), None);
         assert_eq!(percent_decode("%zz%41%4"), "%zzA%4");
     }
 
