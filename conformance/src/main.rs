@@ -128,11 +128,16 @@ async fn main() -> Result<()> {
             "dns" => dns::run(&bins, &work, &mut report).await?,
             // The http tier's OpenTelemetry access log part alone.
             "otel-log" => otel_log::run(&bins, &work, &mut report).await?,
+            // The http tier's connection-age part alone.
+            "max-duration" => {
+                resilience::max_connection_duration(&bins, &work, &mut report).await?
+            }
             // The http tier's gRPC interop part alone (part of `http`).
             "grpc" => tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))?,
             "http" => {
                 framing::run(&bins, &work, &mut report).await?;
                 resilience::run(&bins, &work, &mut report).await?;
+                resilience::max_connection_duration(&bins, &work, &mut report).await?;
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;

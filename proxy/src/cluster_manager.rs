@@ -609,6 +609,8 @@ pub struct Cluster {
     publishing: Mutex<()>,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
+    /// With `max_connection_duration`: the pool's generations.
+    pub generations: Option<crate::pool_age::Generations>,
     /// Requests sent on each pooled upstream connection (by socket), kept
     /// only with `max_requests_per_connection`.
     requests_on: Mutex<HashMap<i32, u32>>,
@@ -665,6 +667,9 @@ impl Cluster {
             last_published: Mutex::new(None),
             publishing: Mutex::new(()),
             pool_key,
+            generations: config
+                .max_connection_duration
+                .map(crate::pool_age::Generations::new),
             requests_on: Mutex::new(HashMap::new()),
             original_dst_hosts: Mutex::new(HashMap::new()),
             config,

@@ -23,6 +23,7 @@ pub mod kernel_lb;
 pub mod lb;
 pub mod logging;
 pub mod outlier;
+pub mod pool_age;
 pub mod registry;
 pub mod route_tables;
 pub mod routing;

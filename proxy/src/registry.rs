@@ -297,6 +297,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "max_response_headers_kb",
             "headers_with_underscores_action",
             "max_requests_per_connection",
+            // Upstream only: the connection manager refuses it.
+            "max_connection_duration",
         ],
         &[],
     ),

@@ -323,6 +323,9 @@ pub struct ClusterConfig {
     /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
     /// last request asks the upstream to close it.
     pub max_requests_per_connection: Option<u32>,
+    /// `common_http_protocol_options.max_connection_duration`: no pooled
+    /// connection is used once this long has passed since it was made.
+    pub max_connection_duration: Option<Duration>,
     pub max_concurrent_streams: u32,
     /// `HttpProtocolOptions.hash_policy`: when set, it replaces the route's
     /// hash policy for requests to this cluster.
@@ -540,6 +543,7 @@ impl ClusterConfig {
             warn_upstream_windows(h2, &join(path, "http2_protocol_options"));
         }
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
+        let mut max_connection_duration = None;
         let mut response_headers = ResponseHeaderLimits::default();
         // The deprecated Cluster field, overridden by the protocol options.
         #[allow(deprecated)]
@@ -665,6 +669,13 @@ impl ClusterConfig {
                         ),
                     ));
                 }
+                if let Some(t) = &common.max_connection_duration {
+                    let d = duration(
+                        t,
+                        &join(&p, "common_http_protocol_options.max_connection_duration"),
+                    )?;
+                    max_connection_duration = (!d.is_zero()).then_some(d);
+                }
                 if let Some(t) = &common.idle_timeout {
                     let d = duration(t, &join(&p, "common_http_protocol_options.idle_timeout"))?;
                     upstream_idle_timeout = (!d.is_zero()).then_some(d);
@@ -740,6 +751,7 @@ impl ClusterConfig {
                 }
                 Some((m, _)) => Some(m),
             },
+            max_connection_duration,
             max_concurrent_streams,
             hash_policy,
             eds,

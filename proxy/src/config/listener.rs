@@ -805,6 +805,12 @@ impl Hcm {
         };
         let common = h.common_http_protocol_options.clone().unwrap_or_default();
         let cp = join(path, "common_http_protocol_options");
+        if common.max_connection_duration.is_some() {
+            return Err(ConfigError::new(
+                join(&cp, "max_connection_duration"),
+                "downstream connections have no maximum duration in Legate yet",
+            ));
+        }
         let conn = HttpConnSettings {
             idle_timeout: super::timeout_or(
                 common.idle_timeout.as_ref(),

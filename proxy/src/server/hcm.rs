@@ -1821,7 +1821,10 @@ impl ProxyHttp for HcmProxy {
             }
         };
         ctx.upstream_h1 = !h2;
-        peer.group_key = cluster.pool_key;
+        peer.group_key = match &cluster.generations {
+            Some(g) => g.key(cluster.pool_key, Instant::now()),
+            None => cluster.pool_key,
+        };
         if let Some(b) = cfg.bind {
             let mut to = pingora_core::connectors::l4::BindTo::default();
             to.addr = Some(b);
@@ -1848,7 +1851,10 @@ impl ProxyHttp for HcmProxy {
         ctx.idle_binds = idle_binds;
         peer.options.read_timeout = t;
         peer.options.write_timeout = Some(t.unwrap_or(Duration::from_secs(60)));
-        peer.options.idle_timeout = cfg.upstream_idle_timeout;
+        peer.options.idle_timeout = match &cluster.generations {
+            Some(g) => g.idle_bound(cfg.upstream_idle_timeout),
+            None => cfg.upstream_idle_timeout,
+        };
         if h2 {
             peer.options.alpn = ALPN::H2;
             peer.options.max_h2_streams = (cfg.max_concurrent_streams as usize).clamp(1, 1000);
