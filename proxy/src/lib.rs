@@ -12,6 +12,7 @@ pub mod admin;
 pub mod allocator;
 pub mod bootstrap;
 pub mod breakers;
+pub mod cel;
 pub mod cli;
 pub mod cluster_manager;
 pub mod config;

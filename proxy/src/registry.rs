@@ -31,6 +31,8 @@ const fn m(
 }
 
 const NO_LOG: &str = "access logging is not implemented yet; it changes no traffic";
+const UNEVALUATED_LOG_FILTER: &str =
+    "this access log filter is not evaluated: the entries it would drop are written too";
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
@@ -784,9 +786,52 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.accesslog.v3.AccessLog",
-        &["name", "typed_config"],
-        &[("filter", "access log filters are not applied: every request is logged")],
+        &["name", "typed_config", "filter"],
+        &[],
     ),
+    m(
+        "envoy.config.accesslog.v3.AccessLogFilter",
+        &[
+            "status_code_filter",
+            "duration_filter",
+            "not_health_check_filter",
+            "traceable_filter",
+            "and_filter",
+            "or_filter",
+            "header_filter",
+            "response_flag_filter",
+            "extension_filter",
+        ],
+        &[
+            ("runtime_filter", UNEVALUATED_LOG_FILTER),
+            ("grpc_status_filter", UNEVALUATED_LOG_FILTER),
+            ("metadata_filter", UNEVALUATED_LOG_FILTER),
+            ("log_type_filter", UNEVALUATED_LOG_FILTER),
+        ],
+    ),
+    m("envoy.config.accesslog.v3.StatusCodeFilter", &["comparison"], &[]),
+    m("envoy.config.accesslog.v3.DurationFilter", &["comparison"], &[]),
+    m("envoy.config.accesslog.v3.ComparisonFilter", &["op", "value"], &[]),
+    m(
+        "envoy.config.core.v3.RuntimeUInt32",
+        &["default_value", "runtime_key"],
+        &[],
+    ),
+    m("envoy.config.accesslog.v3.NotHealthCheckFilter", &[], &[]),
+    m("envoy.config.accesslog.v3.TraceableFilter", &[], &[]),
+    m("envoy.config.accesslog.v3.AndFilter", &["filters"], &[]),
+    m("envoy.config.accesslog.v3.OrFilter", &["filters"], &[]),
+    m("envoy.config.accesslog.v3.HeaderFilter", &["header"], &[]),
+    m("envoy.config.accesslog.v3.ResponseFlagFilter", &["flags"], &[]),
+    m("envoy.config.accesslog.v3.ExtensionFilter", &["name", "typed_config"], &[]),
+    m(
+        "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+        &["expression"],
+        &[],
+    ),
+    m("envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery", &[], &[]),
+    m("envoy.extensions.formatter.cel.v3.Cel", &[], &[]),
+    m("envoy.extensions.formatter.metadata.v3.Metadata", &[], &[]),
     // The gRPC access log service (go-control-plane's test resources,
     // Istio's ALS): not implemented. A logger changes no traffic, so its
     // config is accepted with a warning and nothing is sent.
@@ -817,6 +862,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "attributes",
             "buffer_flush_interval",
             "buffer_size_bytes",
+            "formatters",
         ],
         &[],
     ),
@@ -858,7 +904,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"], &[]),
     m(
         "envoy.config.core.v3.SubstitutionFormatString",
-        &["text_format", "text_format_source", "json_format"],
+        &["text_format", "text_format_source", "json_format", "formatters"],
         &[],
     ),
     m(

@@ -4,6 +4,7 @@
 //! formatter is pure (a parsed format rendered over an [`Entry`]), so its
 //! output can be checked against Envoy's line for line.
 
+pub mod filter;
 mod otel;
 
 use crate::config::{index, join, ConfigError, Result};
@@ -68,6 +69,10 @@ pub struct HttpFacts<'a> {
     pub response_duration: Option<Duration>,
     /// Upstream attempts (retries included); 0 when none was made.
     pub attempts: u32,
+    /// Answered or marked by the health check filter.
+    pub health_check: bool,
+    /// The tracing decision was to trace (Envoy's traceable filter).
+    pub traced: bool,
 }
 
 /// Envoy's response flags (`UH`, `UF`, `URX`, ...), in the order they
@@ -114,6 +119,10 @@ enum Piece {
     /// `%ENVIRONMENT(X):Z%`, read once when the format is built (as Envoy
     /// does); None when X is unset.
     Env(Option<String>),
+    /// `%REQ_WITHOUT_QUERY(X?Y):Z%`: a request header without its query.
+    ReqWithoutQuery(crate::headers::HeaderLookup),
+    /// `%CEL(expr):Z%`.
+    Cel(crate::cel::Expression, Option<usize>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -144,6 +153,12 @@ impl Format {
         }
         if let Some(rest) = cmd.strip_prefix("ENVIRONMENT(") {
             return environment(rest, path);
+        }
+        if let Some(l) = HeaderLookup::parse(cmd, "REQ_WITHOUT_QUERY", path)? {
+            return Ok(Piece::ReqWithoutQuery(l));
+        }
+        if let Some(rest) = cmd.strip_prefix("CEL(") {
+            return cel_command(rest, path);
         }
         let addr = |w, port| Piece::Addr(w, port);
         Ok(match cmd {
@@ -182,6 +197,15 @@ impl Format {
                 );
                 Piece::Dash
             }
+            // Legate keeps no dynamic metadata a log could read.
+            c if c.starts_with("METADATA(") || c.starts_with("DYNAMIC_METADATA(") => {
+                tracing::warn!(
+                    path,
+                    command = cmd,
+                    "access log metadata is always '-' in Legate"
+                );
+                Piece::Dash
+            }
             c if c.starts_with("TRAILER(") => {
                 tracing::warn!(
                     path,
@@ -217,6 +241,19 @@ impl Format {
             _ => serde_json::Value::String(self.render(e)),
         }
     }
+}
+
+/// `expr):Z` of `%CEL(expr):Z%` (the expression runs to the last `)`).
+fn cel_command(rest: &str, path: &str) -> Result<Piece> {
+    let bad = |why: &str| ConfigError::new(path, format!("%CEL({rest}%: {why}"));
+    let close = rest.rfind(')').ok_or_else(|| bad("missing ')'"))?;
+    let (expr, tail) = (&rest[..close], &rest[close + 1..]);
+    let max = match tail.strip_prefix(':') {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| bad("bad length"))?),
+        None if tail.is_empty() => None,
+        None => return Err(bad("unexpected text after ')'")),
+    };
+    Ok(Piece::Cel(crate::cel::Expression::parse(expr, path)?, max))
 }
 
 /// `X):Z` of `%ENVIRONMENT(X):Z%`: the variable's value, cut to Z bytes.
@@ -311,6 +348,22 @@ fn value(p: &Piece, e: &Entry) -> Val {
         Piece::AttemptCount => http.map_or(Val::Null, |h| Val::Num(h.attempts.into())),
         Piece::Hostname => Val::Str(crate::server::request::hostname().to_string()),
         Piece::Env(v) => v.clone().map_or(Val::Null, Val::Str),
+        Piece::ReqWithoutQuery(l) => http
+            .and_then(|h| l.value(Some(h.request), &h.pseudo))
+            .map_or(Val::Null, |v| {
+                Val::Str(v.split('?').next().unwrap_or_default().to_string())
+            }),
+        Piece::Cel(x, max) => x.evaluate(e).map_or(Val::Null, |v| {
+            let mut t = crate::cel::text(&v);
+            if let Some(m) = max.filter(|m| *m < t.len()) {
+                let mut cut = m;
+                while !t.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                t.truncate(cut);
+            }
+            Val::Str(t)
+        }),
         Piece::Req(l) => http
             .and_then(|h| l.value(Some(h.request), &h.pseudo))
             .map_or(Val::Null, Val::Str),
@@ -448,10 +501,16 @@ pub enum Sink {
     Stderr,
 }
 
-/// One configured access log: a line written locally, or OTLP records
-/// exported to a collector.
+/// One configured access log: which entries it keeps, and where they go.
 #[derive(Debug)]
-pub enum AccessLog {
+pub struct AccessLog {
+    pub filter: Option<filter::Filter>,
+    out: Output,
+}
+
+/// A line written locally, or OTLP records exported to a collector.
+#[derive(Debug)]
+enum Output {
     Line { format: LogFormat, sink: Sink },
     Otel(otel::Logger),
 }
@@ -464,9 +523,14 @@ impl AccessLog {
                 "typed_config is required",
             ));
         };
+        let filter = a
+            .filter
+            .as_ref()
+            .map(|f| filter::Filter::from_proto(f, &join(path, "filter")))
+            .transpose()?;
         let tc = join(path, "typed_config");
         let decode = |e: prost::DecodeError| ConfigError::new(&tc, e.to_string());
-        match legate_proto::type_name(&any.type_url) {
+        let out = match legate_proto::type_name(&any.type_url) {
             FILE_TYPE => file(
                 &prost::Message::decode(any.value.as_slice()).map_err(decode)?,
                 &tc,
@@ -478,21 +542,25 @@ impl AccessLog {
             }
             OTEL_TYPE => {
                 let c = prost::Message::decode(any.value.as_slice()).map_err(decode)?;
-                Ok(Self::Otel(otel::Logger::from_proto(&c, &tc)?))
+                Ok(Output::Otel(otel::Logger::from_proto(&c, &tc)?))
             }
             other => Err(ConfigError::new(
                 tc,
                 format!("access logger {other} is not supported"),
             )),
-        }
+        }?;
+        Ok(Self { filter, out })
     }
 
     /// Writes one line (a failed write is counted, never fatal), or queues
     /// one record for export.
     pub fn log(&self, e: &Entry, clusters: &Arc<crate::cluster_manager::ClusterManager>) {
-        let (format, sink) = match self {
-            Self::Otel(o) => return o.log(e, clusters),
-            Self::Line { format, sink } => (format, sink),
+        if self.filter.as_ref().is_some_and(|f| !f.evaluate(e)) {
+            return;
+        }
+        let (format, sink) = match &self.out {
+            Output::Otel(o) => return o.log(e, clusters),
+            Output::Line { format, sink } => (format, sink),
         };
         let line = format.render(e);
         let r = match sink {
@@ -509,7 +577,7 @@ impl AccessLog {
 fn file(
     f: &legate_proto::envoy_types::pb::envoy::extensions::access_loggers::file::v3::FileAccessLog,
     tc: &str,
-) -> Result<AccessLog> {
+) -> Result<Output> {
     use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::file::v3::file_access_log::AccessLogFormat;
     if f.path.is_empty() {
         return Err(ConfigError::new(join(tc, "path"), "path is required"));
@@ -538,7 +606,7 @@ fn file(
         .append(true)
         .open(&f.path)
         .map_err(|e| ConfigError::new(join(tc, "path"), format!("{}: {e}", f.path)))?;
-    Ok(AccessLog::Line {
+    Ok(Output::Line {
         format,
         sink: Sink::File(Mutex::new(file)),
     })
@@ -548,19 +616,20 @@ fn stream(
     s: &legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::StdoutAccessLog,
     stdout: bool,
     tc: &str,
-) -> Result<AccessLog> {
+) -> Result<Output> {
     use legate_proto::envoy_types::pb::envoy::extensions::access_loggers::stream::v3::stdout_access_log::AccessLogFormat;
     let format = match &s.access_log_format {
         Some(AccessLogFormat::LogFormat(l)) => substitution(l, &join(tc, "log_format"))?,
         None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, tc)?),
     };
     let sink = if stdout { Sink::Stdout } else { Sink::Stderr };
-    Ok(AccessLog::Line { format, sink })
+    Ok(Output::Line { format, sink })
 }
 
 /// `SubstitutionFormatString`: a text or a JSON format.
 fn substitution(s: &core::SubstitutionFormatString, path: &str) -> Result<LogFormat> {
     use core::substitution_format_string::Format as F;
+    formatters(&s.formatters, &join(path, "formatters"))?;
     Ok(match &s.format {
         Some(F::TextFormat(t)) => LogFormat::Text(Format::parse(t, &join(path, "text_format"))?),
         Some(F::TextFormatSource(ds)) => {
@@ -573,6 +642,29 @@ fn substitution(s: &core::SubstitutionFormatString, path: &str) -> Result<LogFor
         }
         None => LogFormat::Text(Format::parse(DEFAULT_FORMAT, path)?),
     })
+}
+
+/// Formatter extensions a format names: those whose commands Legate
+/// knows (it knows them whether named or not).
+pub(crate) fn formatters(fs: &[core::TypedExtensionConfig], path: &str) -> Result<()> {
+    const KNOWN: &[&str] = &[
+        "envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery",
+        "envoy.extensions.formatter.cel.v3.Cel",
+        "envoy.extensions.formatter.metadata.v3.Metadata",
+    ];
+    for (i, f) in fs.iter().enumerate() {
+        let t = f
+            .typed_config
+            .as_ref()
+            .map_or("", |a| legate_proto::type_name(&a.type_url));
+        if !KNOWN.contains(&t) {
+            return Err(ConfigError::new(
+                format!("{path}[{i}]"),
+                format!("formatter {t} is not supported"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A filter's `access_log` list: the loggers Legate writes (gRPC ones
@@ -591,6 +683,41 @@ pub fn list(logs: &[pb::AccessLog], path: &str) -> Result<Vec<Arc<AccessLog>>> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// An HTTP request (GET /a/b?x=1, two x-forwarded-for values) that
+    /// failed upstream with `UF,NR`... as flags go, answered 503.
+    pub(crate) fn http_entry() -> Entry<'static> {
+        use std::sync::LazyLock;
+        static HEADERS: LazyLock<http::HeaderMap> = LazyLock::new(|| {
+            let mut h = http::HeaderMap::new();
+            h.append("x-forwarded-for", "1.2.3.4".parse().unwrap());
+            h.append("x-forwarded-for", "5.6.7.8".parse().unwrap());
+            h.insert("user-agent", "t/1".parse().unwrap());
+            h
+        });
+        let mut e = entry();
+        e.response_flags = "UF,NR";
+        e.http = Some(HttpFacts {
+            request: &HEADERS,
+            pseudo: crate::config::matcher::Pseudo {
+                method: "GET",
+                path: "/a/b?x=1",
+                authority: "example",
+                scheme: "http",
+                status: None,
+            },
+            response: None,
+            protocol: "HTTP/1.1",
+            response_code: 503,
+            details: "upstream_reset_before_response_started{connection_failure}",
+            route_name: "r",
+            response_duration: None,
+            attempts: 1,
+            health_check: false,
+            traced: false,
+        });
+        e
+    }
 
     pub(crate) fn entry() -> Entry<'static> {
         Entry {
@@ -666,6 +793,8 @@ pub(crate) mod tests {
             route_name: "r",
             response_duration: Some(Duration::from_millis(7)),
             attempts: 2,
+            health_check: false,
+            traced: false,
         });
         assert_eq!(
             f.render(&e),

@@ -127,6 +127,7 @@ impl Logger {
     pub fn from_proto(c: &OpenTelemetryAccessLogConfig, path: &str) -> Result<Self> {
         let common = c.common_config.clone().unwrap_or_default();
         check_common(&common, &join(path, "common_config"))?;
+        super::formatters(&c.formatters, &join(path, "formatters"))?;
         let (grpc, grpc_path) = match &c.grpc_service {
             Some(g) => (g.clone(), join(path, "grpc_service")),
             None => (

@@ -1501,16 +1501,17 @@ fn listener_access_log(
     logs: &[legate_proto::envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
     path: &str,
 ) -> Result<Vec<Arc<crate::access_log::AccessLog>>> {
-    use legate_proto::envoy_types::pb::envoy::config::accesslog::v3::access_log_filter::FilterSpecifier;
     for (i, a) in logs.iter().enumerate() {
-        let only_nr = matches!(
-            a.filter.as_ref().and_then(|f| f.filter_specifier.as_ref()),
-            Some(FilterSpecifier::ResponseFlagFilter(r)) if r.flags == ["NR"]
-        );
-        if !only_nr {
+        let p = join(&index(path, "access_log", i), "filter");
+        let filter = a
+            .filter
+            .as_ref()
+            .map(|f| crate::access_log::filter::Filter::from_proto(f, &p))
+            .transpose()?;
+        if !filter.is_some_and(|f| f.implies_no_route()) {
             return Err(ConfigError::new(
-                join(&index(path, "access_log", i), "filter"),
-                "a listener's access log must keep only NR lines (response_flag_filter: [NR]): Legate logs only connections no filter chain takes",
+                p,
+                "a listener's access log must keep only NR lines (a response_flag_filter of NR, alone or under and_filter): Legate logs only connections no filter chain takes",
             ));
         }
     }

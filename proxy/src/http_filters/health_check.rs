@@ -117,8 +117,8 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
     }))
 }
 
-/// Marks a health check request, for its response.
-struct IsHealthCheck;
+/// Marks a health check request, for its response and access logs.
+pub struct IsHealthCheck;
 
 impl HealthCheck {
     /// The answer by `cluster_min_healthy_percentages`: every cluster

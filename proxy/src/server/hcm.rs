@@ -86,6 +86,7 @@ fn start_trace(req: &mut RequestHeader, ctx: &mut Ctx, hcm: &Hcm, t: &crate::tra
     let route = ctx.selected.as_ref().map(|s| &s.route().tracing);
     let sampling = route.and_then(|r| r.sampling).unwrap_or(t.sampling);
     let reason = crate::trace::decision::decide(&sampling, hcm.request_id, req, rand::random());
+    ctx.trace_forced = reason == crate::trace::decision::Reason::ServiceForced;
     if ctx.request_id.is_some() {
         ctx.request_id = req
             .headers
@@ -134,6 +135,9 @@ pub struct Ctx {
     hash: Option<u64>,
     retry: Option<RetryPolicy>,
     attempts: u32,
+    /// The tracing decision was forced by the service (`x-envoy-force-trace`
+    /// honoured): what Envoy's traceable access log filter keeps.
+    trace_forced: bool,
     tried: Vec<SocketAddr>,
     host: Option<Arc<UpstreamHost>>,
     pending_reply: Option<LocalReply>,
@@ -801,6 +805,12 @@ impl HcmProxy {
                     .map_or("", |s| s.route().name.as_str()),
                 response_duration: ctx.response_started.map(|t| t.duration_since(began)),
                 attempts: ctx.attempts,
+                health_check: ctx
+                    .filter_states
+                    .iter()
+                    .flatten()
+                    .any(|s| s.is::<crate::http_filters::health_check::IsHealthCheck>()),
+                traced: ctx.trace_forced,
             }),
         };
         for l in logs {

@@ -1,0 +1,465 @@
+//! Common Expression Language over Envoy's attribute vocabulary
+//! (`request.*`, `response.*`, `source.*`, `destination.*`,
+//! `upstream.*`, `connection.*`, `xds.*`), evaluated over a finished
+//! request as the access log sees it: the `%CEL(...)%` command operator
+//! and the CEL access log filter. Expressions are compiled once, with the
+//! config; an attribute Legate has no value for is absent, as in Envoy
+//! when the stream never had it.
+
+use crate::access_log::Entry;
+use crate::config::{ConfigError, Result};
+use cel::objects::{Key, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A compiled expression, the attribute roots it reads, and the header
+/// names it spells in capitals (Envoy lower-cases header lookups; CEL maps
+/// do not, so those spellings are added to the header maps).
+#[derive(Clone)]
+pub struct Expression {
+    source: String,
+    program: Arc<cel::Program>,
+    roots: Vec<Root>,
+    header_spellings: Arc<Vec<String>>,
+}
+
+impl std::fmt::Debug for Expression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Expression").field(&self.source).finish()
+    }
+}
+
+impl PartialEq for Expression {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Root {
+    Request,
+    Response,
+    Source,
+    Destination,
+    Upstream,
+    Connection,
+    Xds,
+}
+
+const ROOTS: &[(&str, Root)] = &[
+    ("request", Root::Request),
+    ("response", Root::Response),
+    ("source", Root::Source),
+    ("destination", Root::Destination),
+    ("upstream", Root::Upstream),
+    ("connection", Root::Connection),
+    ("xds", Root::Xds),
+];
+
+/// The attributes Legate has values for, per root.
+const PROVIDED: &[(&str, &[&str])] = &[
+    (
+        "request",
+        &[
+            "path",
+            "url_path",
+            "query",
+            "host",
+            "scheme",
+            "method",
+            "headers",
+            "referer",
+            "useragent",
+            "id",
+            "time",
+            "duration",
+            "size",
+            "protocol",
+        ],
+    ),
+    (
+        "response",
+        &["code", "code_details", "flags", "headers", "size"],
+    ),
+    ("source", &["address", "port"]),
+    ("destination", &["address", "port"]),
+    (
+        "upstream",
+        &["address", "port", "local_address", "request_attempt_count"],
+    ),
+    ("connection", &["requested_server_name"]),
+    ("xds", &["cluster_name", "route_name"]),
+];
+
+impl Expression {
+    pub fn parse(source: &str, path: &str) -> Result<Self> {
+        let program = cel::Program::compile(source)
+            .map_err(|e| ConfigError::new(path, format!("invalid CEL expression: {e}")))?;
+        let refs = program.references();
+        let mut roots = Vec::new();
+        for v in refs.variables() {
+            match ROOTS.iter().find(|(n, _)| *n == v) {
+                Some((_, r)) => roots.push(*r),
+                None => {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("CEL attribute '{v}' is not one Legate provides"),
+                    ))
+                }
+            }
+        }
+        warn_unprovided(source, path);
+        Ok(Self {
+            source: source.to_string(),
+            program: Arc::new(program),
+            roots,
+            header_spellings: Arc::new(capitalised_literals(source)),
+        })
+    }
+
+    /// The expression's value over `e`; None when it fails (an absent
+    /// attribute, a type error).
+    pub fn evaluate(&self, e: &Entry) -> Option<Value> {
+        let mut ctx = cel::Context::default();
+        for r in &self.roots {
+            let name = ROOTS.iter().find(|(_, x)| x == r).map_or("", |(n, _)| n);
+            ctx.add_variable_from_value(name, attributes(*r, e, &self.header_spellings));
+        }
+        self.program.execute(&ctx).ok()
+    }
+}
+
+/// Attributes Envoy has and Legate does not evaluate as absent (`-` in a
+/// log, false in a filter): said once, when the config is read. Only logs
+/// read them, so they change no traffic.
+fn warn_unprovided(source: &str, path: &str) {
+    static ATTR: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"\b(request|response|source|destination|upstream|connection|xds)\.([a-z_]+)",
+        )
+        .expect("static regex")
+    });
+    for c in ATTR.captures_iter(source) {
+        let known = PROVIDED
+            .iter()
+            .any(|(root, attrs)| *root == &c[1] && attrs.contains(&&c[2]));
+        if !known {
+            tracing::warn!(path, attribute = %format!("{}.{}", &c[1], &c[2]), "CEL attribute has no value in Legate: it evaluates as absent");
+            crate::stats::counter("cel.unprovided_attribute".into()).increment(1);
+        }
+    }
+}
+
+/// Quoted literals with capitals: the header names an expression may look
+/// up in Envoy's case-insensitive way.
+fn capitalised_literals(source: &str) -> Vec<String> {
+    static LIT: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"'([^'\\]*)'|"([^"\\]*)""#).expect("static regex")
+    });
+    LIT.captures_iter(source)
+        .filter_map(|c| c.get(1).or(c.get(2)).map(|m| m.as_str().to_string()))
+        .filter(|l| l.chars().any(|c| c.is_ascii_uppercase()))
+        .collect()
+}
+
+/// How a value reads in a log, as Envoy prints it (absent and failed
+/// values are None: `-`).
+pub fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::UInt(u) => u.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::Duration(d) => duration_text(*d),
+        Value::Timestamp(t) => timestamp_text(t),
+        Value::Null => "NULL".into(),
+        Value::Map(_) => "CelMap value".into(),
+        Value::List(_) => "CelList value".into(),
+        _ => "CelType value".into(),
+    }
+}
+
+/// absl's `FormatDuration`: `0`, `250ms`, `1.5s`, `1m30s`, `2h0m1s`...
+fn duration_text(d: chrono::Duration) -> String {
+    let ns = d.num_nanoseconds().unwrap_or(i64::MAX);
+    if ns == 0 {
+        return "0".into();
+    }
+    let (sign, ns) = if ns < 0 {
+        ("-", -(ns as i128))
+    } else {
+        ("", ns as i128)
+    };
+    let frac = |v: i128, unit: i128| {
+        let whole = v / unit;
+        let rest = v % unit;
+        if rest == 0 {
+            whole.to_string()
+        } else {
+            let digits = (unit as f64).log10().round() as usize;
+            let f = format!("{rest:0digits$}");
+            format!("{whole}.{}", f.trim_end_matches('0'))
+        }
+    };
+    if ns < 1_000_000_000 {
+        let (unit, name) = if ns >= 1_000_000 {
+            (1_000_000, "ms")
+        } else if ns >= 1_000 {
+            (1_000, "us")
+        } else {
+            (1, "ns")
+        };
+        return format!("{sign}{}{name}", frac(ns, unit));
+    }
+    let (h, rest) = (ns / 3_600_000_000_000, ns % 3_600_000_000_000);
+    let (m, rest) = (rest / 60_000_000_000, rest % 60_000_000_000);
+    let mut out = sign.to_string();
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if h > 0 || m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if rest > 0 || (h == 0 && m == 0) {
+        out.push_str(&format!("{}s", frac(rest, 1_000_000_000)));
+    }
+    out
+}
+
+/// absl's RFC 3339 form in UTC: `2020-12-22T01:50:34.5+00:00`.
+fn timestamp_text(t: &chrono::DateTime<chrono::FixedOffset>) -> String {
+    let utc = t.with_timezone(&chrono::Utc);
+    let nanos = utc.timestamp_subsec_nanos();
+    let frac = if nanos == 0 {
+        String::new()
+    } else {
+        format!(".{}", format!("{nanos:09}").trim_end_matches('0'))
+    };
+    format!("{}{frac}+00:00", utc.format("%Y-%m-%dT%H:%M:%S"))
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    let m: HashMap<Key, Value> = entries
+        .into_iter()
+        .map(|(k, v)| (Key::String(Arc::new(k.to_string())), v))
+        .collect();
+    Value::Map(Map::from(m))
+}
+
+fn s(v: impl Into<String>) -> Value {
+    Value::String(Arc::new(v.into()))
+}
+
+fn int(v: u64) -> Value {
+    Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+/// A header map as Envoy's CEL sees it: values of a name joined with `,`,
+/// looked up without regard to case.
+fn headers(h: &http::HeaderMap, spellings: &[String]) -> Value {
+    let mut m: HashMap<Key, Value> = HashMap::new();
+    let joined = |name: &http::HeaderName| {
+        h.get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for name in h.keys() {
+        m.insert(
+            Key::String(Arc::new(name.as_str().to_string())),
+            s(joined(name)),
+        );
+    }
+    for sp in spellings {
+        if let Ok(name) = http::HeaderName::from_bytes(sp.to_ascii_lowercase().as_bytes()) {
+            if h.contains_key(&name) {
+                m.insert(Key::String(Arc::new(sp.clone())), s(joined(&name)));
+            }
+        }
+    }
+    Value::Map(Map::from(m))
+}
+
+/// Envoy's legacy response flag bits, in its flag order (`LH` = 1,
+/// `UH` = 2, ... `NR` = 256, ...).
+fn flag_bits(flags: &str) -> u64 {
+    flags
+        .split(',')
+        .filter_map(|f| {
+            crate::access_log::filter::FLAGS
+                .iter()
+                .position(|x| *x == f)
+        })
+        .fold(0, |acc, i| acc | (1u64 << i))
+}
+
+fn attributes(r: Root, e: &Entry, spellings: &[String]) -> Value {
+    match r {
+        Root::Request => request(e, spellings),
+        Root::Response => response(e, spellings),
+        Root::Source => address(Some(e.downstream_remote)),
+        Root::Destination => address(Some(e.downstream_local)),
+        Root::Upstream => {
+            // The attempt count is there (0) before any upstream is tried.
+            let mut v = vec![(
+                "request_attempt_count",
+                Value::UInt(e.http.as_ref().map_or(0, |h| h.attempts.into())),
+            )];
+            if let Some(a) = e.upstream_host {
+                v.push(("address", s(a.to_string())));
+                v.push(("port", Value::Int(a.port().into())));
+            }
+            if let Some(l) = e.upstream_local {
+                v.push(("local_address", s(l.to_string())));
+            }
+            map(v)
+        }
+        Root::Connection => map(vec![("requested_server_name", s(e.requested_server_name))]),
+        Root::Xds => {
+            let mut v = Vec::new();
+            if !e.upstream_cluster.is_empty() {
+                v.push(("cluster_name", s(e.upstream_cluster)));
+            }
+            if let Some(h) = e.http.as_ref().filter(|h| !h.route_name.is_empty()) {
+                v.push(("route_name", s(h.route_name)));
+            }
+            map(v)
+        }
+    }
+}
+
+fn request(e: &Entry, spellings: &[String]) -> Value {
+    let start = chrono::DateTime::<chrono::Utc>::from(e.start).fixed_offset();
+    let mut v = vec![
+        ("time", Value::Timestamp(start)),
+        (
+            "duration",
+            Value::Duration(chrono::Duration::nanoseconds(e.duration.as_nanos() as i64)),
+        ),
+    ];
+    let Some(h) = e.http.as_ref() else {
+        return map(v);
+    };
+    let path = h.pseudo.path;
+    let url_path = path.split('?').next().unwrap_or("");
+    let query = path
+        .split_once('?')
+        .map_or("", |(_, q)| q.split('#').next().unwrap_or(""));
+    let header = |n: &str| h.request.get(n).and_then(|v| v.to_str().ok());
+    v.extend([
+        ("path", s(path)),
+        ("url_path", s(url_path)),
+        ("query", s(query)),
+        ("host", s(h.pseudo.authority)),
+        ("scheme", s(h.pseudo.scheme)),
+        ("method", s(h.pseudo.method)),
+        ("headers", headers(h.request, spellings)),
+    ]);
+    if !h.protocol.is_empty() {
+        v.push(("protocol", s(h.protocol)));
+    }
+    match header("content-length") {
+        Some(cl) => {
+            if let Ok(n) = cl.parse::<u64>() {
+                v.push(("size", int(n)));
+            }
+        }
+        None => v.push(("size", int(e.bytes_received))),
+    }
+    for (k, n) in [
+        ("referer", "referer"),
+        ("useragent", "user-agent"),
+        ("id", "x-request-id"),
+    ] {
+        if let Some(x) = header(n) {
+            v.push((k, s(x)));
+        }
+    }
+    map(v)
+}
+
+fn response(e: &Entry, spellings: &[String]) -> Value {
+    let mut v = vec![
+        ("size", int(e.bytes_sent)),
+        ("flags", int(flag_bits(e.response_flags))),
+    ];
+    if let Some(h) = e.http.as_ref() {
+        if h.response_code > 0 {
+            v.push(("code", Value::Int(h.response_code.into())));
+        }
+        if !h.details.is_empty() {
+            v.push(("code_details", s(h.details)));
+        }
+        if let Some(r) = h.response {
+            v.push(("headers", headers(r, spellings)));
+        }
+    }
+    map(v)
+}
+
+fn address(a: Option<std::net::SocketAddr>) -> Value {
+    match a {
+        Some(a) => map(vec![
+            ("address", s(a.to_string())),
+            ("port", Value::Int(a.port().into())),
+        ]),
+        None => map(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(src: &str) -> Option<String> {
+        let x = Expression::parse(src, "t").unwrap();
+        x.evaluate(&crate::access_log::tests::http_entry())
+            .map(|v| text(&v))
+    }
+
+    #[test]
+    fn attributes_read_as_envoy_reads_them() {
+        assert_eq!(eval("request.method").as_deref(), Some("GET"));
+        assert_eq!(eval("request.url_path").as_deref(), Some("/a/b"));
+        assert_eq!(eval("request.query").as_deref(), Some("x=1"));
+        assert_eq!(eval("response.code >= 400").as_deref(), Some("true"));
+        assert_eq!(
+            eval("request.headers['X-FORWARDED-FOR']").as_deref(),
+            Some("1.2.3.4,5.6.7.8")
+        );
+        assert_eq!(
+            eval("request.headers['x-forwarded-for']").as_deref(),
+            Some("1.2.3.4,5.6.7.8")
+        );
+        // NR (256) and UF (32).
+        assert_eq!(eval("response.flags").as_deref(), Some("288"));
+        assert_eq!(eval("request.duration").as_deref(), Some("1.234s"));
+        assert_eq!(eval("upstream.port").as_deref(), Some("8080"));
+        // Absent attributes fail the expression.
+        assert_eq!(eval("request.headers['x-absent']"), None);
+        assert_eq!(eval("request.nope"), None);
+    }
+
+    #[test]
+    fn unknown_roots_and_bad_syntax_are_refused_naming_the_field() {
+        assert!(Expression::parse("foo.bar == 1", "a.expression").is_err());
+        let e = Expression::parse("request.path ==", "a.expression").unwrap_err();
+        assert!(e.to_string().contains("a.expression"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_times_print_as_absl_does() {
+        let d = |ms: i64| duration_text(chrono::Duration::milliseconds(ms));
+        assert_eq!(d(0), "0");
+        assert_eq!(d(15), "15ms");
+        assert_eq!(d(1500), "1.5s");
+        assert_eq!(d(90_000), "1m30s");
+        assert_eq!(d(3_601_000), "1h0m1s");
+        assert_eq!(duration_text(chrono::Duration::microseconds(1500)), "1.5ms");
+        let t = chrono::DateTime::parse_from_rfc3339("2020-12-22T01:50:34Z").unwrap();
+        assert_eq!(timestamp_text(&t), "2020-12-22T01:50:34+00:00");
+    }
+}
