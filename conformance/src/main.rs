@@ -130,7 +130,8 @@ async fn main() -> Result<()> {
             "otel-log" => otel_log::run(&bins, &work, &mut report).await?,
             // The http tier's connection-age part alone.
             "max-duration" => {
-                resilience::max_connection_duration(&bins, &work, &mut report).await?
+                resilience::max_connection_duration(&bins, &work, &mut report).await?;
+                resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
             }
             // The http tier's gRPC interop part alone (part of `http`).
             "grpc" => tokio::task::block_in_place(|| grpc::run(&bins, &root, &work, &mut report))?,
@@ -138,6 +139,7 @@ async fn main() -> Result<()> {
                 framing::run(&bins, &work, &mut report).await?;
                 resilience::run(&bins, &work, &mut report).await?;
                 resilience::max_connection_duration(&bins, &work, &mut report).await?;
+                resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;

@@ -133,3 +133,99 @@ pub async fn max_connection_duration(
     );
     Ok(())
 }
+
+/// Reads one HTTP/1 response (head, then a Content-Length body) from a
+/// keep-alive connection: its status and Connection header, or how the
+/// connection ended instead.
+fn read_response(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            Ok(_) => return "closed".into(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return "no answer".into(),
+            Err(_) => return "reset".into(),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+    let field = |n: &str| {
+        head.lines().find_map(|l| {
+            l.strip_prefix(&format!("{n}:"))
+                .map(|v| v.trim().to_string())
+        })
+    };
+    let len: usize = field("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    if s.read_exact(&mut body).is_err() {
+        return "body cut".into();
+    }
+    let status = head.split(' ').nth(1).unwrap_or("?").to_string();
+    // keep-alive is HTTP/1.1's default: stating it changes nothing.
+    let connection = field("connection").filter(|c| c != "keep-alive");
+    format!(
+        "{status} connection: {}",
+        connection.unwrap_or_else(|| "-".into())
+    )
+}
+
+/// The connection manager's `max_connection_duration: 1s` on HTTP/1: a
+/// request in flight when it runs out is answered with `connection:
+/// close`; an idle connection stays open past it and its next request is
+/// answered with `connection: close` (when the socket then closes is not
+/// compared: Envoy waits for its drain).
+pub async fn downstream_max_connection_duration(
+    bins: &Binaries,
+    work: &std::path::Path,
+    report: &mut Report,
+) -> Result<()> {
+    use std::io::Write;
+    let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        "cxdur",
+        "common_http_protocol_options: {max_connection_duration: 1s}",
+        "route: {cluster: a}",
+        Some(("a", up.addr.port(), "")),
+        |c| c,
+    )?;
+    let request = |p: &str| format!("GET {p} HTTP/1.1\r\nhost: a\r\n\r\n");
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &path, admin, work)?;
+        let got = tokio::task::block_in_place(|| -> std::io::Result<Vec<String>> {
+            let mut got = Vec::new();
+            let timeout = Some(std::time::Duration::from_secs(5));
+            // A request still in flight when the second runs out.
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(timeout)?;
+            s.write_all(request("/first").as_bytes())?;
+            got.push(format!("first: {}", read_response(&mut s)));
+            s.write_all(request("/delay/1500").as_bytes())?;
+            got.push(format!(
+                "in flight over the limit: {}",
+                read_response(&mut s)
+            ));
+            // An idle connection past the limit.
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(timeout)?;
+            s.write_all(request("/first").as_bytes())?;
+            got.push(format!("idle first: {}", read_response(&mut s)));
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            let _ = s.write_all(request("/late").as_bytes());
+            got.push(format!("idle past the limit: {}", read_response(&mut s)));
+            Ok(got)
+        })?;
+        seen.push(got);
+    }
+    report.add(
+        "http",
+        "max-connection-duration",
+        "downstream-http1",
+        Outcome::compare(&seen[0].join("; "), &seen[1].join("; ")),
+    );
+    Ok(())
+}

@@ -299,8 +299,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "max_response_headers_kb",
             "headers_with_underscores_action",
             "max_requests_per_connection",
-            // Upstream only: the connection manager refuses it.
             "max_connection_duration",
+            // Downstream only: clusters refuse it.
+            "max_stream_duration",
         ],
         &[],
     ),

@@ -656,7 +656,7 @@ impl ClusterConfig {
                 {
                     return Err(ConfigError::new(
                         cp,
-                        "only idle_timeout, max_requests_per_connection, max_headers_count and max_response_headers_kb are supported for upstreams",
+                        "only idle_timeout, max_requests_per_connection, max_connection_duration, max_headers_count and max_response_headers_kb are supported for upstreams",
                     ));
                 }
                 response_headers = ResponseHeaderLimits::from_proto(common, &cp)?;

@@ -472,6 +472,9 @@ pub struct Hcm {
     /// `request_timeout`: the whole request must arrive within this long
     /// (408 `request timeout`). Envoy's default: disabled.
     pub request_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_stream_duration`: the limit of a
+    /// stream whose route sets none of its own.
+    pub max_stream_duration: Option<Duration>,
     stats: std::sync::OnceLock<crate::stats::HttpStats>,
 }
 
@@ -483,6 +486,10 @@ pub struct HttpConnSettings {
     pub idle_timeout: Option<Duration>,
     /// `common_http_protocol_options.max_requests_per_connection`.
     pub max_requests: Option<u32>,
+    /// `common_http_protocol_options.max_connection_duration`: the
+    /// connection drains once it is this old (HTTP/1: closed between
+    /// requests; HTTP/2: GOAWAY).
+    pub max_duration: Option<Duration>,
     pub h2: H2Settings,
 }
 
@@ -805,12 +812,6 @@ impl Hcm {
         };
         let common = h.common_http_protocol_options.clone().unwrap_or_default();
         let cp = join(path, "common_http_protocol_options");
-        if common.max_connection_duration.is_some() {
-            return Err(ConfigError::new(
-                join(&cp, "max_connection_duration"),
-                "downstream connections have no maximum duration in Legate yet",
-            ));
-        }
         let conn = HttpConnSettings {
             idle_timeout: super::timeout_or(
                 common.idle_timeout.as_ref(),
@@ -818,6 +819,12 @@ impl Hcm {
                 &join(&cp, "idle_timeout"),
             )?,
             max_requests: common.max_requests_per_connection.val().filter(|&m| m > 0),
+            max_duration: common
+                .max_connection_duration
+                .as_ref()
+                .map(|d| super::duration(d, &join(&cp, "max_connection_duration")))
+                .transpose()?
+                .filter(|d| !d.is_zero()),
             h2: H2Settings::from_proto(h.http2_protocol_options.as_ref()),
         };
         use legate_proto::envoy_types::pb::envoy::config::core::v3::http_protocol_options::HeadersWithUnderscoresAction as U;
@@ -940,6 +947,12 @@ impl Hcm {
             },
             access_log: crate::access_log::list(&h.access_log, path)?,
             conn,
+            max_stream_duration: common
+                .max_stream_duration
+                .as_ref()
+                .map(|d| super::duration(d, &join(&cp, "max_stream_duration")))
+                .transpose()?
+                .filter(|d| !d.is_zero()),
             stream_idle_timeout: super::timeout_or(
                 h.stream_idle_timeout.as_ref(),
                 Some(Duration::from_secs(300)),

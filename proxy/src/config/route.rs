@@ -1153,9 +1153,9 @@ impl StreamDuration {
         })
     }
 
-    /// The limit for a request with these headers; None: no limit (the
-    /// connection manager has no `max_stream_duration` of its own).
-    pub fn limit(&self, headers: &http::HeaderMap) -> Option<Duration> {
+    /// The limit for a request with these headers; without a limit of the
+    /// route's own, the connection manager's (`hcm`); None: no limit.
+    pub fn limit(&self, headers: &http::HeaderMap, hcm: Option<Duration>) -> Option<Duration> {
         let grpc = headers
             .get("grpc-timeout")
             .and_then(|v| grpc_timeout(v.as_bytes()));
@@ -1169,7 +1169,7 @@ impl StreamDuration {
                 }
                 Some(t)
             }
-            _ => self.max.filter(|d| !d.is_zero()),
+            _ => self.max.or(hcm).filter(|d| !d.is_zero()),
         }
     }
 }
@@ -1294,19 +1294,39 @@ mod tests {
             grpc_header_max: Some(Duration::ZERO),
             grpc_header_offset: None,
         };
-        assert_eq!(istio.limit(&none), None);
-        assert_eq!(istio.limit(&h("300m")), Some(Duration::from_millis(300)));
-        assert_eq!(istio.limit(&h("2S")), Some(Duration::from_secs(2)));
+        assert_eq!(istio.limit(&none, None), None);
+        assert_eq!(
+            istio.limit(&h("300m"), None),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(istio.limit(&h("2S"), None), Some(Duration::from_secs(2)));
         // Not a valid grpc-timeout: the route's limit (none here).
-        assert_eq!(istio.limit(&h("10s")), None);
-        assert_eq!(istio.limit(&h("123456789m")), None);
+        assert_eq!(istio.limit(&h("10s"), None), None);
+        assert_eq!(istio.limit(&h("123456789m"), None), None);
         let capped = StreamDuration {
             max: Some(Duration::from_secs(1)),
             grpc_header_max: Some(Duration::from_millis(400)),
             grpc_header_offset: Some(Duration::from_millis(100)),
         };
-        assert_eq!(capped.limit(&h("10S")), Some(Duration::from_millis(300)));
-        assert_eq!(capped.limit(&none), Some(Duration::from_secs(1)));
+        assert_eq!(
+            capped.limit(&h("10S"), None),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(capped.limit(&none, None), Some(Duration::from_secs(1)));
+        // A route without its own limit takes the connection manager's.
+        let own = StreamDuration {
+            max: None,
+            grpc_header_max: None,
+            grpc_header_offset: None,
+        };
+        assert_eq!(
+            own.limit(&none, Some(Duration::from_secs(4))),
+            Some(Duration::from_secs(4))
+        );
+        assert_eq!(
+            capped.limit(&none, Some(Duration::from_secs(4))),
+            Some(Duration::from_secs(1))
+        );
         assert_eq!(format_grpc_timeout(Duration::from_millis(300)), "300m");
         assert_eq!(format_grpc_timeout(Duration::from_secs(200_000)), "200000S");
         assert_eq!(

@@ -1657,12 +1657,13 @@ impl ProxyHttp for HcmProxy {
                     }
                     _ => ra.timeout,
                 };
-                let limit = ra
-                    .stream_duration
-                    .as_ref()
-                    .and_then(|s| s.limit(&session.req_header().headers));
-                // A gRPC upstream is told the limit it works under.
-                if let Some(t) = limit.filter(|_| is_grpc(session)) {
+                let limit = match &ra.stream_duration {
+                    Some(s) => s.limit(&session.req_header().headers, hcm.max_stream_duration),
+                    None => hcm.max_stream_duration,
+                };
+                // A gRPC upstream is told the limit the route sets.
+                if let Some(t) = limit.filter(|_| is_grpc(session) && ra.stream_duration.is_some())
+                {
                     let v = crate::config::route::format_grpc_timeout(t);
                     session.req_header_mut().insert_header("grpc-timeout", v)?;
                 }
@@ -2109,6 +2110,14 @@ impl ProxyHttp for HcmProxy {
         // request body is in; a `100 Continue` is sent exactly then, and
         // must not (the final response sets it back).
         session.set_close_on_response_before_downstream_finish(!is_interim(resp));
+        // An HTTP/1 connection that reached max_connection_duration while
+        // this request was in flight closes after it, saying so.
+        if !is_interim(resp)
+            && session.req_header().version != http::Version::HTTP_2
+            && conn_meta(session).is_some_and(|m| m.closing.expired())
+        {
+            session.set_keepalive(None);
+        }
         if is_interim(resp) {
             // A relayed `100 Continue` goes out as the upstream sent it;
             // the request can no longer be retried.

@@ -49,17 +49,29 @@ const FIRST_READ: usize = 4096;
 pub struct Closing {
     requests: AtomicU32,
     max_requests: Option<u32>,
+    /// When `max_connection_duration` runs out.
+    pub deadline: Option<tokio::time::Instant>,
     /// None on `MODIFY_ONLY` listeners.
     health_failed: Option<Arc<AtomicBool>>,
 }
 
 impl Closing {
-    pub fn new(max_requests: Option<u32>, health_failed: Option<Arc<AtomicBool>>) -> Self {
+    pub fn new(
+        max_requests: Option<u32>,
+        max_duration: Option<Duration>,
+        health_failed: Option<Arc<AtomicBool>>,
+    ) -> Self {
         Self {
             requests: AtomicU32::new(0),
             max_requests,
+            deadline: max_duration.map(|d| tokio::time::Instant::now() + d),
             health_failed,
         }
+    }
+
+    pub fn expired(&self) -> bool {
+        self.deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
     }
 
     /// Counts one more request; true when the connection should close
@@ -67,6 +79,7 @@ impl Closing {
     pub fn after_this_request(&self) -> bool {
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         self.max_requests.is_some_and(|m| n >= m)
+            || self.expired()
             || self
                 .health_failed
                 .as_ref()
@@ -149,6 +162,8 @@ impl Conn<'_> {
                 Poll::Ready(_) => Poll::Ready(None),
             }
         });
+        // An idle connection past its max_connection_duration stays open,
+        // as Envoy's does: the next request is answered and closes it.
         match self.settings.idle_timeout {
             Some(d) => tokio::time::timeout(d, read).await.ok().flatten(),
             None => read.await,
@@ -201,6 +216,15 @@ impl Conn<'_> {
                 tokio::select! {
                     biased;
                     _ = async { drain.wait_for(|d| *d).await.is_ok() } => {
+                        conn.graceful_shutdown();
+                        closing = true;
+                        continue;
+                    }
+                    // max_connection_duration: drained as a listener drain
+                    // is (GOAWAY, open streams finish).
+                    _ = tokio::time::sleep_until(self.closing.deadline.unwrap_or_else(tokio::time::Instant::now)),
+                        if self.closing.deadline.is_some() =>
+                    {
                         conn.graceful_shutdown();
                         closing = true;
                         continue;

@@ -666,6 +666,7 @@ async fn serve_connection(
     let settings = hcm.conn.clone();
     let closing = Arc::new(http_conn::Closing::new(
         settings.max_requests,
+        settings.max_duration,
         config
             .drains_on_health_check_fail
             .then(|| ctx.health_failed.clone()),
