@@ -633,7 +633,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.route.v3.DirectResponseAction",
-        &["status", "body"],
+        &["status", "body", "body_format"],
         &[],
     ),
     m(
@@ -905,7 +905,9 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", &["log_format"], &[]),
     m(
         "envoy.config.core.v3.SubstitutionFormatString",
-        &["text_format", "text_format_source", "json_format", "formatters"],
+        // content_type: a direct response's `body_format` sends it; a log
+        // has no use for it.
+        &["text_format", "text_format_source", "json_format", "formatters", "content_type"],
         &[],
     ),
     m(

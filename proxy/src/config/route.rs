@@ -320,6 +320,61 @@ pub struct Redirect {
 pub struct DirectResponse {
     pub status: u16,
     pub body: Option<bytes::Bytes>,
+    /// `body_format`: the body sent instead, and its content type.
+    pub body_format: Option<BodyFormat>,
+}
+
+/// A direct response's `body_format`: literal text around
+/// `%LOCAL_REPLY_BODY%` (the configured body).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BodyFormat {
+    parts: Vec<Option<String>>,
+    pub content_type: Option<String>,
+}
+
+impl BodyFormat {
+    fn from_proto(f: &core::SubstitutionFormatString, path: &str) -> Result<Self> {
+        use core::substitution_format_string::Format as F;
+        let (text, p) = match &f.format {
+            Some(F::TextFormat(t)) => (t.clone(), join(path, "text_format")),
+            Some(F::TextFormatSource(ds)) => {
+                let p = join(path, "text_format_source");
+                let b = crate::datasource::read(ds, &p)?;
+                (String::from_utf8_lossy(&b).into_owned(), p)
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    path,
+                    "only text formats are supported in a direct response's body_format",
+                ))
+            }
+        };
+        let parts = crate::headers::parse_pieces(&text, &p, Some, |cmd| {
+            match cmd {
+            "LOCAL_REPLY_BODY" => Ok(None),
+            other => Err(ConfigError::new(
+                &p,
+                format!("%{other}% is not supported in a direct response's body_format (only %LOCAL_REPLY_BODY%)"),
+            )),
+        }
+        })?;
+        Ok(Self {
+            parts,
+            content_type: (!f.content_type.is_empty()).then(|| f.content_type.clone()),
+        })
+    }
+
+    /// The body, with the configured one where the format names it.
+    pub fn render(&self, body: &[u8]) -> bytes::Bytes {
+        let mut out = Vec::new();
+        for p in &self.parts {
+            match p {
+                Some(text) => out.extend_from_slice(text.as_bytes()),
+                None => out.extend_from_slice(body),
+            }
+        }
+        out.into()
+    }
 }
 
 fn header_ops(
@@ -1114,9 +1169,15 @@ impl DirectResponse {
             None => None,
             Some(ds) => Some(crate::datasource::read(ds, &join(path, "body"))?),
         };
+        let body_format = d
+            .body_format
+            .as_ref()
+            .map(|f| BodyFormat::from_proto(f, &join(path, "body_format")))
+            .transpose()?;
         Ok(Self {
             status: d.status as u16,
             body,
+            body_format,
         })
     }
 }

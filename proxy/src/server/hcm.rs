@@ -138,6 +138,8 @@ pub struct Ctx {
     /// The tracing decision was forced by the service (`x-envoy-force-trace`
     /// honoured): what Envoy's traceable access log filter keeps.
     trace_forced: bool,
+    /// A direct response's `body_format.content_type`, for its reply.
+    reply_content_type: Option<String>,
     tried: Vec<SocketAddr>,
     host: Option<Arc<UpstreamHost>>,
     pending_reply: Option<LocalReply>,
@@ -335,6 +337,11 @@ impl HcmProxy {
                 Vec::new()
             };
             self.decorate_response(&mut resp, ctx, &levels, session, true);
+        }
+        // A direct response's body_format names its type over the route's
+        // header mutations, as Envoy's does.
+        if let Some(ct) = ctx.reply_content_type.take().filter(|_| !grpc) {
+            resp.insert_header(http::header::CONTENT_TYPE, ct)?;
         }
         // Set after the route's header mutations when they left none (so a
         // route can choose the type but not remove it), as Envoy does.
@@ -1506,7 +1513,7 @@ impl ProxyHttp for HcmProxy {
         match &route.action {
             Action::Direct(d) => {
                 ctx.details = "direct_response".into();
-                let body = d.body.clone().unwrap_or_default();
+                let mut body = d.body.clone().unwrap_or_default();
                 // A 201 or 3xx direct response points back at the request's URL.
                 let extra = if d.status == 201 || (300..400).contains(&d.status) {
                     vec![(
@@ -1516,6 +1523,10 @@ impl ProxyHttp for HcmProxy {
                 } else {
                     vec![]
                 };
+                if let Some(f) = &d.body_format {
+                    body = f.render(&body);
+                    ctx.reply_content_type.clone_from(&f.content_type);
+                }
                 self.local_reply(session, ctx, d.status, body, extra, true)
                     .await?;
                 Ok(true)
