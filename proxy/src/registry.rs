@@ -242,6 +242,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "use_remote_address",
             "xff_num_trusted_hops",
             "skip_xff_append",
+            "original_ip_detection_extensions",
             "server_name",
             "server_header_transformation",
             "strip_matching_host_port",
@@ -785,6 +786,22 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[],
     ),
+    m(
+        "envoy.extensions.http.original_ip_detection.xff.v3.XffConfig",
+        &["xff_num_trusted_hops", "xff_trusted_cidrs", "skip_xff_append"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.http.original_ip_detection.xff.v3.XffTrustedCidrs",
+        &["cidrs"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig",
+        &["header_name", "allow_extension_to_set_address_as_trusted", "reject_with_status"],
+        &[],
+    ),
+    m("envoy.type.v3.HttpStatus", &["code"], &[]),
     m(
         "envoy.config.accesslog.v3.AccessLog",
         &["name", "typed_config", "filter"],

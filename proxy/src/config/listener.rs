@@ -423,6 +423,9 @@ pub struct Hcm {
     pub use_remote_address: bool,
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,
+    /// `original_ip_detection_extensions`, asked in order when
+    /// `use_remote_address` is off (empty: XFF by `xff_num_trusted_hops`).
+    pub ip_detection: Vec<super::ip_detection::Detection>,
     pub server_name: String,
     pub server_header: ServerHeader,
     pub strip_matching_host_port: bool,
@@ -850,6 +853,7 @@ impl Hcm {
             stat_prefix: h.stat_prefix.clone(),
             codec,
             routes,
+            ip_detection: ip_detection(h, path)?,
             use_remote_address: h.use_remote_address.val().unwrap_or(false),
             xff_num_trusted_hops: h.xff_num_trusted_hops,
             skip_xff_append: h.skip_xff_append,
@@ -1504,6 +1508,33 @@ mod filter_predicate_tests {
         assert!(P::Not(Box::new(p.clone())).matches(8080));
         assert!(!P::And(vec![p, P::Any]).matches(8080));
     }
+}
+
+/// `original_ip_detection_extensions` (Envoy refuses them beside
+/// `use_remote_address`).
+fn ip_detection(
+    h: &legate_proto::envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager,
+    path: &str,
+) -> Result<Vec<super::ip_detection::Detection>> {
+    let p = join(path, "original_ip_detection_extensions");
+    if !h.original_ip_detection_extensions.is_empty() && h.use_remote_address.val().unwrap_or(false)
+    {
+        return Err(ConfigError::new(
+            &p,
+            "original IP detection extensions and use_remote_address may not be mixed",
+        ));
+    }
+    h.original_ip_detection_extensions
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let ep = format!("{p}[{i}]");
+            let any = e.typed_config.as_ref().ok_or_else(|| {
+                ConfigError::new(join(&ep, "typed_config"), "typed_config is required")
+            })?;
+            super::ip_detection::Detection::from_any(any, &ep)
+        })
+        .collect()
 }
 
 /// A listener's `access_log`. Envoy writes a line for every connection

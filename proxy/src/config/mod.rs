@@ -10,6 +10,7 @@ pub mod circuit_breakers;
 pub mod cluster;
 pub mod filter_chain;
 pub mod health_check;
+pub mod ip_detection;
 pub mod lb_policy;
 pub mod listener;
 pub mod local_ratelimit;

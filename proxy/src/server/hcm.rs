@@ -1462,6 +1462,12 @@ impl ProxyHttp for HcmProxy {
                 },
             ));
             ctx.request_id = fwd.request_id;
+            if let Some(code) = fwd.reject {
+                ctx.details = "rejecting_because_detection_failed".into();
+                self.local_reply(session, ctx, code, Bytes::new(), Vec::new(), false)
+                    .await?;
+                return Ok(true);
+            }
         }
 
         // Route selection.

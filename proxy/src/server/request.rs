@@ -427,6 +427,9 @@ pub struct Forwarding {
     /// Envoy's final remote address: the trusted client.
     pub client: IpAddr,
     pub request_id: Option<String>,
+    /// An original IP detection extension refuses the request with this
+    /// status (the headers are left as they came).
+    pub reject: Option<u16>,
 }
 
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
@@ -498,6 +501,37 @@ pub fn forwarding(
         if hcm.xff_num_trusted_hops == 0 || !req.headers.contains_key(&X_FORWARDED_PROTO) {
             req.insert_header("x-forwarded-proto", scheme)?;
         }
+    } else if !hcm.ip_detection.is_empty() {
+        use crate::config::ip_detection::Found;
+        let mut append = false;
+        for d in &hcm.ip_detection {
+            append |= d.appends();
+            match d.detect(&req.headers, peer) {
+                Found::Nothing => continue,
+                Found::Reject(code) => {
+                    return Ok(Forwarding {
+                        client: peer,
+                        request_id: None,
+                        reject: Some(code),
+                    })
+                }
+                Found::Client(a, trusted) => {
+                    final_addr = Some(a);
+                    allow_trusted_checks = trusted;
+                    break;
+                }
+            }
+        }
+        if append {
+            // As with use_remote_address, a loopback peer is written as
+            // this host's address.
+            let peer = if peer.is_loopback() { local_ip } else { peer };
+            let v = match &xff {
+                Some(x) if !x.is_empty() => format!("{x},{peer}"),
+                _ => peer.to_string(),
+            };
+            req.insert_header("x-forwarded-for", v)?;
+        }
     } else if let Some(x) = &xff {
         let (addr, single) = xff_from_right(x, hcm.xff_num_trusted_hops as usize);
         if addr.is_some() {
@@ -546,7 +580,11 @@ pub fn forwarding(
     } else {
         existing
     };
-    Ok(Forwarding { client, request_id })
+    Ok(Forwarding {
+        client,
+        request_id,
+        reject: None,
+    })
 }
 
 /// Envoy 1.40's default internal address config lists no addresses (the
