@@ -801,7 +801,6 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["header_name", "allow_extension_to_set_address_as_trusted", "reject_with_status"],
         &[],
     ),
-    m("envoy.type.v3.HttpStatus", &["code"], &[]),
     m(
         "envoy.config.accesslog.v3.AccessLog",
         &["name", "typed_config", "filter"],
