@@ -243,6 +243,9 @@ pub static REGISTRY: &[MessageSupport] = &[
             "xff_num_trusted_hops",
             "skip_xff_append",
             "original_ip_detection_extensions",
+            // Only match_upstream, which is what Legate's HTTP/2 upstreams
+            // do (pingora sets :scheme from the upstream's transport).
+            "scheme_header_transformation",
             "server_name",
             "server_header_transformation",
             "strip_matching_host_port",
@@ -784,6 +787,11 @@ pub static REGISTRY: &[MessageSupport] = &[
             "hash_policy",
             "access_log",
         ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.SchemeHeaderTransformation",
+        &["match_upstream"],
         &[],
     ),
     m(

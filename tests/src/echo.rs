@@ -125,6 +125,12 @@ async fn handle(
             .entry(":authority")
             .or_insert(serde_json::Value::String(auth.to_string()));
     }
+    // HTTP/2 requests carry :scheme (HTTP/1 origin-form targets have none).
+    if let Some(scheme) = req.uri().scheme_str() {
+        headers
+            .entry(":scheme")
+            .or_insert(serde_json::Value::String(scheme.to_string()));
+    }
     let body = req.into_body().collect().await?.to_bytes();
     let mut status = 200u16;
     // gRPC health checks: SERVING when the requested service names this

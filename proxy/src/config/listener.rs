@@ -421,6 +421,9 @@ pub struct Hcm {
     pub codec: Codec,
     pub routes: RouteSource,
     pub use_remote_address: bool,
+    /// `scheme_header_transformation.match_upstream`: an HTTP/2 upstream
+    /// is sent `:scheme` by its own transport, not the request's.
+    pub scheme_matches_upstream: bool,
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,
     /// `original_ip_detection_extensions`, asked in order when
@@ -855,6 +858,10 @@ impl Hcm {
             routes,
             ip_detection: ip_detection(h, path)?,
             use_remote_address: h.use_remote_address.val().unwrap_or(false),
+            scheme_matches_upstream: h
+                .scheme_header_transformation
+                .as_ref()
+                .is_some_and(|t| t.match_upstream),
             xff_num_trusted_hops: h.xff_num_trusted_hops,
             skip_xff_append: h.skip_xff_append,
             server_name: if h.server_name.is_empty() {

@@ -2023,6 +2023,10 @@ impl ProxyHttp for HcmProxy {
                 .is_some_and(|t| t.spawn_upstream_span);
             span.inject(spawn, req);
         }
+        // Last: it moves Host into the URI.
+        if !ctx.upstream_h1 {
+            h2_scheme(session, req, ctx);
+        }
         Ok(())
     }
 
@@ -2541,6 +2545,56 @@ fn upstream_read_bound(ctx: &Ctx) -> Option<Duration> {
         .stream_deadline
         .map(|d| d.saturating_duration_since(Instant::now()));
     [attempt_timeout(ctx), stream].into_iter().flatten().min()
+}
+
+/// The `:scheme` an HTTP/2 upstream is sent, as Envoy's router sets it: the
+/// request's own (x-forwarded-proto on HTTP/1, which the connection manager
+/// set from the connection when absent), or with `match_upstream` the
+/// upstream's transport. It goes in the request's URI with the authority,
+/// and Host leaves the headers, so pingora keeps them rather than choosing
+/// a scheme of its own.
+fn h2_scheme(session: &Session, req: &mut RequestHeader, ctx: &Ctx) {
+    let by_transport = ctx.hcm.as_ref().is_some_and(|h| h.scheme_matches_upstream);
+    let scheme = if by_transport {
+        if ctx.host.as_ref().is_some_and(|h| h.tls.is_some()) {
+            "https".to_string()
+        } else {
+            "http".to_string()
+        }
+    } else {
+        match session.req_header().uri.scheme_str() {
+            Some(s @ ("http" | "https"))
+                if session.req_header().version == http::Version::HTTP_2 =>
+            {
+                s.to_string()
+            }
+            _ => match request_scheme(session).as_str() {
+                s @ ("http" | "https") => s.to_string(),
+                _ => ctx.scheme().to_string(),
+            },
+        }
+    };
+    let Some(host) = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return;
+    };
+    let pq = req
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    if let Ok(uri) = http::Uri::builder()
+        .scheme(scheme.as_str())
+        .authority(host.as_str())
+        .path_and_query(pq)
+        .build()
+    {
+        req.set_uri(uri);
+        req.remove_header(&http::header::HOST);
+    }
 }
 
 /// The request's scheme as Envoy's router sees it: x-forwarded-proto.
