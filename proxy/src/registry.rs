@@ -243,6 +243,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "xff_num_trusted_hops",
             "skip_xff_append",
             "original_ip_detection_extensions",
+            "early_header_mutation_extensions",
             // Only match_upstream, which is what Legate's HTTP/2 upstreams
             // do (pingora sets :scheme from the upstream's transport).
             "scheme_header_transformation",

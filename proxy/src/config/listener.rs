@@ -424,6 +424,8 @@ pub struct Hcm {
     /// `scheme_header_transformation.match_upstream`: an HTTP/2 upstream
     /// is sent `:scheme` by its own transport, not the request's.
     pub scheme_matches_upstream: bool,
+    /// `early_header_mutation_extensions`, applied in order before routing.
+    pub early_mutations: Vec<crate::http_filters::header_mutation::Early>,
     pub xff_num_trusted_hops: u32,
     pub skip_xff_append: bool,
     /// `original_ip_detection_extensions`, asked in order when
@@ -857,6 +859,18 @@ impl Hcm {
             codec,
             routes,
             ip_detection: ip_detection(h, path)?,
+            early_mutations: h
+                .early_header_mutation_extensions
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let p = index(path, "early_header_mutation_extensions", i);
+                    let any = e.typed_config.as_ref().ok_or_else(|| {
+                        ConfigError::new(join(&p, "typed_config"), "typed_config is required")
+                    })?;
+                    crate::http_filters::header_mutation::Early::from_any(any, &p)
+                })
+                .collect::<Result<_>>()?,
             use_remote_address: h.use_remote_address.val().unwrap_or(false),
             scheme_matches_upstream: h
                 .scheme_header_transformation

@@ -44,6 +44,11 @@ pub static REGISTRY: &[MessageSupport] = &[
         warn: &[],
     },
     MessageSupport {
+        message: EARLY_TYPE,
+        supported: &["mutations"],
+        warn: &[],
+    },
+    MessageSupport {
         message: "envoy.config.common.mutation_rules.v3.HeaderMutation",
         supported: &["remove", "append", "remove_on_match"],
         warn: &[],
@@ -202,6 +207,44 @@ fn mutate(
                 headers::apply(std::slice::from_ref(add), &[], sink, &fctx);
             }
         }
+    }
+}
+
+const EARLY_TYPE: &str =
+    "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation";
+
+/// The connection manager's `early_header_mutation_extensions` entry of
+/// this kind: request mutations applied before anything else (routing,
+/// forwarding headers), as Envoy applies them.
+#[derive(Debug)]
+pub struct Early(Vec<Mutation>);
+
+impl Early {
+    pub fn from_any(a: &Any, path: &str) -> Result<Self> {
+        let tc = join(path, "typed_config");
+        if legate_proto::type_name(&a.type_url) != EARLY_TYPE {
+            return Err(ConfigError::new(
+                tc,
+                format!(
+                    "early header mutation {} is not supported",
+                    legate_proto::type_name(&a.type_url)
+                ),
+            ));
+        }
+        let c: legate_proto::envoy_types::pb::envoy::extensions::http::early_header_mutation::header_mutation::v3::HeaderMutation =
+            prost::Message::decode(a.value.as_slice())
+                .map_err(|e| ConfigError::new(&tc, e.to_string()))?;
+        Ok(Self(list(&c.mutations, &tc, "mutations")?))
+    }
+
+    pub fn apply(
+        &self,
+        req: &mut pingora_http::RequestHeader,
+        remote: Option<std::net::SocketAddr>,
+        local: Option<std::net::SocketAddr>,
+    ) {
+        let facts = Facts::new(req, remote, remote, local);
+        mutate(&self.0, req, &facts, None);
     }
 }
 

@@ -1339,6 +1339,16 @@ impl ProxyHttp for HcmProxy {
             }
         }
 
+        // Early header mutations come before anything else looks at the
+        // request.
+        for m in &hcm.early_mutations {
+            m.apply(
+                session.req_header_mut(),
+                ctx.downstream_remote,
+                ctx.downstream_local,
+            );
+        }
+
         // Path checks and normalization happen before routing, as in Envoy.
         let raw_path = session
             .req_header()
