@@ -312,7 +312,9 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.core.v3.Http1ProtocolOptions",
-        &["accept_http_10", "default_host_for_http_10"],
+        // ignore_http_11_upgrade: the connection manager's (Envoy's upstream
+        // codec has no use for it).
+        &["accept_http_10", "default_host_for_http_10", "ignore_http_11_upgrade"],
         &[],
     ),
     m(

@@ -473,6 +473,9 @@ pub struct Hcm {
     /// served (else 426), with `default_host_for_http_10` as the host of
     /// those that name none (empty: none).
     pub http10: Option<String>,
+    /// `http_protocol_options.ignore_http_11_upgrade`: HTTP/1.1 upgrades to
+    /// these are not upgrades (Upgrade and its Connection token go).
+    pub ignore_upgrades: Vec<super::matcher::StringMatcher>,
     /// `stream_idle_timeout`: a request with no activity either way for
     /// this long ends (408 `stream timeout`, or a reset once the response
     /// started). Envoy's default 5 min; None: disabled.
@@ -855,6 +858,22 @@ impl Hcm {
             http10: h1
                 .filter(|o| o.accept_http_10)
                 .map(|o| o.default_host_for_http_10.clone()),
+            ignore_upgrades: h1
+                .map(|o| &o.ignore_http_11_upgrade[..])
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    super::matcher::StringMatcher::from_proto(
+                        m,
+                        &index(
+                            &join(path, "http_protocol_options"),
+                            "ignore_http_11_upgrade",
+                            i,
+                        ),
+                    )
+                })
+                .collect::<Result<_>>()?,
             stat_prefix: h.stat_prefix.clone(),
             codec,
             routes,

@@ -1202,6 +1202,7 @@ impl ProxyHttp for HcmProxy {
                 .remove_header(&http::header::EXPECT);
             session.as_downstream_mut().set_ignore_info_resp(true);
         }
+        ignore_upgrade(session.req_header_mut(), &hcm.ignore_upgrades);
         // Upgrades: h2c is dropped here, as Envoy's HTTP/1 codec drops it
         // before proxying; any other is decided once the route is known (a
         // route's upgrade_configs override the connection manager's).
@@ -2604,6 +2605,36 @@ fn h2_scheme(session: &Session, req: &mut RequestHeader, ctx: &Ctx) {
     {
         req.set_uri(uri);
         req.remove_header(&http::header::HOST);
+    }
+}
+
+/// `ignore_http_11_upgrade`: an HTTP/1.1 upgrade to a matching protocol
+/// is an ordinary request, its Upgrade header and Connection token gone,
+/// as Envoy's HTTP/1 codec makes it.
+fn ignore_upgrade(req: &mut RequestHeader, ignore: &[crate::config::matcher::StringMatcher]) {
+    if ignore.is_empty() || req.version != http::Version::HTTP_11 {
+        return;
+    }
+    let Some(up) = req
+        .headers
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    else {
+        return;
+    };
+    if !ignore.iter().any(|m| m.matches(&up)) {
+        return;
+    }
+    req.remove_header(&http::header::UPGRADE);
+    let rest: Vec<String> = connection_tokens(req)
+        .into_iter()
+        .filter(|t| t != "upgrade")
+        .collect();
+    if rest.is_empty() {
+        req.remove_header(&http::header::CONNECTION);
+    } else {
+        let _ = req.insert_header(http::header::CONNECTION, rest.join(","));
     }
 }
 
