@@ -64,6 +64,12 @@ pub static GAPS: &[Gap] = &[
         reason: "Legate rejects header names that are not HTTP tokens (a space here): it could not send them on HTTP/1",
     },
     Gap {
+        tier: "http",
+        scenario: "keepalive-after-5xx",
+        request: "same-connection",
+        reason: "pingora-proxy's proxy loop reports the client connection as not reusable after a failed upstream attempt (connection refused, timeout), whatever the reply Legate wrote, so the client's keep-alive connection ends there; Envoy keeps it",
+    },
+    Gap {
         tier: "validate",
         scenario: "corpus",
         request: "accept-no-http-filters.yaml",

@@ -129,6 +129,9 @@ async fn main() -> Result<()> {
             // The http tier's OpenTelemetry access log part alone.
             "otel-log" => otel_log::run(&bins, &work, &mut report).await?,
             // The http tier's connection-age part alone.
+            "keepalive" => {
+                resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?
+            }
             "max-duration" => {
                 resilience::max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
@@ -140,6 +143,7 @@ async fn main() -> Result<()> {
                 resilience::run(&bins, &work, &mut report).await?;
                 resilience::max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
+                resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?;
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;

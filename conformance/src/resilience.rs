@@ -229,3 +229,57 @@ pub async fn downstream_max_connection_duration(
     );
     Ok(())
 }
+
+/// Envoy keeps a client's keep-alive connection after answering a failed
+/// upstream itself (503 connection refused, 504 timeout) or relaying an
+/// upstream's 5xx: the next request on the same socket is served.
+pub async fn keepalive_after_local_reply(
+    bins: &Binaries,
+    work: &std::path::Path,
+    report: &mut Report,
+) -> Result<()> {
+    use std::io::Write;
+    let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
+    let dead = legate_tests::legate::free_port();
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        "keepalive5xx",
+        "",
+        "route: {cluster: a, timeout: 0.3s}",
+        Some(("a", up.addr.port(), "")),
+        |c| {
+            c.replace(
+                r#"routes: [{match: {prefix: "/"}"#,
+                r#"routes: [{match: {prefix: "/dead"}, route: {cluster: dead}}, {match: {prefix: "/"}"#,
+            ) + &format!(
+                "  - {{name: dead, connect_timeout: 1s, load_assignment: {{cluster_name: dead, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {dead}}}}}}}}}]}}]}}}}\n"
+            )
+        },
+    )?;
+    let request = |p: &str| format!("GET {p} HTTP/1.1\r\nhost: a\r\n\r\n");
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &path, admin, work)?;
+        let got = tokio::task::block_in_place(|| -> std::io::Result<Vec<String>> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            let mut got = Vec::new();
+            for p in ["/dead", "/ok", "/status/503", "/ok2", "/delay/1000", "/ok3"] {
+                if s.write_all(request(p).as_bytes()).is_err() {
+                    got.push(format!("{p}: write failed"));
+                    break;
+                }
+                got.push(format!("{p}: {}", read_response(&mut s)));
+            }
+            Ok(got)
+        })?;
+        seen.push(got);
+    }
+    report.add(
+        "http",
+        "keepalive-after-5xx",
+        "same-connection",
+        Outcome::compare(&seen[0].join("; "), &seen[1].join("; ")),
+    );
+    Ok(())
+}

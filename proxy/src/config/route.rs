@@ -328,19 +328,19 @@ pub struct DirectResponse {
 /// `%LOCAL_REPLY_BODY%` (the configured body).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BodyFormat {
-    parts: Vec<Option<String>>,
+    /// Literal bytes, or None where the configured body goes.
+    parts: Vec<Option<Vec<u8>>>,
     pub content_type: Option<String>,
 }
 
 impl BodyFormat {
     fn from_proto(f: &core::SubstitutionFormatString, path: &str) -> Result<Self> {
         use core::substitution_format_string::Format as F;
-        let (text, p) = match &f.format {
-            Some(F::TextFormat(t)) => (t.clone(), join(path, "text_format")),
+        let (bytes, p) = match &f.format {
+            Some(F::TextFormat(t)) => (t.as_bytes().to_vec(), join(path, "text_format")),
             Some(F::TextFormatSource(ds)) => {
                 let p = join(path, "text_format_source");
-                let b = crate::datasource::read(ds, &p)?;
-                (String::from_utf8_lossy(&b).into_owned(), p)
+                (crate::datasource::read(ds, &p)?.to_vec(), p)
             }
             _ => {
                 return Err(ConfigError::new(
@@ -349,15 +349,24 @@ impl BodyFormat {
                 ))
             }
         };
-        let parts = crate::headers::parse_pieces(&text, &p, Some, |cmd| {
-            match cmd {
-            "LOCAL_REPLY_BODY" => Ok(None),
-            other => Err(ConfigError::new(
+        // A body that is not text (an image) is sent as it is.
+        let parts = match std::str::from_utf8(&bytes) {
+            Err(_) => vec![Some(bytes.clone())],
+            Ok(text) => crate::headers::parse_pieces(
+                text,
                 &p,
-                format!("%{other}% is not supported in a direct response's body_format (only %LOCAL_REPLY_BODY%)"),
-            )),
-        }
-        })?;
+                |l| Some(l.into_bytes()),
+                |cmd| {
+                    match cmd {
+                    "LOCAL_REPLY_BODY" => Ok(None),
+                    other => Err(ConfigError::new(
+                        &p,
+                        format!("%{other}% is not supported in a direct response's body_format (only %LOCAL_REPLY_BODY%)"),
+                    )),
+                }
+                },
+            )?,
+        };
         Ok(Self {
             parts,
             content_type: (!f.content_type.is_empty()).then(|| f.content_type.clone()),
@@ -369,7 +378,7 @@ impl BodyFormat {
         let mut out = Vec::new();
         for p in &self.parts {
             match p {
-                Some(text) => out.extend_from_slice(text.as_bytes()),
+                Some(text) => out.extend_from_slice(text),
                 None => out.extend_from_slice(body),
             }
         }

@@ -2370,7 +2370,8 @@ impl ProxyHttp for HcmProxy {
                 }
             },
         });
-        if reply.status > 0 && final_response(session).is_none() {
+        let replied = reply.status > 0 && final_response(session).is_none();
+        if replied {
             let suppress = ctx.hcm.as_ref().is_some_and(|h| h.suppress_envoy_headers);
             let mut extra = if ctx.overloaded && !suppress {
                 vec![(hdr("x-envoy-overloaded"), "true".to_string())]
@@ -2398,9 +2399,16 @@ impl ProxyHttp for HcmProxy {
                 )
                 .await;
         }
+        // Envoy keeps a client's connection after its own reply once the
+        // request has been read whole; a framing error in the request
+        // itself ends it. (pingora heeds this only for errors before
+        // proxying: after a failed upstream attempt its loop decides, and
+        // ends the connection: a known gap.)
+        let framing = matches!(e.etype(), ErrorType::HTTPStatus(_))
+            || matches!(e.etype(), ErrorType::Custom(c) if *c == "InvalidChunk");
         FailToProxy {
             error_code: reply.status,
-            can_reuse_downstream: false,
+            can_reuse_downstream: replied && !framing && session.as_downstream_mut().is_body_done(),
         }
     }
 
