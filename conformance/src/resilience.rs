@@ -144,9 +144,11 @@ fn read_response(s: &mut std::net::TcpStream) -> String {
     while !buf.ends_with(b"\r\n\r\n") {
         match s.read(&mut byte) {
             Ok(1) => buf.push(byte[0]),
+            // A FIN or a reset (a write after the close draws one): closed
+            // either way; which comes first is timing.
             Ok(_) => return "closed".into(),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return "no answer".into(),
-            Err(_) => return "reset".into(),
+            Err(_) => return "closed".into(),
         }
     }
     let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
@@ -174,9 +176,9 @@ fn read_response(s: &mut std::net::TcpStream) -> String {
 
 /// The connection manager's `max_connection_duration: 1s` on HTTP/1: a
 /// request in flight when it runs out is answered with `connection:
-/// close`; an idle connection stays open past it and its next request is
-/// answered with `connection: close` (when the socket then closes is not
-/// compared: Envoy waits for its drain).
+/// close`; an idle connection stays open past it for the drain
+/// (`drain_timeout`, 5 s), its next request answered with `connection:
+/// close`, and is closed after it.
 pub async fn downstream_max_connection_duration(
     bins: &Binaries,
     work: &std::path::Path,
@@ -217,6 +219,14 @@ pub async fn downstream_max_connection_duration(
             std::thread::sleep(std::time::Duration::from_millis(1500));
             let _ = s.write_all(request("/late").as_bytes());
             got.push(format!("idle past the limit: {}", read_response(&mut s)));
+            // Idle past the limit and the drain (drain_timeout, 5 s).
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(timeout)?;
+            s.write_all(request("/first").as_bytes())?;
+            got.push(format!("drained first: {}", read_response(&mut s)));
+            std::thread::sleep(std::time::Duration::from_millis(6800));
+            let _ = s.write_all(request("/late").as_bytes());
+            got.push(format!("idle past the drain: {}", read_response(&mut s)));
             Ok(got)
         })?;
         seen.push(got);

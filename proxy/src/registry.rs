@@ -244,6 +244,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "skip_xff_append",
             "original_ip_detection_extensions",
             "early_header_mutation_extensions",
+            "http1_safe_max_connection_duration",
             // Only match_upstream, which is what Legate's HTTP/2 upstreams
             // do (pingora sets :scheme from the upstream's transport).
             "scheme_header_transformation",
@@ -272,7 +273,10 @@ pub static REGISTRY: &[MessageSupport] = &[
             "tracing",
         ],
         &[
-            ("drain_timeout", "drain uses --drain-time-s"),
+            (
+                "drain_timeout",
+                "used for a max_connection_duration drain; listener drains use --drain-time-s, as Envoy's do",
+            ),
             ("delayed_close_timeout", "close timing only"),
         ],
     ),

@@ -498,9 +498,14 @@ pub struct HttpConnSettings {
     /// `common_http_protocol_options.max_requests_per_connection`.
     pub max_requests: Option<u32>,
     /// `common_http_protocol_options.max_connection_duration`: the
-    /// connection drains once it is this old (HTTP/1: closed between
-    /// requests; HTTP/2: GOAWAY).
+    /// connection drains once it is this old (HTTP/1: the next response
+    /// closes it; HTTP/2: GOAWAY).
     pub max_duration: Option<Duration>,
+    /// How long an idle HTTP/1 connection drained by `max_duration` stays
+    /// open for one more request: the connection manager's
+    /// `drain_timeout` (5 s), or for ever with
+    /// `http1_safe_max_connection_duration`.
+    pub max_duration_drain: Option<Duration>,
     pub h2: H2Settings,
 }
 
@@ -830,6 +835,18 @@ impl Hcm {
                 &join(&cp, "idle_timeout"),
             )?,
             max_requests: common.max_requests_per_connection.val().filter(|&m| m > 0),
+            max_duration_drain: if h.http1_safe_max_connection_duration {
+                None
+            } else {
+                Some(
+                    super::timeout_or(
+                        h.drain_timeout.as_ref(),
+                        Some(Duration::from_secs(5)),
+                        &join(path, "drain_timeout"),
+                    )?
+                    .unwrap_or(Duration::from_secs(5)),
+                )
+            },
             max_duration: common
                 .max_connection_duration
                 .as_ref()

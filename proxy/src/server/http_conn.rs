@@ -162,10 +162,20 @@ impl Conn<'_> {
                 Poll::Ready(_) => Poll::Ready(None),
             }
         });
-        // An idle connection past its max_connection_duration stays open,
-        // as Envoy's does: the next request is answered and closes it.
-        match self.settings.idle_timeout {
-            Some(d) => tokio::time::timeout(d, read).await.ok().flatten(),
+        // An idle connection past its max_connection_duration stays open
+        // for its drain (the next request is answered and closes it), then
+        // closes, as Envoy's does.
+        let idle = self
+            .settings
+            .idle_timeout
+            .map(|d| tokio::time::Instant::now() + d);
+        let drained = self
+            .closing
+            .deadline
+            .zip(self.settings.max_duration_drain)
+            .map(|(d, drain)| d + drain);
+        match [idle, drained].into_iter().flatten().min() {
+            Some(t) => tokio::time::timeout_at(t, read).await.ok().flatten(),
             None => read.await,
         }
     }
