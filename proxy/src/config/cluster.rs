@@ -326,6 +326,9 @@ pub struct ClusterConfig {
     /// `common_http_protocol_options.max_connection_duration`: no pooled
     /// connection is used once this long has passed since it was made.
     pub max_connection_duration: Option<Duration>,
+    /// `common_http_protocol_options.max_stream_duration`: each attempt's
+    /// whole life, after which it is reset (flag `UMSDR`).
+    pub max_stream_duration: Option<Duration>,
     pub max_concurrent_streams: u32,
     /// `HttpProtocolOptions.hash_policy`: when set, it replaces the route's
     /// hash policy for requests to this cluster.
@@ -544,6 +547,7 @@ impl ClusterConfig {
         }
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
         let mut max_connection_duration = None;
+        let mut max_stream_duration = None;
         let mut response_headers = ResponseHeaderLimits::default();
         // The deprecated Cluster field, overridden by the protocol options.
         #[allow(deprecated)]
@@ -651,12 +655,10 @@ impl ClusterConfig {
             }
             if let Some(common) = &o.common_http_protocol_options {
                 let cp = join(&p, "common_http_protocol_options");
-                if common.headers_with_underscores_action != 0
-                    || common.max_stream_duration.is_some()
-                {
+                if common.headers_with_underscores_action != 0 {
                     return Err(ConfigError::new(
                         cp,
-                        "only idle_timeout, max_requests_per_connection, max_connection_duration, max_headers_count and max_response_headers_kb are supported for upstreams",
+                        "headers_with_underscores_action is a connection manager's setting; Legate does not apply it to upstream responses",
                     ));
                 }
                 response_headers = ResponseHeaderLimits::from_proto(common, &cp)?;
@@ -668,6 +670,13 @@ impl ClusterConfig {
                             "common_http_protocol_options.max_requests_per_connection",
                         ),
                     ));
+                }
+                if let Some(t) = &common.max_stream_duration {
+                    let d = duration(
+                        t,
+                        &join(&p, "common_http_protocol_options.max_stream_duration"),
+                    )?;
+                    max_stream_duration = (!d.is_zero()).then_some(d);
                 }
                 if let Some(t) = &common.max_connection_duration {
                     let d = duration(
@@ -752,6 +761,7 @@ impl ClusterConfig {
                 Some((m, _)) => Some(m),
             },
             max_connection_duration,
+            max_stream_duration,
             max_concurrent_streams,
             hash_policy,
             eds,

@@ -182,6 +182,9 @@ pub struct Ctx {
     request_deadline: Option<Instant>,
     /// The route's `max_stream_duration`: the stream ends by then.
     stream_deadline: Option<Instant>,
+    /// The cluster's `max_stream_duration` for this attempt: it is reset
+    /// then (Envoy's `UMSDR`).
+    attempt_deadline: Option<Instant>,
     /// The gRPC status of a local reply when Envoy names one rather than
     /// mapping the HTTP status.
     grpc_status: Option<u32>,
@@ -1860,6 +1863,7 @@ impl ProxyHttp for HcmProxy {
             }
         };
         ctx.upstream_h1 = !h2;
+        ctx.attempt_deadline = cfg.max_stream_duration.map(|d| Instant::now() + d);
         peer.group_key = match &cluster.generations {
             Some(g) => g.key(cluster.pool_key, Instant::now()),
             None => cluster.pool_key,
@@ -2120,6 +2124,12 @@ impl ProxyHttp for HcmProxy {
         if !end_of_stream && ctx.stream_deadline.is_some_and(|d| d <= Instant::now()) {
             return Error::e_explain(ErrorType::ReadTimedout, "max_stream_duration reached");
         }
+        if !end_of_stream && attempt_over(ctx) {
+            return Error::e_explain(
+                ErrorType::ReadTimedout,
+                "upstream max_stream_duration reached",
+            );
+        }
         if let (Some(t), Some(start), false) = (ctx.timeout, ctx.started, end_of_stream) {
             if start.elapsed() > t {
                 // Counted in upstream_rq_timeout by fail_to_proxy.
@@ -2250,6 +2260,14 @@ impl ProxyHttp for HcmProxy {
             e.set_retry(false);
             return e;
         }
+        // The cluster's max_stream_duration reset the attempt: retried as
+        // a reset (never as a timeout), without blaming the host.
+        if attempt_over(ctx) {
+            let wants = ctx.retry.as_ref().is_some_and(|r| r.retry_on.reset);
+            let truncated = session.as_ref().retry_buffer_truncated();
+            e.set_retry(Self::decide_retry(ctx, wants, truncated));
+            return e;
+        }
         let on = ctx.retry.as_ref().map(|r| &r.retry_on);
         let timed_out = matches!(
             e.etype(),
@@ -2285,6 +2303,12 @@ impl ProxyHttp for HcmProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let stream_over = ctx.stream_deadline.is_some_and(|d| d <= Instant::now());
         let reply = ctx.pending_reply.take().unwrap_or_else(|| match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout if attempt_over(ctx) && !stream_over => {
+                ctx.flags.add("UMSDR");
+                ctx.details = "upstream_max_stream_duration_reached".into();
+                let status = if session.as_downstream_mut().is_body_done() { 504 } else { 408 };
+                LocalReply { status, body: "upstream max stream duration reached" }
+            }
             // The route's max_stream_duration, whichever read noticed it.
             ErrorType::ReadTimedout | ErrorType::WriteTimedout if stream_over => {
                 if let Some(h) = &ctx.hcm {
@@ -2560,10 +2584,18 @@ fn attempt_timeout(ctx: &Ctx) -> Option<Duration> {
 /// How long this attempt's upstream reads may wait: its timeout, and what
 /// remains of the stream's `max_stream_duration`.
 fn upstream_read_bound(ctx: &Ctx) -> Option<Duration> {
-    let stream = ctx
-        .stream_deadline
-        .map(|d| d.saturating_duration_since(Instant::now()));
-    [attempt_timeout(ctx), stream].into_iter().flatten().min()
+    let left = |d: Instant| d.saturating_duration_since(Instant::now());
+    let stream = ctx.stream_deadline.map(left);
+    let attempt = ctx.attempt_deadline.map(left);
+    [attempt_timeout(ctx), stream, attempt]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// The attempt has lived its cluster's `max_stream_duration`.
+fn attempt_over(ctx: &Ctx) -> bool {
+    ctx.attempt_deadline.is_some_and(|d| d <= Instant::now())
 }
 
 /// The `:scheme` an HTTP/2 upstream is sent, as Envoy's router sets it: the
