@@ -21,6 +21,8 @@ pub struct Expression {
     program: Arc<cel::Program>,
     roots: Vec<Root>,
     header_spellings: Arc<Vec<String>>,
+    /// Header maps are built only for expressions that read them.
+    reads_headers: bool,
 }
 
 impl std::fmt::Debug for Expression {
@@ -95,35 +97,35 @@ impl Expression {
     pub fn parse(source: &str, path: &str) -> Result<Self> {
         let program = cel::Program::compile(source)
             .map_err(|e| ConfigError::new(path, format!("invalid CEL expression: {e}")))?;
+        // Other identifiers (a comprehension's variables, or names Envoy
+        // does not know either) are left to fail evaluation, as in Envoy.
         let refs = program.references();
-        let mut roots = Vec::new();
-        for v in refs.variables() {
-            match ROOTS.iter().find(|(n, _)| *n == v) {
-                Some((_, r)) => roots.push(*r),
-                None => {
-                    return Err(ConfigError::new(
-                        path,
-                        format!("CEL attribute '{v}' is not one Legate provides"),
-                    ))
-                }
-            }
-        }
+        let roots = refs
+            .variables()
+            .into_iter()
+            .filter_map(|v| ROOTS.iter().find(|(n, _)| *n == v).map(|(_, r)| *r))
+            .collect();
         warn_unprovided(source, path);
         Ok(Self {
             source: source.to_string(),
             program: Arc::new(program),
             roots,
             header_spellings: Arc::new(capitalised_literals(source)),
+            reads_headers: source.contains("headers"),
         })
     }
 
     /// The expression's value over `e`; None when it fails (an absent
     /// attribute, a type error).
     pub fn evaluate(&self, e: &Entry) -> Option<Value> {
-        let mut ctx = cel::Context::default();
+        // The standard library is built once, not per evaluation.
+        static ENV: std::sync::LazyLock<Arc<cel::Env>> =
+            std::sync::LazyLock::new(|| Arc::new(cel::Env::stdlib()));
+        let mut ctx = cel::Context::with_env(ENV.clone());
+        let spellings = self.reads_headers.then_some(&self.header_spellings[..]);
         for r in &self.roots {
             let name = ROOTS.iter().find(|(_, x)| x == r).map_or("", |(n, _)| n);
-            ctx.add_variable_from_value(name, attributes(*r, e, &self.header_spellings));
+            ctx.add_variable_from_value(name, attributes(*r, e, spellings));
         }
         self.program.execute(&ctx).ok()
     }
@@ -296,7 +298,8 @@ fn flag_bits(flags: &str) -> u64 {
         .fold(0, |acc, i| acc | (1u64 << i))
 }
 
-fn attributes(r: Root, e: &Entry, spellings: &[String]) -> Value {
+/// `spellings`: None when the expression reads no header map.
+fn attributes(r: Root, e: &Entry, spellings: Option<&[String]>) -> Value {
     match r {
         Root::Request => request(e, spellings),
         Root::Response => response(e, spellings),
@@ -331,7 +334,7 @@ fn attributes(r: Root, e: &Entry, spellings: &[String]) -> Value {
     }
 }
 
-fn request(e: &Entry, spellings: &[String]) -> Value {
+fn request(e: &Entry, spellings: Option<&[String]>) -> Value {
     let start = chrono::DateTime::<chrono::Utc>::from(e.start).fixed_offset();
     let mut v = vec![
         ("time", Value::Timestamp(start)),
@@ -356,8 +359,10 @@ fn request(e: &Entry, spellings: &[String]) -> Value {
         ("host", s(h.pseudo.authority)),
         ("scheme", s(h.pseudo.scheme)),
         ("method", s(h.pseudo.method)),
-        ("headers", headers(h.request, spellings)),
     ]);
+    if let Some(sp) = spellings {
+        v.push(("headers", headers(h.request, sp)));
+    }
     if !h.protocol.is_empty() {
         v.push(("protocol", s(h.protocol)));
     }
@@ -381,7 +386,7 @@ fn request(e: &Entry, spellings: &[String]) -> Value {
     map(v)
 }
 
-fn response(e: &Entry, spellings: &[String]) -> Value {
+fn response(e: &Entry, spellings: Option<&[String]>) -> Value {
     let mut v = vec![
         ("size", int(e.bytes_sent)),
         ("flags", int(flag_bits(e.response_flags))),
@@ -393,8 +398,8 @@ fn response(e: &Entry, spellings: &[String]) -> Value {
         if !h.details.is_empty() {
             v.push(("code_details", s(h.details)));
         }
-        if let Some(r) = h.response {
-            v.push(("headers", headers(r, spellings)));
+        if let (Some(r), Some(sp)) = (h.response, spellings) {
+            v.push(("headers", headers(r, sp)));
         }
     }
     map(v)
@@ -444,8 +449,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_roots_and_bad_syntax_are_refused_naming_the_field() {
-        assert!(Expression::parse("foo.bar == 1", "a.expression").is_err());
+    fn bad_syntax_is_refused_naming_the_field_and_comprehensions_are_not() {
+        // Unknown names fail evaluation (absent), as in Envoy.
+        assert_eq!(eval("foo.bar == 1"), None);
+        assert_eq!(
+            eval("request.headers.exists(k, k.startsWith('x-'))").as_deref(),
+            Some("true")
+        );
         let e = Expression::parse("request.path ==", "a.expression").unwrap_err();
         assert!(e.to_string().contains("a.expression"), "{e}");
     }

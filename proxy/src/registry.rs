@@ -309,7 +309,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "headers_with_underscores_action",
             "max_requests_per_connection",
             "max_connection_duration",
-            // Downstream only: clusters refuse it.
+            // Downstream: the routes' default; upstream: each attempt's.
             "max_stream_duration",
         ],
         &[],

@@ -10,6 +10,7 @@ use legate_proto::envoy_types::pb::envoy::config::accesslog::v3 as pb;
 pub const FLAGS: &[&str] = &[
     "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
     "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+    "UDO",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -175,7 +175,9 @@ impl Logger {
                 .or(common.buffer_flush_interval)
                 .and_then(|d| crate::config::duration(&d, path).ok())
                 .filter(|d| !d.is_zero())
-                .unwrap_or(FLUSH_INTERVAL),
+                .unwrap_or(FLUSH_INTERVAL)
+                // A timer firing on every poll would spin the exporter.
+                .max(Duration::from_millis(1)),
             buffer_bytes: c
                 .buffer_size_bytes
                 .or(common.buffer_size_bytes)

@@ -172,18 +172,19 @@ fn last_but(xff: &[&str], skip: usize) -> Option<(IpAddr, bool)> {
 }
 
 /// From the right, the first address outside the trusted ranges (all
-/// trusted: the leftmost).
+/// trusted: the leftmost), read only as far as needed: an entry that is no
+/// address ends the search with nothing. Never "single" (Envoy does not
+/// let such a client be checked as internal).
 fn rightmost_untrusted(xff: &[&str], trusted: &[(IpAddr, u8)]) -> Option<(IpAddr, bool)> {
-    let addrs: Vec<IpAddr> = xff.iter().filter_map(|a| a.parse().ok()).collect();
-    if addrs.len() != xff.len() || addrs.is_empty() {
-        return None;
+    let mut last = None;
+    for entry in xff.iter().rev() {
+        let a: IpAddr = entry.parse().ok()?;
+        if !in_any(a, trusted) {
+            return Some((a, false));
+        }
+        last = Some(a);
     }
-    let found = addrs
-        .iter()
-        .rev()
-        .find(|a| !in_any(**a, trusted))
-        .or(addrs.first())?;
-    Some((*found, addrs.len() == 1))
+    last.map(|a| (a, false))
 }
 
 fn in_any(ip: IpAddr, ranges: &[(IpAddr, u8)]) -> bool {

@@ -838,14 +838,11 @@ impl Hcm {
             max_duration_drain: if h.http1_safe_max_connection_duration {
                 None
             } else {
-                Some(
-                    super::timeout_or(
-                        h.drain_timeout.as_ref(),
-                        Some(Duration::from_secs(5)),
-                        &join(path, "drain_timeout"),
-                    )?
-                    .unwrap_or(Duration::from_secs(5)),
-                )
+                // 0 closes a drained idle connection at once.
+                Some(match &h.drain_timeout {
+                    Some(d) => super::duration(d, &join(path, "drain_timeout"))?,
+                    None => Duration::from_secs(5),
+                })
             },
             max_duration: common
                 .max_connection_duration

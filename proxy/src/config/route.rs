@@ -367,6 +367,12 @@ impl BodyFormat {
                 },
             )?,
         };
+        if !f.content_type.is_empty() && http::HeaderValue::from_str(&f.content_type).is_err() {
+            return Err(ConfigError::new(
+                join(path, "content_type"),
+                "not a valid header value",
+            ));
+        }
         Ok(Self {
             parts,
             content_type: (!f.content_type.is_empty()).then(|| f.content_type.clone()),

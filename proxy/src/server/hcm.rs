@@ -1918,6 +1918,15 @@ impl ProxyHttp for HcmProxy {
         ctx.upstream_local = digest
             .and_then(|d| d.socket_digest.as_ref())
             .and_then(|s| inet(s.local_addr()));
+        // Envoy arms the cluster's max_stream_duration when the connection
+        // is ready, not while connecting.
+        if let Some(d) = ctx
+            .cluster
+            .as_ref()
+            .and_then(|c| c.config.max_stream_duration)
+        {
+            ctx.attempt_deadline = Some(Instant::now() + d);
+        }
         if let Some(c) = &ctx.cluster {
             if !reused {
                 c.stats.upstream_cx_total.increment(1);
@@ -2303,7 +2312,11 @@ impl ProxyHttp for HcmProxy {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let stream_over = ctx.stream_deadline.is_some_and(|d| d <= Instant::now());
         let reply = ctx.pending_reply.take().unwrap_or_else(|| match e.etype() {
-            ErrorType::ReadTimedout | ErrorType::WriteTimedout if attempt_over(ctx) && !stream_over => {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if attempt_over(ctx)
+                    && !stream_over
+                    && e.esource() != &pingora_error::ErrorSource::Downstream =>
+            {
                 ctx.flags.add("UMSDR");
                 ctx.details = "upstream_max_stream_duration_reached".into();
                 let status = if session.as_downstream_mut().is_body_done() { 504 } else { 408 };

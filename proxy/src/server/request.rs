@@ -475,11 +475,14 @@ pub fn forwarding(
     if envoy_headers {
         req.remove_header("x-envoy-internal");
     }
-    let xff = req
+    // Several XFF lines are one list (Envoy joins them).
+    let lines: Vec<&str> = req
         .headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = (!lines.is_empty()).then(|| lines.join(","));
     let mut final_addr = None;
     let mut allow_trusted_checks = false;
     if hcm.use_remote_address {
