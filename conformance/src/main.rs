@@ -132,6 +132,7 @@ async fn main() -> Result<()> {
             "keepalive" => {
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?
             }
+            "per-host" => resilience::per_host_connections(&bins, &work, &mut report).await?,
             "max-duration" => {
                 resilience::max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
@@ -144,6 +145,7 @@ async fn main() -> Result<()> {
                 resilience::max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?;
+                resilience::per_host_connections(&bins, &work, &mut report).await?;
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;

@@ -293,3 +293,58 @@ pub async fn keepalive_after_local_reply(
     );
     Ok(())
 }
+
+/// `per_host_thresholds.max_connections: 1`: while one slow request holds
+/// the host's only connection, a second one to that host waits for it (a
+/// pending request) instead of opening another; both are served over one
+/// connection. (`max_pending_requests: 0` is not used: Envoy counts every
+/// request pending while its connection opens, a known gap.)
+pub async fn per_host_connections(
+    bins: &Binaries,
+    work: &std::path::Path,
+    report: &mut Report,
+) -> Result<()> {
+    let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        "perhost",
+        "",
+        "route: {cluster: ph}",
+        Some((
+            "ph",
+            up.addr.port(),
+            "circuit_breakers: {per_host_thresholds: [{max_connections: 1}]}",
+        )),
+        |c| c,
+    )?;
+    let stats = [
+        "cluster.ph.upstream_rq_pending_overflow",
+        "cluster.ph.upstream_cx_total",
+    ];
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &path, admin, work)?;
+        let got = tokio::task::block_in_place(|| {
+            let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+            let slow = std::thread::spawn({
+                let u = url("/delay/1000");
+                move || legate_tests::legate::try_curl(&u, &[]).map_or(0, |r| r.status)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let second = legate_tests::legate::try_curl(&url("/b"), &[]).map_or(0, |r| r.status);
+            let first = slow.join().unwrap_or(0);
+            let after = legate_tests::legate::try_curl(&url("/c"), &[]).map_or(0, |r| r.status);
+            format!("slow {first}; concurrent {second}; after {after}")
+        });
+        let mut all = vec![got];
+        all.extend(stats.iter().map(|s| format!("{s}: {}", stat(admin, s))));
+        seen.push(all);
+    }
+    report.add(
+        "http",
+        "per-host-connections",
+        "second-request-overflows",
+        Outcome::compare(&seen[0].join("; "), &seen[1].join("; ")),
+    );
+    Ok(())
+}

@@ -21,6 +21,18 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// A limit without gauges of its own (a host's connections: Envoy
+    /// keeps no per-host breaker gauges).
+    pub fn unpublished(max: u64) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            count: AtomicU64::new(0),
+            open: metrics::Gauge::noop(),
+            remaining: None,
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
     fn new(max: u64, prefix: &str, open: &str, remaining: Option<&str>) -> Arc<Self> {
         let r = Arc::new(Self {
             max,
@@ -196,6 +208,7 @@ mod tests {
     fn breakers(t: Thresholds) -> Breakers {
         let cb = CircuitBreakers {
             priorities: [t, Thresholds::default()],
+            per_host_connections: None,
         };
         Breakers::new(&format!("cb-test-{}", rand::random::<u32>()), &cb)
     }

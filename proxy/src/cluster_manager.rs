@@ -609,6 +609,10 @@ pub struct Cluster {
     publishing: Mutex<()>,
     /// Distinguishes this cluster's pooled connections from every other's.
     pub pool_key: u64,
+    /// With `per_host_thresholds.max_connections`: each host's connection
+    /// slots, by address (kept across host set updates, as the hosts'
+    /// connections are).
+    host_connections: Mutex<HashMap<SocketAddr, Arc<crate::breakers::Resource>>>,
     /// With `max_connection_duration`: the pool's generations.
     pub generations: Option<crate::pool_age::Generations>,
     /// Requests sent on each pooled upstream connection (by socket), kept
@@ -667,6 +671,7 @@ impl Cluster {
             last_published: Mutex::new(None),
             publishing: Mutex::new(()),
             pool_key,
+            host_connections: Mutex::new(HashMap::new()),
             generations: config
                 .max_connection_duration
                 .map(crate::pool_age::Generations::new),
@@ -679,6 +684,24 @@ impl Cluster {
             c.set_localities(&localities, c.config.overprovisioning_factor);
         }
         c
+    }
+
+    /// The connection slots of host `addr`, when hosts are limited.
+    pub fn host_connections(&self, addr: SocketAddr) -> Option<Arc<crate::breakers::Resource>> {
+        let max = self.config.circuit_breakers.per_host_connections?;
+        let mut m = self
+            .host_connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if m.len() >= 4096 {
+            // Forget hosts nothing holds a slot of.
+            m.retain(|_, r| r.count() > 0);
+        }
+        Some(
+            m.entry(addr)
+                .or_insert_with(|| crate::breakers::Resource::unpublished(max))
+                .clone(),
+        )
     }
 
     /// Counts a request on upstream connection `fd` (a new connection when

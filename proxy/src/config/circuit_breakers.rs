@@ -47,6 +47,9 @@ impl Default for Thresholds {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CircuitBreakers {
     pub priorities: [Thresholds; 2],
+    /// `per_host_thresholds[].max_connections` (DEFAULT priority): the
+    /// connections one host may have.
+    pub per_host_connections: Option<u64>,
 }
 
 fn priority(p: i32, path: &str) -> Result<usize> {
@@ -92,11 +95,10 @@ impl CircuitBreakers {
                     "Unsupported field in per_host_thresholds: only max_connections applies per host",
                 ));
             }
-            if t.max_connections.is_some() {
-                return Err(ConfigError::new(
-                    join(&p, "max_connections"),
-                    "per-host connection limits are not enforced yet",
-                ));
+            // Legate routes everything at DEFAULT priority (route
+            // `priority` is refused), so HIGH limits never apply.
+            if which == 0 {
+                out.per_host_connections = t.max_connections.map(|m| u64::from(m.value));
             }
         }
         Ok(out)

@@ -201,6 +201,8 @@ pub struct Ctx {
     /// Circuit breaker slots this request holds: an upstream connection
     /// (HTTP/1), an active request, a retry.
     cx_slot: Option<crate::breakers::Slot>,
+    /// The chosen host's connection slot, with `per_host_thresholds`.
+    host_cx_slot: Option<crate::breakers::Slot>,
     rq_slot: Option<crate::breakers::Slot>,
     retry_slot: Option<crate::breakers::Slot>,
     /// A circuit breaker refused the request: `x-envoy-overloaded: true`.
@@ -990,9 +992,19 @@ impl HcmProxy {
     /// connection for an HTTP/1 upstream (each request holds one; waiting
     /// for one is Envoy's pending request, bounded by the route timeout),
     /// then an active request. Over a limit: Envoy's 503 with flag `UO`.
-    async fn take_slots(cluster: &Cluster, ctx: &mut Ctx, h2: bool) -> Result<()> {
-        (ctx.cx_slot, ctx.rq_slot) = (None, None);
+    async fn take_slots(
+        cluster: &Cluster,
+        ctx: &mut Ctx,
+        h2: bool,
+        host: std::net::SocketAddr,
+    ) -> Result<()> {
+        (ctx.cx_slot, ctx.rq_slot, ctx.host_cx_slot) = (None, None, None);
         let b = cluster.breakers.default_priority();
+        if !h2 {
+            if let Some(limit) = cluster.host_connections(host) {
+                ctx.host_cx_slot = Some(Self::host_slot(cluster, ctx, &limit).await?);
+            }
+        }
         // An `auto_config` cluster's protocol is known per connection only:
         // its requests hold connection slots as HTTP/1 ones do.
         if !h2 {
@@ -1039,11 +1051,50 @@ impl HcmProxy {
         Ok(())
     }
 
+    /// A connection slot of the chosen host (`per_host_thresholds`): over
+    /// the limit the request waits for one as a pending request, as it
+    /// would for the cluster's (it cannot go to another host).
+    async fn host_slot(
+        cluster: &Cluster,
+        ctx: &mut Ctx,
+        limit: &Arc<crate::breakers::Resource>,
+    ) -> Result<crate::breakers::Slot> {
+        if let Some(s) = limit.try_acquire() {
+            return Ok(s);
+        }
+        cluster.stats.upstream_cx_overflow.increment(1);
+        let b = cluster.breakers.default_priority();
+        let Some(_pending) = b.pending.try_acquire() else {
+            Self::overflow(cluster, ctx)?;
+            return Error::e_explain(ErrorType::InternalError, "per-host overflow");
+        };
+        let left = ctx
+            .timeout
+            .map(|t| t.saturating_sub(ctx.started.map_or(Duration::ZERO, |s| s.elapsed())));
+        match left {
+            None => Ok(limit.acquire().await),
+            Some(left) => match tokio::time::timeout(left, limit.acquire()).await {
+                Ok(s) => Ok(s),
+                Err(_) => {
+                    cluster.stats.upstream_rq_timeout.increment(1);
+                    refuse::<()>(
+                        ctx,
+                        504,
+                        "upstream request timeout",
+                        "UT",
+                        "response_timeout",
+                    )?;
+                    Error::e_explain(ErrorType::InternalError, "per-host wait timed out")
+                }
+            },
+        }
+    }
+
     /// A request refused by a circuit breaker: Envoy counts it as a pending
     /// overflow (for max_requests too) and answers 503 with `UO` and
     /// `x-envoy-overloaded: true`; it is never retried.
     fn overflow(cluster: &Cluster, ctx: &mut Ctx) -> Result<()> {
-        (ctx.cx_slot, ctx.rq_slot) = (None, None);
+        (ctx.cx_slot, ctx.rq_slot, ctx.host_cx_slot) = (None, None, None);
         cluster.stats.upstream_rq_pending_overflow.increment(1);
         cluster.stats.upstream_rq_completed.increment(1);
         cluster.stats.record_status(503);
@@ -1811,7 +1862,7 @@ impl ProxyHttp for HcmProxy {
             return refuse(ctx, 503, "no healthy upstream", "UH", "no_healthy_upstream");
         };
         let h2 = cluster.config.h2_for(session.req_header().version);
-        Self::take_slots(&cluster, ctx, h2).await?;
+        Self::take_slots(&cluster, ctx, h2, host.addr).await?;
         host.active_requests.fetch_add(1, Ordering::Relaxed);
         ctx.tried.push(host.addr);
         ctx.host = Some(host.clone());
@@ -2469,7 +2520,7 @@ impl ProxyHttp for HcmProxy {
         if let Some(h) = ctx.host.take() {
             h.active_requests.fetch_sub(1, Ordering::Relaxed);
         }
-        (ctx.cx_slot, ctx.rq_slot, ctx.retry_slot) = (None, None, None);
+        (ctx.cx_slot, ctx.rq_slot, ctx.retry_slot, ctx.host_cx_slot) = (None, None, None, None);
         let status = final_response(session).map_or(ctx.status, |r| r.status.as_u16());
         if let Some(c) = &ctx.cluster {
             if ctx.upstream_started.is_some() {
