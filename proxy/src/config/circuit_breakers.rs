@@ -182,13 +182,13 @@ mod tests {
     }
 
     #[test]
-    fn per_host_thresholds_are_refused_naming_the_field() {
+    fn per_host_thresholds_keep_only_max_connections() {
         let err = parse("per_host_thresholds: [{max_requests: 2}]").unwrap_err();
         assert_eq!(err.path, "circuit_breakers.per_host_thresholds[0]");
-        let err = parse("per_host_thresholds: [{max_connections: 2}]").unwrap_err();
-        assert_eq!(
-            err.path,
-            "circuit_breakers.per_host_thresholds[0].max_connections"
-        );
+        let cb = parse("per_host_thresholds: [{max_connections: 2}]").unwrap();
+        assert_eq!(cb.per_host_connections, Some(2));
+        // HIGH priority limits never apply: Legate routes at DEFAULT.
+        let cb = parse("per_host_thresholds: [{priority: HIGH, max_connections: 2}]").unwrap();
+        assert_eq!(cb.per_host_connections, None);
     }
 }
