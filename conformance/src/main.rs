@@ -133,6 +133,7 @@ async fn main() -> Result<()> {
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?
             }
             "per-host" => resilience::per_host_connections(&bins, &work, &mut report).await?,
+            "h2-keepalive" => resilience::h2_keepalive(&bins, &work, &mut report).await?,
             "max-duration" => {
                 resilience::max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
@@ -146,6 +147,7 @@ async fn main() -> Result<()> {
                 resilience::downstream_max_connection_duration(&bins, &work, &mut report).await?;
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?;
                 resilience::per_host_connections(&bins, &work, &mut report).await?;
+                resilience::h2_keepalive(&bins, &work, &mut report).await?;
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;

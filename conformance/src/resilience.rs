@@ -348,3 +348,107 @@ pub async fn per_host_connections(
     );
     Ok(())
 }
+
+/// Reads HTTP/2 frames from a raw client connection for up to `for_long`,
+/// acknowledging the server's SETTINGS and, when `answer`, its PINGs: how
+/// many PINGs came, and how the connection ended (or that it did not).
+fn h2_watch(s: &mut std::net::TcpStream, answer: bool, for_long: std::time::Duration) -> String {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + for_long;
+    let (mut pings, mut goaway) = (0, false);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return format!("pings {pings}, goaway {goaway}, still open");
+        }
+        let _ = s.set_read_timeout(Some(left));
+        let mut head = [0u8; 9];
+        if let Err(e) = s.read_exact(&mut head) {
+            let ended = if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) {
+                "still open"
+            } else {
+                "closed"
+            };
+            return format!("pings {pings}, goaway {goaway}, {ended}");
+        }
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let mut payload = vec![0u8; len];
+        if s.read_exact(&mut payload).is_err() {
+            return format!("pings {pings}, goaway {goaway}, closed");
+        }
+        let (kind, flags) = (head[3], head[4]);
+        match kind {
+            4 if flags & 1 == 0 => {
+                let _ = s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]);
+            }
+            6 if flags & 1 == 0 => {
+                pings += 1;
+                if answer {
+                    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                    ack.extend_from_slice(&payload);
+                    let _ = s.write_all(&ack);
+                }
+            }
+            7 => goaway = true,
+            _ => {}
+        }
+    }
+}
+
+/// HTTP/2 `connection_keepalive` (interval 1 s, timeout 1 s, no jitter) on
+/// raw client connections: one that never answers a PING is closed after
+/// the first goes unanswered; one that answers stays open.
+pub async fn h2_keepalive(
+    bins: &Binaries,
+    work: &std::path::Path,
+    report: &mut Report,
+) -> Result<()> {
+    use std::io::Write;
+    let up = legate_tests::echo::start("a", "127.0.0.1:0".parse().unwrap()).await?;
+    let crate::bootstrap::Written { path, port, admin } = crate::bootstrap::write_single(
+        work,
+        "h2keepalive",
+        "http2_protocol_options: {connection_keepalive: {interval: 1s, timeout: 1s, interval_jitter: {value: 0}}}",
+        "route: {cluster: a}",
+        Some(("a", up.addr.port(), "")),
+        |c| c,
+    )?;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    let mut seen = Vec::new();
+    for kind in [Kind::Envoy, Kind::Legate] {
+        let _r = proxies::start(bins, kind, &path, admin, work)?;
+        let got = tokio::task::block_in_place(|| -> std::io::Result<Vec<String>> {
+            let mut silent = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            silent.write_all(PREFACE)?;
+            let mut answering = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            answering.write_all(PREFACE)?;
+            let quiet = std::thread::spawn(move || {
+                h2_watch(&mut silent, false, std::time::Duration::from_millis(3500))
+            });
+            let kept = h2_watch(&mut answering, true, std::time::Duration::from_millis(3500));
+            Ok(vec![
+                format!("silent client: {}", quiet.join().unwrap_or_default()),
+                // How many pings an answering client sees moves with timing.
+                format!(
+                    "answering client: {}",
+                    if kept.ends_with("still open") {
+                        "still open"
+                    } else {
+                        "closed"
+                    }
+                ),
+            ])
+        })?;
+        seen.push(got);
+    }
+    report.add(
+        "http",
+        "h2-keepalive",
+        "unanswered-ping-closes",
+        Outcome::compare(&seen[0].join("; "), &seen[1].join("; ")),
+    );
+    Ok(())
+}

@@ -327,8 +327,18 @@ pub static REGISTRY: &[MessageSupport] = &[
             "max_concurrent_streams",
             "initial_stream_window_size",
             "initial_connection_window_size",
+            // Downstream only: clusters refuse it.
+            "connection_keepalive",
         ],
         &[],
+    ),
+    m(
+        "envoy.config.core.v3.KeepaliveSettings",
+        &["interval", "timeout", "interval_jitter"],
+        &[(
+            "connection_idle_interval",
+            "pings before new streams on idle connections are a client's; a server's pings follow interval",
+        )],
     ),
     // Routes.
     m(

@@ -543,7 +543,7 @@ impl ClusterConfig {
             UpstreamProtocol::Http1
         };
         if let Some(h2) = &c.http2_protocol_options {
-            warn_upstream_windows(h2, &join(path, "http2_protocol_options"));
+            upstream_h2(h2, &join(path, "http2_protocol_options"))?;
         }
         let mut upstream_idle_timeout = Some(Duration::from_secs(3600));
         let mut max_connection_duration = None;
@@ -603,10 +603,7 @@ impl ClusterConfig {
                     }
                     Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
                         protocol = UpstreamProtocol::Http2;
-                        warn_upstream_windows(
-                            h2,
-                            &join(&p, "explicit_http_config.http2_protocol_options"),
-                        );
+                        upstream_h2(h2, &join(&p, "explicit_http_config.http2_protocol_options"))?;
                         if let Some(m) = h2.max_concurrent_streams.val() {
                             max_concurrent_streams = m;
                         }
@@ -627,10 +624,10 @@ impl ClusterConfig {
                     }
                     protocol = UpstreamProtocol::Downstream;
                     if let Some(h2) = &d.http2_protocol_options {
-                        warn_upstream_windows(
+                        upstream_h2(
                             h2,
                             &join(&p, "use_downstream_protocol_config.http2_protocol_options"),
-                        );
+                        )?;
                         if let Some(m) = h2.max_concurrent_streams.val() {
                             max_concurrent_streams = m;
                         }
@@ -645,7 +642,7 @@ impl ClusterConfig {
                     }
                     protocol = UpstreamProtocol::Auto;
                     if let Some(h2) = &a.http2_protocol_options {
-                        warn_upstream_windows(h2, &join(&p, "auto_config.http2_protocol_options"));
+                        upstream_h2(h2, &join(&p, "auto_config.http2_protocol_options"))?;
                         if let Some(m) = h2.max_concurrent_streams.val() {
                             max_concurrent_streams = m;
                         }
@@ -1278,10 +1275,18 @@ pub fn load_assignment(
 /// listener; upstream, pingora's HTTP/2 client keeps its own (64 KiB). They
 /// pace traffic without changing it, so they are accepted with a warning
 /// and counted, as the registry does for such fields.
-fn warn_upstream_windows(
+/// `connection_keepalive` upstream (pings to detect a dead upstream
+/// connection) is refused: pingora's HTTP/2 client is not driven to ping.
+fn upstream_h2(
     h2: &legate_proto::envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions,
     path: &str,
-) {
+) -> Result<()> {
+    if h2.connection_keepalive.is_some() {
+        return Err(ConfigError::new(
+            join(path, "connection_keepalive"),
+            "HTTP/2 keepalive pings are sent on downstream connections only",
+        ));
+    }
     for (set, field) in [
         (
             h2.initial_stream_window_size.is_some(),
@@ -1297,6 +1302,7 @@ fn warn_upstream_windows(
             crate::stats::counter("legate.config.fields_ignored".into()).increment(1);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -515,6 +515,17 @@ pub struct H2Settings {
     pub max_concurrent_streams: u32,
     pub initial_stream_window_size: u32,
     pub initial_connection_window_size: u32,
+    /// `connection_keepalive`: a PING every interval (plus jitter); no
+    /// answer within the timeout closes the connection.
+    pub keepalive: Option<H2Keepalive>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct H2Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Percent of the interval added at random to each one.
+    pub jitter_percent: f64,
 }
 
 impl Default for H2Settings {
@@ -526,6 +537,7 @@ impl Default for H2Settings {
             max_concurrent_streams: 100,
             initial_stream_window_size: 64 * 1024,
             initial_connection_window_size: 1024 * 1024,
+            keepalive: None,
         }
     }
 }
@@ -551,6 +563,20 @@ impl H2Settings {
                 .initial_connection_window_size
                 .val()
                 .unwrap_or(d.initial_connection_window_size),
+            keepalive: o.connection_keepalive.as_ref().and_then(|k| {
+                let ms = |d: &legate_proto::envoy_types::pb::google::protobuf::Duration| {
+                    Duration::from_secs(d.seconds.max(0) as u64)
+                        + Duration::from_nanos(d.nanos.max(0) as u64)
+                };
+                // Without an interval Envoy's server sends no pings.
+                let interval = k.interval.as_ref().map(ms).filter(|d| !d.is_zero())?;
+                Some(H2Keepalive {
+                    interval,
+                    timeout: k.timeout.as_ref().map(ms).unwrap_or_default(),
+                    // Envoy's default jitter is 15 %.
+                    jitter_percent: k.interval_jitter.as_ref().map_or(15.0, |p| p.value),
+                })
+            }),
         }
     }
 }

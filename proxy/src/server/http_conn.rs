@@ -208,6 +208,9 @@ impl Conn<'_> {
             }
         };
         let active = Arc::new(Active::default());
+        // connection_keepalive: ends when a PING goes unanswered.
+        let keepalive = keepalive(conn.ping_pong(), self.settings.h2.keepalive.clone());
+        tokio::pin!(keepalive);
         // The streams' drain, apart from the one this loop waits on: each
         // stream's future borrows it, so it is declared before them.
         let stream_drain = self.drain.clone();
@@ -242,6 +245,12 @@ impl Conn<'_> {
                     Some(()) = streams.next(), if !streams.is_empty() => continue,
                     // Cancel-safe: polled again on the next turn.
                     next = h2server::HttpSession::from_h2_conn(&mut conn, digest.clone()) => next,
+                    // The client stopped answering PINGs: closed, as Envoy
+                    // closes it.
+                    () = &mut keepalive => {
+                        crate::stats::counter("http2.keepalive_timeout".into()).increment(1);
+                        break;
+                    }
                     _ = active.idle_for(self.settings.idle_timeout.unwrap_or_default()),
                         if self.settings.idle_timeout.is_some() =>
                     {
@@ -338,6 +347,28 @@ const MAX_PENDING_RESET_STREAMS: usize = 200;
 
 /// pingora's bounded defaults (header list size) with the listener's
 /// stream limit and windows.
+/// Sends a PING every interval (plus up to `jitter_percent` of it at
+/// random) and returns when one is not answered within the timeout; never
+/// without a keepalive.
+async fn keepalive(
+    pings: Option<h2::PingPong>,
+    settings: Option<crate::config::listener::H2Keepalive>,
+) {
+    let (Some(mut pings), Some(k)) = (pings, settings) else {
+        return std::future::pending().await;
+    };
+    loop {
+        let jitter = k
+            .interval
+            .mul_f64(k.jitter_percent / 100.0 * rand::random::<f64>());
+        tokio::time::sleep(k.interval + jitter).await;
+        let answered = tokio::time::timeout(k.timeout, pings.ping(h2::Ping::opaque())).await;
+        if !matches!(answered, Ok(Ok(_))) {
+            return;
+        }
+    }
+}
+
 fn h2_options(s: &H2Settings) -> h2server::H2Options {
     let mut o = h2server::default_h2_options();
     o.max_concurrent_streams(s.max_concurrent_streams)
