@@ -3,7 +3,8 @@
 //! to a real collector (`legate_tests::otlp`); compared are the call's
 //! metadata, the resource, and every record's body and attributes (the
 //! records sorted, since batching may differ; times compared by being
-//! within a minute of now).
+//! within a minute of now). The requests carry a sampled trace context, so
+//! each record names its trace.
 
 use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
@@ -16,6 +17,9 @@ const REQUESTS: [(&str, &str); 3] = [
     ("POST", "/echo/b?q=1"),
     ("GET", "/local"),
 ];
+/// A sampled W3C context: the records name its trace (and a span of the
+/// proxy's own).
+const TRACEPARENT: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 fn bootstrap(admin: u16, port: u16, echo: u16, collector: u16) -> String {
     let logger = r#"{name: envoy.access_loggers.open_telemetry, typed_config: {"@type": type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig,
@@ -43,6 +47,7 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: otel
+          tracing: {{provider: {{name: envoy.tracers.opentelemetry, typed_config: {{"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {{envoy_grpc: {{cluster_name: collector}}}}, service_name: conformance}}}}}}
           access_log: [{logger}]
           route_config:
             virtual_hosts: [{{name: v, domains: ["*"], routes: [
@@ -127,13 +132,15 @@ fn exported(c: &legate_tests::otlp::Collector) -> Vec<String> {
                 out.push(format!("scope {:?}", s.scope));
                 for l in &s.log_records {
                     records.push(format!(
-                        "record time {} observed {} severity {} {:?} flags {} trace_id {} span_id {} body {} attributes {{{}}}",
+                        "record time {} observed {} severity {} {:?} flags {} trace_id {} span_id bytes {} body {} attributes {{{}}}",
                         if recent(l.time_unix_nano) { "now".to_string() } else { l.time_unix_nano.to_string() },
                         l.observed_time_unix_nano,
                         l.severity_number,
                         l.severity_text,
                         l.flags,
-                        l.trace_id.len(),
+                        // The trace id is the client's (TRACEPARENT); the
+                        // span id is each proxy's own, random.
+                        l.trace_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
                         l.span_id.len(),
                         l.body.as_ref().map_or("none".into(), show),
                         show_kvs(&l.attributes)
@@ -168,8 +175,10 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         tokio::task::block_in_place(|| {
             for (method, p) in REQUESTS {
                 let url = format!("http://127.0.0.1:{port}{p}");
-                let _ =
-                    legate_tests::legate::try_curl(&url, &["-X", method, "-A", "conformance/1"]);
+                let _ = legate_tests::legate::try_curl(
+                    &url,
+                    &["-X", method, "-A", "conformance/1", "-H", TRACEPARENT],
+                );
             }
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -48,6 +48,8 @@ pub struct Entry<'a> {
     /// The request and its response, on HTTP streams; TCP connections
     /// print `-` (and `0` for the response code) where Envoy does.
     pub http: Option<HttpFacts<'a>>,
+    /// The request's trace and span ids, when it is traced.
+    pub trace: Option<([u8; 16], [u8; 8])>,
 }
 
 /// What an HTTP stream adds to its access log entry.
@@ -734,6 +736,7 @@ pub(crate) mod tests {
             response_flags: "",
             requested_server_name: "",
             http: None,
+            trace: None,
         }
     }
 

@@ -202,6 +202,9 @@ impl Logger {
                 .map_or(0, |d| d.as_nanos() as u64),
             body: self.body.as_ref().map(|b| b.render(e)),
             attributes: render_list(&self.attributes, e),
+            // Envoy names the request's span, when it has one.
+            trace_id: e.trace.map(|t| t.0.to_vec()).unwrap_or_default(),
+            span_id: e.trace.map(|t| t.1.to_vec()).unwrap_or_default(),
             ..Default::default()
         };
         let queue = self.queue.get_or_init(|| {

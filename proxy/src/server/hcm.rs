@@ -824,6 +824,7 @@ impl HcmProxy {
                     .any(|s| s.is::<crate::http_filters::health_check::IsHealthCheck>()),
                 traced: ctx.trace_forced,
             }),
+            trace: ctx.span.as_ref().and_then(|s| s.log_ids()),
         };
         for l in logs {
             l.log(&e, clusters);

@@ -510,6 +510,7 @@ fn log_unmatched(
         response_flags: "NR",
         requested_server_name: conn.server_name,
         http: None,
+        trace: None,
     };
     for l in &config.access_log {
         l.log(&e, clusters);

@@ -171,6 +171,7 @@ pub async fn serve<D: Halves>(
             response_flags: sum.flags,
             requested_server_name: &conn.sni,
             http: None,
+            trace: None,
         };
         for l in &t.access_log {
             l.log(&e, &clusters);

@@ -28,6 +28,21 @@ pub struct SpanContext {
     sampled: bool,
 }
 
+impl SpanContext {
+    /// The trace and span ids a log record names (the trace id as 16
+    /// bytes, a 64-bit one zero-padded as Envoy pads it), when the request
+    /// is traced: Envoy's span for an untraced request has no ids.
+    pub fn log_ids(&self) -> Option<([u8; 16], [u8; 8])> {
+        if !self.sampled {
+            return None;
+        }
+        let mut trace = [0u8; 16];
+        trace[..8].copy_from_slice(&self.trace_hi.to_be_bytes());
+        trace[8..].copy_from_slice(&self.trace_lo.to_be_bytes());
+        Some((trace, self.span.to_be_bytes()))
+    }
+}
+
 fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }

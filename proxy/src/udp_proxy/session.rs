@@ -153,6 +153,7 @@ impl Drop for Session {
             response_flags: self.flags,
             requested_server_name: "",
             http: None,
+            trace: None,
         };
         for l in &self.config.access_log {
             l.log(&e, &self.clusters);
