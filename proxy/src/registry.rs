@@ -273,10 +273,6 @@ pub static REGISTRY: &[MessageSupport] = &[
             "tracing",
         ],
         &[
-            (
-                "drain_timeout",
-                "used for a max_connection_duration drain; listener drains use --drain-time-s, as Envoy's do",
-            ),
             ("delayed_close_timeout", "close timing only"),
         ],
     ),

@@ -503,7 +503,7 @@ pub struct HttpConnSettings {
     pub max_duration: Option<Duration>,
     /// How long an idle HTTP/1 connection drained by `max_duration` stays
     /// open for one more request: the connection manager's
-    /// `drain_timeout` (5 s), or for ever with
+    /// default `drain_timeout` (5 s), or for ever with
     /// `http1_safe_max_connection_duration`.
     pub max_duration_drain: Option<Duration>,
     pub h2: H2Settings,
@@ -864,11 +864,10 @@ impl Hcm {
             max_duration_drain: if h.http1_safe_max_connection_duration {
                 None
             } else {
-                // 0 closes a drained idle connection at once.
-                Some(match &h.drain_timeout {
-                    Some(d) => super::duration(d, &join(path, "drain_timeout"))?,
-                    None => Duration::from_secs(5),
-                })
+                // Envoy's default drain_timeout (the field itself is
+                // refused: it also times listener drains, which follow
+                // --drain-time-s in Legate).
+                Some(Duration::from_secs(5))
             },
             max_duration: common
                 .max_connection_duration
