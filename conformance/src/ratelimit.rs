@@ -33,6 +33,21 @@ descriptors:
   rate_limit: {unit: hour, requests_per_unit: 3}
 - key: user
   rate_limit: {unit: hour, requests_per_unit: 1}
+- key: generic_key
+  value: cost
+  rate_limit: {unit: hour, requests_per_unit: 5}
+- key: generic_key
+  value: cost-format
+  rate_limit: {unit: hour, requests_per_unit: 5}
+- key: generic_key
+  value: after
+  rate_limit: {unit: hour, requests_per_unit: 3}
+- key: generic_key
+  value: headers
+  rate_limit: {unit: hour, requests_per_unit: 10}
+- key: generic_key
+  value: headers-off
+  rate_limit: {unit: hour, requests_per_unit: 4}
 "#;
 
 fn service_binary(root: &Path) -> Result<PathBuf> {

@@ -156,6 +156,10 @@ pub struct Request {
     /// (`/healthcheck/fail`).
     #[serde(default)]
     pub admin_post: Option<String>,
+    /// Milliseconds to wait before sending (for work a proxy does after
+    /// the previous response, such as a stream-done rate limit call).
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +223,9 @@ fn observe_both(
                 .map(|r| {
                     if let Some(p) = &r.admin_post {
                         admin_post(admin, p);
+                    }
+                    if let Some(ms) = r.pause_ms {
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
                     }
                     send(port, r, work)
                 })

@@ -13,7 +13,7 @@
 //! value matches any value, with a bucket per value (at most
 //! `max_dynamic_descriptors`, the least recently used dropped).
 
-use super::rate_limit_actions::{self as actions, Descriptor, RateLimit, VhRateLimits};
+use super::rate_limit_actions::{self as actions, Produced, RateLimit, VhRateLimits, XRateLimit};
 use super::{
     Factory, FilterReply, Flow, Fraction, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State,
 };
@@ -66,7 +66,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     },
     MessageSupport {
         message: "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor",
-        supported: &["entries", "token_bucket"],
+        supported: &["entries", "token_bucket", "shadow_mode"],
         warn: &[],
     },
     MessageSupport {
@@ -103,6 +103,8 @@ struct LocalDescriptor {
     /// (key, value); an empty value matches any value.
     entries: Vec<(String, String)>,
     spec: (f64, f64),
+    /// `shadow_mode`: its buckets count but never refuse.
+    shadow: bool,
     /// Its one bucket, when every entry has a value.
     fixed: Option<Arc<Bucket>>,
     /// Otherwise a bucket per distinct request values, with when each
@@ -112,7 +114,7 @@ struct LocalDescriptor {
 
 impl LocalDescriptor {
     /// The bucket for a request descriptor, if this one matches it.
-    fn bucket(&self, d: &Descriptor, max_dynamic: usize) -> Option<Arc<Bucket>> {
+    fn bucket(&self, d: &[(String, String)], max_dynamic: usize) -> Option<Arc<Bucket>> {
         if d.len() != self.entries.len()
             || !d
                 .iter()
@@ -143,7 +145,7 @@ impl LocalDescriptor {
                 map.remove(&oldest);
             }
         }
-        let b = Arc::new(Bucket::new(self.spec));
+        let b = Arc::new(Bucket::new(self.spec).shadowed(self.shadow));
         map.insert(values, (b.clone(), now));
         Some(b)
     }
@@ -155,6 +157,7 @@ struct Stats {
     enforced: Counter,
     rate_limited: Counter,
     ok: Counter,
+    shadow_mode: Counter,
 }
 
 /// A continuously refilled bucket (live state beside the immutable
@@ -164,6 +167,8 @@ struct Bucket {
     max: f64,
     /// Tokens per second.
     rate: f64,
+    /// A shadow descriptor's: its refusals are counted, not enforced.
+    shadow: bool,
     state: Mutex<(f64, Instant)>,
 }
 
@@ -173,8 +178,14 @@ impl Bucket {
         Self {
             max,
             rate,
+            shadow: false,
             state: Mutex::new((max, Instant::now())),
         }
+    }
+
+    fn shadowed(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
     }
 
     /// The tokens there are now.
@@ -186,15 +197,34 @@ impl Bucket {
 
     /// Takes a token; the tokens left after, or None when empty.
     fn take(&self, now: Instant) -> Option<f64> {
+        self.take_n(now, 1)
+    }
+
+    /// Takes `n` tokens, all or none; the tokens left after, or None when
+    /// there are fewer. Taking 0 fails, as in Envoy (its bucket reports
+    /// a consumption of nothing as a refusal).
+    fn take_n(&self, now: Instant, n: u64) -> Option<f64> {
+        let mut s = self.refilled(now);
+        let n = n as f64;
+        if n == 0.0 || s.0 < n {
+            return None;
+        }
+        s.0 -= n;
+        Some(s.0)
+    }
+
+    /// Gives `n` tokens back (a negative hits addend), up to the maximum.
+    fn refill(&self, now: Instant, n: u64) {
+        let mut s = self.refilled(now);
+        s.0 = (s.0 + n as f64).min(self.max);
+    }
+
+    fn refilled(&self, now: Instant) -> std::sync::MutexGuard<'_, (f64, Instant)> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let elapsed = now.saturating_duration_since(s.1).as_secs_f64();
         s.0 = (s.0 + elapsed * self.rate).min(self.max);
         s.1 = now;
-        if s.0 < 1.0 {
-            return None;
-        }
-        s.0 -= 1.0;
-        Some(s.0)
+        s
     }
 
     /// Whole seconds until the next token: 0 while one is left.
@@ -261,7 +291,7 @@ impl Limit {
             grpc_resource_exhausted: l.rate_limited_as_resource_exhausted,
             x_ratelimit_headers: l.enable_x_ratelimit_headers == X::DraftVersion03 as i32,
             descriptors: local_descriptors(l, path)?,
-            rate_limits: actions::list(&l.rate_limits, path, "rate_limits")?,
+            rate_limits: actions::local_list(&l.rate_limits, path, "rate_limits")?,
             stage: l.stage,
             vh: {
                 use legate_proto::envoy_types::pb::envoy::extensions::common::ratelimit::v3::VhRateLimitsOptions as V;
@@ -287,6 +317,7 @@ impl Limit {
                 enforced: c("enforced"),
                 rate_limited: c("rate_limited"),
                 ok: c("ok"),
+                shadow_mode: c("shadow_mode"),
             }
         })
     }
@@ -294,12 +325,6 @@ impl Limit {
 
 fn refuse_unsupported(l: &pb::LocalRateLimit, path: &str) -> Result<()> {
     let refuse = |field: &str, why: &str| Err(ConfigError::new(join(path, field), why));
-    if let Some(i) = l.descriptors.iter().position(|d| d.shadow_mode) {
-        return refuse(
-            &format!("descriptors[{i}].shadow_mode"),
-            "shadow descriptors are not supported yet",
-        );
-    }
     if l.local_rate_limit_per_downstream_connection {
         return refuse(
             "local_rate_limit_per_downstream_connection",
@@ -365,10 +390,11 @@ fn local_descriptors(l: &pb::LocalRateLimit, path: &str) -> Result<Vec<LocalDesc
             let fixed = entries
                 .iter()
                 .all(|(_, v)| !v.is_empty())
-                .then(|| Arc::new(Bucket::new(spec)));
+                .then(|| Arc::new(Bucket::new(spec).shadowed(d.shadow_mode)));
             Ok(LocalDescriptor {
                 entries,
                 spec,
+                shadow: d.shadow_mode,
                 fixed,
                 dynamic: Mutex::new((HashMap::new(), 0)),
             })
@@ -376,54 +402,117 @@ fn local_descriptors(l: &pb::LocalRateLimit, path: &str) -> Result<Vec<LocalDesc
         .collect()
 }
 
+/// What the bucket check decided.
+struct Decision {
+    allowed: bool,
+    /// The bucket whose numbers the x-ratelimit headers show.
+    context: Option<Arc<Bucket>>,
+    /// The descriptor's own choice about those headers.
+    x_ratelimit: XRateLimit,
+    /// Refused by a shadow descriptor only: counted, never enforced.
+    shadow: bool,
+}
+
 impl Limit {
-    /// The request's descriptors, when descriptors are configured.
-    fn request_descriptors(&self, rq: &RequestInfo<'_>) -> Vec<Descriptor> {
+    /// The request's descriptors, when descriptors are configured: from
+    /// the filter's own `rate_limits` (their hits addends and header
+    /// choices resolved), else the route's.
+    fn request_descriptors(&self, rq: &RequestInfo<'_>) -> Vec<Produced> {
         if self.descriptors.is_empty() {
             return Vec::new();
         }
         // Envoy's local filter skips entries that have a disable key.
         let skip = |r: &RateLimit| !r.disable_key.is_empty();
         if self.rate_limits.is_empty() {
-            return actions::route_descriptors(rq, self.stage, self.vh, &skip);
+            return actions::route_descriptors(rq, self.stage, self.vh, &skip)
+                .into_iter()
+                .map(actions::Produced::plain)
+                .collect();
         }
-        let mut out = Vec::new();
-        actions::descriptors(
-            &self.rate_limits,
-            self.stage,
-            &rq.rate_limit_facts(),
-            &skip,
-            &mut out,
-        );
-        out
+        let flags = String::new();
+        let entry = rq.log_entry(&flags);
+        let cx = actions::ExtrasContext {
+            metadata: rq.metadata,
+            render: &|f| f.render(&entry),
+        };
+        let facts = rq.rate_limit_facts();
+        // Entries for the stream's end are the global filter's; the local
+        // filter never applies them, as in Envoy.
+        self.rate_limits
+            .iter()
+            .filter(|r| r.stage == self.stage && !skip(r) && !r.extras.on_stream_done)
+            .filter_map(|r| r.produce(&facts, &cx))
+            .collect()
     }
 
-    /// Takes tokens for the request: whether it may go on, and the bucket
-    /// whose numbers the x-ratelimit headers show.
-    fn allowed(&self, descriptors: &[Descriptor], now: Instant) -> (bool, Option<Arc<Bucket>>) {
-        let mut matched: Vec<Arc<Bucket>> = descriptors
+    /// Takes tokens for the request: every matched descriptor's bucket,
+    /// slowest to refill first, then the default bucket.
+    fn allowed(&self, descriptors: &[Produced], now: Instant) -> Decision {
+        let mut matched: Vec<(Arc<Bucket>, &Produced)> = descriptors
             .iter()
             .filter_map(|d| {
                 self.descriptors
                     .iter()
-                    .find_map(|ld| ld.bucket(d, self.max_dynamic))
+                    .find_map(|ld| ld.bucket(&d.entries, self.max_dynamic))
+                    .map(|b| (b, d))
             })
             .collect();
-        // The slowest to refill first.
-        matched.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-        for b in &matched {
-            if b.take(now).is_none() {
-                return (false, Some(b.clone()));
+        matched.sort_by(|a, b| a.0.rate.total_cmp(&b.0.rate));
+        // A shadow descriptor's refusal does not stop the others from
+        // being charged; it decides only if none of them refuses.
+        let mut shadowed: Option<Decision> = None;
+        for (b, d) in &matched {
+            match d.hits {
+                Some(n) if d.negative_hits => b.refill(now, n),
+                n => {
+                    if b.take_n(now, n.unwrap_or(1)).is_none() {
+                        let refusal = Decision {
+                            allowed: false,
+                            context: Some(b.clone()),
+                            x_ratelimit: d.x_ratelimit,
+                            shadow: b.shadow,
+                        };
+                        if !b.shadow {
+                            return refusal;
+                        }
+                        shadowed.get_or_insert(refusal);
+                    }
+                }
             }
         }
-        let first = matched.first().cloned();
+        let first = matched.first();
+        let decision = |context| Decision {
+            allowed: true,
+            context,
+            x_ratelimit: first.map_or(XRateLimit::Inherit, |(_, d)| d.x_ratelimit),
+            shadow: false,
+        };
         if matched.is_empty() || self.always_consume_default {
             if let Some(d) = &self.bucket {
-                let ok = d.take(now).is_some();
-                return (ok, first.or_else(|| Some(d.clone())));
+                if d.take(now).is_none() {
+                    return Decision {
+                        allowed: false,
+                        context: Some(d.clone()),
+                        x_ratelimit: XRateLimit::Inherit,
+                        shadow: false,
+                    };
+                }
+                return shadowed.unwrap_or_else(|| {
+                    decision(first.map(|(b, _)| b.clone()).or_else(|| Some(d.clone())))
+                });
             }
         }
-        (true, first)
+        shadowed.unwrap_or_else(|| decision(first.map(|(b, _)| b.clone())))
+    }
+
+    /// Whether the x-ratelimit headers go out: the descriptor's choice,
+    /// else the filter's.
+    fn x_headers(&self, x: XRateLimit) -> bool {
+        match x {
+            XRateLimit::Inherit => self.x_ratelimit_headers,
+            XRateLimit::Off => false,
+            XRateLimit::DraftVersion03 => true,
+        }
     }
 }
 
@@ -450,8 +539,13 @@ impl HttpFilter for LocalRateLimit {
         limit.stats().enabled.increment(1);
         let descriptors = limit.request_descriptors(rq);
         let now = Instant::now();
-        let (ok, context) = limit.allowed(&descriptors, now);
-        if let (true, Some(b)) = (limit.x_ratelimit_headers, &context) {
+        let Decision {
+            allowed: ok,
+            context,
+            x_ratelimit,
+            shadow,
+        } = limit.allowed(&descriptors, now);
+        if let (true, Some(b)) = (limit.x_headers(x_ratelimit), &context) {
             let left = b.peek(now);
             *state = Some(Box::new(XHeaders {
                 limit: b.max as u64,
@@ -464,6 +558,12 @@ impl HttpFilter for LocalRateLimit {
             return Flow::Continue;
         }
         limit.stats().rate_limited.increment(1);
+        // A shadow descriptor's refusal is counted like any other, and
+        // under its own name, and never enforced.
+        if shadow {
+            limit.stats().shadow_mode.increment(1);
+            return Flow::Continue;
+        }
         if !limit.enforced.as_ref().is_some_and(|f| f.roll(rq.runtime)) {
             if limit.not_enforced_headers.touches_request() {
                 let snapshot = rq.req.clone();

@@ -147,6 +147,46 @@ impl RequestInfo<'_> {
         }
     }
 
+    /// The request as an access log format sees it before any response
+    /// (the rate limit filters' `hits_addend.format`).
+    pub fn log_entry<'b>(&'b self, flags: &'b str) -> crate::access_log::Entry<'b> {
+        let unknown: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
+        crate::access_log::Entry {
+            start: std::time::SystemTime::now(),
+            duration: std::time::Duration::ZERO,
+            bytes_received: 0,
+            bytes_sent: 0,
+            downstream_remote: self.remote.unwrap_or(unknown),
+            downstream_direct_remote: self.direct_remote.unwrap_or(unknown),
+            downstream_local: self.local.unwrap_or(unknown),
+            upstream_host: None,
+            upstream_local: None,
+            upstream_cluster: self.cluster.unwrap_or(""),
+            response_flags: flags,
+            requested_server_name: self.sni,
+            http: Some(crate::access_log::HttpFacts {
+                request: &self.req.headers,
+                pseudo: crate::config::matcher::Pseudo {
+                    method: self.req.method.as_str(),
+                    path: self.req.uri.path_and_query().map_or("", |p| p.as_str()),
+                    authority: self.authority(),
+                    scheme: self.scheme,
+                    status: None,
+                },
+                response: None,
+                protocol: "",
+                response_code: 0,
+                details: "",
+                route_name: "",
+                response_duration: None,
+                attempts: 0,
+                health_check: false,
+                traced: false,
+            }),
+            trace: None,
+        }
+    }
+
     /// A header formatter's view of this request, read from `snapshot`
     /// (a copy of the request, so that the request itself can change).
     pub fn format_context<'b>(
@@ -248,6 +288,43 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
 
     /// The upstream's response trailers.
     fn on_response_trailers(&self, _trailers: &http::HeaderMap, _state: &mut Option<State>) {}
+
+    /// When the stream ends (Envoy's `onDestroy`), for a filter that kept
+    /// state from its request hook.
+    fn on_stream_done(&self, _done: &StreamDone<'_>, _state: Option<&State>) {}
+}
+
+/// What a finished stream tells its filters.
+pub struct StreamDone<'a> {
+    /// The request headers as the stream ended with them.
+    pub req: &'a RequestHeader,
+    /// The stream as its access log sees it.
+    pub entry: &'a crate::access_log::Entry<'a>,
+    pub metadata: &'a Metadata,
+    pub runtime: &'a crate::runtime::Runtime,
+    pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
+    /// `node.cluster`.
+    pub service_cluster: &'a str,
+}
+
+impl StreamDone<'_> {
+    /// What rate limit actions read, from the final request and the
+    /// `cluster` the request was routed to.
+    pub fn facts<'b>(&'b self, cluster: &'b str) -> rate_limit_actions::RequestFacts<'b> {
+        let path_and_query = self.req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let pseudo = self.entry.http.as_ref().map(|h| h.pseudo.clone());
+        rate_limit_actions::RequestFacts {
+            headers: &self.req.headers,
+            pseudo: crate::config::matcher::Pseudo {
+                path: path_and_query,
+                ..pseudo.unwrap_or_default()
+            },
+            path_and_query,
+            remote: Some(self.entry.downstream_remote),
+            cluster,
+            local_cluster: self.service_cluster,
+        }
+    }
 }
 
 /// How a filter type is built: the factory table's row.

@@ -13,7 +13,45 @@ use std::net::{IpAddr, SocketAddr};
 pub static REGISTRY: &[MessageSupport] = &[
     MessageSupport {
         message: "envoy.config.route.v3.RateLimit",
-        supported: &["stage", "disable_key", "actions"],
+        supported: &[
+            "stage",
+            "disable_key",
+            "actions",
+            "hits_addend",
+            "apply_on_stream_done",
+            "x_ratelimit_option",
+            "limit",
+        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.route.v3.RateLimit.HitsAddend",
+        supported: &["number", "format", "is_negative_hits"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.route.v3.RateLimit.Override",
+        supported: &["dynamic_metadata", "rate_limit"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.route.v3.RateLimit.Override.DynamicMetadata",
+        supported: &["metadata_key"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.metadata.v3.MetadataKey",
+        supported: &["key", "path"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.metadata.v3.MetadataKey.PathSegment",
+        supported: &["key"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.config.route.v3.RateLimit.Override.RateLimitOverride",
+        supported: &["requests_per_unit", "unit"],
         warn: &[],
     },
     MessageSupport {
@@ -167,6 +205,223 @@ pub struct RateLimit {
     /// Envoy's filters skip entries that have a `disable_key`.
     pub disable_key: String,
     actions: Vec<Action>,
+    /// What only the global filter's own lists may add (its filter config
+    /// and `RateLimitPerRoute`); default elsewhere.
+    pub extras: Extras,
+}
+
+/// `hits_addend`, `apply_on_stream_done`, `x_ratelimit_option` and
+/// `limit`: read by the global rate limit filter only.
+#[derive(Debug, Default)]
+pub struct Extras {
+    pub hits_addend: Option<HitsAddend>,
+    pub negative_hits: bool,
+    /// Sent when the stream ends, fire and forget, never enforced.
+    pub on_stream_done: bool,
+    pub x_ratelimit: XRateLimit,
+    pub limit: Option<LimitOverride>,
+}
+
+/// How many hits a descriptor counts for.
+#[derive(Debug)]
+pub enum HitsAddend {
+    Number(u64),
+    /// `%DYNAMIC_METADATA(namespace:key...)%`, read from the request's
+    /// dynamic metadata.
+    Metadata(String, Vec<String>),
+    /// Any other single command of the access log format.
+    Format(crate::access_log::Format),
+}
+
+/// Envoy's largest hits addend.
+const MAX_HITS: u64 = 1_000_000_000;
+
+/// A descriptor's own choice about the `x-ratelimit-*` headers.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub enum XRateLimit {
+    /// The filter's `enable_x_ratelimit_headers` decides.
+    #[default]
+    Inherit,
+    Off,
+    DraftVersion03,
+}
+
+/// A limit the descriptor asks the service to use instead of its own.
+#[derive(Debug)]
+pub enum LimitOverride {
+    /// (requests per unit, `RateLimitUnit`).
+    Static(u32, i32),
+    /// A struct `{requests_per_unit: number, unit: "HOUR"}` at this
+    /// dynamic metadata key and path.
+    Metadata(String, Vec<String>),
+}
+
+impl Extras {
+    fn from_proto(r: &pb::RateLimit, path: &str) -> Result<Self> {
+        use pb::rate_limit::XRateLimitOption as X;
+        let x_ratelimit = match X::try_from(r.x_ratelimit_option) {
+            Ok(X::Off) => XRateLimit::Off,
+            Ok(X::DraftVersion03) => XRateLimit::DraftVersion03,
+            _ => XRateLimit::Inherit,
+        };
+        let (hits_addend, negative_hits) = match &r.hits_addend {
+            Some(h) => (
+                Some(HitsAddend::from_proto(h, &join(path, "hits_addend"))?),
+                h.is_negative_hits,
+            ),
+            None => (None, false),
+        };
+        Ok(Self {
+            hits_addend,
+            negative_hits,
+            on_stream_done: r.apply_on_stream_done,
+            x_ratelimit,
+            limit: r
+                .limit
+                .as_ref()
+                .map(|l| LimitOverride::from_proto(l, &join(path, "limit")))
+                .transpose()?,
+        })
+    }
+}
+
+impl HitsAddend {
+    fn from_proto(h: &pb::rate_limit::HitsAddend, path: &str) -> Result<Self> {
+        match (&h.number, h.format.as_str()) {
+            (Some(n), "") if n.value <= MAX_HITS => Ok(Self::Number(n.value)),
+            (Some(_), "") => Err(ConfigError::new(
+                join(path, "number"),
+                format!("must be at most {MAX_HITS}"),
+            )),
+            (None, f) if !f.is_empty() => Self::format(f, &join(path, "format")),
+            _ => Err(ConfigError::new(
+                path,
+                "exactly one of number and format must be set",
+            )),
+        }
+    }
+
+    fn format(f: &str, path: &str) -> Result<Self> {
+        let one = f.len() > 2
+            && f.starts_with('%')
+            && f.ends_with('%')
+            && !f[1..f.len() - 1].contains('%');
+        if !one {
+            return Err(ConfigError::new(
+                path,
+                "must be exactly one substitution command, as %COMMAND%",
+            ));
+        }
+        if let Some(arg) = f
+            .strip_prefix("%DYNAMIC_METADATA(")
+            .and_then(|r| r.strip_suffix(")%"))
+        {
+            let (ns, keys) = metadata_path(arg, path)?;
+            return Ok(Self::Metadata(ns, keys));
+        }
+        crate::access_log::Format::parse(f, path).map(Self::Format)
+    }
+
+    /// The hits, or None when the value is not a number Envoy accepts
+    /// (the descriptor is then left out, as Envoy leaves it out).
+    pub fn value(
+        &self,
+        metadata: &crate::http_filters::Metadata,
+        entry: &dyn Fn(&crate::access_log::Format) -> String,
+    ) -> Option<u64> {
+        let text = match self {
+            Self::Number(n) => return Some(*n),
+            Self::Metadata(ns, keys) => match metadata_value(metadata, ns, keys)? {
+                serde_json::Value::Number(n) => {
+                    let f = n.as_f64()?;
+                    if f < 0.0 || f.fract() != 0.0 {
+                        return None;
+                    }
+                    return Some(f as u64).filter(|n| *n <= MAX_HITS);
+                }
+                serde_json::Value::String(s) => s.clone(),
+                _ => return None,
+            },
+            Self::Format(f) => entry(f),
+        };
+        text.trim().parse::<u64>().ok().filter(|n| *n <= MAX_HITS)
+    }
+}
+
+impl LimitOverride {
+    fn from_proto(o: &pb::rate_limit::Override, path: &str) -> Result<Self> {
+        use pb::rate_limit::r#override::OverrideSpecifier as S;
+        match &o.override_specifier {
+            Some(S::RateLimit(r)) => Ok(Self::Static(r.requests_per_unit, r.unit)),
+            Some(S::DynamicMetadata(d)) => {
+                let k = d.metadata_key.as_ref().ok_or_else(|| {
+                    ConfigError::new(
+                        join(path, "dynamic_metadata.metadata_key"),
+                        "metadata_key is required",
+                    )
+                })?;
+                use legate_proto::envoy_types::pb::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
+                let keys = k
+                    .path
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| match &s.segment {
+                        Some(Segment::Key(k)) => Ok(k.clone()),
+                        _ => Err(ConfigError::new(
+                            index(&join(path, "dynamic_metadata.metadata_key"), "path", i),
+                            "only key segments are supported",
+                        )),
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(Self::Metadata(k.key.clone(), keys))
+            }
+            None => Err(ConfigError::new(path, "an override is required")),
+        }
+    }
+
+    /// (requests per unit, unit), if the override resolves: Envoy reads a
+    /// struct whose `requests_per_unit` is a number and whose `unit` names
+    /// a `RateLimitUnit`, and provides no override otherwise.
+    pub fn value(&self, metadata: &crate::http_filters::Metadata) -> Option<(u32, i32)> {
+        match self {
+            Self::Static(n, u) => Some((*n, *u)),
+            Self::Metadata(ns, keys) => {
+                let v = metadata_value(metadata, ns, keys)?.as_object()?;
+                let n = v.get("requests_per_unit")?.as_f64()?;
+                let unit = v.get("unit")?.as_str()?;
+                let unit =
+                    legate_proto::envoy_types::pb::envoy::r#type::v3::RateLimitUnit::from_str_name(
+                        unit,
+                    )?;
+                Some((n as u32, unit as i32))
+            }
+        }
+    }
+}
+
+/// `namespace:key:key...` of `%DYNAMIC_METADATA(...)%`.
+fn metadata_path(arg: &str, path: &str) -> Result<(String, Vec<String>)> {
+    let mut parts = arg.split(':');
+    let ns = parts.next().unwrap_or_default().to_string();
+    if ns.is_empty() || arg.contains(')') {
+        return Err(ConfigError::new(
+            path,
+            format!("'{arg}' is not a metadata namespace and path"),
+        ));
+    }
+    Ok((ns, parts.map(str::to_string).collect()))
+}
+
+fn metadata_value<'m>(
+    metadata: &'m crate::http_filters::Metadata,
+    ns: &str,
+    keys: &[String],
+) -> Option<&'m serde_json::Value> {
+    let mut v = metadata.get(ns)?;
+    for k in keys {
+        v = v.as_object()?.get(k)?;
+    }
+    Some(v)
 }
 
 /// What the actions read from a request.
@@ -183,6 +438,7 @@ pub struct RequestFacts<'a> {
     pub local_cluster: &'a str,
 }
 
+/// A route's, a virtual host's or the local filter's list: no [`Extras`].
 pub fn list(rls: &[pb::RateLimit], path: &str, field: &str) -> Result<Vec<RateLimit>> {
     rls.iter()
         .enumerate()
@@ -190,8 +446,76 @@ pub fn list(rls: &[pb::RateLimit], path: &str, field: &str) -> Result<Vec<RateLi
         .collect()
 }
 
+/// The global filter's own list (its config or `RateLimitPerRoute`),
+/// where Envoy reads the [`Extras`].
+pub fn global_list(rls: &[pb::RateLimit], path: &str, field: &str) -> Result<Vec<RateLimit>> {
+    rls.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let path = index(path, field, i);
+            let mut rl = RateLimit::from_proto(&strip_extras(r), &path)?;
+            rl.extras = Extras::from_proto(r, &path)?;
+            Ok(rl)
+        })
+        .collect()
+}
+
+/// The local filter's own `rate_limits`: the [`Extras`] but `limit`,
+/// which Envoy refuses there.
+pub fn local_list(rls: &[pb::RateLimit], path: &str, field: &str) -> Result<Vec<RateLimit>> {
+    if let Some(i) = rls.iter().position(|r| r.limit.is_some()) {
+        return Err(ConfigError::new(
+            join(&index(path, field, i), "limit"),
+            "a limit override is not supported by the local rate limit filter",
+        ));
+    }
+    global_list(rls, path, field)
+}
+
+/// A descriptor with what its entry's [`Extras`] made of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Produced {
+    pub entries: Descriptor,
+    pub hits: Option<u64>,
+    pub negative_hits: bool,
+    pub x_ratelimit: XRateLimit,
+    /// (requests per unit, `RateLimitUnit`).
+    pub limit: Option<(u32, i32)>,
+}
+
+impl Produced {
+    /// A descriptor from a list without [`Extras`].
+    pub fn plain(entries: Descriptor) -> Self {
+        Self {
+            entries,
+            hits: None,
+            negative_hits: false,
+            x_ratelimit: XRateLimit::Inherit,
+            limit: None,
+        }
+    }
+}
+
+/// What the [`Extras`] read besides the request: its dynamic metadata, and
+/// the stream as an access log format sees it.
+pub struct ExtrasContext<'a> {
+    pub metadata: &'a crate::http_filters::Metadata,
+    pub render: &'a dyn Fn(&crate::access_log::Format) -> String,
+}
+
+fn strip_extras(r: &pb::RateLimit) -> pb::RateLimit {
+    pb::RateLimit {
+        limit: None,
+        hits_addend: None,
+        apply_on_stream_done: false,
+        x_ratelimit_option: 0,
+        ..r.clone()
+    }
+}
+
 impl RateLimit {
     pub fn from_proto(r: &pb::RateLimit, path: &str) -> Result<Self> {
+        // Envoy reads these only in the global filter's own lists.
         for (set, field) in [
             (r.limit.is_some(), "limit"),
             (r.hits_addend.is_some(), "hits_addend"),
@@ -199,7 +523,10 @@ impl RateLimit {
             (r.x_ratelimit_option != 0, "x_ratelimit_option"),
         ] {
             if set {
-                return Err(ConfigError::new(join(path, field), "not supported yet"));
+                return Err(ConfigError::new(
+                    join(path, field),
+                    "supported only in the global rate limit filter's rate_limits and RateLimitPerRoute",
+                ));
             }
         }
         let actions = r
@@ -212,6 +539,26 @@ impl RateLimit {
             stage: r.stage.val().unwrap_or(0),
             disable_key: r.disable_key.clone(),
             actions,
+            extras: Extras::default(),
+        })
+    }
+
+    /// The descriptor with its extras resolved; None as for
+    /// [`Self::descriptor`], or when the hits addend does not resolve to a
+    /// number (Envoy then leaves the descriptor out).
+    pub fn produce(&self, f: &RequestFacts, cx: &ExtrasContext) -> Option<Produced> {
+        let entries = self.descriptor(f)?;
+        let x = &self.extras;
+        let hits = match &x.hits_addend {
+            Some(h) => Some(h.value(cx.metadata, cx.render)?),
+            None => None,
+        };
+        Some(Produced {
+            entries,
+            hits,
+            negative_hits: x.negative_hits,
+            x_ratelimit: x.x_ratelimit,
+            limit: x.limit.as_ref().and_then(|l| l.value(cx.metadata)),
         })
     }
 
@@ -516,6 +863,73 @@ mod tests {
         assert_eq!(
             masked("2001:db8::1".parse().unwrap(), 32, 64),
             "2001:db8::/64"
+        );
+    }
+
+    fn rate_limit(yaml: &str) -> pb::RateLimit {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        let m = legate_proto::json::to_dynamic(v, "envoy.config.route.v3.RateLimit", true).unwrap();
+        m.transcode_to().unwrap()
+    }
+
+    #[test]
+    fn extras_are_read_only_in_the_global_filters_lists() {
+        let r = rate_limit(
+            "{actions: [{generic_key: {descriptor_value: g}}], hits_addend: {number: 3}}",
+        );
+        let e = RateLimit::from_proto(&r, "rl").unwrap_err();
+        assert_eq!(e.path, "rl.hits_addend");
+        let list = global_list(&[r], "f", "rate_limits").unwrap();
+        assert!(matches!(
+            list[0].extras.hits_addend,
+            Some(HitsAddend::Number(3))
+        ));
+        let r = rate_limit("{actions: [{generic_key: {descriptor_value: g}}], limit: {rate_limit: {requests_per_unit: 1, unit: HOUR}}}");
+        let e = local_list(&[r], "f", "rate_limits").unwrap_err();
+        assert_eq!(e.path, "f.rate_limits[0].limit");
+        let r = rate_limit("{actions: [{generic_key: {descriptor_value: g}}], hits_addend: {format: '%REQ(x)% and more'}}");
+        assert!(global_list(&[r], "f", "rate_limits").is_err());
+    }
+
+    #[test]
+    fn hits_and_limits_resolve_from_metadata_or_leave_the_descriptor_out() {
+        let list = global_list(
+            &[rate_limit(
+                "{actions: [{generic_key: {descriptor_value: g}}], hits_addend: {format: '%DYNAMIC_METADATA(ns:cost)%'}, limit: {dynamic_metadata: {metadata_key: {key: ns, path: [{key: rl}]}}}}",
+            )],
+            "f",
+            "rate_limits",
+        )
+        .unwrap();
+        let headers = http::HeaderMap::new();
+        let facts = RequestFacts {
+            headers: &headers,
+            pseudo: Pseudo::default(),
+            path_and_query: "/",
+            remote: None,
+            cluster: "c",
+            local_cluster: "",
+        };
+        let produce = |md: serde_json::Value| {
+            let md = md.as_object().unwrap().clone();
+            let cx = ExtrasContext {
+                metadata: &md,
+                render: &|_| String::new(),
+            };
+            list[0].produce(&facts, &cx)
+        };
+        // No metadata: no number, so no descriptor.
+        assert_eq!(produce(serde_json::json!({})), None);
+        let p = produce(serde_json::json!({"ns": {"cost": 7, "rl": {"requests_per_unit": 4, "unit": "MINUTE"}}})).unwrap();
+        assert_eq!(p.hits, Some(7));
+        assert_eq!(p.limit, Some((4, 2)));
+        // A string number counts; a bad unit gives no override.
+        let p = produce(serde_json::json!({"ns": {"cost": "5", "rl": {"requests_per_unit": 4, "unit": "FORTNIGHT"}}})).unwrap();
+        assert_eq!((p.hits, p.limit), (Some(5), None));
+        assert_eq!(produce(serde_json::json!({"ns": {"cost": -1}})), None);
+        assert_eq!(
+            produce(serde_json::json!({"ns": {"cost": 2_000_000_000u64}})),
+            None
         );
     }
 

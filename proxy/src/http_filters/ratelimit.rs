@@ -8,8 +8,10 @@
 //! `timeout` lets the request through, or with `failure_mode_deny` answers
 //! 500.
 
-use super::rate_limit_actions::{self as actions, Descriptor, RateLimit, VhRateLimits};
-use super::{Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State};
+use super::rate_limit_actions::{self as actions, RateLimit, VhRateLimits, XRateLimit};
+use super::{
+    Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State, StreamDone,
+};
 use crate::config::{join, ConfigError, Result};
 use crate::registry::MessageSupport;
 use http::{HeaderName, HeaderValue};
@@ -139,7 +141,7 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
             == common::XRateLimitHeadersRfcVersion::DraftVersion03 as i32,
         x_envoy_ratelimited: !c.disable_x_envoy_ratelimited_header,
         stat_prefix: c.stat_prefix.clone(),
-        rate_limits: actions::list(&c.rate_limits, path, "rate_limits")?,
+        rate_limits: actions::global_list(&c.rate_limits, path, "rate_limits")?,
         cluster,
         channels: super::side::Channels::new(&authority),
     }))
@@ -188,7 +190,7 @@ fn per_route(a: &Any, path: &str) -> Result<PerRoute> {
     };
     Ok(Arc::new(RouteConfig {
         vh,
-        rate_limits: actions::list(&c.rate_limits, path, "rate_limits")?,
+        rate_limits: actions::global_list(&c.rate_limits, path, "rate_limits")?,
         domain: c.domain.clone(),
     }))
 }
@@ -200,9 +202,47 @@ enum Verdict {
     Error,
 }
 
-/// Kept for the response: headers the service asked to add.
-struct Answer {
+/// Kept from the request: headers the service asked to add to the
+/// response, and what the stream-done descriptors need.
+struct Kept {
     headers: Vec<(HeaderName, HeaderValue)>,
+    done: Option<Done>,
+}
+
+/// The request's context for `apply_on_stream_done` entries, fixed when
+/// the request was checked, as Envoy keeps its route and cluster.
+struct Done {
+    route: Option<Arc<RouteConfig>>,
+    cluster: String,
+    domain: String,
+}
+
+/// One descriptor for the service, with its own `x-ratelimit-*` choice.
+struct Described {
+    proto: common::RateLimitDescriptor,
+    x: XRateLimit,
+}
+
+impl Described {
+    fn plain(entries: actions::Descriptor) -> Self {
+        Self {
+            proto: common::RateLimitDescriptor {
+                entries: entries
+                    .into_iter()
+                    .map(|(key, value)| common::rate_limit_descriptor::Entry { key, value })
+                    .collect(),
+                ..Default::default()
+            },
+            x: XRateLimit::Inherit,
+        }
+    }
+}
+
+/// What the filter's own lists' descriptors read besides the request.
+struct Context<'a> {
+    metadata: &'a super::Metadata,
+    render: &'a dyn Fn(&crate::access_log::Format) -> String,
+    runtime: &'a crate::runtime::Runtime,
 }
 
 impl RateLimitFilter {
@@ -215,56 +255,88 @@ impl RateLimitFilter {
         crate::stats::counter(format!("cluster.{cluster}.{p}.{name}")).increment(1);
     }
 
-    fn descriptors(&self, rq: &RequestInfo<'_>, route: Option<&RouteConfig>) -> Vec<Descriptor> {
-        let runtime = rq.runtime;
-        // An entry with a disable key runs only while its runtime switch
-        // (`ratelimit.<key>.http_filter_enabled`, 100 % by default) is on.
-        let skip = |r: &RateLimit| {
-            !r.disable_key.is_empty()
-                && !super::roll(runtime.fraction_per_million(
-                    &format!("ratelimit.{}.http_filter_enabled", r.disable_key),
-                    1_000_000,
-                ))
-        };
-        let own = match route {
+    /// The most specific `RateLimitPerRoute`'s list, else the filter's
+    /// own, if either has entries.
+    fn own_list<'a>(&'a self, route: Option<&'a RouteConfig>) -> Option<&'a [RateLimit]> {
+        match route {
             Some(r) if !r.rate_limits.is_empty() => Some(&r.rate_limits),
             _ if !self.rate_limits.is_empty() => Some(&self.rate_limits),
             _ => None,
-        };
-        if let Some(list) = own {
-            let mut out = Vec::new();
-            actions::descriptors(list, self.stage, &rq.rate_limit_facts(), &skip, &mut out);
-            return out;
         }
-        let vh = route.map_or(VhRateLimits::Override, |r| r.vh);
-        actions::route_descriptors(rq, self.stage, vh, &skip)
     }
 
-    async fn ask(
+    fn descriptors(&self, rq: &RequestInfo<'_>, route: Option<&RouteConfig>) -> Vec<Described> {
+        let runtime = rq.runtime;
+        if let Some(list) = self.own_list(route) {
+            let flags = String::new();
+            let entry = rq.log_entry(&flags);
+            let cx = Context {
+                metadata: rq.metadata,
+                render: &|f| f.render(&entry),
+                runtime,
+            };
+            return self.described(list, &rq.rate_limit_facts(), &cx, false);
+        }
+        let skip = |r: &RateLimit| disabled(runtime, r);
+        let vh = route.map_or(VhRateLimits::Override, |r| r.vh);
+        actions::route_descriptors(rq, self.stage, vh, &skip)
+            .into_iter()
+            .map(Described::plain)
+            .collect()
+    }
+
+    /// The descriptors of the entries of `list` at this stage that apply
+    /// on the request (`on_done` false) or when the stream ends, with
+    /// their hits, limit override and header choice. An entry whose hits
+    /// do not resolve to a number makes no descriptor, as in Envoy.
+    fn described(
         &self,
-        rq: &RequestInfo<'_>,
-        domain: &str,
-        descriptors: Vec<Descriptor>,
-    ) -> Verdict {
+        list: &[RateLimit],
+        facts: &actions::RequestFacts,
+        cx: &Context,
+        on_done: bool,
+    ) -> Vec<Described> {
+        let extras = actions::ExtrasContext {
+            metadata: cx.metadata,
+            render: cx.render,
+        };
+        list.iter()
+            .filter(|r| r.stage == self.stage && r.extras.on_stream_done == on_done)
+            .filter(|r| !disabled(cx.runtime, r))
+            .filter_map(|r| r.produce(facts, &extras))
+            .map(|p| {
+                let mut d = Described::plain(p.entries);
+                d.proto.hits_addend = p.hits.map(|value| {
+                    legate_proto::envoy_types::pb::google::protobuf::UInt64Value { value }
+                });
+                d.proto.is_negative_hits = p.negative_hits;
+                d.proto.limit = p.limit.map(|(requests_per_unit, unit)| {
+                    common::rate_limit_descriptor::RateLimitOverride {
+                        requests_per_unit,
+                        unit,
+                    }
+                });
+                d.x = p.x_ratelimit;
+                d
+            })
+            .collect()
+    }
+
+    /// The rate limit service's request.
+    fn request(&self, domain: &str, descriptors: Vec<Described>) -> rls::RateLimitRequest {
+        rls::RateLimitRequest {
+            domain: domain.to_string(),
+            descriptors: descriptors.into_iter().map(|d| d.proto).collect(),
+            hits_addend: 0,
+        }
+    }
+
+    async fn ask(&self, rq: &RequestInfo<'_>, request: rls::RateLimitRequest) -> Verdict {
         let Some(addr) = super::side::plaintext_host(rq.clusters, &self.cluster) else {
             return Verdict::Error;
         };
         let Some(channel) = self.channels.get(addr) else {
             return Verdict::Error;
-        };
-        let request = rls::RateLimitRequest {
-            domain: domain.to_string(),
-            descriptors: descriptors
-                .into_iter()
-                .map(|d| common::RateLimitDescriptor {
-                    entries: d
-                        .into_iter()
-                        .map(|(key, value)| common::rate_limit_descriptor::Entry { key, value })
-                        .collect(),
-                    ..Default::default()
-                })
-                .collect(),
-            hits_addend: 0,
         };
         let mut client = rls::rate_limit_service_client::RateLimitServiceClient::new(channel);
         let call = client.should_rate_limit(self.metadata.request(request));
@@ -280,6 +352,16 @@ impl RateLimitFilter {
             _ => Verdict::Error,
         }
     }
+}
+
+/// An entry with a disable key runs only while its runtime switch
+/// (`ratelimit.<key>.http_filter_enabled`, 100 % by default) is on.
+fn disabled(runtime: &crate::runtime::Runtime, r: &RateLimit) -> bool {
+    !r.disable_key.is_empty()
+        && !super::roll(runtime.fraction_per_million(
+            &format!("ratelimit.{}.http_filter_enabled", r.disable_key),
+            1_000_000,
+        ))
 }
 
 fn header_pairs(
@@ -307,16 +389,32 @@ fn unit_seconds(unit: i32) -> Option<u64> {
 /// limit with the least remaining, and every limit's quota policy.
 fn x_ratelimit(
     statuses: &[rls::rate_limit_response::DescriptorStatus],
+    options: &[XRateLimit],
+    default: bool,
 ) -> Vec<(HeaderName, HeaderValue)> {
-    let mut min: Option<&rls::rate_limit_response::DescriptorStatus> = None;
+    // Statuses answer the descriptors one for one; a descriptor's own
+    // option wins over the filter's.
+    let enabled = |i: usize| match options.get(i) {
+        Some(XRateLimit::Off) => false,
+        Some(XRateLimit::DraftVersion03) => true,
+        _ => default,
+    };
+    let mut min: Option<(usize, &rls::rate_limit_response::DescriptorStatus)> = None;
+    for (i, s) in statuses.iter().enumerate() {
+        if s.current_limit.is_some()
+            && min.is_none_or(|(_, m)| s.limit_remaining < m.limit_remaining)
+        {
+            min = Some((i, s));
+        }
+    }
+    let Some((_, m)) = min.filter(|(i, _)| enabled(*i)) else {
+        return Vec::new();
+    };
     let mut policy = String::new();
-    for s in statuses {
-        let Some(limit) = &s.current_limit else {
+    for (i, s) in statuses.iter().enumerate() {
+        let Some(limit) = s.current_limit.as_ref().filter(|_| enabled(i)) else {
             continue;
         };
-        if min.is_none_or(|m| s.limit_remaining < m.limit_remaining) {
-            min = Some(s);
-        }
         if let Some(w) = unit_seconds(limit.unit) {
             policy.push_str(&format!(", {};w={w}", limit.requests_per_unit));
             if !limit.name.is_empty() {
@@ -324,9 +422,6 @@ fn x_ratelimit(
             }
         }
     }
-    let Some(m) = min else {
-        return Vec::new();
-    };
     let limit = m.current_limit.as_ref().map_or(0, |l| l.requests_per_unit);
     let reset = m
         .duration_until_reset
@@ -371,17 +466,42 @@ impl HttpFilter for RateLimitFilter {
         };
         let cluster = cluster.to_string();
         let route: Option<Arc<RouteConfig>> = rq.all_levels::<RouteConfig>().next();
-        let descriptors = self.descriptors(rq, route.as_deref());
-        if descriptors.is_empty() {
-            return Flow::Continue;
-        }
         let domain = route
             .as_deref()
             .map(|r| r.domain.as_str())
             .filter(|d| !d.is_empty())
             .unwrap_or(&self.domain)
             .to_string();
-        let (resp, over) = match self.ask(rq, &domain, descriptors).await {
+        // Entries applied when the stream ends need this request's context
+        // then, whatever happens to it now (a 429 included), as in Envoy.
+        let mut kept = Kept {
+            headers: Vec::new(),
+            done: self
+                .own_list(route.as_deref())
+                .is_some_and(|l| l.iter().any(|r| r.extras.on_stream_done))
+                .then(|| Done {
+                    route: route.clone(),
+                    cluster: cluster.clone(),
+                    domain: domain.clone(),
+                }),
+        };
+        let descriptors = self.descriptors(rq, route.as_deref());
+        if descriptors.is_empty() {
+            if kept.done.is_some() {
+                *state = Some(Box::new(kept));
+            }
+            return Flow::Continue;
+        }
+        let options: Vec<XRateLimit> = descriptors.iter().map(|d| d.x).collect();
+        let verdict = self.ask(rq, self.request(&domain, descriptors)).await;
+        if kept.done.is_some() {
+            // Set now so that every way out below keeps it.
+            *state = Some(Box::new(Kept {
+                headers: Vec::new(),
+                done: kept.done.take(),
+            }));
+        }
+        let (resp, over) = match verdict {
             Verdict::Ok(r) => {
                 self.stat(&cluster, "ok");
                 (r, false)
@@ -408,9 +528,11 @@ impl HttpFilter for RateLimitFilter {
                 HeaderValue::from_static("true"),
             ));
         }
-        if self.x_ratelimit_headers {
-            response_headers.extend(x_ratelimit(&resp.statuses));
-        }
+        response_headers.extend(x_ratelimit(
+            &resp.statuses,
+            &options,
+            self.x_ratelimit_headers,
+        ));
         if over
             && super::roll(
                 rq.runtime
@@ -431,11 +553,48 @@ impl HttpFilter for RateLimitFilter {
             let _ = rq.req.append_header(k, v);
         }
         if !response_headers.is_empty() {
-            *state = Some(Box::new(Answer {
-                headers: response_headers,
-            }));
+            kept.done = state
+                .take()
+                .and_then(|s| s.downcast::<Kept>().ok())
+                .and_then(|k| k.done);
+            kept.headers = response_headers;
+            *state = Some(Box::new(kept));
         }
         Flow::Continue
+    }
+
+    /// Sends the `apply_on_stream_done` descriptors, fire and forget: the
+    /// answer enforces nothing and counts in no stat, as in Envoy.
+    fn on_stream_done(&self, done: &StreamDone<'_>, state: Option<&State>) {
+        let Some(d) = state
+            .and_then(|s| s.downcast_ref::<Kept>())
+            .and_then(|k| k.done.as_ref())
+        else {
+            return;
+        };
+        let Some(list) = self.own_list(d.route.as_deref()) else {
+            return;
+        };
+        let cx = Context {
+            metadata: done.metadata,
+            render: &|f| f.render(done.entry),
+            runtime: done.runtime,
+        };
+        let descriptors = self.described(list, &done.facts(&d.cluster), &cx, true);
+        if descriptors.is_empty() {
+            return;
+        }
+        let Some(channel) = super::side::plaintext_host(done.clusters, &self.cluster)
+            .and_then(|addr| self.channels.get(addr))
+        else {
+            return;
+        };
+        let request = self.metadata.request(self.request(&d.domain, descriptors));
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            let mut client = rls::rate_limit_service_client::RateLimitServiceClient::new(channel);
+            let _ = tokio::time::timeout(timeout, client.should_rate_limit(request)).await;
+        });
     }
 
     fn on_response(
@@ -444,7 +603,7 @@ impl HttpFilter for RateLimitFilter {
         _info: &ResponseInfo<'_>,
         state: Option<&State>,
     ) {
-        if let Some(a) = state.and_then(|s| s.downcast_ref::<Answer>()) {
+        if let Some(a) = state.and_then(|s| s.downcast_ref::<Kept>()) {
             for (k, v) in &a.headers {
                 let _ = resp.append_header(k.clone(), v.clone());
             }
@@ -473,7 +632,8 @@ mod tests {
             }),
             quota: None,
         };
-        let h = x_ratelimit(&[status(10, Unit::Minute, 7), status(3, Unit::Hour, 2)]);
+        let statuses = [status(10, Unit::Minute, 7), status(3, Unit::Hour, 2)];
+        let h = x_ratelimit(&statuses, &[], true);
         let get = |n: &str| {
             h.iter()
                 .find(|(k, _)| k == n)
@@ -485,6 +645,17 @@ mod tests {
         );
         assert_eq!(get("x-ratelimit-remaining").as_deref(), Some("2"));
         assert_eq!(get("x-ratelimit-reset").as_deref(), Some("42"));
-        assert!(x_ratelimit(&[]).is_empty());
+        assert!(x_ratelimit(&[], &[], true).is_empty());
+        // The tightest limit's descriptor turns the headers off: none.
+        let off = [XRateLimit::Inherit, XRateLimit::Off];
+        assert!(x_ratelimit(&statuses, &off, true).is_empty());
+        // Another's does: its policy is left out.
+        let off = [XRateLimit::Off, XRateLimit::Inherit];
+        let h = x_ratelimit(&statuses, &off, true);
+        assert_eq!(h[0].1, "3, 3;w=3600");
+        // The filter's are off, a descriptor's own option turns them on.
+        let on = [XRateLimit::Inherit, XRateLimit::DraftVersion03];
+        let h = x_ratelimit(&statuses, &on, false);
+        assert_eq!(h[0].1, "3, 3;w=3600");
     }
 }

@@ -762,13 +762,14 @@ impl HcmProxy {
     }
 
     /// One line per request for each of the connection manager's logs.
-    fn access_log(
-        logs: &[Arc<crate::access_log::AccessLog>],
-        session: &Session,
-        ctx: &Ctx,
+    /// The stream as its access log (and its filters' stream-done hooks)
+    /// see it.
+    fn log_entry<'a>(
+        session: &'a Session,
+        ctx: &'a Ctx,
         status: u16,
-        clusters: &Arc<crate::cluster_manager::ClusterManager>,
-    ) {
+        flags: &'a str,
+    ) -> crate::access_log::Entry<'a> {
         let req = session.req_header();
         // The wall clock is read once, here, only for logged requests.
         let began = ctx.arrived.unwrap_or_else(Instant::now);
@@ -779,9 +780,8 @@ impl HcmProxy {
             .and_then(|v| v.to_str().ok())
             .or_else(|| req.uri.authority().map(|a| a.as_str()))
             .unwrap_or("");
-        let flags = ctx.flags.joined();
         let unknown: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let e = crate::access_log::Entry {
+        crate::access_log::Entry {
             start,
             duration: began.elapsed(),
             bytes_received: session.body_bytes_read() as u64,
@@ -796,7 +796,7 @@ impl HcmProxy {
                 .or(ctx.tried.last().copied()),
             upstream_local: ctx.upstream_local,
             upstream_cluster: ctx.cluster.as_ref().map_or("", |c| c.config.name.as_str()),
-            response_flags: &flags,
+            response_flags: flags,
             requested_server_name: "",
             http: Some(crate::access_log::HttpFacts {
                 request: &req.headers,
@@ -825,9 +825,41 @@ impl HcmProxy {
                 traced: ctx.trace_forced,
             }),
             trace: ctx.span.as_ref().and_then(|s| s.log_ids()),
+        }
+    }
+
+    /// Ends the stream for its filters (those that kept state) and its
+    /// access logs.
+    fn stream_done(&self, session: &Session, ctx: &Ctx, status: u16) {
+        let Some(hcm) = ctx.hcm.as_ref() else {
+            return;
         };
-        for l in logs {
-            l.log(&e, clusters);
+        let filters = ctx.filter_states.iter().any(Option::is_some);
+        if !filters && hcm.access_log.is_empty() {
+            return;
+        }
+        let flags = ctx.flags.joined();
+        let e = Self::log_entry(session, ctx, status, &flags);
+        if filters {
+            let runtime = self.shared.runtime.load();
+            let done = crate::http_filters::StreamDone {
+                req: session.req_header(),
+                entry: &e,
+                metadata: &ctx.metadata,
+                runtime: &runtime,
+                clusters: &self.shared.clusters,
+                service_cluster: &self.shared.service_cluster,
+            };
+            for (k, &i) in ctx.filters_active.iter().enumerate() {
+                if let Some(state) = ctx.filter_states.get(k).and_then(|s| s.as_ref()) {
+                    hcm.filters.entries[i]
+                        .filter
+                        .on_stream_done(&done, Some(state));
+                }
+            }
+        }
+        for l in hcm.access_log.iter() {
+            l.log(&e, &self.shared.clusters);
         }
     }
 
@@ -2536,9 +2568,7 @@ impl ProxyHttp for HcmProxy {
             h.stats().downstream_rq.record(status);
             h.stats().downstream_rq_completed.increment(1);
         }
-        if let Some(hcm) = ctx.hcm.as_ref().filter(|h| !h.access_log.is_empty()) {
-            Self::access_log(&hcm.access_log, session, ctx, status, &self.shared.clusters);
-        }
+        self.stream_done(session, ctx, status);
     }
 }
 
