@@ -188,6 +188,25 @@ pub fn cookie(headers: &http::HeaderMap, name: &str) -> Option<String> {
     None
 }
 
+/// Takes cookie `name` out of the request's `cookie` headers, which become
+/// one header of the pairs left (`; `-joined), or none.
+pub fn remove_cookie(req: &mut pingora_http::RequestHeader, name: &str) {
+    let mut kept = Vec::new();
+    for h in req.headers.get_all(http::header::COOKIE) {
+        let h = String::from_utf8_lossy(h.as_bytes());
+        for part in h.split(';') {
+            let part = part.trim_start();
+            if part.split_once('=').map_or(part, |(k, _)| k) != name && !part.is_empty() {
+                kept.push(part.to_string());
+            }
+        }
+    }
+    req.remove_header(&http::header::COOKIE);
+    if !kept.is_empty() {
+        let _ = req.insert_header(http::header::COOKIE, kept.join("; "));
+    }
+}
+
 /// Parses a format string into pieces: literal text through `lit`, each
 /// command through `cmd` (which refuses the ones it does not know).
 pub fn parse_pieces<P>(

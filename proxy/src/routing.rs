@@ -37,6 +37,83 @@ pub fn query_params(path: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Query parameters of `path`, names and values percent-decoded (`+`
+/// stays a plus); a parameter without `=` has an empty value.
+pub fn decoded_query_params(path: &str) -> Vec<(String, String)> {
+    query_params(path)
+        .into_iter()
+        .map(|(k, v)| (percent_decode(&k), percent_decode(&v)))
+        .collect()
+}
+
+/// `%XX` decoded where XX is hex; anything else kept as it is.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Drops parameter `name` from the request's query as Envoy's filters do:
+/// the query is rebuilt from the decoded parameters that remain, sorted by
+/// name (Envoy keeps them in an ordered map).
+pub fn remove_query_param(req: &mut pingora_http::RequestHeader, name: &str) {
+    let path = req
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut kept: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (k, v) in decoded_query_params(&path) {
+        if k != name {
+            kept.entry(k).or_default().push(v);
+        }
+    }
+    let query: Vec<String> = kept
+        .iter()
+        .flat_map(|(k, vs)| vs.iter().map(move |v| format!("{k}={v}")))
+        .collect();
+    let base = path_only(&path);
+    let new = if query.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", query.join("&"))
+    };
+    // Envoy writes decoded bytes as they are, even those a request line
+    // may not carry (a space); Legate cannot send those and encodes them.
+    let uri = new
+        .parse::<http::Uri>()
+        .or_else(|_| encode_unsafe(&new).parse::<http::Uri>());
+    if let Ok(uri) = uri {
+        req.set_uri(uri);
+    }
+}
+
+/// `s` with the bytes a request target may not carry percent-encoded.
+fn encode_unsafe(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && !b"\"<>\\^`{|}".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Envoy's gRPC check: `application/grpc` or `application/grpc+<codec>`
 /// (so `application/grpc-web` is not gRPC).
 pub fn is_grpc_content_type(ct: &str) -> bool {

@@ -16,6 +16,7 @@
 //! response, proxied or local, as Envoy's encoder filters see local replies
 //! too.
 
+pub mod api_key_auth;
 pub mod basic_auth;
 pub mod chain;
 pub mod cors;
@@ -343,6 +344,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 
 /// Every HTTP filter Legate has, besides the router.
 pub static FACTORIES: &[&Factory] = &[
+    &api_key_auth::FACTORY,
     &basic_auth::FACTORY,
     &cors::FACTORY,
     &csrf::FACTORY,
@@ -359,6 +361,7 @@ pub static FACTORIES: &[&Factory] = &[
 
 /// The registry entries of every filter, for [`crate::registry`].
 pub static REGISTRIES: &[&[MessageSupport]] = &[
+    api_key_auth::REGISTRY,
     basic_auth::REGISTRY,
     cors::REGISTRY,
     csrf::REGISTRY,

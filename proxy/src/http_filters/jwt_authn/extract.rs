@@ -120,7 +120,7 @@ impl Extractor {
         let mut out = Vec::new();
         let path = req.uri.path_and_query().map_or("", |p| p.as_str());
         let params = if self.has(|l| matches!(l, Location::Param(_))) {
-            decoded_query(path)
+            crate::routing::decoded_query_params(path)
         } else {
             Vec::new()
         };
@@ -181,41 +181,6 @@ fn after_prefix(value: &str, prefix: &str) -> Option<String> {
     })
 }
 
-/// Query parameters of `path`, names and values percent-decoded (`+`
-/// stays a plus); a parameter without `=` has an empty value.
-fn decoded_query(path: &str) -> Vec<(String, String)> {
-    let Some((_, q)) = path.split_once('?') else {
-        return Vec::new();
-    };
-    q.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
-/// `%XX` decoded where XX is hex; anything else kept as it is.
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Removes a verified token from where it was found (`forward: false`):
 /// a header goes whole; a parameter is dropped from the query, which is
 /// rebuilt from the decoded parameters that remain; cookies stay, as in
@@ -225,32 +190,7 @@ pub fn remove(req: &mut RequestHeader, location: &Location) {
         Location::Header(name, _) => {
             req.remove_header(name.as_str());
         }
-        Location::Param(name) => {
-            let path = req
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            let base = crate::routing::path_only(&path);
-            let mut kept: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for (k, v) in decoded_query(&path) {
-                if &k != name {
-                    kept.entry(k).or_default().push(v);
-                }
-            }
-            let query: Vec<String> = kept
-                .iter()
-                .flat_map(|(k, vs)| vs.iter().map(move |v| format!("{k}={v}")))
-                .collect();
-            let new = if query.is_empty() {
-                base.to_string()
-            } else {
-                format!("{base}?{}", query.join("&"))
-            };
-            if let Ok(uri) = new.parse::<http::Uri>() {
-                req.set_uri(uri);
-            }
-        }
+        Location::Param(name) => crate::routing::remove_query_param(req, name),
         Location::Cookie(_) => {}
     }
 }
@@ -280,7 +220,7 @@ mod tests {
     #[test]
     fn params_and_cookies() {
         assert_eq!(
-            decoded_query("/p?a=1&access_token=x%2Ey&flag"),
+            crate::routing::decoded_query_params("/p?a=1&access_token=x%2Ey&flag"),
             vec![
                 ("a".into(), "1".into()),
                 ("access_token".into(), "x.y".into()),
@@ -294,7 +234,7 @@ mod tests {
         );
         assert_eq!(crate::headers::cookie(&h, "tok").as_deref(), Some("v"));
         assert_eq!(crate::headers::cookie(&h, "b"), None);
-        assert_eq!(percent_decode("%zz%41%4"), "%zzA%4");
+        assert_eq!(crate::routing::percent_decode("%zz%41%4"), "%zzA%4");
     }
 
     #[test]
