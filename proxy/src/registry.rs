@@ -1155,7 +1155,12 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.transport_sockets.tls.v3.Secret",
-        &["name", "tls_certificate", "validation_context"],
+        &["name", "tls_certificate", "validation_context", "generic_secret"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.transport_sockets.tls.v3.GenericSecret",
+        &["secret"],
         &[],
     ),
     // Clusters.

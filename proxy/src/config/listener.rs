@@ -1076,14 +1076,19 @@ impl Listener {
             .chain(self.default_chain.iter().map(|c| &c.filter))
     }
 
-    /// The SDS secrets the listener's TLS chains use.
+    /// The SDS secrets the listener's TLS chains and HTTP filters use.
     pub fn sds_refs(&self) -> impl Iterator<Item = &(String, XdsSource)> {
+        let filters = self
+            .hcms()
+            .flat_map(|h| h.filters.entries.iter())
+            .flat_map(|e| e.filter.sds_refs().iter());
         self.chains
             .iter()
             .map(|(_, c)| c)
             .chain(self.default_chain.iter())
             .filter_map(|c| c.tls.as_ref())
             .flat_map(|t| t.sds.iter())
+            .chain(filters)
     }
 
     /// Every HTTP connection manager of the listener.

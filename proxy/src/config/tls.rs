@@ -486,7 +486,7 @@ fn combined(
     match named(s, &sp)? {
         Named::Static(v) => match &*v {
             SecretValue::Trust(t) => Ok(Src::Fixed(Arc::new(merged(&default, &t.source, path)?))),
-            SecretValue::Cert(_) => Err(ConfigError::new(
+            _ => Err(ConfigError::new(
                 join(&sp, "name"),
                 format!("secret {} is not a validation_context", s.name),
             )),
@@ -525,15 +525,72 @@ pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
                 "session ticket key secrets are not supported",
             ))
         }
-        Some(T::GenericSecret(_)) => {
-            return Err(ConfigError::new(
-                join(path, "generic_secret"),
-                "generic secrets are not supported",
-            ))
-        }
+        Some(T::GenericSecret(g)) => generic(g, &join(path, "generic_secret"))?,
         None => return Err(ConfigError::new(path, "a secret needs a type")),
     };
     Ok((s.name.clone(), v))
+}
+
+/// A `generic_secret`: its `secret` bytes. The named `secrets` map serves
+/// only extensions Legate does not have, so it is refused.
+fn generic(g: &pb::GenericSecret, path: &str) -> Result<SecretValue> {
+    if !g.secrets.is_empty() {
+        return Err(ConfigError::new(
+            join(path, "secrets"),
+            "named generic secrets are not supported",
+        ));
+    }
+    let ds = g
+        .secret
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(join(path, "secret"), "secret is required"))?;
+    Ok(SecretValue::Generic(crate::datasource::read(
+        ds,
+        &join(path, "secret"),
+    )?))
+}
+
+/// A generic secret for a filter: fixed (inline or static, which must
+/// exist now) or from SDS, read at each use.
+#[derive(Debug, Clone)]
+pub enum GenericSecret {
+    Fixed(bytes::Bytes),
+    Sds(String),
+}
+
+impl GenericSecret {
+    /// Its bytes now (None while an SDS secret is missing or of another
+    /// kind).
+    pub fn current(&self) -> Option<bytes::Bytes> {
+        match self {
+            Self::Fixed(b) => Some(b.clone()),
+            Self::Sds(name) => match &*crate::tls::secrets::get_dynamic(name)? {
+                SecretValue::Generic(b) => Some(b.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    /// The secret `s` names; `sds` gains the subscription an SDS one needs.
+    pub fn from_proto(
+        s: &pb::SdsSecretConfig,
+        path: &str,
+        sds: &mut Vec<(String, XdsSource)>,
+    ) -> Result<Self> {
+        match named(s, path)? {
+            Named::Static(v) => match &*v {
+                SecretValue::Generic(b) => Ok(Self::Fixed(b.clone())),
+                _ => Err(ConfigError::new(
+                    join(path, "name"),
+                    format!("secret {} is not a generic_secret", s.name),
+                )),
+            },
+            Named::Sds(name, source) => {
+                sds.push((name.clone(), source));
+                Ok(Self::Sds(name))
+            }
+        }
+    }
 }
 
 /// What an `SdsSecretConfig` names: a static secret (which must exist now),
@@ -603,7 +660,7 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
         certs.push(match named(s, &p)? {
             Named::Static(v) => match &*v {
                 SecretValue::Cert(c) => Src::Fixed(c.clone()),
-                SecretValue::Trust(_) => return Err(not_a(&p, &s.name, "tls_certificate")),
+                _ => return Err(not_a(&p, &s.name, "tls_certificate")),
             },
             Named::Sds(name, source) => {
                 sds.push((name.clone(), source));
@@ -623,7 +680,7 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
             Some(match named(s, &p)? {
                 Named::Static(v) => match &*v {
                     SecretValue::Trust(t) => Src::Fixed(t.clone()),
-                    SecretValue::Cert(_) => return Err(not_a(&p, &s.name, "validation_context")),
+                    _ => return Err(not_a(&p, &s.name, "validation_context")),
                 },
                 Named::Sds(name, source) => {
                     sds.push((name.clone(), source));

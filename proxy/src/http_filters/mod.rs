@@ -20,6 +20,7 @@ pub mod api_key_auth;
 pub mod basic_auth;
 pub mod chain;
 pub mod cors;
+pub mod credential_injector;
 pub mod csrf;
 pub mod ext_authz;
 pub mod fault;
@@ -293,6 +294,12 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
     /// When the stream ends (Envoy's `onDestroy`), for a filter that kept
     /// state from its request hook.
     fn on_stream_done(&self, _done: &StreamDone<'_>, _state: Option<&State>) {}
+
+    /// The SDS secrets the filter reads, which its listener subscribes to
+    /// (and waits for, as Envoy's listener warms on them).
+    fn sds_refs(&self) -> &[(String, crate::config::source::XdsSource)] {
+        &[]
+    }
 }
 
 /// What a finished stream tells its filters.
@@ -347,6 +354,7 @@ pub static FACTORIES: &[&Factory] = &[
     &api_key_auth::FACTORY,
     &basic_auth::FACTORY,
     &cors::FACTORY,
+    &credential_injector::FACTORY,
     &csrf::FACTORY,
     &ext_authz::FACTORY,
     &fault::FACTORY,
@@ -364,6 +372,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     api_key_auth::REGISTRY,
     basic_auth::REGISTRY,
     cors::REGISTRY,
+    credential_injector::REGISTRY,
     csrf::REGISTRY,
     ext_authz::REGISTRY,
     fault::REGISTRY,

@@ -51,6 +51,8 @@ pub struct Trust {
 pub enum SecretValue {
     Cert(Arc<CertBundle>),
     Trust(Arc<Trust>),
+    /// A `generic_secret`'s `secret` bytes (credentials for filters).
+    Generic(bytes::Bytes),
 }
 
 /// Where a transport socket's certificate or validation context comes from.
@@ -89,7 +91,7 @@ impl FromSecret for CertBundle {
     fn from_secret(v: &SecretValue) -> Option<Arc<Self>> {
         match v {
             SecretValue::Cert(c) => Some(c.clone()),
-            SecretValue::Trust(_) => None,
+            _ => None,
         }
     }
 }
@@ -98,7 +100,7 @@ impl FromSecret for Trust {
     fn from_secret(v: &SecretValue) -> Option<Arc<Self>> {
         match v {
             SecretValue::Trust(t) => Some(t.clone()),
-            SecretValue::Cert(_) => None,
+            _ => None,
         }
     }
 }
