@@ -399,9 +399,11 @@ pub static REGISTRY: &[MessageSupport] = &[
             "typed_per_filter_config",
             "decorator",
             "tracing",
+            // Sent on by ext_authz's route_metadata_context_namespaces;
+            // Legate reads it nowhere else.
+            "metadata",
         ],
         &[
-            ("metadata", "only informational"),
             (
                 "stat_prefix",
                 "only names per-route stats (vhost.<name>.route.<stat_prefix>.*), which Legate does not emit",

@@ -79,6 +79,65 @@ fn denied(code: types::StatusCode, extra: (&str, &str)) -> auth::CheckResponse {
     }
 }
 
+/// The route metadata the check carried (` route-md=ns:{k=v,...};...`,
+/// sorted), or nothing when it carried none.
+fn route_metadata(
+    md: Option<&legate_proto::envoy_types::pb::envoy::config::core::v3::Metadata>,
+) -> String {
+    let Some(md) = md else {
+        return String::new();
+    };
+    let mut parts: Vec<String> = md
+        .filter_metadata
+        .iter()
+        .map(|(ns, st)| {
+            let mut fields: Vec<String> = st
+                .fields
+                .iter()
+                .map(|(k, v)| format!("{k}={}", value_text(v)))
+                .collect();
+            fields.sort();
+            format!("{ns}:{{{}}}", fields.join(","))
+        })
+        .collect();
+    parts.extend(
+        md.typed_filter_metadata
+            .iter()
+            .map(|(ns, a)| format!("{ns}:typed:{}", a.type_url)),
+    );
+    parts.sort();
+    format!(" route-md={}", parts.join(";"))
+}
+
+/// A protobuf `Value` as text, struct fields sorted (so two servers'
+/// reports compare equal whatever their map order).
+fn value_text(v: &legate_proto::envoy_types::pb::google::protobuf::Value) -> String {
+    use legate_proto::envoy_types::pb::google::protobuf::value::Kind;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => format!("{s:?}"),
+        Some(Kind::NumberValue(n)) => n.to_string(),
+        Some(Kind::BoolValue(b)) => b.to_string(),
+        Some(Kind::NullValue(_)) | None => "null".into(),
+        Some(Kind::ListValue(l)) => format!(
+            "[{}]",
+            l.values
+                .iter()
+                .map(value_text)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        Some(Kind::StructValue(st)) => {
+            let mut f: Vec<String> = st
+                .fields
+                .iter()
+                .map(|(k, v)| format!("{k}:{}", value_text(v)))
+                .collect();
+            f.sort();
+            format!("{{{}}}", f.join(","))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl auth::authorization_server::Authorization for Grpc {
     async fn check(
@@ -101,8 +160,9 @@ impl auth::authorization_server::Authorization for Grpc {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         ext.sort();
+        let route_md = route_metadata(attrs.route_metadata_context.as_ref());
         let seen = format!(
-            "{} {} host={} scheme={} protocol={} headers={} ext={} call-authority={}",
+            "{} {} host={} scheme={} protocol={} headers={} ext={} call-authority={}{}",
             http.method,
             http.path,
             http.host,
@@ -110,7 +170,8 @@ impl auth::authorization_server::Authorization for Grpc {
             http.protocol,
             names(http.headers.keys().map(String::as_str)),
             ext.join(";"),
-            call_authority
+            call_authority,
+            route_md
         );
         let id = http.headers.get("x-request-id").map(String::as_str);
         let verdict = match verdict.as_str() {

@@ -66,6 +66,10 @@ pub struct Route {
     pub filters: crate::http_filters::PerFilterConfigs,
     /// `tracing` (sampling overrides) and `decorator`.
     pub tracing: crate::trace::RouteTracing,
+    /// `metadata`, for the filters that send it on (ext_authz's
+    /// `route_metadata_context_namespaces`).
+    pub metadata:
+        Option<std::sync::Arc<legate_proto::envoy_types::pb::envoy::config::core::v3::Metadata>>,
 }
 
 #[derive(Debug)]
@@ -568,6 +572,7 @@ impl Route {
                 r.decorator.as_ref(),
                 path,
             )?,
+            metadata: r.metadata.clone().map(std::sync::Arc::new),
         })
     }
 }

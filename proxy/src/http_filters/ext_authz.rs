@@ -51,6 +51,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "allowed_headers",
             "disallowed_headers",
             "charge_cluster_response_stats",
+            "route_metadata_context_namespaces",
+            "route_typed_metadata_context_namespaces",
         ],
         warn: &[],
     },
@@ -148,6 +150,8 @@ pub struct ExtAuthz {
     status_on_error: u16,
     enabled: Option<Fraction>,
     charge_cluster: bool,
+    /// The route metadata namespaces sent in the check (untyped, typed).
+    route_namespaces: (Vec<String>, Vec<String>),
     /// `http.<hcm prefix>.ext_authz.[<stat_prefix>.]*`
     stats: crate::stats::NamedCounters,
     /// Live state: one channel or client per service host.
@@ -242,6 +246,10 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
         format!("{}.", c.stat_prefix)
     };
     Ok(Arc::new(ExtAuthz {
+        route_namespaces: (
+            c.route_metadata_context_namespaces.clone(),
+            c.route_typed_metadata_context_namespaces.clone(),
+        ),
         service,
         failure_mode_allow: c.failure_mode_allow,
         failure_mode_header: c.failure_mode_allow_header_add,
@@ -404,6 +412,25 @@ fn any_match(ms: &[StringMatcher], name: &str) -> bool {
 }
 
 impl ExtAuthz {
+    /// The selected route's metadata in the configured namespaces, as
+    /// Envoy sends it in `route_metadata_context` (always, if empty).
+    fn route_metadata(&self, rq: &RequestInfo<'_>) -> Option<core::Metadata> {
+        let (plain, typed) = &self.route_namespaces;
+        let Some(md) = rq.route_metadata else {
+            return Some(core::Metadata::default());
+        };
+        Some(core::Metadata {
+            filter_metadata: plain
+                .iter()
+                .filter_map(|n| Some((n.clone(), md.filter_metadata.get(n)?.clone())))
+                .collect(),
+            typed_filter_metadata: typed
+                .iter()
+                .filter_map(|n| Some((n.clone(), md.typed_filter_metadata.get(n)?.clone())))
+                .collect(),
+        })
+    }
+
     fn count(&self, name: &'static str) {
         self.stats.increment(name);
     }
@@ -427,7 +454,10 @@ impl ExtAuthz {
                 let Some(addr) = super::side::plaintext_host(rq.clusters, cluster) else {
                     return Answer::Error;
                 };
-                let request = check_request(rq, ext, allowed.as_deref(), disallowed);
+                let mut request = check_request(rq, ext, allowed.as_deref(), disallowed);
+                if let Some(a) = request.attributes.as_mut() {
+                    a.route_metadata_context = self.route_metadata(rq);
+                }
                 let Some(channel) = self.grpc.get(addr) else {
                     return Answer::Error;
                 };

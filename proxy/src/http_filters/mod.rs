@@ -82,6 +82,9 @@ pub struct RequestInfo<'a> {
     pub forwards: bool,
     /// A route was selected (of any action).
     pub has_route: bool,
+    /// The selected route's `metadata`.
+    pub route_metadata:
+        Option<&'a legate_proto::envoy_types::pb::envoy::config::core::v3::Metadata>,
     pub runtime: &'a crate::runtime::Runtime,
     /// Response flags the filter sets while letting the request go on
     /// (a fault's `DI`).

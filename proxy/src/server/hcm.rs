@@ -524,6 +524,10 @@ impl HcmProxy {
                     cluster: cluster.as_deref(),
                     forwards,
                     has_route: ctx.selected.is_some(),
+                    route_metadata: ctx
+                        .selected
+                        .as_ref()
+                        .and_then(|s| s.route().metadata.as_deref()),
                     runtime: &runtime,
                     flags: Vec::new(),
                     route_rate_limits: rl.0,

@@ -92,6 +92,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             cluster: Some("c"),
             forwards: true,
             has_route: true,
+            route_metadata: None,
             runtime: &runtime,
             flags: Vec::new(),
             route_rate_limits: &[],
