@@ -53,6 +53,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "charge_cluster_response_stats",
             "route_metadata_context_namespaces",
             "route_typed_metadata_context_namespaces",
+            "clear_route_cache",
         ],
         warn: &[],
     },
@@ -152,6 +153,9 @@ pub struct ExtAuthz {
     charge_cluster: bool,
     /// The route metadata namespaces sent in the check (untyped, typed).
     route_namespaces: (Vec<String>, Vec<String>),
+    /// Select the route again after an allowed check changed the
+    /// request's headers.
+    clear_route_cache: bool,
     /// `http.<hcm prefix>.ext_authz.[<stat_prefix>.]*`
     stats: crate::stats::NamedCounters,
     /// Live state: one channel or client per service host.
@@ -246,6 +250,7 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
         format!("{}.", c.stat_prefix)
     };
     Ok(Arc::new(ExtAuthz {
+        clear_route_cache: c.clear_route_cache,
         route_namespaces: (
             c.route_metadata_context_namespaces.clone(),
             c.route_typed_metadata_context_namespaces.clone(),
@@ -873,6 +878,10 @@ impl HttpFilter for ExtAuthz {
                 remove,
                 response,
             } => {
+                // Envoy clears the route cache when the answer changes the
+                // request's headers.
+                rq.clear_route_cache |=
+                    self.clear_route_cache && (!upstream.is_empty() || !remove.is_empty());
                 for (k, v, append) in upstream {
                     if append {
                         if rq.req.headers.contains_key(&k) {

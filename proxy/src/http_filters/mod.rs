@@ -89,6 +89,10 @@ pub struct RequestInfo<'a> {
     /// Response flags the filter sets while letting the request go on
     /// (a fault's `DI`).
     pub flags: Vec<&'static str>,
+    /// Set by a filter that changed what routing reads (Envoy's
+    /// `clearRouteCache`): the route is selected again before the next
+    /// filter runs.
+    pub clear_route_cache: bool,
     /// The forwarding route's `rate_limits`, its virtual host's, and the
     /// route's `include_vh_rate_limits` (empty without such a route).
     pub route_rate_limits: &'a [rate_limit_actions::RateLimit],

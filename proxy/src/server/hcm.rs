@@ -453,6 +453,40 @@ impl HcmProxy {
         ])
     }
 
+    /// Selects the route again from the request as the filters left it
+    /// (one cleared the route cache), as Envoy's next route lookup does.
+    fn reselect_route(&self, session: &Session, ctx: &mut Ctx, hcm: &Hcm) {
+        let req = session.req_header();
+        let host = req
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let path = req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let header = |name: &str| -> Option<String> {
+            if name == "host" || name == ":authority" {
+                return Some(host.clone());
+            }
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let rc = self.shared.routes.resolve(&hcm.routes, &header);
+        ctx.weighted_index = None;
+        ctx.selected = rc.and_then(|rc| self.select_route(session, ctx, rc, &host, &path));
+    }
+
     /// The cluster the selected route forwards to, as far as it is known
     /// before the router runs.
     fn route_cluster(session: &Session, ctx: &Ctx) -> Option<String> {
@@ -489,11 +523,12 @@ impl HcmProxy {
         }
         let runtime = self.shared.runtime.load();
         let grpc = is_grpc(session);
-        let cluster = Self::route_cluster(session, ctx);
-        let forwards = ctx
-            .selected
-            .as_ref()
-            .is_some_and(|s| matches!(s.route().action, Action::Forward(_)));
+        let mut cluster = Self::route_cluster(session, ctx);
+        let forwards = |ctx: &Ctx| {
+            ctx.selected
+                .as_ref()
+                .is_some_and(|s| matches!(s.route().action, Action::Forward(_)))
+        };
         let peer = ctx.peer_tls.clone();
         let sni = std::mem::take(&mut ctx.sni);
         let scheme = ctx.scheme();
@@ -522,7 +557,7 @@ impl HcmProxy {
                     grpc,
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
-                    forwards,
+                    forwards: forwards(ctx),
                     has_route: ctx.selected.is_some(),
                     route_metadata: ctx
                         .selected
@@ -530,6 +565,7 @@ impl HcmProxy {
                         .and_then(|s| s.route().metadata.as_deref()),
                     runtime: &runtime,
                     flags: Vec::new(),
+                    clear_route_cache: false,
                     route_rate_limits: rl.0,
                     vhost_rate_limits: rl.1,
                     include_vh_rate_limits: rl.2,
@@ -542,14 +578,18 @@ impl HcmProxy {
                         .load(std::sync::atomic::Ordering::Relaxed),
                 };
                 let flow = entry.filter.on_request(&mut info, &mut state).await;
-                (flow, info.flags)
+                (flow, info.flags, info.clear_route_cache)
             };
-            let (flow, flags) = flow;
+            let (flow, flags, clear_route_cache) = flow;
             ctx.metadata = metadata;
             for f in flags {
                 ctx.flags.add(f);
             }
             ctx.filter_states[k] = state;
+            if clear_route_cache && matches!(flow, Flow::Continue) {
+                self.reselect_route(session, ctx, &hcm);
+                cluster = Self::route_cluster(session, ctx);
+            }
             if let Flow::Reply(r) = flow {
                 if let Some(f) = r.flag {
                     ctx.flags.add(f);

@@ -35,6 +35,8 @@ pub struct Provider {
     /// `require_expiration` (unbounded) or `max_lifetime`.
     pub max_lifetime: Option<Duration>,
     pub forward: bool,
+    /// Select the route again when `claim_to_headers` added a header.
+    pub clear_route_cache: bool,
     pub forward_payload_header: Option<HeaderName>,
     pub pad_forward_payload_header: bool,
     pub payload_in_metadata: String,
@@ -313,12 +315,6 @@ impl Provider {
                 KeySource::Remote(RemoteJwks::from_proto(name, r, &join(path, "remote_jwks"))?)
             }
         };
-        if p.clear_route_cache {
-            return Err(ConfigError::new(
-                join(path, "clear_route_cache"),
-                "not supported by Legate yet",
-            ));
-        }
         let max_lifetime = match &p.max_lifetime {
             Some(d) => Some(crate::config::duration(d, &join(path, "max_lifetime"))?),
             None if p.require_expiration => Some(Duration::MAX),
@@ -350,6 +346,7 @@ impl Provider {
                 .transpose()?,
             max_lifetime,
             forward: p.forward,
+            clear_route_cache: p.clear_route_cache,
             forward_payload_header: (!p.forward_payload_header.is_empty())
                 .then(|| header(&p.forward_payload_header, "forward_payload_header"))
                 .transpose()?,

@@ -80,6 +80,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "clock_skew_seconds",
             "jwt_cache_config",
             "claim_to_headers",
+            "clear_route_cache",
         ],
         warn: &[],
     },
@@ -558,6 +559,8 @@ fn good_jwt(
         let v = claim_value(&jwt.payload, claim).and_then(|v| http::HeaderValue::from_str(&v).ok());
         if let Some(v) = v {
             let _ = rq.req.append_header(h.clone(), v);
+            // Routing may read the claim's header now.
+            rq.clear_route_cache |= p.clear_route_cache;
         }
     }
     if !p.forward {

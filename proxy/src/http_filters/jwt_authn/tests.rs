@@ -93,6 +93,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             forwards: true,
             has_route: true,
             route_metadata: None,
+            clear_route_cache: false,
             runtime: &runtime,
             flags: Vec::new(),
             route_rate_limits: &[],
