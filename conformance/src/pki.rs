@@ -7,7 +7,8 @@
 //!   `other` (other.test), `upstream` (upstream.test, for TLS upstreams).
 //! - Client certificates, URI SAN `spiffe://conformance.test/...`:
 //!   `client-good` (.../good), `client-badsan` (.../bad), `client-rogue`
-//!   (.../good from the rogue CA), `client-expired` (.../good, expired).
+//!   (.../good from the rogue CA), `client-expired` (.../good, expired),
+//!   `client-upn` (.../good and a UPN otherName, client1@conformance.test).
 
 use legate_tests::pki::{Ca, LeafOpts};
 use std::path::Path;
@@ -57,7 +58,20 @@ fn write(dir: &Path) -> std::io::Result<()> {
             uris: &[GOOD_ID],
             not_before_days: Some(-10),
             not_after_days: Some(-1),
+            ..Default::default()
         },
     )
-    .copy_to(dir, "client-expired")
+    .copy_to(dir, "client-expired")?;
+    // A UPN (Microsoft's user principal name) otherName beside the URI.
+    let upn: &[u64] = &[1, 3, 6, 1, 4, 1, 311, 20, 2, 3];
+    ca.leaf(
+        "n",
+        &[],
+        LeafOpts {
+            uris: &[GOOD_ID],
+            other_names: &[(upn, "client1@conformance.test")],
+            ..Default::default()
+        },
+    )
+    .copy_to(dir, "client-upn")
 }

@@ -1147,7 +1147,7 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher",
-        &["san_type", "matcher"],
+        &["san_type", "matcher", "oid"],
         &[],
     ),
     m(

@@ -293,6 +293,7 @@ async fn mtls_accepts_only_the_right_identity_from_the_right_ca() {
             uris: &[GOOD],
             not_before_days: Some(-10),
             not_after_days: Some(-1),
+            ..Default::default()
         },
     );
     let future = ca.leaf(
@@ -302,6 +303,7 @@ async fn mtls_accepts_only_the_right_identity_from_the_right_ca() {
             uris: &[GOOD],
             not_before_days: Some(2),
             not_after_days: Some(10),
+            ..Default::default()
         },
     );
     let up = upstream("up").await;

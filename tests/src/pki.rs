@@ -30,6 +30,8 @@ pub struct LeafOpts<'a> {
     /// Days from now; negative = in the past.
     pub not_before_days: Option<i64>,
     pub not_after_days: Option<i64>,
+    /// `otherName` SANs: (type OID arcs, UTF-8 string value).
+    pub other_names: &'a [(&'a [u64], &'a str)],
 }
 
 impl Ca {
@@ -74,6 +76,10 @@ impl Ca {
         for u in opts.uris {
             p.subject_alt_names
                 .push(SanType::URI(rcgen::Ia5String::try_from(*u).unwrap()));
+        }
+        for (oid, v) in opts.other_names {
+            p.subject_alt_names
+                .push(SanType::OtherName((oid.to_vec(), (*v).into())));
         }
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,

@@ -318,23 +318,49 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Tr
     for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
         let p = index(path, "match_typed_subject_alt_names", i);
         use pb::subject_alt_name_matcher::SanType as T;
-        let ty =
-            match T::try_from(m.san_type).unwrap_or(T::Unspecified) {
-                T::Dns => SanType::Dns,
-                T::Email => SanType::Email,
-                T::Uri => SanType::Uri,
-                T::IpAddress => SanType::Ip,
-                T::OtherName | T::Unspecified => return Err(ConfigError::new(
+        let ty = match T::try_from(m.san_type).unwrap_or(T::Unspecified) {
+            T::Dns => SanType::Dns,
+            T::Email => SanType::Email,
+            T::Uri => SanType::Uri,
+            T::IpAddress => SanType::Ip,
+            T::OtherName => SanType::Other,
+            T::Unspecified => {
+                return Err(ConfigError::new(
                     join(&p, "san_type"),
-                    "san_type must be DNS, EMAIL, URI or IP_ADDRESS (OTHER_NAME is not supported)",
-                )),
-            };
+                    "san_type must be DNS, EMAIL, URI, IP_ADDRESS or OTHER_NAME",
+                ))
+            }
+        };
+        let oid = match (ty, m.oid.as_str()) {
+            (SanType::Other, "") => {
+                return Err(ConfigError::new(
+                    join(&p, "oid"),
+                    "an OTHER_NAME matcher needs the oid",
+                ))
+            }
+            (SanType::Other, o) => {
+                let parsed = o
+                    .split('.')
+                    .map(str::parse::<u64>)
+                    .collect::<std::result::Result<Vec<_>, _>>();
+                if parsed.map_or(true, |a| a.len() < 2) {
+                    return Err(ConfigError::new(
+                        join(&p, "oid"),
+                        format!("'{o}' is not a dotted object identifier"),
+                    ));
+                }
+                Some(o.to_string())
+            }
+            // Envoy reads the oid of OTHER_NAME matchers only.
+            _ => None,
+        };
         let sm = m
             .matcher
             .as_ref()
             .ok_or_else(|| ConfigError::new(join(&p, "matcher"), "matcher is required"))?;
         identity.sans.push(SanMatcher {
             ty,
+            oid,
             matcher: super::matcher::StringMatcher::from_proto(sm, &join(&p, "matcher"))?,
         });
     }

@@ -17,6 +17,8 @@ pub enum SanType {
     Email,
     Uri,
     Ip,
+    /// An `otherName` of the matcher's `oid`.
+    Other,
 }
 
 /// One `SubjectAltNameMatcher`.
@@ -24,6 +26,8 @@ pub enum SanType {
 pub struct SanMatcher {
     pub ty: SanType,
     pub matcher: StringMatcher,
+    /// The `otherName` type (dotted), for [`SanType::Other`].
+    pub oid: Option<String>,
 }
 
 /// What a peer certificate must be, beyond a trusted chain.
@@ -56,6 +60,79 @@ pub fn sans(der: &[u8]) -> Vec<(SanType, String)> {
             _ => None,
         })
         .collect()
+}
+
+/// A certificate's `otherName` SANs: (type OID dotted, value as Envoy
+/// prints it).
+pub fn other_names(der: &[u8]) -> Vec<(String, String)> {
+    use x509_parser::extensions::GeneralName as G;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            G::OtherName(oid, value) => Some((oid.to_id_string(), other_name_value(value))),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One DER element: (tag, contents, the rest).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |a, b| (a << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// An `otherName` value (the `[0] EXPLICIT` element) as Envoy's
+/// `generalNameAsString` prints it: strings as their bytes, a boolean as
+/// `true`/`false`, an integer in decimal, an object identifier dotted, a
+/// NULL (or anything else) as nothing.
+fn other_name_value(explicit: &[u8]) -> String {
+    let Some((0xa0, inner, _)) = tlv(explicit) else {
+        return String::new();
+    };
+    let Some((tag, v, _)) = tlv(inner) else {
+        return String::new();
+    };
+    match tag {
+        0x01 => if v.first().is_some_and(|b| *b != 0) {
+            "true"
+        } else {
+            "false"
+        }
+        .into(),
+        0x02 | 0x0a if !v.is_empty() && v.len() <= 16 => {
+            // Two's complement, big endian.
+            let mut n: i128 = if v[0] & 0x80 != 0 { -1 } else { 0 };
+            for b in v {
+                n = (n << 8) | i128::from(*b);
+            }
+            n.to_string()
+        }
+        0x06 => x509_parser::der_parser::oid::Oid::new(v.into()).to_id_string(),
+        // Bit, octet, UTF-8, numeric, printable, T61, IA5, UTC and
+        // generalized time, visible, general, universal and BMP strings,
+        // sequences and sets: the bytes.
+        0x03 | 0x04 | 0x0c | 0x12 | 0x13 | 0x14 | 0x16 | 0x17 | 0x18 | 0x1a | 0x1b | 0x1c
+        | 0x1e | 0x30 | 0x31 => String::from_utf8_lossy(v).into_owned(),
+        _ => String::new(),
+    }
 }
 
 fn ip_string(b: &[u8]) -> Option<String> {
@@ -133,7 +210,17 @@ impl Identity {
     pub fn accepts(&self, der: &[u8]) -> bool {
         if !self.sans.is_empty() {
             let have = sans(der);
+            let others = if self.sans.iter().any(|m| m.ty == SanType::Other) {
+                other_names(der)
+            } else {
+                Vec::new()
+            };
             let ok = self.sans.iter().any(|m| {
+                if m.ty == SanType::Other {
+                    return others
+                        .iter()
+                        .any(|(oid, v)| Some(oid) == m.oid.as_ref() && m.matcher.matches(v));
+                }
                 have.iter().any(|(ty, v)| {
                     *ty == m.ty
                         && (m.matcher.matches(v)
@@ -376,8 +463,25 @@ mod tests {
         p.self_signed(&key).unwrap().der().to_vec()
     }
 
+    #[test]
+    fn other_name_values_print_as_envoy_prints_them() {
+        // [0] EXPLICIT around each value.
+        let wrap = |inner: &[u8]| [&[0xa0, inner.len() as u8][..], inner].concat();
+        assert_eq!(other_name_value(&wrap(&[0x0c, 2, b'h', b'i'])), "hi");
+        assert_eq!(other_name_value(&wrap(&[0x01, 1, 0xff])), "true");
+        assert_eq!(other_name_value(&wrap(&[0x02, 2, 0x01, 0x00])), "256");
+        assert_eq!(other_name_value(&wrap(&[0x02, 1, 0xff])), "-1");
+        assert_eq!(
+            other_name_value(&wrap(&[0x06, 3, 0x2a, 0x03, 0x04])),
+            "1.2.3.4"
+        );
+        assert_eq!(other_name_value(&wrap(&[0x05, 0])), "");
+        assert_eq!(other_name_value(&[0x0c, 1, b'x']), "");
+    }
+
     fn m(ty: SanType, exact: &str) -> SanMatcher {
         SanMatcher {
+            oid: None,
             ty,
             matcher: StringMatcher::exact(exact),
         }
