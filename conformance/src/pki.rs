@@ -8,7 +8,9 @@
 //! - Client certificates, URI SAN `spiffe://conformance.test/...`:
 //!   `client-good` (.../good), `client-badsan` (.../bad), `client-rogue`
 //!   (.../good from the rogue CA), `client-expired` (.../good, expired),
-//!   `client-upn` (.../good and a UPN otherName, client1@conformance.test).
+//!   `client-upn` (.../good and a UPN otherName, client1@conformance.test),
+//!   `client-revoked` (.../good, revoked by `ca.crl.pem`; `expired.crl.pem`
+//!   is that CRL past its next update; `garbage.crl.pem` holds no CRL).
 
 use legate_tests::pki::{Ca, LeafOpts};
 use std::path::Path;
@@ -73,5 +75,12 @@ fn write(dir: &Path) -> std::io::Result<()> {
             ..Default::default()
         },
     )
-    .copy_to(dir, "client-upn")
+    .copy_to(dir, "client-upn")?;
+    // Revocation: a client the CA's CRL revokes, that CRL, the same CRL
+    // expired, and a "CRL" that holds none.
+    let revoked = ca.leaf("v", &[], id(&good));
+    revoked.copy_to(dir, "client-revoked")?;
+    std::fs::write(dir.join("ca.crl.pem"), ca.crl(&[&revoked], 30))?;
+    std::fs::write(dir.join("expired.crl.pem"), ca.crl(&[&revoked], -1))?;
+    std::fs::write(dir.join("garbage.crl.pem"), "cert-data")
 }

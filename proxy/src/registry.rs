@@ -1142,6 +1142,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "verify_certificate_spki",
             "allow_expired_certificate",
             "trust_chain_verification",
+            "crl",
+            "only_verify_leaf_cert_crl",
         ],
         &[],
     ),

@@ -21,6 +21,9 @@ pub struct Leaf {
     pub key: PathBuf,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number, for a CRL to revoke it (unknown
+    /// for a leaf loaded from disk).
+    pub serial: Option<Vec<u8>>,
 }
 
 /// What a leaf looks like beyond its DNS names.
@@ -34,7 +37,42 @@ pub struct LeafOpts<'a> {
     pub other_names: &'a [(&'a [u64], &'a str)],
 }
 
+fn ring_serial() -> [u8; 16] {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut b).unwrap();
+    b
+}
+
 impl Ca {
+    /// A CRL (PEM) of this CA revoking `revoked`, valid from a day ago for
+    /// `next_update_days` (negative: already expired).
+    pub fn crl(&self, revoked: &[&Leaf], next_update_days: i64) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::days(2),
+            next_update: now + time::Duration::days(next_update_days),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .filter_map(|l| l.serial.as_ref())
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now - time::Duration::days(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.cert, &self.key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
     /// A new CA named `name`, in a new directory under the system temp dir.
     pub fn new(name: &str) -> Ca {
         let dir = std::env::temp_dir().join(format!(
@@ -88,8 +126,13 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now + time::Duration::days(opts.not_before_days.unwrap_or(-1));
         p.not_after = now + time::Duration::days(opts.not_after_days.unwrap_or(30));
+        // A positive 16-byte serial a CRL can name.
+        let mut serial: [u8; 16] = ring_serial();
+        serial[0] &= 0x7f;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
         let leaf = Leaf {
+            serial: Some(serial.to_vec()),
             cert: self.dir.join(format!("{stem}.pem")),
             key: self.dir.join(format!("{stem}.key")),
             cert_pem: cert.pem(),
@@ -111,6 +154,7 @@ impl Leaf {
         Ok(Leaf {
             cert_pem: std::fs::read_to_string(&cert)?,
             key_pem: std::fs::read_to_string(&key)?,
+            serial: None,
             cert,
             key,
         })

@@ -476,18 +476,9 @@ impl VirtualHost {
                 "at least one domain is required",
             ));
         }
-        let mut domains = Vec::new();
-        for (i, d) in vh.domains.iter().enumerate() {
-            let d = d.to_ascii_lowercase();
-            // A '*' inside a domain is a literal character in Envoy.
-            if d.is_empty() {
-                return Err(ConfigError::new(
-                    index(path, "domains", i),
-                    format!("invalid domain '{d}'"),
-                ));
-            }
-            domains.push(d);
-        }
+        // A '*' inside a domain is a literal character in Envoy, and an
+        // empty domain an exact one (matching an empty host only).
+        let domains = vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
         let routes = vh
             .routes
             .iter()

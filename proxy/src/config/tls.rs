@@ -407,20 +407,47 @@ pub fn validation(v: &pb::CertificateValidationContext, path: &str) -> Result<Tr
         }
         let roots = Arc::new(store);
         let provider = default_provider();
+        let crls = match &v.crl {
+            Some(ds) => crls(ds, &join(path, "crl"))?,
+            None => Vec::new(),
+        };
+        trust.crl_unusable = v.crl.is_some() && crls.is_empty();
+        // BoringSSL under Envoy: every certificate of the chain checked
+        // (only the leaf with only_verify_leaf_cert_crl), a missing CRL or
+        // an expired one failing it.
+        let leaf_only = v.only_verify_leaf_cert_crl;
+        let mut client = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .allow_unauthenticated();
+        let mut server =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider);
+        if !crls.is_empty() {
+            client = client
+                .with_crls(crls.clone())
+                .enforce_revocation_expiration();
+            server = server.with_crls(crls).enforce_revocation_expiration();
+            if leaf_only {
+                client = client.only_check_end_entity_revocation();
+                server = server.only_check_end_entity_revocation();
+            }
+        }
         trust.client_chain = Some(
-            rustls::server::WebPkiClientVerifier::builder_with_provider(
-                roots.clone(),
-                provider.clone(),
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| ConfigError::new(&p, e.to_string()))?,
-        );
-        trust.server_chain = Some(
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            client
                 .build()
                 .map_err(|e| ConfigError::new(&p, e.to_string()))?,
         );
+        trust.server_chain = Some(
+            server
+                .build()
+                .map_err(|e| ConfigError::new(&p, e.to_string()))?,
+        );
+    } else if v.crl.is_some() {
+        return Err(ConfigError::new(
+            join(path, "crl"),
+            "a crl needs trusted_ca (revocation is checked on a trusted chain)",
+        ));
     } else if !identity.sans.is_empty() {
         return Err(ConfigError::new(
             join(path, "trusted_ca"),
@@ -555,6 +582,29 @@ pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
         None => return Err(ConfigError::new(path, "a secret needs a type")),
     };
     Ok((s.name.clone(), v))
+}
+
+/// The CRLs of a `crl` data source (PEM). Data with none in it is
+/// accepted, as Envoy accepts it (and then fails every certificate).
+fn crls(
+    ds: &core::DataSource,
+    path: &str,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = crate::datasource::read(ds, path)?;
+    let mut out = Vec::new();
+    for c in rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem) {
+        match c {
+            Ok(c) => out.push(c),
+            // Not PEM at all: no CRL, as BoringSSL reads it.
+            Err(rustls::pki_types::pem::Error::NoItemsFound) => break,
+            Err(e) => return Err(ConfigError::new(path, format!("not a PEM CRL: {e}"))),
+        }
+    }
+    if out.is_empty() {
+        tracing::warn!("{path}: no CRL in it; every certificate it checks will fail, as in Envoy");
+    }
+    Ok(out)
 }
 
 /// A `generic_secret`: its `secret` bytes. The named `secrets` map serves

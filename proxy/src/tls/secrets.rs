@@ -41,6 +41,9 @@ pub struct Trust {
     /// `trust_chain_verification: ACCEPT_UNTRUSTED`: a certificate that
     /// fails verification is let through anyway.
     pub accept_untrusted: bool,
+    /// A `crl` that holds no CRL: Envoy still turns CRL checking on, so no
+    /// certificate's revocation status can be known and every one fails.
+    pub crl_unusable: bool,
     /// The validation context it was built from, for a
     /// `combined_validation_context` to merge its defaults over.
     pub source: legate_proto::envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CertificateValidationContext,

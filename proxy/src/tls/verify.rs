@@ -279,6 +279,10 @@ fn rejected() -> Error {
     Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
 }
 
+fn unknown_revocation() -> Error {
+    Error::InvalidCertificate(CertificateError::UnknownRevocationStatus)
+}
+
 /// Verifies client certificates for a `DownstreamTlsContext` against its
 /// validation context as it is at this handshake.
 #[derive(Debug)]
@@ -321,6 +325,9 @@ impl ClientCertVerifier for ClientVerifier {
             return Err(rejected());
         };
         let checked = (|| {
+            if trust.crl_unusable {
+                return Err(unknown_revocation());
+            }
             if let Some(chain) = &trust.client_chain {
                 chain_check(&trust, end_entity, intermediates, now, |at| {
                     chain
@@ -390,6 +397,9 @@ impl ServerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<(), Error> {
+        if trust.crl_unusable {
+            return Err(unknown_revocation());
+        }
         if let Some(chain) = &trust.server_chain {
             let r = chain_check(trust, end_entity, intermediates, now, |at| {
                 chain
