@@ -271,7 +271,13 @@ pub struct HostSnapshot {
     healthy_loads: Vec<u32>,
     degraded_loads: Vec<u32>,
     pub all_hosts: Vec<Arc<UpstreamHost>>,
+    /// Each priority's (healthy, degraded) availability, percent, for
+    /// loads that leave priorities out (retry priorities).
+    availability: Vec<(u32, u32)>,
 }
+
+/// Priority loads (healthy, degraded) that replace the snapshot's.
+pub type LoadOverride = (Vec<u32>, Vec<u32>);
 
 /// Per priority: (healthy, degraded, total) host counts.
 pub type PriorityCounts = (usize, usize, usize);
@@ -405,6 +411,17 @@ impl HostSnapshot {
             })
             .collect();
         let loads = priority_loads_with(&counts, overprovisioning, spread.panic_threshold);
+        let avail = |k: usize, t: usize| {
+            if t == 0 {
+                0
+            } else {
+                (overprovisioning as u64 * k as u64 / t as u64).min(100) as u32
+            }
+        };
+        let availability = counts
+            .iter()
+            .map(|&(h, d, t)| (avail(h, t), avail(d, t)))
+            .collect();
         let all_hosts = by_priority.iter().flatten().cloned().collect();
         let priorities = by_priority
             .into_iter()
@@ -432,7 +449,55 @@ impl HostSnapshot {
             healthy_loads: loads.healthy,
             degraded_loads: loads.degraded,
             all_hosts,
+            availability,
         }
+    }
+
+    /// The priority a host is in.
+    pub fn priority_of(&self, addr: SocketAddr) -> Option<usize> {
+        self.priorities
+            .iter()
+            .position(|p| p.all.hosts.iter().any(|h| h.addr == addr))
+    }
+
+    /// Envoy's previous-priorities loads: the availability of the
+    /// priorities not `excluded`, spread in priority order (healthy, then
+    /// degraded) over 100, the rounding left to the first priorities. None
+    /// when nothing is left available.
+    pub fn loads_without(&self, excluded: &[bool]) -> Option<LoadOverride> {
+        let kept = |i: usize| !excluded.get(i).copied().unwrap_or(false);
+        let (h, d): (Vec<u32>, Vec<u32>) = self
+            .availability
+            .iter()
+            .enumerate()
+            .map(|(i, &(h, d))| if kept(i) { (h, d) } else { (0, 0) })
+            .unzip();
+        let total = (h.iter().sum::<u32>() + d.iter().sum::<u32>()).min(100);
+        if total == 0 {
+            return None;
+        }
+        let (mut hl, mut dl) = (vec![0u32; h.len()], vec![0u32; d.len()]);
+        let mut left = 100u32;
+        while left != 0 {
+            let before = left;
+            for (l, a) in hl.iter_mut().zip(&h).chain(dl.iter_mut().zip(&d)) {
+                let delta = left.min(a * 100 / total);
+                *l += delta;
+                left -= delta;
+            }
+            if left == before {
+                // Every share rounds to nothing: the first available takes it.
+                let first = h.iter().chain(&d).position(|a| *a > 0)?;
+                let n = h.len();
+                if first < n {
+                    hl[first] += left;
+                } else {
+                    dl[first - n] += left;
+                }
+                left = 0;
+            }
+        }
+        Some((hl, dl))
     }
 
     /// Each host's expected share of picks (summing to 1 when any host
@@ -495,18 +560,37 @@ impl HostSnapshot {
         exclude: &dyn Fn(SocketAddr) -> bool,
         attempts: Option<u32>,
     ) -> Option<Arc<UpstreamHost>> {
+        self.pick_with(hash, random, exclude, attempts, None)
+    }
+
+    /// [`Self::pick`] with priority loads of the caller's (a retry
+    /// priority's) instead of the snapshot's.
+    pub fn pick_with(
+        &self,
+        hash: Option<u64>,
+        random: u64,
+        exclude: &dyn Fn(SocketAddr) -> bool,
+        attempts: Option<u32>,
+        loads: Option<&LoadOverride>,
+    ) -> Option<Arc<UpstreamHost>> {
+        let (healthy, degraded) = match loads {
+            Some((h, d)) => (h.as_slice(), d.as_slice()),
+            None => (
+                self.healthy_loads.as_slice(),
+                self.degraded_loads.as_slice(),
+            ),
+        };
         let mut roll = (random % 100) as u32;
         let mut chosen = None;
-        for (i, l) in self
-            .healthy_loads
+        for (i, l) in healthy
             .iter()
             .map(|l| (false, *l))
-            .chain(self.degraded_loads.iter().map(|l| (true, *l)))
+            .chain(degraded.iter().map(|l| (true, *l)))
             .enumerate()
         {
             let (degraded, load) = l;
             if roll < load {
-                chosen = Some((i % self.healthy_loads.len(), degraded));
+                chosen = Some((i % healthy.len(), degraded));
                 break;
             }
             roll -= load;
@@ -1324,6 +1408,40 @@ mod tests {
             active_requests: Default::default(),
             tls: None,
         })
+    }
+
+    #[test]
+    fn previous_priorities_leave_attempted_priorities_out() {
+        let snap = HostSnapshot::build(
+            &lb::LbPolicy::RoundRobin,
+            vec![
+                vec![host(1, true), host(2, true)],
+                vec![host(3, true), host(4, false)],
+                vec![host(5, true)],
+            ],
+            140,
+        );
+        assert_eq!(
+            snap.priority_of(SocketAddr::from(([127, 0, 0, 1], 4))),
+            Some(1)
+        );
+        // P0 out: P1 has 70 % availability, P2 100 %: 70 and 30 of 100.
+        let (h, _) = snap.loads_without(&[true]).unwrap();
+        assert_eq!(h, vec![0, 70, 30]);
+        let (h, _) = snap.loads_without(&[true, false, true]).unwrap();
+        assert_eq!(h, vec![0, 100, 0]);
+        assert!(snap.loads_without(&[true, true, true]).is_none());
+        // A pick follows the loads given.
+        let p = snap
+            .pick_with(
+                None,
+                5,
+                &|_| false,
+                None,
+                Some(&(vec![0, 0, 100], vec![0, 0, 0])),
+            )
+            .unwrap();
+        assert_eq!(p.addr.port(), 5);
     }
 
     #[test]

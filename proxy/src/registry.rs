@@ -617,7 +617,18 @@ pub static REGISTRY: &[MessageSupport] = &[
             "retriable_status_codes",
             "retriable_headers",
             "host_selection_retry_max_attempts",
+            "retry_priority",
         ],
+        &[],
+    ),
+    m(
+        "envoy.config.route.v3.RetryPolicy.RetryPriority",
+        &["name", "typed_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+        &["update_frequency"],
         &[],
     ),
     m(

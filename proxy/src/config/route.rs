@@ -306,6 +306,8 @@ pub struct RetryPolicy {
     /// Host selection attempts with the previous_hosts predicate:
     /// `host_selection_retry_max_attempts` (default 1) + 1, as in Envoy.
     pub host_selection_attempts: Option<u32>,
+    /// `envoy.retry_priorities.previous_priorities`: its update frequency.
+    pub previous_priorities: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -832,6 +834,11 @@ impl RetryPolicy {
                 ));
             }
         }
+        let previous_priorities = r
+            .retry_priority
+            .as_ref()
+            .map(|p| previous_priorities(p, &join(path, "retry_priority")))
+            .transpose()?;
         let (base, max) = match &r.retry_back_off {
             Some(b) => {
                 let base = b
@@ -882,8 +889,38 @@ impl RetryPolicy {
             previous_hosts,
             host_selection_attempts: previous_hosts
                 .then(|| (r.host_selection_retry_max_attempts.max(1) as u32).saturating_add(1)),
+            previous_priorities,
         })
     }
+}
+
+/// The update frequency of a `previous_priorities` retry priority, the one
+/// Envoy has.
+fn previous_priorities(p: &pb::retry_policy::RetryPriority, path: &str) -> Result<u32> {
+    use legate_proto::envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
+    use pb::retry_policy::retry_priority::ConfigType;
+    if p.name != "envoy.retry_priorities.previous_priorities" {
+        return Err(ConfigError::new(
+            join(path, "name"),
+            format!("retry priority '{}' is not supported", p.name),
+        ));
+    }
+    let Some(ConfigType::TypedConfig(a)) = &p.config_type else {
+        return Err(ConfigError::new(
+            join(path, "typed_config"),
+            "a PreviousPrioritiesConfig is required",
+        ));
+    };
+    let c: PreviousPrioritiesConfig = crate::http_filters::decode(a, &join(path, "typed_config"))?;
+    u32::try_from(c.update_frequency)
+        .ok()
+        .filter(|f| *f > 0)
+        .ok_or_else(|| {
+            ConfigError::new(
+                join(path, "typed_config.update_frequency"),
+                "must be greater than 0",
+            )
+        })
 }
 
 /// A route's `upgrade_configs`. Types compare in lower case, and one

@@ -141,6 +141,8 @@ pub struct Ctx {
     /// A direct response's `body_format.content_type`, for its reply.
     reply_content_type: Option<String>,
     tried: Vec<SocketAddr>,
+    /// The route's previous-priorities retry priority, for this request.
+    retry_priority: RetryPriority,
     host: Option<Arc<UpstreamHost>>,
     pending_reply: Option<LocalReply>,
     request_id: Option<String>,
@@ -905,6 +907,16 @@ impl HcmProxy {
         for l in hcm.access_log.iter() {
             l.log(&e, &self.shared.clusters);
         }
+    }
+
+    /// The retry priority's loads for this attempt, if the route has one.
+    fn retry_priority_loads(
+        cluster: &Cluster,
+        ctx: &mut Ctx,
+    ) -> Option<crate::cluster_manager::LoadOverride> {
+        let frequency = ctx.retry.as_ref()?.previous_priorities?;
+        let snapshot = cluster.snapshot();
+        ctx.retry_priority.loads(&snapshot, &ctx.tried, frequency)
     }
 
     fn retry_allows(ctx: &Ctx) -> bool {
@@ -1934,7 +1946,8 @@ impl ProxyHttp for HcmProxy {
             }
         }
         ctx.attempts += 1;
-        let Some(host) = choose_host(&cluster, session, ctx) else {
+        let loads = Self::retry_priority_loads(&cluster, ctx);
+        let Some(host) = choose_host(&cluster, session, ctx, loads.as_ref()) else {
             cluster.stats.upstream_cx_none_healthy.increment(1);
             return refuse(ctx, 503, "no healthy upstream", "UH", "no_healthy_upstream");
         };
@@ -2982,7 +2995,65 @@ fn hash_for(
 /// The host of this attempt: the balancer's pick (avoiding hosts
 /// already tried when the retry policy says so), or for an
 /// ORIGINAL_DST cluster the request's destination. None: no host.
-fn choose_host(cluster: &Cluster, session: &Session, ctx: &Ctx) -> Option<Arc<UpstreamHost>> {
+/// Envoy's previous-priorities retry priority, per request: the hosts
+/// attempted since it last started over, the priorities they left out, and
+/// the loads made without them.
+#[derive(Default)]
+struct RetryPriority {
+    attempted: Vec<SocketAddr>,
+    /// How much of `Ctx::tried` is in `attempted`.
+    seen: usize,
+    excluded: Vec<bool>,
+    loads: Option<crate::cluster_manager::LoadOverride>,
+}
+
+impl RetryPriority {
+    /// The loads for the next attempt (None: the cluster's own), as
+    /// Envoy's `determinePriorityLoad`: the original until `frequency`
+    /// hosts were attempted; then, every `frequency` attempts, the
+    /// priorities of the attempted hosts are left out; when that leaves
+    /// nothing, the attempts start over (the exclusions stay, as in
+    /// Envoy) and the original loads serve.
+    fn loads(
+        &mut self,
+        snapshot: &crate::cluster_manager::HostSnapshot,
+        tried: &[SocketAddr],
+        frequency: u32,
+    ) -> Option<crate::cluster_manager::LoadOverride> {
+        self.attempted
+            .extend_from_slice(&tried[self.seen.min(tried.len())..]);
+        self.seen = tried.len();
+        let n = self.attempted.len() as u32;
+        if n < frequency {
+            return None;
+        }
+        if n % frequency == 0 {
+            for a in &self.attempted {
+                if let Some(p) = snapshot.priority_of(*a) {
+                    if self.excluded.len() <= p {
+                        self.excluded.resize(p + 1, false);
+                    }
+                    self.excluded[p] = true;
+                }
+            }
+            match snapshot.loads_without(&self.excluded) {
+                Some(l) => self.loads = Some(l),
+                None => {
+                    self.attempted.clear();
+                    return None;
+                }
+            }
+        }
+        self.loads.clone()
+    }
+}
+
+fn choose_host(
+    cluster: &Cluster,
+    session: &Session,
+    ctx: &Ctx,
+    loads: Option<&crate::cluster_manager::LoadOverride>,
+) -> Option<Arc<UpstreamHost>> {
     if let Some(od) = &cluster.config.original_dst {
         let restored = conn_meta(session).is_some_and(|m| m.restored);
         let local = ctx.downstream_local.filter(|_| restored);
@@ -2998,11 +3069,12 @@ fn choose_host(cluster: &Cluster, session: &Session, ctx: &Ctx) -> Option<Arc<Up
     }
     let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
     let attempts = ctx.retry.as_ref().and_then(|r| r.host_selection_attempts);
-    cluster.snapshot().pick(
+    cluster.snapshot().pick_with(
         ctx.hash,
         rand::random(),
         &|a| avoid_previous && ctx.tried.contains(&a),
         attempts,
+        loads,
     )
 }
 
