@@ -1048,9 +1048,10 @@ pub static REGISTRY: &[MessageSupport] = &[
     // RBAC (network filter).
     m(
         "envoy.extensions.filters.network.rbac.v3.RBAC",
-        &["stat_prefix", "rules", "enforcement_type"],
+        &["stat_prefix", "rules", "enforcement_type", "matcher"],
         &[
             ("shadow_rules", "shadow rules only emit stats"),
+            ("shadow_matcher", "shadow rules only emit stats"),
             ("shadow_rules_stat_prefix", "shadow rules only emit stats"),
         ],
     ),

@@ -24,6 +24,47 @@ pub struct Rbac {
     pub stat_prefix: String,
     /// None: no `rules`, nothing is enforced.
     pub rules: Option<Rules>,
+    /// The `matcher` form, instead of `rules`.
+    pub matcher: Option<super::unified_matcher::Matcher<MatchedAction>>,
+}
+
+/// A matcher's `envoy.config.rbac.v3.Action`.
+#[derive(Debug)]
+pub struct MatchedAction {
+    pub name: String,
+    pub action: Action,
+}
+
+pub fn matched_action(
+    t: &legate_proto::envoy_types::pb::xds::core::v3::TypedExtensionConfig,
+    path: &str,
+) -> Result<MatchedAction> {
+    let a = t
+        .typed_config
+        .as_ref()
+        .filter(|a| legate_proto::type_name(&a.type_url) == "envoy.config.rbac.v3.Action")
+        .ok_or_else(|| {
+            ConfigError::new(
+                join(path, "typed_config"),
+                "an envoy.config.rbac.v3.Action is required",
+            )
+        })?;
+    let a: pb::Action = crate::http_filters::decode(a, &join(path, "typed_config"))?;
+    use pb::rbac::Action as A;
+    Ok(MatchedAction {
+        name: a.name,
+        action: match A::try_from(a.action) {
+            Ok(A::Allow) => Action::Allow,
+            Ok(A::Deny) => Action::Deny,
+            Ok(A::Log) => Action::Log,
+            Err(_) => {
+                return Err(ConfigError::new(
+                    join(path, "typed_config.action"),
+                    "unknown action",
+                ))
+            }
+        },
+    })
 }
 
 /// An action and its policies, sorted by name.
@@ -104,32 +145,62 @@ impl Rbac {
                 "stat_prefix is required",
             ));
         }
-        if r.matcher.is_some() {
-            return Err(ConfigError::new(
-                join(path, "matcher"),
-                "the matcher form of RBAC is not supported; use rules",
-            ));
-        }
         if r.enforcement_type != net::rbac::EnforcementType::OneTimeOnFirstByte as i32 {
             return Err(ConfigError::new(
                 join(path, "enforcement_type"),
                 "only ONE_TIME_ON_FIRST_BYTE is supported",
             ));
         }
-        let rules = r
-            .rules
+        let matcher = r
+            .matcher
             .as_ref()
-            .map(|rules| Rules::from_proto(rules, &join(path, "rules"), false))
+            .map(|m| {
+                super::unified_matcher::Matcher::from_proto_in(
+                    m,
+                    &join(path, "matcher"),
+                    &matched_action,
+                    super::unified_matcher::Domain::Network,
+                )
+            })
             .transpose()?;
+        let rules = match &r.rules {
+            Some(rules) if matcher.is_none() => {
+                Some(Rules::from_proto(rules, &join(path, "rules"), false)?)
+            }
+            _ => None,
+        };
+        // Envoy's counters exist (at zero) from the start.
+        for n in ["allowed", "denied", "shadow_allowed", "shadow_denied"] {
+            let _ = crate::stats::counter(format!("{}rbac.{n}", r.stat_prefix));
+        }
         Ok(Self {
             stat_prefix: r.stat_prefix.clone(),
             rules,
+            matcher,
         })
     }
 
-    /// Whether the connection may go on, and the policy that decided
-    /// (for ALLOW, the one that matched; for DENY, the one that denied).
+    /// Whether the connection may go on, and the policy (or the matcher's
+    /// action) that decided (for ALLOW, the one that matched; for DENY,
+    /// the one that denied). A matcher that matches nothing denies.
     pub fn allows(&self, f: &Facts) -> (bool, Option<&str>) {
+        if let Some(m) = &self.matcher {
+            let headers = http::HeaderMap::new();
+            let metadata = serde_json::Map::new();
+            let data = super::unified_matcher::Data {
+                headers: &headers,
+                pseudo: Pseudo::default(),
+                metadata: &metadata,
+                remote: Some(f.remote),
+                direct_remote: Some(f.peer),
+                local: Some(f.local),
+                sni: f.sni,
+            };
+            return match m.evaluate(&data) {
+                Some(a) => (a.action != Action::Deny, Some(a.name.as_str())),
+                None => (false, None),
+            };
+        }
         match &self.rules {
             Some(r) => r.allows(f),
             None => (true, None),

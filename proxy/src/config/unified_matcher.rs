@@ -94,6 +94,9 @@ pub enum Domain {
     /// A UDP session: only its addresses (Envoy's UDP proxy registers the
     /// source and destination IP and port inputs, nothing else).
     Udp,
+    /// A connection (network filters): its addresses and server name, no
+    /// request.
+    Network,
 }
 
 impl<A> Matcher<A> {
@@ -206,6 +209,15 @@ fn type_of(t: &TypedExtensionConfig) -> &str {
 impl Input {
     fn from_proto(t: &TypedExtensionConfig, path: &str, domain: Domain) -> Result<Input> {
         let input = Self::any_domain(t, path)?;
+        if domain == Domain::Network && !(input.addressing() || input.connection()) {
+            return Err(ConfigError::new(
+                join(path, "typed_config"),
+                format!(
+                    "input {} cannot be read by a network filter (no request)",
+                    type_of(t)
+                ),
+            ));
+        }
         if domain == Domain::Udp && !input.addressing() {
             return Err(ConfigError::new(
                 join(path, "typed_config"),
@@ -216,6 +228,11 @@ impl Input {
             ));
         }
         Ok(input)
+    }
+
+    /// What a connection has besides its addresses.
+    fn connection(&self) -> bool {
+        matches!(self, Input::DirectSourceIp | Input::ServerName)
     }
 
     /// The session's own addresses, which a UDP datagram has too.

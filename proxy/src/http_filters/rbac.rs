@@ -12,14 +12,13 @@
 
 use super::{Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, State};
 use crate::config::matcher::Pseudo;
-use crate::config::rbac::{Action, Facts, HttpFacts, Rules};
+use crate::config::rbac::{matched_action, Action, Facts, HttpFacts, MatchedAction, Rules};
 use crate::config::unified_matcher::{Data, Matcher};
-use crate::config::{join, ConfigError, Result};
+use crate::config::{join, Result};
 use crate::registry::MessageSupport;
 use legate_proto::envoy_types::pb::envoy::config::rbac::v3 as rbac_pb;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::http::rbac::v3 as pb;
 use legate_proto::envoy_types::pb::google::protobuf::Any;
-use legate_proto::envoy_types::pb::xds::core::v3::TypedExtensionConfig;
 use legate_proto::envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 use metrics::Counter;
 use std::sync::{Arc, OnceLock};
@@ -80,42 +79,6 @@ pub struct Config {
 enum Engine {
     Rules(Rules),
     Matcher(Matcher<MatchedAction>),
-}
-
-/// A matcher's `envoy.config.rbac.v3.Action`.
-#[derive(Debug)]
-struct MatchedAction {
-    name: String,
-    action: Action,
-}
-
-fn matched_action(t: &TypedExtensionConfig, path: &str) -> Result<MatchedAction> {
-    let a = t
-        .typed_config
-        .as_ref()
-        .filter(|a| legate_proto::type_name(&a.type_url) == "envoy.config.rbac.v3.Action")
-        .ok_or_else(|| {
-            ConfigError::new(
-                join(path, "typed_config"),
-                "an envoy.config.rbac.v3.Action is required",
-            )
-        })?;
-    let a: rbac_pb::Action = super::decode(a, &join(path, "typed_config"))?;
-    use rbac_pb::rbac::Action as A;
-    Ok(MatchedAction {
-        name: a.name,
-        action: match A::try_from(a.action) {
-            Ok(A::Allow) => Action::Allow,
-            Ok(A::Deny) => Action::Deny,
-            Ok(A::Log) => Action::Log,
-            Err(_) => {
-                return Err(ConfigError::new(
-                    join(path, "typed_config.action"),
-                    "unknown action",
-                ))
-            }
-        },
-    })
 }
 
 impl Engine {
