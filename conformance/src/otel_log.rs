@@ -17,9 +17,26 @@ const REQUESTS: [(&str, &str); 3] = [
     ("POST", "/echo/b?q=1"),
     ("GET", "/local"),
 ];
+/// Requests whose spans are compared too: (method, path, extra curl
+/// arguments); none carries a client trace context, so the proxy starts
+/// one (random sampling is 100 %).
+const TRACED: [(&str, &str, &[&str]); 3] = [
+    ("GET", "/dead", &[]),
+    (
+        "GET",
+        "/decorated/x",
+        &["-H", "x-envoy-downstream-service-cluster: client-svc"],
+    ),
+    (
+        "GET",
+        "/echo/named",
+        &["-H", "x-envoy-decorator-operation: client-op"],
+    ),
+];
 /// A sampled W3C context: the records name its trace (and a span of the
 /// proxy's own).
 const TRACEPARENT: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 fn bootstrap(admin: u16, port: u16, echo: u16, collector: u16) -> String {
     let logger = r#"{name: envoy.access_loggers.open_telemetry, typed_config: {"@type": type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig,
@@ -52,10 +69,13 @@ static_resources:
           route_config:
             virtual_hosts: [{{name: v, domains: ["*"], routes: [
               {{name: to-echo, match: {{prefix: "/echo"}}, route: {{cluster: echo}}}},
+              {{name: dead, match: {{prefix: "/dead"}}, route: {{cluster: dead}}}},
+              {{name: decorated, match: {{prefix: "/decorated"}}, route: {{cluster: echo}}, decorator: {{operation: decorated-op}}}},
               {{name: local, match: {{prefix: "/local"}}, direct_response: {{status: 418}}}}]}}]
           http_filters: [{{name: r, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
   clusters:
   - {{name: echo, connect_timeout: 1s, load_assignment: {{cluster_name: echo, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {echo}}}}}}}}}]}}]}}}}
+  - {{name: dead, connect_timeout: 1s, load_assignment: {{cluster_name: dead, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 1}}}}}}}}]}}]}}}}
   - name: collector
     connect_timeout: 1s
     typed_extension_protocol_options:
@@ -138,9 +158,13 @@ fn exported(c: &legate_tests::otlp::Collector) -> Vec<String> {
                         l.severity_number,
                         l.severity_text,
                         l.flags,
-                        // The trace id is the client's (TRACEPARENT); the
-                        // span id is each proxy's own, random.
-                        l.trace_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        // The trace id is the client's (TRACEPARENT), or
+                        // one the proxy made up; the span id is each
+                        // proxy's own, random.
+                        match hex(&l.trace_id) {
+                            t if t == CLIENT_TRACE => t,
+                            t => format!("random of {} hex digits", t.len()),
+                        },
                         l.span_id.len(),
                         l.body.as_ref().map_or("none".into(), show),
                         show_kvs(&l.attributes)
@@ -157,6 +181,88 @@ fn exported(c: &legate_tests::otlp::Collector) -> Vec<String> {
     out
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What one proxy exported as spans, as comparable lines: every span's
+/// name, kind, status, attributes and links to its trace (the client's
+/// trace id; the parent is the client's span; the span's own id, random,
+/// by its length), times by being recent and ordered.
+fn exported_spans(c: &legate_tests::otlp::Collector) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut spans = Vec::new();
+    for e in c.trace_exports() {
+        for r in &e.request.resource_spans {
+            // The SDK attributes name the proxy itself.
+            let attrs = r
+                .resource
+                .as_ref()
+                .map(|r| {
+                    // Their order carries nothing (Envoy's comes from a
+                    // hash map).
+                    let mut kept: Vec<KeyValue> = r
+                        .attributes
+                        .iter()
+                        .map(|kv| {
+                            let mut kv = kv.clone();
+                            if kv.key.starts_with("telemetry.sdk.") {
+                                kv.value = None;
+                            }
+                            kv
+                        })
+                        .collect();
+                    kept.sort_by(|a, b| a.key.cmp(&b.key));
+                    show_kvs(&kept)
+                })
+                .unwrap_or_default();
+            out.push(format!(
+                "span resource {{{attrs}}} schema_url {:?}",
+                r.schema_url
+            ));
+            for s in &r.scope_spans {
+                // The scope names the proxy itself.
+                let scope = s
+                    .scope
+                    .as_ref()
+                    .map(|sc| (sc.attributes.len(), sc.dropped_attributes_count));
+                out.push(format!("span scope (own name and version) {scope:?}"));
+                for sp in &s.spans {
+                    let mut attrs = sp.attributes.clone();
+                    attrs.sort_by(|a, b| a.key.cmp(&b.key));
+                    for a in &mut attrs {
+                        // Request ids are random.
+                        if a.key == "guid:x-request-id" {
+                            a.value = None;
+                        }
+                    }
+                    let trace = hex(&sp.trace_id);
+                    spans.push(format!(
+                        "span {:?} kind {} trace_id {} parent {} span_id bytes {} trace_state {:?} flags {} times {} status {:?} events {} links {} attributes {{{}}}",
+                        sp.name,
+                        sp.kind,
+                        if trace == CLIENT_TRACE { trace } else { format!("random of {} bytes", sp.trace_id.len()) },
+                        hex(&sp.parent_span_id),
+                        sp.span_id.len(),
+                        sp.trace_state,
+                        sp.flags,
+                        if recent(sp.start_time_unix_nano) && sp.end_time_unix_nano >= sp.start_time_unix_nano { "recent" } else { "wrong" },
+                        sp.status,
+                        sp.events.len(),
+                        sp.links.len(),
+                        show_kvs(&attrs)
+                    ));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    spans.sort();
+    out.extend(spans);
+    out
+}
+
 pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
     let echo = legate_tests::echo::start("echo", "127.0.0.1:0".parse()?).await?;
     let (admin, port) = (
@@ -165,6 +271,7 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
     );
     let path = work.join("otel-access-log.yaml");
     let mut seen = Vec::new();
+    let mut seen_spans = Vec::new();
     for kind in [Kind::Envoy, Kind::Legate] {
         let collector = legate_tests::otlp::start("127.0.0.1:0".parse()?).await?;
         std::fs::write(
@@ -180,14 +287,40 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
                     &["-X", method, "-A", "conformance/1", "-H", TRACEPARENT],
                 );
             }
+            for (method, p, extra) in TRACED {
+                let url = format!("http://127.0.0.1:{port}{p}");
+                let mut args = vec!["-X", method];
+                args.extend_from_slice(extra);
+                let _ = legate_tests::legate::try_curl(&url, &args);
+            }
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while collector.record_count() < REQUESTS.len() && tokio::time::Instant::now() < deadline {
+        while collector.record_count() < REQUESTS.len() + TRACED.len()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Spans are flushed on Envoy's 5 s timer.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+        while collector.span_count() < REQUESTS.len() + TRACED.len()
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // A batch more than asked for would show here too.
         tokio::time::sleep(Duration::from_millis(300)).await;
         seen.push(exported(&collector));
+        seen_spans.push(exported_spans(&collector));
+    }
+    let n = seen_spans[0].len().max(seen_spans[1].len());
+    for i in 0..n {
+        let get = |s: &Vec<String>| s.get(i).cloned().unwrap_or_else(|| "nothing".into());
+        report.add(
+            "http",
+            "otel-trace",
+            &format!("line-{i}"),
+            Outcome::compare(&get(&seen_spans[0]), &get(&seen_spans[1])),
+        );
     }
     let n = seen[0].len().max(seen[1].len());
     for i in 0..n {

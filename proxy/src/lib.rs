@@ -23,6 +23,7 @@ pub mod http_filters;
 pub mod kernel_lb;
 pub mod lb;
 pub mod logging;
+pub mod otlp;
 pub mod outlier;
 pub mod pool_age;
 pub mod registry;

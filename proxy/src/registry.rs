@@ -1275,14 +1275,11 @@ pub static REGISTRY: &[MessageSupport] = &[
     m("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"], &[]),
     m(
         "envoy.config.trace.v3.OpenTelemetryConfig",
-        &["sampler"],
-        &[
-            ("grpc_service", NO_SPANS),
-            ("http_service", NO_SPANS),
-            ("service_name", NO_SPANS),
-            ("resource_detectors", NO_SPANS),
-            ("max_cache_size", NO_SPANS),
-        ],
+        &["sampler", "grpc_service", "service_name", "max_cache_size"],
+        &[(
+            "resource_detectors",
+            "only span resource attributes; Legate's resource is service.name and its own SDK",
+        )],
     ),
     m(
         "envoy.extensions.tracers.opentelemetry.samplers.v3.AlwaysOnSamplerConfig",

@@ -175,9 +175,7 @@ impl Logger {
                 .or(common.buffer_flush_interval)
                 .and_then(|d| crate::config::duration(&d, path).ok())
                 .filter(|d| !d.is_zero())
-                .unwrap_or(FLUSH_INTERVAL)
-                // A timer firing on every poll would spin the exporter.
-                .max(Duration::from_millis(1)),
+                .unwrap_or(FLUSH_INTERVAL),
             buffer_bytes: c
                 .buffer_size_bytes
                 .or(common.buffer_size_bytes)
@@ -209,7 +207,14 @@ impl Logger {
         };
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(export_loop(rx, self.target.clone(), clusters.clone()));
+            let (target, clusters) = (self.target.clone(), clusters.clone());
+            let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+            tokio::spawn(crate::otlp::batch_loop(
+                rx,
+                self.target.flush_interval,
+                crate::otlp::Limit::Bytes(self.target.buffer_bytes),
+                move |batch| send(batch, &target, &clusters, &slots),
+            ));
             tx
         });
         if queue.try_send(record).is_err() {
@@ -265,41 +270,6 @@ fn resource(c: &OpenTelemetryAccessLogConfig, log_name: &str) -> Resource {
     Resource {
         attributes: attrs,
         ..Default::default()
-    }
-}
-
-/// Batches records and exports them every flush interval, or sooner when
-/// a batch reaches `buffer_size_bytes`; flushes what is left when the
-/// logger's config is gone.
-async fn export_loop(
-    mut rx: mpsc::Receiver<LogRecord>,
-    target: Arc<Target>,
-    clusters: Arc<ClusterManager>,
-) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut batch: Vec<LogRecord> = Vec::new();
-    let mut bytes = 0;
-    let mut tick = tokio::time::interval(target.flush_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let full = tokio::select! {
-            r = rx.recv() => match r {
-                Some(r) => {
-                    bytes += r.encoded_len();
-                    batch.push(r);
-                    bytes >= target.buffer_bytes
-                }
-                None => {
-                    send(std::mem::take(&mut batch), &target, &clusters, &slots);
-                    return;
-                }
-            },
-            _ = tick.tick() => true,
-        };
-        if full && !batch.is_empty() {
-            send(std::mem::take(&mut batch), &target, &clusters, &slots);
-            bytes = 0;
-        }
     }
 }
 

@@ -98,6 +98,7 @@ fn start_trace(req: &mut RequestHeader, ctx: &mut Ctx, hcm: &Hcm, t: &crate::tra
         ctx.span = crate::trace::propagation::start(p, reason.traced(), req, !ctx.outbound);
     }
     let decorator = route.and_then(|r| r.decorator.as_ref());
+    ctx.span_operation = decorator.map(|(op, _)| op.clone());
     if ctx.outbound {
         if let Some((op, true)) = decorator {
             let _ = req.insert_header(DECORATOR, op.as_str());
@@ -107,8 +108,9 @@ fn start_trace(req: &mut RequestHeader, ctx: &mut Ctx, hcm: &Hcm, t: &crate::tra
     // Ingress: the client's operation, if it names one, replaces the
     // route's (for the span) and is not sent on.
     let client_op = req.remove_header(DECORATOR);
-    if client_op.is_none_or(|v| v.is_empty()) {
-        ctx.decorated = decorator.filter(|(_, p)| *p).map(|(op, _)| op.clone());
+    match client_op.as_ref().and_then(|v| v.to_str().ok()) {
+        Some(op) if !op.is_empty() => ctx.span_operation = Some(op.to_string()),
+        _ => ctx.decorated = decorator.filter(|(_, p)| *p).map(|(op, _)| op.clone()),
     }
 }
 
@@ -227,6 +229,9 @@ pub struct Ctx {
     span: Option<crate::trace::SpanContext>,
     /// An ingress route decorator's operation, for the response.
     decorated: Option<String>,
+    /// The span's operation: the route decorator's, or on ingress the
+    /// client's `x-envoy-decorator-operation`.
+    span_operation: Option<String>,
 }
 
 impl Ctx {
@@ -874,18 +879,49 @@ impl HcmProxy {
         }
     }
 
-    /// Ends the stream for its filters (those that kept state) and its
-    /// access logs.
+    /// The OpenTelemetry exporter the request's span goes to, if it is
+    /// traced and sampled.
+    fn span_exporter<'a>(hcm: &'a Hcm, ctx: &Ctx) -> Option<&'a crate::trace::otel::Exporter> {
+        if !ctx.span.as_ref().is_some_and(|s| s.sampled()) {
+            return None;
+        }
+        match &hcm.tracing.as_ref()?.provider {
+            Some(crate::trace::Provider::OpenTelemetry { exporter, .. }) => exporter.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Ends the stream for its filters (those that kept state), its
+    /// access logs and its span.
     fn stream_done(&self, session: &Session, ctx: &Ctx, status: u16) {
         let Some(hcm) = ctx.hcm.as_ref() else {
             return;
         };
         let filters = ctx.filter_states.iter().any(Option::is_some);
-        if !filters && hcm.access_log.is_empty() {
+        let exporter = Self::span_exporter(hcm, ctx);
+        if !filters && hcm.access_log.is_empty() && exporter.is_none() {
             return;
         }
         let flags = ctx.flags.joined();
         let e = Self::log_entry(session, ctx, status, &flags);
+        if let (Some(x), Some(span)) = (exporter, ctx.span.as_ref()) {
+            let name = ctx.span_operation.as_deref().unwrap_or(if ctx.outbound {
+                "egress"
+            } else {
+                "ingress"
+            });
+            let facts = crate::trace::otel::SpanFacts {
+                entry: &e,
+                context: span,
+                name,
+                ingress: !ctx.outbound,
+                max_path_tag: crate::trace::otel::MAX_PATH_TAG,
+            };
+            x.export(
+                crate::trace::otel::request_span(&facts),
+                &self.shared.clusters,
+            );
+        }
         if filters {
             let runtime = self.shared.runtime.load();
             let done = crate::http_filters::StreamDone {

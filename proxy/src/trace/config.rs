@@ -75,6 +75,8 @@ pub enum OtelSampler {
 pub enum Provider {
     OpenTelemetry {
         sampler: Option<OtelSampler>,
+        /// The span exporter, when `grpc_service` names a collector.
+        exporter: Option<std::sync::Arc<super::otel::Exporter>>,
     },
     Zipkin {
         trace_id_128bit: bool,
@@ -154,7 +156,14 @@ fn provider(p: &trace::tracing::Http, path: &str) -> Result<Provider> {
                 .as_ref()
                 .map(|s| sampler(s, &join(&tcp, "sampler")))
                 .transpose()?;
-            Ok(Provider::OpenTelemetry { sampler })
+            if o.http_service.is_some() {
+                return Err(ConfigError::new(
+                    join(&tcp, "http_service"),
+                    "OTLP over HTTP is not supported by Legate (grpc_service is)",
+                ));
+            }
+            let exporter = super::otel::Exporter::from_proto(&o, &tcp)?;
+            Ok(Provider::OpenTelemetry { sampler, exporter })
         }
         ZIPKIN => {
             let z: trace::ZipkinConfig = decode(&bytes, path)?;

@@ -3,12 +3,14 @@
 //! OpenTelemetry, B3 for Zipkin, Datadog's headers and W3C for Datadog),
 //! and route decorators. These are what tracing changes in traffic.
 //!
-//! Spans are not exported: no collector is ever called, so the provider's
-//! collector settings and the span-only options (custom tags, verbose) are
-//! accepted with a warning (see the registry) and change nothing else.
+//! The OpenTelemetry tracer exports each traced request's span over gRPC
+//! (`otel`). Other providers' collectors are not called: their collector
+//! settings and the span-only options (custom tags, verbose) are accepted
+//! with a warning (see the registry) and change nothing else.
 
 pub mod config;
 pub mod decision;
+pub mod otel;
 pub mod propagation;
 
 pub use config::{Provider, RouteTracing, Sampling, Tracing};

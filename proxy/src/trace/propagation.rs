@@ -29,6 +29,37 @@ pub struct SpanContext {
 }
 
 impl SpanContext {
+    /// The trace id as 16 bytes (a 64-bit one zero-padded).
+    pub fn trace_id(&self) -> [u8; 16] {
+        let mut trace = [0u8; 16];
+        trace[..8].copy_from_slice(&self.trace_hi.to_be_bytes());
+        trace[8..].copy_from_slice(&self.trace_lo.to_be_bytes());
+        trace
+    }
+
+    /// This proxy's span id.
+    pub fn span_id(&self) -> u64 {
+        self.span
+    }
+
+    /// The span this one continues, if the request named one.
+    pub fn parent_id(&self) -> Option<u64> {
+        self.parent
+    }
+
+    /// Whether the trace is sampled (its spans exported).
+    pub fn sampled(&self) -> bool {
+        self.sampled
+    }
+
+    /// The W3C `tracestate` received with the parent, if any.
+    pub fn tracestate(&self) -> &str {
+        match &self.style {
+            Style::W3c { tracestate } => tracestate,
+            _ => "",
+        }
+    }
+
     /// The trace and span ids a log record names (the trace id as 16
     /// bytes, a 64-bit one zero-padded as Envoy pads it), when the request
     /// is traced: Envoy's span for an untraced request has no ids.
@@ -82,7 +113,7 @@ pub fn start(
     ingress: bool,
 ) -> Option<SpanContext> {
     match p {
-        Provider::OpenTelemetry { sampler } => otel(sampler.as_ref(), traced, req),
+        Provider::OpenTelemetry { sampler, .. } => otel(sampler.as_ref(), traced, req),
         Provider::Zipkin {
             trace_id_128bit,
             shared_span_context,
@@ -318,7 +349,10 @@ mod tests {
     fn a_w3c_parent_keeps_its_trace_and_state() {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let r = req(&[("traceparent", tp), ("tracestate", "a=1")]);
-        let p = Provider::OpenTelemetry { sampler: None };
+        let p = Provider::OpenTelemetry {
+            sampler: None,
+            exporter: None,
+        };
         let c = start(&p, true, &r, true).unwrap();
         let mut up = req(&[]);
         c.inject(false, &mut up);

@@ -1,0 +1,294 @@
+//! The OpenTelemetry tracer's spans: each traced request's span, with the
+//! tags Envoy's connection manager gives it, batched and sent with
+//! `TraceService/Export` over gRPC to a host of the configured cluster, off
+//! the request path (a slow or absent collector costs requests nothing;
+//! spans beyond a bound are dropped and counted).
+
+use super::SpanContext;
+use crate::cluster_manager::ClusterManager;
+use crate::config::{join, ConfigError, Result};
+use legate_proto::envoy_types::pb::envoy::config::trace::v3::OpenTelemetryConfig;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    trace_service_client::TraceServiceClient, ExportTraceServiceRequest,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status,
+};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Envoy's span flush interval and its `max_cache_size` default.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+const MAX_CACHE: usize = 1024;
+/// Spans waiting for the exporter task; beyond this they are dropped.
+const QUEUE: usize = 8192;
+const IN_FLIGHT: usize = 16;
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Envoy's default `http.url` length (`max_path_tag_length`).
+pub const MAX_PATH_TAG: usize = 256;
+const STATS: &str = "tracing.opentelemetry";
+/// W3C span flags: the parent's remoteness is known, and it is remote.
+const HAS_IS_REMOTE: u32 = 0x100;
+const IS_REMOTE: u32 = 0x200;
+
+/// Where spans go.
+#[derive(Debug)]
+struct Target {
+    cluster: String,
+    channels: crate::http_filters::side::Channels,
+    metadata: crate::http_filters::side::Metadata,
+    timeout: Duration,
+    max_cache: usize,
+    resource: Resource,
+}
+
+/// A provider's exporter: its target (config) and, once the first span
+/// arrives, the batching task fed through a queue (live state).
+#[derive(Debug)]
+pub struct Exporter {
+    target: Arc<Target>,
+    queue: OnceLock<mpsc::Sender<Span>>,
+}
+
+fn string_kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+/// What the exporter reports as itself: Legate, not Envoy.
+fn sdk_version() -> String {
+    format!("legate/{}", env!("CARGO_PKG_VERSION"))
+}
+
+impl Exporter {
+    /// The exporter of `grpc_service`, if the config names one.
+    pub fn from_proto(c: &OpenTelemetryConfig, path: &str) -> Result<Option<Arc<Self>>> {
+        let Some(grpc) = &c.grpc_service else {
+            return Ok(None);
+        };
+        let gp = join(path, "grpc_service");
+        let cluster = crate::config::grpc_service_cluster(grpc, &gp)?;
+        if grpc.retry_policy.is_some() {
+            return Err(ConfigError::new(
+                join(&gp, "retry_policy"),
+                "retries of span exports are not supported",
+            ));
+        }
+        let service = if c.service_name.is_empty() {
+            "unknown_service:envoy"
+        } else {
+            c.service_name.as_str()
+        };
+        let target = Target {
+            channels: crate::http_filters::side::Channels::new(
+                &crate::config::grpc_service_authority(grpc),
+            ),
+            cluster,
+            metadata: crate::http_filters::side::Metadata::from_service(grpc, &gp)?,
+            timeout: grpc
+                .timeout
+                .as_ref()
+                .and_then(|d| crate::config::duration(d, &join(&gp, "timeout")).ok())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(CALL_TIMEOUT),
+            max_cache: c
+                .max_cache_size
+                .as_ref()
+                .map_or(MAX_CACHE, |m| m.value as usize)
+                .max(1),
+            resource: Resource {
+                attributes: vec![
+                    string_kv("telemetry.sdk.name", "legate"),
+                    string_kv("service.name", service),
+                    string_kv("telemetry.sdk.language", "rust"),
+                    string_kv("telemetry.sdk.version", &sdk_version()),
+                ],
+                ..Default::default()
+            },
+        };
+        Ok(Some(Arc::new(Self {
+            target: Arc::new(target),
+            queue: OnceLock::new(),
+        })))
+    }
+
+    /// Queues a finished span; never waits.
+    pub fn export(&self, span: Span, clusters: &Arc<ClusterManager>) {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let (target, clusters) = (self.target.clone(), clusters.clone());
+            let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+            tokio::spawn(crate::otlp::batch_loop(
+                rx,
+                FLUSH_INTERVAL,
+                crate::otlp::Limit::Items(self.target.max_cache),
+                move |batch| send(batch, &target, &clusters, &slots),
+            ));
+            tx
+        });
+        if queue.try_send(span).is_err() {
+            crate::stats::counter(format!("{STATS}.spans_dropped")).increment(1);
+        }
+    }
+}
+
+fn send(
+    spans: Vec<Span>,
+    target: &Arc<Target>,
+    clusters: &Arc<ClusterManager>,
+    slots: &Arc<Semaphore>,
+) {
+    let n = spans.len() as u64;
+    let dropped = || crate::stats::counter(format!("{STATS}.spans_dropped")).increment(n);
+    let Ok(permit) = slots.clone().try_acquire_owned() else {
+        return dropped();
+    };
+    let Some(channel) = crate::http_filters::side::plaintext_host(clusters, &target.cluster)
+        .and_then(|addr| target.channels.get(addr))
+    else {
+        return dropped();
+    };
+    let mut request = target.metadata.request(ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(target.resource.clone()),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "legate".into(),
+                    version: sdk_version(),
+                    ..Default::default()
+                }),
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    });
+    let timeout = target.timeout;
+    request.set_timeout(timeout);
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut client = TraceServiceClient::new(channel);
+        let name = match tokio::time::timeout(timeout, client.export(request)).await {
+            Ok(Ok(_)) => "spans_sent",
+            _ => "spans_dropped",
+        };
+        crate::stats::counter(format!("{STATS}.{name}")).increment(n);
+    });
+}
+
+/// What a request's span is made of.
+pub struct SpanFacts<'a> {
+    pub entry: &'a crate::access_log::Entry<'a>,
+    pub context: &'a SpanContext,
+    /// The operation: a decorator's, else `ingress` or `egress`.
+    pub name: &'a str,
+    pub ingress: bool,
+    pub max_path_tag: usize,
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A finished request's span, with the tags Envoy's connection manager
+/// sets (`finalizeDownstreamSpan`), every value a string as Envoy's.
+pub fn request_span(f: &SpanFacts) -> Span {
+    let e = f.entry;
+    let mut error = false;
+    let mut tags: Vec<(&str, String)> = vec![
+        ("component", "proxy".into()),
+        ("node_id", crate::config::local_node().id.clone()),
+        ("zone", crate::config::local_node().zone.clone()),
+    ];
+    if let Some(h) = &e.http {
+        let header = |n: &str| {
+            h.request
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        if let Some(id) = header("x-request-id") {
+            tags.push(("guid:x-request-id", id));
+        }
+        let path = header("x-envoy-original-path").unwrap_or_else(|| h.pseudo.path.to_string());
+        let mut url = format!("{}://{}{}", h.pseudo.scheme, h.pseudo.authority, path);
+        if url.len() > f.max_path_tag {
+            let mut at = f.max_path_tag;
+            while !url.is_char_boundary(at) {
+                at -= 1;
+            }
+            url.truncate(at);
+        }
+        tags.push(("http.url", url));
+        tags.push(("http.method", h.pseudo.method.to_string()));
+        tags.push((
+            "downstream_cluster",
+            header("x-envoy-downstream-service-cluster").unwrap_or_else(|| "-".into()),
+        ));
+        tags.push((
+            "user_agent",
+            header("user-agent").unwrap_or_else(|| "-".into()),
+        ));
+        tags.push(("http.protocol", h.protocol.to_string()));
+        tags.push(("peer.address", e.downstream_remote.ip().to_string()));
+        tags.push(("request_size", e.bytes_received.to_string()));
+        tags.push(("response_size", e.bytes_sent.to_string()));
+        let flags = if e.response_flags.is_empty() {
+            "-"
+        } else {
+            e.response_flags
+        };
+        tags.push(("response_flags", flags.to_string()));
+        if h.response_code > 0 {
+            tags.push(("http.status_code", h.response_code.to_string()));
+        }
+        if !e.upstream_cluster.is_empty() {
+            tags.push(("upstream_cluster", e.upstream_cluster.to_string()));
+            tags.push(("upstream_cluster.name", e.upstream_cluster.to_string()));
+        }
+        if h.response_code == 0 || h.response_code >= 500 {
+            tags.push(("error", "true".into()));
+            error = true;
+        }
+    }
+    let c = f.context;
+    let mut flags = u32::from(c.sampled()) | HAS_IS_REMOTE;
+    if c.parent_id().is_some() {
+        flags |= IS_REMOTE;
+    }
+    let start = nanos(e.start);
+    Span {
+        trace_id: c.trace_id().to_vec(),
+        span_id: c.span_id().to_be_bytes().to_vec(),
+        trace_state: c.tracestate().to_string(),
+        parent_span_id: c
+            .parent_id()
+            .map(|p| p.to_be_bytes().to_vec())
+            .unwrap_or_default(),
+        flags,
+        name: f.name.to_string(),
+        kind: if f.ingress {
+            SpanKind::Server as i32
+        } else {
+            SpanKind::Client as i32
+        },
+        start_time_unix_nano: start,
+        end_time_unix_nano: start + e.duration.as_nanos() as u64,
+        attributes: tags.iter().map(|(k, v)| string_kv(k, v)).collect(),
+        // Envoy's tracer turns the error tag into the span's status.
+        status: error.then(|| Status {
+            code: StatusCode::Error as i32,
+            message: String::new(),
+        }),
+        ..Default::default()
+    }
+}
