@@ -37,6 +37,10 @@ const TRACED: [(&str, &str, &[&str]); 3] = [
 /// proxy's own).
 const TRACEPARENT: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const CLIENT_SPAN: &str = "b7ad6b7169203331";
+/// Spans expected: one per request, and one per upstream attempt of the
+/// five that go upstream (spawn_upstream_span).
+const SPANS: usize = REQUESTS.len() + TRACED.len() + 5;
 
 fn bootstrap(admin: u16, port: u16, echo: u16, collector: u16) -> String {
     let logger = r#"{name: envoy.access_loggers.open_telemetry, typed_config: {"@type": type.googleapis.com/envoy.extensions.access_loggers.open_telemetry.v3.OpenTelemetryAccessLogConfig,
@@ -64,7 +68,24 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: otel
-          tracing: {{provider: {{name: envoy.tracers.opentelemetry, typed_config: {{"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {{envoy_grpc: {{cluster_name: collector}}}}, service_name: conformance}}}}}}
+          tracing:
+            spawn_upstream_span: true
+            custom_tags:
+            - {{tag: lit, literal: {{value: fixed}}}}
+            - {{tag: env, environment: {{name: HOME, default_value: none}}}}
+            - {{tag: env-missing, environment: {{name: LEGATE_NO_SUCH_VAR, default_value: fallback}}}}
+            - {{tag: hdr, request_header: {{name: x-custom, default_value: no-header}}}}
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {{envoy_grpc: {{cluster_name: collector}}}}
+                service_name: conformance
+                resource_detectors:
+                - name: envoy.tracers.opentelemetry.resource_detectors.static_config
+                  typed_config:
+                    "@type": type.googleapis.com/envoy.extensions.tracers.opentelemetry.resource_detectors.v3.StaticConfigResourceDetectorConfig
+                    attributes: {{deployment.environment: test, service.name: detected-name, service.version: v1}}
           access_log: [{logger}]
           route_config:
             virtual_hosts: [{{name: v, domains: ["*"], routes: [
@@ -192,6 +213,20 @@ fn hex(b: &[u8]) -> String {
 fn exported_spans(c: &legate_tests::otlp::Collector) -> Vec<String> {
     let mut out = Vec::new();
     let mut spans = Vec::new();
+    // A parent is the client's span, or one of the proxy's own.
+    let own: std::collections::BTreeSet<Vec<u8>> = c
+        .trace_exports()
+        .iter()
+        .flat_map(|e| &e.request.resource_spans)
+        .flat_map(|r| &r.scope_spans)
+        .flat_map(|s| &s.spans)
+        .map(|sp| sp.span_id.clone())
+        .collect();
+    let parent = |p: &[u8]| match hex(p) {
+        h if h.is_empty() || h == CLIENT_SPAN => h,
+        _ if own.contains(p) => "a span of the proxy's".to_string(),
+        h => format!("unknown {h}"),
+    };
     for e in c.trace_exports() {
         for r in &e.request.resource_spans {
             // The SDK attributes name the proxy itself.
@@ -242,7 +277,7 @@ fn exported_spans(c: &legate_tests::otlp::Collector) -> Vec<String> {
                         sp.name,
                         sp.kind,
                         if trace == CLIENT_TRACE { trace } else { format!("random of {} bytes", sp.trace_id.len()) },
-                        hex(&sp.parent_span_id),
+                        parent(&sp.parent_span_id),
                         sp.span_id.len(),
                         sp.trace_state,
                         sp.flags,
@@ -302,9 +337,7 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         }
         // Spans are flushed on Envoy's 5 s timer.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
-        while collector.span_count() < REQUESTS.len() + TRACED.len()
-            && tokio::time::Instant::now() < deadline
-        {
+        while collector.span_count() < SPANS && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // A batch more than asked for would show here too.

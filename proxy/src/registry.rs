@@ -1263,23 +1263,55 @@ pub static REGISTRY: &[MessageSupport] = &[
             "overall_sampling",
             "provider",
             "spawn_upstream_span",
+            "custom_tags",
+            "max_path_tag_length",
         ],
         &[
-            ("custom_tags", NO_SPANS),
             ("verbose", NO_SPANS),
-            ("max_path_tag_length", NO_SPANS),
             ("operation", NO_SPANS),
             ("upstream_operation", NO_SPANS),
         ],
     ),
     m("envoy.config.trace.v3.Tracing.Http", &["name", "typed_config"], &[]),
     m(
+        "envoy.type.tracing.v3.CustomTag",
+        &["tag", "literal", "environment", "request_header"],
+        &[
+            ("metadata", "metadata tags are left out of spans (span content only)"),
+            ("value", "format tags are left out of spans (span content only)"),
+        ],
+    ),
+    m("envoy.type.tracing.v3.CustomTag.Literal", &["value"], &[]),
+    m(
+        "envoy.type.tracing.v3.CustomTag.Environment",
+        &["name", "default_value"],
+        &[],
+    ),
+    m(
+        "envoy.type.tracing.v3.CustomTag.Header",
+        &["name", "default_value"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.tracers.opentelemetry.resource_detectors.v3.StaticConfigResourceDetectorConfig",
+        &["attributes"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.tracers.opentelemetry.resource_detectors.v3.EnvironmentResourceDetectorConfig",
+        &[],
+        &[],
+    ),
+    m(
         "envoy.config.trace.v3.OpenTelemetryConfig",
-        &["sampler", "grpc_service", "service_name", "max_cache_size"],
-        &[(
+        &[
+            "sampler",
+            "grpc_service",
+            "service_name",
+            "max_cache_size",
             "resource_detectors",
-            "only span resource attributes; Legate's resource is service.name and its own SDK",
-        )],
+        ],
+        &[],
     ),
     m(
         "envoy.extensions.tracers.opentelemetry.samplers.v3.AlwaysOnSamplerConfig",

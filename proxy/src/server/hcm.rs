@@ -232,6 +232,11 @@ pub struct Ctx {
     /// The span's operation: the route decorator's, or on ingress the
     /// client's `x-envoy-decorator-operation`.
     span_operation: Option<String>,
+    /// A span per upstream attempt (`spawn_upstream_span`), when spans
+    /// are exported.
+    upstream_spans: Vec<crate::trace::otel::UpstreamSpan>,
+    /// The current attempt's span id, with `spawn_upstream_span`.
+    attempt_span: Option<u64>,
 }
 
 impl Ctx {
@@ -879,6 +884,43 @@ impl HcmProxy {
         }
     }
 
+    /// With `spawn_upstream_span`, the attempt's child span: its id (sent
+    /// upstream) and, when spans are exported, its record.
+    fn start_attempt_span(ctx: &mut Ctx, cluster: &str, addr: SocketAddr) {
+        let Some(hcm) = ctx.hcm.clone() else {
+            return;
+        };
+        let Some(span) = ctx
+            .span
+            .as_ref()
+            .filter(|_| hcm.tracing.as_ref().is_some_and(|t| t.spawn_upstream_span))
+        else {
+            return;
+        };
+        let id = span.child_id();
+        ctx.attempt_span = Some(id);
+        if Self::span_exporter(&hcm, ctx).is_some() {
+            ctx.upstream_spans.push(crate::trace::otel::UpstreamSpan {
+                id,
+                start: std::time::SystemTime::now(),
+                end: None,
+                address: Some(addr),
+                cluster: cluster.to_string(),
+                status: 0,
+                protocol: None,
+                error_reason: None,
+            });
+        }
+    }
+
+    /// Ends the current attempt's span with Envoy's reset reason.
+    fn end_upstream_span(ctx: &mut Ctx, reason: &'static str) {
+        if let Some(s) = ctx.upstream_spans.last_mut().filter(|s| s.end.is_none()) {
+            s.end = Some(std::time::SystemTime::now());
+            s.error_reason = Some(reason);
+        }
+    }
+
     /// The OpenTelemetry exporter the request's span goes to, if it is
     /// traced and sampled.
     fn span_exporter<'a>(hcm: &'a Hcm, ctx: &Ctx) -> Option<&'a crate::trace::otel::Exporter> {
@@ -910,17 +952,25 @@ impl HcmProxy {
             } else {
                 "ingress"
             });
+            let t = hcm.tracing.as_ref();
             let facts = crate::trace::otel::SpanFacts {
                 entry: &e,
+                custom_tags: t.map_or(&[], |t| t.custom_tags.as_slice()),
                 context: span,
                 name,
                 ingress: !ctx.outbound,
-                max_path_tag: crate::trace::otel::MAX_PATH_TAG,
+                max_path_tag: t.map_or(crate::trace::otel::MAX_PATH_TAG, |t| t.max_path_tag_length),
             };
             x.export(
                 crate::trace::otel::request_span(&facts),
                 &self.shared.clusters,
             );
+            for u in &ctx.upstream_spans {
+                x.export(
+                    crate::trace::otel::upstream_span(&facts, u),
+                    &self.shared.clusters,
+                );
+            }
         }
         if filters {
             let runtime = self.shared.runtime.load();
@@ -1992,6 +2042,7 @@ impl ProxyHttp for HcmProxy {
         host.active_requests.fetch_add(1, Ordering::Relaxed);
         ctx.tried.push(host.addr);
         ctx.host = Some(host.clone());
+        Self::start_attempt_span(ctx, &cluster.config.name, host.addr);
         cluster.stats.upstream_rq_total.increment(1);
         cluster.stats.upstream_rq_active.increment(1.0);
         ctx.upstream_started = Some(Instant::now());
@@ -2222,7 +2273,7 @@ impl ProxyHttp for HcmProxy {
                 .as_ref()
                 .and_then(|h| h.tracing.as_ref())
                 .is_some_and(|t| t.spawn_upstream_span);
-            span.inject(spawn, req);
+            span.inject(ctx.attempt_span.filter(|_| spawn), req);
         }
         // Last: it moves Host into the URI.
         if !ctx.upstream_h1 {
@@ -2239,6 +2290,14 @@ impl ProxyHttp for HcmProxy {
     ) -> Result<()> {
         if is_interim(resp) {
             return Ok(());
+        }
+        if let Some(s) = ctx.upstream_spans.last_mut() {
+            s.status = resp.status.as_u16();
+            s.protocol = Some(match resp.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            });
         }
         if ctx.cluster.as_ref().is_some_and(|c| {
             c.config
@@ -2409,6 +2468,12 @@ impl ProxyHttp for HcmProxy {
         if let Some(c) = &ctx.cluster {
             c.stats.upstream_cx_connect_fail.increment(1);
         }
+        let reason = if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            "connection timeout"
+        } else {
+            "remote connection failure"
+        };
+        Self::end_upstream_span(ctx, reason);
         // A connect timeout too: Envoy's router reports a pool failure.
         Self::report_outlier(ctx, outlier::Outcome::ConnectFailed);
         let on = ctx.retry.as_ref().map(|r| &r.retry_on);
@@ -2431,6 +2496,12 @@ impl ProxyHttp for HcmProxy {
         if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.retry() {
             return e; // our own retry-on-status decision
         }
+        let reason = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => "local reset",
+            ErrorType::H2Error => "remote reset",
+            _ => "connection termination",
+        };
+        Self::end_upstream_span(ctx, reason);
         // Envoy never retries once response bytes went downstream, nor for
         // the client's own errors.
         if final_response(session).is_some()

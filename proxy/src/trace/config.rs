@@ -95,6 +95,66 @@ pub struct Tracing {
     /// `spawn_upstream_span`: each upstream attempt is a child span, whose
     /// id is the one propagated.
     pub spawn_upstream_span: bool,
+    /// `custom_tags`, on every span.
+    pub custom_tags: Vec<CustomTag>,
+    /// `max_path_tag_length` of the `http.url` tag.
+    pub max_path_tag_length: usize,
+}
+
+/// A `custom_tags` entry: its name and where its value comes from.
+#[derive(Debug, Clone)]
+pub struct CustomTag {
+    pub tag: String,
+    pub value: TagValue,
+}
+
+#[derive(Debug, Clone)]
+pub enum TagValue {
+    /// A literal, or an environment variable read when the config loads.
+    Fixed(String),
+    /// A request header (its first value), or the default.
+    Header(http::HeaderName, String),
+}
+
+impl CustomTag {
+    /// None: a kind Legate does not evaluate (metadata, formats), which
+    /// shapes spans only and is left out with a warning.
+    fn from_proto(
+        t: &legate_proto::envoy_types::pb::envoy::r#type::tracing::v3::CustomTag,
+        path: &str,
+    ) -> Result<Option<Self>> {
+        use legate_proto::envoy_types::pb::envoy::r#type::tracing::v3::custom_tag::Type as T;
+        let value = match &t.r#type {
+            Some(T::Literal(l)) => TagValue::Fixed(l.value.clone()),
+            Some(T::Environment(e)) => {
+                TagValue::Fixed(std::env::var(&e.name).unwrap_or_else(|_| e.default_value.clone()))
+            }
+            Some(T::RequestHeader(h)) => TagValue::Header(
+                crate::headers::header_name(&h.name, &join(path, "request_header.name"))?,
+                h.default_value.clone(),
+            ),
+            _ => {
+                tracing::warn!("{path}: custom tag '{}' of a kind Legate does not evaluate is left out of spans", t.tag);
+                return Ok(None);
+            }
+        };
+        Ok(Some(Self {
+            tag: t.tag.clone(),
+            value,
+        }))
+    }
+
+    /// The tag's value for a request; a missing header without a default
+    /// sets no tag, as in Envoy.
+    pub fn value(&self, headers: &http::HeaderMap) -> Option<String> {
+        match &self.value {
+            TagValue::Fixed(v) => Some(v.clone()),
+            TagValue::Header(h, default) => match headers.get(h) {
+                Some(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                None => (!default.is_empty()).then(|| default.clone()),
+            },
+        }
+    }
 }
 
 impl Tracing {
@@ -123,6 +183,21 @@ impl Tracing {
                 .map(|p| provider(p, &join(path, "provider")))
                 .transpose()?,
             spawn_upstream_span: t.spawn_upstream_span.val().unwrap_or(start_child_span),
+            custom_tags: t
+                .custom_tags
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    CustomTag::from_proto(c, &crate::config::index(path, "custom_tags", i))
+                })
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .flatten()
+                .collect(),
+            max_path_tag_length: t
+                .max_path_tag_length
+                .val()
+                .map_or(super::otel::MAX_PATH_TAG, |n| n as usize),
         })
     }
 }

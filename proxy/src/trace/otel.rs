@@ -87,6 +87,23 @@ impl Exporter {
         } else {
             c.service_name.as_str()
         };
+        let mut attributes = vec![
+            string_kv("telemetry.sdk.name", "legate"),
+            string_kv("service.name", service),
+            string_kv("telemetry.sdk.language", "rust"),
+            string_kv("telemetry.sdk.version", &sdk_version()),
+        ];
+        // What the detectors find is merged over those, a detected
+        // service.name included (as Envoy merges them).
+        for (i, d) in c.resource_detectors.iter().enumerate() {
+            let dp = crate::config::index(path, "resource_detectors", i);
+            for (k, v) in detected(d, &dp)? {
+                match attributes.iter_mut().find(|a| a.key == k) {
+                    Some(a) => *a = string_kv(&k, &v),
+                    None => attributes.push(string_kv(&k, &v)),
+                }
+            }
+        }
         let target = Target {
             channels: crate::http_filters::side::Channels::new(
                 &crate::config::grpc_service_authority(grpc),
@@ -105,12 +122,7 @@ impl Exporter {
                 .map_or(MAX_CACHE, |m| m.value as usize)
                 .max(1),
             resource: Resource {
-                attributes: vec![
-                    string_kv("telemetry.sdk.name", "legate"),
-                    string_kv("service.name", service),
-                    string_kv("telemetry.sdk.language", "rust"),
-                    string_kv("telemetry.sdk.version", &sdk_version()),
-                ],
+                attributes,
                 ..Default::default()
             },
         };
@@ -136,6 +148,41 @@ impl Exporter {
         });
         if queue.try_send(span).is_err() {
             crate::stats::counter(format!("{STATS}.spans_dropped")).increment(1);
+        }
+    }
+}
+
+/// A resource detector's attributes: the static config's, or the
+/// environment's `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k=v`).
+fn detected(
+    d: &legate_proto::envoy_types::pb::envoy::config::core::v3::TypedExtensionConfig,
+    path: &str,
+) -> Result<Vec<(String, String)>> {
+    use legate_proto::envoy_types::pb::envoy::extensions::tracers::opentelemetry::resource_detectors::v3 as rd;
+    let a = d
+        .typed_config
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(join(path, "typed_config"), "typed_config is required"))?;
+    match legate_proto::type_name(&a.type_url) {
+        "envoy.extensions.tracers.opentelemetry.resource_detectors.v3.StaticConfigResourceDetectorConfig" => {
+            let c: rd::StaticConfigResourceDetectorConfig =
+                crate::http_filters::decode(a, &join(path, "typed_config"))?;
+            let mut out: Vec<(String, String)> = c.attributes.into_iter().collect();
+            out.sort();
+            Ok(out)
+        }
+        "envoy.extensions.tracers.opentelemetry.resource_detectors.v3.EnvironmentResourceDetectorConfig" => {
+            Ok(std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect())
+        }
+        other => {
+            // Span resource attributes only: no traffic changes.
+            tracing::warn!("{path}: resource detector {other} is not supported by Legate; its attributes are left out");
+            Ok(Vec::new())
         }
     }
 }
@@ -187,11 +234,86 @@ fn send(
 /// What a request's span is made of.
 pub struct SpanFacts<'a> {
     pub entry: &'a crate::access_log::Entry<'a>,
+    pub custom_tags: &'a [super::config::CustomTag],
     pub context: &'a SpanContext,
     /// The operation: a decorator's, else `ingress` or `egress`.
     pub name: &'a str,
     pub ingress: bool,
     pub max_path_tag: usize,
+}
+
+/// One upstream attempt's span (`spawn_upstream_span`), as the engine
+/// records it.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpan {
+    /// The id propagated to the upstream.
+    pub id: u64,
+    pub start: SystemTime,
+    /// When the attempt failed; else the stream's end.
+    pub end: Option<SystemTime>,
+    pub address: Option<std::net::SocketAddr>,
+    pub cluster: String,
+    /// The upstream's status, 0 when it gave none.
+    pub status: u16,
+    /// The upstream response's protocol.
+    pub protocol: Option<&'static str>,
+    /// Envoy's reset reason, when the attempt failed.
+    pub error_reason: Option<&'static str>,
+}
+
+/// An upstream attempt's span, as Envoy's router makes it
+/// (`router <cluster> egress`, a client span under the request's).
+pub fn upstream_span(f: &SpanFacts, u: &UpstreamSpan) -> Span {
+    let e = f.entry;
+    let mut tags: Vec<(&str, String)> = vec![("component", "proxy".into())];
+    if let Some(h) = &e.http {
+        for t in f.custom_tags {
+            if let Some(v) = t.value(h.request) {
+                tags.push((t.tag.as_str(), v));
+            }
+        }
+    }
+    let addr = u.address.map(|a| a.to_string()).unwrap_or_default();
+    tags.push(("http.protocol", u.protocol.unwrap_or("-").to_string()));
+    tags.push(("http.status_code", u.status.to_string()));
+    tags.push(("peer.address", addr.clone()));
+    let flags = if e.response_flags.is_empty() {
+        "-"
+    } else {
+        e.response_flags
+    };
+    tags.push(("response_flags", flags.to_string()));
+    tags.push(("upstream_address", addr));
+    tags.push(("upstream_cluster", u.cluster.clone()));
+    tags.push(("upstream_cluster.name", u.cluster.clone()));
+    if u.status == 0 || u.status >= 500 {
+        tags.push(("error", "true".into()));
+    }
+    if let Some(r) = u.error_reason {
+        tags.push(("error.reason", r.to_string()));
+    }
+    let c = f.context;
+    let start = nanos(u.start);
+    let end = u
+        .end
+        .map_or_else(|| nanos(e.start) + e.duration.as_nanos() as u64, nanos);
+    Span {
+        trace_id: c.trace_id().to_vec(),
+        span_id: u.id.to_be_bytes().to_vec(),
+        trace_state: c.tracestate().to_string(),
+        parent_span_id: c.span_id().to_be_bytes().to_vec(),
+        flags: u32::from(c.sampled()) | HAS_IS_REMOTE,
+        name: format!("router {} egress", u.cluster),
+        kind: SpanKind::Client as i32,
+        start_time_unix_nano: start,
+        end_time_unix_nano: end.max(start),
+        attributes: tags.iter().map(|(k, v)| string_kv(k, v)).collect(),
+        status: (u.status >= 500).then(|| Status {
+            code: StatusCode::Error as i32,
+            message: String::new(),
+        }),
+        ..Default::default()
+    }
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -257,7 +379,13 @@ pub fn request_span(f: &SpanFacts) -> Span {
         }
         if h.response_code == 0 || h.response_code >= 500 {
             tags.push(("error", "true".into()));
-            error = true;
+        }
+        // Envoy's span status follows the status code.
+        error = h.response_code >= 500;
+        for t in f.custom_tags {
+            if let Some(v) = t.value(h.request) {
+                tags.push((t.tag.as_str(), v));
+            }
         }
     }
     let c = f.context;

@@ -265,15 +265,20 @@ fn datadog(traced: bool, req: &RequestHeader) -> SpanContext {
 impl SpanContext {
     /// Writes the context into an upstream attempt's headers: the manager's
     /// span, or with `spawn` a new child span of it.
-    pub fn inject(&self, spawn: bool, req: &mut RequestHeader) {
-        let (span, parent) = if spawn {
-            let id = match self.style {
-                Style::Datadog { .. } => dd_id(),
-                _ => rand::random(),
-            };
-            (id, Some(self.span))
-        } else {
-            (self.span, self.parent)
+    /// A new child span id, in this provider's id space.
+    pub fn child_id(&self) -> u64 {
+        match self.style {
+            Style::Datadog { .. } => dd_id(),
+            _ => rand::random(),
+        }
+    }
+
+    /// Sends this span's context, or with `child` a child span's (an
+    /// upstream attempt's, from [`Self::child_id`]).
+    pub fn inject(&self, child: Option<u64>, req: &mut RequestHeader) {
+        let (span, parent) = match child {
+            Some(id) => (id, Some(self.span)),
+            None => (self.span, self.parent),
         };
         let flags = if self.sampled { "01" } else { "00" };
         let tp = format!(
@@ -355,7 +360,7 @@ mod tests {
         };
         let c = start(&p, true, &r, true).unwrap();
         let mut up = req(&[]);
-        c.inject(false, &mut up);
+        c.inject(None, &mut up);
         let sent = get(&up, "traceparent");
         assert!(
             sent.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
@@ -366,7 +371,7 @@ mod tests {
         // Not traced by Envoy: the flag says so whatever the parent said.
         let c = start(&p, false, &r, true).unwrap();
         let mut up = req(&[]);
-        c.inject(false, &mut up);
+        c.inject(None, &mut up);
         assert!(get(&up, "traceparent").ends_with("-00"));
         // A malformed one: nothing is propagated.
         assert!(start(&p, true, &req(&[("traceparent", "00-zz")]), true).is_none());
@@ -380,7 +385,7 @@ mod tests {
         };
         let c = start(&p, true, &req(&[]), true).unwrap();
         let mut up = req(&[]);
-        c.inject(true, &mut up);
+        c.inject(Some(c.child_id()), &mut up);
         let trace = get(&up, "x-b3-traceid");
         assert_eq!(trace.len(), 32);
         assert_eq!(get(&up, "x-b3-parentspanid"), trace[16..]);
@@ -392,7 +397,7 @@ mod tests {
     fn datadog_writes_its_headers_and_w3c() {
         let c = start(&Provider::Datadog, true, &req(&[]), true).unwrap();
         let mut up = req(&[]);
-        c.inject(true, &mut up);
+        c.inject(Some(c.child_id()), &mut up);
         let parent: u64 = get(&up, "x-datadog-parent-id").parse().unwrap();
         assert_eq!(get(&up, "x-datadog-sampling-priority"), "1");
         assert_eq!(
