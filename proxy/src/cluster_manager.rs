@@ -573,9 +573,13 @@ impl HostSnapshot {
         attempts: Option<u32>,
         loads: Option<&LoadOverride>,
     ) -> Option<Arc<UpstreamHost>> {
+        // Loads made from an older snapshot (the cluster changed since)
+        // are not for this one: its own serve.
         let (healthy, degraded) = match loads {
-            Some((h, d)) => (h.as_slice(), d.as_slice()),
-            None => (
+            Some((h, d)) if h.len() == self.priorities.len() && d.len() == h.len() => {
+                (h.as_slice(), d.as_slice())
+            }
+            _ => (
                 self.healthy_loads.as_slice(),
                 self.degraded_loads.as_slice(),
             ),
@@ -596,7 +600,7 @@ impl HostSnapshot {
             roll -= load;
         }
         let (p, degraded) = chosen?;
-        let prio = &self.priorities[p];
+        let prio = self.priorities.get(p)?;
         let pool = if prio.panic {
             &prio.all
         } else if let Some(pool) = prio.localities.as_ref().and_then(|l| l.pick(degraded)) {

@@ -37,6 +37,20 @@ pub fn query_params(path: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A request's authority: HTTP/2 `:authority` (the URI's), else HTTP/1
+/// Host, else empty; the order the connection manager reads it in.
+pub fn authority(req: &pingora_http::RequestHeader) -> &str {
+    req.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })
+        .unwrap_or("")
+}
+
 /// Query parameters of `path`, names and values percent-decoded (`+`
 /// stays a plus); a parameter without `=` has an empty value.
 pub fn decoded_query_params(path: &str) -> Vec<(String, String)> {
@@ -93,10 +107,14 @@ pub fn remove_query_param(req: &mut pingora_http::RequestHeader, name: &str) {
     };
     // Envoy writes decoded bytes as they are, even those a request line
     // may not carry (a space); Legate cannot send those and encodes them.
-    let uri = new
-        .parse::<http::Uri>()
-        .or_else(|_| encode_unsafe(&new).parse::<http::Uri>());
-    if let Ok(uri) = uri {
+    let pq = new
+        .parse::<http::uri::PathAndQuery>()
+        .or_else(|_| encode_unsafe(&new).parse::<http::uri::PathAndQuery>());
+    // Only the path and query change: an HTTP/2 request keeps its
+    // scheme and authority.
+    let mut parts = req.uri.clone().into_parts();
+    parts.path_and_query = pq.ok();
+    if let Ok(uri) = http::Uri::from_parts(parts) {
         req.set_uri(uri);
     }
 }

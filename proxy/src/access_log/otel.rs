@@ -23,15 +23,13 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 /// Envoy's defaults for `buffer_flush_interval` and `buffer_size_bytes`.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 const BUFFER_BYTES: usize = 16 * 1024;
 /// Records waiting for the exporter task; beyond this they are dropped.
 const QUEUE: usize = 4096;
-/// Exports in flight at once; a batch finding none free is dropped.
-const IN_FLIGHT: usize = 16;
 /// A call without `grpc_service.timeout` still ends (Envoy's has no
 /// deadline; a collector that never answers must not hold batches forever).
 const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -102,10 +100,7 @@ fn render_list(kvs: &[(String, Template)], e: &Entry) -> Vec<KeyValue> {
 /// Where and how records are sent.
 #[derive(Debug)]
 struct Target {
-    cluster: String,
-    channels: crate::http_filters::side::Channels,
-    metadata: crate::http_filters::side::Metadata,
-    timeout: Duration,
+    to: crate::otlp::Destination,
     flush_interval: Duration,
     buffer_bytes: usize,
     /// The resource every batch carries (built-in labels first).
@@ -159,17 +154,18 @@ impl Logger {
             _ => Vec::new(),
         };
         let target = Target {
-            channels: crate::http_filters::side::Channels::new(
-                &crate::config::grpc_service_authority(&grpc),
+            to: crate::otlp::Destination::new(
+                cluster,
+                crate::http_filters::side::Channels::new(&crate::config::grpc_service_authority(
+                    &grpc,
+                )),
+                crate::http_filters::side::Metadata::from_service(&grpc, &grpc_path)?,
+                grpc.timeout
+                    .as_ref()
+                    .and_then(|d| crate::config::duration(d, &join(&grpc_path, "timeout")).ok())
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(DEFAULT_CALL_TIMEOUT),
             ),
-            cluster,
-            metadata: crate::http_filters::side::Metadata::from_service(&grpc, &grpc_path)?,
-            timeout: grpc
-                .timeout
-                .as_ref()
-                .and_then(|d| crate::config::duration(d, &join(&grpc_path, "timeout")).ok())
-                .filter(|d| !d.is_zero())
-                .unwrap_or(DEFAULT_CALL_TIMEOUT),
             flush_interval: c
                 .buffer_flush_interval
                 .or(common.buffer_flush_interval)
@@ -208,12 +204,11 @@ impl Logger {
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             let (target, clusters) = (self.target.clone(), clusters.clone());
-            let slots = Arc::new(Semaphore::new(IN_FLIGHT));
             tokio::spawn(crate::otlp::batch_loop(
                 rx,
                 self.target.flush_interval,
                 crate::otlp::Limit::Bytes(self.target.buffer_bytes),
-                move |batch| send(batch, &target, &clusters, &slots),
+                move |batch| send(batch, &target, &clusters),
             ));
             tx
         });
@@ -273,26 +268,9 @@ fn resource(c: &OpenTelemetryAccessLogConfig, log_name: &str) -> Resource {
     }
 }
 
-fn send(
-    records: Vec<LogRecord>,
-    target: &Arc<Target>,
-    clusters: &Arc<ClusterManager>,
-    slots: &Arc<Semaphore>,
-) {
-    if records.is_empty() {
-        return;
-    }
+fn send(records: Vec<LogRecord>, target: &Arc<Target>, clusters: &Arc<ClusterManager>) {
     let n = records.len() as u64;
-    let dropped = || crate::stats::counter(format!("{STATS}.logs_dropped")).increment(n);
-    let Ok(permit) = slots.clone().try_acquire_owned() else {
-        return dropped();
-    };
-    let Some(channel) = crate::http_filters::side::plaintext_host(clusters, &target.cluster)
-        .and_then(|addr| target.channels.get(addr))
-    else {
-        return dropped();
-    };
-    let mut request = target.metadata.request(ExportLogsServiceRequest {
+    let message = ExportLogsServiceRequest {
         resource_logs: vec![ResourceLogs {
             resource: Some(target.resource.clone()),
             scope_logs: vec![ScopeLogs {
@@ -301,18 +279,14 @@ fn send(
             }],
             ..Default::default()
         }],
-    });
-    let timeout = target.timeout;
-    request.set_timeout(timeout);
-    tokio::spawn(async move {
-        let _permit = permit;
-        let mut client = LogsServiceClient::new(channel);
-        let name = match tokio::time::timeout(timeout, client.export(request)).await {
-            Ok(Ok(_)) => "logs_written",
-            _ => "logs_dropped",
-        };
-        crate::stats::counter(format!("{STATS}.{name}")).increment(n);
-    });
+    };
+    target.to.send(
+        clusters,
+        n,
+        message,
+        (STATS, "logs_written", "logs_dropped"),
+        |channel, request| async move { LogsServiceClient::new(channel).export(request).await },
+    );
 }
 
 #[cfg(test)]
@@ -406,8 +380,8 @@ mod tests {
         };
         assert_eq!(string(&a.values[0]), "1234");
         assert_eq!(string(&a.values[1]), "literal");
-        assert_eq!(l.target.cluster, "collector");
-        let r = l.target.metadata.request(());
+        assert_eq!(l.target.to.cluster, "collector");
+        let r = l.target.to.metadata.request(());
         assert_eq!(r.metadata().get("x-tenant").unwrap(), "a");
         assert_eq!(l.target.flush_interval, FLUSH_INTERVAL);
         assert_eq!(l.target.buffer_bytes, BUFFER_BYTES);

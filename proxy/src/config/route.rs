@@ -899,18 +899,24 @@ impl RetryPolicy {
 fn previous_priorities(p: &pb::retry_policy::RetryPriority, path: &str) -> Result<u32> {
     use legate_proto::envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3::PreviousPrioritiesConfig;
     use pb::retry_policy::retry_priority::ConfigType;
-    if p.name != "envoy.retry_priorities.previous_priorities" {
-        return Err(ConfigError::new(
-            join(path, "name"),
-            format!("retry priority '{}' is not supported", p.name),
-        ));
-    }
+    // Envoy finds the extension by its config's type, whatever the name.
     let Some(ConfigType::TypedConfig(a)) = &p.config_type else {
         return Err(ConfigError::new(
             join(path, "typed_config"),
             "a PreviousPrioritiesConfig is required",
         ));
     };
+    if legate_proto::type_name(&a.type_url)
+        != "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+    {
+        return Err(ConfigError::new(
+            join(path, "typed_config"),
+            format!(
+                "retry priority {} is not supported by Legate",
+                legate_proto::type_name(&a.type_url)
+            ),
+        ));
+    }
     let c: PreviousPrioritiesConfig = crate::http_filters::decode(a, &join(path, "typed_config"))?;
     u32::try_from(c.update_frequency)
         .ok()

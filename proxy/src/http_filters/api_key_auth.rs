@@ -139,7 +139,12 @@ impl Settings {
             if c.key.is_empty() || c.client.is_empty() {
                 return Err(ConfigError::new(p, "key and client are required"));
             }
-            map.insert(c.key.clone(), c.client.clone());
+            if map.insert(c.key.clone(), c.client.clone()).is_some() {
+                return Err(ConfigError::new(
+                    join(&p, "key"),
+                    "duplicated credential key (Envoy refuses it)",
+                ));
+            }
         }
         let sources = sources
             .iter()
@@ -299,6 +304,11 @@ mod tests {
         c.remove(&mut r);
         assert_eq!(r.uri.to_string(), "/p?a=1&b=2");
         assert_eq!(r.headers.get("cookie").unwrap(), "a=1; b=2");
+        // An HTTP/2 request keeps its scheme and authority.
+        let mut r = request("/", &[]);
+        r.set_uri("https://h.test/p?key=k&z=1".parse().unwrap());
+        q.remove(&mut r);
+        assert_eq!(r.uri.to_string(), "https://h.test/p?z=1");
     }
 
     #[test]

@@ -429,18 +429,17 @@ impl Limit {
                 .map(actions::Produced::plain)
                 .collect();
         }
-        let flags = String::new();
-        let entry = rq.log_entry(&flags);
+        // Built only for a format hits addend, which reads it.
         let cx = actions::ExtrasContext {
             metadata: rq.metadata,
-            render: &|f| f.render(&entry),
+            render: &|f| f.render(&rq.log_entry("")),
         };
         let facts = rq.rate_limit_facts();
         // Entries for the stream's end are the global filter's; the local
         // filter never applies them, as in Envoy.
         self.rate_limits
             .iter()
-            .filter(|r| r.stage == self.stage && !skip(r) && !r.extras.on_stream_done)
+            .filter(|r| !r.extras.on_stream_done)
             .filter_map(|r| r.produce(&facts, &cx))
             .collect()
     }

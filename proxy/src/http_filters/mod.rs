@@ -124,17 +124,7 @@ impl RequestInfo<'_> {
     /// The request's authority (`:authority`, else Host), in the order the
     /// connection manager reads it for routing.
     pub fn authority(&self) -> &str {
-        self.req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                self.req
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-            })
-            .unwrap_or("")
+        crate::routing::authority(self.req)
     }
 
     /// What rate limit actions read from this request.
@@ -299,8 +289,14 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
     fn on_response_trailers(&self, _trailers: &http::HeaderMap, _state: &mut Option<State>) {}
 
     /// When the stream ends (Envoy's `onDestroy`), for a filter that kept
-    /// state from its request hook.
+    /// state from its request hook and says it [`Self::wants_stream_done`].
     fn on_stream_done(&self, _done: &StreamDone<'_>, _state: Option<&State>) {}
+
+    /// Whether [`Self::on_stream_done`] does anything (the engine builds
+    /// what it reads only then).
+    fn wants_stream_done(&self) -> bool {
+        false
+    }
 
     /// The SDS secrets the filter reads, which its listener subscribes to
     /// (and waits for, as Envoy's listener warms on them).

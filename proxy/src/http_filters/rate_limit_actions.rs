@@ -329,22 +329,17 @@ impl HitsAddend {
         metadata: &crate::http_filters::Metadata,
         entry: &dyn Fn(&crate::access_log::Format) -> String,
     ) -> Option<u64> {
-        let text = match self {
+        let number = match self {
             Self::Number(n) => return Some(*n),
             Self::Metadata(ns, keys) => match metadata_value(metadata, ns, keys)? {
-                serde_json::Value::Number(n) => {
-                    let f = n.as_f64()?;
-                    if f < 0.0 || f.fract() != 0.0 {
-                        return None;
-                    }
-                    return Some(f as u64).filter(|n| *n <= MAX_HITS);
-                }
-                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.as_f64()?,
+                serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
                 _ => return None,
             },
-            Self::Format(f) => entry(f),
+            Self::Format(f) => entry(f).trim().parse::<f64>().ok()?,
         };
-        text.trim().parse::<u64>().ok().filter(|n| *n <= MAX_HITS)
+        // A number, truncated, in Envoy's range.
+        (number.is_finite() && (0.0..=MAX_HITS as f64).contains(&number)).then(|| number as u64)
     }
 }
 
@@ -453,6 +448,19 @@ pub fn global_list(rls: &[pb::RateLimit], path: &str, field: &str) -> Result<Vec
         .enumerate()
         .map(|(i, r)| {
             let path = index(path, field, i);
+            // Envoy refuses these in a filter's own lists (and applies the
+            // entries whatever the filter's stage).
+            if r.stage.is_some() || !r.disable_key.is_empty() {
+                let f = if r.stage.is_some() {
+                    "stage"
+                } else {
+                    "disable_key"
+                };
+                return Err(ConfigError::new(
+                    join(&path, f),
+                    "'stage' field and 'disable_key' field are not supported here (as in Envoy)",
+                ));
+            }
             let mut rl = RateLimit::from_proto(&strip_extras(r), &path)?;
             rl.extras = Extras::from_proto(r, &path)?;
             Ok(rl)
@@ -525,7 +533,7 @@ impl RateLimit {
             if set {
                 return Err(ConfigError::new(
                     join(path, field),
-                    "supported only in the global rate limit filter's rate_limits and RateLimitPerRoute",
+                    "not supported by Legate on route and virtual host rate limits (it is in the global rate limit filter's own rate_limits and RateLimitPerRoute)",
                 ));
             }
         }
@@ -889,6 +897,10 @@ mod tests {
         assert_eq!(e.path, "f.rate_limits[0].limit");
         let r = rate_limit("{actions: [{generic_key: {descriptor_value: g}}], hits_addend: {format: '%REQ(x)% and more'}}");
         assert!(global_list(&[r], "f", "rate_limits").is_err());
+        // Envoy refuses a stage or disable key in a filter's own list.
+        let r = rate_limit("{actions: [{generic_key: {descriptor_value: g}}], stage: 1}");
+        let e = global_list(&[r], "f", "rate_limits").unwrap_err();
+        assert_eq!(e.path, "f.rate_limits[0].stage");
     }
 
     #[test]
@@ -927,6 +939,9 @@ mod tests {
         let p = produce(serde_json::json!({"ns": {"cost": "5", "rl": {"requests_per_unit": 4, "unit": "FORTNIGHT"}}})).unwrap();
         assert_eq!((p.hits, p.limit), (Some(5), None));
         assert_eq!(produce(serde_json::json!({"ns": {"cost": -1}})), None);
+        // Fractions are truncated, as Envoy reads a double.
+        let p = produce(serde_json::json!({"ns": {"cost": "2.5"}})).unwrap();
+        assert_eq!(p.hits, Some(2));
         assert_eq!(
             produce(serde_json::json!({"ns": {"cost": 2_000_000_000u64}})),
             None

@@ -242,7 +242,6 @@ impl Described {
 struct Context<'a> {
     metadata: &'a super::Metadata,
     render: &'a dyn Fn(&crate::access_log::Format) -> String,
-    runtime: &'a crate::runtime::Runtime,
 }
 
 impl RateLimitFilter {
@@ -268,12 +267,10 @@ impl RateLimitFilter {
     fn descriptors(&self, rq: &RequestInfo<'_>, route: Option<&RouteConfig>) -> Vec<Described> {
         let runtime = rq.runtime;
         if let Some(list) = self.own_list(route) {
-            let flags = String::new();
-            let entry = rq.log_entry(&flags);
+            // Built only for a format hits addend, which reads it.
             let cx = Context {
                 metadata: rq.metadata,
-                render: &|f| f.render(&entry),
-                runtime,
+                render: &|f| f.render(&rq.log_entry("")),
             };
             return self.described(list, &rq.rate_limit_facts(), &cx, false);
         }
@@ -301,8 +298,9 @@ impl RateLimitFilter {
             render: cx.render,
         };
         list.iter()
-            .filter(|r| r.stage == self.stage && r.extras.on_stream_done == on_done)
-            .filter(|r| !disabled(cx.runtime, r))
+            // Envoy applies a filter's own entries whatever its stage (and
+            // refuses stage and disable_key on them).
+            .filter(|r| r.extras.on_stream_done == on_done)
             .filter_map(|r| r.produce(facts, &extras))
             .map(|p| {
                 let mut d = Described::plain(p.entries);
@@ -470,8 +468,7 @@ impl HttpFilter for RateLimitFilter {
             .as_deref()
             .map(|r| r.domain.as_str())
             .filter(|d| !d.is_empty())
-            .unwrap_or(&self.domain)
-            .to_string();
+            .unwrap_or(&self.domain);
         // Entries applied when the stream ends need this request's context
         // then, whatever happens to it now (a 429 included), as in Envoy.
         let mut kept = Kept {
@@ -482,7 +479,7 @@ impl HttpFilter for RateLimitFilter {
                 .then(|| Done {
                     route: route.clone(),
                     cluster: cluster.clone(),
-                    domain: domain.clone(),
+                    domain: domain.to_string(),
                 }),
         };
         let descriptors = self.descriptors(rq, route.as_deref());
@@ -493,7 +490,7 @@ impl HttpFilter for RateLimitFilter {
             return Flow::Continue;
         }
         let options: Vec<XRateLimit> = descriptors.iter().map(|d| d.x).collect();
-        let verdict = self.ask(rq, self.request(&domain, descriptors)).await;
+        let verdict = self.ask(rq, self.request(domain, descriptors)).await;
         if kept.done.is_some() {
             // Set now so that every way out below keeps it.
             *state = Some(Box::new(Kept {
@@ -563,6 +560,10 @@ impl HttpFilter for RateLimitFilter {
         Flow::Continue
     }
 
+    fn wants_stream_done(&self) -> bool {
+        true
+    }
+
     /// Sends the `apply_on_stream_done` descriptors, fire and forget: the
     /// answer enforces nothing and counts in no stat, as in Envoy.
     fn on_stream_done(&self, done: &StreamDone<'_>, state: Option<&State>) {
@@ -578,7 +579,6 @@ impl HttpFilter for RateLimitFilter {
         let cx = Context {
             metadata: done.metadata,
             render: &|f| f.render(done.entry),
-            runtime: done.runtime,
         };
         let descriptors = self.described(list, &done.facts(&d.cluster), &cx, true);
         if descriptors.is_empty() {

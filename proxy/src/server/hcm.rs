@@ -469,17 +469,7 @@ impl HcmProxy {
     /// (one cleared the route cache), as Envoy's next route lookup does.
     fn reselect_route(&self, session: &Session, ctx: &mut Ctx, hcm: &Hcm) {
         let req = session.req_header();
-        let host = req
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        let host = routing::authority(req).to_string();
         let path = req
             .uri
             .path_and_query()
@@ -899,6 +889,10 @@ impl HcmProxy {
         };
         let id = span.child_id();
         ctx.attempt_span = Some(id);
+        // A retried attempt (on its status, say) ended when this began.
+        if let Some(prev) = ctx.upstream_spans.last_mut().filter(|s| s.end.is_none()) {
+            prev.end = Some(std::time::SystemTime::now());
+        }
         if Self::span_exporter(&hcm, ctx).is_some() {
             ctx.upstream_spans.push(crate::trace::otel::UpstreamSpan {
                 id,
@@ -939,7 +933,11 @@ impl HcmProxy {
         let Some(hcm) = ctx.hcm.as_ref() else {
             return;
         };
-        let filters = ctx.filter_states.iter().any(Option::is_some);
+        let filters = ctx
+            .filters_active
+            .iter()
+            .zip(&ctx.filter_states)
+            .any(|(&i, s)| s.is_some() && hcm.filters.entries[i].filter.wants_stream_done());
         let exporter = Self::span_exporter(hcm, ctx);
         if !filters && hcm.access_log.is_empty() && exporter.is_none() {
             return;
@@ -1109,15 +1107,7 @@ impl HcmProxy {
         let h = if auto_rewrite && !host.hostname.is_empty() {
             host.hostname.as_str()
         } else {
-            req.uri
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    req.headers
-                        .get(http::header::HOST)
-                        .and_then(|v| v.to_str().ok())
-                })
-                .unwrap_or("")
+            routing::authority(req)
         };
         name(h)
     }
@@ -1634,20 +1624,7 @@ impl ProxyHttp for HcmProxy {
         }
 
         // Host: HTTP/2 :authority or HTTP/1 Host.
-        let mut host = session
-            .req_header()
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                session
-                    .req_header()
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
+        let mut host = routing::authority(session.req_header()).to_string();
         // Envoy strips the trailing dot first, then the port.
         if hcm.strip_trailing_host_dot {
             if let Some(h) = rq::strip_trailing_host_dot(&host) {

@@ -96,17 +96,7 @@ pub fn start(
         cluster.stats.upstream_cx_none_healthy.increment(1);
         return None;
     };
-    let authority = req
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let authority = crate::routing::authority(req).to_string();
     let authority = match &policy.host_rewrite {
         Some(h) => h.clone(),
         None if policy.disable_suffix => authority,

@@ -144,16 +144,17 @@ impl CustomTag {
         }))
     }
 
-    /// The tag's value for a request; a missing header without a default
-    /// sets no tag, as in Envoy.
+    /// The tag's value for a request; an empty value (a missing header
+    /// without a default) sets no tag, as in Envoy.
     pub fn value(&self, headers: &http::HeaderMap) -> Option<String> {
-        match &self.value {
-            TagValue::Fixed(v) => Some(v.clone()),
+        let v = match &self.value {
+            TagValue::Fixed(v) => v.clone(),
             TagValue::Header(h, default) => match headers.get(h) {
-                Some(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-                None => (!default.is_empty()).then(|| default.clone()),
+                Some(v) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                None => default.clone(),
             },
-        }
+        };
+        (!v.is_empty()).then_some(v)
     }
 }
 

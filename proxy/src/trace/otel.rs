@@ -18,14 +18,13 @@ use opentelemetry_proto::tonic::trace::v1::{
 };
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 /// Envoy's span flush interval and its `max_cache_size` default.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_CACHE: usize = 1024;
 /// Spans waiting for the exporter task; beyond this they are dropped.
 const QUEUE: usize = 8192;
-const IN_FLIGHT: usize = 16;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Envoy's default `http.url` length (`max_path_tag_length`).
 pub const MAX_PATH_TAG: usize = 256;
@@ -37,10 +36,7 @@ const IS_REMOTE: u32 = 0x200;
 /// Where spans go.
 #[derive(Debug)]
 struct Target {
-    cluster: String,
-    channels: crate::http_filters::side::Channels,
-    metadata: crate::http_filters::side::Metadata,
-    timeout: Duration,
+    to: crate::otlp::Destination,
     max_cache: usize,
     resource: Resource,
 }
@@ -105,17 +101,18 @@ impl Exporter {
             }
         }
         let target = Target {
-            channels: crate::http_filters::side::Channels::new(
-                &crate::config::grpc_service_authority(grpc),
+            to: crate::otlp::Destination::new(
+                cluster,
+                crate::http_filters::side::Channels::new(&crate::config::grpc_service_authority(
+                    grpc,
+                )),
+                crate::http_filters::side::Metadata::from_service(grpc, &gp)?,
+                grpc.timeout
+                    .as_ref()
+                    .and_then(|d| crate::config::duration(d, &join(&gp, "timeout")).ok())
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(CALL_TIMEOUT),
             ),
-            cluster,
-            metadata: crate::http_filters::side::Metadata::from_service(grpc, &gp)?,
-            timeout: grpc
-                .timeout
-                .as_ref()
-                .and_then(|d| crate::config::duration(d, &join(&gp, "timeout")).ok())
-                .filter(|d| !d.is_zero())
-                .unwrap_or(CALL_TIMEOUT),
             max_cache: c
                 .max_cache_size
                 .as_ref()
@@ -137,12 +134,11 @@ impl Exporter {
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             let (target, clusters) = (self.target.clone(), clusters.clone());
-            let slots = Arc::new(Semaphore::new(IN_FLIGHT));
             tokio::spawn(crate::otlp::batch_loop(
                 rx,
                 FLUSH_INTERVAL,
                 crate::otlp::Limit::Items(self.target.max_cache),
-                move |batch| send(batch, &target, &clusters, &slots),
+                move |batch| send(batch, &target, &clusters),
             ));
             tx
         });
@@ -187,23 +183,9 @@ fn detected(
     }
 }
 
-fn send(
-    spans: Vec<Span>,
-    target: &Arc<Target>,
-    clusters: &Arc<ClusterManager>,
-    slots: &Arc<Semaphore>,
-) {
+fn send(spans: Vec<Span>, target: &Arc<Target>, clusters: &Arc<ClusterManager>) {
     let n = spans.len() as u64;
-    let dropped = || crate::stats::counter(format!("{STATS}.spans_dropped")).increment(n);
-    let Ok(permit) = slots.clone().try_acquire_owned() else {
-        return dropped();
-    };
-    let Some(channel) = crate::http_filters::side::plaintext_host(clusters, &target.cluster)
-        .and_then(|addr| target.channels.get(addr))
-    else {
-        return dropped();
-    };
-    let mut request = target.metadata.request(ExportTraceServiceRequest {
+    let message = ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
             resource: Some(target.resource.clone()),
             scope_spans: vec![ScopeSpans {
@@ -217,18 +199,14 @@ fn send(
             }],
             ..Default::default()
         }],
-    });
-    let timeout = target.timeout;
-    request.set_timeout(timeout);
-    tokio::spawn(async move {
-        let _permit = permit;
-        let mut client = TraceServiceClient::new(channel);
-        let name = match tokio::time::timeout(timeout, client.export(request)).await {
-            Ok(Ok(_)) => "spans_sent",
-            _ => "spans_dropped",
-        };
-        crate::stats::counter(format!("{STATS}.{name}")).increment(n);
-    });
+    };
+    target.to.send(
+        clusters,
+        n,
+        message,
+        (STATS, "spans_sent", "spans_dropped"),
+        |channel, request| async move { TraceServiceClient::new(channel).export(request).await },
+    );
 }
 
 /// What a request's span is made of.
@@ -341,15 +319,17 @@ pub fn request_span(f: &SpanFacts) -> Span {
         if let Some(id) = header("x-request-id") {
             tags.push(("guid:x-request-id", id));
         }
-        let path = header("x-envoy-original-path").unwrap_or_else(|| h.pseudo.path.to_string());
-        let mut url = format!("{}://{}{}", h.pseudo.scheme, h.pseudo.authority, path);
-        if url.len() > f.max_path_tag {
+        // Envoy cuts the path to max_path_tag_length, then puts the scheme
+        // and host before it.
+        let mut path = header("x-envoy-original-path").unwrap_or_else(|| h.pseudo.path.to_string());
+        if path.len() > f.max_path_tag {
             let mut at = f.max_path_tag;
-            while !url.is_char_boundary(at) {
+            while !path.is_char_boundary(at) {
                 at -= 1;
             }
-            url.truncate(at);
+            path.truncate(at);
         }
+        let url = format!("{}://{}{}", h.pseudo.scheme, h.pseudo.authority, path);
         tags.push(("http.url", url));
         tags.push(("http.method", h.pseudo.method.to_string()));
         tags.push((
