@@ -28,6 +28,7 @@ mod udp;
 mod validate;
 mod xds;
 mod xds_wire;
+mod zipkin;
 
 use anyhow::{Context, Result};
 use report::{Outcome, Report};
@@ -128,6 +129,8 @@ async fn main() -> Result<()> {
             "dns" => dns::run(&bins, &work, &mut report).await?,
             // The http tier's OpenTelemetry access log part alone.
             "otel-log" => otel_log::run(&bins, &work, &mut report).await?,
+            // The http tier's Zipkin span part alone.
+            "zipkin" => zipkin::run(&bins, &work, &mut report).await?,
             // The http tier's connection-age part alone.
             "keepalive" => {
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?
@@ -151,6 +154,7 @@ async fn main() -> Result<()> {
                 dns::run(&bins, &work, &mut report).await?;
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;
+                zipkin::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(
                         "http",

@@ -36,7 +36,7 @@ const UNEVALUATED_LOG_FILTER: &str =
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
-const NO_SPANS: &str = "only shapes spans, which change no traffic: Legate exports OpenTelemetry spans without it, and Zipkin and Datadog spans not at all (their trace context is propagated and the sampling decision packed into x-request-id, as Envoy does)";
+const NO_SPANS: &str = "only shapes spans, which change no traffic: Legate exports OpenTelemetry and Zipkin spans without it, and Datadog spans not at all (its trace context is propagated and the sampling decision packed into x-request-id, as Envoy does)";
 const NO_LOCAL_CLUSTER: &str = "zone-aware routing engages only with a local cluster (the bootstrap's cluster_manager.local_cluster_name), which Legate does not accept; without one Envoy balances as if this were unset, and so does Legate";
 const HC_EVENTS: &str = "health check event logs are not written yet; they change no traffic";
 
@@ -1330,13 +1330,17 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.trace.v3.ZipkinConfig",
-        &["trace_id_128bit", "shared_span_context", "split_spans_for_request", "trace_context_option"],
         &[
-            ("collector_cluster", NO_SPANS),
-            ("collector_endpoint", NO_SPANS),
-            ("collector_endpoint_version", NO_SPANS),
-            ("collector_hostname", NO_SPANS),
+            "trace_id_128bit",
+            "shared_span_context",
+            "split_spans_for_request",
+            "trace_context_option",
+            "collector_cluster",
+            "collector_endpoint",
+            "collector_endpoint_version",
+            "collector_hostname",
         ],
+        &[],
     ),
     // remote_config is refused: sampling rules from the agent change the
     // priority Envoy propagates, and Legate never talks to the agent.

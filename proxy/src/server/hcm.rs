@@ -234,7 +234,7 @@ pub struct Ctx {
     span_operation: Option<String>,
     /// A span per upstream attempt (`spawn_upstream_span`), when spans
     /// are exported.
-    upstream_spans: Vec<crate::trace::otel::UpstreamSpan>,
+    upstream_spans: Vec<crate::trace::span::UpstreamSpan>,
     /// The current attempt's span id, with `spawn_upstream_span`.
     attempt_span: Option<u64>,
 }
@@ -894,7 +894,7 @@ impl HcmProxy {
             prev.end = Some(std::time::SystemTime::now());
         }
         if Self::span_exporter(&hcm, ctx).is_some() {
-            ctx.upstream_spans.push(crate::trace::otel::UpstreamSpan {
+            ctx.upstream_spans.push(crate::trace::span::UpstreamSpan {
                 id,
                 start: std::time::SystemTime::now(),
                 end: None,
@@ -917,13 +917,34 @@ impl HcmProxy {
 
     /// The OpenTelemetry exporter the request's span goes to, if it is
     /// traced and sampled.
-    fn span_exporter<'a>(hcm: &'a Hcm, ctx: &Ctx) -> Option<&'a crate::trace::otel::Exporter> {
+    fn span_exporter<'a>(hcm: &'a Hcm, ctx: &Ctx) -> Option<SpanSink<'a>> {
         if !ctx.span.as_ref().is_some_and(|s| s.sampled()) {
             return None;
         }
+        use crate::trace::Provider as P;
         match &hcm.tracing.as_ref()?.provider {
-            Some(crate::trace::Provider::OpenTelemetry { exporter, .. }) => exporter.as_deref(),
+            Some(P::OpenTelemetry { exporter, .. }) => exporter.as_deref().map(SpanSink::Otel),
+            Some(P::Zipkin { exporter, .. }) => exporter.as_deref().map(SpanSink::Zipkin),
             _ => None,
+        }
+    }
+
+    /// Sends the request's span and its upstream attempts' to `sink`.
+    fn export_spans(&self, sink: SpanSink<'_>, facts: &crate::trace::span::SpanFacts, ctx: &Ctx) {
+        let clusters = &self.shared.clusters;
+        match sink {
+            SpanSink::Otel(x) => {
+                x.export(crate::trace::otel::request_span(facts), clusters);
+                for u in &ctx.upstream_spans {
+                    x.export(crate::trace::otel::upstream_span(facts, u), clusters);
+                }
+            }
+            SpanSink::Zipkin(x) => {
+                x.export(x.request_span(facts), clusters);
+                for u in &ctx.upstream_spans {
+                    x.export(crate::trace::zipkin::upstream_span(facts, u), clusters);
+                }
+            }
         }
     }
 
@@ -945,30 +966,16 @@ impl HcmProxy {
         let flags = ctx.flags.joined();
         let e = Self::log_entry(session, ctx, status, &flags);
         if let (Some(x), Some(span)) = (exporter, ctx.span.as_ref()) {
-            let name = ctx.span_operation.as_deref().unwrap_or(if ctx.outbound {
-                "egress"
-            } else {
-                "ingress"
-            });
             let t = hcm.tracing.as_ref();
-            let facts = crate::trace::otel::SpanFacts {
+            let facts = crate::trace::span::SpanFacts {
                 entry: &e,
                 custom_tags: t.map_or(&[], |t| t.custom_tags.as_slice()),
                 context: span,
-                name,
+                operation: ctx.span_operation.as_deref(),
                 ingress: !ctx.outbound,
-                max_path_tag: t.map_or(crate::trace::otel::MAX_PATH_TAG, |t| t.max_path_tag_length),
+                max_path_tag: t.map_or(crate::trace::span::MAX_PATH_TAG, |t| t.max_path_tag_length),
             };
-            x.export(
-                crate::trace::otel::request_span(&facts),
-                &self.shared.clusters,
-            );
-            for u in &ctx.upstream_spans {
-                x.export(
-                    crate::trace::otel::upstream_span(&facts, u),
-                    &self.shared.clusters,
-                );
-            }
+            self.export_spans(x, &facts, ctx);
         }
         if filters {
             let runtime = self.shared.runtime.load();
@@ -3079,6 +3086,13 @@ fn hash_for(
 /// The host of this attempt: the balancer's pick (avoiding hosts
 /// already tried when the retry policy says so), or for an
 /// ORIGINAL_DST cluster the request's destination. None: no host.
+/// Where a request's spans go: the tracer's exporter.
+#[derive(Clone, Copy)]
+enum SpanSink<'a> {
+    Otel(&'a crate::trace::otel::Exporter),
+    Zipkin(&'a crate::trace::zipkin::Exporter),
+}
+
 /// Envoy's previous-priorities retry priority, per request: the hosts
 /// attempted since it last started over, the priorities they left out, and
 /// the loads made without them.

@@ -81,6 +81,8 @@ pub enum Provider {
     Zipkin {
         trace_id_128bit: bool,
         shared_span_context: bool,
+        /// The span reporter, when `collector_cluster` names one.
+        exporter: Option<std::sync::Arc<super::zipkin::Exporter>>,
     },
     Datadog,
 }
@@ -198,7 +200,7 @@ impl Tracing {
             max_path_tag_length: t
                 .max_path_tag_length
                 .val()
-                .map_or(super::otel::MAX_PATH_TAG, |n| n as usize),
+                .map_or(super::span::MAX_PATH_TAG, |n| n as usize),
         })
     }
 }
@@ -258,6 +260,7 @@ fn provider(p: &trace::tracing::Http, path: &str) -> Result<Provider> {
             Ok(Provider::Zipkin {
                 trace_id_128bit: z.trace_id_128bit,
                 shared_span_context: z.shared_span_context.val().unwrap_or(true),
+                exporter: super::zipkin::Exporter::from_proto(&z, &tcp)?,
             })
         }
         DATADOG => Ok(Provider::Datadog),

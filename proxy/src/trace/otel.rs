@@ -4,7 +4,7 @@
 //! the request path (a slow or absent collector costs requests nothing;
 //! spans beyond a bound are dropped and counted).
 
-use super::SpanContext;
+use super::span::{nanos, request_tags, upstream_tags, upstream_times, SpanFacts, UpstreamSpan};
 use crate::cluster_manager::ClusterManager;
 use crate::config::{join, ConfigError, Result};
 use legate_proto::envoy_types::pb::envoy::config::trace::v3::OpenTelemetryConfig;
@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status,
 };
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Envoy's span flush interval and its `max_cache_size` default.
@@ -26,8 +26,6 @@ const MAX_CACHE: usize = 1024;
 /// Spans waiting for the exporter task; beyond this they are dropped.
 const QUEUE: usize = 8192;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Envoy's default `http.url` length (`max_path_tag_length`).
-pub const MAX_PATH_TAG: usize = 256;
 const STATS: &str = "tracing.opentelemetry";
 /// W3C span flags: the parent's remoteness is known, and it is remote.
 const HAS_IS_REMOTE: u32 = 0x100;
@@ -209,72 +207,12 @@ fn send(spans: Vec<Span>, target: &Arc<Target>, clusters: &Arc<ClusterManager>) 
     );
 }
 
-/// What a request's span is made of.
-pub struct SpanFacts<'a> {
-    pub entry: &'a crate::access_log::Entry<'a>,
-    pub custom_tags: &'a [super::config::CustomTag],
-    pub context: &'a SpanContext,
-    /// The operation: a decorator's, else `ingress` or `egress`.
-    pub name: &'a str,
-    pub ingress: bool,
-    pub max_path_tag: usize,
-}
-
-/// One upstream attempt's span (`spawn_upstream_span`), as the engine
-/// records it.
-#[derive(Debug, Clone)]
-pub struct UpstreamSpan {
-    /// The id propagated to the upstream.
-    pub id: u64,
-    pub start: SystemTime,
-    /// When the attempt failed; else the stream's end.
-    pub end: Option<SystemTime>,
-    pub address: Option<std::net::SocketAddr>,
-    pub cluster: String,
-    /// The upstream's status, 0 when it gave none.
-    pub status: u16,
-    /// The upstream response's protocol.
-    pub protocol: Option<&'static str>,
-    /// Envoy's reset reason, when the attempt failed.
-    pub error_reason: Option<&'static str>,
-}
-
 /// An upstream attempt's span, as Envoy's router makes it
 /// (`router <cluster> egress`, a client span under the request's).
 pub fn upstream_span(f: &SpanFacts, u: &UpstreamSpan) -> Span {
-    let e = f.entry;
-    let mut tags: Vec<(&str, String)> = vec![("component", "proxy".into())];
-    if let Some(h) = &e.http {
-        for t in f.custom_tags {
-            if let Some(v) = t.value(h.request) {
-                tags.push((t.tag.as_str(), v));
-            }
-        }
-    }
-    let addr = u.address.map(|a| a.to_string()).unwrap_or_default();
-    tags.push(("http.protocol", u.protocol.unwrap_or("-").to_string()));
-    tags.push(("http.status_code", u.status.to_string()));
-    tags.push(("peer.address", addr.clone()));
-    let flags = if e.response_flags.is_empty() {
-        "-"
-    } else {
-        e.response_flags
-    };
-    tags.push(("response_flags", flags.to_string()));
-    tags.push(("upstream_address", addr));
-    tags.push(("upstream_cluster", u.cluster.clone()));
-    tags.push(("upstream_cluster.name", u.cluster.clone()));
-    if u.status == 0 || u.status >= 500 {
-        tags.push(("error", "true".into()));
-    }
-    if let Some(r) = u.error_reason {
-        tags.push(("error.reason", r.to_string()));
-    }
+    let tags = upstream_tags(f, u);
     let c = f.context;
-    let start = nanos(u.start);
-    let end = u
-        .end
-        .map_or_else(|| nanos(e.start) + e.duration.as_nanos() as u64, nanos);
+    let (start, end) = upstream_times(f, u);
     Span {
         trace_id: c.trace_id().to_vec(),
         span_id: u.id.to_be_bytes().to_vec(),
@@ -284,7 +222,7 @@ pub fn upstream_span(f: &SpanFacts, u: &UpstreamSpan) -> Span {
         name: format!("router {} egress", u.cluster),
         kind: SpanKind::Client as i32,
         start_time_unix_nano: start,
-        end_time_unix_nano: end.max(start),
+        end_time_unix_nano: end,
         attributes: tags.iter().map(|(k, v)| string_kv(k, v)).collect(),
         status: (u.status >= 500).then(|| Status {
             code: StatusCode::Error as i32,
@@ -294,80 +232,10 @@ pub fn upstream_span(f: &SpanFacts, u: &UpstreamSpan) -> Span {
     }
 }
 
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-/// A finished request's span, with the tags Envoy's connection manager
-/// sets (`finalizeDownstreamSpan`), every value a string as Envoy's.
+/// A finished request's span.
 pub fn request_span(f: &SpanFacts) -> Span {
     let e = f.entry;
-    let mut error = false;
-    let mut tags: Vec<(&str, String)> = vec![
-        ("component", "proxy".into()),
-        ("node_id", crate::config::local_node().id.clone()),
-        ("zone", crate::config::local_node().zone.clone()),
-    ];
-    if let Some(h) = &e.http {
-        let header = |n: &str| {
-            h.request
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        if let Some(id) = header("x-request-id") {
-            tags.push(("guid:x-request-id", id));
-        }
-        // Envoy cuts the path to max_path_tag_length, then puts the scheme
-        // and host before it.
-        let mut path = header("x-envoy-original-path").unwrap_or_else(|| h.pseudo.path.to_string());
-        if path.len() > f.max_path_tag {
-            let mut at = f.max_path_tag;
-            while !path.is_char_boundary(at) {
-                at -= 1;
-            }
-            path.truncate(at);
-        }
-        let url = format!("{}://{}{}", h.pseudo.scheme, h.pseudo.authority, path);
-        tags.push(("http.url", url));
-        tags.push(("http.method", h.pseudo.method.to_string()));
-        tags.push((
-            "downstream_cluster",
-            header("x-envoy-downstream-service-cluster").unwrap_or_else(|| "-".into()),
-        ));
-        tags.push((
-            "user_agent",
-            header("user-agent").unwrap_or_else(|| "-".into()),
-        ));
-        tags.push(("http.protocol", h.protocol.to_string()));
-        tags.push(("peer.address", e.downstream_remote.ip().to_string()));
-        tags.push(("request_size", e.bytes_received.to_string()));
-        tags.push(("response_size", e.bytes_sent.to_string()));
-        let flags = if e.response_flags.is_empty() {
-            "-"
-        } else {
-            e.response_flags
-        };
-        tags.push(("response_flags", flags.to_string()));
-        if h.response_code > 0 {
-            tags.push(("http.status_code", h.response_code.to_string()));
-        }
-        if !e.upstream_cluster.is_empty() {
-            tags.push(("upstream_cluster", e.upstream_cluster.to_string()));
-            tags.push(("upstream_cluster.name", e.upstream_cluster.to_string()));
-        }
-        if h.response_code == 0 || h.response_code >= 500 {
-            tags.push(("error", "true".into()));
-        }
-        // Envoy's span status follows the status code.
-        error = h.response_code >= 500;
-        for t in f.custom_tags {
-            if let Some(v) = t.value(h.request) {
-                tags.push((t.tag.as_str(), v));
-            }
-        }
-    }
+    let (tags, error) = request_tags(f);
     let c = f.context;
     let mut flags = u32::from(c.sampled()) | HAS_IS_REMOTE;
     if c.parent_id().is_some() {
@@ -383,7 +251,10 @@ pub fn request_span(f: &SpanFacts) -> Span {
             .map(|p| p.to_be_bytes().to_vec())
             .unwrap_or_default(),
         flags,
-        name: f.name.to_string(),
+        name: f
+            .operation
+            .unwrap_or(if f.ingress { "ingress" } else { "egress" })
+            .to_string(),
         kind: if f.ingress {
             SpanKind::Server as i32
         } else {

@@ -9,8 +9,9 @@ use pingora_http::RequestHeader;
 enum Style {
     /// OpenTelemetry: `traceparent` and `tracestate`.
     W3c { tracestate: String },
-    /// Zipkin: `x-b3-*`; whether the trace id is 128 bits.
-    B3 { wide: bool },
+    /// Zipkin: `x-b3-*`; whether the trace id is 128 bits, and whether the
+    /// span is the client's own (`shared_span_context`).
+    B3 { wide: bool, shared: bool },
     /// Datadog's headers and W3C: the sampling priority and whether the
     /// decision mechanism (`-0`, the default sampler) is recorded.
     Datadog { priority: i32, mechanism: bool },
@@ -50,6 +51,16 @@ impl SpanContext {
     /// Whether the trace is sampled (its spans exported).
     pub fn sampled(&self) -> bool {
         self.sampled
+    }
+
+    /// Zipkin's shared span: this proxy's server span is the client's.
+    pub fn shared(&self) -> bool {
+        matches!(self.style, Style::B3 { shared: true, .. })
+    }
+
+    /// Whether the trace id is 128 bits (Zipkin's may be 64).
+    pub fn wide(&self) -> bool {
+        !matches!(self.style, Style::B3 { wide: false, .. })
     }
 
     /// The W3C `tracestate` received with the parent, if any.
@@ -117,6 +128,7 @@ pub fn start(
         Provider::Zipkin {
             trace_id_128bit,
             shared_span_context,
+            ..
         } => zipkin(
             *trace_id_128bit,
             *shared_span_context && ingress,
@@ -168,7 +180,10 @@ fn zipkin(wide: bool, share: bool, traced: bool, req: &RequestHeader) -> Option<
     let Some(t) = header(req, "x-b3-traceid") else {
         let span: u64 = rand::random();
         return Some(SpanContext {
-            style: Style::B3 { wide },
+            style: Style::B3 {
+                wide,
+                shared: false,
+            },
             trace_hi: if wide { rand::random() } else { 0 },
             trace_lo: span,
             span,
@@ -192,7 +207,10 @@ fn zipkin(wide: bool, share: bool, traced: bool, req: &RequestHeader) -> Option<
         (rand::random(), Some(incoming))
     };
     Some(SpanContext {
-        style: Style::B3 { wide },
+        style: Style::B3 {
+            wide,
+            shared: share,
+        },
         trace_hi: hi,
         trace_lo: lo,
         span,
@@ -293,7 +311,7 @@ impl SpanContext {
                 set("traceparent", tp);
                 set("tracestate", tracestate.clone());
             }
-            Style::B3 { wide } => {
+            Style::B3 { wide, .. } => {
                 let trace = if *wide {
                     format!("{:016x}{:016x}", self.trace_hi, self.trace_lo)
                 } else {
@@ -382,6 +400,7 @@ mod tests {
         let p = Provider::Zipkin {
             trace_id_128bit: true,
             shared_span_context: true,
+            exporter: None,
         };
         let c = start(&p, true, &req(&[]), true).unwrap();
         let mut up = req(&[]);
