@@ -12,6 +12,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if [ "$(id -u)" -eq 0 ]; then export LEGATE_REQUIRE_BPF=1; fi
 
 cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace 2>&1 | tee target/test-output.log
 ./conformance/run

@@ -189,7 +189,7 @@ fn websocket_roundtrip(port: u16) -> String {
         .to_string();
     let accept = head
         .lines()
-        .any(|l| l.to_ascii_lowercase() == "sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=");
+        .any(|l| l.eq_ignore_ascii_case("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="));
     let _ = s.write_all(b"through-the-tunnel");
     let mut got = vec![0u8; 18];
     let echoed = s.read_exact(&mut got).is_ok() && got == b"through-the-tunnel";

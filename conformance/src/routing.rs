@@ -197,6 +197,7 @@ pub struct Expect {
 
 /// Runs the scenario's requests through Envoy, then Legate; the error names
 /// the proxy that did not start.
+#[allow(clippy::too_many_arguments)] // a scenario runner's inputs, each needed
 fn observe_both(
     bins: &Binaries,
     sc: &Scenario,
@@ -239,7 +240,7 @@ fn observe_both(
                 .map_or(0, |s: &Seen| s.access_log.len());
             wait_for_log_lines(access_log, envoys);
         }
-        let received = received_by.iter().map(|r| settled(r)).collect();
+        let received = received_by.iter().map(settled).collect();
         let stats = sc
             .stats
             .iter()

@@ -77,6 +77,7 @@ fn build_driver(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Runs one mode against one proxy; Ok(log tail) when the driver passed.
+#[allow(clippy::too_many_arguments)] // a scenario runner's inputs, each needed
 fn run_mode(
     bins: &Binaries,
     kind: Kind,

@@ -181,10 +181,8 @@ fn check_field(
                 }
             }
         }
-        "any" => {
-            if get(&r, "required").and_then(|v| v.as_bool()) == Some(true) && !set {
-                return Err(format!("{p}: value is required"));
-            }
+        "any" if get(&r, "required").and_then(|v| v.as_bool()) == Some(true) && !set => {
+            return Err(format!("{p}: value is required"));
         }
         "string" => {
             let s = match value {

@@ -41,7 +41,7 @@ pub struct AdminState {
     pub started: SystemTime,
     pub command_line: serde_json::Value,
     pub node: crate::config::Node,
-    pub set_log_level: Box<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>,
+    pub set_log_level: crate::logging::LevelSetter,
     pub log_level: std::sync::Mutex<String>,
     pub quit: tokio::sync::Notify,
     /// The kernel load balancer, once started (for /kernel_lb).

@@ -279,6 +279,9 @@ pub struct HostSnapshot {
 /// Priority loads (healthy, degraded) that replace the snapshot's.
 pub type LoadOverride = (Vec<u32>, Vec<u32>);
 
+/// Endpoints with the addresses they resolved to, by priority.
+pub type ResolvedHosts = Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>;
+
 /// Per priority: (healthy, degraded, total) host counts.
 pub type PriorityCounts = (usize, usize, usize);
 
@@ -331,18 +334,14 @@ pub fn priority_loads_with(
     let mut dl = vec![0; n];
     if n > 0 && panic.iter().all(|p| *p) {
         let hosts: usize = counts.iter().map(|&(_, _, t)| t).sum();
-        if hosts == 0 {
-            hl[0] = 100;
-        } else {
-            let mut remaining = 100u32;
-            for (i, &(_, _, t)) in counts.iter().enumerate() {
-                hl[i] = (100 * t / hosts) as u32;
-                remaining -= hl[i];
-            }
-            if let Some(i) = counts.iter().position(|&(_, _, t)| t > 0) {
-                hl[i] += remaining;
-            }
+        let mut remaining = 100u32;
+        for (i, &(_, _, t)) in counts.iter().enumerate() {
+            // No host at all: nothing here, the first priority takes it all.
+            hl[i] = (100 * t).checked_div(hosts).unwrap_or(0) as u32;
+            remaining -= hl[i];
         }
+        let first = counts.iter().position(|&(_, _, t)| t > 0).unwrap_or(0);
+        hl[first] += remaining;
         return Loads {
             healthy: hl,
             degraded: dl,
@@ -965,7 +964,7 @@ impl Cluster {
     }
 
     /// Publishes a new host set: (priority, [(endpoint, its addresses)]).
-    pub fn set_hosts(&self, resolved: Vec<(u32, Vec<(EndpointConfig, Vec<SocketAddr>)>)>) {
+    pub fn set_hosts(&self, resolved: ResolvedHosts) {
         self.publish(resolved, self.config.overprovisioning_factor);
     }
 

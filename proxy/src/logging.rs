@@ -12,8 +12,11 @@ pub fn level_filter(level: &str) -> Result<String, String> {
     })
 }
 
+/// Changes the log level at run time (`/logging?level=`).
+pub type LevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Installs the subscriber; returns a setter for the level.
-pub fn init(level: &str) -> Result<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>, String> {
+pub fn init(level: &str) -> Result<LevelSetter, String> {
     let filter = EnvFilter::new(level_filter(level)?);
     let (layer, handle) = reload::Layer::new(filter);
     use tracing_subscriber::prelude::*;

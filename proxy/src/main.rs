@@ -85,11 +85,7 @@ fn main() -> ExitCode {
 /// MB).
 const IDLE_UPSTREAM_CONNECTIONS: usize = 16 * 1024;
 
-async fn serve(
-    cli: Cli,
-    workers: usize,
-    set_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
-) -> ExitCode {
+async fn serve(cli: Cli, workers: usize, set_level: legate::logging::LevelSetter) -> ExitCode {
     for f in cli.inert_flags() {
         tracing::info!(
             flag = f,

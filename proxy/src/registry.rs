@@ -1876,10 +1876,11 @@ mod tests {
     /// effect) are refused, not warned about.
     #[test]
     fn traffic_timing_fields_are_refused_naming_them() {
-        for (field, path) in [(
-            "common_lb_config: {update_merge_window: 2s}",
-            "static_resources.clusters[0].common_lb_config.update_merge_window",
-        )] {
+        {
+            let (field, path) = (
+                "common_lb_config: {update_merge_window: 2s}",
+                "static_resources.clusters[0].common_lb_config.update_merge_window",
+            );
             let err = validate(&dynamic(&format!(
                 "static_resources: {{clusters: [{{name: a, {field}}}]}}"
             )))

@@ -226,9 +226,8 @@ async fn retries_on_connect_failure_and_status() {
         + b.hits.load(std::sync::atomic::Ordering::Relaxed);
     let r = curl(&format!("{url}/status/503"), &[]);
     assert_eq!(r.status, 503);
-    assert_eq!(
+    assert!(
         r.header("x-echo-server").is_some(),
-        true,
         "the upstream's own reply is passed on after the last try"
     );
     let after = a.hits.load(std::sync::atomic::Ordering::Relaxed)

@@ -51,7 +51,7 @@ impl Cgroup {
                 "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\"",
                 self.path.display()
             ))
-            .arg(script.to_string());
+            .arg(script);
         c
     }
 

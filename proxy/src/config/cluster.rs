@@ -1087,7 +1087,7 @@ fn legacy_lb_policy(c: &pb::Cluster, path: &str) -> Result<LbPolicy> {
         L::Random => LbPolicy::Random,
         L::RingHash => {
             let cfg = match &c.lb_config {
-                Some(pb::cluster::LbConfig::RingHashLbConfig(r)) => r.clone(),
+                Some(pb::cluster::LbConfig::RingHashLbConfig(r)) => *r,
                 _ => Default::default(),
             };
             use pb::cluster::ring_hash_lb_config::HashFunction;
@@ -1141,7 +1141,10 @@ fn legacy_lb_policy(c: &pb::Cluster, path: &str) -> Result<LbPolicy> {
 }
 
 pub fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// The localities of a ClusterLoadAssignment (EDS resources and inline

@@ -247,6 +247,9 @@ pub fn select<'a>(
 ) -> Option<usize> {
     let scored: Vec<[Option<u32>; 9]> = chains.into_iter().map(|m| scores(m, conn)).collect();
     let mut candidates: Vec<usize> = (0..scored.len()).collect();
+    // Level by level, narrowing the candidates (each chain's scores are
+    // indexed by level: no iterator over `scored` fits).
+    #[allow(clippy::needless_range_loop)]
     for level in 0..9 {
         let best = candidates.iter().filter_map(|&i| scored[i][level]).max()?;
         candidates.retain(|&i| scored[i][level] == Some(best));

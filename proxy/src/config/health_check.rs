@@ -89,7 +89,7 @@ fn payload(p: &core::health_check::Payload, path: &str) -> Result<Vec<u8>> {
 
 /// Hex text (`text` payloads) as bytes.
 fn hex(t: &str) -> Option<Vec<u8>> {
-    if t.len() % 2 != 0 {
+    if !t.len().is_multiple_of(2) {
         return None;
     }
     (0..t.len())

@@ -852,7 +852,7 @@ impl Hcm {
             E::UnescapeAndRedirect => EscapedSlashes::UnescapeAndRedirect,
             E::UnescapeAndForward => EscapedSlashes::UnescapeAndForward,
         };
-        let common = h.common_http_protocol_options.clone().unwrap_or_default();
+        let common = h.common_http_protocol_options.unwrap_or_default();
         let cp = join(path, "common_http_protocol_options");
         let conn = HttpConnSettings {
             idle_timeout: super::timeout_or(
@@ -1576,24 +1576,6 @@ fn request_id_extension(
     }
 }
 
-#[cfg(test)]
-mod filter_predicate_tests {
-    use super::FilterPredicate as P;
-
-    #[test]
-    fn istio_skips_http_inspector_on_its_own_ports() {
-        // Istio's virtualInbound: not on 15006, nor on a port it knows.
-        let p = P::Or(vec![
-            P::DestinationPort(15006, 15007),
-            P::DestinationPort(19080, 19081),
-        ]);
-        assert!(p.matches(15006) && p.matches(19080));
-        assert!(!p.matches(15007) && !p.matches(8080));
-        assert!(P::Not(Box::new(p.clone())).matches(8080));
-        assert!(!P::And(vec![p, P::Any]).matches(8080));
-    }
-}
-
 /// `original_ip_detection_extensions` (Envoy refuses them beside
 /// `use_remote_address`).
 fn ip_detection(
@@ -1644,4 +1626,22 @@ fn listener_access_log(
         }
     }
     crate::access_log::list(logs, path)
+}
+
+#[cfg(test)]
+mod filter_predicate_tests {
+    use super::FilterPredicate as P;
+
+    #[test]
+    fn istio_skips_http_inspector_on_its_own_ports() {
+        // Istio's virtualInbound: not on 15006, nor on a port it knows.
+        let p = P::Or(vec![
+            P::DestinationPort(15006, 15007),
+            P::DestinationPort(19080, 19081),
+        ]);
+        assert!(p.matches(15006) && p.matches(19080));
+        assert!(!p.matches(15007) && !p.matches(8080));
+        assert!(P::Not(Box::new(p.clone())).matches(8080));
+        assert!(!P::And(vec![p, P::Any]).matches(8080));
+    }
 }

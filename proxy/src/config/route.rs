@@ -94,6 +94,8 @@ pub struct RouteMatch {
     pub runtime_fraction: Option<(String, u32)>,
 }
 
+// Built once per route config; the forward action's size is no cost.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     Forward(RouteAction),
@@ -213,7 +215,7 @@ impl MirrorPolicy {
         Ok(MirrorPolicy {
             cluster,
             fraction: m.runtime_fraction.as_ref().map(|rf| {
-                let d = rf.default_value.clone().unwrap_or_default();
+                let d = rf.default_value.unwrap_or_default();
                 (rf.runtime_key.clone(), crate::runtime::per_million(&d))
             }),
             disable_suffix: m.disable_shadow_host_suffix_append,
@@ -749,7 +751,7 @@ impl RouteMatch {
         let runtime_fraction = match &m.runtime_fraction {
             None => None,
             Some(rf) => {
-                let d = rf.default_value.clone().unwrap_or_default();
+                let d = rf.default_value.unwrap_or_default();
                 Some((rf.runtime_key.clone(), crate::runtime::per_million(&d)))
             }
         };
@@ -1486,7 +1488,7 @@ mod tests {
         let g = p("unavailable,cancelled").unwrap().retry_on;
         assert_eq!(g.grpc_statuses, vec![14, 1]);
         // Unknown to Envoy too: ignored, as Envoy does.
-        assert!(p("sometimes").unwrap().retry_on.r5xx == false);
+        assert!(!p("sometimes").unwrap().retry_on.r5xx);
     }
 
     #[test]

@@ -275,10 +275,7 @@ impl Input {
                 path: m
                     .path
                     .iter()
-                    .filter_map(|s| match &s.segment {
-                        Some(Segment::Key(k)) => Some(k.clone()),
-                        None => None,
-                    })
+                    .filter_map(|s| s.segment.as_ref().map(|Segment::Key(k)| k.clone()))
                     .collect(),
             });
         }
@@ -548,103 +545,6 @@ impl ValueMatcher {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn matcher(yaml: &str) -> Matcher<String> {
-        let v = legate_proto::json::parse_yaml(yaml).unwrap();
-        let m: xm::Matcher =
-            legate_proto::json::to_message(v, "xds.type.matcher.v3.Matcher", true).unwrap();
-        Matcher::from_proto(&m, "m", &|a, _| Ok(a.name.clone())).unwrap()
-    }
-
-    const ACTION: &str = r#"{name: A, typed_config: {"@type": type.googleapis.com/envoy.config.rbac.v3.Action, name: A}}"#;
-
-    #[test]
-    fn metadata_headers_and_ips() {
-        let m = matcher(&format!(
-            r#"
-matcher_list:
-  matchers:
-  - predicate:
-      and_matcher:
-        predicate:
-        - single_predicate:
-            input: {{name: claim, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DynamicMetadataInput, filter: f, path: [{{key: p}}, {{key: scope}}]}}}}
-            custom_match: {{name: m, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.input_matchers.metadata.v3.Metadata, value: {{list_match: {{one_of: {{string_match: {{exact: read}}}}}}}}}}}}
-        - not_matcher:
-            single_predicate:
-              input: {{name: h, typed_config: {{"@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput, header_name: x-block}}}}
-              value_match: {{exact: "yes"}}
-        - single_predicate:
-            input: {{name: ip, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.SourceIPInput}}}}
-            custom_match: {{name: ip, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.input_matchers.ip.v3.Ip, stat_prefix: s, cidr_ranges: [{{address_prefix: 10.0.0.0, prefix_len: 8}}]}}}}
-    on_match: {{action: {ACTION}}}
-"#
-        ));
-        let md: serde_json::Map<String, Value> =
-            serde_json::from_str(r#"{"f": {"p": {"scope": ["write", "read"]}}}"#).unwrap();
-        let mut headers = http::HeaderMap::new();
-        fn d<'a>(
-            h: &'a http::HeaderMap,
-            md: &'a serde_json::Map<String, Value>,
-            ip: &str,
-        ) -> Data<'a> {
-            Data {
-                headers: h,
-                pseudo: crate::config::matcher::Pseudo {
-                    method: "GET",
-                    path: "/",
-                    authority: "h",
-                    scheme: "http",
-                    status: None,
-                },
-                metadata: md,
-                remote: Some(SocketAddr::new(ip.parse().unwrap(), 1)),
-                direct_remote: None,
-                local: None,
-                sni: "",
-            }
-        }
-        let empty = serde_json::Map::new();
-        assert_eq!(
-            m.evaluate(&d(&headers, &md, "10.1.2.3"))
-                .map(String::as_str),
-            Some("A")
-        );
-        assert_eq!(m.evaluate(&d(&headers, &md, "11.1.2.3")), None);
-        assert_eq!(m.evaluate(&d(&headers, &empty, "10.1.2.3")), None);
-        headers.insert("x-block", "yes".parse().unwrap());
-        assert_eq!(m.evaluate(&d(&headers, &md, "10.1.2.3")), None);
-    }
-
-    #[test]
-    fn value_matchers() {
-        let s = |x: &str| {
-            ValueMatcher::String(
-                StringMatcher::from_proto(
-                    &em::StringMatcher {
-                        match_pattern: Some(em::string_matcher::MatchPattern::Exact(x.into())),
-                        ..Default::default()
-                    },
-                    "s",
-                )
-                .unwrap(),
-            )
-        };
-        let v: Value = serde_json::json!({"a": "x", "n": 2.5, "l": ["x"], "z": null});
-        assert!(s("x").matches(v.get("a")));
-        assert!(!s("x").matches(v.get("l")));
-        assert!(ValueMatcher::ListOneOf(Box::new(s("x"))).matches(v.get("l")));
-        assert!(ValueMatcher::Double(DoubleMatch::Range(2.0, 3.0)).matches(v.get("n")));
-        assert!(ValueMatcher::Present(true).matches(v.get("z")));
-        assert!(!ValueMatcher::Present(true).matches(v.get("missing")));
-        assert!(!ValueMatcher::Present(false).matches(None));
-        assert!(ValueMatcher::Null.matches(v.get("z")));
-    }
-}
-
 use crate::registry::MessageSupport;
 
 const XM: &str = "xds.type.matcher.v3.Matcher";
@@ -816,3 +716,100 @@ pub static REGISTRY: &[MessageSupport] = &[
         warn: &[],
     },
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matcher(yaml: &str) -> Matcher<String> {
+        let v = legate_proto::json::parse_yaml(yaml).unwrap();
+        let m: xm::Matcher =
+            legate_proto::json::to_message(v, "xds.type.matcher.v3.Matcher", true).unwrap();
+        Matcher::from_proto(&m, "m", &|a, _| Ok(a.name.clone())).unwrap()
+    }
+
+    const ACTION: &str = r#"{name: A, typed_config: {"@type": type.googleapis.com/envoy.config.rbac.v3.Action, name: A}}"#;
+
+    #[test]
+    fn metadata_headers_and_ips() {
+        let m = matcher(&format!(
+            r#"
+matcher_list:
+  matchers:
+  - predicate:
+      and_matcher:
+        predicate:
+        - single_predicate:
+            input: {{name: claim, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DynamicMetadataInput, filter: f, path: [{{key: p}}, {{key: scope}}]}}}}
+            custom_match: {{name: m, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.input_matchers.metadata.v3.Metadata, value: {{list_match: {{one_of: {{string_match: {{exact: read}}}}}}}}}}}}
+        - not_matcher:
+            single_predicate:
+              input: {{name: h, typed_config: {{"@type": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput, header_name: x-block}}}}
+              value_match: {{exact: "yes"}}
+        - single_predicate:
+            input: {{name: ip, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.SourceIPInput}}}}
+            custom_match: {{name: ip, typed_config: {{"@type": type.googleapis.com/envoy.extensions.matching.input_matchers.ip.v3.Ip, stat_prefix: s, cidr_ranges: [{{address_prefix: 10.0.0.0, prefix_len: 8}}]}}}}
+    on_match: {{action: {ACTION}}}
+"#
+        ));
+        let md: serde_json::Map<String, Value> =
+            serde_json::from_str(r#"{"f": {"p": {"scope": ["write", "read"]}}}"#).unwrap();
+        let mut headers = http::HeaderMap::new();
+        fn d<'a>(
+            h: &'a http::HeaderMap,
+            md: &'a serde_json::Map<String, Value>,
+            ip: &str,
+        ) -> Data<'a> {
+            Data {
+                headers: h,
+                pseudo: crate::config::matcher::Pseudo {
+                    method: "GET",
+                    path: "/",
+                    authority: "h",
+                    scheme: "http",
+                    status: None,
+                },
+                metadata: md,
+                remote: Some(SocketAddr::new(ip.parse().unwrap(), 1)),
+                direct_remote: None,
+                local: None,
+                sni: "",
+            }
+        }
+        let empty = serde_json::Map::new();
+        assert_eq!(
+            m.evaluate(&d(&headers, &md, "10.1.2.3"))
+                .map(String::as_str),
+            Some("A")
+        );
+        assert_eq!(m.evaluate(&d(&headers, &md, "11.1.2.3")), None);
+        assert_eq!(m.evaluate(&d(&headers, &empty, "10.1.2.3")), None);
+        headers.insert("x-block", "yes".parse().unwrap());
+        assert_eq!(m.evaluate(&d(&headers, &md, "10.1.2.3")), None);
+    }
+
+    #[test]
+    fn value_matchers() {
+        let s = |x: &str| {
+            ValueMatcher::String(
+                StringMatcher::from_proto(
+                    &em::StringMatcher {
+                        match_pattern: Some(em::string_matcher::MatchPattern::Exact(x.into())),
+                        ..Default::default()
+                    },
+                    "s",
+                )
+                .unwrap(),
+            )
+        };
+        let v: Value = serde_json::json!({"a": "x", "n": 2.5, "l": ["x"], "z": null});
+        assert!(s("x").matches(v.get("a")));
+        assert!(!s("x").matches(v.get("l")));
+        assert!(ValueMatcher::ListOneOf(Box::new(s("x"))).matches(v.get("l")));
+        assert!(ValueMatcher::Double(DoubleMatch::Range(2.0, 3.0)).matches(v.get("n")));
+        assert!(ValueMatcher::Present(true).matches(v.get("z")));
+        assert!(!ValueMatcher::Present(true).matches(v.get("missing")));
+        assert!(!ValueMatcher::Present(false).matches(None));
+        assert!(ValueMatcher::Null.matches(v.get("z")));
+    }
+}

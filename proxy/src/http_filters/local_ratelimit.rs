@@ -109,8 +109,12 @@ struct LocalDescriptor {
     fixed: Option<Arc<Bucket>>,
     /// Otherwise a bucket per distinct request values, with when each
     /// was last used.
-    dynamic: Mutex<(HashMap<Vec<String>, (Arc<Bucket>, u64)>, u64)>,
+    dynamic: Mutex<DynamicBuckets>,
 }
+
+/// A dynamic descriptor's buckets by request values, with when each was
+/// last used, and the use clock.
+type DynamicBuckets = (HashMap<Vec<String>, (Arc<Bucket>, u64)>, u64);
 
 impl LocalDescriptor {
     /// The bucket for a request descriptor, if this one matches it.

@@ -323,7 +323,7 @@ impl StreamDone<'_> {
     /// `cluster` the request was routed to.
     pub fn facts<'b>(&'b self, cluster: &'b str) -> rate_limit_actions::RequestFacts<'b> {
         let path_and_query = self.req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let pseudo = self.entry.http.as_ref().map(|h| h.pseudo.clone());
+        let pseudo = self.entry.http.as_ref().map(|h| h.pseudo);
         rate_limit_actions::RequestFacts {
             headers: &self.req.headers,
             pseudo: crate::config::matcher::Pseudo {

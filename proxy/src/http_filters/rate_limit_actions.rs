@@ -339,7 +339,7 @@ impl HitsAddend {
             Self::Format(f) => entry(f).trim().parse::<f64>().ok()?,
         };
         // A number, truncated, in Envoy's range.
-        (number.is_finite() && (0.0..=MAX_HITS as f64).contains(&number)).then(|| number as u64)
+        (number.is_finite() && (0.0..=MAX_HITS as f64).contains(&number)).then_some(number as u64)
     }
 }
 

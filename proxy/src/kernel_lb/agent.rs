@@ -32,6 +32,9 @@ pub struct Settings {
     pub pin_dir: PathBuf,
 }
 
+/// A VIP's service as last written: the snapshot it was built from, and
+/// the spec with its weights (None: not offloaded).
+type Built = (Arc<HostSnapshot>, Option<(ServiceSpec, Vec<u32>)>);
 impl Settings {
     /// The command line wins over the bootstrap's runtime keys; the default
     /// is `auto` on the root cgroup.
@@ -168,8 +171,7 @@ impl Agent {
 
     fn run(&self, listeners: &Arc<ListenerManager>, clusters: &ClusterManager) {
         // Per VIP: the snapshot its spec was built from, and the spec.
-        let mut built: HashMap<SocketAddr, (Arc<HostSnapshot>, Option<(ServiceSpec, Vec<u32>)>)> =
-            HashMap::new();
+        let mut built: HashMap<SocketAddr, Built> = HashMap::new();
         let mut last_counters = Instant::now();
         loop {
             std::thread::sleep(TICK);

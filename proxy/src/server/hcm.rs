@@ -782,7 +782,7 @@ impl HcmProxy {
     /// Header mutation levels for the selected route, in Envoy's order: the
     /// most specific first, so less specific levels win, unless
     /// `most_specific_header_mutations_wins`.
-    fn header_levels<'a>(ctx: &'a Ctx) -> Vec<&'a HeaderOps> {
+    fn header_levels(ctx: &Ctx) -> Vec<&HeaderOps> {
         let Some(sel) = &ctx.selected else {
             return Vec::new();
         };
@@ -2772,7 +2772,7 @@ fn upgrade_allowed(hcm: &Hcm, route: &Route, upgrade: &str) -> bool {
     };
     match on_route {
         Some((_, enabled)) => *enabled,
-        None => hcm.upgrades.iter().any(|u| *u == upgrade),
+        None => hcm.upgrades.contains(&upgrade),
     }
 }
 
@@ -3125,7 +3125,7 @@ impl RetryPriority {
         if n < frequency {
             return None;
         }
-        if n % frequency == 0 {
+        if n.is_multiple_of(frequency) {
             for a in &self.attempted {
                 if let Some(p) = snapshot.priority_of(*a) {
                     if self.excluded.len() <= p {

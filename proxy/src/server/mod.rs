@@ -638,9 +638,7 @@ async fn serve_connection(
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
                     let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.accept(sock));
-                    let Some(down) = handshake_done(hs.await, &config, peer) else {
-                        return None;
-                    };
+                    let down = handshake_done(hs.await, &config, peer)?;
                     let c = down.get_ref().1;
                     let cert = c.peer_certificates().and_then(|p| p.first());
                     let sni = c.server_name().unwrap_or("").to_string();
@@ -692,9 +690,7 @@ async fn serve_connection(
             }
             // Decide the protocol ourselves: pingora's own h2c check waits
             // for 24 bytes, which hangs a shorter HTTP/1.1 request.
-            let Some(is_h2) = sniff_h2(&sock).await else {
-                return None;
-            };
+            let is_h2 = sniff_h2(&sock).await?;
             let mut stream: pingora_core::protocols::l4::stream::Stream = sock.into();
             stream.set_socket_digest(digest_of(fd, peer, local));
             stream.set_proxy_digest(digest);
@@ -707,9 +703,7 @@ async fn serve_connection(
             let acceptor =
                 pingora_core::listeners::tls::Acceptor::from_server_config(tls.config.clone());
             let hs = tokio::time::timeout(filter.handshake_timeout, acceptor.tls_handshake(stream));
-            let Some(stream) = handshake_done(hs.await, &config, peer) else {
-                return None;
-            };
+            let stream = handshake_done(hs.await, &config, peer)?;
             use pingora_core::protocols::{Ssl, ALPN};
             if let Some(t) = stream.get_ssl() {
                 if !facts(t.server_name().unwrap_or(""), t.peer_certificate_der()) {

@@ -112,6 +112,9 @@ pub fn negotiated_h2(s: &TlsStream) -> bool {
 }
 
 /// A connection attempt made before pingora asked for one.
+// Short-lived, one per attempt; boxing the stream would cost an
+// allocation on the common path.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Probe {
     Ready(TlsStream),

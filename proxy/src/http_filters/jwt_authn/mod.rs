@@ -547,7 +547,7 @@ fn good_jwt(
     if let Some(h) = &p.forward_payload_header {
         let mut v = jwt.payload_b64.clone();
         if p.pad_forward_payload_header {
-            while v.len() % 4 != 0 {
+            while !v.len().is_multiple_of(4) {
                 v.push('=');
             }
         }
@@ -606,7 +606,9 @@ fn claim_value(payload: &Map<String, Value>, path: &[String]) -> Option<String> 
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(match (n.as_u64(), n.as_f64()) {
             (Some(u), _) => u.to_string(),
-            (None, Some(f)) if f >= 0.0 && f < 18_446_744_073_709_551_616.0 && f.fract() == 0.0 => {
+            (None, Some(f))
+                if (0.0..18_446_744_073_709_551_616.0).contains(&f) && f.fract() == 0.0 =>
+            {
                 (f as u64).to_string()
             }
             (_, f) => format!("{:.6}", f.unwrap_or(0.0)),
