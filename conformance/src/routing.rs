@@ -511,6 +511,13 @@ pub async fn run_file_with(
         text = text.replace("{{AUTHZ_HTTP}}", &a.addr.port().to_string());
         authz.push(a);
     }
+    // A real external processor, when the bootstrap names one.
+    let mut processor = None;
+    if text.contains("{{EXT_PROC}}") {
+        let p = legate_tests::ext_proc::start("127.0.0.1:0".parse().unwrap()).await?;
+        text = text.replace("{{EXT_PROC}}", &p.addr.port().to_string());
+        processor = Some(p);
+    }
     for name in &sc.upstreams {
         let u = legate_tests::echo::start(name, "127.0.0.1:0".parse().unwrap()).await?;
         text = text.replace(
@@ -657,6 +664,7 @@ pub async fn run_file_with(
     }
     drop(ups);
     drop(authz);
+    drop(processor);
     drop(jwks_server);
     Ok(())
 }

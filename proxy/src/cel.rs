@@ -395,8 +395,8 @@ fn response(e: &Entry, spellings: Option<&[String]>) -> Value {
         if h.response_code > 0 {
             v.push(("code", Value::Int(h.response_code.into())));
         }
-        if !h.details.is_empty() {
-            v.push(("code_details", s(h.details)));
+        if let Some(d) = h.details.filter(|d| !d.is_empty()) {
+            v.push(("code_details", s(d)));
         }
         if let (Some(r), Some(sp)) = (h.response, spellings) {
             v.push(("headers", headers(r, sp)));

@@ -5,6 +5,7 @@ pub mod authz;
 pub mod cgroup;
 pub mod dns;
 pub mod echo;
+pub mod ext_proc;
 pub mod jwt;
 pub mod legate;
 pub mod netns;

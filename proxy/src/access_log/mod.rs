@@ -64,8 +64,10 @@ pub struct HttpFacts<'a> {
     pub protocol: &'a str,
     /// 0 when no response was sent.
     pub response_code: u16,
-    /// Envoy's response code details (`via_upstream`, `route_not_found`, ...).
-    pub details: &'a str,
+    /// Envoy's response code details (`via_upstream`, `route_not_found`,
+    /// ...); None when unset (`-`), as opposed to set empty (an ext_proc
+    /// immediate response without details).
+    pub details: Option<&'a str>,
     pub route_name: &'a str,
     /// From the request's start to the upstream's first response byte.
     pub response_duration: Option<Duration>,
@@ -342,7 +344,9 @@ fn value(p: &Piece, e: &Entry) -> Val {
         Piece::Dash => Val::Null,
         Piece::ResponseCode => Val::Num(http.map_or(0, |h| h.response_code).into()),
         Piece::Protocol => opt(http.map_or("", |h| h.protocol)),
-        Piece::ResponseCodeDetails => opt(http.map_or("", |h| h.details)),
+        Piece::ResponseCodeDetails => http
+            .and_then(|h| h.details)
+            .map_or(Val::Null, |d| Val::Str(d.to_string())),
         Piece::RouteName => opt(http.map_or("", |h| h.route_name)),
         Piece::ResponseDuration => http
             .and_then(|h| h.response_duration)
@@ -711,7 +715,7 @@ pub(crate) mod tests {
             response: None,
             protocol: "HTTP/1.1",
             response_code: 503,
-            details: "upstream_reset_before_response_started{connection_failure}",
+            details: Some("upstream_reset_before_response_started{connection_failure}"),
             route_name: "r",
             response_duration: None,
             attempts: 1,
@@ -792,7 +796,7 @@ pub(crate) mod tests {
             response: Some(&resp),
             protocol: "HTTP/2",
             response_code: 503,
-            details: "via_upstream",
+            details: Some("via_upstream"),
             route_name: "r",
             response_duration: Some(Duration::from_millis(7)),
             attempts: 2,

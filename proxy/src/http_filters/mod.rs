@@ -23,6 +23,7 @@ pub mod cors;
 pub mod credential_injector;
 pub mod csrf;
 pub mod ext_authz;
+pub mod ext_proc;
 pub mod fault;
 pub mod grpc_stats;
 pub mod header_mutation;
@@ -71,6 +72,8 @@ pub struct RequestInfo<'a> {
     pub scheme: &'a str,
     /// The request carries `content-type: application/grpc*`.
     pub grpc: bool,
+    /// The request has no body (its headers ended the stream).
+    pub end_of_stream: bool,
     /// This filter's per-route configs: the weighted cluster's, the
     /// route's, the virtual host's and the route configuration's (most
     /// specific first), where set.
@@ -175,7 +178,7 @@ impl RequestInfo<'_> {
                 response: None,
                 protocol: "",
                 response_code: 0,
-                details: "",
+                details: None,
                 route_name: "",
                 response_duration: None,
                 attempts: 0,
@@ -221,6 +224,8 @@ pub struct ResponseInfo<'a> {
     pub health_failed: bool,
     /// `node.cluster`.
     pub service_cluster: &'a str,
+    /// The cluster manager, for filters that call side services.
+    pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
 }
 
 /// A reply a filter makes instead of letting the request go on.
@@ -271,6 +276,26 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
         _info: &ResponseInfo<'_>,
         _state: Option<&State>,
     ) {
+    }
+
+    /// Whether the response headers wait for this filter: the engine then
+    /// awaits [`Self::on_response_wait`] instead of calling
+    /// [`Self::on_response`] (only such filters pay for the await).
+    fn waits_on_response(&self) -> bool {
+        false
+    }
+
+    /// The response headers, for a filter that asks someone about them
+    /// (ext_proc's processor): it may change them, or answer with a reply
+    /// of its own instead, which the client gets directly, as Envoy's
+    /// local reply from an encoder filter (no filter sees it).
+    async fn on_response_wait(
+        &self,
+        _resp: &mut ResponseHeader,
+        _info: &ResponseInfo<'_>,
+        _state: &mut Option<State>,
+    ) -> Option<FilterReply> {
+        None
     }
 
     /// Whether the filter reads bodies and trailers: the engine calls the
@@ -360,6 +385,7 @@ pub static FACTORIES: &[&Factory] = &[
     &credential_injector::FACTORY,
     &csrf::FACTORY,
     &ext_authz::FACTORY,
+    &ext_proc::FACTORY,
     &fault::FACTORY,
     &grpc_stats::FACTORY,
     &header_mutation::FACTORY,
@@ -378,6 +404,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     credential_injector::REGISTRY,
     csrf::REGISTRY,
     ext_authz::REGISTRY,
+    ext_proc::REGISTRY,
     fault::REGISTRY,
     grpc_stats::REGISTRY,
     header_mutation::REGISTRY,

@@ -147,6 +147,11 @@ pub struct Ctx {
     retry_priority: RetryPriority,
     host: Option<Arc<UpstreamHost>>,
     pending_reply: Option<LocalReply>,
+    /// A filter's reply to the response headers (ext_proc's immediate
+    /// response), sent instead of them.
+    filter_reply: Option<crate::http_filters::FilterReply>,
+    /// The reply being written is a filter's direct one: no filter sees it.
+    direct_reply: bool,
     request_id: Option<String>,
     upstream_started: Option<Instant>,
     status: u16,
@@ -173,6 +178,9 @@ pub struct Ctx {
     /// details, for access logs.
     flags: crate::access_log::Flags,
     details: std::borrow::Cow<'static, str>,
+    /// `details` was set, empty (not unset: the access log writes it as
+    /// empty, not `-`).
+    details_set_empty: bool,
     /// The upstream's response headers arrived.
     response_started: Option<Instant>,
     upstream_local: Option<SocketAddr>,
@@ -347,13 +355,12 @@ impl HcmProxy {
         for (k, v) in extra {
             resp.insert_header(k, v)?;
         }
+        if let Some(r) = self
+            .decorate_response(&mut resp, ctx, route_headers, session, true)
+            .await
         {
-            let levels = if route_headers {
-                Self::header_levels(ctx)
-            } else {
-                Vec::new()
-            };
-            self.decorate_response(&mut resp, ctx, &levels, session, true);
+            ctx.direct_reply = true;
+            return Box::pin(self.send_filter_reply(session, ctx, r)).await;
         }
         // A direct response's body_format names its type over the route's
         // header mutations, as Envoy's does.
@@ -525,6 +532,7 @@ impl HcmProxy {
         }
         let runtime = self.shared.runtime.load();
         let grpc = is_grpc(session);
+        let end_of_stream = session.as_downstream_mut().is_body_empty();
         let mut cluster = Self::route_cluster(session, ctx);
         let forwards = |ctx: &Ctx| {
             ctx.selected
@@ -557,6 +565,7 @@ impl HcmProxy {
                     sni: &sni,
                     scheme,
                     grpc,
+                    end_of_stream,
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
                     forwards: forwards(ctx),
@@ -593,29 +602,41 @@ impl HcmProxy {
                 cluster = Self::route_cluster(session, ctx);
             }
             if let Flow::Reply(r) = flow {
-                if let Some(f) = r.flag {
-                    ctx.flags.add(f);
-                }
-                ctx.details = r.details;
-                let mut extra: Vec<(HeaderName, String)> = r
-                    .headers
-                    .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                        )
-                    })
-                    .collect();
-                if let (true, Some(g)) = (grpc, r.grpc_status) {
-                    extra.push((hdr("grpc-status"), g.to_string()));
-                }
-                self.local_reply(session, ctx, r.status, r.body, extra, false)
-                    .await?;
+                self.send_filter_reply(session, ctx, r).await?;
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Answers with a filter's reply: its status, body, headers, details
+    /// and flag.
+    async fn send_filter_reply(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        r: crate::http_filters::FilterReply,
+    ) -> Result<()> {
+        if let Some(f) = r.flag {
+            ctx.flags.add(f);
+        }
+        ctx.details_set_empty = r.details.is_empty();
+        ctx.details = r.details;
+        let mut extra: Vec<(HeaderName, String)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        if let (true, Some(g)) = (is_grpc(session), r.grpc_status) {
+            extra.push((hdr("grpc-status"), g.to_string()));
+        }
+        self.local_reply(session, ctx, r.status, r.body, extra, false)
+            .await
     }
 
     /// The selected route's rate limit actions: the route's, its virtual
@@ -656,17 +677,18 @@ impl HcmProxy {
         }
     }
 
-    /// The enabled filters' response hooks, in reverse order.
-    fn filter_responses(
+    /// The enabled filters' response hooks, in reverse order; a filter's
+    /// reply instead of the response, if one makes it.
+    async fn filter_responses(
         &self,
         resp: &mut ResponseHeader,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
         session: &Session,
         local: bool,
-    ) {
-        let Some(hcm) = &ctx.hcm else { return };
-        if ctx.filters_active.is_empty() {
-            return;
+    ) -> Option<crate::http_filters::FilterReply> {
+        let hcm = ctx.hcm.clone()?;
+        if ctx.filters_active.is_empty() || ctx.direct_reply {
+            return None;
         }
         let info = crate::http_filters::ResponseInfo {
             req: session.req_header(),
@@ -679,28 +701,42 @@ impl HcmProxy {
                 .health_failed
                 .load(std::sync::atomic::Ordering::Relaxed),
             service_cluster: &self.shared.service_cluster,
+            clusters: &self.shared.clusters,
         };
-        for (k, &i) in ctx.filters_active.iter().enumerate().rev() {
-            let state = ctx.filter_states.get(k).and_then(|s| s.as_ref());
-            hcm.filters.entries[i]
-                .filter
-                .on_response(resp, &info, state);
+        for k in (0..ctx.filters_active.len()).rev() {
+            let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
+            if !f.waits_on_response() {
+                let state = ctx.filter_states.get(k).and_then(|s| s.as_ref());
+                f.on_response(resp, &info, state);
+            } else if let Some(state) = ctx.filter_states.get_mut(k) {
+                if let Some(r) = f.on_response_wait(resp, &info, state).await {
+                    return Some(r);
+                }
+            }
         }
+        None
     }
 
-    /// Response-side header work shared by proxied and local replies.
-    fn decorate_response(
+    /// Response-side header work shared by proxied and local replies
+    /// (`route_headers`: with the route's response header mutations); a
+    /// filter's reply instead of the response, if one makes it.
+    async fn decorate_response(
         &self,
         resp: &mut ResponseHeader,
-        ctx: &Ctx,
-        ops: &[&HeaderOps],
+        ctx: &mut Ctx,
+        route_headers: bool,
         session: &Session,
         local: bool,
-    ) {
-        if ops.iter().any(|o| o.touches_response()) {
-            self.mutate_response(resp, ctx, ops, session);
+    ) -> Option<crate::http_filters::FilterReply> {
+        if route_headers {
+            let ops = Self::header_levels(ctx);
+            if ops.iter().any(|o| o.touches_response()) {
+                self.mutate_response(resp, ctx, &ops, session);
+            }
         }
-        self.filter_responses(resp, ctx, session, local);
+        if let Some(r) = self.filter_responses(resp, ctx, session, local).await {
+            return Some(r);
+        }
         // Envoy answers an HTTP/1.0 client it accepts (accept_http_10) in
         // HTTP/1.0; its 426 refusal is HTTP/1.1.
         let accepts_10 = ctx.hcm.as_ref().is_some_and(|h| h.http10.is_some());
@@ -737,6 +773,7 @@ impl HcmProxy {
                 }
             }
         }
+        None
     }
 
     /// The route's response header mutations. Only routes that have some
@@ -856,7 +893,8 @@ impl HcmProxy {
                 response: final_response(session).map(|r| &r.headers),
                 protocol: protocol(session),
                 response_code: status,
-                details: &ctx.details,
+                details: (!ctx.details.is_empty() || ctx.details_set_empty)
+                    .then_some(&*ctx.details),
                 route_name: ctx
                     .selected
                     .as_ref()
@@ -2407,8 +2445,17 @@ impl ProxyHttp for HcmProxy {
         for c in std::mem::take(&mut ctx.set_cookies) {
             resp.append_header(http::header::SET_COOKIE, c)?;
         }
-        let levels = Self::header_levels(ctx);
-        self.decorate_response(resp, ctx, &levels, session, false);
+        if let Some(r) = self
+            .decorate_response(resp, ctx, true, session, false)
+            .await
+        {
+            // Sent by fail_to_proxy, in place of the upstream's response.
+            ctx.filter_reply = Some(r);
+            return Err(Error::explain(
+                ErrorType::Custom("FilterReply"),
+                "a filter answered the response headers",
+            ));
+        }
         Ok(())
     }
 
@@ -2542,6 +2589,15 @@ impl ProxyHttp for HcmProxy {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if let Some(r) = ctx.filter_reply.take() {
+            ctx.direct_reply = true;
+            let status = r.status;
+            let sent = self.send_filter_reply(session, ctx, r).await.is_ok();
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: sent && session.as_downstream_mut().is_body_done(),
+            };
+        }
         let stream_over = ctx.stream_deadline.is_some_and(|d| d <= Instant::now());
         let reply = ctx.pending_reply.take().unwrap_or_else(|| match e.etype() {
             ErrorType::ReadTimedout | ErrorType::WriteTimedout

@@ -88,6 +88,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             sni: "",
             scheme: "http",
             grpc: false,
+            end_of_stream: true,
             per_route: [None; 4],
             cluster: Some("c"),
             forwards: true,
