@@ -325,6 +325,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             "initial_connection_window_size",
             // Downstream only: clusters refuse it.
             "connection_keepalive",
+            // Clusters only, and only true: connection managers refuse it.
+            "override_stream_error_on_invalid_http_message",
         ],
         &[],
     ),

@@ -1290,6 +1290,19 @@ fn upstream_h2(
             "HTTP/2 keepalive pings are sent on downstream connections only",
         ));
     }
+    // The upstream HTTP/2 client (the h2 crate) answers a malformed
+    // response by resetting only its stream, which is what `true` asks;
+    // Envoy's `false` would close the whole connection.
+    if h2
+        .override_stream_error_on_invalid_http_message
+        .as_ref()
+        .is_some_and(|b| !b.value)
+    {
+        return Err(ConfigError::new(
+            join(path, "override_stream_error_on_invalid_http_message"),
+            "only true is supported: Legate resets just the stream of a malformed response",
+        ));
+    }
     for (set, field) in [
         (
             h2.initial_stream_window_size.is_some(),
@@ -1311,6 +1324,21 @@ fn upstream_h2(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_h2_takes_only_a_stream_level_error_override() {
+        let with = |v: bool| core::Http2ProtocolOptions {
+            override_stream_error_on_invalid_http_message: Some(
+                legate_proto::envoy_types::pb::google::protobuf::BoolValue { value: v },
+            ),
+            ..Default::default()
+        };
+        assert!(upstream_h2(&with(true), "h2").is_ok());
+        let e = upstream_h2(&with(false), "h2").unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("h2.override_stream_error_on_invalid_http_message"));
+    }
 
     #[test]
     fn response_header_limits_follow_envoys_defaults_and_range() {

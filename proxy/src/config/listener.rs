@@ -877,6 +877,18 @@ impl Hcm {
                 .filter(|d| !d.is_zero()),
             h2: H2Settings::from_proto(h.http2_protocol_options.as_ref()),
         };
+        if h.http2_protocol_options
+            .as_ref()
+            .is_some_and(|o| o.override_stream_error_on_invalid_http_message.is_some())
+        {
+            return Err(ConfigError::new(
+                join(
+                    path,
+                    "http2_protocol_options.override_stream_error_on_invalid_http_message",
+                ),
+                "supported on clusters only (a connection manager's malformed-request handling is its codec's)",
+            ));
+        }
         use legate_proto::envoy_types::pb::envoy::config::core::v3::http_protocol_options::HeadersWithUnderscoresAction as U;
         let underscores =
             match U::try_from(common.headers_with_underscores_action).unwrap_or(U::Allow) {
