@@ -129,6 +129,8 @@ async fn main() -> Result<()> {
             "dns" => dns::run(&bins, &work, &mut report).await?,
             // The http tier's OpenTelemetry access log part alone.
             "otel-log" => otel_log::run(&bins, &work, &mut report).await?,
+            // The http tier's header-name case part alone.
+            "header-case" => header_case::run(&bins, &work, &mut report).await?,
             // The http tier's Zipkin span part alone.
             "zipkin" => zipkin::run(&bins, &work, &mut report).await?,
             // The http tier's connection-age part alone.

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod cluster_manager;
 pub mod config;
 pub mod datasource;
+pub mod header_case;
 pub mod headers;
 pub mod health_check;
 pub mod http_filters;

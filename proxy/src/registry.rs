@@ -314,7 +314,29 @@ pub static REGISTRY: &[MessageSupport] = &[
         "envoy.config.core.v3.Http1ProtocolOptions",
         // ignore_http_11_upgrade: the connection manager's (Envoy's upstream
         // codec has no use for it).
-        &["accept_http_10", "default_host_for_http_10", "ignore_http_11_upgrade"],
+        &[
+            "accept_http_10",
+            "default_host_for_http_10",
+            "ignore_http_11_upgrade",
+            "header_key_format",
+        ],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.Http1ProtocolOptions.HeaderKeyFormat",
+        &["proper_case_words", "stateful_formatter"],
+        &[],
+    ),
+    m(
+        "envoy.config.core.v3.Http1ProtocolOptions.HeaderKeyFormat.ProperCaseWords",
+        &[],
+        &[],
+    ),
+    // forward_reason_phrase: refused on clusters, no effect on a
+    // connection manager (as in Envoy).
+    m(
+        "envoy.extensions.http.header_formatters.preserve_case.v3.PreserveCaseFormatterConfig",
+        &["forward_reason_phrase", "formatter_type_on_envoy_headers"],
         &[],
     ),
     m(

@@ -316,6 +316,10 @@ pub struct ClusterConfig {
     /// How large an upstream's response head may be before it is a
     /// protocol error (502 `UPE`).
     pub response_headers: ResponseHeaderLimits,
+    /// HTTP/1 `header_key_format`: how responses read from this cluster
+    /// reach the client (preserve_case), and how requests without
+    /// spellings of their own are written to it (proper_case_words).
+    pub header_case: crate::header_case::HeaderCase,
     /// ORIGINAL_DST: where the destination comes from.
     pub original_dst: Option<OriginalDstConfig>,
     /// `upstream_bind_config.source_address`.
@@ -549,6 +553,7 @@ impl ClusterConfig {
         let mut max_connection_duration = None;
         let mut max_stream_duration = None;
         let mut response_headers = ResponseHeaderLimits::default();
+        let mut header_case = crate::header_case::HeaderCase::Lower;
         // The deprecated Cluster field, overridden by the protocol options.
         #[allow(deprecated)]
         let mut max_requests = c
@@ -598,8 +603,13 @@ impl ClusterConfig {
             }
             match &o.upstream_protocol_options {
                 Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
-                    Some(ProtocolConfig::HttpProtocolOptions(_)) => {
-                        protocol = UpstreamProtocol::Http1
+                    Some(ProtocolConfig::HttpProtocolOptions(h1)) => {
+                        protocol = UpstreamProtocol::Http1;
+                        header_case = crate::header_case::HeaderCase::from_proto(
+                            Some(h1),
+                            &join(&p, "explicit_http_config.http_protocol_options"),
+                            true,
+                        )?;
                     }
                     Some(ProtocolConfig::Http2ProtocolOptions(h2)) => {
                         protocol = UpstreamProtocol::Http2;
@@ -623,6 +633,11 @@ impl ClusterConfig {
                         ));
                     }
                     protocol = UpstreamProtocol::Downstream;
+                    header_case = crate::header_case::HeaderCase::from_proto(
+                        d.http_protocol_options.as_ref(),
+                        &join(&p, "use_downstream_protocol_config.http_protocol_options"),
+                        true,
+                    )?;
                     if let Some(h2) = &d.http2_protocol_options {
                         upstream_h2(
                             h2,
@@ -641,6 +656,11 @@ impl ClusterConfig {
                         ));
                     }
                     protocol = UpstreamProtocol::Auto;
+                    header_case = crate::header_case::HeaderCase::from_proto(
+                        a.http_protocol_options.as_ref(),
+                        &join(&p, "auto_config.http_protocol_options"),
+                        true,
+                    )?;
                     if let Some(h2) = &a.http2_protocol_options {
                         upstream_h2(h2, &join(&p, "auto_config.http2_protocol_options"))?;
                         if let Some(m) = h2.max_concurrent_streams.val() {
@@ -746,6 +766,7 @@ impl ClusterConfig {
             protocol,
             upstream_idle_timeout,
             response_headers,
+            header_case,
             original_dst,
             bind,
             max_requests_per_connection: match max_requests {

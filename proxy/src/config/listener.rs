@@ -473,6 +473,10 @@ pub struct Hcm {
     /// served (else 426), with `default_host_for_http_10` as the host of
     /// those that name none (empty: none).
     pub http10: Option<String>,
+    /// `http_protocol_options.header_key_format`: how requests read here
+    /// are written upstream (preserve_case), and how this side writes
+    /// what has no spellings of its own (proper_case_words).
+    pub header_case: crate::header_case::HeaderCase,
     /// `http_protocol_options.ignore_http_11_upgrade`: HTTP/1.1 upgrades to
     /// these are not upgrades (Upgrade and its Connection token go).
     pub ignore_upgrades: Vec<super::matcher::StringMatcher>,
@@ -906,6 +910,11 @@ impl Hcm {
         }
         let h1 = h.http_protocol_options.as_ref();
         Ok(Self {
+            header_case: crate::header_case::HeaderCase::from_proto(
+                h1,
+                &join(path, "http_protocol_options"),
+                false,
+            )?,
             http10: h1
                 .filter(|o| o.accept_http_10)
                 .map(|o| o.default_host_for_http_10.clone()),

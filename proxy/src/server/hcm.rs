@@ -20,6 +20,7 @@ use crate::config::listener::{Hcm, ServerHeader, UnderscoreAction};
 use crate::config::route::{
     Action, ClusterSpec, HashPolicy, HostRewrite, RetryPolicy, Route, RouteConfig, VirtualHost,
 };
+use crate::header_case::{self, HeaderCase, Spellings};
 use crate::headers::{self, FormatContext, HeaderOps};
 use crate::http_filters::rate_limit_actions::RateLimit as RateLimitEntry;
 use crate::outlier;
@@ -152,6 +153,12 @@ pub struct Ctx {
     filter_reply: Option<crate::http_filters::FilterReply>,
     /// The reply being written is a filter's direct one: no filter sees it.
     direct_reply: bool,
+    /// The name spellings the HTTP/1 request arrived with, kept when the
+    /// connection manager preserves case.
+    request_spellings: Option<crate::header_case::Spellings>,
+    /// The same for the upstream's HTTP/1 response, when its cluster
+    /// preserves case.
+    response_spellings: Option<crate::header_case::Spellings>,
     request_id: Option<String>,
     upstream_started: Option<Instant>,
     status: u16,
@@ -373,6 +380,17 @@ impl HcmProxy {
             resp.insert_header(http::header::CONTENT_TYPE, "text/plain")?;
         }
         ctx.status = status;
+        if session.req_header().version != http::Version::HTTP_2 {
+            // A local reply has no spellings of its own.
+            let w = header_case::Writer {
+                spellings: None,
+                proper: ctx
+                    .hcm
+                    .as_ref()
+                    .is_some_and(|h| h.header_case == HeaderCase::ProperCase),
+            };
+            header_case::write_response(&mut resp, w);
+        }
         let end = body.is_empty() || session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(resp), end).await?;
         if !end {
@@ -1391,6 +1409,11 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_remote = inet(session.client_addr());
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
+        if matches!(hcm.header_case, HeaderCase::Preserve { .. })
+            && session.req_header().version != http::Version::HTTP_2
+        {
+            ctx.request_spellings = Some(Spellings::of_request(session.req_header()));
+        }
         ctx.downstream_tls = meta.tls;
         ctx.peer_tls = meta.peer_tls.clone();
         if !hcm.filters.is_empty() {
@@ -2297,6 +2320,9 @@ impl ProxyHttp for HcmProxy {
                 .is_some_and(|t| t.spawn_upstream_span);
             span.inject(ctx.attempt_span.filter(|_| spawn), req);
         }
+        if ctx.upstream_h1 {
+            header_case::write_request(req, request_writer(ctx));
+        }
         // Last: it moves Host into the URI.
         if !ctx.upstream_h1 {
             h2_scheme(session, req, ctx);
@@ -2312,6 +2338,14 @@ impl ProxyHttp for HcmProxy {
     ) -> Result<()> {
         if is_interim(resp) {
             return Ok(());
+        }
+        if ctx
+            .cluster
+            .as_ref()
+            .is_some_and(|c| matches!(c.config.header_case, HeaderCase::Preserve { .. }))
+            && resp.version != http::Version::HTTP_2
+        {
+            ctx.response_spellings = Some(Spellings::of_response(resp));
         }
         if let Some(s) = ctx.upstream_spans.last_mut() {
             s.status = resp.status.as_u16();
@@ -2455,6 +2489,9 @@ impl ProxyHttp for HcmProxy {
                 ErrorType::Custom("FilterReply"),
                 "a filter answered the response headers",
             ));
+        }
+        if session.req_header().version != http::Version::HTTP_2 {
+            header_case::write_response(resp, response_writer(ctx));
         }
         Ok(())
     }
@@ -3282,5 +3319,49 @@ fn upstream_protocol_error(e: &Error) -> bool {
             false
         }
         _ => false,
+    }
+}
+
+/// How the request's names go out to an HTTP/1 upstream: as the client
+/// spelled them when the connection manager preserves case, else as the
+/// cluster's `proper_case_words` says, else lower case.
+fn request_writer(ctx: &Ctx) -> header_case::Writer<'_> {
+    let hcm = ctx.hcm.as_ref().map(|h| h.header_case).unwrap_or_default();
+    match (&ctx.request_spellings, hcm) {
+        (Some(s), HeaderCase::Preserve { proper_unknown }) => header_case::Writer {
+            spellings: Some(s),
+            proper: proper_unknown,
+        },
+        _ => header_case::Writer {
+            spellings: None,
+            proper: ctx
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.config.header_case == HeaderCase::ProperCase),
+        },
+    }
+}
+
+/// How the response's names go out to an HTTP/1 client: as the upstream
+/// spelled them when its cluster preserves case, else as the connection
+/// manager's `proper_case_words` says, else lower case.
+fn response_writer(ctx: &Ctx) -> header_case::Writer<'_> {
+    let cluster = ctx
+        .cluster
+        .as_ref()
+        .map(|c| c.config.header_case)
+        .unwrap_or_default();
+    match (&ctx.response_spellings, cluster) {
+        (Some(s), HeaderCase::Preserve { proper_unknown }) => header_case::Writer {
+            spellings: Some(s),
+            proper: proper_unknown,
+        },
+        _ => header_case::Writer {
+            spellings: None,
+            proper: ctx
+                .hcm
+                .as_ref()
+                .is_some_and(|h| h.header_case == HeaderCase::ProperCase),
+        },
     }
 }
