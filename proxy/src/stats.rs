@@ -212,6 +212,8 @@ pub struct HttpStats {
     pub no_cluster: Counter,
     pub downstream_rq_timeout: Counter,
     pub downstream_rq_idle_timeout: Counter,
+    /// A body a filter buffers was over its limit (413).
+    pub downstream_rq_too_large: Counter,
     pub downstream_rq_max_duration_reached: Counter,
 }
 
@@ -228,6 +230,7 @@ impl HttpStats {
             no_cluster: c("no_cluster"),
             downstream_rq_timeout: c("downstream_rq_timeout"),
             downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_too_large: c("downstream_rq_too_large"),
             downstream_rq_max_duration_reached: c("downstream_rq_max_duration_reached"),
         }
     }

@@ -161,8 +161,22 @@ impl auth::authorization_server::Authorization for Grpc {
             .collect();
         ext.sort();
         let route_md = route_metadata(attrs.route_metadata_context.as_ref());
+        // The body, when the check carries one (with_request_body).
+        let body = if http.body.is_empty() && http.raw_body.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " body={:?} raw-body={:?} size={} partial={}",
+                http.body,
+                String::from_utf8_lossy(&http.raw_body),
+                http.size,
+                http.headers
+                    .get("x-envoy-auth-partial-body")
+                    .map_or("-", String::as_str)
+            )
+        };
         let seen = format!(
-            "{} {} host={} scheme={} protocol={} headers={} ext={} call-authority={}{}",
+            "{} {} host={} scheme={} protocol={} headers={} ext={} call-authority={}{}{body}",
             http.method,
             http.path,
             http.host,
@@ -260,13 +274,33 @@ async fn http_check(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Inf
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let seen = format!(
+    let head = format!(
         "{} {} headers={}",
         req.method(),
         req.uri().path_and_query().map_or("", |p| p.as_str()),
         names(req.headers().keys().map(|k| k.as_str()))
     );
-    let _ = req.into_body().collect().await;
+    let partial = req
+        .headers()
+        .get("x-envoy-auth-partial-body")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    // The body, when the check carries one (with_request_body).
+    let seen = if body.is_empty() {
+        head
+    } else {
+        format!(
+            "{head} body={:?} partial={}",
+            String::from_utf8_lossy(&body),
+            partial.as_deref().unwrap_or("-")
+        )
+    };
     let reply = |status: u16, body: &'static str| {
         Response::builder()
             .status(status)

@@ -6,8 +6,12 @@
 //! (`UAEX`); no answer in time, or an error: the request goes on with
 //! `failure_mode_allow`, else `status_on_error` (403 by default).
 //!
-//! The request body is not sent (`with_request_body` is refused: the
-//! engine cannot hold the body back yet).
+//! `with_request_body`: the engine buffers the request body (up to
+//! `max_request_bytes`, else 413 before any check) and the check carries
+//! it (`body`, or `raw_body` with `pack_as_bytes`; the HTTP service gets it
+//! as its body) with `x-envoy-auth-partial-body: false`; the upstream gets
+//! the whole body. `allow_partial_message` is refused: the engine forwards
+//! a buffered body only while it fits pingora's 64 KiB retry buffer.
 
 use super::{
     Factory, FilterReply, Flow, Fraction, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State,
@@ -54,6 +58,16 @@ pub static REGISTRY: &[MessageSupport] = &[
             "route_metadata_context_namespaces",
             "route_typed_metadata_context_namespaces",
             "clear_route_cache",
+            "with_request_body",
+        ],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.extensions.filters.http.ext_authz.v3.BufferSettings",
+        supported: &[
+            "max_request_bytes",
+            "allow_partial_message",
+            "pack_as_bytes",
         ],
         warn: &[],
     },
@@ -64,7 +78,11 @@ pub static REGISTRY: &[MessageSupport] = &[
     },
     MessageSupport {
         message: "envoy.extensions.filters.http.ext_authz.v3.CheckSettings",
-        supported: &["context_extensions", "disable_request_body_buffering"],
+        supported: &[
+            "context_extensions",
+            "disable_request_body_buffering",
+            "with_request_body",
+        ],
         warn: &[],
     },
     MessageSupport {
@@ -148,6 +166,10 @@ pub struct ExtAuthz {
     service: Service,
     failure_mode_allow: bool,
     failure_mode_header: bool,
+    /// `with_request_body.max_request_bytes`: the body goes in the check.
+    body_limit: Option<usize>,
+    /// `with_request_body.pack_as_bytes` (always, for the HTTP service).
+    pack_as_bytes: bool,
     status_on_error: u16,
     enabled: Option<Fraction>,
     charge_cluster: bool,
@@ -171,6 +193,29 @@ pub struct ExtAuthz {
 pub struct RouteConfig {
     disabled: bool,
     context_extensions: HashMap<String, String>,
+    /// `check_settings`: Some(None) disables body buffering, Some(Some(n))
+    /// sets the route's own limit.
+    body_limit: Option<Option<usize>>,
+}
+
+/// The `with_request_body` limit at `path`: at most pingora's retry
+/// buffer, whole messages only.
+fn body_limit(b: &pb::BufferSettings, path: &str) -> Result<usize> {
+    if b.allow_partial_message {
+        refuse(
+            path,
+            "allow_partial_message",
+            "partial bodies are not supported (a buffered body is forwarded from pingora's 64 KiB retry buffer)",
+        )?;
+    }
+    if b.max_request_bytes == 0 || b.max_request_bytes > 65536 {
+        refuse(
+            path,
+            "max_request_bytes",
+            "must be from 1 to 65536 (pingora's retry buffer holds the body it forwards)",
+        )?;
+    }
+    Ok(b.max_request_bytes as usize)
 }
 
 fn matchers(
@@ -194,13 +239,11 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
     if c.transport_api_version != core::ApiVersion::V3 as i32 {
         refuse(path, "transport_api_version", "only V3 is supported")?;
     }
-    if c.with_request_body.is_some() {
-        refuse(
-            path,
-            "with_request_body",
-            "sending the request body is not supported yet",
-        )?;
-    }
+    let limit = c
+        .with_request_body
+        .as_ref()
+        .map(|b| body_limit(b, &join(path, "with_request_body")))
+        .transpose()?;
     use pb::ext_authz::Services as S;
     let service = match &c.services {
         Some(S::GrpcService(g)) => {
@@ -250,6 +293,12 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
         format!("{}.", c.stat_prefix)
     };
     Ok(Arc::new(ExtAuthz {
+        body_limit: limit,
+        pack_as_bytes: c
+            .with_request_body
+            .as_ref()
+            .is_some_and(|b| b.pack_as_bytes)
+            || matches!(service, Service::Http(_)),
         clear_route_cache: c.clear_route_cache,
         route_namespaces: (
             c.route_metadata_context_namespaces.clone(),
@@ -371,23 +420,31 @@ fn per_route(a: &Any, path: &str) -> Result<PerRoute> {
         Some(O::Disabled(d)) => RouteConfig {
             disabled: *d,
             context_extensions: HashMap::new(),
+            body_limit: None,
         },
         Some(O::CheckSettings(s)) => {
-            if s.with_request_body.is_some() {
+            let cp = join(path, "check_settings");
+            if s.with_request_body.is_some() && s.disable_request_body_buffering {
                 refuse(
-                    &join(path, "check_settings"),
+                    &cp,
                     "with_request_body",
-                    "sending the request body is not supported yet",
+                    "only one of disable_request_body_buffering or with_request_body can be set",
                 )?;
             }
             RouteConfig {
                 disabled: false,
                 context_extensions: s.context_extensions.clone(),
+                body_limit: match &s.with_request_body {
+                    Some(b) => Some(Some(body_limit(b, &join(&cp, "with_request_body"))?)),
+                    None if s.disable_request_body_buffering => Some(None),
+                    None => None,
+                },
             }
         }
         None => RouteConfig {
             disabled: false,
             context_extensions: HashMap::new(),
+            body_limit: None,
         },
     }))
 }
@@ -446,6 +503,13 @@ impl ExtAuthz {
         }
     }
 
+    /// The buffered body the check carries: for a request with a body,
+    /// when `with_request_body` applies to its route.
+    fn check_body<'b>(&self, rq: &'b RequestInfo<'_>) -> Option<&'b Bytes> {
+        rq.body
+            .filter(|_| !rq.end_of_stream && self.request_body_limit(&rq.per_route).is_some())
+    }
+
     async fn check(&self, rq: &RequestInfo<'_>, ext: HashMap<String, String>) -> Answer {
         match &self.service {
             Service::Grpc {
@@ -460,6 +524,9 @@ impl ExtAuthz {
                     return Answer::Error;
                 };
                 let mut request = check_request(rq, ext, allowed.as_deref(), disallowed);
+                if let Some(b) = self.check_body(rq) {
+                    add_body(&mut request, b, self.pack_as_bytes);
+                }
                 if let Some(a) = request.attributes.as_mut() {
                     a.route_metadata_context = self.route_metadata(rq);
                 }
@@ -544,7 +611,10 @@ impl ExtAuthz {
             .method(rq.req.method.clone())
             .uri(format!("http://{addr}{path}"))
             .header(http::header::HOST, h.authority.as_str())
-            .header(http::header::CONTENT_LENGTH, "0")
+            .header(
+                http::header::CONTENT_LENGTH,
+                self.check_body(rq).map_or(0, |b| b.len()).to_string(),
+            )
             .header(
                 "x-envoy-expected-rq-timeout-ms",
                 h.timeout.as_millis().to_string(),
@@ -564,7 +634,14 @@ impl ExtAuthz {
         for (k, v) in &h.headers_to_add {
             b = b.header(k, v);
         }
-        let req = b.body(http_body_util::Full::new(Bytes::new())).ok()?;
+        let body = match self.check_body(rq) {
+            Some(body) => {
+                b = b.header(PARTIAL_BODY, "false");
+                body.clone()
+            }
+            None => Bytes::new(),
+        };
+        let req = b.body(http_body_util::Full::new(body)).ok()?;
         let resp = match self.http.request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -731,6 +808,29 @@ fn grpc_answer(r: auth::CheckResponse) -> Answer {
     }
 }
 
+/// Envoy's mark on a check that carries the request body.
+const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
+
+/// The buffered body in the check: as text (invalid UTF-8 replaced) or,
+/// with `pack_as_bytes`, as bytes; marked whole.
+fn add_body(request: &mut auth::CheckRequest, body: &Bytes, pack_as_bytes: bool) {
+    let Some(http) = request
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    else {
+        return;
+    };
+    if pack_as_bytes {
+        http.raw_body = body.to_vec();
+    } else {
+        http.body = String::from_utf8_lossy(body).into_owned();
+    }
+    http.size = body.len() as i64;
+    http.headers.insert(PARTIAL_BODY.into(), "false".into());
+}
+
 /// The gRPC `CheckRequest`: the request's attributes.
 fn check_request(
     rq: &RequestInfo<'_>,
@@ -749,6 +849,10 @@ fn check_request(
     let keep =
         |name: &str| allowed.is_none_or(|a| any_match(a, name)) && !any_match(disallowed, name);
     for (k, v) in &req.headers {
+        // The client's own partial-body mark never reaches the service.
+        if k == PARTIAL_BODY {
+            continue;
+        }
         let name = if k == http::header::HOST {
             ":authority"
         } else {
@@ -942,6 +1046,21 @@ impl HttpFilter for ExtAuthz {
         }
     }
 
+    fn request_body_limit(&self, per_route: &[Option<&PerRoute>; 4]) -> Option<usize> {
+        // Only the most specific route config counts, as Envoy's.
+        let route = per_route
+            .iter()
+            .flatten()
+            .find_map(|c| c.downcast_ref::<RouteConfig>());
+        if route.is_some_and(|r| r.disabled) {
+            return None;
+        }
+        match route.and_then(|r| r.body_limit) {
+            Some(limit) => limit,
+            None => self.body_limit,
+        }
+    }
+
     fn on_response(
         &self,
         resp: &mut ResponseHeader,
@@ -953,5 +1072,63 @@ impl HttpFilter for ExtAuthz {
                 let _ = resp.append_header(k.clone(), v.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_limits_fit_the_retry_buffer_and_whole_messages() {
+        let b = |max, partial| pb::BufferSettings {
+            max_request_bytes: max,
+            allow_partial_message: partial,
+            pack_as_bytes: false,
+        };
+        assert_eq!(body_limit(&b(8192, false), "w").unwrap(), 8192);
+        assert_eq!(body_limit(&b(65536, false), "w").unwrap(), 65536);
+        let e = body_limit(&b(65537, false), "w").unwrap_err().to_string();
+        assert!(e.contains("w.max_request_bytes"), "{e}");
+        let e = body_limit(&b(1024, true), "w").unwrap_err().to_string();
+        assert!(e.contains("w.allow_partial_message"), "{e}");
+    }
+
+    #[test]
+    fn the_body_goes_as_text_or_bytes_marked_whole() {
+        let mut r = auth::CheckRequest {
+            attributes: Some(auth::AttributeContext {
+                request: Some(auth::attribute_context::Request {
+                    http: Some(Default::default()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        add_body(&mut r, &Bytes::from_static(b"hi"), false);
+        let h = r
+            .attributes
+            .as_ref()
+            .unwrap()
+            .request
+            .as_ref()
+            .unwrap()
+            .http
+            .as_ref()
+            .unwrap();
+        assert_eq!((h.body.as_str(), h.size), ("hi", 2));
+        assert_eq!(h.headers[PARTIAL_BODY], "false");
+        add_body(&mut r, &Bytes::from_static(b"\xff"), true);
+        let h = r
+            .attributes
+            .as_ref()
+            .unwrap()
+            .request
+            .as_ref()
+            .unwrap()
+            .http
+            .as_ref()
+            .unwrap();
+        assert_eq!(h.raw_body, b"\xff");
     }
 }

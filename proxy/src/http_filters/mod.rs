@@ -74,6 +74,9 @@ pub struct RequestInfo<'a> {
     pub grpc: bool,
     /// The request has no body (its headers ended the stream).
     pub end_of_stream: bool,
+    /// The request body, for a filter that asked for it
+    /// ([`HttpFilter::request_body_limit`]).
+    pub body: Option<&'a Bytes>,
     /// This filter's per-route configs: the weighted cluster's, the
     /// route's, the virtual host's and the route configuration's (most
     /// specific first), where set.
@@ -276,6 +279,15 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
         _info: &ResponseInfo<'_>,
         _state: Option<&State>,
     ) {
+    }
+
+    /// The most request body bytes this filter needs before its request
+    /// hook runs (ext_authz's `with_request_body`), given its per-route
+    /// configs (most specific first); None: it reads no body. The engine
+    /// buffers the body (still forwarded whole) and hands it over as
+    /// [`RequestInfo::body`]; a body over the limit is refused with 413.
+    fn request_body_limit(&self, _per_route: &[Option<&PerRoute>; 4]) -> Option<usize> {
+        None
     }
 
     /// Whether the response headers wait for this filter: the engine then

@@ -153,6 +153,9 @@ pub struct Ctx {
     filter_reply: Option<crate::http_filters::FilterReply>,
     /// The reply being written is a filter's direct one: no filter sees it.
     direct_reply: bool,
+    /// The request body, read before a filter that needs it ran (pingora
+    /// forwards it from its retry buffer).
+    buffered_body: Option<Bytes>,
     /// The name spellings the HTTP/1 request arrived with, kept when the
     /// connection manager preserves case.
     request_spellings: Option<crate::header_case::Spellings>,
@@ -569,6 +572,28 @@ impl HcmProxy {
         ctx.filters_active = enabled;
         for k in 0..ctx.filters_active.len() {
             let entry = &hcm.filters.entries[ctx.filters_active[k]];
+            let limit = {
+                let levels = Self::filter_levels(ctx);
+                entry
+                    .filter
+                    .request_body_limit(&levels.configs(&entry.name))
+            };
+            if let Some(max) = limit {
+                if !self.buffer_request_body(session, ctx, max).await? {
+                    hcm.stats().downstream_rq_too_large.increment(1);
+                    ctx.details = "request_payload_too_large".into();
+                    self.local_reply(
+                        session,
+                        ctx,
+                        413,
+                        Bytes::from_static(b"Payload Too Large"),
+                        vec![],
+                        false,
+                    )
+                    .await?;
+                    return Ok(true);
+                }
+            }
             let mut state = None;
             let mut metadata = std::mem::take(&mut ctx.metadata);
             let flow = {
@@ -584,6 +609,7 @@ impl HcmProxy {
                     scheme,
                     grpc,
                     end_of_stream,
+                    body: ctx.buffered_body.as_ref(),
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
                     forwards: forwards(ctx),
@@ -625,6 +651,42 @@ impl HcmProxy {
             }
         }
         Ok(false)
+    }
+
+    /// Reads the request body for a filter that needs `max` bytes of it,
+    /// keeping it in pingora's retry buffer, which forwards it; false when
+    /// it is longer (the request is refused, nothing is forwarded). The
+    /// body is read once, for every filter that asks.
+    async fn buffer_request_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        max: usize,
+    ) -> Result<bool> {
+        if let Some(b) = &ctx.buffered_body {
+            return Ok(b.len() <= max);
+        }
+        let down = session.as_downstream_mut();
+        let declared = down
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Ok(false);
+        }
+        let mut buf = bytes::BytesMut::new();
+        if !down.is_body_empty() {
+            down.enable_retry_buffering();
+            while let Some(chunk) = down.read_request_body().await? {
+                buf.extend_from_slice(&chunk);
+                if buf.len() > max {
+                    return Ok(false);
+                }
+            }
+        }
+        ctx.buffered_body = Some(buf.freeze());
+        Ok(true)
     }
 
     /// Answers with a filter's reply: its status, body, headers, details

@@ -89,6 +89,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             scheme: "http",
             grpc: false,
             end_of_stream: true,
+            body: None,
             per_route: [None; 4],
             cluster: Some("c"),
             forwards: true,
