@@ -138,6 +138,10 @@ pub struct Request {
     /// curl `--http1.0` (with `raw`, an `HTTP/1.0` request line).
     #[serde(default)]
     pub http1_0: bool,
+    /// curl `--compressed`: the body is compared decoded (name the
+    /// `accept-encoding` in `headers`, or curl sends its own).
+    #[serde(default)]
+    pub compressed: bool,
     /// With `raw`: no `host` header at all.
     #[serde(default)]
     pub omit_host: bool,
@@ -399,6 +403,9 @@ pub(crate) fn try_send(port: u16, r: &Request, work: &Path) -> Result<Observatio
     }
     if r.http1_0 {
         args.push("--http1.0".into());
+    }
+    if r.compressed {
+        args.push("--compressed".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match legate_tests::legate::try_curl(&url, &args) {

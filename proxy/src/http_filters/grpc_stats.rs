@@ -215,9 +215,14 @@ impl HttpFilter for GrpcStats {
         }
     }
 
-    fn on_response_body(&self, chunk: &[u8], _end: bool, state: &mut Option<State>) {
+    fn on_response_body(
+        &self,
+        body: &mut Option<bytes::Bytes>,
+        _end: bool,
+        state: &mut Option<State>,
+    ) {
         if let Some(c) = call(state) {
-            let n = c.response.feed(chunk);
+            let n = c.response.feed(body.as_deref().unwrap_or(&[]));
             count(format!("{}response_message_count", c.prefix), n);
         }
     }

@@ -19,6 +19,7 @@
 pub mod api_key_auth;
 pub mod basic_auth;
 pub mod chain;
+pub mod compressor;
 pub mod cors;
 pub mod credential_injector;
 pub mod csrf;
@@ -77,6 +78,9 @@ pub struct RequestInfo<'a> {
     /// The request body, for a filter that asked for it
     /// ([`HttpFilter::request_body_limit`]).
     pub body: Option<&'a Bytes>,
+    /// State the request's filters share (Envoy's filter state): the
+    /// compressors register themselves here.
+    pub filter_state: &'a mut http::Extensions,
     /// This filter's per-route configs: the weighted cluster's, the
     /// route's, the virtual host's and the route configuration's (most
     /// specific first), where set.
@@ -229,6 +233,8 @@ pub struct ResponseInfo<'a> {
     pub service_cluster: &'a str,
     /// The cluster manager, for filters that call side services.
     pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
+    /// What the request's filters shared ([`RequestInfo::filter_state`]).
+    pub filter_state: &'a http::Extensions,
 }
 
 /// A reply a filter makes instead of letting the request go on.
@@ -319,8 +325,9 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
     /// Each chunk of the request body, as it is read.
     fn on_request_body(&self, _chunk: &[u8], _end: bool, _state: &mut Option<State>) {}
 
-    /// Each chunk of the upstream's response body.
-    fn on_response_body(&self, _chunk: &[u8], _end: bool, _state: &mut Option<State>) {}
+    /// Each chunk of the response body (the upstream's, or a local
+    /// reply's), which the filter may replace (a compressor's output).
+    fn on_response_body(&self, _body: &mut Option<Bytes>, _end: bool, _state: &mut Option<State>) {}
 
     /// The upstream's response trailers.
     fn on_response_trailers(&self, _trailers: &http::HeaderMap, _state: &mut Option<State>) {}
@@ -393,6 +400,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 pub static FACTORIES: &[&Factory] = &[
     &api_key_auth::FACTORY,
     &basic_auth::FACTORY,
+    &compressor::FACTORY,
     &cors::FACTORY,
     &credential_injector::FACTORY,
     &csrf::FACTORY,
@@ -412,6 +420,7 @@ pub static FACTORIES: &[&Factory] = &[
 pub static REGISTRIES: &[&[MessageSupport]] = &[
     api_key_auth::REGISTRY,
     basic_auth::REGISTRY,
+    compressor::REGISTRY,
     cors::REGISTRY,
     credential_injector::REGISTRY,
     csrf::REGISTRY,

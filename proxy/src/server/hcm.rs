@@ -153,6 +153,8 @@ pub struct Ctx {
     filter_reply: Option<crate::http_filters::FilterReply>,
     /// The reply being written is a filter's direct one: no filter sees it.
     direct_reply: bool,
+    /// State the request's filters share (Envoy's filter state).
+    filter_state: http::Extensions,
     /// The request body, read before a filter that needs it ran (pingora
     /// forwards it from its retry buffer).
     buffered_body: Option<Bytes>,
@@ -395,9 +397,14 @@ impl HcmProxy {
             header_case::write_response(&mut resp, w);
         }
         let end = body.is_empty() || session.req_header().method == http::Method::HEAD;
+        // The body passes the filters' body hooks too (a compressor's).
+        let mut body = Some(body);
+        if !end {
+            Self::filter_response_bodies(ctx, &mut body, true);
+        }
         session.write_response_header(Box::new(resp), end).await?;
         if !end {
-            session.write_response_body(Some(body), true).await?;
+            session.write_response_body(body, true).await?;
         }
         // An HTTP/2 client may still be sending its request: read the rest
         // briefly rather than resetting the stream at once, so that a
@@ -596,6 +603,7 @@ impl HcmProxy {
             }
             let mut state = None;
             let mut metadata = std::mem::take(&mut ctx.metadata);
+            let mut filter_state = std::mem::take(&mut ctx.filter_state);
             let flow = {
                 let levels = Self::filter_levels(ctx);
                 let rl = Self::rate_limits(ctx);
@@ -610,6 +618,7 @@ impl HcmProxy {
                     grpc,
                     end_of_stream,
                     body: ctx.buffered_body.as_ref(),
+                    filter_state: &mut filter_state,
                     per_route: levels.configs(&entry.name),
                     cluster: cluster.as_deref(),
                     forwards: forwards(ctx),
@@ -637,6 +646,7 @@ impl HcmProxy {
             };
             let (flow, flags, clear_route_cache) = flow;
             ctx.metadata = metadata;
+            ctx.filter_state = filter_state;
             for f in flags {
                 ctx.flags.add(f);
             }
@@ -735,24 +745,33 @@ impl HcmProxy {
         }
     }
 
-    /// The enabled filters' body hooks (request side in order, response
-    /// side in reverse), for the filters that read bodies.
-    fn filter_bodies(ctx: &mut Ctx, chunk: Option<&[u8]>, end: bool, request: bool) {
+    /// The enabled filters' request body hooks, in order, for the filters
+    /// that read bodies.
+    fn filter_request_bodies(ctx: &mut Ctx, chunk: Option<&[u8]>, end: bool) {
         if ctx.filters_active.is_empty() {
             return;
         }
         let Some(hcm) = ctx.hcm.clone() else { return };
         let chunk = chunk.unwrap_or(&[]);
-        let n = ctx.filters_active.len();
-        for j in 0..n {
-            let k = if request { j } else { n - 1 - j };
+        for k in 0..ctx.filters_active.len() {
             let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
             if f.reads_bodies() {
-                if request {
-                    f.on_request_body(chunk, end, &mut ctx.filter_states[k]);
-                } else {
-                    f.on_response_body(chunk, end, &mut ctx.filter_states[k]);
-                }
+                f.on_request_body(chunk, end, &mut ctx.filter_states[k]);
+            }
+        }
+    }
+
+    /// The enabled filters' response body hooks, in reverse order, for the
+    /// filters that read bodies; each may replace the chunk.
+    fn filter_response_bodies(ctx: &mut Ctx, body: &mut Option<Bytes>, end: bool) {
+        if ctx.filters_active.is_empty() || ctx.direct_reply {
+            return;
+        }
+        let Some(hcm) = ctx.hcm.clone() else { return };
+        for k in (0..ctx.filters_active.len()).rev() {
+            let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
+            if f.reads_bodies() {
+                f.on_response_body(body, end, &mut ctx.filter_states[k]);
             }
         }
     }
@@ -782,6 +801,7 @@ impl HcmProxy {
                 .load(std::sync::atomic::Ordering::Relaxed),
             service_cluster: &self.shared.service_cluster,
             clusters: &self.shared.clusters,
+            filter_state: &ctx.filter_state,
         };
         for k in (0..ctx.filters_active.len()).rev() {
             let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
@@ -2100,7 +2120,7 @@ impl ProxyHttp for HcmProxy {
         if end_of_stream {
             ctx.mirrors.clear();
         }
-        Self::filter_bodies(ctx, body.as_deref(), end_of_stream, true);
+        Self::filter_request_bodies(ctx, body.as_deref(), end_of_stream);
         // The whole request is in: request_timeout is disarmed. Until then
         // the next read gets what remains of it.
         if end_of_stream {
@@ -2566,7 +2586,7 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         if !ctx.filters_active.is_empty() {
-            Self::filter_bodies(ctx, body.as_deref(), end_of_stream, false);
+            Self::filter_response_bodies(ctx, body, end_of_stream);
         }
         Ok(None)
     }

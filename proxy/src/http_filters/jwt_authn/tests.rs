@@ -78,6 +78,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
     let runtime = crate::runtime::Runtime::default();
     let clusters = Arc::new(crate::cluster_manager::ClusterManager::default());
     let mut metadata = super::super::Metadata::new();
+    let mut fs = http::Extensions::new();
     let flow = {
         let mut info = RequestInfo {
             req: &mut req,
@@ -90,6 +91,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             grpc: false,
             end_of_stream: true,
             body: None,
+            filter_state: &mut fs,
             per_route: [None; 4],
             cluster: Some("c"),
             forwards: true,
