@@ -154,6 +154,52 @@ async fn handle(
             .body(BodyExt::boxed(StreamBody::new(frames)))
             .unwrap());
     }
+    // `/echo.Grpc/<method>`, gRPC: the request's frames back as the
+    // response's, with trailers whose status is `x-echo-grpc-status` (0 by
+    // default; else with a message), or in the headers alone with
+    // `x-echo-grpc-trailers-only`. What arrived is reported in headers.
+    if path.starts_with("/echo.Grpc/") {
+        let status = headers
+            .get("x-echo-grpc-status")
+            .and_then(|v| v.as_str())
+            .unwrap_or("0")
+            .to_string();
+        let seen = |k: &str| {
+            headers
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let b = Response::builder()
+            .header("content-type", "application/grpc")
+            .header("x-echo-seen-content-type", seen("content-type"))
+            .header("x-echo-seen-te", seen("te"))
+            .header("x-echo-seen-length", body.len().to_string());
+        if headers.contains_key("x-echo-grpc-trailers-only") {
+            let frames = futures_util::stream::iter(Vec::<Result<Frame<Bytes>, Infallible>>::new());
+            return Ok(b
+                .header("grpc-status", status)
+                .header("grpc-message", "trailers only")
+                .body(BodyExt::boxed(StreamBody::new(frames)))
+                .unwrap());
+        }
+        let mut trailers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&status) {
+            trailers.insert("grpc-status", v);
+        }
+        if status != "0" {
+            trailers.insert(
+                "grpc-message",
+                http::HeaderValue::from_static("echo failed"),
+            );
+        }
+        let frames = futures_util::stream::iter(vec![
+            Ok::<_, Infallible>(Frame::data(body.clone())),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        return Ok(b.body(BodyExt::boxed(StreamBody::new(frames))).unwrap());
+    }
     // `/healthy-if/<names>`: 200 when this server is one of the
     // comma-separated names, else 503 (per-host answers to one health
     // check path); `/degraded-if/<names>` adds `x-envoy-degraded` then.

@@ -208,11 +208,17 @@ impl HttpFilter for GrpcStats {
         true
     }
 
-    fn on_request_body(&self, chunk: &[u8], _end: bool, state: &mut Option<State>) {
+    fn on_request_body(
+        &self,
+        body: &mut Option<bytes::Bytes>,
+        _end: bool,
+        state: &mut Option<State>,
+    ) -> std::result::Result<(), super::FilterReply> {
         if let Some(c) = call(state) {
-            let n = c.request.feed(chunk);
+            let n = c.request.feed(body.as_deref().unwrap_or(&[]));
             count(format!("{}request_message_count", c.prefix), n);
         }
+        Ok(())
     }
 
     fn on_response_body(
@@ -227,10 +233,15 @@ impl HttpFilter for GrpcStats {
         }
     }
 
-    fn on_response_trailers(&self, trailers: &http::HeaderMap, state: &mut Option<State>) {
+    fn on_response_trailers(
+        &self,
+        trailers: &http::HeaderMap,
+        state: &mut Option<State>,
+    ) -> Option<bytes::Bytes> {
         if let (Some(c), Some(s)) = (call(state), trailers.get("grpc-status")) {
             c.charge(s.to_str().unwrap_or(""));
         }
+        None
     }
 }
 

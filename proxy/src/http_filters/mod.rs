@@ -27,6 +27,7 @@ pub mod ext_authz;
 pub mod ext_proc;
 pub mod fault;
 pub mod grpc_stats;
+pub mod grpc_web;
 pub mod header_mutation;
 pub mod health_check;
 pub mod jwt_authn;
@@ -235,6 +236,8 @@ pub struct ResponseInfo<'a> {
     pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
     /// What the request's filters shared ([`RequestInfo::filter_state`]).
     pub filter_state: &'a http::Extensions,
+    /// A local reply's body (None for an upstream's response).
+    pub local_body: Option<&'a Bytes>,
 }
 
 /// A reply a filter makes instead of letting the request go on.
@@ -322,15 +325,30 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Each chunk of the request body, as it is read.
-    fn on_request_body(&self, _chunk: &[u8], _end: bool, _state: &mut Option<State>) {}
+    /// Each chunk of the request body, as it is read, which the filter may
+    /// replace (gRPC-Web's base64 decoding), or refuse with a reply.
+    fn on_request_body(
+        &self,
+        _body: &mut Option<Bytes>,
+        _end: bool,
+        _state: &mut Option<State>,
+    ) -> std::result::Result<(), FilterReply> {
+        Ok(())
+    }
 
     /// Each chunk of the response body (the upstream's, or a local
     /// reply's), which the filter may replace (a compressor's output).
     fn on_response_body(&self, _body: &mut Option<Bytes>, _end: bool, _state: &mut Option<State>) {}
 
-    /// The upstream's response trailers.
-    fn on_response_trailers(&self, _trailers: &http::HeaderMap, _state: &mut Option<State>) {}
+    /// The upstream's response trailers; Some: they are sent as this last
+    /// body chunk instead (gRPC-Web's trailer frame).
+    fn on_response_trailers(
+        &self,
+        _trailers: &http::HeaderMap,
+        _state: &mut Option<State>,
+    ) -> Option<Bytes> {
+        None
+    }
 
     /// When the stream ends (Envoy's `onDestroy`), for a filter that kept
     /// state from its request hook and says it [`Self::wants_stream_done`].
@@ -408,6 +426,7 @@ pub static FACTORIES: &[&Factory] = &[
     &ext_proc::FACTORY,
     &fault::FACTORY,
     &grpc_stats::FACTORY,
+    &grpc_web::FACTORY,
     &header_mutation::FACTORY,
     &health_check::FACTORY,
     &jwt_authn::FACTORY,
@@ -428,6 +447,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     ext_proc::REGISTRY,
     fault::REGISTRY,
     grpc_stats::REGISTRY,
+    grpc_web::REGISTRY,
     header_mutation::REGISTRY,
     health_check::REGISTRY,
     jwt_authn::REGISTRY,

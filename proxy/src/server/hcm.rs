@@ -155,6 +155,11 @@ pub struct Ctx {
     direct_reply: bool,
     /// State the request's filters share (Envoy's filter state).
     filter_state: http::Extensions,
+    /// The body of the local reply being written, for the filters'
+    /// response hooks.
+    local_body: Option<Bytes>,
+    /// The request was gRPC as it arrived (filters may rewrite its type).
+    arrived_grpc: Option<bool>,
     /// The request body, read before a filter that needs it ran (pingora
     /// forwards it from its retry buffer).
     buffered_body: Option<Bytes>,
@@ -336,8 +341,10 @@ impl HcmProxy {
         route_headers: bool,
     ) -> Result<()> {
         // A gRPC client gets Envoy's gRPC form of the local reply: HTTP 200
-        // with the status mapped into `grpc-status`.
-        let grpc = is_grpc(session);
+        // with the status mapped into `grpc-status`. The request as it
+        // arrived decides (a gRPC-Web one, rewritten to gRPC by its filter,
+        // gets the plain reply, which that filter converts).
+        let grpc = ctx.arrived_grpc.unwrap_or_else(|| is_grpc(session));
         let mut resp = if grpc {
             let mut r = ResponseHeader::build(200, Some(4))?;
             r.insert_header(http::header::CONTENT_TYPE, "application/grpc")?;
@@ -367,6 +374,7 @@ impl HcmProxy {
         for (k, v) in extra {
             resp.insert_header(k, v)?;
         }
+        ctx.local_body = Some(body.clone());
         if let Some(r) = self
             .decorate_response(&mut resp, ctx, route_headers, session, true)
             .await
@@ -722,7 +730,10 @@ impl HcmProxy {
                 )
             })
             .collect();
-        if let (true, Some(g)) = (is_grpc(session), r.grpc_status) {
+        if let (true, Some(g)) = (
+            ctx.arrived_grpc.unwrap_or_else(|| is_grpc(session)),
+            r.grpc_status,
+        ) {
             extra.push((hdr("grpc-status"), g.to_string()));
         }
         self.local_reply(session, ctx, r.status, r.body, extra, false)
@@ -746,19 +757,26 @@ impl HcmProxy {
     }
 
     /// The enabled filters' request body hooks, in order, for the filters
-    /// that read bodies.
-    fn filter_request_bodies(ctx: &mut Ctx, chunk: Option<&[u8]>, end: bool) {
+    /// that read bodies; each may replace the chunk, or refuse it with a
+    /// reply.
+    fn filter_request_bodies(
+        ctx: &mut Ctx,
+        body: &mut Option<Bytes>,
+        end: bool,
+    ) -> std::result::Result<(), crate::http_filters::FilterReply> {
         if ctx.filters_active.is_empty() {
-            return;
+            return Ok(());
         }
-        let Some(hcm) = ctx.hcm.clone() else { return };
-        let chunk = chunk.unwrap_or(&[]);
+        let Some(hcm) = ctx.hcm.clone() else {
+            return Ok(());
+        };
         for k in 0..ctx.filters_active.len() {
             let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
             if f.reads_bodies() {
-                f.on_request_body(chunk, end, &mut ctx.filter_states[k]);
+                f.on_request_body(body, end, &mut ctx.filter_states[k])?;
             }
         }
+        Ok(())
     }
 
     /// The enabled filters' response body hooks, in reverse order, for the
@@ -802,6 +820,7 @@ impl HcmProxy {
             service_cluster: &self.shared.service_cluster,
             clusters: &self.shared.clusters,
             filter_state: &ctx.filter_state,
+            local_body: if local { ctx.local_body.as_ref() } else { None },
         };
         for k in (0..ctx.filters_active.len()).rev() {
             let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
@@ -1491,6 +1510,7 @@ impl ProxyHttp for HcmProxy {
         ctx.downstream_remote = inet(session.client_addr());
         ctx.downstream_local = inet(session.server_addr());
         ctx.hcm = Some(hcm.clone());
+        ctx.arrived_grpc = Some(is_grpc(session));
         if matches!(hcm.header_case, HeaderCase::Preserve { .. })
             && session.req_header().version != http::Version::HTTP_2
         {
@@ -1869,8 +1889,17 @@ impl ProxyHttp for HcmProxy {
         if let Some(t) = &hcm.tracing {
             start_trace(session.req_header_mut(), ctx, &hcm, t);
         }
-        if !hcm.filters.is_empty() && self.run_filters(session, ctx).await? {
-            return Ok(true);
+        if !hcm.filters.is_empty() {
+            if self.run_filters(session, ctx).await? {
+                return Ok(true);
+            }
+            // A filter may ask for trailers (gRPC-Web's `te: trailers`),
+            // which the hop-by-hop cleanup would otherwise remove.
+            ctx.te_trailers |= session
+                .req_header()
+                .headers
+                .get("te")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         }
         let Some(sel) = &ctx.selected else {
             hcm.stats().no_route.increment(1);
@@ -2114,13 +2143,26 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.body_read += body.as_ref().map_or(0, |b| b.len() as u64);
+        if let Err(r) = Self::filter_request_bodies(ctx, body, end_of_stream) {
+            // Sent by fail_to_proxy, as a filter's reply. A downstream
+            // error: pingora's HTTP/2 upstream loop ends the request only
+            // on those (it takes others as the upstream's and waits on).
+            ctx.filter_reply = Some(r);
+            // The request did not end as it should: Envoy closes the
+            // connection after such a reply.
+            session.set_keepalive(None);
+            return Err(Error::explain(
+                ErrorType::Custom("FilterReply"),
+                "a filter refused the request body",
+            )
+            .into_down());
+        }
         for m in &mut ctx.mirrors {
             m.body(body.as_deref(), end_of_stream);
         }
         if end_of_stream {
             ctx.mirrors.clear();
         }
-        Self::filter_request_bodies(ctx, body.as_deref(), end_of_stream);
         // The whole request is in: request_timeout is disarmed. Until then
         // the next read gets what remains of it.
         if end_of_stream {
@@ -2597,12 +2639,25 @@ impl ProxyHttp for HcmProxy {
         trailers: &mut http::HeaderMap,
         ctx: &mut Ctx,
     ) -> Result<Option<Bytes>> {
-        if let (Some(hcm), false) = (ctx.hcm.clone(), ctx.filters_active.is_empty()) {
-            for k in (0..ctx.filters_active.len()).rev() {
-                let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
-                if f.reads_bodies() {
-                    f.on_response_trailers(trailers, &mut ctx.filter_states[k]);
+        let Some(hcm) = ctx.hcm.clone().filter(|_| !ctx.filters_active.is_empty()) else {
+            return Ok(None);
+        };
+        // A filter may turn the trailers into a last body chunk (gRPC-Web);
+        // the filters before it in the chain see that chunk as body.
+        for k in (0..ctx.filters_active.len()).rev() {
+            let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
+            if !f.reads_bodies() {
+                continue;
+            }
+            if let Some(chunk) = f.on_response_trailers(trailers, &mut ctx.filter_states[k]) {
+                let mut body = Some(chunk);
+                for j in (0..k).rev() {
+                    let g = &hcm.filters.entries[ctx.filters_active[j]].filter;
+                    if g.reads_bodies() {
+                        g.on_response_body(&mut body, true, &mut ctx.filter_states[j]);
+                    }
                 }
+                return Ok(Some(body.unwrap_or_default()));
             }
         }
         Ok(None)
