@@ -1186,6 +1186,12 @@ pub async fn resolve_with(
 /// Resolves with the system resolver (so /etc/hosts and `localhost` work
 /// offline), filtered by Envoy's `dns_lookup_family`.
 pub async fn resolve_host(host: &str, port: u16, family: DnsFamily) -> Vec<SocketAddr> {
+    // An IP literal is its own answer, whatever the family (Envoy's
+    // resolver returns it without a lookup): a V6_ONLY cluster may name
+    // 127.0.0.1.
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return vec![SocketAddr::new(ip, port)];
+    }
     let all: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
         Ok(it) => it.collect(),
         Err(e) => {
@@ -1341,6 +1347,17 @@ impl ClusterManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn ip_literals_resolve_to_themselves_whatever_the_family() {
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(
+            resolve_host("127.0.0.1", 80, DnsFamily::V6Only).await,
+            vec![v4]
+        );
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        assert_eq!(resolve_host("::1", 80, DnsFamily::V4Only).await, vec![v6]);
+    }
 
     #[test]
     fn priority_load_spills_over() {

@@ -267,6 +267,51 @@ fn on_response_headers(
     })
 }
 
+/// The answer to a buffered request body: `x-body-seen` (its length, end
+/// of stream, the protocol config if this is the first message) always;
+/// `body-replace` replaces it, `body-clear` clears it, `body-immediate`
+/// answers 403.
+fn on_request_body(
+    cmd: &str,
+    b: &ep::HttpBody,
+    req: &ep::ProcessingRequest,
+) -> ep::ProcessingResponse {
+    use core::header_value_option::HeaderAppendAction as A;
+    if cmd == "body-immediate" {
+        return immediate(Some(403), "body refused", "proc_body");
+    }
+    let config = req
+        .protocol_config
+        .as_ref()
+        .map_or("none".to_string(), |c| {
+            format!("{}/{}", c.request_body_mode, c.response_body_mode)
+        });
+    let seen = format!("{} eos={} config={config}", b.body.len(), b.end_of_stream);
+    use ep::body_mutation::Mutation as M;
+    let mutation = match cmd {
+        "body-replace" => Some(M::Body(
+            [b"replaced:".as_slice(), b.body.as_slice()].concat(),
+        )),
+        "body-clear" => Some(M::ClearBody(true)),
+        _ => None,
+    };
+    ep::ProcessingResponse {
+        response: Some(ep::processing_response::Response::RequestBody(
+            ep::BodyResponse {
+                response: Some(ep::CommonResponse {
+                    header_mutation: Some(ep::HeaderMutation {
+                        set_headers: vec![set("x-body-seen", &seen, A::OverwriteIfExistsOrAdd)],
+                        remove_headers: vec![],
+                    }),
+                    body_mutation: mutation.map(|m| ep::BodyMutation { mutation: Some(m) }),
+                    ..Default::default()
+                }),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
 /// One stream: answers each headers message, remembering the request's
 /// command for the response.
 async fn serve_stream(
@@ -291,6 +336,7 @@ async fn serve_stream(
                 }
             }
             Some(Rq::ResponseHeaders(h)) => on_response_headers(&cmd, h, &req),
+            Some(Rq::RequestBody(b)) => Ok(on_request_body(&cmd, b, &req)),
             _ => Err(tonic::Status::unimplemented("only headers are processed")),
         };
         let failed = answer.is_err();

@@ -2444,6 +2444,15 @@ impl ProxyHttp for HcmProxy {
                 .is_some_and(|t| t.spawn_upstream_span);
             span.inject(ctx.attempt_span.filter(|_| spawn), req);
         }
+        // A body whose length a filter removed (gRPC-Web, ext_proc) goes
+        // chunked to an HTTP/1 upstream, as Envoy's codec sends it.
+        if ctx.upstream_h1
+            && !req.headers.contains_key(http::header::CONTENT_LENGTH)
+            && !req.headers.contains_key(http::header::TRANSFER_ENCODING)
+            && !session.as_downstream_mut().is_body_empty()
+        {
+            req.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
         if ctx.upstream_h1 {
             header_case::write_request(req, request_writer(ctx));
         }

@@ -4,11 +4,15 @@
 //! headers as `processing_mode` asks, and answers each with header
 //! mutations, an immediate response, or a cleared route cache.
 //!
-//! What Legate has of it: request and response headers (SEND or SKIP).
-//! Bodies (every mode but NONE), trailers (SEND), `mode_override`,
-//! attributes, metadata options, mutation rules, observability mode and
-//! an HTTP service are refused by name: the engine's response body hook
-//! cannot wait for a processor yet.
+//! What Legate has of it: request and response headers (SEND or SKIP),
+//! and the request body BUFFERED: the engine holds the whole body (up to
+//! pingora's 64 KiB retry buffer, else 413; Envoy's limit is the
+//! connection's buffer limit, 1 MiB by default), the processor gets it in
+//! one message after the headers and may change the headers, replace or
+//! clear the body (the length follows), or answer. Other body modes,
+//! trailers (SEND), `mode_override`, attributes, metadata options,
+//! mutation rules, observability mode and an HTTP service are refused by
+//! name: the engine's response body hook cannot wait for a processor yet.
 //!
 //! - [`mutation`]: the headers messages and the processor's mutations,
 //!   under Envoy's default mutation rules;
@@ -21,6 +25,7 @@ use super::{Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, Respo
 use crate::config::matcher::StringMatcher;
 use crate::config::{index, join, ConfigError, Result};
 use crate::registry::MessageSupport;
+use bytes::Bytes;
 use legate_proto::envoy_types::pb::envoy::config::core::v3 as core;
 use legate_proto::envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3 as pb;
 use legate_proto::envoy_types::pb::envoy::service::ext_proc::v3 as ep;
@@ -126,11 +131,13 @@ impl Service {
     }
 }
 
-/// Which headers go to the processor (bodies and trailers never do).
+/// What goes to the processor (of bodies, only a buffered request body;
+/// trailers never).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Mode {
     request_headers: bool,
     response_headers: bool,
+    request_body_buffered: bool,
 }
 
 impl Mode {
@@ -139,19 +146,21 @@ impl Mode {
             return Ok(Mode {
                 request_headers: true,
                 response_headers: true,
+                request_body_buffered: false,
             });
         };
         use pb::processing_mode::{BodySendMode as B, HeaderSendMode as H};
-        for (field, v) in [
-            ("request_body_mode", m.request_body_mode),
-            ("response_body_mode", m.response_body_mode),
-        ] {
-            if v != B::None as i32 {
-                return Err(ConfigError::new(
-                    join(path, field),
-                    "only NONE is supported: the engine cannot hold a body for the processor yet",
-                ));
-            }
+        if !matches!(B::try_from(m.request_body_mode), Ok(B::None | B::Buffered)) {
+            return Err(ConfigError::new(
+                join(path, "request_body_mode"),
+                "only NONE and BUFFERED are supported",
+            ));
+        }
+        if m.response_body_mode != B::None as i32 {
+            return Err(ConfigError::new(
+                join(path, "response_body_mode"),
+                "only NONE is supported: the engine's response body hook cannot wait for a processor yet",
+            ));
         }
         for (field, v) in [
             ("request_trailer_mode", m.request_trailer_mode),
@@ -168,6 +177,7 @@ impl Mode {
         Ok(Mode {
             request_headers: m.request_header_mode != H::Skip as i32,
             response_headers: m.response_header_mode != H::Skip as i32,
+            request_body_buffered: m.request_body_mode == B::Buffered as i32,
         })
     }
 }
@@ -353,7 +363,15 @@ struct Settings {
 }
 
 /// Kept from the request headers for the response headers.
-struct Pending(std::sync::Mutex<Option<Talk>>);
+struct Pending {
+    /// The conversation, for the response headers.
+    talk: std::sync::Mutex<Option<Talk>>,
+    /// The processor's body for the upstream, sent in place of the
+    /// buffered one (taken at the first body chunk).
+    body: Option<Bytes>,
+    /// The body was replaced: later chunks are dropped.
+    replaced: bool,
+}
 
 /// The conversation and what it runs with.
 struct Talk {
@@ -361,6 +379,10 @@ struct Talk {
     service: Arc<Service>,
     failure_mode_allow: bool,
 }
+
+/// The most request body the engine holds for the processor: pingora's
+/// retry buffer, which forwards it.
+const BODY_LIMIT: usize = 65536;
 
 /// Spaces as `_`, as Envoy writes details.
 fn details(s: &str) -> String {
@@ -371,14 +393,18 @@ impl ExtProc {
     /// The route's configs merged from the least specific level, as
     /// Envoy's: a level's `disabled` turns the filter off, a later
     /// level's overrides turn it on again.
-    fn settings(&self, rq: &RequestInfo<'_>) -> Option<Settings> {
+    fn settings(&self, per_route: &[Option<&PerRoute>; 4]) -> Option<Settings> {
         let mut s = Settings {
             mode: self.mode,
             service: self.service.clone(),
             failure_mode_allow: self.failure_mode_allow,
         };
         let mut disabled = false;
-        let levels: Vec<Arc<RouteConfig>> = rq.all_levels::<RouteConfig>().collect();
+        let levels: Vec<&RouteConfig> = per_route
+            .iter()
+            .flatten()
+            .filter_map(|c| c.downcast_ref::<RouteConfig>())
+            .collect();
         for l in levels.iter().rev() {
             if l.disabled {
                 disabled = true;
@@ -581,6 +607,107 @@ impl ExtProc {
         }
     }
 
+    /// Sends the buffered request body and applies the answer: Ok(Some):
+    /// go on (with the body that replaces the request's, if any);
+    /// Ok(None): processing is over; Err: the reply that ends the request.
+    /// `headers_held`: the request headers waited for the processor (they
+    /// were sent to it), so its answer may still change them.
+    async fn request_body(
+        &self,
+        rq: &mut RequestInfo<'_>,
+        talk: &mut Talk,
+        headers_held: bool,
+    ) -> std::result::Result<Option<Option<Bytes>>, FilterReply> {
+        let body = rq.body.cloned().unwrap_or_default();
+        let msg = self.message(ep::processing_request::Request::RequestBody(ep::HttpBody {
+            body: body.to_vec(),
+            end_of_stream: true,
+            ..Default::default()
+        }));
+        let allow = talk.failure_mode_allow;
+        let reply = talk
+            .conv
+            .exchange(
+                msg,
+                &talk.service,
+                &self.stats,
+                rq.clusters,
+                self.message_timeout,
+            )
+            .await;
+        use ep::processing_response::Response as R;
+        let m = match reply {
+            Reply::Message(m) => m,
+            Reply::Closed => {
+                self.stats.streams_closed.increment(1);
+                return Ok(None);
+            }
+            Reply::Failed(f) => return self.failed(f, allow).map_or(Ok(None), Err),
+        };
+        match &m.response {
+            Some(R::RequestBody(b)) => {
+                let common = b.response.clone().unwrap_or_default();
+                // Headers that went on without the processor (SKIP) are
+                // upstream already: its header changes no longer apply.
+                let mutation = common.header_mutation.as_ref().filter(|_| headers_held);
+                if let Some(mu) = mutation {
+                    match mutation::apply_to_request(rq.req, mu) {
+                        Ok(n) => self.stats.rejected_header_mutations.increment(n),
+                        Err(e) => {
+                            self.count_invalid(&e);
+                            talk.conv.close();
+                            self.stats.streams_closed.increment(1);
+                            return Err(error_reply(self.status_on_error, details(&e.to_string())));
+                        }
+                    }
+                }
+                rq.clear_route_cache |= self.clears_route(&common);
+                use ep::body_mutation::Mutation as M;
+                let new = match common.body_mutation.and_then(|b| b.mutation) {
+                    Some(M::Body(b)) => Some(Bytes::from(b)),
+                    Some(M::ClearBody(true)) => Some(Bytes::new()),
+                    _ => None,
+                };
+                // A stated length must be the new body's (the processor
+                // may set it), as Envoy checks.
+                let stated = rq
+                    .req
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+                if let (Some(n), Some(stated)) = (&new, stated) {
+                    if n.len() != stated {
+                        talk.conv.close();
+                        self.stats.streams_closed.increment(1);
+                        return Err(error_reply(
+                            self.status_on_error,
+                            "mismatch_between_content_length_and_the_length_of_the_mutated_body"
+                                .to_string(),
+                        ));
+                    }
+                }
+                Ok(Some(new))
+            }
+            Some(R::ImmediateResponse(ir)) if !self.disable_immediate_response => {
+                talk.conv.close();
+                Err(self.immediate(ir))
+            }
+            Some(R::ImmediateResponse(_)) => {
+                talk.conv.close();
+                self.spurious(
+                    allow,
+                    "unhandled_immediate_response_due_to_config_disabled_it",
+                )
+                .map_or(Ok(None), Err)
+            }
+            _ => {
+                talk.conv.close();
+                self.spurious(allow, "spurious_message")
+                    .map_or(Ok(None), Err)
+            }
+        }
+    }
+
     /// Sends the response headers and applies the answer; Some: the reply
     /// sent instead of the response.
     async fn response_headers(
@@ -700,15 +827,27 @@ fn error_reply(status: u16, why: String) -> FilterReply {
 
 #[async_trait::async_trait]
 impl HttpFilter for ExtProc {
+    fn request_body_limit(&self, per_route: &[Option<&PerRoute>; 4]) -> Option<usize> {
+        self.settings(per_route)
+            .filter(|s| s.mode.request_body_buffered)
+            .map(|_| BODY_LIMIT)
+    }
+
     async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow {
-        let Some(s) = self.settings(rq) else {
+        let Some(s) = self.settings(&rq.per_route) else {
             return Flow::Continue;
         };
-        if !s.mode.request_headers && !s.mode.response_headers {
+        let with_body = s.mode.request_body_buffered && !rq.end_of_stream && rq.body.is_some();
+        if !s.mode.request_headers && !s.mode.response_headers && !with_body {
             return Flow::Continue;
         }
+        use pb::processing_mode::BodySendMode as B;
         let mut talk = Talk {
-            conv: Conversation::new(),
+            conv: Conversation::new(if s.mode.request_body_buffered {
+                B::Buffered as i32
+            } else {
+                B::None as i32
+            }),
             service: s.service,
             failure_mode_allow: s.failure_mode_allow,
         };
@@ -719,13 +858,56 @@ impl HttpFilter for ExtProc {
                 Err(r) => return Flow::Reply(r),
             }
         }
-        if s.mode.response_headers {
-            *state = Some(Box::new(Pending(std::sync::Mutex::new(Some(talk)))));
-        } else if talk.conv.is_open() {
+        let mut body = None;
+        if with_body {
+            if !s.mode.request_headers {
+                // The headers go on before the body is processed, so the
+                // length cannot be promised (Envoy sends the body chunked).
+                rq.req.remove_header(&http::header::CONTENT_LENGTH);
+            }
+            match self
+                .request_body(rq, &mut talk, s.mode.request_headers)
+                .await
+            {
+                Ok(Some(b)) => body = b,
+                Ok(None) => return Flow::Continue,
+                Err(r) => return Flow::Reply(r),
+            }
+        }
+        if !s.mode.response_headers && talk.conv.is_open() {
             talk.conv.close();
             self.stats.streams_closed.increment(1);
         }
+        if s.mode.response_headers || body.is_some() {
+            *state = Some(Box::new(Pending {
+                talk: std::sync::Mutex::new(s.mode.response_headers.then_some(talk)),
+                body,
+                replaced: false,
+            }));
+        }
         Flow::Continue
+    }
+
+    fn reads_bodies(&self) -> bool {
+        true
+    }
+
+    fn on_request_body(
+        &self,
+        body: &mut Option<Bytes>,
+        _end: bool,
+        state: &mut Option<State>,
+    ) -> std::result::Result<(), FilterReply> {
+        let Some(p) = state.as_mut().and_then(|s| s.downcast_mut::<Pending>()) else {
+            return Ok(());
+        };
+        if let Some(b) = p.body.take() {
+            p.replaced = true;
+            *body = Some(b);
+        } else if p.replaced {
+            *body = None;
+        }
+        Ok(())
     }
 
     fn waits_on_response(&self) -> bool {
@@ -738,8 +920,12 @@ impl HttpFilter for ExtProc {
         info: &ResponseInfo<'_>,
         state: &mut Option<State>,
     ) -> Option<FilterReply> {
-        let pending = state.take()?.downcast::<Pending>().ok()?;
-        let mut talk = pending.0.into_inner().unwrap_or_else(|e| e.into_inner())?;
+        let pending = state.as_mut()?.downcast_mut::<Pending>()?;
+        let mut talk = pending
+            .talk
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
         // Local replies are processed too (direct responses, the router's
         // errors, a later filter's denial), as Envoy's; the filter's own
         // replies keep no state and are not.
@@ -802,6 +988,19 @@ mod tests {
         };
         assert!(build(&any(&config(Some(skip))), "p", "f").is_ok());
         assert!(build(&any(&config(None)), "p", "f").is_ok());
+    }
+
+    #[test]
+    fn the_request_body_may_be_buffered_only() {
+        use pb::processing_mode::BodySendMode as B;
+        let mode = |b: B| pb::ProcessingMode {
+            request_body_mode: b as i32,
+            ..Default::default()
+        };
+        let m = Mode::from_proto(Some(&mode(B::Buffered)), "m").unwrap();
+        assert!(m.request_body_buffered);
+        let e = Mode::from_proto(Some(&mode(B::Streamed)), "m").unwrap_err();
+        assert!(e.to_string().contains("m.request_body_mode"), "{e}");
     }
 
     #[test]

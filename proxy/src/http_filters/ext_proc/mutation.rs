@@ -55,10 +55,12 @@ pub fn request_headers(
         proto_header(":method", req.method.as_str().as_bytes()),
         proto_header(":scheme", scheme.as_bytes()),
     ];
+    // Envoy's map holds neither HTTP/1's Host (it is `:authority`) nor
+    // its transfer-encoding (the codec's framing).
     headers.extend(
         req.headers
             .iter()
-            .filter(|(k, _)| *k != http::header::HOST)
+            .filter(|(k, _)| *k != http::header::HOST && *k != http::header::TRANSFER_ENCODING)
             .map(|(k, v)| proto_header(k.as_str(), v.as_bytes())),
     );
     headers.retain(|h| keep(&h.key));

@@ -39,13 +39,16 @@ pub struct Conversation {
     open: Option<Open>,
     /// The first message has been sent (it carries `protocol_config`).
     started: bool,
+    /// The request body mode `protocol_config` states.
+    request_body_mode: i32,
 }
 
 impl Conversation {
-    pub fn new() -> Conversation {
+    pub fn new(request_body_mode: i32) -> Conversation {
         Conversation {
             open: None,
             started: false,
+            request_body_mode,
         }
     }
 
@@ -62,7 +65,10 @@ impl Conversation {
         timeout: Duration,
     ) -> Reply {
         if !self.started {
-            msg.protocol_config = Some(ep::ProtocolConfiguration::default());
+            msg.protocol_config = Some(ep::ProtocolConfiguration {
+                request_body_mode: self.request_body_mode,
+                ..Default::default()
+            });
             self.started = true;
         }
         let wait = async {
