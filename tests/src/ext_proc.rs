@@ -74,7 +74,7 @@ fn describe(h: &ep::HttpHeaders, req: &ep::ProcessingRequest) -> String {
     let mut names: Vec<&str> = headers
         .iter()
         .map(|h| h.key.as_str())
-        .filter(|k| !k.starts_with(':') && *k != "content-length")
+        .filter(|k| !k.starts_with(':'))
         .collect();
     names.sort_unstable();
     let mut pseudo: Vec<String> = headers

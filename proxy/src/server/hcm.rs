@@ -587,11 +587,15 @@ impl HcmProxy {
         ctx.filters_active = enabled;
         for k in 0..ctx.filters_active.len() {
             let entry = &hcm.filters.entries[ctx.filters_active[k]];
-            let limit = {
+            // Without a route no filter checks anything (the router's 404
+            // follows), so no body is held for one.
+            let limit = if ctx.selected.is_some() {
                 let levels = Self::filter_levels(ctx);
                 entry
                     .filter
                     .request_body_limit(&levels.configs(&entry.name))
+            } else {
+                None
             };
             if let Some(max) = limit {
                 if !self.buffer_request_body(session, ctx, max).await? {
@@ -696,7 +700,18 @@ impl HcmProxy {
         let mut buf = bytes::BytesMut::new();
         if !down.is_body_empty() {
             down.enable_retry_buffering();
-            while let Some(chunk) = down.read_request_body().await? {
+            loop {
+                // The client's read: its timeouts (request_timeout, the
+                // idle timeout) and errors are the downstream's.
+                session.set_read_timeout(ctx.downstream_read_timeout());
+                let Some(chunk) = session
+                    .as_downstream_mut()
+                    .read_request_body()
+                    .await
+                    .map_err(|e| e.into_down())?
+                else {
+                    break;
+                };
                 buf.extend_from_slice(&chunk);
                 if buf.len() > max {
                     return Ok(false);
@@ -2143,7 +2158,12 @@ impl ProxyHttp for HcmProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.body_read += body.as_ref().map_or(0, |b| b.len() as u64);
-        if let Err(r) = Self::filter_request_bodies(ctx, body, end_of_stream) {
+        let filtered = Self::filter_request_bodies(ctx, body, end_of_stream);
+        // pingora takes a missing chunk as the end of the body.
+        if !end_of_stream && body.is_none() {
+            *body = Some(Bytes::new());
+        }
+        if let Err(r) = filtered {
             // Sent by fail_to_proxy, as a filter's reply. A downstream
             // error: pingora's HTTP/2 upstream loop ends the request only
             // on those (it takes others as the upstream's and waits on).
@@ -2651,25 +2671,37 @@ impl ProxyHttp for HcmProxy {
         let Some(hcm) = ctx.hcm.clone().filter(|_| !ctx.filters_active.is_empty()) else {
             return Ok(None);
         };
-        // A filter may turn the trailers into a last body chunk (gRPC-Web);
-        // the filters before it in the chain see that chunk as body.
+        // Trailers end the body: each body-reading filter finishes its
+        // stream here (a compressor's last bytes), in the response order.
+        // A filter may turn the trailers into a last body chunk (gRPC-Web),
+        // which the filters before it see as body. Bytes left to send go
+        // out in place of the trailers (pingora can add no data before
+        // them; an HTTP/1 client gets no trailers anyway).
+        let mut out: Option<Bytes> = None;
+        let mut converted = false;
         for k in (0..ctx.filters_active.len()).rev() {
             let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
             if !f.reads_bodies() {
                 continue;
             }
-            if let Some(chunk) = f.on_response_trailers(trailers, &mut ctx.filter_states[k]) {
-                let mut body = Some(chunk);
-                for j in (0..k).rev() {
-                    let g = &hcm.filters.entries[ctx.filters_active[j]].filter;
-                    if g.reads_bodies() {
-                        g.on_response_body(&mut body, true, &mut ctx.filter_states[j]);
-                    }
+            if !converted {
+                if let Some(chunk) = f.on_response_trailers(trailers, &mut ctx.filter_states[k]) {
+                    converted = true;
+                    let mut joined = out.take().map(|b| b.to_vec()).unwrap_or_default();
+                    joined.extend_from_slice(&chunk);
+                    out = Some(Bytes::from(joined));
+                    continue;
                 }
-                return Ok(Some(body.unwrap_or_default()));
             }
+            let mut body = Some(out.take().unwrap_or_default());
+            f.on_response_body(&mut body, true, &mut ctx.filter_states[k]);
+            out = body.filter(|b| !b.is_empty());
         }
-        Ok(None)
+        Ok(if converted {
+            Some(out.unwrap_or_default())
+        } else {
+            out
+        })
     }
 
     fn fail_to_connect(

@@ -579,7 +579,10 @@ impl HttpFilter for Compressor {
             return;
         };
         let status = resp.status.as_u16();
-        let no_body = info.req.method == http::Method::HEAD || status == 204 || status == 304;
+        let no_body = info.req.method == http::Method::HEAD
+            || status == 204
+            || status == 304
+            || info.local_body.is_some_and(|b| b.is_empty());
         let length_ok = seen.enabled && self.length_ok(resp);
         let compressible = self.compressible(resp, seen.enabled, length_ok);
         let chosen = seen.enabled

@@ -367,10 +367,9 @@ struct Pending {
     /// The conversation, for the response headers.
     talk: std::sync::Mutex<Option<Talk>>,
     /// The processor's body for the upstream, sent in place of the
-    /// buffered one (taken at the first body chunk).
+    /// buffered one: at the final chunk of every attempt (a retry replays
+    /// the buffered body), the other chunks emptied.
     body: Option<Bytes>,
-    /// The body was replaced: later chunks are dropped.
-    replaced: bool,
 }
 
 /// The conversation and what it runs with.
@@ -882,7 +881,6 @@ impl HttpFilter for ExtProc {
             *state = Some(Box::new(Pending {
                 talk: std::sync::Mutex::new(s.mode.response_headers.then_some(talk)),
                 body,
-                replaced: false,
             }));
         }
         Flow::Continue
@@ -895,17 +893,15 @@ impl HttpFilter for ExtProc {
     fn on_request_body(
         &self,
         body: &mut Option<Bytes>,
-        _end: bool,
+        end: bool,
         state: &mut Option<State>,
     ) -> std::result::Result<(), FilterReply> {
-        let Some(p) = state.as_mut().and_then(|s| s.downcast_mut::<Pending>()) else {
+        let Some(p) = state.as_ref().and_then(|s| s.downcast_ref::<Pending>()) else {
             return Ok(());
         };
-        if let Some(b) = p.body.take() {
-            p.replaced = true;
-            *body = Some(b);
-        } else if p.replaced {
-            *body = None;
+        if let Some(b) = &p.body {
+            // Empty, not missing: pingora takes a missing chunk as the end.
+            *body = Some(if end { b.clone() } else { Bytes::new() });
         }
         Ok(())
     }
