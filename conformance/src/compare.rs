@@ -52,7 +52,7 @@ pub fn normalize(s: &str) -> String {
         .map(|(re, to)| (regex::Regex::new(re).unwrap(), to))
         .collect()
         });
-    let mut out = s.to_string();
+    let mut out = oauth2_random(s);
     for (i, (re, to)) in res.iter().enumerate() {
         out = match i {
             // Ids the scenarios send are kept, so that their propagation
@@ -90,6 +90,41 @@ pub fn normalize(s: &str) -> String {
         };
     }
     out
+}
+
+pub const OAUTH2_REASON: &str = "random per sign-in by design: the state's nonce and flow id, PKCE's challenge, the nonce and encrypted verifier cookies are compared by shape (the state's URL kept); the oauth2 part checks their signatures and encryption";
+
+/// An OAuth2 sign-in's random values replaced by their shape: the state
+/// decoded (its URL kept), PKCE's challenge, the flow id in cookie names,
+/// the signed nonce and the encrypted code verifier (IV and AES-CBC of 43
+/// bytes: 86 base64url characters).
+fn oauth2_random(s: &str) -> String {
+    use base64::Engine;
+    static RES: std::sync::OnceLock<[regex::Regex; 5]> = std::sync::OnceLock::new();
+    let [state, challenge, flow, nonce, verifier] = RES.get_or_init(|| {
+        [
+            r"state=(eyJ[A-Za-z0-9_-]+)",
+            r"code_challenge=[A-Za-z0-9_-]{43}",
+            r"\.[0-9a-f]{16}=",
+            r"=[0-9a-f]{16}\.[A-Za-z0-9+/]{43}=",
+            r"=[A-Za-z0-9_-]{86};",
+        ]
+        .map(|r| regex::Regex::new(r).unwrap())
+    });
+    let out = state.replace_all(s, |c: &regex::Captures| {
+        let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&c[1])
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        match decoded {
+            Some(v) => format!("state=<url {} csrf_token flow_id>", v["url"]),
+            None => c[0].to_string(),
+        }
+    });
+    let out = challenge.replace_all(&out, "code_challenge=<challenge>");
+    let out = nonce.replace_all(&out, "=<flow id>.<signature>");
+    let out = flow.replace_all(&out, ".<flow id>=");
+    verifier.replace_all(&out, "=<encrypted>;").into_owned()
 }
 
 /// Trace and span ids the routing scenarios send (W3C's example ids, and
@@ -322,6 +357,25 @@ mod tests {
         assert!(
             !diff(&a, &e).is_empty(),
             "connection: close is a real difference"
+        );
+    }
+
+    #[test]
+    fn oauth2_sign_in_values_compare_by_shape() {
+        let loc = "https://idp/authorize?client_id=c&code_challenge=1Lax5P8djOLPc-NzOf7XmOhtZpTLCwzXH536cJd9HeY&state=eyJ1cmwiOiJodHRwOi8vd3d3LmV4YW1wbGUuY29tLyIsImNzcmZfdG9rZW4iOiJkOGRhOTJhZGVhYTA5MGRmLnFTT0J0UnFibmMxUng2a1BMWEVkTlRpTHc1RjFRWWV6eGZkaEwzOVU2OTA9IiwiZmxvd19pZCI6ImQ4ZGE5MmFkZWFhMDkwZGYifQ";
+        assert_eq!(
+            super::normalize(loc),
+            "https://idp/authorize?client_id=c&code_challenge=<challenge>&state=<url \"http://www.example.com/\" csrf_token flow_id>"
+        );
+        let cookie = "OauthNonce-1.d8da92adeaa090df=d8da92adeaa090df.qSOBtRqbnc1Rx6kPLXEdNTiLw5F1QYezxfdhL39U690=;path=/";
+        assert_eq!(
+            super::normalize(cookie),
+            "OauthNonce-1.<flow id>=<flow id>.<signature>;path=/"
+        );
+        let verifier = "CodeVerifier=Xtn2PoiYjrLhoKtgtOi-Bt3cqkqQ5-1ljozOBc2OxfEEys-Y8fW4BWUQ0s8gKmgQKLKhtbH-Sw3FnSmLr9itbg;path=/";
+        assert_eq!(
+            super::normalize(verifier),
+            "CodeVerifier=<encrypted>;path=/"
         );
     }
 }

@@ -15,6 +15,7 @@ mod h2spec;
 mod header_case;
 mod istio;
 mod l4;
+mod oauth2;
 mod otel_log;
 mod pki;
 mod proxies;
@@ -90,6 +91,7 @@ async fn main() -> Result<()> {
                 compare::EXPECTED_TIMEOUT_REASON,
             ),
             ("x-ratelimit-reset", compare::RATELIMIT_RESET_REASON),
+            ("OAuth2 sign-in values", compare::OAUTH2_REASON),
         ]
         .iter(),
     ) {
@@ -133,6 +135,8 @@ async fn main() -> Result<()> {
             "header-case" => header_case::run(&bins, &work, &mut report).await?,
             // The http tier's Zipkin span part alone.
             "zipkin" => zipkin::run(&bins, &work, &mut report).await?,
+            // The http tier's OAuth2 sign-in part alone.
+            "oauth2" => oauth2::run(&bins, &work, &mut report).await?,
             // The http tier's connection-age part alone.
             "keepalive" => {
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?
@@ -157,6 +161,7 @@ async fn main() -> Result<()> {
                 header_case::run(&bins, &work, &mut report).await?;
                 otel_log::run(&bins, &work, &mut report).await?;
                 zipkin::run(&bins, &work, &mut report).await?;
+                oauth2::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(
                         "http",

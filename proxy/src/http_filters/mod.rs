@@ -32,6 +32,7 @@ pub mod header_mutation;
 pub mod health_check;
 pub mod jwt_authn;
 pub mod local_ratelimit;
+pub mod oauth2;
 pub mod rate_limit_actions;
 pub mod ratelimit;
 pub mod rbac;
@@ -431,6 +432,7 @@ pub static FACTORIES: &[&Factory] = &[
     &health_check::FACTORY,
     &jwt_authn::FACTORY,
     &local_ratelimit::FACTORY,
+    &oauth2::FACTORY,
     &ratelimit::FACTORY,
     &rbac::FACTORY,
 ];
@@ -452,6 +454,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     health_check::REGISTRY,
     jwt_authn::REGISTRY,
     local_ratelimit::REGISTRY,
+    oauth2::REGISTRY,
     rate_limit_actions::REGISTRY,
     ratelimit::REGISTRY,
     rbac::REGISTRY,

@@ -109,6 +109,12 @@ impl Retry {
         }
     }
 
+    /// The longest back-off: Envoy's async client also takes it as the
+    /// per-try timeout of a side call with a retry policy.
+    pub fn max_interval(&self) -> Duration {
+        self.max
+    }
+
     /// The back-off before retry `n` (from 0): a random share of
     /// `base * 2^n`, at most `max`.
     pub fn backoff(&self, n: u32) -> Duration {

@@ -154,6 +154,20 @@ pub async fn http_get(
     uri: &http::Uri,
     timeout: std::time::Duration,
 ) -> Result<(u16, bytes::Bytes), CallError> {
+    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .body(bytes::Bytes::new())?;
+    http_request(clusters, cluster, uri, req, timeout).await
+}
+
+/// `req` (its path in its URI, a `host` of `uri`'s authority added) sent
+/// to a host of `cluster` as [`http_get`] sends its GET.
+pub async fn http_request(
+    clusters: &ClusterManager,
+    cluster: &str,
+    uri: &http::Uri,
+    mut req: http::Request<bytes::Bytes>,
+    timeout: std::time::Duration,
+) -> Result<(u16, bytes::Bytes), CallError> {
     let no_host = || CallError::NoHost(cluster.to_string());
     let c = clusters.get(cluster).ok_or_else(no_host)?;
     let host = c
@@ -162,9 +176,11 @@ pub async fn http_get(
         .ok_or_else(no_host)?;
     let (addr, tls, bind) = (host.addr, host.tls.clone(), c.config.bind);
     let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
-    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, &authority)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    req.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_str(&authority).map_err(http::Error::from)?,
+    );
+    let req = req.map(http_body_util::Full::new);
     // HTTP/1.1 is spoken: no protocol is offered in ALPN.
     let tls = tls.map(|t| crate::cluster_manager::HostTls {
         tls: Arc::new(t.tls.with_alpn(&[])),
@@ -185,7 +201,7 @@ pub async fn http_get(
 async fn exchange<S>(
     addr: SocketAddr,
     io: S,
-    req: http::Request<http_body_util::Empty<bytes::Bytes>>,
+    req: http::Request<http_body_util::Full<bytes::Bytes>>,
 ) -> Result<(u16, bytes::Bytes), CallError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

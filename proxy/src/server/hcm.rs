@@ -371,8 +371,16 @@ impl HcmProxy {
             r
         };
         let body = if grpc { Bytes::new() } else { body };
+        // A name's first value replaces what the reply had; later ones are
+        // added (an OAuth2 redirect sets several cookies).
+        let mut seen: Vec<HeaderName> = Vec::new();
         for (k, v) in extra {
-            resp.insert_header(k, v)?;
+            if seen.contains(&k) {
+                resp.append_header(k, v)?;
+            } else {
+                seen.push(k.clone());
+                resp.insert_header(k, v)?;
+            }
         }
         ctx.local_body = Some(body.clone());
         if let Some(r) = self
