@@ -9,7 +9,7 @@ use crate::proxies::{self, Binaries, Kind};
 use crate::report::{Outcome, Report};
 use anyhow::{bail, Result};
 use legate_tests::legate::free_port;
-use legate_tests::xds_server::{any, ScriptedAds, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use legate_tests::xds_server::{any, ScriptedAds, CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -232,6 +232,13 @@ async fn scenario(
     tokio::time::sleep(Duration::from_millis(500)).await;
     record("nack", &ads, &mut cut);
 
+    // Envoy Gateway's OIDC shape: the route's OAuth2PerRoute reads its
+    // secrets over SDS. Both subscribe to them, and once they arrive the
+    // route sends users to sign in.
+    oauth2_route_secrets(&ads, &up, port, delta).await?;
+    record("route-secrets", &ads, &mut cut);
+    let sign_in = signs_in(port).await;
+
     // The control plane goes away and comes back: a new stream re-requests
     // every type with the last accepted versions.
     ads.shutdown().await;
@@ -252,6 +259,10 @@ async fn scenario(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     record("reconnect", &ads, &mut cut);
+    trace
+        .entry("route-secrets")
+        .or_default()
+        .insert("http".into(), vec![sign_in]);
     drop(proxy);
     // Kept for reading: what each proxy sent, step by step.
     std::fs::write(
@@ -263,6 +274,75 @@ async fn scenario(
         serde_json::to_string_pretty(&trace)?,
     )?;
     Ok(trace)
+}
+
+/// Pushes a route whose `OAuth2PerRoute` names SDS secrets, the secrets,
+/// and a listener with the OAuth2 filter, and waits for their ACKs.
+async fn oauth2_route_secrets(
+    ads: &ScriptedAds,
+    up: &legate_tests::echo::Echo,
+    port: u16,
+    delta: bool,
+) -> Result<()> {
+    let sds = |n: &str| json!({"name": n, "sds_config": {"ads": {}, "resource_api_version": "V3"}});
+    let config = json!({
+        "token_endpoint": {"cluster": "c1", "uri": format!("http://{}/token", up.addr), "timeout": "3s"},
+        "authorization_endpoint": "https://idp.test/authorize",
+        "redirect_uri": "https://app.test/callback",
+        "redirect_path_matcher": {"path": {"exact": "/callback"}},
+        "signout_path": {"path": {"exact": "/signout"}},
+        "credentials": {"client_id": "app", "token_secret": sds("oauth2/tok"), "hmac_secret": sds("oauth2/hmac")},
+    });
+    let route = json!({"name": "r1", "virtual_hosts": [{"name": "all", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c1"},
+            "typed_per_filter_config": {"envoy.filters.http.oauth2": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.oauth2.v3.OAuth2PerRoute",
+                "config": config}}}]}]});
+    let secret = |n: &str, v: &str| {
+        any(
+            SECRET,
+            json!({"name": n, "generic_secret": {"secret": {"inline_string": v}}}),
+        )
+    };
+    let mut l = listener(port);
+    l["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        .as_array_mut()
+        .expect("the listener has http_filters")
+        .insert(
+            0,
+            json!({"name": "envoy.filters.http.oauth2", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.oauth2.v3.OAuth2"}}),
+        );
+    ads.set(
+        SECRET,
+        "1",
+        vec![secret("oauth2/hmac", "h"), secret("oauth2/tok", "t")],
+    );
+    ads.set(ROUTE, "2", vec![any(ROUTE, route)]);
+    ads.set(LISTENER, "3", vec![any(LISTENER, l)]);
+    settle(ads, 1, &[ROUTE], "2", delta).await?;
+    settle(ads, 1, &[LISTENER], "3", delta).await?;
+    settle(ads, 1, &[SECRET], "1", delta).await
+}
+
+/// What a request to the OAuth2 route gets (within 10 s of the secrets):
+/// its status and where it is sent.
+async fn signs_in(port: u16) -> String {
+    let mut last = String::from("no answer");
+    for _ in 0..50 {
+        let url = format!("http://127.0.0.1:{port}/page");
+        if let Ok(r) = tokio::task::block_in_place(|| legate_tests::legate::try_curl(&url, &[])) {
+            let location = r
+                .header("location")
+                .map_or("", |v| v.split('?').next().unwrap_or(""));
+            last = format!("{} {location}", r.status);
+            if r.status == 302 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    last
 }
 
 pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -> Result<()> {
@@ -281,18 +361,47 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
             }
         };
         let legate = scenario(bins, Kind::Legate, work, delta).await;
-        for step in ["initial", "nack", "reconnect"] {
+        for step in ["initial", "nack", "route-secrets", "reconnect"] {
             let outcome = match &legate {
                 Err(e) => Outcome::Mismatch(vec![format!("legate: {e:#}")]),
-                Ok(l) => compare(
-                    &envoy.get(step).cloned().unwrap_or_default(),
-                    &l.get(step).cloned().unwrap_or_default(),
-                ),
+                Ok(l) => {
+                    let (e, l) = (
+                        envoy.get(step).cloned().unwrap_or_default(),
+                        l.get(step).cloned().unwrap_or_default(),
+                    );
+                    if step == "route-secrets" {
+                        compare(&secrets_settled(e), &secrets_settled(l))
+                    } else {
+                        compare(&e, &l)
+                    }
+                }
             };
             report.add("xds", name, step, outcome);
         }
     }
     Ok(())
+}
+
+/// Envoy's secret providers subscribe one secret per request where Legate
+/// asks for all at once: for secrets, the names subscribed in all and the
+/// last request (the ACK) are compared, not how the asking was split.
+fn secrets_settled(mut step: BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
+    let re = regex::Regex::new(r"(?:names|subscribe)=\[([^\]]*)\]").unwrap();
+    if let Some(reqs) = step.get_mut(legate_tests::xds_server::SECRET) {
+        let mut names = std::collections::BTreeSet::new();
+        for r in reqs.iter() {
+            if let Some(c) = re.captures(r) {
+                names.extend(
+                    c[1].split(", ")
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_string),
+                );
+            }
+        }
+        let last = reqs.last().cloned().unwrap_or_default();
+        *reqs = vec![format!("subscribed {names:?}"), last];
+    }
+    step
 }
 
 /// Per type, Envoy's requests against Legate's.

@@ -951,15 +951,30 @@ impl Applier {
             ecds_via,
             Interest::names(ecds_names),
         );
-        // SDS: what listeners and clusters (static or dynamic) reference.
+        self.follow_secrets(st, client);
+        if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
+            self.initialized
+                .send_if_modified(|v| !std::mem::replace(v, true));
+        }
+    }
+
+    /// SDS: what listeners, clusters (static or dynamic) and route tables
+    /// (their per-route filter configs) reference; secrets no longer
+    /// referenced go.
+    fn follow_secrets(&self, st: &mut State, client: &XdsClient) {
         let mut sds_names = BTreeSet::new();
         let mut sds_via = None;
+        let tables = self.routes.rds.load();
+        let routes = tables
+            .values()
+            .flat_map(|rc| rc.sds_refs().into_iter().cloned().collect::<Vec<_>>());
         let refs = st
             .listeners
             .values()
             .flat_map(|e| e.config.sds_refs().cloned().collect::<Vec<_>>())
             .chain(st.clusters.values().flat_map(|e| e.config.sds_refs()))
-            .chain(self.static_sds.iter().cloned());
+            .chain(self.static_sds.iter().cloned())
+            .chain(routes);
         for (n, src) in refs {
             sds_names.insert(n);
             sds_via = sds_via.or_else(|| self.via(&src).ok());
@@ -975,10 +990,6 @@ impl Applier {
             crate::tls::secrets::remove_dynamic(&n);
         }
         follow(st, client, t::SECRET, sds_via, Interest::names(sds_names));
-        if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
-            self.initialized
-                .send_if_modified(|v| !std::mem::replace(v, true));
-        }
     }
 
     /// Dynamic resources for `/config_dump`: (type URL, name, applied).

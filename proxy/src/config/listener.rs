@@ -1097,12 +1097,17 @@ impl Listener {
             .chain(self.default_chain.iter().map(|c| &c.filter))
     }
 
-    /// The SDS secrets the listener's TLS chains and HTTP filters use.
+    /// The SDS secrets the listener's TLS chains, HTTP filters and inline
+    /// route tables' per-route filter configs use.
     pub fn sds_refs(&self) -> impl Iterator<Item = &(String, XdsSource)> {
         let filters = self
             .hcms()
             .flat_map(|h| h.filters.entries.iter())
             .flat_map(|e| e.filter.sds_refs().iter());
+        let routes = self.hcms().flat_map(|h| match &h.routes {
+            RouteSource::Static(rc) => rc.sds_refs(),
+            _ => Vec::new(),
+        });
         self.chains
             .iter()
             .map(|(_, c)| c)
@@ -1110,6 +1115,7 @@ impl Listener {
             .filter_map(|c| c.tls.as_ref())
             .flat_map(|t| t.sds.iter())
             .chain(filters)
+            .chain(routes)
     }
 
     /// Every HTTP connection manager of the listener.

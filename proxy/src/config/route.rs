@@ -23,6 +23,25 @@ pub struct RouteConfig {
 
 impl RouteConfig {
     /// Every cluster named by a route (plain and weighted; not header-chosen).
+    /// The SDS secrets its per-route filter configs read, at every level.
+    pub fn sds_refs(&self) -> Vec<&(String, crate::config::source::XdsSource)> {
+        let mut out: Vec<_> = self.filters.sds_refs().collect();
+        for v in &self.virtual_hosts {
+            out.extend(v.filters.sds_refs());
+            for r in &v.routes {
+                out.extend(r.filters.sds_refs());
+                if let Action::Forward(ra) = &r.action {
+                    if let ClusterSpec::Weighted(w) = &ra.cluster {
+                        for c in &w.clusters {
+                            out.extend(c.filters.sds_refs());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
         self.virtual_hosts
             .iter()

@@ -69,6 +69,15 @@ struct PerFilter {
 }
 
 impl PerFilterConfigs {
+    /// The SDS secrets these configs read (an `OAuth2PerRoute`'s), for the
+    /// route table's owner to subscribe to.
+    pub fn sds_refs(&self) -> impl Iterator<Item = &(String, crate::config::source::XdsSource)> {
+        self.by_name
+            .values()
+            .filter_map(|f| f.config.as_ref())
+            .flat_map(super::per_route_sds)
+    }
+
     pub fn from_proto(map: &HashMap<String, Any>, path: &str) -> Result<Self> {
         let mut by_name = HashMap::new();
         // Sorted so that the first error reported does not depend on the

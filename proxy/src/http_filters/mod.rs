@@ -473,6 +473,11 @@ pub fn per_route_translator(type_name: &str) -> Option<PerRouteFn> {
         .map(|(_, f)| *f)
 }
 
+/// The SDS secrets a per-route config reads: an `OAuth2PerRoute`'s.
+pub fn per_route_sds(c: &PerRoute) -> &[(String, crate::config::source::XdsSource)] {
+    oauth2::per_route_sds(c)
+}
+
 /// Decodes an `Any` as `M`, naming `path` on failure.
 pub fn decode<M: prost::Message + Default>(a: &Any, path: &str) -> Result<M> {
     M::decode(a.value.as_slice()).map_err(|e| crate::config::ConfigError::new(path, e.to_string()))

@@ -258,12 +258,7 @@ fn forward_id(
 impl Config {
     /// `stats_prefix`: where the counters live (`http.<hcm>.` for the
     /// filter's own config, the root for a route's).
-    pub fn from_proto(
-        c: &pb::OAuth2Config,
-        path: &str,
-        stats_prefix: &str,
-        per_route: bool,
-    ) -> Result<Config> {
+    pub fn from_proto(c: &pb::OAuth2Config, path: &str, stats_prefix: &str) -> Result<Config> {
         if c.private_key_jwt_config.is_some() || c.auth_type == 3 {
             return Err(ConfigError::new(
                 join(path, "auth_type"),
@@ -316,13 +311,6 @@ impl Config {
                 ))
             }
         };
-        if per_route && !sds.is_empty() {
-            // A route table has no init manager to wait on them yet.
-            return Err(ConfigError::new(
-                join(&cp, "hmac_secret"),
-                "SDS secrets (sds_config) in a per-route OAuth2 config are not supported by Legate; name static secrets",
-            ));
-        }
         if c.authorization_endpoint.is_empty() {
             return Err(ConfigError::new(
                 join(path, "authorization_endpoint"),
@@ -519,7 +507,7 @@ mod tests {
 
     #[test]
     fn defaults_and_the_authorization_endpoint_split() {
-        let c = Config::from_proto(&config(), "c", "http.x.", false).unwrap();
+        let c = Config::from_proto(&config(), "c", "http.x.").unwrap();
         assert_eq!(c.authorize, "https://idp.test/authorize");
         assert_eq!(
             c.authorize_query,
@@ -550,21 +538,18 @@ mod tests {
     fn refusals_name_their_field() {
         let mut c = config();
         c.auth_type = 3;
-        let e = Config::from_proto(&c, "c", "", false).unwrap_err();
+        let e = Config::from_proto(&c, "c", "").unwrap_err();
         assert_eq!(e.path, "c.auth_type");
         let mut c = config();
         c.forward_bearer_token = true;
         c.forward_id_token = Some(pb::OAuth2TokenForwarding {
             header: "Authorization".into(),
         });
-        assert!(Config::from_proto(&c, "c", "", false).is_err());
-        // A route's SDS secrets have nothing to wait on them yet.
-        let e = Config::from_proto(&config(), "r", "", true).unwrap_err();
-        assert_eq!(e.path, "r.credentials.hmac_secret");
+        assert!(Config::from_proto(&c, "c", "").is_err());
         let mut c = config();
         c.redirect_uri = "%START_TIME%".into();
         assert_eq!(
-            Config::from_proto(&c, "c", "", false).unwrap_err().path,
+            Config::from_proto(&c, "c", "").unwrap_err().path,
             "c.redirect_uri"
         );
     }
@@ -573,7 +558,7 @@ mod tests {
     fn redirect_domains_allow_exact_hosts_and_wildcard_subdomains() {
         let mut c = config();
         c.allowed_redirect_domains = vec!["App.test".into(), "*.corp.test".into()];
-        let c = Config::from_proto(&c, "c", "", false).unwrap();
+        let c = Config::from_proto(&c, "c", "").unwrap();
         assert!(c.domain_allowed("https://app.test:8443/x"));
         assert!(c.domain_allowed("https://a.corp.test/"));
         assert!(!c.domain_allowed("https://corp.test/"));

@@ -154,14 +154,7 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
     let config = f
         .config
         .as_ref()
-        .map(|c| {
-            Config::from_proto(
-                c,
-                &join(path, "config"),
-                &format!("http.{hcm_prefix}."),
-                false,
-            )
-        })
+        .map(|c| Config::from_proto(c, &join(path, "config"), &format!("http.{hcm_prefix}.")))
         .transpose()?
         .map(Arc::new);
     Ok(Arc::new(OAuth2 { config }))
@@ -173,12 +166,14 @@ fn per_route(a: &Any, path: &str) -> Result<PerRoute> {
         .config
         .as_ref()
         .ok_or_else(|| ConfigError::new(join(path, "config"), "config is required"))?;
-    Ok(Arc::new(Config::from_proto(
-        c,
-        &join(path, "config"),
-        "",
-        true,
-    )?))
+    Ok(Arc::new(Config::from_proto(c, &join(path, "config"), "")?))
+}
+
+/// The SDS secrets a route's `OAuth2PerRoute` reads (its route table's
+/// owner subscribes to them; until they arrive its requests get Envoy's
+/// 503).
+pub fn per_route_sds(c: &PerRoute) -> &[(String, crate::config::source::XdsSource)] {
+    c.downcast_ref::<Config>().map_or(&[], |c| &c.sds)
 }
 
 /// Set-Cookie values a renewed login adds to the upstream's response.
