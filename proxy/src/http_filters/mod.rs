@@ -18,6 +18,7 @@
 
 pub mod api_key_auth;
 pub mod basic_auth;
+pub mod buffer;
 pub mod chain;
 pub mod compressor;
 pub mod cors;
@@ -419,6 +420,7 @@ pub type PerRouteFn = fn(&Any, &str) -> Result<PerRoute>;
 pub static FACTORIES: &[&Factory] = &[
     &api_key_auth::FACTORY,
     &basic_auth::FACTORY,
+    &buffer::FACTORY,
     &compressor::FACTORY,
     &cors::FACTORY,
     &credential_injector::FACTORY,
@@ -441,6 +443,7 @@ pub static FACTORIES: &[&Factory] = &[
 pub static REGISTRIES: &[&[MessageSupport]] = &[
     api_key_auth::REGISTRY,
     basic_auth::REGISTRY,
+    buffer::REGISTRY,
     compressor::REGISTRY,
     cors::REGISTRY,
     credential_injector::REGISTRY,
