@@ -195,6 +195,7 @@ impl Rbac {
                 direct_remote: Some(f.peer),
                 local: Some(f.local),
                 sni: f.sni,
+                response: None,
             };
             return match m.evaluate(&data) {
                 Some(a) => (a.action != Action::Deny, Some(a.name.as_str())),

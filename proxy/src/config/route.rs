@@ -361,7 +361,7 @@ pub struct BodyFormat {
 }
 
 impl BodyFormat {
-    fn from_proto(f: &core::SubstitutionFormatString, path: &str) -> Result<Self> {
+    pub fn from_proto(f: &core::SubstitutionFormatString, path: &str) -> Result<Self> {
         use core::substitution_format_string::Format as F;
         let (bytes, p) = match &f.format {
             Some(F::TextFormat(t)) => (t.as_bytes().to_vec(), join(path, "text_format")),

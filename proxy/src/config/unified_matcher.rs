@@ -33,6 +33,17 @@ pub struct Data<'a> {
     pub direct_remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub sni: &'a str,
+    /// The response, for matchers that run on it (custom_response's).
+    pub response: Option<ResponseData<'a>>,
+}
+
+/// What response inputs read.
+#[derive(Clone, Copy)]
+pub struct ResponseData<'a> {
+    pub status: u16,
+    pub headers: &'a http::HeaderMap,
+    /// The response is Envoy's own (a local reply).
+    pub local_reply: bool,
 }
 
 #[derive(Debug)]
@@ -50,6 +61,10 @@ enum Input {
     DestinationIp,
     DestinationPort,
     ServerName,
+    ResponseStatus,
+    ResponseStatusClass,
+    ResponseHeader(http::HeaderName),
+    ResponseLocalReply,
 }
 
 /// An input's value: a string, metadata (None: no value at the path), or
@@ -97,6 +112,8 @@ pub enum Domain {
     /// A connection (network filters): its addresses and server name, no
     /// request.
     Network,
+    /// An HTTP response, its request and its connection.
+    HttpResponse,
 }
 
 impl<A> Matcher<A> {
@@ -218,6 +235,15 @@ impl Input {
                 ),
             ));
         }
+        if domain != Domain::HttpResponse && input.response() {
+            return Err(ConfigError::new(
+                join(path, "typed_config"),
+                format!(
+                    "input {} reads a response, which this matcher does not see",
+                    type_of(t)
+                ),
+            ));
+        }
         if domain == Domain::Udp && !input.addressing() {
             return Err(ConfigError::new(
                 join(path, "typed_config"),
@@ -228,6 +254,16 @@ impl Input {
             ));
         }
         Ok(input)
+    }
+
+    fn response(&self) -> bool {
+        matches!(
+            self,
+            Input::ResponseStatus
+                | Input::ResponseStatusClass
+                | Input::ResponseHeader(_)
+                | Input::ResponseLocalReply
+        )
     }
 
     /// What a connection has besides its addresses.
@@ -278,6 +314,28 @@ impl Input {
                     .filter_map(|s| s.segment.as_ref().map(|Segment::Key(k)| k.clone()))
                     .collect(),
             });
+        }
+        if let Some(h) = typed::<em::HttpResponseHeaderMatchInput>(
+            t,
+            "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+            path,
+        ) {
+            return Ok(Input::ResponseHeader(crate::headers::header_name(
+                &h?.header_name,
+                &join(path, "typed_config.header_name"),
+            )?));
+        }
+        match tn {
+            "envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput" => {
+                return Ok(Input::ResponseStatus)
+            }
+            "envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput" => {
+                return Ok(Input::ResponseStatusClass)
+            }
+            "envoy.type.matcher.v3.HttpResponseLocalReplyMatchInput" => {
+                return Ok(Input::ResponseLocalReply)
+            }
+            _ => {}
         }
         const NET: &str = "envoy.extensions.matching.common_inputs.network.v3.";
         Ok(match tn.strip_prefix(NET) {
@@ -341,6 +399,32 @@ impl Input {
             Input::DestinationPort => port(d.local),
             Input::ServerName if d.sni.is_empty() => Datum::None,
             Input::ServerName => Datum::Str(d.sni.to_string()),
+            Input::ResponseStatus => d
+                .response
+                .map_or(Datum::None, |r| Datum::Str(r.status.to_string())),
+            Input::ResponseStatusClass => d
+                .response
+                .map_or(Datum::None, |r| Datum::Str(format!("{}xx", r.status / 100))),
+            Input::ResponseLocalReply => d
+                .response
+                .map_or(Datum::None, |r| Datum::Str(r.local_reply.to_string())),
+            Input::ResponseHeader(h) => {
+                let values: Vec<&str> = d
+                    .response
+                    .map(|r| {
+                        r.headers
+                            .get_all(h)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if values.is_empty() {
+                    Datum::None
+                } else {
+                    Datum::Str(values.join(","))
+                }
+            }
         }
     }
 }
@@ -665,6 +749,26 @@ pub static REGISTRY: &[MessageSupport] = &[
         warn: &[],
     },
     MessageSupport {
+        message: "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+        supported: &["header_name"],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.matcher.v3.HttpResponseStatusCodeMatchInput",
+        supported: &[],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.matcher.v3.HttpResponseStatusCodeClassMatchInput",
+        supported: &[],
+        warn: &[],
+    },
+    MessageSupport {
+        message: "envoy.type.matcher.v3.HttpResponseLocalReplyMatchInput",
+        supported: &[],
+        warn: &[],
+    },
+    MessageSupport {
         message: "envoy.extensions.matching.input_matchers.metadata.v3.Metadata",
         supported: &["value", "invert"],
         warn: &[],
@@ -774,6 +878,7 @@ matcher_list:
                 direct_remote: None,
                 local: None,
                 sni: "",
+                response: None,
             }
         }
         let empty = serde_json::Map::new();

@@ -24,6 +24,7 @@ pub mod compressor;
 pub mod cors;
 pub mod credential_injector;
 pub mod csrf;
+pub mod custom_response;
 pub mod ext_authz;
 pub mod ext_proc;
 pub mod fault;
@@ -425,6 +426,7 @@ pub static FACTORIES: &[&Factory] = &[
     &cors::FACTORY,
     &credential_injector::FACTORY,
     &csrf::FACTORY,
+    &custom_response::FACTORY,
     &ext_authz::FACTORY,
     &ext_proc::FACTORY,
     &fault::FACTORY,
@@ -448,6 +450,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     cors::REGISTRY,
     credential_injector::REGISTRY,
     csrf::REGISTRY,
+    custom_response::REGISTRY,
     ext_authz::REGISTRY,
     ext_proc::REGISTRY,
     fault::REGISTRY,

@@ -215,6 +215,7 @@ impl HttpFilter for Rbac {
             direct_remote: rq.direct_remote,
             local: rq.local,
             sni: rq.sni,
+            response: None,
         };
         if let Some(shadow) = &cfg.shadow {
             let (ok, _) = shadow.allows(&facts, &data);

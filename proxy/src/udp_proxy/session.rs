@@ -292,6 +292,7 @@ impl Datagram<'_> {
             direct_remote: Some(peer),
             local: Some(local),
             sni: "",
+            response: None,
         };
         self.clusters.get(self.proxy.routes.evaluate(&d)?)
     }
