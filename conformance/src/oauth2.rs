@@ -474,6 +474,7 @@ const FILTER_A: &str = r#"{name: envoy.filters.http.oauth2, typed_config: {"@typ
   forward_bearer_token: true, auth_scopes: [openid, email], resources: ["api://x", "b c"],
   pass_through_matcher: [{name: x-pass, present_match: true}],
   deny_redirect_matcher: [{name: x-requested-with, string_match: {exact: XMLHttpRequest}}],
+  allow_failed_matcher: [{name: x-allow-failed, present_match: true}],
   credentials: {client_id: "app client", token_secret: {name: tok}, hmac_secret: {name: hmac}}}}}"#;
 
 const FILTER_B: &str = r#"{name: envoy.filters.http.oauth2, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.oauth2.v3.OAuth2}}"#;
@@ -615,6 +616,28 @@ fn flow_a(
         ),
     ));
     token_call(&mut t, "refresh-request");
+    // The browser no longer sends the expired access token: the new one
+    // goes upstream all the same.
+    let bare = request(
+        port,
+        "/app/refresh",
+        &[xfp, ("cookie", "RefreshToken=refresh-1")],
+    );
+    t.push(("refresh-only-the-refresh-token", upstream_view(&bare)));
+    token_call(&mut t, "second-refresh-request");
+    let forged_only = forged.replace("; other=1", "");
+    t.push((
+        "allow-failed",
+        upstream_view(&request(
+            port,
+            "/app/x",
+            &[
+                xfp,
+                ("x-allow-failed", "1"),
+                ("cookie", &forged_only.replace("RefreshToken=", "Gone=")),
+            ],
+        )),
+    ));
     t.push((
         "sign-out",
         show_sorted(

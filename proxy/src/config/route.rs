@@ -22,7 +22,6 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
-    /// Every cluster named by a route (plain and weighted; not header-chosen).
     /// The SDS secrets its per-route filter configs read, at every level.
     pub fn sds_refs(&self) -> Vec<&(String, crate::config::source::XdsSource)> {
         let mut out: Vec<_> = self.filters.sds_refs().collect();
@@ -42,6 +41,7 @@ impl RouteConfig {
         out
     }
 
+    /// Every cluster named by a route (plain and weighted; not header-chosen).
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
         self.virtual_hosts
             .iter()

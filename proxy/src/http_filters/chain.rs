@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn unknown_per_route_types_are_refused_unless_optional_and_unknown_to_envoy() {
-        let bad = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute, disabled: true}}}"#;
+        let bad = r#"{typed_per_filter_config: {f: {"@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute, disabled: true}}}"#;
         let v = legate_proto::json::parse_yaml(bad).unwrap();
         let m = legate_proto::json::to_dynamic(v, "envoy.config.route.v3.Route", true).unwrap();
         let r: route_pb::Route = m.transcode_to().unwrap();

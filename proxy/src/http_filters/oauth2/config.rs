@@ -125,6 +125,76 @@ impl UriFormat {
     }
 }
 
+/// Cookie names, domain and paths as Envoy's validation takes them: they
+/// go into Set-Cookie as they are, so nothing may end or extend one.
+fn check_cookies(cr: &pb::OAuth2Credentials, c: &pb::OAuth2Config, path: &str) -> Result<()> {
+    let token = |s: &str| {
+        s.strip_prefix(':')
+            .unwrap_or(s)
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_|~`".contains(&b))
+    };
+    let attr = |s: &str| {
+        !s.bytes()
+            .any(|b| b < 0x20 || b == 0x7f || b" \",;<>\\".contains(&b))
+    };
+    let cp = join(path, "credentials");
+    if let Some(n) = &cr.cookie_names {
+        for (field, v) in [
+            ("bearer_token", &n.bearer_token),
+            ("oauth_hmac", &n.oauth_hmac),
+            ("oauth_expires", &n.oauth_expires),
+            ("id_token", &n.id_token),
+            ("refresh_token", &n.refresh_token),
+            ("oauth_nonce", &n.oauth_nonce),
+            ("code_verifier", &n.code_verifier),
+        ] {
+            if !v.is_empty() && !token(v) {
+                return Err(ConfigError::new(
+                    join(&join(&cp, "cookie_names"), field),
+                    format!("'{v}' is not a cookie name"),
+                ));
+            }
+        }
+    }
+    if !attr(&cr.cookie_domain) {
+        return Err(ConfigError::new(
+            join(&cp, "cookie_domain"),
+            "not a cookie domain (no spaces, controls or any of \",;<>\\)",
+        ));
+    }
+    let Some(cc) = &c.cookie_configs else {
+        return Ok(());
+    };
+    for (field, v) in [
+        ("bearer_token_cookie_config", &cc.bearer_token_cookie_config),
+        ("oauth_hmac_cookie_config", &cc.oauth_hmac_cookie_config),
+        (
+            "oauth_expires_cookie_config",
+            &cc.oauth_expires_cookie_config,
+        ),
+        ("id_token_cookie_config", &cc.id_token_cookie_config),
+        (
+            "refresh_token_cookie_config",
+            &cc.refresh_token_cookie_config,
+        ),
+        ("oauth_nonce_cookie_config", &cc.oauth_nonce_cookie_config),
+        (
+            "code_verifier_cookie_config",
+            &cc.code_verifier_cookie_config,
+        ),
+    ] {
+        let p = v.as_ref().map_or("", |c| c.path.as_str());
+        if !p.is_empty() && (!p.starts_with('/') || !attr(p)) {
+            return Err(ConfigError::new(
+                join(&join(&join(path, "cookie_configs"), field), "path"),
+                format!("'{p}' is not a cookie path"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn required<'a, T>(v: Option<&'a T>, path: &str, field: &str) -> Result<&'a T> {
     v.ok_or_else(|| ConfigError::new(join(path, field), format!("{field} is required")))
 }
@@ -284,6 +354,7 @@ impl Config {
                 "client_id is required",
             ));
         }
+        check_cookies(cr, c, path)?;
         let mut sds = Vec::new();
         use pb::o_auth2_credentials::TokenFormation;
         let hmac_secret = match &cr.token_formation {
@@ -552,6 +623,31 @@ mod tests {
             Config::from_proto(&c, "c", "").unwrap_err().path,
             "c.redirect_uri"
         );
+    }
+
+    #[test]
+    fn cookie_settings_that_would_break_set_cookie_are_refused() {
+        let mut c = config();
+        c.credentials.as_mut().unwrap().cookie_domain = "a.test;secure".into();
+        let e = Config::from_proto(&c, "c", "").unwrap_err();
+        assert_eq!(e.path, "c.credentials.cookie_domain");
+        let mut c = config();
+        c.credentials.as_mut().unwrap().cookie_names = Some(pb::o_auth2_credentials::CookieNames {
+            id_token: "Id Token".into(),
+            ..Default::default()
+        });
+        let e = Config::from_proto(&c, "c", "").unwrap_err();
+        assert_eq!(e.path, "c.credentials.cookie_names.id_token");
+        let mut c = config();
+        c.cookie_configs = Some(pb::CookieConfigs {
+            oauth_hmac_cookie_config: Some(pb::CookieConfig {
+                path: "app".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let e = Config::from_proto(&c, "c", "").unwrap_err();
+        assert_eq!(e.path, "c.cookie_configs.oauth_hmac_cookie_config.path");
     }
 
     #[test]

@@ -230,10 +230,6 @@ impl Jar {
         self.0.iter().any(|(n, _)| n == name)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(|(n, _)| n.as_str())
     }
@@ -241,6 +237,14 @@ impl Jar {
     pub fn replace(&mut self, name: &str, value: String) {
         if let Some(p) = self.0.iter_mut().find(|(n, _)| n == name) {
             p.1 = value;
+        }
+    }
+
+    /// Sets cookie `name` (added at the end when absent).
+    pub fn set(&mut self, name: &str, value: String) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some(p) => p.1 = value,
+            None => self.0.push((name.to_string(), value)),
         }
     }
 

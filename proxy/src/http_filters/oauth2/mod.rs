@@ -218,6 +218,9 @@ struct Pass<'a> {
     scheme: String,
     path: String,
     jar: Jar,
+    /// The request came with cookies (their header is rewritten, even
+    /// when none is left, as Envoy does).
+    had_cookies: bool,
     now: u64,
 }
 
@@ -331,7 +334,7 @@ impl OAuth2 {
 
     /// The request goes on without the cookies only the filter reads.
     fn strip_flow_cookies(p: &mut Pass<'_>, rq: &mut RequestInfo<'_>) {
-        if p.jar.is_empty() {
+        if !p.had_cookies {
             return;
         }
         let k = &p.c.cookies;
@@ -359,6 +362,7 @@ impl OAuth2 {
                 if let Ok(s) = String::from_utf8(plain) {
                     if HeaderValue::from_str(&s).is_ok() {
                         p.jar.replace(&name, s);
+                        p.count("oauth_legacy_cbc_decrypt");
                     }
                 }
             }
@@ -379,10 +383,12 @@ impl OAuth2 {
     /// The Set-Cookie values of a login: the HMAC, the expiry and each
     /// token (or the deletion of a token the request had and the login
     /// lacks).
-    fn token_cookies(p: &Pass<'_>, t: &Tokens) -> Vec<String> {
+    /// `received_refresh`: the refresh token the endpoint sent (its `exp`
+    /// gives the cookie's age), which `t` may have replaced with the old.
+    fn token_cookies(p: &Pass<'_>, t: &Tokens, received_refresh: &str) -> Vec<String> {
         let c = p.c;
         let k = &c.cookies;
-        let expires = (p.now + t.expires_in).to_string();
+        let expires = p.now.saturating_add(t.expires_in).to_string();
         let sig = crypto::b64(&p.signature(&expires, &t.access, &t.id, &t.refresh));
         let mut out = vec![
             k.set(Kind::Hmac, "", &sig, t.expires_in),
@@ -394,7 +400,7 @@ impl OAuth2 {
             _ => t.expires_in,
         };
         let refresh_age = if c.use_refresh {
-            crypto::jwt_exp(&t.refresh).map_or(c.default_refresh_expires_in, left)
+            crypto::jwt_exp(received_refresh).map_or(c.default_refresh_expires_in, left)
         } else {
             t.expires_in
         };
@@ -618,7 +624,9 @@ impl Pass<'_> {
             .ok()
             .filter(|v: &serde_json::Value| v.is_object())
             .ok_or_else(|| refused(format!("State query param is not a valid JSON: {decoded}")))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        // A key that is there but not a string counts as empty, as Envoy
+        // reads it (its checks then fail further on).
+        let field = |k: &str| v.get(k).map(|x| x.as_str().unwrap_or("").to_string());
         let (Some(url), Some(csrf)) = (field("url"), field("csrf_token")) else {
             return Err(refused(format!(
                 "State query param does not contain url or CSRF token: {decoded}"
@@ -637,8 +645,41 @@ impl Pass<'_> {
         Ok((url, flow_id))
     }
 
-    /// Envoy's checks of a callback, in its order.
+    /// Envoy's checks of a callback, in its order: the state's, then the
+    /// flow's code verifier.
     fn check_callback(&self) -> std::result::Result<Callback, Refused> {
+        let mut cb = self.check_state_url()?;
+        let flow_id = &cb.flow_id;
+        let fail = |msg: String| Refused {
+            msg,
+            flow_id: flow_id.clone(),
+        };
+        let k = &self.c.cookies;
+        let vname = k.name(Kind::Verifier);
+        let cookie = Some(self.jar.get(&format!("{vname}.{flow_id}")))
+            .filter(|v| !v.is_empty() && !flow_id.is_empty())
+            .unwrap_or_else(|| self.jar.get(vname));
+        if cookie.is_empty() {
+            return Err(fail(
+                "Code verifier cookie is missing in the request".into(),
+            ));
+        }
+        let verifier = crypto::decrypt(&self.key, cookie)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|e| {
+                fail(format!(
+                    "Failed to decrypt code verifier: {cookie}, error: {e}"
+                ))
+            })?;
+        self.count("oauth_legacy_cbc_decrypt");
+        cb.verifier = verifier;
+        Ok(cb)
+    }
+
+    /// The callback's query and state: the provider's error, the code and
+    /// state, the CSRF token, the URL to go back to (a signed-in user's
+    /// second callback stops here).
+    fn check_state_url(&self) -> std::result::Result<Callback, Refused> {
         let q = query_params(&self.path);
         let first = |k: &str| q.get(k).and_then(|v| v.first()).cloned();
         if q.contains_key("error") {
@@ -674,28 +715,11 @@ impl Pass<'_> {
                 "State url host is not in the allowed redirect domains: {url}"
             )));
         }
-        let k = &self.c.cookies;
-        let vname = k.name(Kind::Verifier);
-        let cookie = Some(self.jar.get(&format!("{vname}.{flow_id}")))
-            .filter(|v| !v.is_empty() && !flow_id.is_empty())
-            .unwrap_or_else(|| self.jar.get(vname));
-        if cookie.is_empty() {
-            return Err(fail(
-                "Code verifier cookie is missing in the request".into(),
-            ));
-        }
-        let verifier = crypto::decrypt(&self.key, cookie)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .map_err(|e| {
-                fail(format!(
-                    "Failed to decrypt code verifier: {cookie}, error: {e}"
-                ))
-            })?;
         Ok(Callback {
             url,
             flow_id,
             code,
-            verifier,
+            verifier: String::new(),
         })
     }
 }
@@ -704,7 +728,7 @@ impl OAuth2 {
     /// A signed-in user back at the callback (a second tab, a reload):
     /// sent on to where the state says, the flow's cookies deleted.
     fn race(p: &Pass<'_>) -> Flow {
-        let cb = match p.check_callback() {
+        let cb = match p.check_state_url() {
             Ok(cb) => cb,
             Err(r) => return p.unauthorized(&r.msg, &r.flow_id),
         };
@@ -717,7 +741,7 @@ impl OAuth2 {
                 .map_or("", |x| x.as_str());
             return p.unauthorized(
                 &format!("State url query params matches the redirect path matcher: {pq}"),
-                "",
+                &cb.flow_id,
             );
         }
         Flow::Reply(found(
@@ -744,7 +768,7 @@ impl OAuth2 {
             Ok(t) => Self::kept(p.c, t),
             Err(e) => return p.unauthorized(&e.to_string(), &cb.flow_id),
         };
-        let mut cookies = Self::token_cookies(p, &tokens);
+        let mut cookies = Self::token_cookies(p, &tokens, &tokens.refresh);
         cookies.extend(p.flow_deletions(&cb.flow_id));
         p.count("oauth_success");
         Flow::Reply(found(&cb.url, cookies, "oauth.logged_in"))
@@ -766,16 +790,18 @@ impl OAuth2 {
             Err(e) => return Self::refresh_failed(p, rq, &e),
         };
         let mut t = Self::kept(p.c, t);
-        if t.refresh.is_empty() {
-            t.refresh = old;
-        }
-        *state = Some(Box::new(Renewed(Self::token_cookies(p, &t))));
+        let received = std::mem::take(&mut t.refresh);
+        t.refresh = if received.is_empty() {
+            old
+        } else {
+            received.clone()
+        };
+        *state = Some(Box::new(Renewed(Self::token_cookies(p, &t, &received))));
+        // The new tokens go upstream in the cookies too, added when the
+        // browser no longer sent them (expired with the login).
         for (kind, v) in [(Kind::Bearer, &t.access), (Kind::Id, &t.id)] {
-            if v.is_empty() {
-                continue;
-            }
-            if p.jar.has(k.name(kind)) {
-                p.jar.replace(k.name(kind), v.clone());
+            if !v.is_empty() {
+                p.jar.set(k.name(kind), v.clone());
             }
         }
         set_cookie_header(rq, &p.jar);
@@ -926,6 +952,7 @@ impl OAuth2 {
             scheme,
             path,
             jar: Jar::read(&rq.req.headers),
+            had_cookies: rq.req.headers.contains_key(http::header::COOKIE),
             now: now(),
         };
         if c.encrypt_tokens {

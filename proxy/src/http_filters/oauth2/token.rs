@@ -20,7 +20,7 @@ pub struct Tokens {
 pub enum ExchangeError {
     #[error("Token endpoint cluster not found")]
     NoCluster,
-    /// The call failed, or was answered with a status other than 200.
+    /// The call failed (no connection, a reset, the timeout).
     #[error("Failed to get access token due to HTTP request failure")]
     Transport,
     #[error("Failed to get access token: response code: {0}, response body: {1}")]
