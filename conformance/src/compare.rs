@@ -52,7 +52,7 @@ pub fn normalize(s: &str) -> String {
         .map(|(re, to)| (regex::Regex::new(re).unwrap(), to))
         .collect()
         });
-    let mut out = oauth2_random(s);
+    let mut out = session_expiry(&oauth2_random(s));
     for (i, (re, to)) in res.iter().enumerate() {
         out = match i {
             // Ids the scenarios send are kept, so that their propagation
@@ -125,6 +125,58 @@ fn oauth2_random(s: &str) -> String {
     let out = nonce.replace_all(&out, "=<flow id>.<signature>");
     let out = flow.replace_all(&out, ".<flow id>=");
     verifier.replace_all(&out, "=<encrypted>;").into_owned()
+}
+
+pub const SESSION_REASON: &str = "a stateful session cookie's expiry is the wall clock plus its ttl: its address is compared, its expiry within 5 s of the ttl";
+
+/// A stateful session cookie (`name="<base64 message>"; Max-Age=N`) with
+/// its expiry replaced by whether it is N seconds away (within 5 s).
+fn session_expiry(s: &str) -> String {
+    use base64::Engine;
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let re =
+        RE.get_or_init(|| regex::Regex::new(r#"="([A-Za-z0-9+/]+=*)"; Max-Age=([0-9]+)"#).unwrap());
+    re.replace_all(s, |c: &regex::Captures| {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&c[1])
+            .unwrap_or_default();
+        let ttl: u64 = c[2].parse().unwrap_or(0);
+        match decode_session(&raw) {
+            Some((addr, expires)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let close = expires.abs_diff(now + ttl) <= 5;
+                format!(
+                    "=\"<session {addr} expires {}>\"; Max-Age={ttl}",
+                    if close { "after the ttl" } else { "ELSEWHEN" }
+                )
+            }
+            None => c[0].to_string(),
+        }
+    })
+    .into_owned()
+}
+
+/// (address, expiry) of a session cookie's message: field 1 a string,
+/// field 2 a varint.
+fn decode_session(m: &[u8]) -> Option<(String, u64)> {
+    let [0x0a, len, rest @ ..] = m else {
+        return None;
+    };
+    let (addr, rest) = rest.split_at_checked(*len as usize)?;
+    let [0x10, varint @ ..] = rest else {
+        return None;
+    };
+    let mut v = 0u64;
+    for (i, b) in varint.iter().enumerate() {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return (i + 1 == varint.len())
+                .then(|| (String::from_utf8_lossy(addr).into_owned(), v));
+        }
+    }
+    None
 }
 
 /// Trace and span ids the routing scenarios send (W3C's example ids, and
@@ -377,5 +429,21 @@ mod tests {
             super::normalize(verifier),
             "CodeVerifier=<encrypted>;path=/"
         );
+    }
+
+    #[test]
+    fn session_cookies_compare_by_address_and_ttl() {
+        // Envoy 1.40's cookie for 127.0.0.1:18181, an hour's ttl, set at a
+        // time long past: its expiry is not an hour from now.
+        let c = "sess=\"Cg8xMjcuMC4wLjE6MTgxODEQ2qPb2AY=\"; Max-Age=3600; Path=/v1";
+        assert_eq!(
+            super::normalize(c),
+            "sess=\"<session 127.0.0.1:18181 expires ELSEWHEN>\"; Max-Age=3600; Path=/v1"
+        );
+        assert_eq!(
+            super::decode_session(b"\x0a\x01a\x10\x96\x01"),
+            Some(("a".into(), 150))
+        );
+        assert_eq!(super::decode_session(b"\x0a\x05a"), None);
     }
 }

@@ -92,6 +92,7 @@ async fn main() -> Result<()> {
             ),
             ("x-ratelimit-reset", compare::RATELIMIT_RESET_REASON),
             ("OAuth2 sign-in values", compare::OAUTH2_REASON),
+            ("stateful session cookie expiry", compare::SESSION_REASON),
         ]
         .iter(),
     ) {

@@ -353,6 +353,30 @@ fn admin_post(admin: u16, path: &str) {
     }
 }
 
+fn b64(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// A stateful session cookie as Envoy writes it: base64 of a message with
+/// the address (field 1) and the expiry in epoch seconds (field 2).
+fn session_cookie(addr: &str, expires: u64) -> String {
+    let mut m = vec![0x0a, addr.len() as u8];
+    m.extend_from_slice(addr.as_bytes());
+    m.push(0x10);
+    let mut v = expires;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            m.push(byte);
+            break;
+        }
+        m.push(byte | 0x80);
+    }
+    b64(&m)
+}
+
 pub(crate) fn send(port: u16, r: &Request, work: &Path) -> Observation {
     try_send(port, r, work).unwrap_or_else(|e| panic!("curl failed: {e}"))
 }
@@ -533,14 +557,28 @@ pub async fn run_file_with(
         );
         ups.push(u);
     }
-    // Requests may name upstream ports too (an ORIGINAL_DST destination).
+    // Requests may name upstream ports too (an ORIGINAL_DST destination),
+    // and stateful sessions naming an upstream (its address in base64 for
+    // a header session; Envoy's cookie message, live or expired).
     let ports: Vec<(String, String)> = ups
         .iter()
-        .map(|u| {
-            (
-                format!("{{{{UPSTREAM_{}}}}}", u.name),
-                u.addr.port().to_string(),
-            )
+        .flat_map(|u| {
+            let addr = u.addr.to_string();
+            [
+                (
+                    format!("{{{{SESSION_COOKIE_EXPIRED_{}}}}}", u.name),
+                    session_cookie(&addr, 1),
+                ),
+                (
+                    format!("{{{{SESSION_COOKIE_{}}}}}", u.name),
+                    session_cookie(&addr, 4_102_444_800),
+                ),
+                (format!("{{{{SESSION_{}}}}}", u.name), b64(addr.as_bytes())),
+                (
+                    format!("{{{{UPSTREAM_{}}}}}", u.name),
+                    u.addr.port().to_string(),
+                ),
+            ]
         })
         .collect();
     for r in &mut sc.requests {

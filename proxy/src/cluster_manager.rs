@@ -453,6 +453,16 @@ impl HostSnapshot {
     }
 
     /// The priority a host is in.
+    /// The healthy or degraded host at `addr`, in any priority (what an
+    /// override host may pick).
+    pub fn find_host(&self, addr: SocketAddr) -> Option<Arc<UpstreamHost>> {
+        self.priorities
+            .iter()
+            .flat_map(|p| p.healthy.hosts.iter().chain(p.degraded.hosts.iter()))
+            .find(|h| h.addr == addr)
+            .cloned()
+    }
+
     pub fn priority_of(&self, addr: SocketAddr) -> Option<usize> {
         self.priorities
             .iter()

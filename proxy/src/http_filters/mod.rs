@@ -40,6 +40,7 @@ pub mod ratelimit;
 pub mod rbac;
 pub mod retry;
 pub mod side;
+pub mod stateful_session;
 
 use crate::config::Result;
 use crate::registry::MessageSupport;
@@ -241,7 +242,16 @@ pub struct ResponseInfo<'a> {
     pub filter_state: &'a http::Extensions,
     /// A local reply's body (None for an upstream's response).
     pub local_body: Option<&'a Bytes>,
+    /// The upstream host that answered (None for a local reply).
+    pub upstream: Option<SocketAddr>,
 }
+
+/// The upstream host a filter asks for (stateful_session's), in the
+/// request's filter state: the router takes it when its cluster has it
+/// healthy or degraded, whatever the balancer would pick (Envoy's override
+/// host).
+#[derive(Debug, Clone, Copy)]
+pub struct OverrideHost(pub SocketAddr);
 
 /// A reply a filter makes instead of letting the request go on.
 #[derive(Debug, Clone)]
@@ -439,6 +449,7 @@ pub static FACTORIES: &[&Factory] = &[
     &oauth2::FACTORY,
     &ratelimit::FACTORY,
     &rbac::FACTORY,
+    &stateful_session::FACTORY,
 ];
 
 /// The registry entries of every filter, for [`crate::registry`].
@@ -464,6 +475,7 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     rate_limit_actions::REGISTRY,
     ratelimit::REGISTRY,
     rbac::REGISTRY,
+    stateful_session::REGISTRY,
 ];
 
 pub fn factory(type_name: &str) -> Option<&'static Factory> {

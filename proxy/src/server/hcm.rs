@@ -844,6 +844,11 @@ impl HcmProxy {
             clusters: &self.shared.clusters,
             filter_state: &ctx.filter_state,
             local_body: if local { ctx.local_body.as_ref() } else { None },
+            upstream: if local {
+                None
+            } else {
+                ctx.host.as_ref().map(|h| h.addr)
+            },
         };
         for k in (0..ctx.filters_active.len()).rev() {
             let f = &hcm.filters.entries[ctx.filters_active[k]].filter;
@@ -3446,6 +3451,15 @@ fn choose_host(
     }
     let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
     let attempts = ctx.retry.as_ref().and_then(|r| r.host_selection_attempts);
+    // A filter's override host (a stateful session's) wins when the
+    // cluster has it healthy or degraded.
+    if let Some(crate::http_filters::OverrideHost(a)) = ctx.filter_state.get() {
+        if let Some(h) = cluster.snapshot().find_host(*a) {
+            if !(avoid_previous && ctx.tried.contains(a)) {
+                return Some(h);
+            }
+        }
+    }
     cluster.snapshot().pick_with(
         ctx.hash,
         rand::random(),
