@@ -530,6 +530,7 @@ const BROKEN: &[&str] = &["INVALID", "MISMATCH", "UNSIGNED", "DIFFERS", "<verifi
 /// the refusals. `envoy_login`: the login cookies Envoy's run minted.
 fn flow_a(
     port: u16,
+    admin: u16,
     flow: &Mutex<Flow>,
     tokens: &Mutex<Vec<String>>,
     envoy_login: &Mutex<Option<String>>,
@@ -730,12 +731,30 @@ fn flow_a(
     );
     t.push(("token-endpoint-fails", show(&failed, flow)));
     token_call(&mut t, "failed-exchange-request");
+    t.push(("stats", oauth_stats(admin)));
     t
+}
+
+/// The filter's counters as the admin's `/stats` shows them.
+fn oauth_stats(admin: u16) -> String {
+    let get = || request(admin, "/stats?filter=oauth_", &[]);
+    let mut r = get();
+    // Counters reach the admin after a short flush interval.
+    for _ in 0..20 {
+        if r.body.contains("oauth_") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        r = get();
+    }
+    let mut lines: Vec<&str> = r.body.lines().filter(|l| l.contains("oauth_")).collect();
+    lines.sort();
+    lines.join(", ")
 }
 
 /// Config B's flow: Envoy Gateway's shape (per-route config, Basic
 /// authentication, plaintext cookies with their own names and domain).
-fn flow_b(port: u16, flow: &Mutex<Flow>, tokens: &Mutex<Vec<String>>) -> Transcript {
+fn flow_b(port: u16, admin: u16, flow: &Mutex<Flow>, tokens: &Mutex<Vec<String>>) -> Transcript {
     let mut t: Transcript = Vec::new();
     t.push((
         "unprotected-route",
@@ -778,6 +797,7 @@ fn flow_b(port: u16, flow: &Mutex<Flow>, tokens: &Mutex<Vec<String>>) -> Transcr
             flow,
         ),
     ));
+    t.push(("eg-stats", oauth_stats(admin)));
     t
 }
 
@@ -807,9 +827,9 @@ pub async fn run(bins: &Binaries, work: &std::path::Path, report: &mut Report) -
         )?;
         let answers = proxies::each(bins, &path, admin, work, || {
             if case == "filter-config" {
-                flow_a(port, &flow, &tokens, &envoy_login)
+                flow_a(port, admin, &flow, &tokens, &envoy_login)
             } else {
-                flow_b(port, &flow, &tokens)
+                flow_b(port, admin, &flow, &tokens)
             }
         })?;
         for ((name, e), (_, l)) in answers[0].iter().zip(answers[1].iter()) {

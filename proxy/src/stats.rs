@@ -137,6 +137,19 @@ impl NamedCounters {
         }
     }
 
+    /// With `names` registered now (shown at zero from the start, as
+    /// Envoy's filter stats are).
+    pub fn with(prefix: String, names: &[&'static str]) -> Self {
+        let seen = names
+            .iter()
+            .map(|n| (*n, counter(format!("{prefix}{n}"))))
+            .collect();
+        Self {
+            prefix,
+            seen: std::sync::RwLock::new(seen),
+        }
+    }
+
     pub fn increment(&self, name: &'static str) {
         if let Some((_, c)) = self
             .seen

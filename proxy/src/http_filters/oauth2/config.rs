@@ -83,6 +83,24 @@ pub struct Config {
     pub sds: Vec<(String, XdsSource)>,
 }
 
+/// The filter's counters (`<prefix><stat_prefix>.<name>`). The token
+/// cookie chunking ones stay at zero: Legate does not split large tokens
+/// over several cookies (Envoy 1.40 does).
+const STATS: [&str; 12] = [
+    "oauth_unauthorized_rq",
+    "oauth_failure",
+    "oauth_passthrough",
+    "oauth_success",
+    "oauth_refreshtoken_success",
+    "oauth_refreshtoken_failure",
+    "oauth_allow_failed_passthrough",
+    "oauth_legacy_cbc_decrypt",
+    "oauth_token_cookie_chunked",
+    "oauth_token_cookie_malformed_chunks",
+    "oauth_token_cookie_oversized",
+    "oauth_token_cookie_reassembled",
+];
+
 /// A URI format string (`redirect_uri`, `original_request_uri`): literal
 /// text and `%REQ(...)%`, a missing header rendered `-` as Envoy's
 /// substitution formatter renders it.
@@ -499,7 +517,15 @@ impl Config {
                 .transpose()?,
             allowed_domains: c.allowed_redirect_domains.clone(),
             id_expiry_from_access: c.use_access_token_expiry_for_id_token_cookie,
-            stats: crate::stats::NamedCounters::new(format!("{stats_prefix}{}", c.stat_prefix)),
+            // A stat_prefix is a scope of its own: a dot follows it.
+            stats: crate::stats::NamedCounters::with(
+                if c.stat_prefix.is_empty() {
+                    stats_prefix.to_string()
+                } else {
+                    format!("{stats_prefix}{}.", c.stat_prefix)
+                },
+                &STATS,
+            ),
             sds,
         })
     }
