@@ -99,6 +99,9 @@ pub struct Applier {
     statics: HashMap<String, Arc<ClusterConfig>>,
     /// SDS secrets static listeners and clusters use.
     static_sds: Vec<(String, XdsSource)>,
+    /// SDS secrets each published route table's per-route configs read,
+    /// kept as tables are published (not walked on every update).
+    route_sds: Mutex<HashMap<String, Vec<(String, XdsSource)>>>,
     drain_time: Duration,
     dynamic: Option<crate::config::Dynamic>,
     client: OnceLock<Arc<XdsClient>>,
@@ -290,6 +293,7 @@ impl Applier {
                 .flat_map(|l| l.sds_refs().cloned().collect::<Vec<_>>())
                 .chain(config.clusters.iter().flat_map(|c| c.sds_refs()))
                 .collect(),
+            route_sds: Mutex::default(),
             drain_time,
             dynamic: config.dynamic.clone(),
             client: OnceLock::new(),
@@ -512,6 +516,17 @@ impl Applier {
     }
 
     fn publish_route(&self, name: &str, rc: Option<RouteConfig>) {
+        {
+            let mut sds = self.route_sds.lock().unwrap_or_else(|e| e.into_inner());
+            match rc.as_ref().map(|rc| rc.sds_refs()) {
+                Some(refs) if !refs.is_empty() => {
+                    sds.insert(name.to_string(), refs.into_iter().cloned().collect());
+                }
+                _ => {
+                    sds.remove(name);
+                }
+            }
+        }
         let rc = rc.map(Arc::new);
         self.routes.rds.rcu(|m| {
             let mut m = HashMap::clone(m);
@@ -964,10 +979,14 @@ impl Applier {
     fn follow_secrets(&self, st: &mut State, client: &XdsClient) {
         let mut sds_names = BTreeSet::new();
         let mut sds_via = None;
-        let tables = self.routes.rds.load();
-        let routes = tables
+        let routes: Vec<(String, XdsSource)> = self
+            .route_sds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .values()
-            .flat_map(|rc| rc.sds_refs().into_iter().cloned().collect::<Vec<_>>());
+            .flatten()
+            .cloned()
+            .collect();
         let refs = st
             .listeners
             .values()
