@@ -24,6 +24,7 @@ mod raw;
 mod report;
 mod resilience;
 mod routing;
+mod slow_start;
 mod tools;
 mod udp;
 mod validate;
@@ -138,6 +139,8 @@ async fn main() -> Result<()> {
             "zipkin" => zipkin::run(&bins, &work, &mut report).await?,
             // The http tier's OAuth2 sign-in part alone.
             "oauth2" => oauth2::run(&bins, &work, &mut report).await?,
+            // The http tier's slow start part alone.
+            "slow-start" => slow_start::run(&bins, &work, &mut report).await?,
             // The http tier's connection-age part alone.
             "keepalive" => {
                 resilience::keepalive_after_local_reply(&bins, &work, &mut report).await?
@@ -163,6 +166,7 @@ async fn main() -> Result<()> {
                 otel_log::run(&bins, &work, &mut report).await?;
                 zipkin::run(&bins, &work, &mut report).await?;
                 oauth2::run(&bins, &work, &mut report).await?;
+                slow_start::run(&bins, &work, &mut report).await?;
                 if let Err(e) = h2load::run(&bins, &work, &mut report).await {
                     report.add(
                         "http",

@@ -1504,12 +1504,25 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
-        &["locality_lb_config"],
+        &["locality_lb_config", "slow_start_config"],
         &[],
     ),
     m(
         "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
-        &["choice_count", "active_request_bias", "locality_lb_config"],
+        &[
+            "choice_count",
+            "active_request_bias",
+            "locality_lb_config",
+            "slow_start_config",
+        ],
+        &[],
+    ),
+    // Envoy 1.40 gives a host added to the cluster its full share at once
+    // whatever this says (the http tier's slow-start part measures it,
+    // with and without active health checks): Legate does the same.
+    m(
+        "envoy.extensions.load_balancing_policies.common.v3.SlowStartConfig",
+        &["slow_start_window", "aggression", "min_weight_percent"],
         &[],
     ),
     m(

@@ -107,6 +107,9 @@ pub struct Applier {
     client: OnceLock<Arc<XdsClient>>,
     state: Mutex<State>,
     initialized: tokio::sync::watch::Sender<bool>,
+    /// When the applier was made: static EDS clusters' initial fetch
+    /// timeouts count from here.
+    started: Instant,
     me: Weak<Applier>,
 }
 
@@ -307,6 +310,7 @@ impl Applier {
                 ..State::default()
             }),
             initialized: tokio::sync::watch::channel(false).0,
+            started: Instant::now(),
             me: me.clone(),
         })
     }
@@ -809,10 +813,21 @@ impl Applier {
             tracing::info!(clusters = activated.len(), "clusters active");
         }
         self.clusters.update(activated, &[]);
+        // Static EDS clusters hold initialization until their endpoints
+        // arrive or their initial fetch times out, as Envoy's static
+        // cluster phase does (no gauge: they are not CDS clusters warming).
+        let mut static_eds_waiting = 0;
         for c in self.statics.values() {
             if let Some(eds) = &c.eds {
                 eds_names.insert(eds.service_name.clone());
                 eds_via = eds_via.or_else(|| self.via(&eds.source).ok());
+                let waited_out = eds
+                    .source
+                    .initial_fetch_timeout
+                    .is_some_and(|t| self.started.elapsed() >= t);
+                if !st.endpoints.contains_key(&eds.service_name) && !waited_out {
+                    static_eds_waiting += 1;
+                }
             }
         }
         st.endpoints.retain(|n, _| eds_names.contains(n));
@@ -967,7 +982,12 @@ impl Applier {
             Interest::names(ecds_names),
         );
         self.follow_secrets(st, client);
-        if st.lds_received && st.cds_received && warming_listeners == 0 && warming_clusters == 0 {
+        if st.lds_received
+            && st.cds_received
+            && warming_listeners == 0
+            && warming_clusters == 0
+            && static_eds_waiting == 0
+        {
             self.initialized
                 .send_if_modified(|v| !std::mem::replace(v, true));
         }
