@@ -452,7 +452,6 @@ impl HostSnapshot {
         }
     }
 
-    /// The priority a host is in.
     /// The healthy or degraded host at `addr`, in any priority (what an
     /// override host may pick).
     pub fn find_host(&self, addr: SocketAddr) -> Option<Arc<UpstreamHost>> {
@@ -463,6 +462,7 @@ impl HostSnapshot {
             .cloned()
     }
 
+    /// The priority a host is in.
     pub fn priority_of(&self, addr: SocketAddr) -> Option<usize> {
         self.priorities
             .iter()

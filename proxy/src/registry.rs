@@ -36,6 +36,7 @@ const UNEVALUATED_LOG_FILTER: &str =
 const NO_ALS: &str =
     "the gRPC access log service is not implemented; access logs change no traffic";
 const NO_STATS_TAGS: &str = "stat tag extraction only changes stat names";
+const SLOW_START: &str = "Envoy 1.40 was measured giving an added host its full share at once whatever it says; so does Legate";
 const NO_SPANS: &str = "only shapes spans, which change no traffic: Legate exports OpenTelemetry and Zipkin spans without it, and Datadog spans not at all (its trace context is propagated and the sampling decision packed into x-request-id, as Envoy does)";
 const NO_LOCAL_CLUSTER: &str = "zone-aware routing engages only with a local cluster (the bootstrap's cluster_manager.local_cluster_name), which Legate does not accept; without one Envoy balances as if this were unset, and so does Legate";
 const HC_EVENTS: &str = "health check event logs are not written yet; they change no traffic";
@@ -1502,28 +1503,19 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["typed_extension_config"],
         &[],
     ),
+    // Envoy 1.40 gives a host added to the cluster its full share at once
+    // whatever slow_start_config says (the http tier's slow-start part
+    // measures it, with and without active health checks): Legate does the
+    // same, and says so.
     m(
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
-        &["locality_lb_config", "slow_start_config"],
-        &[],
+        &["locality_lb_config"],
+        &[("slow_start_config", SLOW_START)],
     ),
     m(
         "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
-        &[
-            "choice_count",
-            "active_request_bias",
-            "locality_lb_config",
-            "slow_start_config",
-        ],
-        &[],
-    ),
-    // Envoy 1.40 gives a host added to the cluster its full share at once
-    // whatever this says (the http tier's slow-start part measures it,
-    // with and without active health checks): Legate does the same.
-    m(
-        "envoy.extensions.load_balancing_policies.common.v3.SlowStartConfig",
-        &["slow_start_window", "aggression", "min_weight_percent"],
-        &[],
+        &["choice_count", "active_request_bias", "locality_lb_config"],
+        &[("slow_start_config", SLOW_START)],
     ),
     m(
         "envoy.extensions.load_balancing_policies.random.v3.Random",

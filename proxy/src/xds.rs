@@ -825,7 +825,9 @@ impl Applier {
                     .source
                     .initial_fetch_timeout
                     .is_some_and(|t| self.started.elapsed() >= t);
-                if !st.endpoints.contains_key(&eds.service_name) && !waited_out {
+                // A source that cannot be subscribed to is not waited on.
+                let reachable = self.via(&eds.source).is_ok();
+                if reachable && !st.endpoints.contains_key(&eds.service_name) && !waited_out {
                     static_eds_waiting += 1;
                 }
             }

@@ -3,7 +3,8 @@
 //! matched policy: its status (else the response's), its body (`body`,
 //! through `body_format`), and its headers. Only the local response
 //! policy is supported; the redirect policy is refused naming the field.
-//! A route's `CustomResponse` is asked first, then the filter's.
+//! Routes' `CustomResponse`s are asked first (most specific level first),
+//! then the filter's.
 
 use super::{Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, ResponseInfo, State};
 use crate::config::route::BodyFormat;
@@ -137,8 +138,9 @@ fn per_route(a: &Any, path: &str) -> Result<PerRoute> {
     Ok(Arc::new(translate(&super::decode(a, path)?, path)?))
 }
 
-/// The route's own config, kept from the request for the response.
-struct RouteConfig(Arc<CustomResponse>);
+/// The routes' own configs (most specific first), kept from the request
+/// for the response.
+struct RouteConfigs(Vec<Arc<CustomResponse>>);
 
 impl LocalResponse {
     /// The reply: the policy's status (else the response's), its body and
@@ -191,8 +193,9 @@ impl LocalResponse {
 #[async_trait::async_trait]
 impl HttpFilter for CustomResponse {
     async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow {
-        if let Some(c) = rq.all_levels::<CustomResponse>().next() {
-            *state = Some(Box::new(RouteConfig(c)));
+        let levels: Vec<Arc<CustomResponse>> = rq.all_levels::<CustomResponse>().collect();
+        if !levels.is_empty() {
+            *state = Some(Box::new(RouteConfigs(levels)));
         }
         Flow::Continue
     }
@@ -207,10 +210,11 @@ impl HttpFilter for CustomResponse {
         info: &ResponseInfo<'_>,
         state: &mut Option<State>,
     ) -> Option<FilterReply> {
-        let route = state
+        let levels: Vec<Arc<CustomResponse>> = state
             .as_ref()
-            .and_then(|s| s.downcast_ref::<RouteConfig>())
-            .map(|r| r.0.clone());
+            .and_then(|s| s.downcast_ref::<RouteConfigs>())
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
         let status = resp.status.as_u16();
         let metadata = serde_json::Map::new();
         let data = Data {
@@ -233,11 +237,11 @@ impl HttpFilter for CustomResponse {
                 local_reply: info.local,
             }),
         };
-        // The route's matcher first; what it does not pick, the filter's
-        // may (as Envoy falls back).
-        route
-            .as_deref()
-            .and_then(|r| r.matcher.evaluate(&data))
+        // The most specific level whose matcher picks a policy, else the
+        // filter's own (as Envoy falls back).
+        levels
+            .iter()
+            .find_map(|l| l.matcher.evaluate(&data))
             .or_else(|| self.matcher.evaluate(&data))
             .map(|p| p.reply(status))
     }

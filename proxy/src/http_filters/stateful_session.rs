@@ -74,7 +74,9 @@ enum Session {
 
 #[derive(Debug)]
 pub struct StatefulSession {
-    session: Session,
+    /// None: no session state configured (Envoy loads it and keeps no
+    /// sessions).
+    session: Option<Arc<Session>>,
 }
 
 /// A route's override: off, or its own session.
@@ -94,11 +96,13 @@ struct SessionCookie {
     expires: u64,
 }
 
-fn session(t: Option<&TypedExtensionConfig>, path: &str) -> Result<Session> {
+fn session(t: Option<&TypedExtensionConfig>, path: &str) -> Result<Option<Session>> {
     let sp = join(path, "session_state");
+    let Some(t) = t else { return Ok(None) };
     let a = t
-        .and_then(|t| t.typed_config.as_ref())
-        .ok_or_else(|| ConfigError::new(&sp, "session_state is required"))?;
+        .typed_config
+        .as_ref()
+        .ok_or_else(|| ConfigError::new(join(&sp, "typed_config"), "typed_config is required"))?;
     let tp = join(&sp, "typed_config");
     match legate_proto::type_name(&a.type_url) {
         COOKIE => {
@@ -126,18 +130,18 @@ fn session(t: Option<&TypedExtensionConfig>, path: &str) -> Result<Session> {
                 .map(|d| crate::config::duration(d, &join(&cp, "ttl")))
                 .transpose()?
                 .map_or(0, |d| d.as_secs());
-            Ok(Session::Cookie {
+            Ok(Some(Session::Cookie {
                 name: k.name.clone(),
                 ttl,
                 path: k.path.clone(),
-            })
+            }))
         }
         HEADER => {
             let h: header_pb::HeaderBasedSessionState = super::decode(a, &tp)?;
-            Ok(Session::Header(crate::headers::header_name(
+            Ok(Some(Session::Header(crate::headers::header_name(
                 &h.name,
                 &join(&tp, "name"),
-            )?))
+            )?)))
         }
         other => Err(ConfigError::new(
             &tp,
@@ -160,7 +164,7 @@ fn translate(c: &pb::StatefulSession, path: &str) -> Result<StatefulSession> {
         ));
     }
     Ok(StatefulSession {
-        session: session(c.session_state.as_ref(), path)?,
+        session: session(c.session_state.as_ref(), path)?.map(Arc::new),
     })
 }
 
@@ -210,16 +214,16 @@ fn path_covers(cookie_path: &str, request_path: &str) -> bool {
 
 /// What the request's session names, and whether the session applies.
 struct Live {
-    config: Arc<StatefulSession>,
+    session: Arc<Session>,
     address: Option<String>,
 }
 
-impl StatefulSession {
+impl Session {
     /// The address the request's session names (an expired cookie names
     /// none); None when the session does not apply to this path.
     fn read(&self, rq: &RequestInfo<'_>) -> Option<Option<String>> {
         let b64 = base64::engine::general_purpose::STANDARD;
-        match &self.session {
+        match self {
             Session::Cookie { name, path, .. } => {
                 let req_path = rq.req.uri.path_and_query().map_or("/", |p| p.as_str());
                 if !path_covers(path, req_path) {
@@ -227,11 +231,14 @@ impl StatefulSession {
                 }
                 let raw = crate::headers::cookie(&rq.req.headers, name).unwrap_or_default();
                 let bytes = b64.decode(raw.as_bytes()).unwrap_or_default();
-                let c = <SessionCookie as prost::Message>::decode(bytes.as_slice()).ok();
-                Some(c.and_then(|c| {
-                    let live = c.expires == 0 || c.expires >= now();
-                    (live && !c.address.is_empty()).then_some(c.address)
-                }))
+                match <SessionCookie as prost::Message>::decode(bytes.as_slice()) {
+                    Ok(c) if !c.address.is_empty() => {
+                        let live = c.expires == 0 || c.expires >= now();
+                        Some(live.then_some(c.address))
+                    }
+                    // An older Envoy's cookie: the address as text.
+                    _ => Some(String::from_utf8(bytes).ok().filter(|a| !a.is_empty())),
+                }
             }
             Session::Header(h) => {
                 let v = rq.req.headers.get(h).map(|v| v.as_bytes().to_vec());
@@ -248,7 +255,7 @@ impl StatefulSession {
     fn update(&self, resp: &mut ResponseHeader, upstream: SocketAddr) {
         let b64 = base64::engine::general_purpose::STANDARD;
         let addr = upstream.to_string();
-        match &self.session {
+        match self {
             Session::Cookie { name, ttl, path } => {
                 let c = SessionCookie {
                     address: addr,
@@ -275,21 +282,15 @@ impl StatefulSession {
 #[async_trait::async_trait]
 impl HttpFilter for StatefulSession {
     async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow {
-        let config = match rq.all_levels::<RouteSession>().next().as_deref() {
+        let session = match rq.all_levels::<RouteSession>().next().as_deref() {
             Some(RouteSession::Disabled) => return Flow::Continue,
-            Some(RouteSession::Own(s)) => s.clone(),
-            None => Arc::new(StatefulSession {
-                session: match &self.session {
-                    Session::Cookie { name, ttl, path } => Session::Cookie {
-                        name: name.clone(),
-                        ttl: *ttl,
-                        path: path.clone(),
-                    },
-                    Session::Header(h) => Session::Header(h.clone()),
-                },
-            }),
+            Some(RouteSession::Own(s)) => s.session.clone(),
+            None => self.session.clone(),
         };
-        let Some(address) = config.read(rq) else {
+        let Some(session) = session else {
+            return Flow::Continue;
+        };
+        let Some(address) = session.read(rq) else {
             return Flow::Continue;
         };
         if let Some(a) = address
@@ -298,7 +299,7 @@ impl HttpFilter for StatefulSession {
         {
             rq.filter_state.insert(OverrideHost(a));
         }
-        *state = Some(Box::new(Live { config, address }));
+        *state = Some(Box::new(Live { session, address }));
         Flow::Continue
     }
 
@@ -311,11 +312,9 @@ impl HttpFilter for StatefulSession {
         let Some(live) = state.and_then(|s| s.downcast_ref::<Live>()) else {
             return;
         };
-        let Some(up) = info.upstream.filter(|_| !info.local) else {
-            return;
-        };
+        let Some(up) = info.upstream else { return };
         if live.address.as_deref() != Some(up.to_string().as_str()) {
-            live.config.update(resp, up);
+            live.session.update(resp, up);
         }
     }
 }

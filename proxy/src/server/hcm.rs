@@ -3451,11 +3451,12 @@ fn choose_host(
     }
     let avoid_previous = ctx.retry.as_ref().is_some_and(|r| r.previous_hosts);
     let attempts = ctx.retry.as_ref().and_then(|r| r.host_selection_attempts);
-    // A filter's override host (a stateful session's) wins when the
-    // cluster has it healthy or degraded.
+    // A filter's override host (a stateful session's) wins on the first
+    // attempt when the cluster has it healthy or degraded; retries are the
+    // balancer's, as Envoy's router offers the override once.
     if let Some(crate::http_filters::OverrideHost(a)) = ctx.filter_state.get() {
-        if let Some(h) = cluster.snapshot().find_host(*a) {
-            if !(avoid_previous && ctx.tried.contains(a)) {
+        if ctx.tried.is_empty() {
+            if let Some(h) = cluster.snapshot().find_host(*a) {
                 return Some(h);
             }
         }
