@@ -6,8 +6,11 @@
 //! proto3 JSON or YAML can be decoded, `Any` resolved by type URL, and any
 //! message walked field by field (see [`walk`]).
 
+pub mod extra;
+pub mod istio;
 pub mod json;
 pub mod pgv;
+pub mod typed_struct;
 pub mod walk;
 
 pub use envoy_types;
@@ -22,7 +25,10 @@ static DESCRIPTOR_BYTES: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy
 pub fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        DescriptorPool::decode(DESCRIPTOR_BYTES).expect("embedded Envoy descriptor set is valid")
+        let mut pool = DescriptorPool::decode(DESCRIPTOR_BYTES)
+            .expect("embedded Envoy descriptor set is valid");
+        extra::add_missing(&mut pool);
+        pool
     })
 }
 

@@ -146,15 +146,25 @@ fn parse_each<'u, T>(
 /// A resource decoded and checked against Envoy's constraints and the
 /// field registry.
 fn check<M: prost::Message + Default>(any: &Any) -> Result<M, String> {
-    let dynamic =
-        legate_proto::walk::decode_any(&any.type_url, &any.value, "").map_err(|e| e.to_string())?;
+    // `TypedStruct` configs are read as the messages they name, as Envoy
+    // reads them, before anything looks at the fields.
+    let expanded = legate_proto::typed_struct::expand_encoded(&any.type_url, &any.value)
+        .map_err(|e| e.to_string())?;
+    let (dynamic, bytes) = match expanded {
+        Some((dynamic, bytes)) => (dynamic, std::borrow::Cow::Owned(bytes)),
+        None => (
+            legate_proto::walk::decode_any(&any.type_url, &any.value, "")
+                .map_err(|e| e.to_string())?,
+            std::borrow::Cow::Borrowed(any.value.as_slice()),
+        ),
+    };
     legate_proto::pgv::validate(&dynamic, "")
         .map_err(|e| format!("proto constraint validation failed: {e}"))?;
     for i in registry::validate(&dynamic).map_err(|e| e.to_string())? {
         tracing::warn!(path = %i.path, reason = i.reason, "config field accepted but not applied");
         stats::counter("legate.config.fields_ignored".into()).increment(1);
     }
-    M::decode(any.value.as_slice()).map_err(|e| e.to_string())
+    M::decode(bytes.as_ref()).map_err(|e| e.to_string())
 }
 
 /// Whether Legate can reach a management server through `cluster` over
