@@ -147,6 +147,9 @@ impl Admin {
                     None => None,
                 };
                 let mut all = stats::store().snapshot();
+                if path == "/stats" && param("format").as_deref() != Some("prometheus") {
+                    all.extend(crate::istio::metrics::store().text().into_iter().map(|(n, v)| (n, v, true)));
+                }
                 all.retain(|(n, _, _)| filter.as_ref().is_none_or(|f| f.is_match(n)));
                 if param("usedonly").is_some() {
                     all.retain(|(_, v, _)| *v > 0);
@@ -156,6 +159,11 @@ impl Admin {
                     for (n, v, is_counter) in all {
                         let pn = stats::prometheus_name(&n);
                         out.push_str(&format!("# TYPE {pn} {}\n{pn}{{}} {v}\n", if is_counter { "counter" } else { "gauge" }));
+                    }
+                    // Istio's labelled metrics (`istio.stats`), named as
+                    // Istio's proxy prints them.
+                    if filter.is_none() {
+                        out.push_str(&crate::istio::metrics::store().prometheus());
                     }
                     Reply { status: 200, content_type: "text/plain; version=0.0.4", body: out }
                 } else if param("format").as_deref() == Some("json") {

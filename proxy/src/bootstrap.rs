@@ -137,10 +137,19 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             cli.service_cluster.clone()
         },
         zone: if cli.service_zone.is_empty() {
-            node_pb.locality.map(|l| l.zone).unwrap_or_default()
+            node_pb.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default()
         } else {
             cli.service_zone.clone()
         },
+        region: node_pb
+            .locality
+            .as_ref()
+            .map(|l| l.region.clone())
+            .unwrap_or_default(),
+        metadata: Arc::new(match node_pb.metadata.as_ref().map(struct_to_json) {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => Default::default(),
+        }),
     };
     config::set_local_node(&node);
     let dynamic = match &b.dynamic_resources {

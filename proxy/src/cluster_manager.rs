@@ -37,6 +37,8 @@ pub struct UpstreamHost {
     /// How connections to it are secured (the cluster's transport socket,
     /// or the `transport_socket_matches` entry its metadata picks).
     pub tls: Option<HostTls>,
+    /// Its endpoint's `istio.workload` metadata.
+    pub istio_workload: Option<Arc<str>>,
 }
 
 impl UpstreamHost {
@@ -54,6 +56,7 @@ impl UpstreamHost {
             locality_weight: 0,
             active_requests: Arc::default(),
             tls,
+            istio_workload: None,
         }
     }
 }
@@ -78,6 +81,10 @@ pub struct AutoAlpn {
     picked: Mutex<HashMap<SocketAddr, bool>>,
     /// (context, h2) → the narrowed context.
     narrowed: Mutex<HashMap<(usize, bool), Arc<crate::config::tls::ClientTls>>>,
+    /// (context, `istio.alpn` list) → the context offering that list.
+    overridden: Mutex<
+        HashMap<(usize, crate::istio::alpn::AlpnOverride), Arc<crate::config::tls::ClientTls>>,
+    >,
 }
 
 impl AutoAlpn {
@@ -94,6 +101,24 @@ impl AutoAlpn {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr, h2);
+    }
+
+    /// `base` offering `alpn` instead of its own list.
+    pub fn overridden(
+        &self,
+        base: &Arc<crate::config::tls::ClientTls>,
+        alpn: &crate::istio::alpn::AlpnOverride,
+    ) -> Arc<crate::config::tls::ClientTls> {
+        let key = (Arc::as_ptr(base) as usize, alpn.clone());
+        self.overridden
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert_with(|| {
+                let list: Vec<&str> = alpn.0.iter().map(String::as_str).collect();
+                Arc::new(base.with_alpn(&list))
+            })
+            .clone()
     }
 
     pub fn narrowed(
@@ -1043,6 +1068,7 @@ impl Cluster {
                     let cell = cells.get(&addr).cloned().unwrap_or_default();
                     live.insert(addr, cell.clone());
                     by_priority[p as usize].push(Arc::new(UpstreamHost {
+                        istio_workload: e.istio_workload.clone(),
                         addr,
                         hash_key: e.hash_key.clone().unwrap_or_else(|| addr.to_string()),
                         // Envoy's host name: the endpoint's `hostname`, else the DNS
@@ -1437,6 +1463,7 @@ mod tests {
             locality_weight: 0,
             active_requests: Default::default(),
             tls: None,
+            istio_workload: None,
         })
     }
 

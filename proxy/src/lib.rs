@@ -21,6 +21,7 @@ pub mod header_case;
 pub mod headers;
 pub mod health_check;
 pub mod http_filters;
+pub mod istio;
 pub mod kernel_lb;
 pub mod lb;
 pub mod logging;

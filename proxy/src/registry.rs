@@ -1238,6 +1238,11 @@ pub static REGISTRY: &[MessageSupport] = &[
             "outlier_detection",
             "original_dst_lb_config",
             "upstream_bind_config",
+            // Istio's metadata exchange only (config::cluster).
+            "filters",
+            // Read by Istio's extensions (`filter_metadata.istio`); other
+            // keys change nothing.
+            "metadata",
         ],
         &[
             (
@@ -1245,7 +1250,6 @@ pub static REGISTRY: &[MessageSupport] = &[
                 "how long an unused ORIGINAL_DST host is remembered: Legate forgets unused ones once 1 024 accumulate; where connections go does not change",
             ),
             ("alt_stat_name", "only changes stat names"),
-            ("metadata", "only informational"),
             (
                 "per_connection_buffer_limit_bytes",
                 "an upstream flow-control watermark: it paces, never changes, what is sent; pingora's own backpressure applies",
@@ -1431,6 +1435,7 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[],
     ),
+    m("envoy.config.cluster.v3.Filter", &["name", "typed_config"], &[]),
     m(
         "envoy.config.cluster.v3.UpstreamConnectionOptions",
         &["tcp_keepalive"],
@@ -1746,6 +1751,7 @@ pub fn all() -> impl Iterator<Item = &'static MessageSupport> {
     REGISTRY
         .iter()
         .chain(crate::config::unified_matcher::REGISTRY)
+        .chain(crate::istio::exchange::REGISTRY)
         .chain(
             crate::http_filters::REGISTRIES
                 .iter()

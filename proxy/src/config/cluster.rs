@@ -204,6 +204,9 @@ pub struct EndpointConfig {
     /// instead of the endpoint's.
     pub hc_port: Option<u16>,
     pub hc_hostname: String,
+    /// `filter_metadata.istio.workload`: who the endpoint is, for
+    /// `istio.stats` when the peer does not say.
+    pub istio_workload: Option<Arc<str>>,
 }
 
 /// One `transport_socket_matches` entry.
@@ -354,6 +357,11 @@ pub struct ClusterConfig {
     pub outlier: Option<super::outlier::OutlierConfig>,
     /// `health_checks` (at most one).
     pub health_check: Option<super::health_check::HealthCheckConfig>,
+    /// What Istio's extensions read from `metadata.filter_metadata.istio`.
+    pub istio: crate::istio::ClusterFacts,
+    /// `filters`: Istio's metadata exchange on upstream connections (the
+    /// only upstream network filter Legate has).
+    pub exchange: Option<Arc<crate::istio::exchange::Exchange>>,
 }
 
 /// TCP keep-alive for upstream sockets; Envoy leaves unset values to the
@@ -724,6 +732,8 @@ impl ClusterConfig {
             (None, None) => Duration::from_secs(5),
         };
         let built = Self {
+            istio: crate::istio::ClusterFacts::from_metadata(c.metadata.as_ref()),
+            exchange: upstream_filters(&c.filters, path)?,
             circuit_breakers: super::circuit_breakers::CircuitBreakers::from_proto(
                 c.circuit_breakers.as_ref(),
                 &join(path, "circuit_breakers"),
@@ -1255,7 +1265,17 @@ pub fn load_assignment(
                     Some(super::wkt::value::Kind::StringValue(s)) => Some(s.clone()),
                     _ => None,
                 });
+            let istio_workload = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("istio"))
+                .and_then(|s| s.fields.get("workload"))
+                .and_then(|v| match &v.kind {
+                    Some(super::wkt::value::Kind::StringValue(s)) => Some(Arc::from(s.as_str())),
+                    _ => None,
+                });
             endpoints.push(EndpointConfig {
+                istio_workload,
                 host,
                 port,
                 weight,
@@ -1390,4 +1410,32 @@ mod tests {
         let e = ResponseHeaderLimits::from_proto(&common, "c").unwrap_err();
         assert!(e.to_string().contains("c.max_response_headers_kb"), "{e}");
     }
+}
+
+/// `Cluster.filters`: Istio's metadata exchange, at most once; any other
+/// upstream network filter is refused.
+fn upstream_filters(
+    filters: &[pb::Filter],
+    path: &str,
+) -> Result<Option<Arc<crate::istio::exchange::Exchange>>> {
+    let mut out = None;
+    for (i, f) in filters.iter().enumerate() {
+        let p = join(&index(path, "filters", i), "typed_config");
+        let a = f
+            .typed_config
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(&p, "typed_config is required"))?;
+        let tn = legate_proto::type_name(&a.type_url);
+        if tn != legate_proto::istio::METADATA_EXCHANGE {
+            return Err(ConfigError::new(
+                p,
+                format!("upstream network filter {tn} is not supported"),
+            ));
+        }
+        if out.is_some() {
+            return Err(ConfigError::new(p, "a second metadata exchange is not supported"));
+        }
+        out = Some(Arc::new(crate::istio::exchange::Exchange::from_any(a, &p)?));
+    }
+    Ok(out)
 }

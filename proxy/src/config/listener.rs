@@ -35,6 +35,11 @@ pub struct FilterChain {
     pub rbac: Vec<Arc<super::rbac::Rbac>>,
     /// `local_ratelimit` network filters, checked as the connection opens.
     pub ratelimits: Vec<Arc<super::local_ratelimit::LocalRateLimit>>,
+    /// Istio's metadata exchange (`tcp_proxy` chains; see
+    /// `istio::exchange`).
+    pub exchange: Option<Arc<crate::istio::exchange::Exchange>>,
+    /// Istio's network `istio.stats` (`tcp_proxy` chains).
+    pub istio_stats: Option<Arc<crate::istio::stats::PluginConfig>>,
     pub filter: NetworkFilter,
     /// TLS termination (`transport_socket` with a `DownstreamTlsContext`).
     pub tls: Option<Arc<super::tls::ServerTls>>,
@@ -1168,6 +1173,7 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
     let mut limits = Vec::new();
     let mut rbac = Vec::new();
     let mut ratelimits = Vec::new();
+    let (mut exchange, mut istio_stats) = (None, None);
     for (i, f) in fc.filters[..last].iter().enumerate() {
         let f_path = join(&index(&fc_path, "filters", i), "typed_config");
         let any = match &f.config_type {
@@ -1194,6 +1200,14 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
                     .map_err(|e| ConfigError::new(&f_path, e.to_string()))?;
                 rbac.push(Arc::new(super::rbac::Rbac::from_proto(&r, &f_path)?));
             }
+            legate_proto::istio::METADATA_EXCHANGE if exchange.is_none() => {
+                exchange = Some(Arc::new(crate::istio::exchange::Exchange::from_any(
+                    any, &f_path,
+                )?));
+            }
+            legate_proto::istio::STATS if istio_stats.is_none() => {
+                istio_stats = Some(crate::istio::stats::from_any(any, &f_path)?);
+            }
             _ => {
                 return Err(ConfigError::new(
                     f_path,
@@ -1207,6 +1221,7 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
         Some(ts) => super::tls::downstream(ts, &join(&fc_path, "transport_socket"))?,
         None => None,
     };
+    istio_before_hcm(fc, &fc_path, &filter, tls.as_deref(), exchange.as_deref(), istio_stats.is_some())?;
     let handshake_timeout = match &fc.transport_socket_connect_timeout {
         Some(d) => super::duration(d, &join(&fc_path, "transport_socket_connect_timeout"))?,
         None => DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1215,10 +1230,53 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
         limits,
         rbac,
         ratelimits,
+        exchange,
+        istio_stats,
         filter,
         tls,
         handshake_timeout,
     })
+}
+
+/// Istio's network filters before a connection manager: the exchange only
+/// if the handshake can never settle on its protocol (then it does
+/// nothing, as in Istio's proxy), and no TCP metrics.
+fn istio_before_hcm(
+    fc: &pb::FilterChain,
+    fc_path: &str,
+    filter: &NetworkFilter,
+    tls: Option<&super::tls::ServerTls>,
+    exchange: Option<&crate::istio::exchange::Exchange>,
+    istio_stats: bool,
+) -> Result<()> {
+    if !matches!(filter, NetworkFilter::Http(_)) {
+        return Ok(());
+    }
+    let at = |t: &str| {
+        fc.filters
+            .iter()
+            .position(|f| {
+                matches!(&f.config_type, Some(pb::filter::ConfigType::TypedConfig(a))
+                    if legate_proto::type_name(&a.type_url) == t)
+            })
+            .map(|i| index(fc_path, "filters", i))
+            .unwrap_or_default()
+    };
+    if istio_stats {
+        return Err(ConfigError::new(
+            at(legate_proto::istio::STATS),
+            "the network istio.stats is supported before tcp_proxy only",
+        ));
+    }
+    if let (Some(x), Some(tls)) = (exchange, tls) {
+        if tls.config.alpn_protocols.iter().any(|p| p == x.protocol.as_bytes()) {
+            return Err(ConfigError::new(
+                at(legate_proto::istio::METADATA_EXCHANGE),
+                "a metadata exchange before http_connection_manager whose TLS offers its protocol is not supported",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn terminal_filter(fc: &pb::FilterChain, fc_path: &str, last: usize) -> Result<NetworkFilter> {

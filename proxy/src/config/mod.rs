@@ -258,6 +258,11 @@ pub struct Node {
     pub id: String,
     pub cluster: String,
     pub zone: String,
+    /// `locality.region`.
+    pub region: String,
+    /// `metadata`, as JSON: Istio's extensions read the workload it
+    /// describes (`NAME`, `NAMESPACE`, `LABELS`...).
+    pub metadata: Arc<serde_json::Map<String, serde_json::Value>>,
 }
 
 static LOCAL_NODE: std::sync::OnceLock<Node> = std::sync::OnceLock::new();

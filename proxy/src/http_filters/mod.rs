@@ -391,6 +391,11 @@ pub struct StreamDone<'a> {
     pub clusters: &'a Arc<crate::cluster_manager::ClusterManager>,
     /// `node.cluster`.
     pub service_cluster: &'a str,
+    pub filter_state: &'a http::Extensions,
+    /// The last attempt's host.
+    pub host: Option<&'a Arc<crate::cluster_manager::UpstreamHost>>,
+    /// The listener's traffic_direction is INBOUND.
+    pub inbound: bool,
 }
 
 impl StreamDone<'_> {
@@ -447,6 +452,9 @@ pub static FACTORIES: &[&Factory] = &[
     &jwt_authn::FACTORY,
     &local_ratelimit::FACTORY,
     &oauth2::FACTORY,
+    &crate::istio::peer_metadata::FACTORY,
+    &crate::istio::alpn::FACTORY,
+    &crate::istio::stats::FACTORY,
     &ratelimit::FACTORY,
     &rbac::FACTORY,
     &stateful_session::FACTORY,
@@ -472,6 +480,9 @@ pub static REGISTRIES: &[&[MessageSupport]] = &[
     jwt_authn::REGISTRY,
     local_ratelimit::REGISTRY,
     oauth2::REGISTRY,
+    crate::istio::peer_metadata::REGISTRY,
+    crate::istio::alpn::REGISTRY,
+    crate::istio::stats::REGISTRY,
     rate_limit_actions::REGISTRY,
     ratelimit::REGISTRY,
     rbac::REGISTRY,

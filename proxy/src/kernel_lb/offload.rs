@@ -156,6 +156,7 @@ mod tests {
                     locality_weight: 0,
                     active_requests: Default::default(),
                     tls: None,
+                    istio_workload: None,
                 })
             })
             .collect();

@@ -250,6 +250,8 @@ pub struct Ctx {
     metadata: crate::http_filters::Metadata,
     /// The listener's traffic_direction is OUTBOUND: tracing as egress.
     outbound: bool,
+    /// ... or INBOUND.
+    inbound: bool,
     /// The trace context each upstream attempt carries.
     span: Option<crate::trace::SpanContext>,
     /// An ingress route decorator's operation, for the response.
@@ -1171,6 +1173,9 @@ impl HcmProxy {
                 runtime: &runtime,
                 clusters: &self.shared.clusters,
                 service_cluster: &self.shared.service_cluster,
+                filter_state: &ctx.filter_state,
+                host: ctx.host.as_ref(),
+                inbound: ctx.inbound,
             };
             for (k, &i) in ctx.filters_active.iter().enumerate() {
                 if let Some(state) = ctx.filter_states.get(k).and_then(|s| s.as_ref()) {
@@ -1551,6 +1556,7 @@ impl ProxyHttp for HcmProxy {
         }
         ctx.buffer_limit = meta.buffer_limit;
         ctx.outbound = meta.outbound;
+        ctx.inbound = meta.inbound;
         if last {
             session.set_keepalive(None);
         }
@@ -2251,6 +2257,7 @@ impl ProxyHttp for HcmProxy {
 
         let cfg = &cluster.config;
         let mut h2 = cfg.h2_for(session.req_header().version);
+        let mut alpn_pool = None;
         let mut peer = match &host.tls {
             None => HttpPeer::new(host.addr, false, String::new()),
             // pingora sees plaintext; the TLS is ours (`tls::upstream`). The
@@ -2269,7 +2276,22 @@ impl ProxyHttp for HcmProxy {
                 let mut peer =
                     HttpPeer::new(host.addr, false, connect.sni.clone().unwrap_or_default());
                 use crate::config::cluster::UpstreamProtocol as P;
+                let alpn_override = ctx.filter_state.get::<crate::istio::alpn::AlpnOverride>();
                 peer.options.custom_l4 = Some(match cfg.protocol {
+                    // `istio.alpn`: the request's list replaces whatever the
+                    // connection would offer (Envoy's application protocol
+                    // override); such connections pool apart (below).
+                    P::Http1 | P::Http2 | P::Downstream if alpn_override.is_some() => {
+                        let o = alpn_override.expect("checked");
+                        alpn_pool = Some(o.pool_key());
+                        Arc::new(crate::tls::upstream::TlsConnect {
+                            tls: cluster.alpn.overridden(&connect.tls, o),
+                            sni: connect.sni.clone(),
+                            timeout: connect.timeout,
+                            keepalive: connect.keepalive,
+                            bind: connect.bind,
+                        })
+                    }
                     P::Auto => {
                         let (l4, picked) = Self::auto_alpn(&cluster, host.addr, &connect).await;
                         h2 = picked;
@@ -2297,7 +2319,7 @@ impl ProxyHttp for HcmProxy {
         peer.group_key = match &cluster.generations {
             Some(g) => g.key(cluster.pool_key, Instant::now()),
             None => cluster.pool_key,
-        };
+        } ^ alpn_pool.unwrap_or(0);
         if let Some(b) = cfg.bind {
             let mut to = pingora_core::connectors::l4::BindTo::default();
             to.addr = Some(b);

@@ -50,6 +50,8 @@ pub struct ConnMeta {
     pub restored: bool,
     /// The listener's traffic_direction is OUTBOUND (tracing as egress).
     pub outbound: bool,
+    /// ... or INBOUND (`istio.stats` reports as the destination).
+    pub inbound: bool,
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -619,19 +621,24 @@ async fn serve_connection(
             },
         )
     };
-    let tcp_conn = |sni: String| tcp_proxy::Conn {
+    let tcp_conn = |sni: String, alpn: Option<Vec<u8>>, peer_san: String| tcp_proxy::Conn {
         peer,
         direct_peer,
         local,
         restored,
         sni,
+        alpn,
+        peer_san,
+        inbound: config.inbound,
+        exchange: filter.exchange.clone(),
+        istio_stats: filter.istio_stats.clone(),
     };
     let hcm = match &filter.filter {
         NetworkFilter::Tcp(t) => {
             match &filter.tls {
                 None => {
                     if facts(&found.sni, None) {
-                        let c = tcp_conn(found.sni.clone());
+                        let c = tcp_conn(found.sni.clone(), None, String::new());
                         tcp_proxy::serve(sock, c, t.clone(), ctx.clusters.clone()).await
                     }
                 }
@@ -643,7 +650,10 @@ async fn serve_connection(
                     let cert = c.peer_certificates().and_then(|p| p.first());
                     let sni = c.server_name().unwrap_or("").to_string();
                     if facts(&sni, cert.map(|c| c.as_ref())) {
-                        tcp_proxy::serve(down, tcp_conn(sni), t.clone(), ctx.clusters.clone()).await
+                        let alpn = c.alpn_protocol().map(<[u8]>::to_vec);
+                        let san = crate::istio::stats::uri_san(cert.map(|c| c.as_ref()));
+                        let c = tcp_conn(sni, alpn, san);
+                        tcp_proxy::serve(down, c, t.clone(), ctx.clusters.clone()).await
                     }
                 }
             }
@@ -680,6 +690,7 @@ async fn serve_connection(
         sni: found.sni.clone(),
         restored,
         outbound: config.outbound,
+        inbound: config.inbound,
     };
     let dummy = Box::new(ResponseHeader::build(200, None).expect("static response header"));
     let digest = ProxyDigest::new(dummy, Some(Box::new(meta)));

@@ -112,6 +112,16 @@ pub struct Conn {
     pub restored: bool,
     /// SNI, from `tls_inspector` or the TLS handshake.
     pub sni: String,
+    /// The ALPN protocol the TLS handshake settled on.
+    pub alpn: Option<Vec<u8>>,
+    /// The client certificate's first URI SAN.
+    pub peer_san: String,
+    /// The listener's traffic_direction is INBOUND.
+    pub inbound: bool,
+    /// Istio's network filters on the chain: the metadata exchange and
+    /// `istio.stats`.
+    pub exchange: Option<Arc<crate::istio::exchange::Exchange>>,
+    pub istio_stats: Option<Arc<crate::istio::stats::PluginConfig>>,
 }
 
 /// What happened on a connection, for stats and access logs; filled in as
@@ -121,12 +131,16 @@ struct Summary {
     /// The cluster exists (Envoy logs `%UPSTREAM_CLUSTER%` only then).
     cluster_found: bool,
     upstream: Option<SocketAddr>,
+    /// The host connected to (its endpoint metadata labels Istio's metrics).
+    host: Option<Arc<crate::cluster_manager::UpstreamHost>>,
     upstream_local: Option<SocketAddr>,
     /// Envoy's response flags: `NC` no cluster, `UH` no healthy host,
     /// `UF,URX` every connect attempt failed.
     flags: &'static str,
     rx: AtomicU64,
     tx: AtomicU64,
+    /// The peers the metadata exchange read, each side.
+    peers: Arc<crate::istio::peer::Peers>,
 }
 
 pub async fn serve<D: Halves>(
@@ -140,7 +154,11 @@ pub async fn serve<D: Halves>(
     let (start, began) = (std::time::SystemTime::now(), tokio::time::Instant::now());
     let name = t.pick_cluster(rand::random());
     let mut sum = Summary::default();
-    let work = proxy(down, &conn, name, &t, &clusters, &prefix, &mut sum);
+    let report = conn
+        .istio_stats
+        .as_ref()
+        .map(|c| crate::istio::stats::TcpReport::new(c.clone()));
+    let work = proxy(down, &conn, name, &t, &clusters, &prefix, &mut sum, report.as_ref());
     match t.max_duration {
         None => work.await,
         // Dropping the work closes both sockets.
@@ -156,7 +174,7 @@ pub async fn serve<D: Halves>(
     );
     stats::counter(format!("{prefix}downstream_cx_rx_bytes_total")).increment(rx);
     stats::counter(format!("{prefix}downstream_cx_tx_bytes_total")).increment(tx);
-    if !t.access_log.is_empty() {
+    if !t.access_log.is_empty() || report.is_some() {
         let e = crate::access_log::Entry {
             start,
             duration: began.elapsed(),
@@ -176,9 +194,40 @@ pub async fn serve<D: Halves>(
         for l in &t.access_log {
             l.log(&e, &clusters);
         }
+        if let Some(r) = &report {
+            let cluster = clusters.get(name);
+            r.closed(&istio_facts(&conn, &sum, r, name, cluster.as_deref()), &e);
+        }
     }
 }
 
+/// What `istio.stats` labels a connection with.
+fn istio_facts<'a>(
+    conn: &'a Conn,
+    sum: &'a Summary,
+    r: &crate::istio::stats::TcpReport,
+    name: &'a str,
+    cluster: Option<&'a crate::cluster_manager::Cluster>,
+) -> crate::istio::stats::Facts<'a> {
+    use crate::istio::stats::Reporter;
+    let reporter = r.reporter(conn.inbound);
+    crate::istio::stats::Facts {
+        reporter,
+        peer: match reporter {
+            Reporter::Client => sum.peers.upstream.get(),
+            _ => sum.peers.downstream.get(),
+        }
+        .map(|p| &**p),
+        endpoint: sum.host.as_ref().and_then(|h| h.istio_workload.as_deref()),
+        host: None,
+        route_name: "",
+        cluster,
+        cluster_name: name,
+        peer_san: &conn.peer_san,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn proxy<D: Halves>(
     down: D,
     conn: &Conn,
@@ -187,6 +236,7 @@ async fn proxy<D: Halves>(
     clusters: &ClusterManager,
     prefix: &str,
     sum: &mut Summary,
+    report: Option<&crate::istio::stats::TcpReport>,
 ) {
     let peer = conn.peer;
     let Some(cluster) = clusters.get(name) else {
@@ -268,14 +318,48 @@ async fn proxy<D: Halves>(
     }
     let _ = up.set_nodelay(true);
     host.active_requests.fetch_add(1, Ordering::Relaxed);
+    sum.host = Some(host.clone());
+    // Istio's metadata exchange, each side on its own ALPN.
+    let down_x = conn
+        .exchange
+        .as_deref()
+        .filter(|x| x.active(conn.alpn.as_deref()));
+    let up_x = |alpn: Option<&[u8]>| cluster.config.exchange.as_deref().filter(|x| x.active(alpn));
+    let opened = |up_x: Option<&crate::istio::exchange::Exchange>| {
+        // A connection whose reporting side learns no peer counts as
+        // opened now; one that may learn it, when it closes.
+        let r = report?;
+        use crate::istio::stats::Reporter;
+        let learns = match r.reporter(conn.inbound) {
+            Reporter::Client => up_x.is_some(),
+            _ => down_x.is_some(),
+        };
+        (!learns).then_some(r)
+    };
     let idle = match host.tls.as_ref().map(|h| &h.tls) {
-        None => pipe(down, up, t.idle_timeout, sum).await,
+        None => {
+            let up_x = up_x(None);
+            if let Some(r) = opened(up_x) {
+                let e = opened_entry(conn, sum, name);
+                r.opened(&istio_facts(conn, sum, r, name, Some(&cluster)), &e);
+            }
+            let x = Exchanges { down: down_x, up: up_x, peers: sum.peers.clone() };
+            pipe(down, up, t.idle_timeout, sum, x).await
+        }
         Some(tls) => {
             use crate::tls::upstream::{handshake, server_name};
-            let name = server_name(Some(&tls.sni), host.addr);
-            let hs = tokio::time::timeout(cluster.config.connect_timeout, handshake(tls, name, up));
+            let sni = server_name(Some(&tls.sni), host.addr);
+            let hs = tokio::time::timeout(cluster.config.connect_timeout, handshake(tls, sni, up));
             match hs.await {
-                Ok(Ok(up)) => pipe(down, up, t.idle_timeout, sum).await,
+                Ok(Ok(up)) => {
+                    let up_x = up_x(up.get_ref().1.alpn_protocol());
+                    if let Some(r) = opened(up_x) {
+                        let e = opened_entry(conn, sum, name);
+                        r.opened(&istio_facts(conn, sum, r, name, Some(&cluster)), &e);
+                    }
+                    let x = Exchanges { down: down_x, up: up_x, peers: sum.peers.clone() };
+                    pipe(down, up, t.idle_timeout, sum, x).await
+                }
                 _ => {
                     stats::counter(format!(
                         "cluster.{name}.ssl.connection_error",
@@ -359,14 +443,36 @@ where
 /// cut short never looks complete. Counts the bytes received from and sent
 /// to downstream in `sum` as they pass; returns whether the idle timer
 /// fired.
-async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>, sum: &Summary) -> bool {
+async fn pipe<D: Halves, U: Halves>(
+    down: D,
+    up: U,
+    idle: Option<Duration>,
+    sum: &Summary,
+    x: Exchanges<'_>,
+) -> bool {
     let (down_sock, up_sock) = (down.socket(), up.socket());
     let (mut dr, mut dw) = down.halves();
     let (mut ur, mut uw) = up.halves();
     let last = AtomicU64::new(0);
     let epoch = Instant::now();
-    let upward = one_way(&mut dr, &mut uw, &sum.rx, &last, epoch);
-    let downward = one_way(&mut ur, &mut dw, &sum.tx, &last, epoch);
+    // Each direction sends the frame of the exchange toward its writer's
+    // side and reads the frame of the exchange on its reader's side.
+    let upward = async {
+        let sent = x.up.map(|e| e.frame());
+        let read = x.down.map(|e| (e, &x.peers.downstream));
+        match exchange(&mut dr, &mut uw, &sum.rx, sent, read).await {
+            Some(f) => f,
+            None => one_way(&mut dr, &mut uw, &sum.rx, &last, epoch).await,
+        }
+    };
+    let downward = async {
+        let sent = x.down.map(|e| e.frame());
+        let read = x.up.map(|e| (e, &x.peers.upstream));
+        match exchange(&mut ur, &mut dw, &sum.tx, sent, read).await {
+            Some(f) => f,
+            None => one_way(&mut ur, &mut dw, &sum.tx, &last, epoch).await,
+        }
+    };
     tokio::pin!(upward, downward);
     let (mut to_up, mut to_down) = (None, None);
     // A day stands in for "never" when the idle timeout is disabled.
@@ -404,6 +510,67 @@ async fn pipe<D: Halves, U: Halves>(down: D, up: U, idle: Option<Duration>, sum:
         reset_on_close(&up_sock);
     }
     idled
+}
+
+/// Istio's metadata exchange on a connection, each side when active.
+struct Exchanges<'a> {
+    down: Option<&'a crate::istio::exchange::Exchange>,
+    up: Option<&'a crate::istio::exchange::Exchange>,
+    peers: Arc<crate::istio::peer::Peers>,
+}
+
+/// One direction's part of the exchange, before its bytes are copied:
+/// `sent` goes to the writer first; `read` takes the peer's frame off the
+/// reader's front (what follows it is passed on). The flow's end if the
+/// direction ended on the way.
+async fn exchange<R, W>(
+    r: &mut R,
+    w: &mut W,
+    bytes: &AtomicU64,
+    sent: Option<bytes::Bytes>,
+    read: Option<(&crate::istio::exchange::Exchange, &std::sync::OnceLock<Arc<crate::istio::peer::Workload>>)>,
+) -> Option<Flow>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if let Some(frame) = sent {
+        if w.write_all(&frame).await.is_err() {
+            return Some(Flow::WriteFailed);
+        }
+    }
+    let (x, slot) = read?;
+    let (peer, rest) = x.read_peer(r).await;
+    if let Some(p) = peer {
+        let _ = slot.set(Arc::new(p));
+    }
+    if !rest.is_empty() {
+        if w.write_all(&rest).await.is_err() {
+            return Some(Flow::WriteFailed);
+        }
+        bytes.fetch_add(rest.len() as u64, Ordering::Relaxed);
+    }
+    None
+}
+
+/// The entry `istio.stats` reads as a connection opens (nothing moved yet).
+fn opened_entry<'a>(conn: &'a Conn, sum: &'a Summary, name: &'a str) -> crate::access_log::Entry<'a> {
+    crate::access_log::Entry {
+        start: std::time::SystemTime::now(),
+        duration: Duration::ZERO,
+        bytes_received: 0,
+        bytes_sent: 0,
+        downstream_remote: conn.peer,
+        downstream_direct_remote: conn.direct_peer,
+        downstream_local: conn.local,
+        upstream_host: sum.upstream,
+        upstream_local: sum.upstream_local,
+        upstream_cluster: name,
+        response_flags: "",
+        requested_server_name: &conn.sni,
+        http: None,
+        trace: None,
+    }
 }
 
 /// Makes closing the socket send a reset (RST) rather than a FIN: linger
