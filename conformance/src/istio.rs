@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 /// The workloads of `istio/config/10-services.yaml`: echo servers named
 /// after them, on their WorkloadEntry addresses.
-const WORKLOADS: &[(&str, &str)] = &[
+pub(crate) const WORKLOADS: &[(&str, &str)] = &[
     ("productpage-v1", "127.0.0.10:19080"),
     ("reviews-v1", "127.0.0.21:19081"),
     ("reviews-v2", "127.0.0.22:19082"),
@@ -38,18 +38,18 @@ const WORKLOADS: &[(&str, &str)] = &[
 const TYPES: &[&str] = &["cluster", "listener", "route", "endpoint"];
 
 /// One way of connecting to istiod.
-struct Node {
+pub(crate) struct Node {
     /// `istio/envoy-<template>.yaml`.
-    template: &'static str,
+    pub(crate) template: &'static str,
     /// The node id's workload part, as syncz lists it.
-    proxy_id: &'static str,
+    pub(crate) proxy_id: &'static str,
     /// INTERCEPTION_MODE override.
-    interception: Option<&'static str>,
+    pub(crate) interception: Option<&'static str>,
     /// Where its requests go (`requests.yaml` section and port), if any.
-    traffic: Option<(&'static str, u16)>,
+    pub(crate) traffic: Option<(&'static str, u16)>,
 }
 
-const NODES: &[(&str, Node)] = &[
+pub(crate) const NODES: &[(&str, Node)] = &[
     (
         "sidecar",
         Node {
@@ -80,9 +80,9 @@ const NODES: &[(&str, Node)] = &[
 ];
 
 /// istiod, stopped when dropped.
-struct Istiod {
+pub(crate) struct Istiod {
     child: Child,
-    xds: u16,
+    pub(crate) xds: u16,
     debug: u16,
 }
 
@@ -111,28 +111,58 @@ fn free() -> u16 {
     legate_tests::legate::free_port()
 }
 
-fn start_istiod(bin: &Path, root: &Path, work: &Path) -> Result<Istiod> {
+/// Istio's two profiles: "upstream" (only extensions upstream Envoy has:
+/// no metadata exchange, no ALPN filter, no metrics provider) and
+/// "default" (as Istio's Helm chart installs it: all of them, and the
+/// `prometheus` metrics provider).
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Profile {
+    Upstream,
+    Default,
+}
+
+pub(crate) fn start_istiod(
+    bin: &Path,
+    root: &Path,
+    work: &Path,
+    profile: Profile,
+) -> Result<Istiod> {
     let (xds, debug) = (free(), free());
     let log = std::fs::File::create(work.join("istiod.log"))?;
-    let child = Command::new(bin)
+    let mut mesh = root.join("istio/mesh.yaml");
+    let mut command = Command::new(bin);
+    match profile {
+        Profile::Upstream => {
+            command
+                .env("PILOT_ENABLE_METADATA_EXCHANGE", "false")
+                .env("PILOT_ENABLE_ALPN_FILTER", "false");
+        }
+        Profile::Default => {
+            let text = std::fs::read_to_string(&mesh)?;
+            let text = text.replace(
+                "defaultProviders: {}",
+                "defaultProviders:\n  metrics: [prometheus]",
+            );
+            if !text.contains("metrics: [prometheus]") {
+                bail!("istio/mesh.yaml no longer has `defaultProviders: {{}}`");
+            }
+            mesh = work.join("mesh-default.yaml");
+            std::fs::write(&mesh, text)?;
+        }
+    }
+    let child = command
         .args(["discovery", "--registries="])
         .arg(format!(
             "--configDir={}",
             root.join("istio/config").display()
         ))
-        .arg(format!(
-            "--meshConfig={}",
-            root.join("istio/mesh.yaml").display()
-        ))
+        .arg(format!("--meshConfig={}", mesh.display()))
         .arg(format!("--grpcAddr=127.0.0.1:{xds}"))
         .arg(format!("--httpAddr=127.0.0.1:{debug}"))
         .arg(format!("--monitoringAddr=127.0.0.1:{}", free()))
         .args(["--httpsAddr=", "--secureGRPCAddr="])
         .arg(format!("--ctrlz_port={}", free()))
-        // Istio's upstream profile: only extensions upstream Envoy has.
         .env("POD_NAMESPACE", "istio-system")
-        .env("PILOT_ENABLE_METADATA_EXCHANGE", "false")
-        .env("PILOT_ENABLE_ALPN_FILTER", "false")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -168,12 +198,18 @@ fn syncz(istiod: &Istiod, proxy_id: &str) -> Option<serde_json::Value> {
 
 /// Waits until istiod has every type acknowledged by `proxy_id`; the
 /// answer names the types that were not ("all acknowledged" otherwise).
-fn wait_acked(istiod: &Istiod, proxy_id: &str) -> String {
+pub(crate) fn wait_acked(istiod: &Istiod, proxy_id: &str) -> String {
+    wait_acked_of(istiod, proxy_id, TYPES)
+}
+
+/// As [`wait_acked`], for the `types` a node is sent (a node importing no
+/// services is sent no routes and no endpoints).
+pub(crate) fn wait_acked_of(istiod: &Istiod, proxy_id: &str, types: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut pending: Vec<&str> = TYPES.to_vec();
+    let mut pending: Vec<&str> = types.to_vec();
     while Instant::now() < deadline {
         if let Some(p) = syncz(istiod, proxy_id) {
-            pending = TYPES
+            pending = types
                 .iter()
                 .copied()
                 .filter(|t| {
@@ -191,14 +227,20 @@ fn wait_acked(istiod: &Istiod, proxy_id: &str) -> String {
 }
 
 /// Waits until istiod has let go of `proxy_id` (the last proxy stopped).
-fn wait_gone(istiod: &Istiod, proxy_id: &str) {
+pub(crate) fn wait_gone(istiod: &Istiod, proxy_id: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline && syncz(istiod, proxy_id).is_some() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-fn bootstrap(root: &Path, work: &Path, node: &Node, api: &str, xds: u16) -> Result<(PathBuf, u16)> {
+pub(crate) fn bootstrap(
+    root: &Path,
+    work: &Path,
+    node: &Node,
+    api: &str,
+    xds: u16,
+) -> Result<(PathBuf, u16)> {
     let admin = free();
     let mut text =
         std::fs::read_to_string(root.join(format!("istio/envoy-{}.yaml", node.template)))?
@@ -226,7 +268,7 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
         let addr: SocketAddr = addr.parse()?;
         echoes.push(legate_tests::echo::start(name, addr).await?);
     }
-    let istiod = tokio::task::block_in_place(|| start_istiod(&bin, root, work))?;
+    let istiod = tokio::task::block_in_place(|| start_istiod(&bin, root, work, Profile::Upstream))?;
     for (label, node) in NODES {
         for (flavour, api) in [("sotw", "GRPC"), ("delta", "DELTA_GRPC")] {
             let case = format!("{label}-{flavour}");
@@ -285,6 +327,8 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
             }
         }
     }
+    drop(istiod);
+    crate::istio_mesh::run(bins, root, work, report, &bin, &mut echoes).await?;
     drop(echoes);
     Ok(())
 }

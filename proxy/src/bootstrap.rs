@@ -137,7 +137,11 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             cli.service_cluster.clone()
         },
         zone: if cli.service_zone.is_empty() {
-            node_pb.locality.as_ref().map(|l| l.zone.clone()).unwrap_or_default()
+            node_pb
+                .locality
+                .as_ref()
+                .map(|l| l.zone.clone())
+                .unwrap_or_default()
         } else {
             cli.service_zone.clone()
         },

@@ -1362,6 +1362,37 @@ fn upstream_h2(
     Ok(())
 }
 
+/// `Cluster.filters`: Istio's metadata exchange, at most once; any other
+/// upstream network filter is refused.
+fn upstream_filters(
+    filters: &[pb::Filter],
+    path: &str,
+) -> Result<Option<Arc<crate::istio::exchange::Exchange>>> {
+    let mut out = None;
+    for (i, f) in filters.iter().enumerate() {
+        let p = join(&index(path, "filters", i), "typed_config");
+        let a = f
+            .typed_config
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(&p, "typed_config is required"))?;
+        let tn = legate_proto::type_name(&a.type_url);
+        if tn != legate_proto::istio::METADATA_EXCHANGE {
+            return Err(ConfigError::new(
+                p,
+                format!("upstream network filter {tn} is not supported"),
+            ));
+        }
+        if out.is_some() {
+            return Err(ConfigError::new(
+                p,
+                "a second metadata exchange is not supported",
+            ));
+        }
+        out = Some(Arc::new(crate::istio::exchange::Exchange::from_any(a, &p)?));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1412,30 +1443,3 @@ mod tests {
     }
 }
 
-/// `Cluster.filters`: Istio's metadata exchange, at most once; any other
-/// upstream network filter is refused.
-fn upstream_filters(
-    filters: &[pb::Filter],
-    path: &str,
-) -> Result<Option<Arc<crate::istio::exchange::Exchange>>> {
-    let mut out = None;
-    for (i, f) in filters.iter().enumerate() {
-        let p = join(&index(path, "filters", i), "typed_config");
-        let a = f
-            .typed_config
-            .as_ref()
-            .ok_or_else(|| ConfigError::new(&p, "typed_config is required"))?;
-        let tn = legate_proto::type_name(&a.type_url);
-        if tn != legate_proto::istio::METADATA_EXCHANGE {
-            return Err(ConfigError::new(
-                p,
-                format!("upstream network filter {tn} is not supported"),
-            ));
-        }
-        if out.is_some() {
-            return Err(ConfigError::new(p, "a second metadata exchange is not supported"));
-        }
-        out = Some(Arc::new(crate::istio::exchange::Exchange::from_any(a, &p)?));
-    }
-    Ok(out)
-}

@@ -1221,7 +1221,14 @@ fn chain_filter(fc: &pb::FilterChain, fc_path: &str) -> Result<FilterChain> {
         Some(ts) => super::tls::downstream(ts, &join(&fc_path, "transport_socket"))?,
         None => None,
     };
-    istio_before_hcm(fc, &fc_path, &filter, tls.as_deref(), exchange.as_deref(), istio_stats.is_some())?;
+    istio_before_hcm(
+        fc,
+        &fc_path,
+        &filter,
+        tls.as_deref(),
+        exchange.as_deref(),
+        istio_stats.is_some(),
+    )?;
     let handshake_timeout = match &fc.transport_socket_connect_timeout {
         Some(d) => super::duration(d, &join(&fc_path, "transport_socket_connect_timeout"))?,
         None => DEFAULT_HANDSHAKE_TIMEOUT,
@@ -1269,7 +1276,12 @@ fn istio_before_hcm(
         ));
     }
     if let (Some(x), Some(tls)) = (exchange, tls) {
-        if tls.config.alpn_protocols.iter().any(|p| p == x.protocol.as_bytes()) {
+        if tls
+            .config
+            .alpn_protocols
+            .iter()
+            .any(|p| p == x.protocol.as_bytes())
+        {
             return Err(ConfigError::new(
                 at(legate_proto::istio::METADATA_EXCHANGE),
                 "a metadata exchange before http_connection_manager whose TLS offers its protocol is not supported",

@@ -72,7 +72,10 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
                 .and_then(|v| v.as_enum_number())
                 .unwrap_or(0);
             let list: Vec<String> = match e.get_field_by_name("alpn_override").as_deref() {
-                Some(Value::List(l)) => l.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                Some(Value::List(l)) => l
+                    .iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect(),
                 _ => Vec::new(),
             };
             // Istio's proxy keeps the last entry of a protocol; an empty
@@ -140,8 +143,17 @@ mod tests {
         for want in ["istio-http/1.0", "istio-http/1.1", "istio-h2"] {
             assert!(f.contains(want), "{f}");
         }
-        assert_eq!(upstream_version(UpstreamProtocol::Downstream, http::Version::HTTP_10), 0);
-        assert_eq!(upstream_version(UpstreamProtocol::Downstream, http::Version::HTTP_2), 2);
-        assert_eq!(upstream_version(UpstreamProtocol::Http1, http::Version::HTTP_2), 1);
+        assert_eq!(
+            upstream_version(UpstreamProtocol::Downstream, http::Version::HTTP_10),
+            0
+        );
+        assert_eq!(
+            upstream_version(UpstreamProtocol::Downstream, http::Version::HTTP_2),
+            2
+        );
+        assert_eq!(
+            upstream_version(UpstreamProtocol::Http1, http::Version::HTTP_2),
+            1
+        );
     }
 }

@@ -71,10 +71,16 @@ impl Exchange {
             ));
         }
         let additional: Vec<String> = match m.get_field_by_name("additional_labels").as_deref() {
-            Some(DynValue::List(l)) => l.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            Some(DynValue::List(l)) => l
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         };
-        let frame = frame(&super::peer::local(&additional), &crate::config::local_node().id);
+        let frame = frame(
+            &super::peer::local(&additional),
+            &crate::config::local_node().id,
+        );
         Ok(Exchange {
             protocol,
             additional,
@@ -174,7 +180,12 @@ pub fn frame(w: &Workload, id: &str) -> Bytes {
 fn parse(payload: &[u8], additional: &[String]) -> Option<Workload> {
     let any = Any::decode(payload).ok()?;
     let s = Struct::decode(any.value.as_slice()).ok()?;
-    match s.fields.get(super::peer_metadata::METADATA)?.kind.as_ref()? {
+    match s
+        .fields
+        .get(super::peer_metadata::METADATA)?
+        .kind
+        .as_ref()?
+    {
         Kind::StructValue(flat) => Some(Workload::from_struct(flat, additional)),
         _ => None,
     }

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// Envoy's default histogram buckets (Istio sets none).
 pub const BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
 /// A metric's labels, in their order.
@@ -88,24 +88,48 @@ impl Store {
             }
         };
         let mut last = String::new();
-        for ((name, labels), v) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for ((name, labels), v) in self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             typed(&mut out, &mut last, name, "counter");
-            out.push_str(&format!("{name}{} {}\n", render(labels, None), v.load(Ordering::Relaxed)));
+            out.push_str(&format!(
+                "{name}{} {}\n",
+                render(labels, None),
+                v.load(Ordering::Relaxed)
+            ));
         }
         for ((name, labels), v) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             typed(&mut out, &mut last, name, "gauge");
-            out.push_str(&format!("{name}{} {}\n", render(labels, None), v.load(Ordering::Relaxed)));
+            out.push_str(&format!(
+                "{name}{} {}\n",
+                render(labels, None),
+                v.load(Ordering::Relaxed)
+            ));
         }
-        for ((name, labels), h) in self.histograms.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for ((name, labels), h) in self
+            .histograms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             typed(&mut out, &mut last, name, "histogram");
             let mut total = 0;
             for (i, c) in h.counts.iter().enumerate() {
                 total += c.load(Ordering::Relaxed);
                 let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-                out.push_str(&format!("{name}_bucket{} {total}\n", render(labels, Some(&le))));
+                out.push_str(&format!(
+                    "{name}_bucket{} {total}\n",
+                    render(labels, Some(&le))
+                ));
             }
             let l = render(labels, None);
-            out.push_str(&format!("{name}_sum{l} {}\n", h.sum.load(Ordering::Relaxed)));
+            out.push_str(&format!(
+                "{name}_sum{l} {}\n",
+                h.sum.load(Ordering::Relaxed)
+            ));
             out.push_str(&format!("{name}_count{l} {total}\n"));
         }
         out
@@ -121,7 +145,12 @@ impl Store {
             s
         };
         let mut out = Vec::new();
-        for ((name, labels), v) in self.counters.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for ((name, labels), v) in self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             out.push((full(name, labels), v.load(Ordering::Relaxed)));
         }
         for ((name, labels), v) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -145,12 +174,20 @@ fn render(labels: &Labels, le: Option<&str>) -> String {
 
 fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -160,7 +197,10 @@ mod tests {
     #[test]
     fn counters_and_histograms_print_as_prometheus() {
         let s = Store::default();
-        let l = vec![("reporter".to_string(), "source".to_string()), ("a-b".into(), "q\"".into())];
+        let l = vec![
+            ("reporter".to_string(), "source".to_string()),
+            ("a-b".into(), "q\"".into()),
+        ];
         s.add("istio_requests_total", l.clone(), 2);
         s.record("istio_request_duration_milliseconds", l.clone(), 3);
         s.record("istio_request_duration_milliseconds", l.clone(), 7_000_000);
@@ -172,6 +212,9 @@ mod tests {
         assert!(p.contains("le=\"+Inf\"} 2\n"), "{p}");
         assert!(p.contains("istio_request_duration_milliseconds_sum{reporter=\"source\",a_b=\"q\\\"\"} 7000003\n"), "{p}");
         assert_eq!(s.counter("istio_requests_total", &l), 2);
-        assert_eq!(s.text()[0].0, "istiocustom.istio_requests_total.reporter.source.a-b.q\"");
+        assert_eq!(
+            s.text()[0].0,
+            "istiocustom.istio_requests_total.reporter.source.a-b.q\""
+        );
     }
 }

@@ -6,8 +6,8 @@
 
 pub mod alpn;
 pub mod exchange;
-pub mod peer;
 pub mod metrics;
+pub mod peer;
 pub mod peer_metadata;
 pub mod stats;
 

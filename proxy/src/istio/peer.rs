@@ -37,7 +37,10 @@ pub struct Workload {
 }
 
 fn text(m: &serde_json::Map<String, Json>, key: &str) -> String {
-    m.get(key).and_then(Json::as_str).unwrap_or_default().to_string()
+    m.get(key)
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl Workload {
@@ -256,7 +259,10 @@ mod tests {
         assert_eq!(w.kind, Some("deployment"));
         assert_eq!((w.app.as_str(), w.region.as_str()), ("productpage", "r"));
         let h = w.header_value();
-        assert_eq!(Workload::from_header(h.as_bytes(), &["team".into()]), Some(w.clone()));
+        assert_eq!(
+            Workload::from_header(h.as_bytes(), &["team".into()]),
+            Some(w.clone())
+        );
         // Without padding too; the labels not asked for are not kept.
         let back = Workload::from_header(h.trim_end_matches('=').as_bytes(), &[]).unwrap();
         assert!(back.labels.is_empty());
@@ -264,13 +270,38 @@ mod tests {
         assert_eq!(Workload::from_header(b"!!", &[]), None);
     }
 
+    /// Map entries go out in key order, whatever the map's own order.
+    #[test]
+    fn the_encoding_is_deterministic() {
+        let w = Workload::from_metadata(&node(), &[], ("", ""));
+        let bytes = encode_sorted(&w.to_struct());
+        for _ in 0..5 {
+            assert_eq!(encode_sorted(&w.to_struct()), bytes);
+        }
+        let back = Struct::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back, w.to_struct());
+        let names: Vec<usize> = ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]
+            .iter()
+            .map(|k| bytes.windows(k.len()).position(|x| x == k.as_bytes()).unwrap())
+            .collect();
+        assert!(names.windows(2).all(|p| p[0] < p[1]), "{names:?}");
+    }
+
     #[test]
     fn the_flat_node_has_istios_keys() {
         let s = Workload::from_metadata(&node(), &[], ("", "")).to_struct();
-        let keys: Vec<_> = s.fields.keys().cloned().collect();
+        let mut keys: Vec<_> = s.fields.keys().cloned().collect();
+        keys.sort();
         assert_eq!(
             keys,
-            ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]
+            [
+                "CLUSTER_ID",
+                "LABELS",
+                "NAME",
+                "NAMESPACE",
+                "OWNER",
+                "WORKLOAD_NAME"
+            ]
         );
         let empty = Workload::default().to_struct();
         assert_eq!(empty.fields.keys().collect::<Vec<_>>(), ["LABELS"]);

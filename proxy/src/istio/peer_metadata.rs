@@ -147,7 +147,10 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
     let m = legate_proto::walk::decode_any(&a.type_url, &a.value, path)
         .map_err(|e| ConfigError::new(path, e.to_string()))?;
     let additional: Vec<String> = match m.get_field_by_name("additional_labels").as_deref() {
-        Some(Value::List(l)) => l.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        Some(Value::List(l)) => l
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect(),
         _ => Vec::new(),
     };
     let own = super::peer::local(&additional);
@@ -166,7 +169,11 @@ fn build(a: &Any, _hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> 
 
 impl PeerMetadata {
     /// Whether propagation may go to or come from `cluster`.
-    fn propagates(p: Propagation, cluster: Option<&crate::cluster_manager::Cluster>, name: &str) -> bool {
+    fn propagates(
+        p: Propagation,
+        cluster: Option<&crate::cluster_manager::Cluster>,
+        name: &str,
+    ) -> bool {
         let facts = cluster.map(|c| &c.config.istio);
         if facts.is_some_and(|f| f.disable_mx) {
             return false;
@@ -224,8 +231,14 @@ impl HttpFilter for PeerMetadata {
         Flow::Continue
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, info: &ResponseInfo<'_>, state: Option<&State>) {
-        let Some((carried, peers)) = state.and_then(|s| s.downcast_ref::<(Carried, Arc<Peers>)>()) else {
+    fn on_response(
+        &self,
+        resp: &mut ResponseHeader,
+        info: &ResponseInfo<'_>,
+        state: Option<&State>,
+    ) {
+        let Some((carried, peers)) = state.and_then(|s| s.downcast_ref::<(Carried, Arc<Peers>)>())
+        else {
             return;
         };
         if self.upstream.headers {
@@ -283,6 +296,9 @@ mod tests {
         .unwrap();
         let f = format!("{f:?}");
         assert!(f.contains("upstream: Discovery { headers: true }"), "{f}");
-        assert!(f.contains("to_upstream: Some(Propagation { skip_external: true })"), "{f}");
+        assert!(
+            f.contains("to_upstream: Some(Propagation { skip_external: true })"),
+            "{f}"
+        );
     }
 }

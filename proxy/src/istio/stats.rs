@@ -21,7 +21,9 @@ use super::metrics::{store, Labels};
 use super::peer::{Peers, Workload, CANONICAL_NAME, CANONICAL_REVISION};
 use crate::cel::Expression;
 use crate::config::{index, join, ConfigError, Result};
-use crate::http_filters::{Factory, Flow, HttpFilter, RequestInfo, ResponseInfo, State, StreamDone};
+use crate::http_filters::{
+    Factory, Flow, HttpFilter, RequestInfo, ResponseInfo, State, StreamDone,
+};
 use crate::registry::MessageSupport;
 use legate_proto::envoy_types::pb::google::protobuf::Any;
 use legate_proto::istio::STATS as TYPE;
@@ -47,12 +49,24 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         warn: &[
             ("rotation_interval", "Istio's proxy does not read it"),
-            ("graceful_deletion_interval", "Istio's proxy does not read it"),
+            (
+                "graceful_deletion_interval",
+                "Istio's proxy does not read it",
+            ),
             ("debug", "reserved in Istio's proxy, which ignores it"),
-            ("max_peer_cache_size", "reserved in Istio's proxy, which ignores it"),
+            (
+                "max_peer_cache_size",
+                "reserved in Istio's proxy, which ignores it",
+            ),
             ("stat_prefix", "reserved in Istio's proxy, which ignores it"),
-            ("field_separator", "reserved in Istio's proxy, which ignores it"),
-            ("value_separator", "reserved in Istio's proxy, which ignores it"),
+            (
+                "field_separator",
+                "reserved in Istio's proxy, which ignores it",
+            ),
+            (
+                "value_separator",
+                "reserved in Istio's proxy, which ignores it",
+            ),
         ],
     },
     MessageSupport {
@@ -118,7 +132,12 @@ impl Local {
     fn from_node() -> Local {
         let node = crate::config::local_node();
         let m = &node.metadata;
-        let s = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let s = |k: &str| {
+            m.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
         let labels = m.get("LABELS").and_then(|v| v.as_object());
         let l = |k: &str| {
             labels
@@ -142,7 +161,11 @@ impl Local {
 pub fn from_any(a: &Any, path: &str) -> Result<Arc<PluginConfig>> {
     let m = legate_proto::walk::decode_any(&a.type_url, &a.value, path)
         .map_err(|e| ConfigError::new(path, e.to_string()))?;
-    let flag = |k: &str| m.get_field_by_name(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    let flag = |k: &str| {
+        m.get_field_by_name(k)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
     let mut overrides = Vec::new();
     if let Some(Value::List(items)) = m.get_field_by_name("metrics").as_deref() {
         for (i, item) in items.iter().filter_map(Value::as_message).enumerate() {
@@ -159,7 +182,10 @@ pub fn from_any(a: &Any, path: &str) -> Result<Arc<PluginConfig>> {
         .to_string();
     store().set(
         "istio_build",
-        vec![("component".into(), "proxy".into()), ("tag".into(), version)],
+        vec![
+            ("component".into(), "proxy".into()),
+            ("tag".into(), version),
+        ],
         1,
     );
     Ok(Arc::new(PluginConfig {
@@ -174,7 +200,10 @@ pub fn from_any(a: &Any, path: &str) -> Result<Arc<PluginConfig>> {
 }
 
 fn metric_override(m: &DynamicMessage, path: &str) -> Result<Override> {
-    let text = |k: &str| m.get_field_by_name(k).and_then(|v| v.as_str().map(String::from));
+    let text = |k: &str| {
+        m.get_field_by_name(k)
+            .and_then(|v| v.as_str().map(String::from))
+    };
     let mut dimensions = Vec::new();
     if let Some(Value::Map(d)) = m.get_field_by_name("dimensions").as_deref() {
         for (k, v) in d {
@@ -188,9 +217,15 @@ fn metric_override(m: &DynamicMessage, path: &str) -> Result<Override> {
     dimensions.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(Override {
         metric: text("name").filter(|n| !n.is_empty()),
-        drop: m.get_field_by_name("drop").and_then(|v| v.as_bool()).unwrap_or(false),
+        drop: m
+            .get_field_by_name("drop")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
         remove: match m.get_field_by_name("tags_to_remove").as_deref() {
-            Some(Value::List(l)) => l.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            Some(Value::List(l)) => l
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         },
         dimensions,
@@ -327,8 +362,14 @@ fn peer_labels(local: &Local, f: &Facts) -> Labels {
     match f.reporter {
         Reporter::Server | Reporter::Gateway => {
             l.push(("source_workload", or(&p.workload_name, UNKNOWN).into()));
-            l.push(("source_canonical_service", or(&p.canonical_name, UNKNOWN).into()));
-            l.push(("source_canonical_revision", or(&p.canonical_revision, "latest").into()));
+            l.push((
+                "source_canonical_service",
+                or(&p.canonical_name, UNKNOWN).into(),
+            ));
+            l.push((
+                "source_canonical_revision",
+                or(&p.canonical_revision, "latest").into(),
+            ));
             l.push(("source_workload_namespace", or(peer_ns, UNKNOWN).into()));
             l.push(("source_principal", or(peer_san, UNKNOWN).into()));
             l.push(("source_app", or(&p.app, UNKNOWN).into()));
@@ -339,32 +380,60 @@ fn peer_labels(local: &Local, f: &Facts) -> Labels {
             l.push(("destination_principal", UNKNOWN.into()));
             l.push(("destination_app", local.app.clone()));
             l.push(("destination_version", local.version.clone()));
-            l.push(("destination_service", or(&host, &local.canonical_name).into()));
-            l.push(("destination_canonical_service", local.canonical_name.clone()));
-            l.push(("destination_canonical_revision", local.canonical_revision.clone()));
-            l.push(("destination_service_name", or(&host_name, &local.canonical_name).into()));
+            l.push((
+                "destination_service",
+                or(&host, &local.canonical_name).into(),
+            ));
+            l.push((
+                "destination_canonical_service",
+                local.canonical_name.clone(),
+            ));
+            l.push((
+                "destination_canonical_revision",
+                local.canonical_revision.clone(),
+            ));
+            l.push((
+                "destination_service_name",
+                or(&host_name, &local.canonical_name).into(),
+            ));
             l.push(("destination_service_namespace", local.namespace.clone()));
             l.push(("destination_cluster", local.cluster.clone()));
         }
         Reporter::Client => {
             l.push(("source_workload", local.workload.clone()));
             l.push(("source_canonical_service", local.canonical_name.clone()));
-            l.push(("source_canonical_revision", local.canonical_revision.clone()));
+            l.push((
+                "source_canonical_revision",
+                local.canonical_revision.clone(),
+            ));
             l.push(("source_workload_namespace", local.namespace.clone()));
             l.push(("source_principal", UNKNOWN.into()));
             l.push(("source_app", local.app.clone()));
             l.push(("source_version", local.version.clone()));
             l.push(("source_cluster", local.cluster.clone()));
             l.push(("destination_workload", or(&p.workload_name, UNKNOWN).into()));
-            l.push(("destination_workload_namespace", or(peer_ns, UNKNOWN).into()));
+            l.push((
+                "destination_workload_namespace",
+                or(peer_ns, UNKNOWN).into(),
+            ));
             l.push(("destination_principal", or(peer_san, UNKNOWN).into()));
             l.push(("destination_app", or(&p.app, UNKNOWN).into()));
             l.push(("destination_version", or(&p.version, UNKNOWN).into()));
             l.push(("destination_service", or(&host, UNKNOWN).into()));
-            l.push(("destination_canonical_service", or(&p.canonical_name, UNKNOWN).into()));
-            l.push(("destination_canonical_revision", or(&p.canonical_revision, "latest").into()));
+            l.push((
+                "destination_canonical_service",
+                or(&p.canonical_name, UNKNOWN).into(),
+            ));
+            l.push((
+                "destination_canonical_revision",
+                or(&p.canonical_revision, "latest").into(),
+            ));
             l.push(("destination_service_name", or(&host_name, UNKNOWN).into()));
-            let ns = if ns.is_empty() { or(peer_ns, UNKNOWN) } else { &ns };
+            let ns = if ns.is_empty() {
+                or(peer_ns, UNKNOWN)
+            } else {
+                &ns
+            };
             l.push(("destination_service_namespace", ns.into()));
             l.push(("destination_cluster", or(&p.cluster, UNKNOWN).into()));
         }
@@ -461,7 +530,12 @@ impl HttpFilter for IstioStats {
         Flow::Continue
     }
 
-    fn on_response(&self, resp: &mut ResponseHeader, _info: &ResponseInfo<'_>, state: Option<&State>) {
+    fn on_response(
+        &self,
+        resp: &mut ResponseHeader,
+        _info: &ResponseInfo<'_>,
+        state: Option<&State>,
+    ) {
         let Some(s) = state.and_then(|s| s.downcast_ref::<Stream>()) else {
             return;
         };
@@ -473,7 +547,11 @@ impl HttpFilter for IstioStats {
         }
     }
 
-    fn on_response_trailers(&self, trailers: &http::HeaderMap, state: &mut Option<State>) -> Option<bytes::Bytes> {
+    fn on_response_trailers(
+        &self,
+        trailers: &http::HeaderMap,
+        state: &mut Option<State>,
+    ) -> Option<bytes::Bytes> {
         let s = state.as_ref()?.downcast_ref::<Stream>()?;
         if let Some(g) = grpc_status(trailers.get("grpc-status")) {
             s.grpc_status.store(g + 1, Ordering::Relaxed);
@@ -516,7 +594,10 @@ impl HttpFilter for IstioStats {
             0 => grpc_from_http(code).to_string(),
             g => (g - 1).to_string(),
         };
-        labels.push(("request_protocol".into(), if s.grpc { "grpc" } else { "http" }.into()));
+        labels.push((
+            "request_protocol".into(),
+            if s.grpc { "grpc" } else { "http" }.into(),
+        ));
         labels.push(("response_code".into(), code.to_string()));
         labels.push(("grpc_response_status".into(), grpc_status));
         labels.push(("response_flags".into(), or(e.response_flags, "-").into()));
@@ -536,9 +617,19 @@ impl HttpFilter for IstioStats {
             e,
             Emit::Sample(e.duration.as_millis() as u64),
         );
-        c.emit("request_bytes", &labels, e, Emit::Sample(s.request_head + e.bytes_received));
+        c.emit(
+            "request_bytes",
+            &labels,
+            e,
+            Emit::Sample(s.request_head + e.bytes_received),
+        );
         let response_head = s.response_head.load(Ordering::Relaxed);
-        c.emit("response_bytes", &labels, e, Emit::Sample(response_head + e.bytes_sent));
+        c.emit(
+            "response_bytes",
+            &labels,
+            e,
+            Emit::Sample(response_head + e.bytes_sent),
+        );
     }
 }
 
@@ -598,8 +689,18 @@ impl TcpReport {
                 .emit("tcp_connections_opened_total", &l, entry, Emit::Count(1));
         }
         let c = &self.config;
-        c.emit("tcp_received_bytes_total", &l, entry, Emit::Count(entry.bytes_received));
-        c.emit("tcp_sent_bytes_total", &l, entry, Emit::Count(entry.bytes_sent));
+        c.emit(
+            "tcp_received_bytes_total",
+            &l,
+            entry,
+            Emit::Count(entry.bytes_received),
+        );
+        c.emit(
+            "tcp_sent_bytes_total",
+            &l,
+            entry,
+            Emit::Count(entry.bytes_sent),
+        );
         c.emit("tcp_connections_closed_total", &l, entry, Emit::Count(1));
     }
 }

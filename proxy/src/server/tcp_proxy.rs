@@ -158,7 +158,16 @@ pub async fn serve<D: Halves>(
         .istio_stats
         .as_ref()
         .map(|c| crate::istio::stats::TcpReport::new(c.clone()));
-    let work = proxy(down, &conn, name, &t, &clusters, &prefix, &mut sum, report.as_ref());
+    let work = proxy(
+        down,
+        &conn,
+        name,
+        &t,
+        &clusters,
+        &prefix,
+        &mut sum,
+        report.as_ref(),
+    );
     match t.max_duration {
         None => work.await,
         // Dropping the work closes both sockets.
@@ -324,7 +333,13 @@ async fn proxy<D: Halves>(
         .exchange
         .as_deref()
         .filter(|x| x.active(conn.alpn.as_deref()));
-    let up_x = |alpn: Option<&[u8]>| cluster.config.exchange.as_deref().filter(|x| x.active(alpn));
+    let up_x = |alpn: Option<&[u8]>| {
+        cluster
+            .config
+            .exchange
+            .as_deref()
+            .filter(|x| x.active(alpn))
+    };
     let opened = |up_x: Option<&crate::istio::exchange::Exchange>| {
         // A connection whose reporting side learns no peer counts as
         // opened now; one that may learn it, when it closes.
@@ -343,7 +358,11 @@ async fn proxy<D: Halves>(
                 let e = opened_entry(conn, sum, name);
                 r.opened(&istio_facts(conn, sum, r, name, Some(&cluster)), &e);
             }
-            let x = Exchanges { down: down_x, up: up_x, peers: sum.peers.clone() };
+            let x = Exchanges {
+                down: down_x,
+                up: up_x,
+                peers: sum.peers.clone(),
+            };
             pipe(down, up, t.idle_timeout, sum, x).await
         }
         Some(tls) => {
@@ -357,7 +376,11 @@ async fn proxy<D: Halves>(
                         let e = opened_entry(conn, sum, name);
                         r.opened(&istio_facts(conn, sum, r, name, Some(&cluster)), &e);
                     }
-                    let x = Exchanges { down: down_x, up: up_x, peers: sum.peers.clone() };
+                    let x = Exchanges {
+                        down: down_x,
+                        up: up_x,
+                        peers: sum.peers.clone(),
+                    };
                     pipe(down, up, t.idle_timeout, sum, x).await
                 }
                 _ => {
@@ -528,7 +551,10 @@ async fn exchange<R, W>(
     w: &mut W,
     bytes: &AtomicU64,
     sent: Option<bytes::Bytes>,
-    read: Option<(&crate::istio::exchange::Exchange, &std::sync::OnceLock<Arc<crate::istio::peer::Workload>>)>,
+    read: Option<(
+        &crate::istio::exchange::Exchange,
+        &std::sync::OnceLock<Arc<crate::istio::peer::Workload>>,
+    )>,
 ) -> Option<Flow>
 where
     R: AsyncRead + Unpin,
@@ -554,7 +580,11 @@ where
 }
 
 /// The entry `istio.stats` reads as a connection opens (nothing moved yet).
-fn opened_entry<'a>(conn: &'a Conn, sum: &'a Summary, name: &'a str) -> crate::access_log::Entry<'a> {
+fn opened_entry<'a>(
+    conn: &'a Conn,
+    sum: &'a Summary,
+    name: &'a str,
+) -> crate::access_log::Entry<'a> {
     crate::access_log::Entry {
         start: std::time::SystemTime::now(),
         duration: Duration::ZERO,
