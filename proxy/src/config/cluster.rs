@@ -1442,4 +1442,3 @@ mod tests {
         assert!(e.to_string().contains("c.max_response_headers_kb"), "{e}");
     }
 }
-

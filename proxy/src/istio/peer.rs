@@ -280,10 +280,22 @@ mod tests {
         }
         let back = Struct::decode(bytes.as_slice()).unwrap();
         assert_eq!(back, w.to_struct());
-        let names: Vec<usize> = ["CLUSTER_ID", "LABELS", "NAME", "NAMESPACE", "OWNER", "WORKLOAD_NAME"]
-            .iter()
-            .map(|k| bytes.windows(k.len()).position(|x| x == k.as_bytes()).unwrap())
-            .collect();
+        let names: Vec<usize> = [
+            "CLUSTER_ID",
+            "LABELS",
+            "NAME",
+            "NAMESPACE",
+            "OWNER",
+            "WORKLOAD_NAME",
+        ]
+        .iter()
+        .map(|k| {
+            bytes
+                .windows(k.len())
+                .position(|x| x == k.as_bytes())
+                .unwrap()
+        })
+        .collect();
         assert!(names.windows(2).all(|p| p[0] < p[1]), "{names:?}");
     }
 
