@@ -96,10 +96,7 @@ impl Drop for Istiod {
 /// Builds (once per machine, into `~/.cache/legate`) and returns istiod.
 fn istiod_binary(root: &Path) -> Result<PathBuf> {
     let out = crate::tools::output_ok(
-        Command::new(root.join("istio/build-istiod.sh"))
-            // pilot-agent is not used by the tier yet.
-            .env("ISTIO_SKIP_AGENT", "1")
-            .stderr(Stdio::inherit()),
+        Command::new(root.join("istio/build-istiod.sh")).stderr(Stdio::inherit()),
         "building istiod (conformance/istio/build-istiod.sh)",
     )?;
     let text = String::from_utf8_lossy(&out.stdout);

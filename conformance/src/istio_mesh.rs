@@ -100,6 +100,8 @@ pub async fn run(
             report.add(TIER, &case, "ack", outcome);
         }
     }
+    tokio::task::block_in_place(|| wait_gone(&istiod, "productpage-v1-0.legate"));
+    crate::istio_agent::run(bins, &dir, report, &istiod, istiod_bin).await?;
     two_sidecars(bins, root, &dir, report, &istiod, echoes).await
 }
 

@@ -14,6 +14,7 @@ mod h2load;
 mod h2spec;
 mod header_case;
 mod istio;
+mod istio_agent;
 mod istio_mesh;
 mod l4;
 mod oauth2;

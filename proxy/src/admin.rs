@@ -152,7 +152,10 @@ impl Admin {
                 }
                 all.retain(|(n, _, _)| filter.as_ref().is_none_or(|f| f.is_match(n)));
                 if param("usedonly").is_some() {
-                    all.retain(|(_, v, _)| *v > 0);
+                    // Envoy's "used": a counter ever incremented, a gauge
+                    // ever set (every Legate gauge is set when made, and
+                    // pilot-agent's readiness probe wants `server.state: 0`).
+                    all.retain(|(_, v, is_counter)| *v > 0 || !is_counter);
                 }
                 if path == "/stats/prometheus" || param("format").as_deref() == Some("prometheus") {
                     let mut out = String::new();

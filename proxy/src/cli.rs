@@ -74,6 +74,10 @@ pub struct Cli {
     pub file_flush_interval_msec: u64,
     #[arg(long = "enable-core-dump")]
     pub enable_core_dump: bool,
+    /// Envoy's switch for its warnings about deprecated fields, which
+    /// Legate does not write (pilot-agent passes it).
+    #[arg(long = "skip-deprecated-logs")]
+    pub skip_deprecated_logs: bool,
     #[arg(long = "cpuset-threads")]
     pub cpuset_threads: bool,
     #[arg(long = "enable-fine-grain-logging")]
@@ -165,6 +169,7 @@ mod tests {
             "1000",
             "--disable-hot-restart",
             "--allow-unknown-static-fields",
+            "--skip-deprecated-logs",
             "--concurrency",
             "2",
             "-l",

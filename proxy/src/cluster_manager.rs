@@ -927,7 +927,7 @@ impl Cluster {
                     connect: None,
                     tls: Arc::new(tls.with_alpn(crate::health_check::health_alpn(&cfg.check))),
                 }),
-                bind: self.config.bind,
+                bind: self.config.bind.for_peer(probe),
             })
             .collect()
     }

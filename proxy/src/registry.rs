@@ -46,8 +46,25 @@ const HC_EVENTS: &str = "health check event logs are not written yet; they chang
 pub static REGISTRY: &[MessageSupport] = &[
     m(
         "envoy.config.bootstrap.v3.Bootstrap",
-        &["dynamic_resources", "node", "static_resources", "admin", "layered_runtime"],
         &[
+            "dynamic_resources",
+            "node",
+            "static_resources",
+            "admin",
+            "layered_runtime",
+            // Each extension's type is checked on its own: only the
+            // internal listener one (below) is known.
+            "bootstrap_extensions",
+        ],
+        &[
+            (
+                "application_log_config",
+                "the format of Legate's own log lines, not of access logs",
+            ),
+            (
+                "deferred_stat_options",
+                "when stats are created, not what they count",
+            ),
             ("stats_config", NO_STATS_TAGS),
             (
                 "stats_flush_interval",
@@ -84,6 +101,14 @@ pub static REGISTRY: &[MessageSupport] = &[
             "listening_addresses",
         ],
         &[],
+    ),
+    m(
+        "envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+        &[],
+        &[(
+            "buffer_size_kb",
+            "sizes the buffers of internal listener connections, and listeners with `internal_listener` are refused",
+        )],
     ),
     m(
         "envoy.config.core.v3.Locality",
@@ -186,8 +211,12 @@ pub static REGISTRY: &[MessageSupport] = &[
             "access_log",
             "udp_listener_config",
             "socket_options",
+            "additional_addresses",
         ],
         &[
+            // As the admin listener's: the overload manager's connection
+            // limit is not enforced (see `overload_manager`).
+            ("ignore_global_conn_limit", "no global connection limit yet"),
             ("metadata", "only informational"),
             (
                 "max_connections_to_accept_per_socket_event",
@@ -1402,7 +1431,13 @@ pub static REGISTRY: &[MessageSupport] = &[
         &["use_http_header", "http_header_name", "upstream_port_override"],
         &[],
     ),
-    m("envoy.config.core.v3.BindConfig", &["source_address"], &[]),
+    m(
+        "envoy.config.core.v3.BindConfig",
+        &["source_address", "extra_source_addresses"],
+        &[],
+    ),
+    m("envoy.config.core.v3.ExtraSourceAddress", &["address"], &[]),
+    m("envoy.config.listener.v3.AdditionalAddress", &["address"], &[]),
     m(
         "envoy.config.cluster.v3.OutlierDetection",
         // successful_active_health_check_uneject_host: no effect without

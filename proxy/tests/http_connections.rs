@@ -331,6 +331,69 @@ async fn upstream_max_requests_per_connection_retires_pooled_connections() {
     );
 }
 
+/// HTTP/2 upstreams with `max_requests_per_connection: 1` (what
+/// pilot-agent gives its xDS cluster): a connection per request, each
+/// closed after its one request; without the cap, one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_http2_one_request_per_connection() {
+    use std::sync::atomic::Ordering;
+    let (capped, free) = (upstream("capped").await, upstream("free").await);
+    let options = |max: serde_json::Value| {
+        json!({"typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+                "common_http_protocol_options": max,
+            }
+        }})
+    };
+    let rc = routes(json!([
+        {"match": {"prefix": "/capped"}, "route": {"cluster": "capped"}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "free"}},
+    ]));
+    let (_l, url, _admin) = start(
+        hcm(rc, json!({})),
+        vec![
+            cluster(
+                "capped",
+                &[capped.addr],
+                options(json!({"max_requests_per_connection": 1})),
+            ),
+            cluster("free", &[free.addr], options(json!({}))),
+        ],
+    );
+    let mut s = connect(&url).await;
+    for _ in 0..4 {
+        let head = h1_request(&mut s, "/capped").await.unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(h1_get(&mut s).await.unwrap().starts_with("http/1.1 200"));
+    }
+    assert_eq!(capped.hits.load(Ordering::Relaxed), 4);
+    assert_eq!(
+        capped.conns.load(Ordering::Relaxed),
+        4,
+        "one request per connection"
+    );
+    assert_eq!(
+        free.conns.load(Ordering::Relaxed),
+        1,
+        "no cap: one connection"
+    );
+    // Above one is refused (pingora pools HTTP/2 connections by streams).
+    let cfg = bootstrap(
+        free_port(),
+        vec![],
+        vec![cluster(
+            "c",
+            &[capped.addr],
+            options(json!({"max_requests_per_connection": 2})),
+        )],
+    );
+    let out = validate(BIN, &cfg);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_requests_per_connection"));
+}
+
 /// Each worker has its own upstream connections, as each Envoy worker has
 /// its own pools: two client connections, which land on the two workers,
 /// taking turns with one request at a time, use one upstream connection

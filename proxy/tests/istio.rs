@@ -372,3 +372,48 @@ fn istio_alpn_decides_the_servers_chain() {
         "istio chain"
     );
 }
+
+/// What istiod sends a dual-stack sidecar: a listener with the other
+/// family's address in `additional_addresses` (both accept, one set of
+/// chains), and a cluster whose `upstream_bind_config` has an
+/// `extra_source_addresses` entry of the other family (each connection
+/// binds the source of its upstream's family).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listeners_and_source_addresses() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let up = upstream("app").await;
+    let (port, admin) = (free_port(), free_port());
+    let rc = routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]));
+    let mut l = listener("dual", port, hcm(rc, json!({})));
+    l["additional_addresses"] = json!([{"address": addr("::1", port)}]);
+    let c = cluster(
+        "app",
+        &[up.addr],
+        json!({"upstream_bind_config": {"source_address": {"address": "::1", "port_value": 0},
+            "extra_source_addresses": [{"address": {"address": "127.0.0.6", "port_value": 0}}]}}),
+    );
+    let cfg = bootstrap(admin, vec![l], vec![c]);
+    let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
+    for url in [
+        format!("http://127.0.0.1:{port}/"),
+        format!("http://[::1]:{port}/"),
+    ] {
+        let r = curl(&url, &[]);
+        assert_eq!(r.status, 200, "{url}");
+        // An IPv4 upstream: the IPv4 extra source, not the IPv6 one.
+        assert_eq!(r.header("x-echo-peer-ip"), Some("127.0.0.6"), "{url}");
+    }
+    // The other family's source must be of the other family.
+    let bad = cluster(
+        "app",
+        &[up.addr],
+        json!({"upstream_bind_config": {"source_address": {"address": "127.0.0.1", "port_value": 0},
+            "extra_source_addresses": [{"address": {"address": "127.0.0.6", "port_value": 0}}]}}),
+    );
+    let out = validate(BIN, &bootstrap(free_port(), vec![], vec![bad]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("extra_source_addresses[0]"));
+}

@@ -108,20 +108,48 @@ impl OriginalDstConfig {
     }
 }
 
-/// `upstream_bind_config`: the source address of upstream connections
-/// (port 0: any).
-fn upstream_bind(c: &pb::Cluster, path: &str) -> Result<Option<SocketAddr>> {
+/// `upstream_bind_config`: the source addresses of upstream connections
+/// (port 0: any), one per IP family: `source_address`, and with
+/// `extra_source_addresses` (what istiod sends a dual-stack sidecar) one of
+/// the other family. A connection binds the one of its upstream's family,
+/// else `source_address`, as Envoy's default address selector does.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Bind {
+    pub source: Option<SocketAddr>,
+    /// An extra source of the other family.
+    pub other: Option<SocketAddr>,
+}
+
+impl Bind {
+    pub const NONE: Bind = Bind {
+        source: None,
+        other: None,
+    };
+
+    /// The source address for a connection to `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let source = self.source?;
+        match self.other {
+            Some(o) if source.is_ipv4() != peer.is_ipv4() && o.is_ipv4() == peer.is_ipv4() => {
+                Some(o)
+            }
+            _ => Some(source),
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.source.is_some()
+    }
+}
+
+fn upstream_bind(c: &pb::Cluster, path: &str) -> Result<Bind> {
     let Some(b) = &c.upstream_bind_config else {
-        return Ok(None);
+        return Ok(Bind::NONE);
     };
     let bp = join(path, "upstream_bind_config");
     let unsupported = [
         (b.freebind.as_ref().is_some_and(|f| f.value), "freebind"),
         (!b.socket_options.is_empty(), "socket_options"),
-        (
-            !b.extra_source_addresses.is_empty(),
-            "extra_source_addresses",
-        ),
         (
             !b.additional_source_addresses.is_empty(),
             "additional_source_addresses",
@@ -134,20 +162,50 @@ fn upstream_bind(c: &pb::Cluster, path: &str) -> Result<Option<SocketAddr>> {
     let Some(sa) = &b.source_address else {
         return Err(ConfigError::new(join(&bp, "source_address"), "is required"));
     };
-    let sp = join(&bp, "source_address");
+    let source = source_address(sa, &join(&bp, "source_address"))?;
+    let mut other = None;
+    for (i, extra) in b.extra_source_addresses.iter().enumerate() {
+        let p = index(&bp, "extra_source_addresses", i);
+        if extra.socket_options.is_some() {
+            return Err(ConfigError::new(
+                join(&p, "socket_options"),
+                "not supported",
+            ));
+        }
+        let a = extra
+            .address
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(join(&p, "address"), "is required"))?;
+        let a = source_address(a, &join(&p, "address"))?;
+        // Envoy: one extra address, of the other family.
+        if a.is_ipv4() == source.is_ipv4() || other.is_some() {
+            return Err(ConfigError::new(
+                p,
+                "must be of the other IP family than source_address, and only one",
+            ));
+        }
+        other = Some(a);
+    }
+    Ok(Bind {
+        source: Some(source),
+        other,
+    })
+}
+
+fn source_address(sa: &core::SocketAddress, sp: &str) -> Result<SocketAddr> {
     let ip: std::net::IpAddr = sa.address.parse().map_err(|_| {
         ConfigError::new(
-            join(&sp, "address"),
+            join(sp, "address"),
             format!("'{}' is not an IP address", sa.address),
         )
     })?;
     let port = match sa.port_specifier {
         Some(core::socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p)
-            .map_err(|_| ConfigError::new(join(&sp, "port_value"), "must be a port"))?,
-        Some(_) => return Err(ConfigError::new(join(&sp, "named_port"), "not supported")),
+            .map_err(|_| ConfigError::new(join(sp, "port_value"), "must be a port"))?,
+        Some(_) => return Err(ConfigError::new(join(sp, "named_port"), "not supported")),
         None => 0,
     };
-    Ok(Some(SocketAddr::new(ip, port)))
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// Where an EDS cluster's endpoints come from.
@@ -325,8 +383,8 @@ pub struct ClusterConfig {
     pub header_case: crate::header_case::HeaderCase,
     /// ORIGINAL_DST: where the destination comes from.
     pub original_dst: Option<OriginalDstConfig>,
-    /// `upstream_bind_config.source_address`.
-    pub bind: Option<SocketAddr>,
+    /// `upstream_bind_config`: the source address by upstream family.
+    pub bind: Bind,
     /// `max_requests_per_connection` (HTTP/1 upstreams): the connection's
     /// last request asks the upstream to close it.
     pub max_requests_per_connection: Option<u32>,
@@ -782,9 +840,13 @@ impl ClusterConfig {
             max_requests_per_connection: match max_requests {
                 Some((0, _)) | None => None,
                 // pingora pools HTTP/2 connections by concurrent streams
-                // and cannot retire one after N.
-                Some((_, p)) if protocol == UpstreamProtocol::Http2 => {
-                    return Err(ConfigError::new(p, "not supported for HTTP/2 upstreams"))
+                // and cannot retire one after N; one request per
+                // connection (pilot-agent's xDS cluster) is not pooling.
+                Some((m, p)) if protocol == UpstreamProtocol::Http2 && m > 1 => {
+                    return Err(ConfigError::new(
+                        p,
+                        "not supported for HTTP/2 upstreams above 1",
+                    ))
                 }
                 Some((m, _)) => Some(m),
             },

@@ -317,6 +317,10 @@ pub enum ScopeList {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// `additional_addresses`: more addresses the listener accepts on
+    /// (istiod gives a dual-stack sidecar's listeners their other family's
+    /// address), with the same socket options and chains.
+    pub additional: Vec<SocketAddr>,
     /// Stat prefix: `listener.<address>.` unless `stat_prefix` is set.
     pub stat_prefix: String,
     /// Filter chains with their `filter_chain_match`, in config order.
@@ -603,6 +607,7 @@ impl Listener {
             .as_ref()
             .ok_or_else(|| ConfigError::new(join(path, "address"), "address is required"))?;
         let (address, udp) = listener_address(addr, &join(path, "address"))?;
+        let additional = additional_addresses(l, udp, path)?;
         let (chains, default_chain, listener_filters, udp) = if udp {
             (Vec::new(), None, Vec::new(), Some(udp_listener(l, path)?))
         } else {
@@ -633,6 +638,7 @@ impl Listener {
         Ok(Self {
             name: l.name.clone(),
             address,
+            additional,
             stat_prefix,
             chains,
             default_chain,
@@ -655,6 +661,37 @@ impl Listener {
             outbound: l.traffic_direction == core::TrafficDirection::Outbound as i32,
         })
     }
+}
+
+/// `additional_addresses` of a TCP listener (their own socket options are
+/// refused; the listener's apply).
+fn additional_addresses(l: &pb::Listener, udp: bool, path: &str) -> Result<Vec<SocketAddr>> {
+    let mut out = Vec::with_capacity(l.additional_addresses.len());
+    for (i, a) in l.additional_addresses.iter().enumerate() {
+        let p = index(path, "additional_addresses", i);
+        if udp {
+            return Err(ConfigError::new(p, "not supported on UDP listeners"));
+        }
+        if a.socket_options.is_some() {
+            return Err(ConfigError::new(
+                join(&p, "socket_options"),
+                "not supported",
+            ));
+        }
+        let addr = a
+            .address
+            .as_ref()
+            .ok_or_else(|| ConfigError::new(join(&p, "address"), "address is required"))?;
+        let (addr, other_udp) = listener_address(addr, &join(&p, "address"))?;
+        if other_udp {
+            return Err(ConfigError::new(
+                join(&p, "address"),
+                "must be TCP, as the listener",
+            ));
+        }
+        out.push(addr);
+    }
+    Ok(out)
 }
 
 /// A listener's address, and whether it is UDP.

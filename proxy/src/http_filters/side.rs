@@ -188,9 +188,10 @@ pub async fn http_request(
     });
     let work = async move {
         let sni = crate::routing::strip_port(&authority);
-        let (io, _) = crate::tls::upstream::connect_host(addr, tls.as_ref(), Some(sni), bind)
-            .await
-            .map_err(|e| CallError::Connect(addr, e))?;
+        let (io, _) =
+            crate::tls::upstream::connect_host(addr, tls.as_ref(), Some(sni), bind.for_peer(addr))
+                .await
+                .map_err(|e| CallError::Connect(addr, e))?;
         exchange(addr, io, req).await
     };
     tokio::time::timeout(timeout, work)

@@ -2320,7 +2320,7 @@ impl ProxyHttp for HcmProxy {
             Some(g) => g.key(cluster.pool_key, Instant::now()),
             None => cluster.pool_key,
         } ^ alpn_pool.unwrap_or(0);
-        if let Some(b) = cfg.bind {
+        if let Some(b) = cfg.bind.for_peer(host.addr) {
             let mut to = pingora_core::connectors::l4::BindTo::default();
             to.addr = Some(b);
             peer.options.bind_to = Some(to);
@@ -2353,6 +2353,12 @@ impl ProxyHttp for HcmProxy {
         if h2 {
             peer.options.alpn = ALPN::H2;
             peer.options.max_h2_streams = (cfg.max_concurrent_streams as usize).clamp(1, 1000);
+            if cfg.max_requests_per_connection == Some(1) {
+                // One request per HTTP/2 connection: a pool key no other
+                // request has, and the connection closed once idle.
+                peer.group_key ^= rand::random::<u64>() | 1;
+                peer.options.idle_timeout = Some(Duration::ZERO);
+            }
         }
         let _ = session;
         Ok(Box::new(peer))
@@ -2387,7 +2393,9 @@ impl ProxyHttp for HcmProxy {
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
-            ctx.last_on_upstream_conn = c.last_request_on(fd, reused);
+            // HTTP/2 connections made for one request are not pooled at
+            // all (`upstream_peer`); the header is HTTP/1's.
+            ctx.last_on_upstream_conn = ctx.upstream_h1 && c.last_request_on(fd, reused);
         }
         Ok(())
     }
@@ -3004,7 +3012,9 @@ impl ProxyHttp for HcmProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        if let Some(h) = ctx.host.take() {
+        // The host stays for the stream's end (istio.stats reads its
+        // endpoint metadata); it is let go after.
+        if let Some(h) = &ctx.host {
             h.active_requests.fetch_sub(1, Ordering::Relaxed);
         }
         (ctx.cx_slot, ctx.rq_slot, ctx.retry_slot, ctx.host_cx_slot) = (None, None, None, None);
@@ -3023,6 +3033,7 @@ impl ProxyHttp for HcmProxy {
             h.stats().downstream_rq_completed.increment(1);
         }
         self.stream_done(session, ctx, status);
+        ctx.host = None;
     }
 }
 

@@ -154,7 +154,7 @@ pub fn start(
     let (addr, tls, bind) = (host.addr, host.tls.clone(), cluster.config.bind);
     let whole = timeout.unwrap_or(DEFAULT_TIMEOUT);
     tokio::spawn(async move {
-        let send = send(addr, bind, tls, h2, connect_timeout, request);
+        let send = send(addr, bind.for_peer(addr), tls, h2, connect_timeout, request);
         let r = tokio::time::timeout(whole, send).await;
         match r {
             Ok(Ok(())) => {}

@@ -74,7 +74,8 @@ struct Running {
     drain: watch::Sender<bool>,
     /// What the accept loop hands new connections.
     current: Arc<arc_swap::ArcSwap<Generation>>,
-    accept: tokio::task::JoinHandle<()>,
+    /// One per address (`additional_addresses` add theirs).
+    accept: Vec<tokio::task::JoinHandle<()>>,
 }
 
 type RunningMap = Arc<Mutex<HashMap<String, Running>>>;
@@ -115,9 +116,10 @@ impl Ctx {
             addr.port(),
         );
         let find = |a: SocketAddr| {
-            running
-                .values()
-                .find(|r| r.config.address == a && r.config.udp.is_none())
+            running.values().find(|r| {
+                (r.config.address == a || r.config.additional.contains(&a))
+                    && r.config.udp.is_none()
+            })
         };
         find(addr)
             .or_else(|| find(any))
@@ -172,7 +174,7 @@ fn bind(
 
 impl Running {
     fn stop(self) {
-        self.accept.abort();
+        self.accept.iter().for_each(|a| a.abort());
         let _ = self.drain.send(true);
     }
 }
@@ -208,18 +210,28 @@ impl ListenerManager {
             drain: drain_rx,
         }));
         let (local_addr, accept) = if config.udp.is_some() {
-            self.serve_udp(&config, &current)?
+            let (a, task) = self.serve_udp(&config, &current)?;
+            (a, vec![task])
         } else if config.bind_to_port {
-            let tcp = bind(config.address, false, &config.socket_options)?;
-            let local_addr = tcp.local_addr()?;
-            let accept =
-                self.ctx
-                    .workers
-                    .spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
+            // Every address is bound before any accepts: one that cannot be
+            // bound fails the listener whole.
+            let mut sockets = Vec::with_capacity(1 + config.additional.len());
+            for a in std::iter::once(&config.address).chain(&config.additional) {
+                sockets.push(bind(*a, false, &config.socket_options)?);
+            }
+            let local_addr = sockets[0].local_addr()?;
+            let accept = sockets
+                .into_iter()
+                .map(|tcp| {
+                    self.ctx
+                        .workers
+                        .spawn(accept_loop(tcp, current.clone(), self.ctx.clone()))
+                })
+                .collect();
             (local_addr, accept)
         } else {
             // As Envoy: registered, never bound, so nothing is accepted here.
-            (config.address, tokio::spawn(async {}))
+            (config.address, vec![])
         };
         tracing::info!(listener = %config.name, address = %local_addr, bound = config.bind_to_port, "listener started");
         stats::counter("listener_manager.listener_added".into()).increment(1);
@@ -279,6 +291,7 @@ impl ListenerManager {
             let mut running = self.running.lock().unwrap();
             if let Some(r) = running.get_mut(&config.name) {
                 if r.config.address == config.address
+                    && r.config.additional == config.additional
                     && r.config.bind_to_port == config.bind_to_port
                     && r.config.udp.is_some() == config.udp.is_some()
                     && r.config.socket_options == config.socket_options
@@ -313,10 +326,11 @@ impl ListenerManager {
         }
         let tcp = bind(r.config.address, true, &r.config.socket_options)?;
         r.local_addr = tcp.local_addr()?;
-        r.accept = self
-            .ctx
-            .workers
-            .spawn(accept_loop(tcp, r.current.clone(), self.ctx.clone()));
+        r.accept =
+            vec![self
+                .ctx
+                .workers
+                .spawn(accept_loop(tcp, r.current.clone(), self.ctx.clone()))];
         r.bound = true;
         tracing::info!(listener = %name, address = %r.local_addr, "unbound listener now accepts in userspace (kernel LB fallback)");
         Ok(true)
@@ -361,7 +375,7 @@ impl ListenerManager {
             .values()
             .filter(|r| !inbound_only || r.config.inbound)
         {
-            r.accept.abort();
+            r.accept.iter().for_each(|a| a.abort());
             let _ = r.drain.send(true);
         }
     }

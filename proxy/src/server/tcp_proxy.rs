@@ -294,7 +294,7 @@ async fn proxy<D: Halves>(
         sum.upstream = Some(host.addr);
         let connect = tokio::time::timeout(
             cluster.config.connect_timeout,
-            crate::tls::upstream::tcp_connect(host.addr, cluster.config.bind),
+            crate::tls::upstream::tcp_connect(host.addr, cluster.config.bind.for_peer(host.addr)),
         );
         match connect.await {
             Ok(Ok(s)) => {

@@ -47,15 +47,15 @@ pub struct TlsConnect {
     pub sni: Option<String>,
     pub timeout: Duration,
     pub keepalive: Option<crate::config::cluster::TcpKeepalive>,
-    /// The cluster's `upstream_bind_config` source address.
-    pub bind: Option<SocketAddr>,
+    /// The cluster's `upstream_bind_config` source addresses.
+    pub bind: crate::config::cluster::Bind,
 }
 
 impl TlsConnect {
     /// TCP connect and the TLS handshake (the caller bounds it by the
     /// connect timeout).
     pub async fn handshake_with(&self, inet: SocketAddr) -> std::io::Result<TlsStream> {
-        let tcp = tcp_connect(inet, self.bind).await?;
+        let tcp = tcp_connect(inet, self.bind.for_peer(inet)).await?;
         tcp.set_nodelay(true)?;
         if let Some(k) = &self.keepalive {
             k.apply(&tcp)?;

@@ -353,7 +353,7 @@ impl Datagram<'_> {
             .try_acquire();
         let cstats = ClusterUdpStats::new(&cluster.config.name);
         let upstream = match slot {
-            Some(_) => match connect(host.addr, cluster.config.bind) {
+            Some(_) => match connect(host.addr, cluster.config.bind.for_peer(host.addr)) {
                 Ok(u) => Some(u),
                 Err(e) => {
                     cstats.tx_errors.increment(1);
