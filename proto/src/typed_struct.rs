@@ -69,7 +69,13 @@ fn expand_any(any: &mut DynamicMessage, path: &str) -> Result<bool, ProtoError> 
         return Ok(false);
     }
     let (new_url, mut inner) = if TYPED_STRUCT_URLS.contains(&type_name(&url)) {
-        unwrap_typed_struct(&url, &bytes, path)?
+        match unwrap_typed_struct(&url, &bytes, path) {
+            // A type Legate does not know stays wrapped, as an unknown
+            // plain `Any` stays: an optional filter is then skipped, and
+            // anything else is refused naming it.
+            Err(ProtoError::UnknownType(_)) => return Ok(false),
+            other => other?,
+        }
     } else {
         // Types Legate does not know stay as they are: the walk that follows
         // names them.

@@ -417,3 +417,40 @@ async fn dual_stack_listeners_and_source_addresses() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("extra_source_addresses[0]"));
 }
+
+/// `istio.stats` counts every stream, also those an earlier filter
+/// answered: here a fault filter's abort, which never reaches it.
+#[test]
+fn istio_stats_counts_what_earlier_filters_answer() {
+    let (port, admin) = (free_port(), free_port());
+    let rc = routes(json!([{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]));
+    let h = hcm(
+        rc,
+        json!({"http_filters": [
+            {"name": "envoy.filters.http.fault", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                "abort": {"http_status": 418, "percentage": {"numerator": 100}}}},
+            {"name": "istio.stats", "typed_config": {"@type": STATS}},
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}]}),
+    );
+    let mut l = listener("in", port, h);
+    l["traffic_direction"] = json!("INBOUND");
+    let cfg = boot(node("details"), admin, vec![l], vec![]);
+    let _l = Legate::start(BIN, &cfg, &[port], Some(admin));
+    assert_eq!(curl(&format!("http://127.0.0.1:{port}/"), &[]).status, 418);
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = series(admin, "istio_requests_total");
+        if !seen.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let [(s, 1)] = seen.as_slice() else {
+        panic!("{seen:?}")
+    };
+    assert_eq!(label(s, "reporter"), "destination");
+    assert_eq!(label(s, "response_code"), "418");
+    assert_eq!(label(s, "response_flags"), "FI");
+    assert_eq!(label(s, "destination_workload"), "details-v1");
+}

@@ -649,3 +649,40 @@ async fn management_server_over_tls_with_the_xds_clusters_context() {
         "{err}"
     );
 }
+
+/// A listener's `additional_addresses` change in place: the primary keeps
+/// its socket (no EADDRINUSE from binding it again), an added address
+/// accepts, a removed one stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn additional_addresses_update_in_place() {
+    let up = upstream("a").await;
+    let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let (port, extra1, extra2, admin) = (free_port(), free_port(), free_port(), free_port());
+    let with = |extra: u16, tag: &str| {
+        let mut l = tagged_listener("l1", port, "c1", tag);
+        l["additional_addresses"] = json!([{"address": addr("127.0.0.2", extra)}]);
+        l
+    };
+    ads.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
+    );
+    ads.set(LISTENER, "1", vec![any(LISTENER, with(extra1, "1"))]);
+    let _l = Legate::start(BIN, &ads_bootstrap(ads.addr, admin), &[], Some(admin));
+    wait_port(port, true);
+    let on = |ip: &str, p: u16| curl(&format!("http://{ip}:{p}/"), &[]);
+    assert_eq!(on("127.0.0.2", extra1).header("x-version"), Some("1"));
+    ads.set(LISTENER, "2", vec![any(LISTENER, with(extra2, "2"))]);
+    acked(&ads, LISTENER, "2").await;
+    assert_eq!(on("127.0.0.1", port).header("x-version"), Some("2"));
+    assert_eq!(on("127.0.0.2", extra2).header("x-version"), Some("2"));
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.2", extra1)).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the removed address still accepts"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

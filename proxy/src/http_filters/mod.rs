@@ -373,6 +373,13 @@ pub trait HttpFilter: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether [`Self::on_stream_done`] is called for every stream, also
+    /// when this filter's request hook never ran (an earlier filter
+    /// answered): an access log's view, as Istio's stats have.
+    fn logs_every_stream(&self) -> bool {
+        false
+    }
+
     /// The SDS secrets the filter reads, which its listener subscribes to
     /// (and waits for, as Envoy's listener warms on them).
     fn sds_refs(&self) -> &[(String, crate::config::source::XdsSource)] {

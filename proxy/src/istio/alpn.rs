@@ -94,9 +94,9 @@ fn upstream_version(protocol: UpstreamProtocol, downstream: http::Version) -> us
     match protocol {
         UpstreamProtocol::Http2 | UpstreamProtocol::Auto => 2,
         UpstreamProtocol::Http1 => 1,
+        // Envoy sends HTTP/1.0 requests upstream as HTTP/1.1.
         UpstreamProtocol::Downstream => match downstream {
-            http::Version::HTTP_10 | http::Version::HTTP_09 => 0,
-            http::Version::HTTP_11 => 1,
+            http::Version::HTTP_09 | http::Version::HTTP_10 | http::Version::HTTP_11 => 1,
             _ => 2,
         },
     }
@@ -145,7 +145,7 @@ mod tests {
         }
         assert_eq!(
             upstream_version(UpstreamProtocol::Downstream, http::Version::HTTP_10),
-            0
+            1
         );
         assert_eq!(
             upstream_version(UpstreamProtocol::Downstream, http::Version::HTTP_2),

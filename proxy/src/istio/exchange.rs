@@ -108,40 +108,59 @@ impl Exchange {
 
     /// Reads the peer's frame from the front of `r`: the peer, if one was
     /// read, and the bytes read that are not part of a frame (to pass on).
-    pub async fn read_peer<R: AsyncRead + Unpin>(&self, r: &mut R) -> (Option<Workload>, Vec<u8>) {
+    /// A failed read is `Err`, with the bytes read before it.
+    pub async fn read_peer<R: AsyncRead + Unpin>(&self, r: &mut R) -> Read {
         let mut buf = Vec::with_capacity(512);
-        while buf.len() < 8 {
-            match r.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return (None, buf),
-                Ok(_) => {}
+        // Until the end, or `want` bytes are in.
+        // None: the read failed.
+        async fn fill<R: AsyncRead + Unpin>(
+            r: &mut R,
+            buf: &mut Vec<u8>,
+            want: usize,
+        ) -> Option<bool> {
+            while buf.len() < want {
+                match r.read_buf(buf).await {
+                    Ok(0) => return Some(false),
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
             }
+            Some(true)
+        }
+        match fill(r, &mut buf, 8).await {
+            None => return Err(buf),
+            Some(false) => return Ok((None, buf)),
+            Some(true) => {}
         }
         let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
         if magic != MAGIC {
             count("initial_header_not_found");
-            return (None, buf);
+            return Ok((None, buf));
         }
         let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
         if len > MAX_FRAME {
             count("header_not_found");
-            return (None, buf);
+            return Ok((None, buf));
         }
-        while buf.len() < 8 + len {
-            match r.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return (None, buf),
-                Ok(_) => {}
-            }
+        match fill(r, &mut buf, 8 + len).await {
+            None => return Err(buf),
+            Some(false) => return Ok((None, buf)),
+            Some(true) => {}
         }
         let rest = buf.split_off(8 + len);
         match parse(&buf[8..], &self.additional) {
-            Some(w) => (Some(w), rest),
+            Some(w) => Ok((Some(w), rest)),
             None => {
                 count("header_not_found");
-                (None, rest)
+                Ok((None, rest))
             }
         }
     }
 }
+
+/// What reading the peer's frame gave: (the peer, bytes to pass on), or
+/// the bytes read before the read failed.
+pub type Read = std::result::Result<(Option<Workload>, Vec<u8>), Vec<u8>>;
 
 fn count(name: &str) {
     stats::counter(format!("metadata_exchange.{name}")).increment(1);
@@ -213,17 +232,20 @@ mod tests {
         let mut bytes = frame(&w, "sidecar~1").to_vec();
         assert_eq!(&bytes[..4], &MAGIC.to_be_bytes());
         bytes.extend_from_slice(b"GET / HTTP/1.1\r\n");
-        let (peer, rest) = exchange().read_peer(&mut bytes.as_slice()).await;
+        let (peer, rest) = exchange().read_peer(&mut bytes.as_slice()).await.unwrap();
         assert_eq!(peer, Some(w));
         assert_eq!(rest, b"GET / HTTP/1.1\r\n");
     }
 
     #[tokio::test]
     async fn other_bytes_pass_through() {
-        let (peer, rest) = exchange().read_peer(&mut &b"hello, world"[..]).await;
+        let (peer, rest) = exchange()
+            .read_peer(&mut &b"hello, world"[..])
+            .await
+            .unwrap();
         assert_eq!((peer, rest.as_slice()), (None, &b"hello, world"[..]));
         // Shorter than a header, then the end.
-        let (peer, rest) = exchange().read_peer(&mut &b"hi"[..]).await;
+        let (peer, rest) = exchange().read_peer(&mut &b"hi"[..]).await.unwrap();
         assert_eq!((peer, rest.as_slice()), (None, &b"hi"[..]));
     }
 

@@ -36,11 +36,41 @@ impl Histogram {
     }
 }
 
+/// Series kept per kind. Label values come from peers (the peer metadata
+/// header any client can send) and from CEL over requests, so the number
+/// of series is not the config's to bound: past this, new series are
+/// dropped and counted in `istio.metrics_overflow`. (Istio's proxy keeps
+/// them in an evictable scope instead.)
+pub const MAX_SERIES: usize = 10_000;
+
+type Series<T> = Mutex<BTreeMap<(String, Labels), Arc<T>>>;
+
+/// The series' cell, made if there is room.
+fn cell<T: Default>(map: &Series<T>, name: &str, labels: Labels) -> Option<Arc<T>> {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    let key = (name.to_string(), labels);
+    if let Some(c) = m.get(&key) {
+        return Some(c.clone());
+    }
+    if m.len() >= MAX_SERIES {
+        crate::stats::counter("istio.metrics_overflow".into()).increment(1);
+        return None;
+    }
+    Some(m.entry(key).or_default().clone())
+}
+
+/// The series, taken under the lock and read after it (a scrape does not
+/// hold up the streams recording).
+fn snapshot<T>(map: &Series<T>) -> Vec<((String, Labels), Arc<T>)> {
+    let m = map.lock().unwrap_or_else(|e| e.into_inner());
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 #[derive(Default)]
 pub struct Store {
-    counters: Mutex<BTreeMap<(String, Labels), Arc<AtomicU64>>>,
-    histograms: Mutex<BTreeMap<(String, Labels), Arc<Histogram>>>,
-    gauges: Mutex<BTreeMap<(String, Labels), Arc<AtomicU64>>>,
+    counters: Series<AtomicU64>,
+    histograms: Series<Histogram>,
+    gauges: Series<AtomicU64>,
 }
 
 pub fn store() -> &'static Store {
@@ -50,25 +80,21 @@ pub fn store() -> &'static Store {
 
 impl Store {
     pub fn add(&self, name: &str, labels: Labels, n: u64) {
-        let mut m = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry((name.to_string(), labels))
-            .or_default()
-            .fetch_add(n, Ordering::Relaxed);
+        if let Some(c) = cell(&self.counters, name, labels) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     pub fn record(&self, name: &str, labels: Labels, v: u64) {
-        let h = {
-            let mut m = self.histograms.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry((name.to_string(), labels)).or_default().clone()
-        };
-        h.record(v);
+        if let Some(h) = cell(&self.histograms, name, labels) {
+            h.record(v);
+        }
     }
 
     pub fn set(&self, name: &str, labels: Labels, v: u64) {
-        let mut m = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry((name.to_string(), labels))
-            .or_default()
-            .store(v, Ordering::Relaxed);
+        if let Some(g) = cell(&self.gauges, name, labels) {
+            g.store(v, Ordering::Relaxed);
+        }
     }
 
     /// The counter's value, for tests and checks.
@@ -88,12 +114,7 @@ impl Store {
             }
         };
         let mut last = String::new();
-        for ((name, labels), v) in self
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for ((name, labels), v) in &snapshot(&self.counters) {
             typed(&mut out, &mut last, name, "counter");
             out.push_str(&format!(
                 "{name}{} {}\n",
@@ -101,7 +122,7 @@ impl Store {
                 v.load(Ordering::Relaxed)
             ));
         }
-        for ((name, labels), v) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for ((name, labels), v) in &snapshot(&self.gauges) {
             typed(&mut out, &mut last, name, "gauge");
             out.push_str(&format!(
                 "{name}{} {}\n",
@@ -109,12 +130,7 @@ impl Store {
                 v.load(Ordering::Relaxed)
             ));
         }
-        for ((name, labels), h) in self
-            .histograms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for ((name, labels), h) in &snapshot(&self.histograms) {
             typed(&mut out, &mut last, name, "histogram");
             let mut total = 0;
             for (i, c) in h.counts.iter().enumerate() {
@@ -145,15 +161,10 @@ impl Store {
             s
         };
         let mut out = Vec::new();
-        for ((name, labels), v) in self
-            .counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for ((name, labels), v) in &snapshot(&self.counters) {
             out.push((full(name, labels), v.load(Ordering::Relaxed)));
         }
-        for ((name, labels), v) in self.gauges.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for ((name, labels), v) in &snapshot(&self.gauges) {
             out.push((full(name, labels), v.load(Ordering::Relaxed)));
         }
         out
@@ -216,5 +227,19 @@ mod tests {
             s.text()[0].0,
             "istiocustom.istio_requests_total.reporter.source.a-b.q\""
         );
+    }
+
+    /// Peers choose label values: the series stop growing at the cap.
+    #[test]
+    fn series_are_capped() {
+        let s = Store::default();
+        let l = |i: usize| vec![("source_workload".to_string(), i.to_string())];
+        for i in 0..MAX_SERIES + 10 {
+            s.add("istio_requests_total", l(i), 1);
+        }
+        assert_eq!(s.text().len(), MAX_SERIES);
+        // An existing series still counts.
+        s.add("istio_requests_total", l(0), 1);
+        assert_eq!(s.counter("istio_requests_total", &l(0)), 2);
     }
 }

@@ -12,10 +12,14 @@
 //!
 //! Not as Istio's proxy: byte sizes count an HTTP/1 rendering of the
 //! headers (what the wire carries on HTTP/1; HTTP/2's compressed headers
-//! are smaller); TCP byte counts are reported at close, not every
-//! `tcp_reporting_duration`; the destination principal of a server-side
-//! mTLS stream (the local certificate's URI SAN) is `unknown`; gRPC message
-//! counts are not kept. None of these changes traffic.
+//! are smaller); TCP connections count as opened when they start (or, when
+//! the exchange may name the peer, when they end), and their bytes at the
+//! end, not every `tcp_reporting_duration`; the principals of this proxy's
+//! own certificate (the server side's `destination_principal`, the client
+//! side's `source_principal`) and of the upstream's certificate (the client
+//! side's `destination_principal`, else the peer's `IDENTITY`) are
+//! `unknown`: Legate does not keep those certificates per stream; gRPC
+//! message counts are not kept. None of these changes traffic.
 
 use super::metrics::{store, Labels};
 use super::peer::{Peers, Workload, CANONICAL_NAME, CANONICAL_REVISION};
@@ -41,13 +45,12 @@ pub static FACTORY: Factory = Factory {
 pub static REGISTRY: &[MessageSupport] = &[
     MessageSupport {
         message: TYPE,
-        supported: &[
-            "disable_host_header_fallback",
-            "tcp_reporting_duration",
-            "metrics",
-            "reporter",
-        ],
+        supported: &["disable_host_header_fallback", "metrics", "reporter"],
         warn: &[
+            (
+                "tcp_reporting_duration",
+                "TCP metrics are reported as connections open and close, not on an interval",
+            ),
             ("rotation_interval", "Istio's proxy does not read it"),
             (
                 "graceful_deletion_interval",
@@ -288,7 +291,8 @@ pub struct Facts<'a> {
     pub route_name: &'a str,
     pub cluster: Option<&'a crate::cluster_manager::Cluster>,
     pub cluster_name: &'a str,
-    /// The peer certificate's first URI SAN.
+    /// The downstream peer certificate's first URI SAN (what the server
+    /// side reports; the client side does not read it).
     pub peer_san: &'a str,
 }
 
@@ -344,14 +348,12 @@ fn peer_labels(local: &Local, f: &Facts) -> Labels {
             n.clone()
         };
     }
-    let peer_san = if f.peer_san.is_empty() {
-        if f.reporter == Reporter::Client {
-            p.identity.as_str()
-        } else {
-            ""
-        }
-    } else {
-        f.peer_san
+    // The server side's peer is its client's certificate; the client
+    // side's would be the upstream's certificate, which Legate does not
+    // keep (below): it says the peer's own `IDENTITY`, if any.
+    let peer_san = match f.reporter {
+        Reporter::Client => p.identity.as_str(),
+        _ => f.peer_san,
     };
     let peer_ns = peer_san
         .split_once("/ns/")
@@ -491,6 +493,44 @@ struct Stream {
     grpc_status: AtomicU64,
 }
 
+impl Stream {
+    /// A stream whose request hook never ran, from what its end shows
+    /// (the client certificate is not there: its principal is unknown).
+    fn after(done: &StreamDone<'_>) -> Stream {
+        let req = done.req;
+        let http = done.entry.http.as_ref();
+        let grpc = req
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/grpc"));
+        let grpc_status = http
+            .and_then(|h| h.response)
+            .and_then(|r| grpc_status(r.get("grpc-status")))
+            .map_or(0, |g| g + 1);
+        Stream {
+            grpc,
+            peer_san: String::new(),
+            host: crate::routing::authority(req).to_string(),
+            request_head: request_head(req),
+            response_head: AtomicU64::new(
+                http.and_then(|h| h.response)
+                    .map_or(0, |r| "HTTP/1.1 200 \r\n".len() as u64 + header_bytes(r)),
+            ),
+            grpc_status: AtomicU64::new(grpc_status),
+        }
+    }
+}
+
+/// An HTTP/1 rendering's size of a request head.
+fn request_head(req: &pingora_http::RequestHeader) -> u64 {
+    let line = req.method.as_str().len()
+        + req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n".len()
+        + 1;
+    line as u64 + header_bytes(&req.headers)
+}
+
 /// An HTTP/1 rendering's size of a head's header lines.
 fn header_bytes(h: &http::HeaderMap) -> u64 {
     h.iter()
@@ -514,16 +554,11 @@ fn grpc_from_http(code: u16) -> u64 {
 #[async_trait::async_trait]
 impl HttpFilter for IstioStats {
     async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow {
-        let req = &*rq.req;
-        let line = req.method.as_str().len()
-            + req.uri.path_and_query().map_or(1, |p| p.as_str().len())
-            + " HTTP/1.1\r\n".len()
-            + 1;
         *state = Some(Box::new(Stream {
             grpc: rq.grpc,
             peer_san: uri_san(rq.peer_cert),
             host: rq.authority().to_string(),
-            request_head: line as u64 + header_bytes(&req.headers),
+            request_head: request_head(rq.req),
             response_head: AtomicU64::new(0),
             grpc_status: AtomicU64::new(0),
         }));
@@ -563,9 +598,20 @@ impl HttpFilter for IstioStats {
         true
     }
 
+    /// Istio's stats count every stream, also those an earlier filter
+    /// answered (an RBAC 403, a fault's abort).
+    fn logs_every_stream(&self) -> bool {
+        true
+    }
+
     fn on_stream_done(&self, done: &StreamDone<'_>, state: Option<&State>) {
-        let Some(s) = state.and_then(|s| s.downcast_ref::<Stream>()) else {
-            return;
+        let made;
+        let s = match state.and_then(|s| s.downcast_ref::<Stream>()) {
+            Some(s) => s,
+            None => {
+                made = Stream::after(done);
+                &made
+            }
         };
         let c = &self.0;
         let reporter = c.reporter(done.inbound);

@@ -1145,7 +1145,10 @@ impl HcmProxy {
             .filters_active
             .iter()
             .zip(&ctx.filter_states)
-            .any(|(&i, s)| s.is_some() && hcm.filters.entries[i].filter.wants_stream_done());
+            .any(|(&i, s)| {
+                let f = &hcm.filters.entries[i].filter;
+                f.wants_stream_done() && (s.is_some() || f.logs_every_stream())
+            });
         let exporter = Self::span_exporter(hcm, ctx);
         if !filters && hcm.access_log.is_empty() && exporter.is_none() {
             return;
@@ -1178,10 +1181,11 @@ impl HcmProxy {
                 inbound: ctx.inbound,
             };
             for (k, &i) in ctx.filters_active.iter().enumerate() {
-                if let Some(state) = ctx.filter_states.get(k).and_then(|s| s.as_ref()) {
-                    hcm.filters.entries[i]
-                        .filter
-                        .on_stream_done(&done, Some(state));
+                let f = &hcm.filters.entries[i].filter;
+                match ctx.filter_states.get(k).and_then(|s| s.as_ref()) {
+                    Some(state) => f.on_stream_done(&done, Some(state)),
+                    None if f.logs_every_stream() => f.on_stream_done(&done, None),
+                    None => {}
                 }
             }
         }

@@ -74,8 +74,8 @@ struct Running {
     drain: watch::Sender<bool>,
     /// What the accept loop hands new connections.
     current: Arc<arc_swap::ArcSwap<Generation>>,
-    /// One per address (`additional_addresses` add theirs).
-    accept: Vec<tokio::task::JoinHandle<()>>,
+    /// One per address bound (`additional_addresses` add theirs).
+    accept: Vec<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 type RunningMap = Arc<Mutex<HashMap<String, Running>>>;
@@ -174,7 +174,7 @@ fn bind(
 
 impl Running {
     fn stop(self) {
-        self.accept.iter().for_each(|a| a.abort());
+        self.accept.iter().for_each(|(_, a)| a.abort());
         let _ = self.drain.send(true);
     }
 }
@@ -211,7 +211,7 @@ impl ListenerManager {
         }));
         let (local_addr, accept) = if config.udp.is_some() {
             let (a, task) = self.serve_udp(&config, &current)?;
-            (a, vec![task])
+            (a, vec![(a, task)])
         } else if config.bind_to_port {
             // Every address is bound before any accepts: one that cannot be
             // bound fails the listener whole.
@@ -220,14 +220,7 @@ impl ListenerManager {
                 sockets.push(bind(*a, false, &config.socket_options)?);
             }
             let local_addr = sockets[0].local_addr()?;
-            let accept = sockets
-                .into_iter()
-                .map(|tcp| {
-                    self.ctx
-                        .workers
-                        .spawn(accept_loop(tcp, current.clone(), self.ctx.clone()))
-                })
-                .collect();
+            let accept = self.accept_on(sockets, &current)?;
             (local_addr, accept)
         } else {
             // As Envoy: registered, never bound, so nothing is accepted here.
@@ -291,11 +284,13 @@ impl ListenerManager {
             let mut running = self.running.lock().unwrap();
             if let Some(r) = running.get_mut(&config.name) {
                 if r.config.address == config.address
-                    && r.config.additional == config.additional
                     && r.config.bind_to_port == config.bind_to_port
                     && r.config.udp.is_some() == config.udp.is_some()
                     && r.config.socket_options == config.socket_options
                 {
+                    if r.bound && r.config.udp.is_none() {
+                        self.rebind_additional(r, &config)?;
+                    }
                     let (drain, drain_rx) = watch::channel(false);
                     r.current.store(Arc::new(Generation {
                         config: config.clone(),
@@ -312,6 +307,62 @@ impl ListenerManager {
         self.add(config)
     }
 
+    /// An accept loop per bound socket, each with its address.
+    fn accept_on(
+        &self,
+        sockets: Vec<std::net::TcpListener>,
+        current: &Arc<arc_swap::ArcSwap<Generation>>,
+    ) -> std::io::Result<Vec<(SocketAddr, tokio::task::JoinHandle<()>)>> {
+        sockets
+            .into_iter()
+            .map(|tcp| {
+                let addr = tcp.local_addr()?;
+                let task =
+                    self.ctx
+                        .workers
+                        .spawn(accept_loop(tcp, current.clone(), self.ctx.clone()));
+                Ok((addr, task))
+            })
+            .collect()
+    }
+
+    /// An update in place whose `additional_addresses` changed: the new
+    /// ones are bound first (a failure leaves the listener as it was), the
+    /// ones kept keep their sockets, the ones gone stop accepting.
+    fn rebind_additional(&self, r: &mut Running, config: &Listener) -> std::io::Result<()> {
+        if r.config.additional == config.additional {
+            return Ok(());
+        }
+        let mut added = Vec::new();
+        for a in config
+            .additional
+            .iter()
+            .filter(|a| !r.config.additional.contains(a))
+        {
+            added.push(bind(*a, false, &config.socket_options)?);
+        }
+        let gone: Vec<SocketAddr> = r
+            .config
+            .additional
+            .iter()
+            .filter(|a| !config.additional.contains(a))
+            .copied()
+            .collect();
+        r.accept.retain(|(a, task)| {
+            // The primary is kept by address; an additional one by whether
+            // it stays (a port-0 address is matched by what it bound).
+            let stays = !gone
+                .iter()
+                .any(|g| g == a || (g.port() == 0 && g.ip() == a.ip()));
+            if !stays {
+                task.abort();
+            }
+            stays
+        });
+        r.accept.extend(self.accept_on(added, &r.current)?);
+        Ok(())
+    }
+
     /// Starts accepting on a `bind_to_port: false` listener (binding its
     /// address even if it is not local): the kernel LB's fallback when it
     /// cannot serve the VIP. Returns false if there is no such listener or
@@ -324,13 +375,12 @@ impl ListenerManager {
         if r.bound {
             return Ok(false);
         }
-        let tcp = bind(r.config.address, true, &r.config.socket_options)?;
-        r.local_addr = tcp.local_addr()?;
-        r.accept =
-            vec![self
-                .ctx
-                .workers
-                .spawn(accept_loop(tcp, r.current.clone(), self.ctx.clone()))];
+        let mut sockets = Vec::with_capacity(1 + r.config.additional.len());
+        for a in std::iter::once(&r.config.address).chain(&r.config.additional) {
+            sockets.push(bind(*a, true, &r.config.socket_options)?);
+        }
+        r.local_addr = sockets[0].local_addr()?;
+        r.accept = self.accept_on(sockets, &r.current)?;
         r.bound = true;
         tracing::info!(listener = %name, address = %r.local_addr, "unbound listener now accepts in userspace (kernel LB fallback)");
         Ok(true)
@@ -375,7 +425,7 @@ impl ListenerManager {
             .values()
             .filter(|r| !inbound_only || r.config.inbound)
         {
-            r.accept.iter().for_each(|a| a.abort());
+            r.accept.iter().for_each(|(_, a)| a.abort());
             let _ = r.drain.send(true);
         }
     }

@@ -566,7 +566,10 @@ where
         }
     }
     let (x, slot) = read?;
-    let (peer, rest) = x.read_peer(r).await;
+    let (peer, rest, failed) = match x.read_peer(r).await {
+        Ok((peer, rest)) => (peer, rest, false),
+        Err(rest) => (None, rest, true),
+    };
     if let Some(p) = peer {
         let _ = slot.set(Arc::new(p));
     }
@@ -576,7 +579,9 @@ where
         }
         bytes.fetch_add(rest.len() as u64, Ordering::Relaxed);
     }
-    None
+    // A reset while the frame was read is the reader's reset, passed on as
+    // one (a read after it would see a clean end).
+    failed.then_some(Flow::ReadFailed)
 }
 
 /// The entry `istio.stats` reads as a connection opens (nothing moved yet).
