@@ -340,29 +340,31 @@ async fn proxy<D: Halves>(
             .as_deref()
             .filter(|x| x.active(alpn))
     };
-    let opened = |up_x: Option<&crate::istio::exchange::Exchange>| {
-        // A connection whose reporting side learns no peer counts as
-        // opened now; one that may learn it, when it closes.
-        let r = report?;
-        use crate::istio::stats::Reporter;
-        let learns = match r.reporter(conn.inbound) {
-            Reporter::Client => up_x.is_some(),
-            _ => down_x.is_some(),
-        };
-        (!learns).then_some(r)
-    };
-    let idle = match host.tls.as_ref().map(|h| &h.tls) {
-        None => {
-            let up_x = up_x(None);
-            if let Some(r) = opened(up_x) {
+    // Once the upstream's ALPN is known: the exchanges to run, and the
+    // connection reported opened if its reporting side learns no peer (one
+    // that may learn it counts as opened when it closes).
+    let begin = |sum: &Summary, up_alpn: Option<&[u8]>| {
+        let up_x = up_x(up_alpn);
+        if let Some(r) = report {
+            use crate::istio::stats::Reporter;
+            let learns = match r.reporter(conn.inbound) {
+                Reporter::Client => up_x.is_some(),
+                _ => down_x.is_some(),
+            };
+            if !learns {
                 let e = opened_entry(conn, sum, name);
                 r.opened(&istio_facts(conn, sum, r, name, Some(&cluster)), &e);
             }
-            let x = Exchanges {
-                down: down_x,
-                up: up_x,
-                peers: sum.peers.clone(),
-            };
+        }
+        Exchanges {
+            down: down_x,
+            up: up_x,
+            peers: sum.peers.clone(),
+        }
+    };
+    let idle = match host.tls.as_ref().map(|h| &h.tls) {
+        None => {
+            let x = begin(sum, None);
             pipe(down, up, t.idle_timeout, sum, x).await
         }
         Some(tls) => {
@@ -371,16 +373,7 @@ async fn proxy<D: Halves>(
             let hs = tokio::time::timeout(cluster.config.connect_timeout, handshake(tls, sni, up));
             match hs.await {
                 Ok(Ok(up)) => {
-                    let up_x = up_x(up.get_ref().1.alpn_protocol());
-                    if let Some(r) = opened(up_x) {
-                        let e = opened_entry(conn, sum, name);
-                        r.opened(&istio_facts(conn, sum, r, name, Some(&cluster)), &e);
-                    }
-                    let x = Exchanges {
-                        down: down_x,
-                        up: up_x,
-                        peers: sum.peers.clone(),
-                    };
+                    let x = begin(sum, up.get_ref().1.alpn_protocol());
                     pipe(down, up, t.idle_timeout, sum, x).await
                 }
                 _ => {
