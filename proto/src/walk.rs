@@ -44,6 +44,23 @@ pub fn unpack_any(msg: &DynamicMessage, path: &str) -> Option<Result<DynamicMess
     Some(decode_any(&url, &bytes, path))
 }
 
+/// Whether `msg` says the extension it holds is optional.
+fn optional(msg: &DynamicMessage) -> bool {
+    msg.get_field_by_name("is_optional")
+        .is_some_and(|v| v.as_bool() == Some(true))
+}
+
+/// Whether `m` is an `Any` of a type the pool does not have.
+fn unknown_any(m: &DynamicMessage) -> bool {
+    m.descriptor().full_name() == "google.protobuf.Any"
+        && m.get_field_by_name("type_url")
+            .and_then(|v| {
+                v.as_str()
+                    .map(|u| pool().get_message_by_name(type_name(u)).is_none())
+            })
+            .unwrap_or(false)
+}
+
 /// Calls `f` for every set field of `msg` (depth first). `Any` values are
 /// decoded and walked as the message they hold; an `Any` whose type is not in
 /// the pool is an error naming its path.
@@ -69,6 +86,10 @@ pub fn walk(
             field: &field,
         })?;
         match value {
+            // Envoy skips an optional extension (an HTTP filter's, a
+            // per-route config's `is_optional`) whose type it does not
+            // know; its translation skips it too.
+            Value::Message(m) if optional(msg) && unknown_any(m) => {}
             Value::Message(m) => walk(m, &p, f)?,
             Value::List(items) => {
                 for (i, item) in items.iter().enumerate() {

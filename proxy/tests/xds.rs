@@ -686,3 +686,59 @@ async fn additional_addresses_update_in_place() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An HTTP filter of a type Legate does not know: skipped when it is
+/// `is_optional` (the listener is acknowledged and serves), refused
+/// naming it otherwise, as Envoy does over xDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_filter_of_an_unknown_type_is_skipped() {
+    use legate_proto::envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
+    use legate_proto::envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        http_filter, HttpConnectionManager, HttpFilter,
+    };
+    use prost::Message;
+    let up = upstream("a").await;
+    let ads = ScriptedAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let (port, admin) = (free_port(), free_port());
+    // The listener with an unknown filter first, `optional` or not.
+    let with_unknown = |optional: bool| {
+        let mut a = any(LISTENER, tagged_listener("l1", port, "c1", "1"));
+        let mut l = Listener::decode(a.value.as_slice()).unwrap();
+        let Some(filter::ConfigType::TypedConfig(h)) =
+            &mut l.filter_chains[0].filters[0].config_type
+        else {
+            panic!("the HCM")
+        };
+        let mut hcm = HttpConnectionManager::decode(h.value.as_slice()).unwrap();
+        hcm.http_filters.insert(
+            0,
+            HttpFilter {
+                name: "acme.unknown".into(),
+                is_optional: optional,
+                config_type: Some(http_filter::ConfigType::TypedConfig(
+                    legate_proto::envoy_types::pb::google::protobuf::Any {
+                        type_url: "type.googleapis.com/acme.filters.Unknown".into(),
+                        value: vec![8, 1],
+                    },
+                )),
+                ..Default::default()
+            },
+        );
+        h.value = hcm.encode_to_vec();
+        a.value = l.encode_to_vec();
+        a
+    };
+    ads.set(
+        CLUSTER,
+        "1",
+        vec![any(CLUSTER, cluster("c1", &[up.addr], json!({})))],
+    );
+    ads.set(LISTENER, "1", vec![with_unknown(true)]);
+    let _l = Legate::start(BIN, &ads_bootstrap(ads.addr, admin), &[], Some(admin));
+    wait_port(port, true);
+    acked(&ads, LISTENER, "1").await;
+    assert_eq!(curl(&format!("http://127.0.0.1:{port}/"), &[]).status, 200);
+    ads.set(LISTENER, "2", vec![with_unknown(false)]);
+    let (_, message) = nacked(&ads, LISTENER, &ads.last_nonce()).await;
+    assert!(message.contains("acme.filters.Unknown"), "{message}");
+}
