@@ -9,6 +9,11 @@
 //! sent acknowledged; then the requests of `istio/requests.yaml` go through
 //! the gateway and the sidecar, and Legate's answers are compared with
 //! Envoy's.
+//!
+//! The tier runs in a network namespace of its own: istiod's config names
+//! fixed ports (the gateway's 0.0.0.0:18000, the sidecar's 127.0.0.1:18080)
+//! which another service on the machine may hold, and then the requests
+//! would reach that service instead of the proxy.
 
 use crate::compare::{diff, Observation};
 use crate::proxies::{self, Binaries, Kind};
@@ -255,8 +260,27 @@ pub(crate) fn bootstrap(
     Ok((path, admin))
 }
 
-pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
-    let bin = tokio::task::block_in_place(|| istiod_binary(root))?;
+/// Builds istiod (which needs the network), then runs the tier in a fresh
+/// network namespace on a runtime whose threads all live there.
+pub fn run_isolated(bins: &Binaries, root: &Path, work: &Path, report: &mut Report) -> Result<()> {
+    let bin = istiod_binary(root)?;
+    let ns = legate_tests::netns::Netns::new("istio").context("making the tier's namespace")?;
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(run(bins, root, work, report, &bin))
+    })
+}
+
+async fn run(
+    bins: &Binaries,
+    root: &Path,
+    work: &Path,
+    report: &mut Report,
+    bin: &Path,
+) -> Result<()> {
     let requests: BTreeMap<String, Vec<Request>> =
         serde_yaml::from_str(&std::fs::read_to_string(root.join("istio/requests.yaml"))?)
             .context("parsing istio/requests.yaml")?;
@@ -265,13 +289,13 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
         let addr: SocketAddr = addr.parse()?;
         echoes.push(legate_tests::echo::start(name, addr).await?);
     }
-    let istiod = tokio::task::block_in_place(|| start_istiod(&bin, root, work, Profile::Upstream))?;
+    let istiod = tokio::task::block_in_place(|| start_istiod(bin, root, work, Profile::Upstream))?;
     for (label, node) in NODES {
         for (flavour, api) in [("sotw", "GRPC"), ("delta", "DELTA_GRPC")] {
             let case = format!("{label}-{flavour}");
             let (cfg, admin) = bootstrap(root, work, node, api, istiod.xds)?;
             let mut acks = Vec::new();
-            let mut seen: Vec<Vec<Observation>> = Vec::new();
+            let mut seen: Vec<Vec<Result<Observation, String>>> = Vec::new();
             for kind in [Kind::Envoy, Kind::Legate] {
                 tokio::task::block_in_place(|| wait_gone(&istiod, node.proxy_id));
                 let running = proxies::start(bins, kind, &cfg, admin, work);
@@ -293,7 +317,7 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
                 seen.push(match reqs {
                     Some((rs, port)) => tokio::task::block_in_place(|| {
                         rs.iter()
-                            .map(|r| crate::routing::send(port, r, work))
+                            .map(|r| crate::routing::try_send(port, r, work))
                             .collect()
                     }),
                     None => Vec::new(),
@@ -309,7 +333,9 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
                 for (i, r) in requests.get(section).into_iter().flatten().enumerate() {
                     let (e, l) = (seen[0].get(i), seen[1].get(i));
                     let o = match (e, l) {
-                        (Some(e), Some(l)) => {
+                        (Some(Err(e)), _) => Outcome::HarnessError(vec![format!("envoy: {e}")]),
+                        (_, Some(Err(l))) => Outcome::Mismatch(vec![format!("legate: {l}")]),
+                        (Some(Ok(e)), Some(Ok(l))) => {
                             let d = diff(e, l);
                             if d.is_empty() {
                                 Outcome::Match
@@ -325,7 +351,7 @@ pub async fn run(bins: &Binaries, root: &Path, work: &Path, report: &mut Report)
         }
     }
     drop(istiod);
-    crate::istio_mesh::run(bins, root, work, report, &bin, &mut echoes).await?;
+    crate::istio_mesh::run(bins, root, work, report, bin, &mut echoes).await?;
     drop(echoes);
     Ok(())
 }

@@ -201,7 +201,8 @@ async fn main() -> Result<()> {
             "corpus" => corpus_tally = Some(corpus::run(&bins, &root, &work, &mut report)?),
             "xds-wire" => xds_wire::run(&bins, &work, &mut report).await?,
             "istio" => {
-                if let Err(e) = istio::run(&bins, &root, &work, &mut report).await {
+                let isolated = || istio::run_isolated(&bins, &root, &work, &mut report);
+                if let Err(e) = tokio::task::block_in_place(isolated) {
                     report.add(
                         "istio",
                         "istiod",
