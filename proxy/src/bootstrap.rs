@@ -169,8 +169,8 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
     let mut secrets = std::collections::HashMap::new();
     for (i, sec) in sr.secrets.iter().enumerate() {
         let p = config::index("static_resources", "secrets", i);
-        let (name, v) = config::tls::secret(sec, &p)?;
-        if secrets.insert(name.clone(), Arc::new(v)).is_some() {
+        let (name, v) = config::tls::static_secret(sec, &p)?;
+        if secrets.insert(name.clone(), v.map(Arc::new)).is_some() {
             return Err(ConfigError::new(
                 config::join(&p, "name"),
                 format!("duplicate static secret name {name}"),

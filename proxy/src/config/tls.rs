@@ -558,30 +558,49 @@ fn combined(
 
 /// A `Secret`, from `static_resources.secrets` or SDS.
 pub fn secret(s: &pb::Secret, path: &str) -> Result<(String, SecretValue)> {
+    let (name, v) = static_secret(s, path)?;
+    Ok((name, v?))
+}
+
+/// As [`secret`], but the content's error (a certificate without its key,
+/// PEM that does not parse) is kept for whoever names the secret, as Envoy
+/// checks a static secret only at its use. A nameless or typeless secret
+/// is still refused at once.
+pub fn static_secret(s: &pb::Secret, path: &str) -> Result<(String, Result<SecretValue>)> {
     if s.name.is_empty() {
         return Err(ConfigError::new(
             join(path, "name"),
             "secret name is required",
         ));
     }
+    Ok((s.name.clone(), secret_value(s, path)?))
+}
+
+/// The content of a named secret: Err(outer) for a secret of no or an
+/// unsupported type, Ok(Err(inner)) for content that cannot serve.
+fn secret_value(s: &pb::Secret, path: &str) -> Result<Result<SecretValue>> {
     use pb::secret::Type as T;
-    let v = match &s.r#type {
-        Some(T::TlsCertificate(c)) => {
-            SecretValue::Cert(Arc::new(certificate(c, &join(path, "tls_certificate"))?))
-        }
-        Some(T::ValidationContext(v)) => {
-            SecretValue::Trust(Arc::new(validation(v, &join(path, "validation_context"))?))
-        }
+    Ok(Ok(match &s.r#type {
+        Some(T::TlsCertificate(c)) => match certificate(c, &join(path, "tls_certificate")) {
+            Ok(c) => SecretValue::Cert(Arc::new(c)),
+            Err(e) => return Ok(Err(e)),
+        },
+        Some(T::ValidationContext(v)) => match validation(v, &join(path, "validation_context")) {
+            Ok(t) => SecretValue::Trust(Arc::new(t)),
+            Err(e) => return Ok(Err(e)),
+        },
         Some(T::SessionTicketKeys(_)) => {
             return Err(ConfigError::new(
                 join(path, "session_ticket_keys"),
                 "session ticket key secrets are not supported",
             ))
         }
-        Some(T::GenericSecret(g)) => generic(g, &join(path, "generic_secret"))?,
+        Some(T::GenericSecret(g)) => match generic(g, &join(path, "generic_secret")) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        },
         None => return Err(ConfigError::new(path, "a secret needs a type")),
-    };
-    Ok((s.name.clone(), v))
+    }))
 }
 
 /// The CRLs of a `crl` data source (PEM). Data with none in it is
@@ -688,14 +707,17 @@ fn named(s: &pb::SdsSecretConfig, path: &str) -> Result<Named> {
             s.name.clone(),
             XdsSource::from_proto(cs, &join(path, "sds_config"))?,
         )),
-        None => crate::tls::secrets::get_static(&s.name)
-            .map(Named::Static)
-            .ok_or_else(|| {
-                ConfigError::new(
-                    join(path, "name"),
-                    format!("unknown static secret: {}", s.name),
-                )
-            }),
+        None => match crate::tls::secrets::get_static(&s.name) {
+            Some(Ok(v)) => Ok(Named::Static(v)),
+            Some(Err(e)) => Err(ConfigError::new(
+                join(path, "name"),
+                format!("static secret {} cannot serve: {e}", s.name),
+            )),
+            None => Err(ConfigError::new(
+                join(path, "name"),
+                format!("unknown static secret: {}", s.name),
+            )),
+        },
     }
 }
 

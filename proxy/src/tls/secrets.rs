@@ -121,15 +121,20 @@ impl<T: FromSecret> Src<T> {
 }
 
 type Store = LazyLock<RwLock<HashMap<String, Arc<SecretValue>>>>;
-static STATIC: Store = LazyLock::new(Default::default);
 static DYNAMIC: Store = LazyLock::new(Default::default);
 
+/// A static secret, or why its content cannot serve: Envoy reads a static
+/// secret's certificate or trust only when a transport socket names it,
+/// so an unused incomplete one is no error.
+pub type StaticSecret = Result<Arc<SecretValue>, crate::config::ConfigError>;
+static STATIC: LazyLock<RwLock<HashMap<String, StaticSecret>>> = LazyLock::new(Default::default);
+
 /// Replaces the static secrets (a bootstrap's whole set).
-pub fn set_static(secrets: HashMap<String, Arc<SecretValue>>) {
+pub fn set_static(secrets: HashMap<String, StaticSecret>) {
     *STATIC.write().unwrap() = secrets;
 }
 
-pub fn get_static(name: &str) -> Option<Arc<SecretValue>> {
+pub fn get_static(name: &str) -> Option<StaticSecret> {
     STATIC.read().unwrap().get(name).cloned()
 }
 
