@@ -285,7 +285,9 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
         .filter_map(|r| r.matcher.runtime_fraction.as_ref().map(|(k, _)| k.as_str()))
         .collect();
     for (key, _) in runtime.entries() {
-        if !used.contains(key.as_str()) && !crate::kernel_lb::RUNTIME_KEYS.contains(&key.as_str()) {
+        let known = crate::kernel_lb::RUNTIME_KEYS.contains(&key.as_str())
+            || key == crate::overload::RUNTIME_KEY;
+        if !used.contains(key.as_str()) && !known {
             tracing::warn!(%key, "runtime key is not read by Legate (only route runtime_fraction and legate.kernel_lb keys are)");
             crate::stats::counter("legate.config.runtime_keys_ignored".into()).increment(1);
         }
@@ -324,9 +326,15 @@ pub fn translate(b: &Bootstrap, cli: &Cli) -> Result<Config, ConfigError> {
             }
         }
     }
+    let overload = match &b.overload_manager {
+        Some(o) => crate::overload::OverloadConfig::from_proto(o, "overload_manager")?,
+        None => Default::default(),
+    };
     Ok(Config {
         node,
         admin,
+        admin_ignores_conn_limit: b.admin.as_ref().is_some_and(|a| a.ignore_global_conn_limit),
+        overload,
         listeners,
         clusters,
         runtime,

@@ -27,6 +27,7 @@ pub mod lb;
 pub mod logging;
 pub mod otlp;
 pub mod outlier;
+pub mod overload;
 pub mod pool_age;
 pub mod registry;
 pub mod route_tables;

@@ -103,6 +103,13 @@ async fn serve(cli: Cli, workers: usize, set_level: legate::logging::LevelSetter
         }
     };
     let config = loaded.config;
+    legate::overload::set_limit(config.overload.max_connections);
+    legate::overload::set_runtime(&config.runtime);
+    // The admin listener bypasses the overload manager, as Envoy's does.
+    let admin_exempt = legate::overload::Exempt {
+        ignore_limit: config.admin_ignores_conn_limit,
+        bypass: true,
+    };
     let loaded_node = loaded.bootstrap.node.clone().unwrap_or_default();
     stats::gauge("server.state".into()).set(3.0); // INITIALIZING
     let clusters = ClusterManager::start(&config.clusters).await;
@@ -212,9 +219,13 @@ async fn serve(cli: Cli, workers: usize, set_level: legate::logging::LevelSetter
                 let Ok((sock, _)) = tcp.accept().await else {
                     continue;
                 };
+                let Ok(slot) = legate::overload::admit(admin_exempt, "listener.admin") else {
+                    continue;
+                };
                 let p = admin_proxy.clone();
                 let rx = rx.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let stream: pingora_core::protocols::l4::stream::Stream = sock.into();
                     p.process_new(Box::new(stream), &rx).await;
                 });

@@ -30,6 +30,10 @@ const fn m(
     }
 }
 
+/// A resource monitor other than the connection limit's only feeds
+/// overload actions, which are refused.
+const MONITOR_ONLY: &str =
+    "this resource monitor only feeds overload actions, and Legate refuses actions";
 const NO_LOG: &str = "access logging is not implemented yet; it changes no traffic";
 const UNEVALUATED_LOG_FILTER: &str =
     "this access log filter is not evaluated: the entries it would drop are written too";
@@ -55,6 +59,8 @@ pub static REGISTRY: &[MessageSupport] = &[
             // Each extension's type is checked on its own: only the
             // internal listener one (below) is known.
             "bootstrap_extensions",
+            // Its global connection limit (`crate::overload`).
+            "overload_manager",
         ],
         &[
             (
@@ -78,10 +84,6 @@ pub static REGISTRY: &[MessageSupport] = &[
             (
                 "hds_config",
                 "health discovery reporting is not implemented",
-            ),
-            (
-                "overload_manager",
-                "overload actions are not implemented yet",
             ),
             ("enable_dispatcher_stats", "only adds stats"),
         ],
@@ -137,14 +139,59 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "envoy.config.bootstrap.v3.Admin",
-        &["address"],
+        &["address", "ignore_global_conn_limit"],
         &[
             ("access_log", NO_LOG),
             ("access_log_path", NO_LOG),
             ("profile_path", "CPU profiling is not implemented"),
             ("socket_options", "admin socket options are not applied"),
-            ("ignore_global_conn_limit", "no global connection limit yet"),
         ],
+    ),
+    // Actions and load shed points are refused: they change traffic under
+    // pressure, and Legate runs none of them.
+    m(
+        "envoy.config.overload.v3.OverloadManager",
+        &["resource_monitors"],
+        &[
+            (
+                "refresh_interval",
+                "how often resource monitors are read; the connection limit is checked at each accept",
+            ),
+            (
+                "buffer_factory_config",
+                "tracks stream memory for the reset_high_memory_stream action, and actions are refused",
+            ),
+        ],
+    ),
+    m(
+        "envoy.config.overload.v3.ResourceMonitor",
+        &["name", "typed_config"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+        &["max_active_downstream_connections"],
+        &[],
+    ),
+    m(
+        "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+        &[],
+        &[("max_heap_size_bytes", MONITOR_ONLY)],
+    ),
+    m(
+        "envoy.extensions.resource_monitors.injected_resource.v3.InjectedResourceConfig",
+        &[],
+        &[("filename", MONITOR_ONLY)],
+    ),
+    m(
+        "envoy.extensions.resource_monitors.cgroup_memory.v3.CgroupMemoryConfig",
+        &[],
+        &[("max_memory_bytes", MONITOR_ONLY)],
+    ),
+    m(
+        "envoy.extensions.resource_monitors.cpu_utilization.v3.CpuUtilizationConfig",
+        &[],
+        &[("mode", MONITOR_ONLY)],
     ),
     m(
         "envoy.config.bootstrap.v3.Bootstrap.StaticResources",
@@ -207,6 +254,10 @@ pub static REGISTRY: &[MessageSupport] = &[
             "listener_filters_timeout",
             "continue_on_listener_filters_timeout",
             "use_original_dst",
+            "ignore_global_conn_limit",
+            // Exempts it from the overload manager's connection limit
+            // (`crate::overload`); overload actions are refused.
+            "bypass_overload_manager",
             "drain_type",
             "access_log",
             "udp_listener_config",
@@ -214,17 +265,10 @@ pub static REGISTRY: &[MessageSupport] = &[
             "additional_addresses",
         ],
         &[
-            // As the admin listener's: the overload manager's connection
-            // limit is not enforced (see `overload_manager`).
-            ("ignore_global_conn_limit", "no global connection limit yet"),
             ("metadata", "only informational"),
             (
                 "max_connections_to_accept_per_socket_event",
                 "how many connections one wake-up of the accept loop takes before others run: fairness, not which connections are served",
-            ),
-            (
-                "bypass_overload_manager",
-                "Legate has no overload manager yet, so no listener is ever held back by one: there is nothing to bypass",
             ),
         ],
     ),

@@ -760,7 +760,9 @@ impl Applier {
                 RuntimeLayer::Rtds { name, .. } => st.rtds.get(name).cloned(),
             })
             .collect();
-        self.runtime.store(Arc::new(Runtime::from_layers(&layers)));
+        let runtime = Runtime::from_layers(&layers);
+        crate::overload::set_runtime(&runtime);
+        self.runtime.store(Arc::new(runtime));
     }
 
     /// Brings the data plane in line with the state: activates what has

@@ -328,6 +328,9 @@ pub struct Listener {
     pub default_chain: Option<FilterChain>,
     /// traffic_direction INBOUND: drained by `/drain_listeners?inboundonly`.
     pub inbound: bool,
+    /// `ignore_global_conn_limit` and `bypass_overload_manager`: what
+    /// exempts its connections from the global connection limit.
+    pub exempt: crate::overload::Exempt,
     /// traffic_direction OUTBOUND: its connection managers trace as egress
     /// (decorators are propagated upstream).
     pub outbound: bool,
@@ -658,6 +661,10 @@ impl Listener {
             drains_on_health_check_fail: l.drain_type
                 == legate_proto::envoy_types::pb::envoy::config::listener::v3::listener::DrainType::Default as i32,
             inbound: l.traffic_direction == core::TrafficDirection::Inbound as i32,
+            exempt: crate::overload::Exempt {
+                ignore_limit: l.ignore_global_conn_limit,
+                bypass: l.bypass_overload_manager,
+            },
             outbound: l.traffic_direction == core::TrafficDirection::Outbound as i32,
         })
     }

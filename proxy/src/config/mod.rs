@@ -194,6 +194,10 @@ pub fn host_port(addr: &core::Address, path: &str) -> Result<(String, u16)> {
 pub struct Config {
     pub node: Node,
     pub admin: Option<SocketAddr>,
+    /// `admin.ignore_global_conn_limit`.
+    pub admin_ignores_conn_limit: bool,
+    /// What of `overload_manager` Legate runs (the global connection limit).
+    pub overload: crate::overload::OverloadConfig,
     pub listeners: Vec<Arc<listener::Listener>>,
     pub clusters: Vec<Arc<cluster::ClusterConfig>>,
     pub runtime: crate::runtime::Runtime,

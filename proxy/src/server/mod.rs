@@ -508,10 +508,17 @@ fn spawn_connection(
     local: Option<SocketAddr>,
     ctx: &Ctx,
 ) {
+    let config = &gen.config;
+    // Counted from accept to close, filter phase included, as Envoy counts.
+    let Ok(slot) = crate::overload::admit(config.exempt, &config.stat_prefix) else {
+        tracing::debug!(%peer, listener = %config.name, "global connection limit reached; closing");
+        return;
+    };
     let _ = sock.set_nodelay(true);
     let workers = &ctx.workers;
     let ctx = ctx.clone();
     workers.spawn_connection(sock, move |sock| async move {
+        let _slot = slot;
         let restored = local.is_some();
         let Some(local) = local.or_else(|| sock.local_addr().ok()) else {
             return;
