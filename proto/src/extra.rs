@@ -1,6 +1,7 @@
 //! Message types that control planes send and no crate ships as `.proto`
 //! sources: `udpa.type.v1.TypedStruct` (the `udpa` tree is not in
-//! `envoy-types`) and the config types of Istio's own proxy extensions.
+//! `envoy-types`), the xDS CEL matcher and its input, and the config types
+//! of Istio's own proxy extensions.
 //!
 //! Each is declared here field by field (names, numbers and types are facts
 //! of the wire format, written out by hand, not copied sources) and added to
@@ -222,6 +223,24 @@ pub fn files() -> Vec<FileDescriptorProto> {
     // The two wrappers have one layout; `xds.type.v3` is in the Envoy set
     // only when some compiled file imports it.
     let mut out = vec![typed_struct("udpa.type.v1"), typed_struct("xds.type.v3")];
+    // The CEL matcher and its input: `xds/type/matcher/v3/cel.proto` and
+    // `http_inputs.proto` are not among envoy-types' sources.
+    out.push(file(
+        "legate/extra/xds/type/matcher/v3/cel.proto",
+        "xds.type.matcher.v3",
+        &["xds/type/v3/cel.proto"],
+        vec![
+            M::new(
+                "CelMatcher",
+                vec![
+                    message("expr_match", 1, ".xds.type.v3.CelExpression"),
+                    scalar("description", 2, Type::String),
+                ],
+            ),
+            M::new("HttpAttributesCelMatchInput", vec![]),
+        ],
+        vec![],
+    ));
     out.extend(crate::istio::files());
     out
 }
@@ -249,6 +268,14 @@ mod tests {
         assert_eq!(super::json_name("type_url"), "typeUrl");
         assert_eq!(super::json_name("value"), "value");
         assert_eq!(super::json_name("a_b_c"), "aBC");
+    }
+
+    #[test]
+    fn the_cel_matcher_is_in_the_pool() {
+        let d = crate::pool()
+            .get_message_by_name("xds.type.matcher.v3.CelMatcher")
+            .unwrap();
+        assert_eq!(d.get_field_by_name("expr_match").unwrap().number(), 1);
     }
 
     #[test]

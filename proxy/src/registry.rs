@@ -1830,6 +1830,7 @@ pub fn all() -> impl Iterator<Item = &'static MessageSupport> {
     REGISTRY
         .iter()
         .chain(crate::config::unified_matcher::REGISTRY)
+        .chain(crate::cel::REGISTRY)
         .chain(crate::istio::exchange::REGISTRY)
         .chain(
             crate::http_filters::REGISTRIES

@@ -85,6 +85,9 @@ enum InputMatcher {
 #[derive(Debug)]
 enum Predicate {
     Single(Input, InputMatcher),
+    /// A `CelMatcher` over `HttpAttributesCelMatchInput`: the request's
+    /// attributes, matched when the expression is `true`.
+    Cel(crate::cel::Expression),
     Or(Vec<Predicate>),
     And(Vec<Predicate>),
     Not(Box<Predicate>),
@@ -479,6 +482,91 @@ impl InputMatcher {
     }
 }
 
+const CEL_INPUT: &str = "xds.type.matcher.v3.HttpAttributesCelMatchInput";
+const CEL_MATCHER: &str = "xds.type.matcher.v3.CelMatcher";
+
+/// `xds.type.matcher.v3.CelMatcher`, which no crate generates: its field
+/// numbers are the wire format's.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CelMatcher {
+    #[prost(message, optional, tag = "1")]
+    expr_match: Option<legate_proto::envoy_types::pb::xds::r#type::v3::CelExpression>,
+}
+
+/// The CEL predicate of a single predicate, when its input is the HTTP
+/// attributes (which only a CEL matcher can read, as in Envoy).
+fn cel_predicate(
+    input: &TypedExtensionConfig,
+    matcher: Option<&xm::matcher::matcher_list::predicate::single_predicate::Matcher>,
+    path: &str,
+    domain: Domain,
+) -> Result<Option<Predicate>> {
+    use xm::matcher::matcher_list::predicate::single_predicate::Matcher as SM;
+    let custom = match matcher {
+        Some(SM::CustomMatch(c)) if type_of(c) == CEL_MATCHER => Some(c),
+        _ => None,
+    };
+    match (type_of(input) == CEL_INPUT, custom) {
+        (false, None) => Ok(None),
+        (true, Some(c)) if domain == Domain::Http => {
+            let p = join(path, "custom_match.typed_config");
+            let m: CelMatcher = typed(c, CEL_MATCHER, &join(path, "custom_match"))
+                .expect("the type was checked")?;
+            let e = m.expr_match.as_ref().ok_or_else(|| {
+                ConfigError::new(join(&p, "expr_match"), "expr_match is required")
+            })?;
+            Ok(Some(Predicate::Cel(crate::cel::Expression::from_proto(
+                e,
+                &join(&p, "expr_match"),
+            )?)))
+        }
+        (true, Some(_)) => Err(ConfigError::new(
+            join(path, "input"),
+            "the HTTP attributes input has no value on a network matcher",
+        )),
+        (true, None) => Err(ConfigError::new(
+            join(path, "input"),
+            "the HTTP attributes input can only be matched by a CelMatcher",
+        )),
+        (false, Some(_)) => Err(ConfigError::new(
+            join(path, "custom_match"),
+            "a CelMatcher needs the HttpAttributesCelMatchInput input",
+        )),
+    }
+}
+
+/// The CEL attributes of the request in flight that `d` describes. What a
+/// matcher cannot know yet (upstream, route and cluster names) is absent,
+/// so an expression reading it does not match.
+fn cel_attributes(
+    d: &Data<'_>,
+    r: crate::cel::Root,
+    spellings: Option<&[String]>,
+) -> cel::objects::Value {
+    use crate::cel::{address, headers, map, Root};
+    match r {
+        Root::Request => {
+            let mut v = Vec::new();
+            crate::cel::request_line_and_headers(&d.pseudo, d.headers, spellings, &mut v);
+            map(v)
+        }
+        Root::Response => {
+            let mut v = Vec::new();
+            if let Some(resp) = &d.response {
+                v.push(("code", cel::objects::Value::Int(resp.status.into())));
+                if let Some(sp) = spellings {
+                    v.push(("headers", headers(resp.headers, sp)));
+                }
+            }
+            map(v)
+        }
+        Root::Source => address(d.remote),
+        Root::Destination => address(d.local),
+        Root::Connection => map(vec![("requested_server_name", crate::cel::s(d.sni))]),
+        Root::Upstream | Root::Xds => map(Vec::new()),
+    }
+}
+
 impl Predicate {
     fn from_proto(
         p: &xm::matcher::matcher_list::Predicate,
@@ -503,6 +591,9 @@ impl Predicate {
                     .input
                     .as_ref()
                     .ok_or_else(|| ConfigError::new(join(&sp, "input"), "input is required"))?;
+                if let Some(cel) = cel_predicate(input, s.matcher.as_ref(), &sp, domain)? {
+                    return Ok(cel);
+                }
                 let input = Input::from_proto(input, &join(&sp, "input"), domain)?;
                 let m = match &s.matcher {
                     Some(SM::ValueMatch(v)) => {
@@ -537,6 +628,10 @@ impl Predicate {
     fn matches(&self, d: &Data<'_>) -> bool {
         match self {
             Predicate::Single(input, m) => m.matches(input.read(d)),
+            Predicate::Cel(e) => matches!(
+                e.evaluate_on(&|r, spellings| cel_attributes(d, r, spellings)),
+                Some(cel::objects::Value::Bool(true))
+            ),
             Predicate::Or(l) => l.iter().any(|p| p.matches(d)),
             Predicate::And(l) => l.iter().all(|p| p.matches(d)),
             Predicate::Not(p) => !p.matches(d),

@@ -6,9 +6,104 @@
 //! config; an attribute Legate has no value for is absent, as in Envoy
 //! when the stream never had it.
 
+pub mod unparse;
+
+use crate::registry::MessageSupport;
+
+const fn m(
+    message: &'static str,
+    supported: &'static [&'static str],
+    warn: &'static [(&'static str, &'static str)],
+) -> MessageSupport {
+    MessageSupport {
+        message,
+        supported,
+        warn,
+    }
+}
+
+const CHECK_RESULTS: &str =
+    "what type-checking found; the expression is evaluated from its tree, as Envoy evaluates it";
+
+/// CEL expressions as xDS gives them (text, or a parsed or checked tree,
+/// see [`unparse`]), and the CEL matcher that carries them.
+pub static REGISTRY: &[MessageSupport] = &[
+    m(
+        "xds.type.v3.CelExpression",
+        &["cel_expr_parsed", "cel_expr_checked"],
+        &[],
+    ),
+    m(
+        "xds.type.matcher.v3.CelMatcher",
+        &["expr_match"],
+        &[("description", "only a description")],
+    ),
+    m("xds.type.matcher.v3.HttpAttributesCelMatchInput", &[], &[]),
+    m(
+        "cel.expr.ParsedExpr",
+        &["expr"],
+        &[("source_info", "positions in the source text, for messages")],
+    ),
+    m(
+        "cel.expr.CheckedExpr",
+        &["expr"],
+        &[
+            ("reference_map", CHECK_RESULTS),
+            ("type_map", CHECK_RESULTS),
+            ("source_info", "positions in the source text, for messages"),
+            ("expr_version", "the checker's version"),
+        ],
+    ),
+    m(
+        "cel.expr.Expr",
+        &[
+            "id",
+            "const_expr",
+            "ident_expr",
+            "select_expr",
+            "call_expr",
+            "list_expr",
+            "struct_expr",
+        ],
+        &[],
+    ),
+    m("cel.expr.Expr.Ident", &["name"], &[]),
+    m(
+        "cel.expr.Expr.Select",
+        &["operand", "field", "test_only"],
+        &[],
+    ),
+    m("cel.expr.Expr.Call", &["target", "function", "args"], &[]),
+    m("cel.expr.Expr.CreateList", &["elements"], &[]),
+    m(
+        "cel.expr.Expr.CreateStruct",
+        &["message_name", "entries"],
+        &[],
+    ),
+    m(
+        "cel.expr.Expr.CreateStruct.Entry",
+        &["id", "field_key", "map_key", "value"],
+        &[],
+    ),
+    m(
+        "cel.expr.Constant",
+        &[
+            "null_value",
+            "bool_value",
+            "int64_value",
+            "uint64_value",
+            "double_value",
+            "string_value",
+            "bytes_value",
+        ],
+        &[],
+    ),
+];
+
 use crate::access_log::Entry;
-use crate::config::{ConfigError, Result};
+use crate::config::{join, ConfigError, Result};
 use cel::objects::{Key, Map, Value};
+use legate_proto::envoy_types::pb::xds::r#type::v3::CelExpression;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -38,7 +133,7 @@ impl PartialEq for Expression {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Root {
+pub enum Root {
     Request,
     Response,
     Source,
@@ -115,9 +210,34 @@ impl Expression {
         })
     }
 
+    /// An `xds.type.v3.CelExpression`: its checked tree, else its parsed
+    /// one, written back as text. Envoy 1.40 reads no `cel_expr_string`
+    /// here ("CEL expression not set"); the registry refuses it.
+    pub fn from_proto(c: &CelExpression, path: &str) -> Result<Self> {
+        let (tree, p) = match (&c.cel_expr_checked, &c.cel_expr_parsed) {
+            (Some(x), _) => (x.expr.as_ref(), join(path, "cel_expr_checked")),
+            (None, Some(x)) => (x.expr.as_ref(), join(path, "cel_expr_parsed")),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    path,
+                    "CEL expression not set (cel_expr_checked or cel_expr_parsed is required)",
+                ))
+            }
+        };
+        let tree =
+            tree.ok_or_else(|| ConfigError::new(join(&p, "expr"), "the expression is empty"))?;
+        let text = unparse::source(tree, &join(&p, "expr"))?;
+        Self::parse(&text, &p)
+    }
+
     /// The expression's value over `e`; None when it fails (an absent
     /// attribute, a type error).
     pub fn evaluate(&self, e: &Entry) -> Option<Value> {
+        self.evaluate_on(&|r, spellings| attributes(r, e, spellings))
+    }
+
+    /// The expression's value over the attributes `of` gives per root.
+    pub fn evaluate_on(&self, of: &dyn Fn(Root, Option<&[String]>) -> Value) -> Option<Value> {
         // The standard library is built once, not per evaluation.
         static ENV: std::sync::LazyLock<Arc<cel::Env>> =
             std::sync::LazyLock::new(|| Arc::new(cel::Env::stdlib()));
@@ -125,7 +245,7 @@ impl Expression {
         let spellings = self.reads_headers.then_some(&self.header_spellings[..]);
         for r in &self.roots {
             let name = ROOTS.iter().find(|(_, x)| x == r).map_or("", |(n, _)| n);
-            ctx.add_variable_from_value(name, attributes(*r, e, spellings));
+            ctx.add_variable_from_value(name, of(*r, spellings));
         }
         self.program.execute(&ctx).ok()
     }
@@ -242,7 +362,7 @@ fn timestamp_text(t: &chrono::DateTime<chrono::FixedOffset>) -> String {
     format!("{}{frac}+00:00", utc.format("%Y-%m-%dT%H:%M:%S"))
 }
 
-fn map(entries: Vec<(&str, Value)>) -> Value {
+pub(crate) fn map(entries: Vec<(&str, Value)>) -> Value {
     let m: HashMap<Key, Value> = entries
         .into_iter()
         .map(|(k, v)| (Key::String(Arc::new(k.to_string())), v))
@@ -250,7 +370,7 @@ fn map(entries: Vec<(&str, Value)>) -> Value {
     Value::Map(Map::from(m))
 }
 
-fn s(v: impl Into<String>) -> Value {
+pub(crate) fn s(v: impl Into<String>) -> Value {
     Value::String(Arc::new(v.into()))
 }
 
@@ -260,7 +380,7 @@ fn int(v: u64) -> Value {
 
 /// A header map as Envoy's CEL sees it: values of a name joined with `,`,
 /// looked up without regard to case.
-fn headers(h: &http::HeaderMap, spellings: &[String]) -> Value {
+pub(crate) fn headers(h: &http::HeaderMap, spellings: &[String]) -> Value {
     let mut m: HashMap<Key, Value> = HashMap::new();
     let joined = |name: &http::HeaderName| {
         h.get_all(name)
@@ -346,26 +466,11 @@ fn request(e: &Entry, spellings: Option<&[String]>) -> Value {
     let Some(h) = e.http.as_ref() else {
         return map(v);
     };
-    let path = h.pseudo.path;
-    let url_path = path.split('?').next().unwrap_or("");
-    let query = path
-        .split_once('?')
-        .map_or("", |(_, q)| q.split('#').next().unwrap_or(""));
-    let header = |n: &str| h.request.get(n).and_then(|v| v.to_str().ok());
-    v.extend([
-        ("path", s(path)),
-        ("url_path", s(url_path)),
-        ("query", s(query)),
-        ("host", s(h.pseudo.authority)),
-        ("scheme", s(h.pseudo.scheme)),
-        ("method", s(h.pseudo.method)),
-    ]);
-    if let Some(sp) = spellings {
-        v.push(("headers", headers(h.request, sp)));
-    }
+    request_line_and_headers(&h.pseudo, h.request, spellings, &mut v);
     if !h.protocol.is_empty() {
         v.push(("protocol", s(h.protocol)));
     }
+    let header = |n: &str| h.request.get(n).and_then(|v| v.to_str().ok());
     match header("content-length") {
         Some(cl) => {
             if let Ok(n) = cl.parse::<u64>() {
@@ -374,16 +479,42 @@ fn request(e: &Entry, spellings: Option<&[String]>) -> Value {
         }
         None => v.push(("size", int(e.bytes_received))),
     }
+    map(v)
+}
+
+/// The request attributes its pseudo-headers and headers give, whether
+/// the request is finished (access logs) or in flight (matchers).
+pub(crate) fn request_line_and_headers<'a>(
+    pseudo: &crate::config::matcher::Pseudo<'a>,
+    request: &'a http::HeaderMap,
+    spellings: Option<&[String]>,
+    v: &mut Vec<(&'static str, Value)>,
+) {
+    let path = pseudo.path;
+    let url_path = path.split('?').next().unwrap_or("");
+    let query = path
+        .split_once('?')
+        .map_or("", |(_, q)| q.split('#').next().unwrap_or(""));
+    v.extend([
+        ("path", s(path)),
+        ("url_path", s(url_path)),
+        ("query", s(query)),
+        ("host", s(pseudo.authority)),
+        ("scheme", s(pseudo.scheme)),
+        ("method", s(pseudo.method)),
+    ]);
+    if let Some(sp) = spellings {
+        v.push(("headers", headers(request, sp)));
+    }
     for (k, n) in [
         ("referer", "referer"),
         ("useragent", "user-agent"),
         ("id", "x-request-id"),
     ] {
-        if let Some(x) = header(n) {
+        if let Some(x) = request.get(n).and_then(|v| v.to_str().ok()) {
             v.push((k, s(x)));
         }
     }
-    map(v)
 }
 
 fn response(e: &Entry, spellings: Option<&[String]>) -> Value {
@@ -405,7 +536,7 @@ fn response(e: &Entry, spellings: Option<&[String]>) -> Value {
     map(v)
 }
 
-fn address(a: Option<std::net::SocketAddr>) -> Value {
+pub(crate) fn address(a: Option<std::net::SocketAddr>) -> Value {
     match a {
         Some(a) => map(vec![
             ("address", s(a.to_string())),
