@@ -1235,6 +1235,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "tls_maximum_protocol_version",
             "cipher_suites",
             "ecdh_curves",
+            "signature_algorithms",
         ],
         &[],
     ),

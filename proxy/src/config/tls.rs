@@ -278,6 +278,27 @@ fn params(
     Ok((Arc::new(provider), versions))
 }
 
+/// `tls_params.signature_algorithms`, in order (None when not set).
+fn signature_algorithms(
+    p: Option<&pb::TlsParameters>,
+    path: &str,
+) -> Result<Option<Arc<[rustls::SignatureScheme]>>> {
+    let Some(p) = p.filter(|p| !p.signature_algorithms.is_empty()) else {
+        return Ok(None);
+    };
+    let path = join(path, "tls_params");
+    let mut out = Vec::new();
+    for (i, name) in p.signature_algorithms.iter().enumerate() {
+        let s = crate::tls::sigalgs::scheme(name).map_err(|e| {
+            ConfigError::new(index(&path, "signature_algorithms", i), e.to_string())
+        })?;
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(Some(out.into()))
+}
+
 /// The provider certificates and keys are loaded with, and peer chains
 /// verified with: signature algorithms do not depend on `tls_params`.
 fn default_provider() -> Arc<CryptoProvider> {
@@ -723,6 +744,8 @@ fn named(s: &pb::SdsSecretConfig, path: &str) -> Result<Named> {
 
 struct Common {
     provider: Arc<CryptoProvider>,
+    /// `tls_params.signature_algorithms`: the schemes this side signs with.
+    signing: Option<Arc<[rustls::SignatureScheme]>>,
     versions: Vec<&'static SupportedProtocolVersion>,
     certs: Vec<Src<CertBundle>>,
     trust: Option<Src<Trust>>,
@@ -734,7 +757,12 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
     let default = pb::CommonTlsContext::default();
     let c = c.unwrap_or(&default);
     let path = join(path, "common_tls_context");
-    let (provider, versions) = params(c.tls_params.as_ref(), &path)?;
+    let (mut provider, versions) = params(c.tls_params.as_ref(), &path)?;
+    let signing = signature_algorithms(c.tls_params.as_ref(), &path)?;
+    if let Some(s) = &signing {
+        Arc::make_mut(&mut provider).signature_verification_algorithms =
+            crate::tls::sigalgs::verification(s);
+    }
     let mut certs = Vec::new();
     let mut sds = Vec::new();
     for (i, t) in c.tls_certificates.iter().enumerate() {
@@ -800,6 +828,7 @@ fn common(c: Option<&pb::CommonTlsContext>, path: &str) -> Result<Common> {
     };
     Ok(Common {
         provider,
+        signing,
         versions,
         certs,
         trust,
@@ -834,6 +863,7 @@ fn server_tls(d: &pb::DownstreamTlsContext, path: &str) -> Result<ServerTls> {
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver {
         certs: c.certs.clone(),
+        signing: c.signing.clone(),
         require_sni: d.require_sni.val().unwrap_or(false),
     }));
     config.alpn_protocols = c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
@@ -887,7 +917,7 @@ fn client_tls(
             algs: c.provider.signature_verification_algorithms,
         }));
     let mut config = match c.certs.into_iter().next() {
-        Some(src) => builder.with_client_cert_resolver(Arc::new(ClientCert(src))),
+        Some(src) => builder.with_client_cert_resolver(Arc::new(ClientCert(src, c.signing))),
         None => builder.with_no_client_auth(),
     };
     let alpn = if !c.alpn.is_empty() {

@@ -161,6 +161,8 @@ pub struct SniResolver {
     pub certs: Vec<Src<CertBundle>>,
     /// `require_sni`: refuse a handshake without SNI.
     pub require_sni: bool,
+    /// `tls_params.signature_algorithms`: the schemes it may sign with.
+    pub signing: Option<Arc<[rustls::SignatureScheme]>>,
 }
 
 impl ResolvesServerCert for SniResolver {
@@ -170,13 +172,19 @@ impl ResolvesServerCert for SniResolver {
             return None;
         }
         let have: Vec<Arc<CertBundle>> = self.certs.iter().filter_map(|s| s.current()).collect();
-        certs::select(&have, sni, hello.signature_schemes()).map(|b| b.cert.key.clone())
+        let offered = super::sigalgs::offered(hello.signature_schemes(), self.signing.as_ref());
+        certs::select(&have, sni, &offered)
+            .map(|b| super::sigalgs::restrict(&b.cert.key, self.signing.as_ref()))
     }
 }
 
-/// Sends the configured client certificate whatever the server asks.
+/// Sends the configured client certificate whatever the server asks,
+/// signing only with `tls_params.signature_algorithms` when set.
 #[derive(Debug)]
-pub struct ClientCert(pub Src<CertBundle>);
+pub struct ClientCert(
+    pub Src<CertBundle>,
+    pub Option<Arc<[rustls::SignatureScheme]>>,
+);
 
 impl ResolvesClientCert for ClientCert {
     fn resolve(
@@ -184,7 +192,9 @@ impl ResolvesClientCert for ClientCert {
         _hints: &[&[u8]],
         _schemes: &[rustls::SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        self.0.current().map(|b| b.cert.key.clone())
+        self.0
+            .current()
+            .map(|b| super::sigalgs::restrict(&b.cert.key, self.1.as_ref()))
     }
 
     fn has_certs(&self) -> bool {
