@@ -128,7 +128,108 @@ pub fn run(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
     faults(bins, work, report)?;
     crate::udp::run(bins, work, report)?;
     socket_options(bins, work, report)?;
+    global_limit(bins, work, report)?;
     original_dst(bins, work, report)
+}
+
+/// One connection through a `tcp_proxy` listener: the upstream's count of
+/// what it got, or how the proxy refused it.
+fn probe(port: u16) -> String {
+    let r = (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // A refused connection may be closed before the bytes arrive.
+        let _ = s.write_all(b"ping");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut a = String::new();
+        s.read_to_string(&mut a)?;
+        Ok(a)
+    })();
+    match r {
+        Ok(a) if a.is_empty() => "closed".into(),
+        Ok(a) => format!("served: {a}"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset".into(),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+/// The overload manager's global connection limit (2, from the
+/// downstream connections monitor, as Envoy Gateway and pilot-agent write
+/// it): with two connections held open, a third is refused and counted;
+/// listeners with `ignore_global_conn_limit` or `bypass_overload_manager`
+/// are exempt and do not count; a closed connection frees its place.
+fn global_limit(bins: &Binaries, work: &Path, report: &mut Report) -> Result<()> {
+    let up = TcpListener::bind("127.0.0.1:0")?;
+    let up_addr = up.local_addr()?;
+    counting_upstream(up);
+    let free = legate_tests::legate::free_port;
+    let (limited, ignoring, bypassing, admin) = (free(), free(), free(), free());
+    let overload = "overload_manager:\n  resource_monitors:\n  - name: envoy.resource_monitors.global_downstream_max_connections\n    typed_config: {\"@type\": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig, max_active_downstream_connections: 2}\n";
+    let cfg = work.join("l4-global-limit.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{overload}{}",
+            bootstrap(
+                admin,
+                &[
+                    tcp_listener("limited", "127.0.0.1", limited, "", "count"),
+                    tcp_listener(
+                        "ignoring",
+                        "127.0.0.1",
+                        ignoring,
+                        "    ignore_global_conn_limit: true\n",
+                        "count"
+                    ),
+                    tcp_listener(
+                        "bypassing",
+                        "127.0.0.1",
+                        bypassing,
+                        "    bypass_overload_manager: true\n",
+                        "count"
+                    ),
+                ],
+                &[("count", up_addr)],
+            )
+        ),
+    )?;
+    let observe = || {
+        let mut seen = vec![probe(limited)];
+        let exempt: Vec<_> = [ignoring, bypassing]
+            .iter()
+            .filter_map(|p| TcpStream::connect(("127.0.0.1", *p)).ok())
+            .collect();
+        let held: Vec<_> = (0..2)
+            .filter_map(|_| TcpStream::connect(("127.0.0.1", limited)).ok())
+            .collect();
+        // Both held connections accepted and counted.
+        std::thread::sleep(Duration::from_millis(300));
+        seen.extend([probe(limited), probe(ignoring), probe(bypassing)]);
+        drop(held);
+        std::thread::sleep(Duration::from_millis(300));
+        seen.push(probe(limited));
+        drop(exempt);
+        let stat = format!("listener.127.0.0.1_{limited}.downstream_global_cx_overflow");
+        seen.push(format!("{stat}: {}", crate::resilience::stat(admin, &stat)));
+        seen
+    };
+    let [envoy, legate] = proxies::each(bins, &cfg, admin, work, observe)?;
+    let mut f = Fnv::default();
+    f.feed(b"ping");
+    let served = format!("served: {}", legate_tests::tcp::answer(4, f));
+    let overflow = format!("listener.127.0.0.1_{limited}.downstream_global_cx_overflow: 1");
+    let cases = [
+        ("global-limit-under", served.as_str()),
+        ("global-limit-third-refused", "reset"),
+        ("global-limit-ignore-listener", &served),
+        ("global-limit-bypass-listener", &served),
+        ("global-limit-place-freed", &served),
+        ("global-limit-overflow-counted", &overflow),
+    ];
+    for (i, (case, want)) in cases.iter().enumerate() {
+        compare(report, case, &envoy[i], &legate[i], Some(want));
+    }
+    Ok(())
 }
 
 /// An echoing upstream behind `tls_inspector` with a plaintext client (64
