@@ -27,6 +27,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const DOWNSTREAM_CONNECTIONS: &str =
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
 
+/// The name Envoy knows the limit's monitor by.
+const MONITOR_NAME: &str = "envoy.resource_monitors.global_downstream_max_connections";
+
 /// The deprecated runtime key for the same limit; the monitor wins.
 pub const RUNTIME_KEY: &str = "overload.global_downstream_max_connections";
 
@@ -48,8 +51,22 @@ impl OverloadConfig {
             }) else {
                 continue;
             };
-            if legate_proto::type_name(&a.type_url) != DOWNSTREAM_CONNECTIONS {
-                continue;
+            // Envoy makes the limit's (proactive) monitor by its name, then
+            // needs its config type; either alone finds no implementation.
+            let typed = legate_proto::type_name(&a.type_url) == DOWNSTREAM_CONNECTIONS;
+            match (m.name == MONITOR_NAME, typed) {
+                (false, false) => continue,
+                (true, true) => {}
+                _ => {
+                    return Err(ConfigError::new(
+                        join(&p, "name"),
+                        format!(
+                            "Didn't find a registered implementation for '{}' with type {}: the connection limit's monitor is named {MONITOR_NAME} with {DOWNSTREAM_CONNECTIONS}",
+                            m.name,
+                            legate_proto::type_name(&a.type_url)
+                        ),
+                    ))
+                }
             }
             let c: DownstreamConnectionsConfig =
                 crate::http_filters::decode(a, &join(&p, "typed_config"))?;
@@ -80,10 +97,16 @@ pub fn set_limit(max: Option<u64>) {
 /// Sets the runtime key's limit from the current runtime (the bootstrap's
 /// static layers, then each RTDS update), as Envoy reads it at each accept.
 pub fn set_runtime(runtime: &crate::runtime::Runtime) {
-    // A static layer's numbers arrive as doubles (protobuf Struct).
-    let v = runtime
-        .get(RUNTIME_KEY)
-        .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f.max(0.0) as u64)));
+    // A static layer's numbers arrive as doubles (protobuf Struct); a
+    // negative or non-numeric value is no integer, so no limit.
+    let v = runtime.get(RUNTIME_KEY).and_then(|v| match v {
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+        v => v.as_u64().or_else(|| {
+            v.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        }),
+    });
     RUNTIME.store(v.unwrap_or(u64::MAX), Ordering::Relaxed);
 }
 
@@ -181,5 +204,22 @@ resource_monitors:
         )
         .unwrap();
         assert_eq!(c.max_connections, Some(50000));
+    }
+
+    /// Envoy 1.40 refuses the connections config under another name:
+    /// "Didn't find a registered implementation".
+    #[test]
+    fn the_monitor_needs_its_name() {
+        let e = config(
+            r#"
+resource_monitors:
+- name: envoy.resource_monitors.downstream_connections
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+    max_active_downstream_connections: 5
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "overload_manager.resource_monitors[0].name");
     }
 }

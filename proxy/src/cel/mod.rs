@@ -210,9 +210,42 @@ impl Expression {
         })
     }
 
-    /// An `xds.type.v3.CelExpression`: its checked tree, else its parsed
-    /// one, written back as text. Envoy 1.40 reads no `cel_expr_string`
-    /// here ("CEL expression not set"); the registry refuses it.
+    /// An expression a matcher evaluates while the request is in flight:
+    /// one reading a name or an attribute Legate has no value for then is
+    /// refused naming it (Envoy would evaluate it; Legate's absent value
+    /// would silently make the predicate false).
+    pub fn parse_at_request(source: &str, path: &str) -> Result<Self> {
+        let e = Self::parse(source, path)?;
+        for v in e.program.references().variables() {
+            if !AT_REQUEST.iter().any(|(root, _)| *root == v) {
+                return Err(ConfigError::new(
+                    path,
+                    format!("CEL name '{v}' has no value in Legate while a request is matched"),
+                ));
+            }
+        }
+        for c in ATTR.captures_iter(source) {
+            let known = AT_REQUEST
+                .iter()
+                .any(|(root, attrs)| *root == &c[1] && attrs.contains(&&c[2]));
+            if !known {
+                return Err(ConfigError::new(
+                    path,
+                    format!(
+                        "CEL attribute '{}.{}' has no value in Legate while a request is matched",
+                        &c[1], &c[2]
+                    ),
+                ));
+            }
+        }
+        Ok(e)
+    }
+
+    /// An `xds.type.v3.CelExpression` for a matcher: its checked tree,
+    /// else its parsed one, written back as text and checked as
+    /// [`Self::parse_at_request`] checks it. Envoy 1.40 reads no
+    /// `cel_expr_string` here ("CEL expression not set"); the registry
+    /// refuses it.
     pub fn from_proto(c: &CelExpression, path: &str) -> Result<Self> {
         let (tree, p) = match (&c.cel_expr_checked, &c.cel_expr_parsed) {
             (Some(x), _) => (x.expr.as_ref(), join(path, "cel_expr_checked")),
@@ -227,7 +260,7 @@ impl Expression {
         let tree =
             tree.ok_or_else(|| ConfigError::new(join(&p, "expr"), "the expression is empty"))?;
         let text = unparse::source(tree, &join(&p, "expr"))?;
-        Self::parse(&text, &p)
+        Self::parse_at_request(&text, &p)
     }
 
     /// The expression's value over `e`; None when it fails (an absent
@@ -251,16 +284,43 @@ impl Expression {
     }
 }
 
+/// The attributes a matcher can read while the request is in flight (see
+/// `config::unified_matcher`'s `cel_attributes`); an expression reading
+/// any other is refused, since Envoy would have a value for it.
+const AT_REQUEST: &[(&str, &[&str])] = &[
+    (
+        "request",
+        &[
+            "path",
+            "url_path",
+            "query",
+            "host",
+            "scheme",
+            "method",
+            "headers",
+            "referer",
+            "useragent",
+            "id",
+            "time",
+            "size",
+        ],
+    ),
+    ("response", &["code", "headers"]),
+    ("source", &["address", "port"]),
+    ("destination", &["address", "port"]),
+    ("connection", &["requested_server_name"]),
+];
+
 /// Attributes Envoy has and Legate does not evaluate as absent (`-` in a
 /// log, false in a filter): said once, when the config is read. Only logs
 /// read them, so they change no traffic.
-fn warn_unprovided(source: &str, path: &str) {
-    static ATTR: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
-        regex::Regex::new(
-            r"\b(request|response|source|destination|upstream|connection|xds)\.([a-z_]+)",
-        )
+/// An attribute read by name: `root.attribute`.
+static ATTR: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(r"\b(request|response|source|destination|upstream|connection|xds)\.([a-z_]+)")
         .expect("static regex")
-    });
+});
+
+fn warn_unprovided(source: &str, path: &str) {
     for c in ATTR.captures_iter(source) {
         let known = PROVIDED
             .iter()
@@ -577,6 +637,17 @@ mod tests {
         // Absent attributes fail the expression.
         assert_eq!(eval("request.headers['x-absent']"), None);
         assert_eq!(eval("request.nope"), None);
+    }
+
+    /// A matcher's expression over an attribute Legate cannot give while
+    /// the request is matched is refused, not evaluated as absent.
+    #[test]
+    fn request_time_expressions_name_what_they_cannot_read() {
+        assert!(Expression::parse_at_request("request.path.startsWith('/a')", "m").is_ok());
+        let e = Expression::parse_at_request("!connection.mtls", "m").unwrap_err();
+        assert!(e.message.contains("connection.mtls"), "{e}");
+        let e = Expression::parse_at_request("xds.route_name == 'r'", "m").unwrap_err();
+        assert!(e.message.contains("xds"), "{e}");
     }
 
     #[test]

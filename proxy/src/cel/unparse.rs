@@ -33,6 +33,12 @@ fn write(e: &ast::Expr, path: &str, out: &mut String) -> Result<()> {
             if s.test_only {
                 out.push_str("has(");
             }
+            if !identifier(&s.field) {
+                return Err(ConfigError::new(
+                    join(&p, "field"),
+                    format!("'{}' is not a CEL identifier", s.field),
+                ));
+            }
             operand_of(operand, &join(&p, "operand"), out)?;
             out.push('.');
             out.push_str(&s.field);
@@ -61,12 +67,31 @@ fn write(e: &ast::Expr, path: &str, out: &mut String) -> Result<()> {
     }
 }
 
+/// A name CEL can spell after a dot without quoting.
+fn identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// An operand in parentheses unless it binds tighter than any operator
 /// (names, constants, selections, indexes, lists, maps, method calls).
 fn operand_of(e: &ast::Expr, path: &str, out: &mut String) -> Result<()> {
     let atomic = match &e.expr_kind {
         Some(ExprKind::CallExpr(c)) => {
             c.function == "_[_]" || !c.function.starts_with(['_', '@', '!', '-'])
+        }
+        // `-1.f()` would read as `-(1.f())`.
+        Some(ExprKind::ConstExpr(c)) => {
+            !matches!(
+                c.constant_kind,
+                Some(ConstantKind::Int64Value(i)) if i < 0
+            ) && !matches!(
+                c.constant_kind,
+                Some(ConstantKind::DoubleValue(d)) if d.is_sign_negative()
+            )
         }
         Some(_) => true,
         None => false,
@@ -110,11 +135,31 @@ fn call(c: &ast::expr::Call, path: &str, out: &mut String) -> Result<()> {
         "@in" => Some("in"),
         _ => None,
     };
+    // Checkers flatten `a && b && c` into one call of three arguments.
+    let variadic = matches!(c.function.as_str(), "_&&_" | "_||_");
+    let arity = match c.function.as_str() {
+        _ if variadic || c.target.is_some() => None,
+        "!_" | "-_" => Some(1),
+        "_?_:_" => Some(3),
+        _ if infix.is_some() || c.function == "_[_]" => Some(2),
+        _ => None,
+    };
+    let wrong = arity.is_some_and(|n| c.args.len() != n) || (variadic && c.args.len() < 2);
+    if wrong {
+        return Err(ConfigError::new(
+            join(path, "args"),
+            format!("'{}' with {} arguments", c.function, c.args.len()),
+        ));
+    }
     if let (Some(op), None) = (infix, &c.target) {
-        let ((a, pa), (b, pb)) = (arg(0)?, arg(1)?);
-        operand_of(a, &pa, out)?;
-        out.push_str(&format!(" {op} "));
-        return operand_of(b, &pb, out);
+        for i in 0..c.args.len() {
+            if i > 0 {
+                out.push_str(&format!(" {op} "));
+            }
+            let (a, pa) = arg(i)?;
+            operand_of(a, &pa, out)?;
+        }
+        return Ok(());
     }
     match (c.function.as_str(), &c.target) {
         ("!_" | "-_", None) => {
@@ -317,6 +362,20 @@ callExpr:
             r#"has(request.x) && (request.headers["a\"b"] in ["x\ny", 7u])"#
         );
         assert!(cel::Program::compile(&text).is_ok(), "{text}");
+    }
+
+    #[test]
+    fn flattened_and_is_chained_and_wrong_arity_refused() {
+        let e = parsed(
+            r#"
+callExpr:
+  function: _&&_
+  args: [{identExpr: {name: a}}, {identExpr: {name: b}}, {identExpr: {name: c}}]
+"#,
+        );
+        assert_eq!(source(&e, "e").unwrap(), "a && b && c");
+        let bad = parsed("callExpr: {function: _==_, args: [{identExpr: {name: a}}]}");
+        assert_eq!(source(&bad, "e").unwrap_err().path, "e.call_expr.args");
     }
 
     #[test]

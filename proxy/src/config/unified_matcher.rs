@@ -546,8 +546,15 @@ fn cel_attributes(
     use crate::cel::{address, headers, map, Root};
     match r {
         Root::Request => {
-            let mut v = Vec::new();
+            // The request started just now, as far as a matcher can tell;
+            // its size is known only from content-length so far.
+            let now = chrono::Utc::now().fixed_offset();
+            let mut v = vec![("time", cel::objects::Value::Timestamp(now))];
             crate::cel::request_line_and_headers(&d.pseudo, d.headers, spellings, &mut v);
+            let length = d.headers.get(http::header::CONTENT_LENGTH);
+            if let Some(n) = length.and_then(|l| l.to_str().ok()?.parse::<i64>().ok()) {
+                v.push(("size", cel::objects::Value::Int(n)));
+            }
             map(v)
         }
         Root::Response => {

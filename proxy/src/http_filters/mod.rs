@@ -70,8 +70,8 @@ pub struct RequestInfo<'a> {
     /// The peer of the connection.
     pub direct_remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
-    /// The client's verified certificate (DER), on mTLS connections.
-    pub peer_cert: Option<&'a [u8]>,
+    /// What the client's certificate showed, on mTLS connections.
+    pub peer_tls: Option<&'a crate::server::xfcc::PeerTls>,
     /// The connection's requested server name (SNI), or empty.
     pub sni: &'a str,
     /// `http` or `https`.

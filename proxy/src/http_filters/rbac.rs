@@ -200,7 +200,7 @@ impl HttpFilter for Rbac {
             peer: rq.direct_remote.unwrap_or(unspecified),
             remote: rq.remote.or(rq.direct_remote).unwrap_or(unspecified),
             sni: rq.sni,
-            peer_cert: rq.peer_cert,
+            peer_cert: rq.peer_tls.and_then(|p| p.leaf()),
             http: Some(HttpFacts {
                 headers: &rq.req.headers,
                 pseudo,

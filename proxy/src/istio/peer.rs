@@ -43,6 +43,14 @@ fn text(m: &serde_json::Map<String, Json>, key: &str) -> String {
         .to_string()
 }
 
+/// One of the node's `LABELS` ("" when absent).
+pub fn node_label(m: &serde_json::Map<String, Json>, key: &str) -> String {
+    m.get("LABELS")
+        .and_then(Json::as_object)
+        .map(|l| text(l, key))
+        .unwrap_or_default()
+}
+
 impl Workload {
     /// From node metadata (or a flat node read from a peer, which has the
     /// same keys), keeping the `additional` labels.

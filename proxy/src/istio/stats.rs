@@ -22,7 +22,7 @@
 //! message counts are not kept. None of these changes traffic.
 
 use super::metrics::{store, Labels};
-use super::peer::{Peers, Workload, CANONICAL_NAME, CANONICAL_REVISION};
+use super::peer::{Peers, Workload};
 use crate::cel::Expression;
 use crate::config::{index, join, ConfigError, Result};
 use crate::http_filters::{
@@ -132,31 +132,20 @@ struct Local {
 }
 
 impl Local {
+    /// The node's workload as the peer model reads it, but with the plain
+    /// `app` and `version` labels (the peer model prefers the
+    /// `app.kubernetes.io/*` ones).
     fn from_node() -> Local {
         let node = crate::config::local_node();
-        let m = &node.metadata;
-        let s = |k: &str| {
-            m.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
-        let labels = m.get("LABELS").and_then(|v| v.as_object());
-        let l = |k: &str| {
-            labels
-                .and_then(|l| l.get(k))
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
+        let w = Workload::from_metadata(&node.metadata, &[], ("", ""));
         Local {
-            workload: s("WORKLOAD_NAME"),
-            namespace: s("NAMESPACE"),
-            cluster: s("CLUSTER_ID"),
-            app: l("app"),
-            version: l("version"),
-            canonical_name: l(CANONICAL_NAME),
-            canonical_revision: l(CANONICAL_REVISION),
+            app: super::peer::node_label(&node.metadata, "app"),
+            version: super::peer::node_label(&node.metadata, "version"),
+            workload: w.workload_name,
+            namespace: w.namespace,
+            cluster: w.cluster,
+            canonical_name: w.canonical_name,
+            canonical_revision: w.canonical_revision,
         }
     }
 }
@@ -462,16 +451,6 @@ fn workload_from_endpoint(s: &str) -> Option<Workload> {
     })
 }
 
-/// The first URI SAN of a DER certificate.
-pub fn uri_san(der: Option<&[u8]>) -> String {
-    der.map(crate::tls::verify::sans)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|(t, _)| *t == crate::tls::verify::SanType::Uri)
-        .map(|(_, v)| v)
-        .unwrap_or_default()
-}
-
 // ---- HTTP ----
 
 /// The HTTP filter.
@@ -556,7 +535,10 @@ impl HttpFilter for IstioStats {
     async fn on_request(&self, rq: &mut RequestInfo<'_>, state: &mut Option<State>) -> Flow {
         *state = Some(Box::new(Stream {
             grpc: rq.grpc,
-            peer_san: uri_san(rq.peer_cert),
+            peer_san: rq
+                .peer_tls
+                .map(|p| p.peer_uri().to_string())
+                .unwrap_or_default(),
             host: rq.authority().to_string(),
             request_head: request_head(rq.req),
             response_head: AtomicU64::new(0),

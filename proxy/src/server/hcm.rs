@@ -588,11 +588,7 @@ impl HcmProxy {
         let peer = ctx.peer_tls.clone();
         let sni = std::mem::take(&mut ctx.sni);
         let scheme = ctx.scheme();
-        let peer_cert = peer
-            .as_ref()
-            .and_then(|p| p.get())
-            .and_then(|t| t.chain.first())
-            .map(|c| c.as_slice());
+        let peer_tls = peer.as_ref().and_then(|p| p.get());
         ctx.filter_states = enabled.iter().map(|_| None).collect();
         ctx.filters_active = enabled;
         for k in 0..ctx.filters_active.len() {
@@ -634,7 +630,7 @@ impl HcmProxy {
                     remote: ctx.client_addr.or(ctx.downstream_remote),
                     direct_remote: ctx.downstream_remote,
                     local: ctx.downstream_local,
-                    peer_cert,
+                    peer_tls,
                     sni: &sni,
                     scheme,
                     grpc,

@@ -722,7 +722,7 @@ async fn serve_connection(
                     let sni = c.server_name().unwrap_or("").to_string();
                     if facts(&sni, cert.map(|c| c.as_ref())) {
                         let alpn = c.alpn_protocol().map(<[u8]>::to_vec);
-                        let san = crate::istio::stats::uri_san(cert.map(|c| c.as_ref()));
+                        let san = crate::tls::verify::uri_san(cert.map(|c| c.as_ref()));
                         let c = tcp_conn(sni, alpn, san);
                         tcp_proxy::serve(down, c, t.clone(), ctx.clusters.clone()).await
                     }
@@ -801,6 +801,7 @@ async fn serve_connection(
                         } else {
                             Vec::new()
                         },
+                        ..Default::default()
                     });
                 }
             }

@@ -13,6 +13,22 @@ pub struct PeerTls {
     pub chain: Vec<Vec<u8>>,
     /// URI SANs of the certificate Legate presented.
     pub local_uris: Vec<String>,
+    /// The client certificate's first URI SAN, read once per connection
+    /// when a filter asks (Istio's peer principal).
+    pub uri: std::sync::OnceLock<String>,
+}
+
+impl PeerTls {
+    /// The client's leaf certificate (DER).
+    pub fn leaf(&self) -> Option<&[u8]> {
+        self.chain.first().map(Vec::as_slice)
+    }
+
+    /// The client certificate's first URI SAN ("" without one).
+    pub fn peer_uri(&self) -> &str {
+        self.uri
+            .get_or_init(|| crate::tls::verify::uri_san(self.leaf()))
+    }
 }
 
 pub const HEADER: &str = "x-forwarded-client-cert";
@@ -137,6 +153,7 @@ mod tests {
         PeerTls {
             chain: vec![c.der().to_vec()],
             local_uris: vec!["spiffe://td/proxy".into()],
+            ..Default::default()
         }
     }
 

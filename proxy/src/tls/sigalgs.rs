@@ -72,13 +72,13 @@ struct Restricted {
 }
 
 impl SigningKey for Restricted {
+    /// The first allowed scheme the peer offers and the key can use: the
+    /// configured order is the preference, as in BoringSSL.
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        let both: Vec<SignatureScheme> = offered
+        self.allowed
             .iter()
-            .copied()
-            .filter(|s| self.allowed.contains(s))
-            .collect();
-        self.inner.choose_scheme(&both)
+            .filter(|s| offered.contains(s))
+            .find_map(|s| self.inner.choose_scheme(std::slice::from_ref(s)))
     }
 
     fn algorithm(&self) -> SignatureAlgorithm {

@@ -40,6 +40,17 @@ pub struct Identity {
     pub spki: Vec<Vec<u8>>,
 }
 
+/// The first URI SAN of a DER certificate ("" without one): Istio's
+/// principal of a peer.
+pub fn uri_san(der: Option<&[u8]>) -> String {
+    der.map(sans)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(t, _)| *t == SanType::Uri)
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
 /// A certificate's subject alternative names, by type.
 pub fn sans(der: &[u8]) -> Vec<(SanType, String)> {
     use x509_parser::extensions::GeneralName as G;

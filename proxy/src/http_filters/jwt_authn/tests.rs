@@ -85,7 +85,7 @@ fn run(f: &Arc<dyn HttpFilter>, path: &str, headers: &[(&str, &str)]) -> Outcome
             remote: None,
             direct_remote: None,
             local: None,
-            peer_cert: None,
+            peer_tls: None,
             sni: "",
             scheme: "http",
             grpc: false,
