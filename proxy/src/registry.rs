@@ -18,7 +18,7 @@ pub struct MessageSupport {
     pub warn: &'static [(&'static str, &'static str)],
 }
 
-const fn m(
+pub(crate) const fn m(
     message: &'static str,
     supported: &'static [&'static str],
     warn: &'static [(&'static str, &'static str)],

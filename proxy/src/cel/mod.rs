@@ -8,19 +8,7 @@
 
 pub mod unparse;
 
-use crate::registry::MessageSupport;
-
-const fn m(
-    message: &'static str,
-    supported: &'static [&'static str],
-    warn: &'static [(&'static str, &'static str)],
-) -> MessageSupport {
-    MessageSupport {
-        message,
-        supported,
-        warn,
-    }
-}
+use crate::registry::{m, MessageSupport};
 
 const CHECK_RESULTS: &str =
     "what type-checking found; the expression is evaluated from its tree, as Envoy evaluates it";
@@ -217,7 +205,7 @@ impl Expression {
     pub fn parse_at_request(source: &str, path: &str) -> Result<Self> {
         let e = Self::parse(source, path)?;
         for v in e.program.references().variables() {
-            if !AT_REQUEST.iter().any(|(root, _)| *root == v) {
+            if !ROOTS.iter().any(|(root, _)| *root == v) || matches!(v, "upstream" | "xds") {
                 return Err(ConfigError::new(
                     path,
                     format!("CEL name '{v}' has no value in Legate while a request is matched"),
@@ -225,10 +213,7 @@ impl Expression {
             }
         }
         for c in ATTR.captures_iter(source) {
-            let known = AT_REQUEST
-                .iter()
-                .any(|(root, attrs)| *root == &c[1] && attrs.contains(&&c[2]));
-            if !known {
+            if !at_request(&c[1], &c[2]) {
                 return Err(ConfigError::new(
                     path,
                     format!(
@@ -284,32 +269,21 @@ impl Expression {
     }
 }
 
-/// The attributes a matcher can read while the request is in flight (see
-/// `config::unified_matcher`'s `cel_attributes`); an expression reading
-/// any other is refused, since Envoy would have a value for it.
-const AT_REQUEST: &[(&str, &[&str])] = &[
-    (
-        "request",
-        &[
-            "path",
-            "url_path",
-            "query",
-            "host",
-            "scheme",
-            "method",
-            "headers",
-            "referer",
-            "useragent",
-            "id",
-            "time",
-            "size",
-        ],
-    ),
-    ("response", &["code", "headers"]),
-    ("source", &["address", "port"]),
-    ("destination", &["address", "port"]),
-    ("connection", &["requested_server_name"]),
-];
+/// Whether a matcher can read `root.attr` while the request is in flight
+/// (see `config::unified_matcher`'s `cel_attributes`): what Legate
+/// provides, less what only a finished request or an upstream has.
+fn at_request(root: &str, attr: &str) -> bool {
+    let provided = PROVIDED
+        .iter()
+        .any(|(r, attrs)| *r == root && attrs.contains(&attr));
+    let later = matches!(
+        (root, attr),
+        ("request", "duration" | "protocol")
+            | ("response", "code_details" | "flags" | "size")
+            | ("upstream" | "xds", _)
+    );
+    provided && !later
+}
 
 /// Attributes Envoy has and Legate does not evaluate as absent (`-` in a
 /// log, false in a filter): said once, when the config is read. Only logs
