@@ -13,6 +13,9 @@
 //! - `error`: a gRPC INTERNAL status; `close`: the stream ends cleanly
 //!   with no answer; `slow`: answers after 2 s;
 //! - `route`: sets `x-route: b` and asks for the route cache cleared;
+//! - `attrs`: sets `x-proc-attrs` to the attributes it was sent under
+//!   `envoy.filters.http.ext_proc` (`name=value`, sorted, `; `-separated;
+//!   `none` without any);
 //! - `pseudo`: sets `:path` to `/rewritten`; `forbidden`: sets `host`,
 //!   `:scheme` and `x-envoy-bad`; `badvalue`: a value with a newline;
 //! - on the response headers: `x-proc-resp-seen` (header names and
@@ -153,6 +156,29 @@ fn immediate(status: Option<u32>, body: &str, details: &str) -> ep::ProcessingRe
     }
 }
 
+/// The attributes a message carries, as `x-proc-attrs` shows them.
+fn attributes(req: &ep::ProcessingRequest) -> String {
+    use legate_proto::envoy_types::pb::google::protobuf::value::Kind;
+    let Some(s) = req.attributes.get("envoy.filters.http.ext_proc") else {
+        return "none".into();
+    };
+    let mut out: Vec<String> = s
+        .fields
+        .iter()
+        .map(|(k, v)| {
+            let v = match &v.kind {
+                Some(Kind::StringValue(s)) => format!("{s:?}"),
+                Some(Kind::NumberValue(n)) => format!("{n}"),
+                Some(Kind::BoolValue(b)) => format!("{b}"),
+                other => format!("{other:?}"),
+            };
+            format!("{k}={v}")
+        })
+        .collect();
+    out.sort();
+    out.join("; ")
+}
+
 /// The answer to the request headers: Ok(None) ends the stream cleanly.
 async fn on_request_headers(
     cmd: &str,
@@ -189,6 +215,16 @@ async fn on_request_headers(
                 false,
             )
         }
+        "attrs" => headers_response(
+            true,
+            vec![set(
+                "x-proc-attrs",
+                &attributes(req),
+                A::OverwriteIfExistsOrAdd,
+            )],
+            vec![],
+            false,
+        ),
         "route" => headers_response(
             true,
             vec![set("x-route", "b", A::OverwriteIfExistsOrAdd)],

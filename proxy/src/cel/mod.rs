@@ -248,6 +248,17 @@ impl Expression {
         Self::parse_at_request(&text, &p)
     }
 
+    /// The expression's value over a request in flight (an expression
+    /// made by [`Self::parse_at_request`]).
+    pub fn evaluate_at_request(
+        &self,
+        d: &crate::config::unified_matcher::Data<'_>,
+    ) -> Option<Value> {
+        self.evaluate_on(&|r, spellings| {
+            crate::config::unified_matcher::cel_attributes(d, r, spellings)
+        })
+    }
+
     /// The expression's value over `e`; None when it fails (an absent
     /// attribute, a type error).
     pub fn evaluate(&self, e: &Entry) -> Option<Value> {

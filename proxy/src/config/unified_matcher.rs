@@ -538,7 +538,7 @@ fn cel_predicate(
 /// The CEL attributes of the request in flight that `d` describes. What a
 /// matcher cannot know yet (upstream, route and cluster names) is absent,
 /// so an expression reading it does not match.
-fn cel_attributes(
+pub(crate) fn cel_attributes(
     d: &Data<'_>,
     r: crate::cel::Root,
     spellings: Option<&[String]>,
@@ -546,15 +546,15 @@ fn cel_attributes(
     use crate::cel::{address, headers, map, Root};
     match r {
         Root::Request => {
-            // The request started just now, as far as a matcher can tell;
-            // its size is known only from content-length so far.
+            // The request started just now, as far as a matcher can tell.
+            // Its size is content-length, else the body bytes received so
+            // far: none, while its headers are matched (as in Envoy).
             let now = chrono::Utc::now().fixed_offset();
             let mut v = vec![("time", cel::objects::Value::Timestamp(now))];
             crate::cel::request_line_and_headers(&d.pseudo, d.headers, spellings, &mut v);
             let length = d.headers.get(http::header::CONTENT_LENGTH);
-            if let Some(n) = length.and_then(|l| l.to_str().ok()?.parse::<i64>().ok()) {
-                v.push(("size", cel::objects::Value::Int(n)));
-            }
+            let n = length.and_then(|l| l.to_str().ok()?.parse::<i64>().ok());
+            v.push(("size", cel::objects::Value::Int(n.unwrap_or(0))));
             map(v)
         }
         Root::Response => {
@@ -636,7 +636,7 @@ impl Predicate {
         match self {
             Predicate::Single(input, m) => m.matches(input.read(d)),
             Predicate::Cel(e) => matches!(
-                e.evaluate_on(&|r, spellings| cel_attributes(d, r, spellings)),
+                e.evaluate_at_request(d),
                 Some(cel::objects::Value::Bool(true))
             ),
             Predicate::Or(l) => l.iter().any(|p| p.matches(d)),

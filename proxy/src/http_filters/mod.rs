@@ -142,19 +142,39 @@ impl RequestInfo<'_> {
         crate::routing::authority(self.req)
     }
 
+    /// The request's pseudo-headers as matchers read them.
+    pub fn pseudo(&self) -> crate::config::matcher::Pseudo<'_> {
+        crate::config::matcher::Pseudo {
+            method: self.req.method.as_str(),
+            path: self.req.uri.path_and_query().map_or("/", |p| p.as_str()),
+            authority: self.authority(),
+            scheme: self.scheme,
+            status: None,
+        }
+    }
+
+    /// What unified matchers (and CEL at request time) read from this
+    /// request.
+    pub fn match_data(&self) -> crate::config::unified_matcher::Data<'_> {
+        crate::config::unified_matcher::Data {
+            headers: &self.req.headers,
+            pseudo: self.pseudo(),
+            metadata: self.metadata,
+            remote: self.remote.or(self.direct_remote),
+            direct_remote: self.direct_remote,
+            local: self.local,
+            sni: self.sni,
+            response: None,
+        }
+    }
+
     /// What rate limit actions read from this request.
     pub fn rate_limit_facts(&self) -> rate_limit_actions::RequestFacts<'_> {
-        let path_and_query = self.req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let pseudo = self.pseudo();
         rate_limit_actions::RequestFacts {
             headers: &self.req.headers,
-            pseudo: crate::config::matcher::Pseudo {
-                method: self.req.method.as_str(),
-                path: path_and_query,
-                authority: self.authority(),
-                scheme: self.scheme,
-                status: None,
-            },
-            path_and_query,
+            pseudo,
+            path_and_query: pseudo.path,
             remote: self.remote,
             cluster: self.cluster.unwrap_or(""),
             local_cluster: self.service_cluster,

@@ -11,7 +11,6 @@
 //! is denied.
 
 use super::{Factory, FilterReply, Flow, HttpFilter, PerRoute, RequestInfo, State};
-use crate::config::matcher::Pseudo;
 use crate::config::rbac::{matched_action, Action, Facts, HttpFacts, MatchedAction, Rules};
 use crate::config::unified_matcher::{Data, Matcher};
 use crate::config::{join, Result};
@@ -181,20 +180,10 @@ impl HttpFilter for Rbac {
         if cfg.rules.is_none() && cfg.shadow.is_none() {
             return Flow::Continue;
         }
-        let path_and_query = rq.req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let path = path_and_query
-            .split(['?', '#'])
-            .next()
-            .unwrap_or(path_and_query);
-        let authority = rq.authority();
+        let data = rq.match_data();
+        let pseudo = data.pseudo;
+        let path = pseudo.path.split(['?', '#']).next().unwrap_or(pseudo.path);
         let unspecified: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
-        let pseudo = Pseudo {
-            method: rq.req.method.as_str(),
-            path: path_and_query,
-            authority,
-            scheme: rq.scheme,
-            status: None,
-        };
         let facts = Facts {
             local: rq.local.unwrap_or(unspecified),
             peer: rq.direct_remote.unwrap_or(unspecified),
@@ -206,16 +195,6 @@ impl HttpFilter for Rbac {
                 pseudo,
                 path,
             }),
-        };
-        let data = Data {
-            headers: &rq.req.headers,
-            pseudo,
-            metadata: rq.metadata,
-            remote: rq.remote.or(rq.direct_remote),
-            direct_remote: rq.direct_remote,
-            local: rq.local,
-            sni: rq.sni,
-            response: None,
         };
         if let Some(shadow) = &cfg.shadow {
             let (ok, _) = shadow.allows(&facts, &data);

@@ -10,9 +10,14 @@
 //! connection's buffer limit, 1 MiB by default), the processor gets it in
 //! one message after the headers and may change the headers, replace or
 //! clear the body (the length follows), or answer. Other body modes,
-//! trailers (SEND), `mode_override`, attributes, metadata options,
+//! trailers (SEND), `mode_override`, `response_attributes`, metadata options,
 //! mutation rules, observability mode and an HTTP service are refused by
 //! name: the engine's response body hook cannot wait for a processor yet.
+//!
+//! `request_attributes` are CEL expressions over the request in flight,
+//! sent with the request headers message as Envoy sends them; one reading
+//! what Legate has no value for then (`xds.*`, `connection.mtls`, ...) is
+//! refused naming it.
 //!
 //! - [`mutation`]: the headers messages and the processor's mutations,
 //!   under Envoy's default mutation rules;
@@ -58,6 +63,7 @@ pub static REGISTRY: &[MessageSupport] = &[
             "disable_clear_route_cache",
             "route_cache_action",
             "status_on_error",
+            "request_attributes",
         ],
         // Envoy waits this long before closing the stream only in
         // observability mode, which is refused.
@@ -246,6 +252,9 @@ pub struct ExtProc {
     disallowed: Vec<StringMatcher>,
     disable_immediate_response: bool,
     route_cache: RouteCache,
+    /// `request_attributes`: each expression, by its text, evaluated for
+    /// the request headers message.
+    request_attributes: Vec<(String, crate::cel::Expression)>,
     stats: Stats,
 }
 
@@ -315,8 +324,46 @@ fn build(a: &Any, hcm_prefix: &str, path: &str) -> Result<Arc<dyn HttpFilter>> {
         .unwrap_or_default(),
         disable_immediate_response: c.disable_immediate_response,
         route_cache,
+        request_attributes: attributes(&c.request_attributes, path)?,
         stats: Stats::new(&format!("http.{hcm_prefix}.ext_proc.{}", c.stat_prefix)),
     }))
+}
+
+/// `request_attributes`: CEL expressions over the request in flight, as
+/// Envoy parses each; one Legate has no value for then is refused.
+fn attributes(list: &[String], path: &str) -> Result<Vec<(String, crate::cel::Expression)>> {
+    let mut out: Vec<(String, crate::cel::Expression)> = Vec::new();
+    for (i, s) in list.iter().enumerate() {
+        if out.iter().any(|(k, _)| k == s) {
+            continue;
+        }
+        let e = crate::cel::Expression::parse_at_request(s, &index(path, "request_attributes", i))?;
+        out.push((s.clone(), e));
+    }
+    Ok(out)
+}
+
+/// The attributes as Envoy sends them: bools and numbers as such, any other
+/// value printed; one whose evaluation fails is left out.
+fn attribute_struct(
+    list: &[(String, crate::cel::Expression)],
+    d: &crate::config::unified_matcher::Data<'_>,
+) -> legate_proto::envoy_types::pb::google::protobuf::Struct {
+    use cel::objects::Value as V;
+    use legate_proto::envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    let fields = list
+        .iter()
+        .filter_map(|(name, e)| {
+            let kind = match e.evaluate_at_request(d)? {
+                V::Bool(b) => Kind::BoolValue(b),
+                V::Int(i) => Kind::NumberValue(i as f64),
+                V::UInt(u) => Kind::NumberValue(u as f64),
+                other => Kind::StringValue(crate::cel::text(&other)),
+            };
+            Some((name.clone(), Value { kind: Some(kind) }))
+        })
+        .collect();
+    Struct { fields }
 }
 
 fn per_route(a: &Any, path: &str) -> Result<PerRoute> {
@@ -542,13 +589,18 @@ impl ExtProc {
     ) -> std::result::Result<bool, FilterReply> {
         let headers =
             mutation::request_headers(rq.req, rq.authority(), rq.scheme, &|k| self.keep(k));
-        let msg = self.message(ep::processing_request::Request::RequestHeaders(
+        let mut msg = self.message(ep::processing_request::Request::RequestHeaders(
             ep::HttpHeaders {
                 headers: Some(headers),
                 end_of_stream: rq.end_of_stream,
                 ..Default::default()
             },
         ));
+        if !self.request_attributes.is_empty() {
+            let attrs = attribute_struct(&self.request_attributes, &rq.match_data());
+            msg.attributes
+                .insert("envoy.filters.http.ext_proc".into(), attrs);
+        }
         let allow = talk.failure_mode_allow;
         let reply = talk
             .conv
