@@ -84,12 +84,10 @@ fn overflow(admin: u16, port: u16) -> u64 {
     .unwrap_or(0)
 }
 
-/// The monitor's limit: a third connection is refused and counted; the
-/// listeners that ignore the limit or bypass the overload manager, and the
-/// admin listener, are served and do not count; a closed connection gives
-/// its place back. (Each fact as Envoy 1.40 behaves on the same config.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_monitor_limit_refuses_and_counts_and_exempts() {
+/// Legate with a limit of 2 (from the monitor, else the runtime key) and
+/// three listeners: one limited, one ignoring the limit, one bypassing
+/// the overload manager; with their ports and the admin port.
+fn three_listeners(monitor: bool) -> (Legate, [u16; 3], u16) {
     let (a, b, c, admin) = (free_port(), free_port(), free_port(), free_port());
     let cfg = limited(
         admin,
@@ -98,9 +96,19 @@ async fn the_monitor_limit_refuses_and_counts_and_exempts() {
             direct("ignoring", b, json!({"ignore_global_conn_limit": true})),
             direct("bypassing", c, json!({"bypass_overload_manager": true})),
         ],
-        true,
+        monitor,
     );
-    let _l = Legate::start(BIN, &cfg, &[a, b, c], Some(admin));
+    let l = Legate::start(BIN, &cfg, &[a, b, c], Some(admin));
+    (l, [a, b, c], admin)
+}
+
+/// The monitor's limit: a third connection is refused and counted; the
+/// listeners that ignore the limit or bypass the overload manager, and the
+/// admin listener, are served and do not count; a closed connection gives
+/// its place back. (Each fact as Envoy 1.40 behaves on the same config.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_limit_refuses_and_counts_and_exempts() {
+    let (_l, [a, b, c], admin) = three_listeners(true);
     assert_eq!(get(a).await, "limited", "under the limit");
     // Exempt connections held open do not take places.
     let exempt = vec![hold(b).await, hold(b).await, hold(c).await, hold(c).await];
@@ -131,17 +139,7 @@ async fn the_monitor_limit_refuses_and_counts_and_exempts() {
 /// from refusal; `bypass_overload_manager` and the admin listener are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runtime_key_limit_counts_every_connection() {
-    let (a, b, c, admin) = (free_port(), free_port(), free_port(), free_port());
-    let cfg = limited(
-        admin,
-        vec![
-            direct("limited", a, json!({})),
-            direct("ignoring", b, json!({"ignore_global_conn_limit": true})),
-            direct("bypassing", c, json!({"bypass_overload_manager": true})),
-        ],
-        false,
-    );
-    let _l = Legate::start(BIN, &cfg, &[a, b, c], Some(admin));
+    let (_l, [a, b, c], admin) = three_listeners(false);
     let held = vec![hold(b).await, hold(b).await];
     assert!(
         eventually(|| async { get(a).await.is_empty() }).await,

@@ -10,8 +10,7 @@ pub mod unparse;
 
 use crate::registry::{m, MessageSupport};
 
-const CHECK_RESULTS: &str =
-    "what type-checking found; the expression is evaluated from its tree, as Envoy evaluates it";
+const CHECK_RESULTS: &str = "the checker's types, which evaluation does not read";
 
 /// CEL expressions as xDS gives them (text, or a parsed or checked tree,
 /// see [`unparse`]), and the CEL matcher that carries them.
@@ -34,9 +33,9 @@ pub static REGISTRY: &[MessageSupport] = &[
     ),
     m(
         "cel.expr.CheckedExpr",
-        &["expr"],
+        // reference_map: checked against the tree (`check_references`).
+        &["expr", "reference_map"],
         &[
-            ("reference_map", CHECK_RESULTS),
             ("type_map", CHECK_RESULTS),
             ("source_info", "positions in the source text, for messages"),
             ("expr_version", "the checker's version"),
@@ -55,6 +54,7 @@ pub static REGISTRY: &[MessageSupport] = &[
         ],
         &[],
     ),
+    m("cel.expr.Reference", &["name", "overload_id", "value"], &[]),
     m("cel.expr.Expr.Ident", &["name"], &[]),
     m(
         "cel.expr.Expr.Select",
@@ -91,6 +91,7 @@ pub static REGISTRY: &[MessageSupport] = &[
 use crate::access_log::Entry;
 use crate::config::{join, ConfigError, Result};
 use cel::objects::{Key, Map, Value};
+use legate_proto::envoy_types::pb::cel::expr::CheckedExpr;
 use legate_proto::envoy_types::pb::xds::r#type::v3::CelExpression;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -245,7 +246,40 @@ impl Expression {
         let tree =
             tree.ok_or_else(|| ConfigError::new(join(&p, "expr"), "the expression is empty"))?;
         let text = unparse::source(tree, &join(&p, "expr"))?;
-        Self::parse_at_request(&text, &p)
+        let e = Self::parse_at_request(&text, &p)?;
+        if let Some(checked) = &c.cel_expr_checked {
+            e.check_references(checked, &p)?;
+        }
+        Ok(e)
+    }
+
+    /// A checked tree's `reference_map` changes evaluation when it turns a
+    /// name into a constant (an enum value) or into another, qualified
+    /// name; the text evaluated here would not. Such a tree is refused;
+    /// references naming the tree's own variables, or only overloads, are
+    /// what evaluating the text does anyway.
+    fn check_references(&self, checked: &CheckedExpr, path: &str) -> Result<()> {
+        let names = self.program.references();
+        let names = names.variables();
+        for (id, r) in &checked.reference_map {
+            let p = format!("{}[{id}]", join(path, "reference_map"));
+            if r.value.is_some() {
+                return Err(ConfigError::new(
+                    p,
+                    "a reference resolved to a constant is not supported by Legate",
+                ));
+            }
+            if !r.name.is_empty() && !names.contains(&r.name.as_str()) {
+                return Err(ConfigError::new(
+                    p,
+                    format!(
+                        "a reference resolving to '{}', a name the expression does not spell, is not supported by Legate",
+                        r.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The expression's value over a request in flight (an expression
@@ -633,6 +667,24 @@ mod tests {
         assert!(e.message.contains("connection.mtls"), "{e}");
         let e = Expression::parse_at_request("xds.route_name == 'r'", "m").unwrap_err();
         assert!(e.message.contains("xds"), "{e}");
+    }
+
+    /// A checked tree's references may only repeat what the text says.
+    #[test]
+    fn checked_references_that_would_change_evaluation_are_refused() {
+        let checked = |refs: &str| {
+            let yaml = format!(
+                "cel_expr_checked: {{expr: {{id: 2, select_expr: {{field: path, operand: {{id: 1, ident_expr: {{name: request}}}}}}}}, reference_map: {refs}}}"
+            );
+            let v = legate_proto::json::parse_yaml(&yaml).unwrap();
+            let c: CelExpression =
+                legate_proto::json::to_message(v, "xds.type.v3.CelExpression", true).unwrap();
+            Expression::from_proto(&c, "e")
+        };
+        assert!(checked("{1: {name: request}}").is_ok());
+        let e = checked("{1: {name: pkg.request}}").unwrap_err();
+        assert_eq!(e.path, "e.cel_expr_checked.reference_map[1]");
+        assert!(checked("{2: {value: {int64_value: 3}}}").is_err());
     }
 
     #[test]
